@@ -1,0 +1,47 @@
+# The two commands: `make test` (whole suite) and `make demo` (the guarded demo).
+# Each creates .venv and installs what it needs on first use; later runs only reinstall
+# when pyproject.toml or TORCH_SPEC changed (the stamp file records both).
+PYTHON ?= python3
+VENV ?= .venv
+# The single place the torch pin lives. Override: make test TORCH_SPEC='torch==2.14.1'
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gradguard-installed
+SPEC_FILE := $(VENV)/.torch-spec
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench bench-full lint clean FORCE
+
+# Rewrite the spec file only when the spec changes, so make sees a new mtime only then.
+$(SPEC_FILE): FORCE
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(STAMP): pyproject.toml $(SPEC_FILE)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch would pull the multi-GB CUDA build.
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[dev,examples]' '$(TORCH_SPEC)'
+	@touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/gradguard demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/overhead.py --quick
+	$(PY) benchmarks/rescue.py --quick
+
+bench-full: $(STAMP)
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/rescue.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) lightning_logs gradguard_logs .pytest_cache

@@ -1,0 +1,45 @@
+"""A per-step cache so that several callbacks share one gradient measurement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+from lightning_gradguard.core.grad_stats import GradStats
+
+__all__ = ["StepStatsCache"]
+
+
+class StepStatsCache:
+    """Holds the :class:`GradStats` of the current step, one entry per optimizer.
+
+    ``get(key, step, compute)`` returns the entry for ``(key, step)`` and calls ``compute`` only on a miss; ``key``
+    names what is measured (e.g. ``(id(optimizer), norm_type)``). Entries of older steps are dropped as soon as a new step is seen, so the cache never grows.
+
+    Attributes:
+        computations: how many times ``compute`` ran (tests use it to prove one measurement per step).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[Hashable, Hashable], GradStats] = {}
+        self._step: Hashable = None
+        self.computations = 0
+
+    def get(self, key: Hashable, step: Hashable, compute: Callable[[], GradStats]) -> GradStats:
+        if step != self._step:
+            self._entries.clear()
+            self._step = step
+        stats = self._entries.get((key, step))
+        if stats is None:
+            stats = compute()
+            self.computations += 1
+            self._entries[(key, step)] = stats
+        return stats
+
+    def peek(self, key: Hashable, step: Hashable) -> GradStats | None:
+        """The entry for ``(key, step)`` if it was computed, else None (never computes)."""
+        return self._entries.get((key, step))
+
+    def invalidate(self) -> None:
+        """Forget everything (e.g. after gradients were changed by hand)."""
+        self._entries.clear()
+        self._step = None
