@@ -3,10 +3,41 @@
 - :class:`GradientNormMonitor` shows gradient health in TensorBoard.
 - :class:`AdaptiveGradientClipping` clips with thresholds learned from running statistics.
 - :class:`NaNGuard` skips, rolls back or halts on NaN/inf.
+
+The public names are loaded on first access (PEP 562), so ``import lightning_gradguard`` stays light: it does not
+import lightning (whose torchmetrics dependency pulls in matplotlib when it is installed) until a callback is used.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lightning_gradguard.__about__ import __version__
-from lightning_gradguard.callbacks import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard
 from lightning_gradguard.errors import DivergenceError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning_gradguard.callbacks.adaptive_gradient_clipping import AdaptiveGradientClipping
+    from lightning_gradguard.callbacks.gradient_norm_monitor import GradientNormMonitor
+    from lightning_gradguard.callbacks.nan_guard import NaNGuard
+
+_LAZY = {
+    "AdaptiveGradientClipping": "lightning_gradguard.callbacks.adaptive_gradient_clipping",
+    "GradientNormMonitor": "lightning_gradguard.callbacks.gradient_norm_monitor",
+    "NaNGuard": "lightning_gradguard.callbacks.nan_guard",
+}
+
 __all__ = ["AdaptiveGradientClipping", "DivergenceError", "GradientNormMonitor", "NaNGuard", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_gradguard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
