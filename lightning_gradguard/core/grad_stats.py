@@ -69,11 +69,14 @@ def norms_of(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
 
 
 def _group_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
+    # Half-precision gradients are accumulated in float32 (a fp16 sum of squares overflows at 256);
+    # float32/float64 are reduced in their own precision and the result stored as float32.
+    acc = torch.float32 if tensors[0].dtype in (torch.float16, torch.bfloat16) else None
     try:
-        norms = torch._foreach_norm(tensors, norm_type, dtype=torch.float32)
+        norms = torch._foreach_norm(tensors, norm_type, dtype=acc)
     except (RuntimeError, TypeError, NotImplementedError):  # pragma: no cover - exotic dtypes/devices
-        norms = [torch.linalg.vector_norm(t, norm_type, dtype=torch.float32) for t in tensors]
-    return torch.stack(norms)
+        norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in tensors]
+    return torch.stack(norms).to(torch.float32)
 
 
 def _combine(norms: Tensor, norm_type: float, index: Tensor | None = None, size: int = 0) -> Tensor:
