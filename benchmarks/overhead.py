@@ -7,7 +7,8 @@ Sections (all in one process, interleaved repetitions, medians of per-round rati
     ``Linear(4096, 4096)``), inside a real ``Trainer.fit``, at one optimizer step whose gradients are saved and restored
     before every timed call, the per-step cost of
 
-    - the baselines: ``torch.nn.utils.clip_grad_norm_(..., foreach=True)`` and ``lightning.pytorch.utilities.grad_norm``;
+    - the baselines: ``torch.nn.utils.clip_grad_norm_(..., foreach=True)`` and Lightning's
+      ``lightning.pytorch.utilities.grad_norm``;
     - the shared statistics core alone (``compute_grad_stats``, and with per-layer norms and update ratios);
     - each ``AdaptiveGradientClipping`` method, a ``GradientNormMonitor`` logging step (and a non-logging one) and
       ``NaNGuard`` (its checks, and a memory snapshot), each driven through the callback's own per-step hooks, so the
@@ -132,7 +133,9 @@ class BenchModule(pl.LightningModule):
         return DataLoader(self.data, batch_size=self.batch)
 
 
-def quiet_trainer(root: str, callbacks: list[pl.Callback], max_steps: int, logger: bool = True, **kw: Any) -> pl.Trainer:
+def quiet_trainer(
+    root: str, callbacks: list[pl.Callback], max_steps: int, logger: bool = True, **kw: Any
+) -> pl.Trainer:
     opts: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
@@ -285,7 +288,9 @@ class Harness(pl.Callback):
             trainer.should_stop = True
 
 
-def run_in_fit(model_factory: Callable[[], nn.Module], in_dim: int, measure: Callable[..., Any], at_step: int = 3) -> Any:
+def run_in_fit(
+    model_factory: Callable[[], nn.Module], in_dim: int, measure: Callable[..., Any], at_step: int = 3
+) -> Any:
     torch.manual_seed(0)
     module = BenchModule(model_factory(), in_dim)
     harness = Harness(at_step, measure)
@@ -306,7 +311,10 @@ def micro_candidates(quick: bool) -> list[tuple[str, Callable[[], pl.Callback]]]
         ("monitor, non-logging step", monitor_factory(10**9)),
         ("NaNGuard skip (checks)", guard_factory(action="skip")),
         ("NaNGuard rollback, defaults", guard_factory(action="rollback", snapshot="memory")),
-        ("NaNGuard rollback, snapshot every step", guard_factory(action="rollback", snapshot="memory", snapshot_every_n_steps=1)),
+        (
+            "NaNGuard rollback, snapshot every step",
+            guard_factory(action="rollback", snapshot="memory", snapshot_every_n_steps=1),
+        ),
     ]
     return cands
 
@@ -322,11 +330,15 @@ def measure_micro(args: argparse.Namespace) -> dict[str, Any]:
             names_of = {id(p): n for n, p in module.named_parameters()}
             names = [names_of[id(p)] for p in params]
             cands: dict[str, Callable[[], object]] = {
-                "torch clip_grad_norm_(foreach=True)": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True),
+                "torch clip_grad_norm_(foreach=True)": lambda: torch.nn.utils.clip_grad_norm_(
+                    params, 1.0, foreach=True
+                ),
                 "lightning grad_norm": lambda: grad_norm(module, 2),
                 "lightning grad_norm + log_dict": lambda: module.log_dict(grad_norm(module, 2)),
                 "core compute_grad_stats": lambda: compute_grad_stats(params, names).total_norm,
-                "core stats + layer norms + update ratios": lambda: compute_grad_stats(params, names).layer_update_ratio,
+                "core stats + layer norms + update ratios": lambda: (
+                    compute_grad_stats(params, names).layer_update_ratio
+                ),
             }
             skipped: dict[str, str] = {}
             for label, make in micro_candidates(args.quick):
@@ -357,7 +369,9 @@ def measure_micro(args: argparse.Namespace) -> dict[str, Any]:
             return {
                 "params": sum(p.numel() for p in params),
                 "tensors": len(params),
-                "timings": {k: {"median_s": v.median, "ratio": v.ratio, "ratio_iqr": v.ratio_iqr} for k, v in timings.items()},
+                "timings": {
+                    k: {"median_s": v.median, "ratio": v.ratio, "ratio_iqr": v.ratio_iqr} for k, v in timings.items()
+                },
                 "skipped": skipped,
             }
 
@@ -365,7 +379,10 @@ def measure_micro(args: argparse.Namespace) -> dict[str, Any]:
         res = run_in_fit(factory, in_dim, measure)
         res["wall_s"] = time.perf_counter() - t0
         out["models"][model_name] = res
-        print(f"  micro {model_name}: {res['tensors']} tensors, {res['params']:,} params, {res['wall_s']:.1f} s", flush=True)
+        print(
+            f"  micro {model_name}: {res['tensors']} tensors, {res['params']:,} params, {res['wall_s']:.1f} s",
+            flush=True,
+        )
     return out
 
 
@@ -591,11 +608,17 @@ def report(res: dict[str, Any]) -> str:
             for method in CLIP_METHODS:
                 t = m["timings"].get(f"clip {method}")
                 if t is None:
-                    targets.append([f"clip {method} <= {TARGET_CLIP_RATIO}x torch clip ({model_name})", "not measured", "n/a"])
+                    targets.append(
+                        [f"clip {method} <= {TARGET_CLIP_RATIO}x torch clip ({model_name})", "not measured", "n/a"]
+                    )
                 else:
                     ok = t["ratio"] <= TARGET_CLIP_RATIO
                     targets.append(
-                        [f"clip {method} <= {TARGET_CLIP_RATIO}x torch clip ({model_name})", f"{t['ratio']:.2f}x", verdict(ok)]
+                        [
+                            f"clip {method} <= {TARGET_CLIP_RATIO}x torch clip ({model_name})",
+                            f"{t['ratio']:.2f}x",
+                            verdict(ok),
+                        ]
                     )
         many = next((m for k, m in micro["models"].items() if "small" in k), None)
         if many is not None:
@@ -603,17 +626,25 @@ def report(res: dict[str, Any]) -> str:
             for label in ("monitor, logging step", "core stats + layer norms + update ratios"):
                 t = many["timings"].get(label)
                 if gn is None or t is None:
-                    targets.append([f"{label} >= {TARGET_LOG_SPEEDUP:.0f}x faster than grad_norm", "not measured", "n/a"])
+                    targets.append(
+                        [f"{label} >= {TARGET_LOG_SPEEDUP:.0f}x faster than grad_norm", "not measured", "n/a"]
+                    )
                     continue
                 speed = gn["median_s"] / t["median_s"]
                 what = "per-layer norm logging (monitor logging step)" if label.startswith("monitor") else label
                 targets.append(
-                    [f"{what} >= {TARGET_LOG_SPEEDUP:.0f}x faster than lightning grad_norm (many small tensors)",
-                     f"{speed:.1f}x", verdict(speed >= TARGET_LOG_SPEEDUP)]
+                    [
+                        f"{what} >= {TARGET_LOG_SPEEDUP:.0f}x faster than lightning grad_norm (many small tensors)",
+                        f"{speed:.1f}x",
+                        verdict(speed >= TARGET_LOG_SPEEDUP),
+                    ]
                 )
     e2e = res.get("e2e")
     if e2e:
-        lines.append(f"\n### end-to-end step time ({e2e['pairs']} interleaved pairs of fits, {e2e['steps_per_fit']} steps each)\n")
+        lines.append(
+            f"\n### end-to-end step time ({e2e['pairs']} interleaved pairs of fits, "
+            f"{e2e['steps_per_fit']} steps each)\n"
+        )
         rows = []
         for name, e in e2e["examples"].items():
             if "skipped" in e:
@@ -621,11 +652,27 @@ def report(res: dict[str, Any]) -> str:
                 targets.append([f"end-to-end overhead <= {TARGET_E2E_OVERHEAD:.0%} ({name})", "not measured", "n/a"])
                 continue
             lo, hi = e["overhead_iqr"]
-            rows.append([name, common.fmt_time(e["unguarded_step_s"]), common.fmt_time(e["guarded_step_s"]),
-                         f"{e['overhead'] * 100:+.1f}%", f"{lo * 100:+.1f}% to {hi * 100:+.1f}%"])
-            targets.append([f"end-to-end overhead <= {TARGET_E2E_OVERHEAD:.0%} ({name})", f"{e['overhead'] * 100:+.1f}%",
-                            verdict(e["overhead"] <= TARGET_E2E_OVERHEAD)])
-        lines.append(common.markdown_table(["example", "unguarded step", "guarded step", "overhead (median of pair ratios)", "IQR"], rows))
+            rows.append(
+                [
+                    name,
+                    common.fmt_time(e["unguarded_step_s"]),
+                    common.fmt_time(e["guarded_step_s"]),
+                    f"{e['overhead'] * 100:+.1f}%",
+                    f"{lo * 100:+.1f}% to {hi * 100:+.1f}%",
+                ]
+            )
+            targets.append(
+                [
+                    f"end-to-end overhead <= {TARGET_E2E_OVERHEAD:.0%} ({name})",
+                    f"{e['overhead'] * 100:+.1f}%",
+                    verdict(e["overhead"] <= TARGET_E2E_OVERHEAD),
+                ]
+            )
+        lines.append(
+            common.markdown_table(
+                ["example", "unguarded step", "guarded step", "overhead (median of pair ratios)", "IQR"], rows
+            )
+        )
     flat = res.get("flat")
     if flat:
         lines.append(f"\n### flatness: after N statistics updates (timed block of {flat['block']} steps each)\n")
@@ -637,25 +684,43 @@ def report(res: dict[str, Any]) -> str:
                 continue
             r = f["rows"]
             for row in r:
-                rows.append([label, f"{row['updates']:,}", common.fmt_time(row["median_step_s"]), f"{row['state_bytes']:,}",
-                             f"{row['heap_growth_per_step_bytes']:.1f}", f"{row['rss_bytes'] / 2**20:.0f}"])
+                rows.append(
+                    [
+                        label,
+                        f"{row['updates']:,}",
+                        common.fmt_time(row["median_step_s"]),
+                        f"{row['state_bytes']:,}",
+                        f"{row['heap_growth_per_step_bytes']:.1f}",
+                        f"{row['rss_bytes'] / 2**20:.0f}",
+                    ]
+                )
             state_flat = r[-1]["state_bytes"] <= max(r[1]["state_bytes"] * 1.05, r[1]["state_bytes"] + 256)
             time_ratio = r[-1]["median_step_s"] / r[1]["median_step_s"]
             heap_flat = r[-1]["heap_growth_per_step_bytes"] < 64
             ok = state_flat and heap_flat and time_ratio <= 1.25
-            targets.append([f"flat memory and time ({label})",
-                            f"state {r[1]['state_bytes']:,}->{r[-1]['state_bytes']:,} B; time x{time_ratio:.2f}; "
-                            f"heap {r[-1]['heap_growth_per_step_bytes']:.0f} B/step", verdict(ok)])
-        lines.append(common.markdown_table(
-            ["callback", "after updates", "median step", "state_dict bytes", "heap growth B/step", "RSS MiB"], rows))
+            targets.append(
+                [
+                    f"flat memory and time ({label})",
+                    f"state {r[1]['state_bytes']:,}->{r[-1]['state_bytes']:,} B; time x{time_ratio:.2f}; "
+                    f"heap {r[-1]['heap_growth_per_step_bytes']:.0f} B/step",
+                    verdict(ok),
+                ]
+            )
+        lines.append(
+            common.markdown_table(
+                ["callback", "after updates", "median step", "state_dict bytes", "heap growth B/step", "RSS MiB"], rows
+            )
+        )
     cuda = res.get("cuda")
     if cuda:
         lines.append("\n### CUDA syncs per step\n")
         if "skipped" in cuda:
             lines.append(f"not run: {cuda['skipped']}")
         else:
-            rows = [[k, str(v.get("syncs_per_step_median", v.get("skipped"))), str(v.get("syncs_per_step_max", ""))]
-                    for k, v in cuda["callbacks"].items()]
+            rows = [
+                [k, str(v.get("syncs_per_step_median", v.get("skipped"))), str(v.get("syncs_per_step_max", ""))]
+                for k, v in cuda["callbacks"].items()
+            ]
             lines.append(common.markdown_table(["callback", "syncs/step (median)", "max"], rows))
     if targets:
         lines.append("\n### targets\n")
@@ -675,9 +740,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = common.set_threads(args.threads)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     desc = common.machine_description(threads)
-    print(f"gradguard overhead benchmark ({'quick' if args.quick else 'full'}{', tiny' if args.tiny else ''}); "
-          f"torch.set_num_threads({args.threads}) -> {threads} thread(s)")
-    print("command: python benchmarks/" + " ".join([Path(__file__).name] + (argv if argv is not None else sys.argv[1:])))
+    print(
+        f"gradguard overhead benchmark ({'quick' if args.quick else 'full'}{', tiny' if args.tiny else ''}); "
+        f"torch.set_num_threads({args.threads}) -> {threads} thread(s)"
+    )
+    print(
+        "command: python benchmarks/" + " ".join([Path(__file__).name] + (argv if argv is not None else sys.argv[1:]))
+    )
     common.print_machine(desc)
     res: dict[str, Any] = {"machine": desc, "args": {k: str(v) for k, v in vars(args).items()}}
     t0 = time.perf_counter()
@@ -688,9 +757,14 @@ def main(argv: list[str] | None = None) -> int:
         s0 = time.perf_counter()
         res[section] = fn(args)
         print(f"[{section} done in {time.perf_counter() - s0:.1f} s]", flush=True)
-    res["machine_after"] = {"load average (1/5/15 min)": common.machine_description(threads)["load average (1/5/15 min)"]}
+    res["machine_after"] = {
+        "load average (1/5/15 min)": common.machine_description(threads)["load average (1/5/15 min)"]
+    }
     print(report(res))
-    print(f"\ntotal {time.perf_counter() - t0:.1f} s; load average after: {res['machine_after']['load average (1/5/15 min)']}")
+    print(
+        f"\ntotal {time.perf_counter() - t0:.1f} s; "
+        f"load average after: {res['machine_after']['load average (1/5/15 min)']}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1, default=str))

@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
@@ -70,8 +69,15 @@ def build_method(method: str, scenario: scenarios.Scenario) -> tuple[list[Any], 
         from lightning.pytorch.callbacks import EarlyStopping
 
         mode = "max" if scenario.es_higher_is_better else "min"
-        return [EarlyStopping(monitor=scenario.es_monitor, mode=mode, patience=10**6, check_finite=True,
-                              check_on_train_epoch_end=scenario.es_on_train_epoch_end)], {}
+        return [
+            EarlyStopping(
+                monitor=scenario.es_monitor,
+                mode=mode,
+                patience=10**6,
+                check_finite=True,
+                check_on_train_epoch_end=scenario.es_on_train_epoch_end,
+            )
+        ], {}
     from lightning_gradguard import AdaptiveGradientClipping, NaNGuard
 
     if method.startswith("gradguard clip "):
@@ -110,12 +116,29 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     try:
         callbacks, trainer_kwargs = build_method(job["method"], sc)
     except Exception as e:  # noqa: BLE001 - e.g. a callback not written yet
-        return {**job, "survived": False, "outcome": "not run", "metric": float("nan"), "nonfinite_steps": 0,
-                "steps_done": 0, "wall_s": 0.0, "error": f"{type(e).__name__}: {e}"}
+        return {
+            **job,
+            "survived": False,
+            "outcome": "not run",
+            "metric": float("nan"),
+            "nonfinite_steps": 0,
+            "steps_done": 0,
+            "wall_s": 0.0,
+            "error": f"{type(e).__name__}: {e}",
+        }
     lr = "explosive" if job["setting"] == "explosive" else "stable"
     with tempfile.TemporaryDirectory() as root:
-        res = scenarios.fit(job["scenario"], root, callbacks, steps=steps, seed=job["seed"], lr=lr, tiny=job["tiny"],
-                            faults=faults_for(job["setting"], steps), trainer_kwargs=trainer_kwargs)
+        res = scenarios.fit(
+            job["scenario"],
+            root,
+            callbacks,
+            steps=steps,
+            seed=job["seed"],
+            lr=lr,
+            tiny=job["tiny"],
+            faults=faults_for(job["setting"], steps),
+            trainer_kwargs=trainer_kwargs,
+        )
     return {**job, **asdict(res)}
 
 
@@ -123,7 +146,12 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.quick or args.tiny:
         names = [s for s in ("char_lstm", "lstm") if s in scenarios.available()] if not args.tiny else ["char_lstm"]
         settings = ["stable", "explosive", "nan"] if not args.tiny else ["stable", "nan"]
-        methods = ["none", "lightning gradient_clip_val", "gradguard NaNGuard rollback", "gradguard defaults (clip + NaNGuard)"]
+        methods = [
+            "none",
+            "lightning gradient_clip_val",
+            "gradguard NaNGuard rollback",
+            "gradguard defaults (clip + NaNGuard)",
+        ]
         if args.tiny:
             methods = ["none", "gradguard defaults (clip + NaNGuard)"]
         seeds = [0]
@@ -141,8 +169,16 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if setting == "stable" and method != "none" and (args.quick or args.tiny):
                     continue  # the reference is enough in quick mode
                 for seed in seeds:
-                    jobs.append({"scenario": name, "setting": setting, "method": method, "seed": seed,
-                                 "steps": steps, "tiny": bool(args.tiny)})
+                    jobs.append(
+                        {
+                            "scenario": name,
+                            "setting": setting,
+                            "method": method,
+                            "seed": seed,
+                            "steps": steps,
+                            "tiny": bool(args.tiny),
+                        }
+                    )
     return jobs
 
 
@@ -168,8 +204,12 @@ def run_all(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
 
 def _progress(i: int, n: int, r: dict[str, Any], t0: float) -> None:
     if i == n or i % 10 == 0 or n <= 40:
-        print(f"  [{i}/{n} {time.perf_counter() - t0:.0f} s] {r['scenario']} {r['setting']} {r['method']} seed {r['seed']}:"
-              f" {r['outcome']} metric {r['metric']:.4g}", flush=True)
+        print(
+            f"  [{i}/{n} {time.perf_counter() - t0:.0f} s] {r['scenario']} {r['setting']} {r['method']} "
+            f"seed {r['seed']}:"
+            f" {r['outcome']} metric {r['metric']:.4g}",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -187,8 +227,14 @@ def _within(metric: float, ref: float, higher: bool) -> bool:
 def references(results: list[dict[str, Any]]) -> dict[str, float]:
     refs: dict[str, float] = {}
     for name in {r["scenario"] for r in results}:
-        vals = [r["metric"] for r in results if r["scenario"] == name and r["setting"] == "stable"
-                and r["method"] == "none" and math.isfinite(r["metric"])]
+        vals = [
+            r["metric"]
+            for r in results
+            if r["scenario"] == name
+            and r["setting"] == "stable"
+            and r["method"] == "none"
+            and math.isfinite(r["metric"])
+        ]
         refs[name] = statistics.mean(vals) if vals else float("nan")
     return refs
 
@@ -206,9 +252,11 @@ def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         ref = refs[name]
         arrow = "higher is better" if sc.higher_is_better else "lower is better"
         lines.append(f"\n### {name}: {sc.describe}\n")
-        lines.append(f"Reference (stable LR, no method, mean over seeds): {sc.metric} = {ref:.4g} ({arrow}); "
-                     f"{rs[0]['steps']} optimizer steps per run. Cell: survived/runs, median final {sc.metric}, "
-                     f"runs within {TOLERANCE:.0%} of the reference, non-finite steps (total), median fit wall time.\n")
+        lines.append(
+            f"Reference (stable LR, no method, mean over seeds): {sc.metric} = {ref:.4g} ({arrow}); "
+            f"{rs[0]['steps']} optimizer steps per run. Cell: survived/runs, median final {sc.metric}, "
+            f"runs within {TOLERANCE:.0%} of the reference, non-finite steps (total), median fit wall time.\n"
+        )
         rows = []
         for m in methods:
             row = [m]
@@ -227,7 +275,9 @@ def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                 wall = statistics.median([r["wall_s"] for r in cell])
                 outcomes = sorted({r["outcome"] for r in cell if r["outcome"] != "ok"})
                 extra = f" ({', '.join(outcomes)})" if outcomes else ""
-                row.append(f"{surv}/{len(cell)}{extra}; {med:.4g}; {within}/{len(cell)} in 5%; nf {nonfin}; {wall:.1f}s")
+                row.append(
+                    f"{surv}/{len(cell)}{extra}; {med:.4g}; {within}/{len(cell)} in 5%; nf {nonfin}; {wall:.1f}s"
+                )
             rows.append(row)
         lines.append(common.markdown_table(["method"] + settings, rows))
         for m in methods:
@@ -243,8 +293,12 @@ def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             goal_rows.append([name, m, f"{surv}/{len(cell)}", f"{within}/{len(cell)}", "met" if ok else "NOT met"])
     if goal_rows:
         lines.append("\n### goal: every explosive and faulted run survives and ends within 5% of the stable run\n")
-        lines.append(common.markdown_table(["scenario", "gradguard method", "survived", "within 5%", "goal"], goal_rows))
-    errors = sorted({(r["method"], r["error"]) for r in results if r.get("error") and r["outcome"] in ("error", "not run")})
+        lines.append(
+            common.markdown_table(["scenario", "gradguard method", "survived", "within 5%", "goal"], goal_rows)
+        )
+    errors = sorted(
+        {(r["method"], r["error"]) for r in results if r.get("error") and r["outcome"] in ("error", "not run")}
+    )
     if errors:
         lines.append("\nErrors (method: first error message):")
         seen: set[str] = set()
@@ -266,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write every run's record to this JSON file")
     args = p.parse_args(argv)
     cmd = "python benchmarks/" + " ".join([Path(__file__).name] + (argv if argv is not None else sys.argv[1:]))
-    print(f"gradguard rescue benchmark ({'quick' if args.quick else 'full'}{', tiny' if args.tiny else ''}); "
-          f"{args.workers} worker process(es), torch.set_num_threads(1) in each")
+    print(
+        f"gradguard rescue benchmark ({'quick' if args.quick else 'full'}{', tiny' if args.tiny else ''}); "
+        f"{args.workers} worker process(es), torch.set_num_threads(1) in each"
+    )
     print("command:", cmd)
     common.print_machine(common.machine_description(1))
     missing = scenarios.unavailable()
@@ -280,11 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     text, verdicts = report(results)
     print(text)
-    print(f"\ntotal wall time {wall:.0f} s; load average after: {common.machine_description(1)['load average (1/5/15 min)']}")
+    print(
+        f"\ntotal wall time {wall:.0f} s; "
+        f"load average after: {common.machine_description(1)['load average (1/5/15 min)']}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": cmd, "wall_s": wall, "results": results, "goal": verdicts},
-                                        indent=1, default=str))
+        args.json.write_text(
+            json.dumps({"command": cmd, "wall_s": wall, "results": results, "goal": verdicts}, indent=1, default=str)
+        )
     return 0
 
 

@@ -386,10 +386,20 @@ def fit(
     finite = params_finite(module)
     metric = float("nan")
     if finite:
-        val = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=1.0)
+        val = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=1.0,
+        )
         try:
-            out = val.validate(module, datamodule=dm, verbose=False) if dm is not None else val.validate(module, verbose=False)
+            out = (
+                val.validate(module, datamodule=dm, verbose=False)
+                if dm is not None
+                else val.validate(module, verbose=False)
+            )
             metric = float(out[0][sc.metric])
         except Exception as e:  # noqa: BLE001
             error = error or f"validate: {type(e).__name__}: {e}"
