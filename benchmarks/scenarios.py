@@ -408,7 +408,7 @@ def fit(
     if error:
         outcome = "halted" if "Divergence" in error else "error"
     elif not finite or not math.isfinite(metric):
-        outcome = "diverged"
+        outcome = "diverged" if done >= planned else "stopped early, diverged"
     elif done < planned:
         outcome = "stopped early"
     else:
