@@ -31,3 +31,13 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     if trainer.global_rank != 0:
         return []
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def log_text(trainer: pl.Trainer, name: str, text: str, step: int) -> None:
+    """Write ``text`` under tag ``name`` to every TensorBoard logger (rank zero) and flush it to disk."""
+    for writer in tensorboard_writers(trainer):
+        writer.add_text(name, text, global_step=step)
+        writer.flush()
+
+
+__all__ += ["log_text"]
