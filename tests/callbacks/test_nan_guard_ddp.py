@@ -1,0 +1,35 @@
+"""NaNGuard under 2-process CPU DDP, run as a script in a subprocess (see ddp_nan_guard_script.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("ddp_nan_guard_script.py")
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_faults_on_one_rank_make_every_rank_roll_back(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=200, env=env
+    )
+    lines = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("guard_rank*.json"))]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(r["rank"] for r in lines) == [0, 1], proc.stdout + proc.stderr[-3000:]
+    rank0, rank1 = sorted(lines, key=lambda r: r["rank"])
+    first = {"step": 4, "kind": "rollback", "snapshot_step": 2}
+    second = {"step": 6, "kind": "rollback", "snapshot_step": 2}
+    assert rank1["events"] == [{**first, "cause": "nonfinite_loss"}, {**second, "cause": "nonfinite_params"}]
+    # rank 0 sees the NaN loss through the all-reduced gradients, the inf weight only through the collective
+    assert rank0["events"] == [{**first, "cause": "nonfinite_grad"}, {**second, "cause": "other_rank"}]
+    for r in (rank0, rank1):
+        assert r["global_step"] == 10
+        assert r["finite"]
+        assert r["lr"] == 0.0025
+    assert rank0["checksum"] == rank1["checksum"]
