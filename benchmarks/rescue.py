@@ -160,6 +160,11 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         settings, methods, seeds = list(SETTINGS), method_names(), list(range(args.seeds))
     if args.scenarios:
         names = [n for n in args.scenarios.split(",") if n]
+    if args.settings:
+        settings = [s for s in args.settings.split(",") if s]
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = [m for m in method_names() if any(w in m for w in wanted)]
     jobs = []
     for name in names:
         sc = scenarios.SCENARIOS[name]
@@ -317,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=0, help="override the optimizer steps per run")
     p.add_argument("--workers", type=int, default=2, help="parallel fit processes (default 2, one torch thread each)")
     p.add_argument("--scenarios", default="", help="comma list of scenarios to run (default: all available)")
+    p.add_argument("--settings", default="", help=f"comma list of settings (default: all of {', '.join(SETTINGS)})")
+    p.add_argument("--methods", default="", help="comma list of substrings selecting methods, e.g. 'none,NaNGuard'")
     p.add_argument("--json", type=Path, default=None, help="also write every run's record to this JSON file")
     args = p.parse_args(argv)
     cmd = "python benchmarks/" + " ".join([Path(__file__).name] + (argv if argv is not None else sys.argv[1:]))
