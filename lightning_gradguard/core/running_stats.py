@@ -43,7 +43,7 @@ def _dtype_for(device: torch.device) -> torch.dtype:
 def sanitize(x: Tensor | float) -> tuple[Tensor, Tensor]:
     """``(value, finite)``: ``x`` as a float64 scalar tensor (0 where not finite, clamped to ``VALUE_LIMIT``) and a
     bool scalar tensor telling whether ``x`` was finite. Never synchronises."""
-    t = torch.as_tensor(x).detach()
+    t = x.detach() if isinstance(x, Tensor) else torch.as_tensor(x, dtype=_DTYPE)
     if t.numel() != 1:
         raise ValueError(f"expected a scalar value, got a tensor of shape {tuple(t.shape)}")
     finite = torch.isfinite(t.reshape(()))
