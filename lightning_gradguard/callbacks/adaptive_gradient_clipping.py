@@ -196,7 +196,12 @@ class AdaptiveGradientClipping(Callback):
     ==================================  =================================================================
 
     The pre-clip norm itself is ``gradguard/grad_norm`` of :class:`~lightning_gradguard.GradientNormMonitor`.
-    With ``progress_bar=True`` the share of all steps clipped so far shows as ``clip_rate`` (``clip_rate_opt<i>``).
+    The log schedule counts each optimizer's own steps (with one optimizer that is ``trainer.global_step``; with two
+    manual optimizers ``global_step`` grows by 2 per batch, and both still log every n of their steps).
+    With ``progress_bar=True`` the share of all steps clipped so far shows as ``clip_rate`` (``clip_rate_opt<i>``);
+    Lightning reads progress-bar values to the host every step, so that option costs one sync per step on GPU.
+
+    The latest decision per optimizer index is kept in :attr:`last` (a :class:`ClipRecord`) for users and tests.
 
     Args:
         method: ``"zscore"``, ``"percentile"``, ``"agc"``, ``"norm"``, ``"value"`` or ``"per_parameter"``.

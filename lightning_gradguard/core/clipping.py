@@ -99,6 +99,13 @@ def clip_by_param_norm_(
     return coef, (coef < 1.0).any() if coef.numel() else torch.zeros((), dtype=torch.bool)
 
 
+def _max_abs(g: Tensor) -> Tensor:
+    if g.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=g.device)
+    lo, hi = torch.aminmax(g)
+    return torch.maximum(-lo, hi).to(torch.float32)
+
+
 def clip_by_value_(grads: Sequence[Tensor], clip_value: float, finite: Tensor | None = None) -> Tensor:
     """Clamp every element to ``[-clip_value, clip_value]``, in place, sparing gradients that are not finite.
 
@@ -116,8 +123,9 @@ def clip_by_value_(grads: Sequence[Tensor], clip_value: float, finite: Tensor | 
         finite = torch.stack([torch.isfinite(g).all() for g in grads])
     inf = torch.tensor(float("inf"), dtype=torch.float32, device=finite.device)
     bound = torch.where(finite, torch.tensor(float(clip_value), device=finite.device), inf)
-    # the largest |element| of each gradient = its inf-norm; computed before clamping to report what was clipped
-    maxabs = torch.stack(torch._foreach_norm(list(grads), float("inf"))).to(finite.device).to(torch.float32)
+    # the largest |element| of each gradient, before clamping, to report whether anything was clipped. One aminmax
+    # read per tensor: torch's CPU inf-norm (``_foreach_norm(..., inf)``) is ~12x slower on large tensors.
+    maxabs = torch.stack([_max_abs(g).to(finite.device) for g in grads])
     clipped = (finite & (maxabs > clip_value)).any()
     for device, idx in _by_device(grads).items():
         group = [grads[i] for i in idx]
