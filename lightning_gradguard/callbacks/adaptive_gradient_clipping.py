@@ -48,8 +48,9 @@ class ClipRecord:
         clipped: bool scalar, did the step clip anything.
         coefficient: the factor all gradients were multiplied by (global methods), per-parameter factors
             (per_parameter), None otherwise.
-        zscore: z-score of ``grad_norm`` against the statistics before the step (zscore method; NaN while warming up).
         warmup: whether the warm-up fallback was in force (host bool).
+        zscore: (property) z-score of ``grad_norm`` against the statistics before the step; zscore method only,
+            NaN while warming up; computed when read.
     """
 
     step: int
@@ -57,8 +58,20 @@ class ClipRecord:
     threshold: Tensor | None
     clipped: Tensor
     coefficient: Tensor | None = None
-    zscore: Tensor | None = None
     warmup: bool = False
+    # zscore method: the statistics before the step (z is computed on access, i.e. on logging steps only)
+    stat_mean: Tensor | None = None
+    stat_var: Tensor | None = None
+    stat_count: Tensor | None = None
+
+    @property
+    def zscore(self) -> Tensor | None:
+        if self.stat_mean is None or self.stat_var is None or self.stat_count is None:
+            return None
+        if self.warmup:
+            return torch.full_like(self.stat_mean, math.nan)
+        z = zscore(self.grad_norm.to(self.stat_mean.dtype), self.stat_mean, self.stat_var)
+        return torch.where(self.stat_count >= 2, z, math.nan)
 
 
 class _OptimizerState:
@@ -430,18 +443,18 @@ class AdaptiveGradientClipping(Callback):
         warmup = state.steps < self.warmup_steps
         if warmup:
             threshold = target = fallback
-            z = torch.full_like(norm64, math.nan)
         else:
             ready = count >= 2
             threshold = torch.where(ready, zscore_threshold(mean, var, self.z_threshold), fallback)
-            target = torch.where(ready, zscore_clip_target(mean, var, self.z_threshold, self.clip_to), fallback)
-            z = torch.where(ready, zscore(norm64, mean, var), math.nan)
+            target = threshold
+            if self.clip_to != "threshold":
+                target = torch.where(ready, zscore_clip_target(mean, var, self.z_threshold, self.clip_to), fallback)
         over = torch.isfinite(norm64) & (norm64 > threshold)
         coef = clip_coefficient(norm, torch.where(over, target, math.inf))
         scale_(stats.grads, coef)
         # a spike enters the statistics as the threshold, never as itself (ZClip); NaN/inf are masked inside
         ema.update(torch.minimum(norm64, threshold))
-        return ClipRecord(state.steps, norm, threshold, coef < 1.0, coef, z, warmup)
+        return ClipRecord(state.steps, norm, threshold, coef < 1.0, coef, warmup, mean, var, count)
 
     def _clip_percentile(self, stats: GradStats, state: _OptimizerState) -> ClipRecord:
         est = cast("WindowQuantile | DecayedHistogramQuantile", state.stats)
@@ -457,7 +470,7 @@ class AdaptiveGradientClipping(Callback):
         threshold = threshold.to(norm.device)
         coef, clipped = clip_by_global_norm_(stats.grads, norm, threshold)
         est.update(norm)  # AutoClip keeps the unclipped norms; non-finite ones are masked inside
-        return ClipRecord(state.steps, norm, threshold, clipped, coef, None, warmup)
+        return ClipRecord(state.steps, norm, threshold, clipped, coef, warmup)
 
     # ------------------------------------------------------------------ logging
 

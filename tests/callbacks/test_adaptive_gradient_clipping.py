@@ -533,3 +533,11 @@ def test_every_method_runs_at_defaults(tmp_path, method):
     trainer, rows = fit(tmp_path, cb, max_steps=3, logger=False)
     assert len(rows) == 3
     assert trainer.global_step == 3
+
+
+def test_bf16_mixed_precision_fit(tmp_path):
+    cb = AdaptiveGradientClipping("zscore", warmup_steps=2)
+    _, rows = fit(tmp_path, cb, seeded(loss_scale_at={5: 1e6}), max_steps=8, precision="bf16-mixed")
+    assert rows[5]["clipped"]
+    assert rows[5]["post"] <= rows[5]["threshold"] * (1 + 1e-6)
+    assert all(math.isfinite(r["threshold"]) for r in rows[1:])
