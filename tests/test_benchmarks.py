@@ -107,5 +107,8 @@ def test_rescue_quick_tiny_runs(tmp_path, capsys):
     broken = by[("nan", "none")]
     assert not broken["survived"]
     assert broken["nonfinite_steps"] >= 1
+    # the same faults with gradguard's defaults: each of the 3 injected NaN steps is seen, and the run survives
     guarded = by[("nan", "gradguard defaults (clip + NaNGuard)")]
-    assert guarded["outcome"] in ("ok", "diverged", "halted", "stopped early", "error", "not run")
+    assert guarded["survived"], guarded
+    assert guarded["nonfinite_steps"] == 3
+    assert math.isfinite(guarded["metric"])
