@@ -61,3 +61,5 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
