@@ -1,0 +1,58 @@
+"""All three callbacks under 2-process CPU DDP with gradient accumulation (one subprocess run, several checks).
+
+What this proves: every rank computes the same norms, thresholds and clip decisions at every step (logged values
+are identical whichever rank logs); a NaN seen by rank 1 only makes both ranks roll back at the same step to the
+same snapshot; a spike on rank 1 only is clipped identically on both; the run finishes (a timeout turns a hang into
+a failure) with bit-identical weights and optimizer state on both ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("ddp_all_callbacks_script.py")
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_all_callbacks_under_ddp(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    # a port range apart from tests/callbacks/test_nan_guard_ddp.py (29500-30499)
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(31500 + os.getpid() % 1000), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=200, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = sorted((json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1], proc.stderr[-3000:]
+    r0, r1 = ranks
+
+    for r in ranks:
+        assert r["global_step"] == 10
+        assert [row["step"] for row in r["rows"]] == list(range(10))  # one action per accumulated step
+        assert r["clip_steps"] == 10
+        assert r["counters"] == [1, 1, 0.5]
+        assert r["lr"] == 0.005
+        assert all(math.isfinite(w) for w in r["weights"])
+    # identical measurements and decisions on both ranks, step by step (so rank 0's logs speak for both)
+    for a, b in zip(r0["rows"], r1["rows"]):
+        assert a == b
+    assert not math.isfinite(r0["rows"][4]["grad_norm"])
+    assert r0["rows"][7]["clipped"]  # the rank-1 spike, clipped on both ranks
+    if r0["has_monitor"]:
+        assert all(row["monitor_grad_norm"] == row["grad_norm"] for row in r0["rows"] if row["step"] != 4)
+    # one rollback at step 4 on both ranks, to the same snapshot
+    rollback = {"step": 4, "kind": "rollback", "snapshot_step": 2}
+    assert r1["events"] == [{**rollback, "cause": "nonfinite_loss"}]
+    assert r0["events"] == [{**rollback, "cause": "nonfinite_grad"}]
+    assert r0["rows"][4]["reason"] == r1["rows"][4]["reason"] == "rolled_back"
+    # same final state, bit for bit
+    assert r0["weights"] == r1["weights"]
+    assert r0["opt_state"] == r1["opt_state"]
