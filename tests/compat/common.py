@@ -15,39 +15,24 @@ from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_gradguard import AdaptiveGradientClipping, NaNGuard
+from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard
 from lightning_gradguard.core.snapshot import clone_state
 from tests.models import TinyRegression, loader
 
 SIZE_GUIDANCE = {"histograms": 0, "scalars": 0, "images": 0, "tensors": 0}
 
 
-def monitor_or_none(**kwargs: Any) -> Any:
-    """A GradientNormMonitor, or None while the class is still the placeholder that raises NotImplementedError.
-
-    TEMPORARY FALLBACK (see tests/compat/README note in docs/SUPPORT.md): GradientNormMonitor is being written in
-    parallel. Until it lands, "all three callbacks" are the two that exist. Remove this fallback once it lands.
-    """
-    from lightning_gradguard import GradientNormMonitor
-
-    try:
-        return GradientNormMonitor(**kwargs)
-    except NotImplementedError:
-        return None
-
-
 def build_all(monitor: dict | None = None, clip: dict | None = None, guard: dict | None = None) -> list[Callback]:
     """[GradientNormMonitor, AdaptiveGradientClipping, NaNGuard] in the order users are told to use."""
-    mon = monitor_or_none(**{"log_every_n_steps": 1, **(monitor or {})})
+    mon = GradientNormMonitor(**{"log_every_n_steps": 1, "flow_every_n_logs": 0, **(monitor or {})})
     clip_kw = {"method": "zscore", "warmup_steps": 3, "log_every_n_steps": 1, **(clip or {})}
     guard_kw = {"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 0, "log_every_n_steps": 1, **(guard or {})}
-    cbs: list[Callback] = [AdaptiveGradientClipping(**clip_kw), NaNGuard(**guard_kw)]
-    return ([mon] if mon is not None else []) + cbs
+    return [mon, AdaptiveGradientClipping(**clip_kw), NaNGuard(**guard_kw)]
 
 
-def split(callbacks: list[Callback]) -> tuple[Any, AdaptiveGradientClipping, NaNGuard]:
-    """(monitor or None, clipper, guard) out of a build_all list."""
-    mon = next((c for c in callbacks if type(c).__name__ == "GradientNormMonitor"), None)
+def split(callbacks: list[Callback]) -> tuple[GradientNormMonitor, AdaptiveGradientClipping, NaNGuard]:
+    """(monitor, clipper, guard) out of a build_all list."""
+    mon = next(c for c in callbacks if isinstance(c, GradientNormMonitor))
     clip = next(c for c in callbacks if isinstance(c, AdaptiveGradientClipping))
     guard = next(c for c in callbacks if isinstance(c, NaNGuard))
     return mon, clip, guard

@@ -5,8 +5,5 @@ from tests.compat.common import build_all
 
 @pytest.fixture
 def all_callbacks():
-    """A factory: ``all_callbacks(monitor={...}, clip={...}, guard={...})`` -> [monitor, clipper, guard].
-
-    While GradientNormMonitor is a placeholder the list holds the other two (see ``common.monitor_or_none``).
-    """
+    """A factory: ``all_callbacks(monitor={...}, clip={...}, guard={...})`` -> [monitor, clipper, guard]."""
     return build_all

@@ -40,14 +40,14 @@ class Record(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         rec = self.clip.last[0]
-        mon = None if self.mon is None else getattr(self.mon, "last_grad_norm", None)
         self.rows.append(
             {
                 "step": trainer.global_step,
                 "grad_norm": float(rec.grad_norm),
                 "threshold": float(rec.threshold),
                 "clipped": bool(rec.clipped),
-                "monitor_grad_norm": None if mon is None else float(mon),
+                "monitor_grad_norm": self.mon.last_grad_norm,
+                "monitor_step": self.mon.last_step,
             }
         )
 
@@ -73,7 +73,6 @@ def main(out_dir: str) -> None:
         json.dumps(
             {
                 "rank": trainer.global_rank,
-                "has_monitor": record.mon is not None,
                 "global_step": trainer.global_step,
                 "rows": record.rows,
                 "events": [{k: e.get(k) for k in ("step", "kind", "cause", "snapshot_step")} for e in guard.events],

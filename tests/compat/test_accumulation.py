@@ -48,8 +48,8 @@ def test_one_measurement_and_one_action_per_optimizer_step(tmp_path, all_callbac
     assert len(calls) == 5  # one measurement per optimizer step, shared by every callback
     assert clip.state_dict()["optimizers"][0]["steps"] == 5
     assert [int(s) for s, _ in guard._grad_history] == [0, 1, 2, 3, 4]
-    if mon is not None:
-        assert float(mon.last_grad_norm) == pytest.approx(float(clip.last[0].grad_norm))
+    assert mon.last_step == 4
+    assert float(mon.last_grad_norm) == pytest.approx(float(clip.last[0].grad_norm))
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])

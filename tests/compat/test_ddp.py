@@ -46,8 +46,10 @@ def test_all_callbacks_under_ddp(tmp_path):
         assert a == b
     assert not math.isfinite(r0["rows"][4]["grad_norm"])
     assert r0["rows"][7]["clipped"]  # the rank-1 spike, clipped on both ranks
-    if r0["has_monitor"]:
-        assert all(row["monitor_grad_norm"] == row["grad_norm"] for row in r0["rows"] if row["step"] != 4)
+    # the monitor measured the same pre-clip norm as the clipper, at every step, on both ranks
+    for r in ranks:
+        assert [row["monitor_step"] for row in r["rows"]] == list(range(10))
+        assert all(row["monitor_grad_norm"] == row["grad_norm"] for row in r["rows"] if row["step"] != 4)
     # one rollback at step 4 on both ranks, to the same snapshot
     rollback = {"step": 4, "kind": "rollback", "snapshot_step": 2}
     assert r1["events"] == [{**rollback, "cause": "nonfinite_loss"}]

@@ -73,9 +73,9 @@ def test_gan_style_two_optimizers(tmp_path, all_callbacks):
         assert f"gradguard/{name}" in tb
         assert f"gradguard/{name}_opt1" in tb
     assert tb["gradguard/grad_norm_clipped"][12] <= tb["gradguard/clip_threshold"][12] * (1 + 1e-5)
-    if mon is not None:
-        assert "gradguard/grad_norm" in tb
-        assert "gradguard/grad_norm_opt1" in tb
+    assert "gradguard/grad_norm" in tb
+    assert "gradguard/grad_norm_opt1" in tb
+    assert mon.state_dict()["optimizers"].keys() == {0, 1}
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -120,9 +120,9 @@ def test_three_callbacks_under_each_precision(tmp_path, all_callbacks, name):
 
     tb = tb_scalars(tmp_path / "run" / "version_0")
     assert tb["gradguard/rollbacks"][6] == 1
-    if mon is not None:
-        for step, value in tb["gradguard/grad_norm"].items():
-            if math.isfinite(probe.seen[step]["norm"]) and step != 6:
-                assert value == pytest.approx(probe.ref[step], rel=tol), step
+    assert len(tb["gradguard/grad_norm"]) >= 10
+    for step, value in tb["gradguard/grad_norm"].items():
+        if math.isfinite(probe.seen[step]["norm"]) and step != 6:
+            assert value == pytest.approx(probe.ref[step], rel=tol), step
     if scaler is not None:
         assert tb["gradguard/amp_overflow_steps"][13] == guard.amp_overflow_steps

@@ -73,8 +73,7 @@ def test_resume_continues_statistics_counters_and_lr_scale_exactly(tmp_path, all
     state_full.pop("snapshots"), state_resumed.pop("snapshots")  # in-memory copies: not part of a checkpoint
     assert not differences(state_resumed, state_full)
     assert not differences(s_clip.state_dict(), f_clip.state_dict())
-    if f_mon is not None:
-        assert not differences(s_mon.state_dict(), f_mon.state_dict())
+    assert not differences(s_mon.state_dict(), f_mon.state_dict())
 
     assert second.optimizers[0].param_groups[0]["lr"] == full.optimizers[0].param_groups[0]["lr"]
     assert second.lr_scheduler_configs[0].scheduler.state_dict() == full.lr_scheduler_configs[0].scheduler.state_dict()
