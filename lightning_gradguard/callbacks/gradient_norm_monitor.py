@@ -204,14 +204,14 @@ class GradientNormMonitor(Callback):
         self.log_every_n_steps = _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
         self.norm_type = _check_float("norm_type", norm_type, 0.0, "> 0 (inf allowed)", allow_inf=True)
         self.log_grad_histograms = _check_bool("log_grad_histograms", log_grad_histograms)
-        self.flow_every_n_logs = _check_int("flow_every_n_logs", flow_every_n_logs, 0)
+        self.flow_every_n_logs: int = _check_int("flow_every_n_logs", flow_every_n_logs, 0)  # type: ignore[assignment]
         self.vanishing_threshold = _check_float("vanishing_threshold", vanishing_threshold, 0.0, "finite and > 0")
-        self.vanishing_patience = _check_int("vanishing_patience", vanishing_patience, 1)
+        self.vanishing_patience: int = _check_int("vanishing_patience", vanishing_patience, 1)  # type: ignore[assignment]
         self.exploding_factor = _check_float("exploding_factor", exploding_factor, 1.0, "finite and > 1")
         self.exploding_ema_decay = _check_float("exploding_ema_decay", exploding_ema_decay, 0.0, "in (0, 1)")
         if self.exploding_ema_decay >= 1.0:
             raise ValueError(f"exploding_ema_decay must be in (0, 1), got {exploding_ema_decay!r}")
-        self.exploding_warmup = _check_int("exploding_warmup", exploding_warmup, 1)
+        self.exploding_warmup: int = _check_int("exploding_warmup", exploding_warmup, 1)  # type: ignore[assignment]
         self.progress_bar = _check_bool("progress_bar", progress_bar)
 
         self._log_every = self.log_every_n_steps or 50
@@ -275,7 +275,7 @@ class GradientNormMonitor(Callback):
         if stage != "fit":
             return
         check_supported_strategy(trainer, type(self).__name__)
-        self._log_every = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps))
+        self._log_every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.loggers:

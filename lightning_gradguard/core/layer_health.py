@@ -145,6 +145,7 @@ class VanishingDetector(_LayerDetector):
     """
 
     _fields = (("_streak", 0, torch.long),)
+    _streak: Tensor
 
     def __init__(self, threshold: float = 1e-7, patience: int = 3) -> None:
         self.threshold = _check_positive("threshold", threshold)
@@ -194,6 +195,9 @@ class ExplodingDetector(_LayerDetector):
     """
 
     _fields = (("_log_mean", 0.0, torch.float32), ("_count", 0, torch.long), ("_flags", False, torch.bool))
+    _log_mean: Tensor
+    _count: Tensor
+    _flags: Tensor
 
     def __init__(self, factor: float = 10.0, ema_decay: float = 0.9, warmup: int = 5) -> None:
         factor = _check_positive("factor", factor)
