@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from lightning_gradguard.core.divergence_report import DivergenceReport
 from lightning_gradguard.core.grad_stats import norms_of
 from lightning_gradguard.core.loss_spike import LossSpikeDetector
 from lightning_gradguard.core.lr_scaling import is_known_scheduler, scale_lr
-from lightning_gradguard.core.snapshot import SnapshotStore, restore_snapshot, take_snapshot
+from lightning_gradguard.core.snapshot import Snapshot, SnapshotStore, restore_snapshot, take_snapshot
 from lightning_gradguard.errors import DivergenceError
 
 __all__ = ["GuardCause", "GuardDecision", "NaNGuard"]
@@ -317,7 +318,9 @@ class NaNGuard(Callback):
         self._store.reset()
         self._since_snapshot = 0
         if self.snapshot == "memory" and self.action != "halt":
-            self._store.update(self._take_snapshot(trainer, pl_module), trusted=True)
+            snap = self._try_snapshot(trainer, pl_module)
+            if snap is not None:
+                self._store.update(snap, trusted=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._loop_limits is not None:
@@ -430,7 +433,9 @@ class NaNGuard(Callback):
             self._since_snapshot += 1
             if self._since_snapshot >= self.snapshot_every_n_steps:
                 self._since_snapshot = 0
-                self._store.update(self._take_snapshot(trainer, pl_module))
+                snap = self._try_snapshot(trainer, pl_module)
+                if snap is not None:
+                    self._store.update(snap)
 
     def _handle_event(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, info: dict[str, Any], batches: list[Any]
@@ -584,6 +589,29 @@ class NaNGuard(Callback):
             raise self.halt_error
 
     # ------------------------------------------------------------------ helpers
+    def _try_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot | None:
+        """A new snapshot, or None when taking it failed on any rank (the store then keeps its older ones).
+
+        A failed copy (e.g. out of host memory) must not end a run the guard is there to keep alive. Under DDP the
+        ranks keep or drop the new snapshot together, so that a later rollback restores the same step everywhere.
+        """
+        snap, error = None, None
+        try:
+            snap = self._take_snapshot(trainer, pl_module)
+        except Exception as err:
+            error = err
+        if bool(trainer.strategy.reduce_boolean_decision(error is None, all=True)):
+            return snap
+        good = self._store.compute()
+        keep = f"the snapshot of step {good.step}" if good is not None else "no snapshot (a fault now halts)"
+        where = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+        message = f"NaNGuard could not take a snapshot at step {trainer.global_step} ({where}); rollbacks use {keep}"
+        if error is not None:
+            warnings.warn(message, UserWarning, stacklevel=2)
+        else:
+            rank_zero_warn(message)
+        return None
+
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         extra = {}
         precision_state = trainer.precision_plugin.state_dict()
