@@ -91,6 +91,9 @@ class StateRecorder(Callback):
     def __init__(self) -> None:
         self.states: dict[int, dict[str, Any]] = {}
 
+    def on_train_start(self, trainer, pl_module):
+        self.states.setdefault(trainer.global_step, full_state(trainer, pl_module))  # what NaNGuard snapshots first
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.states[trainer.global_step] = full_state(trainer, pl_module)
 
