@@ -3,6 +3,7 @@
 - :class:`GradientNormMonitor` shows gradient health in TensorBoard.
 - :class:`AdaptiveGradientClipping` clips with thresholds learned from running statistics.
 - :class:`NaNGuard` skips, rolls back or halts on NaN/inf.
+- :func:`default_callbacks` returns the three, configured to work together.
 
 The public names are loaded on first access (PEP 562), so ``import lightning_gradguard`` stays light: it does not
 import lightning (whose torchmetrics dependency pulls in matplotlib when it is installed) until a callback is used.
@@ -18,16 +19,25 @@ from lightning_gradguard.errors import DivergenceError
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_gradguard.callbacks.adaptive_gradient_clipping import AdaptiveGradientClipping
+    from lightning_gradguard.callbacks.default_callbacks import default_callbacks
     from lightning_gradguard.callbacks.gradient_norm_monitor import GradientNormMonitor
     from lightning_gradguard.callbacks.nan_guard import NaNGuard
 
 _LAZY = {
     "AdaptiveGradientClipping": "lightning_gradguard.callbacks.adaptive_gradient_clipping",
+    "default_callbacks": "lightning_gradguard.callbacks.default_callbacks",
     "GradientNormMonitor": "lightning_gradguard.callbacks.gradient_norm_monitor",
     "NaNGuard": "lightning_gradguard.callbacks.nan_guard",
 }
 
-__all__ = ["AdaptiveGradientClipping", "DivergenceError", "GradientNormMonitor", "NaNGuard", "__version__"]
+__all__ = [
+    "AdaptiveGradientClipping",
+    "DivergenceError",
+    "GradientNormMonitor",
+    "NaNGuard",
+    "__version__",
+    "default_callbacks",
+]
 
 
 def __getattr__(name: str) -> Any:
