@@ -296,8 +296,10 @@ class AdaptiveGradientClipping(Callback):
         if isinstance(exclude, str) or not isinstance(exclude, (list, tuple)):
             raise TypeError(f"exclude must be a list or tuple of str, got {type(exclude).__name__} ({exclude!r})")
         for pattern in exclude:
-            if not isinstance(pattern, str) or not pattern:
+            if not isinstance(pattern, str):
                 raise TypeError(f"exclude must hold non-empty str patterns, got {pattern!r} in {exclude!r}")
+        if not all(exclude):
+            raise ValueError(f"exclude must hold non-empty str patterns, got an empty pattern in {exclude!r}")
         self.exclude = tuple(exclude)
         self.max_norm = _check_positive("max_norm", max_norm)
         self.clip_value = _check_positive("clip_value", clip_value)

@@ -63,8 +63,10 @@ class GuardCause(Enum):
 def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        extra = " or None" if allow_none else ""
+    extra = " or None" if allow_none else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {low}{extra}, got {type(value).__name__} ({value!r})")
+    if value < low:
         raise ValueError(f"{name} must be an int >= {low}{extra}, got {value!r}")
 
 
@@ -72,7 +74,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _check_number(name: str, value: Any, rng: str) -> None:
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a number {rng}, got {type(value).__name__} ({value!r})")
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__} ({value!r})")
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
@@ -185,7 +194,8 @@ class NaNGuard(Callback):
         _check_choice("action", action, _ACTIONS)
         _check_choice("escalate_to", escalate_to, _ESCALATIONS)
         _check_choice("snapshot", snapshot, _SNAPSHOTS)
-        if not _is_number(lr_factor) or not 0 < lr_factor <= 1:
+        _check_number("lr_factor", lr_factor, "in (0, 1]")
+        if not 0 < lr_factor <= 1:
             raise ValueError(f"lr_factor must be a number in (0, 1], got {lr_factor!r}")
         _check_int("max_consecutive_skips", max_consecutive_skips, 0)
         _check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1)
@@ -194,10 +204,13 @@ class NaNGuard(Callback):
         _check_int("spike_window", spike_window, 2)
         _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
         _check_int("history_size", history_size, 1)
-        if spike_zscore is not None and (not _is_number(spike_zscore) or not 0 < spike_zscore < math.inf):
-            raise ValueError(f"spike_zscore must be a finite number > 0 or None, got {spike_zscore!r}")
-        if not _is_number(amp_scale_floor) or not amp_scale_floor > 0:
-            raise ValueError(f"amp_scale_floor must be a number > 0, got {amp_scale_floor!r}")
+        if spike_zscore is not None:
+            _check_number("spike_zscore", spike_zscore, "> 0 (finite) or None")
+            if not 0 < spike_zscore < math.inf:
+                raise ValueError(f"spike_zscore must be a finite number > 0 or None, got {spike_zscore!r}")
+        _check_number("amp_scale_floor", amp_scale_floor, "> 0 (finite)")
+        if not 0 < amp_scale_floor < math.inf:  # an infinite floor would call every AMP step a collapse
+            raise ValueError(f"amp_scale_floor must be a finite number > 0, got {amp_scale_floor!r}")
         for name, flag in (("check_params", check_params), ("raise_on_halt", raise_on_halt)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
