@@ -24,10 +24,12 @@ def check_supported_strategy(trainer: pl.Trainer, owner: str) -> None:
         RuntimeError: for sharded strategies (FSDP, DeepSpeed, model parallel) and unknown custom ones that shard.
     """
     strategy = trainer.strategy
-    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    # by class name, and before the isinstance test: DeepSpeedStrategy is a subclass of DDPStrategy
+    names = [cls.__name__ for cls in type(strategy).__mro__]
+    sharded = any(key in n for n in names for key in ("FSDP", "DeepSpeed", "ModelParallel", "XLA"))
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not sharded:
         return
     name = type(strategy).__name__
-    sharded = any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel", "XLA"))
     if sharded:
         raise RuntimeError(
             f"{owner} does not support {name} yet: it shards gradients across ranks, and gradguard's sharded-norm "
