@@ -240,7 +240,8 @@ class AdaptiveGradientClipping(Callback):
     Raises:
         TypeError: an argument of the wrong type.
         ValueError: an argument out of range (the message names it, the allowed range and the value received), and
-            at setup when ``Trainer(gradient_clip_val=...)`` is set too.
+            at setup when ``Trainer(gradient_clip_val=...)`` (> 0) is set too or the Trainer holds a second
+            AdaptiveGradientClipping.
 
     Example:
         >>> cb = AdaptiveGradientClipping("zscore", z_threshold=3.0)
@@ -378,7 +379,14 @@ class AdaptiveGradientClipping(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.gradient_clip_val is not None:
+        clippers = [cb for cb in trainer.callbacks if isinstance(cb, AdaptiveGradientClipping)]
+        if len(clippers) > 1:
+            raise ValueError(
+                f"Found {len(clippers)} AdaptiveGradientClipping callbacks "
+                f"({', '.join(repr(cb.method) for cb in clippers)}); use one: each would clip the gradients the "
+                "previous one already clipped."
+            )
+        if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:  # Lightning: 0 means off
             raise ValueError(
                 "AdaptiveGradientClipping clips gradients itself and cannot run together with "
                 f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}): remove gradient_clip_val "

@@ -161,7 +161,8 @@ class NaNGuard(Callback):
 
     Raises:
         ValueError: for an argument outside its allowed values (in ``__init__``), or, in ``setup``, for
-            ``snapshot="checkpoint"`` without a ``ModelCheckpoint`` saving full checkpoints.
+            ``snapshot="checkpoint"`` without a ``ModelCheckpoint`` saving full checkpoints, or a second NaNGuard in
+            the same Trainer; when training starts, with anomaly detection on (``Trainer(detect_anomaly=True)``).
         RuntimeError: in ``setup``, for a sharded strategy (FSDP, DeepSpeed).
 
     Example:
@@ -301,6 +302,12 @@ class NaNGuard(Callback):
         if stage != "fit":
             return
         check_supported_strategy(trainer, "NaNGuard")
+        guards = [cb for cb in trainer.callbacks if isinstance(cb, NaNGuard)]
+        if len(guards) > 1:
+            raise ValueError(
+                f"Found {len(guards)} NaNGuard callbacks; use one: each would act on the same fault (two rollbacks, "
+                "two LR cuts) and their snapshots would disagree."
+            )
         if self.snapshot == "checkpoint":
             ckpts = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
             if not ckpts:
@@ -320,6 +327,12 @@ class NaNGuard(Callback):
         self._reset_step()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if torch.is_anomaly_enabled():  # Trainer(detect_anomaly=True) turns it on just around the fit loop
+            raise ValueError(
+                "NaNGuard cannot act with anomaly detection on (Trainer(detect_anomaly=True) or "
+                "torch.autograd.set_detect_anomaly): torch raises at the first NaN in backward, before the guard sees "
+                "the step. Remove one of the two."
+            )
         # Optimizer and scheduler state (a resumed run's scaled LR included) are restored just before this hook.
         for cfg in trainer.lr_scheduler_configs:
             if not is_known_scheduler(cfg.scheduler):
