@@ -157,7 +157,7 @@ def reference_grad_norm(pl_module: nn.Module, batch: Any) -> float:
     autocast, without a GradScaler and without touching ``.grad`` (an independent reference)."""
     x, y = batch
     params = [p for p in pl_module.parameters() if p.requires_grad]
-    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
         loss = nn.functional.mse_loss(pl_module(x.float()), y.float())
         grads = torch.autograd.grad(loss, params)
     return float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads])))

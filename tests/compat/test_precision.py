@@ -59,18 +59,31 @@ PRECISIONS = {
     "bf16-mixed": ({"precision": "bf16-mixed"}, 5e-2),
     # Lightning turns precision="16-mixed" into bf16 on CPU; the plugin forces fp16 autocast + a GradScaler
     "16-mixed-scaler": (None, 1e-2),
+    # the same path on a GPU (CUDA autocast + GradScaler); skipped where no CUDA device exists (untested so far)
+    "cuda-16-mixed": (None, 1e-2),
 }
 
 
 def _trainer_kwargs(name):
     kwargs, tol = PRECISIONS[name]
     if kwargs is None:
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-        kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
+        device = "cuda" if name.startswith("cuda") else "cpu"
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**12)
+        kwargs = {"plugins": [MixedPrecision("16-mixed", device, scaler=scaler)]}
+        if device == "cuda":
+            kwargs["accelerator"] = "gpu"
     return kwargs, tol
 
 
-@pytest.mark.parametrize("name", list(PRECISIONS))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+        if n.startswith("cuda")
+        else n
+        for n in PRECISIONS
+    ],
+)
 def test_three_callbacks_under_each_precision(tmp_path, all_callbacks, name):
     kwargs, tol = _trainer_kwargs(name)
     callbacks = all_callbacks(guard={"snapshot_every_n_steps": 2})
@@ -89,7 +102,7 @@ def test_three_callbacks_under_each_precision(tmp_path, all_callbacks, name):
 
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     overflow_steps = [s for s, v in probe.seen.items() if v["reason"] is GuardDecision.AMP_OVERFLOW]
-    if name == "16-mixed-scaler":
+    if name.endswith("16-mixed-scaler") or name == "cuda-16-mixed":
         assert scaler is not None
         # the 1e4 spike overflows fp16: the scaler skips that step; the guard calls it an overflow, not a divergence
         assert 10 in overflow_steps
