@@ -302,7 +302,7 @@ class NaNGuard(Callback):
         if stage != "fit":
             return
         check_supported_strategy(trainer, "NaNGuard")
-        guards = [cb for cb in trainer.callbacks if isinstance(cb, NaNGuard)]
+        guards = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, NaNGuard)]
         if len(guards) > 1:
             raise ValueError(
                 f"Found {len(guards)} NaNGuard callbacks; use one: each would act on the same fault (two rollbacks, "
