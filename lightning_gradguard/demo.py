@@ -74,7 +74,7 @@ DEMOS: dict[str, DemoSettings] = {
         learned_bar=0.5,
         clipping={"method": "zscore", "fallback_max_norm": 1.0},
         guard={"action": "rollback", "spike_zscore": 6.0, "snapshot_every_n_steps": 25, "max_rollbacks": 5},
-        describe="plain CNN, 20 conv layers (16 channels, He init, no batch norm, no shortcuts) on digits, Adam lr 0.03",
+        describe="plain CNN, 20 conv layers (16 channels, He init, no batch norm or shortcuts) on digits, Adam lr 0.03",
     ),
 }
 EXAMPLE_ALIASES = {"lstm": "lstm", "cnn": "cnn", "deep_cnn": "cnn"}

@@ -1,0 +1,115 @@
+"""The ``gradguard`` command: ``gradguard demo`` and ``gradguard report``.
+
+Lightning, torch and TensorBoard are imported only by the subcommand that needs them, so ``gradguard --version``
+and ``gradguard --help`` return at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_gradguard.__about__ import __version__
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradguard",
+        description="Gradient health for PyTorch Lightning: run the demo, or summarise the gradguard data of a run.",
+    )
+    parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,report}")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train an example that blows up without gradguard, with the gradguard callbacks",
+        description="Train an example at a learning rate where it blows up, with GradientNormMonitor, "
+        "AdaptiveGradientClipping and NaNGuard (or without them: --unguarded), and print what happened.",
+    )
+    demo.add_argument("example", nargs="?", default="lstm", choices=["lstm", "cnn"], help="which example (lstm)")
+    demo.add_argument("--quick", action="store_true", help="fewer steps (about a quarter of the time)")
+    demo.add_argument("--unguarded", action="store_true", help="train without the gradguard callbacks")
+    demo.add_argument("--both", action="store_true", help="run unguarded first, then guarded, and compare")
+    demo.add_argument("--logdir", default="gradguard_logs", help="TensorBoard log directory (gradguard_logs)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of weights, data and shuffling (0)")
+    demo.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    demo.add_argument("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
+
+    report = sub.add_parser(
+        "report",
+        help="summarise the gradient health of the runs in a TensorBoard log directory",
+        description="Read the gradguard tags of every run under LOGDIR and print gradient-norm percentiles, the "
+        "clip rate, vanishing/exploding layers and NaNGuard events; write a PNG of norm and threshold over steps.",
+    )
+    report.add_argument("logdir", help="TensorBoard log directory (a run or a parent of runs)")
+    report.add_argument("--png", default=None, help="where to write the plot (default: LOGDIR/gradguard_report.png)")
+    report.add_argument("--no-png", action="store_true", help="print the summary only")
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lightning_gradguard.demo import run_demo
+
+    if args.steps is not None and args.steps < 1:
+        print("gradguard demo: --steps must be >= 1", file=sys.stderr)
+        return 2
+    modes = [False, True] if args.both else [not args.unguarded]
+    results = []
+    for guarded in modes:
+        print(f"gradguard demo: training the {args.example} example {'with' if guarded else 'without'} gradguard ...")
+        result = run_demo(
+            args.example,
+            quick=args.quick,
+            guarded=guarded,
+            logdir=args.logdir,
+            seed=args.seed,
+            max_steps=args.steps,
+            progress_bar=not args.no_progress_bar,
+        )
+        results.append(result)
+        print()
+        print("\n".join(result.summary_lines()))
+        print()
+    print(f"Open the logs: {results[-1].tensorboard_command}")
+    print(f"Summarise them: gradguard report {args.logdir}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lightning_gradguard.report import format_summary, plot_report, summarize
+
+    try:
+        summary = summarize(args.logdir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"gradguard report: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    if not args.no_png:
+        png = Path(args.png) if args.png else Path(args.logdir) / "gradguard_report.png"
+        try:
+            written = plot_report(summary, png)
+        except ImportError as e:
+            print(f"gradguard report: {e}", file=sys.stderr)
+            return 2
+        print(f"\nplot: {written}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradguard`` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "report":
+        return _report(args)
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
