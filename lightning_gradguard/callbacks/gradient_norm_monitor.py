@@ -274,6 +274,12 @@ class GradientNormMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GradientNormMonitor)]
+        if len(monitors) > 1:
+            raise ValueError(
+                f"Found {len(monitors)} GradientNormMonitor callbacks; use one: they would write the same "
+                "gradguard/ tags twice (one monitor already covers every optimizer)."
+            )
         check_supported_strategy(trainer, type(self).__name__)
         self._log_every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 

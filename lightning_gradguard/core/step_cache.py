@@ -13,7 +13,8 @@ class StepStatsCache:
     """Holds the :class:`GradStats` of the current step, one entry per optimizer.
 
     ``get(key, step, compute)`` returns the entry for ``(key, step)`` and calls ``compute`` only on a miss; ``key``
-    names what is measured (e.g. ``(id(optimizer), norm_type)``). Entries of older steps are dropped as soon as a new step is seen, so the cache never grows.
+    names what is measured (e.g. ``(id(optimizer), norm_type)``). Entries of older steps are dropped as soon as a
+    new step is seen, so the cache never grows.
 
     Attributes:
         computations: how many times ``compute`` ran (tests use it to prove one measurement per step).

@@ -41,4 +41,5 @@ def test_accumulation_measures_once_per_optimizer_step(tmp_path):
     a = _Reader()
     trainer = make_trainer(tmp_path, [a], max_steps=2, logger=False, accumulate_grad_batches=4)
     trainer.fit(TinyRegression())
-    assert len(a.seen) == 2 and context_for(trainer).cache.computations == 2
+    assert len(a.seen) == 2
+    assert context_for(trainer).cache.computations == 2

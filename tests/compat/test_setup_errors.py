@@ -61,6 +61,10 @@ def test_two_guards_are_refused(tmp_path, all_callbacks):
     _fit_fails(tmp_path, [*all_callbacks(), extra], r"Found 2 NaNGuard callbacks; use one")
 
 
+def test_two_monitors_are_refused(tmp_path, all_callbacks):
+    _fit_fails(tmp_path, [*all_callbacks(), GradientNormMonitor()], r"Found 2 GradientNormMonitor callbacks; use one")
+
+
 def test_checkpoint_snapshots_need_a_full_modelcheckpoint(tmp_path, all_callbacks):
     guard = {"snapshot": "checkpoint"}
     _fit_fails(tmp_path / "a", all_callbacks(guard=guard), "the Trainer has no ModelCheckpoint callback")

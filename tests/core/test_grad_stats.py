@@ -51,7 +51,9 @@ def test_none_grads_are_skipped():
 def test_no_grads_at_all_gives_zero_norm():
     m = nn.Linear(2, 2)
     s = compute_grad_stats(list(m.parameters()))
-    assert s.names == [] and float(s.total_norm) == 0.0 and bool(s.all_finite)
+    assert s.names == []
+    assert float(s.total_norm) == 0.0
+    assert bool(s.all_finite)
 
 
 def test_bf16_and_fp16_grads_reduced_in_fp32():
@@ -169,7 +171,9 @@ def test_step_cache_computes_once_per_step():
 
     a = cache.get("opt", 5, compute)
     b = cache.get("opt", 5, compute)
-    assert a is b and cache.computations == 1
+    assert a is b
+    assert cache.computations == 1
     cache.get("other", 5, compute)
     cache.get("opt", 6, compute)
-    assert cache.computations == 3 and cache.peek("opt", 5) is None
+    assert cache.computations == 3
+    assert cache.peek("opt", 5) is None
