@@ -63,18 +63,20 @@ DEMOS: dict[str, DemoSettings] = {
         guard={"action": "rollback", "spike_zscore": 6.0, "snapshot_every_n_steps": 25, "max_rollbacks": 5},
         describe="1-layer LSTM (32 units) on the adding problem, sequence length 30, Adam lr 0.1",
     ),
+    # SGD (momentum 0.9) at lr 0.03: without clipping a gradient spike (~100x the median norm) in the first epoch
+    # kills the ReLUs and the net stays at chance; with clipping it reaches ~89% test accuracy in 300 steps.
     "cnn": DemoSettings(
-        model={"depth": 20, "channels": 16, "lr": 0.03, "optimizer": "adam", "init": "he"},
+        model={"depth": 20, "channels": 16, "lr": 0.03, "optimizer": "sgd", "init": "he"},
         data={"batch_size": 64},
         steps=300,
-        quick_steps=120,
+        quick_steps=150,
         metric="test_acc",
         higher_is_better=True,
         baseline=0.1,
         learned_bar=0.5,
         clipping={"method": "zscore", "fallback_max_norm": 1.0},
         guard={"action": "rollback", "spike_zscore": 6.0, "snapshot_every_n_steps": 25, "max_rollbacks": 5},
-        describe="plain CNN, 20 conv layers (16 channels, He init, no batch norm or shortcuts) on digits, Adam lr 0.03",
+        describe="plain CNN, 20 conv layers (16 channels, He init, no batch norm or shortcuts) on digits, SGD lr 0.03",
     ),
 }
 EXAMPLE_ALIASES = {"lstm": "lstm", "cnn": "cnn", "deep_cnn": "cnn"}
@@ -93,6 +95,8 @@ class DemoResult:
         learned: the final metric beats the example's bar (see the module docstring).
         initial_loss: the first step's training loss.
         peak_loss: the largest finite training loss.
+        median_grad_norm: median of the finite pre-clip gradient norms (every step).
+        peak_grad_norm: the largest finite pre-clip gradient norm.
         nonfinite_steps: steps whose training loss was NaN/inf.
         final_metric_name: ``"test_mse"`` (LSTM) or ``"test_acc"`` (CNN).
         final_metric: its value on the test set at the end (NaN when the weights are not finite).
@@ -115,6 +119,8 @@ class DemoResult:
     learned: bool
     initial_loss: float
     peak_loss: float
+    median_grad_norm: float
+    peak_grad_norm: float
     nonfinite_steps: int
     final_metric_name: str
     final_metric: float
@@ -136,6 +142,7 @@ class DemoResult:
             f"{self.example} demo, {mode}: {self.steps} steps in {self.wall_s:.1f} s",
             f"  training loss: first {self.initial_loss:.4g}, peak {self.peak_loss:.4g}"
             + (f", non-finite at {self.nonfinite_steps} steps" if self.nonfinite_steps else ""),
+            f"  gradient norm (pre-clip): median {self.median_grad_norm:.4g}, peak {self.peak_grad_norm:.4g}",
         ]
         if self.clip_rate is not None:
             lines.append(f"  clip rate: {self.clip_rate:.1%} of steps clipped")
@@ -302,6 +309,9 @@ def run_demo(
         learned = metric > settings.learned_bar
     else:
         learned = metric < settings.learned_bar
+    norms = sorted(v for v in recorder.grad_norms if math.isfinite(v))
+    median_norm = norms[len(norms) // 2] if norms else math.nan
+    peak_norm = norms[-1] if norms else math.nan
     last_loss_bad = bool(losses) and not math.isfinite(losses[-1])
     diverged = not params_finite or last_loss_bad or math.isnan(metric) or (blew_up and not learned)
 
@@ -333,6 +343,8 @@ def run_demo(
         learned=learned,
         initial_loss=initial,
         peak_loss=peak,
+        median_grad_norm=median_norm,
+        peak_grad_norm=peak_norm,
         nonfinite_steps=nonfinite,
         final_metric_name=settings.metric,
         final_metric=metric,
@@ -354,6 +366,14 @@ def _LossRecorder(base: type) -> type:  # noqa: N802 - a class factory (lightnin
 
         def __init__(self) -> None:
             self.losses: list[float] = []
+            self.grad_norms: list[float] = []
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            import torch
+
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                self.grad_norms.append(float(torch.nn.utils.get_total_norm(grads)))
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs

@@ -1,0 +1,97 @@
+"""`summarize`/`format_summary`/`plot_report` on a real run, checked against the event files read independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_gradguard.report import format_summary, plot_report, summarize
+from tests.examples._runs import guarded_run
+
+GUIDANCE = {"histograms": 0, "scalars": 0, "images": 0, "tensors": 0}
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    return guarded_run(tmp_path_factory.mktemp("report"))
+
+
+def _events(root):
+    acc = EventAccumulator(str(root / "run" / "version_0"), size_guidance=GUIDANCE)
+    acc.Reload()
+    return acc
+
+
+def test_summary_matches_event_data(run_root):
+    acc = _events(run_root)
+    summary = summarize(run_root)
+    assert len(summary.runs) == 1
+    run = summary.runs[0]
+    assert run.name == "run/version_0"
+    norms = np.array([e.value for e in acc.Scalars("gradguard/grad_norm")])
+    finite = norms[np.isfinite(norms)]
+    assert run.grad_norm_tag == "gradguard/grad_norm"
+    assert len(run.grad_norm) == len(norms) > 30
+    for key, q in (("p50", 50), ("p90", 90), ("p99", 99)):
+        assert run.percentiles[key] == pytest.approx(float(np.percentile(finite, q)), rel=1e-6)
+    assert run.percentiles["max"] == pytest.approx(float(finite.max()), rel=1e-6)
+    assert run.nonfinite_norms == int((~np.isfinite(norms)).sum()) >= 1  # the NaN batch at step 20
+    fractions = [e.value for e in acc.Scalars("gradguard/clip_fraction")]
+    assert run.clip_rate == pytest.approx(float(np.mean(fractions)), rel=1e-6)
+    assert run.clip_rate > 0  # the two 100x spikes were clipped
+    assert run.skipped_steps == int(acc.Scalars("gradguard/skipped_steps")[-1].value) >= 1
+    assert run.rollbacks == int(acc.Scalars("gradguard/rollbacks")[-1].value) >= 1
+    assert [(s, k) for s, k, _ in run.guard_events][0] == (20, "rollback")
+    assert run.vanishing_max == int(max(e.value for e in acc.Scalars("gradguard/vanishing_layers")))
+    assert run.exploding_max == int(max(e.value for e in acc.Scalars("gradguard/exploding_layers")))
+    assert any(step == 25 and "exploding" in text for step, text in run.layer_events)
+    thresholds = [(e.step, e.value) for e in acc.Scalars("gradguard/clip_threshold")]
+    assert run.clip_threshold == [(s, pytest.approx(v)) for s, v in thresholds]
+
+
+def test_format_summary_names_the_numbers(run_root):
+    summary = summarize(run_root)
+    text = format_summary(summary)
+    run = summary.runs[0]
+    assert "run/version_0" in text
+    assert f"p50 {run.percentiles['p50']:.4g}" in text
+    assert f"{run.clip_rate:.1%} of steps clipped" in text
+    assert "step 20 rollback" in text
+    assert "NaNGuard:" in text
+
+
+def test_plot_report_writes_a_valid_png(run_root, tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    out = plot_report(summarize(run_root), tmp_path / "sub" / "report.png")
+    assert out.exists()
+    with pil.open(out) as img:
+        img.verify()
+    with pil.open(out) as img:
+        assert img.format == "PNG"
+        assert img.size[0] > 400
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        summarize(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no TensorBoard event files"):
+        summarize(tmp_path)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "other")) as writer:
+        writer.add_scalar("loss", 1.0, 0)
+    with pytest.raises(ValueError, match="none with gradguard tags"):
+        summarize(tmp_path)
+
+
+def test_clipping_only_run_falls_back_to_clipped_norm(tmp_path):
+    from lightning_gradguard import AdaptiveGradientClipping
+    from tests.models import TinyRegression, make_trainer
+
+    make_trainer(tmp_path, [AdaptiveGradientClipping("norm", max_norm=0.5)], max_steps=6).fit(TinyRegression())
+    run = summarize(tmp_path).runs[0]
+    assert run.grad_norm_tag == "gradguard/grad_norm_clipped"
+    assert run.percentiles["max"] <= 0.5 + 1e-5
+    assert run.skipped_steps is None
+    assert "clip rate" in format_summary(summarize(tmp_path))
