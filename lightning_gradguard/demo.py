@@ -162,7 +162,7 @@ class DemoResult:
         elif self.learned:
             verdict = "trained: " + ("recovered from a loss blow-up and " if self.blew_up else "") + "learned the task"
         else:
-            verdict = "finite but did not learn the task yet (more steps may help)"
+            verdict = f"finite, but did not learn the task ({self.final_metric_name} not past the example's bar)"
         lines.append(f"  verdict: {verdict}")
         if self.error:
             lines.append(f"  fit ended early: {self.error}")
@@ -183,6 +183,7 @@ def quiet_lightning() -> Iterator[None]:
             ".*The number of training batches.*",
             ".*Checkpoint directory.*exists and is not empty.*",
             ".*LeafSpec.*",
+            "GradientNormMonitor: layer .*",  # per-layer health lines: in TensorBoard (layer_health_events) instead
         ):
             warnings.filterwarnings("ignore", message=pattern)
         for name in names:

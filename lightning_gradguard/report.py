@@ -80,6 +80,7 @@ class HealthSummary:
 
     logdir: str
     runs: list[RunHealth]
+    without_gradguard: list[str] = field(default_factory=list)  # runs with event files but no gradguard tags
 
 
 def find_runs(logdir: str | Path) -> list[Path]:
@@ -186,7 +187,9 @@ def summarize(logdir: str | Path) -> HealthSummary:
     """
     root = Path(logdir)
     paths = find_runs(root)
-    runs = [r for r in (_read_run(p, root) for p in paths) if r is not None]
+    read = [(p, _read_run(p, root)) for p in paths]
+    runs = [r for _, r in read if r is not None]
+    others = [str(p.relative_to(root)) if p != root else "." for p, r in read if r is None]
     if not runs:
         found = (
             f"{len(paths)} event-file folder(s), none with gradguard tags" if paths else "no TensorBoard event files"
@@ -195,7 +198,7 @@ def summarize(logdir: str | Path) -> HealthSummary:
             f"no gradguard data under {root}: {found}. Train with GradientNormMonitor, AdaptiveGradientClipping or "
             "NaNGuard and a TensorBoardLogger, or run `gradguard demo`."
         )
-    return HealthSummary(logdir=str(root), runs=runs)
+    return HealthSummary(logdir=str(root), runs=runs, without_gradguard=others)
 
 
 def _fmt(x: float | None) -> str:
@@ -236,6 +239,9 @@ def format_summary(summary: HealthSummary) -> str:
             lines.append(f"  NaNGuard: {_fmt(run.skipped_steps)} skipped steps, {_fmt(run.rollbacks)} rollbacks")
             for step, kind, text in run.guard_events:
                 lines.append(f"    step {step} {kind}: {text}")
+    if summary.without_gradguard:
+        lines.append("")
+        lines.append("runs without gradguard data (not summarised): " + ", ".join(summary.without_gradguard))
     return "\n".join(lines)
 
 

@@ -95,3 +95,17 @@ def test_clipping_only_run_falls_back_to_clipped_norm(tmp_path):
     assert run.percentiles["max"] <= 0.5 + 1e-5
     assert run.skipped_steps is None
     assert "clip rate" in format_summary(summarize(tmp_path))
+
+
+def test_runs_without_gradguard_data_are_listed(run_root, tmp_path):
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    shutil.copytree(run_root, tmp_path / "logs")
+    with SummaryWriter(str(tmp_path / "logs" / "plain")) as writer:
+        writer.add_scalar("loss", 1.0, 0)
+    summary = summarize(tmp_path / "logs")
+    assert [r.name for r in summary.runs] == ["run/version_0"]
+    assert summary.without_gradguard == ["plain"]
+    assert "runs without gradguard data (not summarised): plain" in format_summary(summary)
