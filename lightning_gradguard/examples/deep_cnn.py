@@ -77,18 +77,23 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(x[val], y[val])
         self.test_set = TensorDataset(x[test], y[test])
 
+    def _split(self, name: str) -> TensorDataset:
+        if getattr(self, name) is None:
+            self.setup()
+        dataset: TensorDataset = getattr(self, name)
+        return dataset
+
     def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None  # noqa: S101 - set in setup
         g = torch.Generator().manual_seed(self.seed + 1)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True)
+        return DataLoader(
+            self._split("train_set"), batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True
+        )
 
     def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None  # noqa: S101
-        return DataLoader(self.val_set, batch_size=512)
+        return DataLoader(self._split("val_set"), batch_size=512)
 
     def test_dataloader(self) -> DataLoader:
-        assert self.test_set is not None  # noqa: S101
-        return DataLoader(self.test_set, batch_size=512)
+        return DataLoader(self._split("test_set"), batch_size=512)
 
 
 class _ConvBlock(nn.Module):

@@ -81,18 +81,23 @@ class AddingProblemDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(*adding_problem(self.num_val, self.seq_len, g))
         self.test_set = TensorDataset(*adding_problem(self.num_val, self.seq_len, g))
 
+    def _split(self, name: str) -> TensorDataset:
+        if getattr(self, name) is None:
+            self.setup()
+        dataset: TensorDataset = getattr(self, name)
+        return dataset
+
     def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None  # noqa: S101 - set in setup
         g = torch.Generator().manual_seed(self.seed + 1)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True)
+        return DataLoader(
+            self._split("train_set"), batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True
+        )
 
     def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None  # noqa: S101
-        return DataLoader(self.val_set, batch_size=256)
+        return DataLoader(self._split("val_set"), batch_size=256)
 
     def test_dataloader(self) -> DataLoader:
-        assert self.test_set is not None  # noqa: S101
-        return DataLoader(self.test_set, batch_size=256)
+        return DataLoader(self._split("test_set"), batch_size=256)
 
 
 class AddingProblemLSTM(pl.LightningModule):
