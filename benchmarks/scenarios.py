@@ -272,7 +272,72 @@ def _char_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any
     return CharLSTM(lr=lrs[lr], seed=seed, **kw), None
 
 
+# The examples' demo settings (lightning_gradguard/demo.py, DEMOS) are the "explosive" ones: there the unguarded
+# run blows up. The "stable" ones are the same model and data at a learning rate where the unguarded run trains well.
+# Probed on this machine (unguarded, 1 thread): LSTM Adam 0.01 learns the task (val MSE ~0.001-0.01) in 500-800 steps
+# (seed-dependent plateau); CNN SGD 0.01 collapses to one class on seeds 1 and 2, 0.015 and 0.02 on seed 0, so the
+# stable CNN LR is 0.005 (still slow: 0.1-0.4 accuracy after 200 steps). Steps are kept short for the time budget.
+LSTM_STEPS, CNN_STEPS = 600, 200
+LSTM_COST, CNN_COST = 1.6, 2.2  # relative to char_lstm's 150 steps (~3.5 s); longest runs are scheduled first
+LSTM_LRS = {"stable": 0.01, "explosive": 0.1}  # Adam
+CNN_LRS = {"stable": 0.005, "explosive": 0.03}  # SGD, momentum 0.9
+
+
+def _lstm_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any]:
+    from lightning_gradguard.examples.lstm import AddingProblemDataModule, AddingProblemLSTM
+
+    if tiny:
+        model = AddingProblemLSTM(hidden_size=8, lr=LSTM_LRS[lr], optimizer="adam")
+        return model, AddingProblemDataModule(seq_len=10, num_train=256, num_val=64, batch_size=16, seed=seed)
+    model = AddingProblemLSTM(hidden_size=32, lr=LSTM_LRS[lr], optimizer="adam")
+    return model, AddingProblemDataModule(seq_len=30, num_train=4096, num_val=512, batch_size=64, seed=seed)
+
+
+def _cnn_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any]:
+    from lightning_gradguard.examples.deep_cnn import DeepPlainCNN, DigitsDataModule
+
+    if tiny:
+        model = DeepPlainCNN(depth=4, channels=4, lr=CNN_LRS[lr], optimizer="sgd", init="he")
+        return model, DigitsDataModule(batch_size=16, seed=seed)
+    model = DeepPlainCNN(depth=20, channels=16, lr=CNN_LRS[lr], optimizer="sgd", init="he")
+    return model, DigitsDataModule(batch_size=64, seed=seed)
+
+
+def _probe_lstm() -> None:
+    from lightning_gradguard.examples.lstm import AddingProblemDataModule, AddingProblemLSTM  # noqa: F401
+
+
+def _probe_cnn() -> None:
+    from lightning_gradguard.examples.deep_cnn import load_digits_tensors
+
+    load_digits_tensors()  # needs scikit-learn
+
+
 SCENARIOS: dict[str, Scenario] = {
+    "lstm": Scenario(
+        name="lstm",
+        build=_lstm_build,
+        metric="val_mse",
+        higher_is_better=False,
+        steps=LSTM_STEPS,
+        quick_steps=300,
+        describe=f"gradguard's LSTM example: 1-layer LSTM (32 units) on the adding problem, sequence length 30, "
+        f"Adam (stable lr {LSTM_LRS['stable']}, explosive lr {LSTM_LRS['explosive']} = the demo's); metric: "
+        "validation MSE (always predicting 1.0 scores 0.167)",
+        cost=LSTM_COST,
+    ),
+    "deep_cnn": Scenario(
+        name="deep_cnn",
+        build=_cnn_build,
+        metric="val_acc",
+        higher_is_better=True,
+        steps=CNN_STEPS,
+        quick_steps=100,
+        describe=f"gradguard's deep-CNN example: plain CNN, 20 conv layers (16 channels, He init, no batch norm or "
+        f"shortcuts) on scikit-learn's digits, SGD momentum 0.9 (stable lr {CNN_LRS['stable']}, explosive lr "
+        f"{CNN_LRS['explosive']} = the demo's); metric: validation accuracy (chance 0.1)",
+        cost=CNN_COST,
+    ),
     "char_lstm": Scenario(
         name="char_lstm",
         build=_char_build,
@@ -313,7 +378,7 @@ def available() -> list[str]:
     return [n for n in SCENARIOS if n not in missing]
 
 
-_PROBES: dict[str, Callable[[], None]] = {}
+_PROBES: dict[str, Callable[[], None]] = {"lstm": _probe_lstm, "deep_cnn": _probe_cnn}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

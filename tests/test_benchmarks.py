@@ -112,3 +112,24 @@ def test_rescue_quick_tiny_runs(tmp_path, capsys):
     assert guarded["survived"], guarded
     assert guarded["nonfinite_steps"] == 3
     assert math.isfinite(guarded["metric"])
+
+
+def test_rescue_example_scenarios_tiny_run(tmp_path):
+    """The two gradguard examples run as rescue scenarios (tiny sizes): reference trains, NaN inputs are caught."""
+    rescue = _load("rescue")
+    scenarios = _load("scenarios")
+    assert {"lstm", "deep_cnn"} <= set(scenarios.available())
+    out = tmp_path / "rescue_examples.json"
+    argv = ["--tiny", "--scenarios", "lstm,deep_cnn", "--workers", "1", "--json", str(out)]
+    assert rescue.main(argv) == 0
+    res = json.loads(out.read_text())["results"]
+    assert {r["scenario"] for r in res} == {"lstm", "deep_cnn"}
+    for name in ("lstm", "deep_cnn"):
+        by = {(r["setting"], r["method"]): r for r in res if r["scenario"] == name}
+        ref = by[("stable", "none")]
+        assert ref["survived"], ref
+        assert math.isfinite(ref["metric"])
+        assert not by[("nan", "none")]["survived"]
+        guarded = by[("nan", "gradguard defaults (clip + NaNGuard)")]
+        assert guarded["survived"], guarded
+        assert guarded["nonfinite_steps"] == 3
