@@ -16,6 +16,7 @@ from torch import Tensor
 from lightning_gradguard.callbacks.log_writer import log_scalars, tag
 from lightning_gradguard.callbacks.step_context import grad_stats_for, optimizer_index
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
+from lightning_gradguard.core.arg_checks import check_choice, check_int, is_number
 from lightning_gradguard.core.clipping import (
     clip_by_agc_,
     clip_by_global_norm_,
@@ -115,37 +116,14 @@ class _OptimizerState:
             self.stats.load_state_dict(state["stats"])
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_positive(name: str, value: Any, allow_inf: bool = False) -> float:
-    if not _is_number(value):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
     ok = value > 0 and (math.isfinite(value) or (allow_inf and value == math.inf))
     if not ok:
         rng = "> 0 (inf allowed)" if allow_inf else "finite and > 0"
         raise ValueError(f"{name} must be {rng}, got {value!r}")
     return float(value)
-
-
-def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        kind = "an int or None" if allow_none else "an int"
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-    return value
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__} ({value!r})")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
 
 
 @lru_cache(maxsize=64)
@@ -275,21 +253,21 @@ class AdaptiveGradientClipping(Callback):
         log_every_n_steps: int | None = None,
         progress_bar: bool = False,
     ) -> None:
-        self.method = _check_choice("method", method, METHODS)
+        self.method = check_choice("method", method, METHODS)
         self.z_threshold = _check_positive("z_threshold", z_threshold)
-        self.clip_to = _check_choice("clip_to", clip_to, ("threshold", "mean"))
-        if not _is_number(ema_decay):
+        self.clip_to = check_choice("clip_to", clip_to, ("threshold", "mean"))
+        if not is_number(ema_decay):
             raise TypeError(f"ema_decay must be a float in (0, 1), got {type(ema_decay).__name__} ({ema_decay!r})")
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in the open interval (0, 1), got {ema_decay!r}")
         self.ema_decay = float(ema_decay)
-        if not _is_number(percentile):
+        if not is_number(percentile):
             raise TypeError(f"percentile must be a number in (0, 100], got {type(percentile).__name__}")
         if not 0.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
         self.percentile = float(percentile)
-        self.window = _check_int("window", window, 2)
-        self.percentile_estimator = _check_choice("percentile_estimator", percentile_estimator, ("window", "histogram"))
+        self.window = check_int("window", window, 2)
+        self.percentile_estimator = check_choice("percentile_estimator", percentile_estimator, ("window", "histogram"))
         self.clipping = _check_positive("clipping", clipping)
         self.eps = _check_positive("eps", eps)
         if exclude is None:
@@ -307,8 +285,8 @@ class AdaptiveGradientClipping(Callback):
         self.norm_type = _check_positive("norm_type", norm_type, allow_inf=True)
         if self.method == "agc" and self.norm_type != 2.0:
             raise ValueError(f"norm_type must be 2.0 with method='agc' (unit-wise L2 norms), got {norm_type!r}")
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-        if not _is_number(fallback_factor):
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        if not is_number(fallback_factor):
             raise TypeError(f"fallback_factor must be a number >= 1, got {type(fallback_factor).__name__}")
         if not (1.0 <= fallback_factor < math.inf):
             raise ValueError(f"fallback_factor must be finite and >= 1, got {fallback_factor!r}")
@@ -316,7 +294,7 @@ class AdaptiveGradientClipping(Callback):
         self.fallback_max_norm = (
             None if fallback_max_norm is None else _check_positive("fallback_max_norm", fallback_max_norm)
         )
-        self.log_every_n_steps = _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
         if not isinstance(progress_bar, bool):
             raise TypeError(f"progress_bar must be a bool, got {type(progress_bar).__name__} ({progress_bar!r})")
         self.progress_bar = progress_bar

@@ -16,6 +16,7 @@ from lightning_gradguard.callbacks.gradient_flow import layer_abs_stats, render_
 from lightning_gradguard.callbacks.log_writer import log_scalars, log_text, tag, tensorboard_writers
 from lightning_gradguard.callbacks.step_context import grad_stats_for, optimizer_index, unwrap_optimizer
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
+from lightning_gradguard.core.arg_checks import check_bool, check_int, is_number
 from lightning_gradguard.core.grad_stats import GradStats
 from lightning_gradguard.core.layer_health import ExplodingDetector, VanishingDetector
 
@@ -73,35 +74,14 @@ class _OptimizerState:
         self.exploding_flagged = set(state.get("exploding_flagged") or ())
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        kind = "an int or None" if allow_none else "an int"
-        raise TypeError(f"{name} must be {kind} >= {low}, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-    return value
-
-
 def _check_float(name: str, value: Any, low: float, rng: str, allow_inf: bool = False, strict: bool = True) -> float:
-    if not _is_number(value):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number {rng}, got {type(value).__name__} ({value!r})")
     finite_ok = math.isfinite(value) or (allow_inf and value == math.inf)
     above = value > low if strict else value >= low
     if not (finite_ok and above):
         raise ValueError(f"{name} must be {rng}, got {value!r}")
     return float(value)
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
-    return value
 
 
 class GradientNormMonitor(Callback):
@@ -201,18 +181,18 @@ class GradientNormMonitor(Callback):
         exploding_warmup: int = 5,
         progress_bar: bool = False,
     ) -> None:
-        self.log_every_n_steps = _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
         self.norm_type = _check_float("norm_type", norm_type, 0.0, "> 0 (inf allowed)", allow_inf=True)
-        self.log_grad_histograms = _check_bool("log_grad_histograms", log_grad_histograms)
-        self.flow_every_n_logs: int = _check_int("flow_every_n_logs", flow_every_n_logs, 0)  # type: ignore[assignment]
+        self.log_grad_histograms = check_bool("log_grad_histograms", log_grad_histograms)
+        self.flow_every_n_logs: int = check_int("flow_every_n_logs", flow_every_n_logs, 0)  # type: ignore[assignment]
         self.vanishing_threshold = _check_float("vanishing_threshold", vanishing_threshold, 0.0, "finite and > 0")
-        self.vanishing_patience: int = _check_int("vanishing_patience", vanishing_patience, 1)  # type: ignore[assignment]
+        self.vanishing_patience: int = check_int("vanishing_patience", vanishing_patience, 1)  # type: ignore[assignment]
         self.exploding_factor = _check_float("exploding_factor", exploding_factor, 1.0, "finite and > 1")
         self.exploding_ema_decay = _check_float("exploding_ema_decay", exploding_ema_decay, 0.0, "in (0, 1)")
         if self.exploding_ema_decay >= 1.0:
             raise ValueError(f"exploding_ema_decay must be in (0, 1), got {exploding_ema_decay!r}")
-        self.exploding_warmup: int = _check_int("exploding_warmup", exploding_warmup, 1)  # type: ignore[assignment]
-        self.progress_bar = _check_bool("progress_bar", progress_bar)
+        self.exploding_warmup: int = check_int("exploding_warmup", exploding_warmup, 1)  # type: ignore[assignment]
+        self.progress_bar = check_bool("progress_bar", progress_bar)
 
         self._log_every = self.log_every_n_steps or 50
         self._states: dict[int, _OptimizerState] = {}

@@ -20,6 +20,7 @@ from torch.amp import GradScaler
 from lightning_gradguard.callbacks.log_writer import log_scalars, log_text, tag
 from lightning_gradguard.callbacks.step_context import context_for, grad_stats_for, unwrap_optimizer
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
+from lightning_gradguard.core.arg_checks import check_choice, check_int, is_number
 from lightning_gradguard.core.divergence_report import DivergenceReport
 from lightning_gradguard.core.grad_stats import norms_of
 from lightning_gradguard.core.loss_spike import LossSpikeDetector
@@ -60,30 +61,9 @@ class GuardCause(Enum):
     OTHER_RANK = "other_rank"  # another DDP rank flagged the step; this rank saw nothing wrong
 
 
-def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    extra = " or None" if allow_none else ""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {low}{extra}, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}{extra}, got {value!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_number(name: str, value: Any, rng: str) -> None:
-    if not _is_number(value):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number {rng}, got {type(value).__name__} ({value!r})")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__} ({value!r})")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 class NaNGuard(Callback):
@@ -192,19 +172,19 @@ class NaNGuard(Callback):
         history_size: int = 50,
     ) -> None:
         super().__init__()
-        _check_choice("action", action, _ACTIONS)
-        _check_choice("escalate_to", escalate_to, _ESCALATIONS)
-        _check_choice("snapshot", snapshot, _SNAPSHOTS)
+        check_choice("action", action, _ACTIONS)
+        check_choice("escalate_to", escalate_to, _ESCALATIONS)
+        check_choice("snapshot", snapshot, _SNAPSHOTS)
         _check_number("lr_factor", lr_factor, "in (0, 1]")
         if not 0 < lr_factor <= 1:
             raise ValueError(f"lr_factor must be a number in (0, 1], got {lr_factor!r}")
-        _check_int("max_consecutive_skips", max_consecutive_skips, 0)
-        _check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1)
-        _check_int("snapshot_confirm_steps", snapshot_confirm_steps, 0)
-        _check_int("max_rollbacks", max_rollbacks, 0)
-        _check_int("spike_window", spike_window, 2)
-        _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
-        _check_int("history_size", history_size, 1)
+        check_int("max_consecutive_skips", max_consecutive_skips, 0)
+        check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1)
+        check_int("snapshot_confirm_steps", snapshot_confirm_steps, 0)
+        check_int("max_rollbacks", max_rollbacks, 0)
+        check_int("spike_window", spike_window, 2)
+        check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        check_int("history_size", history_size, 1)
         if spike_zscore is not None:
             _check_number("spike_zscore", spike_zscore, "> 0 (finite) or None")
             if not 0 < spike_zscore < math.inf:

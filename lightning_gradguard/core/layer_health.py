@@ -28,27 +28,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gradguard.core.arg_checks import check_int, is_number
+
 __all__ = ["ExplodingDetector", "VanishingDetector"]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_positive(name: str, value: Any) -> float:
-    if not _is_number(value):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return float(value)
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-    return value
 
 
 def _check_values(values: Tensor, names: Sequence[str]) -> Tensor:
@@ -149,7 +139,7 @@ class VanishingDetector(_LayerDetector):
 
     def __init__(self, threshold: float = 1e-7, patience: int = 3) -> None:
         self.threshold = _check_positive("threshold", threshold)
-        self.patience = _check_int("patience", patience, 1)
+        self.patience = check_int("patience", patience, 1)
         super().__init__()
 
     @property
@@ -204,12 +194,12 @@ class ExplodingDetector(_LayerDetector):
         if factor <= 1.0:
             raise ValueError(f"factor must be finite and > 1, got {factor!r}")
         self.factor = factor
-        if not _is_number(ema_decay):
+        if not is_number(ema_decay):
             raise TypeError(f"ema_decay must be a float in (0, 1), got {type(ema_decay).__name__} ({ema_decay!r})")
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in the open interval (0, 1), got {ema_decay!r}")
         self.ema_decay = float(ema_decay)
-        self.warmup = _check_int("warmup", warmup, 1)
+        self.warmup = check_int("warmup", warmup, 1)
         super().__init__()
 
     @property

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gradguard.core.arg_checks import check_int
+
 __all__ = ["VALUE_LIMIT", "DecayedHistogramQuantile", "EMAMeanVar", "WindowQuantile", "sanitize"]
 
 #: Finite inputs are clamped to [-VALUE_LIMIT, VALUE_LIMIT]; float32 values (max 3.4e38) are never affected.
@@ -55,14 +57,6 @@ def sanitize(x: Tensor | float) -> tuple[Tensor, Tensor]:
 
 def _move(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device=device, dtype=_dtype_for(device)) if t.is_floating_point() else t.to(device)
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-    return value
 
 
 def _check_open_unit(name: str, value: Any) -> float:
@@ -180,7 +174,7 @@ class WindowQuantile:
 
     def __init__(self, q: float = 0.1, window: int = 1000) -> None:
         self.q = _check_quantile(q)
-        self.window = _check_int("window", window, 1)
+        self.window = check_int("window", window, 1)
         self.reset()
 
     def reset(self) -> None:
@@ -266,8 +260,8 @@ class DecayedHistogramQuantile:
         bins_per_decade: int = 16,
     ) -> None:
         self.q = _check_quantile(q)
-        self.window = _check_int("window", window, 2)
-        self.bins_per_decade = _check_int("bins_per_decade", bins_per_decade, 1)
+        self.window = check_int("window", window, 2)
+        self.bins_per_decade = check_int("bins_per_decade", bins_per_decade, 1)
         for name, v in (("min_value", min_value), ("max_value", max_value)):
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise TypeError(f"{name} must be a float, got {type(v).__name__} ({v!r})")

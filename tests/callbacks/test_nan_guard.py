@@ -142,7 +142,10 @@ def test_checkpoint_snapshot_rollback_from_modelcheckpoint_file(tmp_path, corrup
     rec = StateRecorder()
     callbacks = [guard, rec, ckpt] + ([CorruptNewest(8, "step=6")] if corrupt else [])
     trainer = make_trainer(
-        tmp_path, callbacks, max_steps=11, enable_checkpointing=True,
+        tmp_path,
+        callbacks,
+        max_steps=11,
+        enable_checkpointing=True,
     )
     model = TinyRegression(nan_at_steps=[8], scheduler=lambda o: lrs.StepLR(o, step_size=2, gamma=0.5))
     trainer.fit(model)

@@ -85,8 +85,18 @@ class Recorder(Callback):
         )
 
 
-LR_KEYS = {"lr", "initial_lr", "max_lr", "min_lr", "base_lrs", "_last_lr",
-           "max_lrs", "min_lrs", "eta_min", "default_min_lr"}
+LR_KEYS = {
+    "lr",
+    "initial_lr",
+    "max_lr",
+    "min_lr",
+    "base_lrs",
+    "_last_lr",
+    "max_lrs",
+    "min_lrs",
+    "eta_min",
+    "default_min_lr",
+}
 
 
 def assert_equal_up_to_lr_scale(after, snap, factor, key=None):

@@ -12,7 +12,9 @@ CORE = Path(lightning_gradguard.core.__file__).parent
 def _imported_after(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", f"import sys; {code}; print('\\n'.join(sys.modules))"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return set(out.stdout.split())
 

@@ -195,13 +195,13 @@ def test_exploding_state_dict_round_trip_weights_only(tmp_path):
     [
         (lambda: VanishingDetector(threshold=0.0), ValueError, r"threshold must be finite and > 0, got 0.0"),
         (lambda: VanishingDetector(threshold="x"), TypeError, r"threshold must be a number"),
-        (lambda: VanishingDetector(patience=0), ValueError, r"patience must be >= 1, got 0"),
+        (lambda: VanishingDetector(patience=0), ValueError, r"patience must be an int >= 1, got 0"),
         (lambda: VanishingDetector(patience=1.5), TypeError, r"patience must be an int"),
         (lambda: ExplodingDetector(factor=1.0), ValueError, r"factor must be finite and > 1, got 1.0"),
         (lambda: ExplodingDetector(factor=math.inf), ValueError, r"factor must be finite and > 0"),
         (lambda: ExplodingDetector(ema_decay=1.0), ValueError, r"ema_decay must be in the open interval"),
         (lambda: ExplodingDetector(ema_decay=None), TypeError, r"ema_decay must be a float"),
-        (lambda: ExplodingDetector(warmup=0), ValueError, r"warmup must be >= 1, got 0"),
+        (lambda: ExplodingDetector(warmup=0), ValueError, r"warmup must be an int >= 1, got 0"),
     ],
 )
 def test_validation(factory, error, match):

@@ -244,11 +244,11 @@ def test_quantile_estimators_stay_finite_for_any_sequence(values, q):
         (lambda: EMAMeanVar(decay=0), r"decay must be in the open interval \(0, 1\), got 0", ValueError),
         (lambda: EMAMeanVar(decay="0.9"), r"decay must be a float", TypeError),
         (lambda: WindowQuantile(q=1.5), r"q must be in \[0, 1\], got 1.5", ValueError),
-        (lambda: WindowQuantile(window=0), r"window must be >= 1, got 0", ValueError),
+        (lambda: WindowQuantile(window=0), r"window must be an int >= 1, got 0", ValueError),
         (lambda: WindowQuantile(window=2.0), r"window must be an int", TypeError),
-        (lambda: DecayedHistogramQuantile(window=1), r"window must be >= 2, got 1", ValueError),
+        (lambda: DecayedHistogramQuantile(window=1), r"window must be an int >= 2, got 1", ValueError),
         (lambda: DecayedHistogramQuantile(min_value=0.0), r"0 < min_value < max_value", ValueError),
-        (lambda: DecayedHistogramQuantile(bins_per_decade=0), r"bins_per_decade must be >= 1", ValueError),
+        (lambda: DecayedHistogramQuantile(bins_per_decade=0), r"bins_per_decade must be an int >= 1", ValueError),
     ],
 )
 def test_validation(factory, match, exc):
