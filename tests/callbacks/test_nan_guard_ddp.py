@@ -1,12 +1,11 @@
 """NaNGuard under 2-process CPU DDP, run as a script in a subprocess (see ddp_nan_guard_script.py)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ddp_runner import run_ddp_script
 
 SCRIPT = Path(__file__).with_name("ddp_nan_guard_script.py")
 
@@ -14,11 +13,7 @@ SCRIPT = Path(__file__).with_name("ddp_nan_guard_script.py")
 @pytest.mark.ddp
 @pytest.mark.timeout(240)
 def test_faults_on_one_rank_make_every_rank_roll_back(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000), PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=200, env=env
-    )
+    proc = run_ddp_script(SCRIPT, tmp_path)
     lines = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("guard_rank*.json"))]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(r["rank"] for r in lines) == [0, 1], proc.stdout + proc.stderr[-3000:]

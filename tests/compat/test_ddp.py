@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ddp_runner import run_ddp_script
 
 SCRIPT = Path(__file__).with_name("ddp_all_callbacks_script.py")
 
@@ -23,12 +22,7 @@ SCRIPT = Path(__file__).with_name("ddp_all_callbacks_script.py")
 @pytest.mark.ddp
 @pytest.mark.timeout(240)
 def test_all_callbacks_under_ddp(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
-    # a port range apart from tests/callbacks/test_nan_guard_ddp.py (29500-30499)
-    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(31500 + os.getpid() % 1000), PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=200, env=env
-    )
+    proc = run_ddp_script(SCRIPT, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     ranks = sorted((json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == [0, 1], proc.stderr[-3000:]
