@@ -42,6 +42,8 @@ bench-full: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy lightning_gradguard
 
 clean:
 	rm -rf $(VENV) lightning_logs gradguard_logs .pytest_cache

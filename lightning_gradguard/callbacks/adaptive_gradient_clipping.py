@@ -371,7 +371,7 @@ class AdaptiveGradientClipping(Callback):
                 "(for a fixed clip use AdaptiveGradientClipping(method='norm', max_norm=...) or method='value')."
             )
         check_supported_strategy(trainer, type(self).__name__)
-        self._log_every = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps))
+        self._log_every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -436,7 +436,8 @@ class AdaptiveGradientClipping(Callback):
             threshold = torch.where(ready, zscore_threshold(mean, var, self.z_threshold), fallback)
             target = threshold
             if self.clip_to != "threshold":
-                target = torch.where(ready, zscore_clip_target(mean, var, self.z_threshold, self.clip_to), fallback)
+                clip_to = cast(Literal["threshold", "mean"], self.clip_to)
+                target = torch.where(ready, zscore_clip_target(mean, var, self.z_threshold, clip_to), fallback)
         over = torch.isfinite(norm64) & (norm64 > threshold)
         coef = clip_coefficient(norm, torch.where(over, target, math.inf))
         scale_(stats.grads, coef)

@@ -333,7 +333,7 @@ class NaNGuard(Callback):
             trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = self._loop_limits
             self._loop_limits = None
         self._store.reset()  # free the CPU copies
-        self._batches = []
+        self._batches.clear()
 
     # ------------------------------------------------------------------ per step
     def _reset_step(self) -> None:
@@ -353,7 +353,7 @@ class NaNGuard(Callback):
         value = loss.detach().float()
         scaler = _grad_scaler(trainer)
         if scaler is not None and isinstance(getattr(scaler, "_scale", None), torch.Tensor):
-            value = value / scaler._scale.to(value.device)  # the loss arrives scaled by the GradScaler
+            value = value / scaler._scale.to(value.device)  # type: ignore[union-attr]  # the loss arrives scaled by the GradScaler
         bad = ~torch.isfinite(value)
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
@@ -373,7 +373,8 @@ class NaNGuard(Callback):
             code = code + self._spike.update(loss).float() * _SPIKE
         scaler = _grad_scaler(trainer)
         if scaler is not None and isinstance(getattr(scaler, "_scale", None), torch.Tensor):
-            code = code + (scaler._scale.to(device) < self.amp_scale_floor).float() * _SCALE
+            scale: torch.Tensor = scaler._scale  # type: ignore[assignment]
+            code = code + (scale.to(device) < self.amp_scale_floor).float() * _SCALE
         # the one host transfer of the step: health code, total gradient norm and loss together
         code_f, grad_norm, loss_value = torch.stack([code, stats.total_norm.float(), loss.float()]).tolist()
         flags = int(code_f)
@@ -687,7 +688,7 @@ class NaNGuard(Callback):
         return str(path)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, force: bool) -> None:
-        every = self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
+        every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
         if force or step % every == 0:
             metrics = {
                 tag("skipped_steps"): self.skipped_steps,

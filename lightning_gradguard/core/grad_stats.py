@@ -73,7 +73,7 @@ def _group_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
     # float32/float64 are reduced in their own precision and the result stored as float32.
     acc = torch.float32 if tensors[0].dtype in (torch.float16, torch.bfloat16) else None
     try:
-        norms = torch._foreach_norm(tensors, norm_type, dtype=acc)
+        norms = list(torch._foreach_norm(tensors, norm_type, dtype=acc))
     except (RuntimeError, TypeError, NotImplementedError):  # pragma: no cover - exotic dtypes/devices
         norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in tensors]
     return torch.stack(norms).to(torch.float32)

@@ -97,8 +97,9 @@ def _scale_scheduler(scheduler: Any, factor: float, extra: tuple[str, ...], seen
         values = getattr(scheduler, attr, None)
         if isinstance(values, (list, tuple)):
             setattr(scheduler, attr, type(values)(_scaled(v, factor) for v in values))
-    if isinstance(scheduler, lrs.ReduceLROnPlateau) and getattr(scheduler, "default_min_lr", None) is not None:
-        scheduler.default_min_lr = scheduler.default_min_lr * factor
+    default_min_lr = getattr(scheduler, "default_min_lr", None)
+    if isinstance(scheduler, lrs.ReduceLROnPlateau) and default_min_lr is not None:
+        scheduler.default_min_lr = default_min_lr * factor
     if isinstance(scheduler, (lrs.CosineAnnealingLR, lrs.CosineAnnealingWarmRestarts)):
         scheduler.eta_min = scheduler.eta_min * factor
     for attr in extra:
