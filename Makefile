@@ -42,7 +42,7 @@ bench-full: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff format --check lightning_gradguard tests benchmarks examples
 	$(VENV)/bin/mypy lightning_gradguard
 
 clean:
