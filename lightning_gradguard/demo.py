@@ -324,9 +324,7 @@ def run_demo(
 
         for cb in callbacks:
             if isinstance(cb, AdaptiveGradientClipping):
-                opt_state = cb.state_dict()["optimizers"].get(0)
-                if opt_state and opt_state["steps"]:
-                    clip_rate = float(opt_state["clipped_total"]) / opt_state["steps"]
+                clip_rate = cb.clip_rate()
             elif isinstance(cb, NaNGuard):
                 skips, rollbacks = cb.skipped_steps, cb.rollbacks
                 base_lr = float(settings.model.get("lr", math.nan))

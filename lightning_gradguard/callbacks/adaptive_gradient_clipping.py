@@ -321,6 +321,14 @@ class AdaptiveGradientClipping(Callback):
             config["norm_type"] = self.norm_type
         return config
 
+    def clip_rate(self, optimizer_idx: int = 0) -> float | None:
+        """Share of optimizer ``optimizer_idx``'s steps that clipped, over the whole fit so far (resumes included);
+        None before its first step. Reads one value from the device."""
+        state = self._states.get(optimizer_idx)
+        if state is None or state.steps == 0:
+            return None
+        return float(state.clipped_total) / state.steps
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(**self._config())

@@ -541,3 +541,14 @@ def test_bf16_mixed_precision_fit(tmp_path):
     assert rows[5]["clipped"]
     assert rows[5]["post"] <= rows[5]["threshold"] * (1 + 1e-6)
     assert all(math.isfinite(r["threshold"]) for r in rows[1:])
+
+
+def test_clip_rate_counts_clipped_steps(tmp_path):
+    cb = AdaptiveGradientClipping("norm", max_norm=1e-6, log_every_n_steps=1)
+    assert cb.clip_rate() is None
+    make_trainer(tmp_path, [cb], max_steps=4).fit(TinyRegression())
+    assert cb.clip_rate() == 1.0  # every step's norm is far above 1e-6
+    loose = AdaptiveGradientClipping("norm", max_norm=1e6)
+    make_trainer(tmp_path / "b", [loose], max_steps=4).fit(TinyRegression())
+    assert loose.clip_rate() == 0.0
+    assert loose.clip_rate(optimizer_idx=1) is None
