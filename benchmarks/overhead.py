@@ -507,9 +507,10 @@ class StepTimer(pl.Callback):
 
 
 def default_guard_callbacks() -> list[pl.Callback]:
-    from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard
+    """``lightning_gradguard.default_callbacks()``: monitor, z-score clipping and a rollback NaNGuard at defaults."""
+    from lightning_gradguard import default_callbacks
 
-    return [GradientNormMonitor(), AdaptiveGradientClipping(), NaNGuard()]
+    return default_callbacks()
 
 
 def measure_e2e(args: argparse.Namespace) -> dict[str, Any]:
@@ -687,23 +688,35 @@ def report(res: dict[str, Any]) -> str:
                     )
         many = next((m for k, m in micro["models"].items() if "small" in k), None)
         if many is not None:
-            gn = many["timings"].get("lightning grad_norm")
-            for label in ("monitor, logging step", "core stats + layer norms + update ratios"):
-                t = many["timings"].get(label)
+            # Two baselines, both reported: Lightning's grad_norm alone only computes the per-layer norms (no
+            # logging); grad_norm + self.log_dict computes and logs them, the like-for-like comparison for a
+            # logging step of the monitor.
+            comparisons = (
+                (
+                    "monitor, logging step",
+                    "lightning grad_norm + log_dict",
+                    "per-layer norm logging (monitor logging step) vs lightning grad_norm + log_dict (compute and log)",
+                ),
+                (
+                    "monitor, logging step",
+                    "lightning grad_norm",
+                    "per-layer norm logging (monitor logging step) vs "
+                    "lightning grad_norm alone (compute only, logs nothing)",
+                ),
+                (
+                    "core stats + layer norms + update ratios",
+                    "lightning grad_norm",
+                    "core stats + layer norms + update ratios vs lightning grad_norm alone (both compute only)",
+                ),
+            )
+            for label, base_label, what in comparisons:
+                t, gn = many["timings"].get(label), many["timings"].get(base_label)
+                name = f"{what}: >= {TARGET_LOG_SPEEDUP:.0f}x faster (many small tensors)"
                 if gn is None or t is None:
-                    targets.append(
-                        [f"{label} >= {TARGET_LOG_SPEEDUP:.0f}x faster than grad_norm", "not measured", "n/a"]
-                    )
+                    targets.append([name, "not measured", "n/a"])
                     continue
                 speed = gn["median_s"] / t["median_s"]
-                what = "per-layer norm logging (monitor logging step)" if label.startswith("monitor") else label
-                targets.append(
-                    [
-                        f"{what} >= {TARGET_LOG_SPEEDUP:.0f}x faster than lightning grad_norm (many small tensors)",
-                        f"{speed:.1f}x",
-                        verdict(speed >= TARGET_LOG_SPEEDUP),
-                    ]
-                )
+                targets.append([name, f"{speed:.1f}x", verdict(speed >= TARGET_LOG_SPEEDUP)])
     e2e = res.get("e2e")
     if e2e:
         lines.append(
