@@ -133,3 +133,11 @@ def test_rescue_example_scenarios_tiny_run(tmp_path):
         guarded = by[("nan", "gradguard defaults (clip + NaNGuard)")]
         assert guarded["survived"], guarded
         assert guarded["nonfinite_steps"] == 3
+
+
+def test_e2e_breakdown_tiny_runs(capsys):
+    breakdown = _load("e2e_breakdown")
+    assert breakdown.main(["--tiny", "--pairs", "1", "--steps", "12", "--examples", "lstm"]) == 0
+    text = capsys.readouterr().out
+    for label in breakdown.variants():
+        assert f"| {label}" in text

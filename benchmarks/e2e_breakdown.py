@@ -1,0 +1,123 @@
+"""Which gradguard callback costs what end to end: overhead.py's e2e measurement, one callback set at a time.
+
+A supplement to ``overhead.py --sections e2e`` (same fits, same interleaving, same median of pair ratios), run with
+each of the three default callbacks alone and with ``default_callbacks(progress_bar=False)``, to explain the
+end-to-end overhead of the defaults. Usage: ``python benchmarks/e2e_breakdown.py [--pairs 8] [--steps 150]
+[--examples lstm,deep_cnn]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import overhead  # noqa: E402
+import scenarios  # noqa: E402
+
+
+def variants() -> dict[str, object]:
+    from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard, default_callbacks
+
+    return {
+        "default_callbacks()": default_callbacks,
+        "default_callbacks(progress_bar=False)": lambda: default_callbacks(progress_bar=False),
+        "GradientNormMonitor() alone": lambda: [GradientNormMonitor()],
+        "AdaptiveGradientClipping() alone": lambda: [AdaptiveGradientClipping()],
+        "NaNGuard() alone": lambda: [NaNGuard()],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--examples", default="lstm,deep_cnn")
+    p.add_argument("--tiny", action="store_true")
+    args = p.parse_args(argv)
+    threads = common.set_threads(1)
+    print(
+        "command: python benchmarks/" + " ".join([Path(__file__).name] + (argv if argv is not None else sys.argv[1:]))
+    )
+    common.print_machine(common.machine_description(threads))
+    saved = scenarios.EXAMPLES, overhead.default_guard_callbacks
+    scenarios.EXAMPLES = tuple(e for e in args.examples.split(",") if e)
+    rows = []
+    try:
+        for label, make in variants().items():
+            overhead.default_guard_callbacks = make  # type: ignore[assignment]
+            ns = argparse.Namespace(tiny=args.tiny, quick=False)
+            # overhead.measure_e2e with explicit pairs and steps (its own are fixed per mode)
+            res = measure(ns, args.pairs, args.steps)
+            for name, e in res.items():
+                lo, hi = e["overhead_iqr"]
+                rows.append(
+                    [
+                        label,
+                        name,
+                        common.fmt_time(e["unguarded_step_s"]),
+                        common.fmt_time(e["guarded_step_s"]),
+                        f"{e['overhead'] * 100:+.1f}%",
+                        f"{lo * 100:+.1f}% to {hi * 100:+.1f}%",
+                    ]
+                )
+                print(f"  {label} / {name}: {e['overhead'] * 100:+.1f}%", flush=True)
+    finally:  # this module is also imported by the test suite: leave the others as they were
+        scenarios.EXAMPLES, overhead.default_guard_callbacks = saved
+    print(f"\n### end-to-end overhead by callback ({args.pairs} interleaved pairs of fits, {args.steps} steps each)\n")
+    print(
+        common.markdown_table(
+            [
+                "gradguard callbacks",
+                "example",
+                "unguarded step",
+                "guarded step",
+                "overhead (median of pair ratios)",
+                "IQR",
+            ],
+            rows,
+        )
+    )
+    print(f"\nload average after: {common.machine_description(threads)['load average (1/5/15 min)']}")
+    return 0
+
+
+def measure(ns: argparse.Namespace, pairs: int, steps: int) -> dict[str, dict]:
+    """overhead.measure_e2e with explicit pairs and steps."""
+    import statistics
+    import tempfile
+
+    import lightning.pytorch as pl
+
+    out: dict[str, dict] = {}
+    skip = 3 if ns.tiny else 10
+    for name in scenarios.EXAMPLES:
+        per_arm: dict[str, list[float]] = {"unguarded": [], "guarded": []}
+        ratios: list[float] = []
+        for i in range(pairs):
+            order = ["unguarded", "guarded"] if i % 2 == 0 else ["guarded", "unguarded"]
+            this: dict[str, float] = {}
+            for arm in order:
+                timer = overhead.StepTimer()
+                cbs: list[pl.Callback] = [timer] + (overhead.default_guard_callbacks() if arm == "guarded" else [])
+                with tempfile.TemporaryDirectory() as root, overhead.quiet_lightning():
+                    scenarios.fit(
+                        name, root, cbs, steps=steps, seed=i, tiny=ns.tiny, trainer_kwargs=overhead.E2E_TRAINER
+                    )
+                this[arm] = statistics.median(timer.step_times(skip))
+                per_arm[arm].append(this[arm])
+            ratios.append(this["guarded"] / this["unguarded"])
+        out[name] = {
+            "unguarded_step_s": statistics.median(per_arm["unguarded"]),
+            "guarded_step_s": statistics.median(per_arm["guarded"]),
+            "overhead": statistics.median(ratios) - 1,
+            "overhead_iqr": (common.quantile(ratios, 0.25) - 1, common.quantile(ratios, 0.75) - 1),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
