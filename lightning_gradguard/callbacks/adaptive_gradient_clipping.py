@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_gradguard.callbacks.log_writer import log_scalars, tag
+from lightning_gradguard.callbacks.log_writer import ProgressBarValues, log_scalars, tag
 from lightning_gradguard.callbacks.step_context import grad_stats_for, optimizer_index
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
 from lightning_gradguard.core.arg_checks import check_choice, check_int, is_number
@@ -35,6 +35,8 @@ Method = Literal["zscore", "percentile", "agc", "norm", "value", "per_parameter"
 METHODS = ("zscore", "percentile", "agc", "norm", "value", "per_parameter")
 ADAPTIVE = ("zscore", "percentile")
 _STATE_VERSION = 1
+#: The progress bar's clip_rate is refreshed every this many steps of its optimizer.
+_BAR_EVERY = 10
 
 
 @dataclass
@@ -189,8 +191,9 @@ class AdaptiveGradientClipping(Callback):
     The pre-clip norm itself is ``gradguard/grad_norm`` of :class:`~lightning_gradguard.GradientNormMonitor`.
     The log schedule counts each optimizer's own steps (with one optimizer that is ``trainer.global_step``; with two
     manual optimizers ``global_step`` grows by 2 per batch, and both still log every n of their steps).
-    With ``progress_bar=True`` the share of all steps clipped so far shows as ``clip_rate`` (``clip_rate_opt<i>``);
-    Lightning reads progress-bar values to the host every step, so that option costs one sync per step on GPU.
+    With ``progress_bar=True`` the share of all steps clipped so far shows as ``clip_rate`` (``clip_rate_opt<i>``),
+    refreshed every 10 steps (Lightning's ``self.log`` would cost more than the clip on small models); each refresh
+    is read to the host, one sync per 10 steps on GPU. Without a progress bar nothing is sent.
 
     The latest decision per optimizer index is kept in :attr:`last` (a :class:`ClipRecord`) for users and tests.
 
@@ -298,6 +301,7 @@ class AdaptiveGradientClipping(Callback):
         if not isinstance(progress_bar, bool):
             raise TypeError(f"progress_bar must be a bool, got {type(progress_bar).__name__} ({progress_bar!r})")
         self.progress_bar = progress_bar
+        self._bar = ProgressBarValues()
         self._states: dict[int, _OptimizerState] = {}
         self._log_every = self.log_every_n_steps or 50
         #: The latest :class:`ClipRecord` of each optimizer index.
@@ -381,6 +385,9 @@ class AdaptiveGradientClipping(Callback):
         check_supported_strategy(trainer, type(self).__name__)
         self._log_every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bar.reset()  # Lightning cleared the progress-bar values before this hook
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -396,10 +403,11 @@ class AdaptiveGradientClipping(Callback):
         state.count_clip(record.clipped)
         if log_now:
             self._log(trainer, idx, stats, state, record)
-        if self.progress_bar:
+        if self.progress_bar and trainer.progress_bar_callback is not None:
+            # refreshed every few steps: Lightning's self.log costs more than the clipping itself on small models
             suffix = "" if idx == 0 else f"_opt{idx}"
             rate = state.clipped_total.to(torch.float32) / state.steps
-            pl_module.log(f"clip_rate{suffix}", rate, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+            self._bar.show(trainer, pl_module, f"clip_rate{suffix}", rate, state.steps, every=_BAR_EVERY)
 
     # ------------------------------------------------------------------ one step
 
@@ -431,6 +439,49 @@ class AdaptiveGradientClipping(Callback):
         return ClipRecord(state.steps, norm, None, clipped_units > 0)
 
     def _clip_zscore(self, stats: GradStats, state: _OptimizerState) -> ClipRecord:
+        ema = cast(EMAMeanVar, state.stats)
+        if stats.device.type == "cpu" and ema.on_cpu:
+            return self._clip_zscore_host(stats, state)
+        return self._clip_zscore_device(stats, state)
+
+    def _clip_zscore_host(self, stats: GradStats, state: _OptimizerState) -> ClipRecord:
+        """:meth:`_clip_zscore_device` in Python arithmetic for CPU gradients, with identical results.
+
+        Reading a CPU tensor is not a device synchronisation, and the threshold rule is about thirty scalar torch
+        operations of a few microseconds each: on small CPU models that cost more than the clip itself.
+        """
+        ema = cast(EMAMeanVar, state.stats)
+        norm = stats.total_norm
+        value = norm.item()
+        mean, var, count = ema.host_values()
+        cap = math.inf if self.fallback_max_norm is None else float(self.fallback_max_norm)
+        fallback = min(self.fallback_factor * mean, cap) if count > 0 else cap
+        warmup = state.steps < self.warmup_steps
+        if warmup or count < 2:
+            threshold = target = fallback
+        else:
+            threshold = mean + self.z_threshold * math.sqrt(max(var, 0.0))
+            target = mean if self.clip_to == "mean" else threshold
+        if math.isfinite(value) and value > threshold:
+            coef = clip_coefficient(norm, target)  # float32 arithmetic, as on the device path
+            scale_(stats.grads, coef)
+        else:
+            coef = torch.ones((), dtype=torch.float32)
+        before = ema.compute()  # the statistics before this step (update_host rebinds, never mutates, them)
+        ema.update_host(min(value, threshold))
+        return ClipRecord(
+            state.steps,
+            norm,
+            torch.tensor(threshold, dtype=torch.float64),
+            coef < 1.0,
+            coef,
+            warmup,
+            before["mean"],
+            before["var"],
+            before["count"],
+        )
+
+    def _clip_zscore_device(self, stats: GradStats, state: _OptimizerState) -> ClipRecord:
         ema = cast(EMAMeanVar, state.stats)
         norm = stats.total_norm
         mean, var, count = (t.to(norm.device) for t in ema.compute().values())  # no-op after the first step

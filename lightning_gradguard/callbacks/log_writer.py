@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-__all__ = ["log_scalars", "tag", "tensorboard_writers"]
+__all__ = ["ProgressBarValues", "log_scalars", "log_text", "tag", "tensorboard_writers"]
 
 
 def tag(name: str, optimizer_idx: int = 0) -> str:
@@ -40,4 +40,40 @@ def log_text(trainer: pl.Trainer, name: str, text: str, step: int) -> None:
         writer.flush()
 
 
-__all__ += ["log_text"]
+class ProgressBarValues:
+    """Show a callback's values in the progress bar without paying ``LightningModule.log`` on every step.
+
+    Lightning keeps a progress-bar metric's last value until the next ``fit``/sanity check resets it (the bar reads
+    ``trainer.progress_bar_metrics``, which is updated, not replaced, after each step). So a value is sent only
+    when it differs from the one last sent, or, for values that drift every step (a rate), at most every
+    ``every`` steps. Nothing is sent without a progress bar. Call :meth:`reset` in ``on_train_start``.
+    """
+
+    def __init__(self) -> None:
+        self._sent: dict[str, tuple[int, object]] = {}
+
+    def reset(self) -> None:
+        self._sent.clear()
+
+    def show(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        name: str,
+        value: float | torch.Tensor,
+        step: int,
+        every: int = 1,
+    ) -> None:
+        """Send ``value`` as ``name`` if it is new: a changed float, or a tensor last sent ``every`` steps ago."""
+        if trainer.progress_bar_callback is None:
+            return
+        last = self._sent.get(name)
+        if last is not None:
+            last_step, last_value = last
+            if isinstance(value, torch.Tensor):
+                if 0 <= step - last_step < every:
+                    return
+            elif value == last_value and step >= last_step:
+                return
+        self._sent[name] = (step, value if not isinstance(value, torch.Tensor) else None)
+        pl_module.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.amp import GradScaler
 
-from lightning_gradguard.callbacks.log_writer import log_scalars, log_text, tag
+from lightning_gradguard.callbacks.log_writer import ProgressBarValues, log_scalars, log_text, tag
 from lightning_gradguard.callbacks.step_context import context_for, grad_stats_for, unwrap_optimizer
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
 from lightning_gradguard.core.arg_checks import check_choice, check_int, is_number
@@ -231,6 +231,7 @@ class NaNGuard(Callback):
         self.report_path: str | None = None
 
         self._store = SnapshotStore(capacity=2, confirm_steps=snapshot_confirm_steps)
+        self._bar = ProgressBarValues()
         self._spike = LossSpikeDetector(self.spike_zscore, spike_window) if self.spike_zscore is not None else None
         self._grad_history: list[list[float]] = []
         self._loss_history: list[list[float]] = []
@@ -323,6 +324,7 @@ class NaNGuard(Callback):
                 )
         self._store.reset()
         self._since_snapshot = 0
+        self._bar.reset()
         if self.snapshot == "memory" and self.action != "halt":
             snap = self._try_snapshot(trainer, pl_module)
             if snap is not None:
@@ -698,9 +700,9 @@ class NaNGuard(Callback):
             if _grad_scaler(trainer) is not None:
                 metrics[tag("amp_overflow_steps")] = self.amp_overflow_steps
             log_scalars(trainer, metrics, step)
-        if trainer.progress_bar_callback is not None:
-            pl_module.log("nan_skips", float(self.skipped_steps), prog_bar=True, logger=False, on_step=True)
-            pl_module.log("nan_rollbacks", float(self.rollbacks), prog_bar=True, logger=False, on_step=True)
+        # sent when they change, not every step (Lightning keeps the last value shown)
+        self._bar.show(trainer, pl_module, "nan_skips", float(self.skipped_steps), step)
+        self._bar.show(trainer, pl_module, "nan_rollbacks", float(self.rollbacks), step)
 
 
 def _grad_scaler(trainer: pl.Trainer) -> GradScaler | None:

@@ -369,7 +369,7 @@ class TwoOptimizers(pl.LightningModule):
 
 def test_two_optimizers_manual_optimization_keep_separate_state(tmp_path):
     cb = AdaptiveGradientClipping("zscore", warmup_steps=3, progress_bar=True)
-    trainer, rows = fit(tmp_path, cb, TwoOptimizers(spike_at=6), max_steps=20)  # 10 batches x 2 optimizers
+    trainer, rows = fit(tmp_path, cb, TwoOptimizers(spike_at=6), max_steps=20, enable_progress_bar=True)  # 10 x 2 opts
     by_opt = {i: [r for r in rows if r["opt"] == i] for i in (0, 1)}
     assert len(by_opt[0]) == len(by_opt[1]) == 10
     assert [r["step"] for r in by_opt[1]] == list(range(10))
@@ -552,3 +552,56 @@ def test_clip_rate_counts_clipped_steps(tmp_path):
     make_trainer(tmp_path / "b", [loose], max_steps=4).fit(TinyRegression())
     assert loose.clip_rate() == 0.0
     assert loose.clip_rate(optimizer_idx=1) is None
+
+
+@pytest.mark.parametrize("clip_to", ["threshold", "mean"])
+@pytest.mark.parametrize("fallback_max_norm", [None, 3.0])
+def test_zscore_host_path_matches_device_path(clip_to, fallback_max_norm):
+    """On CPU the z-score rule runs in Python floats; the tensor path (used on accelerators) must decide the same.
+
+    Both paths see the same stream of gradients (spikes, a NaN and an inf step, a warm-up) and must take the same
+    decisions and leave the same gradients. The float64 statistics may differ in the last bit: torch's CPU
+    ``sqrt`` of a float64 scalar is not always the correctly rounded one that ``math.sqrt`` returns.
+    """
+    from lightning_gradguard.core.grad_stats import compute_grad_stats
+
+    kw = dict(warmup_steps=4, z_threshold=2.0, clip_to=clip_to, fallback_max_norm=fallback_max_norm)
+    host_cb, dev_cb = AdaptiveGradientClipping("zscore", **kw), AdaptiveGradientClipping("zscore", **kw)
+    host_state, dev_state = host_cb._state(0), dev_cb._state(0)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 8), (16,), (1, 16), (1,)]
+    clipped_any = False
+    for step in range(40):
+        scale = 50.0 if step in (2, 12, 13, 30) else 1.0
+        grads = [torch.randn(s, generator=g) * scale for s in shapes]
+        if step == 20:
+            grads[1][3] = math.nan
+        if step == 25:
+            grads[0][0, 0] = math.inf
+        records, outs = [], []
+        for cb, state, path in ((host_cb, host_state, "_clip_zscore_host"), (dev_cb, dev_state, "_clip_zscore_device")):
+            params = [nn.Parameter(torch.ones(s)) for s in shapes]
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+            stats = compute_grad_stats(params)
+            rec = getattr(cb, path)(stats, state)
+            state.count_clip(rec.clipped)
+            records.append(rec)
+            outs.append([p.grad for p in params])
+        host, dev = records
+        for field in ("grad_norm", "clipped", "coefficient", "stat_count"):  # exact
+            a, b = getattr(host, field), getattr(dev, field)
+            assert a.dtype == b.dtype, (step, field)
+            assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), (step, field)
+        for field in ("threshold", "stat_mean", "stat_var"):  # float64, up to the last bits
+            a, b = getattr(host, field), getattr(dev, field)
+            assert a.dtype == b.dtype == torch.float64, field
+            assert a.item() == pytest.approx(b.item(), rel=1e-13, abs=0.0), (step, field)
+        assert host.warmup == dev.warmup
+        assert host.zscore.item() == pytest.approx(dev.zscore.item(), rel=1e-12, nan_ok=True)
+        for a, b in zip(*outs):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), step
+        clipped_any |= bool(host.clipped)
+    assert clipped_any  # the stream really exercised the clipping branch
+    host_sd, dev_sd = host_cb.state_dict()["optimizers"][0], dev_cb.state_dict()["optimizers"][0]
+    assert torch.equal(host_sd["clipped_total"], dev_sd["clipped_total"])

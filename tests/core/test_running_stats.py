@@ -122,6 +122,31 @@ def test_ema_stays_finite_for_any_sequence(values, decay):
 
 
 @HYP
+@given(st.lists(ANY_FLOAT, max_size=40), st.floats(min_value=0.01, max_value=0.999))
+def test_ema_update_host_is_bit_identical_to_update(values, decay):
+    """The CPU fast path (Python floats) and the tensor path give the very same bits, NaN/inf/huge values included."""
+    on_device, on_host = EMAMeanVar(decay), EMAMeanVar(decay)
+    for v in values:
+        on_device.update(torch.tensor(v, dtype=torch.float64))
+        on_host.update_host(v)
+        for key, t in on_device.compute().items():
+            assert t.item() == on_host.compute()[key].item(), (key, values)
+    assert on_host.host_values() == (
+        on_device.compute()["mean"].item(),
+        on_device.compute()["var"].item(),
+        int(on_device.compute()["count"].item()),
+    )
+    assert on_host.state_dict()["mean"].dtype == torch.float64  # the checkpoint format is unchanged
+
+
+def test_ema_update_host_refuses_accelerator_state():
+    ema = EMAMeanVar()
+    ema.update(torch.tensor(1.0, dtype=torch.float64, device="meta"))
+    with pytest.raises(RuntimeError, match="needs the statistics on the CPU"):
+        ema.update_host(2.0)
+
+
+@HYP
 @given(st.lists(NORM_LIKE, min_size=1, max_size=40))
 def test_ema_of_float32_norms_stays_finite_and_bounded(values):
     ema = EMAMeanVar(0.97)

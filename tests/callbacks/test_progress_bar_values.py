@@ -1,0 +1,94 @@
+"""Progress-bar values of the clipper and the guard in real fits: what the bar shows at each step, and how often
+``LightningModule.log`` is paid for it (sent on change or every 10 steps, never without a progress bar)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_gradguard import AdaptiveGradientClipping, NaNGuard
+from tests.models import TinyRegression, make_trainer
+
+BAR_KEYS = ("clip_rate", "nan_skips", "nan_rollbacks")
+
+
+class CountingModel(TinyRegression):
+    """TinyRegression that counts its ``self.log`` calls per name (callbacks log through the module)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.log_calls: Counter[str] = Counter()
+
+    def log(self, name, value, *args, **kwargs):
+        self.log_calls[name] += 1
+        return super().log(name, value, *args, **kwargs)
+
+
+class BarRecorder(pl.Callback):
+    """After each batch (gradguard's hooks ran first): the bar's values and the clipper's decision."""
+
+    def __init__(self, clipper=None):
+        self.clipper = clipper
+        self.shown: list[dict[str, float]] = []
+        self.clipped: list[bool] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.clipper is not None:
+            self.clipped.append(bool(self.clipper.last[0].clipped))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar = trainer.progress_bar_metrics
+        self.shown.append({k: float(bar[k]) for k in BAR_KEYS if k in bar})
+
+
+def test_clip_rate_is_refreshed_every_10_steps_with_the_rate_at_that_step(tmp_path):
+    spikes = {2: 1e4, 13: 1e4, 14: 1e4, 27: 1e4}  # global steps; the 3rd, 14th, 15th and 28th optimizer steps
+    model = CountingModel(loss_scale_at=spikes)
+    clipper = AdaptiveGradientClipping("norm", max_norm=100.0, progress_bar=True)
+    rec = BarRecorder(clipper)
+    make_trainer(tmp_path, [clipper, rec], max_steps=30, enable_progress_bar=True).fit(model)
+    assert [i for i, c in enumerate(rec.clipped) if c] == sorted(spikes)  # the scenario is what it claims
+    cumulative = [sum(rec.clipped[: t + 1]) for t in range(30)]
+    for t in range(30):  # t + 1 steps done; refreshed after steps 1, 11, 21
+        r = 1 + 10 * (t // 10)
+        assert rec.shown[t]["clip_rate"] == pytest.approx(cumulative[r - 1] / r), t
+    # the bar lags between refreshes (the test would not notice a per-step send otherwise)
+    assert any(rec.shown[t]["clip_rate"] != pytest.approx(cumulative[t] / (t + 1)) for t in range(30))
+    assert model.log_calls["clip_rate"] == 3
+    assert clipper.clip_rate() == pytest.approx(4 / 30)  # the exact figure stays available
+
+
+def test_guard_counters_are_sent_when_they_change(tmp_path):
+    model = CountingModel(nan_at_steps=[6, 9])
+    guard = NaNGuard(action="skip")
+    rec = BarRecorder()
+    make_trainer(tmp_path, [guard, rec], max_steps=20, enable_progress_bar=True).fit(model)
+    skips = [s["nan_skips"] for s in rec.shown]
+    assert skips == [0.0] * 6 + [1.0] * 3 + [2.0] * 11
+    assert all(s["nan_rollbacks"] == 0.0 for s in rec.shown)
+    assert model.log_calls["nan_skips"] == 3  # the first step, then each change
+    assert model.log_calls["nan_rollbacks"] == 1
+
+
+def test_nothing_is_sent_without_a_progress_bar(tmp_path):
+    model = CountingModel(nan_at_steps=[3], loss_scale_at={5: 1e4})
+    cbs = [AdaptiveGradientClipping("norm", max_norm=100.0, progress_bar=True), NaNGuard(action="skip")]
+    trainer = make_trainer(tmp_path, cbs, max_steps=12, enable_progress_bar=False)
+    trainer.fit(model)
+    assert not any(k in model.log_calls for k in BAR_KEYS)
+    assert not any(k in trainer.progress_bar_metrics for k in BAR_KEYS)
+
+
+def test_values_show_again_in_the_next_fit(tmp_path):
+    """Lightning clears the bar's values at each fit: the callbacks must send them again, unchanged or not."""
+    clipper = AdaptiveGradientClipping("norm", max_norm=100.0, progress_bar=True)
+    guard = NaNGuard(action="skip")
+    model = CountingModel(nan_at_steps=[2])
+    make_trainer(tmp_path, [clipper, guard], max_steps=5, enable_progress_bar=True).fit(model)
+    rec = BarRecorder()
+    second = make_trainer(tmp_path / "again", [clipper, guard, rec], max_steps=3, enable_progress_bar=True)
+    second.fit(model)
+    assert rec.shown[0]["nan_skips"] == 1.0  # the counter from the first fit, shown from the first step
+    assert "clip_rate" in rec.shown[0]
