@@ -23,6 +23,7 @@ from lightning_gradguard.callbacks.strategy_support import check_supported_strat
 from lightning_gradguard.core.arg_checks import check_choice, check_int, is_number
 from lightning_gradguard.core.divergence_report import DivergenceReport
 from lightning_gradguard.core.grad_stats import norms_of
+from lightning_gradguard.core.host_read import read_scalars
 from lightning_gradguard.core.loss_spike import LossSpikeDetector
 from lightning_gradguard.core.lr_scaling import is_known_scheduler, scale_lr
 from lightning_gradguard.core.snapshot import Snapshot, SnapshotStore, restore_snapshot, take_snapshot
@@ -367,19 +368,21 @@ class NaNGuard(Callback):
         stats = grad_stats_for(trainer, pl_module, optimizer)
         device = stats.device
         loss = self._loss_sum.to(device) if self._loss_sum is not None else torch.tensor(math.nan, device=device)
-        code = torch.zeros((), dtype=torch.float32, device=device)
+        # what decides the step, read to the host together (the one transfer of the step)
+        probes: dict[int, torch.Tensor] = {_GRAD: stats.all_finite}
         if self._loss_bad is not None:
-            code = code + self._loss_bad.to(device).float() * _LOSS
-        code = code + (~stats.all_finite).float() * _GRAD
+            probes[_LOSS] = self._loss_bad
         if self._spike is not None and self._loss_sum is not None:
-            code = code + self._spike.update(loss).float() * _SPIKE
+            probes[_SPIKE] = self._spike.update(loss)
         scaler = _grad_scaler(trainer)
         if scaler is not None and isinstance(getattr(scaler, "_scale", None), torch.Tensor):
             scale: torch.Tensor = scaler._scale  # type: ignore[assignment]
-            code = code + (scale.to(device) < self.amp_scale_floor).float() * _SCALE
-        # the one host transfer of the step: health code, total gradient norm and loss together
-        code_f, grad_norm, loss_value = torch.stack([code, stats.total_norm.float(), loss.float()]).tolist()
-        flags = int(code_f)
+            probes[_SCALE] = scale < self.amp_scale_floor
+        grad_norm, loss_value, *found = read_scalars([stats.total_norm, loss, *probes.values()], device)
+        flags = 0
+        for flag, value in zip(probes, found):
+            if (flag == _GRAD) != bool(value):  # all_finite is the healthy answer, the others flag a fault
+                flags |= flag
         self._loss_bad, self._loss_sum = None, None
         self._record(self._grad_history, step, grad_norm)
         if not math.isnan(loss_value) or flags & _LOSS:
@@ -636,12 +639,13 @@ class NaNGuard(Callback):
         )
 
     def _nonfinite_params(self, pl_module: pl.LightningModule, names: bool) -> Any:
-        params = [p for p in pl_module.parameters()]
+        params = list(pl_module.parameters())
         if not params:
             return [] if names else False
-        norms = norms_of([p.detach() for p in params], 2.0)
-        if not names:
-            return not bool(torch.isfinite(norms).all())
+        with torch.no_grad():
+            norms = norms_of(params, 2.0)
+            if not names:
+                return not bool(torch.isfinite(norms).all())
         bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
         labels = [n for n, _ in pl_module.named_parameters()]
         return [labels[i] for i in bad]

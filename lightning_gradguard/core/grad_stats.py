@@ -85,9 +85,10 @@ def _combine(norms: Tensor, norm_type: float, index: Tensor | None = None, size:
         if index is None:
             return norms.max() if norms.numel() else norms.new_zeros(())
         return norms.new_zeros(size).scatter_reduce(0, index, norms, reduce="amax", include_self=True)
+    if index is None:  # one kernel, and the same arithmetic as torch's clip_grad_norm_
+        return torch.linalg.vector_norm(norms, norm_type)
     powered = norms.pow(norm_type)
-    summed = powered.sum() if index is None else norms.new_zeros(size).index_add(0, index, powered)
-    return summed.pow(1.0 / norm_type)
+    return norms.new_zeros(size).index_add(0, index, powered).pow(1.0 / norm_type)
 
 
 class GradStats:
