@@ -265,6 +265,31 @@ def references(results: list[dict[str, Any]]) -> dict[str, float]:
     return refs
 
 
+def summary(results: list[dict[str, Any]], refs: dict[str, float]) -> str:
+    """One row per method over every scenario's explosive and faulted runs: survived, within 5%, other outcomes."""
+    rows = []
+    for m in method_names():
+        cell = [r for r in results if r["method"] == m and r["setting"] in FAULTED and r["outcome"] != "not run"]
+        if not cell:
+            continue
+        surv = sum(r["survived"] for r in cell)
+        within = sum(
+            r["survived"]
+            and _within(r["metric"], refs[r["scenario"]], scenarios.SCENARIOS[r["scenario"]].higher_is_better)
+            for r in cell
+        )
+        counts: dict[str, int] = {}
+        for r in cell:
+            if r["outcome"] != "ok":
+                counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
+        rows.append([m, f"{surv}/{len(cell)}", f"{within}/{len(cell)}", other])
+    head = f"\n### all scenarios: the {', '.join(FAULTED)} settings, every seed\n"
+    return head + "\n" + common.markdown_table(
+        ["method", "survived", f"within {TOLERANCE:.0%} of the reference", "outcomes other than ok"], rows
+    )
+
+
 def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     refs = references(results)
     lines: list[str] = []
@@ -317,6 +342,7 @@ def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             ok = surv == len(cell) and within == len(cell)
             verdicts[f"{name} / {m}"] = ok
             goal_rows.append([name, m, f"{surv}/{len(cell)}", f"{within}/{len(cell)}", "met" if ok else "NOT met"])
+    lines.append(summary(results, refs))
     if goal_rows:
         lines.append("\n### goal: every explosive and faulted run survives and ends within 5% of the stable run\n")
         lines.append(
@@ -351,7 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run every method in the stable setting too (default: " + ", ".join(STABLE_METHODS_FULL) + ")",
     )
     p.add_argument("--json", type=Path, default=None, help="also write every run's record to this JSON file")
+    p.add_argument("--report", type=Path, default=None, help="print the tables of a saved --json file; run nothing")
     args = p.parse_args(argv)
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        print(f"tables of {args.report} (recorded command: {saved.get('command', '?')})")
+        print(report(saved["results"])[0])
+        return 0
     cmd = "python benchmarks/" + " ".join([Path(__file__).name] + (argv if argv is not None else sys.argv[1:]))
     print(
         f"gradguard rescue benchmark ({'quick' if args.quick else 'full'}{', tiny' if args.tiny else ''}); "

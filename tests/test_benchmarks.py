@@ -112,6 +112,15 @@ def test_rescue_quick_tiny_runs(tmp_path, capsys):
     assert guarded["survived"], guarded
     assert guarded["nonfinite_steps"] == 3
     assert math.isfinite(guarded["metric"])
+    # the summary over all scenarios counts what the records say, and --report re-renders it from the JSON
+    assert "### all scenarios" in text
+    faulted = [r for r in res if r["setting"] in rescue.FAULTED and r["method"] == "none"]
+    summary = text[text.index("### all scenarios") :]
+    row = next(line for line in summary.splitlines() if line.startswith("| none "))
+    assert f"{sum(r['survived'] for r in faulted)}/{len(faulted)}" in row
+    assert rescue.main(["--report", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert text[text.index("### char_lstm") : text.index("total wall time")].strip() in again
 
 
 def test_rescue_example_scenarios_tiny_run(tmp_path):
