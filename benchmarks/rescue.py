@@ -285,8 +285,12 @@ def summary(results: list[dict[str, Any]], refs: dict[str, float]) -> str:
         other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
         rows.append([m, f"{surv}/{len(cell)}", f"{within}/{len(cell)}", other])
     head = f"\n### all scenarios: the {', '.join(FAULTED)} settings, every seed\n"
-    return head + "\n" + common.markdown_table(
-        ["method", "survived", f"within {TOLERANCE:.0%} of the reference", "outcomes other than ok"], rows
+    return (
+        head
+        + "\n"
+        + common.markdown_table(
+            ["method", "survived", f"within {TOLERANCE:.0%} of the reference", "outcomes other than ok"], rows
+        )
     )
 
 
