@@ -73,8 +73,9 @@ class NaNGuard(Callback):
     **Detection** at every optimizer step: a non-finite training loss (seen in ``on_before_backward``), a non-finite
     gradient norm (from the shared once-per-step gradient statistics, before any clipping), optionally a loss spike
     (one-sided z-score over the last ``spike_window`` losses), and non-finite parameters after the update (one
-    multi-tensor norm over the parameters, ``check_params``). The flags are combined on the device and read with one
-    host transfer per step; under DDP they are reduced across ranks (any rank flags -> every rank acts).
+    multi-tensor norm over the parameters, ``check_params``). The flags are read with one host transfer per step
+    (on the CPU, where reading is free, each is read directly); under DDP they are reduced across ranks (any rank
+    flags -> every rank acts).
 
     **Actions.** A flagged step is always skipped first: every gradient of the optimizer is set to ``None`` before
     the update (zeroing would still move Adam's moments), so parameters and optimizer state stay bit-identical. Then,
@@ -117,8 +118,8 @@ class NaNGuard(Callback):
     ==============================  ===============================================================================
 
     Scalars are written every ``log_every_n_steps`` steps and at every event, at ``global_step`` of the step; the
-    progress bar shows ``nan_skips`` and ``nan_rollbacks``. Each event is also one ``logging`` WARNING line
-    (logger ``lightning_gradguard.callbacks.nan_guard``) and a plain dict in :attr:`events`.
+    progress bar shows ``nan_skips`` and ``nan_rollbacks`` (sent when they change). Each event is also one
+    ``logging`` WARNING line (logger ``lightning_gradguard.callbacks.nan_guard``) and a plain dict in :attr:`events`.
 
     Args:
         action: ``"rollback"``, ``"skip"`` or ``"halt"``.
