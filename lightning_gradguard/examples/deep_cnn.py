@@ -18,8 +18,10 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_gradguard.examples.data import TensorSplitsDataModule
 
 __all__ = ["DeepPlainCNN", "DigitsDataModule", "load_digits_tensors"]
 
@@ -41,7 +43,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(TensorSplitsDataModule):
     """scikit-learn's 8x8 digits, split by a seeded permutation into train / validation / test.
 
     Args:
@@ -49,6 +51,8 @@ class DigitsDataModule(pl.LightningDataModule):
         batch_size: batch size of all loaders.
         seed: seed of the split and of the training-set shuffling.
     """
+
+    eval_batch_size = 512
 
     def __init__(self, val_fraction: float = 0.15, batch_size: int = 64, seed: int = 0) -> None:
         super().__init__()
@@ -60,40 +64,15 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.batch_size = batch_size
         self.seed = seed
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         x, y = load_digits_tensors()
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
         n_val = int(len(y) * self.val_fraction)
         val, test, train = perm[:n_val], perm[n_val : 2 * n_val], perm[2 * n_val :]
         mean, std = x[train].mean(), x[train].std()
         x = (x - mean) / std
-        self.train_set = TensorDataset(x[train], y[train])
-        self.val_set = TensorDataset(x[val], y[val])
-        self.test_set = TensorDataset(x[test], y[test])
-
-    def _split(self, name: str) -> TensorDataset:
-        if getattr(self, name) is None:
-            self.setup()
-        dataset: TensorDataset = getattr(self, name)
-        return dataset
-
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed + 1)
-        return DataLoader(
-            self._split("train_set"), batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._split("val_set"), batch_size=512)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._split("test_set"), batch_size=512)
+        return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), TensorDataset(x[test], y[test])
 
 
 class _ConvBlock(nn.Module):

@@ -18,8 +18,10 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from torchmetrics import MeanSquaredError
+
+from lightning_gradguard.examples.data import TensorSplitsDataModule
 
 __all__ = ["AddingProblemDataModule", "AddingProblemLSTM", "adding_problem"]
 
@@ -43,7 +45,7 @@ def adding_problem(num: int, seq_len: int, generator: torch.Generator) -> tuple[
     return x, y
 
 
-class AddingProblemDataModule(pl.LightningDataModule):
+class AddingProblemDataModule(TensorSplitsDataModule):
     """Generated adding-problem data: train, validation and test sets drawn from one seed.
 
     Args:
@@ -69,35 +71,13 @@ class AddingProblemDataModule(pl.LightningDataModule):
         self.num_val = num_val
         self.batch_size = batch_size
         self.seed = seed
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         g = torch.Generator().manual_seed(self.seed)
-        self.train_set = TensorDataset(*adding_problem(self.num_train, self.seq_len, g))
-        self.val_set = TensorDataset(*adding_problem(self.num_val, self.seq_len, g))
-        self.test_set = TensorDataset(*adding_problem(self.num_val, self.seq_len, g))
-
-    def _split(self, name: str) -> TensorDataset:
-        if getattr(self, name) is None:
-            self.setup()
-        dataset: TensorDataset = getattr(self, name)
-        return dataset
-
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed + 1)
-        return DataLoader(
-            self._split("train_set"), batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._split("val_set"), batch_size=256)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._split("test_set"), batch_size=256)
+        train = TensorDataset(*adding_problem(self.num_train, self.seq_len, g))
+        val = TensorDataset(*adding_problem(self.num_val, self.seq_len, g))
+        test = TensorDataset(*adding_problem(self.num_val, self.seq_len, g))
+        return train, val, test
 
 
 class AddingProblemLSTM(pl.LightningModule):
