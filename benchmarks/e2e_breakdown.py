@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         for label, make in variants().items():
             overhead.default_guard_callbacks = make  # type: ignore[assignment]
             ns = argparse.Namespace(tiny=args.tiny, quick=False)
-            # overhead.measure_e2e with explicit pairs and steps (its own are fixed per mode)
-            res = measure(ns, args.pairs, args.steps)
+            res = overhead.measure_e2e(ns, args.pairs, args.steps)["examples"]
             for name, e in res.items():
+                if "skipped" in e:
+                    print(f"  {label} / {name}: skipped ({e['skipped']})", flush=True)
+                    continue
                 lo, hi = e["overhead_iqr"]
                 rows.append(
                     [
@@ -83,40 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nload average after: {common.machine_description(threads)['load average (1/5/15 min)']}")
     return 0
-
-
-def measure(ns: argparse.Namespace, pairs: int, steps: int) -> dict[str, dict]:
-    """overhead.measure_e2e with explicit pairs and steps."""
-    import statistics
-    import tempfile
-
-    import lightning.pytorch as pl
-
-    out: dict[str, dict] = {}
-    skip = 3 if ns.tiny else 10
-    for name in scenarios.EXAMPLES:
-        per_arm: dict[str, list[float]] = {"unguarded": [], "guarded": []}
-        ratios: list[float] = []
-        for i in range(pairs):
-            order = ["unguarded", "guarded"] if i % 2 == 0 else ["guarded", "unguarded"]
-            this: dict[str, float] = {}
-            for arm in order:
-                timer = overhead.StepTimer()
-                cbs: list[pl.Callback] = [timer] + (overhead.default_guard_callbacks() if arm == "guarded" else [])
-                with tempfile.TemporaryDirectory() as root, overhead.quiet_lightning():
-                    scenarios.fit(
-                        name, root, cbs, steps=steps, seed=i, tiny=ns.tiny, trainer_kwargs=overhead.E2E_TRAINER
-                    )
-                this[arm] = statistics.median(timer.step_times(skip))
-                per_arm[arm].append(this[arm])
-            ratios.append(this["guarded"] / this["unguarded"])
-        out[name] = {
-            "unguarded_step_s": statistics.median(per_arm["unguarded"]),
-            "guarded_step_s": statistics.median(per_arm["guarded"]),
-            "overhead": statistics.median(ratios) - 1,
-            "overhead_iqr": (common.quantile(ratios, 0.25) - 1, common.quantile(ratios, 0.75) - 1),
-        }
-    return out
 
 
 if __name__ == "__main__":

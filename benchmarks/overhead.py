@@ -513,11 +513,12 @@ def default_guard_callbacks() -> list[pl.Callback]:
     return default_callbacks()
 
 
-def measure_e2e(args: argparse.Namespace) -> dict[str, Any]:
+def measure_e2e(args: argparse.Namespace, pairs: int | None = None, steps: int | None = None) -> dict[str, Any]:
+    """Interleaved guarded/unguarded fits of each example; ``pairs`` and ``steps`` default by mode."""
     import scenarios as ex
 
-    pairs = 2 if args.tiny else (3 if args.quick else 8)
-    steps = 12 if args.tiny else (40 if args.quick else 150)
+    pairs = pairs or (2 if args.tiny else (3 if args.quick else 8))
+    steps = steps or (12 if args.tiny else (40 if args.quick else 150))
     skip = 3 if args.tiny else 10
     out: dict[str, Any] = {"pairs": pairs, "steps_per_fit": steps, "timed_from_step": skip, "examples": {}}
     for name in ex.EXAMPLES:
