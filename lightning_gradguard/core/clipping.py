@@ -12,6 +12,7 @@ Each function returns a bool scalar tensor telling whether anything was clipped,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -166,22 +167,61 @@ def clip_by_agc_(
     """
     dev = grads[0].device if grads else torch.device("cpu")
     clipped = torch.zeros((), dtype=torch.long, device=dev)
-    total = 0
-    factors: list[Tensor] = []
-    for p, g in zip(params, grads):
+    total = sum(max(1, g.shape[0]) if g.ndim > 1 else 1 for g in grads)
+    factors: list[Tensor | None] = [None] * len(grads)
+    # Small tensors of one shape are handled together on their stack (one set of kernels per shape instead of a dozen
+    # per tensor: models with many small layers spend their AGC time in kernel launches otherwise); large tensors
+    # and lone shapes one by one, without the copy.
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.numel() <= _AGC_STACK_MAX_NUMEL:
+            groups.setdefault((tuple(g.shape), g.dtype, g.device, p.dtype, p.device), []).append(i)
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        fs, n_over = _agc_stacked([params[i] for i in idx], [grads[i] for i in idx], clipping, eps, grad_eps)
+        clipped = clipped + n_over.to(dev)
+        for i, f in zip(idx, fs):
+            factors[i] = f
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if factors[i] is not None:
+            continue
         max_norm = agc_max_norms(p, clipping, eps)
         gnorm = unitwise_norm(g)
         over = torch.isfinite(gnorm) & (gnorm > max_norm)
-        factor = torch.where(over, max_norm / gnorm.clamp_min(grad_eps), 1.0)
-        factors.append(factor.to(g.dtype))
+        factors[i] = torch.where(over, max_norm / gnorm.clamp_min(grad_eps), 1.0).to(g.dtype)
         clipped = clipped + over.sum().to(dev)
-        total += max(1, g.shape[0]) if g.ndim > 1 else 1
     for idx in _by_device(grads).values():
         group = [grads[i] for i in idx]
-        fs = [factors[i] for i in idx]
+        fs = [cast(Tensor, factors[i]) for i in idx]
         try:
             torch._foreach_mul_(group, fs)
         except (RuntimeError, TypeError, NotImplementedError):  # pragma: no cover
             for g, f in zip(group, fs):
                 g.mul_(f)
     return clipped, torch.tensor(total, dtype=torch.long, device=dev)
+
+
+#: Tensors up to this many elements are stacked by shape in :func:`clip_by_agc_` (the stack is a copy).
+_AGC_STACK_MAX_NUMEL = 1 << 16
+
+
+def _stacked_unitwise_norm(x: Tensor) -> Tensor:
+    """:func:`unitwise_norm` of each ``x[k]`` at once, shaped ``(k, *unitwise_norm(x[k]).shape)``."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.ndim == 1:  # a stack of scalars: each unit is the scalar itself
+        return torch.linalg.vector_norm(x.unsqueeze(-1), 2, dim=-1, dtype=acc)
+    if x.ndim == 2:  # a stack of vectors: one unit each, kept as shape (1,)
+        return torch.linalg.vector_norm(x, 2, dim=1, keepdim=True, dtype=acc)
+    return torch.linalg.vector_norm(x, 2, dim=tuple(range(2, x.ndim)), keepdim=True, dtype=acc)
+
+
+def _agc_stacked(
+    params: list[Tensor], grads: list[Tensor], clipping: float, eps: float, grad_eps: float
+) -> tuple[list[Tensor], Tensor]:
+    """AGC factors for same-shape tensors computed on their stack: the per-tensor rule, element for element."""
+    max_norm = _stacked_unitwise_norm(torch.stack([p.detach() for p in params])).clamp_min(eps) * clipping
+    gnorm = _stacked_unitwise_norm(torch.stack(grads))
+    over = torch.isfinite(gnorm) & (gnorm > max_norm)
+    factor = torch.where(over, max_norm / gnorm.clamp_min(grad_eps), 1.0).to(grads[0].dtype)
+    return list(factor.unbind(0)), over.sum()

@@ -170,3 +170,47 @@ def test_half_precision_grads_are_scaled_in_place():
     clip_by_global_norm_(stats.grads, stats.total_norm, 1.0)
     assert p.grad.dtype == torch.bfloat16
     assert float(p.grad.float().norm()) == pytest.approx(1.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("clipping", [0.01, 1.0])
+def test_agc_same_shape_tensors_stacked_match_reference(clipping):
+    """Many small tensors of a few shapes (handled on their stacks), a lone shape and a large tensor (one by one):
+    the same result as the independent per-tensor reference, with NaN/inf units spared and counted right."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 3, 3, 3)] * 5 + [(7, 5)] * 6 + [(7,)] * 6 + [()] * 4 + [(2, 9)] + [(300, 300)]
+
+    def make():
+        ps = []
+        for s in shapes:
+            p = torch.nn.Parameter(torch.randn(s, generator=g))
+            p.grad = torch.randn(s, generator=g)
+            ps.append(p)
+        return ps
+
+    g.manual_seed(3)
+    ours = make()
+    g.manual_seed(3)
+    ref = make()
+    ours[6].grad[2, 1] = float("nan")  # one unit of one stacked (7, 5) tensor
+    ref[6].grad[2, 1] = float("nan")
+    expected = 0  # units over their bound, counted from the definition before anything is clipped
+    for p in ref:
+        units_w = [p.detach().reshape(-1)] if p.ndim <= 1 else list(p.detach().flatten(1))
+        units_g = [p.grad.reshape(-1)] if p.ndim <= 1 else list(p.grad.flatten(1))
+        for w, gr in zip(units_w, units_g):
+            gn = float(gr.norm())
+            expected += math.isfinite(gn) and gn > clipping * max(float(w.norm()), 1e-3)
+    assert 0 < expected
+    clipped_units, total_units = clip_by_agc_(ours, [p.grad for p in ours], clipping, eps=1e-3)
+    reference_agc([p for i, p in enumerate(ref) if i != 6], clipping)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if i == 6:
+            continue
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    assert math.isnan(float(ours[6].grad[2, 1]))  # the NaN unit untouched...
+    assert torch.isfinite(ours[6].grad[[0, 1, 3, 4, 5, 6]]).all()  # ...its tensor's other units clipped normally
+    rows = [0, 1, 3, 4, 5, 6]
+    w_rows, g_rows = ours[6].detach()[rows].norm(dim=1), ours[6].grad[rows].norm(dim=1)
+    assert (g_rows <= clipping * w_rows * (1 + 1e-5)).all()
+    assert int(total_units) == 5 * 4 + 6 * 7 + 6 + 4 + 2 + 300
+    assert int(clipped_units) == expected
