@@ -179,18 +179,15 @@ def clip_by_agc_(
     for idx in groups.values():
         if len(idx) < 2:
             continue
-        fs, n_over = _agc_stacked([params[i] for i in idx], [grads[i] for i in idx], clipping, eps, grad_eps)
+        p_stack = torch.stack([params[i].detach() for i in idx])
+        factor, n_over = _agc_factor(p_stack, torch.stack([grads[i] for i in idx]), clipping, eps, grad_eps, True)
         clipped = clipped + n_over.to(dev)
-        for i, f in zip(idx, fs):
+        for i, f in zip(idx, factor.unbind(0)):
             factors[i] = f
     for i, (p, g) in enumerate(zip(params, grads)):
-        if factors[i] is not None:
-            continue
-        max_norm = agc_max_norms(p, clipping, eps)
-        gnorm = unitwise_norm(g)
-        over = torch.isfinite(gnorm) & (gnorm > max_norm)
-        factors[i] = torch.where(over, max_norm / gnorm.clamp_min(grad_eps), 1.0).to(g.dtype)
-        clipped = clipped + over.sum().to(dev)
+        if factors[i] is None:
+            factors[i], n_over = _agc_factor(p, g, clipping, eps, grad_eps, False)
+            clipped = clipped + n_over.to(dev)
     for idx in _by_device(grads).values():
         group = [grads[i] for i in idx]
         fs = [cast(Tensor, factors[i]) for i in idx]
@@ -207,22 +204,11 @@ def clip_by_agc_(
 _AGC_STACK_MAX_NUMEL = 1 << 12
 
 
-def _stacked_unitwise_norm(x: Tensor) -> Tensor:
-    """:func:`unitwise_norm` of each ``x[k]`` at once, shaped ``(k, *unitwise_norm(x[k]).shape)``."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if x.ndim == 1:  # a stack of scalars: each unit is the scalar itself
-        return torch.linalg.vector_norm(x.unsqueeze(-1), 2, dim=-1, dtype=acc)
-    if x.ndim == 2:  # a stack of vectors: one unit each, kept as shape (1,)
-        return torch.linalg.vector_norm(x, 2, dim=1, keepdim=True, dtype=acc)
-    return torch.linalg.vector_norm(x, 2, dim=tuple(range(2, x.ndim)), keepdim=True, dtype=acc)
-
-
-def _agc_stacked(
-    params: list[Tensor], grads: list[Tensor], clipping: float, eps: float, grad_eps: float
-) -> tuple[list[Tensor], Tensor]:
-    """AGC factors for same-shape tensors computed on their stack: the per-tensor rule, element for element."""
-    max_norm = _stacked_unitwise_norm(torch.stack([p.detach() for p in params])).clamp_min(eps) * clipping
-    gnorm = _stacked_unitwise_norm(torch.stack(grads))
+def _agc_factor(
+    param: Tensor, grad: Tensor, clipping: float, eps: float, grad_eps: float, stacked: bool
+) -> tuple[Tensor, Tensor]:
+    """AGC's per-unit factor for one tensor (or a stack of same-shape tensors) and how many units are over."""
+    max_norm = agc_max_norms(param, clipping, eps, stacked)
+    gnorm = unitwise_norm(grad, stacked)
     over = torch.isfinite(gnorm) & (gnorm > max_norm)
-    factor = torch.where(over, max_norm / gnorm.clamp_min(grad_eps), 1.0).to(grads[0].dtype)
-    return list(factor.unbind(0)), over.sum()
+    return torch.where(over, max_norm / gnorm.clamp_min(grad_eps), 1.0).to(grad.dtype), over.sum()

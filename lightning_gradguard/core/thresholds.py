@@ -103,26 +103,36 @@ def fallback_threshold(reference: Tensor, has_reference: Tensor, factor: float, 
     return torch.where(has_reference, multiple, cap)
 
 
-def unitwise_norm(x: Tensor) -> Tensor:
+def unitwise_norm(x: Tensor, stacked: bool = False) -> Tensor:
     """L2 norm of each unit: each output row (dim 0, all other dims reduced) for tensors of 2 or more dims, the whole
     tensor for vectors and scalars. The result keeps dims so that it broadcasts against ``x``; computed in float32
     (or float64 for float64 input).
 
+    With ``stacked=True``, ``x`` is a stack of same-shape tensors along dim 0 and each ``x[k]`` is measured as above
+    (result ``(k, *unitwise_norm(x[k]).shape)``): one set of kernels for many small tensors.
+
     Example:
         >>> unitwise_norm(torch.tensor([[3.0, 4.0], [0.0, 1.0]])).flatten().tolist()
         [5.0, 1.0]
+        >>> unitwise_norm(torch.tensor([[3.0, 4.0], [0.0, 1.0]]), stacked=True).tolist()
+        [[5.0], [1.0]]
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if x.ndim <= 1:
-        return torch.linalg.vector_norm(x, 2, dtype=acc).reshape([1] * x.ndim)
-    return torch.linalg.vector_norm(x, 2, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=acc)
+    lead = 1 if stacked else 0
+    unit_ndim = x.ndim - lead
+    if unit_ndim <= 1:  # vectors and scalars: the whole tensor is one unit
+        flat = x.reshape(x.shape[0], -1) if stacked else x.reshape(-1)
+        norms = torch.linalg.vector_norm(flat, 2, dim=-1, dtype=acc)
+        return norms.reshape(tuple(x.shape[:lead]) + (1,) * unit_ndim)
+    return torch.linalg.vector_norm(x, 2, dim=tuple(range(lead + 1, x.ndim)), keepdim=True, dtype=acc)
 
 
-def agc_max_norms(param: Tensor, clipping: float, eps: float) -> Tensor:
-    """AGC's per-unit bound on the gradient norm: ``clipping * max(unitwise_norm(param), eps)``.
+def agc_max_norms(param: Tensor, clipping: float, eps: float, stacked: bool = False) -> Tensor:
+    """AGC's per-unit bound on the gradient norm: ``clipping * max(unitwise_norm(param), eps)`` (``stacked`` as
+    in :func:`unitwise_norm`).
 
     Example:
         >>> [round(v, 8) for v in agc_max_norms(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), 0.01, 1e-3).flatten().tolist()]
         [0.05, 1e-05]
     """
-    return unitwise_norm(param.detach()).clamp_min(eps) * clipping
+    return unitwise_norm(param.detach(), stacked).clamp_min(eps) * clipping

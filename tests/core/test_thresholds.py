@@ -88,3 +88,15 @@ def test_agc_max_norms_hand_computed():
     w = T([[3.0, 4.0], [0.0, 0.0]])
     # clipping 0.1: row 0 -> 0.1 * 5 = 0.5; row 1 -> 0.1 * max(0, eps=1e-3) = 1e-4
     assert agc_max_norms(w, 0.1, 1e-3).flatten().tolist() == pytest.approx([0.5, 1e-4])
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (3, 4), (2, 3, 3, 3)])
+def test_unitwise_norm_of_a_stack_is_each_tensors_own(shape):
+    xs = [torch.randn(shape, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    stacked = unitwise_norm(torch.stack(xs), stacked=True)
+    for k, x in enumerate(xs):
+        assert stacked[k].shape == unitwise_norm(x).shape
+        torch.testing.assert_close(stacked[k], unitwise_norm(x))
+        torch.testing.assert_close(
+            agc_max_norms(torch.stack(xs), 0.1, 1e-3, stacked=True)[k], agc_max_norms(x, 0.1, 1e-3)
+        )
