@@ -403,11 +403,17 @@ class AdaptiveGradientClipping(Callback):
         state.count_clip(record.clipped)
         if log_now:
             self._log(trainer, idx, stats, state, record)
-        if self.progress_bar and trainer.progress_bar_callback is not None:
+        if self.progress_bar:
             # refreshed every few steps: Lightning's self.log costs more than the clipping itself on small models
             suffix = "" if idx == 0 else f"_opt{idx}"
-            rate = state.clipped_total.to(torch.float32) / state.steps
-            self._bar.show(trainer, pl_module, f"clip_rate{suffix}", rate, state.steps, every=_BAR_EVERY)
+            self._bar.show_every(
+                trainer,
+                pl_module,
+                f"clip_rate{suffix}",
+                lambda: state.clipped_total.to(torch.float32) / state.steps,
+                state.steps,
+                _BAR_EVERY,
+            )
 
     # ------------------------------------------------------------------ one step
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,36 +44,53 @@ class ProgressBarValues:
     """Show a callback's values in the progress bar without paying ``LightningModule.log`` on every step.
 
     Lightning keeps a progress-bar metric's last value until the next ``fit``/sanity check resets it (the bar reads
-    ``trainer.progress_bar_metrics``, which is updated, not replaced, after each step). So a value is sent only
-    when it differs from the one last sent, or, for values that drift every step (a rate), at most every
-    ``every`` steps. Nothing is sent without a progress bar. Call :meth:`reset` in ``on_train_start``.
+    ``trainer.progress_bar_metrics``, which is updated, not replaced, after each step). So a counter is sent only
+    when it differs from the one last sent (:meth:`show_changed`), and a value that drifts every step (a rate) at
+    most every ``every`` steps, computed only then (:meth:`show_every`). Nothing is sent without a progress bar.
+    Call :meth:`reset` in ``on_train_start``.
     """
 
     def __init__(self) -> None:
-        self._sent: dict[str, tuple[int, object]] = {}
+        self._sent: dict[str, tuple[int, float | None]] = {}
 
     def reset(self) -> None:
         self._sent.clear()
 
-    def show(
+    def show_changed(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str, value: float, step: int
+    ) -> None:
+        """Send ``value`` as ``name`` unless it is the value last sent (at this step or an earlier one)."""
+        last = self._sent.get(name)
+        if last is not None and last[1] == value and step >= last[0]:
+            return
+        self._send(trainer, pl_module, name, value, step, value)
+
+    def show_every(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        name: str,
+        make: Callable[[], torch.Tensor],
+        step: int,
+        every: int,
+    ) -> None:
+        """Send ``make()`` as ``name`` if nothing was sent for it in the last ``every`` steps."""
+        last = self._sent.get(name)
+        if last is not None and 0 <= step - last[0] < every:
+            return
+        if trainer.progress_bar_callback is not None:
+            self._send(trainer, pl_module, name, make(), step, None)
+
+    def _send(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         name: str,
         value: float | torch.Tensor,
         step: int,
-        every: int = 1,
+        remembered: float | None,
     ) -> None:
-        """Send ``value`` as ``name`` if it is new: a changed float, or a tensor last sent ``every`` steps ago."""
         if trainer.progress_bar_callback is None:
             return
-        last = self._sent.get(name)
-        if last is not None:
-            last_step, last_value = last
-            if isinstance(value, torch.Tensor):
-                if 0 <= step - last_step < every:
-                    return
-            elif value == last_value and step >= last_step:
-                return
-        self._sent[name] = (step, value if not isinstance(value, torch.Tensor) else None)
+        self._sent[name] = (step, remembered)
         pl_module.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)

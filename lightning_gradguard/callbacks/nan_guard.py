@@ -706,8 +706,8 @@ class NaNGuard(Callback):
                 metrics[tag("amp_overflow_steps")] = self.amp_overflow_steps
             log_scalars(trainer, metrics, step)
         # sent when they change, not every step (Lightning keeps the last value shown)
-        self._bar.show(trainer, pl_module, "nan_skips", float(self.skipped_steps), step)
-        self._bar.show(trainer, pl_module, "nan_rollbacks", float(self.rollbacks), step)
+        self._bar.show_changed(trainer, pl_module, "nan_skips", float(self.skipped_steps), step)
+        self._bar.show_changed(trainer, pl_module, "nan_rollbacks", float(self.rollbacks), step)
 
 
 def _grad_scaler(trainer: pl.Trainer) -> GradScaler | None:
