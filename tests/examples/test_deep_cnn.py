@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard.examples.deep_cnn import DeepPlainCNN, DigitsDataModule, load_digits_tensors
+from tests.models import make_trainer
 
 pytest.importorskip("sklearn")
 
@@ -61,21 +62,12 @@ def test_digits_split_is_disjoint_and_complete():
     assert float(xtr.std()) == pytest.approx(1.0, rel=1e-4)
 
 
-def test_tiny_fit_val_acc_matches_reference():
+def test_tiny_fit_val_acc_matches_reference(tmp_path):
     pl.seed_everything(0, verbose=False)
     model = DeepPlainCNN(depth=3, channels=8, lr=0.01, optimizer="adam", init="he")
     dm = DigitsDataModule(batch_size=64, seed=0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=30,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        val_check_interval=30,
-        check_val_every_n_epoch=None,
+    trainer = make_trainer(
+        tmp_path, [], max_steps=30, logger=False, val_check_interval=30, check_val_every_n_epoch=None
     )
     trainer.fit(model, dm)
     metrics = trainer.callback_metrics

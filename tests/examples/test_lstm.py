@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_gradguard.examples.lstm import BASELINE_MSE, AddingProblemDataModule, AddingProblemLSTM, adding_problem
+from tests.models import make_trainer
 
 
 def test_adding_problem_data_matches_definition():
@@ -49,16 +50,7 @@ def test_tiny_fit_logs_train_loss_and_val_mse_matching_reference(tmp_path):
     pl.seed_everything(0, verbose=False)
     model = AddingProblemLSTM(hidden_size=8, lr=0.01, optimizer="adam")
     dm = AddingProblemDataModule(seq_len=6, num_train=64, num_val=32, batch_size=16, seed=0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
+    trainer = make_trainer(tmp_path, [], max_steps=-1, max_epochs=2, logger=False)
     trainer.fit(model, dm)
     metrics = trainer.callback_metrics
     for key in ("train_loss_step", "train_loss_epoch", "val_mse"):
