@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,7 +19,38 @@ import torch
 from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats
 from lightning_gradguard.core.step_cache import StepStatsCache
 
-__all__ = ["TrainerContext", "context_for", "grad_stats_for", "optimizer_index", "unwrap_optimizer"]
+__all__ = [
+    "StepRecord",
+    "TrainerContext",
+    "context_for",
+    "grad_stats_for",
+    "log_due",
+    "on_measured",
+    "optimizer_index",
+    "step_record",
+    "unwrap_optimizer",
+]
+
+#: ``fn(stats, optimizer_idx, step)``: called once right after a new measurement, before any callback acts on the
+#: gradients (so a listener sees pre-clip gradients whatever the callback order).
+MeasuredListener = Callable[[GradStats, int, int], None]
+
+
+@dataclass
+class StepRecord:
+    """What the gradguard callbacks publish about one optimizer step (``step`` is ``trainer.global_step``).
+
+    Attributes:
+        step: the step this record belongs to.
+        clips: optimizer index -> the clipper's record of what it did at this step.
+        dropped: set by the guard when this step's update was skipped (its statistics must not be learned from).
+        loss: the step's loss (device tensor) when a callback recorded it.
+    """
+
+    step: int
+    clips: dict[int, Any] = field(default_factory=dict)
+    dropped: bool = False
+    loss: torch.Tensor | None = None
 
 
 class TrainerContext:
@@ -26,6 +58,8 @@ class TrainerContext:
 
     def __init__(self) -> None:
         self.cache = StepStatsCache()
+        self.listeners: list[MeasuredListener] = []
+        self.record: StepRecord | None = None
         self._names: dict[int, str] | None = None
         self._names_owner: weakref.ref[Any] | None = None
 
@@ -37,6 +71,8 @@ class TrainerContext:
 
     def reset(self) -> None:
         self.cache.invalidate()
+        self.listeners.clear()
+        self.record = None
         self._names = None
         self._names_owner = None
 
@@ -53,7 +89,9 @@ def context_for(trainer: pl.Trainer) -> TrainerContext:
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The raw torch optimizer behind a ``LightningOptimizer`` (state operations must use the raw one)."""
-    return getattr(optimizer, "_optimizer", optimizer)
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
 def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
@@ -82,6 +120,40 @@ def grad_stats_for(
         names = ctx.param_names(pl_module)
         params = [p for group in raw.param_groups for p in group["params"]]
         labels = [names.get(id(p), f"param_{i}") for i, p in enumerate(params)]
-        return compute_grad_stats(params, labels, norm_type)
+        stats = compute_grad_stats(params, labels, norm_type)
+        if ctx.listeners:
+            idx = optimizer_index(trainer, raw)
+            for listener in list(ctx.listeners):
+                listener(stats, idx, trainer.global_step)
+        return stats
 
     return ctx.cache.get((id(raw), norm_type if norm_type != math.inf else "inf"), step_key(trainer), compute)
+
+
+def on_measured(trainer: pl.Trainer, listener: MeasuredListener) -> None:
+    """Register ``listener`` to see every new measurement of this Trainer before any gradient is changed."""
+    ctx = context_for(trainer)
+    if listener not in ctx.listeners:
+        ctx.listeners.append(listener)
+
+
+def step_record(trainer: pl.Trainer) -> StepRecord:
+    """The shared record of the current optimizer step (a fresh one when ``global_step`` moved on)."""
+    ctx = context_for(trainer)
+    step = trainer.global_step
+    if ctx.record is None or ctx.record.step != step:
+        ctx.record = StepRecord(step)
+    return ctx.record
+
+
+def log_due(trainer: pl.Trainer, every_n_steps: int) -> bool:
+    """The one meaning of ``log_every_n_steps`` for every gradguard callback.
+
+    Counts the batches that made an optimizer step (Lightning's own logging counter, restored on resume), so
+    every optimizer of a multi-optimizer batch logs at the same batch and the guard logs with the others.
+    """
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    count = getattr(epoch_loop, "_batches_that_stepped", None)
+    if not isinstance(count, int):
+        count = trainer.global_step
+    return count % max(1, int(every_n_steps)) == 0
