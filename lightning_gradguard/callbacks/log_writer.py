@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -9,7 +11,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-__all__ = ["ProgressBarValues", "log_scalars", "log_text", "tag", "tensorboard_writers"]
+__all__ = ["ProgressBarValues", "announce", "log_scalars", "log_text", "tag", "tensorboard_writers"]
+
+_log = logging.getLogger("lightning_gradguard")
 
 
 def tag(name: str, optimizer_idx: int = 0) -> str:
@@ -38,6 +42,37 @@ def log_text(trainer: pl.Trainer, name: str, text: str, step: int) -> None:
     for writer in tensorboard_writers(trainer):
         writer.add_text(name, text, global_step=step)
         writer.flush()
+
+
+def announce(
+    trainer: pl.Trainer, text: str, level: int = logging.WARNING, logger: logging.Logger | None = None
+) -> None:
+    """Tell the person watching the run about an event, on its own line above the progress bar (rank zero only).
+
+    With an enabled progress bar the line goes through it (tqdm's ``write`` clears the bar, prints the line and
+    redraws the bar; other bars use their own ``print``), so it is never glued to the bar. The Python logging
+    record is also emitted when ``logger`` (default ``lightning_gradguard``) has handlers configured, e.g. by the
+    user or by pytest's ``caplog``. Without a bar the record is simply logged at ``level``; Python's last-resort
+    handler prints WARNING and above to stderr when nothing is configured.
+    """
+    if trainer.global_rank != 0:
+        return
+    logger = logger or _log
+    bar = trainer.progress_bar_callback
+    if bar is None or not bar.is_enabled:
+        logger.log(level, text)
+        return
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    if isinstance(bar, TQDMProgressBar):
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stdout)  # Lightning's tqdm bars draw on stdout
+    else:
+        bar.print(text)
+    if logger.hasHandlers() and logger.isEnabledFor(level):
+        # configured handlers (a log file, caplog) still get the record; the terminal line went through the bar
+        logger.log(level, text)
 
 
 class ProgressBarValues:

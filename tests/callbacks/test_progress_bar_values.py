@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 
 from lightning_gradguard import AdaptiveGradientClipping, NaNGuard
+from lightning_gradguard.callbacks.log_writer import announce
 from tests.models import TinyRegression, make_trainer
 
 BAR_KEYS = ("clip_rate", "nan_skips", "nan_rollbacks")
@@ -92,3 +93,35 @@ def test_values_show_again_in_the_next_fit(tmp_path):
     second.fit(model)
     assert rec.shown[0]["nan_skips"] == 1.0  # the counter from the first fit, shown from the first step
     assert "clip_rate" in rec.shown[0]
+
+
+class Announcer(pl.Callback):
+    """Announces an event line at one step, as the guard does at a rollback."""
+
+    def __init__(self, at_step: int, text: str):
+        self.at_step, self.text = at_step, text
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            announce(trainer, self.text)
+
+
+def test_announce_prints_its_own_line_above_the_tqdm_bar(tmp_path, capsys):
+    text = "NaNGuard rollback at step 5: demo line"
+    trainer = make_trainer(tmp_path, [Announcer(5, text)], max_steps=8, enable_progress_bar=True, logger=False)
+    trainer.fit(TinyRegression())
+    out = capsys.readouterr().out
+    assert text in out
+    before, after = out.split(text, 1)
+    # the bar was cleared (carriage return, or a fresh line) before the text, and the text ended its line
+    assert before.endswith(("\r", "\n")), repr(before[-80:])
+    assert after.startswith("\n"), repr(after[:80])
+    assert before.count("Epoch 0") > 0  # the bar really was drawn before the line
+
+
+def test_announce_without_a_bar_logs_a_warning_record(tmp_path, caplog):
+    text = "NaNGuard skip at step 3: demo line"
+    trainer = make_trainer(tmp_path, [Announcer(3, text)], max_steps=5, logger=False)
+    with caplog.at_level("WARNING", logger="lightning_gradguard"):
+        trainer.fit(TinyRegression())
+    assert [r.getMessage() for r in caplog.records if r.name == "lightning_gradguard"] == [text]
