@@ -10,7 +10,7 @@ STAMP := $(VENV)/.gradguard-installed
 SPEC_FILE := $(VENV)/.torch-spec
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-full lint clean FORCE
+.PHONY: install test demo bench bench-full lint docs wheel-check clean FORCE
 
 # Rewrite the spec file only when the spec changes, so make sees a new mtime only then.
 $(SPEC_FILE): FORCE
@@ -44,6 +44,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check lightning_gradguard tests benchmarks examples
 	$(VENV)/bin/mypy lightning_gradguard
+
+# API reference from the docstrings (pdoc, Google style) into build/docs/api; any warning fails the target.
+docs: $(STAMP)
+	$(PY) docs/api/build.py --out build/docs/api
+
+# Build sdist + wheel from a copy of the tree, install the wheel into a fresh venv, import every module and fit.
+wheel-check: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_packaging.py
 
 clean:
 	rm -rf $(VENV) lightning_logs gradguard_logs .pytest_cache
