@@ -2,29 +2,50 @@
 
 One call of :func:`compute_grad_stats` measures everything the gradguard callbacks need about the gradients of one
 optimizer at one step: the global norm, per-parameter and per-layer norms, finiteness flags and the matching weight
-norms. The numbers stay on the device as tensors (no host synchronisation); the per-parameter norms come from torch's
-multi-tensor ``_foreach_norm`` kernel, one launch per (device, dtype) group, reduced in float32 whatever the gradient
-dtype. Derived quantities (weight norms, per-layer norms, update ratios) are computed lazily on first access and
-kept, so a step that only clips pays only for the gradient norms.
+norms. The numbers stay on the device as tensors (no host synchronisation on accelerators); the per-parameter norms
+come from torch's multi-tensor ``_foreach_norm`` kernel, one launch per (device, dtype) group. Derived quantities
+(weight norms, per-layer norms, update ratios) are computed on first access and kept, so a step that only clips pays
+only for the gradient norms.
 
-Sharded gradients (FSDP-style, each rank holding a slice of every parameter) are supported through ``reduce``: the
-per-parameter sums of p-th powers (or maxima, for ``p=inf``) are reduced across ranks before the root is taken.
+**Norms that cannot overflow.** A float32 sum of squares overflows once a tensor's true L2 norm passes ~1.8e19,
+although every element may be finite (up to 3.4e38). Here:
+
+- the per-tensor norms are combined (into the total and the per-layer norms) in float64, never in float32;
+- on the CPU, the per-tensor kernel runs in the gradient's own precision (fast) and the rare tensor whose result
+  is inf while all its elements are finite is measured again, scaled by its largest element, in float64 (one cheap
+  host check per group and step; the CPU has nothing to synchronise);
+- on accelerators, the kernel is asked for float64 results (``_foreach_norm(..., dtype=float64)``: the gradients are
+  read once in their own dtype, only the accumulator is wide), so no host check is needed.
+
+So for float32, bf16 and fp16 gradients ``param_norms64``/``total_norm64`` are finite exactly when every element is;
+the float32 views ``param_norms``/``total_norm`` can still be inf for a norm above float32's range (3.4e38, which
+needs elements near that range), and :attr:`GradStats.norm_overflow` says so. "Non-finite" (``finite``,
+``all_finite``) always means NaN or inf *inside* a gradient. The float64 work touches the vector of per-tensor norms
+only, never the gradients. Limit: a float64 gradient whose norm exceeds float64's range (1.8e308) counts as
+non-finite.
+
+**Sharded gradients** (``DTensor``, e.g. FSDP2 through Lightning's ``ModelParallelStrategy``) are measured on each
+rank's local shard and combined with one all-reduce (:mod:`lightning_gradguard.core.sharded`); every statistic is
+then the global one, identical on every rank. Under sharding each first access of a statistic is a collective: every
+rank must read the same statistics in the same order (the callbacks run the same code on every rank).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cached_property, lru_cache
 
 import torch
 from torch import Tensor
 
-__all__ = ["GradStats", "ShardReduce", "compute_grad_stats", "layer_name_of", "norms_of"]
+from lightning_gradguard.core.sharded import local_tensors, reduce_norms
 
-#: ``reduce(tensor, op)`` all-reduces ``tensor`` across the ranks that share a sharded parameter, with ``op`` one of
-#: ``"sum"`` or ``"max"``, and returns the reduced tensor.
-ShardReduce = Callable[[Tensor, str], Tensor]
+__all__ = ["GradStats", "compute_grad_stats", "layer_name_of", "norms_of"]
+
+#: Up to this p, p-th powers of per-tensor norms of float32/bf16/fp16 tensors (at most ~1e48) stay finite in float64,
+#: so norms are combined directly; above it they are first divided by the largest one.
+_DIRECT_POWER_MAX = 6.0
 
 
 def layer_name_of(param_name: str) -> str:
@@ -47,48 +68,90 @@ def _validate_norm_type(norm_type: float) -> float:
     return norm_type
 
 
-def norms_of(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
-    """Per-tensor ``norm_type``-norms as one float32 vector, on the device of the first tensor.
+def norms_of(tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-tensor ``norm_type``-norms as one vector (``dtype``, float32 by default) on the first tensor's device.
 
-    Uses ``torch._foreach_norm`` once per (device, dtype) group and falls back to a ``vector_norm`` loop where the
-    multi-tensor kernel is unavailable. Never synchronises with the host.
+    Finite for every tensor whose elements are all finite (up to ``dtype``'s range: pass ``torch.float64`` to get
+    finite norms of any finite float32/bf16/fp16 tensor). ``DTensor`` inputs give the norms of the whole tensors,
+    through one all-reduce: a collective, to be called on every rank.
     """
     if not tensors:
-        return torch.zeros(0, dtype=torch.float32)
+        return torch.zeros(0, dtype=dtype)
+    local, layout = local_tensors(tensors)
+    return reduce_norms(_local_norms64(local, norm_type), layout, norm_type).to(dtype)
+
+
+def _local_norms64(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
+    """Float64 per-tensor norms of plain tensors, one multi-tensor launch per (device, dtype) group."""
     out_device = tensors[0].device
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     if len(groups) == 1:
-        return _group_norms(list(tensors), norm_type)
-    result = torch.empty(len(tensors), dtype=torch.float32, device=out_device)
+        return _group_norms64(list(tensors), norm_type)
+    result = torch.empty(len(tensors), dtype=torch.float64, device=out_device)
     for idx in groups.values():
-        norms = _group_norms([tensors[i] for i in idx], norm_type)
+        norms = _group_norms64([tensors[i] for i in idx], norm_type)
         result[torch.tensor(idx, device=out_device)] = norms.to(out_device, non_blocking=True)
     return result
 
 
-def _group_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
-    # Half-precision gradients are accumulated in float32 (a fp16 sum of squares overflows at 256);
-    # float32/float64 are reduced in their own precision and the result stored as float32.
-    acc = torch.float32 if tensors[0].dtype in (torch.float16, torch.bfloat16) else None
+def _foreach_norms(tensors: list[Tensor], norm_type: float, acc: torch.dtype | None) -> Tensor:
     try:
         norms = list(torch._foreach_norm(tensors, norm_type, dtype=acc))
     except (RuntimeError, TypeError, NotImplementedError):  # pragma: no cover - exotic dtypes/devices
         norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in tensors]
-    return torch.stack(norms).to(torch.float32)
+    return torch.stack(norms)
+
+
+def _group_norms64(tensors: list[Tensor], norm_type: float) -> Tensor:
+    dtype, device = tensors[0].dtype, tensors[0].device
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type != "cpu" and not dtype.is_complex and dtype != torch.float64:
+        # a float64 accumulator inside the kernel: no overflow for any finite float32/bf16/fp16 input, no host check
+        return _foreach_norms(tensors, norm_type, torch.float64)
+    # CPU (and complex tensors): the gradient's own precision (float32 for half: a fp16 sum of squares overflows at
+    # 256), then a host check for the rare overflow; a float64 copy of a large tensor costs ~100x the kernel on CPU.
+    norms = _foreach_norms(tensors, norm_type, torch.float32 if half else None).to(torch.float64)
+    if norm_type != math.inf and bool(torch.isinf(norms).any()):
+        for i in torch.nonzero(torch.isinf(norms)).flatten().tolist():
+            if bool(torch.isfinite(tensors[i]).all()):
+                norms[i] = _scaled_norm64(tensors[i], norm_type).to(norms.device)
+    return norms
+
+
+def _scaled_norm64(t: Tensor, norm_type: float) -> Tensor:
+    """The norm of a tensor of finite elements in float64, divided by its largest magnitude first (never overflows
+    for a float32 tensor; for a float64 one only when the norm itself exceeds float64's range)."""
+    mag = t.detach().abs().to(torch.float64)
+    top = mag.amax()
+    if float(top) == 0.0:
+        return top
+    return top * torch.linalg.vector_norm(mag / top, norm_type)
 
 
 def _combine(norms: Tensor, norm_type: float, index: Tensor | None = None, size: int = 0) -> Tensor:
-    """Combine per-tensor norms into one norm (``index`` None) or into ``size`` group norms given by ``index``."""
+    """Combine float64 per-tensor norms into one norm (``index`` None) or ``size`` group norms given by ``index``."""
     if norm_type == math.inf:
         if index is None:
             return norms.max() if norms.numel() else norms.new_zeros(())
         return norms.new_zeros(size).scatter_reduce(0, index, norms, reduce="amax", include_self=True)
-    if index is None:  # one kernel, and the same arithmetic as torch's clip_grad_norm_
-        return torch.linalg.vector_norm(norms, norm_type)
-    powered = norms.pow(norm_type)
-    return norms.new_zeros(size).index_add(0, index, powered).pow(1.0 / norm_type)
+    if norm_type <= _DIRECT_POWER_MAX and norms.dtype == torch.float64:
+        if index is None:
+            return torch.linalg.vector_norm(norms, norm_type)
+        return norms.new_zeros(size).index_add(0, index, norms.pow(norm_type)).pow(1.0 / norm_type)
+    # large p: divide by the largest norm of the group first (where that is 0 or not finite, keep it as it is)
+    if index is None:
+        top = norms.max() if norms.numel() else norms.new_zeros(())
+        safe = torch.where(torch.isfinite(top) & (top > 0), top, 1.0)
+        scaled = safe * torch.linalg.vector_norm(norms / safe, norm_type)
+        return torch.where(torch.isfinite(top) & (top > 0), scaled, top)
+    top = norms.new_zeros(size).scatter_reduce(0, index, norms, reduce="amax", include_self=True)
+    ok = torch.isfinite(top) & (top > 0)
+    safe = torch.where(ok, top, 1.0)
+    powered = (norms / safe[index]).pow(norm_type)
+    scaled = safe * norms.new_zeros(size).index_add(0, index, powered).pow(1.0 / norm_type)
+    return torch.where(ok, scaled, top)
 
 
 class GradStats:
@@ -97,10 +160,10 @@ class GradStats:
     Attributes:
         names: names of the parameters that had a gradient (``grad is None`` ones are left out), in optimizer order.
         params: those parameters.
-        grads: their gradients (the live ``.grad`` tensors, not copies).
+        grads: their gradients (the live ``.grad`` tensors, not copies; ``DTensor`` under sharding).
         norm_type: the p of the p-norms.
-        param_norms: float32 vector, the gradient norm of each parameter.
-        total_norm: float32 scalar, the global gradient norm over all of them (pre-clipping).
+        param_norms64: float64 vector, the gradient norm of each parameter (finite iff its elements are).
+        total_norm64: float64 scalar, the global gradient norm over all of them (pre-clipping).
     """
 
     def __init__(
@@ -108,89 +171,83 @@ class GradStats:
         names: Sequence[str],
         params: Sequence[Tensor],
         grads: Sequence[Tensor],
-        param_norms: Tensor,
-        total_norm: Tensor,
+        param_norms64: Tensor,
         norm_type: float,
-        reduce: ShardReduce | None = None,
     ) -> None:
         self.names = list(names)
         self.params = list(params)
         self.grads = list(grads)
-        self.param_norms = param_norms
-        self.total_norm = total_norm
+        self.param_norms64 = param_norms64
+        self.total_norm64 = _combine(param_norms64, norm_type)
         self.norm_type = norm_type
-        self._reduce = reduce
-        self._cache: dict[str, object] = {}
-
-    def _lazy(self, key: str, fn: Callable[[], object]) -> object:
-        if key not in self._cache:
-            self._cache[key] = fn()
-        return self._cache[key]
 
     @property
     def device(self) -> torch.device:
-        return self.total_norm.device
+        return self.total_norm64.device
 
-    @property
+    @cached_property
+    def param_norms(self) -> Tensor:
+        """Float32 vector: each parameter's gradient norm (inf beyond float32's range; see :attr:`norm_overflow`)."""
+        return self.param_norms64.to(torch.float32)
+
+    @cached_property
+    def total_norm(self) -> Tensor:
+        """Float32 scalar: the global gradient norm (inf beyond float32's range; see :attr:`norm_overflow`)."""
+        return self.total_norm64.to(torch.float32)
+
+    @cached_property
     def finite(self) -> Tensor:
-        """Bool vector: is each parameter's gradient free of NaN and inf (its norm finite)."""
-        return self._lazy("finite", lambda: torch.isfinite(self.param_norms))  # type: ignore[return-value]
+        """Bool vector: is each parameter's gradient free of NaN and inf."""
+        return torch.isfinite(self.param_norms64)
 
-    @property
+    @cached_property
     def all_finite(self) -> Tensor:
         """Bool scalar tensor: are all gradients finite. Stays on the device; ``bool()`` it only when needed."""
-        return self._lazy("all_finite", lambda: self.finite.all())  # type: ignore[return-value]
+        return torch.isfinite(self.total_norm64)
 
-    @property
+    @cached_property
+    def norm_overflow(self) -> Tensor:
+        """Bool scalar tensor: every element is finite but the float32 :attr:`total_norm` is inf (its true value,
+        above 3.4e38, is in :attr:`total_norm64`). Such a gradient is huge, not broken: clip it, do not drop it."""
+        return self.all_finite & ~torch.isfinite(self.total_norm)
+
+    @cached_property
     def weight_norms(self) -> Tensor:
         """Float32 vector: the L2 norm of each parameter (for update ratios and AGC)."""
+        return self.weight_norms64.to(torch.float32)
 
-        def compute() -> Tensor:
-            norms = norms_of([p.detach() for p in self.params], 2.0)
-            if self._reduce is not None:
-                norms = self._reduce(norms.pow(2), "sum").sqrt()
-            return norms
-
-        return self._lazy("weight_norms", compute)  # type: ignore[return-value]
+    @cached_property
+    def weight_norms64(self) -> Tensor:
+        """Float64 vector: the L2 norm of each parameter."""
+        if not self.params:
+            return self.param_norms64.new_zeros(0)
+        return norms_of([p.detach() for p in self.params], 2.0, torch.float64).to(self.device)
 
     @property
     def layer_names(self) -> list[str]:
         """Names of the modules owning the parameters, in first-seen (input-to-output) order."""
         return list(_layer_grouping(tuple(self.names))[0])
 
-    @property
+    @cached_property
     def layer_index(self) -> Tensor:
         """Long vector mapping each parameter to its position in :attr:`layer_names`."""
-        return self._lazy(  # type: ignore[return-value]
-            "layer_index",
-            lambda: torch.tensor(_layer_grouping(tuple(self.names))[1], dtype=torch.long, device=self.device),
-        )
+        return torch.tensor(_layer_grouping(tuple(self.names))[1], dtype=torch.long, device=self.device)
 
-    @property
+    @cached_property
     def layer_norms(self) -> Tensor:
         """Float32 vector: the gradient norm of each layer (all parameters of the module taken together)."""
-        return self._lazy(  # type: ignore[return-value]
-            "layer_norms",
-            lambda: _combine(self.param_norms, self.norm_type, self.layer_index, len(self.layer_names)),
-        )
+        return _combine(self.param_norms64, self.norm_type, self.layer_index, len(self.layer_names)).to(torch.float32)
 
-    @property
+    @cached_property
     def layer_weight_norms(self) -> Tensor:
         """Float32 vector: the L2 weight norm of each layer."""
-        return self._lazy(  # type: ignore[return-value]
-            "layer_weight_norms",
-            lambda: _combine(self.weight_norms.to(self.device), 2.0, self.layer_index, len(self.layer_names)),
-        )
+        return _combine(self.weight_norms64, 2.0, self.layer_index, len(self.layer_names)).to(torch.float32)
 
-    @property
+    @cached_property
     def layer_update_ratio(self) -> Tensor:
         """Float32 vector: layer gradient norm / layer weight norm (0 where the weights are all zero)."""
-
-        def compute() -> Tensor:
-            w = self.layer_weight_norms
-            return torch.where(w > 0, self.layer_norms / w.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-
-        return self._lazy("layer_update_ratio", compute)  # type: ignore[return-value]
+        w = self.layer_weight_norms
+        return torch.where(w > 0, self.layer_norms / w.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
 
     def nonfinite_names(self) -> list[str]:
         """Names of the parameters whose gradient holds NaN or inf (synchronises with the host)."""
@@ -198,31 +255,35 @@ class GradStats:
         return [n for n, ok in zip(self.names, flags) if not ok]
 
     def __repr__(self) -> str:
-        return f"GradStats(params={len(self.names)}, norm_type={self.norm_type}, total_norm={self.total_norm})"
+        return f"GradStats(params={len(self.names)}, norm_type={self.norm_type}, total_norm={self.total_norm64})"
 
 
 def compute_grad_stats(
     params: Sequence[Tensor],
     names: Sequence[str] | None = None,
     norm_type: float = 2.0,
-    reduce: ShardReduce | None = None,
 ) -> GradStats:
     """Measure the gradients of ``params`` once.
 
     Args:
         params: the parameters (typically all parameters of one optimizer). Those with ``grad is None`` are skipped.
+            ``DTensor`` parameters (FSDP2, tensor parallel) are measured shard by shard and combined across ranks:
+            then this is a collective, to be called on every rank.
         names: a name per parameter (same order); layers are the owning modules' names. Defaults to ``param_<i>``.
         norm_type: p of the p-norm: a positive float or ``math.inf``.
-        reduce: for sharded gradients, a function that all-reduces a tensor across ranks (see :data:`ShardReduce`).
 
     Raises:
-        ValueError: ``norm_type`` not positive, ``names`` of the wrong length, or a sparse gradient.
+        ValueError: ``norm_type`` not positive, ``names`` of the wrong length, a sparse gradient, or a ``DTensor``
+            gradient with a ``Partial`` placement.
 
     Example:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
         >>> compute_grad_stats([w], ["fc.weight"]).total_norm
         tensor(5.)
+        >>> w.grad = torch.tensor([3e30, 4e30])  # finite elements, a float32 sum of squares would overflow
+        >>> compute_grad_stats([w]).total_norm
+        tensor(5.0000e+30)
     """
     norm_type = _validate_norm_type(norm_type)
     if names is None:
@@ -246,13 +307,7 @@ def compute_grad_stats(
         grads.append(g.detach())
     if not grads:
         device = params[0].device if params else torch.device("cpu")
-        empty = torch.zeros(0, dtype=torch.float32, device=device)
-        return GradStats([], [], [], empty, empty.new_zeros(()), norm_type, reduce)
-    param_norms = norms_of(grads, norm_type)
-    if reduce is not None:
-        if norm_type == math.inf:
-            param_norms = reduce(param_norms, "max")
-        else:
-            param_norms = reduce(param_norms.pow(norm_type), "sum").pow(1.0 / norm_type)
-    total = _combine(param_norms, norm_type)
-    return GradStats(kept_names, kept_params, grads, param_norms, total, norm_type, reduce)
+        return GradStats([], [], [], torch.zeros(0, dtype=torch.float64, device=device), norm_type)
+    local, layout = local_tensors(grads, kept_names)
+    norms = reduce_norms(_local_norms64(local, norm_type), layout, norm_type)
+    return GradStats(kept_names, kept_params, grads, norms, norm_type)

@@ -1,0 +1,111 @@
+"""Norms of sharded tensors (``torch.distributed.tensor.DTensor``, as FSDP2 and tensor parallelism produce them).
+
+Each rank measures its own local shard with the ordinary multi-tensor kernels; the per-tensor results are then
+combined across the ranks that hold the other pieces, with one all-reduce per group of tensors sharing a layout (in
+practice: one all-reduce per step for FSDP2). No tensor is ever gathered.
+
+How a per-tensor p-norm combines depends on the tensor's placement on each mesh dimension:
+
+- ``Shard``/strided shards: the elements are split across that dimension's ranks, so the p-th powers of the local
+  norms are summed (maxima taken for ``p = inf``) over that dimension's process group;
+- ``Replicate``: every rank holds the same elements, nothing to combine (summing would count them twice);
+- ``Partial``: the values are pending a sum and their norm cannot be taken from the pieces, so it is refused.
+
+Every function here that reduces is a collective: every rank of the groups involved must call it at the same point
+with tensors of the same layouts (the callbacks do, since they run the same hooks on every rank).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ShardLayout", "is_sharded", "local_tensors", "reduce_norms"]
+
+try:  # torch builds without distributed support have no DTensor
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - such builds cannot shard either
+    dist = None  # type: ignore[assignment]
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Is ``t`` a ``DTensor`` (possibly only replicated, in which case its norms need no communication)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which per-tensor norms must be combined across which process groups.
+
+    Attributes:
+        groups: ``(positions, process_groups)`` pairs: the norms at ``positions`` (in the list given to
+            :func:`local_tensors`) are combined over each of ``process_groups`` in turn.
+    """
+
+    groups: tuple[tuple[tuple[int, ...], tuple[object, ...]], ...]
+
+
+def local_tensors(tensors: Sequence[Tensor], names: Sequence[str] | None = None) -> tuple[list[Tensor], ShardLayout]:
+    """The local pieces of ``tensors`` (plain tensors pass through) and how their norms combine across ranks.
+
+    Raises:
+        ValueError: a tensor with a ``Partial`` placement (pending reduction: its norm is not defined by the pieces).
+    """
+    local: list[Tensor] = []
+    by_key: dict[tuple[int, tuple[int, ...]], tuple[object, list[int]]] = {}
+    for i, t in enumerate(tensors):
+        if not is_sharded(t):
+            local.append(t)
+            continue
+        sharded_dims = []
+        for dim, placement in enumerate(t.placements):
+            if placement.is_partial():
+                name = names[i] if names is not None else f"tensor {i}"
+                raise ValueError(
+                    f"{name!r} is a DTensor with a Partial placement on mesh dimension {dim} ({t.placements}); its "
+                    "norm is only defined once the pending reduction ran. gradguard measures Shard and Replicate "
+                    "placements."
+                )
+            if not placement.is_replicate():
+                sharded_dims.append(dim)
+        local.append(t.to_local())
+        if sharded_dims:
+            key = (id(t.device_mesh), tuple(sharded_dims))
+            by_key.setdefault(key, (t.device_mesh, []))[1].append(i)
+    groups = []
+    for (_, dims), (mesh, idx) in by_key.items():
+        pgs = tuple(mesh.get_group(d) for d in dims)  # type: ignore[attr-defined]
+        groups.append((tuple(idx), pgs))
+    return local, ShardLayout(tuple(groups))
+
+
+def reduce_norms(local_norms: Tensor, layout: ShardLayout, norm_type: float) -> Tensor:
+    """Combine per-tensor norms of local shards (float64 vector) into the norms of the whole tensors.
+
+    ``sum`` of p-th powers for finite ``p`` (NaN and inf propagate through the sum), ``max`` for ``p = inf`` (NaN is
+    sent as inf first: a max may drop NaN, and either way the result is non-finite). Float64 throughout: p-th powers
+    of norms of float32/bf16/fp16 gradients (at most ~1e48) stay finite in float64 for ``p <= 6``.
+    """
+    if not layout.groups:
+        return local_norms
+    out = local_norms.clone()
+    for idx, pgs in layout.groups:
+        index = torch.tensor(idx, dtype=torch.long, device=out.device)
+        part = out.index_select(0, index)
+        if norm_type == math.inf:
+            part = torch.where(torch.isnan(part), math.inf, part)
+            for pg in pgs:
+                dist.all_reduce(part, op=dist.ReduceOp.MAX, group=pg)
+        else:
+            part = part.pow(norm_type)
+            for pg in pgs:
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
+            part = part.pow(1.0 / norm_type)
+        out.index_copy_(0, index, part)
+    return out
