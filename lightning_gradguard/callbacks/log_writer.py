@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import re
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -11,7 +13,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-__all__ = ["ProgressBarValues", "announce", "log_scalars", "log_text", "tag", "tensorboard_writers"]
+__all__ = [
+    "LOG10_NAMES",
+    "ProgressBarValues",
+    "announce",
+    "log10_twins",
+    "log_scalars",
+    "log_text",
+    "tag",
+    "tensorboard_writers",
+]
 
 _log = logging.getLogger("lightning_gradguard")
 
@@ -21,11 +32,37 @@ def tag(name: str, optimizer_idx: int = 0) -> str:
     return f"gradguard/{name}" if optimizer_idx == 0 else f"gradguard/{name}_opt{optimizer_idx}"
 
 
+#: scalars whose values span decades: :func:`log_scalars` also writes ``<name>_log10`` beside each of them
+LOG10_NAMES = frozenset(
+    {"grad_norm", "grad_norm_max", "grad_norm_mean", "grad_norm_clipped", "clip_threshold", "loss_max"}
+)
+_TAG = re.compile(r"gradguard/(?P<name>.+?)(?:_opt(?P<idx>\d+))?$")
+
+
+def log10_twins(values: Mapping[str, float]) -> dict[str, float]:
+    """``gradguard/<name>_log10`` (``_opt<i>`` kept last) for each finite, positive value of a :data:`LOG10_NAMES` tag.
+
+    Example:
+        >>> log10_twins({"gradguard/grad_norm": 100.0, "gradguard/clip_threshold_opt1": 0.01, "gradguard/lr": 0.1})
+        {'gradguard/grad_norm_log10': 2.0, 'gradguard/clip_threshold_log10_opt1': -2.0}
+    """
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        m = _TAG.match(key)
+        if m and m["name"] in LOG10_NAMES and math.isfinite(value) and value > 0:
+            out[tag(m["name"] + "_log10", int(m["idx"] or 0))] = math.log10(value)
+    return out
+
+
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
-    """Send scalars to every logger of the Trainer (loggers only write on global rank zero)."""
+    """Send scalars to every logger of the Trainer (loggers only write on global rank zero).
+
+    Norm-like tags (:data:`LOG10_NAMES`) also get their ``_log10`` twin, for charts whose values span decades.
+    """
     if not metrics or trainer.global_rank != 0:
         return
     values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+    values.update(log10_twins(values))
     for logger in trainer.loggers:
         logger.log_metrics(values, step=step)
 

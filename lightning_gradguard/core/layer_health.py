@@ -30,7 +30,7 @@ from torch import Tensor
 
 from lightning_gradguard.core.arg_checks import check_int, is_number
 
-__all__ = ["ExplodingDetector", "VanishingDetector"]
+__all__ = ["ExplodingDetector", "LayerHealthChanges", "VanishingDetector"]
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -231,3 +231,61 @@ class ExplodingDetector(_LayerDetector):
 
     def state_dict(self) -> dict[str, Any]:
         return {"factor": self.factor, "ema_decay": self.ema_decay, "warmup": self.warmup, **super().state_dict()}
+
+
+class LayerHealthChanges:
+    """Which layers became vanishing or exploding (or recovered) since the previous logged step, per optimizer.
+
+    Feed :meth:`update` the sets flagged at a logged step (names in layer order); it returns the changes as
+    ``{"vanishing": [...], "exploding": [...], "recovered": [...]}`` (recovered: vanishing before, not now) and
+    which of the new ones were never reported before (``first``: each layer is announced once per run).
+
+    Example:
+        >>> changes = LayerHealthChanges()
+        >>> changes.update(0, ["a", "b"], vanishing={"a"}, exploding=set())
+        ({'vanishing': ['a'], 'exploding': [], 'recovered': []}, [('vanishing', 'a')])
+        >>> changes.update(0, ["a", "b"], vanishing=set(), exploding={"b"})
+        ({'vanishing': [], 'exploding': ['b'], 'recovered': ['a']}, [('exploding', 'b')])
+        >>> changes.flagged("exploding")
+        {'b'}
+    """
+
+    KINDS = ("vanishing", "exploding", "recovered")
+
+    def __init__(self) -> None:
+        self._now: dict[int, dict[str, set[str]]] = {}
+        self._reported: dict[str, set[str]] = {"vanishing": set(), "exploding": set()}
+
+    def flagged(self, kind: str) -> set[str]:
+        """Layers of every optimizer flagged ``kind`` at their latest logged step."""
+        return set().union(*(now[kind] for now in self._now.values()))
+
+    def update(
+        self, optimizer: int, order: Sequence[str], vanishing: set[str], exploding: set[str]
+    ) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+        before = self._now.get(optimizer, {"vanishing": set(), "exploding": set()})
+        changes = {
+            "vanishing": [n for n in order if n in vanishing - before["vanishing"]],
+            "exploding": [n for n in order if n in exploding - before["exploding"]],
+            "recovered": [n for n in order if n in before["vanishing"] - vanishing],
+        }
+        self._now[optimizer] = {"vanishing": set(vanishing), "exploding": set(exploding)}
+        first = []
+        for kind in ("vanishing", "exploding"):
+            for name in changes[kind]:
+                if name not in self._reported[kind]:
+                    self._reported[kind].add(name)
+                    first.append((kind, name))
+        return changes, first
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "now": {idx: {k: sorted(v) for k, v in now.items()} for idx, now in sorted(self._now.items())},
+            "reported": {k: sorted(v) for k, v in self._reported.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for idx, now in (state.get("now") or {}).items():
+            self._now[int(idx)] = {k: set(now.get(k) or ()) for k in ("vanishing", "exploding")}
+        for kind, names in (state.get("reported") or {}).items():
+            self._reported.setdefault(kind, set()).update(names)

@@ -20,7 +20,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
 from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard
-from lightning_gradguard.callbacks.step_context import context_for
+from lightning_gradguard.callbacks.step_context import context_for, step_record
 from tests.models import TinyRegression, make_trainer
 
 GUIDANCE = {"histograms": 0, "scalars": 0, "images": 0, "tensors": 0, "compressedHistograms": 0}
@@ -120,6 +120,30 @@ def test_layer_histograms_match_reference(tb_run):
             assert h.sum_squares == pytest.approx(sum(v * v for v in values), rel=1e-5)
 
 
+ALL_TAGS = [
+    f"gradguard/{n}{suffix}"
+    for n in (
+        "grad_norm",
+        "grad_norm_max",
+        "grad_norm_mean",
+        "grad_norm_clipped",
+        "clip_threshold",
+        "lr",
+        "loss_max",
+        "clipped_steps",
+        "flagged_steps",
+        "skipped_steps",
+        "rollbacks",
+        "lr_scale",
+        "clip_fraction",
+        "vanishing_layers",
+        "exploding_layers",
+        "nonfinite_layers",
+    )
+    for suffix in ("", "_log10")
+]
+
+
 def test_custom_scalars_layout_is_readable(tb_run):
     _, _, _, ea = tb_run
     events = ea.Tensors("custom_scalars__config__")
@@ -127,16 +151,27 @@ def test_custom_scalars_layout_is_readable(tb_run):
     layout = layout_pb2.Layout()
     layout.ParseFromString(events[0].tensor_proto.string_val[0])
     assert [c.title for c in layout.category] == ["gradguard"]
-    (chart,) = layout.category[0].chart
-    regexes = list(chart.multiline.tag)
+    charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
     # the plugin matches each regex with re.match against the scalar tags: each picks exactly its own tag
-    scalar_tags = ea.Tags()["scalars"] + ["gradguard/clip_threshold", "gradguard/grad_norm_clipped"]
-    picked = {r: [t for t in scalar_tags if re.match(r, t)] for r in regexes}
-    assert picked == {
-        "gradguard/grad_norm$": ["gradguard/grad_norm"],
-        "gradguard/clip_threshold$": ["gradguard/clip_threshold"],
-        "gradguard/lr$": ["gradguard/lr"],
-    }
+    for regexes in charts.values():
+        for r in regexes:
+            assert [t for t in ALL_TAGS if re.match(r, t)] == [r.removesuffix("$")], r
+    # norms on a log10 axis next to the threshold; the LR in its own chart; layer counts apart from norms
+    assert charts["grad norm vs clip threshold (log10)"][:3] == [
+        "gradguard/grad_norm_log10$",
+        "gradguard/grad_norm_max_log10$",
+        "gradguard/clip_threshold_log10$",
+    ]
+    assert charts["learning rate"] == ["gradguard/lr$"]
+    assert not any(
+        "lr" in r for title, rs in charts.items() if title != "learning rate" for r in rs if "lr_scale" not in r
+    )
+    # every tag this run wrote that a chart names exists, and the log10 twins hold log10 of their norm
+    written = set(ea.Tags()["scalars"])
+    for base in ("grad_norm", "grad_norm_max"):
+        for step, value in scalars(ea, f"gradguard/{base}").items():
+            assert scalars(ea, f"gradguard/{base}_log10")[step] == pytest.approx(math.log10(value), abs=1e-6)
+    assert {"gradguard/grad_norm_log10", "gradguard/grad_norm_max_log10", "gradguard/lr"} <= written
 
 
 def test_gradient_flow_image_every_n_logs_is_png(tb_run):
@@ -176,11 +211,15 @@ def test_one_measurement_per_step_and_pre_clip_norm(tmp_path):
         assert clipped[step] == pytest.approx(1e-4, rel=1e-3)
 
 
-def test_monitor_measures_nothing_on_non_logging_steps(tmp_path):
+def test_monitor_measures_once_per_step_and_writes_on_logging_steps_only(tmp_path):
     monitor = GradientNormMonitor(log_every_n_steps=4, flow_every_n_logs=0)
     trainer = make_trainer(tmp_path, [monitor], max_steps=10)
     trainer.fit(TinyRegression())
-    assert context_for(trainer).cache.computations == 3  # steps 0, 4, 8 only
+    # every step folds its norm into the interval maximum (on the device); nothing else is computed in between
+    assert context_for(trainer).cache.computations == 10
+    ea = read_events(trainer.logger.log_dir)
+    assert sorted(scalars(ea, "gradguard/grad_norm")) == [0, 4, 8]
+    assert sorted(scalars(ea, "gradguard/grad_norm_max")) == [0, 4, 8, 9]  # step 9: the fit's end
 
 
 # ---------------------------------------------------------------------------- opt-in per-layer value histograms
@@ -376,7 +415,6 @@ def test_detector_history_survives_resume(tmp_path):
     trainer.fit(deep_mlp(nn.Sigmoid, he_init=False), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     # without the restored streaks a layer would need 3 new logged steps; here it is flagged at its first one
     assert "net.0" in second.vanishing_layers
-    assert second._states[0].steps == 5
     assert second.last_step == 4
     assert torch.equal(second._states[0].vanishing.streak[: len(streak)], streak + (streak > 0).long())
     assert not [e for e in second.events if e["kind"] == "vanishing"]  # already known: no new event or warning
@@ -419,8 +457,14 @@ def test_two_optimizers_get_suffixed_tags(tmp_path):
     assert "gradguard/gradient_flow_opt1" in ea.Tags()["images"]
     layout = layout_pb2.Layout()
     layout.ParseFromString(ea.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    tags = [list(c.multiline.tag) for c in layout.category[0].chart]
-    assert tags[1] == ["gradguard/grad_norm_opt1$", "gradguard/clip_threshold_opt1$", "gradguard/lr_opt1$"]
+    assert [c.title for c in layout.category] == ["gradguard", "gradguard (optimizer 1)"]
+    charts = {c.title: list(c.multiline.tag) for c in layout.category[1].chart}
+    assert charts["learning rate"] == ["gradguard/lr_opt1$"]
+    assert charts["grad norm vs clip threshold"] == [
+        "gradguard/grad_norm_opt1$",
+        "gradguard/grad_norm_max_opt1$",
+        "gradguard/clip_threshold_opt1$",
+    ]
 
 
 # ---------------------------------------------------------------------------- state and validation
@@ -436,7 +480,7 @@ def test_state_dict_round_trip_loads_with_weights_only(tmp_path):
     other = GradientNormMonitor(log_every_n_steps=1, flow_every_n_logs=0)
     other.load_state_dict(state)
     a, b = monitor._states[0], other._states[0]
-    assert (a.steps, a.logs) == (b.steps, b.logs) == (3, 3)
+    assert a.logs == b.logs == 3
     assert a.exploding.names == b.exploding.names == ["net.0", "net.2", "net.4"]
     assert torch.equal(a.exploding.running_norm(), b.exploding.running_norm())
     assert torch.equal(a.vanishing.streak, b.vanishing.streak)
@@ -478,3 +522,106 @@ def test_argument_validation(kwargs, error, match):
 
 def test_inf_norm_type_accepted():
     assert GradientNormMonitor(norm_type=math.inf).norm_type == math.inf
+
+
+# ---------------------------------------------------------------------------- pre-clip whatever the order
+
+
+def _monitor_outputs(tmp_path, order):
+    capture = GradCapture()
+    made = {
+        "monitor": GradientNormMonitor(log_every_n_steps=2, flow_every_n_logs=1, log_grad_histograms=True),
+        "clip": AdaptiveGradientClipping("norm", max_norm=1e-3, log_every_n_steps=2),
+        "guard": NaNGuard(action="skip", log_every_n_steps=2),
+    }
+    trainer = make_trainer(tmp_path, [capture, *(made[k] for k in order)], max_steps=5)
+    torch.manual_seed(0)
+    trainer.fit(TinyRegression())
+    ea = read_events(trainer.logger.log_dir)
+    hist = {
+        t: [(e.step, e.histogram_value.min, e.histogram_value.max, e.histogram_value.sum) for e in ea.Histograms(t)]
+        for t in ea.Tags()["histograms"]
+    }
+    images = [(e.step, e.encoded_image_string) for e in ea.Images("gradguard/gradient_flow")]
+    monitor_scalars = {
+        t: scalars(ea, t) for t in ("gradguard/grad_norm", "gradguard/grad_norm_max", "gradguard/grad_norm_mean")
+    }
+    return capture, monitor_scalars, hist, images, scalars(ea, "gradguard/grad_norm_clipped")
+
+
+def test_monitor_shows_pre_clip_gradients_in_every_callback_order(tmp_path):
+    import itertools
+
+    orders = list(itertools.permutations(("monitor", "clip", "guard")))
+    results = [_monitor_outputs(tmp_path / "-".join(o), o) for o in orders]
+    capture, first_scalars, first_hist, first_images, clipped = results[0]
+    assert list(clipped.values()) == pytest.approx([1e-3] * 3, rel=1e-3)  # the clipper really clipped, every log
+    for _, other_scalars, other_hist, other_images, _ in results[1:]:
+        assert other_scalars == first_scalars
+        assert other_hist == first_hist
+        assert other_images == first_images  # the same bars, drawn from the same pre-clip values
+    # and what they show is the raw gradient, from an independent copy taken before any gradguard callback
+    for step, (lo, hi, total) in ((s, (mn, mx, sm)) for s, mn, mx, sm in first_hist["gradguard/grads/net.0"]):
+        g = torch.cat([capture.steps[step][n][0].reshape(-1) for n in ("net.0.weight", "net.0.bias")])
+        assert (lo, hi) == (pytest.approx(float(g.min()), rel=1e-5), pytest.approx(float(g.max()), rel=1e-5))
+        assert total == pytest.approx(float(g.sum()), rel=1e-4, abs=1e-7)
+        assert float(g.norm()) > 10 * 1e-3  # far above what the clipper left
+    assert sorted(s for s, _ in first_images) == [0, 2, 4]
+
+
+# ---------------------------------------------------------------------------- spikes between log steps
+
+
+def test_spike_between_log_steps_is_in_grad_norm_max_at_the_next_log(tmp_path):
+    capture = GradCapture()
+    monitor = GradientNormMonitor(log_every_n_steps=5, flow_every_n_logs=0)
+    trainer = make_trainer(tmp_path, [capture, monitor], max_steps=12)
+    trainer.fit(TinyRegression(loss_scale_at={7: 1e3}))  # step 7 is not a logging step (0, 5, 10 are)
+    true = {s: reference_norm(g) for s, g in capture.steps.items()}
+    ea = read_events(trainer.logger.log_dir)
+    logged = scalars(ea, "gradguard/grad_norm")
+    assert sorted(logged) == [0, 5, 10]
+    assert max(logged.values()) < true[7] / 100  # the plain norm misses the spike entirely
+    top, mean = scalars(ea, "gradguard/grad_norm_max"), scalars(ea, "gradguard/grad_norm_mean")
+    assert sorted(top) == [0, 5, 10, 11]  # each log covers the steps since the previous one; 11 is the fit's end
+    for step, since in ((0, 0), (5, 1), (10, 6), (11, 11)):
+        window = [true[s] for s in range(since, step + 1)]
+        assert top[step] == pytest.approx(max(window), rel=1e-5)
+        assert mean[step] == pytest.approx(sum(window) / len(window), rel=1e-5)
+    assert top[10] == pytest.approx(true[7], rel=1e-5)
+
+
+class DropAt(pl.Callback):
+    """Marks a step as dropped in the shared step record, as NaNGuard does when it skips an update."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            step_record(trainer).dropped = True
+
+
+class FailAt(pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("stop here")
+
+
+def test_norm_aggregates_are_written_at_a_dropped_step_and_when_the_fit_fails(tmp_path):
+    capture = GradCapture()
+    monitor = GradientNormMonitor(log_every_n_steps=5, flow_every_n_logs=0)
+    trainer = make_trainer(tmp_path, [capture, monitor, DropAt(3), FailAt(8)], max_steps=20)
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer.fit(TinyRegression(loss_scale_at={3: 50.0, 7: 1e3}))
+    true = {s: reference_norm(g) for s, g in capture.steps.items()}
+    assert sorted(true) == list(range(8))
+    top = scalars(read_events(trainer.logger.log_dir), "gradguard/grad_norm_max")
+    # 0 and 5: logs; 3: the dropped step (an event) shows the interval so far; 7: written when the fit failed
+    assert sorted(top) == [0, 3, 5, 7]
+    assert top[3] == pytest.approx(max(true[s] for s in (1, 2, 3)), rel=1e-5)
+    assert top[5] == pytest.approx(max(true[s] for s in (4, 5)), rel=1e-5)
+    assert top[7] == pytest.approx(true[7], rel=1e-5)
