@@ -327,7 +327,9 @@ def measure_micro(args: argparse.Namespace) -> dict[str, Any]:
     inner = 3 if args.quick else 5
     preroll = 20 if args.quick else 60
     out: dict[str, Any] = {"rounds": rounds, "inner": inner, "preroll": preroll, "models": {}}
-    for model_name, (factory, in_dim) in model_specs(args.tiny).items():
+    wanted = [w for w in getattr(args, "models", "").split(",") if w]
+    specs = {k: v for k, v in model_specs(args.tiny).items() if not wanted or any(w in k for w in wanted)}
+    for model_name, (factory, in_dim) in specs.items():
 
         def measure(trainer, module, optimizer, batch, params, restore, next_step):  # noqa: ANN001
             names_of = {id(p): n for n, p in module.named_parameters()}
@@ -818,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved rounds for micro (default 15, quick 5)")
     p.add_argument("--sections", default="micro,e2e,flat,cuda", help="comma list of micro,e2e,flat,cuda")
+    p.add_argument("--models", default="", help="comma list of substrings selecting the micro models (default: all)")
     p.add_argument("--json", type=Path, default=None, help="also write all raw figures to this JSON file")
     args = p.parse_args(argv)
     threads = common.set_threads(args.threads)

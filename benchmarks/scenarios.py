@@ -1,11 +1,18 @@
-"""Training scenarios shared by the benchmarks: the two gradguard examples and a character-level LSTM on real text.
+"""Training scenarios shared by the benchmarks: small models that learn in seconds on a CPU, and ways to break them.
 
-A scenario turns ``(root, callbacks, steps, seed, lr, faults)`` into a finished (or failed) ``Trainer.fit`` and a final
-metric. Faults are injected from outside the model by wrapping the instance's ``training_step``:
+A scenario turns ``(root, callbacks, steps, seed, setting)`` into a finished (or failed) ``Trainer.fit`` and a final
+metric. Scenarios: a regression MLP (and a BatchNorm variant), gradguard's two examples (LSTM on the adding problem,
+deep plain CNN on digits) and a character-level LSTM on real text. Settings (:data:`SETTINGS`): the stable
+reference, a too-high LR from the first step, an LR that ramps up a few % per step ("boiling frog"), one bad batch,
+a burst of bad batches, x1e4 loss spikes, and fp16 with a GradScaler on the CPU.
+
+Faults are injected from outside the model by wrapping the instance's ``training_step``:
 
 - ``nan``/``inf`` inputs: the first floating-point tensor of the batch is replaced by a copy filled with NaN/inf (for
   integer token inputs the model's ``poison_inputs(value)`` hook adds the value to the embeddings instead);
 - ``spike``: the loss is multiplied by 1e4 at the given steps.
+
+The LR ramp wraps the instance's ``configure_optimizers`` to add a step-wise ``LambdaLR``.
 
 The character-level model trains on text that ships offline: the reStructuredText dataset descriptions bundled in
 scikit-learn (``sklearn/datasets/descr/*.rst``, about 43 kB), falling back to the docstrings of Python's standard
@@ -26,13 +33,26 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-__all__ = ["EXAMPLES", "SCENARIOS", "CharLSTM", "Faults", "RunResult", "check_available", "fit", "load_text"]
+__all__ = [
+    "EXAMPLES",
+    "SCENARIOS",
+    "SETTINGS",
+    "CharLSTM",
+    "Faults",
+    "Ramp",
+    "RegressionMLP",
+    "RunResult",
+    "Setting",
+    "check_available",
+    "fit",
+    "load_text",
+]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Text
@@ -145,6 +165,68 @@ class CharLSTM(pl.LightningModule):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# A small regression MLP (the model of the "Adam at a too-high LR" report) and a BatchNorm variant
+
+
+def teacher_data(seed: int, n: int, in_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ~ N(0, 1) and targets from a fixed random tanh teacher, scaled to variance ~9, plus noise of std 0.3.
+
+    The teacher does not depend on ``seed`` (every seed learns the same function); the samples do. A model that
+    predicts the mean scores MSE ~9 (R^2 0); the noise floor is MSE 0.09 (R^2 ~0.99).
+    """
+    g = torch.Generator().manual_seed(1234)
+    w1, w2 = torch.randn(in_dim, 32, generator=g) / in_dim**0.5, torch.randn(32, 1, generator=g) / 32**0.5
+    gs = torch.Generator().manual_seed(10_000 + seed)
+    x = torch.randn(n, in_dim, generator=gs)
+    clean = torch.tanh(x @ w1) @ w2
+    y = 3.0 * clean / clean.std() + 0.3 * torch.randn(n, 1, generator=gs)
+    return x, y
+
+
+class RegressionMLP(pl.LightningModule):
+    """16 -> 64 -> 64 -> 1 ReLU MLP regressor on :func:`teacher_data` (2048 train, 512 validation samples), Adam.
+
+    ``batch_norm=True`` puts a ``BatchNorm1d`` after each hidden layer. Logs ``val_mse`` and ``val_r2``
+    (1 - MSE / variance of the validation targets; higher is better).
+    """
+
+    def __init__(self, lr: float = 1e-3, seed: int = 0, batch_norm: bool = False, n_train: int = 2048) -> None:
+        super().__init__()
+        self.lr, self.seed = lr, seed
+        norm = (lambda: nn.BatchNorm1d(64)) if batch_norm else nn.Identity
+        self.net = nn.Sequential(
+            nn.Linear(16, 64), norm(), nn.ReLU(), nn.Linear(64, 64), norm(), nn.ReLU(), nn.Linear(64, 1)
+        )
+        self.train_xy = teacher_data(seed, n_train)
+        self.val_xy = teacher_data(seed + 100, 512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        mse = nn.functional.mse_loss(self(x), y)
+        self.log("val_mse", mse)
+        self.log("val_r2", 1.0 - mse / y.var(unbiased=False))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed + 1)
+        return DataLoader(TensorDataset(*self.train_xy), batch_size=32, shuffle=True, generator=g, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.val_xy), batch_size=512)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Faults
 
 
@@ -218,6 +300,39 @@ def inject_faults(module: pl.LightningModule, faults: Faults) -> None:
     module.training_step = training_step  # type: ignore[method-assign]
 
 
+@dataclass(frozen=True)
+class Ramp:
+    """A "boiling frog": from optimizer step ``start`` the LR grows by ``growth`` per step until ``cap`` x the base LR.
+
+    Applied as a step-wise ``LambdaLR`` (an LR schedule that ramps up, as a misconfigured warm-up would), so the
+    gradient norm grows a few percent per step instead of jumping.
+    """
+
+    start: int
+    growth: float
+    cap: float
+
+    def factor(self, step: int) -> float:
+        return min(self.cap, self.growth ** max(0, step - self.start))
+
+
+def apply_ramp(module: pl.LightningModule, ramp: Ramp) -> None:
+    """Wrap ``module.configure_optimizers`` (on the instance) so that its optimizer gets the ramp as a scheduler."""
+    original = module.configure_optimizers
+
+    def configure_optimizers() -> Any:
+        opt = original()
+        factor = ramp.factor  # a plain function for LambdaLR, so its state_dict stays picklable
+
+        def lr_lambda(step: int) -> float:
+            return factor(step)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
+
+
 class HealthCounter(pl.Callback):
     """Counts steps whose loss or gradients were non-finite, seen before any other callback acts (put it first)."""
 
@@ -244,7 +359,72 @@ class HealthCounter(pl.Callback):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Settings: what goes wrong in a run
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way a run can go wrong (or not: ``stable`` is the reference)."""
+
+    name: str
+    describe: str
+    lr: str = "stable"  # "stable" | "explosive": which of the scenario's two LRs
+    ramp: bool = False  # the scenario's boiling-frog LR ramp
+    fp16: bool = False  # fp16 autocast with a GradScaler on the CPU
+    # faults as (fraction of the run, offset in steps)
+    nan_at: tuple[tuple[float, int], ...] = ()
+    inf_at: tuple[tuple[float, int], ...] = ()
+    spike_at: tuple[tuple[float, int], ...] = ()
+
+    @property
+    def faulted(self) -> bool:
+        return self.name != "stable"
+
+    def faults(self, steps: int) -> Faults:
+        def at(spec: tuple[tuple[float, int], ...]) -> set[int]:
+            return {min(steps - 1, int(steps * f) + off) for f, off in spec}
+
+        return Faults(nan_at=at(self.nan_at), inf_at=at(self.inf_at), spike_at=at(self.spike_at))
+
+
+_SPREAD = ((0.30, 0), (0.55, 0), (0.80, 0))
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting("stable", "the scenario's stable LR, no fault: the reference"),
+        Setting(
+            "explosive", "a too-high LR from the first step (the blow-up falls inside any warm-up)", lr="explosive"
+        ),
+        Setting(
+            "ramp",
+            "boiling frog: from 25% of the run the LR grows a few % per step up to the scenario's cap",
+            ramp=True,
+        ),
+        Setting("bad_batch", "one batch of NaN inputs at 50% of the run", nan_at=((0.5, 0),)),
+        Setting(
+            "repeated",
+            "a burst of bad batches: NaN, inf, NaN inputs 3 steps apart from 40% of the run",
+            nan_at=((0.4, 0), (0.4, 6)),
+            inf_at=((0.4, 3),),
+        ),
+        Setting(
+            "spike", "the loss multiplied by 1e4 at 30%, 55% and 80% of the run (finite blow-ups)", spike_at=_SPREAD
+        ),
+        Setting(
+            "fp16",
+            "fp16 autocast + GradScaler on the CPU; the loss x1e4 at 30%, 55%, 80% overflows fp16 (the scaler skips)",
+            fp16=True,
+            spike_at=_SPREAD,
+        ),
+    )
+}
+FAULTED = tuple(n for n in SETTINGS if n != "stable")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Scenarios
+
+Score = Callable[[Mapping[str, float], pl.LightningModule, Any], float]
 
 
 @dataclass
@@ -253,7 +433,7 @@ class Scenario:
 
     name: str
     build: Callable[[int, str, bool], tuple[pl.LightningModule, Any]]  # (seed, lr kind, tiny) -> (module, datamodule)
-    metric: str  # key returned by trainer.validate
+    metric: str  # the figure of merit (a key returned by trainer.validate, or what ``score`` computes)
     higher_is_better: bool
     steps: int  # full-mode optimizer steps
     quick_steps: int
@@ -264,6 +444,15 @@ class Scenario:
     es_higher_is_better: bool = False
     es_on_train_epoch_end: bool = True
     val_every: int = 0  # validation (and EarlyStopping checks) every n steps; 0 = only at the end
+    settings: tuple[str, ...] = ("stable", "explosive", "ramp", "bad_batch", "repeated", "spike")
+    ramp: tuple[float, float] = (1.03, 30.0)  # boiling frog: (growth per step, cap as a multiple of the stable LR)
+    score: Score | None = None  # (validate output, module, datamodule) -> metric; None: validate output[metric]
+
+
+def _r2_from_mse(out: Mapping[str, float], module: pl.LightningModule, dm: Any) -> float:
+    """R^2 = 1 - val_mse / variance of the validation targets (0: predicting the mean; 1: perfect)."""
+    y = dm.val_set.tensors[1]
+    return 1.0 - float(out["val_mse"]) / float(y.var(unbiased=False))
 
 
 def _char_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any]:
@@ -272,16 +461,31 @@ def _char_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any
     return CharLSTM(lr=lrs[lr], seed=seed, **kw), None
 
 
-# The examples' demo settings (lightning_gradguard/demo.py, DEMOS) are the "explosive" ones: there the unguarded
-# run blows up. The "stable" ones are the same model and data at a learning rate where the unguarded run trains well.
-# Probed on this machine (unguarded, 1 thread): LSTM Adam 0.01 learns the task (val MSE ~0.001-0.01) in 500-800 steps
-# (seed-dependent plateau); CNN SGD 0.01 collapses to one class on seeds 1 and 2, 0.015 and 0.02 on seed 0, so the
-# stable CNN LR is 0.005 (still slow: 0.1-0.4 accuracy after 200 steps). Steps are kept short for the time budget
-# (LSTM ~9 ms/step, CNN ~40 ms/step on one thread here).
-LSTM_STEPS, CNN_STEPS = 600, 150
-LSTM_COST, CNN_COST = 1.7, 2.0  # relative to char_lstm's 150 steps (~3.5 s); longest runs are scheduled first
+MLP_LRS = {"stable": 1e-3, "explosive": 10.0}  # Adam; lr 10 is the too-high LR of the report in issue 18
+
+
+def _mlp_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any]:
+    return RegressionMLP(lr=MLP_LRS[lr], seed=seed, n_train=256 if tiny else 2048), None
+
+
+BN_LRS = {"stable": 3e-3, "explosive": 10.0}
+
+
+def _bn_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any]:
+    return RegressionMLP(lr=BN_LRS[lr], seed=seed, batch_norm=True, n_train=256 if tiny else 2048), None
+
+
+# The examples' demo settings (lightning_gradguard/demo.py, DEMOS) blow up unguarded; the stable settings are the
+# same model and data at an LR where the unguarded run learns. Calibrated unguarded on this machine, 1 thread, over
+# seeds 0-2 (see benchmarks/README.md):
+# - LSTM, Adam 0.01: R^2 0.96-0.996 after 600 steps (~9 ms/step).
+# - deep CNN: SGD-momentum is erratic at any LR that learns in a few hundred steps (0.005: accuracy 0.21-0.83
+#   after 400 steps; 0.01: 0.60-0.91), so the reference uses Adam, which learns on every seed.
+LSTM_STEPS, CNN_STEPS = 600, 400
+LSTM_COST, CNN_COST = 1.7, 3.4  # relative to char_lstm's 150 steps (~3.5 s); longest runs are scheduled first
 LSTM_LRS = {"stable": 0.01, "explosive": 0.1}  # Adam
-CNN_LRS = {"stable": 0.005, "explosive": 0.03}  # SGD, momentum 0.9
+CNN_LRS = {"stable": 1e-3, "explosive": 0.03}  # Adam
+CNN_OPTIMIZER = "adam"
 
 
 def _lstm_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any]:
@@ -298,9 +502,9 @@ def _cnn_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any]
     from lightning_gradguard.examples.deep_cnn import DeepPlainCNN, DigitsDataModule
 
     if tiny:
-        model = DeepPlainCNN(depth=4, channels=4, lr=CNN_LRS[lr], optimizer="sgd", init="he")
+        model = DeepPlainCNN(depth=4, channels=4, lr=CNN_LRS[lr], optimizer=CNN_OPTIMIZER, init="he")
         return model, DigitsDataModule(batch_size=16, seed=seed)
-    model = DeepPlainCNN(depth=20, channels=16, lr=CNN_LRS[lr], optimizer="sgd", init="he")
+    model = DeepPlainCNN(depth=20, channels=16, lr=CNN_LRS[lr], optimizer=CNN_OPTIMIZER, init="he")
     return model, DigitsDataModule(batch_size=64, seed=seed)
 
 
@@ -315,17 +519,47 @@ def _probe_cnn() -> None:
 
 
 SCENARIOS: dict[str, Scenario] = {
+    "mlp": Scenario(
+        name="mlp",
+        build=_mlp_build,
+        metric="val_r2",
+        higher_is_better=True,
+        steps=300,
+        quick_steps=300,
+        describe=f"16-64-64-1 ReLU MLP regressor on a fixed random tanh teacher (targets of variance ~9), Adam "
+        f"(stable lr {MLP_LRS['stable']}, explosive lr {MLP_LRS['explosive']}: the blow-up lands inside any "
+        "warm-up); metric: validation R^2 (0 = predicting the mean)",
+        tiny_steps=30,
+        cost=0.5,
+        settings=tuple(SETTINGS),
+        ramp=(1.05, 1000.0),
+    ),
+    "bn_mlp": Scenario(
+        name="bn_mlp",
+        build=_bn_build,
+        metric="val_r2",
+        higher_is_better=True,
+        steps=300,
+        quick_steps=300,
+        describe=f"the same MLP with BatchNorm1d after each hidden layer, Adam lr {BN_LRS['stable']}; scored in eval "
+        "mode, so NaN running statistics left by a bad batch make the run fail; metric: validation R^2",
+        tiny_steps=30,
+        cost=0.5,
+        settings=("stable", "bad_batch", "repeated", "spike"),
+    ),
     "lstm": Scenario(
         name="lstm",
         build=_lstm_build,
-        metric="val_mse",
-        higher_is_better=False,
+        metric="val_r2",
+        higher_is_better=True,
         steps=LSTM_STEPS,
         quick_steps=LSTM_STEPS,  # fewer steps and the stable reference has not learned the task yet
         describe=f"gradguard's LSTM example: 1-layer LSTM (32 units) on the adding problem, sequence length 30, "
         f"Adam (stable lr {LSTM_LRS['stable']}, explosive lr {LSTM_LRS['explosive']} = the demo's); metric: "
-        "validation MSE (always predicting 1.0 scores 0.167)",
+        "validation R^2 = 1 - MSE / 0.167 (always predicting 1.0 scores 0)",
         cost=LSTM_COST,
+        ramp=(1.03, 30.0),
+        score=_r2_from_mse,
     ),
     "deep_cnn": Scenario(
         name="deep_cnn",
@@ -333,11 +567,12 @@ SCENARIOS: dict[str, Scenario] = {
         metric="val_acc",
         higher_is_better=True,
         steps=CNN_STEPS,
-        quick_steps=100,
+        quick_steps=CNN_STEPS,
         describe=f"gradguard's deep-CNN example: plain CNN, 20 conv layers (16 channels, He init, no batch norm or "
-        f"shortcuts) on scikit-learn's digits, SGD momentum 0.9 (stable lr {CNN_LRS['stable']}, explosive lr "
-        f"{CNN_LRS['explosive']} = the demo's); metric: validation accuracy (chance 0.1)",
+        f"shortcuts) on scikit-learn's digits, {CNN_OPTIMIZER} (stable lr {CNN_LRS['stable']}, explosive lr "
+        f"{CNN_LRS['explosive']}); metric: validation accuracy (chance 0.1)",
         cost=CNN_COST,
+        ramp=(1.03, 30.0),
     ),
     "char_lstm": Scenario(
         name="char_lstm",
@@ -345,9 +580,10 @@ SCENARIOS: dict[str, Scenario] = {
         metric="val_bpc",
         higher_is_better=False,
         steps=150,
-        quick_steps=60,
-        describe="character-level LSTM (1x96) language model, SGD momentum 0.9, on scikit-learn's dataset "
-        "descriptions; metric: validation bits per character",
+        quick_steps=150,
+        describe="character-level LSTM (1x96) language model, SGD momentum 0.9 (stable lr 1, explosive lr 10), on "
+        "scikit-learn's dataset descriptions; metric: validation bits per character",
+        ramp=(1.03, 10.0),
     ),
 }
 
@@ -389,17 +625,38 @@ _PROBES: dict[str, Callable[[], None]] = {"lstm": _probe_lstm, "deep_cnn": _prob
 @dataclass
 class RunResult:
     survived: bool
-    outcome: str  # "ok" | "diverged" | "halted" | "stopped early" | "error"
+    outcome: str  # "ok" | "diverged" | "halted" | "stopped early" | "error" (+ ", non-finite buffers")
     metric: float
     nonfinite_steps: int
     steps_done: int
     wall_s: float
     error: str = ""
+    events: list[dict[str, Any]] = field(default_factory=list)  # what the gradguard callbacks reported (see below)
+    validate: dict[str, float] = field(default_factory=dict)  # every figure trainer.validate returned
 
 
 def params_finite(module: nn.Module) -> bool:
-    ps = [p.detach() for p in module.parameters()]
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(ps))).all()) if ps else True
+    """Parameters and floating-point buffers (e.g. BatchNorm running statistics) all finite."""
+    ts = [p.detach() for p in module.parameters()] + [b for b in module.buffers() if b.is_floating_point()]
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(ts))).all()) if ts else True
+
+
+def guard_events(callbacks: Iterable[pl.Callback]) -> list[dict[str, Any]]:
+    """The events the gradguard callbacks recorded (``NaNGuard.events``: skips, rollbacks, halts, LR cuts, ...).
+
+    Reads every callback's public ``events`` list, whatever callback keeps one, and keeps the step, kind and cause
+    of each (plus the LR scale and reason when present).
+    """
+    out: list[dict[str, Any]] = []
+    for cb in callbacks:
+        events = getattr(cb, "events", None)
+        if not isinstance(events, list):
+            continue
+        for e in events:
+            if isinstance(e, Mapping):
+                keep = {k: e[k] for k in ("step", "kind", "cause", "lr_scale", "reason") if k in e}
+                out.append({"callback": type(cb).__name__, **keep})
+    return out
 
 
 def fit(
@@ -413,19 +670,35 @@ def fit(
     faults: Faults | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
     logger: bool = True,
+    setting: str | None = None,
 ) -> RunResult:
-    """Train ``scenario`` with ``callbacks``; returns survival, final metric and counters."""
+    """Train ``scenario`` with ``callbacks``; returns survival, final metric and counters.
+
+    ``setting`` (a key of :data:`SETTINGS`) sets the LR, faults, ramp and precision; without it ``lr`` and
+    ``faults`` are used as given.
+    """
     import time
 
     sc = SCENARIOS[scenario]
+    planned = steps or (sc.tiny_steps if tiny else sc.steps)
+    ramp: Ramp | None = None
+    fp16 = False
+    if setting is not None:
+        st = SETTINGS[setting]
+        lr, faults, fp16 = st.lr, st.faults(planned), st.fp16
+        if st.ramp:
+            ramp = Ramp(start=int(planned * 0.25), growth=sc.ramp[0], cap=sc.ramp[1])
+    callbacks = list(callbacks)
     pl.seed_everything(seed, workers=False, verbose=False)
     module, dm = sc.build(seed, lr, tiny)
     inject_faults(module, faults or Faults())
+    if ramp is not None:
+        apply_ramp(module, ramp)
     counter = HealthCounter()
     opts: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
-        max_steps=steps or sc.steps,
+        max_steps=planned,
         max_epochs=-1,
         logger=TensorBoardLogger(root, name="run", version=0) if logger else False,
         callbacks=[counter, *callbacks],
@@ -436,21 +709,28 @@ def fit(
         default_root_dir=root,
         log_every_n_steps=10,
     )
+    if fp16:
+        from lightning.pytorch.plugins import MixedPrecision
+
+        opts["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
     if sc.val_every:
         opts.update(val_check_interval=sc.val_every, check_val_every_n_epoch=None)
     else:
         opts.update(limit_val_batches=0)
     opts.update(trainer_kwargs or {})
-    trainer = pl.Trainer(**opts)
     t0 = time.perf_counter()
     error = ""
     try:
+        trainer = pl.Trainer(**opts)
         trainer.fit(module, datamodule=dm) if dm is not None else trainer.fit(module)
+        done = trainer.global_step
     except Exception as e:  # noqa: BLE001 - a halted or crashed run is a result, not a benchmark failure
         error = f"{type(e).__name__}: {str(e)[:200]}"
+        done = trainer.global_step if "trainer" in locals() else 0
     wall = time.perf_counter() - t0
     finite = params_finite(module)
     metric = float("nan")
+    figures: dict[str, float] = {}
     if finite:
         val = pl.Trainer(
             accelerator="cpu",
@@ -466,11 +746,10 @@ def fit(
                 if dm is not None
                 else val.validate(module, verbose=False)
             )
-            metric = float(out[0][sc.metric])
+            figures = {k: float(v) for k, v in out[0].items()}
+            metric = sc.score(figures, module, dm) if sc.score is not None else figures[sc.metric]
         except Exception as e:  # noqa: BLE001
             error = error or f"validate: {type(e).__name__}: {e}"
-    done = trainer.global_step
-    planned = steps or sc.steps
     if error:
         outcome = "halted" if "Divergence" in error else "error"
     elif not finite or not math.isfinite(metric):
@@ -487,4 +766,6 @@ def fit(
         steps_done=done,
         wall_s=wall,
         error=error,
+        events=guard_events(callbacks),
+        validate=figures,
     )

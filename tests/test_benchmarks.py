@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end in their quick/tiny modes (timings are printed, never asserted)."""
+"""One cheap smoke test per benchmark script, each asserting what the script is for (timings are never asserted)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_quantile_and_interleaved_ratios():
         common.interleaved({"a": a}, baseline="zz")
 
 
-def test_fault_injection_poisons_float_and_token_batches():
+def test_scenario_faults_ramp_and_settings():
     import torch
 
     scenarios = _load("scenarios")
@@ -57,96 +57,80 @@ def test_fault_injection_poisons_float_and_token_batches():
     assert torch.equal(batch[0], torch.ones(2, 3))  # the original batch is not modified
     _, done = scenarios._poison_batch((torch.zeros(2, dtype=torch.long),), float("nan"))
     assert not done  # token batches are poisoned through the model's poison_inputs hook instead
+    ramp = scenarios.Ramp(start=10, growth=1.05, cap=100.0)
+    assert [ramp.factor(s) for s in (0, 10)] == [1.0, 1.0]
+    assert ramp.factor(12) == pytest.approx(1.05**2)
+    assert ramp.factor(10_000) == 100.0
+    burst = scenarios.SETTINGS["repeated"].faults(100)
+    assert (burst.nan_at, burst.inf_at) == ({40, 46}, {43})
+    assert scenarios.SETTINGS["bad_batch"].faults(30).nan_at == {15}
+    assert set(scenarios.FAULTED) == set(scenarios.SETTINGS) - {"stable"}
+    # NaN running statistics count as a failure even when every weight is finite
+    bn = torch.nn.BatchNorm1d(3)
+    assert scenarios.params_finite(bn)
+    bn.running_mean[1] = float("nan")
+    assert not scenarios.params_finite(bn)
 
 
-def test_overhead_quick_tiny_runs(tmp_path, capsys):
+def test_overhead_micro_runs_every_candidate(tmp_path):
     overhead = _load("overhead")
     out = tmp_path / "overhead.json"
-    argv = ["--quick", "--tiny", "--rounds", "2", "--sections", "micro,flat,cuda", "--json", str(out)]
+    argv = ["--quick", "--tiny", "--rounds", "1", "--sections", "micro,cuda", "--models", "MLP", "--json", str(out)]
     assert overhead.main(argv) == 0
-    text = capsys.readouterr().out
-    assert "torch.set_num_threads(1)" in text
-    assert "### targets" in text
     res = json.loads(out.read_text())
-    models = res["micro"]["models"]
-    assert len(models) == 3
-    for m in models.values():
-        timings = m["timings"]
-        assert timings["torch clip_grad_norm_(foreach=True)"]["ratio"] == 1.0
-        for key in ("lightning grad_norm", "core compute_grad_stats"):
-            assert math.isfinite(timings[key]["median_s"])
-        # every gradguard candidate was either measured or reported with the reason it was not
-        for label in ("clip zscore", "monitor, logging step", "NaNGuard skip (checks)"):
-            assert label in timings or label in m["skipped"]
-    assert "flat" in res
-    assert "cuda" in res
+    (model,) = res["micro"]["models"].values()
+    timings = model["timings"]
+    assert timings["torch clip_grad_norm_(foreach=True)"]["ratio"] == 1.0
+    for key in ("lightning grad_norm", "core compute_grad_stats"):
+        assert math.isfinite(timings[key]["median_s"])
+    # every gradguard candidate was either measured or reported with the reason it was not
+    for label, _ in overhead.micro_candidates(quick=True):
+        assert label in timings or model["skipped"][label]
+    import torch
+
+    assert ("skipped" in res["cuda"]) == (not torch.cuda.is_available())
 
 
-def test_overhead_e2e_tiny_runs(tmp_path):
-    overhead = _load("overhead")
-    out = tmp_path / "e2e.json"
-    assert overhead.main(["--quick", "--tiny", "--sections", "e2e", "--json", str(out)]) == 0
-    res = json.loads(out.read_text())
-    assert set(res["e2e"]["examples"]) == {"lstm", "deep_cnn"}
-    for e in res["e2e"]["examples"].values():
-        assert "skipped" in e or e["guarded_step_s"] > 0
-
-
-def test_rescue_quick_tiny_runs(tmp_path, capsys):
-    rescue = _load("rescue")
-    out = tmp_path / "rescue.json"
-    assert rescue.main(["--quick", "--tiny", "--workers", "1", "--json", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "### char_lstm" in text
-    res = json.loads(out.read_text())["results"]
-    by = {(r["setting"], r["method"]): r for r in res}
-    ref = by[("stable", "none")]
-    assert ref["survived"]
-    assert math.isfinite(ref["metric"])
-    # the injected NaN inputs really break an unguarded run
-    broken = by[("nan", "none")]
-    assert not broken["survived"]
-    assert broken["nonfinite_steps"] >= 1
-    # the same faults with gradguard's defaults: each of the 3 injected NaN steps is seen, and the run survives
-    guarded = by[("nan", "gradguard defaults (clip + NaNGuard)")]
-    assert guarded["survived"], guarded
-    assert guarded["nonfinite_steps"] == 3
-    assert math.isfinite(guarded["metric"])
-    # the summary over all scenarios counts what the records say, and --report re-renders it from the JSON
-    assert "### all scenarios" in text
-    faulted = [r for r in res if r["setting"] in rescue.FAULTED and r["method"] == "none"]
-    summary = text[text.index("### all scenarios") :]
-    row = next(line for line in summary.splitlines() if line.startswith("| none "))
-    assert f"{sum(r['survived'] for r in faulted)}/{len(faulted)}" in row
-    assert rescue.main(["--report", str(out)]) == 0
-    again = capsys.readouterr().out
-    assert text[text.index("### char_lstm") : text.index("total wall time")].strip() in again
-
-
-def test_rescue_example_scenarios_tiny_run(tmp_path):
-    """The two gradguard examples run as rescue scenarios (tiny sizes): reference trains, NaN inputs are caught."""
-    rescue = _load("rescue")
-    scenarios = _load("scenarios")
-    assert {"lstm", "deep_cnn"} <= set(scenarios.available())
-    out = tmp_path / "rescue_examples.json"
-    argv = ["--tiny", "--scenarios", "lstm,deep_cnn", "--workers", "1", "--json", str(out)]
-    assert rescue.main(argv) == 0
-    res = json.loads(out.read_text())["results"]
-    assert {r["scenario"] for r in res} == {"lstm", "deep_cnn"}
-    for name in ("lstm", "deep_cnn"):
-        by = {(r["setting"], r["method"]): r for r in res if r["scenario"] == name}
-        ref = by[("stable", "none")]
-        assert ref["survived"], ref
-        assert math.isfinite(ref["metric"])
-        assert not by[("nan", "none")]["survived"]
-        guarded = by[("nan", "gradguard defaults (clip + NaNGuard)")]
-        assert guarded["survived"], guarded
-        assert guarded["nonfinite_steps"] == 3
-
-
-def test_e2e_breakdown_tiny_runs(capsys):
+def test_e2e_breakdown_measures_each_variant(capsys):
     breakdown = _load("e2e_breakdown")
     assert breakdown.main(["--tiny", "--pairs", "1", "--steps", "12", "--examples", "lstm"]) == 0
     text = capsys.readouterr().out
     for label in breakdown.variants():
         assert f"| {label}" in text
+
+
+def test_rescue_tiny_cells(tmp_path, capsys):
+    """NaN inputs kill the unguarded MLP (NaN weights) and the BatchNorm MLP (NaN running statistics, scored in
+    eval mode); default_callbacks() survives both with the guard's events recorded, none on the stable runs; the
+    acceptance summary counts what the records say, and --report re-renders the tables from the JSON."""
+    rescue = _load("rescue")
+    out = tmp_path / "rescue.json"
+    argv = ["--tiny", "--scenarios", "mlp,bn_mlp", "--settings", "stable,bad_batch", "--seeds", "1"]
+    argv += ["--methods", "default_callbacks", "--workers", "1", "--json", str(out)]
+    assert rescue.main(argv) == 0
+    text = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    res = saved["results"]
+    by = {(r["scenario"], r["setting"], r["method"]): r for r in res}
+    assert len(res) == 8
+    for name in ("mlp", "bn_mlp"):
+        ref = by[(name, "stable", rescue.NONE)]
+        assert ref["survived"], ref
+        assert math.isfinite(ref["metric"])
+        broken = by[(name, "bad_batch", rescue.NONE)]
+        assert not broken["survived"]
+        assert broken["outcome"] == "diverged"
+        assert broken["nonfinite_steps"] >= 1
+        guarded = by[(name, "bad_batch", rescue.DEFAULTS)]
+        assert guarded["survived"], guarded
+        assert math.isfinite(guarded["metric"])
+        assert guarded["events"], "the guard acted, so it recorded an event"
+        assert by[(name, "stable", rescue.DEFAULTS)]["events"] == []
+    acc = saved["acceptance"]
+    assert acc["survives_all"] == {"value": "2/2", "met": True}
+    assert acc["zero_events_on_stable"]["met"]
+    assert saved["references"]["mlp"]["mean"] == pytest.approx(by[("mlp", "stable", rescue.NONE)]["metric"])
+    assert "### acceptance" in text
+    assert rescue.main(["--report", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert text[text.index("### mlp") : text.index("total wall time")].strip() in again
