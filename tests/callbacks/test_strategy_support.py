@@ -1,19 +1,84 @@
-"""Sharded strategies are refused plainly; single-device and DDP pass."""
+"""Which strategies and parameters the callbacks accept at setup, and the messages of what they refuse."""
 
 from types import SimpleNamespace
 
 import pytest
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from torch import nn
 
-from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
+from lightning_gradguard.callbacks.strategy_support import check_parameters, check_supported_strategy
+from tests.compat.common import build_all
+from tests.models import TinyRegression, make_trainer
 
 
-def test_fsdp_refused_with_what_is_supported():
-    trainer = SimpleNamespace(strategy=FSDPStrategy())  # FSDP cannot be built into a CPU Trainer
-    with pytest.raises(RuntimeError, match=r"NaNGuard does not support FSDPStrategy.*Supported: single-device and DDP"):
+class DeepSpeedLike(DDPStrategy):  # Lightning's DeepSpeedStrategy subclasses DDPStrategy; deepspeed is not installed
+    pass
+
+
+DeepSpeedLike.__name__ = "DeepSpeedStrategy"
+
+
+def test_fsdp1_refused_with_the_reason_and_what_is_supported():
+    trainer = SimpleNamespace(strategy=FSDPStrategy())  # FSDP1 cannot be built into a CPU Trainer
+    with pytest.raises(RuntimeError, match=r"NaNGuard does not support FSDPStrategy: FSDP1 .*fully_shard.*Supported:"):
         check_supported_strategy(trainer, "NaNGuard")
 
 
-@pytest.mark.parametrize("strategy", [SingleDeviceStrategy("cpu"), DDPStrategy()])
+def test_deepspeed_refused_although_it_is_a_ddp_subclass():
+    with pytest.raises(RuntimeError, match=r"does not support DeepSpeedStrategy: DeepSpeed's engine owns"):
+        check_supported_strategy(SimpleNamespace(strategy=DeepSpeedLike()), "AdaptiveGradientClipping")
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [SingleDeviceStrategy("cpu"), DDPStrategy(), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)],
+)
 def test_supported_strategies_pass(strategy):
     check_supported_strategy(SimpleNamespace(strategy=strategy), "GradientNormMonitor")
+
+
+class _Sparse(nn.Module):
+    def __init__(self, cls=nn.Embedding, **kw):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(2, 2), cls(10, 3, sparse=True, **kw))
+
+
+@pytest.mark.parametrize("cls", [nn.Embedding, nn.EmbeddingBag])
+def test_sparse_parameter_refused_by_name(cls):
+    with pytest.raises(ValueError, match=r"GradientNormMonitor: parameter 'body.1.weight' gets sparse gradients"):
+        check_parameters(_Sparse(cls), "GradientNormMonitor")
+    trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), lightning_module=_Sparse(cls))
+    with pytest.raises(ValueError, match="Allowed: sparse=False"):
+        check_supported_strategy(trainer, "NaNGuard")
+
+
+def test_dense_and_complex_parameters_pass():
+    m = nn.Sequential(nn.Linear(2, 2), nn.Embedding(4, 2))
+    m.register_parameter("z", nn.Parameter(torch.zeros(3, dtype=torch.complex64)))
+    check_parameters(m, "NaNGuard")
+
+
+class _SparseModel(TinyRegression):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(8, 8, sparse=True)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x + self.emb(torch.zeros(len(x), dtype=torch.long))), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_sparse_embedding_refused_at_setup_before_any_step(tmp_path, which):
+    cb = build_all()[which]
+    model = _SparseModel()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, [cb], max_steps=3, logger=False)
+    with pytest.raises(ValueError, match=r"parameter 'emb.weight' gets sparse gradients"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

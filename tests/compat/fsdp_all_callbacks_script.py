@@ -1,0 +1,122 @@
+"""2-process CPU FSDP2 run (``ModelParallelStrategy`` + ``fully_shard``, gloo) with all three gradguard callbacks.
+
+Two fits in the same two processes:
+
+- ``norm``: the fixed ``norm`` clipper (max_norm 0.5) and the monitor, no faults. At every step the recorder writes
+  the full weights before the update (gathered here, by the test's recorder only) so that the test can rebuild the
+  gradients in one process and compare norms and clip coefficients against that reference.
+- ``faults``: monitor + zscore clipper + rollback guard; rank 1 alone gets a NaN loss at step 4 and a x1e4 loss
+  spike at step 6. The recorder writes what every callback saw and did per step, and each rank's *local* shards of
+  the weights and Adam state after every step, so the test can check the rollback bit for bit, shard by shard.
+
+Run by tests/compat/test_fsdp.py through tests/ddp_runner.py. Writes ``<fit>_rank<r>.json`` into the output dir.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lightning_gradguard.callbacks.step_context import grad_stats_for  # noqa: E402
+from tests.compat.common import build_all, split  # noqa: E402
+from tests.compat.fsdp_models import ShardedRegression, sharded_trainer  # noqa: E402
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    return [float(v) for v in t.detach().flatten().tolist()]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _field(obj, name):
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+class Record(Callback):
+    """Last in the callback list: what the gradguard callbacks measured and decided, on this rank."""
+
+    def __init__(self, callbacks, gather_weights: bool) -> None:
+        self.mon, self.clip, self.guard = split(callbacks)
+        self.gather_weights = gather_weights
+        self.rows: list[dict] = []
+        self.local_states: dict[int, dict] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        stats = grad_stats_for(trainer, pl_module, optimizer)  # the cached measurement every callback used
+        rec = self.clip.last[0]
+        coef = _field(rec, "coefficient")
+        row = {
+            "step": trainer.global_step,
+            "names": stats.names,
+            "grad_norm": float(stats.total_norm64),
+            "param_norms": _floats(stats.param_norms64),
+            "layer_names": stats.layer_names,
+            "layer_norms": _floats(stats.layer_norms),
+            "clip_grad_norm": float(_field(rec, "grad_norm")),
+            "threshold": float(_field(rec, "threshold")),
+            "coefficient": None if coef is None else float(coef),
+            "clipped": bool(_field(rec, "clipped")),
+            "monitor_grad_norm": self.mon.last_grad_norm,
+            "grad_is_dtensor": all(type(g).__name__ == "DTensor" for g in stats.grads),
+        }
+        if self.gather_weights:  # test-side gathers (collectives on both ranks), never on gradguard's path
+            row["full_weights"] = {n: _floats(p.full_tensor()) for n, p in zip(stats.names, stats.params)}
+            post = torch.cat([g.full_tensor().flatten().double() for g in stats.grads])
+            row["post_clip_norm"] = float(post.norm())
+        self.rows.append(row)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.rows and "reason" not in self.rows[-1]:
+            reason = getattr(self.guard, "reason", None)
+            self.rows[-1]["reason"] = getattr(reason, "value", str(reason))
+        opt = trainer.optimizers[0]
+        self.local_states[trainer.global_step] = {
+            "weights": {n: _floats(_local(p)) for n, p in pl_module.named_parameters()},
+            "opt": [_floats(_local(t)) for s in opt.state.values() for t in s.values() if torch.is_tensor(t)],
+            "lr": opt.param_groups[0]["lr"],
+        }
+
+
+def fit(out_dir: str, name: str) -> None:
+    torch.manual_seed(0)
+    if name == "norm":
+        callbacks = build_all(clip={"method": "norm", "max_norm": 0.5}, guard={"action": "skip"})
+        model = ShardedRegression()
+    else:
+        callbacks = build_all(guard={"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 1})
+        model = ShardedRegression(faults={4: (1, "nan"), 6: (1, "spike")})
+    record = Record(callbacks, gather_weights=name == "norm")
+    trainer = sharded_trainer(out_dir, [*callbacks, record], max_steps=8)
+    trainer.fit(model)
+    _, clip, guard = split(callbacks)
+    events = [{k: _field(e, k) for k in ("step", "kind", "cause", "snapshot_step")} for e in guard.events]
+    for e in events:
+        e["kind"], e["cause"] = (getattr(e[k], "value", e[k]) for k in ("kind", "cause"))
+    full = {n: _floats(p.full_tensor()) for n, p in model.named_parameters()}
+    Path(out_dir, f"{name}_rank{trainer.global_rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": trainer.global_rank,
+                "global_step": trainer.global_step,
+                "rows": record.rows,
+                "local_states": {str(k): v for k, v in record.local_states.items()},
+                "events": events,
+                "rollbacks": guard.rollbacks,
+                "final_full_weights": full,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for fit_name in sys.argv[2].split(",") if len(sys.argv) > 2 else ("norm", "faults"):
+        fit(sys.argv[1], fit_name)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

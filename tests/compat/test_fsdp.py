@@ -1,0 +1,113 @@
+"""All three callbacks under 2-process CPU FSDP2 (``ModelParallelStrategy`` + ``fully_shard``), one subprocess run.
+
+What this proves, against a single-process reference rebuilt from the gathered weights and both ranks' batches:
+the global, per-parameter and per-layer gradient norms measured on shards (local norms + one all-reduce) equal the
+unsharded ones; the fixed-norm clipper's coefficient is the reference one, bit-identical on both ranks, and the
+clipped full gradient obeys the bound. With faults on rank 1 only (a NaN loss, then a x1e4 spike) both ranks
+measure, clip and decide identically, roll back at the same step to the same snapshot, and each rank's local shards
+of the weights and Adam state after the rollback equal that snapshot bit for bit. A hang is a timeout, not a stall.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.compat.fsdp_models import build_net, rank_batches
+from tests.ddp_runner import run_ddp_script
+
+SCRIPT = Path(__file__).with_name("fsdp_all_callbacks_script.py")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    proc = run_ddp_script(SCRIPT, out, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    def load(fit):
+        ranks = sorted((json.loads(f.read_text()) for f in out.glob(f"{fit}_rank*.json")), key=lambda r: r["rank"])
+        assert [r["rank"] for r in ranks] == [0, 1], proc.stderr[-3000:]
+        return ranks
+
+    return {"norm": load("norm"), "faults": load("faults")}
+
+
+def _fsum_norm(values):
+    top = max((abs(v) for v in values), default=0.0)
+    return 0.0 if top == 0 else top * math.sqrt(math.fsum((v / top) ** 2 for v in values))
+
+
+def _close(a, b, rel=1e-5):
+    return abs(a - b) <= rel * max(abs(b), 1e-12)
+
+
+def _reference_grads(full_weights, step):
+    """Unsharded gradients at ``step``: the mean over the two ranks' batches (FSDP2 averages), in float64."""
+    net = build_net().double()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.tensor(full_weights["net." + name], dtype=torch.float64).reshape(p.shape))
+    for rank in range(2):
+        x, y = rank_batches(rank)[step * 8 : (step + 1) * 8]
+        (nn.functional.mse_loss(net(x.double()), y.double()) / 2).backward()
+    return {"net." + n: p.grad.flatten().tolist() for n, p in net.named_parameters()}
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_sharded_norms_and_clip_coefficient_equal_the_unsharded_reference(fsdp_run):
+    r0, r1 = fsdp_run["norm"]
+    assert r0["rows"] == r1["rows"]  # bit-identical measurements and decisions on both ranks
+    assert [row["step"] for row in r0["rows"]] == list(range(8))
+    clipped = 0
+    for row in r0["rows"]:
+        assert row["grad_is_dtensor"]
+        ref = _reference_grads(row["full_weights"], row["step"])
+        total = _fsum_norm([v for n in row["names"] for v in ref[n]])
+        assert _close(row["grad_norm"], total)
+        for name, got in zip(row["names"], row["param_norms"]):
+            assert _close(got, _fsum_norm(ref[name]))
+        for layer, got in zip(row["layer_names"], row["layer_norms"]):
+            assert _close(got, _fsum_norm(ref[layer + ".weight"] + ref[layer + ".bias"]))
+        assert _close(row["coefficient"], min(1.0, 0.5 / (total + 1e-6)))
+        assert row["post_clip_norm"] <= 0.5 * (1 + 1e-5)
+        assert _close(row["post_clip_norm"], total * row["coefficient"])
+        clipped += row["clipped"]
+    assert 0 < clipped < 8  # the bound was active on some steps, not on all
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_fault_on_one_rank_same_action_on_both_and_bitwise_rollback_per_shard(fsdp_run):
+    r0, r1 = fsdp_run["faults"]
+    for r in (r0, r1):
+        assert r["global_step"] == 8
+        assert r["rollbacks"] == 1
+        assert all(math.isfinite(v) for vs in r["final_full_weights"].values() for v in vs)
+    assert r0["rows"] == r1["rows"]  # same norms, thresholds, coefficients and guard reasons, step by step
+    rows = r0["rows"]
+    assert math.isnan(rows[4]["grad_norm"])
+    assert rows[4]["reason"] == "rolled_back"
+    assert rows[6]["clipped"]  # the rank-1 spike, clipped with the same coefficient on both ranks
+    assert rows[6]["coefficient"] < 1e-3
+    assert all(
+        row["monitor_grad_norm"] == pytest.approx(row["grad_norm"], rel=1e-6) for row in rows if row["step"] != 4
+    )
+    for r in (r0, r1):
+        (event,) = r["events"]
+        assert (event["step"], event["kind"]) == (4, "rollback")
+        snap, after = r["local_states"][str(event["snapshot_step"])], r["local_states"]["5"]
+        assert after["weights"] == snap["weights"]  # this rank's shards, bit for bit
+        assert after["opt"] == snap["opt"]
+        assert after["lr"] == snap["lr"] * 0.5
+    assert r0["events"][0]["snapshot_step"] == r1["events"][0]["snapshot_step"]
+    # the shards differ between ranks (rank 1 holds an empty piece of the 1x12 output weight): really sharded
+    assert len(r0["local_states"]["8"]["weights"]["net.4.weight"]) == 12
+    assert r1["local_states"]["8"]["weights"]["net.4.weight"] == []
+    assert r0["final_full_weights"] == r1["final_full_weights"]
