@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,10 +77,14 @@ class TrainerContext:
         self._names_owner = None
 
 
+#: One context per live Trainer. The callbacks of a Trainer must share a measurement without the user wiring them
+#: together, and Lightning has no slot for per-Trainer extension state; a weak mapping keyed by the Trainer neither
+#: writes private attributes onto it nor keeps it alive (the entry goes with the Trainer).
 _CONTEXTS: weakref.WeakKeyDictionary[Any, TrainerContext] = weakref.WeakKeyDictionary()
 
 
 def context_for(trainer: pl.Trainer) -> TrainerContext:
+    """The context shared by the gradguard callbacks of ``trainer`` (created on first use)."""
     ctx = _CONTEXTS.get(trainer)
     if ctx is None:
         ctx = _CONTEXTS[trainer] = TrainerContext()
@@ -103,15 +107,15 @@ def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
     return 0
 
 
-def step_key(trainer: pl.Trainer) -> Hashable:
-    """Identifies one optimizer step of a fit (global_step counts every optimizer step, manual ones included)."""
-    return trainer.global_step
-
-
 def grad_stats_for(
     trainer: pl.Trainer, pl_module: torch.nn.Module, optimizer: Any, norm_type: float = 2.0
 ) -> GradStats:
-    """The gradient statistics of ``optimizer``'s parameters at the current step, computed once per step."""
+    """The gradient statistics of ``optimizer``'s parameters at the current step, computed once per step.
+
+    The cache key is (optimizer, norm type) and the step is ``trainer.global_step``, which counts every optimizer
+    step, manual ones included. Under sharding (``DTensor`` gradients) the first call of a step is a collective: the
+    callbacks call it on every rank at the same hook.
+    """
     ctx = context_for(trainer)
     raw = unwrap_optimizer(optimizer)
     norm_type = float(norm_type)
@@ -127,7 +131,7 @@ def grad_stats_for(
                 listener(stats, idx, trainer.global_step)
         return stats
 
-    return ctx.cache.get((id(raw), norm_type if norm_type != math.inf else "inf"), step_key(trainer), compute)
+    return ctx.cache.get((id(raw), norm_type if norm_type != math.inf else "inf"), trainer.global_step, compute)
 
 
 def on_measured(trainer: pl.Trainer, listener: MeasuredListener) -> None:

@@ -36,10 +36,6 @@ class StepStatsCache:
             self._entries[(key, step)] = stats
         return stats
 
-    def peek(self, key: Hashable, step: Hashable) -> GradStats | None:
-        """The entry for ``(key, step)`` if it was computed, else None (never computes)."""
-        return self._entries.get((key, step))
-
     def invalidate(self) -> None:
         """Forget everything (e.g. after gradients were changed by hand)."""
         self._entries.clear()
