@@ -31,6 +31,10 @@ __all__ = ["EVENTS_TAG", "GradientNormMonitor", "custom_scalars_layout"]
 
 _MAX_EVENTS = 1000
 EVENTS_TAG = "gradguard/layer_health_events"
+_DUPLICATE = (
+    "Found 2 GradientNormMonitor callbacks; use one: they would write the same gradguard/ tags twice (one monitor "
+    "covers every optimizer). default_callbacks() already includes one: configure it with monitor_kwargs=..."
+)
 
 
 def _check_float(name: str, value: Any, low: float, rng: str, allow_inf: bool = False) -> float:
@@ -167,6 +171,8 @@ class GradientNormMonitor(Callback):
 
     @property
     def state_key(self) -> str:
+        # two monitors with equal keys make Lightning refuse the Trainer with its own generic RuntimeError, before
+        # any hook of ours runs (see the README); equal settings are the only way to get equal keys
         return self._generate_state_key(norm_type=self.norm_type, log_every_n_steps=self.log_every_n_steps)
 
     def _state(self, idx: int) -> _OptimizerState:
@@ -199,10 +205,7 @@ class GradientNormMonitor(Callback):
             return
         monitors = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GradientNormMonitor)]
         if len(monitors) > 1:
-            raise ValueError(
-                f"Found {len(monitors)} GradientNormMonitor callbacks; use one: they would write the same "
-                "gradguard/ tags twice (one monitor already covers every optimizer)."
-            )
+            raise ValueError(_DUPLICATE.replace("Found 2", f"Found {len(monitors)}"))
         check_supported_strategy(trainer, type(self).__name__)
         self._log_every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
         self._trainer = weakref.ref(trainer)
