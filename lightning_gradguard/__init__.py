@@ -4,6 +4,8 @@
 - :class:`AdaptiveGradientClipping` clips with thresholds learned from running statistics.
 - :class:`NaNGuard` skips, rolls back or halts on NaN/inf.
 - :func:`default_callbacks` returns the three, configured to work together.
+- :class:`GradGuard` does the clipping and recovery in a plain PyTorch loop (no Lightning needed);
+  :class:`FabricGradGuard` in a Lightning Fabric loop.
 
 The public names are loaded on first access (PEP 562), so ``import lightning_gradguard`` stays light: it does not
 import lightning (whose torchmetrics dependency pulls in matplotlib when it is installed) until a callback is used.
@@ -22,17 +24,23 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_gradguard.callbacks.default_callbacks import default_callbacks
     from lightning_gradguard.callbacks.gradient_norm_monitor import GradientNormMonitor
     from lightning_gradguard.callbacks.nan_guard import NaNGuard
+    from lightning_gradguard.fabric.fabric_grad_guard import FabricGradGuard
+    from lightning_gradguard.plain.grad_guard import GradGuard
 
 _LAZY = {
     "AdaptiveGradientClipping": "lightning_gradguard.callbacks.adaptive_gradient_clipping",
     "default_callbacks": "lightning_gradguard.callbacks.default_callbacks",
     "GradientNormMonitor": "lightning_gradguard.callbacks.gradient_norm_monitor",
     "NaNGuard": "lightning_gradguard.callbacks.nan_guard",
+    "GradGuard": "lightning_gradguard.plain.grad_guard",
+    "FabricGradGuard": "lightning_gradguard.fabric.fabric_grad_guard",
 }
 
 __all__ = [
     "AdaptiveGradientClipping",
     "DivergenceError",
+    "FabricGradGuard",
+    "GradGuard",
     "GradientNormMonitor",
     "NaNGuard",
     "__version__",

@@ -1,0 +1,140 @@
+"""What :class:`~lightning_gradguard.plain.GradGuard` does after a step: snapshots, skips, rollbacks, LR cuts, halts.
+
+The decisions come from the core objects the guard holds (``GuardPolicy.decide``, the snapshot store's trust rule,
+``scale_lr``); this module applies them to the loop's model, optimizers, schedulers and GradScaler, and records
+each event as a :class:`~lightning_gradguard.core.guard_policy.GuardEvent`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
+from lightning_gradguard.core.lr_scaling import scale_lr
+from lightning_gradguard.core.snapshot import nonfinite_entries, restore_snapshot, take_snapshot
+from lightning_gradguard.errors import DivergenceError
+
+if TYPE_CHECKING:
+    from lightning_gradguard.plain.grad_guard import GradGuard
+
+__all__ = ["Recovery"]
+
+
+class Recovery:
+    """The guard's actions on its model, optimizers, schedulers and scaler."""
+
+    def __init__(self, guard: GradGuard) -> None:
+        self.g = guard
+
+    # ------------------------------------------------------------------ healthy steps and snapshots
+    def healthy(self, overflow: bool) -> None:
+        g = self.g
+        g.policy.healthy()
+        if overflow:  # the scaler skipped this update: it tests nothing, so it confirms no snapshot
+            g.amp_overflow_steps += 1
+            g.last_action = "amp_overflow"
+            return
+        g.last_action = "healthy"
+        g.store.step_healthy()
+        if g.action != "halt":
+            g._since_snapshot += 1
+            if g._since_snapshot >= g.snapshot_every_n_steps:
+                g._since_snapshot = 0
+                self.take_snapshot()
+
+    def take_snapshot(self, trusted: bool = False) -> None:
+        """Copy the state; keep it only if it is finite on every rank (else the older snapshots stay)."""
+        g = self.g
+        extra = {"scaler": g.scaler.state_dict()} if g.scaler is not None and g.scaler.is_enabled() else {}
+        snap = take_snapshot(g.model, g.optimizers, g.schedulers, g.step, extra=extra, meta={"lr_scale": g.lr_scale})
+        bad = nonfinite_entries(snap.model) if g.check_params else []
+        (damaged,) = g.reduce.any(bool(bad))
+        if damaged:  # the weights went non-finite without any loss or gradient showing it
+            health = StepHealth(g.step, update_skipped=False)
+            self._diagnose(health)
+            health.nonfinite_params = health.nonfinite_params or not health.nonfinite_buffers
+            self.handle_fault(health)
+        else:
+            g.store.update(snap, trusted=trusted)
+
+    # ------------------------------------------------------------------ faults
+    def handle_fault(self, health: StepHealth) -> None:
+        g = self.g
+        loss, norm, stats = g._pending_values if health.update_skipped else (None, None, [])
+        event = GuardEvent(health.step, "", "", g.lr_scale, loss=loss, grad_norm=norm)
+        names: list[str] = []
+        if health.update_skipped:
+            g.skipped_steps += 1
+            g.buffers.restore()  # undo what the bad batch did to BatchNorm statistics
+            if health.nonfinite_grad:
+                names = [n for s in stats for n in s.nonfinite_names()]
+                event.nonfinite_grads = names[:20]
+            if g.check_params:
+                self._diagnose(health)
+        event.nonfinite_params = list(getattr(health, "param_names", []))[:20]
+        event.nonfinite_buffers = list(getattr(health, "buffer_names", []))[:20]
+        decision = g.policy.decide(health, can_roll_back=g.store.compute() is not None)
+        event.cause, event.reason = decision.cause.value if decision.cause else "", decision.reason
+        if decision.action is GuardAction.ROLLBACK:
+            event.snapshot_step = self.rollback()
+        event.lr_scale = g.lr_scale
+        if decision.action is GuardAction.HALT:
+            self.halt(event)
+            return
+        event.kind = decision.action.value
+        g.last_action = "rollback" if event.kind == "rollback" else "skip"
+        g.record_event(event)
+
+    def _diagnose(self, health: StepHealth) -> None:
+        g = self.g
+        inner = g.inner_model
+        bad = nonfinite_entries(inner.state_dict())
+        params = {n for n, _ in inner.named_parameters()}
+        health.param_names = [n for n in bad if n in params]  # type: ignore[attr-defined]
+        health.buffer_names = [n for n in bad if n not in params]  # type: ignore[attr-defined]
+        health.nonfinite_params, health.nonfinite_buffers = g.reduce.any(
+            bool(health.param_names),  # type: ignore[attr-defined]
+            bool(health.buffer_names),  # type: ignore[attr-defined]
+        )
+
+    def rollback(self) -> int:
+        """Restore the newest trusted snapshot and cut the LR; returns the snapshot's step."""
+        g = self.g
+        snap = g.store.compute()
+        if snap is None:  # the policy rolls back only when a trusted snapshot exists
+            raise RuntimeError("GradGuard: rollback without a trusted snapshot")
+        extra = restore_snapshot(snap, g.model, g.optimizers, g.schedulers)
+        if "scaler" in extra and g.scaler is not None:
+            g.scaler.load_state_dict(extra["scaler"])
+        g.store.discard_after(snap)
+        snap_scale = float(snap.meta.get("lr_scale", 1.0))
+        factor = min(g.lr_scale * g.lr_factor / snap_scale, 1.0)  # never raises the LR
+        scale_lr(g.optimizers, g.schedulers, factor)
+        g.lr_scale = snap_scale * factor
+        self._after_state_change()
+        return snap.step
+
+    def lower_lr(self, step: int, reason: str) -> None:
+        g = self.g
+        scale_lr(g.optimizers, g.schedulers, g.lr_factor)
+        g.lr_scale *= g.lr_factor
+        g.last_action = "lower_lr"
+        self._after_state_change()
+        g.record_event(GuardEvent(step, "lower_lr", "lr_too_high", g.lr_scale, reason=reason))
+
+    def _after_state_change(self) -> None:
+        g = self.g
+        g._since_snapshot = 0
+        g._last = None
+        g.detector.restart_runs()
+        g.controller.reset()
+
+    def halt(self, event: GuardEvent) -> None:
+        g = self.g
+        g.last_action = "halt"
+        g.halted = True
+        event.kind = "halt"
+        event.reason = f"{event.cause.replace('_', ' ')}; {event.reason}" if event.reason else event.cause
+        g.record_event(event)
+        if g.raise_on_halt:
+            raise DivergenceError(event.reason, step=event.step)
