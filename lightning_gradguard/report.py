@@ -1,18 +1,22 @@
 """Gradient-health summary of finished runs, read back from their TensorBoard event files.
 
 :func:`summarize` walks every run under a log directory (every folder that holds ``events.out.tfevents.*``) and
-collects what the gradguard callbacks wrote:
+collects, for runs with and without gradguard alike, the training loss and the last value of every other metric, so
+a guarded and an unguarded run sit side by side. From the gradguard tags it reads:
 
 - ``gradguard/grad_norm`` (:class:`~lightning_gradguard.GradientNormMonitor`): percentiles of the pre-clip global
-  gradient norm (falls back to ``gradguard/grad_norm_clipped`` when only the clipping callback ran);
-- ``gradguard/clip_fraction`` and ``gradguard/clip_threshold`` (:class:`~lightning_gradguard.AdaptiveGradientClipping`):
-  the clip rate and the threshold over time;
+  norm at the logged steps (``gradguard/grad_norm_clipped`` when only the clipper ran), and
+  ``gradguard/grad_norm_max``, the maximum over *every* step between two writes: the report's maximum is the true
+  one even when a spike fell between two logged steps;
+- ``gradguard/clipped_steps`` (count since the previous write; else the mean of ``gradguard/clip_fraction``) and
+  ``gradguard/clip_threshold`` (:class:`~lightning_gradguard.AdaptiveGradientClipping`);
 - ``gradguard/vanishing_layers``, ``gradguard/exploding_layers`` and the ``gradguard/layer_health_events`` text;
-- ``gradguard/skipped_steps``, ``gradguard/rollbacks`` and the ``gradguard/nan_guard_events`` text
-  (:class:`~lightning_gradguard.NaNGuard`).
+- ``gradguard/skipped_steps``, ``gradguard/rollbacks``, ``gradguard/flagged_steps``, ``gradguard/loss_max`` and the
+  ``gradguard/nan_guard_events`` text (:class:`~lightning_gradguard.NaNGuard`), and the guard's halt report
+  (``nan_guard_report.json``) when the run was halted.
 
-:func:`format_summary` renders it as text and :func:`plot_report` draws the gradient norm and the clip threshold
-over steps (log scale) with a vertical line at every skip and rollback.
+:func:`format_summary` renders it as text; :func:`plot_report` draws, per run, the gradient norm (and its interval
+maximum) against the clip threshold with a line per guard event, and the loss curve.
 """
 
 from __future__ import annotations
@@ -24,63 +28,84 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HealthSummary", "RunHealth", "find_runs", "format_summary", "plot_report", "summarize"]
+__all__ = ["HealthSummary", "RunHealth", "find_runs", "format_summary", "percentile", "plot_report", "summarize"]
 
 PREFIX = "gradguard/"
+LOSS_TAGS = ("train_loss_step", "train_loss", "loss", "train/loss")  # the first one present is the loss curve
+HALT_REPORTS = ("nan_guard_report.json", "divergence_report.json")
 _SIZE_GUIDANCE = {"scalars": 0, "tensors": 0, "histograms": 1, "images": 1, "compressedHistograms": 1}
+# "step 150: ", "step 150 (optimizer 1): ", "NaNGuard rollback at step 100: ": the step is printed by the report
+_STEP_PREFIX = re.compile(r"^\s*(?:step \d+(?: \(optimizer \d+\))?:|NaNGuard \w+ at step \d+:)\s*")
 _EVENT_STEP = re.compile(r"at step (\d+)")
 
 
 @dataclass
 class RunHealth:
-    """The gradguard data of one run (one event-file directory).
+    """What one run (one event-file directory) wrote.
 
     Attributes:
         name: the run's path relative to the log directory.
         path: the run's directory.
-        steps: the last step with any gradguard scalar.
-        grad_norm_tag: the tag the norms were read from (``gradguard/grad_norm`` or a fallback), or None.
-        grad_norm: ``(step, value)`` pairs of the pre-clip gradient norm.
-        clip_threshold: ``(step, value)`` pairs of the clipping threshold.
-        clip_fraction: ``(step, value)`` pairs of the share of steps clipped since the previous log.
-        percentiles: p50/p90/p99/max of the finite gradient norms (empty without norms).
-        nonfinite_norms: logged norms that were NaN/inf.
-        clip_rate: mean of ``clip_fraction`` (None without it).
-        vanishing_max: the largest number of vanishing layers at any logged step (None without the tag).
-        exploding_max: likewise for exploding layers.
+        has_gradguard: whether any ``gradguard/`` tag was written.
+        steps: the last step with any scalar.
+        loss_tag, loss: the training-loss tag and its ``(step, value)`` pairs (empty without one).
+        metrics: the last value of every other non-gradguard scalar (``val_mse``, ``epoch``, ...).
+        grad_norm_tag, grad_norm: the pre-clip norm at logged steps (or the clipped one as a fallback).
+        grad_norm_max: ``(step, value)``: the maximum norm over the steps since the previous write.
+        clip_threshold, clip_fraction: the clipper's threshold and share of steps clipped per log.
+        percentiles: p50/p90/p99 of the logged norms and ``max``, the largest norm of any step (from
+            ``grad_norm_max`` when written).
+        nonfinite_norms: logged norms (or interval maxima) that were NaN/inf.
+        clip_rate: clipped steps / steps (from ``clipped_steps``; else the mean ``clip_fraction``); None without.
+        clipped_steps, flagged_steps: totals of the per-interval counts (None without the tags).
+        loss_max: the guard's largest loss over any step (None without ``gradguard/loss_max``).
+        vanishing_max, exploding_max: the most layers flagged at once (None without the tag).
         layer_events: ``(step, text)`` from ``gradguard/layer_health_events``.
-        skipped_steps: the guard's final skip count (None without the tag).
-        rollbacks: the guard's final rollback count (None without the tag).
+        skipped_steps, rollbacks: the guard's final counts (None without the tags).
         guard_events: ``(step, kind, text)`` from ``gradguard/nan_guard_events``; kind is skip/rollback/halt.
+        halt_report: the readable text of the guard's halt report, when the run was halted.
         tags: every gradguard scalar tag found.
     """
 
     name: str
     path: str
+    has_gradguard: bool = True
     steps: int = 0
+    loss_tag: str | None = None
+    loss: list[tuple[int, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
     grad_norm_tag: str | None = None
     grad_norm: list[tuple[int, float]] = field(default_factory=list)
+    grad_norm_max: list[tuple[int, float]] = field(default_factory=list)
     clip_threshold: list[tuple[int, float]] = field(default_factory=list)
     clip_fraction: list[tuple[int, float]] = field(default_factory=list)
     percentiles: dict[str, float] = field(default_factory=dict)
     nonfinite_norms: int = 0
     clip_rate: float | None = None
+    clipped_steps: int | None = None
+    flagged_steps: int | None = None
+    loss_max: float | None = None
     vanishing_max: int | None = None
     exploding_max: int | None = None
     layer_events: list[tuple[int, str]] = field(default_factory=list)
     skipped_steps: int | None = None
     rollbacks: int | None = None
     guard_events: list[tuple[int, str, str]] = field(default_factory=list)
+    halt_report: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
 @dataclass
 class HealthSummary:
-    """All runs under one log directory that hold gradguard data."""
+    """Every run under one log directory."""
 
     logdir: str
     runs: list[RunHealth]
-    without_gradguard: list[str] = field(default_factory=list)  # runs with event files but no gradguard tags
+
+    @property
+    def without_gradguard(self) -> list[str]:
+        """Names of the runs that wrote no gradguard tag (summarised by their loss and metrics)."""
+        return [r.name for r in self.runs if not r.has_gradguard]
 
 
 def find_runs(logdir: str | Path) -> list[Path]:
@@ -92,7 +117,12 @@ def find_runs(logdir: str | Path) -> list[Path]:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default method) of ``values``; q in [0, 100]."""
+    """Linear-interpolation percentile (numpy's default method) of ``values``; q in [0, 100].
+
+    Example:
+        >>> percentile([1.0, 2.0, 3.0, 4.0], 50), percentile([], 50)
+        (2.5, nan)
+    """
     xs = sorted(values)
     if not xs:
         return math.nan
@@ -102,17 +132,33 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _scalars(acc: Any, tag: str) -> list[tuple[int, float]]:
-    return [(int(e.step), float(e.value)) for e in acc.Scalars(tag)]
+def strip_step(text: str) -> str:
+    """``text`` without its leading "step N:" or "NaNGuard <kind> at step N:" (the report prints the step itself).
+
+    Example:
+        >>> strip_step("step 150: exploding: rnn"), strip_step("NaNGuard rollback at step 100: loss spike")
+        ('exploding: rnn', 'loss spike')
+    """
+    return _STEP_PREFIX.sub("", text, count=1)
 
 
 def _texts(acc: Any, tag: str) -> list[tuple[int, str]]:
-    out = []
-    for ev in acc.Tensors(tag):
-        proto = ev.tensor_proto
-        for raw in proto.string_val:
-            out.append((int(ev.step), raw.decode("utf-8", "replace")))
-    return out
+    return [
+        (int(ev.step), raw.decode("utf-8", "replace")) for ev in acc.Tensors(tag) for raw in ev.tensor_proto.string_val
+    ]
+
+
+def _halt_report(path: Path) -> str | None:
+    for name in HALT_REPORTS:
+        found = path / name
+        if found.is_file():
+            from lightning_gradguard.core.divergence_report import DivergenceReport
+
+            try:
+                return DivergenceReport.load(found).to_text().rstrip()
+            except (ValueError, TypeError, KeyError) as e:  # a report from another version: say so, go on
+                return f"(unreadable halt report {found}: {e})"
+    return None
 
 
 def _read_run(path: Path, logdir: Path) -> RunHealth | None:
@@ -121,132 +167,152 @@ def _read_run(path: Path, logdir: Path) -> RunHealth | None:
     acc = EventAccumulator(str(path), size_guidance=_SIZE_GUIDANCE)
     acc.Reload()
     tags = acc.Tags()
-    scalar_tags = [t for t in tags.get("scalars", []) if t.startswith(PREFIX)]
+    all_scalars = {t: [(int(e.step), float(e.value)) for e in acc.Scalars(t)] for t in tags.get("scalars", [])}
+    ours = {t: v for t, v in all_scalars.items() if t.startswith(PREFIX)}
     text_tags = [t for t in tags.get("tensors", []) if t.startswith(PREFIX)]
-    if not scalar_tags and not text_tags:
+    if not all_scalars and not text_tags:
         return None
     name = str(path.relative_to(logdir)) if path != logdir else "."
-    run = RunHealth(name=name, path=str(path), tags=sorted(scalar_tags))
-    steps = [s for t in scalar_tags for s, _ in _scalars(acc, t)]
-    run.steps = max(steps) if steps else 0
+    run = RunHealth(name=name, path=str(path), has_gradguard=bool(ours or text_tags), tags=sorted(ours))
+    run.steps = max((s for v in all_scalars.values() for s, _ in v), default=0)
+    run.loss_tag = next((t for t in LOSS_TAGS if t in all_scalars), None)
+    run.loss = all_scalars.get(run.loss_tag, []) if run.loss_tag else []
+    run.metrics = {t: v[-1][1] for t, v in sorted(all_scalars.items()) if t not in ours and t != run.loss_tag and v}
 
-    for candidate in (PREFIX + "grad_norm", PREFIX + "grad_norm_clipped"):
-        if candidate in scalar_tags:
-            run.grad_norm_tag = candidate
-            run.grad_norm = _scalars(acc, candidate)
-            break
+    def series(short: str) -> list[tuple[int, float]]:
+        return ours.get(PREFIX + short, [])
+
+    run.grad_norm_tag = next((PREFIX + t for t in ("grad_norm", "grad_norm_clipped") if series(t)), None)
+    run.grad_norm = ours.get(run.grad_norm_tag, []) if run.grad_norm_tag else []
+    run.grad_norm_max = series("grad_norm_max")
     if run.grad_norm:
         finite = [v for _, v in run.grad_norm if math.isfinite(v)]
+        tops = [v for _, v in run.grad_norm_max if math.isfinite(v)] or finite
         run.nonfinite_norms = len(run.grad_norm) - len(finite)
+        run.nonfinite_norms = max(run.nonfinite_norms, len(run.grad_norm_max) - len(tops) if run.grad_norm_max else 0)
         if finite:
-            run.percentiles = {
-                "p50": percentile(finite, 50),
-                "p90": percentile(finite, 90),
-                "p99": percentile(finite, 99),
-                "max": max(finite),
-            }
-    if PREFIX + "clip_threshold" in scalar_tags:
-        run.clip_threshold = _scalars(acc, PREFIX + "clip_threshold")
-    if PREFIX + "clip_fraction" in scalar_tags:
-        run.clip_fraction = _scalars(acc, PREFIX + "clip_fraction")
+            run.percentiles = {q: percentile(finite, n) for q, n in (("p50", 50), ("p90", 90), ("p99", 99))}
+            run.percentiles["max"] = max(tops + finite)
+    run.clip_threshold, run.clip_fraction = series("clip_threshold"), series("clip_fraction")
+    counts = {k: sum(v for _, v in series(k) if math.isfinite(v)) for k in ("clipped_steps", "flagged_steps")}
+    if series("clipped_steps"):
+        run.clipped_steps = int(counts["clipped_steps"])
+        run.clip_rate = run.clipped_steps / (run.steps + 1)
+    elif run.clip_fraction:
         fractions = [v for _, v in run.clip_fraction if math.isfinite(v)]
         run.clip_rate = sum(fractions) / len(fractions) if fractions else None
-    if PREFIX + "vanishing_layers" in scalar_tags:
-        run.vanishing_max = int(max(v for _, v in _scalars(acc, PREFIX + "vanishing_layers")))
-    if PREFIX + "exploding_layers" in scalar_tags:
-        run.exploding_max = int(max(v for _, v in _scalars(acc, PREFIX + "exploding_layers")))
-    if PREFIX + "skipped_steps" in scalar_tags:
-        run.skipped_steps = int(_scalars(acc, PREFIX + "skipped_steps")[-1][1])
-    if PREFIX + "rollbacks" in scalar_tags:
-        run.rollbacks = int(_scalars(acc, PREFIX + "rollbacks")[-1][1])
+    if series("flagged_steps"):
+        run.flagged_steps = int(counts["flagged_steps"])
+    if series("loss_max"):
+        run.loss_max = max(v for _, v in series("loss_max"))
+    for short in ("vanishing_layers", "exploding_layers"):
+        if series(short):
+            setattr(run, short.split("_")[0] + "_max", int(max(v for _, v in series(short))))
+    for short in ("skipped_steps", "rollbacks"):
+        if series(short):
+            setattr(run, short, int(series(short)[-1][1]))
     for tag in text_tags:
         if tag.startswith(PREFIX + "layer_health_events"):
-            run.layer_events += _texts(acc, tag)
+            run.layer_events += [(s, strip_step(t)) for s, t in _texts(acc, tag)]
         elif tag.startswith(PREFIX + "nan_guard_events"):
             for step, text in _texts(acc, tag):
-                kind = next((k for k in ("rollback", "skip", "halt") if f"NaNGuard {k}" in text), "event")
+                kind = next((k for k in ("rollback", "skip", "halt") if k in text.split(":", 1)[0]), "event")
                 match = _EVENT_STEP.search(text)
-                run.guard_events.append((int(match.group(1)) if match else step, kind, text))
+                run.guard_events.append((int(match.group(1)) if match else step, kind, strip_step(text)))
     run.layer_events.sort()
     run.guard_events.sort()
+    run.halt_report = _halt_report(path)
     return run
 
 
 def summarize(logdir: str | Path) -> HealthSummary:
-    """Read every run under ``logdir`` and summarise its gradient health.
-
-    Args:
-        logdir: a TensorBoard log directory (a run folder or a parent of several).
-
-    Returns:
-        A :class:`HealthSummary` with one :class:`RunHealth` per run that holds gradguard data.
+    """Read every run under ``logdir``: its loss and metrics, and its gradient health where gradguard logged it.
 
     Raises:
         FileNotFoundError: ``logdir`` does not exist.
-        ValueError: no event file under ``logdir`` holds any ``gradguard/`` tag.
+        ValueError: no event file under ``logdir`` holds any scalar.
     """
     root = Path(logdir)
     paths = find_runs(root)
-    read = [(p, _read_run(p, root)) for p in paths]
-    runs = [r for _, r in read if r is not None]
-    others = [str(p.relative_to(root)) if p != root else "." for p, r in read if r is None]
+    runs = [r for r in (_read_run(p, root) for p in paths) if r is not None]
     if not runs:
-        found = (
-            f"{len(paths)} event-file folder(s), none with gradguard tags" if paths else "no TensorBoard event files"
-        )
+        found = f"{len(paths)} event-file folder(s), none with scalars" if paths else "no TensorBoard event files"
         raise ValueError(
-            f"no gradguard data under {root}: {found}. Train with GradientNormMonitor, AdaptiveGradientClipping or "
-            "NaNGuard and a TensorBoardLogger, or run `gradguard demo`."
+            f"nothing to report under {root}: {found}. Train with a TensorBoardLogger (and GradientNormMonitor, "
+            "AdaptiveGradientClipping or NaNGuard for the gradient data), or run `gradguard demo`."
         )
-    return HealthSummary(logdir=str(root), runs=runs, without_gradguard=others)
+    return HealthSummary(logdir=str(root), runs=runs)
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
+def _run_lines(run: RunHealth) -> list[str]:
+    lines = [f"run {run.name}: last step {run.steps}" + ("" if run.has_gradguard else " (no gradguard data)")]
+    finite_loss = [v for _, v in run.loss if math.isfinite(v)]
+    if run.loss:
+        bad = len(run.loss) - len(finite_loss)
+        peak = max([*finite_loss, *([run.loss_max] if run.loss_max is not None else [])], default=math.nan)
+        lines.append(
+            f"  loss ({run.loss_tag}): first {run.loss[0][1]:.4g}, last {run.loss[-1][1]:.4g}, peak {peak:.4g}"
+            + (f", {bad} non-finite" if bad else "")
+        )
+    if run.metrics:
+        lines.append("  metrics (last): " + ", ".join(f"{k} {v:.4g}" for k, v in run.metrics.items()))
+    if not run.has_gradguard:
+        return lines
+    if run.percentiles:
+        p = run.percentiles
+        label = "gradient norm" if run.grad_norm_tag == PREFIX + "grad_norm" else "clipped gradient norm"
+        lines.append(
+            f"  {label}: p50 {p['p50']:.4g}, p90 {p['p90']:.4g}, p99 {p['p99']:.4g} over {len(run.grad_norm)} "
+            f"logged steps; max {p['max']:.4g} over every step"
+            + (f"; {run.nonfinite_norms} non-finite" if run.nonfinite_norms else "")
+        )
+    else:
+        lines.append("  gradient norm: not logged (add GradientNormMonitor)")
+    if run.clip_rate is not None:
+        thr = [v for _, v in run.clip_threshold if math.isfinite(v)]
+        count = f" ({run.clipped_steps} steps)" if run.clipped_steps is not None else ""
+        lines.append(
+            f"  clip rate: {run.clip_rate:.1%} of steps clipped{count}"
+            + (f", last threshold {thr[-1]:.4g}" if thr else "")
+        )
+    else:
+        lines.append("  clip rate: n/a (no AdaptiveGradientClipping)")
+    if run.vanishing_max is not None or run.exploding_max is not None:
+        lines.append(
+            f"  layers: at most {_fmt(run.vanishing_max)} vanishing, {_fmt(run.exploding_max)} exploding at once"
+        )
+    lines += [f"    step {step}: {text}" for step, text in run.layer_events[:10]]
+    if len(run.layer_events) > 10:
+        lines.append(f"    ... {len(run.layer_events) - 10} more layer-health events")
+    if run.skipped_steps is not None or run.rollbacks is not None or run.guard_events:
+        flagged = f", {run.flagged_steps} flagged" if run.flagged_steps is not None else ""
+        lines.append(f"  NaNGuard: {_fmt(run.skipped_steps)} skipped steps, {_fmt(run.rollbacks)} rollbacks{flagged}")
+        lines += [f"    step {step} {kind}: {text}" for step, kind, text in run.guard_events]
+    if run.halt_report:
+        lines.append("  halt report:")
+        lines += [f"    {line}" if line else "" for line in run.halt_report.splitlines()]
+    return lines
+
+
 def format_summary(summary: HealthSummary) -> str:
-    """The summary as plain text, one block per run."""
+    """The summary as plain text, one block per run (runs without gradguard data show their loss and metrics)."""
     lines = [f"gradguard report for {summary.logdir} ({len(summary.runs)} run(s))"]
     for run in summary.runs:
-        lines.append("")
-        lines.append(f"run {run.name}: last step {run.steps}")
-        if run.percentiles:
-            p = run.percentiles
-            label = "gradient norm" if run.grad_norm_tag == PREFIX + "grad_norm" else "clipped gradient norm"
-            lines.append(
-                f"  {label} ({len(run.grad_norm)} logged steps): p50 {p['p50']:.4g}, p90 {p['p90']:.4g}, "
-                f"p99 {p['p99']:.4g}, max {p['max']:.4g}"
-                + (f"; {run.nonfinite_norms} non-finite" if run.nonfinite_norms else "")
-            )
-        else:
-            lines.append("  gradient norm: not logged (add GradientNormMonitor)")
-        if run.clip_rate is not None:
-            thr = [v for _, v in run.clip_threshold if math.isfinite(v)]
-            last_thr = f", last threshold {thr[-1]:.4g}" if thr else ""
-            lines.append(f"  clip rate: {run.clip_rate:.1%} of steps clipped{last_thr}")
-        else:
-            lines.append("  clip rate: n/a (no AdaptiveGradientClipping)")
-        if run.vanishing_max is not None or run.exploding_max is not None:
-            lines.append(
-                f"  layers: at most {_fmt(run.vanishing_max)} vanishing, {_fmt(run.exploding_max)} exploding at once"
-            )
-        for step, text in run.layer_events[:10]:
-            lines.append(f"    step {step}: {text}")
-        if len(run.layer_events) > 10:
-            lines.append(f"    ... {len(run.layer_events) - 10} more layer-health events")
-        if run.skipped_steps is not None or run.rollbacks is not None or run.guard_events:
-            lines.append(f"  NaNGuard: {_fmt(run.skipped_steps)} skipped steps, {_fmt(run.rollbacks)} rollbacks")
-            for step, kind, text in run.guard_events:
-                lines.append(f"    step {step} {kind}: {text}")
-    if summary.without_gradguard:
-        lines.append("")
-        lines.append("runs without gradguard data (not summarised): " + ", ".join(summary.without_gradguard))
+        lines += ["", *_run_lines(run)]
     return "\n".join(lines)
 
 
+def _positive(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
+    kept = [(s, v) for s, v in points if math.isfinite(v) and v > 0]
+    return [s for s, _ in kept], [v for _, v in kept]
+
+
 def plot_report(summary: HealthSummary, png_path: str | Path) -> Path:
-    """Gradient norm and clip threshold over steps (log y), a vertical line per skip/rollback/halt; one panel per run.
+    """Per run: gradient norm, its interval max and the clip threshold (log y) with a line per guard event; loss.
 
     Args:
         summary: from :func:`summarize`.
@@ -259,29 +325,32 @@ def plot_report(summary: HealthSummary, png_path: str | Path) -> Path:
         ImportError: matplotlib is missing (with an install hint).
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("plot_report needs matplotlib: pip install 'lightning-gradguard[examples]'") from e
 
     runs = summary.runs
-    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 3.2 * len(runs)), squeeze=False)
+    fig = Figure(figsize=(12, 3.2 * len(runs)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(runs), 2, squeeze=False)
     colors = {"skip": "tab:orange", "rollback": "tab:red", "halt": "black", "event": "tab:purple"}
-    for ax, run in zip(axes[:, 0], runs):
+    for (ax, lax), run in zip(axes, runs):
+        series = (
+            (run.grad_norm_max, "grad norm, max since the previous log", dict(color="tab:red", lw=0.8, alpha=0.7)),
+            (
+                run.grad_norm,
+                "grad norm at logged steps" + ("" if run.grad_norm_tag == PREFIX + "grad_norm" else " (clipped)"),
+                dict(color="tab:blue", lw=1.0),
+            ),
+            (run.clip_threshold, "clip threshold", dict(color="tab:green", lw=1.0, ls="--")),
+        )
         plotted = False
-        norms = [(s, v) for s, v in run.grad_norm if math.isfinite(v) and v > 0]
-        if norms:
-            label = "grad norm (pre-clip)" if run.grad_norm_tag == PREFIX + "grad_norm" else "grad norm (clipped)"
-            ax.plot([s for s, _ in norms], [v for _, v in norms], lw=1.0, color="tab:blue", label=label)
-            plotted = True
-        thr = [(s, v) for s, v in run.clip_threshold if math.isfinite(v) and v > 0]
-        if thr:
-            ax.plot(
-                [s for s, _ in thr], [v for _, v in thr], lw=1.0, ls="--", color="tab:green", label="clip threshold"
-            )
-            plotted = True
+        for points, label, style in series:
+            xs, ys = _positive(points)
+            if xs:
+                ax.plot(xs, ys, label=label, **style)
+                plotted = True
         seen: set[str] = set()
         for step, kind, _ in run.guard_events:
             ax.axvline(
@@ -290,15 +359,26 @@ def plot_report(summary: HealthSummary, png_path: str | Path) -> Path:
             seen.add(kind)
         if plotted:
             ax.set_yscale("log")
-        ax.set_title(run.name, fontsize=10)
+        ax.set_title(
+            f"{run.name}: gradient norm" if run.has_gradguard else f"{run.name}: no gradguard data", fontsize=10
+        )
         ax.set_xlabel("step")
-        ax.set_ylabel("gradient norm")
         if plotted or seen:
-            ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=7, loc="best")
         ax.grid(True, which="both", alpha=0.3)
+        xs, ys = _positive(run.loss)
+        if xs:
+            lax.plot(xs, ys, color="tab:gray", lw=0.8, label=run.loss_tag)
+            lax.set_yscale("log")
+            lax.legend(fontsize=7, loc="best")
+        bad = [s for s, v in run.loss if not math.isfinite(v)]
+        if bad:
+            lax.plot(bad, [max(ys, default=1.0)] * len(bad), "x", color="red", label="non-finite loss")
+        lax.set_title(f"{run.name}: training loss", fontsize=10)
+        lax.set_xlabel("step")
+        lax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     out = Path(png_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    fig.savefig(out, dpi=90)
     return out

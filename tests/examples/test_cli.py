@@ -60,9 +60,9 @@ def test_report_on_a_generated_run(tmp_path):
     assert custom.exists()
 
 
-def test_report_without_gradguard_data_exits_2(tmp_path, capsys):
+def test_report_without_event_files_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
-    assert "no gradguard data" in capsys.readouterr().err
+    assert "nothing to report" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
 
