@@ -39,7 +39,7 @@ from functools import cached_property, lru_cache
 import torch
 from torch import Tensor
 
-from lightning_gradguard.core.sharded import local_tensors, reduce_norms
+from lightning_gradguard.core.sharded import local_tensors, local_view, reduce_norms
 
 __all__ = ["GradStats", "compute_grad_stats", "layer_name_of", "norms_of"]
 
@@ -184,6 +184,12 @@ class GradStats:
     @property
     def device(self) -> torch.device:
         return self.total_norm64.device
+
+    @cached_property
+    def local_grads(self) -> list[Tensor]:
+        """This rank's pieces of :attr:`grads` (the gradients themselves when not sharded), sharing their storage:
+        what in-place clipping should multiply or clamp (``DTensor`` refuses some in-place ops across placements)."""
+        return [local_view(g) for g in self.grads]
 
     @cached_property
     def param_norms(self) -> Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ShardLayout", "is_sharded", "local_tensors", "reduce_norms"]
+__all__ = ["ShardLayout", "is_sharded", "local_tensors", "local_view", "reduce_norms", "unit_norms"]
 
 try:  # torch builds without distributed support have no DTensor
     import torch.distributed as dist
@@ -37,6 +37,13 @@ except ImportError:  # pragma: no cover - such builds cannot shard either
 def is_sharded(t: Tensor) -> bool:
     """Is ``t`` a ``DTensor`` (possibly only replicated, in which case its norms need no communication)."""
     return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_view(t: Tensor) -> Tensor:
+    """This rank's piece of ``t`` (``t`` itself when it is a plain tensor). It shares ``t``'s storage, so in-place
+    operations on it (clipping) change the ``DTensor``; elementwise ones (scaling by a common factor, clamping) are
+    exact on shards."""
+    return t.to_local() if is_sharded(t) else t
 
 
 @dataclass(frozen=True)
@@ -109,3 +116,27 @@ def reduce_norms(local_norms: Tensor, layout: ShardLayout, norm_type: float) -> 
             part = part.pow(1.0 / norm_type)
         out.index_copy_(0, index, part)
     return out
+
+
+def unit_norms(t: Tensor) -> Tensor:
+    """Unit-wise L2 norms for AGC (Brock et al. 2021): one per output row (dim 0) of a tensor of 2+ dims, one for the
+    whole tensor otherwise, for the rows this rank holds, as a local float32 tensor broadcastable against
+    :func:`local_view` ``(t)``.
+
+    For a ``DTensor`` the per-row sums of squares of the local piece are summed over every mesh dimension that splits
+    the rows' elements (a shard of dim >= 1, or any shard of a 0/1-dim tensor); a shard of dim 0 of a 2+-dim tensor
+    keeps whole rows on each rank and needs nothing. A collective when something is summed (every rank must call it).
+    """
+    local = local_view(t).detach()
+    if local.ndim > 1:
+        sq = local.to(torch.float32).pow(2).sum(dim=tuple(range(1, local.ndim)), keepdim=True)
+    else:
+        sq = local.to(torch.float32).pow(2).sum()
+    if is_sharded(t):
+        for dim, placement in enumerate(t.placements):
+            if placement.is_replicate() or placement.is_partial():
+                continue
+            if t.ndim > 1 and getattr(placement, "dim", None) == 0:
+                continue  # whole rows on every rank
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=t.device_mesh.get_group(dim))
+    return sq.sqrt()

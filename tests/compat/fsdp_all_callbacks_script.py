@@ -1,10 +1,12 @@
 """2-process CPU FSDP2 run (``ModelParallelStrategy`` + ``fully_shard``, gloo) with all three gradguard callbacks.
 
-Two fits in the same two processes:
+Three fits in the same two processes:
 
 - ``norm``: the fixed ``norm`` clipper (max_norm 0.5) and the monitor, no faults. At every step the recorder writes
   the full weights before the update (gathered here, by the test's recorder only) so that the test can rebuild the
   gradients in one process and compare norms and clip coefficients against that reference.
+- ``tp``: as ``norm`` on a (1, 2) data x tensor parallel mesh: ``net.0`` column-wise (rows split), ``net.2``
+  row-wise (columns split, bias replicated), then ``fully_shard`` over the size-1 data dimension (2-D placements).
 - ``faults``: monitor + zscore clipper + rollback guard; rank 1 alone gets a NaN loss at step 4 and a x1e4 loss
   spike at step 6. The recorder writes what every callback saw and did per step, and each rank's *local* shards of
   the weights and Adam state after every step, so the test can check the rollback bit for bit, shard by shard.
@@ -22,6 +24,7 @@ from lightning.pytorch import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_gradguard.callbacks.step_context import grad_stats_for  # noqa: E402
+from lightning_gradguard.core.sharded import unit_norms  # noqa: E402
 from tests.compat.common import build_all, split  # noqa: E402
 from tests.compat.fsdp_models import ShardedRegression, sharded_trainer  # noqa: E402
 
@@ -69,6 +72,10 @@ class Record(Callback):
             row["full_weights"] = {n: _floats(p.full_tensor()) for n, p in zip(stats.names, stats.params)}
             post = torch.cat([g.full_tensor().flatten().double() for g in stats.grads])
             row["post_clip_norm"] = float(post.norm())
+            # AGC's unit norms of the (post-clip) gradients, this rank's rows, and the layouts they came from
+            row["units"] = {n: _floats(unit_norms(g)) for n, g in zip(stats.names, stats.grads)}
+            row["post_full"] = {n: _floats(g.full_tensor()) for n, g in zip(stats.names, stats.grads)}
+            row["placements"] = {n: str(getattr(g, "placements", "plain")) for n, g in zip(stats.names, stats.grads)}
         self.rows.append(row)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -85,14 +92,15 @@ class Record(Callback):
 
 def fit(out_dir: str, name: str) -> None:
     torch.manual_seed(0)
-    if name == "norm":
+    tensor_parallel = name == "tp"
+    if name in ("norm", "tp"):
         callbacks = build_all(clip={"method": "norm", "max_norm": 0.5}, guard={"action": "skip"})
-        model = ShardedRegression()
+        model = ShardedRegression(tensor_parallel=tensor_parallel)
     else:
         callbacks = build_all(guard={"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 1})
         model = ShardedRegression(faults={4: (1, "nan"), 6: (1, "spike")})
-    record = Record(callbacks, gather_weights=name == "norm")
-    trainer = sharded_trainer(out_dir, [*callbacks, record], max_steps=8)
+    record = Record(callbacks, gather_weights=name != "faults")
+    trainer = sharded_trainer(out_dir, [*callbacks, record], max_steps=8, tensor_parallel=tensor_parallel)
     trainer.fit(model)
     _, clip, guard = split(callbacks)
     events = [{k: _field(e, k) for k in ("step", "kind", "cause", "snapshot_step")} for e in guard.events]
@@ -116,7 +124,7 @@ def fit(out_dir: str, name: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    for fit_name in sys.argv[2].split(",") if len(sys.argv) > 2 else ("norm", "faults"):
+    for fit_name in sys.argv[2].split(",") if len(sys.argv) > 2 else ("norm", "faults", "tp"):
         fit(sys.argv[1], fit_name)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -40,20 +40,33 @@ class ShardedRegression(pl.LightningModule):
         lr: Adam's learning rate.
     """
 
-    def __init__(self, faults: dict[int, tuple[int, str]] | None = None, lr: float = 0.01) -> None:
+    def __init__(
+        self, faults: dict[int, tuple[int, str]] | None = None, lr: float = 0.01, tensor_parallel: bool = False
+    ) -> None:
         super().__init__()
         self.net = build_net()
         self.faults = dict(faults or {})
         self.lr = lr
+        self.tensor_parallel = tensor_parallel
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
+        if self.tensor_parallel:  # net.0 column-wise (rows split), net.2 row-wise (columns split, bias replicated)
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
         mesh = self.device_mesh["data_parallel"]
         for layer in self.net:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self.net, mesh=mesh)
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's position along the data-parallel dimension (tensor-parallel peers see the same data)."""
+        return self.device_mesh["data_parallel"].get_local_rank()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -62,7 +75,7 @@ class ShardedRegression(pl.LightningModule):
         x, y = batch
         loss = nn.functional.mse_loss(self(x), y)
         rank, kind = self.faults.get(self.global_step, (None, None))
-        if rank == self.global_rank:
+        if rank == self.global_rank:  # the loss, not the data: tensor-parallel peers must see the same inputs
             loss = loss * (float("nan") if kind == "nan" else 1e4)
         return loss
 
@@ -70,17 +83,20 @@ class ShardedRegression(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(rank_batches(self.global_rank), batch_size=8, shuffle=False)
+        return DataLoader(rank_batches(self.data_rank), batch_size=8, shuffle=False)
 
 
-def sharded_trainer(out_dir: Any, callbacks: list[pl.Callback], max_steps: int, **kwargs: Any) -> pl.Trainer:
-    """2 gloo processes, ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, quiet."""
+def sharded_trainer(
+    out_dir: Any, callbacks: list[pl.Callback], max_steps: int, tensor_parallel: bool = False, **kwargs: Any
+) -> pl.Trainer:
+    """2 gloo processes, quiet: ``ModelParallelStrategy`` with a (2, 1) data x tensor parallel mesh, or (1, 2)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    dp, tp = (1, 2) if tensor_parallel else (2, 1)
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp),
         max_steps=max_steps,
         logger=False,
         callbacks=callbacks,

@@ -35,7 +35,7 @@ def fsdp_run(tmp_path_factory):
         assert [r["rank"] for r in ranks] == [0, 1], proc.stderr[-3000:]
         return ranks
 
-    return {"norm": load("norm"), "faults": load("faults")}
+    return {fit: load(fit) for fit in ("norm", "faults", "tp")}
 
 
 def _fsum_norm(values):
@@ -47,28 +47,40 @@ def _close(a, b, rel=1e-5):
     return abs(a - b) <= rel * max(abs(b), 1e-12)
 
 
-def _reference_grads(full_weights, step):
-    """Unsharded gradients at ``step``: the mean over the two ranks' batches (FSDP2 averages), in float64."""
+def _reference_grads(full_weights, step, data_ranks=(0, 1)):
+    """Unsharded gradients at ``step``: the mean over the data-parallel ranks' batches (FSDP2 averages), float64."""
     net = build_net().double()
     with torch.no_grad():
         for name, p in net.named_parameters():
             p.copy_(torch.tensor(full_weights["net." + name], dtype=torch.float64).reshape(p.shape))
-    for rank in range(2):
+    for rank in data_ranks:
         x, y = rank_batches(rank)[step * 8 : (step + 1) * 8]
-        (nn.functional.mse_loss(net(x.double()), y.double()) / 2).backward()
+        (nn.functional.mse_loss(net(x.double()), y.double()) / len(data_ranks)).backward()
     return {"net." + n: p.grad.flatten().tolist() for n, p in net.named_parameters()}
+
+
+def _same_on_both_ranks(r0, r1):
+    keys = set(r0["rows"][0]) - {"units"}  # unit norms are per rank (their own rows); the rest bit-identical
+    assert [{k: row[k] for k in keys} for row in r0["rows"]] == [{k: row[k] for k in keys} for row in r1["rows"]]
 
 
 @pytest.mark.ddp
 @pytest.mark.timeout(300)
-def test_sharded_norms_and_clip_coefficient_equal_the_unsharded_reference(fsdp_run):
-    r0, r1 = fsdp_run["norm"]
-    assert r0["rows"] == r1["rows"]  # bit-identical measurements and decisions on both ranks
+@pytest.mark.parametrize("fit", ["norm", "tp"])
+def test_sharded_norms_and_clip_coefficient_equal_the_unsharded_reference(fsdp_run, fit):
+    """``norm``: FSDP2 over 2 data-parallel ranks; ``tp``: column- and row-wise tensor parallel on a 1x2 mesh."""
+    r0, r1 = fsdp_run[fit]
+    _same_on_both_ranks(r0, r1)
     assert [row["step"] for row in r0["rows"]] == list(range(8))
+    if fit == "tp":  # really both layouts: rows split (column-wise) and columns split (row-wise) on the tp dimension
+        placements = r0["rows"][0]["placements"]
+        assert "Shard(dim=0))" in placements["net.0.weight"]
+        assert "Shard(dim=1))" in placements["net.2.weight"]
+        assert "Replicate())" in placements["net.2.bias"]
     clipped = 0
     for row in r0["rows"]:
         assert row["grad_is_dtensor"]
-        ref = _reference_grads(row["full_weights"], row["step"])
+        ref = _reference_grads(row["full_weights"], row["step"], (0, 1) if fit == "norm" else (0,))
         total = _fsum_norm([v for n in row["names"] for v in ref[n]])
         assert _close(row["grad_norm"], total)
         for name, got in zip(row["names"], row["param_norms"]):
@@ -80,6 +92,32 @@ def test_sharded_norms_and_clip_coefficient_equal_the_unsharded_reference(fsdp_r
         assert _close(row["post_clip_norm"], total * row["coefficient"])
         clipped += row["clipped"]
     assert 0 < clipped < 8  # the bound was active on some steps, not on all
+
+
+def _row_norms(values, shape_rows):
+    rows = [values[i * len(values) // shape_rows : (i + 1) * len(values) // shape_rows] for i in range(shape_rows)]
+    return [_fsum_norm(r) for r in rows]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fit", ["norm", "tp"])
+def test_unit_norms_for_agc_on_shards_equal_the_full_row_norms(fsdp_run, fit):
+    """core.sharded.unit_norms: rows kept whole by a dim-0 shard are local; split rows and 1-D tensors are summed."""
+    r0, r1 = fsdp_run[fit]
+    shapes = {"net." + n: tuple(p.shape) for n, p in build_net().named_parameters()}
+    for a, b in zip(r0["rows"], r1["rows"]):
+        for name, full in a["post_full"].items():
+            shape = shapes[name]
+            ref = _row_norms(full, shape[0]) if len(shape) > 1 else [_fsum_norm(full)]
+            ua, ub = a["units"][name], b["units"][name]
+            if len(ua) == len(ub) == len(ref):  # split rows or a 1-D tensor: every rank has every unit's norm
+                got = [ua, ub]
+            else:  # whole rows per rank, in rank order
+                assert len(ua) + len(ub) == len(ref)
+                got = [ua + ub]
+            for g in got:
+                assert all(_close(x, y) for x, y in zip(g, ref)), (name, g, ref)
 
 
 @pytest.mark.ddp
