@@ -1,18 +1,18 @@
-"""Apply gradient clips on the device, with coefficients as tensors (no host synchronisation).
+"""The clip operations: scale or clamp gradients in place, on the device, with coefficients as tensors.
 
 Every function works on gradients that were already measured (a
 :class:`~lightning_gradguard.core.grad_stats.GradStats` gives the global and per-parameter norms), so no norm is
-computed twice. Multiplications go through ``torch._foreach_mul_`` (one launch per device/dtype group, a per-tensor
-loop where the multi-tensor kernel is unavailable). None of them touches a non-finite gradient: a non-finite norm
-gives a coefficient of 1 (clipping inf makes NaN, and NaN/inf are the NaN guard's business).
+computed twice. Coefficients are computed in float64 (a finite norm near float32's limit still gives a usable factor,
+and ``max_norm / norm`` cannot underflow to 0 for any float32 norm) and applied with torch's multi-tensor kernels.
+None of them touches a gradient that holds NaN or inf: its coefficient is 1 (scaling inf makes NaN, and NaN/inf are
+the NaN guard's business). A finite gradient is always clipped, however large its norm.
 
-Each function returns a bool scalar tensor telling whether anything was clipped, plus what the caller needs to log.
+Each function returns what the caller needs to know whether anything was clipped (bool or count tensors).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 from torch import Tensor
@@ -26,48 +26,49 @@ __all__ = [
     "clip_by_param_norm_",
     "clip_by_value_",
     "clip_coefficient",
-    "scale_",
+    "foreach_mul_",
+    "max_abs",
 ]
 
 #: Added to norms in coefficients, as in ``torch.nn.utils.clip_grad_norm_`` (so the post-clip norm stays <= max).
 CLIP_EPS = 1e-6
 
+_FOREACH_ERRORS = (RuntimeError, TypeError, NotImplementedError)
+
+
+def foreach_mul_(tensors: Sequence[Tensor], factors: float | Tensor | Sequence[Tensor]) -> None:
+    """``tensors[i] *= factor`` in place (one Python number or scalar tensor for all, or one tensor per tensor), with
+    torch's multi-tensor kernel, and a per-tensor loop where the kernel refuses (several devices, exotic dtypes)."""
+    if not tensors:
+        return
+    per_tensor = isinstance(factors, (list, tuple))
+    try:
+        torch._foreach_mul_(list(tensors), factors)  # type: ignore[arg-type]
+        return
+    except _FOREACH_ERRORS:
+        pass
+    for i, t in enumerate(tensors):  # several devices, or a dtype the kernel does not take
+        f = factors[i] if per_tensor else factors  # type: ignore[index]
+        t.mul_(f.to(t.device) if isinstance(f, Tensor) else f)
+
 
 def clip_coefficient(norm: Tensor, max_norm: Tensor | float, eps: float = CLIP_EPS) -> Tensor:
-    """``min(1, max_norm / (norm + eps))`` elementwise, and 1 where ``norm`` or ``max_norm`` is not finite.
+    """``min(1, max_norm / (norm + eps))`` elementwise in float64, and 1 where ``norm`` or ``max_norm`` is not finite.
 
     Example:
         >>> clip_coefficient(torch.tensor([10.0, 0.5, float("inf")]), 1.0, eps=0.0).tolist()
-        [0.10000000149011612, 1.0, 1.0]
+        [0.1, 1.0, 1.0]
     """
-    max_norm = torch.as_tensor(max_norm, dtype=torch.float32, device=norm.device)
-    norm32 = norm.to(torch.float32)
-    coef = (max_norm / (norm32 + eps)).clamp(max=1.0)
-    ok = torch.isfinite(norm32) & torch.isfinite(max_norm)
-    return torch.where(ok, coef, torch.ones_like(coef))
+    max_norm = torch.as_tensor(max_norm, dtype=torch.float64, device=norm.device)
+    norm64 = norm.to(torch.float64)
+    coef = (max_norm / (norm64 + eps)).clamp(max=1.0)
+    ok = torch.isfinite(norm64) & torch.isfinite(max_norm)
+    return torch.where(ok, coef, 1.0)
 
 
-def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
-    groups: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.device, []).append(i)
-    return groups
-
-
-def scale_(grads: Sequence[Tensor], coef: Tensor) -> None:
-    """Multiply ``grads`` in place: by the scalar ``coef``, or by ``coef[i]`` each when ``coef`` is a vector."""
-    if not grads:
-        return
-    per_tensor = coef.ndim > 0
-    for device, idx in _by_device(grads).items():
-        group = [grads[i] for i in idx]
-        c = coef.to(device)
-        factors: Tensor | list[Tensor] = [c[i] for i in idx] if per_tensor else c
-        try:
-            torch._foreach_mul_(group, factors)
-        except (RuntimeError, TypeError, NotImplementedError):  # pragma: no cover - exotic dtypes/devices
-            for j, g in enumerate(group):
-                g.mul_(factors[j] if isinstance(factors, list) else factors)
+def _factor_for(coef: Tensor, grad: Tensor) -> Tensor:
+    # float32 for float32/half gradients (a float64 factor would promote nothing, but keep kernels on one dtype)
+    return coef.to(torch.float64 if grad.dtype in (torch.float64, torch.complex128) else torch.float32)
 
 
 def clip_by_global_norm_(
@@ -79,11 +80,12 @@ def clip_by_global_norm_(
     ``max_norm`` is not finite (an infinite threshold means "do not clip").
 
     Returns:
-        ``(coefficient, clipped)``: the float32 scalar every gradient was multiplied by (post-clip norm =
+        ``(coefficient, clipped)``: the float64 scalar every gradient was multiplied by (post-clip norm =
         ``total_norm * coefficient``) and a bool scalar tensor, ``coefficient < 1``.
     """
     coef = clip_coefficient(total_norm, max_norm, eps)
-    scale_(grads, coef)
+    if grads:
+        foreach_mul_(grads, _factor_for(coef, grads[0]))
     return coef, coef < 1.0
 
 
@@ -93,52 +95,48 @@ def clip_by_param_norm_(
     """Scale each gradient so that its own norm (``param_norms[i]``, precomputed) is at most ``max_norm``.
 
     Returns:
-        ``(coefficients, clipped)``: the per-parameter float32 factors and a bool scalar, any factor < 1.
+        ``(coefficients, clipped)``: the per-parameter float64 factors and a bool scalar, any factor < 1.
     """
     coef = clip_coefficient(param_norms, max_norm, eps)
-    scale_(grads, coef)
+    if grads:
+        foreach_mul_(grads, [_factor_for(c, g) for c, g in zip(coef.unbind(0), grads)])
     return coef, (coef < 1.0).any() if coef.numel() else torch.zeros((), dtype=torch.bool)
 
 
-def _max_abs(g: Tensor) -> Tensor:
+def max_abs(g: Tensor) -> Tensor:
+    """The largest ``|element|`` of ``g`` as a float64 scalar tensor (NaN if any element is NaN, 0 when empty)."""
     if g.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=g.device)
+        return torch.zeros((), dtype=torch.float64, device=g.device)
     lo, hi = torch.aminmax(g)
-    return torch.maximum(-lo, hi).to(torch.float32)
+    return torch.maximum(-lo, hi).to(torch.float64)
 
 
-def clip_by_value_(grads: Sequence[Tensor], clip_value: float, finite: Tensor | None = None) -> Tensor:
-    """Clamp every element to ``[-clip_value, clip_value]``, in place, sparing gradients that are not finite.
+def clip_by_value_(grads: Sequence[Tensor], clip_value: float) -> Tensor:
+    """Clamp every element to ``[-clip_value, clip_value]``, in place, sparing gradients that hold NaN or inf.
 
-    Args:
-        grads: the gradients.
-        clip_value: the bound (> 0).
-        finite: bool vector, is each gradient finite (``GradStats.finite``); computed when None.
+    Needs no norm at all: a finite gradient is clamped whatever its norm (even one that overflows float32).
+    Real gradients only (complex ones are refused by the clipper at setup).
 
     Returns:
         A bool scalar tensor: did any finite gradient hold an element beyond the bound.
     """
     if not grads:
         return torch.zeros((), dtype=torch.bool)
-    if finite is None:
-        finite = torch.stack([torch.isfinite(g).all() for g in grads])
-    inf = torch.tensor(float("inf"), dtype=torch.float32, device=finite.device)
-    bound = torch.where(finite, torch.tensor(float(clip_value), device=finite.device), inf)
-    # the largest |element| of each gradient, before clamping, to report whether anything was clipped. One aminmax
-    # read per tensor: torch's CPU inf-norm (``_foreach_norm(..., inf)``) is ~12x slower on large tensors.
-    maxabs = torch.stack([_max_abs(g).to(finite.device) for g in grads])
-    clipped = (finite & (maxabs > clip_value)).any()
-    for device, idx in _by_device(grads).items():
-        group = [grads[i] for i in idx]
-        b = bound.to(device)
-        upper = [b[i].to(grads[i].dtype) for i in idx]
-        lower = [-u for u in upper]
-        try:
-            torch._foreach_clamp_max_(group, upper)
-            torch._foreach_clamp_min_(group, lower)
-        except (RuntimeError, TypeError, NotImplementedError):  # pragma: no cover
-            for g, lo, hi in zip(group, lower, upper):
-                g.clamp_(min=lo, max=hi)
+    dev = grads[0].device
+    # the largest |element| of each gradient: tells both whether it is finite and whether anything is clipped. One
+    # aminmax read per tensor: torch's CPU inf-norm (``_foreach_norm(..., inf)``) is ~12x slower on large tensors.
+    top = torch.stack([max_abs(g).to(dev) for g in grads])
+    finite = torch.isfinite(top)
+    clipped = (finite & (top > clip_value)).any()
+    bound = torch.where(finite, clip_value, torch.inf)
+    upper = [b.to(g.dtype) if g.dtype.is_floating_point else b for b, g in zip(bound.unbind(0), grads)]
+    try:
+        torch._foreach_clamp_max_(list(grads), upper)
+        torch._foreach_clamp_min_(list(grads), [-u for u in upper])
+    except _FOREACH_ERRORS:  # several devices, or a dtype the kernel does not take
+        for g, u in zip(grads, upper):
+            u = u.to(g.device)
+            g.clamp_(min=-u, max=u)
     return clipped
 
 
@@ -149,11 +147,13 @@ def clip_by_agc_(
     eps: float = 1e-3,
     grad_eps: float = CLIP_EPS,
 ) -> tuple[Tensor, Tensor]:
-    """Adaptive gradient clipping (Brock et al. 2021), unit-wise, in place.
+    """Adaptive gradient clipping (Brock et al. 2021, arXiv 2102.06171), unit-wise, in place.
 
     For every unit (output row of a weight of 2+ dims; the whole tensor for biases and scalars) with gradient
     norm ``g`` and weight norm ``w``: if ``g > clipping * max(w, eps)`` the unit's gradient is scaled by
-    ``clipping * max(w, eps) / max(g, grad_eps)``. Units whose gradient is not finite are left alone.
+    ``clipping * max(w, eps) / max(g, grad_eps)``. Units whose gradient is not finite are left alone. Unit norms
+    are accumulated in float64, so a finite gradient is clipped however large it is; complex parameters are
+    measured by their modulus.
 
     Args:
         params: the parameters (their values give the weight norms).
@@ -188,14 +188,7 @@ def clip_by_agc_(
         if factors[i] is None:
             factors[i], n_over = _agc_factor(p, g, clipping, eps, grad_eps, False)
             clipped = clipped + n_over.to(dev)
-    for idx in _by_device(grads).values():
-        group = [grads[i] for i in idx]
-        fs = [cast(Tensor, factors[i]) for i in idx]
-        try:
-            torch._foreach_mul_(group, fs)
-        except (RuntimeError, TypeError, NotImplementedError):  # pragma: no cover
-            for g, f in zip(group, fs):
-                g.mul_(f)
+    foreach_mul_(grads, [f for f in factors if f is not None])
     return clipped, torch.tensor(total, dtype=torch.long, device=dev)
 
 
@@ -208,7 +201,9 @@ def _agc_factor(
     param: Tensor, grad: Tensor, clipping: float, eps: float, grad_eps: float, stacked: bool
 ) -> tuple[Tensor, Tensor]:
     """AGC's per-unit factor for one tensor (or a stack of same-shape tensors) and how many units are over."""
-    max_norm = agc_max_norms(param, clipping, eps, stacked)
-    gnorm = unitwise_norm(grad, stacked)
+    max_norm = agc_max_norms(param, clipping, eps, stacked).to(torch.float64)
+    gnorm = unitwise_norm(grad, stacked, dtype=torch.float64)
     over = torch.isfinite(gnorm) & (gnorm > max_norm)
-    return torch.where(over, max_norm / gnorm.clamp_min(grad_eps), 1.0).to(grad.dtype), over.sum()
+    factor = torch.where(over, max_norm / gnorm.clamp_min(grad_eps), 1.0)
+    real = torch.float64 if grad.dtype in (torch.float64, torch.complex128) else torch.float32
+    return factor.to(real), over.sum()

@@ -1,14 +1,13 @@
 """Running statistics of a scalar stream (the global gradient norm), sync-free and poison-proof.
 
-Three small stateful estimators, each with ``update(x)``, ``compute()``, ``reset()``, ``state_dict()`` and
-``load_state_dict()``:
+Two small stateful quantile estimators (the statistics of AutoClip's percentile threshold), each with
+``update(x)``, ``compute()``, ``reset()``, ``state_dict()`` and ``load_state_dict()``:
 
-- :class:`EMAMeanVar`: exponentially weighted mean and variance (the statistics of ZClip's z-score).
 - :class:`WindowQuantile`: exact quantiles of the last ``window`` values, kept in a fixed-size ring buffer.
 - :class:`DecayedHistogramQuantile`: approximate quantiles from an exponentially decayed histogram with
   logarithmic buckets (``bins_per_decade`` per factor of 10), the memory of ``window`` steps without storing them.
 
-All three use O(1) memory and O(1) work per step with respect to the run length (``window`` and the bucket count are
+Both use O(1) memory and O(1) work per step with respect to the run length (``window`` and the bucket count are
 fixed at construction), keep their state as tensors on the device of the first value they see, and never
 synchronise with the host: a non-finite value is masked out with ``torch.where`` instead of being tested with ``if``.
 So NaN and inf never enter the statistics, whatever the input sequence. Finite values are clamped to
@@ -26,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard.core.arg_checks import check_int
+from lightning_gradguard.core.arg_checks import check_int, check_positive, check_unit_interval
 
-__all__ = ["VALUE_LIMIT", "DecayedHistogramQuantile", "EMAMeanVar", "WindowQuantile", "sanitize"]
+__all__ = ["VALUE_LIMIT", "DecayedHistogramQuantile", "WindowQuantile", "sanitize"]
 
 #: Finite inputs are clamped to [-VALUE_LIMIT, VALUE_LIMIT]; float32 values (max 3.4e38) are never affected.
 VALUE_LIMIT = 1e100
@@ -59,128 +58,11 @@ def _move(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device=device, dtype=_dtype_for(device)) if t.is_floating_point() else t.to(device)
 
 
-def _check_open_unit(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
-    return float(value)
-
-
-def _check_quantile(q: Any) -> float:
-    if not isinstance(q, (int, float)) or isinstance(q, bool):
-        raise TypeError(f"q must be a float in [0, 1], got {type(q).__name__} ({q!r})")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q!r}")
-    return float(q)
-
-
 def _load_tensor(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
     value = state.get(key)
     if not isinstance(value, Tensor) or value.shape != like.shape:
         return like
     return value.detach().clone().to(device=like.device, dtype=like.dtype)
-
-
-class EMAMeanVar:
-    """Exponentially weighted mean and variance of a stream, warm-started from the first values.
-
-    The update is the incremental weighted form (West 1979; Finch 2009)::
-
-        a = max(1 - decay, 1 / n)        # n = finite values seen so far, this one included
-        diff = x - mean
-        mean = mean + a * diff
-        var = (1 - a) * (var + a * diff**2)
-
-    With ``a = 1 / n`` this is Welford's recurrence for the exact mean and population variance; so for the first
-    ``1 / (1 - decay)`` values the statistics are the plain mean and variance of everything seen (no zero-init bias,
-    no bias correction needed), and from then on an EMA with weight ``1 - decay`` on the newest value. ``var`` can
-    never go negative. Non-finite values leave the state unchanged.
-
-    Args:
-        decay: weight of the past, in (0, 1); the EMA covers roughly ``1 / (1 - decay)`` steps (ZClip's alpha, 0.97).
-
-    Example:
-        >>> ema = EMAMeanVar(decay=0.5)
-        >>> for v in (1.0, 3.0, float("nan"), 5.0):
-        ...     ema.update(v)
-        >>> {k: float(v) for k, v in ema.compute().items()}
-        {'mean': 3.5, 'var': 2.75, 'count': 3.0}
-    """
-
-    def __init__(self, decay: float = 0.97) -> None:
-        self.decay = _check_open_unit("decay", decay)
-        self.reset()
-
-    def reset(self) -> None:
-        self._mean = torch.zeros((), dtype=_DTYPE)
-        self._var = torch.zeros((), dtype=_DTYPE)
-        self._count = torch.zeros((), dtype=torch.long)
-
-    def _to(self, device: torch.device) -> None:
-        if self._mean.device != device:
-            self._mean, self._var, self._count = (_move(t, device) for t in (self._mean, self._var, self._count))
-
-    def update(self, x: Tensor | float) -> None:
-        """Add ``x`` (a scalar) if it is finite."""
-        value, finite = sanitize(x)
-        self._to(value.device)
-        count = self._count + finite.long()
-        a = (1.0 / count.clamp_min(1).to(value.dtype)).clamp_min(1.0 - self.decay)
-        diff = value - self._mean
-        mean = self._mean + a * diff
-        var = (1.0 - a) * (self._var + a * diff * diff)
-        self._mean = torch.where(finite, mean, self._mean)
-        self._var = torch.where(finite, var, self._var)
-        self._count = count
-
-    @property
-    def on_cpu(self) -> bool:
-        """Whether the state lives on the CPU, where :meth:`host_values` and :meth:`update_host` apply."""
-        return self._mean.device.type == "cpu"
-
-    def host_values(self) -> tuple[float, float, int]:
-        """``(mean, var, count)`` as Python numbers. For CPU state only (a read there, not a device sync)."""
-        return self._mean.item(), self._var.item(), int(self._count.item())
-
-    def update_host(self, x: float) -> None:
-        """:meth:`update` in Python arithmetic, bit for bit the same result, for CPU state and a host value.
-
-        On the CPU a scalar torch operation costs microseconds of dispatch each and this update takes about twenty
-        of them; doing the same float64 operations in Python is an order of magnitude cheaper. Accelerator state
-        must go through :meth:`update` (reading it here would synchronise).
-        """
-        if not self.on_cpu:
-            raise RuntimeError("update_host() needs the statistics on the CPU; use update() for device tensors")
-        value = float(x)
-        if not math.isfinite(value):
-            return
-        value = min(max(value, -VALUE_LIMIT), VALUE_LIMIT)
-        mean, var, count = self.host_values()
-        count += 1
-        a = max(1.0 / count, 1.0 - self.decay)
-        diff = value - mean
-        self._mean = torch.tensor(mean + a * diff, dtype=_DTYPE)
-        self._var = torch.tensor((1.0 - a) * (var + a * diff * diff), dtype=_DTYPE)
-        self._count = torch.tensor(count, dtype=torch.long)
-
-    def compute(self) -> dict[str, Tensor]:
-        """``{"mean", "var", "count"}`` as float64 scalar tensors (all 0 before the first finite value)."""
-        return {"mean": self._mean, "var": self._var, "count": self._count.to(self._mean.dtype)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "decay": self.decay,
-            "mean": self._mean.detach().cpu().clone(),
-            "var": self._var.detach().cpu().clone(),
-            "count": self._count.detach().cpu().clone(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
-        self._mean = _load_tensor(state, "mean", self._mean)
-        self._var = _load_tensor(state, "var", self._var).clamp_min(0.0)
-        self._count = _load_tensor(state, "count", self._count)
 
 
 class WindowQuantile:
@@ -203,7 +85,7 @@ class WindowQuantile:
     """
 
     def __init__(self, q: float = 0.1, window: int = 1000) -> None:
-        self.q = _check_quantile(q)
+        self.q = check_unit_interval("q", q, closed=True)
         self.window = check_int("window", window, 1)
         self.reset()
 
@@ -234,7 +116,7 @@ class WindowQuantile:
 
     def compute(self, q: float | None = None) -> Tensor:
         """The ``q``-quantile (default ``self.q``) of the window, linear interpolation; 0 when the window is empty."""
-        q = self.q if q is None else _check_quantile(q)
+        q = self.q if q is None else check_unit_interval("q", q, closed=True)
         result = torch.nanquantile(self._values, q)
         return torch.where(self._count > 0, result, 0.0)
 
@@ -247,13 +129,16 @@ class WindowQuantile:
             "count": self._count.detach().cpu().clone(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Load a saved window; returns False (and starts afresh) when it was saved with another window size or by
+        the histogram estimator."""
         self.reset()
-        if int(state.get("window", self.window)) != self.window:
-            return  # a different window size: start afresh rather than mis-read the buffer
+        if int(state.get("window", self.window)) != self.window or "values" not in state:
+            return False  # a different window size: start afresh rather than mis-read the buffer
         self._values = _load_tensor(state, "values", self._values)
         self._pos = _load_tensor(state, "pos", self._pos) % self.window
         self._count = _load_tensor(state, "count", self._count).clamp(0, self.window)
+        return True
 
 
 class DecayedHistogramQuantile:
@@ -289,13 +174,12 @@ class DecayedHistogramQuantile:
         max_value: float = 1e12,
         bins_per_decade: int = 16,
     ) -> None:
-        self.q = _check_quantile(q)
+        self.q = check_unit_interval("q", q, closed=True)
         self.window = check_int("window", window, 2)
         self.bins_per_decade = check_int("bins_per_decade", bins_per_decade, 1)
-        for name, v in (("min_value", min_value), ("max_value", max_value)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise TypeError(f"{name} must be a float, got {type(v).__name__} ({v!r})")
-        if not (0.0 < min_value < max_value < math.inf):
+        min_value = check_positive("min_value", min_value)
+        max_value = check_positive("max_value", max_value)
+        if not min_value < max_value:
             raise ValueError(
                 "min_value and max_value must satisfy 0 < min_value < max_value < inf, "
                 f"got min_value={min_value!r}, max_value={max_value!r}"
@@ -343,7 +227,7 @@ class DecayedHistogramQuantile:
 
     def compute(self, q: float | None = None) -> Tensor:
         """The approximate ``q``-quantile (default ``self.q``); 0 when nothing was added."""
-        q = self.q if q is None else _check_quantile(q)
+        q = self.q if q is None else check_unit_interval("q", q, closed=True)
         counts = self._counts
         total = counts.sum()
         cum = counts.cumsum(0)
@@ -370,10 +254,13 @@ class DecayedHistogramQuantile:
             "count": self._count.detach().cpu().clone(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Load a saved histogram; returns False (and starts afresh) when its bucket layout differs or it was saved
+        by the window estimator. A different ``window`` (decay) applies from now on to the loaded counts."""
         self.reset()
         layout = (state.get("min_value"), state.get("max_value"), state.get("bins_per_decade"))
         if layout != (self.min_value, self.max_value, self.bins_per_decade):
-            return  # a different bucket layout: start afresh
+            return False  # a different bucket layout: start afresh
         self._counts = _load_tensor(state, "counts", self._counts).clamp_min(0.0)
         self._count = _load_tensor(state, "count", self._count)
+        return True

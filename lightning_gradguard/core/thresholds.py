@@ -1,12 +1,18 @@
-"""Clipping threshold rules as pure functions of running statistics (tensors in, tensors out, no host sync).
+"""Clipping threshold rules as pure functions, each written once.
 
-- z-score (ZClip, Kumar et al. 2025, arXiv 2504.02507): ``threshold = mean + z * std`` of an EMA of the global norm;
-  a norm above it is clipped either to the threshold or to the running mean (:func:`zscore_clip_target`).
-- percentile (AutoClip, Seetharaman et al., MLSP 2020): ``threshold = q-th percentile`` of recent global norms
-  (:func:`percentile_threshold` over a window; the histogram estimator lives in
-  :mod:`lightning_gradguard.core.running_stats`).
-- fallback while statistics warm up: a generous multiple of a reference (running mean or median) capped by an
-  optional fixed norm (:func:`fallback_threshold`).
+The scalar rules take Python floats (the clippers' CPU fast path: no tensor dispatch) or scalar tensors (any device,
+no host synchronisation) and return the same kind; :func:`minimum`, :func:`maximum` and :func:`sqrt` below are the
+only places that tell the two apart.
+
+- z-score (ZClip, Kumar et al. 2025, arXiv 2504.02507): ``threshold = mean + z * std`` of an EMA of the global norm
+  (:func:`zscore_threshold`, :func:`ema_step`), with ``std`` floored at :data:`STD_FLOOR` times the mean so that a
+  flat stream does not clip every small rise.
+- fallback while statistics warm up: a generous multiple of a reference (a median) capped by an optional fixed norm
+  (:func:`fallback_threshold`).
+- growth limit: the threshold in force may rise by at most :data:`MAX_GROWTH` per step (:func:`limit_growth`).
+  A genuine slow drift (x2 over 1000 steps, 0.07 %/step) passes untouched; a blow-up cannot carry the threshold up
+  by orders of magnitude within a short window (x1.6 in 50 steps at most, x10 takes 230 steps), and a norm growing
+  2-5 %/step ("boiling frog") outruns it and is clipped.
 - adaptive gradient clipping (AGC, Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without
   Normalization", arXiv 2102.06171): the gradient of each unit (output row) may not exceed ``clipping`` times the
   unit's weight norm, floored at ``eps`` (:func:`unitwise_norm`, :func:`agc_max_norms`).
@@ -15,98 +21,127 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "MAX_GROWTH",
+    "STD_FLOOR",
     "agc_max_norms",
+    "ema_step",
     "fallback_threshold",
-    "percentile_threshold",
+    "limit_growth",
+    "maximum",
+    "minimum",
+    "sqrt",
     "unitwise_norm",
     "zscore",
-    "zscore_clip_target",
     "zscore_threshold",
 ]
 
-ClipTo = Literal["threshold", "mean"]
+#: Floor on the z-score's standard deviation, relative to the mean.
+STD_FLOOR = 0.05
+#: Largest relative rise of the threshold in force from one step to the next (1 %).
+MAX_GROWTH = 0.01
+
+S = TypeVar("S", float, Tensor)
 
 
-def zscore(value: Tensor, mean: Tensor, var: Tensor, rel_floor: float = 1e-6, abs_floor: float = 1e-12) -> Tensor:
-    """``(value - mean) / std``, with ``std`` floored at ``rel_floor * |mean| + abs_floor`` (a flat stream is not 0/0).
+def minimum(a: S, b: S | float) -> S:
+    """Elementwise minimum of a float or tensor ``a`` and a float or tensor ``b``."""
+    if isinstance(a, Tensor):
+        return torch.minimum(a, b) if isinstance(b, Tensor) else a.clamp_max(b)
+    if isinstance(b, Tensor):
+        return b.clamp_max(a)  # type: ignore[return-value]
+    return a if a <= b else b  # type: ignore[return-value]
+
+
+def maximum(a: S, b: S | float) -> S:
+    """Elementwise maximum of a float or tensor ``a`` and a float or tensor ``b``."""
+    if isinstance(a, Tensor):
+        return torch.maximum(a, b) if isinstance(b, Tensor) else a.clamp_min(b)
+    if isinstance(b, Tensor):
+        return b.clamp_min(a)  # type: ignore[return-value]
+    return a if a >= b else b  # type: ignore[return-value]
+
+
+def sqrt(x: S) -> S:
+    """Square root of ``max(x, 0)`` (rounding noise below 0 counts as 0)."""
+    if isinstance(x, Tensor):
+        return x.clamp_min(0.0).sqrt()
+    return math.sqrt(x) if x > 0.0 else 0.0  # type: ignore[return-value]
+
+
+def zscore_std(mean: S, var: S) -> S:
+    """The standard deviation the z-score uses: ``sqrt(var)`` floored at ``STD_FLOOR * |mean|`` (and 1e-12)."""
+    return maximum(sqrt(var), STD_FLOOR * abs(mean) + 1e-12)
+
+
+def zscore(value: S, mean: S, var: S) -> S:
+    """``(value - mean) / std`` with the floored std of :func:`zscore_threshold`.
 
     Example:
-        >>> float(zscore(torch.tensor(7.0), torch.tensor(3.0), torch.tensor(4.0)))
+        >>> zscore(7.0, 3.0, 4.0)
         2.0
     """
-    std = var.clamp_min(0.0).sqrt()
-    return (value - mean) / torch.maximum(std, rel_floor * mean.abs() + abs_floor)
+    return (value - mean) / zscore_std(mean, var)
 
 
-def zscore_threshold(mean: Tensor, var: Tensor, z_threshold: float) -> Tensor:
-    """The norm whose z-score equals ``z_threshold``: ``mean + z_threshold * sqrt(var)``.
+def zscore_threshold(mean: S, var: S, z_threshold: float) -> S:
+    """The norm whose z-score equals ``z_threshold``: ``mean + z_threshold * std``, std floored relative to the mean.
 
     Example:
+        >>> zscore_threshold(3.0, 4.0, 2.5)
+        8.0
+        >>> zscore_threshold(4.0, 0.0, 2.0)  # a flat stream: std floored at 5 % of the mean
+        4.4
         >>> float(zscore_threshold(torch.tensor(3.0), torch.tensor(4.0), 2.5))
         8.0
     """
-    return mean + z_threshold * var.clamp_min(0.0).sqrt()
+    return mean + z_threshold * zscore_std(mean, var)
 
 
-def zscore_clip_target(mean: Tensor, var: Tensor, z_threshold: float, clip_to: ClipTo = "threshold") -> Tensor:
-    """The norm an outlier is scaled down to: the threshold itself (``"threshold"``) or the running mean (``"mean"``).
+def ema_step(mean: S, var: S, x: S, weight: float) -> tuple[S, S]:
+    """One step of the exponentially weighted mean and variance with weight ``weight`` on ``x`` (West 1979)::
 
-    Raises:
-        ValueError: ``clip_to`` is neither ``"threshold"`` nor ``"mean"``.
-    """
-    if clip_to == "threshold":
-        return zscore_threshold(mean, var, z_threshold)
-    if clip_to == "mean":
-        return mean.clone()
-    raise ValueError(f"clip_to must be 'threshold' or 'mean', got {clip_to!r}")
+        diff = x - mean;  mean += weight * diff;  var = (1 - weight) * (var + weight * diff**2)
 
-
-def percentile_threshold(values: Tensor, percentile: float) -> Tensor:
-    """The ``percentile``-th percentile (0-100, linear interpolation) of the finite entries of ``values``.
-
-    NaN entries are ignored (they mark unused slots of a window); NaN when there is no finite entry.
+    ``var`` never goes negative. With ``weight = 1 / n`` this is Welford's running mean and population variance.
 
     Example:
-        >>> float(percentile_threshold(torch.tensor([4.0, 1.0, float("nan"), 3.0, 2.0]), 25.0))
-        1.75
+        >>> ema_step(1.0, 0.0, 3.0, 0.5)
+        (2.0, 1.0)
     """
-    if not 0.0 <= percentile <= 100.0:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
-    v = values.to(torch.float64)
-    v = torch.where(torch.isfinite(v), v, math.nan)
-    return torch.nanquantile(v, percentile / 100.0)
+    diff = x - mean
+    return mean + weight * diff, (1.0 - weight) * (var + weight * diff * diff)
 
 
-def fallback_threshold(reference: Tensor, has_reference: Tensor, factor: float, max_norm: float | None) -> Tensor:
-    """Warm-up threshold: ``min(factor * reference, max_norm)``; ``max_norm`` (inf when None) with no reference yet.
-
-    Args:
-        reference: a typical norm seen so far (running mean or median).
-        has_reference: bool scalar tensor: has any finite norm been seen.
-        factor: how generous the multiple is (> 0).
-        max_norm: optional fixed ceiling that also protects the very first step.
+def fallback_threshold(reference: S, factor: float, cap: float) -> S:
+    """Warm-up threshold: ``min(factor * reference, cap)`` (``cap`` is inf when there is no fixed ceiling).
 
     Example:
-        >>> float(fallback_threshold(torch.tensor(2.0), torch.tensor(True), 10.0, None))
-        20.0
-        >>> float(fallback_threshold(torch.tensor(0.0), torch.tensor(False), 10.0, None))
-        inf
+        >>> fallback_threshold(2.0, 10.0, math.inf), fallback_threshold(2.0, 10.0, 5.0)
+        (20.0, 5.0)
     """
-    cap = math.inf if max_norm is None else float(max_norm)
-    multiple = (factor * reference.to(torch.float64)).clamp_max(cap)
-    return torch.where(has_reference, multiple, cap)
+    return minimum(factor * reference, cap)
 
 
-def unitwise_norm(x: Tensor, stacked: bool = False) -> Tensor:
+def limit_growth(candidate: S, previous: S | float, growth: float = MAX_GROWTH) -> S:
+    """``candidate``, but at most ``previous * (1 + growth)``: how far the threshold in force may rise in one step.
+
+    Example:
+        >>> limit_growth(50.0, 10.0), limit_growth(5.0, 10.0)
+        (10.1, 5.0)
+    """
+    return minimum(candidate, previous * (1.0 + growth))
+
+
+def unitwise_norm(x: Tensor, stacked: bool = False, dtype: torch.dtype | None = None) -> Tensor:
     """L2 norm of each unit: each output row (dim 0, all other dims reduced) for tensors of 2 or more dims, the whole
-    tensor for vectors and scalars. The result keeps dims so that it broadcasts against ``x``; computed in float32
-    (or float64 for float64 input).
+    tensor for vectors and scalars. The result keeps dims so that it broadcasts against ``x``; computed in ``dtype``
+    (default float32, or float64 for float64 input). Complex tensors are measured by their modulus.
 
     With ``stacked=True``, ``x`` is a stack of same-shape tensors along dim 0 and each ``x[k]`` is measured as above
     (result ``(k, *unitwise_norm(x[k]).shape)``): one set of kernels for many small tensors.
@@ -117,14 +152,20 @@ def unitwise_norm(x: Tensor, stacked: bool = False) -> Tensor:
         >>> unitwise_norm(torch.tensor([[3.0, 4.0], [0.0, 1.0]]), stacked=True).tolist()
         [[5.0], [1.0]]
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if dtype is None:
+        dtype = torch.float64 if x.dtype in (torch.float64, torch.complex128) else torch.float32
     lead = 1 if stacked else 0
     unit_ndim = x.ndim - lead
+    shape = tuple(x.shape)
+    if x.is_complex():
+        x = torch.view_as_real(x)  # |z|^2 = re^2 + im^2: the trailing pair is part of the unit
     if unit_ndim <= 1:  # vectors and scalars: the whole tensor is one unit
-        flat = x.reshape(x.shape[0], -1) if stacked else x.reshape(-1)
-        norms = torch.linalg.vector_norm(flat, 2, dim=-1, dtype=acc)
-        return norms.reshape(tuple(x.shape[:lead]) + (1,) * unit_ndim)
-    return torch.linalg.vector_norm(x, 2, dim=tuple(range(lead + 1, x.ndim)), keepdim=True, dtype=acc)
+        flat = x.reshape(shape[0], -1) if stacked else x.reshape(-1)
+        norms = torch.linalg.vector_norm(flat, 2, dim=-1, dtype=dtype)
+        return norms.reshape(shape[:lead] + (1,) * unit_ndim)
+    return torch.linalg.vector_norm(x, 2, dim=tuple(range(lead + 1, x.ndim)), dtype=dtype).reshape(
+        shape[: lead + 1] + (1,) * (unit_ndim - 1)
+    )
 
 
 def agc_max_norms(param: Tensor, clipping: float, eps: float, stacked: bool = False) -> Tensor:

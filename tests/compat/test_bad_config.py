@@ -61,7 +61,7 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "clip_to": choice("threshold", "mean"),
         "ema_decay": number(lambda v: 0 < v < 1),
         "percentile": number(lambda v: 0 < v <= 100),
-        "window": integer(2),
+        "window": (lambda v: _integer(v), lambda v: 2 <= v <= 10**6),
         "percentile_estimator": choice("window", "histogram"),
         "clipping": number(positive_finite),
         "eps": number(positive_finite),
@@ -71,8 +71,8 @@ ORACLE: dict[type, dict[str, Rule]] = {
         ),
         "max_norm": number(positive_finite),
         "clip_value": number(positive_finite),
-        "norm_type": number(lambda v: v > 0),  # inf allowed (method zscore here)
-        "warmup_steps": integer(0),
+        "norm_type": number(lambda v: 1 <= v <= 100 or v == math.inf),  # p-norms, 1 ... 100 or inf
+        "warmup_steps": (lambda v: _integer(v), lambda v: 0 <= v <= 10**5),
         "fallback_factor": number(lambda v: 1 <= v < math.inf),
         "fallback_max_norm": number(positive_finite, optional=True),
         "log_every_n_steps": integer(1, optional=True),
@@ -109,6 +109,19 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "exploding_warmup": integer(1),
         "progress_bar": boolean(),
     },
+}
+
+#: Constructor context for method-specific options: an option the chosen method does not use is refused (even a
+#: good value), so each is tried with a method that uses it.
+CONTEXT: dict[tuple[type, str], dict[str, Any]] = {
+    (AdaptiveGradientClipping, name): {"method": method}
+    for method, names in {
+        "percentile": ("percentile", "window", "percentile_estimator"),
+        "agc": ("clipping", "eps", "exclude"),
+        "norm": ("max_norm",),
+        "value": ("clip_value",),
+    }.items()
+    for name in names
 }
 
 ANY_VALUE = st.one_of(
@@ -149,7 +162,7 @@ def test_bad_values_raise_naming_the_argument(cls, name, data):
     value = data.draw(ANY_VALUE.filter(lambda v: _bad(rule, v)), label=name)
     expected = TypeError if not rule[0](value) else ValueError
     with pytest.raises((TypeError, ValueError)) as info:
-        cls(**{name: value})
+        cls(**CONTEXT.get((cls, name), {}), **{name: value})
     assert type(info.value) is expected, (name, value, info.value)
     message = str(info.value)
     assert name in message, message
@@ -170,4 +183,4 @@ def test_good_values_are_accepted(cls, name):
     good = [v for v in GOOD_CANDIDATES if not _bad(rule, v)]
     assert len(good) >= 2
     for value in good:
-        cls(**{name: value})
+        cls(**CONTEXT.get((cls, name), {}), **{name: value})

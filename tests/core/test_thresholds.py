@@ -9,12 +9,17 @@ import pytest
 import torch
 
 from lightning_gradguard.core.thresholds import (
+    MAX_GROWTH,
+    STD_FLOOR,
     agc_max_norms,
+    ema_step,
     fallback_threshold,
-    percentile_threshold,
+    limit_growth,
+    maximum,
+    minimum,
+    sqrt,
     unitwise_norm,
     zscore,
-    zscore_clip_target,
     zscore_threshold,
 )
 
@@ -22,52 +27,48 @@ T = torch.tensor
 
 
 def test_zscore_threshold_hand_computed():
-    # mean 4, var 2.25 (std 1.5), z 2.5 -> 4 + 3.75 = 7.75
+    # mean 4, var 2.25 (std 1.5), z 2.5 -> 4 + 3.75 = 7.75, on floats and on tensors alike
+    assert zscore_threshold(4.0, 2.25, 2.5) == 7.75
     assert float(zscore_threshold(T(4.0), T(2.25), 2.5)) == 7.75
-    assert float(zscore_threshold(T(4.0), T(-1e-18), 2.5)) == 4.0  # rounding noise below 0 is treated as 0
+    # rounding noise below 0 is treated as 0, and the std is floored at STD_FLOOR of the mean
+    assert zscore_threshold(4.0, -1e-18, 2.5) == pytest.approx(4.0 * (1 + 2.5 * STD_FLOOR))
+    assert float(zscore_threshold(T(4.0), T(0.0), 2.0)) == pytest.approx(4.0 * (1 + 2.0 * STD_FLOOR))
 
 
 def test_zscore_hand_computed_and_flat_stream():
-    assert float(zscore(T(10.0), T(4.0), T(2.25))) == 4.0  # (10 - 4) / 1.5
-    z = zscore(
-        T(4.0 + 1e-3, dtype=torch.float64), T(4.0, dtype=torch.float64), T(0.0, dtype=torch.float64)
-    )  # zero var: std floored at 1e-6 * 4, no 0/0
-    assert torch.isfinite(z)
-    assert float(z) == pytest.approx(1e-3 / (4e-6 + 1e-12))
+    assert zscore(10.0, 4.0, 2.25) == 4.0  # (10 - 4) / 1.5
+    z = zscore(T(4.0 + 1e-3, dtype=torch.float64), T(4.0, dtype=torch.float64), T(0.0, dtype=torch.float64))
+    assert float(z) == pytest.approx(1e-3 / (STD_FLOOR * 4.0 + 1e-12))  # zero var: no 0/0
 
 
-def test_zscore_clip_targets():
-    assert float(zscore_clip_target(T(4.0), T(2.25), 2.0, "threshold")) == 7.0
-    assert float(zscore_clip_target(T(4.0), T(2.25), 2.0, "mean")) == 4.0
-    with pytest.raises(ValueError, match=r"clip_to must be 'threshold' or 'mean', got 'median'"):
-        zscore_clip_target(T(4.0), T(2.25), 2.0, "median")
+def test_ema_step_is_welford_with_weight_one_over_n():
+    values = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0]
+    mean = var = 0.0
+    for n, v in enumerate(values, start=1):
+        mean, var = ema_step(mean, var, v, 1.0 / n)
+    assert mean == pytest.approx(np.mean(values), rel=1e-12)
+    assert var == pytest.approx(np.var(values), rel=1e-12)
+    tm, tv = ema_step(T(1.0, dtype=torch.float64), T(0.0, dtype=torch.float64), T(3.0, dtype=torch.float64), 0.5)
+    assert (float(tm), float(tv)) == ema_step(1.0, 0.0, 3.0, 0.5) == (2.0, 1.0)
 
 
-def test_percentile_threshold_hand_computed():
-    # sorted [1, 2, 3, 4, 10]: 10th percentile at rank 0.4 -> 1 + 0.4 * (2 - 1) = 1.4; 50th = 3; 100th = 10
-    values = T([3.0, 10.0, 1.0, 4.0, 2.0])
-    assert float(percentile_threshold(values, 10.0)) == pytest.approx(1.4)
-    assert float(percentile_threshold(values, 50.0)) == 3.0
-    assert float(percentile_threshold(values, 100.0)) == 10.0
-    with_gaps = T([3.0, float("nan"), 10.0, float("inf"), 1.0, 4.0, 2.0])  # unused slots and non-finite ignored
-    assert float(percentile_threshold(with_gaps, 10.0)) == pytest.approx(1.4)
-    assert math.isnan(float(percentile_threshold(T([float("nan")]), 50.0)))
-    with pytest.raises(ValueError, match=r"percentile must be in \[0, 100\], got 101"):
-        percentile_threshold(values, 101)
+def test_fallback_threshold_and_growth_limit():
+    assert fallback_threshold(2.0, 10.0, math.inf) == 20.0
+    assert fallback_threshold(2.0, 10.0, 5.0) == 5.0  # the fixed cap wins
+    assert float(fallback_threshold(T(2.0), 10.0, 5.0)) == 5.0
+    assert limit_growth(50.0, 10.0) == pytest.approx(10.0 * (1 + MAX_GROWTH))
+    assert limit_growth(5.0, 10.0) == 5.0  # falling is never limited
+    assert limit_growth(5.0, math.inf) == 5.0
+    assert float(limit_growth(T(50.0), T(10.0))) == pytest.approx(10.1)
+    assert float(limit_growth(T(50.0), 10.0)) == pytest.approx(10.1)
 
 
-def test_percentile_matches_numpy():
-    rng = np.random.default_rng(0)
-    v = rng.lognormal(size=101)
-    for q in (1, 10, 37.5, 90):
-        assert float(percentile_threshold(torch.from_numpy(v), q)) == pytest.approx(np.percentile(v, q), rel=1e-12)
-
-
-def test_fallback_threshold():
-    assert float(fallback_threshold(T(2.0), T(True), 10.0, None)) == 20.0
-    assert float(fallback_threshold(T(2.0), T(True), 10.0, 5.0)) == 5.0  # the fixed cap wins
-    assert float(fallback_threshold(T(0.0), T(False), 10.0, 5.0)) == 5.0  # nothing seen: the cap
-    assert float(fallback_threshold(T(0.0), T(False), 10.0, None)) == math.inf  # nothing seen, no cap: no clip
+def test_float_and_tensor_helpers_agree():
+    for a, b in ((1.0, 2.0), (3.0, -1.0), (0.0, 0.0)):
+        assert minimum(a, b) == float(minimum(T(a), b)) == float(minimum(T(a), T(b))) == float(minimum(a, T(b)))
+        assert maximum(a, b) == float(maximum(T(a), b)) == float(maximum(T(a), T(b))) == float(maximum(a, T(b)))
+    assert sqrt(4.0) == float(sqrt(T(4.0))) == 2.0
+    assert sqrt(-1e-20) == float(sqrt(T(-1e-20))) == 0.0
 
 
 def test_unitwise_norm_shapes_and_values():
@@ -100,3 +101,10 @@ def test_unitwise_norm_of_a_stack_is_each_tensors_own(shape):
         torch.testing.assert_close(
             agc_max_norms(torch.stack(xs), 0.1, 1e-3, stacked=True)[k], agc_max_norms(x, 0.1, 1e-3)
         )
+
+
+def test_unitwise_norm_of_complex_tensors_is_the_modulus_norm():
+    z = torch.tensor([[3 + 4j, 0j], [1j, 1 + 0j]], dtype=torch.complex64)
+    assert unitwise_norm(z).flatten().tolist() == pytest.approx([5.0, math.sqrt(2)])
+    assert float(unitwise_norm(torch.tensor([3 + 4j]))) == pytest.approx(5.0)
+    assert unitwise_norm(torch.stack([z, z]), stacked=True).shape == (2, 2, 1)

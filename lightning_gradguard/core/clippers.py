@@ -1,0 +1,491 @@
+"""One clipper per method: small objects that take a step's gradient statistics, clip, and return what they did.
+
+Every clipper has ``clip_(stats) -> ClipRecord`` (clip the gradients of a
+:class:`~lightning_gradguard.core.grad_stats.GradStats` in place), ``commit(dropped)`` (learn from the step just
+clipped, unless the step was dropped), ``state_dict()`` and ``load_state_dict()``. :data:`CLIPPERS` maps each method
+name to its class; :attr:`Clipper.options` names the constructor options a method uses.
+
+The adaptive clippers (:class:`ZScoreClipper`, :class:`PercentileClipper`) learn only at :meth:`Clipper.commit`,
+called once the fate of the step is known: a step that another party dropped (the NaN guard skipped its update)
+never enters the statistics. NaN/inf norms never enter them, and never get clipped (scaling inf makes NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.core.clip_warmup import WarmupReference
+from lightning_gradguard.core.clipping import (
+    clip_by_agc_,
+    clip_by_global_norm_,
+    clip_by_param_norm_,
+    clip_by_value_,
+    clip_coefficient,
+    foreach_mul_,
+)
+from lightning_gradguard.core.grad_stats import GradStats, layer_name_of
+from lightning_gradguard.core.running_stats import DecayedHistogramQuantile, WindowQuantile
+from lightning_gradguard.core.thresholds import (
+    ema_step,
+    limit_growth,
+    minimum,
+    zscore,
+    zscore_threshold,
+)
+
+__all__ = [
+    "CLIPPERS",
+    "AGCClipper",
+    "ClipRecord",
+    "Clipper",
+    "NormClipper",
+    "PerParameterClipper",
+    "PercentileClipper",
+    "ValueClipper",
+    "ZScoreClipper",
+]
+
+Number = float | Tensor
+
+
+@dataclass
+class ClipRecord:
+    """What a clipper did at one step. Values are tensors on the gradients' device (no sync), or Python numbers on
+    the z-score CPU fast path; ``float()``/``bool()`` read either.
+
+    Attributes:
+        grad_norm: pre-clip global norm (``norm_type``).
+        threshold: the global-norm threshold in force (zscore, percentile, norm), the per-parameter bound
+            (per_parameter), the element bound (value); None for agc. ``inf`` means "no clipping".
+        clipped: did the step clip anything.
+        coefficient: the factor all gradients were multiplied by (global methods), per-parameter factors
+            (per_parameter), None otherwise.
+        warmup: whether the warm-up fallback was in force.
+        step: the optimizer's own step counter (0-based), set by the caller.
+        zscore: (property) z-score of ``grad_norm`` against the statistics before the step; zscore method only,
+            NaN while warming up.
+    """
+
+    grad_norm: Tensor
+    threshold: Number | None
+    clipped: Tensor | bool
+    coefficient: Number | None = None
+    warmup: bool = False
+    step: int = 0
+    stat_mean: Number | None = None
+    stat_var: Number | None = None
+
+    @property
+    def zscore(self) -> Number | None:
+        if self.stat_mean is None or self.stat_var is None:
+            return None
+        if self.warmup:
+            return math.nan
+        if isinstance(self.stat_mean, Tensor):
+            return zscore(self.grad_norm.to(self.stat_mean.dtype), self.stat_mean, self.stat_var)
+        return zscore(float(self.grad_norm), self.stat_mean, float(self.stat_var))
+
+
+def _false(device: torch.device) -> Tensor:
+    return torch.zeros((), dtype=torch.bool, device=device)
+
+
+class Clipper:
+    """Base of the clippers: stateless by default (nothing to commit, nothing to save)."""
+
+    #: the method name (key in :data:`CLIPPERS`).
+    method: ClassVar[str] = ""
+    #: the callback options this method uses (besides ``norm_type``, which every method but agc uses).
+    options: ClassVar[tuple[str, ...]] = ()
+    #: the p of the norms this clipper needs from the shared measurement.
+    norm_type: float = 2.0
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        raise NotImplementedError
+
+    def commit(self, dropped: bool = False) -> None:
+        """Learn from the step last clipped (nothing for stateless methods)."""
+
+    def check_parameters(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
+        """Raise ``ValueError`` naming a parameter this method cannot clip (called at setup)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method}
+
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        """Load what applies; returns a description of each part that could not be applied (for a warning)."""
+        return []
+
+
+class NormClipper(Clipper):
+    """Fixed global-norm clipping at ``max_norm`` (``torch.nn.utils.clip_grad_norm_``)."""
+
+    method = "norm"
+    options = ("max_norm",)
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        norm = stats.total_norm
+        if norm.device.type == "cpu":  # reading a CPU scalar is no sync: skip the multiply when nothing is clipped
+            value = norm.item()
+            if not (math.isfinite(value) and value + 1e-6 > self.max_norm):
+                return ClipRecord(norm, self.max_norm, False, 1.0)
+        coef, clipped = clip_by_global_norm_(stats.grads, norm, self.max_norm)
+        return ClipRecord(norm, self.max_norm, clipped, coef)
+
+
+class PerParameterClipper(Clipper):
+    """Each parameter's gradient clipped to its own norm bound ``max_norm``."""
+
+    method = "per_parameter"
+    options = ("max_norm",)
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        coef, clipped = clip_by_param_norm_(stats.grads, stats.param_norms, self.max_norm)
+        return ClipRecord(stats.total_norm, self.max_norm, clipped, coef)
+
+
+class ValueClipper(Clipper):
+    """Every element clamped to ``[-clip_value, clip_value]`` (``torch.nn.utils.clip_grad_value_``), whatever the
+    norms; gradients holding NaN/inf are left to the guard."""
+
+    method = "value"
+    options = ("clip_value",)
+
+    def __init__(self, clip_value: float = 1.0, norm_type: float = 2.0) -> None:
+        self.clip_value = clip_value
+        self.norm_type = norm_type
+
+    def check_parameters(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
+        for name, p in named_params:
+            if p.is_complex():
+                raise ValueError(
+                    f"AdaptiveGradientClipping(method='value') cannot clip the complex parameter {name!r} "
+                    "(elements of a complex gradient have no order to clamp); use method='norm', 'zscore' or 'agc'"
+                )
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        clipped = clip_by_value_(stats.grads, self.clip_value)
+        return ClipRecord(stats.total_norm, self.clip_value, clipped)
+
+
+@lru_cache(maxsize=64)
+def _excluded_mask(names: tuple[str, ...], patterns: tuple[str, ...]) -> tuple[bool, ...]:
+    def hit(name: str) -> bool:
+        layer = layer_name_of(name)
+        return any(fnmatchcase(name, p) or fnmatchcase(layer, p) or name.startswith(p + ".") for p in patterns)
+
+    return tuple(hit(n) for n in names)
+
+
+class AGCClipper(Clipper):
+    """Adaptive gradient clipping (Brock et al. 2021): unit-wise bound ``clipping * max(weight_norm, eps)``;
+    parameters matching an ``exclude`` pattern (``fnmatch`` on the parameter or layer name, or a module prefix) are
+    left alone."""
+
+    method = "agc"
+    options = ("clipping", "eps", "exclude")
+
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] = ()) -> None:
+        self.clipping = clipping
+        self.eps = eps
+        self.exclude = tuple(exclude)
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        norm = stats.total_norm
+        params, grads = stats.params, stats.grads
+        if self.exclude:
+            mask = _excluded_mask(tuple(stats.names), self.exclude)
+            params = [p for p, skip in zip(params, mask) if not skip]
+            grads = [g for g, skip in zip(grads, mask) if not skip]
+        if not grads:
+            return ClipRecord(norm, None, _false(norm.device))
+        clipped_units, _ = clip_by_agc_(params, grads, self.clipping, self.eps)
+        return ClipRecord(norm, None, clipped_units > 0)
+
+
+class _AdaptiveClipper(Clipper):
+    """Shared by the z-score and percentile clippers: warm-up, growth limit, deferred commit."""
+
+    def __init__(self, warmup_steps: int, fallback_factor: float, fallback_max_norm: float | None) -> None:
+        self.warmup_steps = warmup_steps
+        self.fallback_factor = fallback_factor
+        self.cap = math.inf if fallback_max_norm is None else float(fallback_max_norm)
+        self.warm = WarmupReference(max(1, warmup_steps), fallback_factor, self.cap)
+        self.seen = 0  # committed steps (host counter: drives the warm-up phase)
+        self.limit: Number = math.inf  # threshold in force at the last committed step
+        self._pending: tuple[Number, Number] | None = None  # (norm, threshold) of the step awaiting its verdict
+
+    @property
+    def warming_up(self) -> bool:
+        return self.seen < self.warm.size
+
+    def commit(self, dropped: bool = False) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or dropped:
+            return
+        norm, threshold = pending
+        # a spike enters as the threshold, never as itself (ZClip); NaN/inf stay non-finite, to be left out
+        if isinstance(norm, Tensor):
+            capped: Number = torch.where(torch.isfinite(norm), minimum(norm, threshold), math.nan)
+        else:
+            capped = min(norm, float(threshold)) if math.isfinite(norm) else math.nan
+        if self.warming_up:
+            self.warm.add(capped)
+        self._learn(norm, capped)
+        self.seen += 1
+        if isinstance(threshold, Tensor):
+            # the limit only follows finite thresholds (an infinite one means "nothing to go by yet")
+            self.limit = torch.where(torch.isfinite(threshold), threshold, self.limit)
+        elif math.isfinite(threshold):
+            self.limit = threshold
+
+    def _learn(self, norm: Number, capped: Number) -> None:
+        raise NotImplementedError
+
+    def _base_state(self) -> dict[str, Any]:
+        limit = self.limit
+        return {
+            "method": self.method,
+            "seen": self.seen,
+            "limit": float(limit) if isinstance(limit, Tensor) else limit,
+            "warmup": self.warm.state_dict(),
+        }
+
+    def _load_base(self, state: dict[str, Any]) -> None:
+        self._pending = None
+        self.seen = int(state.get("seen", 0))
+        limit = float(state.get("limit", math.inf))
+        self.limit = limit if isinstance(self.limit, float) else torch.tensor(limit, dtype=torch.float64)
+        self.warm.load_state_dict(state.get("warmup", {}))
+
+
+class ZScoreClipper(_AdaptiveClipper):
+    """ZClip (Kumar et al. 2025, arXiv 2504.02507) with statistics a blow-up cannot capture.
+
+    - Warm-up (``warmup_steps`` committed steps, at least 1): threshold ``min(fallback_factor * median, cap)`` of the
+      norms so far; then the EMA starts from their median and MAD (a spike among them, at step 0 too, is left out).
+    - Afterwards: threshold ``mean + z_threshold * std`` of an EMA (weight ``max(1 - ema_decay, 1 / n)`` on the
+      newest value), std floored at 5 % of the mean, and at most 1 % above the previous step's threshold.
+    - A norm above the threshold is scaled to the threshold (``clip_to="threshold"``) or to the mean (``"mean"``)
+      and enters the statistics as the threshold.
+
+    On CPU gradients the rule runs on Python floats (no tensor dispatch: the whole decision costs a few microseconds);
+    on other devices on scalar tensors without host synchronisation. The arithmetic is the same functions of
+    :mod:`~lightning_gradguard.core.thresholds` in both cases; set :attr:`host_fast_path` to False to force the
+    tensor path on the CPU (tests run their fits both ways).
+    """
+
+    method = "zscore"
+    options = ("z_threshold", "clip_to", "ema_decay", "warmup_steps", "fallback_factor", "fallback_max_norm")
+    #: use Python floats for CPU gradients (class-wide switch; tests flip it to exercise the tensor path).
+    host_fast_path: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        z_threshold: float = 2.5,
+        clip_to: str = "threshold",
+        ema_decay: float = 0.97,
+        warmup_steps: int = 10,
+        fallback_factor: float = 10.0,
+        fallback_max_norm: float | None = None,
+        norm_type: float = 2.0,
+    ) -> None:
+        super().__init__(warmup_steps, fallback_factor, fallback_max_norm)
+        self.z_threshold = z_threshold
+        self.to_mean = clip_to == "mean"
+        self.ema_decay = ema_decay
+        self.norm_type = norm_type
+        self.mean: Number = 0.0
+        self.var: Number = 0.0
+        self.count: Number = 0  # finite values in the statistics
+
+    # ---------------------------------------------------------------- host/tensor representation
+
+    def _use_host(self, norm: Tensor) -> bool:
+        return self.host_fast_path and norm.device.type == "cpu"
+
+    def _to_tensors(self, device: torch.device) -> None:
+        def t(v: Number) -> Tensor:
+            return v.to(device) if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
+
+        self.mean, self.var, self.count, self.limit = t(self.mean), t(self.var), t(self.count), t(self.limit)
+        self.warm.to_tensor(device)
+
+    # ---------------------------------------------------------------- the rule
+
+    def _threshold(self) -> tuple[Number, Number]:
+        """``(threshold, target)`` for the coming step."""
+        if self.warming_up:
+            thr = self.warm.threshold()
+            return thr, thr
+        thr = limit_growth(zscore_threshold(self.mean, self.var, self.z_threshold), self.limit)
+        target = minimum(self.mean, thr) if self.to_mean else thr
+        if isinstance(self.count, Tensor):
+            ready = self.count > 0
+            return torch.where(ready, thr, self.cap), torch.where(ready, target, self.cap)
+        return (thr, target) if self.count > 0 else (self.cap, self.cap)
+
+    def _learn(self, norm: Number, capped: Number) -> None:
+        if self.seen + 1 == self.warm.size:  # the last warm-up step: start from the robust reference
+            self.mean, self.var, self.count = self.warm.robust_start()
+            return
+        if self.warming_up:
+            return
+        if isinstance(capped, Tensor):
+            finite = torch.isfinite(capped)
+            count = self.count + finite.to(torch.float64)
+            weight = (1.0 / count.clamp_min(1.0)).clamp_min(1.0 - self.ema_decay)
+            mean, var = ema_step(self.mean, self.var, torch.where(finite, capped, 0.0), weight)  # type: ignore[arg-type]
+            self.mean = torch.where(finite, mean, self.mean)
+            self.var = torch.where(finite, var, self.var)
+            self.count = count
+        elif math.isfinite(capped):
+            self.count = int(self.count) + 1
+            weight = max(1.0 / self.count, 1.0 - self.ema_decay)
+            self.mean, self.var = ema_step(float(self.mean), float(self.var), capped, weight)
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        norm = stats.total_norm
+        if self._pending is not None:
+            self.commit()
+        warm = self.warming_up
+        mean, var = self.mean, self.var
+        if self._use_host(norm):
+            if isinstance(self.mean, Tensor):
+                self._from_tensors()
+                mean, var = self.mean, self.var
+            value = norm.item()
+            thr, target = self._threshold()
+            if math.isfinite(value) and value > thr:
+                coef: Number = min(1.0, float(target) / (value + 1e-6))
+                foreach_mul_(stats.grads, coef)
+                clipped: Tensor | bool = True
+            else:
+                coef, clipped = 1.0, False
+            self._pending = (value, thr)
+            return ClipRecord(norm, thr, clipped, coef, warm, stat_mean=mean, stat_var=var)
+        if not isinstance(self.mean, Tensor) or self.mean.device != norm.device:
+            self._to_tensors(norm.device)
+            mean, var = self.mean, self.var
+        thr, target = self._threshold()
+        norm64 = norm.to(torch.float64)
+        over = torch.isfinite(norm64) & (norm64 > thr)
+        coef = clip_coefficient(norm64, torch.where(over, target, math.inf))
+        if stats.grads:
+            foreach_mul_(stats.grads, coef.to(torch.float32 if stats.grads[0].dtype != torch.float64 else coef.dtype))
+        self._pending = (norm64, thr)
+        return ClipRecord(norm, thr, coef < 1.0, coef, warm, stat_mean=mean, stat_var=var)
+
+    def _from_tensors(self) -> None:
+        self.mean, self.var = float(self.mean), float(self.var)
+        self.count, self.limit = int(self.count), float(self.limit)
+        values = self.warm.state_dict()
+        self.warm.reset()
+        self.warm.load_state_dict(values)
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self._base_state(),
+            "mean": float(self.mean),
+            "var": float(self.var),
+            "count": int(self.count),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        if state.get("method") != self.method:
+            return [f"{state.get('method')!r} clipping statistics"] if state.get("method") else []
+        on_tensors = isinstance(self.mean, Tensor)
+        device = self.mean.device if isinstance(self.mean, Tensor) else None
+        self._load_base(state)
+        self.limit = float(self.limit)
+        self.mean, self.var = float(state.get("mean", 0.0)), max(0.0, float(state.get("var", 0.0)))
+        self.count = int(state.get("count", 0))
+        if on_tensors and device is not None:
+            self._to_tensors(device)
+        return []
+
+
+class PercentileClipper(_AdaptiveClipper):
+    """AutoClip (Seetharaman et al. 2020): threshold = the ``percentile``-th percentile of the last ``window``
+    finite norms (exact ring buffer, or a decayed log-bucket histogram), at most 1 % above the previous step's
+    threshold; the same warm-up as :class:`ZScoreClipper`. The estimator keeps the unclipped norms (a percentile is
+    robust to outliers); the current norm is not part of its own threshold."""
+
+    method = "percentile"
+    options = ("percentile", "window", "percentile_estimator", "warmup_steps", "fallback_factor", "fallback_max_norm")
+
+    def __init__(
+        self,
+        percentile: float = 10.0,
+        window: int = 1000,
+        percentile_estimator: str = "window",
+        warmup_steps: int = 10,
+        fallback_factor: float = 10.0,
+        fallback_max_norm: float | None = None,
+        norm_type: float = 2.0,
+    ) -> None:
+        super().__init__(warmup_steps, fallback_factor, fallback_max_norm)
+        q = percentile / 100.0
+        self.estimator: WindowQuantile | DecayedHistogramQuantile = (
+            WindowQuantile(q=q, window=window)
+            if percentile_estimator == "window"
+            else DecayedHistogramQuantile(q=q, window=window)
+        )
+        self.norm_type = norm_type
+
+    def _learn(self, norm: Number, capped: Number) -> None:
+        self.estimator.update(norm)  # non-finite values are masked inside
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        norm = stats.total_norm
+        if self._pending is not None:
+            self.commit()
+        warm = self.warming_up
+        if warm:
+            thr = self.warm.threshold()
+            thr = torch.as_tensor(thr, dtype=torch.float64, device=norm.device)
+        else:
+            est = self.estimator
+            q = limit_growth(est.compute().to(norm.device), self.limit)
+            thr = torch.where(est.count.to(norm.device) > 0, q, self.cap)
+        coef, clipped = clip_by_global_norm_(stats.grads, norm, thr)
+        self._pending = (norm.to(torch.float64), thr)
+        return ClipRecord(norm, thr, clipped, coef, warm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._base_state(), "estimator": self.estimator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        if state.get("method") != self.method:
+            return [f"{state.get('method')!r} clipping statistics"] if state.get("method") else []
+        self._load_base(state)
+        saved = state.get("estimator", {})
+        dropped = []
+        if saved and not self.estimator.load_state_dict(saved):
+            dropped.append("the percentile estimator's history (its window or kind changed)")
+        return dropped
+
+
+#: method name -> clipper class.
+CLIPPERS: dict[str, type[Clipper]] = {
+    cls.method: cls
+    for cls in (ZScoreClipper, PercentileClipper, AGCClipper, NormClipper, ValueClipper, PerParameterClipper)
+}
