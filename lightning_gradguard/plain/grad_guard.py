@@ -277,6 +277,7 @@ class GradGuard:
         """
         if self.halted:
             self._drop_grads()
+            self._checked = True
             return False
         self._unscale()
         stats = [self._measure(i, opt) for i, opt in enumerate(self.optimizers)]
@@ -293,6 +294,9 @@ class GradGuard:
         if not self._checked:
             raise RuntimeError(f"{_OWNER}.after_step() called without before_step() for step {self.step}")
         self._checked, self._open = False, False
+        if self.halted:
+            self.step += 1
+            return
         pending, overflow, lower = self._pending, self._overflow, self._lower
         self._pending, self._overflow, self._lower = None, False, None
         self._clip_flags = [] if pending is not None else [bool(s.record.clipped) for s in self._slots if s.record]

@@ -1,0 +1,289 @@
+"""GradGuard in plain PyTorch loops: true skips, bitwise rollbacks, GradScaler, accumulation, several optimizers,
+TensorBoard tags, resume, halting and argument checks. References are computed independently in each test (state
+copies taken by the test, torch's own norms, unguarded twins of the loop)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from lightning_gradguard import DivergenceError, GradGuard
+from lightning_gradguard.core.clippers import NormClipper, ZScoreClipper
+
+
+def _setup(seed: int = 0, lr: float = 0.01) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=200)
+    return model, opt, sched
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(16, 6, generator=g)
+    return x, x[:, :1] * 2 - x[:, 1:2]
+
+
+def _step(model, opt, sched, guard, step, nan=False, scale=1.0) -> bool:
+    x, y = _batch(step)
+    if nan:
+        x[0, 0] = math.nan
+    loss = nn.functional.mse_loss(model(x), y) * scale
+    loss.backward()
+    ok = guard.before_step(loss)
+    if ok:
+        opt.step()
+    sched.step()
+    guard.after_step()
+    opt.zero_grad()
+    return ok
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_skipped_step_leaves_weights_buffers_and_adam_state_bit_identical() -> None:
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched, action="skip")
+    for s in range(5):
+        _step(model, opt, sched, guard, s)
+    before = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    assert not _step(model, opt, sched, guard, 5, nan=True)  # NaN batch: BatchNorm statistics absorbed it
+    assert _equal(model.state_dict(), before[0])  # weights and restored running statistics
+    assert _equal(opt.state_dict()["state"], before[1]["state"])  # Adam moments and step counts
+    assert [(e["step"], e["kind"], e["cause"]) for e in guard.events] == [(5, "skip", "nonfinite_loss")]
+    assert guard.skipped_steps == 1
+    assert guard.last_action == "skip"
+
+
+def test_rollback_restores_the_snapshot_bitwise_and_scales_the_lr_everywhere() -> None:
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched, action="rollback", snapshot_every_n_steps=4, snapshot_confirm_steps=2)
+    copies: dict[int, Any] = {}
+    for s in range(10):
+        _step(model, opt, sched, guard, s)
+        copies[guard.step] = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    trusted = guard.store.compute()
+    assert trusted is not None
+    assert trusted.step == 8  # the step-8 snapshot survived 2 healthy steps
+    _step(model, opt, sched, guard, 10, nan=True)
+    model_ref, opt_ref, sched_ref = copies[8]
+    assert _equal(model.state_dict(), model_ref)
+    assert _equal(opt.state_dict()["state"], opt_ref["state"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * opt_ref["param_groups"][0]["lr"], rel=1e-12)
+    assert opt.param_groups[0]["max_lr"] == pytest.approx(0.5 * opt_ref["param_groups"][0]["max_lr"], rel=1e-12)
+    assert sched.state_dict()["last_epoch"] == sched_ref["last_epoch"]  # the scheduler is back at step 8 too
+    assert guard.events[-1]["kind"] == "rollback"
+    assert guard.events[-1]["snapshot_step"] == 8
+    assert guard.lr_scale == 0.5
+    # the schedule goes on at half of what it would have produced
+    twin_opt = torch.optim.Adam(nn.Linear(1, 1).parameters(), lr=0.01)
+    twin = torch.optim.lr_scheduler.OneCycleLR(twin_opt, max_lr=0.01, total_steps=200)
+    for _ in range(8 + 5):
+        twin_opt.step()
+        twin.step()
+    for s in range(11, 16):
+        _step(model, opt, sched, guard, s)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * twin_opt.param_groups[0]["lr"], rel=1e-9)
+
+
+def test_grad_scaler_norms_are_unscaled_and_overflow_is_the_scalers_business() -> None:
+    model, opt, sched = _setup()
+    ref_model = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard = GradGuard(model, opt, sched, scaler, clipping=NormClipper(max_norm=1e6))
+    x, y = _batch(0)
+    loss = nn.functional.mse_loss(model(x), y)
+    scaler.scale(loss).backward()
+    assert guard.before_step(loss)
+    ref_loss = nn.functional.mse_loss(ref_model(x), y)
+    ref_loss.backward()
+    ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref_model.parameters()])
+    assert float(guard.last[0].grad_norm) == pytest.approx(float(ref_norm), rel=1e-5)
+    scaler.step(opt)
+    scaler.update()
+    guard.after_step()
+    opt.zero_grad()
+    # an overflow (inf gradient, finite loss): counted, not a fault; the scaler skips and halves its scale
+    loss = nn.functional.mse_loss(model(x), y)
+    scaler.scale(loss).backward()
+    next(model.parameters()).grad[0, 0] = math.inf
+    assert guard.before_step(loss)
+    scaler.step(opt)
+    scaler.update()
+    guard.after_step()
+    assert guard.amp_overflow_steps == 1
+    assert guard.events == []
+    assert scaler.get_scale() == 512.0
+
+
+def test_gradient_accumulation_one_decision_per_optimizer_step() -> None:
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched, action="skip")
+    for step in range(4):
+        total = 0.0
+        for micro in range(3):
+            x, y = _batch(10 * step + micro)
+            if step == 2 and micro == 1:
+                x[0, 0] = math.nan
+            loss = nn.functional.mse_loss(model(x), y) / 3
+            loss.backward()
+            total = total + loss.detach()
+        if guard.before_step(total):
+            opt.step()
+        sched.step()
+        guard.after_step()
+        opt.zero_grad()
+    assert guard.step == 4
+    assert [(e["step"], e["kind"]) for e in guard.events] == [(2, "skip")]
+    assert opt.state_dict()["state"][0]["step"].item() == 3
+
+
+def test_several_optimizers_share_one_decision_and_get_their_own_clippers(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    body, head = nn.Linear(6, 8), nn.Linear(8, 1)
+    model = nn.Sequential(body, nn.Tanh(), head)
+    opt_body = torch.optim.SGD(body.parameters(), lr=0.05)
+    opt_head = torch.optim.Adam(head.parameters(), lr=0.01)
+    writer = SummaryWriter(str(tmp_path))
+    guard = GradGuard(model, [opt_body, opt_head], action="skip", writer=writer, log_every_n_steps=2)
+    for step in range(6):
+        x, y = _batch(step)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if step == 3:
+            head.bias.grad.fill_(math.nan)  # only the head's gradient is bad
+        before = [p.detach().clone() for p in model.parameters()]
+        if guard.before_step(loss):
+            opt_body.step()
+            opt_head.step()
+        guard.after_step()
+        if step == 3:
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # both skipped
+        opt_body.zero_grad()
+        opt_head.zero_grad()
+    guard.close()
+    writer.close()
+    assert [(e["step"], e["cause"]) for e in guard.events] == [(3, "nonfinite_grad")]
+    assert guard.events[0]["nonfinite_grads"] == ["2.bias"]
+    assert set(guard.last) == {0, 1}
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for name in ("grad_norm", "clip_threshold", "clip_fraction", "lr"):
+        assert f"gradguard/{name}" in scalars
+        assert f"gradguard/{name}_opt1" in scalars
+    for name in ("skipped_steps", "rollbacks", "lr_scale", "flagged_steps", "loss_max", "grad_norm_max"):
+        assert f"gradguard/{name}" in scalars
+    skipped = {e.step: e.value for e in acc.Scalars("gradguard/skipped_steps")}
+    assert skipped[3] == 1.0  # written at the event's own step
+    assert "gradguard/nan_guard_events/text_summary" in acc.Tags()["tensors"]
+    norms = {e.step: e.value for e in acc.Scalars("gradguard/grad_norm")}
+    assert sorted(norms) == [0, 2, 4]
+
+
+def test_resume_from_state_dict_continues_like_an_uninterrupted_run() -> None:
+    def run(split: int | None) -> tuple[list[float], dict[str, Any]]:
+        model, opt, sched = _setup()
+        guard = GradGuard(model, opt, sched, clipping="zscore", snapshot_every_n_steps=5)
+        thresholds = []
+        for s in range(30):
+            if s == split:
+                saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), guard.state_dict()))
+                model, opt, sched = _setup(seed=1)  # fresh objects, other weights: everything comes from the state
+                model.load_state_dict(saved[0])
+                opt.load_state_dict(saved[1])
+                sched.load_state_dict(saved[2])
+                guard = GradGuard(model, opt, sched, clipping="zscore", snapshot_every_n_steps=5)
+                guard.load_state_dict(saved[3])
+            _step(model, opt, sched, guard, s, nan=(s == 20), scale=50.0 if s == 17 else 1.0)
+            thresholds.append(float(guard.last[0].threshold))
+        return thresholds, model.state_dict()
+
+    ref_thr, ref_state = run(None)
+    got_thr, got_state = run(12)
+    assert got_thr == ref_thr
+    assert _equal(got_state, ref_state)
+
+
+def test_halt_raises_divergence_error_after_max_rollbacks() -> None:
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched, action="rollback", max_rollbacks=1, snapshot_confirm_steps=0)
+    for s in range(3):
+        _step(model, opt, sched, guard, s)
+    _step(model, opt, sched, guard, 3, nan=True)
+    with pytest.raises(DivergenceError, match="after 1 rollbacks") as info:
+        _step(model, opt, sched, guard, 4, nan=True)
+    assert info.value.step == 4
+    assert guard.halted
+    assert [e["kind"] for e in guard.events] == ["rollback", "halt"]
+
+
+def test_halt_without_raising_refuses_every_later_step() -> None:
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched, action="halt", raise_on_halt=False)
+    _step(model, opt, sched, guard, 0, nan=True)
+    assert guard.halted
+    assert not _step(model, opt, sched, guard, 1)
+
+
+def test_a_configured_core_clipper_is_used_per_optimizer() -> None:
+    model, opt, sched = _setup()
+    proto = ZScoreClipper(z_threshold=1.0, warmup_steps=2)
+    guard = GradGuard(model, opt, sched, clipping=proto)
+    for s in range(4):
+        _step(model, opt, sched, guard, s)
+    assert guard._slots[0].clipper is not proto
+    assert guard._slots[0].clipper.z_threshold == 1.0
+    assert proto.seen == 0  # the prototype is copied, never trained
+
+
+def test_after_step_without_before_step_is_an_error() -> None:
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched)
+    with pytest.raises(RuntimeError, match=r"after_step\(\) called without before_step\(\)"):
+        guard.after_step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"clipping": "magic"}, ValueError, "GradGuard: clipping must be one of"),
+        ({"clipping": 3}, TypeError, "GradGuard: clipping must be a str"),
+        ({"action": "retry"}, ValueError, "GradGuard: action must be one of"),
+        ({"lr_factor": 0.0}, ValueError, "GradGuard: lr_factor must be in"),
+        ({"lr_factor": "half"}, TypeError, "GradGuard: lr_factor must be a number"),
+        ({"snapshot_every_n_steps": 0}, ValueError, "GradGuard: snapshot_every_n_steps must be an int >= 1"),
+        ({"max_rollbacks": 1.5}, TypeError, "GradGuard: max_rollbacks must be an int"),
+        ({"spike_zscore": -1.0}, ValueError, "GradGuard: spike_zscore must be a finite number > 0"),
+        ({"divergence": 1}, TypeError, "GradGuard: divergence must be a bool"),
+        ({"log_every_n_steps": 0}, ValueError, "GradGuard: log_every_n_steps must be an int >= 1"),
+    ],
+)
+def test_bad_arguments_name_the_class_and_the_argument(kwargs: dict[str, Any], error: type, match: str) -> None:
+    model, opt, _ = _setup()
+    with pytest.raises(error, match=match):
+        GradGuard(model, opt, **kwargs)
+
+
+def test_model_and_optimizer_types_are_checked() -> None:
+    model, opt, _ = _setup()
+    with pytest.raises(TypeError, match="GradGuard: model must be a torch.nn.Module, got str"):
+        GradGuard("model", opt)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="GradGuard: optimizers must be a Optimizer or a list of them, got dict"):
+        GradGuard(model, {"lr": 1})  # type: ignore[arg-type]
