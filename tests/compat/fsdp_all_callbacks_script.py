@@ -23,6 +23,7 @@ from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard  # noqa: E402
 from lightning_gradguard.callbacks.step_context import grad_stats_for  # noqa: E402
 from lightning_gradguard.core.sharded import unit_norms  # noqa: E402
 from tests.compat.common import build_all, split  # noqa: E402
@@ -94,11 +95,15 @@ def fit(out_dir: str, name: str) -> None:
     torch.manual_seed(0)
     tensor_parallel = name == "tp"
     if name in ("norm", "tp"):
-        callbacks = build_all(clip={"method": "norm", "max_norm": 0.5}, guard={"action": "skip"})
+        callbacks = [
+            GradientNormMonitor(log_every_n_steps=1, flow_every_n_logs=0),
+            AdaptiveGradientClipping("norm", max_norm=0.5, log_every_n_steps=1),
+            NaNGuard(action="skip", log_every_n_steps=1),
+        ]
         model = ShardedRegression(tensor_parallel=tensor_parallel)
     else:
         callbacks = build_all(guard={"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 1})
-        model = ShardedRegression(faults={4: (1, "nan"), 6: (1, "spike")})
+        model = ShardedRegression(faults={2: (1, "nan"), 4: (1, "weight"), 6: (1, "spike")})
     record = Record(callbacks, gather_weights=name != "faults")
     trainer = sharded_trainer(out_dir, [*callbacks, record], max_steps=8, tensor_parallel=tensor_parallel)
     trainer.fit(model)

@@ -35,8 +35,9 @@ class ShardedRegression(pl.LightningModule):
     """MSE regression; FSDP2 over the data-parallel mesh dimension, one ``fully_shard`` per Linear and the root.
 
     Args:
-        faults: ``{global_step: (rank, kind)}`` with kind ``"nan"`` (loss times NaN) or ``"spike"`` (loss x 1e4) on
-            that rank only.
+        faults: ``{global_step: (rank, kind)}`` with kind ``"nan"`` (loss times NaN), ``"spike"`` (loss x 1e4) or
+            ``"weight"`` (NaN written into that rank's local shard of ``net.0.weight`` before the forward pass: only
+            a rollback can undo it) on that rank only.
         lr: Adam's learning rate.
     """
 
@@ -73,9 +74,14 @@ class ShardedRegression(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
         rank, kind = self.faults.get(self.global_step, (None, None))
-        if rank == self.global_rank:  # the loss, not the data: tensor-parallel peers must see the same inputs
+        mine = rank == self.global_rank  # the loss or the weights, not the data: tensor-parallel peers share inputs
+        if mine and kind == "weight":
+            with torch.no_grad():
+                w = self.net[0].weight
+                (w.to_local() if hasattr(w, "to_local") else w).fill_(float("nan"))
+        loss = nn.functional.mse_loss(self(x), y)
+        if mine and kind in ("nan", "spike"):
             loss = loss * (float("nan") if kind == "nan" else 1e4)
         return loss
 
