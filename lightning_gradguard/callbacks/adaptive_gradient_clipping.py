@@ -229,7 +229,7 @@ class AdaptiveGradientClipping(Callback):
             slot.settle()  # checkpoints are written after every callback's on_train_batch_end: the verdict is in
         return {
             "optimizers": {
-                idx: {"steps": s.steps, "clipped_total": int(s.clipped_total), "clipper": s.clipper.state_dict()}
+                idx: {"steps": s.steps, "clipped_total": int(s.clipped_total), "stats": s.clipper.state_dict()}
                 for idx, s in sorted(self._slots.items())
             }
         }
@@ -239,7 +239,7 @@ class AdaptiveGradientClipping(Callback):
             slot = self._slot(int(idx))
             slot.steps = int(saved.get("steps", 0))
             slot.clipped_total = int(saved.get("clipped_total", 0))
-            dropped = slot.clipper.load_state_dict(saved.get("clipper") or {})
+            dropped = slot.clipper.load_state_dict(saved.get("stats") or {})
             if dropped:
                 rank_zero_warn(
                     f"{_OWNER}(method={self.method!r}): the checkpoint holds {' and '.join(dropped)} for optimizer "
@@ -318,9 +318,9 @@ class AdaptiveGradientClipping(Callback):
         if math.isfinite(threshold):
             metrics[tag("clip_threshold", idx)] = threshold
         if record.coefficient is not None and record.threshold is not None and self.method != "per_parameter":
-            post = float(stats.total_norm * record.coefficient)
+            post = float(stats.total_norm64 * record.coefficient)
         else:  # value / per_parameter / agc change each gradient differently: measure again (logging steps only)
-            norms = norms_of(stats.grads, stats.norm_type)
+            norms = norms_of(stats.grads, stats.norm_type, torch.float64)
             post = float(torch.linalg.vector_norm(norms, stats.norm_type)) if norms.numel() else 0.0
         if math.isfinite(post):
             metrics[tag("grad_norm_clipped", idx)] = post

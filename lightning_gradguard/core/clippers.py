@@ -136,12 +136,12 @@ class NormClipper(Clipper):
         self.norm_type = norm_type
 
     def clip_(self, stats: GradStats) -> ClipRecord:
-        norm = stats.total_norm
+        norm = stats.total_norm64
         if norm.device.type == "cpu":  # reading a CPU scalar is no sync: skip the multiply when nothing is clipped
             value = norm.item()
             if not (math.isfinite(value) and value + 1e-6 > self.max_norm):
                 return ClipRecord(norm, self.max_norm, False, 1.0)
-        coef, clipped = clip_by_global_norm_(stats.grads, norm, self.max_norm)
+        coef, clipped = clip_by_global_norm_(stats.local_grads, norm, self.max_norm)
         return ClipRecord(norm, self.max_norm, clipped, coef)
 
 
@@ -156,8 +156,8 @@ class PerParameterClipper(Clipper):
         self.norm_type = norm_type
 
     def clip_(self, stats: GradStats) -> ClipRecord:
-        coef, clipped = clip_by_param_norm_(stats.grads, stats.param_norms, self.max_norm)
-        return ClipRecord(stats.total_norm, self.max_norm, clipped, coef)
+        coef, clipped = clip_by_param_norm_(stats.local_grads, stats.param_norms64, self.max_norm)
+        return ClipRecord(stats.total_norm64, self.max_norm, clipped, coef)
 
 
 class ValueClipper(Clipper):
@@ -180,8 +180,8 @@ class ValueClipper(Clipper):
                 )
 
     def clip_(self, stats: GradStats) -> ClipRecord:
-        clipped = clip_by_value_(stats.grads, self.clip_value)
-        return ClipRecord(stats.total_norm, self.clip_value, clipped)
+        clipped = clip_by_value_(stats.local_grads, self.clip_value)
+        return ClipRecord(stats.total_norm64, self.clip_value, clipped)
 
 
 @lru_cache(maxsize=64)
@@ -207,7 +207,7 @@ class AGCClipper(Clipper):
         self.exclude = tuple(exclude)
 
     def clip_(self, stats: GradStats) -> ClipRecord:
-        norm = stats.total_norm
+        norm = stats.total_norm64
         params, grads = stats.params, stats.grads
         if self.exclude:
             mask = _excluded_mask(tuple(stats.names), self.exclude)
@@ -361,7 +361,7 @@ class ZScoreClipper(_AdaptiveClipper):
             self.mean, self.var = ema_step(float(self.mean), float(self.var), capped, weight)
 
     def clip_(self, stats: GradStats) -> ClipRecord:
-        norm = stats.total_norm
+        norm = stats.total_norm64
         if self._pending is not None:
             self.commit()
         warm = self.warming_up
@@ -374,7 +374,7 @@ class ZScoreClipper(_AdaptiveClipper):
             thr, target = self._threshold()
             if math.isfinite(value) and value > thr:
                 coef: Number = min(1.0, float(target) / (value + 1e-6))
-                foreach_mul_(stats.grads, coef)
+                foreach_mul_(stats.local_grads, coef)
                 clipped: Tensor | bool = True
             else:
                 coef, clipped = 1.0, False
@@ -384,12 +384,14 @@ class ZScoreClipper(_AdaptiveClipper):
             self._to_tensors(norm.device)
             mean, var = self.mean, self.var
         thr, target = self._threshold()
-        norm64 = norm.to(torch.float64)
-        over = torch.isfinite(norm64) & (norm64 > thr)
-        coef = clip_coefficient(norm64, torch.where(over, target, math.inf))
-        if stats.grads:
-            foreach_mul_(stats.grads, coef.to(torch.float32 if stats.grads[0].dtype != torch.float64 else coef.dtype))
-        self._pending = (norm64, thr)
+        over = torch.isfinite(norm) & (norm > thr)
+        coef = clip_coefficient(norm, torch.where(over, target, math.inf))
+        grads = stats.local_grads
+        if grads:
+            foreach_mul_(
+                grads, coef.to(torch.float64 if grads[0].dtype in (torch.float64, torch.complex128) else torch.float32)
+            )
+        self._pending = (norm, thr)
         return ClipRecord(norm, thr, coef < 1.0, coef, warm, stat_mean=mean, stat_var=var)
 
     def _from_tensors(self) -> None:
@@ -455,7 +457,7 @@ class PercentileClipper(_AdaptiveClipper):
         self.estimator.update(norm)  # non-finite values are masked inside
 
     def clip_(self, stats: GradStats) -> ClipRecord:
-        norm = stats.total_norm
+        norm = stats.total_norm64
         if self._pending is not None:
             self.commit()
         warm = self.warming_up
@@ -466,8 +468,8 @@ class PercentileClipper(_AdaptiveClipper):
             est = self.estimator
             q = limit_growth(est.compute().to(norm.device), self.limit)
             thr = torch.where(est.count.to(norm.device) > 0, q, self.cap)
-        coef, clipped = clip_by_global_norm_(stats.grads, norm, thr)
-        self._pending = (norm.to(torch.float64), thr)
+        coef, clipped = clip_by_global_norm_(stats.local_grads, norm, thr)
+        self._pending = (norm, thr)
         return ClipRecord(norm, thr, clipped, coef, warm)
 
     def state_dict(self) -> dict[str, Any]:

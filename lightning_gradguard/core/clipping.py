@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_gradguard.core.sharded import is_sharded, local_view, unit_norms
 from lightning_gradguard.core.thresholds import agc_max_norms, unitwise_norm
 
 __all__ = [
@@ -174,7 +175,11 @@ def clip_by_agc_(
     # and lone shapes one by one, without the copy.
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
-        if g.numel() <= _AGC_STACK_MAX_NUMEL:
+        if is_sharded(g) or is_sharded(p):  # rows spread over ranks: core.sharded sums their pieces
+            max_norm = unit_norms(p).to(torch.float64).clamp_min(eps) * clipping
+            factors[i], n_over = _factor_from(unit_norms(g).to(torch.float64), max_norm, g, grad_eps)
+            clipped = clipped + n_over.to(dev)
+        elif g.numel() <= _AGC_STACK_MAX_NUMEL:
             groups.setdefault((tuple(g.shape), g.dtype, g.device, p.dtype, p.device), []).append(i)
     for idx in groups.values():
         if len(idx) < 2:
@@ -188,7 +193,7 @@ def clip_by_agc_(
         if factors[i] is None:
             factors[i], n_over = _agc_factor(p, g, clipping, eps, grad_eps, False)
             clipped = clipped + n_over.to(dev)
-    foreach_mul_(grads, [f for f in factors if f is not None])
+    foreach_mul_([local_view(g) for g in grads], [f for f in factors if f is not None])
     return clipped, torch.tensor(total, dtype=torch.long, device=dev)
 
 
@@ -202,7 +207,10 @@ def _agc_factor(
 ) -> tuple[Tensor, Tensor]:
     """AGC's per-unit factor for one tensor (or a stack of same-shape tensors) and how many units are over."""
     max_norm = agc_max_norms(param, clipping, eps, stacked).to(torch.float64)
-    gnorm = unitwise_norm(grad, stacked, dtype=torch.float64)
+    return _factor_from(unitwise_norm(grad, stacked, dtype=torch.float64), max_norm, grad, grad_eps)
+
+
+def _factor_from(gnorm: Tensor, max_norm: Tensor, grad: Tensor, grad_eps: float) -> tuple[Tensor, Tensor]:
     over = torch.isfinite(gnorm) & (gnorm > max_norm)
     factor = torch.where(over, max_norm / gnorm.clamp_min(grad_eps), 1.0)
     real = torch.float64 if grad.dtype in (torch.float64, torch.complex128) else torch.float32

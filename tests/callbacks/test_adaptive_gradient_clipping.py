@@ -395,7 +395,7 @@ def test_load_state_dict_tolerates_missing_keys():
     cb = AdaptiveGradientClipping("zscore")
     cb.load_state_dict({})
     cb.load_state_dict({"optimizers": {0: {}}})
-    cb.load_state_dict({"optimizers": {0: {"steps": 3, "clipper": {"method": "zscore"}}}})
+    cb.load_state_dict({"optimizers": {0: {"steps": 3, "stats": {"method": "zscore"}}}})
     assert cb.state_dict()["optimizers"][0]["steps"] == 3
 
 
