@@ -60,6 +60,18 @@ trainer.fit(M(), DataLoader(TensorDataset(x, y), batch_size=8))
 assert trainer.global_step == 12
 assert len(guard.events) == 1, guard.events  # the NaN step, skipped
 assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+plain = gg.GradGuard(model, opt, action="skip")
+for step in range(12):
+    loss = torch.nn.functional.mse_loss(model(x[:8]), y[:8]) * (float("nan") if step == 5 else 1.0)
+    loss.backward()
+    if plain.before_step(loss):
+        opt.step()
+    plain.after_step()
+    opt.zero_grad()
+assert [e["step"] for e in plain.events] == [5], plain.events
 print("SMOKE OK", gg.__version__)
 """
 
@@ -135,6 +147,6 @@ def test_api_reference_builds_without_warnings(tmp_path: Path) -> None:
     assert "API reference:" in proc.stdout
     assert "docs warning" not in proc.stderr
     top = (out / "lightning_gradguard.html").read_text()
-    for name in ("NaNGuard", "AdaptiveGradientClipping", "GradientNormMonitor", "DivergenceError"):
+    for name in ("NaNGuard", "AdaptiveGradientClipping", "GradientNormMonitor", "DivergenceError", "GradGuard"):
         assert f'id="{name}"' in top, f"{name} has no entry in the API reference"
     assert (out / "lightning_gradguard" / "core" / "lr_scaling.html").is_file()
