@@ -25,8 +25,12 @@ SIZE_GUIDANCE = {"histograms": 0, "scalars": 0, "images": 0, "tensors": 0}
 def build_all(monitor: dict | None = None, clip: dict | None = None, guard: dict | None = None) -> list[Callback]:
     """[GradientNormMonitor, AdaptiveGradientClipping, NaNGuard] in the order users are told to use."""
     mon = GradientNormMonitor(**{"log_every_n_steps": 1, "flow_every_n_logs": 0, **(monitor or {})})
-    clip_kw = {"method": "zscore", "warmup_steps": 3, "log_every_n_steps": 1, **(clip or {})}
-    guard_kw = {"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 0, "log_every_n_steps": 1, **(guard or {})}
+    clip_kw = {"method": "zscore", "log_every_n_steps": 1, **(clip or {})}
+    if clip_kw["method"] in ("zscore", "percentile"):  # the clipper refuses options its method does not use
+        clip_kw.setdefault("warmup_steps", 3)
+    # action="rollback" explicitly: these fault tests check rollbacks ("auto", the default, skips isolated faults)
+    guard_kw = {"action": "rollback", "snapshot_every_n_steps": 2, "snapshot_confirm_steps": 0, "log_every_n_steps": 1}
+    guard_kw.update(guard or {})
     return [mon, AdaptiveGradientClipping(**clip_kw), NaNGuard(**guard_kw)]
 
 
