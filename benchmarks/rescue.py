@@ -14,8 +14,9 @@ action alone).
 Per run it records: survival (the planned number of steps completed, parameters and floating buffers finite, a finite
 final metric), outcome (ok / diverged / halted / stopped early / error), the final validation metric, every figure
 ``trainer.validate`` returned, the steps whose loss or gradients were non-finite (seen before any callback acted),
-the events the gradguard callbacks recorded (``NaNGuard.events`` and any other callback's public ``events`` list:
-skips, rollbacks, halts, LR cuts) and the wall time of the fit.
+the events the gradguard callbacks recorded (every public ``events`` list: ``NaNGuard.events`` holds the guard's
+skips, rollbacks, LR cuts and halts, counted as guard events; the monitor's layer-health events are kept apart) and
+the wall time of the fit.
 
 The reference of a scenario is the stable setting without any tool, mean over seeds (its min and max are printed).
 Acceptance (issue 18), checked at the end for ``default_callbacks()``: survives every explosive and faulted run; ends
@@ -59,6 +60,13 @@ TIE = 0.005  # cell means closer than this share of the reference count as equal
 NONE, LIGHTNING_CLIP, DEFAULTS = "none", "lightning gradient_clip_val", "gradguard default_callbacks()"
 CORE_METHODS = (NONE, LIGHTNING_CLIP, DEFAULTS)
 QUICK_SCENARIOS = ("mlp", "bn_mlp", "char_lstm")
+# Callbacks whose events describe layers, not interventions: recorded, never counted as guard events.
+OBSERVERS = ("GradientNormMonitor",)
+
+
+def guard_events(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The interventions of a run (skips, rollbacks, LR cuts, halts), without the monitor's layer-health events."""
+    return [e for e in r.get("events", []) if e.get("callback") not in OBSERVERS]
 
 
 def method_names() -> list[str]:
@@ -194,7 +202,7 @@ def _progress(i: int, n: int, r: dict[str, Any], t0: float) -> None:
     if i == n or i % 10 == 0 or n <= 40:
         print(
             f"  [{i}/{n} {time.perf_counter() - t0:.0f} s] {r['scenario']} {r['setting']} {r['method']} "
-            f"seed {r['seed']}: {r['outcome']} metric {r['metric']:.4g} events {len(r.get('events', []))}",
+            f"seed {r['seed']}: {r['outcome']} metric {r['metric']:.4g} guard events {len(guard_events(r))}",
             flush=True,
         )
 
@@ -280,10 +288,12 @@ def acceptance(results: list[dict[str, Any]], refs: dict[str, dict[str, float]])
     stable_events = [
         f"{r['scenario']} seed {r['seed']}: {e.get('kind', '?')} {e.get('cause', '')} at step {e.get('step', '?')}"
         for r in stable
-        for e in r.get("events", [])
+        for e in guard_events(r)
     ]
     n = len(faulted)
+    monitor_events = sum(len(r.get("events", [])) - len(guard_events(r)) for r in stable)
     return {
+        "monitor_layer_events_on_stable": monitor_events,
         "faulted_runs": n,
         "survived": survived,
         "survives_all": {"value": f"{survived}/{n}", "met": n > 0 and survived == n},
@@ -322,14 +332,20 @@ def summary(results: list[dict[str, Any]], refs: dict[str, dict[str, float]]) ->
             if r["outcome"] != "ok":
                 counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
         other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
-        events = sum(len(r.get("events", [])) for r in cell)
+        events = sum(len(guard_events(r)) for r in cell)
         rows.append([m, f"{surv}/{len(cell)}", f"{near}/{len(cell)}", other, str(events)])
     head = "\n### all scenarios: every explosive and faulted run, every seed\n"
     return (
         head
         + "\n"
         + common.markdown_table(
-            ["method", "survived", f"within {TOLERANCE:.0%} of the reference", "outcomes other than ok", "events"],
+            [
+                "method",
+                "survived",
+                f"within {TOLERANCE:.0%} of the reference",
+                "outcomes other than ok",
+                "guard events",
+            ],
             rows,
         )
     )
@@ -368,7 +384,8 @@ def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             f"Reference (stable LR, no tool): {sc.metric} mean {ref['mean']:.4g}, min {ref['min']:.4g}, "
             f"max {ref['max']:.4g} over {ref['n']} seed(s) ({arrow}); {rs[0]['steps']} optimizer steps per run. "
             f"Cell: survived/runs; runs within {TOLERANCE:.0%} of the reference mean; mean final {sc.metric} over "
-            f"seeds ('fail' if any run failed; median of the finite ones in brackets); gradguard events (total).\n"
+            f"seeds ('fail' if any run failed; median of the finite ones in brackets); ev: guard events (skips, "
+            "rollbacks, LR cuts, halts; total over seeds).\n"
         )
         rows = []
         for m in methods:
@@ -386,7 +403,7 @@ def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                 mean = cell_mean(cell, sc.higher_is_better)
                 finite = [r["metric"] for r in cell if math.isfinite(r["metric"])]
                 med = f" [{statistics.median(finite):.4g}]" if math.isinf(mean) and finite else ""
-                events = sum(len(r.get("events", [])) for r in cell)
+                events = sum(len(guard_events(r)) for r in cell)
                 outcomes = sorted({r["outcome"] for r in cell if r["outcome"] != "ok"})
                 extra = f" ({', '.join(outcomes)})" if outcomes else ""
                 ev = f"; ev {events}" if is_gradguard(m) else ""
@@ -415,6 +432,10 @@ def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                 "\nCells worse than Lightning's clip: "
                 + "; ".join(verdict["not_worse_than_lightning_clip"]["worse_cells"])
             )
+        lines.append(
+            f"\n(The monitor's layer-health events on those stable runs, not counted above: "
+            f"{verdict['monitor_layer_events_on_stable']}.)"
+        )
         if verdict["zero_events_on_stable"]["events"]:
             lines.append("\nEvents on stable runs: " + "; ".join(verdict["zero_events_on_stable"]["events"]))
         missed = [

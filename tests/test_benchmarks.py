@@ -124,8 +124,8 @@ def test_rescue_tiny_cells(tmp_path, capsys):
         guarded = by[(name, "bad_batch", rescue.DEFAULTS)]
         assert guarded["survived"], guarded
         assert math.isfinite(guarded["metric"])
-        assert guarded["events"], "the guard acted, so it recorded an event"
-        assert by[(name, "stable", rescue.DEFAULTS)]["events"] == []
+        assert rescue.guard_events(guarded), "the guard acted, so it recorded an event"
+        assert rescue.guard_events(by[(name, "stable", rescue.DEFAULTS)]) == []
     acc = saved["acceptance"]
     assert acc["survives_all"] == {"value": "2/2", "met": True}
     assert acc["zero_events_on_stable"]["met"]
