@@ -54,6 +54,10 @@ def layer_abs_stats(grads: Sequence[Tensor], layer_index: Tensor, n_layers: int)
     return mean_abs, max_abs
 
 
+#: the image's width in pixels: about what TensorBoard's image card shows without scaling, so the labels stay legible
+CARD_WIDTH_PX = 400
+
+
 def render_gradient_flow(
     layer_names: Sequence[str],
     mean_abs: Sequence[float] | Tensor,
@@ -63,10 +67,11 @@ def render_gradient_flow(
 ) -> np.ndarray | None:
     """Draw the gradient-flow bar chart and return it as an ``(H, W, 3)`` uint8 RGB array.
 
-    Layers run left (input) to right (output). Each layer gets a light bar for its max ``|grad|`` and a dark bar for
-    its mean ``|grad|``, on a logarithmic y axis, so layers whose gradients are orders of magnitude smaller than the
-    rest (vanishing) stand out. Zero and non-finite values have no bar (a log axis cannot show them); non-finite ones
-    are marked with a red "x" at the top of the axis.
+    One row per layer, input at the top and output at the bottom, names written horizontally (legible for deep
+    nets: the image is :data:`CARD_WIDTH_PX` wide, about a TensorBoard card, and grows in height with the layers).
+    Each layer gets a light bar for its max ``|grad|`` and a dark bar for its mean ``|grad|`` on a logarithmic axis,
+    so layers whose gradients are orders of magnitude smaller than the rest (vanishing) stand out. Zero and
+    non-finite values have no bar (a log axis cannot show them); non-finite ones are marked with a red "x".
 
     Returns:
         The image, or None when matplotlib is not installed (one warning per process).
@@ -92,40 +97,40 @@ def render_gradient_flow(
     good_max = np.isfinite(maxes) & (maxes > 0)
     bad = ~np.isfinite(means) | ~np.isfinite(maxes)
 
-    width = min(16.0, max(5.0, 0.45 * n + 2.0))
-    fig = Figure(figsize=(width, 4.5), dpi=dpi)
+    labels = [n if len(n) <= _MAX_LABEL else "…" + n[-(_MAX_LABEL - 1) :] for n in names]
+    height_in = 1.6 + 0.26 * max(n, 2)
+    fig = Figure(figsize=(CARD_WIDTH_PX / dpi, height_in), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    x = np.arange(n)
-    ax.bar(x[good_max], maxes[good_max], width=0.8, color="#9ecae1", label="max |grad|")
-    ax.bar(x[good_mean], means[good_mean], width=0.5, color="#08519c", label="mean |grad|")
+    y = np.arange(n)
+    ax.barh(y[good_max], maxes[good_max], height=0.8, color="#9ecae1", label="max |grad|")
+    ax.barh(y[good_mean], means[good_mean], height=0.45, color="#08519c", label="mean |grad|")
     positive = np.concatenate([maxes[good_max], means[good_mean]])
     if positive.size:
-        ax.set_yscale("log")
+        ax.set_xscale("log")
         # plain "1e-05" labels and unlabelled minor ticks: mathtext labels were a large part of the drawing time
-        ax.yaxis.set_major_locator(LogLocator(base=10.0, numticks=8))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_locator(LogLocator(base=10.0, numticks=5))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         low, high = float(positive.min()), float(positive.max())
-        ax.set_ylim(low / 3.0, high * 3.0)
+        ax.set_xlim(low / 3.0, high * 3.0)
         if bad.any():
-            ax.plot(x[bad], np.full(int(bad.sum()), high * 2.0), "x", color="red", label="NaN/inf")
-    ax.set_xticks(x)
-    labels = [n if len(n) <= _MAX_LABEL else "…" + n[-(_MAX_LABEL - 1) :] for n in names]
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_xlim(-0.6, n - 0.4 if n else 0.6)
-    ax.set_xlabel("layer (input → output)")
-    ax.set_ylabel("|grad|")
-    ax.grid(True, axis="y", which="major", alpha=0.3)
+            ax.plot(np.full(int(bad.sum()), high * 2.0), y[bad], "x", color="red", label="NaN/inf")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=9)
+    ax.set_ylim(n - 0.4 if n else 0.6, -0.6)  # input at the top
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel("|grad| (log scale)", fontsize=9)
+    ax.grid(True, axis="x", which="major", alpha=0.3)
     if title:
-        ax.set_title(title, loc="left", fontsize=10)
+        fig.suptitle(title + "\ninput at the top, output at the bottom", fontsize=9, x=0.02, ha="left")
     if n:
-        # above the axes, right of the title: never over a bar
-        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=7, frameon=False)
-    # fixed margins instead of tight_layout (which measures every label, a large part of the drawing time); the
-    # bottom margin grows with the longest (rotated, 7 pt) label: about 1% of the figure height per character
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=8, frameon=False, borderaxespad=0.2)
+    # fixed margins instead of tight_layout (which measures every label, a large part of the drawing time): the left
+    # margin grows with the longest label (9 pt ~ 5.5 px per character), the top and bottom ones are fixed in inches
     longest = max((len(label) for label in labels), default=1)
-    fig.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=min(0.55, 0.14 + 0.0105 * longest))
+    left = min(0.55, (12 + 5.6 * longest) / CARD_WIDTH_PX)
+    fig.subplots_adjust(left=left, right=0.97, top=1 - 0.85 / height_in, bottom=0.5 / height_in)
     canvas.draw()
     image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     fig.clear()
