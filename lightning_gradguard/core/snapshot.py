@@ -26,7 +26,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["Snapshot", "SnapshotStore", "clone_state", "restore_snapshot", "take_snapshot"]
+from lightning_gradguard.core.grad_stats import norms_of
+
+__all__ = [
+    "BufferCopy",
+    "Snapshot",
+    "SnapshotStore",
+    "clone_state",
+    "nonfinite_entries",
+    "restore_snapshot",
+    "take_snapshot",
+]
 
 
 def clone_state(obj: Any, device: torch.device | str | None = "cpu") -> Any:
@@ -156,6 +166,55 @@ def restore_snapshot(
     for sch, state in zip(schedulers, snapshot.schedulers):
         sch.load_state_dict(clone_state(state, device=None))
     return clone_state(snapshot.extra, device=None)
+
+
+def nonfinite_entries(state: dict[str, Any]) -> list[str]:
+    """Keys of the floating tensors of ``state`` (a ``state_dict``) that hold NaN/inf, in order.
+
+    One multi-tensor norm over all of them (a NaN/inf element makes its tensor's norm non-finite), so the cost is
+    one pass over the values, paid only where it is called: before a snapshot is trusted, and on faults.
+    """
+    keys = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not keys:
+        return []
+    with torch.no_grad():
+        norms = norms_of([state[k].detach() for k in keys], 2.0, dtype=torch.float64)
+        bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+    return [keys[i] for i in bad]
+
+
+class BufferCopy:
+    """A copy of a module's floating-point buffers (e.g. BatchNorm running statistics), to undo a forward pass.
+
+    Buffers change in the forward pass, before any gradient exists: a skipped update leaves them as the bad batch
+    made them. :meth:`save` before the forward (one multi-tensor copy into preallocated storage; free for a model
+    without floating buffers) and :meth:`restore` when the step is skipped bring them back bit for bit.
+    """
+
+    def __init__(self) -> None:
+        self._live: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
+
+    def save(self, module: torch.nn.Module) -> None:
+        live = [b for b in module.buffers() if b.is_floating_point() or b.dtype == torch.long]
+        if len(live) != len(self._live) or any(a is not b for a, b in zip(live, self._live)):
+            self._live = live
+            self._saved = [b.detach().clone() for b in live]
+            return
+        if live:
+            with torch.no_grad():
+                torch._foreach_copy_(self._saved, [b.detach() for b in live])
+
+    def restore(self) -> bool:
+        """Copy the saved values back; returns whether there was anything to restore."""
+        if not self._live:
+            return False
+        with torch.no_grad():
+            torch._foreach_copy_([b.detach() for b in self._live], self._saved)
+        return True
+
+    def clear(self) -> None:
+        self._live, self._saved = [], []
 
 
 class SnapshotStore:

@@ -40,7 +40,7 @@ class PoisonOnRank1(Callback):
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    guard = NaNGuard(snapshot_every_n_steps=2, snapshot_confirm_steps=1)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, snapshot_confirm_steps=1)
     trainer = make_trainer(out_dir, [guard, PoisonOnRank1()], max_steps=10, strategy="ddp", devices=2, logger=False)
     model = RankFault()
     trainer.fit(model)

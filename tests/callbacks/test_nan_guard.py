@@ -74,7 +74,7 @@ def test_consecutive_skips_escalate_to_rollback(tmp_path):
 
 
 def test_repeated_faults_halt_after_max_rollbacks_with_report(tmp_path):
-    guard = NaNGuard(max_rollbacks=2, snapshot_every_n_steps=2, snapshot_confirm_steps=0)
+    guard = NaNGuard(action="rollback", max_rollbacks=2, snapshot_every_n_steps=2, snapshot_confirm_steps=0)
     trainer = make_trainer(tmp_path, [guard], max_steps=20)
     with pytest.raises(DivergenceError, match="after 2 rollbacks") as info:
         trainer.fit(TinyRegression(nan_at_steps=[4, 7, 10]))
@@ -138,7 +138,7 @@ class CorruptNewest(Callback):
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_checkpoint_snapshot_rollback_from_modelcheckpoint_file(tmp_path, corrupt):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    guard = NaNGuard(snapshot="checkpoint", snapshot_confirm_steps=2)
+    guard = NaNGuard(action="rollback", snapshot="checkpoint", snapshot_confirm_steps=2)
     rec = StateRecorder()
     callbacks = [guard, rec, ckpt] + ([CorruptNewest(8, "step=6")] if corrupt else [])
     trainer = make_trainer(
@@ -163,30 +163,40 @@ def test_checkpoint_snapshot_rollback_from_modelcheckpoint_file(tmp_path, corrup
 
 
 def test_checkpoint_snapshot_needs_modelcheckpoint(tmp_path):
-    trainer = make_trainer(tmp_path, [NaNGuard(snapshot="checkpoint")], max_steps=2)
+    trainer = make_trainer(tmp_path, [NaNGuard(action="rollback", snapshot="checkpoint")], max_steps=2)
     with pytest.raises(ValueError, match="no ModelCheckpoint callback"):
         trainer.fit(TinyRegression())
 
 
-def test_checkpoint_snapshot_without_usable_file_halts_clearly(tmp_path):
+def test_checkpoint_snapshot_without_usable_file_falls_back_to_the_start_state(tmp_path):
+    # issue 15: a fault before any confirmed file used to halt; now the in-memory start state is the fallback, and
+    # setup warns that save_top_k=1 cannot always leave a confirmed file
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=50)
-    guard = NaNGuard(snapshot="checkpoint", raise_on_halt=False)
-    trainer = make_trainer(tmp_path, [guard, ckpt], max_steps=6, enable_checkpointing=True)
-    trainer.fit(TinyRegression(nan_at_steps=[2]))
-    assert guard.reason is GuardDecision.HALTED
-    assert "no usable ModelCheckpoint file" in guard.halt_error.reason
+    guard = NaNGuard(action="rollback", snapshot="checkpoint", raise_on_halt=False)
+    rec = StateRecorder()
+    trainer = make_trainer(tmp_path, [guard, rec, ckpt], max_steps=6, enable_checkpointing=True)
+    model = TinyRegression(nan_at_steps=[2])
+    start = clone_state(model.state_dict())
+    with pytest.warns(UserWarning, match=r"no ModelCheckpoint keeps more than one file.*save_top_k=-1"):
+        trainer.fit(model)
+    assert guard.reason is not GuardDecision.HALTED
+    ((step, kind, snap),) = [(e["step"], e["kind"], e["snapshot_step"]) for e in guard.events]
+    assert (step, kind, snap) == (2, "rollback", 0)
+    assert "no usable checkpoint file" in guard.events[0]["reason"]
+    assert _identical(rec.states[3][0], start)
+    assert trainer.global_step == 6
 
 
 def test_resume_after_rollback_keeps_lr_scale_without_reapplying(tmp_path):
     make = lambda o: lrs.StepLR(o, step_size=3, gamma=0.5)  # noqa: E731
-    guard = NaNGuard(snapshot_every_n_steps=2, snapshot_confirm_steps=0)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, snapshot_confirm_steps=0)
     trainer = make_trainer(tmp_path, [guard], max_steps=8)
     trainer.fit(TinyRegression(nan_at_steps=[5], scheduler=make))
     lr_before = trainer.optimizers[0].param_groups[0]["lr"]
     path = tmp_path / "after_rollback.ckpt"
     trainer.save_checkpoint(path)
 
-    guard2 = NaNGuard(snapshot_every_n_steps=2, snapshot_confirm_steps=0)
+    guard2 = NaNGuard(action="rollback", snapshot_every_n_steps=2, snapshot_confirm_steps=0)
     seen = {}
 
     class Probe(Callback):
@@ -277,11 +287,15 @@ def test_state_dict_round_trip_and_state_key():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"action": "ignore"}, ValueError, r"action must be one of \('rollback', 'skip', 'halt'\), got 'ignore'"),
+        (
+            {"action": "ignore"},
+            ValueError,
+            r"NaNGuard: action must be one of \('auto', 'rollback', 'skip', 'halt'\), got 'ignore'",
+        ),
         ({"escalate_to": "skip"}, ValueError, "escalate_to must be one of"),
         ({"snapshot": "disk"}, ValueError, "snapshot must be one of"),
-        ({"lr_factor": 0}, ValueError, r"lr_factor must be a number in \(0, 1\], got 0"),
-        ({"lr_factor": 1.5}, ValueError, "lr_factor must be a number in"),
+        ({"lr_factor": 0}, ValueError, r"lr_factor must be in \(0.0, 1.0\], got 0"),
+        ({"lr_factor": 1.5}, ValueError, "lr_factor must be in"),
         ({"max_consecutive_skips": -1}, ValueError, "max_consecutive_skips must be an int >= 0, got -1"),
         ({"snapshot_every_n_steps": 0}, ValueError, "snapshot_every_n_steps must be an int >= 1"),
         ({"snapshot_confirm_steps": 1.5}, TypeError, "snapshot_confirm_steps must be an int >= 0"),
@@ -290,7 +304,7 @@ def test_state_dict_round_trip_and_state_key():
         ({"spike_window": 1}, ValueError, "spike_window must be an int >= 2"),
         ({"amp_scale_floor": 0}, ValueError, "amp_scale_floor must be a finite number > 0"),
         ({"amp_scale_floor": float("inf")}, ValueError, "amp_scale_floor must be a finite number > 0, got inf"),
-        ({"lr_factor": "0.5"}, TypeError, r"lr_factor must be a number in \(0, 1\], got str"),
+        ({"lr_factor": "0.5"}, TypeError, r"NaNGuard: lr_factor must be a number, in \(0.0, 1.0\], got str"),
         ({"action": None}, TypeError, "action must be a str"),
         ({"log_every_n_steps": 0}, ValueError, "log_every_n_steps must be an int >= 1 or None"),
         ({"check_params": 1}, TypeError, "check_params must be a bool"),

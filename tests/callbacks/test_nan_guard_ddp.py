@@ -21,8 +21,9 @@ def test_faults_on_one_rank_make_every_rank_roll_back(tmp_path):
     first = {"step": 4, "kind": "rollback", "snapshot_step": 2}
     second = {"step": 6, "kind": "rollback", "snapshot_step": 2}
     assert rank1["events"] == [{**first, "cause": "nonfinite_loss"}, {**second, "cause": "nonfinite_params"}]
-    # rank 0 sees the NaN loss through the all-reduced gradients, the inf weight only through the collective
-    assert rank0["events"] == [{**first, "cause": "nonfinite_grad"}, {**second, "cause": "other_rank"}]
+    # rank 0 sees the NaN loss through the all-reduced gradients; the inf weight (found when the snapshot after step 6
+    # is checked) through the one reduce of that check: damage on any rank is named on every rank
+    assert rank0["events"] == [{**first, "cause": "nonfinite_grad"}, {**second, "cause": "nonfinite_params"}]
     for r in (rank0, rank1):
         assert r["global_step"] == 10
         assert r["finite"]

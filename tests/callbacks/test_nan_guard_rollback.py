@@ -123,7 +123,7 @@ def test_rollback_restores_snapshot_and_lr_cut_sticks(tmp_path, name):
     plateau = "monitor" in extra_cfg
     cls = PlateauModel if plateau else TinyRegression
     model = cls(lr=LR, nan_at_steps=[K], scheduler=make, scheduler_config={"interval": "step", **extra_cfg})
-    guard = NaNGuard(snapshot_every_n_steps=3, snapshot_confirm_steps=2)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=3, snapshot_confirm_steps=2)
     rec = Recorder()
     trainer = make_trainer(tmp_path, [guard, rec], max_steps=MAX_STEPS)
     trainer.fit(model)
@@ -157,14 +157,14 @@ def test_rollback_restores_snapshot_and_lr_cut_sticks(tmp_path, name):
 
 def test_rollback_logs_scalars_text_and_progress_bar(tmp_path, caplog):
     model = TinyRegression(nan_at_steps=[5])
-    guard = NaNGuard(snapshot_every_n_steps=2, snapshot_confirm_steps=1)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, snapshot_confirm_steps=1)
     trainer = make_trainer(tmp_path, [guard], max_steps=8, enable_progress_bar=True)
     with caplog.at_level("WARNING", logger="lightning_gradguard.callbacks.nan_guard"):
         trainer.fit(model)
     lines = [r.getMessage() for r in caplog.records if "NaNGuard rollback" in r.getMessage()]
     assert len(lines) == 1
     assert "step 5" in lines[0]
-    assert "restored state of step 4" in lines[0]
+    assert "restored the state of step 4" in lines[0]
     assert trainer.progress_bar_metrics["nan_rollbacks"] == 1.0
     assert trainer.progress_bar_metrics["nan_skips"] == 1.0
 
@@ -173,10 +173,13 @@ def test_rollback_logs_scalars_text_and_progress_bar(tmp_path, caplog):
     rollbacks = {e.step: e.value for e in acc.Scalars("gradguard/rollbacks")}
     scale = {e.step: e.value for e in acc.Scalars("gradguard/lr_scale")}
     skipped = {e.step: e.value for e in acc.Scalars("gradguard/skipped_steps")}
-    assert sorted(rollbacks) == list(range(8))
-    assert [rollbacks[s] for s in range(8)] == [0, 0, 0, 0, 0, 1, 1, 1]
-    assert [scale[s] for s in range(8)] == [1, 1, 1, 1, 1, 0.5, 0.5, 0.5]
-    assert skipped[7] == 1
+    assert sorted(rollbacks) == list(range(9))  # every step, and once more at the end of the fit (step 8)
+    assert [rollbacks[s] for s in range(9)] == [0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert [scale[s] for s in range(9)] == [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5]
+    assert skipped[8] == 1
+    flagged = {e.step: e.value for e in acc.Scalars("gradguard/flagged_steps")}
+    assert flagged[5] == 1  # counted once, in the write of the event
+    assert sum(flagged.values()) == 1
     texts = acc.Tensors("gradguard/nan_guard_events/text_summary")
     assert [t.step for t in texts] == [5]
     assert b"rollback at step 5" in texts[0].tensor_proto.string_val[0]
@@ -196,7 +199,7 @@ class PoisonParams(Callback):
 
 def test_nonfinite_params_after_step_trigger_rollback(tmp_path):
     model = TinyRegression()
-    guard = NaNGuard(snapshot_every_n_steps=2, snapshot_confirm_steps=0)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, snapshot_confirm_steps=0)
     trainer = make_trainer(tmp_path, [guard, PoisonParams(5)], max_steps=8)
     trainer.fit(model)
     (event,) = guard.events
@@ -212,7 +215,7 @@ def test_skip_mode_escalates_params_fault_and_check_params_off_misses_it(tmp_pat
     make_trainer(tmp_path, [guard, PoisonParams(5)], max_steps=8).fit(TinyRegression())
     assert [e["kind"] for e in guard.events] == ["rollback"]
 
-    blind = NaNGuard(check_params=False)
+    blind = NaNGuard(action="rollback", check_params=False)
     model = TinyRegression()
     make_trainer(tmp_path / "b", [blind, PoisonParams(5)], max_steps=7).fit(model)
     assert blind.events[0]["cause"] == "nonfinite_grad"  # seen one step late, through the NaN gradients

@@ -45,7 +45,7 @@ class ArmAt(Callback):
 def main(ckpt_dir: str) -> None:
     torch.set_num_threads(1)
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, save_last=True)
-    callbacks = build_all(guard={"snapshot": "checkpoint", "snapshot_confirm_steps": 1})
+    callbacks = build_all(guard={"action": "rollback", "snapshot": "checkpoint", "snapshot_confirm_steps": 1})
     trainer = make_trainer(ckpt_dir, [*callbacks, ArmAt(), ckpt], max_steps=12, enable_checkpointing=True, logger=False)
     trainer.fit(seeded())
     print("NOT KILLED")

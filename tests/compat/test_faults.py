@@ -58,6 +58,18 @@ def _scale_at(guard, step: int) -> float:
     return scale
 
 
+def _all_finite(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(_all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_all_finite(v) for v in obj)
+    return True
+
+
 def _check_rollbacks(guard, rec, expected: int) -> None:
     rollbacks = [e for e in guard.events if e["kind"] == "rollback"]
     assert len(rollbacks) == expected, guard.events
@@ -70,7 +82,9 @@ def test_random_nan_and_inf_inputs_recover_to_the_snapshot_exactly(tmp_path, all
     rng = random.Random(1234)
     steps = sorted(rng.sample(range(4, 36), 5))
     faults = {s: rng.choice(["nan", "inf"]) for s in steps}
-    callbacks = all_callbacks(guard={"snapshot_every_n_steps": 3, "snapshot_confirm_steps": 2, "max_rollbacks": 10})
+    callbacks = all_callbacks(
+        guard={"action": "rollback", "snapshot_every_n_steps": 3, "snapshot_confirm_steps": 2, "max_rollbacks": 10}
+    )
     mon, clip, guard = split(callbacks)
     rec = StateRecorder()
     trainer = make_trainer(tmp_path, [*callbacks, rec], max_steps=40)
@@ -84,7 +98,7 @@ def test_random_nan_and_inf_inputs_recover_to_the_snapshot_exactly(tmp_path, all
     assert guard.lr_scale == 0.5**5
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # the clipper's statistics never took a non-finite norm
-    assert math.isfinite(float(clip.state_dict()["optimizers"][0]["stats"]["mean"]))
+    assert _all_finite(clip.state_dict())
 
 
 @pytest.mark.parametrize("detect_spikes", [False, True])
@@ -136,20 +150,22 @@ class PoisonWeight(Callback):
             self._poison(trainer, pl_module)
 
 
-@pytest.mark.parametrize(
-    ("when", "cause"), [("after_update", "nonfinite_params"), ("before_forward", "nonfinite_loss")]
-)
-def test_nan_written_into_a_weight_is_rolled_back_exactly(tmp_path, all_callbacks, when, cause):
-    callbacks = all_callbacks(guard={"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 1})
+@pytest.mark.parametrize("when", ["after_update", "before_forward"])
+def test_nan_written_into_a_weight_is_rolled_back_exactly(tmp_path, all_callbacks, when):
+    # no per-step pass over the weights: after the update, the snapshot taken right after step 7 is checked before
+    # it is trusted; before the forward, the loss turns NaN and the guard reads the weights on that fault
+    callbacks = all_callbacks(guard={"action": "rollback", "snapshot_every_n_steps": 2, "snapshot_confirm_steps": 1})
     _, _, guard = split(callbacks)
     rec = StateRecorder()
     # the poisoner runs after the gradguard callbacks' on_before_optimizer_step (the gradients were already checked)
     trainer = make_trainer(tmp_path, [*callbacks, PoisonWeight(7, when), rec], max_steps=12)
     model = seeded(scheduler=_cosine)
     trainer.fit(model)
-    assert [(e["step"], e["kind"], e["cause"]) for e in guard.events] == [(7, "rollback", cause)]
-    if when == "after_update":
-        assert guard.events[0]["nonfinite_params"] == ["net.2.weight"]
+    assert [(e["step"], e["kind"], e["cause"]) for e in guard.events] == [(7, "rollback", "nonfinite_params")]
+    assert guard.events[0]["nonfinite_params"] == ["net.2.weight"]
+    if when == "before_forward":  # a fault found before the update: the bad batch is replayed to find the module
+        assert guard.events[0]["first_nonfinite_module"] == "net.2"
+        assert guard.events[0]["nonfinite_batch"] is False
     _check_rollbacks(guard, rec, expected=1)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -169,7 +185,7 @@ class FlakyStateDict(TinyRegression):
 
 
 def test_exception_while_taking_a_snapshot_keeps_the_previous_one(tmp_path, all_callbacks):
-    callbacks = all_callbacks(guard={"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 0})
+    callbacks = all_callbacks(guard={"action": "rollback", "snapshot_every_n_steps": 2, "snapshot_confirm_steps": 0})
     _, _, guard = split(callbacks)
     rec = StateRecorder()
     trainer = make_trainer(tmp_path, [*callbacks, rec], max_steps=10)
@@ -182,15 +198,18 @@ def test_exception_while_taking_a_snapshot_keeps_the_previous_one(tmp_path, all_
     _check_rollbacks(guard, rec, expected=1)
 
 
-def test_exception_while_taking_the_first_snapshot_then_halt_clearly(tmp_path, all_callbacks):
-    callbacks = all_callbacks(guard={"snapshot_every_n_steps": 50, "raise_on_halt": False})
+def test_exception_while_taking_the_first_snapshot_then_skip_instead_of_halting(tmp_path, all_callbacks):
+    callbacks = all_callbacks(guard={"action": "rollback", "snapshot_every_n_steps": 50, "raise_on_halt": False})
     _, _, guard = split(callbacks)
     trainer = make_trainer(tmp_path, callbacks, max_steps=10)
+    model = seeded(FlakyStateDict, fail_at={0}, nan_at_steps=[3])
     with pytest.warns(UserWarning, match="NaNGuard could not take a snapshot at step 0"):
-        trainer.fit(seeded(FlakyStateDict, fail_at={0}, nan_at_steps=[3]))
-    assert guard.reason is GuardDecision.HALTED
-    assert "no good snapshot to roll back to" in guard.halt_error.reason
-    assert trainer.global_step == 4
+        trainer.fit(model)
+    # nothing to roll back to, but the weights are finite: the step is skipped, the run goes on (no halt)
+    assert [(e["step"], e["kind"]) for e in guard.events] == [(3, "skip")]
+    assert "no trusted snapshot" in guard.events[0]["reason"]
+    assert trainer.global_step == 10
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------- checkpoint files as snapshots
@@ -220,7 +239,7 @@ class DamageBefore(Callback):
 
 
 def test_unreadable_checkpoints_fall_back_to_an_older_intact_one(tmp_path, all_callbacks):
-    callbacks = all_callbacks(guard={"snapshot": "checkpoint", "snapshot_confirm_steps": 1})
+    callbacks = all_callbacks(guard={"action": "rollback", "snapshot": "checkpoint", "snapshot_confirm_steps": 1})
     _, _, guard = split(callbacks)
     rec = StateRecorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
@@ -233,21 +252,24 @@ def test_unreadable_checkpoints_fall_back_to_an_older_intact_one(tmp_path, all_c
     _check_rollbacks(guard, rec, expected=1)
 
 
-def test_no_readable_checkpoint_halts_naming_each_file(tmp_path, all_callbacks):
-    callbacks = all_callbacks(guard={"snapshot": "checkpoint", "snapshot_confirm_steps": 1, "raise_on_halt": False})
+def test_no_readable_checkpoint_falls_back_to_the_start_state_naming_each_file(tmp_path, all_callbacks):
+    guard_kw = {"action": "rollback", "snapshot": "checkpoint", "snapshot_confirm_steps": 1, "raise_on_halt": False}
+    callbacks = all_callbacks(guard=guard_kw)
     _, _, guard = split(callbacks)
+    rec = StateRecorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     damage = DamageBefore(5, {"2": "truncated", "4": "garbage"})
-    trainer = make_trainer(tmp_path, [*callbacks, damage, ckpt], max_steps=12, enable_checkpointing=True)
+    trainer = make_trainer(tmp_path, [*callbacks, rec, damage, ckpt], max_steps=12, enable_checkpointing=True)
     model = seeded(nan_at_steps=[5])
     trainer.fit(model)
-    assert guard.reason is GuardDecision.HALTED
-    assert trainer.global_step == 6
-    reason = guard.halt_error.reason
-    assert "no usable ModelCheckpoint file to roll back to" in reason
-    assert "step=2.ckpt" in reason
-    assert "step=4.ckpt" in reason
-    assert all(torch.isfinite(p).all() for p in model.parameters())  # the faulty step itself was dropped
+    assert guard.reason is not GuardDecision.HALTED
+    assert trainer.global_step == 12
+    (event,) = guard.events
+    assert (event["step"], event["kind"], event["snapshot_step"]) == (5, "rollback", 0)
+    assert "step=2.ckpt" in event["reason"]
+    assert "step=4.ckpt" in event["reason"]
+    _check_rollbacks(guard, rec, expected=1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------- killed while checkpointing
@@ -290,7 +312,7 @@ def test_killed_while_writing_a_checkpoint_then_resumed(tmp_path, all_callbacks)
     broken.unlink()
 
     # resuming from last.ckpt continues every callback's state from step 4; a later fault rolls back to a file
-    callbacks = build_all(guard={"snapshot": "checkpoint", "snapshot_confirm_steps": 1})
+    callbacks = build_all(guard={"action": "rollback", "snapshot": "checkpoint", "snapshot_confirm_steps": 1})
     mon, clip, guard = split(callbacks)
     rec = StateRecorder()
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, save_last=True)
