@@ -1,0 +1,55 @@
+"""2-process gloo DDP with GradGuard in a plain loop (run by tests/plain/test_ddp.py): a loss spike on rank 1 only.
+
+Rank 1's loss at step SPIKE_AT is multiplied by 1e4 after the backward (its gradients are untouched, so the DDP
+all-reduce gives both ranks the same, healthy gradients): only rank 1's loss z-score test fires. Without the
+guard's cross-rank reduce rank 1 would skip while rank 0 steps and the replicas would drift apart. Each rank writes
+its events, its skip count and a checksum of its weights to ``out_dir/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lightning_gradguard import GradGuard  # noqa: E402
+
+SPIKE_AT = 25
+STEPS = 40
+
+
+def worker(rank: int, world: int, out_dir: str) -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    guard = GradGuard(model, opt, clipping="zscore", action="skip", spike_zscore=6.0, spike_window=20)
+    g = torch.Generator().manual_seed(100 + rank)
+    for step in range(STEPS):
+        x = torch.randn(16, 4, generator=g)
+        y = x.sum(1, keepdim=True)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        judged = loss.detach() * (1e4 if (rank == 1 and step == SPIKE_AT) else 1.0)
+        if guard.before_step(judged):
+            opt.step()
+        guard.after_step()
+        opt.zero_grad()
+    checksum = [float(p.detach().double().sum()) for p in model.parameters()]
+    result = {"events": [[e["step"], e["kind"], e["cause"]] for e in guard.events], "skipped": guard.skipped_steps}
+    result["checksum"] = checksum
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(2, sys.argv[1]), nprocs=2, join=True)
