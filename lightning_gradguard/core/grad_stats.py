@@ -106,6 +106,12 @@ def _foreach_norms(tensors: list[Tensor], norm_type: float, acc: torch.dtype | N
 
 def _group_norms64(tensors: list[Tensor], norm_type: float) -> Tensor:
     dtype, device = tensors[0].dtype, tensors[0].device
+    if any(t.numel() == 0 for t in tensors):  # empty shards (uneven sharding): norm 0; torch refuses their inf-norm
+        out = torch.zeros(len(tensors), dtype=torch.float64, device=device)
+        idx = [i for i, t in enumerate(tensors) if t.numel()]
+        if idx:
+            out[torch.tensor(idx, device=device)] = _group_norms64([tensors[i] for i in idx], norm_type)
+        return out
     half = dtype in (torch.float16, torch.bfloat16)
     if device.type != "cpu" and not dtype.is_complex and dtype != torch.float64:
         # a float64 accumulator inside the kernel: no overflow for any finite float32/bf16/fp16 input, no host check

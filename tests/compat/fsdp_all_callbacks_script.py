@@ -102,7 +102,10 @@ def fit(out_dir: str, name: str) -> None:
         ]
         model = ShardedRegression(tensor_parallel=tensor_parallel)
     else:
-        callbacks = build_all(guard={"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 1})
+        callbacks = build_all(
+            monitor={"flow_every_n_logs": 1},  # the gradient-flow capture (L1 and inf norms) on shards too
+            guard={"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 1},
+        )
         model = ShardedRegression(faults={2: (1, "nan"), 4: (1, "weight"), 6: (1, "spike")})
     record = Record(callbacks, gather_weights=name != "faults")
     trainer = sharded_trainer(out_dir, [*callbacks, record], max_steps=8, tensor_parallel=tensor_parallel)

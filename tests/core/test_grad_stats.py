@@ -278,3 +278,14 @@ def test_fuzz_finite_gradients_of_any_magnitude_get_finite_exact_norms(exps, sig
     if ref < 3e38:
         assert not bool(s.norm_overflow)
         assert _close(s.total_norm, _fsum_norm(flat, p), 1e-5)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_empty_tensors_have_norm_zero(p):
+    """Uneven sharding leaves some ranks an empty piece of a parameter; torch refuses an empty tensor's inf-norm."""
+    empty = nn.Parameter(torch.zeros(0, 4))
+    empty.grad = torch.zeros(0, 4)
+    full = _param([3.0, -4.0])
+    s = compute_grad_stats([empty, full], ["a.w", "b.w"], p)
+    assert s.param_norms.tolist() == [0.0, _fsum_norm([3.0, -4.0], p)]
+    assert norms_of([empty.grad], p).tolist() == [0.0]
