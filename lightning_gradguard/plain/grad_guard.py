@@ -11,24 +11,20 @@ schedulers and GradScaler, agrees across ranks, and logs. On the same gradient s
 from __future__ import annotations
 
 import copy
-import math
-from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_gradguard.core.arg_checks import check_bool, check_choice, check_int, check_number
 from lightning_gradguard.core.clippers import CLIPPERS, Clipper, ClipRecord
-from lightning_gradguard.core.divergence import DivergenceDetector
 from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats
-from lightning_gradguard.core.guard_policy import POLICIES, GuardEvent, GuardPolicy, StepHealth
-from lightning_gradguard.core.loss_spike import LossSpikeDetector
+from lightning_gradguard.core.guard_policy import POLICIES, GuardEvent, GuardPolicy
 from lightning_gradguard.core.snapshot import BufferCopy, SnapshotStore
-from lightning_gradguard.core.stability import StabilityController
 from lightning_gradguard.plain.distributed import MaxReducer, Reduce, rank_and_world
 from lightning_gradguard.plain.recovery import Recovery
+from lightning_gradguard.plain.step_judge import StepJudge, Verdict
 from lightning_gradguard.plain.summary_log import SummaryLog
 
 __all__ = ["GradGuard"]
@@ -180,30 +176,43 @@ class GradGuard:
         self.clipping = clipping
         self.action = check_choice("action", action, POLICIES, owner=o)
         self.escalate_to = check_choice("escalate_to", escalate_to, ("rollback", "halt"), owner=o)
-        self.lr_factor = check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_open=True, owner=o)
+        self.lr_factor = cast(float, check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_open=True, owner=o))
         self.max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips, 0, owner=o)
         self.snapshot_every_n_steps = check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1, owner=o)
         self.snapshot_confirm_steps = check_int("snapshot_confirm_steps", snapshot_confirm_steps, 0, owner=o)
         self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, 0, owner=o)
-        for name in ("check_params", "divergence", "stability", "raise_on_halt"):
-            setattr(self, name, check_bool(name, locals()[name], owner=o))
-        finite_pos = {"low": 0.0, "low_open": True, "high_open": True, "owner": o, "describe": "a finite number > 0"}
-        self.spike_zscore = check_number("spike_zscore", spike_zscore, allow_none=True, **finite_pos)
+        self.check_params = check_bool("check_params", check_params, owner=o)
+        self.divergence = check_bool("divergence", divergence, owner=o)
+        self.stability = check_bool("stability", stability, owner=o)
+        self.raise_on_halt = check_bool("raise_on_halt", raise_on_halt, owner=o)
+        pos = "a finite number > 0"
+        self.spike_zscore = check_number(
+            "spike_zscore", spike_zscore, low=0.0, low_open=True, high_open=True, allow_none=True, owner=o, describe=pos
+        )
         self.spike_window = check_int("spike_window", spike_window, 2, high=10**6, owner=o)
-        self.amp_scale_floor = check_number("amp_scale_floor", amp_scale_floor, **finite_pos)
+        self.amp_scale_floor = cast(
+            float,
+            check_number(
+                "amp_scale_floor", amp_scale_floor, low=0.0, low_open=True, high_open=True, owner=o, describe=pos
+            ),
+        )
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, owner=o)
         self.history_size = check_int("history_size", history_size, 1, high=10**6, owner=o)
 
         self.reduce = MaxReducer(all_reduce_max, process_group)
         self.rank = rank_and_world(process_group)[0] if all_reduce_max is None else None
         self.policy = GuardPolicy(action, max_consecutive_skips, escalate_to, max_rollbacks)
-        self.detector = DivergenceDetector()
-        self.controller = StabilityController()
-        self.spike = LossSpikeDetector(self.spike_zscore, self.spike_window) if self.spike_zscore else None
+        self.judge = StepJudge(
+            self.reduce,
+            self.divergence,
+            self.stability,
+            self.spike_zscore,
+            self.spike_window,
+            self.amp_scale_floor,
+            self.history_size,
+        )
         self.store = SnapshotStore(capacity=2, confirm_steps=self.snapshot_confirm_steps)
         self.buffers = BufferCopy()
-        self.grad_history: deque[list[float]] = deque(maxlen=self.history_size)
-        self.loss_history: deque[list[float]] = deque(maxlen=self.history_size)
         self.log = SummaryLog(self, writer)
         self._names = self._param_names()
         self._slots = [self._new_slot() for _ in self.optimizers]
@@ -222,12 +231,8 @@ class GradGuard:
         self.halted = False
         self._open = False  # a step window is open (buffers saved at its first forward)
         self._checked = False
-        self._pending: StepHealth | None = None
-        self._pending_values: tuple[float | None, float, list[GradStats]] = (None, math.nan, [])
-        self._overflow = False
-        self._lower: str | None = None
-        self._last: tuple[float, float] | None = None
-        self._clip_flags: list[bool] = []
+        self._verdict: Verdict | None = None
+        self._last_dropped = False  # the step the clippers last clipped was dropped: they must not learn from it
         self._since_snapshot = 0
         self.recovery = Recovery(self)
         self._hook = model.register_forward_pre_hook(self._on_forward)
@@ -239,8 +244,9 @@ class GradGuard:
     def inner_model(self) -> nn.Module:
         """The model without DDP or Fabric wrappers (its parameter names carry no wrapper prefix)."""
         inner = self.model
-        while isinstance(getattr(inner, "module", None), nn.Module) and inner.module is not inner:
-            inner = inner.module
+        wrapped = getattr(inner, "module", None)
+        while isinstance(wrapped, nn.Module) and wrapped is not inner:
+            inner, wrapped = wrapped, getattr(wrapped, "module", None)
         return inner
 
     def _param_names(self) -> dict[int, str]:
@@ -283,11 +289,14 @@ class GradGuard:
         stats = [self._measure(i, opt) for i, opt in enumerate(self.optimizers)]
         for i, s in enumerate(stats):  # commit the previous step's statistics, then clip this one
             self._clip(i, s)
-        keep = self._judge(stats, loss)
+        verdict = self.judge.judge(self.step, stats, loss, self.scaler)
+        self.log.observe(verdict.norm, verdict.loss)
+        self._verdict = verdict
         self._checked = True
-        if not keep:
+        self._last_dropped = verdict.health is not None
+        if self._last_dropped:
             self._drop_grads()
-        return keep
+        return not self._last_dropped
 
     def after_step(self) -> None:
         """Carry out the decision for the step just taken (or not): snapshot, roll back, lower the LR or halt."""
@@ -297,17 +306,20 @@ class GradGuard:
         if self.halted:
             self.step += 1
             return
-        pending, overflow, lower = self._pending, self._overflow, self._lower
-        self._pending, self._overflow, self._lower = None, False, None
-        self._clip_flags = [] if pending is not None else [bool(s.record.clipped) for s in self._slots if s.record]
+        verdict, self._verdict = self._verdict, None
+        if verdict is None:  # pragma: no cover - _checked guarantees a verdict
+            return
+        pending = verdict.health
+        if pending is None:
+            self.judge.clip_flags = [bool(s.record.clipped) for s in self._slots if s.record is not None]
         step = self.step
         self.step += 1
         if pending is not None:
-            self.recovery.handle_fault(pending)
-        elif lower is not None:
-            self.recovery.lower_lr(step, lower)
+            self.recovery.handle_fault(pending, verdict)
+        elif verdict.lower_lr is not None:
+            self.recovery.lower_lr(step, verdict.lower_lr)
         else:
-            self.recovery.healthy(overflow)
+            self.recovery.healthy(verdict.overflow)
         if pending is None and step % self.log_every_n_steps == 0:
             self.log.scalars(step)
 
@@ -332,7 +344,7 @@ class GradGuard:
         if not stats.grads or slot.clipper is None:
             return
         if slot.pending:
-            slot.clipper.commit(dropped=self._dropped_last)
+            slot.clipper.commit(dropped=self._last_dropped)
         record = slot.clipper.clip_(stats)
         record.step = slot.steps
         slot.record = self.last[idx] = record
@@ -342,72 +354,6 @@ class GradGuard:
         clipped = bool(record.clipped)
         slot.clipped_total += clipped
         slot.clipped_since_log += clipped
-
-    _dropped_last = False
-
-    def _judge(self, stats: list[GradStats], loss: Tensor | float | None) -> bool:
-        """One stack of scalars, one cross-rank max, one host read; fills the pending health. True: healthy."""
-        step = self.step
-        live = [s for s in stats if s.grads]
-        dev = live[0].device if live else torch.device("cpu")
-        norm = self._total_norm(live, dev)
-        has_loss = loss is not None
-        loss_t = (
-            torch.as_tensor(loss).detach().to(dev, torch.float64).reshape(())
-            if has_loss
-            else torch.zeros((), dtype=torch.float64, device=dev)
-        )
-        scale_bad = torch.zeros((), dtype=torch.bool, device=dev)
-        if self.scaler is not None and self.scaler.is_enabled():
-            scale_bad = torch.as_tensor(self.scaler.get_scale() < self.amp_scale_floor, device=dev)
-        spike = self.spike.update(loss_t) if (self.spike is not None and has_loss) else torch.zeros((), device=dev)
-        parts = [norm, loss_t, ~torch.isfinite(loss_t), scale_bad, spike]
-        parts += [torch.as_tensor(float(c), device=dev) for c in self._clip_flags]
-        local = torch.stack([torch.as_tensor(p, device=dev).to(torch.float64).reshape(()) for p in parts])
-        mine = local.tolist()
-        values = self.reduce(local).tolist()
-        norm_v, loss_v, loss_bad, scale_v, spike_v = values[:5]
-        was_clipped = any(v > 0 for v in values[5:])
-        self.grad_history.append([step, norm_v])
-        if has_loss:
-            self.loss_history.append([step, loss_v])
-        self.log.observe(norm_v, loss_v if has_loss else None)
-        health = StepHealth(step, nonfinite_loss=has_loss and loss_bad > 0, scale_collapse=scale_v > 0)
-        health.loss_spike = spike_v > 0
-        grad_bad = not math.isfinite(norm_v)
-        overflow = self.scaler is not None and grad_bad and not (health.nonfinite_loss or health.scale_collapse)
-        self._overflow = overflow
-        if grad_bad and not overflow:
-            health.nonfinite_grad = True
-        if self.divergence and has_loss and not overflow:
-            health.loss_divergence, health.grad_divergence = self.detector.update(loss_v, norm_v)
-        if self.stability and self._last is not None and health.cause is None:
-            self._lower = self.controller.update(*self._last, clipped=was_clipped) or self._lower
-        self._last = (loss_v, norm_v) if has_loss and health.cause is None and not overflow else None
-        self._dropped_last = False
-        if health.cause is None:
-            return True
-        if self.reduce.world_size > 1:  # what this rank saw, for the event's cause
-            local_bad = not math.isfinite(mine[0]) or any(v > 0 for v in mine[2:5])
-            if not local_bad and not (health.loss_divergence or health.grad_divergence):
-                health = StepHealth(step, other_rank=True)
-        if health.nonfinite_grad:
-            overflowed = any(bool(s.norm_overflow) for s in live)
-            health.grad_norm_overflow, health.nonfinite_grad = overflowed, not overflowed
-        self._pending = health
-        self._pending_values = (loss_v if has_loss else None, norm_v, live)
-        self._dropped_last = True
-        return False
-
-    @staticmethod
-    def _total_norm(live: list[GradStats], dev: torch.device) -> Tensor:
-        if not live:
-            return torch.zeros((), dtype=torch.float32, device=dev)
-        if len(live) == 1:
-            return live[0].total_norm
-        p = live[0].norm_type
-        norms = torch.stack([s.total_norm64.to(dev) for s in live])
-        return (norms.max() if p == math.inf else torch.linalg.vector_norm(norms, p)).to(torch.float32)
 
     def _drop_grads(self) -> None:
         for opt in self.optimizers:
@@ -420,7 +366,7 @@ class GradGuard:
         """Counters, clipper statistics, policy and detectors (plain data; in-memory snapshots are not included)."""
         for slot in self._slots:
             if slot.pending and slot.clipper is not None:
-                slot.clipper.commit(dropped=self._dropped_last)
+                slot.clipper.commit(dropped=self._last_dropped)
                 slot.pending = False
         return {
             "step": self.step,
@@ -437,9 +383,7 @@ class GradGuard:
                 for s in self._slots
             ],
             "policy": self.policy.state_dict(),
-            "divergence": self.detector.state_dict(),
-            "stability": self.controller.state_dict(),
-            "spike": self.spike.state_dict() if self.spike is not None else None,
+            **self.judge.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -460,10 +404,7 @@ class GradGuard:
                 slot.clipper.load_state_dict(saved.get("clipper") or {})
             slot.pending = False
         self.policy.load_state_dict(state.get("policy") or {})
-        self.detector.load_state_dict(state.get("divergence") or {})
-        self.controller.load_state_dict(state.get("stability") or {})
-        if self.spike is not None and state.get("spike"):
-            self.spike.load_state_dict(state["spike"])
+        self.judge.load_state_dict(state)
         self.store.reset()
         if self.action != "halt":
             self.recovery.take_snapshot(trusted=True)

@@ -7,7 +7,7 @@ each event as a :class:`~lightning_gradguard.core.guard_policy.GuardEvent`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
 from lightning_gradguard.core.lr_scaling import scale_lr
@@ -50,7 +50,7 @@ class Recovery:
         bad = nonfinite_entries(snap.model) if g.check_params else []
         (damaged,) = g.reduce.any(bool(bad))
         if damaged:  # the weights went non-finite without any loss or gradient showing it
-            health = StepHealth(g.step, update_skipped=False)
+            health = StepHealth(g.step, update_skipped=False)  # found in the weights, not in a step
             self._diagnose(health)
             health.nonfinite_params = health.nonfinite_params or not health.nonfinite_buffers
             self.handle_fault(health)
@@ -58,9 +58,11 @@ class Recovery:
             g.store.update(snap, trusted=trusted)
 
     # ------------------------------------------------------------------ faults
-    def handle_fault(self, health: StepHealth) -> None:
+    def handle_fault(self, health: StepHealth, verdict: Any = None) -> None:
+        """Carry out the policy's decision for a flagged step (``verdict``: the step's judgement, None when the
+        fault was found outside a step, e.g. in a snapshot)."""
         g = self.g
-        loss, norm, stats = g._pending_values if health.update_skipped else (None, None, [])
+        loss, norm, stats = (verdict.loss, verdict.norm, verdict.stats) if verdict is not None else (None, None, [])
         event = GuardEvent(health.step, "", "", g.lr_scale, loss=loss, grad_norm=norm)
         names: list[str] = []
         if health.update_skipped:
@@ -123,11 +125,8 @@ class Recovery:
         g.record_event(GuardEvent(step, "lower_lr", "lr_too_high", g.lr_scale, reason=reason))
 
     def _after_state_change(self) -> None:
-        g = self.g
-        g._since_snapshot = 0
-        g._last = None
-        g.detector.restart_runs()
-        g.controller.reset()
+        self.g._since_snapshot = 0
+        self.g.judge.after_state_change()
 
     def halt(self, event: GuardEvent) -> None:
         g = self.g
