@@ -11,6 +11,7 @@ schedulers and GradScaler, agrees across ranks, and logs. On the same gradient s
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -114,6 +115,8 @@ class GradGuard:
         amp_scale_floor: a GradScaler scale below this counts as divergence (> 0).
         raise_on_halt: raise :class:`~lightning_gradguard.DivergenceError` on halt (else :attr:`halted` is set and
             :meth:`before_step` returns False from then on).
+        report_dir: on halt, write ``grad_guard_report.json``/``.txt`` there (cause, non-finite parameters, recent
+            norms and losses, events); None: no report.
         writer: a ``SummaryWriter`` (anything with ``add_scalar``/``add_text``), used on rank 0 only.
         log_every_n_steps: scalar logging interval (>= 1).
         history_size: recent norms and losses kept for halt reports.
@@ -156,6 +159,7 @@ class GradGuard:
         spike_window: int = 100,
         amp_scale_floor: float = 1.0,
         raise_on_halt: bool = True,
+        report_dir: str | os.PathLike | None = None,
         writer: Any = None,
         log_every_n_steps: int = 50,
         history_size: int = 50,
@@ -185,6 +189,9 @@ class GradGuard:
         self.divergence = check_bool("divergence", divergence, owner=o)
         self.stability = check_bool("stability", stability, owner=o)
         self.raise_on_halt = check_bool("raise_on_halt", raise_on_halt, owner=o)
+        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
+            raise TypeError(f"{o}: report_dir must be a str, a path or None, got {type(report_dir).__name__}")
+        self.report_dir = report_dir
         pos = "a finite number > 0"
         self.spike_zscore = check_number(
             "spike_zscore", spike_zscore, low=0.0, low_open=True, high_open=True, allow_none=True, owner=o, describe=pos

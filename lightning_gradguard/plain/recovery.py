@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from lightning_gradguard.core.divergence_report import DivergenceReport
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
 from lightning_gradguard.core.lr_scaling import scale_lr
 from lightning_gradguard.core.snapshot import nonfinite_entries, restore_snapshot, take_snapshot
@@ -134,6 +135,23 @@ class Recovery:
         g.halted = True
         event.kind = "halt"
         event.reason = f"{event.cause.replace('_', ' ')}; {event.reason}" if event.reason else event.cause
+        if g.report_dir is not None:
+            report = DivergenceReport(
+                step=event.step,
+                reason=event.reason,
+                cause=event.cause,
+                nonfinite_loss=event.cause == "nonfinite_loss",
+                nonfinite_grads=event.nonfinite_grads,
+                nonfinite_params=event.nonfinite_params,
+                lr=[[float(grp["lr"]) for grp in opt.param_groups] for opt in g.optimizers],
+                lr_scale=g.lr_scale,
+                counters={"skipped_steps": g.skipped_steps, "rollbacks": g.rollbacks},
+                grad_norm_history=[list(r) for r in g.judge.grad_history],
+                loss_history=[list(r) for r in g.judge.loss_history],
+                events=[*g.events, event.to_dict()],
+            )
+            if g.rank in (0, None):
+                event.report_path = str(report.write(g.report_dir, "grad_guard_report")[0])
         g.record_event(event)
         if g.raise_on_halt:
-            raise DivergenceError(event.reason, step=event.step)
+            raise DivergenceError(event.reason, step=event.step, report_path=event.report_path)

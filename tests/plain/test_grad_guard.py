@@ -5,6 +5,7 @@ copies taken by the test, torch's own norms, unguarded twins of the loop)."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 from typing import Any
 
@@ -221,15 +222,21 @@ def test_resume_from_state_dict_continues_like_an_uninterrupted_run() -> None:
     assert _equal(got_state, ref_state)
 
 
-def test_halt_raises_divergence_error_after_max_rollbacks() -> None:
+def test_halt_raises_divergence_error_after_max_rollbacks(tmp_path: Any) -> None:
     model, opt, sched = _setup()
-    guard = GradGuard(model, opt, sched, action="rollback", max_rollbacks=1, snapshot_confirm_steps=0)
+    guard = GradGuard(
+        model, opt, sched, action="rollback", max_rollbacks=1, snapshot_confirm_steps=0, report_dir=tmp_path
+    )
     for s in range(3):
         _step(model, opt, sched, guard, s)
     _step(model, opt, sched, guard, 3, nan=True)
     with pytest.raises(DivergenceError, match="after 1 rollbacks") as info:
         _step(model, opt, sched, guard, 4, nan=True)
     assert info.value.step == 4
+    assert info.value.report_path == str(tmp_path / "grad_guard_report.json")
+    report = json.loads((tmp_path / "grad_guard_report.json").read_text())
+    assert report["step"] == 4
+    assert [row[0] for row in report["grad_norm_history"]] == [0, 1, 2, 3, 4]
     assert guard.halted
     assert [e["kind"] for e in guard.events] == ["rollback", "halt"]
 
