@@ -102,6 +102,8 @@ CASES = {
     "zscore_spikes": ("zscore", {"action": "auto"}, {"scale": {30: 1e4, 45: 1e4}}),
     "percentile_rollback": ("percentile", {"action": "rollback"}, {"nan": [25, 50]}),
     "skip_escalates": ("norm", {"action": "skip", "max_consecutive_skips": 1}, {"nan": [30, 31, 32]}),
+    # a loss that stays x1e3 up for several steps: finite divergence, rolled back
+    "finite_divergence": ("zscore", {"action": "auto"}, {"scale": {s: 1e3 for s in range(40, 46)}}),
 }
 
 
