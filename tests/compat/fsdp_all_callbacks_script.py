@@ -79,10 +79,16 @@ class Record(Callback):
             row["placements"] = {n: str(getattr(g, "placements", "plain")) for n, g in zip(stats.names, stats.grads)}
         self.rows.append(row)
 
+    def on_train_start(self, trainer, pl_module):
+        self._record_local_state(trainer, pl_module)  # key 0: the state a rollback to the start restores
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.rows and "reason" not in self.rows[-1]:
             reason = getattr(self.guard, "reason", None)
             self.rows[-1]["reason"] = getattr(reason, "value", str(reason))
+        self._record_local_state(trainer, pl_module)
+
+    def _record_local_state(self, trainer, pl_module):
         opt = trainer.optimizers[0]
         self.local_states[trainer.global_step] = {
             "weights": {n: _floats(_local(p)) for n, p in pl_module.named_parameters()},
