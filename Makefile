@@ -10,7 +10,7 @@ STAMP := $(VENV)/.gradguard-installed
 SPEC_FILE := $(VENV)/.torch-spec
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-full lint docs wheel-check clean FORCE
+.PHONY: install test demo demo-check bench bench-full lint docs wheel-check clean FORCE
 
 # Rewrite the spec file only when the spec changes, so make sees a new mtime only then.
 $(SPEC_FILE): FORCE
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/gradguard demo
+
+# the demo's story in every mode (lstm/cnn, default and --quick, guarded and unguarded) on seeds 0, 1, 2 (slow)
+demo-check: $(STAMP)
+	$(PY) -m pytest -q tests/examples/test_demo_verdicts.py --demo-check -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py --quick

@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of weights, data and shuffling (0)")
     demo.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     demo.add_argument("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
+    demo.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
 
     report = sub.add_parser(
         "report",
@@ -74,6 +75,12 @@ def _demo(args: argparse.Namespace) -> int:
         print()
         print("\n".join(result.summary_lines()))
         print()
+    if args.json:
+        import json
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+        print(f"Results as JSON: {args.json}")
     print(f"Open the logs: {results[-1].tensorboard_command}")
     print(f"Summarise them: gradguard report {args.logdir}")
     return 0

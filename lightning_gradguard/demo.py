@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMOS", "DemoResult", "DemoSettings", "run_demo"]
+__all__ = ["DEMOS", "DemoResult", "DemoSettings", "figures_table", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,38 @@ class DemoResult:
     wall_s: float = 0.0
     error: str = ""
 
+    def guard_account(self) -> str:
+        """The guard's events in one phrase, each event counted once, by kind (a rollback is not also a "skip").
+
+        Example:
+            >>> events = [{"kind": k} for k in ("rollback", "skip", "rollback")]
+            >>> r = DemoResult("lstm", True, 10, False, False, True, 1.0, 1.0, 1.0, 1.0, 0, "test_mse", 0.0, 0.2,
+            ...                None, skips=3, rollbacks=2, events=events)
+            >>> r.guard_account()
+            '3 events: 2 rollbacks, 1 skip'
+        """
+        if not self.events:
+            return "no events"
+        kinds: dict[str, int] = {}
+        for ev in self.events:
+            kinds[str(ev.get("kind", "event"))] = kinds.get(str(ev.get("kind", "event")), 0) + 1
+        n = len(self.events)
+        parts = [f"{c} {k}" + ("s" if c != 1 else "") for k, c in sorted(kinds.items(), key=lambda kc: -kc[1])]
+        return f"{n} event" + ("s" if n != 1 else "") + ": " + ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready plain data (what ``gradguard demo --json`` writes)."""
+        out = dict(self.__dict__)
+        out["verdict"] = self.verdict
+        return out
+
+    @property
+    def verdict(self) -> str:
+        """``"blew up, did not learn"``, ``"learned"`` (after a blow-up or not) or ``"did not learn"``."""
+        if self.learned and not self.diverged:
+            return "learned"
+        return "blew up, did not learn" if self.blew_up else "did not learn"
+
     def summary_lines(self) -> list[str]:
         """A short human-readable account of the run."""
         mode = "guarded (GradientNormMonitor + AdaptiveGradientClipping + NaNGuard)" if self.guarded else "unguarded"
@@ -147,22 +179,20 @@ class DemoResult:
         if self.clip_rate is not None:
             lines.append(f"  clip rate: {self.clip_rate:.1%} of steps clipped")
         if self.guarded:
-            lines.append(f"  NaNGuard: {self.skips} skipped steps, {self.rollbacks} rollbacks")
+            lines.append("  NaNGuard: " + self.guard_account())
             for ev in self.events:
                 lines.append(f"    step {ev['step']}: {ev['kind']} ({ev['cause']}), lr now {ev['lr']:.4g}")
         lines.append(
             f"  final {self.final_metric_name}: {self.final_metric:.4g} ({better} is better; trivial baseline "
             f"{self.baseline_metric:.3g})"
         )
-        if self.diverged:
-            verdict = "DIVERGED" + (
-                " (non-finite values)" if self.nonfinite_steps or math.isnan(self.final_metric) else ""
-            )
-            verdict += ": the loss blew up and the model never learned the task" if self.blew_up else ""
-        elif self.learned:
-            verdict = "trained: " + ("recovered from a loss blow-up and " if self.blew_up else "") + "learned the task"
-        else:
-            verdict = f"finite, but did not learn the task ({self.final_metric_name} not past the example's bar)"
+        verdict = self.verdict
+        if self.nonfinite_steps or math.isnan(self.final_metric):
+            verdict += " (non-finite values)"
+        elif self.learned and self.blew_up:
+            verdict += " (recovered from a loss blow-up)"
+        elif not self.learned:
+            verdict += f" ({self.final_metric_name} not past the example's bar)"
         lines.append(f"  verdict: {verdict}")
         if self.error:
             lines.append(f"  fit ended early: {self.error}")
@@ -206,16 +236,22 @@ def _build(example: str, settings: DemoSettings, seed: int) -> tuple[Any, Any]:
 
 
 def guarded_callbacks(settings: DemoSettings, progress_bar: bool = True) -> list[Any]:
-    """The three gradguard callbacks with the demo's settings."""
-    from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard
+    """The demo's gradguard callbacks: :func:`~lightning_gradguard.default_callbacks` with the example's few options.
+
+    ``settings.clipping`` and ``settings.guard`` hold only what the demo changes from the defaults, so the demo shows
+    what a user gets from ``default_callbacks()``.
+    """
+    from lightning_gradguard import default_callbacks
 
     clipping = dict(settings.clipping)
     method = clipping.pop("method", "zscore")
-    return [
-        GradientNormMonitor(),
-        AdaptiveGradientClipping(method, progress_bar=progress_bar, **clipping),
-        NaNGuard(**settings.guard),
-    ]
+    return default_callbacks(
+        clipping=method,
+        log_every_n_steps=settings.log_every_n_steps,
+        progress_bar=progress_bar,
+        clipping_kwargs=clipping,
+        guard_kwargs=settings.guard,
+    )
 
 
 def run_demo(
@@ -261,7 +297,10 @@ def run_demo(
     from lightning.pytorch.loggers import TensorBoardLogger
 
     recorder = _LossRecorder(pl.Callback)()
-    with quiet_lightning():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same arithmetic order, so the same figures, on any core count
+    with quiet_lightning(), contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, threads)
         pl.seed_everything(seed, workers=False, verbose=False)
         model, data = _build(example, settings, seed)
         callbacks = [recorder]
@@ -380,3 +419,30 @@ def _LossRecorder(base: type) -> type:  # noqa: N802 - a class factory (lightnin
                 self.losses.append(float(loss.detach()))
 
     return LossRecorder
+
+
+def figures_table(results: list[DemoResult]) -> str:
+    """The README's demo figures: one Markdown row per (example, length), unguarded beside guarded.
+
+    ``results`` holds unguarded and guarded runs of the same settings (any order); rows follow the order in which
+    each (example, steps) first appears. Numbers have two significant digits, so the table names what the demo
+    prints without pretending to more precision than a rerun on another CPU keeps.
+    """
+    rows = [
+        "| example | steps | unguarded: peak loss / first | unguarded: final | guarded: final | guarded: clipped "
+        "| guarded: guard events |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = list(dict.fromkeys((r.example, r.steps) for r in results))
+    for example, steps in keys:
+        pair = {r.guarded: r for r in results if (r.example, r.steps) == (example, steps)}
+        plain, guarded = pair.get(False), pair.get(True)
+        if plain is None or guarded is None:
+            continue
+        metric = plain.final_metric_name
+        rows.append(
+            f"| {example} | {steps} | {plain.peak_loss / plain.initial_loss:.2g}x | {metric} "
+            f"{plain.final_metric:.2g} ({plain.verdict}) | {metric} {guarded.final_metric:.2g} ({guarded.verdict}) "
+            f"| {guarded.clip_rate or 0.0:.1%} | {guarded.guard_account()} |"
+        )
+    return "\n".join(rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -69,9 +71,15 @@ def test_report_without_event_files_exits_2(tmp_path, capsys):
 
 def test_demo_in_process_prints_the_account(tmp_path, capsys):
     logdir = tmp_path / "demo"
-    code = main(["demo", "lstm", "--quick", "--steps", "15", "--no-progress-bar", "--logdir", str(logdir)])
-    assert code == 0
+    out_json = tmp_path / "out" / "demo.json"
+    args = ["demo", "lstm", "--both", "--steps", "15", "--no-progress-bar", "--logdir", str(logdir)]
+    assert main([*args, "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
+    written = json.loads(out_json.read_text())
+    assert [(r["guarded"], r["steps"]) for r in written] == [(False, 15), (True, 15)]
+    guarded = written[1]
+    assert f"final test_mse: {guarded['final_metric']:.4g}" in out  # the JSON holds what was printed
+    assert guarded["verdict"] in out
     assert "15 steps" in out
     assert "clip rate" in out
     assert "NaNGuard:" in out
@@ -79,7 +87,9 @@ def test_demo_in_process_prints_the_account(tmp_path, capsys):
     assert f"tensorboard --logdir {logdir}" in out
     assert (logdir / "lstm_guarded" / "version_0").is_dir()
     assert main(["report", str(logdir), "--no-png"]) == 0
-    assert "lstm_guarded/version_0" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "lstm_guarded/version_0" in report
+    assert "lstm_unguarded/version_0: last step" in report  # the unguarded run sits beside the guarded one
 
 
 def test_no_subcommand_prints_help(capsys):
