@@ -224,6 +224,22 @@ class AdaptiveGradientClipping(Callback):
             return None
         return float(slot.clipped_total) / slot.steps
 
+    @property
+    def state_key(self) -> str:
+        # the method only (no tuning argument: a resume with a changed z_threshold keeps the statistics); two
+        # clippers of different methods then reach setup, which refuses them with a clear message
+        return self._generate_state_key(method=self.method)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = checkpoint.get("callbacks") or {}
+        if self.state_key in saved:
+            return
+        others = [k for k in saved if isinstance(k, str) and k.startswith(_OWNER)]
+        if len(others) == 1:  # written with another method: keep the counters, warn about the statistics
+            self.load_state_dict(saved[others[0]])
+
     def state_dict(self) -> dict[str, Any]:
         for slot in self._slots.values():
             slot.settle()  # checkpoints are written after every callback's on_train_batch_end: the verdict is in
@@ -251,6 +267,12 @@ class AdaptiveGradientClipping(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        clippers = [cb for cb in trainer.callbacks if isinstance(cb, AdaptiveGradientClipping)]
+        if len(clippers) > 1:
+            raise ValueError(
+                f"Found {len(clippers)} {_OWNER} callbacks ({', '.join(repr(cb.method) for cb in clippers)}); use "
+                "one: each would clip the gradients the previous one already clipped."
+            )
         if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:  # Lightning: 0 means off
             raise ValueError(
                 f"{_OWNER} clips gradients itself and cannot run together with "

@@ -353,13 +353,21 @@ def test_resume_continues_with_the_same_threshold(tmp_path, method, zpath):
     assert [r["norm"] for r in part2] == pytest.approx([r["norm"] for r in full[8:]], rel=1e-6)
 
 
-def test_state_key_holds_no_tuning_argument():
-    keys = {
-        AdaptiveGradientClipping("zscore").state_key,
-        AdaptiveGradientClipping("zscore", z_threshold=3.0, ema_decay=0.9).state_key,
-        AdaptiveGradientClipping("percentile", window=50).state_key,
-    }
-    assert keys == {"AdaptiveGradientClipping"}
+def test_state_key_holds_the_method_and_no_tuning_argument():
+    assert (
+        AdaptiveGradientClipping("zscore").state_key
+        == AdaptiveGradientClipping("zscore", z_threshold=3.0, ema_decay=0.9, warmup_steps=2).state_key
+    )
+    assert (
+        AdaptiveGradientClipping("percentile").state_key == AdaptiveGradientClipping("percentile", window=50).state_key
+    )
+    assert AdaptiveGradientClipping("zscore").state_key != AdaptiveGradientClipping("norm").state_key
+
+
+def test_two_clippers_are_refused_at_setup(tmp_path):
+    trainer = make_trainer(tmp_path, [AdaptiveGradientClipping(), AdaptiveGradientClipping("norm")], max_steps=1)
+    with pytest.raises(ValueError, match=r"Found 2 AdaptiveGradientClipping callbacks \('zscore', 'norm'\); use one"):
+        trainer.fit(TinyRegression())
 
 
 def test_resume_with_changed_arguments_keeps_the_statistics(tmp_path):
