@@ -280,7 +280,7 @@ class GuardSteps:
                 f"NaNGuard could not take a snapshot at step {step} ({where}); rollbacks use {keep}", error is not None
             )
         elif damaged:  # the last update made the weights non-finite before any loss or gradient could show it
-            health = StepHealth(step - 1, update_skipped=False)
+            health = StepHealth(max(step - 1, 0), update_skipped=False)
             self._diagnose_state(trainer, pl_module, health)
             health.nonfinite_params = health.nonfinite_params or not health.nonfinite_buffers
             self.handle_fault(trainer, pl_module, health)

@@ -12,9 +12,10 @@ robust baseline of the recent *healthy* values and flags:
   ``persist`` steps in a row.
 
 Medians over a short window (not means) are the baselines, so one spike does not move them, and values beyond the
-factors never enter them, so a blow-up cannot become its own reference. Nothing is judged before ``min_samples``
-healthy values. The detector works on host floats: the guard reads the loss and the norm once per step anyway (its
-one host transfer), so this costs a few Python comparisons and a sort of ``window`` numbers per step.
+factors never enter them, so a blow-up cannot become its own reference. The loss is judged from the second step on
+(a too-high learning rate blows it up within a few steps); the gradient norm after ``min_samples`` healthy values.
+The detector works on host floats: the guard reads the loss and the norm once per step anyway (its one host
+transfer), so this costs a few Python comparisons and a sort of ``window`` numbers per step.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ class DivergenceDetector:
         grad_factor: gradient norm above this multiple of its recent median counts as out of range (> 1).
         persist: steps in a row a jump must last.
         window: how many recent healthy values the medians cover.
-        min_samples: healthy values needed before anything is flagged.
+        min_samples: healthy gradient norms needed before the norm is judged.
 
     Example:
-        >>> det = DivergenceDetector(min_samples=3, persist=2)
+        >>> det = DivergenceDetector(persist=2)
         >>> [det.update(loss, 1.0) for loss in (1.0, 0.9, 1.1, 0.8)]
         [(False, False), (False, False), (False, False), (False, False)]
         >>> [det.update(loss, 1.0) for loss in (500.0, 600.0)]
@@ -97,7 +98,9 @@ class DivergenceDetector:
         return loss_bad, grad_bad
 
     def _judge_loss(self, loss: float) -> bool:
-        if len(self._losses) < self.min_samples:
+        # judged from the first healthy loss on: a too-high LR blows the loss up within the first few steps, and a
+        # loss that stays 100x above where the run started is never healthy
+        if not self._losses:
             self._losses.append(loss)
             return False
         ref = _median(self._losses)

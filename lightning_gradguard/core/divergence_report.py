@@ -55,6 +55,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _lrs(lr: list[list[float]]) -> str:
+    """``"0.01"``, or ``"optimizer 0: 0.01, 0.001; optimizer 1: 0.1"`` with several optimizers or groups."""
+    if len(lr) == 1 and len(lr[0]) == 1:
+        return _fmt(float(lr[0][0]))
+    return "; ".join(f"optimizer {i}: " + ", ".join(_fmt(float(v)) for v in groups) for i, groups in enumerate(lr))
+
+
 @dataclass
 class DivergenceReport:
     """What a halted run looked like when it was stopped.
@@ -117,7 +124,7 @@ class DivergenceReport:
             f"non-finite loss:          {'yes' if self.nonfinite_loss else 'no'}",
             f"non-finite gradients:     {names(self.nonfinite_grads)}",
             f"non-finite parameters:    {names(self.nonfinite_params)}",
-            f"learning rate:            {self.lr}",
+            f"learning rate:            {_lrs(self.lr)}",
             f"LR scale from rollbacks:  {_fmt(self.lr_scale)}",
         ]
         lines += [f"{k + ':':<26}{_fmt(v)}" for k, v in self.counters.items()]
@@ -127,7 +134,9 @@ class DivergenceReport:
             lines += [f"  {int(s):>8}  {_fmt(float(v))}" for s, v in rows[-max_rows:]] or ["  (none recorded)"]
         lines += ["", "events:"]
         lines += [
-            "  " + ", ".join(f"{k}={_fmt(v)}" for k, v in ev.items() if not isinstance(v, (list, dict)))
+            "  "
+            + ", ".join(f"{k}={_fmt(v)}" for k, v in ev.items() if not isinstance(v, (list, dict)))
+            + "".join(f", {k}: {', '.join(map(str, v))}" for k, v in ev.items() if isinstance(v, list) and v)
             for ev in self.events[-max_rows:]
         ] or ["  (none)"]
         return "\n".join(lines) + "\n"

@@ -1,0 +1,123 @@
+"""DivergenceDetector and StabilityController on synthetic streams: quiet on healthy runs, firing on blow-ups."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from lightning_gradguard.core.divergence import DivergenceDetector
+from lightning_gradguard.core.fault_trace import first_nonfinite_module, nonfinite_in
+from lightning_gradguard.core.stability import StabilityController
+
+
+def healthy_losses(n: int, seed: int = 0, noise: float = 0.5) -> list[float]:
+    """A decaying loss with multiplicative batch noise (log-normal, sigma ``noise``)."""
+    rng = random.Random(seed)
+    return [(2.0 * math.exp(-i / 300) + 0.05) * math.exp(rng.gauss(0, noise)) for i in range(n)]
+
+
+def run(det: DivergenceDetector, losses, norms) -> list[int]:
+    return [i for i, (loss, norm) in enumerate(zip(losses, norms)) if any(det.update(loss, norm))]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_divergence_on_noisy_healthy_streams(seed):
+    rng = random.Random(seed + 100)
+    losses = healthy_losses(3000, seed)
+    norms = [abs(rng.gauss(1.0, 0.3)) * (1 + i / 1000) for i in range(3000)]  # a norm that drifts up 4x
+    assert run(DivergenceDetector(), losses, norms) == []
+
+
+def test_a_single_spike_is_not_divergence_but_a_loss_that_stays_up_is():
+    losses = healthy_losses(100, noise=0.1)
+    spiked = [*losses[:50], losses[50] * 1e4, *losses[51:]]
+    assert run(DivergenceDetector(), spiked, [1.0] * 100) == []
+    diverged = [*losses[:50], *[1e6] * 10]
+    assert run(DivergenceDetector(persist=3), diverged, [1.0] * 60) == list(range(52, 60))  # from the 3rd step up
+
+
+def test_blow_up_at_the_second_step_is_caught():
+    # a too-high Adam LR: the loss leaves its start by 11 orders of magnitude at step 1 (issue 18's MLP)
+    losses = [10.2, 8e11, 6e12, 3e12, 4e12]
+    assert run(DivergenceDetector(), losses, [1.0] * 5) == [3, 4]
+
+
+def test_slow_climb_is_caught_by_the_climb_rule():
+    losses = [1.0] * 64 + [1.0 * 1.03**i for i in range(400)]  # +3 %/step: a moving median would follow it
+    det = DivergenceDetector(window=32)
+    flagged = run(det, losses, [1.0] * len(losses))
+    assert flagged
+    first = flagged[0] - 64
+    assert 1.03**first > 10  # only once the loss is 10x above the best level seen
+    assert 1.03**first < 10 * 1.03**25  # ... and within climb_steps of crossing it
+
+
+def test_gradient_norm_far_beyond_its_baseline_for_several_steps():
+    norms = [1.0] * 40 + [5e3] * 2 + [1.0] * 10 + [5e3] * 5
+    flagged = run(DivergenceDetector(persist=3), [1.0] * len(norms), norms)
+    assert flagged == [54, 55, 56]  # the two-step burst passes; the sustained one is flagged from its 3rd step
+
+
+def test_nonfinite_values_are_neither_judged_nor_learned_and_state_round_trips():
+    det = DivergenceDetector()
+    for v in [1.0, math.nan, math.inf, 1.1, 0.9]:
+        assert det.update(v, v) == (False, False)
+    state = det.state_dict()
+    assert all(math.isfinite(x) for x in state["losses"] + state["norms"])
+    other = DivergenceDetector()
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stability_quiet_on_healthy_runs_even_with_frequent_clipping(seed):
+    rng = random.Random(seed)
+    ctl = StabilityController(window=100)
+    losses = healthy_losses(2000, seed)
+    reasons = [ctl.update(loss, 1.0 + rng.random(), clipped=rng.random() < 0.3) for loss in losses]
+    assert [r for r in reasons if r] == []
+
+
+def test_stability_fires_on_sustained_clipping_without_progress_and_says_why():
+    ctl = StabilityController(window=50)
+    rng = random.Random(0)
+    reasons = [ctl.update(5.0 + rng.random(), 100.0, clipped=rng.random() < 0.95) for _ in range(100)]
+    fired = [r for r in reasons if r]
+    assert len(fired) in (0, 1)
+    reasons += [ctl.update(5.5 + rng.random(), 100.0, clipped=True) for _ in range(200)]
+    fired = [r for r in reasons if r]
+    assert fired
+    assert fired[0].startswith("learning rate looks too high: the clipper cut")
+    assert ctl.interventions == len(fired)
+
+
+def test_stability_fires_on_a_climbing_loss():
+    ctl = StabilityController(window=20)
+    reasons = [ctl.update(1.0 * 1.05**i, 1.0, clipped=False) for i in range(60)]  # x2.65 per window
+    fired = [r for r in reasons if r]
+    assert fired
+    assert "the loss keeps climbing" in fired[0]
+    state = ctl.state_dict()
+    other = StabilityController(window=20)
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def test_fault_trace_names_the_first_module_and_restores_the_rng():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5), torch.nn.Linear(3, 1), torch.nn.Tanh())
+    with torch.no_grad():
+        net[2].weight[0, 0] = math.inf
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    assert first_nonfinite_module(net, lambda: net(torch.ones(2, 3))) == "2"
+    assert torch.equal(torch.rand(3), expected_next)  # the replay consumed no randomness of the run
+    with torch.no_grad():
+        net[2].weight[0, 0] = 0.0
+    assert first_nonfinite_module(net, lambda: net(torch.ones(2, 3))) is None
+    assert first_nonfinite_module(net, lambda: net(torch.full((2, 3), math.nan))) == "0"
+    assert nonfinite_in([{"x": torch.tensor([math.inf])}])
+    assert not nonfinite_in((torch.ones(2), torch.tensor([1, 2]), "text"))

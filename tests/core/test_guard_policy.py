@@ -1,0 +1,119 @@
+"""GuardPolicy.decide: the four policies as a table of (health, history) -> action, without a Trainer."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_gradguard.core.guard_policy import GuardAction, GuardCause, GuardEvent, GuardPolicy, StepHealth
+
+A = GuardAction
+
+
+def decide_all(policy: GuardPolicy, healths: list[StepHealth], can_roll_back: bool = True) -> list[GuardAction]:
+    return [policy.decide(h, can_roll_back).action for h in healths]
+
+
+def test_healthy_step_is_no_action_and_ends_a_run_of_skips():
+    policy = GuardPolicy("skip", max_consecutive_skips=1)
+    assert policy.decide(StepHealth(0), True).action is A.NONE
+    assert policy.decide(StepHealth(1, nonfinite_loss=True), True).action is A.SKIP
+    assert policy.decide(StepHealth(2), True).action is A.NONE
+    assert policy.consecutive_skips == 0
+    assert policy.decide(StepHealth(3, nonfinite_loss=True), True).action is A.SKIP
+
+
+@pytest.mark.parametrize(
+    ("health", "expected"),
+    [
+        (StepHealth(10, nonfinite_loss=True), A.SKIP),  # an isolated bad batch
+        (StepHealth(10, nonfinite_grad=True, nonfinite_batch=True), A.SKIP),
+        (StepHealth(10, loss_spike=True), A.SKIP),
+        (StepHealth(10, nonfinite_loss=True, nonfinite_params=True), A.ROLLBACK),  # damaged weights
+        (StepHealth(10, nonfinite_loss=True, nonfinite_buffers=True), A.ROLLBACK),
+        (StepHealth(10, loss_divergence=True), A.ROLLBACK),  # finite divergence
+        (StepHealth(10, grad_divergence=True), A.ROLLBACK),
+        (StepHealth(10, scale_collapse=True), A.ROLLBACK),
+    ],
+)
+def test_auto_skips_isolated_batch_faults_and_rolls_back_damage(health, expected):
+    assert GuardPolicy("auto").decide(health, can_roll_back=True).action is expected
+
+
+def test_auto_rolls_back_a_fault_repeating_within_the_window_then_halts_after_max_rollbacks():
+    policy = GuardPolicy("auto", max_rollbacks=2, repeat_window=10)
+    steps = [5, 30, 38, 45, 50]  # 30 is 25 after 5 (isolated); 38, 45, 50 repeat within 10
+    actions = decide_all(policy, [StepHealth(s, nonfinite_loss=True) for s in steps])
+    assert actions == [A.SKIP, A.SKIP, A.ROLLBACK, A.ROLLBACK, A.HALT]
+    assert policy.rollbacks == 2
+
+
+def test_halt_after_divergence_says_the_lr_looks_too_high():
+    policy = GuardPolicy("auto", max_rollbacks=1)
+    first = policy.decide(StepHealth(3, loss_divergence=True), True)
+    second = policy.decide(StepHealth(9, loss_divergence=True), True)
+    assert (first.action, second.action) == (A.ROLLBACK, A.HALT)
+    assert second.cause is GuardCause.LOSS_DIVERGENCE
+    assert "learning rate looks too high" in second.reason
+    assert "max_rollbacks=1" in second.reason
+
+
+def test_skip_escalates_damage_at_once_and_repeats_after_max_consecutive_skips():
+    # issue 15: non-finite weights escalate immediately (no futile skips)
+    policy = GuardPolicy("skip", max_consecutive_skips=3, escalate_to="rollback")
+    assert policy.decide(StepHealth(1, nonfinite_loss=True, nonfinite_params=True), True).action is A.ROLLBACK
+    policy = GuardPolicy("skip", max_consecutive_skips=2, escalate_to="halt")
+    actions = decide_all(policy, [StepHealth(s, nonfinite_grad=True) for s in (1, 2, 3)])
+    assert actions == [A.SKIP, A.SKIP, A.HALT]
+
+
+def test_rollback_without_a_snapshot_skips_finite_weights_and_halts_damaged_ones():
+    policy = GuardPolicy("rollback")
+    decision = policy.decide(StepHealth(1, nonfinite_loss=True), can_roll_back=False)
+    assert decision.action is A.SKIP
+    assert "no trusted snapshot" in decision.reason
+    assert policy.rollbacks == 0
+    damaged = policy.decide(StepHealth(2, nonfinite_params=True), can_roll_back=False)
+    assert damaged.action is A.HALT
+
+
+def test_halt_policy_and_cause_priority():
+    decision = GuardPolicy("halt").decide(StepHealth(4, nonfinite_grad=True, nonfinite_loss=True), True)
+    assert decision.action is A.HALT
+    assert decision.cause is GuardCause.NONFINITE_LOSS  # the loss is the earlier symptom
+    assert StepHealth(0, nonfinite_loss=True, nonfinite_params=True).cause is GuardCause.NONFINITE_PARAMS
+    assert StepHealth(0, other_rank=True).cause is GuardCause.OTHER_RANK
+    assert StepHealth(0).cause is None
+
+
+def test_state_round_trip_keeps_counting():
+    policy = GuardPolicy("auto", repeat_window=10)
+    policy.decide(StepHealth(5, nonfinite_loss=True), True)
+    policy.decide(StepHealth(8, nonfinite_loss=True), True)
+    other = GuardPolicy("auto", repeat_window=10)
+    other.load_state_dict(policy.state_dict())
+    assert (other.rollbacks, other.last_fault_step) == (1, 8)
+    assert other.decide(StepHealth(12, nonfinite_loss=True), True).action is A.ROLLBACK  # repeats the one at 8
+    other.load_state_dict({})
+    assert (other.rollbacks, other.consecutive_skips, other.last_fault_step) == (0, 0, None)
+
+
+def test_event_line_is_plain_words():
+    event = GuardEvent(
+        step=7,
+        kind="rollback",
+        cause="nonfinite_loss",
+        lr_scale=0.5,
+        reason="second fault within 100 steps",
+        nonfinite_batch=True,
+        first_nonfinite_module="net.0",
+        nonfinite_grads=["net.0.weight", "net.0.bias"],
+        snapshot_step=4,
+    )
+    line = event.line()
+    assert line.startswith("NaNGuard rollback at step 7: nonfinite loss")
+    assert "the input batch held NaN/inf" in line
+    assert "first non-finite output: net.0" in line
+    assert "restored the state of step 4" in line
+    assert "[" not in line  # no Python reprs
+    assert event.to_dict()["snapshot_step"] == 4
+    assert "loss" not in event.to_dict()  # empty fields are left out
