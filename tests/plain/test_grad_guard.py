@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -294,3 +296,13 @@ def test_model_and_optimizer_types_are_checked() -> None:
         GradGuard("model", opt)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="GradGuard: optimizers must be a Optimizer or a list of them, got dict"):
         GradGuard(model, {"lr": 1})  # type: ignore[arg-type]
+
+
+def test_the_plain_guard_does_not_import_lightning() -> None:
+    code = (
+        "import sys, lightning_gradguard as gg; gg.GradGuard; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; "
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
