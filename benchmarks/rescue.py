@@ -382,7 +382,8 @@ def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         lines.append(f"\n### {name}: {sc.describe}\n")
         lines.append(
             f"Reference (stable LR, no tool): {sc.metric} mean {ref['mean']:.4g}, min {ref['min']:.4g}, "
-            f"max {ref['max']:.4g} over {ref['n']} seed(s) ({arrow}); {rs[0]['steps']} optimizer steps per run. "
+            f"max {ref['max']:.4g} over {ref['n']} seed(s) ({arrow}); {rs[0]['steps']} optimizer steps per run, "
+            f"median CPU time per fit {statistics.median(r.get('cpu_s', 0.0) for r in rs):.1f} s. "
             f"Cell: survived/runs; runs within {TOLERANCE:.0%} of the reference mean; mean final {sc.metric} over "
             f"seeds ('fail' if any run failed; median of the finite ones in brackets); ev: guard events (skips, "
             "rollbacks, LR cuts, halts; total over seeds).\n"
@@ -511,9 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     text, verdicts = report(results)
     print(text)
+    cpu = sum(r.get("cpu_s", 0.0) for r in results)
     print(
-        f"\ntotal wall time {wall:.0f} s; "
-        f"load average after: {common.machine_description(1)['load average (1/5/15 min)']}"
+        f"\ntotal wall time {wall:.0f} s; CPU time of the fits {cpu:.0f} s (/ {args.workers} workers = "
+        f"{cpu / max(1, args.workers):.0f} s: the wall time to expect on {args.workers} otherwise idle cores, plus "
+        f"process start-up); load average after: {common.machine_description(1)['load average (1/5/15 min)']}"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -635,6 +635,7 @@ class RunResult:
     error: str = ""
     events: list[dict[str, Any]] = field(default_factory=list)  # what the gradguard callbacks reported (see below)
     validate: dict[str, float] = field(default_factory=dict)  # every figure trainer.validate returned
+    cpu_s: float = 0.0  # CPU time of this process for fit + validation (steadier than wall time on a shared machine)
 
 
 def params_finite(module: nn.Module) -> bool:
@@ -720,7 +721,7 @@ def fit(
     else:
         opts.update(limit_val_batches=0)
     opts.update(trainer_kwargs or {})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     error = ""
     try:
         trainer = pl.Trainer(**opts)
@@ -770,4 +771,5 @@ def fit(
         error=error,
         events=guard_events(callbacks),
         validate=figures,
+        cpu_s=time.process_time() - c0,
     )
