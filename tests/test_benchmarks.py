@@ -93,10 +93,18 @@ def test_overhead_micro_runs_every_candidate(tmp_path):
 
 def test_e2e_breakdown_measures_each_variant(capsys):
     breakdown = _load("e2e_breakdown")
+    overhead = _load("overhead")
+    before = overhead.default_guard_callbacks
     assert breakdown.main(["--tiny", "--pairs", "1", "--steps", "12", "--examples", "lstm"]) == 0
+    assert overhead.default_guard_callbacks is before  # the variants were swapped in and back out
     text = capsys.readouterr().out
-    for label in breakdown.variants():
-        assert f"| {label}" in text
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[1] == "lstm":
+            rows[cells[0]] = float(cells[4].rstrip("%"))
+    assert set(rows) == set(breakdown.variants())  # one measured row per callback set
+    assert all(math.isfinite(v) and v > -100 for v in rows.values())
 
 
 def test_rescue_tiny_cells(tmp_path, capsys):
