@@ -154,3 +154,35 @@ def test_fault_on_one_rank_same_action_on_both_and_bitwise_rollback_per_shard(fs
     assert len(r0["local_states"]["8"]["weights"]["net.4.weight"]) == 12
     assert r1["local_states"]["8"]["weights"]["net.4.weight"] == []
     assert r0["final_full_weights"] == r1["final_full_weights"]
+
+
+RESUME_SCRIPT = Path(__file__).with_name("fsdp_resume_script.py")
+
+#: NaNGuard state that a resume renews by design: the run identity (snapshots come only from this run's files) and
+#: the in-memory snapshot list (a fresh snapshot of the resumed state is taken at the start).
+_RENEWED_ON_RESUME = {"run_id", "snapshots"}
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_resume_from_a_distributed_checkpoint_keeps_every_callbacks_state(tmp_path):
+    proc = run_ddp_script(RESUME_SCRIPT, tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = sorted((json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1], proc.stderr[-3000:]
+    for r in ranks:
+        assert r["checkpoint_is_dir"]  # a distributed checkpoint (one directory of shards), not a single file
+        saved, resumed = r["saved"], r["resumed"]
+        assert resumed["global_step"] == saved["global_step"] == 6
+        assert r["resumed_steps"] == [7, 8, 9]
+        assert resumed["lr"] == saved["lr"]  # the guard's LR cut survived with the optimizer state
+        for name in ("GradientNormMonitor", "AdaptiveGradientClipping"):
+            assert resumed["states"][name] == saved["states"][name], name
+        # Lightning saves rank 0's callback state; a per-rank loss history on other ranks comes back as rank 0's
+        skip = _RENEWED_ON_RESUME | ({"loss_history"} if r["rank"] else set())
+        guard_saved, guard_resumed = saved["states"]["NaNGuard"], resumed["states"]["NaNGuard"]
+        assert set(guard_saved) == set(guard_resumed)
+        assert {k: v for k, v in guard_saved.items() if k not in skip} == {
+            k: v for k, v in guard_resumed.items() if k not in skip
+        }
+    assert ranks[0]["resumed"]["states"] == ranks[1]["resumed"]["states"]  # one state, the same on every rank
