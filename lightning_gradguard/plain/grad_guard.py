@@ -417,8 +417,11 @@ class GradGuard:
             self.recovery.take_snapshot(trusted=True)
 
     def close(self) -> None:
-        """Remove the forward hook, write the last interval's scalars and free the snapshots."""
+        """End of training: check the weights the last update made (no later step will), write the last interval's
+        scalars, remove the forward hook and free the snapshots. A damaged state is then handled like any fault (a
+        rollback, or a halt)."""
         self._hook.remove()
+        self.recovery.check_weights()
         self.log.scalars(self.step, final=True)
         self.store.reset()
         self.buffers.clear()

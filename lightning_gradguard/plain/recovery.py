@@ -7,6 +7,7 @@ each event as a :class:`~lightning_gradguard.core.guard_policy.GuardEvent`.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from lightning_gradguard.core.divergence_report import DivergenceReport
@@ -46,17 +47,38 @@ class Recovery:
     def take_snapshot(self, trusted: bool = False) -> None:
         """Copy the state; keep it only if it is finite on every rank (else the older snapshots stay)."""
         g = self.g
-        extra = {"scaler": g.scaler.state_dict()} if g.scaler is not None and g.scaler.is_enabled() else {}
-        snap = take_snapshot(g.model, g.optimizers, g.schedulers, g.step, extra=extra, meta={"lr_scale": g.lr_scale})
-        bad = nonfinite_entries(snap.model) if g.check_params else []
-        (damaged,) = g.reduce.any(bool(bad))
-        if damaged:  # the weights went non-finite without any loss or gradient showing it
-            health = StepHealth(g.step, update_skipped=False)  # found in the weights, not in a step
+        snap, error, bad = None, None, []
+        try:
+            extra = {"scaler": g.scaler.state_dict()} if g.scaler is not None and g.scaler.is_enabled() else {}
+            snap = take_snapshot(
+                g.model, g.optimizers, g.schedulers, g.step, extra=extra, meta={"lr_scale": g.lr_scale}
+            )
+            bad = nonfinite_entries(snap.model) if g.check_params else []
+        except Exception as err:  # e.g. host memory exhausted: must not end the run the guard keeps alive
+            error = err
+        failed, damaged = g.reduce.any(error is not None, bool(bad))
+        if failed:
+            good = g.store.compute()
+            keep = f"the snapshot of step {good.step}" if good is not None else "no snapshot (a fault now halts)"
+            where = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+            message = f"GradGuard could not take a snapshot at step {g.step} ({where}); rollbacks use {keep}"
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+        elif damaged:  # the last update made the weights non-finite before any loss or gradient could show it
+            health = StepHealth(max(g.step - 1, 0), update_skipped=False)
             self._diagnose(health)
             health.nonfinite_params = health.nonfinite_params or not health.nonfinite_buffers
             self.handle_fault(health)
-        else:
+        elif snap is not None:
             g.store.update(snap, trusted=trusted)
+
+    def check_weights(self) -> None:
+        """The last update is checked by no later step: check the weights themselves (at the end of training)."""
+        g = self.g
+        if g.check_params and g.step > 0 and not g.halted:
+            health = StepHealth(g.step, update_skipped=False)
+            self._diagnose(health)
+            if health.weights_damaged:
+                self.handle_fault(health)
 
     # ------------------------------------------------------------------ faults
     def handle_fault(self, health: StepHealth, verdict: Any = None) -> None:
@@ -72,10 +94,9 @@ class Recovery:
             if health.nonfinite_grad:
                 names = [n for s in stats for n in s.nonfinite_names()]
                 event.nonfinite_grads = names[:20]
-            if g.check_params:
-                self._diagnose(health)
-        event.nonfinite_params = list(getattr(health, "param_names", []))[:20]
-        event.nonfinite_buffers = list(getattr(health, "buffer_names", []))[:20]
+        if g.check_params and (health.update_skipped or health.weights_damaged):
+            params, buffers = self._diagnose(health)
+            event.nonfinite_params, event.nonfinite_buffers = params[:20], buffers[:20]
         decision = g.policy.decide(health, can_roll_back=g.store.compute() is not None)
         event.cause, event.reason = decision.cause.value if decision.cause else "", decision.reason
         if decision.action is GuardAction.ROLLBACK:
@@ -88,17 +109,14 @@ class Recovery:
         g.last_action = "rollback" if event.kind == "rollback" else "skip"
         g.record_event(event)
 
-    def _diagnose(self, health: StepHealth) -> None:
-        g = self.g
-        inner = g.inner_model
+    def _diagnose(self, health: StepHealth) -> tuple[list[str], list[str]]:
+        """Names of this rank's non-finite weights and buffers; the health flags OR-ed over the ranks."""
+        inner = self.g.inner_model
         bad = nonfinite_entries(inner.state_dict())
         params = {n for n, _ in inner.named_parameters()}
-        health.param_names = [n for n in bad if n in params]  # type: ignore[attr-defined]
-        health.buffer_names = [n for n in bad if n not in params]  # type: ignore[attr-defined]
-        health.nonfinite_params, health.nonfinite_buffers = g.reduce.any(
-            bool(health.param_names),  # type: ignore[attr-defined]
-            bool(health.buffer_names),  # type: ignore[attr-defined]
-        )
+        names = [n for n in bad if n in params], [n for n in bad if n not in params]
+        health.nonfinite_params, health.nonfinite_buffers = self.g.reduce.any(bool(names[0]), bool(names[1]))
+        return names
 
     def rollback(self) -> int:
         """Restore the newest trusted snapshot and cut the LR; returns the snapshot's step."""

@@ -7,7 +7,9 @@ loss and flags in the order ``NaNGuard`` does, so both guards see the same input
 :class:`~lightning_gradguard.core.guard_policy.StepHealth` for the policy.
 
 An inf gradient norm with a GradScaler and a finite loss is an AMP overflow (the scaler skips the step itself), not a
-fault. Under DDP the flags are the maximum over the ranks: a rank that saw nothing itself records ``other_rank``.
+fault. The norm is the float64 one, finite exactly when every gradient element is. Under DDP the step's causes are
+what this rank saw and the decision inputs (overflow, divergence, stability) are the maximum over the ranks, so the
+detectors stay in lockstep; a rank that saw nothing itself records ``other_rank``.
 """
 
 from __future__ import annotations
@@ -50,15 +52,16 @@ class Verdict:
     stats: list[GradStats] = field(default_factory=list)
 
 
-def total_norm(live: list[GradStats], device: torch.device) -> Tensor:
-    """The pre-clip norm over every optimizer's gradients (the p-norm of their total norms)."""
+def total_norm64(live: list[GradStats], device: torch.device) -> Tensor:
+    """The float64 pre-clip norm over every optimizer's gradients (the p-norm of their total norms): finite exactly
+    when every gradient element is (a huge finite gradient is the clipper's business, not a fault)."""
     if not live:
-        return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.zeros((), dtype=torch.float64, device=device)
     if len(live) == 1:
-        return live[0].total_norm
+        return live[0].total_norm64
     p = live[0].norm_type
     norms = torch.stack([s.total_norm64.to(device) for s in live])
-    return (norms.max() if p == math.inf else torch.linalg.vector_norm(norms, p)).to(torch.float32)
+    return norms.max() if p == math.inf else torch.linalg.vector_norm(norms, p)
 
 
 class StepJudge:
@@ -94,42 +97,46 @@ class StepJudge:
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         loss_t = torch.as_tensor(loss).detach().to(dev, torch.float64).reshape(()) if has_loss else zero
         scaled = scaler is not None and scaler.is_enabled()
-        scale_bad = torch.as_tensor(float(scaled and scaler.get_scale() < self.amp_scale_floor), device=dev)
+        scale_bad = zero
+        scale = getattr(scaler, "_scale", None) if scaled else None
+        if isinstance(scale, Tensor):  # the scale tensor itself: get_scale() would read it to the host
+            scale_bad = (scale.to(dev).reshape(()) < self.amp_scale_floor).to(torch.float64)
         spike = self.spike.update(loss_t) if (self.spike is not None and has_loss) else zero
-        parts = [total_norm(live, dev), loss_t, ~torch.isfinite(loss_t), scale_bad, spike]
-        parts += [torch.as_tensor(float(c), device=dev) for c in self.clip_flags]
+        parts = [total_norm64(live, dev), loss_t, (~torch.isfinite(loss_t)).to(torch.float64), scale_bad, spike]
+        parts += [torch.as_tensor(float(c), dtype=torch.float64, device=dev) for c in self.clip_flags]
         local = torch.stack([p.to(torch.float64).reshape(()) for p in parts])
         self.clip_flags = []
         reduced = self.reduce(local)
         values = reduced.tolist() if reduced is local else torch.cat([local, reduced]).tolist()
-        mine, values = values[: len(parts)], values[-len(parts) :]
-        norm, loss_v, loss_bad, scale_v, spike_v = values[:5]
-        was_clipped = any(v > 0 for v in values[5:])
+        mine, glob = values[: len(parts)], values[-len(parts) :]
+        norm, loss_v = mine[0], (mine[1] if has_loss else math.nan)
         self.grad_history.append([step, norm])
         if has_loss:
             self.loss_history.append([step, loss_v])
-        health = StepHealth(step, nonfinite_loss=has_loss and loss_bad > 0, scale_collapse=scale_v > 0)
-        health.loss_spike = spike_v > 0
-        grad_bad = not math.isfinite(norm)
-        overflow = scaled and grad_bad and not (health.nonfinite_loss or health.scale_collapse)
-        health.nonfinite_grad = grad_bad and not overflow
-        if self.divergence and has_loss and not overflow:
-            health.loss_divergence, health.grad_divergence = self.detector.update(loss_v, norm)
+        # what this rank saw; the decision below uses what every rank shares
+        health = StepHealth(
+            step,
+            nonfinite_loss=has_loss and mine[2] > 0,
+            nonfinite_grad=not math.isfinite(norm),
+            scale_collapse=mine[3] > 0,
+            loss_spike=mine[4] > 0,
+        )
+        global_grad_bad = not math.isfinite(glob[0])
+        overflow = scaled and global_grad_bad and not (glob[2] > 0 or glob[3] > 0)
+        if overflow:
+            health.nonfinite_grad = False  # the GradScaler's business
+        elif self.divergence and has_loss:  # judged on shared values: the detectors stay in lockstep
+            health.loss_divergence, health.grad_divergence = self.detector.update(glob[1], glob[0])
+        if health.cause is None and ((global_grad_bad and not overflow) or any(v > 0 for v in glob[2:5])):
+            health.other_rank = True
+        healthy = health.cause is None and not overflow
         lower = None
-        if self.stability and self._last is not None and health.cause is None:
-            lower = self.controller.update(*self._last, clipped=was_clipped)
-        self._last = (loss_v, norm) if has_loss and health.cause is None and not overflow else None
+        if self.stability and healthy and self._last is not None:
+            lower = self.controller.update(*self._last, clipped=any(v > 0 for v in glob[5:]))
+        self._last = (glob[1], glob[0]) if healthy and has_loss else None
         verdict = Verdict(None, overflow, lower, loss_v if has_loss else None, norm, live)
-        if health.cause is None:
-            return verdict
-        if self.reduce.world_size > 1:  # what this rank saw, for the event's cause
-            local_bad = not math.isfinite(mine[0]) or any(v > 0 for v in mine[2:5])
-            if not local_bad and not (health.loss_divergence or health.grad_divergence):
-                health = StepHealth(step, other_rank=True)
-        if health.nonfinite_grad:
-            overflowed = any(bool(s.norm_overflow) for s in live)
-            health.grad_norm_overflow, health.nonfinite_grad = overflowed, not overflowed
-        verdict.health = health
+        if health.cause is not None:
+            verdict.health = health
         return verdict
 
     def after_state_change(self) -> None:
@@ -143,6 +150,10 @@ class StepJudge:
             "divergence": self.detector.state_dict(),
             "stability": self.controller.state_dict(),
             "spike": self.spike.state_dict() if self.spike is not None else None,
+            "grad_history": [list(r) for r in self.grad_history],
+            "loss_history": [list(r) for r in self.loss_history],
+            "pending_row": list(self._last) if self._last is not None else None,
+            "clip_flags": [bool(c) for c in self.clip_flags],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -150,3 +161,10 @@ class StepJudge:
         self.controller.load_state_dict(state.get("stability") or {})
         if self.spike is not None and state.get("spike"):
             self.spike.load_state_dict(state["spike"])
+        self.grad_history.clear()
+        self.grad_history.extend(list(r) for r in state.get("grad_history", []))
+        self.loss_history.clear()
+        self.loss_history.extend(list(r) for r in state.get("loss_history", []))
+        row = state.get("pending_row")
+        self._last = None if row is None else (float(row[0]), float(row[1]))
+        self.clip_flags = [bool(c) for c in state.get("clip_flags", [])]

@@ -306,3 +306,32 @@ def test_the_plain_guard_does_not_import_lightning() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_weights_damaged_by_the_last_update_are_found_at_close() -> None:
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched, action="auto", snapshot_confirm_steps=0)
+    for s in range(3):
+        _step(model, opt, sched, guard, s)
+    reference = copy.deepcopy(guard.store.compute().model)  # the state the rollback must bring back
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan  # as if the last update had overflowed
+    guard.close()
+    assert [(e["kind"], e["cause"]) for e in guard.events] == [("rollback", "nonfinite_params")]
+    assert guard.events[0]["nonfinite_params"] == ["0.weight"]
+    assert _equal(model.state_dict(), reference)
+
+
+def test_a_snapshot_that_cannot_be_taken_warns_and_keeps_the_older_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched, snapshot_every_n_steps=2, snapshot_confirm_steps=0)
+    start = guard.store.compute()
+
+    def fail(*_args: Any, **_kwargs: Any) -> None:
+        raise MemoryError("host memory exhausted")
+
+    monkeypatch.setattr("lightning_gradguard.plain.recovery.take_snapshot", fail)
+    _step(model, opt, sched, guard, 0)
+    with pytest.warns(RuntimeWarning, match="could not take a snapshot at step 2 .*MemoryError.*snapshot of step 0"):
+        _step(model, opt, sched, guard, 1)
+    assert guard.store.compute() is start
