@@ -267,7 +267,7 @@ class AdaptiveGradientClipping(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        clippers = [cb for cb in trainer.callbacks if isinstance(cb, AdaptiveGradientClipping)]
+        clippers = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, AdaptiveGradientClipping)]
         if len(clippers) > 1:
             raise ValueError(
                 f"Found {len(clippers)} {_OWNER} callbacks ({', '.join(repr(cb.method) for cb in clippers)}); use "

@@ -10,17 +10,21 @@ from lightning.pytorch.callbacks import Callback
 from lightning_gradguard.callbacks.adaptive_gradient_clipping import METHODS, AdaptiveGradientClipping
 from lightning_gradguard.callbacks.gradient_norm_monitor import GradientNormMonitor
 from lightning_gradguard.callbacks.nan_guard import NaNGuard
+from lightning_gradguard.core.arg_checks import check_bool, check_choice, prefix
+from lightning_gradguard.core.guard_policy import POLICIES
 
 __all__ = ["default_callbacks"]
 
-_GUARD_ACTIONS = ("rollback", "skip", "halt")
+_OWNER = "default_callbacks"
 
 
 def _kwargs(name: str, value: Mapping[str, Any] | None) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise TypeError(f"`{name}` must be a mapping of keyword arguments or None, got {type(value).__name__}")
+        raise TypeError(
+            f"{prefix(_OWNER)}`{name}` must be a mapping of keyword arguments or None, got {type(value).__name__}"
+        )
     return dict(value)
 
 
@@ -28,7 +32,7 @@ def default_callbacks(
     *,
     monitor: bool = True,
     clipping: str | None = "zscore",
-    guard: str | None = "rollback",
+    guard: str | None = "auto",
     log_every_n_steps: int | None = None,
     progress_bar: bool = True,
     monitor_kwargs: Mapping[str, Any] | None = None,
@@ -45,8 +49,8 @@ def default_callbacks(
         monitor: add a :class:`~lightning_gradguard.GradientNormMonitor`.
         clipping: the :class:`~lightning_gradguard.AdaptiveGradientClipping` method (``"zscore"``, ``"percentile"``,
             ``"agc"``, ``"norm"``, ``"value"``, ``"per_parameter"``), or None for no clipping.
-        guard: the :class:`~lightning_gradguard.NaNGuard` action (``"rollback"``, ``"skip"``, ``"halt"``), or None
-            for no guard.
+        guard: the :class:`~lightning_gradguard.NaNGuard` action (``"auto"``, ``"rollback"``, ``"skip"``,
+            ``"halt"``), or None for no guard.
         log_every_n_steps: shared log interval (None: the Trainer's ``log_every_n_steps``).
         progress_bar: show the clip rate in the progress bar (the guard always shows its counters there).
         monitor_kwargs: extra keyword arguments of the monitor.
@@ -65,16 +69,14 @@ def default_callbacks(
         >>> [type(cb).__name__ for cb in cbs]
         ['GradientNormMonitor', 'AdaptiveGradientClipping', 'NaNGuard']
     """
-    if not isinstance(monitor, bool):
-        raise TypeError(f"`monitor` must be a bool, got {type(monitor).__name__}")
-    if not isinstance(progress_bar, bool):
-        raise TypeError(f"`progress_bar` must be a bool, got {type(progress_bar).__name__}")
-    if clipping is not None and clipping not in METHODS:
-        raise ValueError(f"`clipping` must be one of {', '.join(map(repr, METHODS))} or None, got {clipping!r}")
-    if guard is not None and guard not in _GUARD_ACTIONS:
-        raise ValueError(f"`guard` must be one of {', '.join(map(repr, _GUARD_ACTIONS))} or None, got {guard!r}")
+    check_bool("`monitor`", monitor, owner=_OWNER)
+    check_bool("`progress_bar`", progress_bar, owner=_OWNER)
+    if clipping is not None:
+        check_choice("`clipping`", clipping, METHODS, owner=_OWNER)
+    if guard is not None:
+        check_choice("`guard`", guard, POLICIES, owner=_OWNER)
     if not monitor and clipping is None and guard is None:
-        raise ValueError("`default_callbacks` needs at least one of `monitor`, `clipping`, `guard`; all were off")
+        raise ValueError(f"{prefix(_OWNER)}needs at least one of `monitor`, `clipping`, `guard`; all were off")
     shared: dict[str, Any] = {"log_every_n_steps": log_every_n_steps}
     callbacks: list[Callback] = []
     if monitor:

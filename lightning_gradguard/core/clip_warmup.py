@@ -15,7 +15,7 @@ both give the same numbers. NaN and inf never enter.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -81,9 +81,9 @@ class WarmupReference:
         if isinstance(x, Tensor):
             if self._buffer is None:
                 self.to_tensor(x.device)
-            assert self._buffer is not None  # noqa: S101 - set just above (type narrowing)
+            buffer = cast(Tensor, self._buffer)  # set just above
             x64 = x.detach().to(torch.float64).reshape(())
-            self._buffer[self._pos] = torch.where(torch.isfinite(x64), x64, math.nan)
+            buffer[self._pos] = torch.where(torch.isfinite(x64), x64, math.nan)
         elif math.isfinite(x):
             self._host.append(float(x))
         self._pos += 1
@@ -124,9 +124,9 @@ class WarmupReference:
             )
         if not self._host:
             return 0.0, 0.0, 0
-        med = _lower_median(self._host)
-        mad = _lower_median([abs(v - med) for v in self._host])
-        return med, (MAD_TO_STD * mad) ** 2, len(self._host)
+        center = _lower_median(self._host)
+        spread = _lower_median([abs(v - center) for v in self._host])
+        return center, (MAD_TO_STD * spread) ** 2, len(self._host)
 
     def state_dict(self) -> dict[str, Any]:
         values = self._host if self._buffer is None else [v for v in self._buffer.cpu().tolist() if not math.isnan(v)]

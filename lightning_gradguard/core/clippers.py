@@ -350,8 +350,8 @@ class ZScoreClipper(_AdaptiveClipper):
         if isinstance(capped, Tensor):
             finite = torch.isfinite(capped)
             count = self.count + finite.to(torch.float64)
-            weight = (1.0 / count.clamp_min(1.0)).clamp_min(1.0 - self.ema_decay)
-            mean, var = ema_step(self.mean, self.var, torch.where(finite, capped, 0.0), weight)  # type: ignore[arg-type]
+            rate = (1.0 / count.clamp_min(1.0)).clamp_min(1.0 - self.ema_decay)
+            mean, var = ema_step(self.mean, self.var, torch.where(finite, capped, 0.0), rate)
             self.mean = torch.where(finite, mean, self.mean)
             self.var = torch.where(finite, var, self.var)
             self.count = count

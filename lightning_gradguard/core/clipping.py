@@ -13,6 +13,7 @@ Each function returns what the caller needs to know whether anything was clipped
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -46,7 +47,7 @@ def foreach_mul_(tensors: Sequence[Tensor], factors: float | Tensor | Sequence[T
     if not per_tensor and not isinstance(factors, Tensor):
         # a 0-d tensor, not a Python number: torch's CPU multi-tensor kernel is ~5x slower with a Python scalar
         wide = tensors[0].dtype in (torch.float64, torch.complex128)
-        factors = torch.tensor(float(factors), dtype=torch.float64 if wide else torch.float32)
+        factors = torch.tensor(float(cast(float, factors)), dtype=torch.float64 if wide else torch.float32)
     try:
         torch._foreach_mul_(list(tensors), factors)  # type: ignore[arg-type]
         return
@@ -54,7 +55,7 @@ def foreach_mul_(tensors: Sequence[Tensor], factors: float | Tensor | Sequence[T
         pass
     for i, t in enumerate(tensors):  # several devices, or a dtype the kernel does not take
         f = factors[i] if per_tensor else factors  # type: ignore[index]
-        t.mul_(f.to(t.device) if isinstance(f, Tensor) else f)
+        t.mul_(f.to(t.device) if isinstance(f, Tensor) else cast(float, f))
 
 
 def clip_coefficient(norm: Tensor, max_norm: Tensor | float, eps: float = CLIP_EPS) -> Tensor:

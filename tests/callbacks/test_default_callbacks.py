@@ -17,7 +17,7 @@ def test_default_order_and_types():
     cbs = default_callbacks()
     assert [type(c) for c in cbs] == [GradientNormMonitor, AdaptiveGradientClipping, NaNGuard]
     assert cbs[1].method == "zscore"
-    assert cbs[2].action == "rollback"
+    assert cbs[2].action == "auto"  # the guard's own default policy
 
 
 def test_options_reach_the_callbacks():
@@ -37,8 +37,9 @@ def test_options_reach_the_callbacks():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"clipping": "zclip"}, ValueError, "`clipping` must be one of"),
-        ({"guard": "retry"}, ValueError, "`guard` must be one of"),
+        ({"clipping": "zclip"}, ValueError, r"^default_callbacks: `clipping` must be one of .*'zscore'.*got 'zclip'"),
+        ({"clipping": 3}, TypeError, r"^default_callbacks: `clipping` must be a str"),
+        ({"guard": "retry"}, ValueError, r"`guard` must be one of \('auto', 'rollback', 'skip', 'halt'\)"),
         ({"monitor": False, "clipping": None, "guard": None}, ValueError, "at least one"),
         ({"monitor": "yes"}, TypeError, "`monitor` must be a bool"),
         ({"guard_kwargs": [("lr_factor", 0.5)]}, TypeError, "`guard_kwargs` must be a mapping"),
@@ -60,7 +61,8 @@ def test_fit_shares_one_measurement_per_step_and_recovers(tmp_path):
     # one gradient measurement per optimizer step, whatever the number of gradguard callbacks
     assert context_for(trainer).cache.computations == 12
     guard = cbs[2]
-    assert [(e["step"], e["kind"]) for e in guard.events] == [(7, "rollback")]
+    # "auto": an isolated bad batch is skipped, the LR kept
+    assert [(e["step"], e["kind"]) for e in guard.events] == [(7, "skip")]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
@@ -69,4 +71,4 @@ def test_fit_shares_one_measurement_per_step_and_recovers(tmp_path):
         assert f"gradguard/{name}" in scalars, name
     assert "gradguard/layer_grad_norms" in acc.Tags()["histograms"]
     lr_scale = [e.value for e in acc.Scalars("gradguard/lr_scale")]
-    assert math.isclose(lr_scale[-1], 0.5)
+    assert math.isclose(lr_scale[-1], 1.0)
