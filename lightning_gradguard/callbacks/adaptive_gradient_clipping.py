@@ -64,11 +64,15 @@ class _Slot:
         self.steps_since_log = 0
         self.awaiting: StepRecord | None = None
 
-    def settle(self) -> None:
-        """Let the clipper learn from its last step now that the guard's verdict on it is in."""
-        if self.awaiting is not None:
-            self.clipper.commit(dropped=self.awaiting.dropped)
-            self.awaiting = None
+    def settle(self) -> bool:
+        """Let the clipper learn from its last step now that the guard's verdict on it is in; True if it was
+        dropped (a guard event)."""
+        if self.awaiting is None:
+            return False
+        dropped = self.awaiting.dropped
+        self.clipper.commit(dropped=dropped)
+        self.awaiting = None
+        return dropped
 
 
 class AdaptiveGradientClipping(Callback):
@@ -86,7 +90,8 @@ class AdaptiveGradientClipping(Callback):
     (committed at the next step, once :class:`~lightning_gradguard.NaNGuard` has ruled); NaN/inf norms are never
     clipped and never learned from. A finite gradient is clipped by every method however large its norm.
 
-    Tags (``_opt<i>`` for optimizers after the first), at log steps and at the end of the fit:
+    Tags (``_opt<i>`` for optimizers after the first), at log steps, after a step the guard dropped, and at the end
+    (or failure) of the fit:
     ``gradguard/clip_threshold``, ``gradguard/grad_norm_clipped`` (post-clip norm), ``gradguard/clip_fraction``
     and ``gradguard/clipped_steps`` (since the previous write), ``gradguard/grad_norm_zscore`` (zscore).
 
@@ -294,7 +299,8 @@ class AdaptiveGradientClipping(Callback):
         stats = grad_stats_for(trainer, pl_module, optimizer, slot.clipper.norm_type)
         if not stats.grads:
             return
-        slot.settle()
+        if slot.settle() and slot.steps_since_log:  # the guard dropped the last step: write the counts now
+            log_scalars(trainer, self._counts(idx, slot), step=trainer.global_step)
         record = slot.clipper.clip_(stats)
         record.step = slot.steps
         slot.awaiting = shared = step_record(trainer)

@@ -729,3 +729,33 @@ def test_zscore_host_path_matches_device_path(clip_to, fallback_max_norm):
     a, b = clippers[True].state_dict(), clippers[False].state_dict()
     for key in ("mean", "var", "count", "seen", "limit"):
         assert a[key] == pytest.approx(b[key], rel=1e-12), key
+
+
+class DropAt(pl.Callback):
+    """What NaNGuard does to a step it skips: every grad set to None and the shared step record marked dropped."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        from lightning_gradguard.callbacks.step_context import step_record
+
+        if trainer.global_step in self.steps:
+            step_record(trainer).dropped = True
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+
+
+def test_dropped_steps_never_enter_the_statistics_and_are_logged_at_once(tmp_path, zpath):
+    cb = AdaptiveGradientClipping("zscore", warmup_steps=3, log_every_n_steps=50)
+    _, rows = fit(tmp_path, cb, seeded(loss_scale_at={6: 1e6}), max_steps=12, after=[DropAt({6})])
+    norms = [r["norm"] for r in rows]
+    assert rows[6]["clipped"]
+    # the reference without step 6 gives the thresholds of every later step: the spike never entered
+    ref = zscore_reference(norms[:6] + norms[7:], warmup=3)
+    assert [r["threshold"] for r in rows[7:]] == pytest.approx(ref[6:], rel=1e-9)
+    assert cb._slots[0].clipper.state_dict()["count"] == 11
+    tb = scalars(tmp_path)
+    assert set(tb["gradguard/clipped_steps"]) == {0, 7, 12}  # log step, the step after the drop, fit end
+    assert tb["gradguard/clipped_steps"][7] == sum(r["clipped"] for r in rows[1:7])

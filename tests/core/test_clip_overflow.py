@@ -118,3 +118,27 @@ def test_nonfinite_gradients_are_left_to_the_guard():
         assert torch.equal(params[1].grad, kept), method  # no inf -> NaN from scaling or clamping
         if method in ("zscore", "percentile", "norm"):
             assert not bool(record.clipped), method
+
+
+@pytest.mark.parametrize("method", ["agc", "zscore", "norm", "per_parameter"])
+def test_complex_parameters_are_clipped_by_their_modulus(method):
+    g = torch.Generator().manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64, generator=g))
+    w.grad = torch.randn(4, 3, dtype=torch.complex64, generator=g) * 100
+    b = torch.nn.Parameter(torch.randn(4, generator=g))
+    b.grad = torch.randn(4, generator=g) * 100
+    params = [w, b]
+    options = {**OPTIONS[method], **({"warmup_steps": 0} if method == "zscore" else {})}
+    record = CLIPPERS[method](**options).clip_(compute_grad_stats(params))
+    assert bool(record.clipped)
+    assert all(torch.isfinite(torch.view_as_real(p.grad) if p.is_complex() else p.grad).all() for p in params)
+    if method == "agc":  # each complex row within clipping * max(|row| of the weight, eps)
+        rows = torch.linalg.vector_norm(w.grad, dim=1)
+        assert (rows <= 0.01 * torch.linalg.vector_norm(w.detach(), dim=1) * (1 + 1e-5)).all()
+    else:
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        bound = float(record.threshold) * (1 + 1e-5)
+        assert (
+            float(total if method != "per_parameter" else max(torch.linalg.vector_norm(p.grad) for p in params))
+            <= bound
+        )
