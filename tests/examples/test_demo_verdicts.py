@@ -48,6 +48,7 @@ def _cases():
             yield pytest.param(example, quick, seed, marks=mark, id=name)
 
 
+@pytest.mark.timeout(3600)  # two full demo runs; minutes on a loaded 2-core machine
 @pytest.mark.parametrize(("example", "quick", "seed"), list(_cases()))
 def test_unguarded_blows_up_and_does_not_learn_guarded_learns(demo_root, example, quick, seed):
     plain, guarded = demo_pair(demo_root, example, quick, seed)
@@ -63,6 +64,7 @@ def test_unguarded_blows_up_and_does_not_learn_guarded_learns(demo_root, example
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)  # trains every seed-0 pair that the verdict tests have not trained yet
 def test_readme_demo_figures_are_what_the_demo_prints(demo_root):
     match = BLOCK.search(README.read_text())
     assert match, "README.md lacks the demo-figures block"

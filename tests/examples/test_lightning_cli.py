@@ -36,7 +36,7 @@ def test_lightning_cli_fit_with_yaml_callbacks(tmp_path, script, config, name):
         str(tmp_path),
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / name / "version_0"
     acc = EventAccumulator(str(run), size_guidance=GUIDANCE)
