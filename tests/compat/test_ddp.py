@@ -43,7 +43,9 @@ def test_all_callbacks_under_ddp(tmp_path):
     # the monitor measured the same pre-clip norm as the clipper, at every step, on both ranks
     for r in ranks:
         assert [row["monitor_step"] for row in r["rows"]] == list(range(10))
-        assert all(row["monitor_grad_norm"] == row["grad_norm"] for row in r["rows"] if row["step"] != 4)
+        for row in r["rows"]:  # the same measurement (the clipper reads its float64 value, the monitor float32)
+            if row["step"] != 4:
+                assert row["monitor_grad_norm"] == pytest.approx(row["grad_norm"], rel=1e-6)
     # one rollback at step 4 on both ranks, to the same snapshot
     rollback = {"step": 4, "kind": "rollback", "snapshot_step": 2}
     assert r1["events"] == [{**rollback, "cause": "nonfinite_loss"}]
