@@ -120,6 +120,9 @@ class ProgressBarValues:
     when it differs from the one last sent (:meth:`show_changed`), and a value that drifts every step (a rate) at
     most every ``every`` steps, computed only then (:meth:`show_every`). Nothing is sent without a progress bar.
     Call :meth:`reset` in ``on_train_start``.
+
+    A counter (a whole number) is put into the bar's dict as a Python ``int``, without ``LightningModule.log``: a
+    logged value reaches the bar as a float, which tqdm prints as ``3.000``; an int prints as ``3``.
     """
 
     def __init__(self) -> None:
@@ -134,6 +137,10 @@ class ProgressBarValues:
         """Send ``value`` as ``name`` unless it is the value last sent (at this step or an earlier one)."""
         last = self._sent.get(name)
         if last is not None and last[1] == value and step >= last[0]:
+            return
+        if trainer.progress_bar_callback is not None and float(value).is_integer():
+            self._sent[name] = (step, value)
+            trainer.progress_bar_metrics[name] = int(value)  # shown as "3", not "3.000"
             return
         self._send(trainer, pl_module, name, value, step, value)
 
