@@ -58,12 +58,17 @@ class ShardLayout:
     groups: tuple[tuple[tuple[int, ...], tuple[object, ...]], ...]
 
 
+_UNSHARDED = ShardLayout(())
+
+
 def local_tensors(tensors: Sequence[Tensor], names: Sequence[str] | None = None) -> tuple[list[Tensor], ShardLayout]:
     """The local pieces of ``tensors`` (plain tensors pass through) and how their norms combine across ranks.
 
     Raises:
         ValueError: a tensor with a ``Partial`` placement (pending reduction: its norm is not defined by the pieces).
     """
+    if DTensor is None or not any(issubclass(cls, DTensor) for cls in {type(t) for t in tensors}):
+        return list(tensors), _UNSHARDED  # the common case, decided from the few distinct types (isinstance is slow)
     local: list[Tensor] = []
     by_key: dict[tuple[int, tuple[int, ...]], tuple[object, list[int]]] = {}
     for i, t in enumerate(tensors):
