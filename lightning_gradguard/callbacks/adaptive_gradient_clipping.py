@@ -27,7 +27,7 @@ from lightning_gradguard.core.arg_checks import (
     check_positive,
     check_unit_interval,
 )
-from lightning_gradguard.core.clippers import CLIPPERS, Clipper, ClipRecord
+from lightning_gradguard.core.clippers import CLIPPERS, Clipper, ClipRecord, unused_option
 from lightning_gradguard.core.grad_stats import GradStats, norms_of
 
 __all__ = ["METHODS", "AdaptiveGradientClipping", "ClipRecord"]
@@ -47,10 +47,6 @@ _DEFAULTS: dict[str, Any] = dict(
     clipping=0.01, eps=1e-3, exclude=None, max_norm=1.0, clip_value=1.0, norm_type=2.0, warmup_steps=10,
     fallback_factor=10.0, fallback_max_norm=None,
 )  # fmt: skip
-
-
-def _users(option: str) -> list[str]:
-    return [m for m, cls in CLIPPERS.items() if option in cls.options or (option == "norm_type" and m != "agc")]
 
 
 class _Slot:
@@ -169,9 +165,10 @@ class AdaptiveGradientClipping(Callback):
         if exclude is not None and (isinstance(exclude, str) or not isinstance(exclude, (list, tuple))):
             raise TypeError(f"{o}: exclude must be a list or tuple of str, got {type(exclude).__name__} ({exclude!r})")
         for pattern in exclude or ():
-            if not isinstance(pattern, str) or not pattern:
-                error = TypeError if not isinstance(pattern, str) else ValueError
-                raise error(f"{o}: exclude must hold non-empty str patterns, got {pattern!r} in {exclude!r}")
+            if not isinstance(pattern, str):
+                raise TypeError(f"{o}: exclude must hold non-empty str patterns, got {pattern!r} in {exclude!r}")
+        if not all(exclude or ("x",)):
+            raise ValueError(f"{o}: exclude must hold non-empty str patterns, got an empty one in {exclude!r}")
         self.exclude = tuple(exclude or ())
         self.max_norm = check_positive("max_norm", max_norm, owner=o)
         self.clip_value = check_positive("clip_value", clip_value, owner=o)
@@ -198,16 +195,12 @@ class AdaptiveGradientClipping(Callback):
         self.last: dict[int, ClipRecord] = {}
 
     def _check_options_used(self) -> None:
-        for option, default in _DEFAULTS.items():
-            value = getattr(self, option)
-            if value == (() if default is None and option == "exclude" else default) or self.method in _users(option):
-                continue
-            users = _users(option)
-            which = f"method {users[0]!r} only" if len(users) == 1 else "methods " + ", ".join(map(repr, users))
-            raise ValueError(
-                f"{_OWNER}: {option}={value!r} is not used by method={self.method!r}; it applies to {which} "
-                f"(leave it at its default {default!r})"
-            )
+        values = {
+            name: (getattr(self, name) or None) if name == "exclude" else getattr(self, name) for name in _DEFAULTS
+        }
+        problem = unused_option(self.method, values, _DEFAULTS)
+        if problem is not None:
+            raise ValueError(f"{_OWNER}: {problem}")
 
     # ------------------------------------------------------------------ state
 

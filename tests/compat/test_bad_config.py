@@ -79,7 +79,7 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "progress_bar": boolean(),
     },
     NaNGuard: {
-        "action": choice("rollback", "skip", "halt"),
+        "action": choice("auto", "rollback", "skip", "halt"),
         "lr_factor": number(lambda v: 0 < v <= 1),
         "max_consecutive_skips": integer(0),
         "escalate_to": choice("rollback", "halt"),
@@ -88,14 +88,16 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "snapshot_confirm_steps": integer(0),
         "max_rollbacks": integer(0),
         "check_params": boolean(),
+        "divergence": boolean(),
+        "stability": boolean(),
         "spike_zscore": number(positive_finite, optional=True),
-        "spike_window": integer(2),
+        "spike_window": (lambda v: _integer(v), lambda v: 2 <= v <= 10**6),
         "amp_scale_floor": number(positive_finite),
         "raise_on_halt": boolean(),
         "save_bad_batch": boolean(),
         "report_dir": ((lambda v: v is None or isinstance(v, (str, os.PathLike))), (lambda v: True)),
         "log_every_n_steps": integer(1, optional=True),
-        "history_size": integer(1),
+        "history_size": (lambda v: _integer(v), lambda v: 1 <= v <= 10**6),
     },
     GradientNormMonitor: {
         "log_every_n_steps": integer(1, optional=True),
@@ -172,7 +174,8 @@ def test_bad_values_raise_naming_the_argument(cls, name, data):
 GOOD_CANDIDATES = [
     True, False, None, 0, 1, 2, 3, 5, 50, 1000, 1e-7, 0.01, 0.5, 0.97, 1.0, 2.5, 10.0, 100.0, math.inf,
     "zscore", "percentile", "agc", "norm", "value", "per_parameter", "threshold", "mean", "window", "histogram",
-    "rollback", "skip", "halt", "memory", "checkpoint", "reports", Path("reports"), ["head"], ("head.*", "fc"), [],
+    "auto", "rollback", "skip", "halt", "memory", "checkpoint", "reports", Path("reports"),
+    ["head"], ("head.*", "fc"), [],
 ]  # fmt: skip
 
 

@@ -1,0 +1,114 @@
+"""The fixed clippers: global norm, per-parameter norm, element value, and AGC (unit-wise, relative to the weights).
+
+Each scales or clamps the gradients of one step in place through :mod:`lightning_gradguard.core.clipping` and keeps
+no statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+from functools import lru_cache
+
+from torch import Tensor
+
+from lightning_gradguard.core.clipper_base import Clipper, ClipRecord, false_tensor
+from lightning_gradguard.core.clipping import clip_by_agc_, clip_by_global_norm_, clip_by_param_norm_, clip_by_value_
+from lightning_gradguard.core.grad_stats import GradStats, layer_name_of
+
+__all__ = ["AGCClipper", "NormClipper", "PerParameterClipper", "ValueClipper"]
+
+
+class NormClipper(Clipper):
+    """Fixed global-norm clipping at ``max_norm`` (``torch.nn.utils.clip_grad_norm_``)."""
+
+    method = "norm"
+    options = ("max_norm",)
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        norm = stats.total_norm64
+        if norm.device.type == "cpu":  # reading a CPU scalar is no sync: skip the multiply when nothing is clipped
+            value = norm.item()
+            if not (math.isfinite(value) and value + 1e-6 > self.max_norm):
+                return ClipRecord(norm, self.max_norm, False, 1.0)
+        coef, clipped = clip_by_global_norm_(stats.local_grads, norm, self.max_norm)
+        return ClipRecord(norm, self.max_norm, clipped, coef)
+
+
+class PerParameterClipper(Clipper):
+    """Each parameter's gradient clipped to its own norm bound ``max_norm``."""
+
+    method = "per_parameter"
+    options = ("max_norm",)
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        coef, clipped = clip_by_param_norm_(stats.local_grads, stats.param_norms64, self.max_norm)
+        return ClipRecord(stats.total_norm64, self.max_norm, clipped, coef)
+
+
+class ValueClipper(Clipper):
+    """Every element clamped to ``[-clip_value, clip_value]`` (``torch.nn.utils.clip_grad_value_``), whatever the
+    norms; gradients holding NaN/inf are left to the guard."""
+
+    method = "value"
+    options = ("clip_value",)
+
+    def __init__(self, clip_value: float = 1.0, norm_type: float = 2.0) -> None:
+        self.clip_value = clip_value
+        self.norm_type = norm_type
+
+    def check_parameters(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
+        for name, p in named_params:
+            if p.is_complex():
+                raise ValueError(
+                    f"AdaptiveGradientClipping(method='value') cannot clip the complex parameter {name!r} "
+                    "(elements of a complex gradient have no order to clamp); use method='norm', 'zscore' or 'agc'"
+                )
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        clipped = clip_by_value_(stats.local_grads, self.clip_value)
+        return ClipRecord(stats.total_norm64, self.clip_value, clipped)
+
+
+@lru_cache(maxsize=64)
+def _excluded_mask(names: tuple[str, ...], patterns: tuple[str, ...]) -> tuple[bool, ...]:
+    def hit(name: str) -> bool:
+        layer = layer_name_of(name)
+        return any(fnmatchcase(name, p) or fnmatchcase(layer, p) or name.startswith(p + ".") for p in patterns)
+
+    return tuple(hit(n) for n in names)
+
+
+class AGCClipper(Clipper):
+    """Adaptive gradient clipping (Brock et al. 2021): unit-wise bound ``clipping * max(weight_norm, eps)``;
+    parameters matching an ``exclude`` pattern (``fnmatch`` on the parameter or layer name, or a module prefix) are
+    left alone."""
+
+    method = "agc"
+    options = ("clipping", "eps", "exclude")
+
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] = ()) -> None:
+        self.clipping = clipping
+        self.eps = eps
+        self.exclude = tuple(exclude)
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        norm = stats.total_norm64
+        params, grads = stats.params, stats.grads
+        if self.exclude:
+            mask = _excluded_mask(tuple(stats.names), self.exclude)
+            params = [p for p, skip in zip(params, mask) if not skip]
+            grads = [g for g, skip in zip(grads, mask) if not skip]
+        if not grads:
+            return ClipRecord(norm, None, false_tensor(norm.device))
+        clipped_units, _ = clip_by_agc_(params, grads, self.clipping, self.eps)
+        return ClipRecord(norm, None, clipped_units > 0)
