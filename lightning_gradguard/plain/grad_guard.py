@@ -58,6 +58,9 @@ class _Slot:
         self.clipped_since_log = 0
         self.steps_since_log = 0
         self.record: ClipRecord | None = None
+        self.params_key: tuple[tuple[int, int], ...] = ()
+        self.params: list[Tensor] = []
+        self.names: list[str] = []
         self.pending = False  # the clipper holds statistics of a step whose verdict is not in yet
         self.stats: GradStats | None = None
 
@@ -340,9 +343,14 @@ class GradGuard:
                 self.scaler.unscale_(opt)
 
     def _measure(self, idx: int, opt: torch.optim.Optimizer) -> GradStats:
-        params = [p for g in opt.param_groups for p in g["params"]]
-        names = [self._names.get(id(p), f"opt{idx}.param_{j}") for j, p in enumerate(params)]
-        clipper = self._slots[idx].clipper
+        slot = self._slots[idx]
+        key = tuple((id(g["params"]), len(g["params"])) for g in opt.param_groups)
+        if slot.params_key != key:  # built once; again only when the param groups change
+            slot.params = [p for g in opt.param_groups for p in g["params"]]
+            slot.names = [self._names.get(id(p), f"opt{idx}.param_{j}") for j, p in enumerate(slot.params)]
+            slot.params_key = key
+        params, names = slot.params, slot.names
+        clipper = slot.clipper
         return compute_grad_stats(params, names, clipper.norm_type if clipper is not None else 2.0)
 
     def _clip(self, idx: int, stats: GradStats) -> None:
