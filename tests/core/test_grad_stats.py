@@ -181,11 +181,20 @@ def _values(p):
     return p.grad.to(torch.complex128 if p.grad.is_complex() else torch.float64).flatten().tolist()
 
 
+_DEVICES = [
+    "cpu",  # the accelerator path (a float64 accumulator in the multi-tensor kernel) needs a GPU machine to run
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 8.0, math.inf])
-def test_finite_gradient_whose_float32_sum_of_squares_overflows_gets_a_finite_norm(dtype, p):
+def test_finite_gradient_whose_float32_sum_of_squares_overflows_gets_a_finite_norm(dtype, p, device):
     # every element finite (1e30 fits float32 and bf16), but 1e30 ** 2 alone exceeds float32's range
     params = [_param([1e30, -2e30, 3e30], dtype), _param([4e25, 5.0], dtype), _param([1e-3, 0.0], dtype)]
+    for q in params:
+        q.data, q.grad = q.data.to(device), q.grad.to(device)
     s = compute_grad_stats(params, ["a.w", "a.b", "c.w"], p)
     ref = [_fsum_norm(_values(q), p) for q in params]
     ref_total = _fsum_norm([v for q in params for v in _values(q)], p)
