@@ -51,7 +51,7 @@ class _AdaptiveClipper(Clipper):
         else:
             capped = min(norm, float(threshold)) if math.isfinite(norm) else math.nan
         if self.warming_up:
-            self.warm.add(capped)
+            self.warm.add(self._warm_entry(norm, threshold))
         self._learn(norm, capped)
         self.seen += 1
         if isinstance(threshold, Tensor):
@@ -59,6 +59,21 @@ class _AdaptiveClipper(Clipper):
             self.limit = torch.where(torch.isfinite(threshold), threshold, self.limit)
         elif math.isfinite(threshold):
             self.limit = threshold
+
+    def _warm_entry(self, norm: Number, threshold: Number) -> Number:
+        """What a warm-up step adds to the reference: its norm, or the current median when it was clipped. Not the
+        threshold: at ``fallback_factor`` x the median, a run of clipped steps would lift the median tenfold every
+        few steps (a blow-up inside the warm-up would capture the statistics)."""
+        med = self.warm.median()
+        if isinstance(norm, Tensor):
+            instead = torch.where(torch.isnan(torch.as_tensor(med, dtype=torch.float64)).to(norm.device),
+                                  threshold, med)  # fmt: skip
+            return torch.where(torch.isfinite(norm), torch.where(norm <= threshold, norm, instead), math.nan)
+        if not math.isfinite(norm):
+            return math.nan
+        if norm <= threshold:
+            return norm
+        return float(threshold) if math.isnan(float(med)) else float(med)
 
     def _learn(self, norm: Number, capped: Number) -> None:
         raise NotImplementedError

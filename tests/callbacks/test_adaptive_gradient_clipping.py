@@ -87,7 +87,8 @@ def fit(tmp_path, clipper, model=None, max_steps=20, before=(), after=(), **kw):
 def zscore_reference(norms, z=2.5, decay=0.97, warmup=10, factor=10.0, cap=math.inf):
     """Thresholds of the zscore method, recomputed from the pre-clip norms with plain Python floats.
 
-    Warm-up: ``min(factor * lower median, cap)`` of the capped norms so far; then an EMA started from their median
+    Warm-up: ``min(factor * lower median, cap)`` of the norms so far (a clipped one counted as the median it was
+    measured against); then an EMA started from their median
     and MAD, weight ``max(1 - decay, 1 / n)``, std floored at 5 % of the mean, at most 1 % above the last threshold.
     """
     warm, out = [], []
@@ -106,8 +107,9 @@ def zscore_reference(norms, z=2.5, decay=0.97, warmup=10, factor=10.0, cap=math.
         out.append(thr)
         x = min(g, thr) if math.isfinite(g) else None
         if step < size:
-            if x is not None:
-                warm.append(x)
+            if x is not None:  # a clipped warm-up step adds the current median, not the threshold
+                kept = sorted(warm)
+                warm.append(g if g <= thr else (kept[(len(kept) - 1) // 2] if kept else thr))
             if step == size - 1 and warm:
                 kept = sorted(warm)
                 mean = kept[(len(kept) - 1) // 2]
@@ -180,8 +182,9 @@ def test_percentile_thresholds_match_numpy(tmp_path, estimator):
     for i, r in enumerate(rows):
         if i == 0:
             assert r["threshold"] == math.inf
-        elif i < 4:  # warm-up: 10 x the lower median of the (capped) norms seen
-            kept = sorted(min(n, t["threshold"]) for n, t in zip(norms[:i], rows[:i]))
+        elif i < 4:  # warm-up: 10 x the lower median of the norms seen (none of them clipped here)
+            assert not any(t["clipped"] for t in rows[:i])
+            kept = sorted(norms[:i])
             assert r["threshold"] == pytest.approx(10 * kept[(i - 1) // 2], rel=1e-6)
         elif estimator == "window":  # numpy's percentile of the window, risen at most 1 % over the last threshold
             expected = min(np.percentile(norms[max(0, i - 6) : i], 25.0), limit * 1.01)

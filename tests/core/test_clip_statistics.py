@@ -76,6 +76,17 @@ def test_spike_at_step_zero_does_not_enter_as_itself(path):
     assert clipped[50]
 
 
+def test_blow_up_inside_the_warm_up_does_not_lift_the_reference(path):
+    """Adam at a far too high LR: norms 1e5-1e11 for most of the warm-up. Clipped warm-up steps count as the
+    median they were measured against, so the reference stays at the healthy norm of step 0."""
+    norms = np.concatenate([[6.0], np.logspace(11, 5, 8), [70.0], noisy(60) * 3.0])
+    thr, clipped, _ = feed(zscore(), norms)
+    assert clipped[1:9].all()
+    assert np.allclose(thr[1:10], 60.0)  # 10 x the step-0 norm throughout the warm-up
+    assert thr[10] < 10.0  # the statistics start near the healthy norm (std from the MAD, floored at 5 %)
+    assert thr[11:].max() < 20.0
+
+
 def test_fallback_max_norm_caps_the_first_step(path):
     thr, clipped, post = feed(ZScoreClipper(fallback_max_norm=0.5), [100.0, 1.0, 1.0])
     assert thr[0] == 0.5
