@@ -18,6 +18,7 @@ from torch import Tensor
 from lightning_gradguard.callbacks.gradient_flow import layer_abs_stats, render_gradient_flow
 from lightning_gradguard.callbacks.log_writer import tag
 from lightning_gradguard.core.grad_stats import GradStats
+from lightning_gradguard.core.sharded import is_sharded
 
 __all__ = ["LogCapture", "capture_for_log", "write_views"]
 
@@ -52,6 +53,8 @@ def capture_for_log(stats: GradStats, step: int, flow: bool, values: bool) -> Lo
     if values:
         by_layer: dict[str, list[Tensor]] = {}
         for g, li in zip(stats.grads, stats.layer_index.tolist()):
+            if is_sharded(g):  # opt-in and costly anyway: the whole tensor, gathered on every rank (a collective)
+                g = g.full_tensor()
             by_layer.setdefault(cap.layer_names[li], []).append(g.detach().reshape(-1))
         cap.grad_values = {}
         for layer, parts in by_layer.items():
