@@ -113,3 +113,33 @@ def test_histograms_images_text_and_layout_are_tensorboard_only(logged: dict[str
     assert "custom_scalars__config__" in tags["tensors"]
     for other in ("csv", "mlflow"):
         assert not tb_only & set(logged[other]), f"{other} received a TensorBoard-only item"
+
+
+def test_the_plain_guard_writes_the_callbacks_tags(logged: dict[str, Any], tmp_path: Path) -> None:
+    """GradGuard's SummaryWriter output uses the Trainer callbacks' tag names (none of its own)."""
+    import torch
+    from torch import nn
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_gradguard import GradGuard
+
+    model = TinyRegression()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    writer = SummaryWriter(str(tmp_path))
+    guard = GradGuard(model, opt, clipping="zscore", action="skip", writer=writer, log_every_n_steps=EVERY)
+    for step, (x, y) in enumerate(loader(n=256)):
+        loss = nn.functional.mse_loss(model(x), y) * (float("nan") if step == NAN_STEP else 1.0)
+        loss.backward()
+        if guard.before_step(loss):
+            opt.step()
+        guard.after_step()
+        opt.zero_grad()
+    guard.close()
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    plain_scalars = set(acc.Tags()["scalars"])
+    assert set(PROMISED) <= plain_scalars
+    assert plain_scalars <= set(logged["tb"]), f"tags the callbacks do not write: {plain_scalars - set(logged['tb'])}"
+    text = {t.split("/text_summary")[0] for t in acc.Tags()["tensors"]}
+    assert text == {"gradguard/nan_guard_events"}
