@@ -212,7 +212,19 @@ def _agc_factor(
 ) -> tuple[Tensor, Tensor]:
     """AGC's per-unit factor for one tensor (or a stack of same-shape tensors) and how many units are over."""
     max_norm = agc_max_norms(param, clipping, eps, stacked).to(torch.float64)
-    return _factor_from(unitwise_norm(grad, stacked, dtype=torch.float64), max_norm, grad, grad_eps)
+    return _factor_from(_unit_norms64(grad, stacked), max_norm, grad, grad_eps)
+
+
+def _unit_norms64(grad: Tensor, stacked: bool) -> Tensor:
+    """Unit norms that stay finite for finite gradients. On the CPU: measured in the gradient's own precision and
+    measured again in float64 only where that overflowed (a host check costs nothing there; a float64 copy of every
+    gradient would cost more than AGC itself). Elsewhere: accumulated in float64 (no host check, no sync)."""
+    if grad.device.type != "cpu":
+        return unitwise_norm(grad, stacked, dtype=torch.float64)
+    norms = unitwise_norm(grad, stacked)
+    if bool(torch.isinf(norms).any()):
+        return unitwise_norm(grad, stacked, dtype=torch.float64)
+    return norms.to(torch.float64)
 
 
 def _factor_from(gnorm: Tensor, max_norm: Tensor, grad: Tensor, grad_eps: float) -> tuple[Tensor, Tensor]:
