@@ -335,3 +335,31 @@ def test_a_snapshot_that_cannot_be_taken_warns_and_keeps_the_older_one(monkeypat
     with pytest.warns(RuntimeWarning, match="could not take a snapshot at step 2 .*MemoryError.*snapshot of step 0"):
         _step(model, opt, sched, guard, 1)
     assert guard.store.compute() is start
+
+
+def test_fp16_autocast_with_grad_scaler_overflows_are_not_faults_a_nan_loss_is() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # too high: the first steps overflow in fp16
+    guard = GradGuard(model, opt, scaler=scaler, action="auto")
+    x = torch.randn(64, 8)
+    y = x[:, :1]
+    losses = []
+    for step in range(30):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.mse_loss(model(x), y)
+        losses.append(float(loss.detach()))
+        if step == 20:
+            loss = loss * float("nan")
+        scaler.scale(loss).backward()
+        if guard.before_step(loss):
+            scaler.step(opt)
+        scaler.update()
+        guard.after_step()
+        opt.zero_grad()
+    assert guard.amp_overflow_steps > 0
+    assert scaler.get_scale() < 2.0**24  # the scaler backed off by itself
+    assert [(e["step"], e["kind"], e["cause"]) for e in guard.events] == [(20, "skip", "nonfinite_loss")]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0]
