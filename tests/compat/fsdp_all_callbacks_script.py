@@ -2,7 +2,8 @@
 
 Three fits in the same two processes:
 
-- ``norm``: the fixed ``norm`` clipper (max_norm 0.5) and the monitor, no faults. At every step the recorder writes
+- ``norm``: the fixed ``norm`` clipper (max_norm 0.5) and the monitor (TensorBoard, with gradient-value
+  histograms and the gradient-flow image), no faults. At every step the recorder writes
   the full weights before the update (gathered here, by the test's recorder only) so that the test can rebuild the
   gradients in one process and compare norms and clip coefficients against that reference.
 - ``tp``: as ``norm`` on a (1, 2) data x tensor parallel mesh: ``net.0`` column-wise (rows split), ``net.2``
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -102,7 +104,7 @@ def fit(out_dir: str, name: str) -> None:
     tensor_parallel = name == "tp"
     if name in ("norm", "tp"):
         callbacks = [
-            GradientNormMonitor(log_every_n_steps=1, flow_every_n_logs=0),
+            GradientNormMonitor(log_every_n_steps=1, flow_every_n_logs=1, log_grad_histograms=True),
             AdaptiveGradientClipping("norm", max_norm=0.5, log_every_n_steps=1),
             NaNGuard(action="skip", log_every_n_steps=1),
         ]
@@ -114,7 +116,10 @@ def fit(out_dir: str, name: str) -> None:
         )
         model = ShardedRegression(faults={2: (1, "nan"), 4: (1, "weight"), 6: (1, "spike")})
     record = Record(callbacks, gather_weights=name != "faults")
-    trainer = sharded_trainer(out_dir, [*callbacks, record], max_steps=8, tensor_parallel=tensor_parallel)
+    logger = TensorBoardLogger(out_dir, name=f"tb_{name}", version=0) if name == "norm" else False
+    trainer = sharded_trainer(
+        out_dir, [*callbacks, record], max_steps=8, tensor_parallel=tensor_parallel, logger=logger
+    )
     trainer.fit(model)
     _, clip, guard = split(callbacks)
     events = [{k: _field(e, k) for k in ("step", "kind", "cause", "snapshot_step")} for e in guard.events]

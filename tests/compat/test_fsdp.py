@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from tests.compat.fsdp_models import build_net, rank_batches
@@ -36,7 +37,7 @@ def fsdp_run(tmp_path_factory):
         assert [r["rank"] for r in ranks] == [0, 1], proc.stderr[-3000:]
         return ranks
 
-    return {fit: load(fit) for fit in ("norm", "faults", "tp")}
+    return {"out": out, **{fit: load(fit) for fit in ("norm", "faults", "tp")}}
 
 
 def _fsum_norm(values):
@@ -93,6 +94,26 @@ def test_sharded_norms_and_clip_coefficient_equal_the_unsharded_reference(fsdp_r
         assert _close(row["post_clip_norm"], total * row["coefficient"])
         clipped += row["clipped"]
     assert 0 < clipped < 8  # the bound was active on some steps, not on all
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_monitor_writes_global_values_from_shards(fsdp_run):
+    """Rank 0 writes: the logged norm is the global one, value histograms hold every element, the flow image exists."""
+    out = Path(fsdp_run["out"], "tb_norm", "version_0")
+    acc = EventAccumulator(str(out), size_guidance={"histograms": 0, "images": 0, "scalars": 0})
+    acc.Reload()
+    rows = fsdp_run["norm"][0]["rows"]
+    logged = [e.value for e in acc.Scalars("gradguard/grad_norm")]
+    assert logged == pytest.approx([row["grad_norm"] for row in rows], rel=1e-6)
+    sizes = {"net." + n.rpartition(".")[0]: 0 for n, _ in build_net().named_parameters()}
+    for n, p in build_net().named_parameters():
+        sizes["net." + n.rpartition(".")[0]] += p.numel()
+    for layer, numel in sizes.items():
+        hists = acc.Histograms(f"gradguard/grads/{layer}")
+        assert len(hists) == len(rows)
+        assert all(h.histogram_value.num == numel for h in hists)  # the whole layer, not rank 0's shard
+    assert acc.Images("gradguard/gradient_flow")
 
 
 def _row_norms(values, shape_rows):
