@@ -3,7 +3,9 @@
 Scalars every ``log_every_n_steps`` steps and at every event, with the interval's extremes (``grad_norm_max``,
 ``loss_max``, ``flagged_steps``, ``clipped_steps``) so a spike between two log steps is not lost; event lines as
 text under ``gradguard/nan_guard_events``. The step axis is the guard's step counter (optimizer steps attempted
-before this one, like the Trainer's ``global_step``). Rank 0 only; nothing at all without a writer.
+before this one, like the Trainer's ``global_step``). Rank 0 only; nothing at all without a writer. Per-optimizer
+tags get ``_opt<i>`` for optimizers after the first; ``grad_norm_max``/``grad_norm_mean`` describe the norm the guard
+judges (over all optimizers of the step; the same as ``grad_norm`` with one optimizer).
 """
 
 from __future__ import annotations
