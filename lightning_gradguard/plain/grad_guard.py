@@ -54,8 +54,9 @@ class _Slot:
     def __init__(self, clipper: Clipper | None) -> None:
         self.clipper = clipper
         self.steps = 0
-        self.clipped_total = 0
-        self.clipped_since_log = 0
+        # counts of clipped steps: device tensors once a clipper answers with one (read only when reported)
+        self.clipped_total: Any = 0
+        self.clipped_since_log: Any = 0
         self.steps_since_log = 0
         self.record: ClipRecord | None = None
         self.params_key: tuple[tuple[int, int], ...] = ()
@@ -281,7 +282,7 @@ class GradGuard:
     def clip_rate(self, optimizer_idx: int = 0) -> float | None:
         """Share of optimizer ``optimizer_idx``'s steps that clipped so far; None before its first step."""
         slot = self._slots[optimizer_idx]
-        return slot.clipped_total / slot.steps if slot.steps else None
+        return float(slot.clipped_total) / slot.steps if slot.steps else None
 
     # ------------------------------------------------------------------ the step
     def before_step(self, loss: Tensor | float | None = None) -> bool:
@@ -321,7 +322,7 @@ class GradGuard:
             return
         pending = verdict.health
         if pending is None:
-            self.judge.clip_flags = [bool(s.record.clipped) for s in self._slots if s.record is not None]
+            self.judge.clip_flags = [s.record.clipped for s in self._slots if s.record is not None]
         step = self.step
         self.step += 1
         if pending is not None:
@@ -366,9 +367,8 @@ class GradGuard:
         slot.pending = True
         slot.steps += 1
         slot.steps_since_log += 1
-        clipped = bool(record.clipped)
-        slot.clipped_total += clipped
-        slot.clipped_since_log += clipped
+        slot.clipped_total = slot.clipped_total + record.clipped  # no host read: a tensor stays on its device
+        slot.clipped_since_log = slot.clipped_since_log + record.clipped
 
     def _drop_grads(self) -> None:
         for opt in self.optimizers:
@@ -392,7 +392,7 @@ class GradGuard:
             "clippers": [
                 {
                     "steps": s.steps,
-                    "clipped_total": s.clipped_total,
+                    "clipped_total": int(s.clipped_total),
                     "clipper": s.clipper.state_dict() if s.clipper is not None else {},
                 }
                 for s in self._slots

@@ -86,8 +86,8 @@ class StepJudge:
         self.spike = LossSpikeDetector(spike_zscore, spike_window) if spike_zscore else None
         self.grad_history: deque[list[float]] = deque(maxlen=history_size)
         self.loss_history: deque[list[float]] = deque(maxlen=history_size)
-        #: clip flags of the last step taken (the stability controller's input at the next step).
-        self.clip_flags: list[bool] = []
+        #: clip flags (bools or device tensors) of the last step taken: the stability controller's input next step.
+        self.clip_flags: list[Any] = []
         self._last: tuple[float, float] | None = None
 
     def judge(self, step: int, stats: list[GradStats], loss: Tensor | float | None, scaler: Any) -> Verdict:
@@ -103,7 +103,7 @@ class StepJudge:
             scale_bad = (scale.to(dev).reshape(()) < self.amp_scale_floor).to(torch.float64)
         spike = self.spike.update(loss_t) if (self.spike is not None and has_loss) else zero
         parts = [total_norm64(live, dev), loss_t, (~torch.isfinite(loss_t)).to(torch.float64), scale_bad, spike]
-        parts += [torch.as_tensor(float(c), dtype=torch.float64, device=dev) for c in self.clip_flags]
+        parts += [torch.as_tensor(c, device=dev).to(torch.float64) for c in self.clip_flags]  # tensors: no read
         local = torch.stack([p.to(torch.float64).reshape(()) for p in parts])
         self.clip_flags = []
         reduced = self.reduce(local)

@@ -78,7 +78,7 @@ class SummaryLog:
                 if z is not None:
                     values[tag("grad_norm_zscore", idx)] = float(z)
             if slot.steps_since_log:
-                values[tag("clip_fraction", idx)] = slot.clipped_since_log / slot.steps_since_log
+                values[tag("clip_fraction", idx)] = float(slot.clipped_since_log) / slot.steps_since_log
                 values[tag("clipped_steps", idx)] = float(slot.clipped_since_log)
             slot.clipped_since_log = slot.steps_since_log = 0
             opt = g.optimizers[idx]
