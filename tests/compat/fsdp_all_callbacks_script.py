@@ -1,6 +1,6 @@
 """2-process CPU FSDP2 run (``ModelParallelStrategy`` + ``fully_shard``, gloo) with all three gradguard callbacks.
 
-Three fits in the same two processes:
+Several fits in the same two processes:
 
 - ``norm``: the fixed ``norm`` clipper (max_norm 0.5) and the monitor (TensorBoard, with gradient-value
   histograms and the gradient-flow image), no faults. At every step the recorder writes
@@ -8,6 +8,8 @@ Three fits in the same two processes:
   gradients in one process and compare norms and clip coefficients against that reference.
 - ``tp``: as ``norm`` on a (1, 2) data x tensor parallel mesh: ``net.0`` column-wise (rows split), ``net.2``
   row-wise (columns split, bias replicated), then ``fully_shard`` over the size-1 data dimension (2-D placements).
+- ``value``, ``per_parameter``, ``percentile``, ``agc``: the other clipping methods, 4 steps each (a spike on rank 1
+  at step 2); the recorder gathers the post-clip gradients so the test can check each method's bound.
 - ``faults``: monitor + zscore clipper + rollback guard; rank 1 alone gets a NaN loss at step 4 and a x1e4 loss
   spike at step 6. The recorder writes what every callback saw and did per step, and each rank's *local* shards of
   the weights and Adam state after every step, so the test can check the rollback bit for bit, shard by shard.
@@ -99,7 +101,61 @@ class Record(Callback):
         }
 
 
+#: Every other clipping method, one short fit each, with the bound it guarantees on the full (gathered) gradients.
+METHODS = {
+    "value": {"clip_value": 0.05},
+    "per_parameter": {"max_norm": 0.1},
+    "percentile": {"percentile": 50.0, "window": 4, "warmup_steps": 2},
+    "agc": {"clipping": 0.01},
+}
+
+
+class MethodRecord(Callback):
+    """After the clipper: the full post-clip gradients, measured here (test-side gathers on both ranks)."""
+
+    def __init__(self, clip) -> None:
+        self.clip = clip
+        self.rows: list[dict] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        stats = grad_stats_for(trainer, pl_module, optimizer)
+        full = [g.full_tensor().double() for g in stats.grads]
+        weights = [p.full_tensor().double() for p in stats.params]
+        agc = []
+        for g, w in zip(full, weights):  # unit = output row (2+ dims) or the whole tensor
+            gn = g.flatten(1).norm(dim=1) if g.ndim > 1 else g.norm().reshape(1)
+            wn = w.flatten(1).norm(dim=1) if w.ndim > 1 else w.norm().reshape(1)
+            agc += (gn / (0.01 * wn.clamp_min(1e-3))).tolist()
+        rec = self.clip.last[0]
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "pre_clip_norm": float(stats.total_norm64),
+                "max_abs": max(float(g.abs().max()) if g.numel() else 0.0 for g in full),
+                "param_norms": [float(g.norm()) for g in full],
+                "post_clip_norm": float(torch.cat([g.flatten() for g in full]).norm()),
+                "agc_ratio_max": max(agc),
+                "threshold": None if _field(rec, "threshold") is None else float(_field(rec, "threshold")),
+                "clipped": bool(_field(rec, "clipped")),
+            }
+        )
+
+
+def fit_method(out_dir: str, method: str) -> None:
+    torch.manual_seed(0)
+    clip = AdaptiveGradientClipping(method, log_every_n_steps=1, **METHODS[method])
+    record = MethodRecord(clip)
+    trainer = sharded_trainer(out_dir, [clip, record], max_steps=4)
+    trainer.fit(ShardedRegression(faults={2: (1, "spike")}))
+    Path(out_dir, f"{method}_rank{trainer.global_rank}.json").write_text(
+        json.dumps({"rank": trainer.global_rank, "rows": record.rows})
+    )
+
+
 def fit(out_dir: str, name: str) -> None:
+    if name in METHODS:
+        fit_method(out_dir, name)
+        return
     torch.manual_seed(0)
     tensor_parallel = name == "tp"
     if name in ("norm", "tp"):
@@ -143,7 +199,7 @@ def fit(out_dir: str, name: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    for fit_name in sys.argv[2].split(",") if len(sys.argv) > 2 else ("norm", "faults", "tp"):
+    for fit_name in sys.argv[2].split(",") if len(sys.argv) > 2 else ("norm", "faults", "tp", *METHODS):
         fit(sys.argv[1], fit_name)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -37,7 +37,8 @@ def fsdp_run(tmp_path_factory):
         assert [r["rank"] for r in ranks] == [0, 1], proc.stderr[-3000:]
         return ranks
 
-    return {"out": out, **{fit: load(fit) for fit in ("norm", "faults", "tp")}}
+    fits = ("norm", "faults", "tp", "value", "per_parameter", "percentile", "agc")
+    return {"out": out, **{fit: load(fit) for fit in fits}}
 
 
 def _fsum_norm(values):
@@ -207,3 +208,24 @@ def test_resume_from_a_distributed_checkpoint_keeps_every_callbacks_state(tmp_pa
             k: v for k, v in guard_resumed.items() if k not in skip
         }
     assert ranks[0]["resumed"]["states"] == ranks[1]["resumed"]["states"]  # one state, the same on every rank
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["value", "per_parameter", "percentile", "agc"])
+def test_every_clipping_method_on_shards_obeys_its_bound_identically_on_both_ranks(fsdp_run, method):
+    r0, r1 = fsdp_run[method]
+    assert r0["rows"] == r1["rows"]  # same decisions and the same full gradients after clipping
+    rows = r0["rows"]
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    assert rows[2]["pre_clip_norm"] > 100 * rows[1]["pre_clip_norm"]  # the rank-1 spike reached both ranks
+    for row in rows:
+        if method == "value":
+            assert row["max_abs"] <= 0.05 * (1 + 1e-6)
+        elif method == "per_parameter":
+            assert max(row["param_norms"]) <= 0.1 * (1 + 1e-5)
+        elif method == "percentile" and row["step"] >= 2:  # past warm-up: the global norm is held to the threshold
+            assert row["post_clip_norm"] <= row["threshold"] * (1 + 1e-5)
+        elif method == "agc":  # every unit (row, or whole 1-D tensor) within clipping x its weight norm
+            assert row["agc_ratio_max"] <= 1 + 1e-4
+    assert rows[2]["clipped"]
