@@ -14,7 +14,8 @@ strategy allows it (it clips after the callbacks, so only its step time is compa
 clipper; the ``zscore`` clipper; ``default_callbacks()`` (monitor, zscore clipper, guard; logging every 50 steps).
 Ratios are per-round medians against the torch clip.
 
-Run: ``.venv/bin/python benchmarks/sharded_overhead.py`` (``--quick`` for a short run). No GPU needed.
+Run: ``.venv/bin/python benchmarks/sharded_overhead.py`` (``--quick`` for a short run, ``--tiny`` for a smoke test).
+No GPU needed; the script launches its second process itself (Lightning's launcher), so run it outside pytest.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def one_fit(name: str, args: argparse.Namespace, out_dir: str) -> dict[str, floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 rounds of 25 steps instead of 4 of 40")
+    p.add_argument("--tiny", action="store_true", help="1 round of 8 steps on a 2x32 MLP (a smoke test)")
     p.add_argument("--rounds", type=int, default=0)
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of each fit's medians")
@@ -152,6 +154,8 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    if args.tiny:
+        args.rounds, args.steps, args.warmup, args.width, args.depth = 1, 8, 2, 32, 2
     args.rounds = args.rounds or (2 if args.quick else 4)
     args.steps = args.steps or (25 if args.quick else 40)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
