@@ -22,7 +22,7 @@ from lightning_gradguard.callbacks.step_context import (
 )
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
 from lightning_gradguard.callbacks.tensorboard_layout import custom_scalars_layout
-from lightning_gradguard.core.arg_checks import check_bool, check_int, is_number
+from lightning_gradguard.core.arg_checks import check_bool, check_int, check_number, check_positive
 from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats
 from lightning_gradguard.core.interval_stats import IntervalAggregate
 from lightning_gradguard.core.layer_health import ExplodingDetector, LayerHealthChanges, VanishingDetector
@@ -35,14 +35,6 @@ _DUPLICATE = (
     "Found 2 GradientNormMonitor callbacks; use one: they would write the same gradguard/ tags twice (one monitor "
     "covers every optimizer). default_callbacks() already includes one: configure it with monitor_kwargs=..."
 )
-
-
-def _check_float(name: str, value: Any, low: float, rng: str, allow_inf: bool = False) -> float:
-    if not is_number(value):
-        raise TypeError(f"GradientNormMonitor: {name} must be a number {rng}, got {type(value).__name__} ({value!r})")
-    if not ((math.isfinite(value) or (allow_inf and value == math.inf)) and value > low):
-        raise ValueError(f"{name} must be {rng}, got {value!r}")
-    return float(value)
 
 
 class _OptimizerState:
@@ -72,31 +64,27 @@ class _OptimizerState:
 class GradientNormMonitor(Callback):
     r"""Log gradient health to TensorBoard: global and per-layer norms, update ratios, vanishing/exploding layers.
 
-    **What it measures, and when.** Every optimizer step it reads the shared pre-clip measurement
-    (:func:`~lightning_gradguard.callbacks.step_context.grad_stats_for`: one multi-tensor norm on the device, taken
-    once per step for all gradguard callbacks) and folds the global norm into an on-device interval aggregate (no
-    host read). On logging steps (:func:`~lightning_gradguard.callbacks.step_context.log_due`: every
-    ``log_every_n_steps`` batches that stepped, the same batches for every optimizer and every gradguard callback)
-    it also captures what it draws from the raw gradients (per-layer mean/max ``|grad|``, value histograms), through
-    an :func:`~lightning_gradguard.callbacks.step_context.on_measured` listener that runs right after the
-    measurement, before any clipper scales the gradients, whatever the order of the callbacks. A logging step costs
-    one host read. ``gradguard/grad_norm_max``/``_mean`` cover every step since the previous write and are also
-    written when the guard drops a step, when the fit ends and when it fails, so a spike between two logs is never
-    lost.
+    Every optimizer step it folds the shared pre-clip global norm
+    (:func:`~lightning_gradguard.callbacks.step_context.grad_stats_for`, measured once per step for all gradguard
+    callbacks) into an on-device interval aggregate: no host read. On logging steps
+    (:func:`~lightning_gradguard.callbacks.step_context.log_due`, the same batches for every optimizer and callback)
+    it writes, with one host read. What it draws from the raw gradients (per-layer mean/max ``|grad|``, value
+    histograms) is captured by an :func:`~lightning_gradguard.callbacks.step_context.on_measured` listener right after
+    the measurement, before any clipper scales the gradients, whatever the callback order.
+    ``gradguard/grad_norm_max``/``_mean`` cover every step since the previous write and are also written when the
+    guard drops a step, at fit end and on an exception, so a spike between two logs is never lost.
 
-    Layers are the modules that own parameters (``net.0.weight`` and ``net.0.bias`` form layer ``net.0``), in the
-    order the optimizer holds them. **Vanishing**: update ratio (gradient norm / weight norm) below
-    ``vanishing_threshold`` for ``vanishing_patience`` consecutive logged steps (all-zero weights with a non-zero
-    gradient never count). **Exploding**: gradient norm above ``exploding_factor`` x the layer's running geometric
-    mean, after ``exploding_warmup`` logged steps (see :mod:`lightning_gradguard.core.layer_health`). A layer's first
-    flag is a warning; every change goes to the text tag ``gradguard/layer_health_events`` and :attr:`events`.
+    Layers are the modules that own parameters (``net.0.weight`` + ``net.0.bias`` = ``net.0``), in optimizer order.
+    **Vanishing**: update ratio (grad norm / weight norm) below ``vanishing_threshold`` for ``vanishing_patience``
+    consecutive logs. **Exploding**: norm above ``exploding_factor`` x the layer's running geometric mean, after
+    ``exploding_warmup`` logs (:mod:`lightning_gradguard.core.layer_health`). A layer's first flag is a warning; every
+    change goes to the text tag ``gradguard/layer_health_events`` and :attr:`events`.
 
-    Tags (at ``trainer.global_step``; optimizers after the first append ``_opt<i>``): scalars ``grad_norm``,
-    ``grad_norm_max``, ``grad_norm_mean`` (each with a ``_log10`` twin), ``lr``, ``vanishing_layers``,
-    ``exploding_layers``, ``nonfinite_layers``; histograms ``layer_grad_norms``, ``update_ratio`` and opt-in
-    ``grads/<layer>``; image ``gradient_flow`` every ``flow_every_n_logs`` logs; text ``layer_health_events``; and
-    the Custom Scalars layout (:mod:`~lightning_gradguard.callbacks.tensorboard_layout`). Scalars go to every
-    logger, the rest to TensorBoard loggers only; only global rank zero writes.
+    Tags (``_opt<i>`` appended for optimizers after the first): scalars ``grad_norm``, ``grad_norm_max``,
+    ``grad_norm_mean`` (each with a ``_log10`` twin), ``lr``, ``vanishing_layers``, ``exploding_layers``,
+    ``nonfinite_layers``; histograms ``layer_grad_norms``, ``update_ratio``, opt-in ``grads/<layer>``; image
+    ``gradient_flow``; text ``layer_health_events``; the Custom Scalars layout
+    (:mod:`~lightning_gradguard.callbacks.tensorboard_layout`). Scalars go to every logger, the rest to TensorBoard.
 
     Attributes:
         vanishing_layers, exploding_layers: names of the layers flagged now (all optimizers).
@@ -119,7 +107,7 @@ class GradientNormMonitor(Callback):
         >>> GradientNormMonitor(flow_every_n_logs=-1)
         Traceback (most recent call last):
         ...
-        ValueError: flow_every_n_logs must be an int >= 0, got -1
+        ValueError: GradientNormMonitor: flow_every_n_logs must be an int >= 0, got -1
     """
 
     def __init__(
@@ -136,18 +124,34 @@ class GradientNormMonitor(Callback):
         exploding_warmup: int = 5,
         progress_bar: bool = False,
     ) -> None:
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
-        self.norm_type = _check_float("norm_type", norm_type, 0.0, "> 0 (inf allowed)", allow_inf=True)
-        self.log_grad_histograms = check_bool("log_grad_histograms", log_grad_histograms)
-        self.flow_every_n_logs = check_int("flow_every_n_logs", flow_every_n_logs, 0)
-        self.vanishing_threshold = _check_float("vanishing_threshold", vanishing_threshold, 0.0, "finite and > 0")
-        self.vanishing_patience = check_int("vanishing_patience", vanishing_patience, 1)
-        self.exploding_factor = _check_float("exploding_factor", exploding_factor, 1.0, "finite and > 1")
-        self.exploding_ema_decay = _check_float("exploding_ema_decay", exploding_ema_decay, 0.0, "in (0, 1)")
-        if self.exploding_ema_decay >= 1.0:
-            raise ValueError(f"exploding_ema_decay must be in (0, 1), got {exploding_ema_decay!r}")
-        self.exploding_warmup = check_int("exploding_warmup", exploding_warmup, 1)
-        self.progress_bar = check_bool("progress_bar", progress_bar)
+        who = {"owner": "GradientNormMonitor"}
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True, **who)
+        self.norm_type = check_positive("norm_type", norm_type, allow_inf=True, **who)
+        self.log_grad_histograms = check_bool("log_grad_histograms", log_grad_histograms, **who)
+        self.flow_every_n_logs = check_int("flow_every_n_logs", flow_every_n_logs, 0, **who)
+        self.vanishing_threshold = check_positive("vanishing_threshold", vanishing_threshold, **who)
+        self.vanishing_patience = check_int("vanishing_patience", vanishing_patience, 1, **who)
+        self.exploding_factor: float = check_number(  # type: ignore[assignment]
+            "exploding_factor",
+            exploding_factor,
+            low=1.0,
+            low_open=True,
+            high_open=True,
+            describe="finite and > 1",
+            **who,
+        )
+        self.exploding_ema_decay: float = check_number(  # type: ignore[assignment]
+            "exploding_ema_decay",
+            exploding_ema_decay,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            high_open=True,
+            describe="in (0, 1)",
+            **who,
+        )
+        self.exploding_warmup = check_int("exploding_warmup", exploding_warmup, 1, **who)
+        self.progress_bar = check_bool("progress_bar", progress_bar, **who)
 
         self._log_every = self.log_every_n_steps or 50
         self._states: dict[int, _OptimizerState] = {}
