@@ -157,8 +157,8 @@ def fit(out_dir: str, name: str) -> None:
         fit_method(out_dir, name)
         return
     torch.manual_seed(0)
-    tensor_parallel = name == "tp"
-    if name in ("norm", "tp"):
+    tensor_parallel = name in ("tp", "mesh2x2")
+    if name in ("norm", "tp", "mesh2x2"):
         callbacks = [
             GradientNormMonitor(log_every_n_steps=1, flow_every_n_logs=1, log_grad_histograms=True),
             AdaptiveGradientClipping("norm", max_norm=0.5, log_every_n_steps=1),
@@ -174,7 +174,12 @@ def fit(out_dir: str, name: str) -> None:
     record = Record(callbacks, gather_weights=name != "faults")
     logger = TensorBoardLogger(out_dir, name=f"tb_{name}", version=0) if name == "norm" else False
     trainer = sharded_trainer(
-        out_dir, [*callbacks, record], max_steps=8, tensor_parallel=tensor_parallel, logger=logger
+        out_dir,
+        [*callbacks, record],
+        max_steps=8,
+        tensor_parallel=tensor_parallel,
+        logger=logger,
+        mesh=(2, 2) if name == "mesh2x2" else None,
     )
     trainer.fit(model)
     _, clip, guard = split(callbacks)

@@ -93,15 +93,21 @@ class ShardedRegression(pl.LightningModule):
 
 
 def sharded_trainer(
-    out_dir: Any, callbacks: list[pl.Callback], max_steps: int, tensor_parallel: bool = False, **kwargs: Any
+    out_dir: Any,
+    callbacks: list[pl.Callback],
+    max_steps: int,
+    tensor_parallel: bool = False,
+    mesh: tuple[int, int] | None = None,
+    **kwargs: Any,
 ) -> pl.Trainer:
-    """2 gloo processes, quiet: ``ModelParallelStrategy`` with a (2, 1) data x tensor parallel mesh, or (1, 2)."""
+    """Quiet gloo processes with ``ModelParallelStrategy``: a (2, 1) data x tensor parallel mesh, (1, 2) with
+    ``tensor_parallel``, or ``mesh`` (one process per mesh element)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    dp, tp = (1, 2) if tensor_parallel else (2, 1)
+    dp, tp = mesh or ((1, 2) if tensor_parallel else (2, 1))
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
-        devices=2,
+        devices=dp * tp,
         strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp),
         max_steps=max_steps,
         logger=False,

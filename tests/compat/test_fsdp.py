@@ -117,6 +117,30 @@ def test_monitor_writes_global_values_from_shards(fsdp_run):
     assert acc.Images("gradguard/gradient_flow")
 
 
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_two_dimensional_mesh_2x2_norms_equal_the_unsharded_reference(tmp_path):
+    """4 processes: FSDP2 over 2 data-parallel ranks x tensor parallel over 2 (Shard on one mesh dimension,
+    Replicate or Shard on the other): the reduction follows each tensor's placement per dimension."""
+    proc = run_ddp_script(SCRIPT, tmp_path, timeout=240, args=["mesh2x2"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = sorted((json.loads(f.read_text()) for f in tmp_path.glob("mesh2x2_rank*.json")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3], proc.stderr[-3000:]
+    for other in ranks[1:]:
+        _same_on_both_ranks(ranks[0], other)
+    rows = ranks[0]["rows"]
+    placements = rows[0]["placements"]
+    assert "Replicate()" in placements["net.2.bias"]  # replicated on the tensor-parallel dimension only
+    assert placements["net.0.weight"].count("Shard") == 2  # sharded on both dimensions
+    for row in rows:
+        ref = _reference_grads(row["full_weights"], row["step"], (0, 1))
+        total = _fsum_norm([v for n in row["names"] for v in ref[n]])
+        assert _close(row["grad_norm"], total)
+        for name, got in zip(row["names"], row["param_norms"]):
+            assert _close(got, _fsum_norm(ref[name]))
+        assert _close(row["coefficient"], min(1.0, 0.5 / (total + 1e-6)))
+
+
 def _row_norms(values, shape_rows):
     rows = [values[i * len(values) // shape_rows : (i + 1) * len(values) // shape_rows] for i in range(shape_rows)]
     return [_fsum_norm(r) for r in rows]
