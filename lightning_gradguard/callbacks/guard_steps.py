@@ -106,6 +106,7 @@ class GuardSteps:
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
         self.store.reset()
+        self.buffers.clear()
         self._last, self._clip_flags = getattr(self, "_resumed", (None, []))
         self._resumed = (None, [])
         if self.g.action != "halt":  # the state the fit starts from: trusted once known to be finite

@@ -63,14 +63,17 @@ class StabilityController:
     def reset(self) -> None:
         """Start over: two fresh windows before the next judgement."""
         self._rows: deque[tuple[float, float, bool]] = deque(maxlen=2 * self.window)
+        self._count = 0
+        self._every = max(1, self.window // 10)
 
     def update(self, loss: float, grad_norm: float, clipped: bool) -> str | None:
         """Add one healthy step; returns why the LR should come down, or None."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return None
         self._rows.append((loss, grad_norm, bool(clipped)))
-        if len(self._rows) < 2 * self.window:
-            return None
+        self._count += 1
+        if len(self._rows) < 2 * self.window or self._count % self._every:
+            return None  # judged every window/10 steps: the medians move slowly, and sorting costs
         rows = list(self._rows)
         old, new = rows[: self.window], rows[self.window :]
         old_loss, new_loss = _median([r[0] for r in old]), _median([r[0] for r in new])
@@ -97,10 +100,11 @@ class StabilityController:
         return "learning rate looks too high: " + reason
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": [list(r) for r in self._rows], "interventions": self.interventions}
+        return {"rows": [list(r) for r in self._rows], "count": self._count, "interventions": self.interventions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
         for row in state.get("rows", []):
             self._rows.append((float(row[0]), float(row[1]), bool(row[2])))
+        self._count = int(state.get("count", len(self._rows)))
         self.interventions = int(state.get("interventions", 0))
