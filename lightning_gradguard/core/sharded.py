@@ -106,21 +106,26 @@ def reduce_norms(local_norms: Tensor, layout: ShardLayout, norm_type: float) -> 
     """
     if not layout.groups:
         return local_norms
+    if len(layout.groups) == 1 and len(layout.groups[0][0]) == local_norms.numel():
+        # the common case (FSDP2: every tensor sharded alike): the whole vector at once, no index tensor to upload
+        return _all_reduce_norms(local_norms, layout.groups[0][1], norm_type)
     out = local_norms.clone()
     for idx, pgs in layout.groups:
         index = torch.tensor(idx, dtype=torch.long, device=out.device)
-        part = out.index_select(0, index)
-        if norm_type == math.inf:
-            part = torch.where(torch.isnan(part), math.inf, part)
-            for pg in pgs:
-                dist.all_reduce(part, op=dist.ReduceOp.MAX, group=pg)
-        else:
-            part = part.pow(norm_type)
-            for pg in pgs:
-                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
-            part = part.pow(1.0 / norm_type)
-        out.index_copy_(0, index, part)
+        out.index_copy_(0, index, _all_reduce_norms(out.index_select(0, index), pgs, norm_type))
     return out
+
+
+def _all_reduce_norms(part: Tensor, pgs: tuple[object, ...], norm_type: float) -> Tensor:
+    if norm_type == math.inf:
+        part = torch.where(torch.isnan(part), math.inf, part)
+        for pg in pgs:
+            dist.all_reduce(part, op=dist.ReduceOp.MAX, group=pg)
+        return part
+    part = part.pow(norm_type)
+    for pg in pgs:
+        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
+    return part.pow(1.0 / norm_type)
 
 
 def unit_norms(t: Tensor) -> Tensor:
