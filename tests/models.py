@@ -117,3 +117,21 @@ def make_trainer(tmp_path: Any, callbacks: list[pl.Callback], max_steps: int = 1
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def guarded_run(root: Any, max_steps: int = 40) -> Any:
+    """A short real run with the three gradguard callbacks, logged under ``root``; returns ``root``.
+
+    TinyRegression with a NaN batch at step 20 and 100x loss spikes at steps 25 and 30 (the report and CLI tests).
+    """
+    from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard
+
+    model = TinyRegression(nan_at_steps=[20], loss_scale_at={25: 100.0, 30: 100.0})
+    callbacks = [
+        GradientNormMonitor(),
+        AdaptiveGradientClipping("zscore", warmup_steps=5),
+        NaNGuard(action="rollback", snapshot_every_n_steps=5, snapshot_confirm_steps=2),
+    ]
+    trainer = make_trainer(root, callbacks, max_steps=max_steps, log_every_n_steps=1)
+    trainer.fit(model)
+    return root

@@ -12,7 +12,7 @@ import pytest
 
 from lightning_gradguard import __version__
 from lightning_gradguard.cli import main
-from tests.examples._runs import guarded_run
+from tests.models import guarded_run
 
 
 def _gradguard() -> list[str]:

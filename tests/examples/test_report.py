@@ -10,7 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradguard.report import format_summary, plot_report, summarize
-from tests.examples._runs import guarded_run
+from tests.models import guarded_run
 
 GUIDANCE = {"histograms": 0, "scalars": 0, "images": 0, "tensors": 0}
 
