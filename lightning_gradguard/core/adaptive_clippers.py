@@ -199,7 +199,7 @@ class ZScoreClipper(_AdaptiveClipper):
             else:
                 coef, clipped = 1.0, False
             self._pending = (value, thr)
-            return ClipRecord(norm, thr, clipped, coef, warm, stat_mean=mean, stat_var=var)
+            return ClipRecord(stats.total_norm, thr, clipped, coef, warm, stat_mean=mean, stat_var=var)
         if not isinstance(self.mean, Tensor) or self.mean.device != norm.device:
             self._to_tensors(norm.device)
             mean, var = self.mean, self.var
@@ -212,7 +212,7 @@ class ZScoreClipper(_AdaptiveClipper):
                 grads, coef.to(torch.float64 if grads[0].dtype in (torch.float64, torch.complex128) else torch.float32)
             )
         self._pending = (norm, thr)
-        return ClipRecord(norm, thr, coef < 1.0, coef, warm, stat_mean=mean, stat_var=var)
+        return ClipRecord(stats.total_norm, thr, coef < 1.0, coef, warm, stat_mean=mean, stat_var=var)
 
     def _from_tensors(self) -> None:
         self.mean, self.var = float(self.mean), float(self.var)
@@ -290,7 +290,7 @@ class PercentileClipper(_AdaptiveClipper):
             thr = torch.where(est.count.to(norm.device) > 0, q, self.cap)
         coef, clipped = clip_by_global_norm_(stats.local_grads, norm, thr)
         self._pending = (norm, thr)
-        return ClipRecord(norm, thr, clipped, coef, warm)
+        return ClipRecord(stats.total_norm, thr, clipped, coef, warm)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._base_state(), "estimator": self.estimator.state_dict()}

@@ -24,7 +24,8 @@ class ClipRecord:
     the z-score CPU fast path; ``float()``/``bool()`` read either.
 
     Attributes:
-        grad_norm: pre-clip global norm (``norm_type``).
+        grad_norm: pre-clip global norm (``norm_type``), the float32 view the monitor logs (inf above float32's
+            range; the decision itself uses the float64 norm, finite for every finite gradient).
         threshold: the global-norm threshold in force (zscore, percentile, norm), the per-parameter bound
             (per_parameter), the element bound (value); None for agc. ``inf`` means "no clipping".
         clipped: did the step clip anything.

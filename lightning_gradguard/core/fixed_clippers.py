@@ -14,7 +14,14 @@ from functools import lru_cache
 from torch import Tensor
 
 from lightning_gradguard.core.clipper_base import Clipper, ClipRecord, false_tensor
-from lightning_gradguard.core.clipping import clip_by_agc_, clip_by_global_norm_, clip_by_param_norm_, clip_by_value_
+from lightning_gradguard.core.clipping import (
+    CLIP_EPS,
+    clip_by_agc_,
+    clip_by_global_norm_,
+    clip_by_param_norm_,
+    clip_by_value_,
+    foreach_mul_,
+)
 from lightning_gradguard.core.grad_stats import GradStats, layer_name_of
 
 __all__ = ["AGCClipper", "NormClipper", "PerParameterClipper", "ValueClipper"]
@@ -32,12 +39,15 @@ class NormClipper(Clipper):
 
     def clip_(self, stats: GradStats) -> ClipRecord:
         norm = stats.total_norm64
-        if norm.device.type == "cpu":  # reading a CPU scalar is no sync: skip the multiply when nothing is clipped
+        if norm.device.type == "cpu":  # reading a CPU scalar is no sync: decide in Python, multiply only if needed
             value = norm.item()
-            if not (math.isfinite(value) and value + 1e-6 > self.max_norm):
-                return ClipRecord(norm, self.max_norm, False, 1.0)
-        coef, clipped = clip_by_global_norm_(stats.local_grads, norm, self.max_norm)
-        return ClipRecord(norm, self.max_norm, clipped, coef)
+            if not (math.isfinite(value) and value + CLIP_EPS > self.max_norm):
+                return ClipRecord(stats.total_norm, self.max_norm, False, 1.0)
+            coef = self.max_norm / (value + CLIP_EPS)
+            foreach_mul_(stats.local_grads, coef)
+            return ClipRecord(stats.total_norm, self.max_norm, True, coef)
+        coef_t, clipped = clip_by_global_norm_(stats.local_grads, norm, self.max_norm)
+        return ClipRecord(stats.total_norm, self.max_norm, clipped, coef_t)
 
 
 class PerParameterClipper(Clipper):
@@ -52,7 +62,7 @@ class PerParameterClipper(Clipper):
 
     def clip_(self, stats: GradStats) -> ClipRecord:
         coef, clipped = clip_by_param_norm_(stats.local_grads, stats.param_norms64, self.max_norm)
-        return ClipRecord(stats.total_norm64, self.max_norm, clipped, coef)
+        return ClipRecord(stats.total_norm, self.max_norm, clipped, coef)
 
 
 class ValueClipper(Clipper):
@@ -76,7 +86,7 @@ class ValueClipper(Clipper):
 
     def clip_(self, stats: GradStats) -> ClipRecord:
         clipped = clip_by_value_(stats.local_grads, self.clip_value)
-        return ClipRecord(stats.total_norm64, self.clip_value, clipped)
+        return ClipRecord(stats.total_norm, self.clip_value, clipped)
 
 
 @lru_cache(maxsize=64)
@@ -109,6 +119,6 @@ class AGCClipper(Clipper):
             params = [p for p, skip in zip(params, mask) if not skip]
             grads = [g for g, skip in zip(grads, mask) if not skip]
         if not grads:
-            return ClipRecord(norm, None, false_tensor(norm.device))
+            return ClipRecord(stats.total_norm, None, false_tensor(norm.device))
         clipped_units, _ = clip_by_agc_(params, grads, self.clipping, self.eps)
-        return ClipRecord(norm, None, clipped_units > 0)
+        return ClipRecord(stats.total_norm, None, clipped_units > 0)

@@ -85,7 +85,8 @@ def fit(tmp_path, clipper, model=None, max_steps=20, before=(), after=(), **kw):
 
 
 def zscore_reference(norms, z=2.5, decay=0.97, warmup=10, factor=10.0, cap=math.inf):
-    """Thresholds of the zscore method, recomputed from the pre-clip norms with plain Python floats.
+    """Thresholds of the zscore method, recomputed from the pre-clip norms with plain Python floats (the records
+    hold float32 norms, the clipper decides on float64 ones: compare at rel=1e-6).
 
     Warm-up: ``min(factor * lower median, cap)`` of the norms so far (a clipped one counted as the median it was
     measured against); then an EMA started from their median
@@ -149,8 +150,7 @@ def test_zscore_thresholds_match_reference_and_clip_to_threshold(tmp_path, zpath
     norms = [r["norm"] for r in rows]
     ref = zscore_reference(norms, z=1.0, warmup=3)
     assert rows[0]["threshold"] == math.inf  # nothing seen yet, no fallback_max_norm
-    assert [r["threshold"] for r in rows] == pytest.approx(ref, rel=1e-9)
-    assert ref[10] != pytest.approx(zscore_reference(norms, z=1.0, warmup=3)[10] * 1.5)  # the reference is sharp
+    assert [r["threshold"] for r in rows] == pytest.approx(ref, rel=1e-6)
     assert any(r["clipped"] for r in rows[3:])
     for r in rows:
         expected = min(r["norm"], r["threshold"])
@@ -283,7 +283,7 @@ def test_zscore_statistics_see_spike_as_threshold_only(tmp_path, zpath):
     _, rows = fit(tmp_path, cb, seeded(loss_scale_at={k: 1e6}), max_steps=k + 2)
     # the threshold after the spike is what the reference gives when the spike enters as min(norm, threshold)
     ref = zscore_reference([r["norm"] for r in rows], warmup=5)
-    assert rows[k + 1]["threshold"] == pytest.approx(ref[k + 1], rel=1e-9)
+    assert rows[k + 1]["threshold"] == pytest.approx(ref[k + 1], rel=1e-6)
     assert rows[k + 1]["threshold"] < 2 * rows[k]["threshold"]
 
 
@@ -306,7 +306,7 @@ def test_nonfinite_norm_never_poisons_thresholds(tmp_path, method, fault, zpath)
     if method == "zscore":
         assert clipper.state_dict()["count"] == 18 - len(bad)
         ref = zscore_reference([r["norm"] for r in rows], warmup=4)
-        assert [r["threshold"] for r in rows] == pytest.approx(ref, rel=1e-9)
+        assert [r["threshold"] for r in rows] == pytest.approx(ref, rel=1e-6)
     else:
         assert int(clipper.estimator.count) == 18 - len(bad)
     tb = scalars(tmp_path)
@@ -452,7 +452,7 @@ def test_two_optimizers_manual_optimization_keep_separate_state(tmp_path, zpath)
     assert [r["step"] for r in by_opt[1]] == list(range(10))
     for i in (0, 1):
         ref = zscore_reference([r["norm"] for r in by_opt[i]], warmup=3)
-        assert [r["threshold"] for r in by_opt[i]] == pytest.approx(ref, rel=1e-9)
+        assert [r["threshold"] for r in by_opt[i]] == pytest.approx(ref, rel=1e-6)
     # the scales differ, so a shared state would be visible
     assert by_opt[1][5]["threshold"] > 3 * by_opt[0][5]["threshold"]
     assert by_opt[0][6]["clipped"]
@@ -757,7 +757,7 @@ def test_dropped_steps_never_enter_the_statistics_and_are_logged_at_once(tmp_pat
     assert rows[6]["clipped"]
     # the reference without step 6 gives the thresholds of every later step: the spike never entered
     ref = zscore_reference(norms[:6] + norms[7:], warmup=3)
-    assert [r["threshold"] for r in rows[7:]] == pytest.approx(ref[6:], rel=1e-9)
+    assert [r["threshold"] for r in rows[7:]] == pytest.approx(ref[6:], rel=1e-6)
     assert cb._slots[0].clipper.state_dict()["count"] == 11
     tb = scalars(tmp_path)
     assert set(tb["gradguard/clipped_steps"]) == {0, 7, 12}  # log step, the step after the drop, fit end
