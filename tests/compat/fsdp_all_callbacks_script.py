@@ -10,6 +10,7 @@ Several fits in the same two processes:
   row-wise (columns split, bias replicated), then ``fully_shard`` over the size-1 data dimension (2-D placements).
 - ``value``, ``per_parameter``, ``percentile``, ``agc``: the other clipping methods, 4 steps each (a spike on rank 1
   at step 2); the recorder gathers the post-clip gradients so the test can check each method's bound.
+- ``resume``: fit -> distributed checkpoint -> resume (see ``fsdp_resume_script.py``).
 - ``faults``: monitor + zscore clipper + rollback guard; rank 1 alone gets a NaN loss at step 4 and a x1e4 loss
   spike at step 6. The recorder writes what every callback saw and did per step, and each rank's *local* shards of
   the weights and Adam state after every step, so the test can check the rollback bit for bit, shard by shard.
@@ -32,6 +33,7 @@ from lightning_gradguard.callbacks.step_context import grad_stats_for  # noqa: E
 from lightning_gradguard.core.sharded import unit_norms  # noqa: E402
 from tests.compat.common import build_all, split  # noqa: E402
 from tests.compat.fsdp_models import ShardedRegression, sharded_trainer  # noqa: E402
+from tests.compat.fsdp_resume_script import main as resume_main  # noqa: E402
 
 
 def _floats(t: torch.Tensor) -> list[float]:
@@ -153,6 +155,9 @@ def fit_method(out_dir: str, method: str) -> None:
 
 
 def fit(out_dir: str, name: str) -> None:
+    if name == "resume":  # fit -> distributed checkpoint -> resume (fsdp_resume_script.py)
+        resume_main(out_dir, prefix="resume_rank")
+        return
     if name in METHODS:
         fit_method(out_dir, name)
         return
@@ -204,7 +209,7 @@ def fit(out_dir: str, name: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    for fit_name in sys.argv[2].split(",") if len(sys.argv) > 2 else ("norm", "faults", "tp", *METHODS):
+    for fit_name in sys.argv[2].split(",") if len(sys.argv) > 2 else ("norm", "faults", "tp", *METHODS, "resume"):
         fit(sys.argv[1], fit_name)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

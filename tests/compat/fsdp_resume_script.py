@@ -4,7 +4,7 @@ Run 1 trains 6 steps (rank 1 writes NaN into its weight shard at step 2, so the 
 trivial) and saves a distributed checkpoint at step 6; run 2 resumes from it with fresh callbacks and trains to step
 9. Writes ``rank<r>.json``: every callback's ``state_dict()`` at the end of run 1 and right after the resume
 (``on_train_start``, when Lightning has restored callbacks, optimizer and loops), the optimizer LR at both points
-and the steps run 2 made. Run by tests/compat/test_fsdp.py through tests/ddp_runner.py.
+and the steps run 2 made. Run as one of the fits of ``fsdp_all_callbacks_script.py`` (``resume``) or on its own.
 """
 
 import json
@@ -52,9 +52,9 @@ class Probe(Callback):
         self.steps.append(trainer.global_step)
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, prefix: str = "rank") -> None:
     torch.set_num_threads(1)
-    ckpt_dir = Path(out_dir, "ckpt")
+    ckpt_dir = Path(out_dir, f"{prefix}_ckpt")
     guard = {"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 1}
     first = build_all(guard=guard)
     saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=6, save_top_k=-1)
@@ -72,7 +72,7 @@ def main(out_dir: str) -> None:
     trainer = sharded_trainer(out_dir, [*second, probe], max_steps=9)
     torch.manual_seed(0)
     trainer.fit(ShardedRegression(), ckpt_path=str(path))
-    Path(out_dir, f"rank{trainer.global_rank}.json").write_text(
+    Path(out_dir, f"{prefix}{trainer.global_rank}.json").write_text(
         json.dumps(
             {
                 "rank": trainer.global_rank,
