@@ -216,3 +216,22 @@ def test_checkpoint_files_of_another_run_in_the_same_directory_are_never_used(tm
 
 def test_loader_fixture_sanity():
     assert len(loader()) == 8
+
+
+class NaNWeightBeforeForward(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 4:
+            with torch.no_grad():
+                pl_module.net[0].weight[1, 2] = math.nan
+
+
+def test_skip_escalates_a_weight_corrupted_before_the_forward_at_once(tmp_path):
+    # issue 15: under skip, a NaN weight used to waste max_consecutive_skips skips (no skip can undo it)
+    guard = NaNGuard(action="skip", snapshot_every_n_steps=2, snapshot_confirm_steps=0)
+    model = TinyRegression()
+    make_trainer(tmp_path, [guard, NaNWeightBeforeForward()], max_steps=8).fit(model)
+    ((step, kind, cause),) = [(e["step"], e["kind"], e["cause"]) for e in guard.events]
+    assert (step, kind, cause) == (4, "rollback", "nonfinite_params")
+    assert guard.events[0]["nonfinite_params"] == ["net.0.weight"]
+    assert "cannot be undone by skipping" in guard.events[0]["reason"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
