@@ -106,7 +106,8 @@ def _foreach_norms(tensors: list[Tensor], norm_type: float, acc: torch.dtype | N
 
 def _group_norms64(tensors: list[Tensor], norm_type: float) -> Tensor:
     dtype, device = tensors[0].dtype, tensors[0].device
-    if any(t.numel() == 0 for t in tensors):  # empty shards (uneven sharding): norm 0; torch refuses their inf-norm
+    if norm_type == math.inf and any(t.numel() == 0 for t in tensors):
+        # empty pieces (uneven sharding) have norm 0, but torch refuses their inf-norm (p-norms give 0 themselves)
         out = torch.zeros(len(tensors), dtype=torch.float64, device=device)
         idx = [i for i, t in enumerate(tensors) if t.numel()]
         if idx:
