@@ -130,18 +130,27 @@ def _all_reduce_norms(part: Tensor, pgs: tuple[object, ...], norm_type: float) -
 
 def unit_norms(t: Tensor) -> Tensor:
     """Unit-wise L2 norms for AGC (Brock et al. 2021): one per output row (dim 0) of a tensor of 2+ dims, one for the
-    whole tensor otherwise, for the rows this rank holds, as a local float32 tensor broadcastable against
-    :func:`local_view` ``(t)``.
+    whole tensor otherwise, for the rows this rank holds, as a local float64 tensor broadcastable against
+    :func:`local_view` ``(t)``. Finite whenever the elements are (float64 sums of squares; on the CPU the rows are
+    summed in the tensor's precision first and only a tensor with an overflowing row is summed again in float64).
 
     For a ``DTensor`` the per-row sums of squares of the local piece are summed over every mesh dimension that splits
     the rows' elements (a shard of dim >= 1, or any shard of a 0/1-dim tensor); a shard of dim 0 of a 2+-dim tensor
     keeps whole rows on each rank and needs nothing. A collective when something is summed (every rank must call it).
     """
     local = local_view(t).detach()
-    if local.ndim > 1:
-        sq = local.to(torch.float32).pow(2).sum(dim=tuple(range(1, local.ndim)), keepdim=True)
+    dims = tuple(range(1, local.ndim)) if local.ndim > 1 else tuple(range(local.ndim))
+
+    def squares(dtype: torch.dtype) -> Tensor:
+        x = local.abs() if local.is_complex() else local
+        return x.to(dtype).pow(2).sum(dim=dims, keepdim=local.ndim > 1, dtype=dtype)
+
+    if local.device.type == "cpu":
+        sq = squares(torch.float32).to(torch.float64)
+        if bool(torch.isinf(sq).any()) and bool(torch.isfinite(local).all()):
+            sq = squares(torch.float64)  # rare: a float32 row sum overflowed although every element is finite
     else:
-        sq = local.to(torch.float32).pow(2).sum()
+        sq = squares(torch.float64)
     if is_sharded(t):
         for dim, placement in enumerate(t.placements):
             if placement.is_replicate() or placement.is_partial():
