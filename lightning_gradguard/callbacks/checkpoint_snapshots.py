@@ -20,10 +20,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradguard.core.snapshot import Snapshot, nonfinite_entries
 
-__all__ = ["CheckpointSnapshots", "guard_state_in"]
+__all__ = ["CheckpointSnapshots", "check_checkpointing", "guard_state_in"]
 
 
 def guard_state_in(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +52,27 @@ def full_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
 def always_leaves_a_confirmed_file(trainer: pl.Trainer) -> bool:
     """Whether some ModelCheckpoint keeps more than one step's file (so an older, confirmed one always exists)."""
     return any(cb.save_top_k == -1 or cb.save_top_k > 1 for cb in full_checkpoints(trainer))
+
+
+def check_checkpointing(trainer: pl.Trainer, confirm_steps: int) -> None:
+    """At setup: refuse a Trainer without a full-state ModelCheckpoint; warn when no confirmed file can always exist."""
+    suggestion = "e.g. ModelCheckpoint(every_n_train_steps=100, save_top_k=-1), or use snapshot='memory'"
+    if not trainer.checkpoint_callbacks:
+        raise ValueError(
+            "NaNGuard(snapshot='checkpoint') rolls back to this fit's ModelCheckpoint files, but the Trainer has "
+            f"no ModelCheckpoint callback; add one ({suggestion})"
+        )
+    if not full_checkpoints(trainer):
+        raise ValueError(
+            "NaNGuard(snapshot='checkpoint') needs full checkpoints (optimizer and scheduler state), but every "
+            f"ModelCheckpoint has save_weights_only=True ({suggestion})"
+        )
+    if not always_leaves_a_confirmed_file(trainer):
+        rank_zero_warn(
+            "NaNGuard(snapshot='checkpoint'): no ModelCheckpoint keeps more than one file (save_top_k <= 1), so "
+            f"for {confirm_steps} steps after each save no confirmed file exists; a fault then "
+            f"rolls back to the state the fit started from. To always have one: {suggestion}."
+        )
 
 
 class CheckpointSnapshots:

@@ -228,29 +228,10 @@ class NaNGuard(Callback):
                 "two LR cuts) and their snapshots would disagree."
             )
         if self.snapshot == "checkpoint":
-            self._check_checkpointing(trainer)
+            ckpts.check_checkpointing(trainer, self.snapshot_confirm_steps)
         self.files.start(trainer)
         # trainer.log_dir is a collective under DDP: resolve it here, where every rank runs.
         self._out_dir = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
-
-    def _check_checkpointing(self, trainer: pl.Trainer) -> None:
-        suggestion = "e.g. ModelCheckpoint(every_n_train_steps=100, save_top_k=-1), or use snapshot='memory'"
-        if not trainer.checkpoint_callbacks:
-            raise ValueError(
-                "NaNGuard(snapshot='checkpoint') rolls back to this fit's ModelCheckpoint files, but the Trainer has "
-                f"no ModelCheckpoint callback; add one ({suggestion})"
-            )
-        if not ckpts.full_checkpoints(trainer):
-            raise ValueError(
-                "NaNGuard(snapshot='checkpoint') needs full checkpoints (optimizer and scheduler state), but every "
-                f"ModelCheckpoint has save_weights_only=True ({suggestion})"
-            )
-        if not ckpts.always_leaves_a_confirmed_file(trainer):
-            rank_zero_warn(
-                "NaNGuard(snapshot='checkpoint'): no ModelCheckpoint keeps more than one file (save_top_k <= 1), so "
-                f"for {self.snapshot_confirm_steps} steps after each save no confirmed file exists; a fault then "
-                f"rolls back to the state the fit started from. To always have one: {suggestion}."
-            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if torch.is_anomaly_enabled():  # Trainer(detect_anomaly=True) turns it on just around the fit loop
