@@ -46,8 +46,8 @@ class StabilityController:
         >>> [ctl.update(1.0, 1.0, clipped=False) for _ in range(8)][-1] is None
         True
         >>> reasons = [ctl.update(1.0 + i, 1.0, clipped=True) for i in range(8)]
-        >>> reasons[-1].startswith("learning rate looks too high")
-        True
+        >>> [r.split(":")[0] for r in reasons if r]
+        ['learning rate looks too high']
     """
 
     def __init__(
