@@ -1,7 +1,8 @@
 """2-process CPU DDP run: faults seen by rank 1 only must make both ranks roll back together and finish.
 
 Step 4: NaN loss on rank 1 (rank 0 sees it through the all-reduced gradients). Step 6: an inf weight on rank 1
-only, after the gradient check (rank 0 sees nothing; the flag reaches it through reduce_boolean_decision).
+only, after the gradient check: found when the snapshot taken right after step 6 is checked before it is trusted
+(rank 0 sees nothing itself; the flag reaches it through the one reduce of that check).
 
 Run by tests/callbacks/test_nan_guard_ddp.py in a subprocess (``strategy="ddp"`` inside pytest would re-run pytest
 in rank 1). Writes ``guard_rank<r>.json`` per rank into the output directory.
