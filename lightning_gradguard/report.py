@@ -56,7 +56,8 @@ class RunHealth:
         percentiles: p50/p90/p99 of the logged norms and ``max``, the largest norm of any step (from
             ``grad_norm_max`` when written).
         nonfinite_norms: logged norms (or interval maxima) that were NaN/inf.
-        clip_rate: clipped steps / steps (from ``clipped_steps``; else the mean ``clip_fraction``); None without.
+        clip_rate: clipped steps / steps the clipper's writes cover (``clipped_steps`` / ``clip_fraction`` per
+            write); else the mean of ``clip_fraction``; None without.
         clipped_steps, flagged_steps: totals of the per-interval counts (None without the tags).
         loss_max: the guard's largest loss over any step (None without ``gradguard/loss_max``).
         vanishing_max, exploding_max: the most layers flagged at once (None without the tag).
@@ -197,7 +198,13 @@ def _read_run(path: Path, logdir: Path) -> RunHealth | None:
     counts = {k: sum(v for _, v in series(k) if math.isfinite(v)) for k in ("clipped_steps", "flagged_steps")}
     if series("clipped_steps"):
         run.clipped_steps = int(counts["clipped_steps"])
-        run.clip_rate = run.clipped_steps / (run.steps + 1)
+        # steps each write covers: clipped / fraction (both written together); step distance where nothing was clipped
+        fraction, covered, previous = dict(run.clip_fraction), 0, -1
+        for step, count in series("clipped_steps"):
+            share = fraction.get(step, 0.0)
+            covered += round(count / share) if count > 0 and share > 0 else step - previous
+            previous = step
+        run.clip_rate = run.clipped_steps / covered if covered > 0 else None
     elif run.clip_fraction:
         fractions = [v for _, v in run.clip_fraction if math.isfinite(v)]
         run.clip_rate = sum(fractions) / len(fractions) if fractions else None

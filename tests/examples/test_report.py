@@ -44,7 +44,8 @@ def test_summary_matches_event_data(run_root):
     assert run.nonfinite_norms == int((~np.isfinite(norms)).sum()) >= 1  # the NaN batch at step 20
     if "gradguard/clipped_steps" in acc.Tags()["scalars"]:
         clipped = sum(e.value for e in acc.Scalars("gradguard/clipped_steps"))
-        assert run.clip_rate == pytest.approx(clipped / (run.steps + 1), rel=1e-6)
+        assert run.clipped_steps == clipped
+        assert run.clip_rate == pytest.approx(clipped / 40, rel=1e-6)  # the fit's 40 steps
     else:
         fractions = [e.value for e in acc.Scalars("gradguard/clip_fraction")]
         assert run.clip_rate == pytest.approx(float(np.mean(fractions)), rel=1e-6)
@@ -154,3 +155,24 @@ def test_step_is_printed_once_per_event_line():
     assert strip_step("step 7 (optimizer 1): vanishing: a") == "vanishing: a"
     assert strip_step("NaNGuard rollback at step 100: loss spike") == "loss spike"
     assert strip_step("loss spike at step 3") == "loss spike at step 3"
+
+
+def test_halted_run_report_agrees_with_the_callbacks_counters(tmp_path):
+    from lightning_gradguard import AdaptiveGradientClipping, DivergenceError, GradientNormMonitor, NaNGuard
+    from tests.models import TinyRegression, make_trainer
+
+    clipper = AdaptiveGradientClipping("norm", max_norm=0.5)
+    guard = NaNGuard(action="halt")
+    callbacks = [GradientNormMonitor(log_every_n_steps=10), clipper, guard]
+    trainer = make_trainer(tmp_path, callbacks, max_steps=40, log_every_n_steps=10)
+    with pytest.raises(DivergenceError):
+        trainer.fit(TinyRegression(nan_at_steps=[23], loss_scale_at={15: 1e3}))  # halts between two logs
+    run = summarize(tmp_path).runs[0]
+    own = clipper.state_dict()["optimizers"][0]  # the clipper's own counts
+    assert run.clipped_steps == own["clipped_total"]  # everything up to the halt was written
+    assert run.clip_rate == pytest.approx(own["clipped_total"] / own["steps"], rel=1e-6)
+    assert run.skipped_steps == guard.skipped_steps
+    assert run.rollbacks == guard.rollbacks
+    assert any(kind == "halt" for _, kind, _ in run.guard_events)
+    assert run.steps >= 23  # the data reach the halt, not only the last regular log (step 20)
+    assert "halt" in format_summary(summarize(tmp_path))
