@@ -112,7 +112,7 @@ class GuardRecovery:
         event.cause, event.reason = decision.cause.value, decision.reason
         g.cause = decision.cause
         if decision.action is GuardAction.ROLLBACK:
-            restored = self.rollback(trainer, pl_module)
+            restored = self.rollback(trainer, pl_module, decision.lr_power)
             if isinstance(restored, str):
                 g.policy.rollbacks -= 1
                 if health.weights_damaged:
@@ -142,7 +142,9 @@ class GuardRecovery:
         health.nonfinite_params, health.nonfinite_buffers = _any_rank(trainer, bool(names[0]), bool(names[1]))
         return names
 
-    def rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, str | None] | str:
+    def rollback(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, lr_power: int = 1
+    ) -> tuple[int, str | None] | str:
         """Restore the newest trusted snapshot and cut the LR; returns (step, file) or why it could not."""
         snap, tried = None, []
         if self.g.snapshot == "checkpoint":
@@ -159,7 +161,7 @@ class GuardRecovery:
             trainer.precision_plugin.load_state_dict(extra["precision"])
         self.store.discard_after(snap)
         snap_scale = float(snap.meta.get("lr_scale", 1.0))
-        factor = min(self.g.lr_scale * self.g.lr_factor / snap_scale, 1.0)  # never raises the LR
+        factor = min(self.g.lr_scale * self.g.lr_factor**lr_power / snap_scale, 1.0)  # never raises the LR
         scale_lr(trainer.optimizers, schedulers, factor)
         self.g.lr_scale = snap_scale * factor
         self._after_state_change(trainer)

@@ -12,7 +12,9 @@ The four policies (``action=``):
   and no LR cut: a non-finite loss or gradient (or an input batch holding NaN/inf) while the weights are finite and
   no other fault happened in the last ``repeat_window`` steps. Everything else rolls back and lowers the LR: a fault
   repeating within ``repeat_window`` steps, non-finite weights or buffers, finite divergence (the loss or gradient
-  norm leaving its healthy range), a collapsing AMP loss scale. After ``max_rollbacks`` rollbacks, halt.
+  norm leaving its healthy range), a collapsing AMP loss scale. After ``max_rollbacks`` rollbacks, halt. A
+  divergence that repeats soon after a divergence rollback cuts harder: the exponent of the LR factor doubles each
+  time (``lr_factor``, then ``lr_factor**2``, ``lr_factor**4``), a geometric search for a stable LR.
 - ``"skip"``: skip; non-finite weights or buffers (which no skip can undo), divergence, or more than
   ``max_consecutive_skips`` flagged steps in a row escalate at once to ``escalate_to``.
 - ``"rollback"``: roll back (halt after ``max_rollbacks``).
@@ -135,6 +137,7 @@ class Decision:
     action: GuardAction
     cause: GuardCause | None = None
     reason: str = ""
+    lr_power: int = 1  # a rollback multiplies the LR by lr_factor ** lr_power
 
 
 @dataclass
@@ -233,6 +236,7 @@ class GuardPolicy:
         self.consecutive_skips = 0
         self.rollbacks = 0
         self.last_fault_step: int | None = None
+        self.divergence_streak = 0
 
     def healthy(self) -> None:
         """Count a healthy step (ends a run of skips)."""
@@ -270,9 +274,15 @@ class GuardPolicy:
             self.consecutive_skips += 1
         else:
             self.consecutive_skips = 0
+        power = 1
         if action is GuardAction.ROLLBACK:
             self.rollbacks += 1
-        return Decision(action, cause, why)
+            # divergence again soon after a divergence rollback: the LR is far too high, and halving it once more
+            # would spend the next rollback on the same lesson; each repeat doubles the exponent of the cut
+            self.divergence_streak = self.divergence_streak + 1 if cause in _DIVERGENCE and repeated else 0
+            if cause in _DIVERGENCE:
+                power = 2**self.divergence_streak
+        return Decision(action, cause, why, power)
 
     def _choose(self, cause: GuardCause, damaged: bool, repeated: bool) -> tuple[GuardAction, str]:
         if self.action == "halt":
@@ -301,6 +311,7 @@ class GuardPolicy:
             "consecutive_skips": self.consecutive_skips,
             "rollbacks": self.rollbacks,
             "last_fault_step": self.last_fault_step,
+            "divergence_streak": self.divergence_streak,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -308,3 +319,4 @@ class GuardPolicy:
         self.rollbacks = int(state.get("rollbacks", 0))
         last = state.get("last_fault_step")
         self.last_fault_step = None if last is None else int(last)
+        self.divergence_streak = int(state.get("divergence_streak", 0))

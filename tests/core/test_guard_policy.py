@@ -117,3 +117,10 @@ def test_event_line_is_plain_words():
     assert "[" not in line  # no Python reprs
     assert event.to_dict()["snapshot_step"] == 4
     assert "loss" not in event.to_dict()  # empty fields are left out
+
+
+def test_repeated_divergence_doubles_the_exponent_of_the_lr_cut():
+    policy = GuardPolicy("auto", max_rollbacks=5, repeat_window=10)
+    powers = [policy.decide(StepHealth(s, loss_divergence=True), True).lr_power for s in (3, 7, 11, 40)]
+    assert powers == [1, 2, 4, 1]  # 40 is 29 steps after 11: a new episode
+    assert policy.decide(StepHealth(45, nonfinite_params=True), True).lr_power == 1  # not a divergence
