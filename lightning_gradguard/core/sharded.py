@@ -67,7 +67,7 @@ def local_tensors(tensors: Sequence[Tensor], names: Sequence[str] | None = None)
     Raises:
         ValueError: a tensor with a ``Partial`` placement (pending reduction: its norm is not defined by the pieces).
     """
-    if DTensor is None or not any(issubclass(cls, DTensor) for cls in {type(t) for t in tensors}):
+    if DTensor is None or not any(issubclass(cls, DTensor) for cls in set(map(type, tensors))):
         return list(tensors), _UNSHARDED  # the common case, decided from the few distinct types (isinstance is slow)
     local: list[Tensor] = []
     by_key: dict[tuple[int, tuple[int, ...]], tuple[object, list[int]]] = {}
