@@ -19,34 +19,17 @@ from lightning_gradguard.callbacks.step_context import (
     step_record,
 )
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
-from lightning_gradguard.core.arg_checks import (
-    check_bool,
-    check_choice,
-    check_int,
-    check_number,
-    check_positive,
-    check_unit_interval,
-)
-from lightning_gradguard.core.clippers import CLIPPERS, Clipper, ClipRecord, unused_option
+from lightning_gradguard.core.arg_checks import check_bool, check_int
+from lightning_gradguard.core.clip_options import MAX_NORM_TYPE, MAX_WARMUP, MAX_WINDOW
+from lightning_gradguard.core.clippers import CLIPPERS, Clipper, ClipRecord, check_clip_options, make_clipper
 from lightning_gradguard.core.grad_stats import GradStats, norms_of
 
-__all__ = ["METHODS", "AdaptiveGradientClipping", "ClipRecord"]
+__all__ = ["MAX_NORM_TYPE", "MAX_WARMUP", "MAX_WINDOW", "METHODS", "AdaptiveGradientClipping", "ClipRecord"]
 
 Method = Literal["zscore", "percentile", "agc", "norm", "value", "per_parameter"]
 METHODS: tuple[str, ...] = tuple(CLIPPERS)
-#: Largest ``window`` (the exact estimator allocates ``window`` float64 slots: 8 MB at this bound).
-MAX_WINDOW = 1_000_000
-#: Largest ``warmup_steps`` (the warm-up keeps that many norms).
-MAX_WARMUP = 100_000
-#: Largest finite ``norm_type`` (p-norms for larger p equal the max-norm to float precision: use inf).
-MAX_NORM_TYPE = 100.0
 _OWNER = "AdaptiveGradientClipping"
 _BAR_EVERY = 10  # the progress bar's clip_rate is refreshed every this many steps of its optimizer
-_DEFAULTS: dict[str, Any] = dict(
-    z_threshold=2.5, clip_to="threshold", ema_decay=0.97, percentile=10.0, window=1000, percentile_estimator="window",
-    clipping=0.01, eps=1e-3, exclude=None, max_norm=1.0, clip_value=1.0, norm_type=2.0, warmup_steps=10,
-    fallback_factor=10.0, fallback_max_norm=None,
-)  # fmt: skip
 
 
 class _Slot:
@@ -151,67 +134,44 @@ class AdaptiveGradientClipping(Callback):
         progress_bar: bool = False,
     ) -> None:
         o = _OWNER
-        self.method: str = check_choice("method", method, METHODS, owner=o)
-        self.z_threshold = check_positive("z_threshold", z_threshold, owner=o)
-        self.clip_to = check_choice("clip_to", clip_to, ("threshold", "mean"), owner=o)
-        self.ema_decay = check_unit_interval("ema_decay", ema_decay, owner=o)
-        self.percentile = check_number("percentile", percentile, low=0.0, high=100.0, low_open=True, owner=o)
-        self.window = check_int("window", window, 2, high=MAX_WINDOW, owner=o)
-        self.percentile_estimator = check_choice(
-            "percentile_estimator", percentile_estimator, ("window", "histogram"), owner=o
-        )
-        self.clipping = check_positive("clipping", clipping, owner=o)
-        self.eps = check_positive("eps", eps, owner=o)
-        if exclude is not None and (isinstance(exclude, str) or not isinstance(exclude, (list, tuple))):
-            raise TypeError(f"{o}: exclude must be a list or tuple of str, got {type(exclude).__name__} ({exclude!r})")
-        for pattern in exclude or ():
-            if not isinstance(pattern, str):
-                raise TypeError(f"{o}: exclude must hold non-empty str patterns, got {pattern!r} in {exclude!r}")
-        if not all(exclude or ("x",)):
-            raise ValueError(f"{o}: exclude must hold non-empty str patterns, got an empty one in {exclude!r}")
-        self.exclude = tuple(exclude or ())
-        self.max_norm = check_positive("max_norm", max_norm, owner=o)
-        self.clip_value = check_positive("clip_value", clip_value, owner=o)
-        self.norm_type = check_number(
-            "norm_type", norm_type, low=1.0, owner=o, describe=f"in [1, {MAX_NORM_TYPE:g}] or inf"
-        )
-        if self.norm_type != math.inf and self.norm_type > MAX_NORM_TYPE:  # type: ignore[operator]
-            raise ValueError(f"{o}: norm_type must be in [1, {MAX_NORM_TYPE:g}] or inf, got {norm_type!r}")
-        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0, high=MAX_WARMUP, owner=o)
-        self.fallback_factor = check_number(
-            "fallback_factor", fallback_factor, low=1.0, high=math.inf, high_open=True, owner=o,
-            describe="finite and >= 1",
+        options = dict(
+            z_threshold=z_threshold, clip_to=clip_to, ema_decay=ema_decay, percentile=percentile, window=window,
+            percentile_estimator=percentile_estimator, clipping=clipping, eps=eps, exclude=exclude, max_norm=max_norm,
+            clip_value=clip_value, norm_type=norm_type, warmup_steps=warmup_steps, fallback_factor=fallback_factor,
+            fallback_max_norm=fallback_max_norm,
         )  # fmt: skip
-        self.fallback_max_norm = (
-            None if fallback_max_norm is None else check_positive("fallback_max_norm", fallback_max_norm, owner=o)
-        )
+        # every option is checked in core (the same checks and words as GradGuard's); kept as attributes for readers
+        self._options = check_clip_options(method, owner=o, **options)
+        self.method: str = method
+        self.z_threshold: float = self._options["z_threshold"]
+        self.clip_to: str = self._options["clip_to"]
+        self.ema_decay: float = self._options["ema_decay"]
+        self.percentile: float = self._options["percentile"]
+        self.window: int = self._options["window"]
+        self.percentile_estimator: str = self._options["percentile_estimator"]
+        self.clipping: float = self._options["clipping"]
+        self.eps: float = self._options["eps"]
+        self.exclude: tuple[str, ...] = self._options["exclude"]
+        self.max_norm: float = self._options["max_norm"]
+        self.clip_value: float = self._options["clip_value"]
+        self.norm_type: float = self._options["norm_type"]
+        self.warmup_steps: int = self._options["warmup_steps"]
+        self.fallback_factor: float = self._options["fallback_factor"]
+        self.fallback_max_norm: float | None = self._options["fallback_max_norm"]
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True, owner=o)
         self.progress_bar = check_bool("progress_bar", progress_bar, owner=o)
-        self._check_options_used()
         self._bar = ProgressBarValues()
         self._slots: dict[int, _Slot] = {}
         self._log_every = self.log_every_n_steps or 50
         #: The latest :class:`ClipRecord` of each optimizer index.
         self.last: dict[int, ClipRecord] = {}
 
-    def _check_options_used(self) -> None:
-        values = {
-            name: (getattr(self, name) or None) if name == "exclude" else getattr(self, name) for name in _DEFAULTS
-        }
-        problem = unused_option(self.method, values, _DEFAULTS)
-        if problem is not None:
-            raise ValueError(f"{_OWNER}: {problem}")
-
     # ------------------------------------------------------------------ state
 
     def _slot(self, idx: int) -> _Slot:
         slot = self._slots.get(idx)
         if slot is None:
-            cls = CLIPPERS[self.method]
-            kwargs = {name: getattr(self, name) for name in cls.options}
-            if self.method != "agc":
-                kwargs["norm_type"] = self.norm_type
-            slot = self._slots[idx] = _Slot(cls(**kwargs))
+            slot = self._slots[idx] = _Slot(make_clipper(self.method, owner=_OWNER, **self._options))
         return slot
 
     def clip_rate(self, optimizer_idx: int = 0) -> float | None:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lightning_gradguard.core.clip_options import check_clip_option as _opt
 from lightning_gradguard.core.clip_warmup import WarmupReference
 from lightning_gradguard.core.clipper_base import Clipper, ClipRecord, Number
 from lightning_gradguard.core.clipping import clip_by_global_norm_, clip_coefficient, foreach_mul_
@@ -28,8 +29,10 @@ class _AdaptiveClipper(Clipper):
     """Shared by the z-score and percentile clippers: warm-up, growth limit, deferred commit."""
 
     def __init__(self, warmup_steps: int, fallback_factor: float, fallback_max_norm: float | None) -> None:
-        self.warmup_steps = warmup_steps
-        self.fallback_factor = fallback_factor
+        o = type(self).__name__  # arguments are checked as everywhere (core/clip_options.py), naming this class
+        warmup_steps = self.warmup_steps = _opt("warmup_steps", warmup_steps, o)
+        fallback_factor = self.fallback_factor = _opt("fallback_factor", fallback_factor, o)
+        fallback_max_norm = _opt("fallback_max_norm", fallback_max_norm, o)
         self.cap = math.inf if fallback_max_norm is None else float(fallback_max_norm)
         self.warm = WarmupReference(max(1, warmup_steps), fallback_factor, self.cap)
         self.seen = 0  # committed steps (host counter: drives the warm-up phase)
@@ -127,10 +130,11 @@ class ZScoreClipper(_AdaptiveClipper):
         norm_type: float = 2.0,
     ) -> None:
         super().__init__(warmup_steps, fallback_factor, fallback_max_norm)
-        self.z_threshold = z_threshold
-        self.to_mean = clip_to == "mean"
-        self.ema_decay = ema_decay
-        self.norm_type = norm_type
+        o = type(self).__name__
+        self.z_threshold = _opt("z_threshold", z_threshold, o)
+        self.to_mean = _opt("clip_to", clip_to, o) == "mean"
+        self.ema_decay = _opt("ema_decay", ema_decay, o)
+        self.norm_type = _opt("norm_type", norm_type, o)
         self.mean: Number = 0.0
         self.var: Number = 0.0
         self.count: Number = 0  # finite values in the statistics
@@ -265,13 +269,16 @@ class PercentileClipper(_AdaptiveClipper):
         norm_type: float = 2.0,
     ) -> None:
         super().__init__(warmup_steps, fallback_factor, fallback_max_norm)
-        q = percentile / 100.0
+        o = type(self).__name__
+        q = _opt("percentile", percentile, o) / 100.0
+        window = _opt("window", window, o)
+        percentile_estimator = _opt("percentile_estimator", percentile_estimator, o)
         self.estimator: WindowQuantile | DecayedHistogramQuantile = (
             WindowQuantile(q=q, window=window)
             if percentile_estimator == "window"
             else DecayedHistogramQuantile(q=q, window=window)
         )
-        self.norm_type = norm_type
+        self.norm_type = _opt("norm_type", norm_type, o)
 
     def _learn(self, norm: Number, capped: Number) -> None:
         self.estimator.update(norm)  # non-finite values are masked inside

@@ -1,7 +1,7 @@
 """The fixed clippers: global norm, per-parameter norm, element value, and AGC (unit-wise, relative to the weights).
 
 Each scales or clamps the gradients of one step in place through :mod:`lightning_gradguard.core.clipping` and keeps
-no statistics.
+no statistics. Constructors check their arguments (:mod:`lightning_gradguard.core.clip_options`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from torch import Tensor
 
+from lightning_gradguard.core.clip_options import check_clip_option as _opt
 from lightning_gradguard.core.clipper_base import Clipper, ClipRecord, false_tensor
 from lightning_gradguard.core.clipping import (
     CLIP_EPS,
@@ -34,8 +35,8 @@ class NormClipper(Clipper):
     options = ("max_norm",)
 
     def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
-        self.max_norm = max_norm
-        self.norm_type = norm_type
+        self.max_norm = _opt("max_norm", max_norm, type(self).__name__)
+        self.norm_type = _opt("norm_type", norm_type, type(self).__name__)
 
     def clip_(self, stats: GradStats) -> ClipRecord:
         norm = stats.total_norm64
@@ -57,8 +58,8 @@ class PerParameterClipper(Clipper):
     options = ("max_norm",)
 
     def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
-        self.max_norm = max_norm
-        self.norm_type = norm_type
+        self.max_norm = _opt("max_norm", max_norm, type(self).__name__)
+        self.norm_type = _opt("norm_type", norm_type, type(self).__name__)
 
     def clip_(self, stats: GradStats) -> ClipRecord:
         coef, clipped = clip_by_param_norm_(stats.local_grads, stats.param_norms64, self.max_norm)
@@ -73,8 +74,8 @@ class ValueClipper(Clipper):
     options = ("clip_value",)
 
     def __init__(self, clip_value: float = 1.0, norm_type: float = 2.0) -> None:
-        self.clip_value = clip_value
-        self.norm_type = norm_type
+        self.clip_value = _opt("clip_value", clip_value, type(self).__name__)
+        self.norm_type = _opt("norm_type", norm_type, type(self).__name__)
 
     def check_parameters(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
         for name, p in named_params:
@@ -107,9 +108,10 @@ class AGCClipper(Clipper):
     options = ("clipping", "eps", "exclude")
 
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] = ()) -> None:
-        self.clipping = clipping
-        self.eps = eps
-        self.exclude = tuple(exclude)
+        o = type(self).__name__
+        self.clipping = _opt("clipping", clipping, o)
+        self.eps = _opt("eps", eps, o)
+        self.exclude: tuple[str, ...] = _opt("exclude", exclude, o)
 
     def clip_(self, stats: GradStats) -> ClipRecord:
         norm = stats.total_norm64
