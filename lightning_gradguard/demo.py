@@ -49,36 +49,42 @@ class DemoSettings:
 
 
 DEMOS: dict[str, DemoSettings] = {
-    # Adam at lr 0.1 on the adding problem (T=30): the first updates push the loss to ~27x its start and the
-    # gradient norm to ~1.5e3 (step 10); without clipping the LSTM saturates and stays at the 0.167 baseline.
-    # With z-score clipping (1.0 ceiling during warm-up) and the guard's loss-spike rollback it learns the task.
+    # Adam at lr 0.2 on the adding problem (T=30): the first updates push the loss to 10-90x its start and the LSTM
+    # saturates; unguarded it stayed at the 0.167 baseline for 700+ steps on seeds 0-2 (seed 0 only began to learn
+    # after ~800). Guarded, default_callbacks() with the warm-up fallback capped at 1.0 and a stronger LR cut
+    # (lr_factor 0.25): the guard's stability controller sees sustained clipping with a loss that stopped falling and
+    # cuts the LR (0.2 -> 0.05 at step 200), and seed 0 learns by step ~450. Seeds 1 and 2 stayed saturated when
+    # these settings were chosen (make demo-check reports them): Adam's step does not shrink with the gradient, so
+    # for this model only the LR cut helps, and it comes late.
     "lstm": DemoSettings(
-        model={"hidden_size": 32, "lr": 0.1, "optimizer": "adam"},
+        model={"hidden_size": 32, "lr": 0.2, "optimizer": "adam"},
         data={"seq_len": 30, "num_train": 4096, "num_val": 512, "batch_size": 64},
-        steps=1500,
-        quick_steps=400,
+        steps=700,
+        quick_steps=520,
         metric="test_mse",
         higher_is_better=False,
         baseline=1.0 / 6.0,
         learned_bar=1.0 / 24.0,
         clipping={"method": "zscore", "fallback_max_norm": 1.0},
-        guard={"action": "rollback", "spike_zscore": 6.0, "snapshot_every_n_steps": 25, "max_rollbacks": 5},
-        describe="1-layer LSTM (32 units) on the adding problem, sequence length 30, Adam lr 0.1",
+        guard={"lr_factor": 0.25},
+        describe="1-layer LSTM (32 units) on the adding problem, sequence length 30, Adam lr 0.2",
     ),
-    # SGD (momentum 0.9) at lr 0.03: without clipping a gradient spike (~100x the median norm) in the first epoch
-    # kills the ReLUs and the net stays at chance; with clipping it reaches ~89% test accuracy in 300 steps.
+    # SGD (momentum 0.9) at lr 0.05: without clipping one early gradient spike (100-160x the run's median norm) kills
+    # the ReLUs and the net stays at chance on seeds 0-2; default_callbacks() with the warm-up fallback capped at 1.0
+    # (the spike comes before the clipper has statistics) caps that step, and the net learns (test acc 0.79-0.89
+    # at 600 steps on seeds 0-2, measured while choosing these settings; make demo-check re-checks them).
     "cnn": DemoSettings(
-        model={"depth": 20, "channels": 16, "lr": 0.03, "optimizer": "sgd", "init": "he"},
+        model={"depth": 20, "channels": 16, "lr": 0.05, "optimizer": "sgd", "init": "he"},
         data={"batch_size": 64},
-        steps=300,
-        quick_steps=150,
+        steps=720,
+        quick_steps=480,
         metric="test_acc",
         higher_is_better=True,
         baseline=0.1,
         learned_bar=0.5,
         clipping={"method": "zscore", "fallback_max_norm": 1.0},
-        guard={"action": "rollback", "spike_zscore": 6.0, "snapshot_every_n_steps": 25, "max_rollbacks": 5},
-        describe="plain CNN, 20 conv layers (16 channels, He init, no batch norm or shortcuts) on digits, SGD lr 0.03",
+        guard={},
+        describe="plain CNN, 20 conv layers (16 channels, He init, no batch norm or shortcuts) on digits, SGD lr 0.05",
     ),
 }
 EXAMPLE_ALIASES = {"lstm": "lstm", "cnn": "cnn", "deep_cnn": "cnn"}
