@@ -1,30 +1,24 @@
 """Loss-spike detection: a one-sided z-score of the loss against a bounded window of recent losses.
 
-A loss is a *spike* when ``(loss - mean) / std > zscore`` over the last ``window`` steps. Memory is O(window): the
-recent values live in a fixed ring buffer. Non-finite losses never enter the window (they are the NaN guard's other
-trigger) and neither do spikes, so one blow-up does not inflate the statistics that should flag the next one. The
-state stays on the loss's device and :meth:`LossSpikeDetector.update` returns a bool tensor: no host synchronisation.
+A loss is a *spike* when ``(loss - mean) / std > zscore`` over the last ``window`` steps, with the z-score rule of
+``core/thresholds.py`` (the clipper's: std floored at 5 % of the mean, so a flat loss is not 0/0). Memory is
+O(window): the recent values live in a fixed ring buffer. Non-finite losses never enter the window (they are the NaN
+guard's other trigger) and neither do spikes, so one blow-up does not inflate the statistics that should flag the
+next one. The state stays on the loss's device and :meth:`LossSpikeDetector.update` returns a bool tensor: no host
+synchronisation.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LossSpikeDetector", "spike_zscore"]
+from lightning_gradguard.core.arg_checks import check_int, check_positive
+from lightning_gradguard.core.thresholds import zscore
 
-
-def spike_zscore(value: Tensor, mean: Tensor, std: Tensor, rel_floor: float = 1e-3, abs_floor: float = 1e-12) -> Tensor:
-    """``(value - mean) / std`` with ``std`` floored at ``rel_floor * |mean| + abs_floor`` (a flat loss is not 0/0)."""
-    floor = rel_floor * mean.abs() + abs_floor
-    return (value - mean) / torch.maximum(std, floor)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+__all__ = ["LossSpikeDetector"]
 
 
 class LossSpikeDetector:
@@ -47,15 +41,11 @@ class LossSpikeDetector:
     """
 
     def __init__(self, zscore: float = 6.0, window: int = 100, min_samples: int | None = None) -> None:
-        number = isinstance(zscore, (int, float)) and not isinstance(zscore, bool)
-        if not number or not (zscore > 0 and math.isfinite(zscore)):
-            raise ValueError(f"zscore must be a finite number > 0, got {zscore!r}")
-        if not _is_int(window) or window < 2:
-            raise ValueError(f"window must be an int >= 2, got {window!r}")
+        zscore = check_positive("zscore", zscore, owner="LossSpikeDetector")
+        window = check_int("window", window, 2, owner="LossSpikeDetector")
         if min_samples is None:
             min_samples = min(window, 10)
-        if not _is_int(min_samples) or not 2 <= min_samples <= window:
-            raise ValueError(f"min_samples must be an int in [2, window={window}], got {min_samples!r}")
+        min_samples = check_int("min_samples", min_samples, 2, high=window, owner="LossSpikeDetector")
         self.zscore = float(zscore)
         self.window = window
         self.min_samples = min_samples
@@ -65,7 +55,6 @@ class LossSpikeDetector:
         self._values: Tensor | None = None
         self._valid: Tensor | None = None
         self._pos = 0
-        self.last_zscore: Tensor | None = None
 
     def _buffers(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._values is None or self._valid is None:
@@ -88,11 +77,10 @@ class LossSpikeDetector:
         safe_n = n.clamp_min(1).to(torch.float64)
         mean = torch.where(valid, values, 0.0).sum() / safe_n
         var = torch.where(valid, (values - mean) ** 2, 0.0).sum() / (safe_n - 1).clamp_min(1)
-        z = spike_zscore(value, mean, var.sqrt())
+        z = zscore(value, mean, var)  # the one z-score rule (std floored relative to the mean), as the clipper's
         finite = torch.isfinite(value)
         scored = finite & (n >= self.min_samples)
         spike = scored & (z > self.zscore)
-        self.last_zscore = torch.where(scored, z, torch.nan)
         keep = finite & ~spike
         values[self._pos] = torch.where(keep, value, 0.0)
         valid[self._pos] = keep
