@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_gradguard.core.arg_checks import check_bool, check_choice, check_int, check_number
-from lightning_gradguard.core.clippers import CLIPPERS, Clipper, ClipRecord
+from lightning_gradguard.core.clippers import CLIPPERS, Clipper, ClipRecord, check_clip_options, make_clipper
 from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats
 from lightning_gradguard.core.guard_policy import POLICIES, GuardEvent, GuardPolicy
 from lightning_gradguard.core.snapshot import BufferCopy, SnapshotStore
@@ -103,9 +103,13 @@ class GradGuard:
         optimizers: one optimizer or a list (Fabric/Lightning wrappers are unwrapped).
         schedulers: LR schedulers to restore and rescale with the optimizers.
         scaler: a ``torch.amp.GradScaler`` (or None).
-        clipping: a method name of :data:`~lightning_gradguard.core.clippers.CLIPPERS` with its default options
-            (``"zscore"``, ``"percentile"``, ``"agc"``, ``"norm"``, ``"value"``, ``"per_parameter"``), a configured
-            core clipper (e.g. ``ZScoreClipper(z_threshold=3.0)``; copied for each optimizer), or None for none.
+        clipping: a method name of :data:`~lightning_gradguard.core.clippers.CLIPPERS` (``"zscore"``,
+            ``"percentile"``, ``"agc"``, ``"norm"``, ``"value"``, ``"per_parameter"``), a configured core clipper
+            (e.g. ``ZScoreClipper(z_threshold=3.0)``; copied for each optimizer), or None for none.
+        clipping_options: the method's options by name, as ``AdaptiveGradientClipping`` takes them (e.g.
+            ``{"z_threshold": 3.0, "warmup_steps": 20}``); checked by
+            :func:`~lightning_gradguard.core.clippers.make_clipper`, so a bad one raises the callback's message (with
+            ``GradGuard`` named). Only with a method name.
         action: the guard policy: ``"auto"``, ``"rollback"``, ``"skip"`` or ``"halt"`` (see
             :class:`~lightning_gradguard.core.guard_policy.GuardPolicy`).
         lr_factor: LR multiplier per rollback or stability cut, in (0, 1].
@@ -149,6 +153,7 @@ class GradGuard:
         scaler: Any = None,
         *,
         clipping: str | Clipper | None = "zscore",
+        clipping_options: Mapping[str, Any] | None = None,
         action: str = "auto",
         lr_factor: float = 0.5,
         max_consecutive_skips: int = 3,
@@ -181,7 +186,22 @@ class GradGuard:
         self.scaler = scaler
         if clipping is not None and not isinstance(clipping, Clipper):
             check_choice("clipping", clipping, tuple(CLIPPERS), owner=o)
+        if clipping_options is not None and not (
+            isinstance(clipping_options, Mapping) and all(isinstance(k, str) for k in clipping_options)
+        ):
+            raise TypeError(
+                f"{o}: clipping_options must be a dict of option name -> value, got {type(clipping_options).__name__}"
+            )
+        if clipping_options and not isinstance(clipping, str):
+            raise ValueError(
+                f"{o}: clipping_options is only for a method name; got clipping={clipping!r} "
+                "(configure a clipper object through its own arguments)"
+            )
         self.clipping = clipping
+        #: the checked clipping options (empty: the method's defaults).
+        self.clipping_options: dict[str, Any] = {}
+        if clipping_options:
+            self.clipping_options = check_clip_options(cast(str, clipping), owner=o, **clipping_options)
         self.action = check_choice("action", action, POLICIES, owner=o)
         self.escalate_to = check_choice("escalate_to", escalate_to, ("rollback", "halt"), owner=o)
         self.lr_factor = cast(float, check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_open=True, owner=o))
@@ -268,7 +288,7 @@ class GradGuard:
             return _Slot(None)
         if isinstance(self.clipping, Clipper):
             return _Slot(copy.deepcopy(self.clipping))
-        return _Slot(CLIPPERS[self.clipping]())
+        return _Slot(make_clipper(self.clipping, owner=_OWNER, **self.clipping_options))
 
     def _on_forward(self, _module: nn.Module, _inputs: Any) -> None:
         if not self._open and torch.is_grad_enabled():  # the first training forward of a step: buffers as they are

@@ -363,3 +363,83 @@ def test_fp16_autocast_with_grad_scaler_overflows_are_not_faults_a_nan_loss_is()
     assert [(e["step"], e["kind"], e["cause"]) for e in guard.events] == [(20, "skip", "nonfinite_loss")]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------------- clipping options
+
+_BAD_CLIP_OPTIONS = [
+    ("zscore", {"z_threshold": 0}, ValueError),
+    ("zscore", {"z_threshold": "2"}, TypeError),
+    ("zscore", {"ema_decay": 1.0}, ValueError),
+    ("zscore", {"clip_to": "median"}, ValueError),
+    ("percentile", {"window": 10**12}, ValueError),
+    ("percentile", {"percentile": 0}, ValueError),
+    ("percentile", {"warmup_steps": True}, TypeError),
+    ("agc", {"exclude": "head"}, TypeError),
+    ("agc", {"exclude": ["head", ""]}, ValueError),
+    ("agc", {"norm_type": 1.0}, ValueError),  # agc uses unit L2 norms: a norm_type would be ignored
+    ("norm", {"norm_type": 1e3}, ValueError),
+    ("norm", {"z_threshold": 3.0}, ValueError),  # an option the method ignores
+    ("value", {"max_norm": 2.0}, ValueError),
+    ("zscore", {"fallback_factor": 0.5}, ValueError),
+]
+
+
+def _message(error: type, build: Any) -> tuple[str, str]:
+    with pytest.raises(error) as info:
+        build()
+    owner, _, rest = str(info.value).partition(": ")
+    return owner, rest
+
+
+@pytest.mark.parametrize(("method", "options", "error"), _BAD_CLIP_OPTIONS)
+def test_bad_clipping_option_same_message_from_callback_and_grad_guard(method, options, error) -> None:
+    from lightning_gradguard import AdaptiveGradientClipping
+
+    model, opt, _ = _setup()
+    cb_owner, cb_text = _message(error, lambda: AdaptiveGradientClipping(method, **options))
+    gg_owner, gg_text = _message(error, lambda: GradGuard(model, opt, clipping=method, clipping_options=options))
+    assert (cb_owner, gg_owner) == ("AdaptiveGradientClipping", "GradGuard")
+    assert gg_text == cb_text
+    assert list(options)[0] in cb_text
+
+
+def test_clipper_classes_refuse_bad_values_when_built_directly() -> None:
+    from lightning_gradguard.core.clippers import AGCClipper, PercentileClipper
+
+    for error, build, text in [
+        (ValueError, lambda: ZScoreClipper(ema_decay=1.0), "ema_decay must be in the open interval (0, 1), got 1.0"),
+        (ValueError, lambda: NormClipper(max_norm=-1.0), "max_norm must be finite and > 0, got -1.0"),
+        (ValueError, lambda: PercentileClipper(window=1), "window must be an int >= 2 and <= 1000000, got 1"),
+        (TypeError, lambda: AGCClipper(exclude="head"), "exclude must be a list or tuple of str, got str ('head')"),
+    ]:
+        owner, rest = _message(error, build)
+        assert rest == text
+        assert owner.endswith("Clipper")
+
+
+def test_clipping_options_configure_the_clipper() -> None:
+    """``max_norm`` reaches the norm clipper: the clipped gradients match torch's own clip at that bound."""
+    model, opt, sched = _setup()
+    twin = copy.deepcopy(model)
+    guard = GradGuard(model, opt, sched, clipping="norm", clipping_options={"max_norm": 0.05})
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    nn.functional.mse_loss(twin(x), y).backward()
+    pre = torch.nn.utils.clip_grad_norm_(list(twin.parameters()), 0.05)
+    assert float(pre) > 0.05  # the bound is active
+    assert guard.before_step() is True
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    z = GradGuard(model, opt, clipping="zscore", clipping_options={"z_threshold": 1.5, "warmup_steps": 2})
+    assert (z._slots[0].clipper.z_threshold, z._slots[0].clipper.warm.size) == (1.5, 2)
+
+
+def test_clipping_options_need_a_method_name() -> None:
+    model, opt, _ = _setup()
+    with pytest.raises(ValueError, match=r"GradGuard: clipping_options is only for a method name"):
+        GradGuard(model, opt, clipping=NormClipper(), clipping_options={"max_norm": 2.0})
+    with pytest.raises(TypeError, match=r"GradGuard: clipping_options must be a dict"):
+        GradGuard(model, opt, clipping="norm", clipping_options=[("max_norm", 2.0)])
+    with pytest.raises(TypeError, match=r"GradGuard: 'z_thresh' is not a clipping option"):
+        GradGuard(model, opt, clipping="zscore", clipping_options={"z_thresh": 2.0})
