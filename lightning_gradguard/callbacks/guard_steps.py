@@ -25,6 +25,7 @@ from lightning_gradguard.callbacks.guard_recovery import GuardRecovery
 from lightning_gradguard.callbacks.step_context import grad_stats_for, log_due, step_record
 from lightning_gradguard.core.divergence import DivergenceDetector
 from lightning_gradguard.core.guard_policy import StepHealth
+from lightning_gradguard.core.host_read import read_scalars
 from lightning_gradguard.core.loss_spike import LossSpikeDetector
 from lightning_gradguard.core.snapshot import BufferCopy, SnapshotStore
 from lightning_gradguard.core.stability import StabilityController
@@ -157,10 +158,8 @@ class GuardSteps(GuardRecovery):
             glob = trainer.strategy.reduce(torch.nan_to_num(local.clone(), nan=math.inf), reduce_op="max")
             values = torch.cat([local, glob]).tolist()
             mine, glob_v = values[: len(parts)], values[len(parts) :]
-        elif dev.type == "cpu":
-            mine = glob_v = [float(p.item()) for p in parts]  # nothing to synchronise on the CPU
-        else:
-            mine = glob_v = torch.stack([p.to(torch.float64) for p in parts]).tolist()
+        else:  # float64: a finite norm beyond float32's range must not read as inf
+            mine = glob_v = [float(v) for v in read_scalars(parts, dev, dtype=torch.float64)]
         self._stepped, self._clip_flags = True, []
         norm, loss_v = mine[0], mine[1] if has_loss else math.nan
         self.grad_history.append([step, norm])

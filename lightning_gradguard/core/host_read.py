@@ -10,10 +10,12 @@ from torch import Tensor
 __all__ = ["read_scalars"]
 
 
-def read_scalars(tensors: Sequence[Tensor], device: torch.device, stack: bool | None = None) -> list[float]:
+def read_scalars(
+    tensors: Sequence[Tensor], device: torch.device, stack: bool | None = None, dtype: torch.dtype = torch.float32
+) -> list[float]:
     """The values of the scalar ``tensors`` as Python numbers, in one host transfer.
 
-    On an accelerator the tensors are stacked on ``device`` (as float32) and copied back together: one
+    On an accelerator the tensors are stacked on ``device`` (as ``dtype``) and copied back together: one
     synchronisation for all of them. When every tensor is on the CPU there is nothing to synchronise and each is
     read directly, which skips the conversion and stacking operations (a few microseconds of dispatch each).
     Bools read as ``True``/``False`` on the CPU and ``1.0``/``0.0`` elsewhere; both compare and ``bool()`` alike.
@@ -29,4 +31,4 @@ def read_scalars(tensors: Sequence[Tensor], device: torch.device, stack: bool | 
         stack = not all(t.device.type == "cpu" for t in tensors)
     if not stack:
         return [t.item() for t in tensors]
-    return torch.stack([t.reshape(()).to(device=device, dtype=torch.float32) for t in tensors]).tolist()
+    return torch.stack([t.reshape(()).to(device=device, dtype=dtype) for t in tensors]).tolist()
