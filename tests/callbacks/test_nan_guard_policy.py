@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gradguard import DivergenceError, NaNGuard, default_callbacks
 from lightning_gradguard.callbacks.step_context import step_record
 from lightning_gradguard.core.snapshot import clone_state
-from tests.models import TinyRegression, loader, make_trainer
+from tests.models import TinyRegression, make_trainer
 
 
 class BatchNormNet(TinyRegression):
@@ -215,10 +215,6 @@ def test_checkpoint_files_of_another_run_in_the_same_directory_are_never_used(tm
     for key in start:
         assert torch.equal(rec.after[5][key], start[key])
     assert rec.lr[5] == 0.005  # 0.01 x 0.5: the LR never rises
-
-
-def test_loader_fixture_sanity():
-    assert len(loader()) == 8
 
 
 class NaNWeightBeforeForward(Callback):
