@@ -62,6 +62,24 @@ class TrainerContext:
         self.record: StepRecord | None = None
         self._names: dict[int, str] | None = None
         self._names_owner: weakref.ref[Any] | None = None
+        self._labels: dict[int, tuple[tuple[int, ...], list[str]]] = {}  # optimizer id -> (param ids, their names)
+
+    def labels(self, pl_module: torch.nn.Module, optimizer_id: int, params: list[torch.Tensor]) -> list[str]:
+        """The names of ``params``, built once per optimizer and again only when its parameters change (a dict
+        lookup per parameter each step cost ~10 % of a clip on a model of 1000 small tensors)."""
+        ids = tuple(map(id, params))
+        cached = self._labels.get(optimizer_id)
+        if (
+            cached is not None
+            and cached[0] == ids
+            and self._names_owner is not None
+            and self._names_owner() is pl_module
+        ):
+            return cached[1]
+        names = self.param_names(pl_module)
+        labels = [names.get(i, f"param_{j}") for j, i in enumerate(ids)]
+        self._labels[optimizer_id] = (ids, labels)
+        return labels
 
     def param_names(self, pl_module: torch.nn.Module) -> dict[int, str]:
         if self._names is None or self._names_owner is None or self._names_owner() is not pl_module:
@@ -75,6 +93,7 @@ class TrainerContext:
         self.record = None
         self._names = None
         self._names_owner = None
+        self._labels.clear()
 
 
 #: One context per live Trainer. The callbacks of a Trainer must share a measurement without the user wiring them
@@ -121,9 +140,8 @@ def grad_stats_for(
     norm_type = float(norm_type)
 
     def compute() -> GradStats:
-        names = ctx.param_names(pl_module)
         params = [p for group in raw.param_groups for p in group["params"]]
-        labels = [names.get(id(p), f"param_{i}") for i, p in enumerate(params)]
+        labels = ctx.labels(pl_module, id(raw), params)
         stats = compute_grad_stats(params, labels, norm_type)
         if ctx.listeners:
             idx = optimizer_index(trainer, raw)

@@ -35,7 +35,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import cached_property, lru_cache
-from operator import attrgetter
+from itertools import repeat
+from operator import attrgetter, is_
 
 import torch
 from torch import Tensor
@@ -48,7 +49,7 @@ __all__ = ["GradStats", "compute_grad_stats", "layer_name_of", "norms_of"]
 #: so norms are combined directly; above it they are first divided by the largest one.
 _DIRECT_POWER_MAX = 6.0
 _GRAD, _IS_SPARSE, _REQUIRES_GRAD = attrgetter("grad"), attrgetter("is_sparse"), attrgetter("requires_grad")
-_DTYPE, _DEVICE = attrgetter("dtype"), attrgetter("device")
+_DTYPE = attrgetter("dtype")
 
 
 def layer_name_of(param_name: str) -> str:
@@ -87,7 +88,7 @@ def norms_of(tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch.dty
 def _local_norms64(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
     """Float64 per-tensor norms of plain tensors, one multi-tensor launch per (device, dtype) group."""
     out_device = tensors[0].device
-    if len(set(map(_DTYPE, tensors))) == 1 and len(set(map(_DEVICE, tensors))) == 1:
+    if len(set(map(_DTYPE, tensors))) == 1 and len(set(map(Tensor.get_device, tensors))) == 1:
         return _group_norms64(list(tensors), norm_type)  # the common case, without a per-tensor Python loop
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
@@ -312,7 +313,7 @@ def compute_grad_stats(
     # Whole-list passes through C-level ``map`` instead of one Python loop doing five things per tensor: on a model
     # of 1000 small tensors that loop cost as much as the norm kernel itself.
     grads = list(map(_GRAD, params))
-    if any(g is None for g in grads):
+    if any(map(is_, grads, repeat(None))):
         kept = [i for i, g in enumerate(grads) if g is not None]
         names, params, grads = [names[i] for i in kept], [params[i] for i in kept], [grads[i] for i in kept]
     if not grads:
