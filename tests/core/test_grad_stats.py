@@ -298,3 +298,26 @@ def test_empty_tensors_have_norm_zero(p):
     s = compute_grad_stats([empty, full], ["a.w", "b.w"], p)
     assert s.param_norms.tolist() == [0.0, _fsum_norm([3.0, -4.0], p)]
     assert norms_of([empty.grad], p).tolist() == [0.0]
+
+
+def test_gradients_of_a_create_graph_backward_are_measured_and_clipped_outside_the_graph():
+    """After ``backward(create_graph=True)`` the gradients carry a graph: the statistics hold detached views (same
+    storage), so clipping them in place neither fails nor records into that graph."""
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))
+    (w.pow(3).sum()).backward(create_graph=True)
+    assert w.grad.requires_grad
+    stats = compute_grad_stats([w], ["w"])
+    torch.testing.assert_close(stats.total_norm64, torch.linalg.vector_norm(w.grad.detach().double()))
+    assert not stats.grads[0].requires_grad
+    assert stats.grads[0].data_ptr() == w.grad.data_ptr()
+    stats.local_grads[0].mul_(0.5)  # what a clipper does
+    torch.testing.assert_close(w.grad.detach(), torch.tensor([13.5, 24.0]))
+
+
+def test_local_grads_are_the_gradients_themselves_when_not_sharded():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    m(torch.randn(5, 3)).sum().backward()
+    m[1].bias.grad = None
+    stats = compute_grad_stats(list(m.parameters()))
+    assert stats.names == ["param_0", "param_1", "param_2"]  # the default names keep the original positions
+    assert all(a is b for a, b in zip(stats.local_grads, [p.grad for p in m.parameters() if p.grad is not None]))
