@@ -40,7 +40,6 @@ class GuardCause(Enum):
 
     NONFINITE_LOSS = "nonfinite_loss"
     NONFINITE_GRAD = "nonfinite_grad"
-    GRAD_NORM_OVERFLOW = "grad_norm_overflow"  # every gradient element finite, but the norm overflows float32
     NONFINITE_PARAMS = "nonfinite_params"
     NONFINITE_BUFFERS = "nonfinite_buffers"
     LOSS_SPIKE = "loss_spike"
@@ -80,7 +79,6 @@ class StepHealth:
         step: the Trainer's ``global_step`` of the step.
         nonfinite_loss: the training loss was NaN/inf.
         nonfinite_grad: some gradient element was NaN/inf.
-        grad_norm_overflow: the gradient norm is inf although every element is finite.
         nonfinite_params: the weights are non-finite (found on the fault path or before trusting a snapshot).
         nonfinite_buffers: a floating buffer (e.g. BatchNorm running statistics) is non-finite.
         nonfinite_batch: the input batch held NaN/inf (diagnosis only: it makes a fault traceable to the batch).
@@ -95,7 +93,6 @@ class StepHealth:
     step: int
     nonfinite_loss: bool = False
     nonfinite_grad: bool = False
-    grad_norm_overflow: bool = False
     nonfinite_params: bool = False
     nonfinite_buffers: bool = False
     nonfinite_batch: bool = False
@@ -115,7 +112,6 @@ class StepHealth:
             (self.nonfinite_loss, GuardCause.NONFINITE_LOSS),
             (self.scale_collapse, GuardCause.AMP_SCALE_COLLAPSE),
             (self.nonfinite_grad, GuardCause.NONFINITE_GRAD),
-            (self.grad_norm_overflow, GuardCause.GRAD_NORM_OVERFLOW),
             (self.loss_divergence, GuardCause.LOSS_DIVERGENCE),
             (self.grad_divergence, GuardCause.GRAD_DIVERGENCE),
             (self.loss_spike, GuardCause.LOSS_SPIKE),
