@@ -219,7 +219,11 @@ class CallbackDriver:
         self.hooks = [h for h in PER_STEP_HOOKS if getattr(cls, h) is not getattr(pl.Callback, h)]
 
     def start(self) -> None:
+        from lightning_gradguard.callbacks.step_context import context_for
+
         t, m = self.trainer, self.module
+        listeners = context_for(t).listeners
+        before = list(listeners)
         for hook, args in (
             ("setup", (t, m, "fit")),
             ("on_fit_start", (t, m)),
@@ -229,8 +233,14 @@ class CallbackDriver:
             m._current_fx_name = hook
             getattr(self.cb, hook)(*args)
         m._current_fx_name = "on_before_optimizer_step"
+        # the measurement listeners this callback registered (the monitor's, the guard's): only they may run in this
+        # callback's rows, not those of every other candidate started in the same fit
+        self.listeners = [fn for fn in listeners if fn not in before]
 
     def step(self) -> None:
+        from lightning_gradguard.callbacks.step_context import context_for
+
+        context_for(self.trainer).listeners[:] = self.listeners
         t, m, cb = self.trainer, self.module, self.cb
         loss = m.last_loss
         for hook in self.hooks:
