@@ -59,8 +59,9 @@ class AdaptiveGradientClipping(Callback):
 
     Acts in ``on_before_optimizer_step``: once per real optimizer step (after accumulation, AMP unscaling and the
     DDP all-reduce, before the update), per optimizer, each with its own clipper from
-    :mod:`lightning_gradguard.core.clippers` (the rules live there; this class checks arguments, wires hooks and
-    logs). Norms come from the shared per-step measurement, so nothing is measured twice.
+    :mod:`lightning_gradguard.core.clippers` (the rules live there, and so do the option checks:
+    :func:`~lightning_gradguard.core.clippers.make_clipper`; this class wires hooks and logs). Norms come from the
+    shared per-step measurement, so nothing is measured twice.
 
     Methods: ``"zscore"`` (ZClip, arXiv 2504.02507: mean + z x std of an EMA of past norms), ``"percentile"``
     (AutoClip, Seetharaman et al. 2020), ``"agc"`` (Brock et al. 2021, unit-wise), fixed ``"norm"``, ``"value"``,
