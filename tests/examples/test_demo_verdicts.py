@@ -19,6 +19,13 @@ MODES = [(example, quick) for example in ("lstm", "cnn") for quick in (False, Tr
 README = Path(__file__).resolve().parents[2] / "README.md"
 BLOCK = re.compile(r"<!-- demo-figures:begin[^>]*-->\n(.*?)\n<!-- demo-figures:end -->", re.S)
 
+#: runs the demo's story does not hold for (README says so); strict: the test fails once they are rescued, so the
+#: README and this list get updated
+KNOWN_UNRESCUED = {
+    ("lstm", 2): "the guarded LSTM stays at the baseline on seed 2: flat loss, little clipping, so the guard never "
+    "learns that the LR is too high",
+}
+
 _runs: dict[tuple[str, bool, int], tuple[DemoResult, DemoResult]] = {}
 
 
@@ -43,9 +50,11 @@ def demo_root(tmp_path_factory):
 def _cases():
     for example, quick in MODES:
         for seed in (0, 1, 2):
-            mark = pytest.mark.slow if seed == 0 else pytest.mark.demo_check
+            marks = [pytest.mark.slow if seed == 0 else pytest.mark.demo_check]
+            if (example, seed) in KNOWN_UNRESCUED:
+                marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_UNRESCUED[(example, seed)]))
             name = f"{example}-{'quick' if quick else 'default'}-seed{seed}"
-            yield pytest.param(example, quick, seed, marks=mark, id=name)
+            yield pytest.param(example, quick, seed, marks=marks, id=name)
 
 
 @pytest.mark.timeout(3600)  # two full demo runs; minutes on a loaded 2-core machine
