@@ -3,7 +3,7 @@
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_gradguard.callbacks.step_context import context_for, grad_stats_for
+from lightning_gradguard.callbacks.step_context import context_for, grad_stats_for, log_due, on_measured
 from tests.models import TinyRegression, make_trainer
 
 
@@ -43,3 +43,56 @@ def test_accumulation_measures_once_per_optimizer_step(tmp_path):
     trainer.fit(TinyRegression())
     assert len(a.seen) == 2
     assert context_for(trainer).cache.computations == 2
+
+
+class _ScalingClipper(Callback):
+    """Measures, then scales every gradient by 1e-3 in place (as a clipper does)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grad_stats_for(trainer, pl_module, optimizer)
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(1e-3)
+
+
+class _Listener(Callback):
+    """Registers an on_measured listener in setup and copies the gradients it is shown."""
+
+    def __init__(self):
+        self.copies = []
+
+    def setup(self, trainer, pl_module, stage):
+        on_measured(trainer, lambda stats, idx, step: self.copies.append([g.clone() for g in stats.grads]))
+
+
+class _Raw(Callback):
+    def __init__(self):
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append([p.grad.clone() for p in pl_module.parameters() if p.grad is not None])
+
+
+def test_listeners_see_the_gradients_before_a_clipper_listed_first_scales_them(tmp_path):
+    raw, listener = _Raw(), _Listener()
+    trainer = make_trainer(tmp_path, [raw, _ScalingClipper(), listener], max_steps=4, logger=False)
+    trainer.fit(TinyRegression())
+    assert len(listener.copies) == len(raw.grads) == 4
+    for seen, expected in zip(listener.copies, raw.grads):
+        assert all(torch.equal(a, b) for a, b in zip(seen, expected))  # not the 1e-3-scaled ones
+
+
+class _Due(Callback):
+    def __init__(self, every):
+        self.every, self.due = every, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.due.append((trainer.global_step, log_due(trainer, self.every)))
+
+
+def test_log_due_counts_batches_so_both_optimizers_of_a_batch_log_together(tmp_path):
+    from tests.callbacks.test_gradient_norm_monitor import TwoOptimizers
+
+    due = _Due(2)
+    make_trainer(tmp_path, [due], max_steps=8, logger=False).fit(TwoOptimizers())  # 4 batches, 2 steps each
+    assert due.due == [(0, True), (1, True), (2, False), (3, False), (4, True), (5, True), (6, False), (7, False)]
