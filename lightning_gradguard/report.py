@@ -178,7 +178,8 @@ def _read_run(path: Path, logdir: Path) -> RunHealth | None:
     run.steps = max((s for v in all_scalars.values() for s, _ in v), default=0)
     run.loss_tag = next((t for t in LOSS_TAGS if t in all_scalars), None)
     run.loss = all_scalars.get(run.loss_tag, []) if run.loss_tag else []
-    run.metrics = {t: v[-1][1] for t, v in sorted(all_scalars.items()) if t not in ours and t != run.loss_tag and v}
+    skip = {run.loss_tag, "hp_metric"}  # hp_metric: the TensorBoardLogger's placeholder
+    run.metrics = {t: v[-1][1] for t, v in sorted(all_scalars.items()) if t not in ours and t not in skip and v}
 
     def series(short: str) -> list[tuple[int, float]]:
         return ours.get(PREFIX + short, [])
@@ -261,8 +262,9 @@ def _run_lines(run: RunHealth) -> list[str]:
     if run.loss:
         bad = len(run.loss) - len(finite_loss)
         peak = max([*finite_loss, *([run.loss_max] if run.loss_max is not None else [])], default=math.nan)
+        where = "over every step" if run.loss_max is not None else "at logged steps"
         lines.append(
-            f"  loss ({run.loss_tag}): first {run.loss[0][1]:.4g}, last {run.loss[-1][1]:.4g}, peak {peak:.4g}"
+            f"  loss ({run.loss_tag}): first {run.loss[0][1]:.4g}, last {run.loss[-1][1]:.4g}, peak {peak:.4g} {where}"
             + (f", {bad} non-finite" if bad else "")
         )
     if run.metrics:

@@ -128,7 +128,7 @@ def test_runs_without_gradguard_sit_beside_guarded_ones(run_root, tmp_path):
     assert plain.metrics == {"val_mse": 0.25}
     text = format_summary(summary)
     assert "run plain: last step 3 (no gradguard data)" in text
-    assert "loss (train_loss): first 1, last 0.5, peak 30, 1 non-finite" in text
+    assert "loss (train_loss): first 1, last 0.5, peak 30 at logged steps, 1 non-finite" in text
     assert "metrics (last): val_mse 0.25" in text
     plot_report(summary, tmp_path / "both.png")  # both runs drawn, the unguarded one with its loss only
 
