@@ -368,6 +368,10 @@ def plot_report(summary: HealthSummary, png_path: str | Path) -> Path:
             seen.add(kind)
         if plotted:
             ax.set_yscale("log")
+        elif not run.has_gradguard:
+            ax.text(0.5, 0.5, "trained without gradguard:\nits loss is on the right", ha="center", va="center")
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_title(
             f"{run.name}: gradient norm" if run.has_gradguard else f"{run.name}: no gradguard data", fontsize=10
         )
