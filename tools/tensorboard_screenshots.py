@@ -2,6 +2,8 @@
 
     gradguard demo lstm --both --logdir /tmp/demo_logs        # or any log directory with gradguard runs
     python tools/tensorboard_screenshots.py /tmp/demo_logs    # writes docs/images/tensorboard_*.png
+    gradguard demo cnn --quick --logdir /tmp/cnn_logs         # the 21-layer gradient-flow image of the README
+    python tools/tensorboard_screenshots.py /tmp/cnn_logs --views images
 
 Starts ``tensorboard --logdir LOGDIR`` on 127.0.0.1, waits until it serves the runs, then lets Chromium
 (``chromium --headless --screenshot``; Debian: ``apt-get install chromium``) render each dashboard with the viewer
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("logdir", help="TensorBoard log directory with gradguard runs (e.g. from gradguard demo)")
     parser.add_argument("--out", default=str(OUT), help=f"folder for the PNGs ({OUT})")
     parser.add_argument("--wait", type=int, default=20000, help="ms of page time before each screenshot (20000)")
+    parser.add_argument("--views", default=",".join(v[0] for v in VIEWS), help="which views (default: all)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +149,7 @@ def main() -> None:
         proxy = _proxy(base)
         front = f"http://127.0.0.1:{proxy.server_address[1]}"
         with tempfile.TemporaryDirectory() as profile:
-            for stem, fragment, (width, height) in VIEWS:
+            for stem, fragment, (width, height) in (v for v in VIEWS if v[0] in args.views.split(",")):
                 path = out / f"tensorboard_{stem}.png"
                 cmd = [
                     chromium,

@@ -55,7 +55,7 @@ def layer_abs_stats(grads: Sequence[Tensor], layer_index: Tensor, n_layers: int)
 
 
 #: the image's width in pixels: about what TensorBoard's image card shows without scaling, so the labels stay legible
-CARD_WIDTH_PX = 400
+CARD_WIDTH_PX = 350
 
 
 def render_gradient_flow(
