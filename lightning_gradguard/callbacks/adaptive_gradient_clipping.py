@@ -239,7 +239,7 @@ class AdaptiveGradientClipping(Callback):
                 "(for a fixed clip use AdaptiveGradientClipping(method='norm', max_norm=...) or method='value')."
             )
         check_supported_strategy(trainer, _OWNER)
-        self._slot(0).clipper.check_parameters(list(pl_module.named_parameters()))
+        self._slot(0).clipper.check_parameters(list(pl_module.named_parameters()), owner=_OWNER)
         self._log_every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

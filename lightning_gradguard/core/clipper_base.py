@@ -78,8 +78,9 @@ class Clipper:
     def commit(self, dropped: bool = False) -> None:
         """Learn from the step last clipped (nothing for stateless methods)."""
 
-    def check_parameters(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
-        """Raise ``ValueError`` naming a parameter this method cannot clip (called at setup)."""
+    def check_parameters(self, named_params: Sequence[tuple[str, Tensor]], owner: str | None = None) -> None:
+        """Raise ``ValueError`` naming a parameter this method cannot clip (called at setup; ``owner``: the class
+        the user called, named at the start of the message)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method}

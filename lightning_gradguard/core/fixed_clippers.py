@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from torch import Tensor
 
+from lightning_gradguard.core.arg_checks import prefix
 from lightning_gradguard.core.clip_options import check_clip_option as _opt
 from lightning_gradguard.core.clipper_base import Clipper, ClipRecord, false_tensor
 from lightning_gradguard.core.clipping import (
@@ -77,12 +78,12 @@ class ValueClipper(Clipper):
         self.clip_value = _opt("clip_value", clip_value, type(self).__name__)
         self.norm_type = _opt("norm_type", norm_type, type(self).__name__)
 
-    def check_parameters(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
+    def check_parameters(self, named_params: Sequence[tuple[str, Tensor]], owner: str | None = None) -> None:
         for name, p in named_params:
             if p.is_complex():
                 raise ValueError(
-                    f"AdaptiveGradientClipping(method='value') cannot clip the complex parameter {name!r} "
-                    "(elements of a complex gradient have no order to clamp); use method='norm', 'zscore' or 'agc'"
+                    f"{prefix(owner)}method='value' cannot clip the complex parameter {name!r} (elements of a complex "
+                    "gradient have no order to clamp); use method='norm', 'zscore' or 'agc'"
                 )
 
     def clip_(self, stats: GradStats) -> ClipRecord:

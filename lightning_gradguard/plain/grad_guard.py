@@ -247,6 +247,10 @@ class GradGuard:
         self.log = SummaryLog(self, writer)
         self._names = self._param_names()
         self._slots = [self._new_slot() for _ in self.optimizers]
+        for opt, slot in zip(self.optimizers, self._slots):  # e.g. complex parameters under clipping="value"
+            if slot.clipper is not None:
+                named = [(self._names.get(id(p), "?"), p) for g in opt.param_groups for p in g["params"]]
+                slot.clipper.check_parameters(named, owner=o)
         #: optimizer steps attempted so far (the step axis of logs and events, like the Trainer's ``global_step``).
         self.step = 0
         self.skipped_steps = 0

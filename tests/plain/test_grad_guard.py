@@ -443,3 +443,16 @@ def test_clipping_options_need_a_method_name() -> None:
         GradGuard(model, opt, clipping="norm", clipping_options=[("max_norm", 2.0)])
     with pytest.raises(TypeError, match=r"GradGuard: 'z_thresh' is not a clipping option"):
         GradGuard(model, opt, clipping="zscore", clipping_options={"z_thresh": 2.0})
+
+
+def test_value_clipping_refuses_complex_parameters_at_construction() -> None:
+    class Phase(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.phase = nn.Parameter(torch.ones(3, dtype=torch.complex64))
+
+    model = Phase()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"^GradGuard: method='value' cannot clip the complex parameter 'phase'"):
+        GradGuard(model, opt, clipping="value")
+    assert GradGuard(model, opt, clipping="norm").clipping == "norm"  # norms of complex gradients are fine
