@@ -18,7 +18,9 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_int",
+    "check_norm_type",
     "check_number",
+    "check_patterns",
     "check_positive",
     "check_unit_interval",
     "is_integer",
@@ -156,3 +158,39 @@ def check_bool(name: str, value: Any, *, owner: str | None = None) -> bool:
     if not _is_bool(value):
         raise _type_error(name, "a bool", value, owner)
     return bool(value)
+
+
+def check_norm_type(
+    name: str, value: Any, *, low: float = 0.0, high: float = math.inf, owner: str | None = None
+) -> float:
+    """``value`` as the p of a p-norm: a number in ``[low, high]`` (``low`` 0: any p > 0), or ``inf`` whatever
+    ``high`` is (the max-norm).
+
+    Example:
+        >>> check_norm_type("norm_type", 2), check_norm_type("norm_type", math.inf, low=1.0, high=100.0)
+        (2.0, inf)
+        >>> check_norm_type("norm_type", 1e3, low=1.0, high=100.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: norm_type must be in [1, 100] or inf, got 1000.0
+    """
+    any_p = low == 0.0 and high == math.inf
+    describe = "a positive number or inf" if any_p else f"in [{low:g}, {high:g}] or inf"
+    p = cast(float, check_number(name, value, low=low, low_open=low == 0.0, owner=owner, describe=describe))
+    if p != math.inf and p > high:
+        raise ValueError(f"{prefix(owner)}{name} must be {describe}, got {value!r}")
+    return p
+
+
+def check_patterns(name: str, value: Any, *, owner: str | None = None) -> tuple[str, ...]:
+    """``value`` as a tuple of non-empty str patterns (a list or tuple of them; None gives an empty tuple)."""
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise _type_error(name, "a list or tuple of str", value, owner)
+    for pattern in value:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{prefix(owner)}{name} must hold non-empty str patterns, got {pattern!r} in {value!r}")
+    if not all(value):
+        raise ValueError(f"{prefix(owner)}{name} must hold non-empty str patterns, got an empty one in {value!r}")
+    return tuple(value)

@@ -16,7 +16,9 @@ from typing import Any
 from lightning_gradguard.core.arg_checks import (
     check_choice,
     check_int,
+    check_norm_type,
     check_number,
+    check_patterns,
     check_positive,
     check_unit_interval,
     prefix,
@@ -39,28 +41,6 @@ CLIP_OPTION_DEFAULTS: dict[str, Any] = dict(
 )  # fmt: skip
 
 
-def _exclude(value: Any, owner: str | None) -> tuple[str, ...]:
-    o = prefix(owner)
-    if value is None:
-        return ()
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise TypeError(f"{o}exclude must be a list or tuple of str, got {type(value).__name__} ({value!r})")
-    for pattern in value:
-        if not isinstance(pattern, str):
-            raise TypeError(f"{o}exclude must hold non-empty str patterns, got {pattern!r} in {value!r}")
-    if not all(value):
-        raise ValueError(f"{o}exclude must hold non-empty str patterns, got an empty one in {value!r}")
-    return tuple(value)
-
-
-def _norm_type(value: Any, owner: str | None) -> float:
-    describe = f"in [1, {MAX_NORM_TYPE:g}] or inf"
-    p = check_number("norm_type", value, low=1.0, owner=owner, describe=describe)
-    if p != math.inf and p > MAX_NORM_TYPE:  # type: ignore[operator]
-        raise ValueError(f"{prefix(owner)}norm_type must be {describe}, got {value!r}")
-    return p  # type: ignore[return-value]
-
-
 _CHECKS: dict[str, Callable[[Any, str | None], Any]] = {
     "z_threshold": lambda v, o: check_positive("z_threshold", v, owner=o),
     "clip_to": lambda v, o: check_choice("clip_to", v, ("threshold", "mean"), owner=o),
@@ -70,10 +50,10 @@ _CHECKS: dict[str, Callable[[Any, str | None], Any]] = {
     "percentile_estimator": lambda v, o: check_choice("percentile_estimator", v, ("window", "histogram"), owner=o),
     "clipping": lambda v, o: check_positive("clipping", v, owner=o),
     "eps": lambda v, o: check_positive("eps", v, owner=o),
-    "exclude": _exclude,
+    "exclude": lambda v, o: check_patterns("exclude", v, owner=o),
     "max_norm": lambda v, o: check_positive("max_norm", v, owner=o),
     "clip_value": lambda v, o: check_positive("clip_value", v, owner=o),
-    "norm_type": _norm_type,
+    "norm_type": lambda v, o: check_norm_type("norm_type", v, low=1.0, high=MAX_NORM_TYPE, owner=o),
     "warmup_steps": lambda v, o: check_int("warmup_steps", v, 0, high=MAX_WARMUP, owner=o),
     "fallback_factor": lambda v, o: check_number(
         "fallback_factor", v, low=1.0, high=math.inf, high_open=True, owner=o, describe="finite and >= 1"

@@ -41,6 +41,7 @@ from operator import attrgetter, is_
 import torch
 from torch import Tensor
 
+from lightning_gradguard.core.arg_checks import check_norm_type
 from lightning_gradguard.core.sharded import local_tensors, local_view, reduce_norms
 
 __all__ = ["GradStats", "compute_grad_stats", "layer_name_of", "norms_of"]
@@ -63,13 +64,6 @@ def _layer_grouping(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[int,
     layers: dict[str, int] = {}
     index = tuple(layers.setdefault(layer_name_of(n), len(layers)) for n in names)
     return tuple(layers), index
-
-
-def _validate_norm_type(norm_type: float) -> float:
-    norm_type = float(norm_type)
-    if not (norm_type == math.inf or norm_type > 0):
-        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
-    return norm_type
 
 
 def norms_of(tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -305,7 +299,7 @@ def compute_grad_stats(
         >>> compute_grad_stats([w]).total_norm
         tensor(5.0000e+30)
     """
-    norm_type = _validate_norm_type(norm_type)
+    norm_type = check_norm_type("norm_type", norm_type)
     if names is None:
         names = [f"param_{i}" for i in range(len(params))]
     elif len(names) != len(params):

@@ -98,3 +98,22 @@ def test_number_checks(call, error, match):
 def test_type_errors_name_the_owner_class(call):
     with pytest.raises(TypeError, match=r"^NaNGuard: "):
         call()
+
+
+def test_norm_type_and_patterns():
+    from lightning_gradguard.core.arg_checks import check_norm_type, check_patterns
+
+    assert check_norm_type("p", 0.5) == 0.5
+    assert check_norm_type("p", math.inf, low=1.0, high=100.0) == math.inf
+    with pytest.raises(ValueError, match=r"^O: p must be a positive number or inf, got 0$"):
+        check_norm_type("p", 0, owner="O")
+    with pytest.raises(ValueError, match=r"^p must be in \[1, 100\] or inf, got 0.5$"):
+        check_norm_type("p", 0.5, low=1.0, high=100.0)
+    with pytest.raises(TypeError, match=r"^p must be a number, a positive number or inf, got str"):
+        check_norm_type("p", "2")
+    assert check_patterns("exclude", ["a", "b.*"]) == ("a", "b.*")
+    assert check_patterns("exclude", None) == ()
+    with pytest.raises(TypeError, match=r"^O: exclude must be a list or tuple of str, got str \('a'\)$"):
+        check_patterns("exclude", "a", owner="O")
+    with pytest.raises(ValueError, match=r"exclude must hold non-empty str patterns, got an empty one"):
+        check_patterns("exclude", ("a", ""))
