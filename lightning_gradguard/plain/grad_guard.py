@@ -464,6 +464,8 @@ class GradGuard:
 
     def __repr__(self) -> str:
         return (
-            f"GradGuard(clipping={self.clipping!r}, action={self.action!r}, step={self.step}, "
+            f"GradGuard(clipping={self.clipping!r}, "
+            + (f"clipping_options={self.clipping_options!r}, " if self.clipping_options else "")
+            + f"action={self.action!r}, step={self.step}, "
             f"skipped={self.skipped_steps}, rollbacks={self.rollbacks}, lr_scale={self.lr_scale:g})"
         )
