@@ -30,6 +30,7 @@ from lightning_gradguard.core.layer_health import ExplodingDetector, LayerHealth
 __all__ = ["EVENTS_TAG", "GradientNormMonitor", "custom_scalars_layout"]
 
 _MAX_EVENTS = 1000
+_OWNER = "GradientNormMonitor"
 EVENTS_TAG = "gradguard/layer_health_events"
 _DUPLICATE = (
     "Found 2 GradientNormMonitor callbacks; use one: they would write the same gradguard/ tags twice (one monitor "
@@ -124,13 +125,12 @@ class GradientNormMonitor(Callback):
         exploding_warmup: int = 5,
         progress_bar: bool = False,
     ) -> None:
-        who = {"owner": "GradientNormMonitor"}
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True, **who)
-        self.norm_type = check_positive("norm_type", norm_type, allow_inf=True, **who)
-        self.log_grad_histograms = check_bool("log_grad_histograms", log_grad_histograms, **who)
-        self.flow_every_n_logs = check_int("flow_every_n_logs", flow_every_n_logs, 0, **who)
-        self.vanishing_threshold = check_positive("vanishing_threshold", vanishing_threshold, **who)
-        self.vanishing_patience = check_int("vanishing_patience", vanishing_patience, 1, **who)
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True, owner=_OWNER)
+        self.norm_type = check_positive("norm_type", norm_type, allow_inf=True, owner=_OWNER)
+        self.log_grad_histograms = check_bool("log_grad_histograms", log_grad_histograms, owner=_OWNER)
+        self.flow_every_n_logs = check_int("flow_every_n_logs", flow_every_n_logs, 0, owner=_OWNER)
+        self.vanishing_threshold = check_positive("vanishing_threshold", vanishing_threshold, owner=_OWNER)
+        self.vanishing_patience = check_int("vanishing_patience", vanishing_patience, 1, owner=_OWNER)
         self.exploding_factor: float = check_number(  # type: ignore[assignment]
             "exploding_factor",
             exploding_factor,
@@ -138,7 +138,7 @@ class GradientNormMonitor(Callback):
             low_open=True,
             high_open=True,
             describe="finite and > 1",
-            **who,
+            owner=_OWNER,
         )
         self.exploding_ema_decay: float = check_number(  # type: ignore[assignment]
             "exploding_ema_decay",
@@ -148,10 +148,10 @@ class GradientNormMonitor(Callback):
             low_open=True,
             high_open=True,
             describe="in (0, 1)",
-            **who,
+            owner=_OWNER,
         )
-        self.exploding_warmup = check_int("exploding_warmup", exploding_warmup, 1, **who)
-        self.progress_bar = check_bool("progress_bar", progress_bar, **who)
+        self.exploding_warmup = check_int("exploding_warmup", exploding_warmup, 1, owner=_OWNER)
+        self.progress_bar = check_bool("progress_bar", progress_bar, owner=_OWNER)
 
         self._log_every = self.log_every_n_steps or 50
         self._states: dict[int, _OptimizerState] = {}

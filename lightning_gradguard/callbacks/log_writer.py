@@ -96,7 +96,7 @@ def announce(
         return
     logger = logger or _log
     bar = trainer.progress_bar_callback
-    if bar is None or not bar.is_enabled:
+    if bar is None or not getattr(bar, "is_enabled", True):
         logger.log(level, text)
         return
     from lightning.pytorch.callbacks import TQDMProgressBar
