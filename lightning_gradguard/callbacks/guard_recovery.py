@@ -19,7 +19,8 @@ from lightning_gradguard.core.divergence import DivergenceDetector
 from lightning_gradguard.core.divergence_report import DivergenceReport
 from lightning_gradguard.core.fault_trace import first_nonfinite_module, nonfinite_in
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
-from lightning_gradguard.core.lr_scaling import scale_lr
+from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
+from lightning_gradguard.core.recovery_rules import rollback_lr
 from lightning_gradguard.core.snapshot import (
     BufferCopy,
     SnapshotStore,
@@ -161,16 +162,16 @@ class GuardRecovery:
             trainer.precision_plugin.load_state_dict(extra["precision"])
         self.store.discard_after(snap)
         snap_scale = float(snap.meta.get("lr_scale", 1.0))
-        factor = min(self.g.lr_scale * self.g.lr_factor**lr_power / snap_scale, 1.0)  # never raises the LR
-        scale_lr(trainer.optimizers, schedulers, factor)
-        self.g.lr_scale = snap_scale * factor
+        self.g.lr_scale = rollback_lr(
+            trainer.optimizers, schedulers, self.g.lr_scale, snap_scale, self.g.lr_factor, lr_power
+        )
         self._after_state_change(trainer)
         return snap.step, snap.meta.get("path")
 
     def lower_lr(self, trainer: pl.Trainer, step: int, reason: str) -> None:
         g = self.g
-        scale_lr(trainer.optimizers, [cfg.scheduler for cfg in trainer.lr_scheduler_configs], g.lr_factor)
-        g.lr_scale *= g.lr_factor
+        schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
+        g.lr_scale = cut_lr(trainer.optimizers, schedulers, g.lr_scale, g.lr_factor)
         g.reason = type(g.reason).LOWERED_LR
         self._after_state_change(trainer)
         g.record_event(trainer, GuardEvent(step, "lower_lr", "lr_too_high", g.lr_scale, reason=reason))

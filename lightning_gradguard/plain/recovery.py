@@ -1,8 +1,8 @@
 """What :class:`~lightning_gradguard.plain.GradGuard` does after a step: snapshots, skips, rollbacks, LR cuts, halts.
 
 The decisions come from the core objects the guard holds (``GuardPolicy.decide``, the snapshot store's trust rule,
-``scale_lr``); this module applies them to the loop's model, optimizers, schedulers and GradScaler, and records
-each event as a :class:`~lightning_gradguard.core.guard_policy.GuardEvent`.
+``core.recovery_rules``); this module applies them to the loop's model, optimizers, schedulers and GradScaler,
+and records each event as a :class:`~lightning_gradguard.core.guard_policy.GuardEvent`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_gradguard.core.divergence_report import DivergenceReport
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
-from lightning_gradguard.core.lr_scaling import scale_lr
+from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
+from lightning_gradguard.core.recovery_rules import rollback_lr
 from lightning_gradguard.core.snapshot import nonfinite_entries, restore_snapshot, take_snapshot
 from lightning_gradguard.errors import DivergenceError
 
@@ -100,7 +101,7 @@ class Recovery:
         decision = g.policy.decide(health, can_roll_back=g.store.compute() is not None)
         event.cause, event.reason = decision.cause.value if decision.cause else "", decision.reason
         if decision.action is GuardAction.ROLLBACK:
-            event.snapshot_step = self.rollback()
+            event.snapshot_step = self.rollback(decision.lr_power)
         event.lr_scale = g.lr_scale
         if decision.action is GuardAction.HALT:
             self.halt(event)
@@ -118,7 +119,7 @@ class Recovery:
         health.nonfinite_params, health.nonfinite_buffers = self.g.reduce.any(bool(names[0]), bool(names[1]))
         return names
 
-    def rollback(self) -> int:
+    def rollback(self, lr_power: int = 1) -> int:
         """Restore the newest trusted snapshot and cut the LR; returns the snapshot's step."""
         g = self.g
         snap = g.store.compute()
@@ -129,16 +130,13 @@ class Recovery:
             g.scaler.load_state_dict(extra["scaler"])
         g.store.discard_after(snap)
         snap_scale = float(snap.meta.get("lr_scale", 1.0))
-        factor = min(g.lr_scale * g.lr_factor / snap_scale, 1.0)  # never raises the LR
-        scale_lr(g.optimizers, g.schedulers, factor)
-        g.lr_scale = snap_scale * factor
+        g.lr_scale = rollback_lr(g.optimizers, g.schedulers, g.lr_scale, snap_scale, g.lr_factor, lr_power)
         self._after_state_change()
         return snap.step
 
     def lower_lr(self, step: int, reason: str) -> None:
         g = self.g
-        scale_lr(g.optimizers, g.schedulers, g.lr_factor)
-        g.lr_scale *= g.lr_factor
+        g.lr_scale = cut_lr(g.optimizers, g.schedulers, g.lr_scale, g.lr_factor)
         g.last_action = "lower_lr"
         self._after_state_change()
         g.record_event(GuardEvent(step, "lower_lr", "lr_too_high", g.lr_scale, reason=reason))
