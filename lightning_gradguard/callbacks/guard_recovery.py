@@ -15,7 +15,6 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_gradguard.callbacks.step_context import context_for
-from lightning_gradguard.core.divergence import DivergenceDetector
 from lightning_gradguard.core.divergence_report import DivergenceReport
 from lightning_gradguard.core.fault_trace import first_nonfinite_module, nonfinite_in
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
@@ -28,7 +27,7 @@ from lightning_gradguard.core.snapshot import (
     restore_snapshot,
     take_snapshot,
 )
-from lightning_gradguard.core.stability import StabilityController
+from lightning_gradguard.core.step_judge import StepJudge
 from lightning_gradguard.errors import DivergenceError
 
 if TYPE_CHECKING:
@@ -45,14 +44,12 @@ class GuardRecovery:
     g: NaNGuard
     store: SnapshotStore
     buffers: BufferCopy
-    detector: DivergenceDetector
-    controller: StabilityController
+    judge: StepJudge
     grad_history: deque[list[float]]
     loss_history: deque[list[float]]
     _batches: list[tuple[Any, int]]
     _loop_limits: tuple[Any, Any] | None
     _since_snapshot: int
-    _last: tuple[float, float] | None
 
     def take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trusted: bool = False) -> None:
         """Copy the state; keep it only if every rank copied it and it is finite (else the older ones stay)."""
@@ -178,9 +175,7 @@ class GuardRecovery:
 
     def _after_state_change(self, trainer: pl.Trainer) -> None:
         self._since_snapshot = 0
-        self._last = None
-        self.detector.restart_runs()
-        self.controller.reset()
+        self.judge.after_state_change()
         context_for(trainer).cache.invalidate()  # cached statistics describe the discarded state
 
     def _survived(self, ckpt_step: int) -> bool:

@@ -1,9 +1,10 @@
 """NaNGuard's per-step work: gather one step's health (one host read, one cross-rank reduce), carry out the policy.
 
-The decisions themselves live in ``core/``: :class:`~lightning_gradguard.core.guard_policy.GuardPolicy` (what to do),
-:class:`~lightning_gradguard.core.divergence.DivergenceDetector` (finite divergence),
-:class:`~lightning_gradguard.core.stability.StabilityController` (LR too high), the snapshot store and sources. This
-module turns Lightning hooks into their inputs and applies their answers to the Trainer's objects.
+The decisions themselves live in ``core/``: :class:`~lightning_gradguard.core.step_judge.StepJudge` (the step's
+health: non-finite values, finite divergence, loss spikes, AMP scale collapse, LR too high; the same object the
+plain-loop ``GradGuard`` uses), :class:`~lightning_gradguard.core.guard_policy.GuardPolicy` (what to do), the
+snapshot store and sources. This module turns Lightning hooks into their inputs and applies their answers to the
+Trainer's objects.
 
 Healthy-step cost: the shared gradient statistics, then one stack of a few scalars (gradient norm, loss, flags, the
 clipper's previous decision), all-reduced once under DDP (max: every rank then judges the same numbers and the
@@ -14,7 +15,6 @@ snapshot is trusted and at the end of the fit.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -23,17 +23,29 @@ import torch
 
 from lightning_gradguard.callbacks.guard_recovery import GuardRecovery
 from lightning_gradguard.callbacks.step_context import grad_stats_for, log_due, step_record
-from lightning_gradguard.core.divergence import DivergenceDetector
 from lightning_gradguard.core.guard_policy import StepHealth
-from lightning_gradguard.core.host_read import read_scalars
-from lightning_gradguard.core.loss_spike import LossSpikeDetector
 from lightning_gradguard.core.snapshot import BufferCopy, SnapshotStore
-from lightning_gradguard.core.stability import StabilityController
+from lightning_gradguard.core.step_judge import StepJudge
 
 if TYPE_CHECKING:
     from lightning_gradguard.callbacks.nan_guard import NaNGuard
 
-__all__ = ["GuardSteps"]
+__all__ = ["GuardSteps", "StrategyReducer"]
+
+
+class StrategyReducer:
+    """The cross-rank maximum through ``trainer.strategy``: the
+    :class:`~lightning_gradguard.core.step_judge.RankReducer` the Trainer guard gives its step judge."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def world_size(self) -> int:
+        return int(self.trainer.world_size)
+
+    def __call__(self, local: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(local, reduce_op="max")
 
 
 class GuardSteps(GuardRecovery):
@@ -41,16 +53,28 @@ class GuardSteps(GuardRecovery):
 
     def __init__(self, guard: NaNGuard) -> None:
         self.g = guard
-        self.detector = DivergenceDetector()
-        self.controller = StabilityController()
-        self.spike = LossSpikeDetector(guard.spike_zscore, guard.spike_window) if guard.spike_zscore else None
+        self.judge = StepJudge(
+            None,  # the Trainer's reducer is set at each fit start
+            guard.divergence,
+            guard.stability,
+            guard.spike_zscore,
+            guard.spike_window,
+            guard.amp_scale_floor,
+            guard.history_size,
+        )
+        self._resumed = False
         self.store = SnapshotStore(capacity=2, confirm_steps=guard.snapshot_confirm_steps)
         self.buffers = BufferCopy()
-        self.grad_history: deque[list[float]] = deque(maxlen=guard.history_size)
-        self.loss_history: deque[list[float]] = deque(maxlen=guard.history_size)
         self._loop_limits: tuple[Any, Any] | None = None
-        self._clip_flags: list[Any] = []
         self._reset()
+
+    @property
+    def grad_history(self) -> deque[list[float]]:
+        return self.judge.grad_history
+
+    @property
+    def loss_history(self) -> deque[list[float]]:
+        return self.judge.loss_history
 
     def _reset(self) -> None:
         self._batches: list[tuple[Any, int]] = []
@@ -61,43 +85,29 @@ class GuardSteps(GuardRecovery):
         self._stepped = False
         self._overflow = False
         self._record: Any = None
-        self._last: tuple[float, float] | None = None
         self._since_snapshot = 0
         self._flagged = 0
         self._loss_max: float | None = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "divergence": self.detector.state_dict(),
-            "stability": self.controller.state_dict(),
-            "spike": self.spike.state_dict() if self.spike is not None else None,
-            "grad_history": [list(r) for r in self.grad_history],
-            "loss_history": [list(r) for r in self.loss_history],
-            "snapshots": self.store.state_dict()["snapshots"],
-            "pending_row": list(self._last) if self._last is not None else None,
-            "clip_flags": [bool(c) for c in self._clip_flags],
-        }
+        return {**self.judge.state_dict(), "snapshots": self.store.state_dict()["snapshots"]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.detector.load_state_dict(state.get("divergence") or {})
-        self.controller.load_state_dict(state.get("stability") or {})
-        if self.spike is not None and state.get("spike"):
-            self.spike.load_state_dict(state["spike"])
-        self.grad_history.clear()
-        self.grad_history.extend(list(r) for r in state.get("grad_history", []))
-        self.loss_history.clear()
-        self.loss_history.extend(list(r) for r in state.get("loss_history", []))
-        row = state.get("pending_row")
-        self._resumed = (None if row is None else (float(row[0]), float(row[1])), list(state.get("clip_flags", [])))
+        self.judge.load_state_dict(state)
+        self._resumed = True  # the judge's last row and clip flags carry into the next fit
 
     # ------------------------------------------------------------------ fit start / end
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
         self.store.reset()
         self.buffers.clear()
-        self._last, self._clip_flags = getattr(self, "_resumed", (None, []))
-        self._resumed = (None, [])
+        g, judge = self.g, self.judge
+        judge.reduce = StrategyReducer(trainer)
+        judge.divergence, judge.stability, judge.amp_scale_floor = g.divergence, g.stability, g.amp_scale_floor
+        if not self._resumed:
+            self.judge.forget_last_step()
+        self._resumed = False
         if self.g.action != "halt":  # the state the fit starts from: trusted once known to be finite
             self.take_snapshot(trainer, pl_module, trusted=True)
 
@@ -138,59 +148,22 @@ class GuardSteps(GuardRecovery):
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         """Judge the step before its update: one stack of scalars, one reduce (DDP), one host read."""
-        step = trainer.global_step
         stats = grad_stats_for(trainer, pl_module, optimizer)
-        dev = stats.device
         self._record = step_record(trainer)
-        has_loss = self._loss is not None
-        loss = self._loss.to(dev).reshape(()) if self._loss is not None else torch.zeros((), device=dev)
+        verdict = self.judge.judge(trainer.global_step, [stats], self._loss, self.scaler(trainer))
         self._loss = None
-        scaler = self.scaler(trainer)
-        scale_bad = torch.zeros((), device=dev)
-        if scaler is not None and isinstance(getattr(scaler, "_scale", None), torch.Tensor):
-            scale_bad = scaler._scale.to(dev).reshape(()) < self.g.amp_scale_floor
-        spike = self.spike.update(loss) if (self.spike is not None and has_loss) else torch.zeros((), device=dev)
-        clipped = [torch.as_tensor(c, device=dev).reshape(()) for c in self._clip_flags]
-        norm_t = getattr(stats, "total_norm64", stats.total_norm)  # float64: finite iff every element is
-        parts = [norm_t.reshape(()), loss, ~torch.isfinite(loss), scale_bad, spike, *clipped]
-        if trainer.world_size > 1:  # max over ranks (NaN made +inf first: collectives may drop NaN)
-            local = torch.stack([p.to(torch.float64) for p in parts])
-            glob = trainer.strategy.reduce(torch.nan_to_num(local.clone(), nan=math.inf), reduce_op="max")
-            values = torch.cat([local, glob]).tolist()
-            mine, glob_v = values[: len(parts)], values[len(parts) :]
-        else:  # float64: a finite norm beyond float32's range must not read as inf
-            mine = glob_v = [float(v) for v in read_scalars(parts, dev, dtype=torch.float64)]
-        self._stepped, self._clip_flags = True, []
-        norm, loss_v = mine[0], mine[1] if has_loss else math.nan
-        self.grad_history.append([step, norm])
-        if has_loss:
-            self.loss_history.append([step, loss_v])
-            if self._loss_max is None or not loss_v <= self._loss_max:
-                self._loss_max = loss_v
-        health = StepHealth(
-            step,
-            nonfinite_loss=has_loss and bool(mine[2]),
-            nonfinite_grad=not math.isfinite(norm),
-            scale_collapse=bool(mine[3]),
-            loss_spike=bool(mine[4]),
-        )
-        global_grad_bad = not math.isfinite(glob_v[0])
-        overflow = scaler is not None and global_grad_bad and not (bool(glob_v[2]) or bool(glob_v[3]))
-        if overflow:
-            self._overflow, health.nonfinite_grad = True, False  # the GradScaler's business
-        elif self.g.divergence and has_loss:  # judged on the values every rank shares: detectors in lockstep
-            health.loss_divergence, health.grad_divergence = self.detector.update(glob_v[1], glob_v[0])
-        if health.cause is None and (global_grad_bad and not overflow or any(bool(v) for v in glob_v[2:5])):
-            health.other_rank = True
-        healthy = health.cause is None and not overflow
-        if self.g.stability and healthy and self._last is not None:
-            self._lower = self.controller.update(*self._last, clipped=any(bool(v) for v in glob_v[5:])) or self._lower
-        self._last = (glob_v[1], glob_v[0]) if healthy and has_loss else None
-        if health.cause is None:
+        self._stepped = True
+        loss_v = verdict.loss
+        if loss_v is not None and (self._loss_max is None or not loss_v <= self._loss_max):
+            self._loss_max = loss_v
+        self._overflow = self._overflow or verdict.overflow
+        self._lower = verdict.lower_lr or self._lower
+        health = verdict.health
+        if health is None:
             return
         if self._pending is None:
             self._pending = health
-            self._pending_values = (loss_v if has_loss else None, norm, stats)
+            self._pending_values = (loss_v, verdict.norm, stats)
         self._record.dropped = True
         for group in getattr(optimizer, "param_groups", []):
             for p in group["params"]:
@@ -207,7 +180,7 @@ class GuardSteps(GuardRecovery):
         self._pending, self._overflow, self._lower = None, False, None
         record = self._record
         if record is not None and not record.dropped:
-            self._clip_flags = [getattr(c, "clipped", False) for c in record.clips.values()]
+            self.judge.clip_flags = [getattr(c, "clipped", False) for c in record.clips.values()]
         if pending is not None:
             self._flagged += 1
             self.handle_fault(trainer, pl_module, pending)

@@ -23,9 +23,9 @@ from lightning_gradguard.core.clippers import CLIPPERS, Clipper, ClipRecord, che
 from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats
 from lightning_gradguard.core.guard_policy import POLICIES, GuardEvent, GuardPolicy
 from lightning_gradguard.core.snapshot import BufferCopy, SnapshotStore
+from lightning_gradguard.core.step_judge import StepJudge, Verdict
 from lightning_gradguard.plain.distributed import MaxReducer, Reduce, rank_and_world
 from lightning_gradguard.plain.recovery import Recovery
-from lightning_gradguard.plain.step_judge import StepJudge, Verdict
 from lightning_gradguard.plain.summary_log import SummaryLog
 
 __all__ = ["GradGuard"]

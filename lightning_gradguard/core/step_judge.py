@@ -1,0 +1,209 @@
+"""The judgement of one optimizer step, shared by every guard: one stack of scalars, one cross-rank max, one host read.
+
+The rules are the core detectors' (:class:`~lightning_gradguard.core.divergence.DivergenceDetector`,
+:class:`~lightning_gradguard.core.stability.StabilityController`,
+:class:`~lightning_gradguard.core.loss_spike.LossSpikeDetector`); :class:`StepJudge` feeds them the step's pre-clip
+gradient norm, loss and flags in one fixed order and returns a :class:`Verdict` whose
+:class:`~lightning_gradguard.core.guard_policy.StepHealth` goes to the policy. The Trainer's ``NaNGuard`` and the
+plain-loop ``GradGuard`` both use it, so both judge the same gradient stream alike.
+
+An inf gradient norm with an enabled GradScaler and a finite loss is an AMP overflow (the scaler skips the step
+itself), not a fault. The norm is the float64 one, finite exactly when every gradient element is. Under DDP the
+step's causes are what this rank saw and the decision inputs (overflow, divergence, stability) are the maximum over
+the ranks, so the detectors stay in lockstep; a rank that saw nothing itself records ``other_rank``.
+
+The cross-rank reduction is injected (:class:`RankReducer`): the Trainer guard passes one built on
+``trainer.strategy.reduce``, the plain guard one on ``torch.distributed`` (or Fabric's ``all_reduce``). With a single
+process nothing is stacked or communicated: the scalars are read to the host directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.core.divergence import DivergenceDetector
+from lightning_gradguard.core.grad_stats import GradStats
+from lightning_gradguard.core.guard_policy import StepHealth
+from lightning_gradguard.core.host_read import read_scalars
+from lightning_gradguard.core.loss_spike import LossSpikeDetector
+from lightning_gradguard.core.stability import StabilityController
+
+__all__ = ["RankReducer", "StepJudge", "Verdict", "total_norm64"]
+
+
+class RankReducer(Protocol):
+    """Element-wise maximum of a float64 vector over the ranks; ``world_size`` 1 means nothing to communicate."""
+
+    @property
+    def world_size(self) -> int: ...
+
+    def __call__(self, local: Tensor) -> Tensor: ...
+
+
+@dataclass
+class Verdict:
+    """The judgement of one step.
+
+    Attributes:
+        health: what was wrong, or None for a step to take.
+        overflow: a GradScaler overflow step (taken; the scaler skips it).
+        lower_lr: the stability controller's reason to lower the LR after this step, or None.
+        loss, norm: this rank's loss (None when not given) and pre-clip gradient norm.
+        stats: the measured statistics of the optimizers that had gradients.
+    """
+
+    health: StepHealth | None
+    overflow: bool
+    lower_lr: str | None
+    loss: float | None
+    norm: float
+    stats: list[GradStats] = field(default_factory=list)
+
+
+def total_norm64(live: list[GradStats], device: torch.device) -> Tensor:
+    """The float64 pre-clip norm over every optimizer's gradients (the p-norm of their total norms): finite exactly
+    when every gradient element is (a huge finite gradient is the clipper's business, not a fault)."""
+    if not live:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    if len(live) == 1:
+        return live[0].total_norm64
+    p = live[0].norm_type
+    norms = torch.stack([s.total_norm64.to(device) for s in live])
+    return norms.max() if p == math.inf else torch.linalg.vector_norm(norms, p)
+
+
+class StepJudge:
+    """Feeds the detectors and builds each step's :class:`Verdict`.
+
+    Args:
+        reduce: the cross-rank maximum (None: a single process).
+        divergence, stability: run the divergence detector / the stability controller.
+        spike_zscore, spike_window: the optional loss z-score test (None: off).
+        amp_scale_floor: a GradScaler scale below this is a collapse.
+        history_size: rows of (step, norm) and (step, loss) kept for reports.
+    """
+
+    def __init__(
+        self,
+        reduce: RankReducer | None,
+        divergence: bool,
+        stability: bool,
+        spike_zscore: float | None,
+        spike_window: int,
+        amp_scale_floor: float,
+        history_size: int,
+    ) -> None:
+        self.reduce = reduce
+        self.divergence = divergence
+        self.stability = stability
+        self.amp_scale_floor = amp_scale_floor
+        self.detector = DivergenceDetector()
+        self.controller = StabilityController()
+        self.spike = LossSpikeDetector(spike_zscore, spike_window) if spike_zscore else None
+        self.grad_history: deque[list[float]] = deque(maxlen=history_size)
+        self.loss_history: deque[list[float]] = deque(maxlen=history_size)
+        #: clip flags (bools or device tensors) of the last step taken: the stability controller's input next step.
+        self.clip_flags: list[Any] = []
+        self._last: tuple[float, float] | None = None
+
+    def _values(self, parts: list[Tensor], dev: torch.device) -> tuple[list[float], list[float]]:
+        """(this rank's values, their maximum over the ranks), in one host read."""
+        if self.reduce is None or self.reduce.world_size <= 1:
+            mine = [float(v) for v in read_scalars(parts, dev, dtype=torch.float64)]
+            return mine, mine
+        local = torch.stack([p.to(dev, torch.float64).reshape(()) for p in parts])
+        glob = self.reduce(torch.nan_to_num(local.clone(), nan=math.inf))  # collectives may drop NaN
+        values = torch.cat([local, glob.to(dev, torch.float64)]).tolist()
+        return values[: len(parts)], values[len(parts) :]
+
+    def judge(self, step: int, stats: list[GradStats], loss: Tensor | float | None, scaler: Any) -> Verdict:
+        """Judge one step before its update from the optimizers' ``stats``, the (unscaled) ``loss`` and the
+        GradScaler (None or disabled: no AMP)."""
+        live = [s for s in stats if s.grads]
+        dev = stats[0].device if stats else torch.device("cpu")
+        has_loss = loss is not None
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        loss_t = zero
+        if has_loss:  # a Python number keeps its float64 precision; a tensor its own dtype
+            raw = loss.detach() if isinstance(loss, Tensor) else torch.tensor(loss, dtype=torch.float64)
+            loss_t = raw.to(dev).reshape(())
+        scaled = scaler is not None and scaler.is_enabled()
+        scale_bad = zero
+        scale = getattr(scaler, "_scale", None) if scaled else None
+        if isinstance(scale, Tensor):  # the scale tensor itself: get_scale() would read it to the host
+            scale_bad = (scale.to(dev).reshape(()) < self.amp_scale_floor).to(torch.float64)
+        spike = self.spike.update(loss_t) if (self.spike is not None and has_loss) else zero
+        parts = [total_norm64(live, dev), loss_t, ~torch.isfinite(loss_t), scale_bad, spike]
+        parts += [torch.as_tensor(c, device=dev).reshape(()) for c in self.clip_flags]  # tensors: no read
+        self.clip_flags = []
+        mine, glob = self._values(parts, dev)
+        norm, loss_v = mine[0], (mine[1] if has_loss else math.nan)
+        self.grad_history.append([step, norm])
+        if has_loss:
+            self.loss_history.append([step, loss_v])
+        # what this rank saw; the decision below uses what every rank shares
+        health = StepHealth(
+            step,
+            nonfinite_loss=has_loss and mine[2] > 0,
+            nonfinite_grad=not math.isfinite(norm),
+            scale_collapse=mine[3] > 0,
+            loss_spike=mine[4] > 0,
+        )
+        global_grad_bad = not math.isfinite(glob[0])
+        overflow = scaled and global_grad_bad and not (glob[2] > 0 or glob[3] > 0)
+        if overflow:
+            health.nonfinite_grad = False  # the GradScaler's business
+        elif self.divergence and has_loss:  # judged on shared values: the detectors stay in lockstep
+            health.loss_divergence, health.grad_divergence = self.detector.update(glob[1], glob[0])
+        if health.cause is None and ((global_grad_bad and not overflow) or any(v > 0 for v in glob[2:5])):
+            health.other_rank = True
+        healthy = health.cause is None and not overflow
+        lower = None
+        if self.stability and healthy and self._last is not None:
+            lower = self.controller.update(*self._last, clipped=any(v > 0 for v in glob[5:]))
+        self._last = (glob[1], glob[0]) if healthy and has_loss else None
+        verdict = Verdict(None, overflow, lower, loss_v if has_loss else None, norm, live)
+        if health.cause is not None:
+            verdict.health = health
+        return verdict
+
+    def after_state_change(self) -> None:
+        """A rollback or LR cut: the run restarts from another state (baselines kept, counting in progress not)."""
+        self._last = None
+        self.detector.restart_runs()
+        self.controller.reset()
+
+    def forget_last_step(self) -> None:
+        """A new run of steps (e.g. a new fit without a resumed state): no previous step feeds the controller."""
+        self._last = None
+        self.clip_flags = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "divergence": self.detector.state_dict(),
+            "stability": self.controller.state_dict(),
+            "spike": self.spike.state_dict() if self.spike is not None else None,
+            "grad_history": [list(r) for r in self.grad_history],
+            "loss_history": [list(r) for r in self.loss_history],
+            "pending_row": list(self._last) if self._last is not None else None,
+            "clip_flags": [bool(c) for c in self.clip_flags],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state.get("divergence") or {})
+        self.controller.load_state_dict(state.get("stability") or {})
+        if self.spike is not None and state.get("spike"):
+            self.spike.load_state_dict(state["spike"])
+        self.grad_history.clear()
+        self.grad_history.extend(list(r) for r in state.get("grad_history", []))
+        self.loss_history.clear()
+        self.loss_history.extend(list(r) for r in state.get("loss_history", []))
+        row = state.get("pending_row")
+        self._last = None if row is None else (float(row[0]), float(row[1]))
+        self.clip_flags = [bool(c) for c in state.get("clip_flags", [])]
