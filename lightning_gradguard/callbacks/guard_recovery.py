@@ -15,16 +15,14 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_gradguard.callbacks.step_context import context_for
-from lightning_gradguard.core.divergence_report import DivergenceReport
 from lightning_gradguard.core.fault_trace import first_nonfinite_module, nonfinite_in
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
+from lightning_gradguard.core.recovery_rules import halt_reason, halt_report, roll_back
 from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
-from lightning_gradguard.core.recovery_rules import rollback_lr
 from lightning_gradguard.core.snapshot import (
     BufferCopy,
     SnapshotStore,
     nonfinite_entries,
-    restore_snapshot,
     take_snapshot,
 )
 from lightning_gradguard.core.step_judge import StepJudge
@@ -154,14 +152,12 @@ class GuardRecovery:
         if snap is None:
             return f"no trusted snapshot to roll back to (checkpoint files: {listing})"
         schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
-        extra = restore_snapshot(snap, pl_module, trainer.optimizers, schedulers)
+        g = self.g
+        extra, g.lr_scale = roll_back(
+            snap, self.store, pl_module, trainer.optimizers, schedulers, g.lr_scale, g.lr_factor, lr_power
+        )
         if "precision" in extra:
             trainer.precision_plugin.load_state_dict(extra["precision"])
-        self.store.discard_after(snap)
-        snap_scale = float(snap.meta.get("lr_scale", 1.0))
-        self.g.lr_scale = rollback_lr(
-            trainer.optimizers, schedulers, self.g.lr_scale, snap_scale, self.g.lr_factor, lr_power
-        )
         self._after_state_change(trainer)
         return snap.step, snap.meta.get("path")
 
@@ -190,25 +186,20 @@ class GuardRecovery:
     def halt(self, trainer: pl.Trainer, event: GuardEvent) -> None:
         g = self.g
         g.reason = type(g.reason).HALTED
-        reason = f"{event.cause.replace('_', ' ')}; {event.reason}"
-        event.reason = reason
-        report = DivergenceReport(
-            step=event.step,
-            reason=reason,
-            cause=event.cause,
-            nonfinite_loss=event.cause == "nonfinite_loss",
-            nonfinite_grads=event.nonfinite_grads,
-            nonfinite_params=event.nonfinite_params,
-            lr=[[float(grp["lr"]) for grp in opt.param_groups] for opt in trainer.optimizers],
-            lr_scale=g.lr_scale,
-            counters={
-                "skipped_steps": g.skipped_steps,
-                "rollbacks": g.rollbacks,
-                "amp_overflow_steps": g.amp_overflow_steps,
-            },
-            grad_norm_history=[list(r) for r in self.grad_history],
-            loss_history=[list(r) for r in self.loss_history],
-            events=[*g.events, event.to_dict()],
+        event.reason = reason = halt_reason(event)
+        counters = {
+            "skipped_steps": g.skipped_steps,
+            "rollbacks": g.rollbacks,
+            "amp_overflow_steps": g.amp_overflow_steps,
+        }
+        report = halt_report(
+            event,
+            trainer.optimizers,
+            g.lr_scale,
+            counters,
+            self.grad_history,
+            self.loss_history,
+            g.events,
             extra={
                 "epoch": trainer.current_epoch,
                 "precision": str(trainer.precision),

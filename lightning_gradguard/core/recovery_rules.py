@@ -8,6 +8,8 @@ the LR arithmetic of a recovery once, so that both apply the same cut:
   snapshot's own LR. ``lr_power`` comes from :class:`~lightning_gradguard.core.guard_policy.Decision`: a divergence
   that returns soon after a divergence rollback doubles it (a geometric search for a stable LR).
 - :func:`lower_lr` is the stability controller's cut: one factor ``lr_factor`` on the current LR.
+- :func:`roll_back` is a whole rollback: restore the snapshot bit for bit, forget the newer snapshots, cut the LR.
+- :func:`halt_reason` and :func:`halt_report` assemble what a halt says and writes, from the halting event.
 
 Both return the guard's new cumulative ``lr_scale`` (the product of all cuts so far), which snapshots record in
 their ``meta["lr_scale"]``.
@@ -15,14 +17,18 @@ their ``meta["lr_scale"]``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
+from lightning_gradguard.core.divergence_report import DivergenceReport
+from lightning_gradguard.core.guard_policy import GuardEvent
 from lightning_gradguard.core.lr_scaling import scale_lr
+from lightning_gradguard.core.snapshot import Snapshot, SnapshotStore, restore_snapshot
 
-__all__ = ["lower_lr", "rollback_lr", "rollback_lr_factor"]
+__all__ = ["halt_reason", "halt_report", "lower_lr", "roll_back", "rollback_lr", "rollback_lr_factor"]
 
 
 def rollback_lr_factor(lr_scale: float, snapshot_lr_scale: float, lr_factor: float, lr_power: int = 1) -> float:
@@ -61,3 +67,57 @@ def lower_lr(
     """Multiply the current LR by ``lr_factor`` (a stability cut); returns the new cumulative LR scale."""
     scale_lr(optimizers, schedulers, lr_factor)
     return lr_scale * lr_factor
+
+
+def roll_back(
+    snapshot: Snapshot,
+    store: SnapshotStore,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Any],
+    lr_scale: float,
+    lr_factor: float,
+    lr_power: int = 1,
+) -> tuple[dict[str, Any], float]:
+    """Restore ``snapshot`` into the model, optimizers and schedulers, drop the store's newer snapshots and cut the
+    LR (:func:`rollback_lr`). Returns the snapshot's extra states (e.g. a GradScaler's or a precision plugin's, for
+    the caller to load where it keeps them) and the new cumulative LR scale."""
+    extra = restore_snapshot(snapshot, model, optimizers, schedulers)
+    store.discard_after(snapshot)
+    snap_scale = float(snapshot.meta.get("lr_scale", 1.0))
+    return extra, rollback_lr(optimizers, schedulers, lr_scale, snap_scale, lr_factor, lr_power)
+
+
+def halt_reason(event: GuardEvent) -> str:
+    """The sentence a halt reports: the cause in words, then the policy's reason (when it gave one)."""
+    cause = event.cause.replace("_", " ")
+    return f"{cause}; {event.reason}" if event.reason else cause
+
+
+def halt_report(
+    event: GuardEvent,
+    optimizers: Iterable[torch.optim.Optimizer],
+    lr_scale: float,
+    counters: dict[str, int],
+    grad_history: Iterable[Sequence[float]],
+    loss_history: Iterable[Sequence[float]],
+    events: Sequence[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+) -> DivergenceReport:
+    """The report of a halt at ``event`` (whose ``reason`` is already :func:`halt_reason`'s sentence); ``events``
+    are the earlier events, the halting one is appended."""
+    return DivergenceReport(
+        step=event.step,
+        reason=event.reason,
+        cause=event.cause,
+        nonfinite_loss=event.cause == "nonfinite_loss",
+        nonfinite_grads=event.nonfinite_grads,
+        nonfinite_params=event.nonfinite_params,
+        lr=[[float(grp["lr"]) for grp in opt.param_groups] for opt in optimizers],
+        lr_scale=lr_scale,
+        counters=dict(counters),
+        grad_norm_history=[list(r) for r in grad_history],
+        loss_history=[list(r) for r in loss_history],
+        events=[*events, event.to_dict()],
+        extra=dict(extra or {}),
+    )

@@ -10,11 +10,10 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from lightning_gradguard.core.divergence_report import DivergenceReport
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
+from lightning_gradguard.core.recovery_rules import halt_reason, halt_report, roll_back
 from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
-from lightning_gradguard.core.recovery_rules import rollback_lr
-from lightning_gradguard.core.snapshot import nonfinite_entries, restore_snapshot, take_snapshot
+from lightning_gradguard.core.snapshot import nonfinite_entries, take_snapshot
 from lightning_gradguard.errors import DivergenceError
 
 if TYPE_CHECKING:
@@ -125,12 +124,11 @@ class Recovery:
         snap = g.store.compute()
         if snap is None:  # the policy rolls back only when a trusted snapshot exists
             raise RuntimeError("GradGuard: rollback without a trusted snapshot")
-        extra = restore_snapshot(snap, g.model, g.optimizers, g.schedulers)
+        extra, g.lr_scale = roll_back(
+            snap, g.store, g.model, g.optimizers, g.schedulers, g.lr_scale, g.lr_factor, lr_power
+        )
         if "scaler" in extra and g.scaler is not None:
             g.scaler.load_state_dict(extra["scaler"])
-        g.store.discard_after(snap)
-        snap_scale = float(snap.meta.get("lr_scale", 1.0))
-        g.lr_scale = rollback_lr(g.optimizers, g.schedulers, g.lr_scale, snap_scale, g.lr_factor, lr_power)
         self._after_state_change()
         return snap.step
 
@@ -150,21 +148,15 @@ class Recovery:
         g.last_action = "halt"
         g.halted = True
         event.kind = "halt"
-        event.reason = f"{event.cause.replace('_', ' ')}; {event.reason}" if event.reason else event.cause
+        event.reason = halt_reason(event)
         if g.report_dir is not None:
-            report = DivergenceReport(
-                step=event.step,
-                reason=event.reason,
-                cause=event.cause,
-                nonfinite_loss=event.cause == "nonfinite_loss",
-                nonfinite_grads=event.nonfinite_grads,
-                nonfinite_params=event.nonfinite_params,
-                lr=[[float(grp["lr"]) for grp in opt.param_groups] for opt in g.optimizers],
-                lr_scale=g.lr_scale,
-                counters={"skipped_steps": g.skipped_steps, "rollbacks": g.rollbacks},
-                grad_norm_history=[list(r) for r in g.judge.grad_history],
-                loss_history=[list(r) for r in g.judge.loss_history],
-                events=[*g.events, event.to_dict()],
+            counters = {
+                "skipped_steps": g.skipped_steps,
+                "rollbacks": g.rollbacks,
+                "amp_overflow_steps": g.amp_overflow_steps,
+            }
+            report = halt_report(
+                event, g.optimizers, g.lr_scale, counters, g.judge.grad_history, g.judge.loss_history, g.events
             )
             if g.rank in (0, None):
                 event.report_path = str(report.write(g.report_dir, "grad_guard_report")[0])

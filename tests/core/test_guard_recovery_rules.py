@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_gradguard.core.recovery_rules import lower_lr, rollback_lr, rollback_lr_factor
+from lightning_gradguard.core.guard_policy import GuardEvent
+from lightning_gradguard.core.recovery_rules import (
+    halt_reason,
+    halt_report,
+    lower_lr,
+    roll_back,
+    rollback_lr,
+    rollback_lr_factor,
+)
+from lightning_gradguard.core.snapshot import SnapshotStore, take_snapshot
 
 
 def _opt_and_sched(lr: float = 1.0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
@@ -37,3 +46,54 @@ def test_lower_lr_multiplies_the_current_lr_and_the_scale():
     assert lower_lr([opt], [sched], lr_scale=0.5, lr_factor=0.5) == pytest.approx(0.25)
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
     assert sched.base_lrs == [pytest.approx(1.0)]
+
+
+def test_roll_back_restores_the_snapshot_bitwise_forgets_newer_ones_and_cuts_the_lr():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    store = SnapshotStore(capacity=2)
+
+    def train_step() -> None:
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+    train_step()
+    old = take_snapshot(model, [opt], [sched], step=1, meta={"lr_scale": 1.0})
+    store.update(old, trusted=True)
+    expected_model = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_state = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    train_step()
+    store.update(take_snapshot(model, [opt], [sched], step=2, meta={"lr_scale": 1.0}), trusted=True)
+    train_step()
+
+    extra, scale = roll_back(old, store, model, [opt], [sched], lr_scale=1.0, lr_factor=0.5)
+    assert extra == {}
+    assert scale == pytest.approx(0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected_model[k]), k
+    for k, v in opt.state[model.weight].items():
+        assert torch.equal(v, expected_state[k]), k
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert store.compute() is not None
+    assert store.compute().step == 1  # the newer snapshot went with the rolled-back steps
+
+
+def test_halt_report_carries_the_event_the_lr_and_the_histories():
+    opt, _ = _opt_and_sched(lr=0.25)
+    event = GuardEvent(7, "halt", "loss_divergence", 0.25, reason="3 rollbacks used")
+    event.reason = halt_reason(event)
+    assert event.reason == "loss divergence; 3 rollbacks used"
+    assert halt_reason(GuardEvent(1, "halt", "nonfinite_grad", 1.0)) == "nonfinite grad"
+    report = halt_report(event, [opt], 0.25, {"rollbacks": 3}, [[6, 1.0], [7, 9.0]], [[7, 5.0]], [{"step": 3}])
+    assert report.step == 7
+    assert report.cause == "loss_divergence"
+    assert report.lr == [[0.25]]
+    assert report.counters == {"rollbacks": 3}
+    assert report.grad_norm_history == [[6, 1.0], [7, 9.0]]
+    assert report.events[0] == {"step": 3}
+    assert report.events[-1]["step"] == 7
+    assert not report.nonfinite_loss
