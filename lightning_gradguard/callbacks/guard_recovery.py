@@ -23,6 +23,7 @@ from lightning_gradguard.core.snapshot import (
     BufferCopy,
     SnapshotStore,
     nonfinite_entries,
+    nonfinite_weights_and_buffers,
     take_snapshot,
 )
 from lightning_gradguard.core.step_judge import StepJudge
@@ -132,9 +133,7 @@ class GuardRecovery:
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, health: StepHealth
     ) -> tuple[list[str], list[str]]:
         """Names of non-finite weights and buffers here; the health flags OR-ed over the ranks."""
-        bad = nonfinite_entries(pl_module.state_dict())
-        params = {n for n, _ in pl_module.named_parameters()}
-        names = [n for n in bad if n in params], [n for n in bad if n not in params]
+        names = nonfinite_weights_and_buffers(pl_module)
         health.nonfinite_params, health.nonfinite_buffers = _any_rank(trainer, bool(names[0]), bool(names[1]))
         return names
 

@@ -34,6 +34,7 @@ __all__ = [
     "SnapshotStore",
     "clone_state",
     "nonfinite_entries",
+    "nonfinite_weights_and_buffers",
     "restore_snapshot",
     "take_snapshot",
 ]
@@ -181,6 +182,13 @@ def nonfinite_entries(state: dict[str, Any]) -> list[str]:
         norms = norms_of([state[k].detach() for k in keys], 2.0, dtype=torch.float64)
         bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
     return [keys[i] for i in bad]
+
+
+def nonfinite_weights_and_buffers(module: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Names of ``module``'s non-finite parameters and of its non-finite buffers (state-dict keys), in order."""
+    bad = nonfinite_entries(module.state_dict())
+    params = {n for n, _ in module.named_parameters()}
+    return [n for n in bad if n in params], [n for n in bad if n not in params]
 
 
 class BufferCopy:

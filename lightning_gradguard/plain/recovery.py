@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
 from lightning_gradguard.core.recovery_rules import halt_reason, halt_report, roll_back
 from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
-from lightning_gradguard.core.snapshot import nonfinite_entries, take_snapshot
+from lightning_gradguard.core.snapshot import nonfinite_entries, nonfinite_weights_and_buffers, take_snapshot
 from lightning_gradguard.errors import DivergenceError
 
 if TYPE_CHECKING:
@@ -111,10 +111,7 @@ class Recovery:
 
     def _diagnose(self, health: StepHealth) -> tuple[list[str], list[str]]:
         """Names of this rank's non-finite weights and buffers; the health flags OR-ed over the ranks."""
-        inner = self.g.inner_model
-        bad = nonfinite_entries(inner.state_dict())
-        params = {n for n, _ in inner.named_parameters()}
-        names = [n for n in bad if n in params], [n for n in bad if n not in params]
+        names = nonfinite_weights_and_buffers(self.g.inner_model)
         health.nonfinite_params, health.nonfinite_buffers = self.g.reduce.any(bool(names[0]), bool(names[1]))
         return names
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from lightning_gradguard.core.recovery_rules import (
     rollback_lr,
     rollback_lr_factor,
 )
-from lightning_gradguard.core.snapshot import SnapshotStore, take_snapshot
+from lightning_gradguard.core.snapshot import SnapshotStore, nonfinite_weights_and_buffers, take_snapshot
 
 
 def _opt_and_sched(lr: float = 1.0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
@@ -97,3 +99,12 @@ def test_halt_report_carries_the_event_the_lr_and_the_histories():
     assert report.events[0] == {"step": 3}
     assert report.events[-1]["step"] == 7
     assert not report.nonfinite_loss
+
+
+def test_nonfinite_weights_and_buffers_names_each_kind_separately():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].bias[1] = math.nan
+        model[1].running_var[0] = math.inf
+    assert nonfinite_weights_and_buffers(model) == (["0.bias"], ["1.running_var"])
+    assert nonfinite_weights_and_buffers(torch.nn.Linear(2, 2)) == ([], [])
