@@ -7,7 +7,6 @@ them to the Trainer's model, optimizers, schedulers and precision plugin, and wr
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -21,6 +20,7 @@ from lightning_gradguard.core.recovery_rules import halt_reason, halt_report, ro
 from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
 from lightning_gradguard.core.snapshot import (
     BufferCopy,
+    Snapshot,
     SnapshotStore,
     nonfinite_entries,
     nonfinite_weights_and_buffers,
@@ -44,8 +44,6 @@ class GuardRecovery:
     store: SnapshotStore
     buffers: BufferCopy
     judge: StepJudge
-    grad_history: deque[list[float]]
-    loss_history: deque[list[float]]
     _batches: list[tuple[Any, int]]
     _loop_limits: tuple[Any, Any] | None
     _since_snapshot: int
@@ -81,7 +79,7 @@ class GuardRecovery:
             self._diagnose_state(trainer, pl_module, health)
             health.nonfinite_params = health.nonfinite_params or not health.nonfinite_buffers
             self.handle_fault(trainer, pl_module, health)
-        else:
+        elif snap is not None:
             self.store.update(snap, trusted=trusted)
 
     def handle_fault(self, trainer: pl.Trainer, pl_module: pl.LightningModule, health: StepHealth) -> None:
@@ -106,7 +104,7 @@ class GuardRecovery:
         if g.save_bad_batch and self._batches:
             event.bad_batch_path = self._save_batches(trainer, health.step)
         decision = g.policy.decide(health, can_roll_back=self.store.compute() is not None or g.snapshot == "checkpoint")
-        event.cause, event.reason = decision.cause.value, decision.reason
+        event.cause, event.reason = decision.cause.value if decision.cause else "", decision.reason
         g.cause = decision.cause
         if decision.action is GuardAction.ROLLBACK:
             restored = self.rollback(trainer, pl_module, decision.lr_power)
@@ -141,7 +139,8 @@ class GuardRecovery:
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, lr_power: int = 1
     ) -> tuple[int, str | None] | str:
         """Restore the newest trusted snapshot and cut the LR; returns (step, file) or why it could not."""
-        snap, tried = None, []
+        snap: Snapshot | None = None
+        tried: list[str] = []
         if self.g.snapshot == "checkpoint":
             snap, tried = self.g.files.best(trainer, self._survived)
         listing = "; ".join(tried) if tried else "none written yet"
@@ -180,7 +179,7 @@ class GuardRecovery:
 
     @property
     def _current_step(self) -> int:
-        return int(self.grad_history[-1][0]) if self.grad_history else 0
+        return int(self.judge.grad_history[-1][0]) if self.judge.grad_history else 0
 
     def halt(self, trainer: pl.Trainer, event: GuardEvent) -> None:
         g = self.g
@@ -196,8 +195,8 @@ class GuardRecovery:
             trainer.optimizers,
             g.lr_scale,
             counters,
-            self.grad_history,
-            self.loss_history,
+            self.judge.grad_history,
+            self.judge.loss_history,
             g.events,
             extra={
                 "epoch": trainer.current_epoch,

@@ -7,7 +7,7 @@ import os
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -96,6 +96,13 @@ class NaNGuard(Callback):
         <GuardDecision.HEALTHY: 'healthy'>
     """
 
+    # set through check_bool in __init__ (one loop over the flags)
+    check_params: bool
+    divergence: bool
+    stability: bool
+    raise_on_halt: bool
+    save_bad_batch: bool
+
     def __init__(
         self,
         action: str = "auto",
@@ -122,7 +129,8 @@ class NaNGuard(Callback):
         self.action = check_choice("action", action, POLICIES, owner=_OWNER)
         self.escalate_to = check_choice("escalate_to", escalate_to, ("rollback", "halt"), owner=_OWNER)
         self.snapshot = check_choice("snapshot", snapshot, ("memory", "checkpoint"), owner=_OWNER)
-        self.lr_factor = check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_open=True, owner=_OWNER)
+        lr_checked = check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_open=True, owner=_OWNER)
+        self.lr_factor = cast(float, lr_checked)
         self.max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips, 0, owner=_OWNER)
         self.snapshot_every_n_steps = check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1, owner=_OWNER)
         self.snapshot_confirm_steps = check_int("snapshot_confirm_steps", snapshot_confirm_steps, 0, owner=_OWNER)
@@ -130,12 +138,12 @@ class NaNGuard(Callback):
         self.spike_window = check_int("spike_window", spike_window, 2, high=10**6, owner=_OWNER)
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, True, owner=_OWNER)
         self.history_size = check_int("history_size", history_size, 1, high=10**6, owner=_OWNER)
-        finite_pos = {"low": 0.0, "low_open": True, "high_open": True, "owner": _OWNER}
+        finite_pos: dict[str, Any] = {"low": 0.0, "low_open": True, "high_open": True, "owner": _OWNER}
         self.spike_zscore = check_number(
             "spike_zscore", spike_zscore, allow_none=True, describe="a finite number > 0", **finite_pos
         )
-        self.amp_scale_floor = check_number(
-            "amp_scale_floor", amp_scale_floor, describe="a finite number > 0", **finite_pos
+        self.amp_scale_floor = cast(
+            float, check_number("amp_scale_floor", amp_scale_floor, describe="a finite number > 0", **finite_pos)
         )
         for name in ("check_params", "divergence", "stability", "raise_on_halt", "save_bad_batch"):
             setattr(self, name, check_bool(name, locals()[name], owner=_OWNER))
