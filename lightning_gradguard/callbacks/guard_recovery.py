@@ -16,7 +16,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_gradguard.callbacks.step_context import context_for
 from lightning_gradguard.core.fault_trace import first_nonfinite_module, nonfinite_in
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
-from lightning_gradguard.core.recovery_rules import halt_reason, halt_report, roll_back
+from lightning_gradguard.core.recovery_rules import halt_reason, halt_report, roll_back, snapshot_failure_message
 from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
 from lightning_gradguard.core.snapshot import (
     BufferCopy,
@@ -68,12 +68,7 @@ class GuardRecovery:
         failed, damaged = _any_rank(trainer, error is not None, bool(bad))
         step = trainer.global_step
         if failed:
-            good = self.store.compute()
-            keep = f"the snapshot of step {good.step}" if good is not None else "no snapshot (a fault now halts)"
-            where = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
-            self.g.warn(
-                f"NaNGuard could not take a snapshot at step {step} ({where}); rollbacks use {keep}", error is not None
-            )
+            self.g.warn(snapshot_failure_message("NaNGuard", step, error, self.store.compute()), error is not None)
         elif damaged:  # the last update made the weights non-finite before any loss or gradient could show it
             health = StepHealth(max(step - 1, 0), update_skipped=False)
             self._diagnose_state(trainer, pl_module, health)

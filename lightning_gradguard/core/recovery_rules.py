@@ -10,6 +10,7 @@ the LR arithmetic of a recovery once, so that both apply the same cut:
 - :func:`lower_lr` is the stability controller's cut: one factor ``lr_factor`` on the current LR.
 - :func:`roll_back` is a whole rollback: restore the snapshot bit for bit, forget the newer snapshots, cut the LR.
 - :func:`halt_reason` and :func:`halt_report` assemble what a halt says and writes, from the halting event.
+- :func:`snapshot_failure_message` says what a failed snapshot leaves the rollbacks with.
 
 Both return the guard's new cumulative ``lr_scale`` (the product of all cuts so far), which snapshots record in
 their ``meta["lr_scale"]``.
@@ -28,7 +29,15 @@ from lightning_gradguard.core.guard_policy import GuardEvent
 from lightning_gradguard.core.lr_scaling import scale_lr
 from lightning_gradguard.core.snapshot import Snapshot, SnapshotStore, restore_snapshot
 
-__all__ = ["halt_reason", "halt_report", "lower_lr", "roll_back", "rollback_lr", "rollback_lr_factor"]
+__all__ = [
+    "halt_reason",
+    "halt_report",
+    "lower_lr",
+    "roll_back",
+    "rollback_lr",
+    "rollback_lr_factor",
+    "snapshot_failure_message",
+]
 
 
 def rollback_lr_factor(lr_scale: float, snapshot_lr_scale: float, lr_factor: float, lr_power: int = 1) -> float:
@@ -121,3 +130,11 @@ def halt_report(
         events=[*events, event.to_dict()],
         extra=dict(extra or {}),
     )
+
+
+def snapshot_failure_message(owner: str, step: int, error: BaseException | None, kept: Snapshot | None) -> str:
+    """The warning for a snapshot that could not be taken at ``step`` (``error``: this rank's, None when it failed on
+    another rank); ``kept`` is the newest trusted snapshot the rollbacks fall back to."""
+    keep = f"the snapshot of step {kept.step}" if kept is not None else "no snapshot (a fault now halts)"
+    where = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+    return f"{owner} could not take a snapshot at step {step} ({where}); rollbacks use {keep}"

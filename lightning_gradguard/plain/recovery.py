@@ -11,7 +11,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
-from lightning_gradguard.core.recovery_rules import halt_reason, halt_report, roll_back
+from lightning_gradguard.core.recovery_rules import halt_reason, halt_report, roll_back, snapshot_failure_message
 from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
 from lightning_gradguard.core.snapshot import nonfinite_entries, nonfinite_weights_and_buffers, take_snapshot
 from lightning_gradguard.errors import DivergenceError
@@ -58,10 +58,7 @@ class Recovery:
             error = err
         failed, damaged = g.reduce.any(error is not None, bool(bad))
         if failed:
-            good = g.store.compute()
-            keep = f"the snapshot of step {good.step}" if good is not None else "no snapshot (a fault now halts)"
-            where = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
-            message = f"GradGuard could not take a snapshot at step {g.step} ({where}); rollbacks use {keep}"
+            message = snapshot_failure_message("GradGuard", g.step, error, g.store.compute())
             warnings.warn(message, RuntimeWarning, stacklevel=4)
         elif damaged:  # the last update made the weights non-finite before any loss or gradient could show it
             health = StepHealth(max(g.step - 1, 0), update_skipped=False)

@@ -15,6 +15,7 @@ from lightning_gradguard.core.recovery_rules import (
     roll_back,
     rollback_lr,
     rollback_lr_factor,
+    snapshot_failure_message,
 )
 from lightning_gradguard.core.snapshot import SnapshotStore, nonfinite_weights_and_buffers, take_snapshot
 
@@ -108,3 +109,14 @@ def test_nonfinite_weights_and_buffers_names_each_kind_separately():
         model[1].running_var[0] = math.inf
     assert nonfinite_weights_and_buffers(model) == (["0.bias"], ["1.running_var"])
     assert nonfinite_weights_and_buffers(torch.nn.Linear(2, 2)) == ([], [])
+
+
+def test_snapshot_failure_message_names_the_owner_the_error_and_the_fallback():
+    model = torch.nn.Linear(2, 2)
+    kept = take_snapshot(model, step=4)
+    text = snapshot_failure_message("GradGuard", 9, MemoryError("host full"), kept)
+    expected = "GradGuard could not take a snapshot at step 9 (MemoryError: host full); "
+    assert text == expected + "rollbacks use the snapshot of step 4"
+    other = snapshot_failure_message("NaNGuard", 9, None, None)
+    assert "failed on another rank" in other
+    assert "no snapshot (a fault now halts)" in other
