@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ def local_view(t: Tensor) -> Tensor:
     """This rank's piece of ``t`` (``t`` itself when it is a plain tensor). It shares ``t``'s storage, so in-place
     operations on it (clipping) change the ``DTensor``; elementwise ones (scaling by a common factor, clamping) are
     exact on shards."""
-    return t.to_local() if is_sharded(t) else t
+    return cast(Any, t).to_local() if is_sharded(t) else t
 
 
 @dataclass(frozen=True)
@@ -75,21 +76,22 @@ def local_tensors(tensors: Sequence[Tensor], names: Sequence[str] | None = None)
         if not is_sharded(t):
             local.append(t)
             continue
+        dt = cast(Any, t)  # a DTensor (placements, device_mesh, to_local)
         sharded_dims = []
-        for dim, placement in enumerate(t.placements):
+        for dim, placement in enumerate(dt.placements):
             if placement.is_partial():
                 name = names[i] if names is not None else f"tensor {i}"
                 raise ValueError(
-                    f"{name!r} is a DTensor with a Partial placement on mesh dimension {dim} ({t.placements}); its "
+                    f"{name!r} is a DTensor with a Partial placement on mesh dimension {dim} ({dt.placements}); its "
                     "norm is only defined once the pending reduction ran. gradguard measures Shard and Replicate "
                     "placements."
                 )
             if not placement.is_replicate():
                 sharded_dims.append(dim)
-        local.append(t.to_local())
+        local.append(dt.to_local())
         if sharded_dims:
-            key = (id(t.device_mesh), tuple(sharded_dims))
-            by_key.setdefault(key, (t.device_mesh, []))[1].append(i)
+            key = (id(dt.device_mesh), tuple(sharded_dims))
+            by_key.setdefault(key, (dt.device_mesh, []))[1].append(i)
     groups = []
     for (_, dims), (mesh, idx) in by_key.items():
         pgs = tuple(mesh.get_group(d) for d in dims)  # type: ignore[attr-defined]
@@ -152,10 +154,11 @@ def unit_norms(t: Tensor) -> Tensor:
     else:
         sq = squares(torch.float64)
     if is_sharded(t):
-        for dim, placement in enumerate(t.placements):
+        dt = cast(Any, t)
+        for dim, placement in enumerate(dt.placements):
             if placement.is_replicate() or placement.is_partial():
                 continue
             if t.ndim > 1 and getattr(placement, "dim", None) == 0:
                 continue  # whole rows on every rank
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=t.device_mesh.get_group(dim))
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=dt.device_mesh.get_group(dim))
     return sq.sqrt()
