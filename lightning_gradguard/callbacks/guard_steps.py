@@ -188,7 +188,7 @@ class GuardSteps(GuardRecovery):
             self.lower_lr(trainer, step, lower)
         else:
             self.healthy(trainer, pl_module, step, overflow)
-        every = int(self.g.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50))
+        every: int = self.g.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50
         if pending is None and log_due(trainer, every):
             self.g.write_scalars(trainer, step)
         self.g.show_counters(trainer, pl_module, step)
