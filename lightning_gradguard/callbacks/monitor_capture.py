@@ -10,7 +10,7 @@ monitor's :func:`~lightning_gradguard.callbacks.step_context.on_measured` listen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -54,7 +54,7 @@ def capture_for_log(stats: GradStats, step: int, flow: bool, values: bool) -> Lo
         by_layer: dict[str, list[Tensor]] = {}
         for g, li in zip(stats.grads, stats.layer_index.tolist()):
             if is_sharded(g):  # opt-in and costly anyway: the whole tensor, gathered on every rank (a collective)
-                g = g.full_tensor()
+                g = cast(Any, g).full_tensor()
             by_layer.setdefault(cap.layer_names[li], []).append(g.detach().reshape(-1))
         cap.grad_values = {}
         for layer, parts in by_layer.items():
