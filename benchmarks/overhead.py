@@ -66,6 +66,8 @@ TARGET_LOG_SPEEDUP = 10.0
 TARGET_E2E_OVERHEAD = 0.03
 # Lightning's default logging interval, so the monitor logs as often as it would for a user who sets nothing
 E2E_TRAINER = {"log_every_n_steps": 50}
+#: issue 13: the three callbacks at defaults cost at most this much per step, end to end, over Lightning's fixed clip
+TARGET_E2E_VS_CLIP = 1.05
 PER_STEP_HOOKS = (
     "on_train_batch_start",
     "on_before_backward",
@@ -540,27 +542,40 @@ def measure_e2e(args: argparse.Namespace, pairs: int | None = None, steps: int |
         except Exception as e:  # noqa: BLE001
             out["examples"][name] = {"skipped": f"{type(e).__name__}: {e}"}
             continue
-        per_arm: dict[str, list[float]] = {"unguarded": [], "guarded": []}
+        # three arms, rotated each round: no callbacks, Lightning's own fixed clip (the baseline issue 13 compares
+        # against: what a user pays today for clipping) and gradguard's default_callbacks()
+        arms = ["unguarded", "lightning_clip", "guarded"]
+        per_arm: dict[str, list[float]] = {arm: [] for arm in arms}
         ratios: list[float] = []
+        vs_clip: list[float] = []
         for i in range(pairs):
-            order = ["unguarded", "guarded"] if i % 2 == 0 else ["guarded", "unguarded"]
+            order = arms[i % 3 :] + arms[: i % 3]
             this: dict[str, float] = {}
             for arm in order:
                 timer = StepTimer()
                 cbs: list[pl.Callback] = [timer] + (default_guard_callbacks() if arm == "guarded" else [])
+                kwargs = dict(E2E_TRAINER, gradient_clip_val=1.0) if arm == "lightning_clip" else E2E_TRAINER
                 with tempfile.TemporaryDirectory() as root, quiet_lightning():
-                    ex.fit(name, root, cbs, steps=steps, seed=i, tiny=args.tiny, trainer_kwargs=E2E_TRAINER)
+                    ex.fit(name, root, cbs, steps=steps, seed=i, tiny=args.tiny, trainer_kwargs=kwargs)
                 this[arm] = statistics.median(timer.step_times(skip))
                 per_arm[arm].append(this[arm])
             ratios.append(this["guarded"] / this["unguarded"])
+            vs_clip.append(this["guarded"] / this["lightning_clip"])
         out["examples"][name] = {
             "unguarded_step_s": statistics.median(per_arm["unguarded"]),
+            "lightning_clip_step_s": statistics.median(per_arm["lightning_clip"]),
             "guarded_step_s": statistics.median(per_arm["guarded"]),
             "overhead": statistics.median(ratios) - 1,
             "overhead_iqr": (common.quantile(ratios, 0.25) - 1, common.quantile(ratios, 0.75) - 1),
             "ratios": ratios,
+            "vs_lightning_clip": statistics.median(vs_clip),
+            "vs_lightning_clip_iqr": (common.quantile(vs_clip, 0.25), common.quantile(vs_clip, 0.75)),
         }
-        print(f"  e2e {name}: overhead {out['examples'][name]['overhead'] * 100:+.1f}%", flush=True)
+        e = out["examples"][name]
+        print(
+            f"  e2e {name}: overhead {e['overhead'] * 100:+.1f}%, {e['vs_lightning_clip']:.3f}x Lightning's clip",
+            flush=True,
+        )
     return out
 
 
@@ -733,7 +748,7 @@ def report(res: dict[str, Any]) -> str:
     e2e = res.get("e2e")
     if e2e:
         lines.append(
-            f"\n### end-to-end step time ({e2e['pairs']} interleaved pairs of fits, "
+            f"\n### end-to-end step time ({e2e['pairs']} interleaved rounds of three fits, "
             f"{e2e['steps_per_fit']} steps each)\n"
         )
         rows = []
@@ -743,13 +758,16 @@ def report(res: dict[str, Any]) -> str:
                 targets.append([f"end-to-end overhead <= {TARGET_E2E_OVERHEAD:.0%} ({name})", "not measured", "n/a"])
                 continue
             lo, hi = e["overhead_iqr"]
+            clo, chi = e["vs_lightning_clip_iqr"]
             rows.append(
                 [
                     name,
                     common.fmt_time(e["unguarded_step_s"]),
+                    common.fmt_time(e["lightning_clip_step_s"]),
                     common.fmt_time(e["guarded_step_s"]),
                     f"{e['overhead'] * 100:+.1f}%",
                     f"{lo * 100:+.1f}% to {hi * 100:+.1f}%",
+                    f"{e['vs_lightning_clip']:.3f}x ({clo:.3f}-{chi:.3f})",
                 ]
             )
             targets.append(
@@ -759,9 +777,25 @@ def report(res: dict[str, Any]) -> str:
                     verdict(e["overhead"] <= TARGET_E2E_OVERHEAD),
                 ]
             )
+            targets.append(
+                [
+                    f"end-to-end <= {TARGET_E2E_VS_CLIP:.2f}x Lightning's gradient_clip_val=1.0 ({name})",
+                    f"{e['vs_lightning_clip']:.3f}x",
+                    verdict(e["vs_lightning_clip"] <= TARGET_E2E_VS_CLIP),
+                ]
+            )
         lines.append(
             common.markdown_table(
-                ["example", "unguarded step", "guarded step", "overhead (median of pair ratios)", "IQR"], rows
+                [
+                    "example",
+                    "no callbacks",
+                    "Lightning gradient_clip_val=1.0",
+                    "default_callbacks()",
+                    "overhead vs no callbacks (median of round ratios)",
+                    "IQR",
+                    "vs Lightning's clip (IQR)",
+                ],
+                rows,
             )
         )
     flat = res.get("flat")
