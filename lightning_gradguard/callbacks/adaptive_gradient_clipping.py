@@ -187,7 +187,10 @@ class AdaptiveGradientClipping(Callback):
     def state_key(self) -> str:
         # the method only (no tuning argument: a resume with a changed z_threshold keeps the statistics); two
         # clippers of different methods then reach setup, which refuses them with a clear message
-        return self._generate_state_key(method=self.method)
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] != self.method:  # Lightning reads state_key on every hook: build it once
+            cached = self._state_key_cache = (self.method, self._generate_state_key(method=self.method))
+        return cached[1]
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

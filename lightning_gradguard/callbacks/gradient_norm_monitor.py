@@ -177,7 +177,14 @@ class GradientNormMonitor(Callback):
     def state_key(self) -> str:
         # two monitors with equal keys make Lightning refuse the Trainer with its own generic RuntimeError, before
         # any hook of ours runs (see the README); equal settings are the only way to get equal keys
-        return self._generate_state_key(norm_type=self.norm_type, log_every_n_steps=self.log_every_n_steps)
+        args = (self.norm_type, self.log_every_n_steps)
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] != args:  # Lightning reads state_key on every hook: build it once
+            cached = self._state_key_cache = (
+                args,
+                self._generate_state_key(norm_type=args[0], log_every_n_steps=args[1]),
+            )
+        return cached[1]
 
     def _state(self, idx: int) -> _OptimizerState:
         if idx not in self._states:

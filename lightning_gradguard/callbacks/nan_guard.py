@@ -187,7 +187,11 @@ class NaNGuard(Callback):
     def state_key(self) -> str:
         # distinct per configuration only so that two guards in one Trainer reach our own refusal in setup; the
         # state itself is found by class on resume (on_load_checkpoint), so changed arguments keep it
-        return self._generate_state_key(action=self.action, snapshot=self.snapshot)
+        args = (self.action, self.snapshot)
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] != args:  # Lightning reads state_key on every hook: build it once
+            cached = self._state_key_cache = (args, self._generate_state_key(action=args[0], snapshot=args[1]))
+        return cached[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats
 from lightning_gradguard.core.step_cache import StepStatsCache
@@ -112,8 +113,6 @@ def context_for(trainer: pl.Trainer) -> TrainerContext:
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The raw torch optimizer behind a ``LightningOptimizer`` (state operations must use the raw one)."""
-    from lightning.pytorch.core.optimizer import LightningOptimizer
-
     return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 

@@ -9,6 +9,7 @@ starts a new interval.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -32,36 +33,58 @@ class IntervalAggregate:
         True
     """
 
+    #: fold CPU values in as Python floats (False: the tensor path accelerators use, for tests on the CPU)
+    host_fast_path: ClassVar[bool] = True
+
     def __init__(self) -> None:
-        self._max: Tensor | None = None
-        self._sum: Tensor | None = None
-        self._finite: Tensor | None = None
+        # host floats while every value came from the CPU; device tensors once one came from an accelerator
+        self._max: Tensor | float | None = None
+        self._sum: Tensor | float = 0.0
+        self._finite: Tensor | int = 0
         self.count = 0
 
     def update(self, value: Tensor | float) -> None:
-        """Add one value (a 0-d tensor stays on its device; nothing is read to the host)."""
-        v = torch.as_tensor(value).detach().to(torch.float64).reshape(())
-        ok = torch.isfinite(v)
-        # NaN compares false with everything: make it the maximum explicitly so it cannot hide
-        top = torch.where(torch.isnan(v), torch.full_like(v, math.inf), v)
-        if self._max is None or self._sum is None or self._finite is None:
-            self._max, self._sum, self._finite = top, torch.where(ok, v, 0.0), ok.to(torch.long)
-        else:
-            if self._max.device != v.device:
-                self._max, self._sum, self._finite = (t.to(v.device) for t in (self._max, self._sum, self._finite))
-            self._max = torch.maximum(self._max, top)
-            self._sum = self._sum + torch.where(ok, v, 0.0)
-            self._finite = self._finite + ok.to(torch.long)
+        """Add one value. A tensor on an accelerator stays there (no host synchronisation); CPU tensors and Python
+        numbers are folded in as Python floats, since reading a CPU tensor costs no synchronisation and a handful of
+        scalar tensor operations would cost more than the step they describe."""
+        on_host = self.host_fast_path and value.device.type == "cpu" if isinstance(value, Tensor) else True
+        if on_host and not isinstance(self._max, Tensor):
+            v = float(value)
+            top = math.inf if math.isnan(v) else v  # NaN compares false with everything: it must not hide
+            ok = math.isfinite(v)
+            self._max = top if self._max is None else max(self._max, top)
+            self._sum = float(self._sum) + (v if ok else 0.0)
+            self._finite = int(self._finite) + int(ok)
+            self.count += 1
+            return
+        if not isinstance(value, Tensor):  # an interval that began on the tensor path continues there
+            value = torch.tensor(float(value), dtype=torch.float64)
+        dev = self._max.device if isinstance(self._max, Tensor) else value.device
+        v_t = value.detach().to(device=dev, dtype=torch.float64).reshape(())
+        ok_t = torch.isfinite(v_t)
+        top_t = torch.where(torch.isnan(v_t), torch.full_like(v_t, math.inf), v_t)
+        prev_max = (
+            self._max
+            if isinstance(self._max, Tensor)
+            else torch.tensor(-math.inf if self._max is None else self._max, dtype=torch.float64, device=dev)
+        )
+        self._max = torch.maximum(prev_max.to(dev), top_t)
+        self._sum = torch.as_tensor(self._sum, dtype=torch.float64, device=dev) + torch.where(ok_t, v_t, 0.0)
+        self._finite = torch.as_tensor(self._finite, dtype=torch.long, device=dev) + ok_t.to(torch.long)
         self.count += 1
 
     def flush(self) -> dict[str, float | int] | None:
         """The interval's ``max``, ``mean`` (of finite values), ``sum``, ``count`` and ``nonfinite``; None if empty.
 
-        Reads the aggregates to the host (one transfer) and starts a new interval.
+        Reads device aggregates to the host (one transfer) and starts a new interval.
         """
-        if self.count == 0 or self._max is None or self._sum is None or self._finite is None:
+        if self.count == 0 or self._max is None:
             return None
-        top, total, finite = torch.stack([self._max, self._sum, self._finite.to(torch.float64)]).cpu().tolist()
+        if isinstance(self._max, Tensor):
+            parts = [self._max, torch.as_tensor(self._sum), torch.as_tensor(self._finite).to(torch.float64)]
+            top, total, finite = torch.stack([p.to(self._max.device) for p in parts]).cpu().tolist()
+        else:
+            top, total, finite = float(self._max), float(self._sum), float(self._finite)
         count, finite_count = self.count, int(finite)
         self.reset()
         return {
@@ -73,5 +96,5 @@ class IntervalAggregate:
         }
 
     def reset(self) -> None:
-        self._max = self._sum = self._finite = None
+        self._max, self._sum, self._finite = None, 0.0, 0
         self.count = 0
