@@ -26,15 +26,30 @@ from lightning_gradguard.core.snapshot import (
     nonfinite_weights_and_buffers,
     take_snapshot,
 )
-from lightning_gradguard.core.step_judge import StepJudge
+from lightning_gradguard.core.step_judge import StepJudge, any_rank
 from lightning_gradguard.errors import DivergenceError
 
 if TYPE_CHECKING:
     from lightning_gradguard.callbacks.nan_guard import NaNGuard
 
-__all__ = ["GuardRecovery"]
+__all__ = ["GuardRecovery", "StrategyReducer"]
 
 _NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "nonfinite_buffers", "other_rank"}
+
+
+class StrategyReducer:
+    """The cross-rank maximum through ``trainer.strategy``: the
+    :class:`~lightning_gradguard.core.step_judge.RankReducer` the Trainer guard gives its step judge."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def world_size(self) -> int:
+        return int(self.trainer.world_size)
+
+    def __call__(self, local: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(local, reduce_op="max")
 
 
 class GuardRecovery:
@@ -65,7 +80,9 @@ class GuardRecovery:
             bad = nonfinite_entries(snap.model) if self.g.check_params else []
         except Exception as err:  # e.g. host memory exhausted: must not end the run the guard keeps alive
             error = err
-        failed, damaged = _any_rank(trainer, error is not None, bool(bad))
+        failed, damaged = any_rank(
+            StrategyReducer(trainer), error is not None, bool(bad), device=trainer.strategy.root_device
+        )
         step = trainer.global_step
         if failed:
             self.g.warn(snapshot_failure_message("NaNGuard", step, error, self.store.compute()), error is not None)
@@ -127,7 +144,9 @@ class GuardRecovery:
     ) -> tuple[list[str], list[str]]:
         """Names of non-finite weights and buffers here; the health flags OR-ed over the ranks."""
         names = nonfinite_weights_and_buffers(pl_module)
-        health.nonfinite_params, health.nonfinite_buffers = _any_rank(trainer, bool(names[0]), bool(names[1]))
+        health.nonfinite_params, health.nonfinite_buffers = any_rank(
+            StrategyReducer(trainer), bool(names[0]), bool(names[1]), device=trainer.strategy.root_device
+        )
         return names
 
     def rollback(
@@ -224,14 +243,6 @@ class GuardRecovery:
             {"step": step, "epoch": trainer.current_epoch, "rank": trainer.global_rank, "batches": batches}, path
         )
         return str(path)
-
-
-def _any_rank(trainer: pl.Trainer, *flags: bool) -> tuple[bool, ...]:
-    """Each flag OR-ed over the ranks (one reduce; free on a single device)."""
-    if trainer.world_size <= 1:
-        return tuple(flags)
-    t = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
-    return tuple(bool(v > 0) for v in trainer.strategy.reduce(t, reduce_op="max").tolist())
 
 
 def _replay(pl_module: pl.LightningModule, item: tuple[Any, int]) -> str | None:

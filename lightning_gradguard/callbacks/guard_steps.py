@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_gradguard.callbacks.guard_recovery import GuardRecovery
+from lightning_gradguard.callbacks.guard_recovery import GuardRecovery, StrategyReducer
 from lightning_gradguard.callbacks.step_context import grad_stats_for, log_due, step_record
 from lightning_gradguard.core.guard_policy import StepHealth
 from lightning_gradguard.core.snapshot import BufferCopy, SnapshotStore
@@ -30,22 +30,7 @@ from lightning_gradguard.core.step_judge import StepJudge
 if TYPE_CHECKING:
     from lightning_gradguard.callbacks.nan_guard import NaNGuard
 
-__all__ = ["GuardSteps", "StrategyReducer"]
-
-
-class StrategyReducer:
-    """The cross-rank maximum through ``trainer.strategy``: the
-    :class:`~lightning_gradguard.core.step_judge.RankReducer` the Trainer guard gives its step judge."""
-
-    def __init__(self, trainer: pl.Trainer) -> None:
-        self.trainer = trainer
-
-    @property
-    def world_size(self) -> int:
-        return int(self.trainer.world_size)
-
-    def __call__(self, local: torch.Tensor) -> torch.Tensor:
-        return self.trainer.strategy.reduce(local, reduce_op="max")
+__all__ = ["GuardSteps"]
 
 
 class GuardSteps(GuardRecovery):

@@ -34,7 +34,7 @@ from lightning_gradguard.core.host_read import read_scalars
 from lightning_gradguard.core.loss_spike import LossSpikeDetector
 from lightning_gradguard.core.stability import StabilityController
 
-__all__ = ["RankReducer", "StepJudge", "Verdict", "total_norm64"]
+__all__ = ["RankReducer", "StepJudge", "Verdict", "any_rank", "total_norm64"]
 
 
 class RankReducer(Protocol):
@@ -44,6 +44,14 @@ class RankReducer(Protocol):
     def world_size(self) -> int: ...
 
     def __call__(self, local: Tensor) -> Tensor: ...
+
+
+def any_rank(reduce: RankReducer | None, *flags: bool, device: torch.device | None = None) -> tuple[bool, ...]:
+    """Each flag OR-ed over the ranks through ``reduce`` (one reduce; nothing to communicate on a single rank)."""
+    if reduce is None or reduce.world_size <= 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=device)
+    return tuple(v > 0 for v in reduce(t).tolist())
 
 
 @dataclass

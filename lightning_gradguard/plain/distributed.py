@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gradguard.core.step_judge import any_rank
+
 __all__ = ["MaxReducer", "rank_and_world"]
 
 #: ``reduce(t) -> t`` taking the element-wise maximum over the ranks.
@@ -60,7 +62,4 @@ class MaxReducer:
 
     def any(self, *flags: bool, device: torch.device | None = None) -> tuple[bool, ...]:
         """Each flag OR-ed over the ranks (one reduce; free on a single process)."""
-        if self.world_size <= 1:
-            return tuple(bool(f) for f in flags)
-        t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=device)
-        return tuple(v > 0 for v in self(t).tolist())
+        return any_rank(self, *flags, device=device)
