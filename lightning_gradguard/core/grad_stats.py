@@ -299,7 +299,8 @@ def compute_grad_stats(
         >>> compute_grad_stats([w]).total_norm
         tensor(5.0000e+30)
     """
-    norm_type = check_norm_type("norm_type", norm_type)
+    if type(norm_type) is not float or norm_type not in (2.0, math.inf):  # the usual p needs no check per step
+        norm_type = check_norm_type("norm_type", norm_type)
     if names is None:
         names = [f"param_{i}" for i in range(len(params))]
     elif len(names) != len(params):
