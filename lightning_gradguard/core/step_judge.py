@@ -178,6 +178,8 @@ class StepJudge:
         self._last = (glob[1], glob[0]) if healthy and has_loss else None
         verdict = Verdict(None, overflow, lower, loss_v if has_loss else None, norm, live)
         if health.cause is not None:
+            # without the detector nothing says the run was stable before the fault: assume it was not
+            health.unsettled = self.detector.unsettled if self.divergence else True
             verdict.health = health
         return verdict
 
