@@ -11,6 +11,11 @@ robust baseline of the recent *healthy* values and flags:
 - **gradient norm**: the pre-clip norm stays above ``grad_factor`` x the median of the recent healthy norms for
   ``persist`` steps in a row.
 
+The detector also says whether the run was **unsettled** just before a fault: whether any of the last ``recent``
+judged steps had a loss above ``unsettled_factor`` x its median or a norm above ``grad_unsettled_factor`` x its
+median. A NaN after such a stretch is the trajectory's (a too-high LR), one after healthy steps the batch's: the
+guard policy uses this to tell a repeated fault that needs a lower LR from a burst of bad batches.
+
 Medians over a short window (not means) are the baselines, so one spike does not move them, and values beyond the
 factors never enter them, so a blow-up cannot become its own reference. The loss is judged from the second step on
 (a too-high learning rate blows it up within a few steps); the gradient norm after ``min_samples`` healthy values.
@@ -45,6 +50,9 @@ class DivergenceDetector:
         persist: steps in a row a jump must last.
         window: how many recent healthy values the medians cover.
         min_samples: healthy gradient norms needed before the norm is judged.
+        unsettled_factor: a loss above this multiple of its recent median makes the run unsettled.
+        grad_unsettled_factor: a norm above this multiple of its recent median makes the run unsettled.
+        recent: how many of the last judged steps :attr:`unsettled` looks at.
 
     Example:
         >>> det = DivergenceDetector(persist=2)
@@ -63,6 +71,9 @@ class DivergenceDetector:
         persist: int = 3,
         window: int = 32,
         min_samples: int = 5,
+        unsettled_factor: float = 3.0,
+        grad_unsettled_factor: float = 10.0,
+        recent: int = 10,
     ) -> None:
         self.jump_factor = float(jump_factor)
         self.climb_factor = float(climb_factor)
@@ -71,6 +82,9 @@ class DivergenceDetector:
         self.persist = int(persist)
         self.window = int(window)
         self.min_samples = int(min_samples)
+        self.unsettled_factor = float(unsettled_factor)
+        self.grad_unsettled_factor = float(grad_unsettled_factor)
+        self.recent = int(recent)
         self.reset()
 
     def reset(self) -> None:
@@ -81,18 +95,27 @@ class DivergenceDetector:
         self._loss_run = 0
         self._climb_run = 0
         self._grad_run = 0
+        self._last_unsettled: int | None = None  # judged steps since the last unsettled one (None: none seen)
         self.loss_reference: float | None = None
         self.grad_reference: float | None = None
 
     def restart_runs(self) -> None:
         """Forget the counting in progress but keep the baselines (after a rollback to a healthy state)."""
         self._loss_run = self._climb_run = self._grad_run = 0
+        self._last_unsettled = None
+
+    @property
+    def unsettled(self) -> bool:
+        """Whether one of the last ``recent`` judged steps had its loss or norm far above their medians."""
+        return self._last_unsettled is not None and self._last_unsettled < self.recent
 
     def update(self, loss: float, grad_norm: float) -> tuple[bool, bool]:
         """Judge one step's loss and pre-clip gradient norm; returns ``(loss_divergence, grad_divergence)``.
 
         Non-finite values are neither judged nor learned (they are the non-finite checks' business).
         """
+        if self._last_unsettled is not None:
+            self._last_unsettled += 1
         loss_bad = self._judge_loss(loss) if math.isfinite(loss) else False
         grad_bad = self._judge_grad(grad_norm) if math.isfinite(grad_norm) else False
         return loss_bad, grad_bad
@@ -106,6 +129,8 @@ class DivergenceDetector:
         ref = _median(self._losses)
         self.loss_reference = ref
         scale = abs(ref) + 1e-12
+        if loss > ref + (self.unsettled_factor - 1.0) * scale:
+            self._last_unsettled = 0
         jumped = loss > ref + (self.jump_factor - 1.0) * scale
         self._loss_run = self._loss_run + 1 if jumped else 0
         climbing = self._best < math.inf and loss > self._best + (self.climb_factor - 1.0) * (abs(self._best) + 1e-12)
@@ -122,6 +147,8 @@ class DivergenceDetector:
             return False
         ref = _median(self._norms)
         self.grad_reference = ref
+        if norm > self.grad_unsettled_factor * ref + 1e-30:
+            self._last_unsettled = 0
         far = norm > self.grad_factor * ref + 1e-30
         self._grad_run = self._grad_run + 1 if far else 0
         if not far:
@@ -134,6 +161,7 @@ class DivergenceDetector:
             "norms": list(self._norms),
             "best": self._best if math.isfinite(self._best) else None,
             "runs": [self._loss_run, self._climb_run, self._grad_run],
+            "last_unsettled": self._last_unsettled,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -144,3 +172,5 @@ class DivergenceDetector:
         self._best = math.inf if best is None else float(best)
         runs = list(state.get("runs", [0, 0, 0])) + [0, 0, 0]
         self._loss_run, self._climb_run, self._grad_run = (int(r) for r in runs[:3])
+        last = state.get("last_unsettled")
+        self._last_unsettled = None if last is None else int(last)

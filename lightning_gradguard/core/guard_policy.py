@@ -9,10 +9,12 @@ kept by the callback and written to logs, TensorBoard and the halt report.
 The four policies (``action=``):
 
 - ``"auto"`` (the default): a fault that can be traced to the batch is skipped, with the model's buffers restored
-  and no LR cut: a non-finite loss or gradient (or an input batch holding NaN/inf) while the weights are finite and
-  no other fault happened in the last ``repeat_window`` steps. Everything else rolls back and lowers the LR: a fault
-  repeating within ``repeat_window`` steps, non-finite weights or buffers, finite divergence (the loss or gradient
-  norm leaving its healthy range), a collapsing AMP loss scale. After ``max_rollbacks`` rollbacks, halt. A
+  and no LR cut. Traced to the batch means: the weights are finite and either the input batch held NaN/inf (bad data
+  never costs progress or LR, however often it comes) or the loss and gradient norm were in their healthy range in
+  the steps before the fault (:attr:`StepHealth.unsettled` is False). Everything else rolls back and lowers the LR:
+  a fault repeating within ``repeat_window`` steps after an unsettled stretch, more than ``max_consecutive_skips``
+  faults in a row (no healthy step between them), non-finite weights or buffers, finite divergence (the loss or
+  gradient norm leaving its healthy range), a collapsing AMP loss scale. After ``max_rollbacks`` rollbacks, halt. A
   divergence that repeats soon after a divergence rollback cuts harder: the exponent of the LR factor doubles each
   time (``lr_factor``, then ``lr_factor**2``, ``lr_factor**4``), a geometric search for a stable LR.
 - ``"skip"``: skip; non-finite weights or buffers (which no skip can undo), divergence, or more than
@@ -87,6 +89,8 @@ class StepHealth:
         grad_divergence: the gradient norm left its healthy range.
         scale_collapse: the AMP loss scale fell below its floor.
         other_rank: another rank flagged the step (under DDP; this rank saw nothing).
+        unsettled: the loss or gradient norm was far above its healthy range in the steps just before this one
+            (``DivergenceDetector.unsettled``): a fault then belongs to the trajectory, not to the batch.
         update_skipped: the step's update was dropped before it happened (False when the fault is found after it).
     """
 
@@ -101,6 +105,7 @@ class StepHealth:
     grad_divergence: bool = False
     scale_collapse: bool = False
     other_rank: bool = False
+    unsettled: bool = False
     update_skipped: bool = True
 
     @property
@@ -203,7 +208,8 @@ class GuardPolicy:
 
     Args:
         action: ``"auto"``, ``"rollback"``, ``"skip"`` or ``"halt"``.
-        max_consecutive_skips: ``skip``: flagged steps in a row allowed before escalating.
+        max_consecutive_skips: ``skip`` and ``auto``: flagged steps in a row allowed before escalating (``auto``
+            rolls back; faults whose input batch held NaN/inf are always skipped).
         escalate_to: ``skip``: ``"rollback"`` or ``"halt"``.
         max_rollbacks: rollbacks allowed; the next fault that needs one halts.
         repeat_window: ``auto``: a fault within this many steps of the previous one counts as repeated.
@@ -212,7 +218,9 @@ class GuardPolicy:
         >>> policy = GuardPolicy("auto")
         >>> policy.decide(StepHealth(step=5, nonfinite_loss=True), can_roll_back=True).action
         <GuardAction.SKIP: 'skip'>
-        >>> policy.decide(StepHealth(step=9, nonfinite_loss=True), can_roll_back=True).action
+        >>> policy.decide(StepHealth(step=9, nonfinite_loss=True), can_roll_back=True).action  # healthy steps between
+        <GuardAction.SKIP: 'skip'>
+        >>> policy.decide(StepHealth(step=12, nonfinite_loss=True, unsettled=True), can_roll_back=True).action
         <GuardAction.ROLLBACK: 'rollback'>
     """
 
@@ -252,7 +260,7 @@ class GuardPolicy:
         repeated = self.last_fault_step is not None and health.step - self.last_fault_step <= self.repeat_window
         self.last_fault_step = health.step
         damaged = cause in _STATE_DAMAGE or health.weights_damaged
-        action, why = self._choose(cause, damaged, repeated)
+        action, why = self._choose(cause, damaged, repeated, health)
         if action is GuardAction.ROLLBACK:
             if self.rollbacks >= self.max_rollbacks:
                 action, why = (
@@ -280,16 +288,17 @@ class GuardPolicy:
                 power = 2**self.divergence_streak
         return Decision(action, cause, why, power)
 
-    def _choose(self, cause: GuardCause, damaged: bool, repeated: bool) -> tuple[GuardAction, str]:
+    def _choose(self, cause: GuardCause, damaged: bool, repeated: bool, health: StepHealth) -> tuple[GuardAction, str]:
         if self.action == "halt":
             return GuardAction.HALT, "action='halt'"
         if self.action == "rollback":
             return GuardAction.ROLLBACK, ""
+        in_a_row = self.consecutive_skips + 1 > self.max_consecutive_skips
         if self.action == "skip":
             escalate = GuardAction(self.escalate_to)
             if damaged:
                 return escalate, f"{cause.value.replace('_', ' ')} cannot be undone by skipping"
-            if self.consecutive_skips + 1 > self.max_consecutive_skips:
+            if in_a_row:
                 return escalate, (
                     f"{self.consecutive_skips + 1} flagged steps in a row "
                     f"(max_consecutive_skips={self.max_consecutive_skips})"
@@ -298,8 +307,19 @@ class GuardPolicy:
         # auto
         if damaged:
             return GuardAction.ROLLBACK, f"{cause.value.replace('_', ' ')}: the state is damaged"
+        if health.nonfinite_batch:
+            return GuardAction.SKIP, "the input batch held NaN/inf (bad data): skipped, buffers restored, LR kept"
+        if in_a_row:
+            return GuardAction.ROLLBACK, (
+                f"{self.consecutive_skips + 1} faults in a row (max_consecutive_skips={self.max_consecutive_skips})"
+            )
+        if repeated and health.unsettled:
+            return GuardAction.ROLLBACK, f"second fault within {self.repeat_window} steps, after an unstable stretch"
         if repeated:
-            return GuardAction.ROLLBACK, f"second fault within {self.repeat_window} steps"
+            return GuardAction.SKIP, (
+                f"another fault within {self.repeat_window} steps, but the steps before it were healthy: a bad "
+                "batch; skipped, buffers restored, LR kept"
+            )
         return GuardAction.SKIP, "an isolated bad batch: skipped, buffers restored, LR kept"
 
     def state_dict(self) -> dict[str, Any]:

@@ -91,15 +91,31 @@ def test_batchnorm_and_a_nan_batch_leave_eval_outputs_finite_under_every_action(
         assert torch.isfinite(buf.float()).all(), name
 
 
-def test_repeated_faults_roll_back_with_an_lr_cut(tmp_path):
+def test_repeated_faults_after_an_unsettled_stretch_roll_back_with_an_lr_cut(tmp_path):
     guard = NaNGuard(snapshot_every_n_steps=2, snapshot_confirm_steps=0)
     rec = Record()
-    make_trainer(tmp_path, [guard, rec], max_steps=12).fit(BatchNormNet(bad_inputs={3, 6}))
-    assert [(e["step"], e["kind"]) for e in guard.events] == [(3, "skip"), (6, "rollback")]
-    assert "second fault within" in guard.events[1]["reason"]
+    # NaN losses at 3 and 7; the losses of steps 5 and 6 are 10x their median: the run was unsettled before 7
+    model = TinyRegression(nan_at_steps=[3, 7], loss_scale_at={5: 10.0, 6: 10.0})
+    make_trainer(tmp_path, [guard, rec], max_steps=12).fit(model)
+    assert [(e["step"], e["kind"]) for e in guard.events] == [(3, "skip"), (7, "rollback")]
+    assert "after an unstable stretch" in guard.events[1]["reason"]
     assert guard.lr_scale == 0.5
-    assert rec.lr[6] == 0.005
-    assert rec.after[6].keys() == rec.after[guard.events[1]["snapshot_step"] - 1].keys()
+    assert rec.lr[7] == 0.005
+
+
+@pytest.mark.parametrize("inputs", ["nan", "finite"])
+def test_a_burst_of_bad_batches_between_healthy_steps_is_skipped_without_an_lr_cut(tmp_path, inputs):
+    # NaN in the input batch (the data's fault), or a NaN loss from finite inputs with healthy steps around it
+    guard = NaNGuard(snapshot_every_n_steps=2, snapshot_confirm_steps=0)
+    rec = Record()
+    model = BatchNormNet(bad_inputs={3, 6, 9}) if inputs == "nan" else TinyRegression(nan_at_steps=[3, 6, 9])
+    make_trainer(tmp_path, [guard, rec], max_steps=12).fit(model)
+    assert [(e["step"], e["kind"]) for e in guard.events] == [(3, "skip"), (6, "skip"), (9, "skip")]
+    why = "input batch held NaN/inf" if inputs == "nan" else "steps before it were healthy"
+    assert why in guard.events[1]["reason"]
+    assert guard.lr_scale == 1.0
+    assert guard.rollbacks == 0
+    assert set(rec.lr.values()) == {0.01}
 
 
 def test_nan_initial_weights_halt_at_once_instead_of_futile_rollbacks(tmp_path):

@@ -121,3 +121,27 @@ def test_fault_trace_names_the_first_module_and_restores_the_rng():
     assert first_nonfinite_module(net, lambda: net(torch.full((2, 3), math.nan))) == "0"
     assert nonfinite_in([{"x": torch.tensor([math.inf])}])
     assert not nonfinite_in((torch.ones(2), torch.tensor([1, 2]), "text"))
+
+
+def test_divergence_detector_says_when_the_run_was_unsettled_before_a_fault():
+    det = DivergenceDetector(recent=5)
+    for _ in range(10):
+        det.update(1.0, 1.0)
+    assert not det.unsettled
+    det.update(1.5, 5.0)  # within the loss (3x) and norm (10x) factors
+    assert not det.unsettled
+    det.update(4.0, 1.0)  # a loss 4x its median
+    assert det.unsettled
+    for _ in range(4):
+        det.update(1.0, 1.0)
+    assert det.unsettled  # still among the last 5 judged steps
+    det.update(1.0, 1.0)
+    assert not det.unsettled
+    det.update(1.0, 20.0)  # a norm 20x its median
+    assert det.unsettled
+    state = det.state_dict()
+    other = DivergenceDetector(recent=5)
+    other.load_state_dict(state)
+    assert other.unsettled
+    other.restart_runs()  # after a rollback the restored state is not unsettled
+    assert not other.unsettled

@@ -42,9 +42,33 @@ def test_auto_skips_isolated_batch_faults_and_rolls_back_damage(health, expected
 def test_auto_rolls_back_a_fault_repeating_within_the_window_then_halts_after_max_rollbacks():
     policy = GuardPolicy("auto", max_rollbacks=2, repeat_window=10)
     steps = [5, 30, 38, 45, 50]  # 30 is 25 after 5 (isolated); 38, 45, 50 repeat within 10
-    actions = decide_all(policy, [StepHealth(s, nonfinite_loss=True) for s in steps])
+    actions = decide_all(policy, [StepHealth(s, nonfinite_loss=True, unsettled=True) for s in steps])
     assert actions == [A.SKIP, A.SKIP, A.ROLLBACK, A.ROLLBACK, A.HALT]
     assert policy.rollbacks == 2
+
+
+def test_auto_skips_repeated_faults_that_healthy_steps_separate_or_that_bad_inputs_explain():
+    # a burst of bad batches: the steps between the faults were in range, so each is the batch's fault
+    policy = GuardPolicy("auto", repeat_window=10)
+    healths = [StepHealth(s, nonfinite_loss=s in (5, 8, 11, 14)) for s in range(4, 15)]  # healthy steps between
+    actions = [a for a in decide_all(policy, healths) if a is not A.NONE]
+    assert actions == [A.SKIP] * 4
+    assert "steps before it were healthy" in policy.decide(StepHealth(17, nonfinite_grad=True), True).reason
+    # bad input data is skipped even after an unsettled stretch: no rollback or LR cut undoes bad data
+    policy = GuardPolicy("auto", repeat_window=10)
+    bad_data = [StepHealth(s, nonfinite_loss=True, nonfinite_batch=True, unsettled=True) for s in (5, 7, 9)]
+    assert decide_all(policy, bad_data) == [A.SKIP, A.SKIP, A.SKIP]
+    assert policy.rollbacks == 0
+
+
+def test_auto_rolls_back_after_max_consecutive_faults_without_a_healthy_step():
+    policy = GuardPolicy("auto", max_consecutive_skips=2, repeat_window=10)
+    actions = decide_all(policy, [StepHealth(s, nonfinite_loss=True) for s in (5, 6, 7)])
+    assert actions == [A.SKIP, A.SKIP, A.ROLLBACK]
+    assert policy.consecutive_skips == 0
+    policy = GuardPolicy("auto", max_consecutive_skips=1, repeat_window=10)
+    policy.decide(StepHealth(5, nonfinite_loss=True), True)
+    assert "2 faults in a row" in policy.decide(StepHealth(6, nonfinite_loss=True), True).reason
 
 
 def test_halt_after_divergence_says_the_lr_looks_too_high():
@@ -88,11 +112,12 @@ def test_halt_policy_and_cause_priority():
 def test_state_round_trip_keeps_counting():
     policy = GuardPolicy("auto", repeat_window=10)
     policy.decide(StepHealth(5, nonfinite_loss=True), True)
-    policy.decide(StepHealth(8, nonfinite_loss=True), True)
+    policy.decide(StepHealth(8, nonfinite_loss=True, unsettled=True), True)
     other = GuardPolicy("auto", repeat_window=10)
     other.load_state_dict(policy.state_dict())
     assert (other.rollbacks, other.last_fault_step) == (1, 8)
-    assert other.decide(StepHealth(12, nonfinite_loss=True), True).action is A.ROLLBACK  # repeats the one at 8
+    repeat = StepHealth(12, nonfinite_loss=True, unsettled=True)
+    assert other.decide(repeat, True).action is A.ROLLBACK  # repeats the one at 8
     other.load_state_dict({})
     assert (other.rollbacks, other.consecutive_skips, other.last_fault_step) == (0, 0, None)
 
