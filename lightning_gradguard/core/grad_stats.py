@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from functools import cached_property, lru_cache
 from itertools import repeat
 from operator import attrgetter, is_
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -119,10 +120,46 @@ def _group_norms64(tensors: list[Tensor], norm_type: float) -> Tensor:
     # 256), then a host check for the rare overflow; a float64 copy of a large tensor costs ~100x the kernel on CPU.
     norms = _foreach_norms(tensors, norm_type, torch.float32 if half else None).to(torch.float64)
     if norm_type != math.inf and bool(torch.isinf(norms).any()):
-        for i in torch.nonzero(torch.isinf(norms)).flatten().tolist():
-            if bool(torch.isfinite(tensors[i]).all()):
-                norms[i] = _scaled_norm64(tensors[i], norm_type).to(norms.device)
+        _remeasure_overflow(norms, tensors, norm_type)
     return norms
+
+
+def _remeasure_overflow(norms: Tensor, tensors: Sequence[Tensor], norm_type: float) -> None:
+    """Replace, in place, each inf entry of the float64 ``norms`` whose tensor has only finite elements by its
+    norm measured without overflow."""
+    for i in torch.nonzero(torch.isinf(norms)).flatten().tolist():
+        if bool(torch.isfinite(tensors[i]).all()):
+            norms[i] = _scaled_norm64(tensors[i], norm_type).to(norms.device)
+
+
+def _host_norms(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor | None] | None:
+    """The CPU fast path of the common case: plain float32/bf16/fp16 tensors of one dtype on the CPU, a finite p
+    combined directly (``<= _DIRECT_POWER_MAX``). Returns ``(norms, total)``: on a healthy step the float32
+    per-tensor norms and the float64 total (``vector_norm(..., dtype=float64)`` casts each norm exactly, so the total
+    is the one :func:`_combine` gives for the float64 norms); otherwise the float64 norms, overflows re-measured,
+    and None. None when the case does not apply.
+
+    A finite float64 total means no per-tensor norm is inf, so one read of the total (no synchronisation on the
+    CPU; every callback reads it anyway) replaces the per-step inf scan of the norms, and the widening of the norms to
+    float64 waits until something reads them (logging steps).
+    """
+    first = tensors[0]
+    dtype = first.dtype
+    if (
+        first.device.type != "cpu"
+        or dtype not in (torch.float32, torch.bfloat16, torch.float16)
+        or not 0.0 < norm_type <= _DIRECT_POWER_MAX
+        or len(set(map(_DTYPE, tensors))) != 1
+        or len(set(map(Tensor.get_device, tensors))) != 1
+    ):
+        return None
+    norms = _foreach_norms(tensors, norm_type, None if dtype == torch.float32 else torch.float32)
+    total = torch.linalg.vector_norm(norms, norm_type, dtype=torch.float64)
+    if math.isfinite(total.item()):
+        return norms, total
+    wide = norms.to(torch.float64)  # an inf (overflow, or inf elements) or NaN somewhere: the full check
+    _remeasure_overflow(wide, tensors, norm_type)
+    return wide, None
 
 
 def _scaled_norm64(t: Tensor, norm_type: float) -> Tensor:
@@ -169,7 +206,14 @@ class GradStats:
         norm_type: the p of the p-norms.
         param_norms64: float64 vector, the gradient norm of each parameter (finite iff its elements are).
         total_norm64: float64 scalar, the global gradient norm over all of them (pre-clipping).
+
+    ``param_norms64`` may be given as float32 norms (the CPU fast path of :func:`compute_grad_stats`, when every norm
+    is finite): they are widened to float64, exactly, when first read. ``total_norm64`` (None: combined from the
+    norms) is the total the caller already computed from them.
     """
+
+    #: measure CPU gradients on the fast path (class-wide switch; tests set it to False for the general path)
+    host_fast_path: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -179,14 +223,16 @@ class GradStats:
         param_norms64: Tensor,
         norm_type: float,
         local_grads: Sequence[Tensor] | None = None,
+        total_norm64: Tensor | None = None,
     ) -> None:
         self.names = list(names)
         self.params = list(params)
         self.grads = list(grads)
-        self.param_norms64 = param_norms64
-        self.total_norm64 = _combine(param_norms64, norm_type)
+        # cached_property reads __dict__: whichever precision was given is kept, the other made on first read
+        self.__dict__["param_norms64" if param_norms64.dtype == torch.float64 else "param_norms"] = param_norms64
+        self.total_norm64 = _combine(self.param_norms64, norm_type) if total_norm64 is None else total_norm64
         self.norm_type = norm_type
-        if local_grads is not None:  # the views the measurement already built (cached_property reads __dict__)
+        if local_grads is not None:  # the views the measurement already built
             self.__dict__["local_grads"] = list(local_grads)
 
     @property
@@ -198,6 +244,11 @@ class GradStats:
         """This rank's pieces of :attr:`grads` (the gradients themselves when not sharded), sharing their storage:
         what in-place clipping should multiply or clamp (``DTensor`` refuses some in-place ops across placements)."""
         return [local_view(g) for g in self.grads]
+
+    @cached_property
+    def param_norms64(self) -> Tensor:
+        """Float64 vector: each parameter's gradient norm (finite iff its elements are)."""
+        return self.param_norms.to(torch.float64)
 
     @cached_property
     def param_norms(self) -> Tensor:
@@ -323,5 +374,8 @@ def compute_grad_stats(
     if any(map(_REQUIRES_GRAD, grads)):  # only after backward(create_graph=True): keep the graph out of our ops
         grads = [g.detach() for g in grads]
     local, layout = local_tensors(grads, names)
+    host = _host_norms(local, norm_type) if GradStats.host_fast_path and not layout.groups else None
+    if host is not None:
+        return GradStats(names, params, grads, host[0], norm_type, local_grads=local, total_norm64=host[1])
     norms = reduce_norms(_local_norms64(local, norm_type), layout, norm_type)
     return GradStats(names, params, grads, norms, norm_type, local_grads=local)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -89,6 +89,10 @@ def total_norm64(live: list[GradStats], device: torch.device) -> Tensor:
 class StepJudge:
     """Feeds the detectors and builds each step's :class:`Verdict`.
 
+    With one process and everything on the CPU the step's values are read directly as Python numbers
+    (:attr:`host_fast_path`); otherwise they are stacked as tensors, reduced across ranks and read in one transfer.
+    Either way the same decision code runs on the same numbers.
+
     Args:
         reduce: the cross-rank maximum (None: a single process).
         divergence, stability: run the divergence detector / the stability controller.
@@ -96,6 +100,9 @@ class StepJudge:
         amp_scale_floor: a GradScaler scale below this is a collapse.
         history_size: rows of (step, norm) and (step, loss) kept for reports.
     """
+
+    #: read CPU values directly in a single process (class-wide switch; tests set it to False for the tensor path)
+    host_fast_path: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -130,27 +137,63 @@ class StepJudge:
         values = torch.cat([local, glob.to(dev, torch.float64)]).tolist()
         return values[: len(parts)], values[len(parts) :]
 
+    def _loss_tensor(self, loss: Tensor | float, dev: torch.device) -> Tensor:
+        """The loss as a scalar tensor on ``dev``: a Python number keeps its float64 precision, a tensor its dtype."""
+        raw = loss.detach() if isinstance(loss, Tensor) else torch.tensor(loss, dtype=torch.float64)
+        return raw.to(dev).reshape(())
+
+    def _scale_bad(self, scale: Tensor, dev: torch.device) -> Tensor:
+        """Float64 scalar tensor, 1 when the GradScaler's scale tensor is below the floor (read from the tensor
+        itself: ``get_scale()`` would read it to the host)."""
+        return (scale.to(dev).reshape(()) < self.amp_scale_floor).to(torch.float64)
+
+    def _host_parts(
+        self, live: list[GradStats], dev: torch.device, loss: Tensor | float | None, scale: Tensor | None
+    ) -> list[float] | None:
+        """The values the tensor path of :meth:`judge` reads (norm, loss, loss non-finite, scale collapse, spike,
+        clip flags), read directly when there is one process and everything is on the CPU: no scalar tensors are
+        built only to be read back (each costs a few microseconds of dispatch). None where that does not apply."""
+        if (
+            not self.host_fast_path
+            or dev.type != "cpu"
+            or (self.reduce is not None and self.reduce.world_size > 1)
+            or (isinstance(loss, Tensor) and loss.device.type != "cpu")
+            or (scale is not None and scale.device.type != "cpu")
+            or any(isinstance(c, Tensor) and c.device.type != "cpu" for c in self.clip_flags)
+        ):
+            return None
+        norm = total_norm64(live, dev).item()
+        if loss is None:
+            loss_v, spike = 0.0, 0.0
+        else:
+            loss_v = loss.item() if isinstance(loss, Tensor) else float(loss)
+            spike = float(self.spike.update(self._loss_tensor(loss, dev))) if self.spike is not None else 0.0
+        bad_scale = float(self._scale_bad(scale, dev)) if scale is not None else 0.0
+        nonfinite_loss = 0.0 if math.isfinite(loss_v) else 1.0
+        return [norm, loss_v, nonfinite_loss, bad_scale, spike] + [float(c) for c in self.clip_flags]
+
     def judge(self, step: int, stats: list[GradStats], loss: Tensor | float | None, scaler: Any) -> Verdict:
         """Judge one step before its update from the optimizers' ``stats``, the (unscaled) ``loss`` and the
         GradScaler (None or disabled: no AMP)."""
         live = [s for s in stats if s.grads]
         dev = stats[0].device if stats else torch.device("cpu")
         has_loss = loss is not None
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
-        loss_t = zero
-        if has_loss:  # a Python number keeps its float64 precision; a tensor its own dtype
-            raw = loss.detach() if isinstance(loss, Tensor) else torch.tensor(loss, dtype=torch.float64)
-            loss_t = raw.to(dev).reshape(())
         scaled = scaler is not None and scaler.is_enabled()
-        scale_bad = zero
         scale = getattr(scaler, "_scale", None) if scaled else None
-        if isinstance(scale, Tensor):  # the scale tensor itself: get_scale() would read it to the host
-            scale_bad = (scale.to(dev).reshape(()) < self.amp_scale_floor).to(torch.float64)
-        spike = self.spike.update(loss_t) if (self.spike is not None and has_loss) else zero
-        parts = [total_norm64(live, dev), loss_t, ~torch.isfinite(loss_t), scale_bad, spike]
-        parts += [torch.as_tensor(c, device=dev).reshape(()) for c in self.clip_flags]  # tensors: no read
+        if not isinstance(scale, Tensor):
+            scale = None
+        host = self._host_parts(live, dev, loss, scale)
+        if host is not None:
+            mine = glob = host
+        else:
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+            loss_t = self._loss_tensor(loss, dev) if loss is not None else zero
+            scale_bad = self._scale_bad(scale, dev) if scale is not None else zero
+            spike = self.spike.update(loss_t) if (self.spike is not None and has_loss) else zero
+            parts = [total_norm64(live, dev), loss_t, ~torch.isfinite(loss_t), scale_bad, spike]
+            parts += [torch.as_tensor(c, device=dev).reshape(()) for c in self.clip_flags]  # tensors: no read
+            mine, glob = self._values(parts, dev)
         self.clip_flags = []
-        mine, glob = self._values(parts, dev)
         norm, loss_v = mine[0], (mine[1] if has_loss else math.nan)
         self.grad_history.append([step, norm])
         if has_loss:
@@ -169,15 +212,17 @@ class StepJudge:
             health.nonfinite_grad = False  # the GradScaler's business
         elif self.divergence and has_loss:  # judged on shared values: the detectors stay in lockstep
             health.loss_divergence, health.grad_divergence = self.detector.update(glob[1], glob[0])
-        if health.cause is None and ((global_grad_bad and not overflow) or any(v > 0 for v in glob[2:5])):
+        cause = health.cause  # read once while it can change (a property that scans every flag)
+        if cause is None and ((global_grad_bad and not overflow) or any(v > 0 for v in glob[2:5])):
             health.other_rank = True
-        healthy = health.cause is None and not overflow
+            cause = health.cause
+        healthy = cause is None and not overflow
         lower = None
         if self.stability and healthy and self._last is not None:
             lower = self.controller.update(*self._last, clipped=any(v > 0 for v in glob[5:]))
         self._last = (glob[1], glob[0]) if healthy and has_loss else None
         verdict = Verdict(None, overflow, lower, loss_v if has_loss else None, norm, live)
-        if health.cause is not None:
+        if cause is not None:
             # without the detector nothing says the run was stable before the fault: assume it was not
             health.unsettled = self.detector.unsettled if self.divergence else True
             verdict.health = health

@@ -8,8 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_gradguard.core.grad_stats import compute_grad_stats, layer_name_of, norms_of
+from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats, layer_name_of, norms_of
 from lightning_gradguard.core.step_cache import StepStatsCache
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["host_fast_path", "general_path"])
+def measure_path(request, monkeypatch):
+    """Every test runs on the CPU fast path of compute_grad_stats and on the general path accelerators use."""
+    monkeypatch.setattr(GradStats, "host_fast_path", request.param)
+    return request.param
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -321,3 +328,52 @@ def test_local_grads_are_the_gradients_themselves_when_not_sharded():
     stats = compute_grad_stats(list(m.parameters()))
     assert stats.names == ["param_0", "param_1", "param_2"]  # the default names keep the original positions
     assert all(a is b for a, b in zip(stats.local_grads, [p.grad for p in m.parameters() if p.grad is not None]))
+
+
+_ALIKE = ["param_norms64", "param_norms", "total_norm64", "total_norm", "finite", "all_finite", "norm_overflow"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, math.inf])
+@pytest.mark.parametrize(
+    "case", ["random", "overflow", "beyond_float32", "nan", "inf", "nan_and_overflow", "zeros", "many_small"]
+)
+def test_fast_and_general_paths_give_identical_statistics(dtype, p, case):
+    """Bit for bit: the fast path only skips tensor operations, it computes nothing differently."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(40,)] * 300 if case == "many_small" else [(17, 5), (5,), (3, 3, 2), (1,)]
+    grads = [torch.randn(sh, generator=g) * 10.0 ** torch.randint(-3, 4, (), generator=g) for sh in shapes]
+    top = torch.finfo(dtype).max
+    if case == "overflow":
+        grads[0][:4] = min(1e30, top / 2)  # finite elements, a float32 (or fp16) sum of squares overflows
+    elif case == "beyond_float32":
+        grads[2][:] = min(3e38, top)
+    elif case in ("nan", "inf"):
+        grads[1][2] = math.nan if case == "nan" else math.inf
+    elif case == "nan_and_overflow":
+        grads[0][:4], grads[3][0] = min(1e30, top / 2), math.nan
+    elif case == "zeros":
+        grads = [torch.zeros_like(t) for t in grads]
+    params = []
+    for t in grads:
+        q = nn.Parameter(torch.zeros(t.shape, dtype=dtype))
+        q.grad = t.to(dtype)
+        params.append(q)
+    names = [f"m{i // 2}.w{i % 2}" for i in range(len(params))]
+    got = {}
+    for fast in (True, False):
+        GradStats.host_fast_path = fast
+        try:
+            s = compute_grad_stats(params, names, p)
+        finally:
+            GradStats.host_fast_path = True
+        got[fast] = {k: getattr(s, k) for k in _ALIKE} | {
+            "layer_norms": s.layer_norms,
+            "nonfinite": s.nonfinite_names(),
+        }
+    for k, v in got[False].items():
+        w = got[True][k]
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(w, v, rtol=0, atol=0, equal_nan=True, msg=k)
+        else:
+            assert w == v, k

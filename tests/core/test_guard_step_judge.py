@@ -11,6 +11,13 @@ from lightning_gradguard.core.grad_stats import compute_grad_stats
 from lightning_gradguard.core.step_judge import StepJudge
 
 
+@pytest.fixture(autouse=True, params=[True, False], ids=["host_values", "tensor_path"])
+def judge_path(request, monkeypatch):
+    """Every test runs with the single-process CPU values read directly and on the tensor path."""
+    monkeypatch.setattr(StepJudge, "host_fast_path", request.param)
+    return request.param
+
+
 def _stats(grad: list[float]):
     p = torch.nn.Parameter(torch.zeros(len(grad)))
     p.grad = torch.tensor(grad)
@@ -95,3 +102,58 @@ def test_state_dict_round_trip_keeps_the_detectors_and_the_pending_row():
     a = judge.judge(12, [_stats([9.0])], torch.tensor(50.0), None)
     b = copy.judge(12, [_stats([9.0])], torch.tensor(50.0), None)
     assert (a.health, a.lower_lr) == (b.health, b.lower_lr)
+
+
+class _Scaler:
+    """A GradScaler stand-in: enabled, with its scale tensor."""
+
+    def __init__(self, scale: float) -> None:
+        self._scale = torch.tensor(scale)
+
+    def is_enabled(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("spike", [None, 2.0])
+@pytest.mark.parametrize("loss_kind", ["tensor", "float", "none"])
+def test_host_values_and_tensor_path_judge_every_step_alike(spike, loss_kind):
+    """The same stream of steps (healthy, NaN/inf, divergence, clipping, AMP overflow and scale collapse) through
+    both ways of reading the values: identical verdicts, histories and detector states."""
+    g = torch.Generator().manual_seed(3)
+    steps = []
+    for step in range(280):
+        norm = float(torch.rand((), generator=g)) + 0.5
+        loss = 2.0 - min(step, 150) / 200 + max(0, step - 150) / 400 + 0.05 * float(torch.rand((), generator=g))
+        if step in (30, 31):
+            norm = math.nan
+        if step == 45:
+            loss = math.inf
+        if 60 <= step < 66:
+            loss *= 1e4  # a loss that leaves its range: divergence
+        if 100 <= step < 130:
+            norm *= 1.0 + (step - 100) * 0.5  # a rising norm
+        scale = 0.5 if step == 140 else 1024.0
+        amp = step in (80, 81, 140)
+        flags = [bool(step % 3 == 0), torch.tensor(step % 5 == 0)] if step % 2 else [step % 4 == 0]
+        if step >= 150:
+            flags = [True]  # sustained clipping while the loss stops falling: the stability controller's case
+        steps.append((step, norm, loss, flags, _Scaler(scale) if amp else None))
+    runs = []
+    for host in (True, False):
+        StepJudge.host_fast_path = host
+        try:
+            judge = _judge(spike_zscore=spike, spike_window=20)
+            out = []
+            for step, norm, loss, flags, scaler in steps:
+                judge.clip_flags = list(flags)
+                given = {"tensor": torch.tensor(loss), "float": loss, "none": None}[loss_kind]
+                v = judge.judge(step, [_stats([norm, 0.5])], given, scaler)
+                out.append((v.health, v.overflow, v.lower_lr, v.loss, v.norm))
+            state = judge.state_dict()
+            state.pop("spike")
+            runs.append((out, state))
+        finally:
+            StepJudge.host_fast_path = True
+    assert repr(runs[0]) == repr(runs[1])  # repr: NaN compares unequal to itself
+    assert any(r[0] is not None for r in runs[0][0])
+    assert loss_kind == "none" or any(r[2] is not None for r in runs[0][0])  # an LR cut happened
