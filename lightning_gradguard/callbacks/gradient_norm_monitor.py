@@ -187,12 +187,13 @@ class GradientNormMonitor(Callback):
         return cached[1]
 
     def _state(self, idx: int) -> _OptimizerState:
-        if idx not in self._states:
-            self._states[idx] = _OptimizerState(
+        state = self._states.get(idx)
+        if state is None:
+            state = self._states[idx] = _OptimizerState(
                 VanishingDetector(self.vanishing_threshold, self.vanishing_patience),
                 ExplodingDetector(self.exploding_factor, self.exploding_ema_decay, self.exploding_warmup),
             )
-        return self._states[idx]
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -244,7 +245,7 @@ class GradientNormMonitor(Callback):
         if stats.norm_type != self.norm_type:  # another callback measured another norm: take ours, still pre-clip
             stats = compute_grad_stats(stats.params, stats.names, self.norm_type)
         state.seen_step = step
-        state.record = step_record(trainer)
+        state.record = step_record(trainer, step)
         state.norms.update(stats.total_norm)
         if log_due(trainer, self._log_every):
             flow = self.flow_every_n_logs > 0 and state.logs % self.flow_every_n_logs == 0
@@ -253,7 +254,8 @@ class GradientNormMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        stats = grad_stats_for(trainer, pl_module, optimizer, self.norm_type)  # the listener above ran by now
+        step = trainer.global_step
+        stats = grad_stats_for(trainer, pl_module, optimizer, self.norm_type, step)  # the listener above ran by now
         if not stats.grads:
             return
         idx = optimizer_index(trainer, optimizer)
@@ -262,7 +264,7 @@ class GradientNormMonitor(Callback):
             name = "grad_norm" if idx == 0 else f"grad_norm_opt{idx}"
             pl_module.log(name, stats.total_norm, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         capture, state.pending = state.pending, None
-        if capture is not None and capture.step == trainer.global_step:
+        if capture is not None and capture.step == step:
             self._log(trainer, idx, capture, state, optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

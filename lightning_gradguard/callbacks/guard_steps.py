@@ -133,9 +133,10 @@ class GuardSteps(GuardRecovery):
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         """Judge the step before its update: one stack of scalars, one reduce (DDP), one host read."""
-        stats = grad_stats_for(trainer, pl_module, optimizer)
-        self._record = step_record(trainer)
-        verdict = self.judge.judge(trainer.global_step, [stats], self._loss, self.scaler(trainer))
+        step = trainer.global_step
+        stats = grad_stats_for(trainer, pl_module, optimizer, step=step)
+        self._record = step_record(trainer, step)
+        verdict = self.judge.judge(step, [stats], self._loss, self.scaler(trainer))
         self._loss = None
         self._stepped = True
         loss_v = verdict.loss

@@ -138,7 +138,9 @@ class ProgressBarValues:
         last = self._sent.get(name)
         if last is not None and last[1] == value and step >= last[0]:
             return
-        if trainer.progress_bar_callback is not None and float(value).is_integer():
+        if trainer.progress_bar_callback is None:
+            return  # nothing is sent without a bar (the property scans the callbacks: read it once)
+        if float(value).is_integer():
             self._sent[name] = (step, value)
             trainer.progress_bar_metrics[name] = int(value)  # shown as "3", not "3.000"
             return

@@ -103,11 +103,23 @@ class TrainerContext:
 _CONTEXTS: weakref.WeakKeyDictionary[Any, TrainerContext] = weakref.WeakKeyDictionary()
 
 
+#: The Trainer asked for last and its context, both held weakly: several lookups per step, nearly always for the
+#: same Trainer (a ``WeakKeyDictionary`` lookup builds a weak reference each time).
+_LAST: tuple[weakref.ref[Any], weakref.ref[TrainerContext]] | None = None
+
+
 def context_for(trainer: pl.Trainer) -> TrainerContext:
     """The context shared by the gradguard callbacks of ``trainer`` (created on first use)."""
+    global _LAST
+    last = _LAST
+    if last is not None and last[0]() is trainer:
+        ctx = last[1]()
+        if ctx is not None:
+            return ctx
     ctx = _CONTEXTS.get(trainer)
     if ctx is None:
         ctx = _CONTEXTS[trainer] = TrainerContext()
+    _LAST = (weakref.ref(trainer), weakref.ref(ctx))
     return ctx
 
 
@@ -118,25 +130,32 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
     """Position of ``optimizer`` in ``trainer.optimizers`` (0 when it is not found)."""
+    optimizers = trainer.optimizers
+    if len(optimizers) <= 1:
+        return 0  # the usual case: found or not, the answer is 0
     raw = unwrap_optimizer(optimizer)
-    for i, opt in enumerate(trainer.optimizers):
+    for i, opt in enumerate(optimizers):
         if opt is raw:
             return i
     return 0
 
 
 def grad_stats_for(
-    trainer: pl.Trainer, pl_module: torch.nn.Module, optimizer: Any, norm_type: float = 2.0
+    trainer: pl.Trainer, pl_module: torch.nn.Module, optimizer: Any, norm_type: float = 2.0, step: int | None = None
 ) -> GradStats:
     """The gradient statistics of ``optimizer``'s parameters at the current step, computed once per step.
 
     The cache key is (optimizer, norm type) and the step is ``trainer.global_step``, which counts every optimizer
-    step, manual ones included. Under sharding (``DTensor`` gradients) the first call of a step is a collective: the
-    callbacks call it on every rank at the same hook.
+    step, manual ones included (``step``: that value, when the caller has already read it). Under sharding
+    (``DTensor`` gradients) the first call of a step is a collective: the callbacks call it on every rank at the same
+    hook.
     """
     ctx = context_for(trainer)
     raw = unwrap_optimizer(optimizer)
-    norm_type = float(norm_type)
+    if type(norm_type) is not float:
+        norm_type = float(norm_type)
+    if step is None:
+        step = trainer.global_step
 
     def compute() -> GradStats:
         params = [p for group in raw.param_groups for p in group["params"]]
@@ -145,10 +164,10 @@ def grad_stats_for(
         if ctx.listeners:
             idx = optimizer_index(trainer, raw)
             for listener in list(ctx.listeners):
-                listener(stats, idx, trainer.global_step)
+                listener(stats, idx, step)
         return stats
 
-    return ctx.cache.get((id(raw), norm_type if norm_type != math.inf else "inf"), trainer.global_step, compute)
+    return ctx.cache.get((id(raw), norm_type if norm_type != math.inf else "inf"), step, compute)
 
 
 def on_measured(trainer: pl.Trainer, listener: MeasuredListener) -> None:
@@ -158,13 +177,16 @@ def on_measured(trainer: pl.Trainer, listener: MeasuredListener) -> None:
         ctx.listeners.append(listener)
 
 
-def step_record(trainer: pl.Trainer) -> StepRecord:
-    """The shared record of the current optimizer step (a fresh one when ``global_step`` moved on)."""
+def step_record(trainer: pl.Trainer, step: int | None = None) -> StepRecord:
+    """The shared record of the current optimizer step (a fresh one when ``global_step`` moved on; ``step``: its
+    value, when the caller has already read it)."""
     ctx = context_for(trainer)
-    step = trainer.global_step
-    if ctx.record is None or ctx.record.step != step:
-        ctx.record = StepRecord(step)
-    return ctx.record
+    if step is None:
+        step = trainer.global_step
+    record = ctx.record
+    if record is None or record.step != step:
+        record = ctx.record = StepRecord(step)
+    return record
 
 
 def log_due(trainer: pl.Trainer, every_n_steps: int) -> bool:

@@ -47,14 +47,16 @@ class IntervalAggregate:
         """Add one value. A tensor on an accelerator stays there (no host synchronisation); CPU tensors and Python
         numbers are folded in as Python floats, since reading a CPU tensor costs no synchronisation and a handful of
         scalar tensor operations would cost more than the step they describe."""
-        on_host = self.host_fast_path and value.device.type == "cpu" if isinstance(value, Tensor) else True
-        if on_host and not isinstance(self._max, Tensor):
+        on_host = self.host_fast_path and value.is_cpu if isinstance(value, Tensor) else True
+        top = self._max
+        if on_host and not isinstance(top, Tensor):  # then the sum and count are Python numbers too
             v = float(value)
-            top = math.inf if math.isnan(v) else v  # NaN compares false with everything: it must not hide
-            ok = math.isfinite(v)
-            self._max = top if self._max is None else max(self._max, top)
-            self._sum = float(self._sum) + (v if ok else 0.0)
-            self._finite = int(self._finite) + int(ok)
+            if math.isnan(v):
+                v = math.inf  # NaN compares false with everything: it must not hide
+            elif math.isfinite(v):
+                self._sum += v
+                self._finite += 1
+            self._max = v if top is None or v > top else top
             self.count += 1
             return
         if not isinstance(value, Tensor):  # an interval that began on the tensor path continues there

@@ -159,9 +159,11 @@ class StepJudge:
             or (self.reduce is not None and self.reduce.world_size > 1)
             or (isinstance(loss, Tensor) and loss.device.type != "cpu")
             or (scale is not None and scale.device.type != "cpu")
-            or any(isinstance(c, Tensor) and c.device.type != "cpu" for c in self.clip_flags)
         ):
             return None
+        for c in self.clip_flags:
+            if isinstance(c, Tensor) and not c.is_cpu:
+                return None
         norm = total_norm64(live, dev).item()
         if loss is None:
             loss_v, spike = 0.0, 0.0
@@ -213,7 +215,7 @@ class StepJudge:
         elif self.divergence and has_loss:  # judged on shared values: the detectors stay in lockstep
             health.loss_divergence, health.grad_divergence = self.detector.update(glob[1], glob[0])
         cause = health.cause  # read once while it can change (a property that scans every flag)
-        if cause is None and ((global_grad_bad and not overflow) or any(v > 0 for v in glob[2:5])):
+        if cause is None and ((global_grad_bad and not overflow) or glob[2] > 0 or glob[3] > 0 or glob[4] > 0):
             health.other_rank = True
             cause = health.cause
         healthy = cause is None and not overflow

@@ -96,3 +96,23 @@ def test_log_due_counts_batches_so_both_optimizers_of_a_batch_log_together(tmp_p
     due = _Due(2)
     make_trainer(tmp_path, [due], max_steps=8, logger=False).fit(TwoOptimizers())  # 4 batches, 2 steps each
     assert due.due == [(0, True), (1, True), (2, False), (3, False), (4, True), (5, True), (6, False), (7, False)]
+
+
+def test_each_trainer_keeps_its_own_context_and_a_dead_trainer_does_not_keep_it_alive():
+    import gc
+    import weakref
+
+    class _Owner:  # any weakly referenceable object stands for a Trainer here
+        pass
+
+    a, b = _Owner(), _Owner()
+    ctx_a, ctx_b = context_for(a), context_for(b)
+    assert ctx_a is not ctx_b
+    assert context_for(a) is ctx_a  # asked again after another Trainer
+    assert context_for(a) is ctx_a  # and twice in a row (the last one asked)
+    assert context_for(b) is ctx_b
+    gone = weakref.ref(ctx_b)
+    del b, ctx_b
+    gc.collect()
+    assert gone() is None  # the context goes with its Trainer, even right after being asked for
+    assert context_for(a) is ctx_a
