@@ -51,6 +51,7 @@ class GuardSteps(GuardRecovery):
         self.store = SnapshotStore(capacity=2, confirm_steps=guard.snapshot_confirm_steps)
         self.buffers = BufferCopy()
         self._loop_limits: tuple[Any, Any] | None = None
+        self._precision: Any = None  # the precision plugin of the fit in progress
         self._reset()
 
     @property
@@ -88,6 +89,7 @@ class GuardSteps(GuardRecovery):
         self.store.reset()
         self.buffers.clear()
         g, judge = self.g, self.judge
+        self._precision = trainer.precision_plugin
         judge.reduce = StrategyReducer(trainer)
         judge.divergence, judge.stability, judge.amp_scale_floor = g.divergence, g.stability, g.amp_scale_floor
         if not self._resumed:
@@ -103,6 +105,7 @@ class GuardSteps(GuardRecovery):
         self.store.reset()  # free the CPU copies
         self.buffers.clear()
         self._batches = []
+        self._precision = None
 
     def fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The last update is checked by no later step: check the weights themselves."""
@@ -114,7 +117,9 @@ class GuardSteps(GuardRecovery):
 
     # ------------------------------------------------------------------ per step
     def scaler(self, trainer: pl.Trainer) -> Any:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # the fit's precision plugin, kept from the fit start (the property is three calls deep, read twice a step)
+        plugin = self._precision if self._precision is not None else trainer.precision_plugin
+        scaler = getattr(plugin, "scaler", None)
         return scaler if scaler is not None and scaler.is_enabled() else None
 
     def batch_start(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -125,7 +130,9 @@ class GuardSteps(GuardRecovery):
         self._batches.append((batch, batch_idx))
 
     def loss(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
-        value = loss.detach().float()
+        value = loss.detach()
+        if value.dtype is not torch.float32:
+            value = value.float()
         scaler = self.scaler(trainer)
         if scaler is not None and isinstance(getattr(scaler, "_scale", None), torch.Tensor):
             value = value / scaler._scale.to(value.device)  # the loss arrives scaled by the GradScaler

@@ -221,7 +221,7 @@ class StepJudge:
         healthy = cause is None and not overflow
         lower = None
         if self.stability and healthy and self._last is not None:
-            lower = self.controller.update(*self._last, clipped=any(v > 0 for v in glob[5:]))
+            lower = self.controller.update(*self._last, clipped=max(glob[5:], default=0.0) > 0)  # flags: 0 or 1
         self._last = (glob[1], glob[0]) if healthy and has_loss else None
         verdict = Verdict(None, overflow, lower, loss_v if has_loss else None, norm, live)
         if cause is not None:
