@@ -34,6 +34,16 @@ if TYPE_CHECKING:
 
 __all__ = ["GuardRecovery", "StrategyReducer"]
 
+#: the untrained start state is kept apart for this many stability windows (then its memory is freed)
+START_KEEP_WINDOWS = 8
+
+
+def pl_module_of(trainer: pl.Trainer) -> pl.LightningModule:
+    module = trainer.lightning_module
+    assert module is not None
+    return module
+
+
 _NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "nonfinite_buffers", "other_rank"}
 
 
@@ -62,6 +72,7 @@ class GuardRecovery:
     _batches: list[tuple[Any, int]]
     _loop_limits: tuple[Any, Any] | None
     _since_snapshot: int
+    _start_snap: Snapshot | None = None  # the untrained state, for a too-high LR from the first step
 
     def take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trusted: bool = False) -> None:
         """Copy the state; keep it only if every rank copied it and it is finite (else the older ones stay)."""
@@ -93,6 +104,10 @@ class GuardRecovery:
             self.handle_fault(trainer, pl_module, health)
         elif snap is not None:
             self.store.update(snap, trusted=trusted)
+            if trusted and step == 0:
+                self._start_snap = snap  # kept apart while a too-high LR from the first step can still show
+        if step > START_KEEP_WINDOWS * self.judge.controller.window:
+            self._start_snap = None
 
     def handle_fault(self, trainer: pl.Trainer, pl_module: pl.LightningModule, health: StepHealth) -> None:
         g = self.g
@@ -174,9 +189,34 @@ class GuardRecovery:
         return snap.step, snap.meta.get("path")
 
     def lower_lr(self, trainer: pl.Trainer, step: int, reason: str) -> None:
+        """The stability controller's cut; when the model is worse than untrained, from the start state."""
         g = self.g
+        ctl = self.judge.controller
         schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
-        g.lr_scale = cut_lr(trainer.optimizers, schedulers, g.lr_scale, g.lr_factor)
+        start = self._start_snap
+        if ctl.worse_than_start and start is not None and g.policy.rollbacks < g.policy.max_rollbacks:
+            # every step so far made the model worse: restart from the untrained state with the lower LR
+            self.store.reset()
+            self.store.update(start, trusted=True)
+            g.policy.rollbacks += 1
+            extra, g.lr_scale = roll_back(
+                start,
+                self.store,
+                pl_module_of(trainer),
+                trainer.optimizers,
+                schedulers,
+                g.lr_scale,
+                g.lr_factor,
+                ctl.lr_power,
+            )
+            if "precision" in extra:
+                trainer.precision_plugin.load_state_dict(extra["precision"])
+            g.reason = type(g.reason).ROLLED_BACK
+            self._after_state_change(trainer)
+            event = GuardEvent(step, "rollback", "lr_too_high", g.lr_scale, reason=reason, snapshot_step=start.step)
+            g.record_event(trainer, event)
+            return
+        g.lr_scale = cut_lr(trainer.optimizers, schedulers, g.lr_scale, g.lr_factor, ctl.lr_power)
         g.reason = type(g.reason).LOWERED_LR
         self._after_state_change(trainer)
         g.record_event(trainer, GuardEvent(step, "lower_lr", "lr_too_high", g.lr_scale, reason=reason))

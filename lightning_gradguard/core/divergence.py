@@ -53,6 +53,8 @@ class DivergenceDetector:
         unsettled_factor: a loss above this multiple of its recent median makes the run unsettled.
         grad_unsettled_factor: a norm above this multiple of its recent median makes the run unsettled.
         recent: how many of the last judged steps :attr:`unsettled` looks at.
+        floor: the loss factors apply to ``max(median, floor x the first loss)``: late in training a loss near zero
+            may jump 100x on a hard batch and still be small next to where the run started.
 
     Example:
         >>> det = DivergenceDetector(persist=2)
@@ -74,6 +76,7 @@ class DivergenceDetector:
         unsettled_factor: float = 3.0,
         grad_unsettled_factor: float = 10.0,
         recent: int = 10,
+        floor: float = 0.1,
     ) -> None:
         self.jump_factor = float(jump_factor)
         self.climb_factor = float(climb_factor)
@@ -85,6 +88,7 @@ class DivergenceDetector:
         self.unsettled_factor = float(unsettled_factor)
         self.grad_unsettled_factor = float(grad_unsettled_factor)
         self.recent = int(recent)
+        self.floor = float(floor)
         self.reset()
 
     def reset(self) -> None:
@@ -92,6 +96,7 @@ class DivergenceDetector:
         self._losses: deque[float] = deque(maxlen=self.window)
         self._norms: deque[float] = deque(maxlen=self.window)
         self._best: float = math.inf
+        self._start: float | None = None  # the first loss judged (the untrained model's): sets the floor
         self._loss_run = 0
         self._climb_run = 0
         self._grad_run = 0
@@ -123,17 +128,21 @@ class DivergenceDetector:
     def _judge_loss(self, loss: float) -> bool:
         # judged from the first healthy loss on: a too-high LR blows the loss up within the first few steps, and a
         # loss that stays 100x above where the run started is never healthy
+        if self._start is None:
+            self._start = abs(loss)
         if not self._losses:
             self._losses.append(loss)
             return False
         ref = _median(self._losses)
         self.loss_reference = ref
-        scale = abs(ref) + 1e-12
+        floor = self.floor * self._start  # a loss near zero that jumps 100x is still a small loss
+        scale = max(abs(ref), floor) + 1e-12
         if loss > ref + (self.unsettled_factor - 1.0) * scale:
             self._last_unsettled = 0
         jumped = loss > ref + (self.jump_factor - 1.0) * scale
         self._loss_run = self._loss_run + 1 if jumped else 0
-        climbing = self._best < math.inf and loss > self._best + (self.climb_factor - 1.0) * (abs(self._best) + 1e-12)
+        best_scale = max(abs(self._best), floor) + 1e-12
+        climbing = self._best < math.inf and loss > self._best + (self.climb_factor - 1.0) * best_scale
         self._climb_run = self._climb_run + 1 if climbing else 0
         if not jumped and not climbing:
             self._losses.append(loss)
@@ -160,6 +169,7 @@ class DivergenceDetector:
             "losses": list(self._losses),
             "norms": list(self._norms),
             "best": self._best if math.isfinite(self._best) else None,
+            "start": self._start,
             "runs": [self._loss_run, self._climb_run, self._grad_run],
             "last_unsettled": self._last_unsettled,
         }
@@ -170,6 +180,8 @@ class DivergenceDetector:
         self._norms.extend(float(v) for v in state.get("norms", []))
         best = state.get("best")
         self._best = math.inf if best is None else float(best)
+        start = state.get("start")
+        self._start = None if start is None else float(start)
         runs = list(state.get("runs", [0, 0, 0])) + [0, 0, 0]
         self._loss_run, self._climb_run, self._grad_run = (int(r) for r in runs[:3])
         last = state.get("last_unsettled")

@@ -7,7 +7,8 @@ the LR arithmetic of a recovery once, so that both apply the same cut:
   the LR so that it ends ``lr_factor ** lr_power`` times the LR in force *before* the rollback, never above the
   snapshot's own LR. ``lr_power`` comes from :class:`~lightning_gradguard.core.guard_policy.Decision`: a divergence
   that returns soon after a divergence rollback doubles it (a geometric search for a stable LR).
-- :func:`lower_lr` is the stability controller's cut: one factor ``lr_factor`` on the current LR.
+- :func:`lower_lr` is the stability controller's cut: ``lr_factor ** lr_power`` on the current LR (the controller
+  doubles ``lr_power`` when its cuts follow each other closely).
 - :func:`roll_back` is a whole rollback: restore the snapshot bit for bit, forget the newer snapshots, cut the LR.
 - :func:`halt_reason` and :func:`halt_report` assemble what a halt says and writes, from the halting event.
 - :func:`snapshot_failure_message` says what a failed snapshot leaves the rollbacks with.
@@ -71,11 +72,16 @@ def rollback_lr(
 
 
 def lower_lr(
-    optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any], lr_scale: float, lr_factor: float
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Any],
+    lr_scale: float,
+    lr_factor: float,
+    lr_power: int = 1,
 ) -> float:
-    """Multiply the current LR by ``lr_factor`` (a stability cut); returns the new cumulative LR scale."""
-    scale_lr(optimizers, schedulers, lr_factor)
-    return lr_scale * lr_factor
+    """Multiply the current LR by ``lr_factor ** lr_power`` (a stability cut); returns the new cumulative LR scale."""
+    factor = lr_factor**lr_power
+    scale_lr(optimizers, schedulers, factor)
+    return lr_scale * factor
 
 
 def roll_back(

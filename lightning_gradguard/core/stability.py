@@ -5,15 +5,23 @@ is set by the threshold, not by the data, and the run stops learning without eve
 :class:`StabilityController` watches three signals over ``window`` steps, each compared with the window before it
 (so a run must be both unstable *and* not improving):
 
-- **sustained clipping**: at least ``clip_fraction`` of the window's steps were clipped, and the median loss of the
-  window is not below the median of the window before;
+- **worse than untrained**: the median loss of both windows is above ``start_margin`` x the run's first loss (the
+  untrained model's): a too-high LR from the first step, which clipping may keep finite but never makes learn;
+- **sustained clipping**: at least ``clip_fraction`` of the window's steps were clipped, the median loss of the
+  window is not below the median of the window before, and it is above the first loss. Clipping alone is no
+  evidence: a threshold that lags a norm growing as the model learns clips most steps of a healthy run (measured on
+  the LSTM example at its stable LR);
 - **rising gradient norm**: the window's median norm is above ``norm_growth`` x the previous window's, and the loss
   is not improving;
-- **climbing loss**: the window's median loss is above ``loss_growth`` x the previous window's.
+- **climbing loss**: the window's median loss is above ``loss_growth`` x the previous window's, or above
+  ``loss_growth`` x the lowest window median seen so far (a slow climb over several windows), and above ``floor`` x
+  the run's first loss (so that noise around a loss near zero never counts).
 
 When one fires, :meth:`update` returns a plain-words reason ("learning rate looks too high: ...") and the guard
-lowers the LR; then the controller starts over (two fresh windows are needed before it can fire again). Healthy
-runs improve their loss from one window to the next, so the controller stays quiet on them. Host floats only: the
+lowers the LR by ``lr_factor ** lr_power``; then the controller starts over (two fresh windows are needed before it
+can fire again). A cut that follows the previous one within ``repeat_windows`` windows doubles ``lr_power``: an LR
+10x too high is found in a few cuts, not in ten. Healthy runs improve their loss from one window to the next, so the
+controller stays quiet on them. Host floats only: the
 guard reads the loss, the norm and the clip flags once per step anyway.
 """
 
@@ -33,13 +41,20 @@ def _median(values: list[float]) -> float:
 
 
 class StabilityController:
-    """Says when the LR should come down (see the module docstring).
+    """Says when the LR should come down, and by how much (see the module docstring).
 
     Args:
         window: steps per window (two windows are compared).
         clip_fraction: share of clipped steps in a window that counts as sustained clipping.
         norm_growth: growth of the median gradient norm between windows that counts as rising.
-        loss_growth: growth of the median loss between windows that counts as climbing.
+        loss_growth: growth of the median loss (over the previous window, or over the lowest window median seen)
+            that counts as climbing.
+        floor: a climbing loss must also be above this fraction of the run's first loss (a loss near zero that
+            doubles from 0.004 to 0.008 is noise, not instability).
+        start_margin: two windows in a row with a median loss above this multiple of the run's first loss: the
+            model is worse than untrained (a too-high LR from the first step).
+        repeat_windows: a cut within this many windows of the previous one doubles the exponent of the cut
+            (:attr:`lr_power`: 1, 2, 4, ...), a geometric search for a stable LR.
 
     Example:
         >>> ctl = StabilityController(window=4)
@@ -51,56 +66,104 @@ class StabilityController:
     """
 
     def __init__(
-        self, window: int = 100, clip_fraction: float = 0.8, norm_growth: float = 10.0, loss_growth: float = 2.0
+        self,
+        window: int = 25,
+        clip_fraction: float = 0.8,
+        norm_growth: float = 10.0,
+        loss_growth: float = 2.0,
+        floor: float = 0.1,
+        repeat_windows: int = 4,
+        start_margin: float = 1.1,
     ) -> None:
         self.window = int(window)
         self.clip_fraction = float(clip_fraction)
         self.norm_growth = float(norm_growth)
         self.loss_growth = float(loss_growth)
+        self.floor = float(floor)
+        self.repeat_windows = int(repeat_windows)
+        self.start_margin = float(start_margin)
         self.interventions = 0
+        self.lr_power = 1  # the exponent of the last cut (lr_factor ** lr_power)
+        self.worse_than_start = False  # the last cut's reason: the model is worse than untrained
+        self._start: float | None = None  # the first loss seen (the untrained model's)
+        self._best = math.inf  # the lowest window median seen
+        self._steps = 0  # healthy steps seen
+        self._last_fire: int | None = None
+        self._streak = 0
         self.reset()
 
     def reset(self) -> None:
-        """Start over: two fresh windows before the next judgement."""
+        """Start over: two fresh windows before the next judgement (the start loss and best median are kept)."""
         self._rows: deque[tuple[float, float, bool]] = deque(maxlen=2 * self.window)
         self._count = 0
-        self._every = max(1, self.window // 10)
+        self._every = max(1, self.window // 5)
 
     def update(self, loss: float, grad_norm: float, clipped: bool) -> str | None:
         """Add one healthy step; returns why the LR should come down, or None."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return None
+        if self._start is None:
+            self._start = abs(loss)
+        self._steps += 1
         self._rows.append((loss, grad_norm, bool(clipped)))
         self._count += 1
         if len(self._rows) < 2 * self.window or self._count % self._every:
-            return None  # judged every window/10 steps: the medians move slowly, and sorting costs
+            return None  # judged every window/5 steps: the medians move slowly, and sorting costs
         rows = list(self._rows)
         old, new = rows[: self.window], rows[self.window :]
         old_loss, new_loss = _median([r[0] for r in old]), _median([r[0] for r in new])
         old_norm, new_norm = _median([r[1] for r in old]), _median([r[1] for r in new])
         clipped_share = sum(r[2] for r in new) / self.window
         not_improving = new_loss >= old_loss
-        reason = None
-        if clipped_share >= self.clip_fraction and not_improving:
-            reason = (
-                f"the clipper cut {clipped_share:.0%} of the last {self.window} steps and the loss stopped falling "
-                f"(median {old_loss:.4g} -> {new_loss:.4g})"
-            )
-        elif new_norm > self.norm_growth * old_norm and not_improving:
+        above_floor = new_loss > self.floor * (self._start or 0.0) and new_loss > 0
+        best = self._best
+        self._best = min(self._best, new_loss)
+        start = self._start or 0.0
+        reason, worse = None, False
+        if new_norm > self.norm_growth * old_norm and not_improving:
             reason = (
                 f"the gradient norm keeps rising (median {old_norm:.4g} -> {new_norm:.4g} over {self.window} steps) "
                 "while the loss does not improve"
             )
-        elif new_loss > self.loss_growth * old_loss + 1e-12 * abs(old_loss) and new_loss > 0:
+        elif above_floor and new_loss > self.loss_growth * old_loss:
             reason = f"the loss keeps climbing (median {old_loss:.4g} -> {new_loss:.4g} over {self.window} steps)"
+        elif above_floor and best < math.inf and new_loss > self.loss_growth * best:
+            reason = f"the loss climbed from its best (window median {best:.4g} -> {new_loss:.4g})"
+        elif old_loss > self.start_margin * start and new_loss > self.start_margin * start and start > 0:
+            worse = True
+            reason = (
+                f"after {self._steps} steps the loss is still above the untrained model's ({start:.4g}; medians of "
+                f"the last two windows {old_loss:.4g}, {new_loss:.4g}; the clipper cut {clipped_share:.0%})"
+            )
+        elif clipped_share >= self.clip_fraction and not_improving and new_loss > start:
+            reason = (
+                f"the clipper cut {clipped_share:.0%} of the last {self.window} steps and the loss stopped falling "
+                f"(median {old_loss:.4g} -> {new_loss:.4g})"
+            )
         if reason is None:
             return None
+        self.worse_than_start = worse
+        repeated = self._last_fire is not None and self._steps - self._last_fire <= self.repeat_windows * self.window
+        self._streak = self._streak + 1 if repeated else 0
+        self.lr_power = 2**self._streak
+        self._last_fire = self._steps
         self.interventions += 1
         self.reset()
         return "learning rate looks too high: " + reason
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": [list(r) for r in self._rows], "count": self._count, "interventions": self.interventions}
+        return {
+            "rows": [list(r) for r in self._rows],
+            "count": self._count,
+            "interventions": self.interventions,
+            "start": self._start,
+            "best": self._best if math.isfinite(self._best) else None,
+            "steps": self._steps,
+            "last_fire": self._last_fire,
+            "streak": self._streak,
+            "lr_power": self.lr_power,
+            "worse_than_start": self.worse_than_start,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
@@ -108,3 +171,11 @@ class StabilityController:
             self._rows.append((float(row[0]), float(row[1]), bool(row[2])))
         self._count = int(state.get("count", len(self._rows)))
         self.interventions = int(state.get("interventions", 0))
+        start, best, last = state.get("start"), state.get("best"), state.get("last_fire")
+        self._start = None if start is None else float(start)
+        self._best = math.inf if best is None else float(best)
+        self._steps = int(state.get("steps", self._count))
+        self._last_fire = None if last is None else int(last)
+        self._streak = int(state.get("streak", 0))
+        self.lr_power = int(state.get("lr_power", 1))
+        self.worse_than_start = bool(state.get("worse_than_start", False))

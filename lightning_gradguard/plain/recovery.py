@@ -128,7 +128,7 @@ class Recovery:
 
     def lower_lr(self, step: int, reason: str) -> None:
         g = self.g
-        g.lr_scale = cut_lr(g.optimizers, g.schedulers, g.lr_scale, g.lr_factor)
+        g.lr_scale = cut_lr(g.optimizers, g.schedulers, g.lr_scale, g.lr_factor, g.judge.controller.lr_power)
         g.last_action = "lower_lr"
         self._after_state_change()
         g.record_event(GuardEvent(step, "lower_lr", "lr_too_high", g.lr_scale, reason=reason))
