@@ -250,3 +250,24 @@ def test_skip_escalates_a_weight_corrupted_before_the_forward_at_once(tmp_path):
     assert guard.events[0]["nonfinite_params"] == ["net.0.weight"]
     assert "cannot be undone by skipping" in guard.events[0]["reason"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_model_left_worse_than_untrained_restarts_from_the_start_with_a_lower_lr(tmp_path):
+    # issue 18: a char-level LSTM at 10x its stable SGD LR from the first step never gets below the untrained loss;
+    # clipping keeps it finite, nothing is non-finite: only a restart at a lower LR rescues it
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import scenarios
+
+    kw = dict(steps=120, seed=1, tiny=True, setting="explosive")
+    guarded = scenarios.fit("char_lstm", str(tmp_path / "g"), list(default_callbacks()), **kw)
+    plain = scenarios.fit("char_lstm", str(tmp_path / "p"), [], **kw)
+    (event,) = [e for e in guarded.events if e.get("callback") == "NaNGuard"]
+    assert (event["kind"], event["cause"]) == ("rollback", "lr_too_high")
+    assert "still above the untrained model's" in event["reason"]
+    assert event["lr_scale"] == 0.5
+    assert guarded.metric < plain.metric - 1.0  # bits per character: the restarted run learns

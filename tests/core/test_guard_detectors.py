@@ -145,3 +145,42 @@ def test_divergence_detector_says_when_the_run_was_unsettled_before_a_fault():
     assert other.unsettled
     other.restart_runs()  # after a rollback the restored state is not unsettled
     assert not other.unsettled
+
+
+def test_stability_restarts_a_model_worse_than_untrained_and_cuts_harder_each_time():
+    ctl = StabilityController(window=10)
+    # the first loss is the untrained model's; a too-high LR leaves every later loss above it
+    reasons = [ctl.update(2.0 if i == 0 else 5.0 + 0.1 * (i % 3), 1.0, clipped=False) for i in range(21)]
+    fired = [r for r in reasons if r]
+    assert len(fired) == 1
+    assert "still above the untrained model's" in fired[0]
+    assert ctl.worse_than_start
+    assert ctl.lr_power == 1
+    # the next cut within repeat_windows windows doubles the exponent, the one after doubles it again
+    again = [ctl.update(5.0, 1.0, clipped=False) for _ in range(40)]
+    assert len([r for r in again if r]) == 2
+    assert ctl.lr_power == 4
+    other = StabilityController(window=10)
+    other.load_state_dict(ctl.state_dict())
+    assert (other.lr_power, other.worse_than_start) == (4, True)
+
+
+def test_stability_ignores_sustained_clipping_while_the_loss_is_below_its_start():
+    # a threshold that lags a norm growing as the model learns clips nearly every step of a healthy run (the LSTM
+    # example at its stable LR): a plateau below the untrained loss is no reason to cut the LR
+    ctl = StabilityController(window=25)
+    rng = random.Random(0)
+    first = ctl.update(0.19, 0.01, clipped=False)
+    reasons = [first] + [ctl.update(0.16 + 0.02 * rng.random(), 0.2, clipped=True) for _ in range(200)]
+    assert [r for r in reasons if r] == []
+
+
+def test_a_loss_near_zero_that_jumps_is_not_divergence():
+    # late in a classification run the loss is ~0.005; a hard batch at 0.8 is 160x the median but far below the
+    # untrained model's 2.3: the floor (0.1 x the first loss) keeps it from counting as a jump
+    det = DivergenceDetector(persist=3)
+    det.update(2.3, 1.0)
+    for _ in range(40):
+        det.update(0.005, 1.0)
+    assert [det.update(0.8, 1.0)[0] for _ in range(5)] == [False] * 5
+    assert [det.update(500.0, 1.0)[0] for _ in range(3)][-1] is True
