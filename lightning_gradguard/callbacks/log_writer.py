@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -127,19 +129,33 @@ class ProgressBarValues:
 
     def __init__(self) -> None:
         self._sent: dict[str, tuple[int, float | None]] = {}
+        self._barless: weakref.ref[Any] | None = None  # the Trainer last found without a progress bar
 
     def reset(self) -> None:
         self._sent.clear()
+        self._barless = None
+
+    def _no_bar(self, trainer: pl.Trainer) -> bool:
+        """Whether ``trainer`` has no progress bar. Remembered per Trainer (its callbacks are fixed): Lightning's
+        ``progress_bar_callback`` scans every callback each time, and the callers ask every step."""
+        if trainer.progress_bar_callback is not None:
+            return False
+        with contextlib.suppress(TypeError):  # a stand-in Trainer without weak references is just not remembered
+            self._barless = weakref.ref(trainer)
+        return True
 
     def show_changed(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str, value: float, step: int
     ) -> None:
         """Send ``value`` as ``name`` unless it is the value last sent (at this step or an earlier one)."""
+        barless = self._barless
+        if barless is not None and barless() is trainer:
+            return  # nothing is ever sent without a bar
         last = self._sent.get(name)
         if last is not None and last[1] == value and step >= last[0]:
             return
-        if trainer.progress_bar_callback is None:
-            return  # nothing is sent without a bar (the property scans the callbacks: read it once)
+        if self._no_bar(trainer):
+            return
         if float(value).is_integer():
             self._sent[name] = (step, value)
             trainer.progress_bar_metrics[name] = int(value)  # shown as "3", not "3.000"
@@ -156,10 +172,13 @@ class ProgressBarValues:
         every: int,
     ) -> None:
         """Send ``make()`` as ``name`` if nothing was sent for it in the last ``every`` steps."""
+        barless = self._barless
+        if barless is not None and barless() is trainer:
+            return
         last = self._sent.get(name)
         if last is not None and 0 <= step - last[0] < every:
             return
-        if trainer.progress_bar_callback is not None:
+        if not self._no_bar(trainer):
             self._send(trainer, pl_module, name, make(), step, None)
 
     def _send(

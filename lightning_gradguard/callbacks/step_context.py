@@ -104,15 +104,16 @@ _CONTEXTS: weakref.WeakKeyDictionary[Any, TrainerContext] = weakref.WeakKeyDicti
 
 
 #: The Trainer asked for last and its context, both held weakly: several lookups per step, nearly always for the
-#: same Trainer (a ``WeakKeyDictionary`` lookup builds a weak reference each time).
-_LAST: tuple[weakref.ref[Any], weakref.ref[TrainerContext]] | None = None
+#: same Trainer (a ``WeakKeyDictionary`` lookup builds a weak reference each time). Starts as nobody's.
+_NOBODY = object()
+_LAST: tuple[Callable[[], Any], Callable[[], TrainerContext | None]] = (lambda: _NOBODY, lambda: None)
 
 
 def context_for(trainer: pl.Trainer) -> TrainerContext:
     """The context shared by the gradguard callbacks of ``trainer`` (created on first use)."""
     global _LAST
     last = _LAST
-    if last is not None and last[0]() is trainer:
+    if last[0]() is trainer:
         ctx = last[1]()
         if ctx is not None:
             return ctx
@@ -151,23 +152,30 @@ def grad_stats_for(
     hook.
     """
     ctx = context_for(trainer)
-    raw = unwrap_optimizer(optimizer)
+    raw = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
     if type(norm_type) is not float:
         norm_type = float(norm_type)
     if step is None:
         step = trainer.global_step
-
-    def compute() -> GradStats:
-        params = [p for group in raw.param_groups for p in group["params"]]
-        labels = ctx.labels(pl_module, id(raw), params)
-        stats = compute_grad_stats(params, labels, norm_type)
-        if ctx.listeners:
-            idx = optimizer_index(trainer, raw)
-            for listener in list(ctx.listeners):
-                listener(stats, idx, step)
+    key = (id(raw), norm_type if norm_type != math.inf else "inf")
+    stats = ctx.cache.peek(key, step)  # every caller but the first of a step stops here
+    if stats is not None:
         return stats
+    return ctx.cache.get(key, step, lambda: _measure(ctx, trainer, pl_module, raw, norm_type, step))
 
-    return ctx.cache.get((id(raw), norm_type if norm_type != math.inf else "inf"), step, compute)
+
+def _measure(
+    ctx: TrainerContext, trainer: pl.Trainer, pl_module: torch.nn.Module, raw: Any, norm_type: float, step: int
+) -> GradStats:
+    """The step's measurement of ``raw``'s gradients, shown to the listeners."""
+    params = [p for group in raw.param_groups for p in group["params"]]
+    labels = ctx.labels(pl_module, id(raw), params)
+    stats = compute_grad_stats(params, labels, norm_type)
+    if ctx.listeners:
+        idx = optimizer_index(trainer, raw)
+        for listener in list(ctx.listeners):
+            listener(stats, idx, step)
+    return stats
 
 
 def on_measured(trainer: pl.Trainer, listener: MeasuredListener) -> None:
@@ -195,8 +203,12 @@ def log_due(trainer: pl.Trainer, every_n_steps: int) -> bool:
     Counts the batches that made an optimizer step (Lightning's own logging counter, restored on resume), so
     every optimizer of a multi-optimizer batch logs at the same batch and the guard logs with the others.
     """
-    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    count = getattr(epoch_loop, "_batches_that_stepped", None)
+    try:
+        count = trainer.fit_loop.epoch_loop._batches_that_stepped
+    except AttributeError:
+        count = None
     if not isinstance(count, int):
         count = trainer.global_step
-    return count % max(1, int(every_n_steps)) == 0
+    if type(every_n_steps) is not int or every_n_steps < 1:
+        every_n_steps = max(1, int(every_n_steps))
+    return count % every_n_steps == 0

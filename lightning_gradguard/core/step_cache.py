@@ -21,19 +21,23 @@ class StepStatsCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[Hashable, Hashable], GradStats] = {}
+        self._entries: dict[Hashable, GradStats] = {}  # all of step ``_step``
         self._step: Hashable = None
         self.computations = 0
 
-    def get(self, key: Hashable, step: Hashable, compute: Callable[[], GradStats]) -> GradStats:
+    def peek(self, key: Hashable, step: Hashable) -> GradStats | None:
+        """The entry for ``(key, step)``, or None."""
         if step != self._step:
             self._entries.clear()
             self._step = step
-        stats = self._entries.get((key, step))
+        return self._entries.get(key)
+
+    def get(self, key: Hashable, step: Hashable, compute: Callable[[], GradStats]) -> GradStats:
+        stats = self.peek(key, step)
         if stats is None:
             stats = compute()
             self.computations += 1
-            self._entries[(key, step)] = stats
+            self._entries[key] = stats
         return stats
 
     def invalidate(self) -> None:

@@ -126,6 +126,8 @@ class StepJudge:
         #: clip flags (bools or device tensors) of the last step taken: the stability controller's input next step.
         self.clip_flags: list[Any] = []
         self._last: tuple[float, float] | None = None
+        self._sized: Any = None  # the reducer whose world size _one_rank holds
+        self._one_rank = reduce is None
 
     def _values(self, parts: list[Tensor], dev: torch.device) -> tuple[list[float], list[float]]:
         """(this rank's values, their maximum over the ranks), in one host read."""
@@ -153,12 +155,15 @@ class StepJudge:
         """The values the tensor path of :meth:`judge` reads (norm, loss, loss non-finite, scale collapse, spike,
         clip flags), read directly when there is one process and everything is on the CPU: no scalar tensors are
         built only to be read back (each costs a few microseconds of dispatch). None where that does not apply."""
+        reduce = self.reduce
+        if reduce is not self._sized:  # the world size is fixed for a reducer (one per fit): read it once
+            self._sized, self._one_rank = reduce, reduce is None or reduce.world_size <= 1
         if (
             not self.host_fast_path
+            or not self._one_rank
             or dev.type != "cpu"
-            or (self.reduce is not None and self.reduce.world_size > 1)
-            or (isinstance(loss, Tensor) and loss.device.type != "cpu")
-            or (scale is not None and scale.device.type != "cpu")
+            or (isinstance(loss, Tensor) and not loss.is_cpu)
+            or (scale is not None and not scale.is_cpu)
         ):
             return None
         for c in self.clip_flags:
@@ -201,21 +206,29 @@ class StepJudge:
         if has_loss:
             self.loss_history.append([step, loss_v])
         # what this rank saw; the decision below uses what every rank shares
-        health = StepHealth(
-            step,
-            nonfinite_loss=has_loss and mine[2] > 0,
-            nonfinite_grad=not math.isfinite(norm),
-            scale_collapse=mine[3] > 0,
-            loss_spike=mine[4] > 0,
-        )
+        nonfinite_loss = has_loss and mine[2] > 0
+        nonfinite_grad = not math.isfinite(norm)
         global_grad_bad = not math.isfinite(glob[0])
         overflow = scaled and global_grad_bad and not (glob[2] > 0 or glob[3] > 0)
         if overflow:
-            health.nonfinite_grad = False  # the GradScaler's business
-        elif self.divergence and has_loss:  # judged on shared values: the detectors stay in lockstep
-            health.loss_divergence, health.grad_divergence = self.detector.update(glob[1], glob[0])
-        cause = health.cause  # read once while it can change (a property that scans every flag)
+            nonfinite_grad = False  # the GradScaler's business
+        loss_divergence = grad_divergence = False
+        if not overflow and self.divergence and has_loss:  # on shared values: the detectors stay in lockstep
+            loss_divergence, grad_divergence = self.detector.update(glob[1], glob[0])
+        flags = {
+            "nonfinite_loss": nonfinite_loss,
+            "nonfinite_grad": nonfinite_grad,
+            "scale_collapse": mine[3] > 0,
+            "loss_spike": mine[4] > 0,
+            "loss_divergence": loss_divergence,
+            "grad_divergence": grad_divergence,
+        }
+        # a StepHealth with every flag False is a healthy step (its contract): none is built for one
+        health = StepHealth(step, **flags) if any(flags.values()) else None
+        cause = health.cause if health is not None else None
         if cause is None and ((global_grad_bad and not overflow) or glob[2] > 0 or glob[3] > 0 or glob[4] > 0):
+            if health is None:
+                health = StepHealth(step, **flags)
             health.other_rank = True
             cause = health.cause
         healthy = cause is None and not overflow
@@ -224,7 +237,7 @@ class StepJudge:
             lower = self.controller.update(*self._last, clipped=max(glob[5:], default=0.0) > 0)  # flags: 0 or 1
         self._last = (glob[1], glob[0]) if healthy and has_loss else None
         verdict = Verdict(None, overflow, lower, loss_v if has_loss else None, norm, live)
-        if cause is not None:
+        if health is not None and cause is not None:
             # without the detector nothing says the run was stable before the fault: assume it was not
             health.unsettled = self.detector.unsettled if self.divergence else True
             verdict.health = health

@@ -123,7 +123,7 @@ def test_host_values_and_tensor_path_judge_every_step_alike(spike, loss_kind):
     steps = []
     for step in range(280):
         norm = float(torch.rand((), generator=g)) + 0.5
-        loss = 2.0 - min(step, 150) / 200 + max(0, step - 150) / 400 + 0.05 * float(torch.rand((), generator=g))
+        loss = 2.0 - min(step, 150) / 200 + max(0, step - 150) / 60 + 0.05 * float(torch.rand((), generator=g))
         if step in (30, 31):
             norm = math.nan
         if step == 45:
