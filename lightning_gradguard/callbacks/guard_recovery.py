@@ -16,7 +16,15 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_gradguard.callbacks.step_context import context_for
 from lightning_gradguard.core.fault_trace import first_nonfinite_module, nonfinite_in
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
-from lightning_gradguard.core.recovery_rules import halt_reason, halt_report, roll_back, snapshot_failure_message
+from lightning_gradguard.core.recovery_rules import (
+    START_KEEP_WINDOWS,
+    StartState,
+    halt_reason,
+    halt_report,
+    restart_store,
+    roll_back,
+    snapshot_failure_message,
+)
 from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
 from lightning_gradguard.core.snapshot import (
     BufferCopy,
@@ -33,16 +41,6 @@ if TYPE_CHECKING:
     from lightning_gradguard.callbacks.nan_guard import NaNGuard
 
 __all__ = ["GuardRecovery", "StrategyReducer"]
-
-#: the untrained start state is kept apart for this many stability windows (then its memory is freed)
-START_KEEP_WINDOWS = 8
-
-
-def pl_module_of(trainer: pl.Trainer) -> pl.LightningModule:
-    module = trainer.lightning_module
-    assert module is not None
-    return module
-
 
 _NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "nonfinite_buffers", "other_rank"}
 
@@ -72,7 +70,7 @@ class GuardRecovery:
     _batches: list[tuple[Any, int]]
     _loop_limits: tuple[Any, Any] | None
     _since_snapshot: int
-    _start_snap: Snapshot | None = None  # the untrained state, for a too-high LR from the first step
+    _start: StartState | None = None  # the untrained state, for a too-high LR from the first step
 
     def take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trusted: bool = False) -> None:
         """Copy the state; keep it only if every rank copied it and it is finite (else the older ones stay)."""
@@ -104,10 +102,16 @@ class GuardRecovery:
             self.handle_fault(trainer, pl_module, health)
         elif snap is not None:
             self.store.update(snap, trusted=trusted)
-            if trusted and step == 0:
-                self._start_snap = snap  # kept apart while a too-high LR from the first step can still show
-        if step > START_KEEP_WINDOWS * self.judge.controller.window:
-            self._start_snap = None
+            if trusted:
+                self.start_state.offer(snap)
+        self.start_state.expire(step)
+
+    @property
+    def start_state(self) -> StartState:
+        """The untrained state, kept for the first ``START_KEEP_WINDOWS`` stability windows."""
+        if self._start is None:
+            self._start = StartState(START_KEEP_WINDOWS * self.judge.controller.window)
+        return self._start
 
     def handle_fault(self, trainer: pl.Trainer, pl_module: pl.LightningModule, health: StepHealth) -> None:
         g = self.g
@@ -193,21 +197,14 @@ class GuardRecovery:
         g = self.g
         ctl = self.judge.controller
         schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
-        start = self._start_snap
-        if ctl.worse_than_start and start is not None and g.policy.rollbacks < g.policy.max_rollbacks:
+        start = self.start_state.restart_target(ctl.worse_than_start, step)
+        if start is not None and g.policy.rollbacks < g.policy.max_rollbacks:
             # every step so far made the model worse: restart from the untrained state with the lower LR
-            self.store.reset()
-            self.store.update(start, trusted=True)
+            restart_store(self.store, start)
             g.policy.rollbacks += 1
+            model = trainer.lightning_module
             extra, g.lr_scale = roll_back(
-                start,
-                self.store,
-                pl_module_of(trainer),
-                trainer.optimizers,
-                schedulers,
-                g.lr_scale,
-                g.lr_factor,
-                ctl.lr_power,
+                start, self.store, model, trainer.optimizers, schedulers, g.lr_scale, g.lr_factor, ctl.lr_power
             )
             if "precision" in extra:
                 trainer.precision_plugin.load_state_dict(extra["precision"])

@@ -10,6 +10,8 @@ the LR arithmetic of a recovery once, so that both apply the same cut:
 - :func:`lower_lr` is the stability controller's cut: ``lr_factor ** lr_power`` on the current LR (the controller
   doubles ``lr_power`` when its cuts follow each other closely).
 - :func:`roll_back` is a whole rollback: restore the snapshot bit for bit, forget the newer snapshots, cut the LR.
+- :class:`StartState` keeps the untrained state apart during the first windows of a run: when the stability
+  controller finds the model worse than untrained (a too-high LR from the first step), the guard restarts from it.
 - :func:`halt_reason` and :func:`halt_report` assemble what a halt says and writes, from the halting event.
 - :func:`snapshot_failure_message` says what a failed snapshot leaves the rollbacks with.
 
@@ -31,8 +33,11 @@ from lightning_gradguard.core.lr_scaling import scale_lr
 from lightning_gradguard.core.snapshot import Snapshot, SnapshotStore, restore_snapshot
 
 __all__ = [
+    "START_KEEP_WINDOWS",
+    "StartState",
     "halt_reason",
     "halt_report",
+    "restart_store",
     "lower_lr",
     "roll_back",
     "rollback_lr",
@@ -101,6 +106,56 @@ def roll_back(
     store.discard_after(snapshot)
     snap_scale = float(snapshot.meta.get("lr_scale", 1.0))
     return extra, rollback_lr(optimizers, schedulers, lr_scale, snap_scale, lr_factor, lr_power)
+
+
+#: stability windows during which the untrained state is kept apart (a too-high LR from the first step shows in
+#: the first few; afterwards the copy's memory is freed)
+START_KEEP_WINDOWS = 8
+
+
+class StartState:
+    """The state a run started from, kept apart (besides the snapshot store) for ``keep_steps`` steps.
+
+    A model that the stability controller finds worse than untrained has gained nothing since the start: its newest
+    snapshot is as damaged as its weights, and the only good state is the first one. The guard hands the start
+    snapshot here; :meth:`restart_target` says whether to restart from it; after ``keep_steps`` the copy is dropped
+    (a too-high LR from the first step shows within a few windows; later, the memory is better spent elsewhere).
+
+    Example:
+        >>> import torch
+        >>> from lightning_gradguard.core.snapshot import take_snapshot
+        >>> start = StartState(keep_steps=100)
+        >>> start.offer(take_snapshot(torch.nn.Linear(1, 1), step=0))
+        >>> start.restart_target(worse_than_start=True, step=60) is not None
+        True
+        >>> start.restart_target(worse_than_start=True, step=150) is None
+        True
+    """
+
+    def __init__(self, keep_steps: int) -> None:
+        self.keep_steps = int(keep_steps)
+        self.snapshot: Snapshot | None = None
+
+    def offer(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` if it is the state of step 0; forget any older one otherwise (a resumed run has no
+        untrained state to return to)."""
+        self.snapshot = snapshot if snapshot.step == 0 else None
+
+    def expire(self, step: int) -> None:
+        """Drop the copy once ``step`` is past ``keep_steps``."""
+        if step > self.keep_steps:
+            self.snapshot = None
+
+    def restart_target(self, worse_than_start: bool, step: int) -> Snapshot | None:
+        """The snapshot to restart from, or None (not worse than untrained, or the copy expired)."""
+        self.expire(step)
+        return self.snapshot if worse_than_start else None
+
+
+def restart_store(store: SnapshotStore, start: Snapshot) -> None:
+    """Make ``start`` the store's only snapshot (the newer ones were taken on a trajectory that only got worse)."""
+    store.reset()
+    store.update(start, trusted=True)
 
 
 def halt_reason(event: GuardEvent) -> str:

@@ -14,8 +14,10 @@ is set by the threshold, not by the data, and the run stops learning without eve
 - **rising gradient norm**: the window's median norm is above ``norm_growth`` x the previous window's, and the loss
   is not improving;
 - **climbing loss**: the window's median loss is above ``loss_growth`` x the previous window's, or above
-  ``loss_growth`` x the lowest window median seen so far (a slow climb over several windows), and above ``floor`` x
-  the run's first loss (so that noise around a loss near zero never counts).
+  ``loss_growth`` x the lowest window median seen so far (a slow climb over several windows); the previous window
+  must already be ``rising`` x above that lowest median (a climb spans windows: one bad batch that the clipper cut
+  can double a single window's median, and that is no reason to cut the LR), and the loss above ``floor`` x the
+  run's first loss (so that noise around a loss near zero never counts).
 
 When one fires, :meth:`update` returns a plain-words reason ("learning rate looks too high: ...") and the guard
 lowers the LR by ``lr_factor ** lr_power``; then the controller starts over (two fresh windows are needed before it
@@ -53,6 +55,7 @@ class StabilityController:
             doubles from 0.004 to 0.008 is noise, not instability).
         start_margin: two windows in a row with a median loss above this multiple of the run's first loss: the
             model is worse than untrained (a too-high LR from the first step).
+        rising: a climbing loss must already be above this multiple of its best window median in the window before.
         repeat_windows: a cut within this many windows of the previous one doubles the exponent of the cut
             (:attr:`lr_power`: 1, 2, 4, ...), a geometric search for a stable LR.
 
@@ -74,6 +77,7 @@ class StabilityController:
         floor: float = 0.1,
         repeat_windows: int = 4,
         start_margin: float = 1.1,
+        rising: float = 1.2,
     ) -> None:
         self.window = int(window)
         self.clip_fraction = float(clip_fraction)
@@ -82,6 +86,7 @@ class StabilityController:
         self.floor = float(floor)
         self.repeat_windows = int(repeat_windows)
         self.start_margin = float(start_margin)
+        self.rising = float(rising)
         self.interventions = 0
         self.lr_power = 1  # the exponent of the last cut (lr_factor ** lr_power)
         self.worse_than_start = False  # the last cut's reason: the model is worse than untrained
@@ -118,6 +123,9 @@ class StabilityController:
         above_floor = new_loss > self.floor * (self._start or 0.0) and new_loss > 0
         best = self._best
         self._best = min(self._best, new_loss)
+        # climbing: already rising in the window before (one bad batch that the clipper cut can leave a window's
+        # loss twice the last one's for a while; a loss that keeps climbing is above its best in both windows)
+        climbing = above_floor and best < math.inf and old_loss > self.rising * best
         start = self._start or 0.0
         reason, worse = None, False
         if new_norm > self.norm_growth * old_norm and not_improving:
@@ -125,9 +133,9 @@ class StabilityController:
                 f"the gradient norm keeps rising (median {old_norm:.4g} -> {new_norm:.4g} over {self.window} steps) "
                 "while the loss does not improve"
             )
-        elif above_floor and new_loss > self.loss_growth * old_loss:
+        elif climbing and new_loss > self.loss_growth * old_loss:
             reason = f"the loss keeps climbing (median {old_loss:.4g} -> {new_loss:.4g} over {self.window} steps)"
-        elif above_floor and best < math.inf and new_loss > self.loss_growth * best:
+        elif climbing and new_loss > self.loss_growth * best:
             reason = f"the loss climbed from its best (window median {best:.4g} -> {new_loss:.4g})"
         elif old_loss > self.start_margin * start and new_loss > self.start_margin * start and start > 0:
             worse = True

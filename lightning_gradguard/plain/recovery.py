@@ -11,7 +11,15 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
-from lightning_gradguard.core.recovery_rules import halt_reason, halt_report, roll_back, snapshot_failure_message
+from lightning_gradguard.core.recovery_rules import (
+    START_KEEP_WINDOWS,
+    StartState,
+    halt_reason,
+    halt_report,
+    restart_store,
+    roll_back,
+    snapshot_failure_message,
+)
 from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
 from lightning_gradguard.core.snapshot import nonfinite_entries, nonfinite_weights_and_buffers, take_snapshot
 from lightning_gradguard.errors import DivergenceError
@@ -27,6 +35,7 @@ class Recovery:
 
     def __init__(self, guard: GradGuard) -> None:
         self.g = guard
+        self.start_state = StartState(START_KEEP_WINDOWS * guard.judge.controller.window)
 
     # ------------------------------------------------------------------ healthy steps and snapshots
     def healthy(self, overflow: bool) -> None:
@@ -67,6 +76,9 @@ class Recovery:
             self.handle_fault(health)
         elif snap is not None:
             g.store.update(snap, trusted=trusted)
+            if trusted:
+                self.start_state.offer(snap)
+        self.start_state.expire(g.step)
 
     def check_weights(self) -> None:
         """The last update is checked by no later step: check the weights themselves (at the end of training)."""
@@ -127,8 +139,25 @@ class Recovery:
         return snap.step
 
     def lower_lr(self, step: int, reason: str) -> None:
+        """The stability controller's cut; when the model is worse than untrained, from the start state."""
         g = self.g
-        g.lr_scale = cut_lr(g.optimizers, g.schedulers, g.lr_scale, g.lr_factor, g.judge.controller.lr_power)
+        ctl = g.judge.controller
+        start = self.start_state.restart_target(ctl.worse_than_start, step)
+        if start is not None and g.policy.rollbacks < g.policy.max_rollbacks:
+            restart_store(g.store, start)
+            g.policy.rollbacks += 1
+            extra, g.lr_scale = roll_back(
+                start, g.store, g.model, g.optimizers, g.schedulers, g.lr_scale, g.lr_factor, ctl.lr_power
+            )
+            if "scaler" in extra and g.scaler is not None:
+                g.scaler.load_state_dict(extra["scaler"])
+            g.last_action = "rollback"
+            self._after_state_change()
+            g.record_event(
+                GuardEvent(step, "rollback", "lr_too_high", g.lr_scale, reason=reason, snapshot_step=start.step)
+            )
+            return
+        g.lr_scale = cut_lr(g.optimizers, g.schedulers, g.lr_scale, g.lr_factor, ctl.lr_power)
         g.last_action = "lower_lr"
         self._after_state_change()
         g.record_event(GuardEvent(step, "lower_lr", "lr_too_high", g.lr_scale, reason=reason))

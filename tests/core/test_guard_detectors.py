@@ -96,7 +96,10 @@ def test_stability_fires_on_sustained_clipping_without_progress_and_says_why():
 
 def test_stability_fires_on_a_climbing_loss():
     ctl = StabilityController(window=20)
-    reasons = [ctl.update(1.0 * 1.05**i, 1.0, clipped=False) for i in range(60)]  # x2.65 per window
+    falling = [4.0 * 0.97**i for i in range(60)]  # a healthy start, down to ~0.65
+    reasons = [ctl.update(loss, 1.0, clipped=False) for loss in falling]
+    assert [r for r in reasons if r] == []
+    reasons = [ctl.update(falling[-1] * 1.05**i, 1.0, clipped=False) for i in range(60)]  # x2.65 per window
     fired = [r for r in reasons if r]
     assert fired
     assert "the loss keeps climbing" in fired[0]
