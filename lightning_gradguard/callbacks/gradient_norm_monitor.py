@@ -246,7 +246,8 @@ class GradientNormMonitor(Callback):
             stats = compute_grad_stats(stats.params, stats.names, self.norm_type)
         state.seen_step = step
         state.record = step_record(trainer, step)
-        state.norms.update(stats.total_norm)
+        host = stats.total_norm_host if IntervalAggregate.host_fast_path else None  # no tensor op on the CPU
+        state.norms.update(stats.total_norm if host is None else host)
         if log_due(trainer, self._log_every):
             flow = self.flow_every_n_logs > 0 and state.logs % self.flow_every_n_logs == 0
             state.pending = capture_for_log(stats, step, flow=flow, values=self.log_grad_histograms)

@@ -33,11 +33,12 @@ rank must read the same statistics in the same order (the callbacks run the same
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from functools import cached_property, lru_cache
+import struct
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from itertools import repeat
 from operator import attrgetter, is_
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -52,6 +53,50 @@ __all__ = ["GradStats", "compute_grad_stats", "layer_name_of", "norms_of"]
 _DIRECT_POWER_MAX = 6.0
 _GRAD, _IS_SPARSE, _REQUIRES_GRAD = attrgetter("grad"), attrgetter("is_sparse"), attrgetter("requires_grad")
 _DTYPE = attrgetter("dtype")
+
+
+_T = TypeVar("_T")
+_FLOAT32 = struct.Struct("f")
+
+
+def float32_value(x: float) -> float:
+    """``x`` rounded to float32 (to nearest, ties to even: what ``tensor.to(torch.float32)`` does), as a Python
+    float; beyond float32's range, inf with ``x``'s sign.
+
+    Example:
+        >>> float32_value(0.1), float32_value(1e39), float32_value(-1e39)
+        (0.10000000149011612, inf, -inf)
+    """
+    try:
+        return float(_FLOAT32.unpack(_FLOAT32.pack(x))[0])
+    except OverflowError:  # the C cast gave inf from a finite value: so does the tensor conversion
+        return math.copysign(math.inf, x)
+
+
+class _cached_property(Generic[_T]):  # noqa: N801 - a drop-in for functools.cached_property
+    """``functools.cached_property`` without the lock it takes on every first read before Python 3.12: the
+    statistics of each step are new objects, so that first read happens every step (the value is stored in the
+    instance ``__dict__``, which later reads find first)."""
+
+    def __init__(self, func: Callable[[Any], _T]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> _cached_property[_T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, instance: object | None, owner: type | None = None) -> _cached_property[_T] | _T:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.func(instance)
+        return value
 
 
 def layer_name_of(param_name: str) -> str:
@@ -132,12 +177,12 @@ def _remeasure_overflow(norms: Tensor, tensors: Sequence[Tensor], norm_type: flo
             norms[i] = _scaled_norm64(tensors[i], norm_type).to(norms.device)
 
 
-def _host_norms(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor | None] | None:
+def _host_norms(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor | None, float | None] | None:
     """The CPU fast path of the common case: plain float32/bf16/fp16 tensors of one dtype on the CPU, a finite p
-    combined directly (``<= _DIRECT_POWER_MAX``). Returns ``(norms, total)``: on a healthy step the float32
-    per-tensor norms and the float64 total (``vector_norm(..., dtype=float64)`` casts each norm exactly, so the total
-    is the one :func:`_combine` gives for the float64 norms); otherwise the float64 norms, overflows re-measured,
-    and None. None when the case does not apply.
+    combined directly (``<= _DIRECT_POWER_MAX``). Returns ``(norms, total, value)``: on a healthy step the float32
+    per-tensor norms, the float64 total (``vector_norm(..., dtype=float64)`` casts each norm exactly, so the total
+    is the one :func:`_combine` gives for the float64 norms) and its value; otherwise the float64 norms, overflows
+    re-measured, and None twice. None when the case does not apply.
 
     A finite float64 total means no per-tensor norm is inf, so one read of the total (no synchronisation on the
     CPU; every callback reads it anyway) replaces the per-step inf scan of the norms, and the widening of the norms to
@@ -155,11 +200,12 @@ def _host_norms(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor
         return None
     norms = _foreach_norms(tensors, norm_type, None if dtype == torch.float32 else torch.float32)
     total = torch.linalg.vector_norm(norms, norm_type, dtype=torch.float64)
-    if math.isfinite(total.item()):
-        return norms, total
+    value = total.item()
+    if math.isfinite(value):
+        return norms, total, value
     wide = norms.to(torch.float64)  # an inf (overflow, or inf elements) or NaN somewhere: the full check
     _remeasure_overflow(wide, tensors, norm_type)
-    return wide, None
+    return wide, None, None
 
 
 def _scaled_norm64(t: Tensor, norm_type: float) -> Tensor:
@@ -228,10 +274,11 @@ class GradStats:
         self.names = list(names)
         self.params = list(params)
         self.grads = list(grads)
-        # cached_property reads __dict__: whichever precision was given is kept, the other made on first read
+        # _cached_property reads __dict__: whichever precision was given is kept, the other made on first read
         self.__dict__["param_norms64" if param_norms64.dtype == torch.float64 else "param_norms"] = param_norms64
         self.total_norm64 = _combine(self.param_norms64, norm_type) if total_norm64 is None else total_norm64
         self.norm_type = norm_type
+        self._total64_value: float | None = None  # the total's value, when the measurement read it anyway
         if local_grads is not None:  # the views the measurement already built
             self.__dict__["local_grads"] = list(local_grads)
 
@@ -239,49 +286,59 @@ class GradStats:
     def device(self) -> torch.device:
         return self.total_norm64.device
 
-    @cached_property
+    @_cached_property
     def local_grads(self) -> list[Tensor]:
         """This rank's pieces of :attr:`grads` (the gradients themselves when not sharded), sharing their storage:
         what in-place clipping should multiply or clamp (``DTensor`` refuses some in-place ops across placements)."""
         return [local_view(g) for g in self.grads]
 
-    @cached_property
+    @_cached_property
     def param_norms64(self) -> Tensor:
         """Float64 vector: each parameter's gradient norm (finite iff its elements are)."""
         return self.param_norms.to(torch.float64)
 
-    @cached_property
+    @_cached_property
     def param_norms(self) -> Tensor:
         """Float32 vector: each parameter's gradient norm (inf beyond float32's range; see :attr:`norm_overflow`)."""
         return self.param_norms64.to(torch.float32)
 
-    @cached_property
+    @_cached_property
     def total_norm(self) -> Tensor:
         """Float32 scalar: the global gradient norm (inf beyond float32's range; see :attr:`norm_overflow`)."""
         return self.total_norm64.to(torch.float32)
 
-    @cached_property
+    @_cached_property
+    def total_norm_host(self) -> float | None:
+        """:attr:`total_norm` as a Python float, without a tensor operation, when the statistics are on the CPU
+        (the float64 total rounded to float32 as ``.to(torch.float32)`` rounds it); None elsewhere, where reading it
+        would synchronise with the device."""
+        if self.total_norm64.device.type != "cpu":
+            return None
+        value = self._total64_value
+        return float32_value(self.total_norm64.item() if value is None else value)
+
+    @_cached_property
     def finite(self) -> Tensor:
         """Bool vector: is each parameter's gradient free of NaN and inf."""
         return torch.isfinite(self.param_norms64)
 
-    @cached_property
+    @_cached_property
     def all_finite(self) -> Tensor:
         """Bool scalar tensor: are all gradients finite. Stays on the device; ``bool()`` it only when needed."""
         return torch.isfinite(self.total_norm64)
 
-    @cached_property
+    @_cached_property
     def norm_overflow(self) -> Tensor:
         """Bool scalar tensor: every element is finite but the float32 :attr:`total_norm` is inf (its true value,
         above 3.4e38, is in :attr:`total_norm64`). Such a gradient is huge, not broken: clip it, do not drop it."""
         return self.all_finite & ~torch.isfinite(self.total_norm)
 
-    @cached_property
+    @_cached_property
     def weight_norms(self) -> Tensor:
         """Float32 vector: the L2 norm of each parameter (for update ratios and AGC)."""
         return self.weight_norms64.to(torch.float32)
 
-    @cached_property
+    @_cached_property
     def weight_norms64(self) -> Tensor:
         """Float64 vector: the L2 norm of each parameter."""
         if not self.params:
@@ -293,22 +350,22 @@ class GradStats:
         """Names of the modules owning the parameters, in first-seen (input-to-output) order."""
         return list(_layer_grouping(tuple(self.names))[0])
 
-    @cached_property
+    @_cached_property
     def layer_index(self) -> Tensor:
         """Long vector mapping each parameter to its position in :attr:`layer_names`."""
         return torch.tensor(_layer_grouping(tuple(self.names))[1], dtype=torch.long, device=self.device)
 
-    @cached_property
+    @_cached_property
     def layer_norms(self) -> Tensor:
         """Float32 vector: the gradient norm of each layer (all parameters of the module taken together)."""
         return _combine(self.param_norms64, self.norm_type, self.layer_index, len(self.layer_names)).to(torch.float32)
 
-    @cached_property
+    @_cached_property
     def layer_weight_norms(self) -> Tensor:
         """Float32 vector: the L2 weight norm of each layer."""
         return _combine(self.weight_norms64, 2.0, self.layer_index, len(self.layer_names)).to(torch.float32)
 
-    @cached_property
+    @_cached_property
     def layer_update_ratio(self) -> Tensor:
         """Float32 vector: layer gradient norm / layer weight norm (0 where the weights are all zero)."""
         w = self.layer_weight_norms
@@ -376,6 +433,8 @@ def compute_grad_stats(
     local, layout = local_tensors(grads, names)
     host = _host_norms(local, norm_type) if GradStats.host_fast_path and not layout.groups else None
     if host is not None:
-        return GradStats(names, params, grads, host[0], norm_type, local_grads=local, total_norm64=host[1])
+        stats = GradStats(names, params, grads, host[0], norm_type, local_grads=local, total_norm64=host[1])
+        stats._total64_value = host[2]
+        return stats
     norms = reduce_norms(_local_norms64(local, norm_type), layout, norm_type)
     return GradStats(names, params, grads, norms, norm_type, local_grads=local)

@@ -215,22 +215,32 @@ class StepJudge:
         loss_divergence = grad_divergence = False
         if not overflow and self.divergence and has_loss:  # on shared values: the detectors stay in lockstep
             loss_divergence, grad_divergence = self.detector.update(glob[1], glob[0])
-        flags = {
-            "nonfinite_loss": nonfinite_loss,
-            "nonfinite_grad": nonfinite_grad,
-            "scale_collapse": mine[3] > 0,
-            "loss_spike": mine[4] > 0,
-            "loss_divergence": loss_divergence,
-            "grad_divergence": grad_divergence,
-        }
+        scale_collapse, loss_spike = mine[3] > 0, mine[4] > 0
+        other_rank = (global_grad_bad and not overflow) or glob[2] > 0 or glob[3] > 0 or glob[4] > 0
+        health, cause = None, None
         # a StepHealth with every flag False is a healthy step (its contract): none is built for one
-        health = StepHealth(step, **flags) if any(flags.values()) else None
-        cause = health.cause if health is not None else None
-        if cause is None and ((global_grad_bad and not overflow) or glob[2] > 0 or glob[3] > 0 or glob[4] > 0):
-            if health is None:
-                health = StepHealth(step, **flags)
-            health.other_rank = True
+        if (
+            other_rank
+            or nonfinite_loss
+            or nonfinite_grad
+            or scale_collapse
+            or loss_spike
+            or loss_divergence
+            or grad_divergence
+        ):
+            health = StepHealth(
+                step,
+                nonfinite_loss=nonfinite_loss,
+                nonfinite_grad=nonfinite_grad,
+                scale_collapse=scale_collapse,
+                loss_spike=loss_spike,
+                loss_divergence=loss_divergence,
+                grad_divergence=grad_divergence,
+            )
             cause = health.cause
+            if cause is None and other_rank:  # only another rank saw something
+                health.other_rank = True
+                cause = health.cause
         healthy = cause is None and not overflow
         lower = None
         if self.stability and healthy and self._last is not None:

@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats, layer_name_of, norms_of
+from lightning_gradguard.core.grad_stats import (
+    GradStats,
+    compute_grad_stats,
+    float32_value,
+    layer_name_of,
+    norms_of,
+)
 from lightning_gradguard.core.step_cache import StepStatsCache
 
 
@@ -377,3 +383,30 @@ def test_fast_and_general_paths_give_identical_statistics(dtype, p, case):
             torch.testing.assert_close(w, v, rtol=0, atol=0, equal_nan=True, msg=k)
         else:
             assert w == v, k
+
+
+def test_float32_value_rounds_as_the_tensor_conversion_does():
+    import random
+    import struct
+
+    rng = random.Random(0)
+    top = torch.finfo(torch.float32).max
+    half_ulp = 2.0**103  # half of float32's spacing at its largest value: the rounding boundary to inf
+    values = [0.0, -0.0, math.inf, -math.inf, top, -top, top + half_ulp, top + half_ulp - 2.0**80, -(top + half_ulp)]
+    values += [2.0**-149, 2.0**-150, 3 * 2.0**-151, 1e-46, 1e300, 5e-324, 0.1, 1 / 3]
+    values += [rng.choice((1, -1)) * rng.random() * 10 ** rng.uniform(-320, 300) for _ in range(20000)]
+    values += [struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(20000)]
+    want = torch.tensor(values, dtype=torch.float64).to(torch.float32).tolist()
+    for v, w in zip(values, want):
+        got = float32_value(v)
+        assert repr(got) == repr(w), v  # repr: NaN alike, and the sign of zero
+    assert math.isnan(float32_value(math.nan))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1.0, 1e20, 1e30, 3e38])
+def test_total_norm_host_is_the_float32_total(scale):
+    p = _param([scale, -2 * scale, 0.5 * scale])
+    s = compute_grad_stats([p])
+    assert repr(s.total_norm_host) == repr(float(s.total_norm))
+    bad = compute_grad_stats([_param([1.0, math.nan])])
+    assert math.isnan(bad.total_norm_host)
