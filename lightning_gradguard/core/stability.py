@@ -7,6 +7,8 @@ is set by the threshold, not by the data, and the run stops learning without eve
 
 - **worse than untrained**: the median loss of both windows is above ``start_margin`` x the run's first loss (the
   untrained model's): a too-high LR from the first step, which clipping may keep finite but never makes learn;
+- **killed at the start**: the median loss of both windows is still at the untrained level while the gradient
+  norm collapsed far below its first value (units killed by the first updates: the model sits at chance);
 - **sustained clipping**: at least ``clip_fraction`` of the window's steps were clipped, the median loss of the
   window is not below the median of the window before, and it is above the first loss. Clipping alone is no
   evidence: a threshold that lags a norm growing as the model learns clips most steps of a healthy run (measured on
@@ -55,6 +57,10 @@ class StabilityController:
             doubles from 0.004 to 0.008 is noise, not instability).
         start_margin: two windows in a row with a median loss above this multiple of the run's first loss: the
             model is worse than untrained (a too-high LR from the first step).
+        stuck_margin, collapse: two windows with a median loss of at least ``stuck_margin`` x the first loss, no
+            progress from one to the next, and the median gradient norm ``collapse`` x below the first norm: a
+            network killed in its first steps (dead units; the loss sits at the untrained level). A warm-up from a
+            tiny LR also leaves the loss where it started, but not with a collapsed gradient.
         rising: a climbing loss must already be above this multiple of its best window median in the window before.
         repeat_windows: a cut within this many windows of the previous one doubles the exponent of the cut
             (:attr:`lr_power`: 1, 2, 4, ...), a geometric search for a stable LR.
@@ -78,6 +84,8 @@ class StabilityController:
         repeat_windows: int = 4,
         start_margin: float = 1.1,
         rising: float = 1.2,
+        stuck_margin: float = 0.85,
+        collapse: float = 3.0,
     ) -> None:
         self.window = int(window)
         self.clip_fraction = float(clip_fraction)
@@ -87,10 +95,13 @@ class StabilityController:
         self.repeat_windows = int(repeat_windows)
         self.start_margin = float(start_margin)
         self.rising = float(rising)
+        self.stuck_margin = float(stuck_margin)
+        self.collapse = float(collapse)
         self.interventions = 0
         self.lr_power = 1  # the exponent of the last cut (lr_factor ** lr_power)
         self.worse_than_start = False  # the last cut's reason: the model is worse than untrained
         self._start: float | None = None  # the first loss seen (the untrained model's)
+        self._start_norm: float | None = None  # the first gradient norm seen
         self._best = math.inf  # the lowest window median seen
         self._steps = 0  # healthy steps seen
         self._last_fire: int | None = None
@@ -108,7 +119,7 @@ class StabilityController:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return None
         if self._start is None:
-            self._start = abs(loss)
+            self._start, self._start_norm = abs(loss), grad_norm
         self._steps += 1
         self._rows.append((loss, grad_norm, bool(clipped)))
         self._count += 1
@@ -143,6 +154,17 @@ class StabilityController:
                 f"after {self._steps} steps the loss is still above the untrained model's ({start:.4g}; medians of "
                 f"the last two windows {old_loss:.4g}, {new_loss:.4g}; the clipper cut {clipped_share:.0%})"
             )
+        elif (
+            min(old_loss, new_loss) >= self.stuck_margin * start > 0
+            and new_loss >= 0.99 * old_loss
+            and new_norm * self.collapse < (self._start_norm or 0.0)
+        ):
+            worse = True
+            reason = (
+                f"after {self._steps} steps the loss has not moved from the untrained model's ({start:.4g}; medians "
+                f"{old_loss:.4g}, {new_loss:.4g}) and the gradient norm collapsed ({self._start_norm:.4g} -> median "
+                f"{new_norm:.4g}): units killed in the first steps"
+            )
         elif clipped_share >= self.clip_fraction and not_improving and new_loss > start:
             reason = (
                 f"the clipper cut {clipped_share:.0%} of the last {self.window} steps and the loss stopped falling "
@@ -165,6 +187,7 @@ class StabilityController:
             "count": self._count,
             "interventions": self.interventions,
             "start": self._start,
+            "start_norm": self._start_norm,
             "best": self._best if math.isfinite(self._best) else None,
             "steps": self._steps,
             "last_fire": self._last_fire,
@@ -181,6 +204,8 @@ class StabilityController:
         self.interventions = int(state.get("interventions", 0))
         start, best, last = state.get("start"), state.get("best"), state.get("last_fire")
         self._start = None if start is None else float(start)
+        start_norm = state.get("start_norm")
+        self._start_norm = None if start_norm is None else float(start_norm)
         self._best = math.inf if best is None else float(best)
         self._steps = int(state.get("steps", self._count))
         self._last_fire = None if last is None else int(last)
