@@ -187,3 +187,19 @@ def test_a_loss_near_zero_that_jumps_is_not_divergence():
         det.update(0.005, 1.0)
     assert [det.update(0.8, 1.0)[0] for _ in range(5)] == [False] * 5
     assert [det.update(500.0, 1.0)[0] for _ in range(3)][-1] is True
+
+
+def test_stability_restarts_a_network_killed_in_its_first_steps_but_not_a_slow_warm_up():
+    # dead units: the loss sits at the untrained level (chance) and the gradient collapses far below its first value
+    ctl = StabilityController(window=10)
+    rng = random.Random(1)
+    reasons = [ctl.update(2.58, 7.6, clipped=False)]
+    reasons += [ctl.update(2.30 + 0.01 * rng.random(), 0.1, clipped=False) for _ in range(20)]
+    fired = [r for r in reasons if r]
+    assert len(fired) == 1
+    assert "has not moved from the untrained model's" in fired[0]
+    assert ctl.worse_than_start
+    # a warm-up from a tiny LR: the loss has not moved either, but the gradient has not collapsed
+    ctl = StabilityController(window=10)
+    reasons = [ctl.update(2.30 + 0.01 * rng.random(), 1.0 + 0.1 * rng.random(), clipped=False) for _ in range(100)]
+    assert [r for r in reasons if r] == []
