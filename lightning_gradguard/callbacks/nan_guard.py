@@ -48,11 +48,13 @@ class NaNGuard(Callback):
     healthy range by orders of magnitude, ``divergence=True``), an optional loss z-score spike, an AMP loss scale
     below ``amp_scale_floor``. Non-finite *weights* show in the next step's loss and gradients; they are named on
     the fault path, checked before every snapshot is trusted, and at the end of the fit (no per-step pass over the
-    weights). **Stability** (``stability=True``): sustained clipping without progress, a rising gradient norm or a
-    climbing loss lower the LR by ``lr_factor`` with an event saying why.
+    weights). **Stability** (``stability=True``, ``core/stability.py``): a model worse than untrained (or killed at
+    the start) restarts from the untrained state with a lower LR; a climbing loss, a rising gradient norm or
+    sustained clipping without progress lower the LR; each with an event saying why.
 
-    **Actions** (``action``): ``"auto"`` skips an isolated bad batch (buffers restored, LR kept) and rolls back with
-    an LR cut for repeated faults, damaged weights/buffers and divergence; ``"skip"``, ``"rollback"`` and
+    **Actions** (``action``): ``"auto"`` skips a fault traced to the batch (bad inputs, or healthy steps before it;
+    buffers restored, LR kept) and rolls back with an LR cut for faults after an unsettled stretch, damaged
+    weights/buffers and divergence; ``"skip"``, ``"rollback"`` and
     ``"halt"`` do just that (skip escalates on damage or after ``max_consecutive_skips``). A skipped step has every
     gradient set to None before the update and the model's buffers restored, so weights, buffers and optimizer state
     stay bit-identical. A rollback restores model, optimizers, schedulers and AMP scaler from the newest trusted
@@ -80,7 +82,7 @@ class NaNGuard(Callback):
         max_rollbacks: rollbacks allowed before halting (>= 0).
         check_params: check the weights before trusting a snapshot, on faults and at fit end.
         divergence: treat finite divergence of the loss or gradient norm as a fault.
-        stability: lower the LR when the run looks unstable (sustained clipping, rising norm, climbing loss).
+        stability: lower the LR (or restart from the untrained state) when it looks too high.
         spike_zscore, spike_window: optional loss z-score test (None: off).
         amp_scale_floor: a GradScaler loss scale below this is a divergence (> 0).
         raise_on_halt, save_bad_batch, report_dir, history_size: halting and the report.

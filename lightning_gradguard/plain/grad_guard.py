@@ -118,7 +118,7 @@ class GradGuard:
         snapshot_confirm_steps: healthy steps a snapshot must survive before it is trusted (>= 0).
         check_params: name non-finite weights on faults and refuse non-finite snapshots.
         divergence: treat finite divergence of the loss or gradient norm as a fault.
-        stability: lower the LR when the run looks unstable (sustained clipping, rising norm, climbing loss).
+        stability: lower the LR (or restart from the untrained state) when it looks too high.
         spike_zscore, spike_window: optional loss z-score test (None: off).
         amp_scale_floor: a GradScaler scale below this counts as divergence (> 0).
         raise_on_halt: raise :class:`~lightning_gradguard.DivergenceError` on halt (else :attr:`halted` is set and
