@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -15,17 +16,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: what a rendezvous says when another process took the port between free_port() and the bind (a race with any
+#: process on the machine, not a failure of the code under test)
+PORT_TAKEN = ("EADDRINUSE", "Address already in use", "address already in use")
+
+
+def port_was_taken(proc: subprocess.CompletedProcess[str]) -> bool:
+    return proc.returncode != 0 and any(m in proc.stderr + proc.stdout for m in PORT_TAKEN)
+
+
+def run_on_free_port(
+    command: Callable[[int], list[str]], env: dict[str, str], timeout: float, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command(port)`` with ``MASTER_PORT=port`` for a free port; a port taken by another process before the
+    rendezvous bound it is retried with a new one (twice)."""
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.run(
+            command(port), capture_output=True, text=True, timeout=timeout, env={**env, "MASTER_PORT": str(port)},
+            cwd=cwd,
+        )  # fmt: skip
+        if not port_was_taken(proc):
+            break
+    return proc
+
+
+def launcher_env() -> dict[str, str]:
+    """This process's environment without a launcher's rank variables, one thread per process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return env
+
+
 def run_ddp_script(
     script: Path, out_dir: Path, timeout: float = 200, args: list[str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``script out_dir [args...]`` with a clean launcher environment and a free MASTER_PORT; a hang becomes a
     timeout."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, str(script), str(out_dir), *(args or [])],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
+    return run_on_free_port(
+        lambda _port: [sys.executable, str(script), str(out_dir), *(args or [])], launcher_env(), timeout
     )

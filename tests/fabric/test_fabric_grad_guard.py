@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import torch
 from lightning.fabric import Fabric
 
 from lightning_gradguard import FabricGradGuard
-from tests.ddp_runner import free_port
+from tests.ddp_runner import launcher_env, run_on_free_port
 from tests.plain.test_examples import EXPECTED_EVENTS, load_example
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,8 +43,6 @@ def test_fabric_arguments_are_checked() -> None:
 @pytest.mark.ddp
 def test_fabric_ddp_two_processes_agree(tmp_path: Path) -> None:
     out = tmp_path / "fabric"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()))
     cmd = [
         sys.executable,
         str(REPO / "examples" / "fabric_guarded.py"),
@@ -56,7 +52,7 @@ def test_fabric_ddp_two_processes_agree(tmp_path: Path) -> None:
         "--json",
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    proc = run_on_free_port(lambda _port: cmd, launcher_env(), timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rank0, rank1 = (json.loads(Path(f"{out}.rank{r}").read_text())[0] for r in (0, 1))
     assert rank1["events"] == EXPECTED_EVENTS

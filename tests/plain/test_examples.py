@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.ddp_runner import free_port
+from tests.ddp_runner import launcher_env, run_on_free_port
 
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED_EVENTS = [[200, "skip", "nonfinite_loss"], [320, "skip", "nonfinite_loss"]]
@@ -62,13 +61,13 @@ def test_the_scaled_batch_alone_ruins_the_unguarded_run(example: ModuleType, mon
 
 
 def run_torchrun(script: str, args: list[str], out: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(REPO / "examples" / script), *args, "--json", str(out),
-    ]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    def cmd(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            str(REPO / "examples" / script), *args, "--json", str(out),
+        ]  # fmt: skip
+
+    return run_on_free_port(cmd, launcher_env(), timeout=timeout, cwd=REPO)
 
 
 def read_ranks(out: Path) -> list[list[dict]]:
