@@ -158,6 +158,7 @@ class GradientNormMonitor(Callback):
         self._layout_written: weakref.WeakSet[Any] = weakref.WeakSet()
         self._health = LayerHealthChanges()
         self._trainer: weakref.ref[pl.Trainer] | None = None
+        self._measured: tuple[GradStats, int] | None = None  # the latest measurement shown to the listener
         self._said_no_logger = False
         self.last_grad_norm: float | None = None
         self.last_step: int | None = None
@@ -238,6 +239,7 @@ class GradientNormMonitor(Callback):
 
     def _on_measured(self, stats: GradStats, idx: int, step: int) -> None:
         """Right after the step's measurement, before any callback changes the gradients."""
+        self._measured = (stats, idx)  # the hook below finds its optimizer's index here (until the batch ends)
         trainer = self._trainer() if self._trainer is not None else None
         state = self._state(idx)
         if trainer is None or state.seen_step == step or not stats.grads:
@@ -259,7 +261,8 @@ class GradientNormMonitor(Callback):
         stats = grad_stats_for(trainer, pl_module, optimizer, self.norm_type, step)  # the listener above ran by now
         if not stats.grads:
             return
-        idx = optimizer_index(trainer, optimizer)
+        measured = self._measured  # the listener saw these statistics with their optimizer's index
+        idx = measured[1] if measured is not None and measured[0] is stats else optimizer_index(trainer, optimizer)
         state = self._state(idx)
         if self.progress_bar:
             name = "grad_norm" if idx == 0 else f"grad_norm_opt{idx}"
@@ -269,6 +272,7 @@ class GradientNormMonitor(Callback):
             self._log(trainer, idx, capture, state, optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._measured = None
         for idx, state in self._states.items():  # a step the guard dropped is an event: show its norms now
             if state.record is not None and state.record.dropped:
                 self._write_interval(trainer, idx, state, state.record.step)
@@ -282,6 +286,7 @@ class GradientNormMonitor(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = None
+        self._measured = None
 
     # ------------------------------------------------------------------ writing
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -35,6 +36,8 @@ from lightning_gradguard.core.loss_spike import LossSpikeDetector
 from lightning_gradguard.core.stability import StabilityController
 
 __all__ = ["RankReducer", "StepJudge", "Verdict", "any_rank", "total_norm64"]
+
+_GRADS = attrgetter("grads")
 
 
 class RankReducer(Protocol):
@@ -177,13 +180,13 @@ class StepJudge:
             spike = float(self.spike.update(self._loss_tensor(loss, dev))) if self.spike is not None else 0.0
         bad_scale = float(self._scale_bad(scale, dev)) if scale is not None else 0.0
         nonfinite_loss = 0.0 if math.isfinite(loss_v) else 1.0
-        return [norm, loss_v, nonfinite_loss, bad_scale, spike] + [float(c) for c in self.clip_flags]
+        return [norm, loss_v, nonfinite_loss, bad_scale, spike, *map(float, self.clip_flags)]
 
     def judge(self, step: int, stats: list[GradStats], loss: Tensor | float | None, scaler: Any) -> Verdict:
         """Judge one step before its update from the optimizers' ``stats``, the (unscaled) ``loss`` and the
         GradScaler (None or disabled: no AMP)."""
-        live = [s for s in stats if s.grads]
-        dev = stats[0].device if stats else torch.device("cpu")
+        live = list(filter(_GRADS, stats))  # the optimizers that had gradients
+        dev = stats[0].total_norm64.device if stats else torch.device("cpu")
         has_loss = loss is not None
         scaled = scaler is not None and scaler.is_enabled()
         scale = getattr(scaler, "_scale", None) if scaled else None
