@@ -11,6 +11,8 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,6 +33,8 @@ __all__ = [
     "step_record",
     "unwrap_optimizer",
 ]
+
+_PARAMS = itemgetter("params")
 
 #: ``fn(stats, optimizer_idx, step)``: called once right after a new measurement, before any callback acts on the
 #: gradients (so a listener sees pre-clip gradients whatever the callback order).
@@ -168,7 +172,7 @@ def _measure(
     ctx: TrainerContext, trainer: pl.Trainer, pl_module: torch.nn.Module, raw: Any, norm_type: float, step: int
 ) -> GradStats:
     """The step's measurement of ``raw``'s gradients, shown to the listeners."""
-    params = [p for group in raw.param_groups for p in group["params"]]
+    params = list(chain.from_iterable(map(_PARAMS, raw.param_groups)))
     labels = ctx.labels(pl_module, id(raw), params)
     stats = compute_grad_stats(params, labels, norm_type)
     if ctx.listeners:
