@@ -7,8 +7,9 @@ is set by the threshold, not by the data, and the run stops learning without eve
 
 - **worse than untrained**: the median loss of both windows is above ``start_margin`` x the run's first loss (the
   untrained model's): a too-high LR from the first step, which clipping may keep finite but never makes learn;
-- **killed at the start**: the median loss of both windows is still at the untrained level while the gradient
-  norm collapsed far below its first value (units killed by the first updates: the model sits at chance);
+- **killed at the start**: after a blow-up (a loss above twice the first), the median loss of both windows is
+  back at the untrained level, not improving, while the gradient norm collapsed far below its first value (units
+  killed by the violent first updates: the model sits at chance);
 - **sustained clipping**: at least ``clip_fraction`` of the window's steps were clipped, the median loss of the
   window is not below the median of the window before, and it is above the first loss. Clipping alone is no
   evidence: a threshold that lags a norm growing as the model learns clips most steps of a healthy run (measured on
@@ -59,8 +60,10 @@ class StabilityController:
             model is worse than untrained (a too-high LR from the first step).
         stuck_margin, collapse: two windows with a median loss of at least ``stuck_margin`` x the first loss, no
             progress from one to the next, and the median gradient norm ``collapse`` x below the first norm: a
-            network killed in its first steps (dead units; the loss sits at the untrained level). A warm-up from a
-            tiny LR also leaves the loss where it started, but not with a collapsed gradient.
+            network killed in its first steps (dead units; the loss sits at the untrained level), provided a loss
+            above ``blowup`` x the first one was seen (the violent update that killed them). A warm-up from a tiny LR
+            or a slow start at a sane LR also leave the loss where it started (the deep-CNN example at its stable LR
+            sits at chance for 50 steps on one seed), but without that blow-up.
         rising: a climbing loss must already be above this multiple of its best window median in the window before.
         repeat_windows: a cut within this many windows of the previous one doubles the exponent of the cut
             (:attr:`lr_power`: 1, 2, 4, ...), a geometric search for a stable LR.
@@ -86,6 +89,7 @@ class StabilityController:
         rising: float = 1.2,
         stuck_margin: float = 0.85,
         collapse: float = 3.0,
+        blowup: float = 2.0,
     ) -> None:
         self.window = int(window)
         self.clip_fraction = float(clip_fraction)
@@ -97,11 +101,13 @@ class StabilityController:
         self.rising = float(rising)
         self.stuck_margin = float(stuck_margin)
         self.collapse = float(collapse)
+        self.blowup = float(blowup)
         self.interventions = 0
         self.lr_power = 1  # the exponent of the last cut (lr_factor ** lr_power)
         self.worse_than_start = False  # the last cut's reason: the model is worse than untrained
         self._start: float | None = None  # the first loss seen (the untrained model's)
         self._start_norm: float | None = None  # the first gradient norm seen
+        self._peak = -math.inf  # the highest loss seen
         self._best = math.inf  # the lowest window median seen
         self._steps = 0  # healthy steps seen
         self._last_fire: int | None = None
@@ -121,6 +127,7 @@ class StabilityController:
         if self._start is None:
             self._start, self._start_norm = abs(loss), grad_norm
         self._steps += 1
+        self._peak = max(self._peak, loss)
         self._rows.append((loss, grad_norm, bool(clipped)))
         self._count += 1
         if len(self._rows) < 2 * self.window or self._count % self._every:
@@ -158,6 +165,7 @@ class StabilityController:
             min(old_loss, new_loss) >= self.stuck_margin * start > 0
             and new_loss >= 0.99 * old_loss
             and new_norm * self.collapse < (self._start_norm or 0.0)
+            and self._peak > self.blowup * start
         ):
             worse = True
             reason = (
@@ -188,6 +196,7 @@ class StabilityController:
             "interventions": self.interventions,
             "start": self._start,
             "start_norm": self._start_norm,
+            "peak": self._peak if math.isfinite(self._peak) else None,
             "best": self._best if math.isfinite(self._best) else None,
             "steps": self._steps,
             "last_fire": self._last_fire,
@@ -204,6 +213,8 @@ class StabilityController:
         self.interventions = int(state.get("interventions", 0))
         start, best, last = state.get("start"), state.get("best"), state.get("last_fire")
         self._start = None if start is None else float(start)
+        peak = state.get("peak")
+        self._peak = -math.inf if peak is None else float(peak)
         start_norm = state.get("start_norm")
         self._start_norm = None if start_norm is None else float(start_norm)
         self._best = math.inf if best is None else float(best)

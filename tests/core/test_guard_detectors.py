@@ -193,12 +193,17 @@ def test_stability_restarts_a_network_killed_in_its_first_steps_but_not_a_slow_w
     # dead units: the loss sits at the untrained level (chance) and the gradient collapses far below its first value
     ctl = StabilityController(window=10)
     rng = random.Random(1)
-    reasons = [ctl.update(2.58, 7.6, clipped=False)]
+    reasons = [ctl.update(2.58, 7.6, clipped=False), ctl.update(9.3, 127.0, clipped=False)]  # the killing blow-up
     reasons += [ctl.update(2.30 + 0.01 * rng.random(), 0.1, clipped=False) for _ in range(20)]
     fired = [r for r in reasons if r]
     assert len(fired) == 1
     assert "has not moved from the untrained model's" in fired[0]
     assert ctl.worse_than_start
+    # a slow start at a sane LR (the deep-CNN example, stable LR, seed 1): the same plateau and gradient, no blow-up
+    ctl = StabilityController(window=10)
+    reasons = [ctl.update(2.58, 7.6, clipped=False), ctl.update(2.32, 0.63, clipped=False)]
+    reasons += [ctl.update(2.30 + 0.01 * rng.random(), 0.15, clipped=False) for _ in range(40)]
+    assert [r for r in reasons if r] == []
     # a warm-up from a tiny LR: the loss has not moved either, but the gradient has not collapsed
     ctl = StabilityController(window=10)
     reasons = [ctl.update(2.30 + 0.01 * rng.random(), 1.0 + 0.1 * rng.random(), clipped=False) for _ in range(100)]
