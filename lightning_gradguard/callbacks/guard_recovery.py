@@ -24,6 +24,7 @@ from lightning_gradguard.core.recovery_rules import (
     restart_store,
     roll_back,
     snapshot_failure_message,
+    stability_target,
 )
 from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
 from lightning_gradguard.core.snapshot import (
@@ -197,10 +198,13 @@ class GuardRecovery:
         g = self.g
         ctl = self.judge.controller
         schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
-        start = self.start_state.restart_target(ctl.worse_than_start, step)
+        start, from_scratch = stability_target(
+            self.start_state, self.store, ctl.worse_than_start, ctl.damaged, step, ctl.window
+        )
         if start is not None and g.policy.rollbacks < g.policy.max_rollbacks:
             # every step so far made the model worse: restart from the untrained state with the lower LR
-            restart_store(self.store, start)
+            if from_scratch:
+                restart_store(self.store, start)
             g.policy.rollbacks += 1
             model = trainer.lightning_module
             extra, g.lr_scale = roll_back(

@@ -43,6 +43,7 @@ __all__ = [
     "rollback_lr",
     "rollback_lr_factor",
     "snapshot_failure_message",
+    "stability_target",
 ]
 
 
@@ -150,6 +151,20 @@ class StartState:
         """The snapshot to restart from, or None (not worse than untrained, or the copy expired)."""
         self.expire(step)
         return self.snapshot if worse_than_start else None
+
+
+def stability_target(
+    start: StartState, store: SnapshotStore, worse_than_start: bool, damaged: bool, step: int, window: int
+) -> tuple[Snapshot | None, bool]:
+    """Where a stability cut rolls back to, and whether that is the untrained state (None: cut the LR, keep the
+    state). A model worse than untrained restarts from the start; a loss that climbed goes back to the newest
+    trusted snapshot taken before the climb (two windows before ``step``); otherwise the state is kept."""
+    target = start.restart_target(worse_than_start, step)
+    if target is not None:
+        return target, True
+    if damaged:
+        return store.compute(before=step - 2 * window), False
+    return None, False
 
 
 def restart_store(store: SnapshotStore, start: Snapshot) -> None:

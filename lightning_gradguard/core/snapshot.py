@@ -281,10 +281,10 @@ class SnapshotStore:
         for s in self.snapshots:
             s.healthy_steps += n
 
-    def compute(self) -> Snapshot | None:
-        """The newest good snapshot, or None."""
+    def compute(self, before: int | None = None) -> Snapshot | None:
+        """The newest good snapshot (taken at step ``before`` or earlier, when given), or None."""
         for s in reversed(self.snapshots):
-            if self.is_good(s):
+            if self.is_good(s) and (before is None or s.step <= before):
                 return s
         return None
 

@@ -105,6 +105,7 @@ class StabilityController:
         self.interventions = 0
         self.lr_power = 1  # the exponent of the last cut (lr_factor ** lr_power)
         self.worse_than_start = False  # the last cut's reason: the model is worse than untrained
+        self.damaged = False  # the last cut's reason: the loss climbed, the state is worse than two windows ago
         self._start: float | None = None  # the first loss seen (the untrained model's)
         self._start_norm: float | None = None  # the first gradient norm seen
         self._peak = -math.inf  # the highest loss seen
@@ -145,15 +146,17 @@ class StabilityController:
         # loss twice the last one's for a while; a loss that keeps climbing is above its best in both windows)
         climbing = above_floor and best < math.inf and old_loss > self.rising * best
         start = self._start or 0.0
-        reason, worse = None, False
+        reason, worse, damaged = None, False, False
         if new_norm > self.norm_growth * old_norm and not_improving:
             reason = (
                 f"the gradient norm keeps rising (median {old_norm:.4g} -> {new_norm:.4g} over {self.window} steps) "
                 "while the loss does not improve"
             )
         elif climbing and new_loss > self.loss_growth * old_loss:
+            damaged = True
             reason = f"the loss keeps climbing (median {old_loss:.4g} -> {new_loss:.4g} over {self.window} steps)"
         elif climbing and new_loss > self.loss_growth * best:
+            damaged = True
             reason = f"the loss climbed from its best (window median {best:.4g} -> {new_loss:.4g})"
         elif old_loss > self.start_margin * start and new_loss > self.start_margin * start and start > 0:
             worse = True
@@ -180,10 +183,11 @@ class StabilityController:
             )
         if reason is None:
             return None
-        self.worse_than_start = worse
+        self.worse_than_start, self.damaged = worse, damaged
         repeated = self._last_fire is not None and self._steps - self._last_fire <= self.repeat_windows * self.window
         self._streak = self._streak + 1 if repeated else 0
-        self.lr_power = 2**self._streak
+        # a model made worse than untrained is an LR an order of magnitude off, not 2x: the first cut is squared
+        self.lr_power = 2 ** (self._streak + (1 if worse and not repeated else 0))
         self._last_fire = self._steps
         self.interventions += 1
         self.reset()
@@ -203,6 +207,7 @@ class StabilityController:
             "streak": self._streak,
             "lr_power": self.lr_power,
             "worse_than_start": self.worse_than_start,
+            "damaged": self.damaged,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -223,3 +228,4 @@ class StabilityController:
         self._streak = int(state.get("streak", 0))
         self.lr_power = int(state.get("lr_power", 1))
         self.worse_than_start = bool(state.get("worse_than_start", False))
+        self.damaged = bool(state.get("damaged", False))

@@ -19,6 +19,7 @@ from lightning_gradguard.core.recovery_rules import (
     restart_store,
     roll_back,
     snapshot_failure_message,
+    stability_target,
 )
 from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
 from lightning_gradguard.core.snapshot import nonfinite_entries, nonfinite_weights_and_buffers, take_snapshot
@@ -142,9 +143,12 @@ class Recovery:
         """The stability controller's cut; when the model is worse than untrained, from the start state."""
         g = self.g
         ctl = g.judge.controller
-        start = self.start_state.restart_target(ctl.worse_than_start, step)
+        start, from_scratch = stability_target(
+            self.start_state, g.store, ctl.worse_than_start, ctl.damaged, step, ctl.window
+        )
         if start is not None and g.policy.rollbacks < g.policy.max_rollbacks:
-            restart_store(g.store, start)
+            if from_scratch:
+                restart_store(g.store, start)
             g.policy.rollbacks += 1
             extra, g.lr_scale = roll_back(
                 start, g.store, g.model, g.optimizers, g.schedulers, g.lr_scale, g.lr_factor, ctl.lr_power

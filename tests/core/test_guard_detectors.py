@@ -158,8 +158,8 @@ def test_stability_restarts_a_model_worse_than_untrained_and_cuts_harder_each_ti
     assert len(fired) == 1
     assert "still above the untrained model's" in fired[0]
     assert ctl.worse_than_start
-    assert ctl.lr_power == 1
-    # the next cut within repeat_windows windows doubles the exponent, the one after doubles it again
+    assert ctl.lr_power == 2  # worse than untrained: an LR far off, the first cut is squared
+    # the next cuts within repeat_windows windows double the exponent
     again = [ctl.update(5.0, 1.0, clipped=False) for _ in range(40)]
     assert len([r for r in again if r]) == 2
     assert ctl.lr_power == 4

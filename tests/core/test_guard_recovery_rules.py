@@ -120,3 +120,23 @@ def test_snapshot_failure_message_names_the_owner_the_error_and_the_fallback():
     other = snapshot_failure_message("NaNGuard", 9, None, None)
     assert "failed on another rank" in other
     assert "no snapshot (a fault now halts)" in other
+
+
+def test_stability_target_restarts_from_the_start_or_goes_back_before_a_climb():
+    import torch
+
+    from lightning_gradguard.core.recovery_rules import StartState, stability_target
+    from lightning_gradguard.core.snapshot import SnapshotStore, take_snapshot
+
+    net = torch.nn.Linear(1, 1)
+    start, store = StartState(keep_steps=200), SnapshotStore(capacity=3)
+    start.offer(take_snapshot(net, step=0))
+    for step in (0, 50, 100):
+        store.update(take_snapshot(net, step=step), trusted=True)
+    snap, scratch = stability_target(start, store, worse_than_start=True, damaged=False, step=60, window=25)
+    assert (snap.step, scratch) == (0, True)
+    # a climb found at step 120 began within the last two windows: back to the newest snapshot before step 70
+    snap, scratch = stability_target(start, store, worse_than_start=False, damaged=True, step=120, window=25)
+    assert (snap.step, scratch) == (50, False)
+    assert stability_target(start, store, False, False, 120, 25) == (None, False)  # keep the state, cut the LR
+    assert stability_target(start, store, True, False, 260, 25)[0] is None  # the start copy expired
