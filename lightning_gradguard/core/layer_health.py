@@ -209,7 +209,10 @@ class ExplodingDetector(_LayerDetector):
 
     def running_norm(self) -> Tensor:
         """Float32 vector: each layer's running geometric-mean norm (NaN before its first value)."""
-        return torch.where(self._count > 0, self._log_mean.exp(), math.nan)
+        # exp in float64, then clamped: the log of a norm at float32's largest value rounds up by an ulp, and its
+        # float32 exp is inf (a hypothesis case: 3.4028117e38)
+        norm = self._log_mean.double().exp().clamp(max=torch.finfo(torch.float32).max).float()
+        return torch.where(self._count > 0, norm, math.nan)
 
     def update(self, norms: Tensor, names: Sequence[str]) -> None:
         """Add one gradient norm per layer; flags are those of this update (see :meth:`compute`)."""
