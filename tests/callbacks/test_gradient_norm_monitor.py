@@ -625,3 +625,23 @@ def test_norm_aggregates_are_written_at_a_dropped_step_and_when_the_fit_fails(tm
     assert top[3] == pytest.approx(max(true[s] for s in (1, 2, 3)), rel=1e-5)
     assert top[5] == pytest.approx(max(true[s] for s in (4, 5)), rel=1e-5)
     assert top[7] == pytest.approx(true[7], rel=1e-5)
+
+
+def test_interval_scalars_are_the_same_on_the_cpu_fast_paths_and_the_tensor_paths(tmp_path, monkeypatch):
+    """The monitor folds the CPU fast path's host float32 total into its interval; the accelerators' way (tensors
+    throughout) must log exactly the same values."""
+    from lightning_gradguard.core.grad_stats import GradStats
+    from lightning_gradguard.core.interval_stats import IntervalAggregate
+
+    logged = []
+    for fast in (True, False):
+        monkeypatch.setattr(GradStats, "host_fast_path", fast)
+        monkeypatch.setattr(IntervalAggregate, "host_fast_path", fast)
+        monitor = GradientNormMonitor(log_every_n_steps=5, flow_every_n_logs=0)
+        trainer = make_trainer(tmp_path / str(fast), [monitor], max_steps=12)
+        torch.manual_seed(0)
+        trainer.fit(TinyRegression(loss_scale_at={7: 1e3}))
+        ea = read_events(trainer.logger.log_dir)
+        logged.append({t: scalars(ea, f"gradguard/{t}") for t in ("grad_norm", "grad_norm_max", "grad_norm_mean")})
+    assert logged[0] == logged[1]
+    assert sorted(logged[0]["grad_norm_max"]) == [0, 5, 10, 11]
