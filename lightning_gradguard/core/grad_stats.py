@@ -52,7 +52,9 @@ __all__ = ["GradStats", "compute_grad_stats", "layer_name_of", "norms_of"]
 #: so norms are combined directly; above it they are first divided by the largest one.
 _DIRECT_POWER_MAX = 6.0
 _GRAD, _IS_SPARSE, _REQUIRES_GRAD = attrgetter("grad"), attrgetter("is_sparse"), attrgetter("requires_grad")
-_DTYPE = attrgetter("dtype")
+_DTYPE, _IS_CPU = attrgetter("dtype"), attrgetter("is_cpu")
+_FLOAT32_DTYPE = torch.float32
+_NARROW = frozenset({torch.float32, torch.bfloat16, torch.float16})  # measured in float32 on the CPU fast path
 
 
 _T = TypeVar("_T")
@@ -188,17 +190,15 @@ def _host_norms(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor
     CPU; every callback reads it anyway) replaces the per-step inf scan of the norms, and the widening of the norms to
     float64 waits until something reads them (logging steps).
     """
-    first = tensors[0]
-    dtype = first.dtype
-    if (
-        first.device.type != "cpu"
-        or dtype not in (torch.float32, torch.bfloat16, torch.float16)
+    dtype = tensors[0].dtype
+    if (  # is_cpu, not .device: building a torch.device object costs more than this whole check
+        dtype not in _NARROW
         or not 0.0 < norm_type <= _DIRECT_POWER_MAX
+        or not all(map(_IS_CPU, tensors))
         or len(set(map(_DTYPE, tensors))) != 1
-        or len(set(map(Tensor.get_device, tensors))) != 1
     ):
         return None
-    norms = _foreach_norms(tensors, norm_type, None if dtype == torch.float32 else torch.float32)
+    norms = _foreach_norms(tensors, norm_type, None if dtype is _FLOAT32_DTYPE else _FLOAT32_DTYPE)
     total = torch.linalg.vector_norm(norms, norm_type, dtype=torch.float64)
     value = total.item()
     if math.isfinite(value):
@@ -312,7 +312,7 @@ class GradStats:
         """:attr:`total_norm` as a Python float, without a tensor operation, when the statistics are on the CPU
         (the float64 total rounded to float32 as ``.to(torch.float32)`` rounds it); None elsewhere, where reading it
         would synchronise with the device."""
-        if self.total_norm64.device.type != "cpu":
+        if not self.total_norm64.is_cpu:
             return None
         value = self._total64_value
         return float32_value(self.total_norm64.item() if value is None else value)

@@ -38,6 +38,7 @@ from lightning_gradguard.core.stability import StabilityController
 __all__ = ["RankReducer", "StepJudge", "Verdict", "any_rank", "total_norm64"]
 
 _GRADS = attrgetter("grads")
+_CPU = torch.device("cpu")
 
 
 class RankReducer(Protocol):
@@ -153,7 +154,7 @@ class StepJudge:
         return (scale.to(dev).reshape(()) < self.amp_scale_floor).to(torch.float64)
 
     def _host_parts(
-        self, live: list[GradStats], dev: torch.device, loss: Tensor | float | None, scale: Tensor | None
+        self, live: list[GradStats], stats: list[GradStats], loss: Tensor | float | None, scale: Tensor | None
     ) -> list[float] | None:
         """The values the tensor path of :meth:`judge` reads (norm, loss, loss non-finite, scale collapse, spike,
         clip flags), read directly when there is one process and everything is on the CPU: no scalar tensors are
@@ -161,10 +162,10 @@ class StepJudge:
         reduce = self.reduce
         if reduce is not self._sized:  # the world size is fixed for a reducer (one per fit): read it once
             self._sized, self._one_rank = reduce, reduce is None or reduce.world_size <= 1
-        if (
+        if (  # is_cpu, not .device: building a torch.device object costs more than reading the values
             not self.host_fast_path
             or not self._one_rank
-            or dev.type != "cpu"
+            or (stats and not stats[0].total_norm64.is_cpu)
             or (isinstance(loss, Tensor) and not loss.is_cpu)
             or (scale is not None and not scale.is_cpu)
         ):
@@ -172,7 +173,8 @@ class StepJudge:
         for c in self.clip_flags:
             if isinstance(c, Tensor) and not c.is_cpu:
                 return None
-        norm = total_norm64(live, dev).item()
+        dev = _CPU
+        norm = (live[0].total_norm64 if len(live) == 1 else total_norm64(live, dev)).item()
         if loss is None:
             loss_v, spike = 0.0, 0.0
         else:
@@ -186,16 +188,16 @@ class StepJudge:
         """Judge one step before its update from the optimizers' ``stats``, the (unscaled) ``loss`` and the
         GradScaler (None or disabled: no AMP)."""
         live = list(filter(_GRADS, stats))  # the optimizers that had gradients
-        dev = stats[0].total_norm64.device if stats else torch.device("cpu")
         has_loss = loss is not None
         scaled = scaler is not None and scaler.is_enabled()
         scale = getattr(scaler, "_scale", None) if scaled else None
         if not isinstance(scale, Tensor):
             scale = None
-        host = self._host_parts(live, dev, loss, scale)
+        host = self._host_parts(live, stats, loss, scale)
         if host is not None:
             mine = glob = host
         else:
+            dev = stats[0].device if stats else _CPU
             zero = torch.zeros((), dtype=torch.float64, device=dev)
             loss_t = self._loss_tensor(loss, dev) if loss is not None else zero
             scale_bad = self._scale_bad(scale, dev) if scale is not None else zero
