@@ -308,14 +308,21 @@ class GradStats:
         return self.total_norm64.to(torch.float32)
 
     @_cached_property
+    def total_norm64_host(self) -> float | None:
+        """:attr:`total_norm64` as a Python float when the statistics are on the CPU (the value the measurement read
+        anyway, when it did); None elsewhere, where reading it would synchronise with the device."""
+        if not self.total_norm64.is_cpu:
+            return None
+        value = self._total64_value
+        return self.total_norm64.item() if value is None else value
+
+    @_cached_property
     def total_norm_host(self) -> float | None:
         """:attr:`total_norm` as a Python float, without a tensor operation, when the statistics are on the CPU
         (the float64 total rounded to float32 as ``.to(torch.float32)`` rounds it); None elsewhere, where reading it
         would synchronise with the device."""
-        if not self.total_norm64.is_cpu:
-            return None
-        value = self._total64_value
-        return float32_value(self.total_norm64.item() if value is None else value)
+        value = self.total_norm64_host
+        return None if value is None else float32_value(value)
 
     @_cached_property
     def finite(self) -> Tensor:

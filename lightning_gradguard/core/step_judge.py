@@ -174,7 +174,9 @@ class StepJudge:
             if isinstance(c, Tensor) and not c.is_cpu:
                 return None
         dev = _CPU
-        norm = (live[0].total_norm64 if len(live) == 1 else total_norm64(live, dev)).item()
+        norm = live[0].total_norm64_host if len(live) == 1 else None  # the value the measurement already read
+        if norm is None:
+            norm = total_norm64(live, dev).item()
         if loss is None:
             loss_v, spike = 0.0, 0.0
         else:

@@ -408,5 +408,6 @@ def test_total_norm_host_is_the_float32_total(scale):
     p = _param([scale, -2 * scale, 0.5 * scale])
     s = compute_grad_stats([p])
     assert repr(s.total_norm_host) == repr(float(s.total_norm))
+    assert repr(s.total_norm64_host) == repr(s.total_norm64.item())
     bad = compute_grad_stats([_param([1.0, math.nan])])
     assert math.isnan(bad.total_norm_host)
