@@ -11,9 +11,9 @@ is set by the threshold, not by the data, and the run stops learning without eve
   back at the untrained level, not improving, while the gradient norm collapsed far below its first value (units
   killed by the violent first updates: the model sits at chance);
 - **sustained clipping**: at least ``clip_fraction`` of the window's steps were clipped, the median loss of the
-  window is not below the median of the window before, and it is above the first loss. Clipping alone is no
-  evidence: a threshold that lags a norm growing as the model learns clips most steps of a healthy run (measured on
-  the LSTM example at its stable LR);
+  window is not below the median of the window before, and it is above ``start_margin`` x the first loss. Clipping
+  alone is no evidence: a threshold that lags a norm growing as the model learns clips most steps of a healthy run
+  (measured on the LSTM example at its stable LR, and in the demo's plateau at the untrained loss after a rollback);
 - **rising gradient norm**: the window's median norm is above ``norm_growth`` x the previous window's, and the loss
   is not improving;
 - **climbing loss**: the window's median loss is above ``loss_growth`` x the previous window's, or above
@@ -176,7 +176,7 @@ class StabilityController:
                 f"{old_loss:.4g}, {new_loss:.4g}) and the gradient norm collapsed ({self._start_norm:.4g} -> median "
                 f"{new_norm:.4g}): units killed in the first steps"
             )
-        elif clipped_share >= self.clip_fraction and not_improving and new_loss > start:
+        elif clipped_share >= self.clip_fraction and not_improving and new_loss > self.start_margin * start:
             reason = (
                 f"the clipper cut {clipped_share:.0%} of the last {self.window} steps and the loss stopped falling "
                 f"(median {old_loss:.4g} -> {new_loss:.4g})"
