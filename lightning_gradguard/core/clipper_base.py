@@ -37,7 +37,7 @@ class ClipRecord:
             NaN while warming up.
     """
 
-    grad_norm: Tensor
+    grad_norm: Number
     threshold: Number | None
     clipped: Tensor | bool
     coefficient: Number | None = None
@@ -53,7 +53,7 @@ class ClipRecord:
         if self.warmup:
             return math.nan
         if isinstance(self.stat_mean, Tensor):
-            return zscore(self.grad_norm.to(self.stat_mean.dtype), self.stat_mean, self.stat_var)
+            return zscore(torch.as_tensor(self.grad_norm).to(self.stat_mean.dtype), self.stat_mean, self.stat_var)
         return zscore(float(self.grad_norm), self.stat_mean, float(self.stat_var))
 
 
