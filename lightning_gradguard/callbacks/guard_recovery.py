@@ -21,12 +21,10 @@ from lightning_gradguard.core.recovery_rules import (
     StartState,
     halt_reason,
     halt_report,
-    restart_store,
     roll_back,
     snapshot_failure_message,
-    stability_target,
+    stability_cut,
 )
-from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
 from lightning_gradguard.core.snapshot import (
     BufferCopy,
     Snapshot,
@@ -194,33 +192,23 @@ class GuardRecovery:
         return snap.step, snap.meta.get("path")
 
     def lower_lr(self, trainer: pl.Trainer, step: int, reason: str) -> None:
-        """The stability controller's cut; when the model is worse than untrained, from the start state."""
+        """The stability controller's cut (``core.recovery_rules.stability_cut``: from the untrained state when the
+        model is worse than it, from before the climb when the loss climbed, else in place)."""
         g = self.g
-        ctl = self.judge.controller
         schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
-        start, from_scratch = stability_target(
-            self.start_state, self.store, ctl.worse_than_start, ctl.damaged, step, ctl.window
-        )
-        if start is not None and g.policy.rollbacks < g.policy.max_rollbacks:
-            # every step so far made the model worse: restart from the untrained state with the lower LR
-            if from_scratch:
-                restart_store(self.store, start)
-            g.policy.rollbacks += 1
-            model = trainer.lightning_module
-            extra, g.lr_scale = roll_back(
-                start, self.store, model, trainer.optimizers, schedulers, g.lr_scale, g.lr_factor, ctl.lr_power
-            )
-            if "precision" in extra:
-                trainer.precision_plugin.load_state_dict(extra["precision"])
-            g.reason = type(g.reason).ROLLED_BACK
-            self._after_state_change(trainer)
-            event = GuardEvent(step, "rollback", "lr_too_high", g.lr_scale, reason=reason, snapshot_step=start.step)
-            g.record_event(trainer, event)
-            return
-        g.lr_scale = cut_lr(trainer.optimizers, schedulers, g.lr_scale, g.lr_factor, ctl.lr_power)
-        g.reason = type(g.reason).LOWERED_LR
+        model = trainer.lightning_module
+        snap, extra, g.lr_scale = stability_cut(
+            self.start_state, self.store, self.judge.controller, g.policy, model, trainer.optimizers, schedulers,
+            g.lr_scale, g.lr_factor, step,
+        )  # fmt: skip
+        if "precision" in extra:
+            trainer.precision_plugin.load_state_dict(extra["precision"])
+        g.reason = type(g.reason).ROLLED_BACK if snap is not None else type(g.reason).LOWERED_LR
         self._after_state_change(trainer)
-        g.record_event(trainer, GuardEvent(step, "lower_lr", "lr_too_high", g.lr_scale, reason=reason))
+        kind = "rollback" if snap is not None else "lower_lr"
+        event = GuardEvent(step, kind, "lr_too_high", g.lr_scale, reason=reason)
+        event.snapshot_step = snap.step if snap is not None else None
+        g.record_event(trainer, event)
 
     def _after_state_change(self, trainer: pl.Trainer) -> None:
         self._since_snapshot = 0

@@ -43,6 +43,7 @@ __all__ = [
     "rollback_lr",
     "rollback_lr_factor",
     "snapshot_failure_message",
+    "stability_cut",
     "stability_target",
 ]
 
@@ -165,6 +166,38 @@ def stability_target(
     if damaged:
         return store.compute(before=step - 2 * window), False
     return None, False
+
+
+def stability_cut(
+    start: StartState,
+    store: SnapshotStore,
+    controller: Any,
+    policy: Any,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Any],
+    lr_scale: float,
+    lr_factor: float,
+    step: int,
+) -> tuple[Snapshot | None, dict[str, Any], float]:
+    """Carry out the stability controller's cut (``controller``: a
+    :class:`~lightning_gradguard.core.stability.StabilityController` that just fired; ``policy``: the guard's
+    :class:`~lightning_gradguard.core.guard_policy.GuardPolicy`, whose rollback budget a restart spends).
+
+    Rolls back to :func:`stability_target`'s snapshot while rollbacks remain, else cuts the LR in place. Returns
+    the snapshot restored (None: the state was kept), its extra states (a GradScaler's or precision plugin's, for the
+    caller to load) and the new cumulative LR scale.
+    """
+    target, from_scratch = stability_target(
+        start, store, controller.worse_than_start, controller.damaged, step, controller.window
+    )
+    if target is None or policy.rollbacks >= policy.max_rollbacks:
+        return None, {}, lower_lr(optimizers, schedulers, lr_scale, lr_factor, controller.lr_power)
+    if from_scratch:
+        restart_store(store, target)
+    policy.rollbacks += 1
+    extra, lr_scale = roll_back(target, store, model, optimizers, schedulers, lr_scale, lr_factor, controller.lr_power)
+    return target, extra, lr_scale
 
 
 def restart_store(store: SnapshotStore, start: Snapshot) -> None:

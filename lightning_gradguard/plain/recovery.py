@@ -16,12 +16,10 @@ from lightning_gradguard.core.recovery_rules import (
     StartState,
     halt_reason,
     halt_report,
-    restart_store,
     roll_back,
     snapshot_failure_message,
-    stability_target,
+    stability_cut,
 )
-from lightning_gradguard.core.recovery_rules import lower_lr as cut_lr
 from lightning_gradguard.core.snapshot import nonfinite_entries, nonfinite_weights_and_buffers, take_snapshot
 from lightning_gradguard.errors import DivergenceError
 
@@ -140,31 +138,19 @@ class Recovery:
         return snap.step
 
     def lower_lr(self, step: int, reason: str) -> None:
-        """The stability controller's cut; when the model is worse than untrained, from the start state."""
+        """The stability controller's cut (``core.recovery_rules.stability_cut``)."""
         g = self.g
-        ctl = g.judge.controller
-        start, from_scratch = stability_target(
-            self.start_state, g.store, ctl.worse_than_start, ctl.damaged, step, ctl.window
-        )
-        if start is not None and g.policy.rollbacks < g.policy.max_rollbacks:
-            if from_scratch:
-                restart_store(g.store, start)
-            g.policy.rollbacks += 1
-            extra, g.lr_scale = roll_back(
-                start, g.store, g.model, g.optimizers, g.schedulers, g.lr_scale, g.lr_factor, ctl.lr_power
-            )
-            if "scaler" in extra and g.scaler is not None:
-                g.scaler.load_state_dict(extra["scaler"])
-            g.last_action = "rollback"
-            self._after_state_change()
-            g.record_event(
-                GuardEvent(step, "rollback", "lr_too_high", g.lr_scale, reason=reason, snapshot_step=start.step)
-            )
-            return
-        g.lr_scale = cut_lr(g.optimizers, g.schedulers, g.lr_scale, g.lr_factor, ctl.lr_power)
-        g.last_action = "lower_lr"
+        snap, extra, g.lr_scale = stability_cut(
+            self.start_state, g.store, g.judge.controller, g.policy, g.model, g.optimizers, g.schedulers, g.lr_scale,
+            g.lr_factor, step,
+        )  # fmt: skip
+        if "scaler" in extra and g.scaler is not None:
+            g.scaler.load_state_dict(extra["scaler"])
+        g.last_action = "rollback" if snap is not None else "lower_lr"
         self._after_state_change()
-        g.record_event(GuardEvent(step, "lower_lr", "lr_too_high", g.lr_scale, reason=reason))
+        event = GuardEvent(step, g.last_action, "lr_too_high", g.lr_scale, reason=reason)
+        event.snapshot_step = snap.step if snap is not None else None
+        g.record_event(event)
 
     def _after_state_change(self) -> None:
         self.g._since_snapshot = 0

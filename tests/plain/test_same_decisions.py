@@ -96,7 +96,7 @@ def _lr(opt: torch.optim.Optimizer) -> float:
 
 
 CASES = {
-    # an isolated NaN batch is skipped; a second one soon after rolls back (auto policy)
+    # two NaN batches with healthy steps between: each is the batch's fault, both skipped (auto policy)
     "auto_nan_twice": ("zscore", {"action": "auto"}, {"nan": [20, 24]}),
     # x1e4 loss spikes: the z-score clipper catches them, the guard sees finite values
     "zscore_spikes": ("zscore", {"action": "auto"}, {"scale": {30: 1e4, 45: 1e4}}),
@@ -120,6 +120,21 @@ def test_plain_guard_takes_the_trainer_callbacks_decisions(tmp_path: Any, case: 
     for (step, thr, clipped), (_, ref_thr, ref_clipped) in zip(got["clips"], ref["clips"]):
         assert clipped == ref_clipped, f"step {step}"
         assert thr == pytest.approx(ref_thr, rel=1e-6), f"step {step}"
+    assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
+    for key, value in ref["state"].items():
+        torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_both_guards_restart_a_model_worse_than_untrained_alike(tmp_path: Any) -> None:
+    # every loss after the first is 30x up: both windows of the stability controller sit above 1.1x the untrained
+    # loss, so both guards restart from the state of step 0 with the LR cut (lr_factor squared)
+    faults = {"scale": {s: 30.0 for s in range(1, STEPS)}}
+    guard_args = {"snapshot_every_n_steps": 5, "snapshot_confirm_steps": 2}
+    ref = _trainer_run(tmp_path, "zscore", guard_args, faults)
+    got = _plain_run(ref["init"], "zscore", guard_args, faults)
+    assert ("rollback", "lr_too_high") in {(kind, cause) for _, kind, cause in ref["events"]}
+    assert got["events"] == ref["events"]
+    assert got["guard"].lr_scale == 0.25
     assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
     for key, value in ref["state"].items():
         torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-7, msg=key)
