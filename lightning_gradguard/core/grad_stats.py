@@ -54,6 +54,7 @@ _DIRECT_POWER_MAX = 6.0
 _GRAD, _IS_SPARSE, _REQUIRES_GRAD = attrgetter("grad"), attrgetter("is_sparse"), attrgetter("requires_grad")
 _DTYPE, _IS_CPU = attrgetter("dtype"), attrgetter("is_cpu")
 _FLOAT32_DTYPE = torch.float32
+_PLAIN = {Tensor}  # the type of ordinary gradients (a DTensor or another subclass takes the general path)
 _NARROW = frozenset({torch.float32, torch.bfloat16, torch.float16})  # measured in float32 on the CPU fast path
 
 
@@ -437,11 +438,12 @@ def compute_grad_stats(
         )
     if any(map(_REQUIRES_GRAD, grads)):  # only after backward(create_graph=True): keep the graph out of our ops
         grads = [g.detach() for g in grads]
+    if GradStats.host_fast_path and set(map(type, grads)) == _PLAIN:  # plain tensors: nothing is sharded
+        host = _host_norms(grads, norm_type)
+        if host is not None:
+            stats = GradStats(names, params, grads, host[0], norm_type, local_grads=grads, total_norm64=host[1])
+            stats._total64_value = host[2]
+            return stats
     local, layout = local_tensors(grads, names)
-    host = _host_norms(local, norm_type) if GradStats.host_fast_path and not layout.groups else None
-    if host is not None:
-        stats = GradStats(names, params, grads, host[0], norm_type, local_grads=local, total_norm64=host[1])
-        stats._total64_value = host[2]
-        return stats
     norms = reduce_norms(_local_norms64(local, norm_type), layout, norm_type)
     return GradStats(names, params, grads, norms, norm_type, local_grads=local)
