@@ -158,12 +158,13 @@ def stability_target(
     start: StartState, store: SnapshotStore, worse_than_start: bool, damaged: bool, step: int, window: int
 ) -> tuple[Snapshot | None, bool]:
     """Where a stability cut rolls back to, and whether that is the untrained state (None: cut the LR, keep the
-    state). A model worse than untrained restarts from the start; a loss that climbed goes back to the newest
-    trusted snapshot taken before the climb (two windows before ``step``); otherwise the state is kept."""
+    state). A model worse than untrained restarts from the start (once the start copy has expired, like a climb); a
+    loss that climbed goes back to the newest trusted snapshot taken before the climb (two windows before
+    ``step``); otherwise the state is kept."""
     target = start.restart_target(worse_than_start, step)
     if target is not None:
         return target, True
-    if damaged:
+    if damaged or worse_than_start:  # (the start copy expired: the newest state from before the two windows)
         return store.compute(before=step - 2 * window), False
     return None, False
 

@@ -139,4 +139,6 @@ def test_stability_target_restarts_from_the_start_or_goes_back_before_a_climb():
     snap, scratch = stability_target(start, store, worse_than_start=False, damaged=True, step=120, window=25)
     assert (snap.step, scratch) == (50, False)
     assert stability_target(start, store, False, False, 120, 25) == (None, False)  # keep the state, cut the LR
-    assert stability_target(start, store, True, False, 260, 25)[0] is None  # the start copy expired
+    # the start copy expired: a model worse than untrained goes back to before the two windows, like a climb
+    snap, scratch = stability_target(start, store, worse_than_start=True, damaged=False, step=260, window=25)
+    assert (snap.step, scratch) == (100, False)
