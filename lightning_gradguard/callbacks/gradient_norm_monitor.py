@@ -9,10 +9,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_gradguard.callbacks.log_writer import log_scalars, log_text, tag, tensorboard_writers
+from lightning_gradguard.callbacks.log_writer import log_scalars, tag, tensorboard_writers
 from lightning_gradguard.callbacks.monitor_capture import LogCapture, capture_for_log, write_views
+from lightning_gradguard.callbacks.monitor_state import EVENTS_TAG, MonitorState, report_layer_health
 from lightning_gradguard.callbacks.step_context import (
     grad_stats_for,
     log_due,
@@ -29,37 +30,11 @@ from lightning_gradguard.core.layer_health import ExplodingDetector, LayerHealth
 
 __all__ = ["EVENTS_TAG", "GradientNormMonitor", "custom_scalars_layout"]
 
-_MAX_EVENTS = 1000
 _OWNER = "GradientNormMonitor"
-EVENTS_TAG = "gradguard/layer_health_events"
 _DUPLICATE = (
     "Found 2 GradientNormMonitor callbacks; use one: they would write the same gradguard/ tags twice (one monitor "
     "covers every optimizer). default_callbacks() already includes one: configure it with monitor_kwargs=..."
 )
-
-
-class _OptimizerState:
-    """Layer-health detectors, the norm aggregate since the last write, and the pending log of one optimizer."""
-
-    def __init__(self, vanishing: VanishingDetector, exploding: ExplodingDetector) -> None:
-        self.logs = 0  # logging steps done (drives the gradient-flow schedule)
-        self.vanishing, self.exploding = vanishing, exploding
-        self.norms = IntervalAggregate()  # pre-clip global norms since the last write of grad_norm_max/mean
-        self.seen_step = -1  # the global step whose measurement was taken in (one per step)
-        self.pending: LogCapture | None = None  # what a logging step captured before any clipping
-        self.record: Any = None  # the shared StepRecord of the latest step (tells whether the guard dropped it)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "logs": self.logs,
-            "vanishing": self.vanishing.state_dict(),
-            "exploding": self.exploding.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.logs = int(state.get("logs", 0))
-        self.vanishing.load_state_dict(state.get("vanishing") or {})
-        self.exploding.load_state_dict(state.get("exploding") or {})
 
 
 class GradientNormMonitor(Callback):
@@ -154,7 +129,7 @@ class GradientNormMonitor(Callback):
         self.progress_bar = check_bool("progress_bar", progress_bar, owner=_OWNER)
 
         self._log_every = self.log_every_n_steps or 50
-        self._states: dict[int, _OptimizerState] = {}
+        self._states: dict[int, MonitorState] = {}
         self._layout_written: weakref.WeakSet[Any] = weakref.WeakSet()
         self._health = LayerHealthChanges()
         self._trainer: weakref.ref[pl.Trainer] | None = None
@@ -187,10 +162,10 @@ class GradientNormMonitor(Callback):
             )
         return cached[1]
 
-    def _state(self, idx: int) -> _OptimizerState:
+    def _state(self, idx: int) -> MonitorState:
         state = self._states.get(idx)
         if state is None:
-            state = self._states[idx] = _OptimizerState(
+            state = self._states[idx] = MonitorState(
                 VanishingDetector(self.vanishing_threshold, self.vanishing_patience),
                 ExplodingDetector(self.exploding_factor, self.exploding_ema_decay, self.exploding_warmup),
             )
@@ -294,13 +269,13 @@ class GradientNormMonitor(Callback):
         for idx, state in self._states.items():
             self._write_interval(trainer, idx, state, max(state.seen_step, 0))  # the last step folded in
 
-    def _write_interval(self, trainer: pl.Trainer, idx: int, state: _OptimizerState, step: int) -> None:
+    def _write_interval(self, trainer: pl.Trainer, idx: int, state: MonitorState, step: int) -> None:
         interval = state.norms.flush()
         if interval is not None:
             metrics = {tag("grad_norm_max", idx): interval["max"], tag("grad_norm_mean", idx): interval["mean"]}
             log_scalars(trainer, metrics, step=step)
 
-    def _log(self, trainer: pl.Trainer, idx: int, cap: LogCapture, state: _OptimizerState, optimizer: Any) -> None:
+    def _log(self, trainer: pl.Trainer, idx: int, cap: LogCapture, state: MonitorState, optimizer: Any) -> None:
         step, names, norms = cap.step, cap.layer_names, cap.layer_norms
         weights = cap.layer_weight_norms
         vanishing_input = torch.where(weights > 0, cap.update_ratio, torch.where(norms != 0, math.inf, 0.0))
@@ -325,25 +300,10 @@ class GradientNormMonitor(Callback):
         log_scalars(trainer, metrics, step=step)
         self._write_interval(trainer, idx, state, step)
         write_views(tensorboard_writers(trainer), idx, cap, norms_h, ratio_h)
-        self._report(trainer, idx, step, names, vanishing, exploding)
-        state.logs += 1
-
-    def _report(
-        self, trainer: pl.Trainer, idx: int, step: int, order: list[str], vanishing: set[str], exploding: set[str]
-    ) -> None:
-        changes, first = self._health.update(idx, order, vanishing, exploding)
-        if not any(changes.values()):
-            return
-        where = f" (optimizer {idx})" if idx else ""
         why = {
             "vanishing": f"its update ratio (grad norm / weight norm) stayed below {self.vanishing_threshold:g} for "
             f"{self.vanishing_patience} logged steps",
             "exploding": f"its gradient norm is more than {self.exploding_factor:g}x its running average",
         }
-        for kind, name in first:
-            rank_zero_warn(f"GradientNormMonitor: layer {name!r}{where} is {kind} at step {step}: {why[kind]}.")
-        for kind, layers in changes.items():
-            self.events.extend({"step": step, "optimizer": idx, "kind": kind, "layer": n} for n in layers)
-        del self.events[:-_MAX_EVENTS]
-        parts = [f"{kind}: {', '.join(layers)}" for kind, layers in changes.items() if layers]
-        log_text(trainer, EVENTS_TAG, f"step {step}{where}: " + "; ".join(parts), step)
+        report_layer_health(trainer, self._health, self.events, idx, step, names, vanishing, exploding, why)
+        state.logs += 1
