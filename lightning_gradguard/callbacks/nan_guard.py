@@ -180,10 +180,6 @@ class NaNGuard(Callback):
     def consecutive_skips(self) -> int:
         return self.policy.consecutive_skips
 
-    @property
-    def _grad_history(self) -> list[list[float]]:  # read by older tests; state_dict()["grad_history"] is the API
-        return [list(r) for r in self.steps.grad_history]
-
     # ------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:

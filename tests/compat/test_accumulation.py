@@ -47,7 +47,7 @@ def test_one_measurement_and_one_action_per_optimizer_step(tmp_path, all_callbac
     assert counter.optimizer_steps == 5
     assert len(calls) == 5  # one measurement per optimizer step, shared by every callback
     assert clip.state_dict()["optimizers"][0]["steps"] == 5
-    assert [int(s) for s, _ in guard._grad_history] == [0, 1, 2, 3, 4]
+    assert [int(s) for s, _ in guard.state_dict()["grad_history"]] == [0, 1, 2, 3, 4]
     assert mon.last_step == 4
     assert float(mon.last_grad_norm) == pytest.approx(float(clip.last[0].grad_norm))
 
