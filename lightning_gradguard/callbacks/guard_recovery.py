@@ -7,6 +7,7 @@ them to the Trainer's model, optimizers, schedulers and precision plugin, and wr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -69,6 +70,9 @@ class GuardRecovery:
     _batches: list[tuple[Any, int]]
     _loop_limits: tuple[Any, Any] | None
     _since_snapshot: int
+    # provided by GuardSteps (which also writes the scalars that every event updates)
+    record_event: Callable[[pl.Trainer, GuardEvent], None]
+    warn: Callable[[str, bool], None]
     _start: StartState | None = None  # the untrained state, for a too-high LR from the first step
 
     def take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trusted: bool = False) -> None:
@@ -93,7 +97,7 @@ class GuardRecovery:
         )
         step = trainer.global_step
         if failed:
-            self.g.warn(snapshot_failure_message("NaNGuard", step, error, self.store.compute()), error is not None)
+            self.warn(snapshot_failure_message("NaNGuard", step, error, self.store.compute()), error is not None)
         elif damaged:  # the last update made the weights non-finite before any loss or gradient could show it
             health = StepHealth(max(step - 1, 0), update_skipped=False)
             self._diagnose_state(trainer, pl_module, health)
@@ -155,7 +159,7 @@ class GuardRecovery:
             return
         event.kind = decision.action.value
         g.reason = type(g.reason).ROLLED_BACK if event.kind == "rollback" else type(g.reason).SKIPPED
-        g.record_event(trainer, event)
+        self.record_event(trainer, event)
 
     def _diagnose_state(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, health: StepHealth
@@ -208,7 +212,7 @@ class GuardRecovery:
         kind = "rollback" if snap is not None else "lower_lr"
         event = GuardEvent(step, kind, "lr_too_high", g.lr_scale, reason=reason)
         event.snapshot_step = snap.step if snap is not None else None
-        g.record_event(trainer, event)
+        self.record_event(trainer, event)
 
     def _after_state_change(self, trainer: pl.Trainer) -> None:
         self._since_snapshot = 0
@@ -251,7 +255,7 @@ class GuardRecovery:
             event.report_path = g.report_path = str(g._out_dir / "nan_guard_report.json")
             if trainer.is_global_zero:
                 report.write(g._out_dir, "nan_guard_report")
-        g.record_event(trainer, event)
+        self.record_event(trainer, event)
         g.halt_error = DivergenceError(reason, step=event.step, report_path=event.report_path)
         # should_stop alone waits for min_steps/min_epochs: lift both for the rest of this fit (restored at teardown)
         trainer.should_stop = True

@@ -15,13 +15,17 @@ snapshot is trusted and at the end of the fit.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradguard.callbacks.guard_recovery import GuardRecovery, StrategyReducer
+from lightning_gradguard.callbacks.log_writer import announce, log_scalars, log_text, tag
 from lightning_gradguard.callbacks.step_context import grad_stats_for, log_due, step_record
 from lightning_gradguard.core.guard_policy import StepHealth
 from lightning_gradguard.core.snapshot import BufferCopy, SnapshotStore
@@ -31,6 +35,9 @@ if TYPE_CHECKING:
     from lightning_gradguard.callbacks.nan_guard import NaNGuard
 
 __all__ = ["GuardSteps"]
+
+# events are announced under NaNGuard's own logger name (what users filter on)
+_LOG = logging.getLogger("lightning_gradguard.callbacks.nan_guard")
 
 
 class GuardSteps(GuardRecovery):
@@ -183,8 +190,8 @@ class GuardSteps(GuardRecovery):
             self.healthy(trainer, pl_module, step, overflow)
         every: int = self.g.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50
         if pending is None and log_due(trainer, every):
-            self.g.write_scalars(trainer, step)
-        self.g.show_counters(trainer, pl_module, step)
+            self.write_scalars(trainer, step)
+        self.show_counters(trainer, pl_module, step)
         self._batches = []
 
     def flush_interval(self) -> dict[str, Any]:
@@ -207,3 +214,41 @@ class GuardSteps(GuardRecovery):
             if self._since_snapshot >= g.snapshot_every_n_steps:
                 self._since_snapshot = 0
                 self.take_snapshot(trainer, pl_module)
+
+    # ------------------------------------------------------------------ logging
+    def write_scalars(self, trainer: pl.Trainer, step: int) -> None:
+        """The guard's scalars now (at log steps, at every event, on exceptions and at fit end)."""
+        g, interval = self.g, self.flush_interval()
+        metrics: dict[str, float] = {
+            tag("skipped_steps"): g.skipped_steps,
+            tag("rollbacks"): g.rollbacks,
+            tag("lr_scale"): g.lr_scale,
+            tag("flagged_steps"): interval["flagged"],
+        }
+        if interval["loss_max"] is not None:
+            metrics[tag("loss_max")] = interval["loss_max"]
+        if self.scaler(trainer) is not None:
+            metrics[tag("amp_overflow_steps")] = g.amp_overflow_steps
+        log_scalars(trainer, metrics, step)
+
+    def show_counters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Progress-bar counters, sent when they change."""
+        if getattr(pl_module, "_current_fx_name", None) is None:
+            return
+        bar = self.g._bar
+        bar.show_changed(trainer, pl_module, "nan_skips", float(self.g.skipped_steps), step)
+        bar.show_changed(trainer, pl_module, "nan_rollbacks", float(self.g.rollbacks), step)
+
+    def record_event(self, trainer: pl.Trainer, event: Any) -> None:
+        """Keep ``event`` (a GuardEvent) and write it: a line above the progress bar/logging, TensorBoard text."""
+        self.g.events.append(event.to_dict())
+        line = event.line()
+        announce(trainer, line, logger=_LOG)
+        log_text(trainer, tag("nan_guard_events"), line, event.step)
+        self.write_scalars(trainer, event.step)
+
+    def warn(self, message: str, local: bool) -> None:
+        if local:
+            warnings.warn(message, UserWarning, stacklevel=3)
+        else:
+            rank_zero_warn(message)

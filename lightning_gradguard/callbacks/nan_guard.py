@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any, cast
@@ -16,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradguard.callbacks import checkpoint_snapshots as ckpts
 from lightning_gradguard.callbacks.guard_steps import GuardSteps
-from lightning_gradguard.callbacks.log_writer import ProgressBarValues, announce, log_scalars, log_text, tag
+from lightning_gradguard.callbacks.log_writer import ProgressBarValues
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
 from lightning_gradguard.core.arg_checks import check_bool, check_choice, check_int, check_number
 from lightning_gradguard.core.guard_policy import POLICIES, GuardCause, GuardPolicy
@@ -282,44 +281,7 @@ class NaNGuard(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.steps.fit_end(trainer, pl_module)
-        self.write_scalars(trainer, trainer.global_step)
+        self.steps.write_scalars(trainer, trainer.global_step)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.write_scalars(trainer, trainer.global_step)
-
-    # ------------------------------------------------------------------ logging
-    def write_scalars(self, trainer: pl.Trainer, step: int) -> None:
-        """The guard's scalars now (at log steps, at every event, on exceptions and at fit end)."""
-        interval = self.steps.flush_interval()
-        metrics: dict[str, float] = {
-            tag("skipped_steps"): self.skipped_steps,
-            tag("rollbacks"): self.rollbacks,
-            tag("lr_scale"): self.lr_scale,
-            tag("flagged_steps"): interval["flagged"],
-        }
-        if interval["loss_max"] is not None:
-            metrics[tag("loss_max")] = interval["loss_max"]
-        if self.steps.scaler(trainer) is not None:
-            metrics[tag("amp_overflow_steps")] = self.amp_overflow_steps
-        log_scalars(trainer, metrics, step)
-
-    def show_counters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        """Progress-bar counters, sent when they change."""
-        if getattr(pl_module, "_current_fx_name", None) is None:
-            return
-        self._bar.show_changed(trainer, pl_module, "nan_skips", float(self.skipped_steps), step)
-        self._bar.show_changed(trainer, pl_module, "nan_rollbacks", float(self.rollbacks), step)
-
-    def record_event(self, trainer: pl.Trainer, event: Any) -> None:
-        """Keep ``event`` (a GuardEvent) and write it: a line above the progress bar/logging, TensorBoard text."""
-        self.events.append(event.to_dict())
-        line = event.line()
-        announce(trainer, line, logger=log)
-        log_text(trainer, tag("nan_guard_events"), line, event.step)
-        self.write_scalars(trainer, event.step)
-
-    def warn(self, message: str, local: bool) -> None:
-        if local:
-            warnings.warn(message, UserWarning, stacklevel=3)
-        else:
-            rank_zero_warn(message)
+        self.steps.write_scalars(trainer, trainer.global_step)
