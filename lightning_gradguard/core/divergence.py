@@ -27,16 +27,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from statistics import median
 from typing import Any
 
 __all__ = ["DivergenceDetector"]
-
-
-def _median(values: deque[float]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    mid = n // 2
-    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 class DivergenceDetector:
@@ -133,7 +127,7 @@ class DivergenceDetector:
         if not self._losses:
             self._losses.append(loss)
             return False
-        ref = _median(self._losses)
+        ref = median(self._losses)
         self.loss_reference = ref
         floor = self.floor * self._start  # a loss near zero that jumps 100x is still a small loss
         scale = max(abs(ref), floor) + 1e-12
@@ -147,14 +141,14 @@ class DivergenceDetector:
         if not jumped and not climbing:
             self._losses.append(loss)
             if len(self._losses) == self.window:
-                self._best = min(self._best, _median(self._losses))
+                self._best = min(self._best, median(self._losses))
         return self._loss_run >= self.persist or self._climb_run >= self.climb_steps
 
     def _judge_grad(self, norm: float) -> bool:
         if len(self._norms) < self.min_samples:
             self._norms.append(norm)
             return False
-        ref = _median(self._norms)
+        ref = median(self._norms)
         self.grad_reference = ref
         if norm > self.grad_unsettled_factor * ref + 1e-30:
             self._last_unsettled = 0

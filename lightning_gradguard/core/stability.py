@@ -34,15 +34,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from statistics import median
 from typing import Any
 
 __all__ = ["StabilityController"]
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
 
 
 class StabilityController:
@@ -135,8 +130,8 @@ class StabilityController:
             return None  # judged every window/5 steps: the medians move slowly, and sorting costs
         rows = list(self._rows)
         old, new = rows[: self.window], rows[self.window :]
-        old_loss, new_loss = _median([r[0] for r in old]), _median([r[0] for r in new])
-        old_norm, new_norm = _median([r[1] for r in old]), _median([r[1] for r in new])
+        old_loss, new_loss = median([r[0] for r in old]), median([r[0] for r in new])
+        old_norm, new_norm = median([r[1] for r in old]), median([r[1] for r in new])
         clipped_share = sum(r[2] for r in new) / self.window
         not_improving = new_loss >= old_loss
         above_floor = new_loss > self.floor * (self._start or 0.0) and new_loss > 0
