@@ -18,7 +18,6 @@ from lightning_gradguard.callbacks.step_context import context_for
 from lightning_gradguard.core.fault_trace import first_nonfinite_module, nonfinite_in
 from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
 from lightning_gradguard.core.recovery_rules import (
-    START_KEEP_WINDOWS,
     StartState,
     halt_reason,
     halt_report,
@@ -73,7 +72,7 @@ class GuardRecovery:
     # provided by GuardSteps (which also writes the scalars that every event updates)
     record_event: Callable[[pl.Trainer, GuardEvent], None]
     warn: Callable[[str, bool], None]
-    _start: StartState | None = None  # the untrained state, for a too-high LR from the first step
+    start_state: StartState  # the untrained state, for a too-high LR from the first step
 
     def take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trusted: bool = False) -> None:
         """Copy the state; keep it only if every rank copied it and it is finite (else the older ones stay)."""
@@ -108,13 +107,6 @@ class GuardRecovery:
             if trusted:
                 self.start_state.offer(snap)
         self.start_state.expire(step)
-
-    @property
-    def start_state(self) -> StartState:
-        """The untrained state, kept for the first ``START_KEEP_WINDOWS`` stability windows."""
-        if self._start is None:
-            self._start = StartState(START_KEEP_WINDOWS * self.judge.controller.window)
-        return self._start
 
     def handle_fault(self, trainer: pl.Trainer, pl_module: pl.LightningModule, health: StepHealth) -> None:
         g = self.g

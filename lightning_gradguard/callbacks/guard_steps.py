@@ -28,6 +28,7 @@ from lightning_gradguard.callbacks.guard_recovery import GuardRecovery, Strategy
 from lightning_gradguard.callbacks.log_writer import announce, log_scalars, log_text, tag
 from lightning_gradguard.callbacks.step_context import grad_stats_for, log_due, step_record
 from lightning_gradguard.core.guard_policy import StepHealth
+from lightning_gradguard.core.recovery_rules import START_KEEP_WINDOWS, StartState
 from lightning_gradguard.core.snapshot import BufferCopy, SnapshotStore
 from lightning_gradguard.core.step_judge import StepJudge
 
@@ -56,6 +57,7 @@ class GuardSteps(GuardRecovery):
         )
         self._resumed = False
         self.store = SnapshotStore(capacity=2, confirm_steps=guard.snapshot_confirm_steps)
+        self.start_state = StartState(START_KEEP_WINDOWS * self.judge.controller.window)
         self.buffers = BufferCopy()
         self._loop_limits: tuple[Any, Any] | None = None
         self._precision: Any = None  # the precision plugin of the fit in progress
