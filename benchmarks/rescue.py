@@ -9,7 +9,8 @@ with a GradScaler on the CPU; not every scenario runs every setting) x methods x
 Methods compared in every cell: no tool; Lightning ``Trainer(gradient_clip_val=1.0)`` (norm clipping);
 ``lightning_gradguard.default_callbacks()`` exactly as a user gets it. ``--methods`` adds the per-method rows
 (Lightning ``EarlyStopping(check_finite=True)``, each ``AdaptiveGradientClipping`` method alone, each ``NaNGuard``
-action alone).
+action alone, and the defaults with a tighter clipping warm-up: ``fallback_factor`` 2 and 3 instead of 10, the
+ablation behind the char_lstm/explosive discussion in RESULTS.md).
 
 Per run it records: survival (the planned number of steps completed, parameters and floating buffers finite, a finite
 final metric), outcome (ok / diverged / halted / stopped early / error), the final validation metric, every figure
@@ -60,6 +61,10 @@ TIE = 0.005  # cell means closer than this share of the reference count as equal
 NONE, LIGHTNING_CLIP, DEFAULTS = "none", "lightning gradient_clip_val", "gradguard default_callbacks()"
 CORE_METHODS = (NONE, LIGHTNING_CLIP, DEFAULTS)
 QUICK_SCENARIOS = ("mlp", "bn_mlp", "char_lstm")
+# The warm-up ablation: default_callbacks() with the adaptive clipper's fallback_factor lowered (named so that
+# "--methods default_callbacks" does not select them).
+WARMUP_FACTORS = (2.0, 3.0)
+WARMUP_PREFIX = "gradguard defaults, warm-up fallback_factor="
 # Callbacks whose events describe layers, not interventions: recorded, never counted as guard events.
 OBSERVERS = ("GradientNormMonitor",)
 
@@ -75,6 +80,7 @@ def method_names() -> list[str]:
         + ["lightning EarlyStopping(check_finite)"]
         + [f"gradguard clip {m}" for m in CLIP_METHODS]
         + [f"gradguard NaNGuard {a}" for a in GUARD_ACTIONS]
+        + [f"{WARMUP_PREFIX}{f:g}" for f in WARMUP_FACTORS]
     )
 
 
@@ -107,6 +113,9 @@ def build_method(method: str, scenario: scenarios.Scenario) -> tuple[list[Any], 
         return list(default_callbacks()), {}
     if method.startswith("gradguard clip "):
         return [AdaptiveGradientClipping(method=method.removeprefix("gradguard clip "))], {}
+    if method.startswith(WARMUP_PREFIX):
+        factor = float(method.removeprefix(WARMUP_PREFIX))
+        return list(default_callbacks(clipping_kwargs={"fallback_factor": factor})), {}
     if method.startswith("gradguard NaNGuard "):
         return [NaNGuard(action=method.removeprefix("gradguard NaNGuard "))], {}
     raise ValueError(f"unknown method {method!r}")
