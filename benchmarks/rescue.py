@@ -9,8 +9,9 @@ with a GradScaler on the CPU; not every scenario runs every setting) x methods x
 Methods compared in every cell: no tool; Lightning ``Trainer(gradient_clip_val=1.0)`` (norm clipping);
 ``lightning_gradguard.default_callbacks()`` exactly as a user gets it. ``--methods`` adds the per-method rows
 (Lightning ``EarlyStopping(check_finite=True)``, each ``AdaptiveGradientClipping`` method alone, each ``NaNGuard``
-action alone, and the defaults with a tighter clipping warm-up: ``fallback_factor`` 2 and 3 instead of 10, or a
-``fallback_max_norm`` of 1.0; the ablation behind the char_lstm/explosive discussion in RESULTS.md).
+action alone, and the defaults with other clipping warm-ups: no ``fallback_max_norm`` cap (the default before
+issue 18's last change), alone or with ``fallback_factor`` 3 or 2 instead of 10; the ablation behind the warm-up
+discussion in RESULTS.md).
 
 Per run it records: survival (the planned number of steps completed, parameters and floating buffers finite, a finite
 final metric), outcome (ok / diverged / halted / stopped early / error), the final validation metric, every figure
@@ -61,10 +62,21 @@ TIE = 0.005  # cell means closer than this share of the reference count as equal
 NONE, LIGHTNING_CLIP, DEFAULTS = "none", "lightning gradient_clip_val", "gradguard default_callbacks()"
 CORE_METHODS = (NONE, LIGHTNING_CLIP, DEFAULTS)
 QUICK_SCENARIOS = ("mlp", "bn_mlp", "char_lstm")
-# The warm-up ablation: default_callbacks() with one warm-up option of the adaptive clipper changed (named so that
-# "--methods default_callbacks" does not select them; "--methods fallback" does).
-WARMUP_VARIANTS: dict[str, tuple[float, ...]] = {"fallback_factor": (2.0, 3.0), "fallback_max_norm": (1.0,)}
+# The warm-up ablation: default_callbacks() with the adaptive clipper's warm-up options changed (named so that
+# "--methods default_callbacks" does not select them; "--methods fallback" does). Without the cap is the default
+# before issue 18's last change; the tighter factors were the other candidates.
+WARMUP_VARIANTS: tuple[dict[str, float | None], ...] = (
+    {"fallback_max_norm": None},
+    {"fallback_max_norm": None, "fallback_factor": 3.0},
+    {"fallback_max_norm": None, "fallback_factor": 2.0},
+)
 WARMUP_PREFIX = "gradguard defaults, warm-up "
+
+
+def warmup_method(options: dict[str, float | None]) -> str:
+    return WARMUP_PREFIX + ", ".join(f"{k}={v:g}" if v is not None else f"{k}=None" for k, v in options.items())
+
+
 # Callbacks whose events describe layers, not interventions: recorded, never counted as guard events.
 OBSERVERS = ("GradientNormMonitor",)
 
@@ -80,7 +92,7 @@ def method_names() -> list[str]:
         + ["lightning EarlyStopping(check_finite)"]
         + [f"gradguard clip {m}" for m in CLIP_METHODS]
         + [f"gradguard NaNGuard {a}" for a in GUARD_ACTIONS]
-        + [f"{WARMUP_PREFIX}{key}={v:g}" for key, values in WARMUP_VARIANTS.items() for v in values]
+        + [warmup_method(options) for options in WARMUP_VARIANTS]
     )
 
 
@@ -114,8 +126,8 @@ def build_method(method: str, scenario: scenarios.Scenario) -> tuple[list[Any], 
     if method.startswith("gradguard clip "):
         return [AdaptiveGradientClipping(method=method.removeprefix("gradguard clip "))], {}
     if method.startswith(WARMUP_PREFIX):
-        key, value = method.removeprefix(WARMUP_PREFIX).split("=")
-        return list(default_callbacks(clipping_kwargs={key: float(value)})), {}
+        (options,) = [o for o in WARMUP_VARIANTS if warmup_method(o) == method]
+        return list(default_callbacks(clipping_kwargs=options)), {}
     if method.startswith("gradguard NaNGuard "):
         return [NaNGuard(action=method.removeprefix("gradguard NaNGuard "))], {}
     raise ValueError(f"unknown method {method!r}")

@@ -92,7 +92,8 @@ class AdaptiveGradientClipping(Callback):
         warmup_steps: zscore / percentile: steps on the fallback while statistics accumulate (0 ... 1e5; 0 acts
             as 1: the first step has nothing to compare with).
         fallback_factor: zscore / percentile: the warm-up threshold is this multiple of the median norm (>= 1).
-        fallback_max_norm: zscore / percentile: optional fixed ceiling during warm-up (> 0), also on the first step.
+        fallback_max_norm: zscore / percentile: fixed ceiling during warm-up (> 0; None for none), also on the first
+            step; it clips the step, never what the statistics learn (default 1.0, ZClip's ``max_grad_norm``).
         log_every_n_steps: log interval (>= 1); None: ``trainer.log_every_n_steps``.
         progress_bar: show the share of steps clipped as ``clip_rate`` (refreshed every 10 steps).
 
@@ -130,7 +131,7 @@ class AdaptiveGradientClipping(Callback):
         norm_type: float = 2.0,
         warmup_steps: int = 10,
         fallback_factor: float = 10.0,
-        fallback_max_norm: float | None = None,
+        fallback_max_norm: float | None = 1.0,
         log_every_n_steps: int | None = None,
         progress_bar: bool = False,
     ) -> None:

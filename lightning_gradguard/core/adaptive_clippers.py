@@ -54,6 +54,9 @@ class _AdaptiveClipper(Clipper):
         else:
             capped = min(norm, float(threshold)) if math.isfinite(norm) else math.nan
         if self.warming_up:
+            # the reference and the growth limit follow the uncapped warm-up threshold: the fixed cap
+            # (fallback_max_norm) clips the step, it must not drag the statistics down to itself
+            threshold = self.warm.threshold(capped=False)
             self.warm.add(self._warm_entry(norm, threshold))
         self._learn(norm, capped)
         self.seen += 1
@@ -64,9 +67,10 @@ class _AdaptiveClipper(Clipper):
             self.limit = threshold
 
     def _warm_entry(self, norm: Number, threshold: Number) -> Number:
-        """What a warm-up step adds to the reference: its norm, or the current median when it was clipped. Not the
-        threshold: at ``fallback_factor`` x the median, a run of clipped steps would lift the median tenfold every
-        few steps (a blow-up inside the warm-up would capture the statistics)."""
+        """What a warm-up step adds to the reference: its norm, or the current median when the norm was above
+        ``threshold`` (the uncapped warm-up threshold). Not the threshold: at ``fallback_factor`` x the median, a run
+        of such steps would lift the median tenfold every few steps (a blow-up inside the warm-up would capture the
+        statistics)."""
         med = self.warm.median()
         if isinstance(norm, Tensor):
             instead = torch.where(torch.isnan(torch.as_tensor(med, dtype=torch.float64)).to(norm.device),
@@ -102,7 +106,9 @@ class ZScoreClipper(_AdaptiveClipper):
     """ZClip (Kumar et al. 2025, arXiv 2504.02507) with statistics a blow-up cannot capture.
 
     - Warm-up (``warmup_steps`` committed steps, at least 1): threshold ``min(fallback_factor * median, cap)`` of the
-      norms so far; then the EMA starts from their median and MAD (a spike among them, at step 0 too, is left out).
+      norms so far (``cap`` = ``fallback_max_norm``, 1.0 by default as ZClip's ``max_grad_norm``, Kumar et al. 2025;
+      it clips the step only: the median learns from the norms as measured); then the EMA starts from their median
+      and MAD (a spike among them, at step 0 too, is left out).
     - Afterwards: threshold ``mean + z_threshold * std`` of an EMA (weight ``max(1 - ema_decay, 1 / n)`` on the
       newest value), std floored at 5 % of the mean, and at most 1 % above the previous step's threshold.
     - A norm above the threshold is scaled to the threshold (``clip_to="threshold"``) or to the mean (``"mean"``)
@@ -126,7 +132,7 @@ class ZScoreClipper(_AdaptiveClipper):
         ema_decay: float = 0.97,
         warmup_steps: int = 10,
         fallback_factor: float = 10.0,
-        fallback_max_norm: float | None = None,
+        fallback_max_norm: float | None = 1.0,
         norm_type: float = 2.0,
     ) -> None:
         super().__init__(warmup_steps, fallback_factor, fallback_max_norm)
@@ -269,7 +275,7 @@ class PercentileClipper(_AdaptiveClipper):
         percentile_estimator: str = "window",
         warmup_steps: int = 10,
         fallback_factor: float = 10.0,
-        fallback_max_norm: float | None = None,
+        fallback_max_norm: float | None = 1.0,
         norm_type: float = 2.0,
     ) -> None:
         super().__init__(warmup_steps, fallback_factor, fallback_max_norm)

@@ -37,7 +37,7 @@ MAX_NORM_TYPE = 100.0
 CLIP_OPTION_DEFAULTS: dict[str, Any] = dict(
     z_threshold=2.5, clip_to="threshold", ema_decay=0.97, percentile=10.0, window=1000, percentile_estimator="window",
     clipping=0.01, eps=1e-3, exclude=None, max_norm=1.0, clip_value=1.0, norm_type=2.0, warmup_steps=10,
-    fallback_factor=10.0, fallback_max_norm=None,
+    fallback_factor=10.0, fallback_max_norm=1.0,
 )  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """The warm-up of the adaptive clippers: a robust reference norm and the fallback threshold while statistics fill.
 
-:class:`WarmupReference` keeps the first ``size`` committed norms of a run (each already capped at the threshold in
-force when it was seen, so a blow-up enters as that threshold) and gives
+:class:`WarmupReference` keeps the first ``size`` committed norms of a run (a norm above ``factor`` x the median so
+far enters as that median, so a blow-up moves nothing; the fixed ``cap`` clips the step but never what is learned:
+a model whose healthy norms are 50 is capped for the warm-up only, and its statistics start at 50) and gives
 
 - the fallback threshold ``min(factor * median, cap)``, ``cap`` (inf by default) before any finite norm: a median,
   not a mean, so one spike among them moves nothing (with two values the lower one counts);
@@ -100,12 +101,15 @@ class WarmupReference:
             return (~torch.isnan(self._buffer)).sum()
         return len(self._host)
 
-    def threshold(self) -> float | Tensor:
-        """``min(factor * median, cap)``, or ``cap`` while no finite value was seen."""
+    def threshold(self, capped: bool = True) -> float | Tensor:
+        """``min(factor * median, cap)``, or ``cap`` while no finite value was seen; with ``capped=False``,
+        ``factor * median`` (inf while no finite value was seen): the reference's own bound, which decides what the
+        reference learns from whatever the cap clips."""
+        cap = self.cap if capped else math.inf
         med = self.median()
         if isinstance(med, Tensor):
-            return torch.where(torch.isnan(med), self.cap, fallback_threshold(med, self.factor, self.cap))
-        return self.cap if math.isnan(med) else fallback_threshold(med, self.factor, self.cap)
+            return torch.where(torch.isnan(med), cap, fallback_threshold(med, self.factor, cap))
+        return cap if math.isnan(med) else fallback_threshold(med, self.factor, cap)
 
     def robust_start(self) -> tuple[Any, Any, Any]:
         """``(median, variance, count)`` to start running statistics from: variance = ``(MAD_TO_STD * MAD) ** 2``.

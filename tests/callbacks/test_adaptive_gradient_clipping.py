@@ -84,22 +84,26 @@ def fit(tmp_path, clipper, model=None, max_steps=20, before=(), after=(), **kw):
     return trainer, rec.rows
 
 
-def zscore_reference(norms, z=2.5, decay=0.97, warmup=10, factor=10.0, cap=math.inf):
+def zscore_reference(norms, z=2.5, decay=0.97, warmup=10, factor=10.0, cap=1.0):
     """Thresholds of the zscore method, recomputed from the pre-clip norms with plain Python floats (the records
     hold float32 norms, the clipper decides on float64 ones: compare at rel=1e-6).
 
-    Warm-up: ``min(factor * lower median, cap)`` of the norms so far (a clipped one counted as the median it was
-    measured against); then an EMA started from their median
-    and MAD, weight ``max(1 - decay, 1 / n)``, std floored at 5 % of the mean, at most 1 % above the last threshold.
+    Warm-up: threshold ``min(factor * lower median, cap)`` of the norms so far (``cap`` alone before any); what the
+    warm-up learns ignores the cap: a norm above ``factor * median`` is counted as that median, any other as itself,
+    and the growth limit follows ``factor * median``. Then an EMA started from their median and MAD, weight
+    ``max(1 - decay, 1 / n)``, std floored at 5 % of the mean, at most 1 % above the last threshold.
     """
     warm, out = [], []
     mean = var = 0.0
     n, limit = 0, math.inf
     size = max(1, warmup)
     for step, g in enumerate(norms):
+        med = ref = None
         if step < size:
             kept = sorted(warm)
-            thr = min(factor * kept[(len(kept) - 1) // 2], cap) if kept else cap
+            med = kept[(len(kept) - 1) // 2] if kept else None
+            ref = factor * med if med is not None else math.inf
+            thr = min(ref, cap)
         elif n == 0:
             thr = cap
         else:
@@ -108,9 +112,8 @@ def zscore_reference(norms, z=2.5, decay=0.97, warmup=10, factor=10.0, cap=math.
         out.append(thr)
         x = min(g, thr) if math.isfinite(g) else None
         if step < size:
-            if x is not None:  # a clipped warm-up step adds the current median, not the threshold
-                kept = sorted(warm)
-                warm.append(g if g <= thr else (kept[(len(kept) - 1) // 2] if kept else thr))
+            if x is not None:  # above factor x the median: the median is added, not the norm (nor any threshold)
+                warm.append(g if g <= ref else med)
             if step == size - 1 and warm:
                 kept = sorted(warm)
                 mean = kept[(len(kept) - 1) // 2]
@@ -121,8 +124,9 @@ def zscore_reference(norms, z=2.5, decay=0.97, warmup=10, factor=10.0, cap=math.
             a = max(1 - decay, 1 / n)
             diff = x - mean
             mean, var = mean + a * diff, (1 - a) * (var + a * diff * diff)
-        if math.isfinite(thr):
-            limit = thr
+        bound = ref if step < size else thr
+        if math.isfinite(bound):
+            limit = bound
     return out
 
 
@@ -149,7 +153,7 @@ def test_zscore_thresholds_match_reference_and_clip_to_threshold(tmp_path, zpath
     _, rows = fit(tmp_path, cb, seeded(lr=0.05), max_steps=30)
     norms = [r["norm"] for r in rows]
     ref = zscore_reference(norms, z=1.0, warmup=3)
-    assert rows[0]["threshold"] == math.inf  # nothing seen yet, no fallback_max_norm
+    assert rows[0]["threshold"] == 1.0  # nothing seen yet: the default fallback_max_norm guards the first step
     assert [r["threshold"] for r in rows] == pytest.approx(ref, rel=1e-6)
     assert any(r["clipped"] for r in rows[3:])
     for r in rows:
@@ -180,19 +184,22 @@ def test_percentile_thresholds_match_numpy(tmp_path, estimator):
     norms = [r["norm"] for r in rows]
     limit = math.inf
     for i, r in enumerate(rows):
+        bound = r["threshold"]
         if i == 0:
-            assert r["threshold"] == math.inf
-        elif i < 4:  # warm-up: 10 x the lower median of the norms seen (none of them clipped here)
-            assert not any(t["clipped"] for t in rows[:i])
+            assert r["threshold"] == 1.0  # the default fallback_max_norm
+            bound = math.inf
+        elif i < 4:  # warm-up: min(10 x the lower median of the norms seen, 1.0); the growth limit follows the former
+            assert all(t["norm"] <= 10 * min(norms[:k]) for k, t in enumerate(rows[:i]) if k)  # all learned as is
             kept = sorted(norms[:i])
-            assert r["threshold"] == pytest.approx(10 * kept[(i - 1) // 2], rel=1e-6)
+            bound = 10 * kept[(i - 1) // 2]
+            assert r["threshold"] == pytest.approx(min(bound, 1.0), rel=1e-6)
         elif estimator == "window":  # numpy's percentile of the window, risen at most 1 % over the last threshold
             expected = min(np.percentile(norms[max(0, i - 6) : i], 25.0), limit * 1.01)
             assert r["threshold"] == pytest.approx(expected, rel=1e-6)
         else:  # decayed histogram: same regime, within its bucket resolution and decay
             lo, hi = min(norms[:i]), max(norms[:i])
             assert lo / 1.16 <= r["threshold"] <= hi * 1.16
-        limit = r["threshold"] if math.isfinite(r["threshold"]) else limit
+        limit = bound if math.isfinite(bound) else limit
         assert r["post"] == pytest.approx(min(r["norm"], r["threshold"]), rel=1e-5)
 
 
@@ -522,8 +529,15 @@ def test_tensorboard_tags_read_back(tmp_path, zpath):
     _, rows = fit(tmp_path, cb, max_steps=12)
     tb = scalars(tmp_path)
     expected_steps = {0, 3, 6, 9}
-    for name in ("clip_threshold", "grad_norm_clipped"):
-        assert set(tb[f"gradguard/{name}"]) == expected_steps - ({0} if name == "clip_threshold" else set()), name
+    for name in ("clip_threshold", "grad_norm_clipped"):  # step 0's threshold: the default fallback_max_norm, 1.0
+        assert set(tb[f"gradguard/{name}"]) == expected_steps, name
+    assert tb["gradguard/clip_threshold"][0] == 1.0
+    # without a cap the first threshold is inf, and inf is never written
+    nocap = tmp_path / "nocap"
+    nocap.mkdir()
+    fit(nocap, AdaptiveGradientClipping("zscore", warmup_steps=2, fallback_max_norm=None, log_every_n_steps=3),
+        max_steps=4)  # fmt: skip
+    assert set(scalars(nocap)["gradguard/clip_threshold"]) == {3}
     for name in ("clip_fraction", "clipped_steps"):  # also at the end of the fit, for steps 10 and 11
         assert set(tb[f"gradguard/{name}"]) == expected_steps | {12}, name
     assert set(tb["gradguard/grad_norm_zscore"]) == {3, 6, 9}  # defined once the statistics exist

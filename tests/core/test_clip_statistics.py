@@ -69,7 +69,7 @@ def test_spike_at_step_zero_does_not_enter_as_itself(path):
     norms = noisy(80)
     norms[0] = 1e4
     norms[50] = 10.0  # a 10x spike later must still be clipped
-    thr, clipped, _ = feed(zscore(), norms)
+    thr, clipped, _ = feed(ZScoreClipper(fallback_max_norm=None), norms)
     assert thr[0] == math.inf  # nothing to compare with yet (no fallback_max_norm)
     assert thr[2] < 20  # from the second value on the lower median ignores the spike
     assert 1.0 < thr[20] < 2.0
@@ -80,11 +80,30 @@ def test_blow_up_inside_the_warm_up_does_not_lift_the_reference(path):
     """Adam at a far too high LR: norms 1e5-1e11 for most of the warm-up. Clipped warm-up steps count as the
     median they were measured against, so the reference stays at the healthy norm of step 0."""
     norms = np.concatenate([[6.0], np.logspace(11, 5, 8), [70.0], noisy(60) * 3.0])
-    thr, clipped, _ = feed(zscore(), norms)
+    thr, clipped, _ = feed(ZScoreClipper(fallback_max_norm=None), norms)
     assert clipped[1:9].all()
     assert np.allclose(thr[1:10], 60.0)  # 10 x the step-0 norm throughout the warm-up
     assert thr[10] < 10.0  # the statistics start near the healthy norm (std from the MAD, floored at 5 %)
     assert thr[11:].max() < 20.0
+
+
+@pytest.mark.parametrize("scale", [0.3, 50.0])
+def test_default_cap_clips_the_warm_up_but_never_what_it_learns(path, scale):
+    """The default fallback_max_norm (1.0) cuts every warm-up step of a model whose healthy norms are 50, but the
+    statistics learn the norms as measured: from the first step after the warm-up the threshold follows the run's own
+    scale, exactly as without a cap. Below the cap nothing changes at all."""
+    norms = noisy(60) * scale
+    capped_thr, capped_clip, post = feed(ZScoreClipper(), norms)
+    free_thr, free_clip, _ = feed(ZScoreClipper(fallback_max_norm=None), norms)
+    if scale > 1.0:
+        assert capped_clip[:10].all()
+        assert np.allclose(capped_thr[:10], 1.0)
+        assert np.allclose(post[:10], 1.0, rtol=1e-4)
+    else:
+        assert not capped_clip[:10].any()
+    np.testing.assert_allclose(capped_thr[10:], free_thr[10:], rtol=1e-12)  # the same statistics afterwards
+    assert np.array_equal(capped_clip[10:], free_clip[10:])
+    assert 0.8 * scale < capped_thr[10] < 2.0 * scale
 
 
 def test_fallback_max_norm_caps_the_first_step(path):
