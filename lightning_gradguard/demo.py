@@ -67,13 +67,13 @@ DEMOS: dict[str, DemoSettings] = {
         higher_is_better=False,
         baseline=1.0 / 6.0,
         learned_bar=1.0 / 24.0,
-        clipping={"method": "zscore", "fallback_max_norm": 1.0},
+        clipping={},
         guard={"lr_factor": 0.05},
         describe="1-layer LSTM (32 units) on the adding problem, sequence length 30, Adam lr 3.0",
     ),
     # SGD (momentum 0.9) at lr 0.05: without clipping one early gradient spike (100-160x the run's median norm) kills
-    # the ReLUs and the net stays at chance on seeds 0-2; default_callbacks() with the warm-up fallback capped at 1.0
-    # (the spike comes before the clipper has statistics) caps that step, and the net learns (test acc 0.79-0.89
+    # the ReLUs and the net stays at chance on seeds 0-2; default_callbacks(), whose warm-up threshold is capped at 1.0
+    # (the spike comes before the clipper has statistics), caps that step, and the net learns (test acc 0.79-0.89
     # at 600 steps on seeds 0-2, measured while choosing these settings; make demo-check re-checks them).
     "cnn": DemoSettings(
         model={"depth": 20, "channels": 16, "lr": 0.05, "optimizer": "sgd", "init": "he"},
@@ -84,7 +84,7 @@ DEMOS: dict[str, DemoSettings] = {
         higher_is_better=True,
         baseline=0.1,
         learned_bar=0.5,
-        clipping={"method": "zscore", "fallback_max_norm": 1.0},
+        clipping={},
         guard={},
         describe="plain CNN, 20 conv layers (16 channels, He init, no batch norm or shortcuts) on digits, SGD lr 0.05",
     ),
