@@ -58,7 +58,7 @@ from lightning.pytorch.utilities import grad_norm  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_gradguard.core.grad_stats import compute_grad_stats  # noqa: E402
+from lightning_gradguard.core.measure._grad_stats import compute_grad_stats  # noqa: E402
 
 CLIP_METHODS = ("zscore", "percentile", "agc", "norm", "value", "per_parameter")
 TARGET_CLIP_RATIO = 1.15
@@ -360,7 +360,7 @@ def measure_micro(args: argparse.Namespace) -> dict[str, Any]:
             skipped: dict[str, str] = {}
             snapshot_bytes = 0
             try:
-                from lightning_gradguard.core.snapshot import take_snapshot
+                from lightning_gradguard.core.recover._snapshot import take_snapshot
 
                 snap = take_snapshot(module, trainer.optimizers, [], step=0)
                 snapshot_bytes = snap.nbytes() if callable(snap.nbytes) else int(snap.nbytes)

@@ -153,7 +153,7 @@ def _halt_report(path: Path) -> str | None:
     for name in HALT_REPORTS:
         found = path / name
         if found.is_file():
-            from lightning_gradguard.core.divergence_report import DivergenceReport
+            from lightning_gradguard.core.recover._report import DivergenceReport
 
             try:
                 return DivergenceReport.load(found).to_text().rstrip()

@@ -19,10 +19,10 @@ from lightning_gradguard.callbacks.step_context import (
     step_record,
 )
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
-from lightning_gradguard.core.arg_checks import check_bool, check_int
-from lightning_gradguard.core.clip_options import MAX_NORM_TYPE, MAX_WARMUP, MAX_WINDOW
-from lightning_gradguard.core.clippers import CLIPPERS, Clipper, ClipRecord, check_clip_options, make_clipper
-from lightning_gradguard.core.grad_stats import GradStats, norms_of
+from lightning_gradguard.core._arg_checks import check_bool, check_int
+from lightning_gradguard.core.clip._options import MAX_NORM_TYPE, MAX_WARMUP, MAX_WINDOW
+from lightning_gradguard.core.clip._registry import CLIPPERS, Clipper, ClipRecord, check_clip_options, make_clipper
+from lightning_gradguard.core.measure._grad_stats import GradStats, norms_of
 
 __all__ = ["MAX_NORM_TYPE", "MAX_WARMUP", "MAX_WINDOW", "METHODS", "AdaptiveGradientClipping", "ClipRecord"]
 
@@ -59,8 +59,8 @@ class AdaptiveGradientClipping(Callback):
 
     Acts in ``on_before_optimizer_step``: once per real optimizer step (after accumulation, AMP unscaling and the
     DDP all-reduce, before the update), per optimizer, each with its own clipper from
-    :mod:`lightning_gradguard.core.clippers` (the rules live there, and so do the option checks:
-    :func:`~lightning_gradguard.core.clippers.make_clipper`; this class wires hooks and logs). Norms come from the
+    :mod:`lightning_gradguard.core.clip._registry` (the rules live there, and so do the option checks:
+    :func:`~lightning_gradguard.core.clip.make_clipper`; this class wires hooks and logs). Norms come from the
     shared per-step measurement, so nothing is measured twice.
 
     Methods: ``"zscore"`` (ZClip, arXiv 2504.02507: mean + z x std of an EMA of past norms), ``"percentile"``

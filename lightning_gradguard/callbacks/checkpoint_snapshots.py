@@ -5,7 +5,7 @@ that look like this run's by name. So a file counts only when (a) the guard saw 
 ``ModelCheckpoint`` callbacks report it during this fit (noted once per step; no directory scan) and (b) the guard's
 state saved inside it carries this fit's run identity (a random id made at ``setup``), or it is the file the fit
 resumed from. A verified file must also have survived ``confirm_steps`` healthy steps and hold finite weights; it is
-then turned into a :class:`~lightning_gradguard.core.snapshot.Snapshot` and restored by the same code as an
+then turned into a :class:`~lightning_gradguard.core.recover._snapshot.Snapshot` and restored by the same code as an
 in-memory one.
 """
 
@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_gradguard.core.snapshot import Snapshot, nonfinite_entries
+from lightning_gradguard.core.recover._snapshot import Snapshot, nonfinite_entries
 
 __all__ = ["CheckpointSnapshots", "check_checkpointing", "guard_state_in"]
 

@@ -10,8 +10,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning_gradguard.callbacks.adaptive_gradient_clipping import METHODS, AdaptiveGradientClipping
 from lightning_gradguard.callbacks.gradient_norm_monitor import GradientNormMonitor
 from lightning_gradguard.callbacks.nan_guard import NaNGuard
-from lightning_gradguard.core.arg_checks import check_bool, check_choice, prefix
-from lightning_gradguard.core.guard_policy import POLICIES
+from lightning_gradguard.core._arg_checks import check_bool, check_choice, prefix
+from lightning_gradguard.core.guard._policy import POLICIES
 
 __all__ = ["default_callbacks"]
 

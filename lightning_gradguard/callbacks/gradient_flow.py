@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_gradguard.core.grad_stats import norms_of
+from lightning_gradguard.core.measure._grad_stats import norms_of
 
 __all__ = ["MATPLOTLIB_HINT", "layer_abs_stats", "render_gradient_flow"]
 

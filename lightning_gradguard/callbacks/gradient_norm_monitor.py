@@ -23,10 +23,10 @@ from lightning_gradguard.callbacks.step_context import (
 )
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
 from lightning_gradguard.callbacks.tensorboard_layout import custom_scalars_layout
-from lightning_gradguard.core.arg_checks import check_bool, check_int, check_number, check_positive
-from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats
-from lightning_gradguard.core.interval_stats import IntervalAggregate
-from lightning_gradguard.core.layer_health import ExplodingDetector, LayerHealthChanges, VanishingDetector
+from lightning_gradguard.core._arg_checks import check_bool, check_int, check_number, check_positive
+from lightning_gradguard.core.measure._grad_stats import GradStats, compute_grad_stats
+from lightning_gradguard.core.measure._interval_stats import IntervalAggregate
+from lightning_gradguard.core.measure._layer_health import ExplodingDetector, LayerHealthChanges, VanishingDetector
 
 __all__ = ["EVENTS_TAG", "GradientNormMonitor", "custom_scalars_layout"]
 
@@ -53,7 +53,7 @@ class GradientNormMonitor(Callback):
     Layers are the modules that own parameters (``net.0.weight`` + ``net.0.bias`` = ``net.0``), in optimizer order.
     **Vanishing**: update ratio (grad norm / weight norm) below ``vanishing_threshold`` for ``vanishing_patience``
     consecutive logs. **Exploding**: norm above ``exploding_factor`` x the layer's running geometric mean, after
-    ``exploding_warmup`` logs (:mod:`lightning_gradguard.core.layer_health`). A layer's first flag is a warning; every
+    ``exploding_warmup`` logs (``core/measure/_layer_health.py``). A layer's first flag is a warning; every
     change goes to the text tag ``gradguard/layer_health_events`` and :attr:`events`.
 
     Tags (``_opt<i>`` appended for optimizers after the first): scalars ``grad_norm``, ``grad_norm_max``,

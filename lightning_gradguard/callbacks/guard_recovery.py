@@ -1,7 +1,7 @@
 """NaNGuard's outcomes: take and trust snapshots, handle a fault (diagnose, decide, skip/roll back/halt), cut the LR.
 
 A mixin of :class:`~lightning_gradguard.callbacks.guard_steps.GuardSteps` (which gathers each step's health): the
-decisions come from ``core/`` (:class:`~lightning_gradguard.core.guard_policy.GuardPolicy`); this module applies
+decisions come from ``core/`` (:class:`~lightning_gradguard.core.guard.GuardPolicy`); this module applies
 them to the Trainer's model, optimizers, schedulers and precision plugin, and writes the event and the halt report.
 """
 
@@ -15,9 +15,10 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_gradguard.callbacks.step_context import context_for
-from lightning_gradguard.core.fault_trace import first_nonfinite_module, nonfinite_in
-from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
-from lightning_gradguard.core.recovery_rules import (
+from lightning_gradguard.core.guard._policy import GuardAction, GuardEvent, StepHealth
+from lightning_gradguard.core.guard._step_judge import StepJudge, any_rank
+from lightning_gradguard.core.recover._fault_trace import first_nonfinite_module, nonfinite_in
+from lightning_gradguard.core.recover._rules import (
     StartState,
     halt_reason,
     halt_report,
@@ -25,7 +26,7 @@ from lightning_gradguard.core.recovery_rules import (
     snapshot_failure_message,
     stability_cut,
 )
-from lightning_gradguard.core.snapshot import (
+from lightning_gradguard.core.recover._snapshot import (
     BufferCopy,
     Snapshot,
     SnapshotStore,
@@ -33,7 +34,6 @@ from lightning_gradguard.core.snapshot import (
     nonfinite_weights_and_buffers,
     take_snapshot,
 )
-from lightning_gradguard.core.step_judge import StepJudge, any_rank
 from lightning_gradguard.errors import DivergenceError
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ _NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "no
 
 class StrategyReducer:
     """The cross-rank maximum through ``trainer.strategy``: the
-    :class:`~lightning_gradguard.core.step_judge.RankReducer` the Trainer guard gives its step judge."""
+    :class:`~lightning_gradguard.core.guard._step_judge.RankReducer` the Trainer guard gives its step judge."""
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer

@@ -1,8 +1,8 @@
 """NaNGuard's per-step work: gather one step's health (one host read, one cross-rank reduce), carry out the policy.
 
-The decisions themselves live in ``core/``: :class:`~lightning_gradguard.core.step_judge.StepJudge` (the step's
+The decisions themselves live in ``core/``: :class:`~lightning_gradguard.core.guard._step_judge.StepJudge` (the step's
 health: non-finite values, finite divergence, loss spikes, AMP scale collapse, LR too high; the same object the
-plain-loop ``GradGuard`` uses), :class:`~lightning_gradguard.core.guard_policy.GuardPolicy` (what to do), the
+plain-loop ``GradGuard`` uses), :class:`~lightning_gradguard.core.guard.GuardPolicy` (what to do), the
 snapshot store and sources. This module turns Lightning hooks into their inputs and applies their answers to the
 Trainer's objects.
 
@@ -27,10 +27,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_gradguard.callbacks.guard_recovery import GuardRecovery, StrategyReducer
 from lightning_gradguard.callbacks.log_writer import announce, log_scalars, log_text, tag
 from lightning_gradguard.callbacks.step_context import grad_stats_for, log_due, step_record
-from lightning_gradguard.core.guard_policy import StepHealth
-from lightning_gradguard.core.recovery_rules import START_KEEP_WINDOWS, StartState
-from lightning_gradguard.core.snapshot import BufferCopy, SnapshotStore
-from lightning_gradguard.core.step_judge import StepJudge
+from lightning_gradguard.core.guard._policy import StepHealth
+from lightning_gradguard.core.guard._step_judge import StepJudge
+from lightning_gradguard.core.recover._rules import START_KEEP_WINDOWS, StartState
+from lightning_gradguard.core.recover._snapshot import BufferCopy, SnapshotStore
 
 if TYPE_CHECKING:
     from lightning_gradguard.callbacks.nan_guard import NaNGuard

@@ -1,6 +1,6 @@
 """What the monitor keeps from one logging step's raw gradients, taken before any callback clips them.
 
-The shared measurement (:class:`~lightning_gradguard.core.grad_stats.GradStats`) holds the live ``.grad`` tensors; a
+The shared measurement (:class:`~lightning_gradguard.core.measure.GradStats`) holds the live ``.grad`` tensors; a
 clipper listed before the monitor scales them in place in the same hook. Norms derived from the per-parameter norms
 are pre-clip whenever they are read (those norms were taken at measurement time), but anything read from the
 gradient values themselves (the gradient-flow bars, value histograms) must be taken at measurement time. The
@@ -17,8 +17,8 @@ from torch import Tensor
 
 from lightning_gradguard.callbacks.gradient_flow import layer_abs_stats, render_gradient_flow
 from lightning_gradguard.callbacks.log_writer import tag
-from lightning_gradguard.core.grad_stats import GradStats
-from lightning_gradguard.core.sharded import is_sharded
+from lightning_gradguard.core.measure._grad_stats import GradStats
+from lightning_gradguard.core.measure._sharded import is_sharded
 
 __all__ = ["LogCapture", "capture_for_log", "write_views"]
 

@@ -10,8 +10,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_gradguard.callbacks.log_writer import log_text
 from lightning_gradguard.callbacks.monitor_capture import LogCapture
-from lightning_gradguard.core.interval_stats import IntervalAggregate
-from lightning_gradguard.core.layer_health import ExplodingDetector, LayerHealthChanges, VanishingDetector
+from lightning_gradguard.core.measure._interval_stats import IntervalAggregate
+from lightning_gradguard.core.measure._layer_health import ExplodingDetector, LayerHealthChanges, VanishingDetector
 
 __all__ = ["EVENTS_TAG", "MAX_EVENTS", "MonitorState", "report_layer_health"]
 

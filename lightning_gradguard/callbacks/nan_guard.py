@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,26 +16,15 @@ from lightning_gradguard.callbacks import checkpoint_snapshots as ckpts
 from lightning_gradguard.callbacks.guard_steps import GuardSteps
 from lightning_gradguard.callbacks.log_writer import ProgressBarValues
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
-from lightning_gradguard.core.arg_checks import check_bool, check_choice, check_int, check_number
-from lightning_gradguard.core.guard_policy import POLICIES, GuardCause, GuardPolicy
-from lightning_gradguard.core.lr_scaling import is_known_scheduler
+from lightning_gradguard.core._arg_checks import check_bool, check_choice, check_int, check_number
+from lightning_gradguard.core.guard._policy import POLICIES, GuardCause, GuardDecision, GuardPolicy
+from lightning_gradguard.core.recover._lr_scaling import is_known_scheduler
 from lightning_gradguard.errors import DivergenceError
 
 __all__ = ["GuardCause", "GuardDecision", "NaNGuard"]
 
 log = logging.getLogger(__name__)
 _OWNER = "NaNGuard"
-
-
-class GuardDecision(Enum):
-    """What the guard did at the last optimizer step (``NaNGuard.reason``)."""
-
-    HEALTHY = "healthy"
-    AMP_OVERFLOW = "amp_overflow"  # the GradScaler skipped an overflow step; not a divergence
-    SKIPPED = "skipped"
-    ROLLED_BACK = "rolled_back"
-    LOWERED_LR = "lowered_lr"
-    HALTED = "halted"
 
 
 class NaNGuard(Callback):
@@ -47,7 +35,7 @@ class NaNGuard(Callback):
     healthy range by orders of magnitude, ``divergence=True``), an optional loss z-score spike, an AMP loss scale
     below ``amp_scale_floor``. Non-finite *weights* show in the next step's loss and gradients; they are named on
     the fault path, checked before every snapshot is trusted, and at the end of the fit (no per-step pass over the
-    weights). **Stability** (``stability=True``, ``core/stability.py``): a model worse than untrained (or killed at
+    weights). **Stability** (``stability=True``, ``core/guard/_stability``): a model worse than untrained (or killed at
     the start) restarts from the untrained state with a lower LR; a climbing loss, a rising gradient norm or
     sustained clipping without progress lower the LR; each with an event saying why.
 

@@ -19,8 +19,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
-from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats
-from lightning_gradguard.core.step_cache import StepStatsCache
+from lightning_gradguard.core.measure._grad_stats import GradStats, compute_grad_stats
+from lightning_gradguard.core.measure._step_cache import StepStatsCache
 
 __all__ = [
     "StepRecord",

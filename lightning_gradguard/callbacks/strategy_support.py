@@ -6,7 +6,7 @@ Supported and tested (2-process CPU runs in ``tests/compat``):
   gradients at ``on_before_optimizer_step``;
 - ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``) and/or tensor parallelism: gradients
   and weights are ``DTensor``s; the statistics are measured on each rank's shard and combined with one all-reduce
-  (:mod:`lightning_gradguard.core.sharded`), so every rank sees the global norms.
+  (:mod:`lightning_gradguard.core.measure._sharded`), so every rank sees the global norms.
 
 Refused, each with its own reason: Lightning's FSDP1 ``FSDPStrategy`` (flat sharded parameters; needs CUDA, so it
 cannot be tested on a CPU machine), DeepSpeed (its engine owns clipping, loss scaling and the step) and XLA.

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gradguard.core.step_judge import any_rank
+from lightning_gradguard.core.guard._step_judge import any_rank
 
 __all__ = ["MaxReducer", "rank_and_world"]
 

@@ -1,8 +1,8 @@
 """GradGuard: gradguard's clipping and NaN/divergence recovery for a plain PyTorch (or Fabric) training loop.
 
 The same core objects as the Lightning callbacks make every decision: the clipper of
-:mod:`lightning_gradguard.core.clippers` (one per optimizer), the guard policy of
-:mod:`lightning_gradguard.core.guard_policy`, the finite-divergence and stability detectors, the snapshot store and
+:mod:`lightning_gradguard.core.clip._registry` (one per optimizer), the guard policy of
+:mod:`lightning_gradguard.core.guard._policy`, the finite-divergence and stability detectors, the snapshot store and
 the scheduler-safe LR scaling. This module only measures, wires those objects to a loop's model, optimizers,
 schedulers and GradScaler, agrees across ranks, and logs. On the same gradient stream it takes the same decisions as
 ``AdaptiveGradientClipping`` + ``NaNGuard`` in a Trainer (``tests/plain/test_same_decisions.py`` checks it).
@@ -18,12 +18,12 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.core.arg_checks import check_bool, check_choice, check_int, check_number
-from lightning_gradguard.core.clippers import CLIPPERS, Clipper, ClipRecord, check_clip_options, make_clipper
-from lightning_gradguard.core.grad_stats import GradStats, compute_grad_stats
-from lightning_gradguard.core.guard_policy import POLICIES, GuardEvent, GuardPolicy
-from lightning_gradguard.core.snapshot import BufferCopy, SnapshotStore
-from lightning_gradguard.core.step_judge import StepJudge, Verdict
+from lightning_gradguard.core._arg_checks import check_bool, check_choice, check_int, check_number
+from lightning_gradguard.core.clip._registry import CLIPPERS, Clipper, ClipRecord, check_clip_options, make_clipper
+from lightning_gradguard.core.guard._policy import POLICIES, GuardEvent, GuardPolicy
+from lightning_gradguard.core.guard._step_judge import StepJudge, Verdict
+from lightning_gradguard.core.measure._grad_stats import GradStats, compute_grad_stats
+from lightning_gradguard.core.recover._snapshot import BufferCopy, SnapshotStore
 from lightning_gradguard.plain.distributed import MaxReducer, Reduce, rank_and_world
 from lightning_gradguard.plain.recovery import Recovery
 from lightning_gradguard.plain.summary_log import SummaryLog
@@ -84,7 +84,7 @@ class GradGuard:
     ``optimizer.step()`` called anyway changes nothing (a true skip: Adam moments and step counts stay as they were).
     :meth:`after_step` carries out the policy's decision: a rollback restores model, optimizers, schedulers and
     GradScaler bit for bit from the newest trusted snapshot and multiplies the LR by ``lr_factor`` wherever a
-    scheduler keeps it (:func:`~lightning_gradguard.core.lr_scaling.scale_lr`); a halt raises
+    scheduler keeps it (:func:`~lightning_gradguard.core.recover._lr_scaling.scale_lr`); a halt raises
     :class:`~lightning_gradguard.DivergenceError`.
 
     With a ``torch.amp.GradScaler`` pass it as ``scaler``: :meth:`before_step` unscales the gradients first (so
@@ -103,15 +103,15 @@ class GradGuard:
         optimizers: one optimizer or a list (Fabric/Lightning wrappers are unwrapped).
         schedulers: LR schedulers to restore and rescale with the optimizers.
         scaler: a ``torch.amp.GradScaler`` (or None).
-        clipping: a method name of :data:`~lightning_gradguard.core.clippers.CLIPPERS` (``"zscore"``,
+        clipping: a method name of :data:`~lightning_gradguard.core.clip.CLIPPERS` (``"zscore"``,
             ``"percentile"``, ``"agc"``, ``"norm"``, ``"value"``, ``"per_parameter"``), a configured core clipper
             (e.g. ``ZScoreClipper(z_threshold=3.0)``; copied for each optimizer), or None for none.
         clipping_options: the method's options by name, as ``AdaptiveGradientClipping`` takes them (e.g.
             ``{"z_threshold": 3.0, "warmup_steps": 20}``); checked by
-            :func:`~lightning_gradguard.core.clippers.make_clipper`, so a bad one raises the callback's message (with
+            :func:`~lightning_gradguard.core.clip.make_clipper`, so a bad one raises the callback's message (with
             ``GradGuard`` named). Only with a method name.
         action: the guard policy: ``"auto"``, ``"rollback"``, ``"skip"`` or ``"halt"`` (see
-            :class:`~lightning_gradguard.core.guard_policy.GuardPolicy`).
+            :class:`~lightning_gradguard.core.guard.GuardPolicy`).
         lr_factor: LR multiplier per rollback or stability cut, in (0, 1].
         max_consecutive_skips, escalate_to, max_rollbacks: as for ``NaNGuard``.
         snapshot_every_n_steps: healthy steps between in-memory snapshots (>= 1).
@@ -259,7 +259,7 @@ class GradGuard:
         self.lr_scale = 1.0
         #: every event as a plain dict (``GuardEvent.to_dict``), oldest first.
         self.events: list[dict[str, Any]] = []
-        #: the latest :class:`~lightning_gradguard.core.clippers.ClipRecord` of each optimizer index.
+        #: the latest :class:`~lightning_gradguard.core.clip.ClipRecord` of each optimizer index.
         self.last: dict[int, ClipRecord] = {}
         #: the action taken at the last step (``"healthy"``, ``"amp_overflow"``, ``"skip"``, ``"rollback"``, ...).
         self.last_action = "healthy"

@@ -2,7 +2,7 @@
 
 The decisions come from the core objects the guard holds (``GuardPolicy.decide``, the snapshot store's trust rule,
 ``core.recovery_rules``); this module applies them to the loop's model, optimizers, schedulers and GradScaler,
-and records each event as a :class:`~lightning_gradguard.core.guard_policy.GuardEvent`.
+and records each event as a :class:`~lightning_gradguard.core.guard.GuardEvent`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from lightning_gradguard.core.guard_policy import GuardAction, GuardEvent, StepHealth
-from lightning_gradguard.core.recovery_rules import (
+from lightning_gradguard.core.guard._policy import GuardAction, GuardEvent, StepHealth
+from lightning_gradguard.core.recover._rules import (
     START_KEEP_WINDOWS,
     StartState,
     halt_reason,
@@ -20,7 +20,7 @@ from lightning_gradguard.core.recovery_rules import (
     snapshot_failure_message,
     stability_cut,
 )
-from lightning_gradguard.core.snapshot import nonfinite_entries, nonfinite_weights_and_buffers, take_snapshot
+from lightning_gradguard.core.recover._snapshot import nonfinite_entries, nonfinite_weights_and_buffers, take_snapshot
 from lightning_gradguard.errors import DivergenceError
 
 if TYPE_CHECKING:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_gradguard.core.grad_stats import norms_of
-from lightning_gradguard.core.guard_policy import GuardEvent
+from lightning_gradguard.core.guard._policy import GuardEvent
+from lightning_gradguard.core.measure._grad_stats import norms_of
 
 if TYPE_CHECKING:
     from lightning_gradguard.plain.grad_guard import GradGuard

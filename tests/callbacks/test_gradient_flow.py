@@ -12,7 +12,7 @@ import torch
 
 from lightning_gradguard.callbacks import gradient_flow
 from lightning_gradguard.callbacks.gradient_flow import layer_abs_stats, render_gradient_flow
-from lightning_gradguard.core.grad_stats import compute_grad_stats
+from lightning_gradguard.core.measure._grad_stats import compute_grad_stats
 
 
 def test_layer_abs_stats_match_reference():

@@ -630,8 +630,8 @@ def test_norm_aggregates_are_written_at_a_dropped_step_and_when_the_fit_fails(tm
 def test_interval_scalars_are_the_same_on_the_cpu_fast_paths_and_the_tensor_paths(tmp_path, monkeypatch):
     """The monitor folds the CPU fast path's host float32 total into its interval; the accelerators' way (tensors
     throughout) must log exactly the same values."""
-    from lightning_gradguard.core.grad_stats import GradStats
-    from lightning_gradguard.core.interval_stats import IntervalAggregate
+    from lightning_gradguard.core.measure._grad_stats import GradStats
+    from lightning_gradguard.core.measure._interval_stats import IntervalAggregate
 
     logged = []
     for fast in (True, False):

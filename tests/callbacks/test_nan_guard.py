@@ -15,8 +15,8 @@ from torch.optim import lr_scheduler as lrs
 
 from lightning_gradguard import DivergenceError, NaNGuard
 from lightning_gradguard.callbacks.nan_guard import GuardDecision
-from lightning_gradguard.core.divergence_report import DivergenceReport
-from lightning_gradguard.core.snapshot import clone_state
+from lightning_gradguard.core.recover._report import DivergenceReport
+from lightning_gradguard.core.recover._snapshot import clone_state
 from tests.models import TinyRegression, loader, make_trainer
 
 

@@ -17,7 +17,7 @@ from torch.optim import lr_scheduler as lrs
 
 from lightning_gradguard import NaNGuard
 from lightning_gradguard.callbacks.nan_guard import GuardCause, GuardDecision
-from lightning_gradguard.core.snapshot import clone_state
+from lightning_gradguard.core.recover._snapshot import clone_state
 from tests.models import TinyRegression, make_trainer
 
 LR = 0.01

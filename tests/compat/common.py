@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard
-from lightning_gradguard.core.snapshot import clone_state
+from lightning_gradguard.core.recover._snapshot import clone_state
 from tests.models import TinyRegression, loader
 
 SIZE_GUIDANCE = {"histograms": 0, "scalars": 0, "images": 0, "tensors": 0}

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard  # noqa: E402
 from lightning_gradguard.callbacks.step_context import grad_stats_for  # noqa: E402
-from lightning_gradguard.core.sharded import unit_norms  # noqa: E402
+from lightning_gradguard.core.measure._sharded import unit_norms  # noqa: E402
 from tests.compat.common import build_all, split  # noqa: E402
 from tests.compat.fsdp_models import ShardedRegression, sharded_trainer  # noqa: E402
 from tests.compat.fsdp_resume_script import main as resume_main  # noqa: E402

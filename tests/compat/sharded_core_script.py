@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_gradguard.core.grad_stats import compute_grad_stats, norms_of  # noqa: E402
-from lightning_gradguard.core.sharded import unit_norms  # noqa: E402
+from lightning_gradguard.core.measure._grad_stats import compute_grad_stats, norms_of  # noqa: E402
+from lightning_gradguard.core.measure._sharded import unit_norms  # noqa: E402
 
 
 def full_tensors() -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lightning_gradguard.core.arg_checks import (
+from lightning_gradguard.core._arg_checks import (
     check_bool,
     check_choice,
     check_int,
@@ -101,7 +101,7 @@ def test_type_errors_name_the_owner_class(call):
 
 
 def test_norm_type_and_patterns():
-    from lightning_gradguard.core.arg_checks import check_norm_type, check_patterns
+    from lightning_gradguard.core._arg_checks import check_norm_type, check_patterns
 
     assert check_norm_type("p", 0.5) == 0.5
     assert check_norm_type("p", math.inf, low=1.0, high=100.0) == math.inf

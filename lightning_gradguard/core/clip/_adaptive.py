@@ -1,0 +1,323 @@
+"""The adaptive clippers: thresholds learned from the run's own gradient norms (z-score and percentile).
+
+Both share the warm-up (:class:`~lightning_gradguard.core.clip._warmup.WarmupReference`), the growth limit of the
+threshold (:func:`~lightning_gradguard.core.clip._thresholds.limit_growth`) and the deferred commit: a step is learned
+from only at :meth:`~lightning_gradguard.core.clip.Clipper.commit`, once it is known whether the step was
+dropped. NaN/inf norms are never clipped and never learned from.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.core.clip._base import Clipper, ClipRecord, Number
+from lightning_gradguard.core.clip._ops import clip_by_global_norm_, clip_coefficient, foreach_mul_
+from lightning_gradguard.core.clip._options import check_clip_option as _opt
+from lightning_gradguard.core.clip._running_stats import DecayedHistogramQuantile, WindowQuantile
+from lightning_gradguard.core.clip._thresholds import ema_step, limit_growth, minimum, zscore_threshold
+from lightning_gradguard.core.clip._warmup import WarmupReference
+from lightning_gradguard.core.measure._grad_stats import GradStats
+
+__all__ = ["PercentileClipper", "ZScoreClipper"]
+
+
+class _AdaptiveClipper(Clipper):
+    """Shared by the z-score and percentile clippers: warm-up, growth limit, deferred commit."""
+
+    def __init__(self, warmup_steps: int, fallback_factor: float, fallback_max_norm: float | None) -> None:
+        o = type(self).__name__  # arguments are checked as everywhere (core/clip/_options.py), naming this class
+        warmup_steps = self.warmup_steps = _opt("warmup_steps", warmup_steps, o)
+        fallback_factor = self.fallback_factor = _opt("fallback_factor", fallback_factor, o)
+        fallback_max_norm = _opt("fallback_max_norm", fallback_max_norm, o)
+        self.cap = math.inf if fallback_max_norm is None else float(fallback_max_norm)
+        self.warm = WarmupReference(max(1, warmup_steps), fallback_factor, self.cap)
+        self.seen = 0  # committed steps (host counter: drives the warm-up phase)
+        self.limit: Number = math.inf  # threshold in force at the last committed step
+        self._pending: tuple[Number, Number] | None = None  # (norm, threshold) of the step awaiting its verdict
+
+    @property
+    def warming_up(self) -> bool:
+        return self.seen < self.warm.size
+
+    def commit(self, dropped: bool = False) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or dropped:
+            return
+        norm, threshold = pending
+        # a spike enters as the threshold, never as itself (ZClip); NaN/inf stay non-finite, to be left out
+        if isinstance(norm, Tensor):
+            capped: Number = torch.where(torch.isfinite(norm), minimum(norm, threshold), math.nan)
+        else:
+            capped = min(norm, float(threshold)) if math.isfinite(norm) else math.nan
+        if self.warming_up:
+            # the reference and the growth limit follow the uncapped warm-up threshold: the fixed cap
+            # (fallback_max_norm) clips the step, it must not drag the statistics down to itself
+            threshold = self.warm.threshold(capped=False)
+            self.warm.add(self._warm_entry(norm, threshold))
+        self._learn(norm, capped)
+        self.seen += 1
+        if isinstance(threshold, Tensor):
+            # the limit only follows finite thresholds (an infinite one means "nothing to go by yet")
+            self.limit = torch.where(torch.isfinite(threshold), threshold, self.limit)
+        elif math.isfinite(threshold):
+            self.limit = threshold
+
+    def _warm_entry(self, norm: Number, threshold: Number) -> Number:
+        """What a warm-up step adds to the reference: its norm, or the current median when the norm was above
+        ``threshold`` (the uncapped warm-up threshold). Not the threshold: at ``fallback_factor`` x the median, a run
+        of such steps would lift the median tenfold every few steps (a blow-up inside the warm-up would capture the
+        statistics)."""
+        med = self.warm.median()
+        if isinstance(norm, Tensor):
+            instead = torch.where(torch.isnan(torch.as_tensor(med, dtype=torch.float64)).to(norm.device),
+                                  threshold, med)  # fmt: skip
+            return torch.where(torch.isfinite(norm), torch.where(norm <= threshold, norm, instead), math.nan)
+        if not math.isfinite(norm):
+            return math.nan
+        if norm <= threshold:
+            return norm
+        return float(threshold) if math.isnan(float(med)) else float(med)
+
+    def _learn(self, norm: Number, capped: Number) -> None:
+        raise NotImplementedError
+
+    def _base_state(self) -> dict[str, Any]:
+        limit = self.limit
+        return {
+            "method": self.method,
+            "seen": self.seen,
+            "limit": float(limit) if isinstance(limit, Tensor) else limit,
+            "warmup": self.warm.state_dict(),
+        }
+
+    def _load_base(self, state: dict[str, Any]) -> None:
+        self._pending = None
+        self.seen = int(state.get("seen", 0))
+        limit = float(state.get("limit", math.inf))
+        self.limit = limit if isinstance(self.limit, float) else torch.tensor(limit, dtype=torch.float64)
+        self.warm.load_state_dict(state.get("warmup", {}))
+
+
+class ZScoreClipper(_AdaptiveClipper):
+    """ZClip (Kumar et al. 2025, arXiv 2504.02507) with statistics a blow-up cannot capture.
+
+    - Warm-up (``warmup_steps`` committed steps, at least 1): threshold ``min(fallback_factor * median, cap)`` of the
+      norms so far (``cap`` = ``fallback_max_norm``, 1.0 by default as ZClip's ``max_grad_norm``, Kumar et al. 2025;
+      it clips the step only: the median learns from the norms as measured); then the EMA starts from their median
+      and MAD (a spike among them, at step 0 too, is left out).
+    - Afterwards: threshold ``mean + z_threshold * std`` of an EMA (weight ``max(1 - ema_decay, 1 / n)`` on the
+      newest value), std floored at 5 % of the mean, and at most 1 % above the previous step's threshold.
+    - A norm above the threshold is scaled to the threshold (``clip_to="threshold"``) or to the mean (``"mean"``)
+      and enters the statistics as the threshold.
+
+    On CPU gradients the rule runs on Python floats (no tensor dispatch: the whole decision costs a few microseconds);
+    on other devices on scalar tensors without host synchronisation. The arithmetic is the same functions of
+    :mod:`~lightning_gradguard.core.clip._thresholds` in both cases; set :attr:`host_fast_path` to False to force the
+    tensor path on the CPU (tests run their fits both ways).
+    """
+
+    method = "zscore"
+    options = ("z_threshold", "clip_to", "ema_decay", "warmup_steps", "fallback_factor", "fallback_max_norm")
+    #: use Python floats for CPU gradients (class-wide switch; tests flip it to exercise the tensor path).
+    host_fast_path: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        z_threshold: float = 2.5,
+        clip_to: str = "threshold",
+        ema_decay: float = 0.97,
+        warmup_steps: int = 10,
+        fallback_factor: float = 10.0,
+        fallback_max_norm: float | None = 1.0,
+        norm_type: float = 2.0,
+    ) -> None:
+        super().__init__(warmup_steps, fallback_factor, fallback_max_norm)
+        o = type(self).__name__
+        self.z_threshold = _opt("z_threshold", z_threshold, o)
+        self.to_mean = _opt("clip_to", clip_to, o) == "mean"
+        self.ema_decay = _opt("ema_decay", ema_decay, o)
+        self.norm_type = _opt("norm_type", norm_type, o)
+        self.mean: Number = 0.0
+        self.var: Number = 0.0
+        self.count: Number = 0  # finite values in the statistics
+
+    # ---------------------------------------------------------------- host/tensor representation
+
+    def _use_host(self, norm: Tensor) -> bool:
+        return self.host_fast_path and norm.is_cpu  # not .device: a torch.device object costs ~10 us cold
+
+    def _to_tensors(self, device: torch.device) -> None:
+        def t(v: Number) -> Tensor:
+            return v.to(device) if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
+
+        self.mean, self.var, self.count, self.limit = t(self.mean), t(self.var), t(self.count), t(self.limit)
+        self.warm.to_tensor(device)
+
+    # ---------------------------------------------------------------- the rule
+
+    def _threshold(self) -> tuple[Number, Number]:
+        """``(threshold, target)`` for the coming step."""
+        if self.warming_up:
+            thr = self.warm.threshold()
+            return thr, thr
+        thr = limit_growth(zscore_threshold(self.mean, self.var, self.z_threshold), self.limit)
+        target = minimum(self.mean, thr) if self.to_mean else thr
+        if isinstance(self.count, Tensor):
+            ready = self.count > 0
+            return torch.where(ready, thr, self.cap), torch.where(ready, target, self.cap)
+        return (thr, target) if self.count > 0 else (self.cap, self.cap)
+
+    def _learn(self, norm: Number, capped: Number) -> None:
+        if self.seen + 1 == self.warm.size:  # the last warm-up step: start from the robust reference
+            self.mean, self.var, self.count = self.warm.robust_start()
+            return
+        if self.warming_up:
+            return
+        if isinstance(capped, Tensor):
+            finite = torch.isfinite(capped)
+            count = self.count + finite.to(torch.float64)
+            rate = (1.0 / count.clamp_min(1.0)).clamp_min(1.0 - self.ema_decay)
+            mean, var = ema_step(self.mean, self.var, torch.where(finite, capped, 0.0), rate)
+            self.mean = torch.where(finite, mean, self.mean)
+            self.var = torch.where(finite, var, self.var)
+            self.count = count
+        elif math.isfinite(capped):
+            self.count = int(self.count) + 1
+            weight = max(1.0 / self.count, 1.0 - self.ema_decay)
+            self.mean, self.var = ema_step(float(self.mean), float(self.var), capped, weight)
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        norm = stats.total_norm64
+        if self._pending is not None:
+            self.commit()
+        warm = self.warming_up
+        mean, var = self.mean, self.var
+        if self._use_host(norm):
+            if isinstance(self.mean, Tensor):
+                self._from_tensors()
+                mean, var = self.mean, self.var
+            value = stats.total_norm64_host  # the value the measurement already read (CPU)
+            if value is None:
+                value = norm.item()
+            thr, target = self._threshold()
+            if math.isfinite(value) and value > thr:
+                coef: Number = min(1.0, float(target) / (value + 1e-6))
+                foreach_mul_(stats.local_grads, coef)
+                clipped: Tensor | bool = True
+            else:
+                coef, clipped = 1.0, False
+            self._pending = (value, thr)
+            host = stats.total_norm_host  # the float32 total as a Python float: no tensor op on the CPU
+            grad_norm = stats.total_norm if host is None else host
+            return ClipRecord(grad_norm, thr, clipped, coef, warm, stat_mean=mean, stat_var=var)
+        if not isinstance(self.mean, Tensor) or self.mean.device != norm.device:
+            self._to_tensors(norm.device)
+            mean, var = self.mean, self.var
+        thr, target = self._threshold()
+        over = torch.isfinite(norm) & (norm > thr)
+        coef = clip_coefficient(norm, torch.where(over, target, math.inf))
+        grads = stats.local_grads
+        if grads:
+            foreach_mul_(
+                grads, coef.to(torch.float64 if grads[0].dtype in (torch.float64, torch.complex128) else torch.float32)
+            )
+        self._pending = (norm, thr)
+        return ClipRecord(stats.total_norm, thr, coef < 1.0, coef, warm, stat_mean=mean, stat_var=var)
+
+    def _from_tensors(self) -> None:
+        self.mean, self.var = float(self.mean), float(self.var)
+        self.count, self.limit = int(self.count), float(self.limit)
+        values = self.warm.state_dict()
+        self.warm.reset()
+        self.warm.load_state_dict(values)
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self._base_state(),
+            "mean": float(self.mean),
+            "var": float(self.var),
+            "count": int(self.count),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        if state.get("method") != self.method:
+            return [f"{state.get('method')!r} clipping statistics"] if state.get("method") else []
+        on_tensors = isinstance(self.mean, Tensor)
+        device = self.mean.device if isinstance(self.mean, Tensor) else None
+        self._load_base(state)
+        self.limit = float(self.limit)
+        self.mean, self.var = float(state.get("mean", 0.0)), max(0.0, float(state.get("var", 0.0)))
+        self.count = int(state.get("count", 0))
+        if on_tensors and device is not None:
+            self._to_tensors(device)
+        return []
+
+
+class PercentileClipper(_AdaptiveClipper):
+    """AutoClip (Seetharaman et al. 2020): threshold = the ``percentile``-th percentile of the last ``window``
+    finite norms (exact ring buffer, or a decayed log-bucket histogram), at most 1 % above the previous step's
+    threshold; the same warm-up as :class:`ZScoreClipper`. The estimator keeps the unclipped norms (a percentile is
+    robust to outliers); the current norm is not part of its own threshold."""
+
+    method = "percentile"
+    options = ("percentile", "window", "percentile_estimator", "warmup_steps", "fallback_factor", "fallback_max_norm")
+
+    def __init__(
+        self,
+        percentile: float = 10.0,
+        window: int = 1000,
+        percentile_estimator: str = "window",
+        warmup_steps: int = 10,
+        fallback_factor: float = 10.0,
+        fallback_max_norm: float | None = 1.0,
+        norm_type: float = 2.0,
+    ) -> None:
+        super().__init__(warmup_steps, fallback_factor, fallback_max_norm)
+        o = type(self).__name__
+        q = _opt("percentile", percentile, o) / 100.0
+        window = _opt("window", window, o)
+        percentile_estimator = _opt("percentile_estimator", percentile_estimator, o)
+        self.estimator: WindowQuantile | DecayedHistogramQuantile = (
+            WindowQuantile(q=q, window=window)
+            if percentile_estimator == "window"
+            else DecayedHistogramQuantile(q=q, window=window)
+        )
+        self.norm_type = _opt("norm_type", norm_type, o)
+
+    def _learn(self, norm: Number, capped: Number) -> None:
+        self.estimator.update(norm)  # non-finite values are masked inside
+
+    def clip_(self, stats: GradStats) -> ClipRecord:
+        norm = stats.total_norm64
+        if self._pending is not None:
+            self.commit()
+        warm = self.warming_up
+        if warm:
+            thr = self.warm.threshold()
+            thr = torch.as_tensor(thr, dtype=torch.float64, device=norm.device)
+        else:
+            est = self.estimator
+            q = limit_growth(est.compute().to(norm.device), self.limit)
+            thr = torch.where(est.count.to(norm.device) > 0, q, self.cap)
+        coef, clipped = clip_by_global_norm_(stats.local_grads, norm, thr)
+        self._pending = (norm, thr)
+        return ClipRecord(stats.total_norm, thr, clipped, coef, warm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._base_state(), "estimator": self.estimator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        if state.get("method") != self.method:
+            return [f"{state.get('method')!r} clipping statistics"] if state.get("method") else []
+        self._load_base(state)
+        saved = state.get("estimator", {})
+        dropped = []
+        if saved and not self.estimator.load_state_dict(saved):
+            dropped.append("the percentile estimator's history (its window or kind changed)")
+        return dropped

@@ -1,0 +1,349 @@
+"""The guard's decision: given what one optimizer step looked like, skip it, roll back, halt, or go on.
+
+Everything here is plain data in, plain data out. :class:`StepHealth` says what was wrong with a step (the
+callback fills it from one host read and one cross-rank reduce); :meth:`GuardPolicy.decide` returns a
+:class:`Decision` (action, cause, readable reason) and keeps the little state the policy needs between steps
+(consecutive skips, rollbacks done, the step of the last fault); :class:`GuardEvent` is the record of what was done,
+kept by the callback and written to logs, TensorBoard and the halt report.
+
+The four policies (``action=``):
+
+- ``"auto"`` (the default): a fault that can be traced to the batch is skipped, with the model's buffers restored
+  and no LR cut. Traced to the batch means: the weights are finite and either the input batch held NaN/inf (bad data
+  never costs progress or LR, however often it comes) or the loss and gradient norm were in their healthy range in
+  the steps before the fault (:attr:`StepHealth.unsettled` is False). Everything else rolls back and lowers the LR:
+  a fault repeating within ``repeat_window`` steps after an unsettled stretch, more than ``max_consecutive_skips``
+  faults in a row (no healthy step between them), non-finite weights or buffers, finite divergence (the loss or
+  gradient norm leaving its healthy range), a collapsing AMP loss scale. After ``max_rollbacks`` rollbacks, halt. A
+  divergence that repeats soon after a divergence rollback cuts harder: the exponent of the LR factor doubles each
+  time (``lr_factor``, then ``lr_factor**2``, ``lr_factor**4``), a geometric search for a stable LR.
+- ``"skip"``: skip; non-finite weights or buffers (which no skip can undo), divergence, or more than
+  ``max_consecutive_skips`` flagged steps in a row escalate at once to ``escalate_to``.
+- ``"rollback"``: roll back (halt after ``max_rollbacks``).
+- ``"halt"``: halt.
+
+A rollback that has nothing to roll back to becomes a skip when the weights are finite (a skip with restored
+buffers undoes the step exactly), and a halt otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+__all__ = ["Decision", "GuardAction", "GuardCause", "GuardDecision", "GuardEvent", "GuardPolicy", "StepHealth"]
+
+POLICIES = ("auto", "rollback", "skip", "halt")
+
+
+class GuardCause(Enum):
+    """What made the guard act (``GuardEvent.cause``)."""
+
+    NONFINITE_LOSS = "nonfinite_loss"
+    NONFINITE_GRAD = "nonfinite_grad"
+    NONFINITE_PARAMS = "nonfinite_params"
+    NONFINITE_BUFFERS = "nonfinite_buffers"
+    LOSS_SPIKE = "loss_spike"
+    LOSS_DIVERGENCE = "loss_divergence"
+    GRAD_DIVERGENCE = "grad_divergence"
+    AMP_SCALE_COLLAPSE = "amp_scale_collapse"
+    LR_TOO_HIGH = "lr_too_high"  # the stability controller's cause: no fault yet, but the LR looks too high
+    OTHER_RANK = "other_rank"  # another DDP rank flagged the step; this rank saw nothing wrong
+
+
+class GuardDecision(Enum):
+    """What the guard did at the last optimizer step (``NaNGuard.reason``, ``GradGuard.reason``)."""
+
+    HEALTHY = "healthy"
+    AMP_OVERFLOW = "amp_overflow"  # the GradScaler skipped an overflow step; not a divergence
+    SKIPPED = "skipped"
+    ROLLED_BACK = "rolled_back"
+    LOWERED_LR = "lowered_lr"
+    HALTED = "halted"
+
+
+class GuardAction(Enum):
+    """What the guard does about a step."""
+
+    NONE = "none"
+    SKIP = "skip"
+    ROLLBACK = "rollback"
+    LOWER_LR = "lower_lr"  # the stability controller: cut the LR, keep the state
+    HALT = "halt"
+
+
+# causes whose damage is already in the weights or the trajectory: no skip can undo them
+_STATE_DAMAGE = {
+    GuardCause.NONFINITE_PARAMS,
+    GuardCause.NONFINITE_BUFFERS,
+    GuardCause.LOSS_DIVERGENCE,
+    GuardCause.GRAD_DIVERGENCE,
+    GuardCause.AMP_SCALE_COLLAPSE,
+}
+_DIVERGENCE = {GuardCause.LOSS_DIVERGENCE, GuardCause.GRAD_DIVERGENCE}
+
+
+@dataclass
+class StepHealth:
+    """What was wrong with one optimizer step (all False: a healthy step).
+
+    Attributes:
+        step: the Trainer's ``global_step`` of the step.
+        nonfinite_loss: the training loss was NaN/inf.
+        nonfinite_grad: some gradient element was NaN/inf.
+        nonfinite_params: the weights are non-finite (found on the fault path or before trusting a snapshot).
+        nonfinite_buffers: a floating buffer (e.g. BatchNorm running statistics) is non-finite.
+        nonfinite_batch: the input batch held NaN/inf (diagnosis only: it makes a fault traceable to the batch).
+        loss_spike: the opt-in loss z-score test fired.
+        loss_divergence: the loss left its healthy range (see ``core/guard/_divergence.py``).
+        grad_divergence: the gradient norm left its healthy range.
+        scale_collapse: the AMP loss scale fell below its floor.
+        other_rank: another rank flagged the step (under DDP; this rank saw nothing).
+        unsettled: the loss or gradient norm was far above its healthy range in the steps just before this one
+            (``DivergenceDetector.unsettled``): a fault then belongs to the trajectory, not to the batch.
+        update_skipped: the step's update was dropped before it happened (False when the fault is found after it).
+    """
+
+    step: int
+    nonfinite_loss: bool = False
+    nonfinite_grad: bool = False
+    nonfinite_params: bool = False
+    nonfinite_buffers: bool = False
+    nonfinite_batch: bool = False
+    loss_spike: bool = False
+    loss_divergence: bool = False
+    grad_divergence: bool = False
+    scale_collapse: bool = False
+    other_rank: bool = False
+    unsettled: bool = False
+    update_skipped: bool = True
+
+    @property
+    def cause(self) -> GuardCause | None:
+        """The most telling cause (weights before gradients before loss), or None for a healthy step."""
+        for flag, cause in (
+            (self.nonfinite_params, GuardCause.NONFINITE_PARAMS),
+            (self.nonfinite_buffers, GuardCause.NONFINITE_BUFFERS),
+            (self.nonfinite_loss, GuardCause.NONFINITE_LOSS),
+            (self.scale_collapse, GuardCause.AMP_SCALE_COLLAPSE),
+            (self.nonfinite_grad, GuardCause.NONFINITE_GRAD),
+            (self.loss_divergence, GuardCause.LOSS_DIVERGENCE),
+            (self.grad_divergence, GuardCause.GRAD_DIVERGENCE),
+            (self.loss_spike, GuardCause.LOSS_SPIKE),
+            (self.other_rank, GuardCause.OTHER_RANK),
+        ):
+            if flag:
+                return cause
+        return None
+
+    @property
+    def weights_damaged(self) -> bool:
+        return self.nonfinite_params or self.nonfinite_buffers
+
+
+@dataclass
+class Decision:
+    """The policy's answer for one step."""
+
+    action: GuardAction
+    cause: GuardCause | None = None
+    reason: str = ""
+    lr_power: int = 1  # a rollback multiplies the LR by lr_factor ** lr_power
+
+
+@dataclass
+class GuardEvent:
+    """One thing the guard did, as kept in ``NaNGuard.events`` (through :meth:`to_dict`) and in reports.
+
+    Attributes:
+        step: the Trainer's ``global_step`` of the step.
+        kind: ``"skip"``, ``"rollback"``, ``"lower_lr"`` or ``"halt"``.
+        cause: a :class:`GuardCause` value.
+        lr_scale: the cumulative LR factor after the event.
+        reason: why this action (plain words).
+        loss, grad_norm: the step's loss and pre-clip gradient norm when known.
+        snapshot_step, snapshot_path: what a rollback restored.
+        nonfinite_batch: whether the input batch held NaN/inf (None: not checked).
+        first_nonfinite_module: the first module whose output went non-finite when the batch was replayed.
+        nonfinite_grads, nonfinite_params, nonfinite_buffers: names, first ones first (at most 20).
+        bad_batch_path, report_path: files written for this event.
+    """
+
+    step: int
+    kind: str
+    cause: str
+    lr_scale: float
+    reason: str = ""
+    loss: float | None = None
+    grad_norm: float | None = None
+    snapshot_step: int | None = None
+    snapshot_path: str | None = None
+    nonfinite_batch: bool | None = None
+    first_nonfinite_module: str | None = None
+    nonfinite_grads: list[str] = field(default_factory=list)
+    nonfinite_params: list[str] = field(default_factory=list)
+    nonfinite_buffers: list[str] = field(default_factory=list)
+    bad_batch_path: str | None = None
+    report_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data without the empty fields (what ``NaNGuard.events`` holds and checkpoints store)."""
+        return {k: v for k, v in asdict(self).items() if v is not None and v != [] and v != ""}
+
+    def line(self) -> str:
+        """One readable line: what, when, why, and what was restored (no Python reprs)."""
+        parts = [f"NaNGuard {self.kind} at step {self.step}: {self.cause.replace('_', ' ')}"]
+        if self.nonfinite_batch is not None:
+            parts.append("the input batch held NaN/inf" if self.nonfinite_batch else "the input batch was finite")
+        if self.first_nonfinite_module:
+            parts.append(f"first non-finite output: {self.first_nonfinite_module}")
+        if self.nonfinite_params:
+            parts.append("non-finite weights: " + ", ".join(self.nonfinite_params[:3]))
+        if self.nonfinite_buffers:
+            parts.append("non-finite buffers: " + ", ".join(self.nonfinite_buffers[:3]))
+        if self.nonfinite_grads:
+            parts.append("first non-finite gradients: " + ", ".join(self.nonfinite_grads[:3]))
+        if self.snapshot_step is not None:
+            parts.append(f"restored the state of step {self.snapshot_step}")
+        parts.append(f"lr_scale={self.lr_scale:.6g}")
+        if self.reason:
+            parts.append(self.reason)
+        if self.report_path:
+            parts.append(f"report: {self.report_path}")
+        return "; ".join(parts)
+
+
+class GuardPolicy:
+    """Chooses the action for a flagged step (see the module docstring for the four policies).
+
+    Args:
+        action: ``"auto"``, ``"rollback"``, ``"skip"`` or ``"halt"``.
+        max_consecutive_skips: ``skip`` and ``auto``: flagged steps in a row allowed before escalating (``auto``
+            rolls back; faults whose input batch held NaN/inf are always skipped).
+        escalate_to: ``skip``: ``"rollback"`` or ``"halt"``.
+        max_rollbacks: rollbacks allowed; the next fault that needs one halts.
+        repeat_window: ``auto``: a fault within this many steps of the previous one counts as repeated.
+
+    Example:
+        >>> policy = GuardPolicy("auto")
+        >>> policy.decide(StepHealth(step=5, nonfinite_loss=True), can_roll_back=True).action
+        <GuardAction.SKIP: 'skip'>
+        >>> policy.decide(StepHealth(step=9, nonfinite_loss=True), can_roll_back=True).action  # healthy steps between
+        <GuardAction.SKIP: 'skip'>
+        >>> policy.decide(StepHealth(step=12, nonfinite_loss=True, unsettled=True), can_roll_back=True).action
+        <GuardAction.ROLLBACK: 'rollback'>
+    """
+
+    def __init__(
+        self,
+        action: str = "auto",
+        max_consecutive_skips: int = 3,
+        escalate_to: str = "rollback",
+        max_rollbacks: int = 3,
+        repeat_window: int = 100,
+    ) -> None:
+        self.action = action
+        self.max_consecutive_skips = max_consecutive_skips
+        self.escalate_to = escalate_to
+        self.max_rollbacks = max_rollbacks
+        self.repeat_window = repeat_window
+        self.consecutive_skips = 0
+        self.rollbacks = 0
+        self.last_fault_step: int | None = None
+        self.divergence_streak = 0
+
+    def healthy(self) -> None:
+        """Count a healthy step (ends a run of skips)."""
+        self.consecutive_skips = 0
+
+    def decide(self, health: StepHealth, can_roll_back: bool) -> Decision:
+        """The action for a flagged step, and update the policy's counters as if it was carried out.
+
+        Args:
+            health: what was wrong.
+            can_roll_back: whether a trusted, finite snapshot exists.
+        """
+        cause = health.cause
+        if cause is None:
+            self.healthy()
+            return Decision(GuardAction.NONE)
+        repeated = self.last_fault_step is not None and health.step - self.last_fault_step <= self.repeat_window
+        self.last_fault_step = health.step
+        damaged = cause in _STATE_DAMAGE or health.weights_damaged
+        action, why = self._choose(cause, damaged, repeated, health)
+        if action is GuardAction.ROLLBACK:
+            if self.rollbacks >= self.max_rollbacks:
+                action, why = (
+                    GuardAction.HALT,
+                    f"fault after {self.rollbacks} rollbacks (max_rollbacks={self.max_rollbacks})",
+                )
+            elif not can_roll_back:
+                if health.weights_damaged:
+                    action, why = GuardAction.HALT, "no finite snapshot to roll back to and the weights are non-finite"
+                else:
+                    action, why = GuardAction.SKIP, "no trusted snapshot yet: skipped instead of rolling back"
+        if cause in _DIVERGENCE or (action is GuardAction.HALT and self.rollbacks and not health.weights_damaged):
+            why = (why + "; " if why else "") + "the learning rate looks too high"
+        if action is GuardAction.SKIP:
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+        power = 1
+        if action is GuardAction.ROLLBACK:
+            self.rollbacks += 1
+            # divergence again soon after a divergence rollback: the LR is far too high, and halving it once more
+            # would spend the next rollback on the same lesson; each repeat doubles the exponent of the cut
+            self.divergence_streak = self.divergence_streak + 1 if cause in _DIVERGENCE and repeated else 0
+            if cause in _DIVERGENCE:
+                power = 2**self.divergence_streak
+        return Decision(action, cause, why, power)
+
+    def _choose(self, cause: GuardCause, damaged: bool, repeated: bool, health: StepHealth) -> tuple[GuardAction, str]:
+        if self.action == "halt":
+            return GuardAction.HALT, "action='halt'"
+        if self.action == "rollback":
+            return GuardAction.ROLLBACK, ""
+        in_a_row = self.consecutive_skips + 1 > self.max_consecutive_skips
+        if self.action == "skip":
+            escalate = GuardAction(self.escalate_to)
+            if damaged:
+                return escalate, f"{cause.value.replace('_', ' ')} cannot be undone by skipping"
+            if in_a_row:
+                return escalate, (
+                    f"{self.consecutive_skips + 1} flagged steps in a row "
+                    f"(max_consecutive_skips={self.max_consecutive_skips})"
+                )
+            return GuardAction.SKIP, ""
+        # auto
+        if damaged:
+            return GuardAction.ROLLBACK, f"{cause.value.replace('_', ' ')}: the state is damaged"
+        if health.nonfinite_batch:
+            return GuardAction.SKIP, "the input batch held NaN/inf (bad data): skipped, buffers restored, LR kept"
+        if in_a_row:
+            return GuardAction.ROLLBACK, (
+                f"{self.consecutive_skips + 1} faults in a row (max_consecutive_skips={self.max_consecutive_skips})"
+            )
+        if repeated and health.unsettled:
+            return GuardAction.ROLLBACK, f"second fault within {self.repeat_window} steps, after an unstable stretch"
+        if repeated:
+            return GuardAction.SKIP, (
+                f"another fault within {self.repeat_window} steps, but the steps before it were healthy: a bad "
+                "batch; skipped, buffers restored, LR kept"
+            )
+        return GuardAction.SKIP, "an isolated bad batch: skipped, buffers restored, LR kept"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "consecutive_skips": self.consecutive_skips,
+            "rollbacks": self.rollbacks,
+            "last_fault_step": self.last_fault_step,
+            "divergence_streak": self.divergence_streak,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+        last = state.get("last_fault_step")
+        self.last_fault_step = None if last is None else int(last)
+        self.divergence_streak = int(state.get("divergence_streak", 0))

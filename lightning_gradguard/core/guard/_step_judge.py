@@ -1,0 +1,296 @@
+"""The judgement of one optimizer step, shared by every guard: one stack of scalars, one cross-rank max, one host read.
+
+The rules are the core detectors' (:class:`~lightning_gradguard.core.guard._divergence.DivergenceDetector`,
+:class:`~lightning_gradguard.core.guard._stability.StabilityController`,
+``LossSpikeDetector``); :class:`StepJudge` feeds them the step's pre-clip
+gradient norm, loss and flags in one fixed order and returns a :class:`Verdict` whose
+:class:`~lightning_gradguard.core.guard._policy.StepHealth` goes to the policy. The Trainer's ``NaNGuard`` and the
+plain-loop ``GradGuard`` both use it, so both judge the same gradient stream alike.
+
+An inf gradient norm with an enabled GradScaler and a finite loss is an AMP overflow (the scaler skips the step
+itself), not a fault. The norm is the float64 one, finite exactly when every gradient element is. Under DDP the
+step's causes are what this rank saw and the decision inputs (overflow, divergence, stability) are the maximum over
+the ranks, so the detectors stay in lockstep; a rank that saw nothing itself records ``other_rank``.
+
+The cross-rank reduction is injected (:class:`RankReducer`): the Trainer guard passes one built on
+``trainer.strategy.reduce``, the plain guard one on ``torch.distributed`` (or Fabric's ``all_reduce``). With a single
+process nothing is stacked or communicated: the scalars are read to the host directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.core.guard._divergence import DivergenceDetector
+from lightning_gradguard.core.guard._loss_spike import LossSpikeDetector
+from lightning_gradguard.core.guard._policy import StepHealth
+from lightning_gradguard.core.guard._stability import StabilityController
+from lightning_gradguard.core.measure._grad_stats import GradStats
+from lightning_gradguard.core.measure._host_read import read_scalars
+
+__all__ = ["RankReducer", "StepJudge", "Verdict", "any_rank", "total_norm64"]
+
+_GRADS = attrgetter("grads")
+_CPU = torch.device("cpu")
+
+
+class RankReducer(Protocol):
+    """Element-wise maximum of a float64 vector over the ranks; ``world_size`` 1 means nothing to communicate."""
+
+    @property
+    def world_size(self) -> int: ...
+
+    def __call__(self, local: Tensor) -> Tensor: ...
+
+
+def any_rank(reduce: RankReducer | None, *flags: bool, device: torch.device | None = None) -> tuple[bool, ...]:
+    """Each flag OR-ed over the ranks through ``reduce`` (one reduce; nothing to communicate on a single rank)."""
+    if reduce is None or reduce.world_size <= 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=device)
+    return tuple(v > 0 for v in reduce(t).tolist())
+
+
+@dataclass
+class Verdict:
+    """The judgement of one step.
+
+    Attributes:
+        health: what was wrong, or None for a step to take.
+        overflow: a GradScaler overflow step (taken; the scaler skips it).
+        lower_lr: the stability controller's reason to lower the LR after this step, or None.
+        loss, norm: this rank's loss (None when not given) and pre-clip gradient norm.
+        stats: the measured statistics of the optimizers that had gradients.
+    """
+
+    health: StepHealth | None
+    overflow: bool
+    lower_lr: str | None
+    loss: float | None
+    norm: float
+    stats: list[GradStats] = field(default_factory=list)
+
+
+def total_norm64(live: list[GradStats], device: torch.device) -> Tensor:
+    """The float64 pre-clip norm over every optimizer's gradients (the p-norm of their total norms): finite exactly
+    when every gradient element is (a huge finite gradient is the clipper's business, not a fault)."""
+    if not live:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    if len(live) == 1:
+        return live[0].total_norm64
+    p = live[0].norm_type
+    norms = torch.stack([s.total_norm64.to(device) for s in live])
+    return norms.max() if p == math.inf else torch.linalg.vector_norm(norms, p)
+
+
+class StepJudge:
+    """Feeds the detectors and builds each step's :class:`Verdict`.
+
+    With one process and everything on the CPU the step's values are read directly as Python numbers
+    (:attr:`host_fast_path`); otherwise they are stacked as tensors, reduced across ranks and read in one transfer.
+    Either way the same decision code runs on the same numbers.
+
+    Args:
+        reduce: the cross-rank maximum (None: a single process).
+        divergence, stability: run the divergence detector / the stability controller.
+        spike_zscore, spike_window: the optional loss z-score test (None: off).
+        amp_scale_floor: a GradScaler scale below this is a collapse.
+        history_size: rows of (step, norm) and (step, loss) kept for reports.
+    """
+
+    #: read CPU values directly in a single process (class-wide switch; tests set it to False for the tensor path)
+    host_fast_path: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        reduce: RankReducer | None,
+        divergence: bool,
+        stability: bool,
+        spike_zscore: float | None,
+        spike_window: int,
+        amp_scale_floor: float,
+        history_size: int,
+    ) -> None:
+        self.reduce = reduce
+        self.divergence = divergence
+        self.stability = stability
+        self.amp_scale_floor = amp_scale_floor
+        self.detector = DivergenceDetector()
+        self.controller = StabilityController()
+        self.spike = LossSpikeDetector(spike_zscore, spike_window) if spike_zscore else None
+        self.grad_history: deque[list[float]] = deque(maxlen=history_size)
+        self.loss_history: deque[list[float]] = deque(maxlen=history_size)
+        #: clip flags (bools or device tensors) of the last step taken: the stability controller's input next step.
+        self.clip_flags: list[Any] = []
+        self._last: tuple[float, float] | None = None
+        self._sized: Any = None  # the reducer whose world size _one_rank holds
+        self._one_rank = reduce is None
+
+    def _values(self, parts: list[Tensor], dev: torch.device) -> tuple[list[float], list[float]]:
+        """(this rank's values, their maximum over the ranks), in one host read."""
+        if self.reduce is None or self.reduce.world_size <= 1:
+            mine = [float(v) for v in read_scalars(parts, dev, dtype=torch.float64)]
+            return mine, mine
+        local = torch.stack([p.to(dev, torch.float64).reshape(()) for p in parts])
+        glob = self.reduce(torch.nan_to_num(local.clone(), nan=math.inf))  # collectives may drop NaN
+        values = torch.cat([local, glob.to(dev, torch.float64)]).tolist()
+        return values[: len(parts)], values[len(parts) :]
+
+    def _loss_tensor(self, loss: Tensor | float, dev: torch.device) -> Tensor:
+        """The loss as a scalar tensor on ``dev``: a Python number keeps its float64 precision, a tensor its dtype."""
+        raw = loss.detach() if isinstance(loss, Tensor) else torch.tensor(loss, dtype=torch.float64)
+        return raw.to(dev).reshape(())
+
+    def _scale_bad(self, scale: Tensor, dev: torch.device) -> Tensor:
+        """Float64 scalar tensor, 1 when the GradScaler's scale tensor is below the floor (read from the tensor
+        itself: ``get_scale()`` would read it to the host)."""
+        return (scale.to(dev).reshape(()) < self.amp_scale_floor).to(torch.float64)
+
+    def _host_parts(
+        self, live: list[GradStats], stats: list[GradStats], loss: Tensor | float | None, scale: Tensor | None
+    ) -> list[float] | None:
+        """The values the tensor path of :meth:`judge` reads (norm, loss, loss non-finite, scale collapse, spike,
+        clip flags), read directly when there is one process and everything is on the CPU: no scalar tensors are
+        built only to be read back (each costs a few microseconds of dispatch). None where that does not apply."""
+        reduce = self.reduce
+        if reduce is not self._sized:  # the world size is fixed for a reducer (one per fit): read it once
+            self._sized, self._one_rank = reduce, reduce is None or reduce.world_size <= 1
+        if (  # is_cpu, not .device: building a torch.device object costs more than reading the values
+            not self.host_fast_path
+            or not self._one_rank
+            or (stats and not stats[0].total_norm64.is_cpu)
+            or (isinstance(loss, Tensor) and not loss.is_cpu)
+            or (scale is not None and not scale.is_cpu)
+        ):
+            return None
+        for c in self.clip_flags:
+            if isinstance(c, Tensor) and not c.is_cpu:
+                return None
+        dev = _CPU
+        norm = live[0].total_norm64_host if len(live) == 1 else None  # the value the measurement already read
+        if norm is None:
+            norm = total_norm64(live, dev).item()
+        if loss is None:
+            loss_v, spike = 0.0, 0.0
+        else:
+            loss_v = loss.item() if isinstance(loss, Tensor) else float(loss)
+            spike = float(self.spike.update(self._loss_tensor(loss, dev))) if self.spike is not None else 0.0
+        bad_scale = float(self._scale_bad(scale, dev)) if scale is not None else 0.0
+        nonfinite_loss = 0.0 if math.isfinite(loss_v) else 1.0
+        return [norm, loss_v, nonfinite_loss, bad_scale, spike, *map(float, self.clip_flags)]
+
+    def judge(self, step: int, stats: list[GradStats], loss: Tensor | float | None, scaler: Any) -> Verdict:
+        """Judge one step before its update from the optimizers' ``stats``, the (unscaled) ``loss`` and the
+        GradScaler (None or disabled: no AMP)."""
+        live = list(filter(_GRADS, stats))  # the optimizers that had gradients
+        has_loss = loss is not None
+        scaled = scaler is not None and scaler.is_enabled()
+        scale = getattr(scaler, "_scale", None) if scaled else None
+        if not isinstance(scale, Tensor):
+            scale = None
+        host = self._host_parts(live, stats, loss, scale)
+        if host is not None:
+            mine = glob = host
+        else:
+            dev = stats[0].device if stats else _CPU
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+            loss_t = self._loss_tensor(loss, dev) if loss is not None else zero
+            scale_bad = self._scale_bad(scale, dev) if scale is not None else zero
+            spike = self.spike.update(loss_t) if (self.spike is not None and has_loss) else zero
+            parts = [total_norm64(live, dev), loss_t, ~torch.isfinite(loss_t), scale_bad, spike]
+            parts += [torch.as_tensor(c, device=dev).reshape(()) for c in self.clip_flags]  # tensors: no read
+            mine, glob = self._values(parts, dev)
+        self.clip_flags = []
+        norm, loss_v = mine[0], (mine[1] if has_loss else math.nan)
+        self.grad_history.append([step, norm])
+        if has_loss:
+            self.loss_history.append([step, loss_v])
+        # what this rank saw; the decision below uses what every rank shares
+        nonfinite_loss = has_loss and mine[2] > 0
+        nonfinite_grad = not math.isfinite(norm)
+        global_grad_bad = not math.isfinite(glob[0])
+        overflow = scaled and global_grad_bad and not (glob[2] > 0 or glob[3] > 0)
+        if overflow:
+            nonfinite_grad = False  # the GradScaler's business
+        loss_divergence = grad_divergence = False
+        if not overflow and self.divergence and has_loss:  # on shared values: the detectors stay in lockstep
+            loss_divergence, grad_divergence = self.detector.update(glob[1], glob[0])
+        scale_collapse, loss_spike = mine[3] > 0, mine[4] > 0
+        other_rank = (global_grad_bad and not overflow) or glob[2] > 0 or glob[3] > 0 or glob[4] > 0
+        health, cause = None, None
+        # a StepHealth with every flag False is a healthy step (its contract): none is built for one
+        if (
+            other_rank
+            or nonfinite_loss
+            or nonfinite_grad
+            or scale_collapse
+            or loss_spike
+            or loss_divergence
+            or grad_divergence
+        ):
+            health = StepHealth(
+                step,
+                nonfinite_loss=nonfinite_loss,
+                nonfinite_grad=nonfinite_grad,
+                scale_collapse=scale_collapse,
+                loss_spike=loss_spike,
+                loss_divergence=loss_divergence,
+                grad_divergence=grad_divergence,
+            )
+            cause = health.cause
+            if cause is None and other_rank:  # only another rank saw something
+                health.other_rank = True
+                cause = health.cause
+        healthy = cause is None and not overflow
+        lower = None
+        if self.stability and healthy and self._last is not None:
+            lower = self.controller.update(*self._last, clipped=max(glob[5:], default=0.0) > 0)  # flags: 0 or 1
+        self._last = (glob[1], glob[0]) if healthy and has_loss else None
+        verdict = Verdict(None, overflow, lower, loss_v if has_loss else None, norm, live)
+        if health is not None and cause is not None:
+            # without the detector nothing says the run was stable before the fault: assume it was not
+            health.unsettled = self.detector.unsettled if self.divergence else True
+            verdict.health = health
+        return verdict
+
+    def after_state_change(self) -> None:
+        """A rollback or LR cut: the run restarts from another state (baselines kept, counting in progress not)."""
+        self._last = None
+        self.detector.restart_runs()
+        self.controller.reset()
+
+    def forget_last_step(self) -> None:
+        """A new run of steps (e.g. a new fit without a resumed state): no previous step feeds the controller."""
+        self._last = None
+        self.clip_flags = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "divergence": self.detector.state_dict(),
+            "stability": self.controller.state_dict(),
+            "spike": self.spike.state_dict() if self.spike is not None else None,
+            "grad_history": [list(r) for r in self.grad_history],
+            "loss_history": [list(r) for r in self.loss_history],
+            "pending_row": list(self._last) if self._last is not None else None,
+            "clip_flags": [bool(c) for c in self.clip_flags],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state.get("divergence") or {})
+        self.controller.load_state_dict(state.get("stability") or {})
+        if self.spike is not None and state.get("spike"):
+            self.spike.load_state_dict(state["spike"])
+        self.grad_history.clear()
+        self.grad_history.extend(list(r) for r in state.get("grad_history", []))
+        self.loss_history.clear()
+        self.loss_history.extend(list(r) for r in state.get("loss_history", []))
+        row = state.get("pending_row")
+        self._last = None if row is None else (float(row[0]), float(row[1]))
+        self.clip_flags = [bool(c) for c in state.get("clip_flags", [])]

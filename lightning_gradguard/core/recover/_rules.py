@@ -1,0 +1,250 @@
+"""Recovery rules shared by every guard (the Trainer's :class:`NaNGuard` and the plain-loop ``GradGuard``).
+
+The guards differ in where they find the optimizers and schedulers, not in what they do to them. This module holds
+the LR arithmetic of a recovery once, so that both apply the same cut:
+
+- :func:`rollback_lr` runs after a snapshot was restored (which brought back the LR that snapshot had). It scales
+  the LR so that it ends ``lr_factor ** lr_power`` times the LR in force *before* the rollback, never above the
+  snapshot's own LR. ``lr_power`` comes from :class:`~lightning_gradguard.core.guard._policy.Decision`: a divergence
+  that returns soon after a divergence rollback doubles it (a geometric search for a stable LR).
+- :func:`lower_lr` is the stability controller's cut: ``lr_factor ** lr_power`` on the current LR (the controller
+  doubles ``lr_power`` when its cuts follow each other closely).
+- :func:`roll_back` is a whole rollback: restore the snapshot bit for bit, forget the newer snapshots, cut the LR.
+- :class:`StartState` keeps the untrained state apart during the first windows of a run: when the stability
+  controller finds the model worse than untrained (a too-high LR from the first step), the guard restarts from it.
+- :func:`halt_reason` and :func:`halt_report` assemble what a halt says and writes, from the halting event.
+- :func:`snapshot_failure_message` says what a failed snapshot leaves the rollbacks with.
+
+Both return the guard's new cumulative ``lr_scale`` (the product of all cuts so far), which snapshots record in
+their ``meta["lr_scale"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_gradguard.core.guard._policy import GuardEvent
+from lightning_gradguard.core.recover._lr_scaling import scale_lr
+from lightning_gradguard.core.recover._report import DivergenceReport
+from lightning_gradguard.core.recover._snapshot import Snapshot, SnapshotStore, restore_snapshot
+
+__all__ = [
+    "START_KEEP_WINDOWS",
+    "StartState",
+    "halt_reason",
+    "halt_report",
+    "restart_store",
+    "lower_lr",
+    "roll_back",
+    "rollback_lr",
+    "rollback_lr_factor",
+    "snapshot_failure_message",
+    "stability_cut",
+    "stability_target",
+]
+
+
+def rollback_lr_factor(lr_scale: float, snapshot_lr_scale: float, lr_factor: float, lr_power: int = 1) -> float:
+    """The multiplier to apply on top of a restored snapshot's LR.
+
+    The target scale is ``lr_scale * lr_factor ** lr_power`` (the scale before the rollback, cut); the snapshot's
+    state already carries ``snapshot_lr_scale``, so the factor is the ratio, capped at 1 (a rollback never raises
+    the LR, e.g. when the snapshot predates an earlier cut that proved insufficient).
+
+    Example:
+        >>> rollback_lr_factor(1.0, 1.0, 0.5)
+        0.5
+        >>> rollback_lr_factor(0.5, 1.0, 0.5, lr_power=2)
+        0.125
+    """
+    return min(lr_scale * lr_factor**lr_power / snapshot_lr_scale, 1.0)
+
+
+def rollback_lr(
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Any],
+    lr_scale: float,
+    snapshot_lr_scale: float,
+    lr_factor: float,
+    lr_power: int = 1,
+) -> float:
+    """Cut the LR of freshly restored ``optimizers``/``schedulers``; returns the new cumulative LR scale."""
+    factor = rollback_lr_factor(lr_scale, snapshot_lr_scale, lr_factor, lr_power)
+    scale_lr(optimizers, schedulers, factor)
+    return snapshot_lr_scale * factor
+
+
+def lower_lr(
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Any],
+    lr_scale: float,
+    lr_factor: float,
+    lr_power: int = 1,
+) -> float:
+    """Multiply the current LR by ``lr_factor ** lr_power`` (a stability cut); returns the new cumulative LR scale."""
+    factor = lr_factor**lr_power
+    scale_lr(optimizers, schedulers, factor)
+    return lr_scale * factor
+
+
+def roll_back(
+    snapshot: Snapshot,
+    store: SnapshotStore,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Any],
+    lr_scale: float,
+    lr_factor: float,
+    lr_power: int = 1,
+) -> tuple[dict[str, Any], float]:
+    """Restore ``snapshot`` into the model, optimizers and schedulers, drop the store's newer snapshots and cut the
+    LR (:func:`rollback_lr`). Returns the snapshot's extra states (e.g. a GradScaler's or a precision plugin's, for
+    the caller to load where it keeps them) and the new cumulative LR scale."""
+    extra = restore_snapshot(snapshot, model, optimizers, schedulers)
+    store.discard_after(snapshot)
+    snap_scale = float(snapshot.meta.get("lr_scale", 1.0))
+    return extra, rollback_lr(optimizers, schedulers, lr_scale, snap_scale, lr_factor, lr_power)
+
+
+#: stability windows during which the untrained state is kept apart (a too-high LR from the first step shows in
+#: the first few; afterwards the copy's memory is freed)
+START_KEEP_WINDOWS = 8
+
+
+class StartState:
+    """The state a run started from, kept apart (besides the snapshot store) for ``keep_steps`` steps.
+
+    A model that the stability controller finds worse than untrained has gained nothing since the start: its newest
+    snapshot is as damaged as its weights, and the only good state is the first one. The guard hands the start
+    snapshot here; :meth:`restart_target` says whether to restart from it; after ``keep_steps`` the copy is dropped
+    (a too-high LR from the first step shows within a few windows; later, the memory is better spent elsewhere).
+
+    Example:
+        >>> import torch
+        >>> from lightning_gradguard.core.recover._snapshot import take_snapshot
+        >>> start = StartState(keep_steps=100)
+        >>> start.offer(take_snapshot(torch.nn.Linear(1, 1), step=0))
+        >>> start.restart_target(worse_than_start=True, step=60) is not None
+        True
+        >>> start.restart_target(worse_than_start=True, step=150) is None
+        True
+    """
+
+    def __init__(self, keep_steps: int) -> None:
+        self.keep_steps = int(keep_steps)
+        self.snapshot: Snapshot | None = None
+
+    def offer(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` if it is the state of step 0; forget any older one otherwise (a resumed run has no
+        untrained state to return to)."""
+        self.snapshot = snapshot if snapshot.step == 0 else None
+
+    def expire(self, step: int) -> None:
+        """Drop the copy once ``step`` is past ``keep_steps``."""
+        if step > self.keep_steps:
+            self.snapshot = None
+
+    def restart_target(self, worse_than_start: bool, step: int) -> Snapshot | None:
+        """The snapshot to restart from, or None (not worse than untrained, or the copy expired)."""
+        self.expire(step)
+        return self.snapshot if worse_than_start else None
+
+
+def stability_target(
+    start: StartState, store: SnapshotStore, worse_than_start: bool, damaged: bool, step: int, window: int
+) -> tuple[Snapshot | None, bool]:
+    """Where a stability cut rolls back to, and whether that is the untrained state (None: cut the LR, keep the
+    state). A model worse than untrained restarts from the start (once the start copy has expired, like a climb); a
+    loss that climbed goes back to the newest trusted snapshot taken before the climb (two windows before
+    ``step``); otherwise the state is kept."""
+    target = start.restart_target(worse_than_start, step)
+    if target is not None:
+        return target, True
+    if damaged or worse_than_start:  # (the start copy expired: the newest state from before the two windows)
+        return store.compute(before=step - 2 * window), False
+    return None, False
+
+
+def stability_cut(
+    start: StartState,
+    store: SnapshotStore,
+    controller: Any,
+    policy: Any,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Any],
+    lr_scale: float,
+    lr_factor: float,
+    step: int,
+) -> tuple[Snapshot | None, dict[str, Any], float]:
+    """Carry out the stability controller's cut (``controller``: a
+    :class:`~lightning_gradguard.core.guard._stability.StabilityController` that just fired; ``policy``: the guard's
+    :class:`~lightning_gradguard.core.guard.GuardPolicy`, whose rollback budget a restart spends).
+
+    Rolls back to :func:`stability_target`'s snapshot while rollbacks remain, else cuts the LR in place. Returns
+    the snapshot restored (None: the state was kept), its extra states (a GradScaler's or precision plugin's, for the
+    caller to load) and the new cumulative LR scale.
+    """
+    target, from_scratch = stability_target(
+        start, store, controller.worse_than_start, controller.damaged, step, controller.window
+    )
+    if target is None or policy.rollbacks >= policy.max_rollbacks:
+        return None, {}, lower_lr(optimizers, schedulers, lr_scale, lr_factor, controller.lr_power)
+    if from_scratch:
+        restart_store(store, target)
+    policy.rollbacks += 1
+    extra, lr_scale = roll_back(target, store, model, optimizers, schedulers, lr_scale, lr_factor, controller.lr_power)
+    return target, extra, lr_scale
+
+
+def restart_store(store: SnapshotStore, start: Snapshot) -> None:
+    """Make ``start`` the store's only snapshot (the newer ones were taken on a trajectory that only got worse)."""
+    store.reset()
+    store.update(start, trusted=True)
+
+
+def halt_reason(event: GuardEvent) -> str:
+    """The sentence a halt reports: the cause in words, then the policy's reason (when it gave one)."""
+    cause = event.cause.replace("_", " ")
+    return f"{cause}; {event.reason}" if event.reason else cause
+
+
+def halt_report(
+    event: GuardEvent,
+    optimizers: Iterable[torch.optim.Optimizer],
+    lr_scale: float,
+    counters: dict[str, int],
+    grad_history: Iterable[Sequence[float]],
+    loss_history: Iterable[Sequence[float]],
+    events: Sequence[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+) -> DivergenceReport:
+    """The report of a halt at ``event`` (whose ``reason`` is already :func:`halt_reason`'s sentence); ``events``
+    are the earlier events, the halting one is appended."""
+    return DivergenceReport(
+        step=event.step,
+        reason=event.reason,
+        cause=event.cause,
+        nonfinite_loss=event.cause == "nonfinite_loss",
+        nonfinite_grads=event.nonfinite_grads,
+        nonfinite_params=event.nonfinite_params,
+        lr=[[float(grp["lr"]) for grp in opt.param_groups] for opt in optimizers],
+        lr_scale=lr_scale,
+        counters=dict(counters),
+        grad_norm_history=[list(r) for r in grad_history],
+        loss_history=[list(r) for r in loss_history],
+        events=[*events, event.to_dict()],
+        extra=dict(extra or {}),
+    )
+
+
+def snapshot_failure_message(owner: str, step: int, error: BaseException | None, kept: Snapshot | None) -> str:
+    """The warning for a snapshot that could not be taken at ``step`` (``error``: this rank's, None when it failed on
+    another rank); ``kept`` is the newest trusted snapshot the rollbacks fall back to."""
+    keep = f"the snapshot of step {kept.step}" if kept is not None else "no snapshot (a fault now halts)"
+    where = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+    return f"{owner} could not take a snapshot at step {step} ({where}); rollbacks use {keep}"

@@ -1,0 +1,314 @@
+"""In-memory training snapshots: model, optimizers, LR schedulers and AMP scaler state, and a store of recent ones.
+
+Two aliasing traps make a naive snapshot silently wrong. ``module.state_dict()`` and ``optimizer.state_dict()``
+return the *live* tensors, so a snapshot that keeps them changes with every later step. And
+``optimizer.load_state_dict(snap)`` moves the snapshot's own tensors into the live state (``.to()`` to the same
+device and dtype does not copy), as ``scheduler.load_state_dict`` does with its lists: restoring twice from one
+snapshot would then restore the second time to whatever the first restore turned into. :func:`take_snapshot`
+therefore copies everything to the CPU, and :func:`restore_snapshot` hands out fresh copies on every restore (model
+tensors are copied in place by ``Module.load_state_dict``, so they need no second copy).
+
+:class:`SnapshotStore` keeps the last few snapshots and tells which one can be trusted: a snapshot only counts as
+good after it has survived ``confirm_steps`` healthy optimizer steps, since the state at a step can already carry
+the seed of a divergence that shows up a few steps later.
+
+Pure PyTorch: these functions take modules, optimizers and schedulers, never a Trainer. Pass the raw torch
+optimizers (Lightning's ``LightningOptimizer`` wrapper swallows ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_gradguard.core.measure._grad_stats import norms_of
+
+__all__ = [
+    "BufferCopy",
+    "Snapshot",
+    "SnapshotStore",
+    "clone_state",
+    "nonfinite_entries",
+    "nonfinite_weights_and_buffers",
+    "restore_snapshot",
+    "take_snapshot",
+]
+
+
+def clone_state(obj: Any, device: torch.device | str | None = "cpu") -> Any:
+    """A deep copy of a nested state (dicts, lists, tuples, tensors, plain values) sharing no tensor with ``obj``.
+
+    Tensors are detached and copied to ``device`` (``None`` keeps each tensor's device); other leaves are deep-copied.
+    """
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return t.to(device, copy=True) if device is not None else t.clone()
+    if isinstance(obj, dict):
+        out = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for k, v in obj.items():
+            out[k] = clone_state(v, device)
+        metadata = getattr(obj, "_metadata", None)  # Module.state_dict's per-module versions
+        if metadata is not None:
+            out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+        return out
+    if isinstance(obj, list):
+        return [clone_state(v, device) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(clone_state(v, device) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@dataclass
+class Snapshot:
+    """A copy of the training state after optimizer step ``step`` (on the CPU unless taken with another device).
+
+    Attributes:
+        step: the number of optimizer steps taken when the snapshot was made (e.g. the Trainer's ``global_step``).
+        model: the module's ``state_dict`` (parameters and buffers), copied.
+        optimizers: each optimizer's ``state_dict``, copied.
+        schedulers: each LR scheduler's ``state_dict``, copied.
+        extra: further state (e.g. the AMP GradScaler's ``state_dict``), copied.
+        meta: plain metadata kept with the snapshot (e.g. the LR scale in force when it was taken).
+        healthy_steps: healthy optimizer steps survived since it was taken (maintained by :class:`SnapshotStore`).
+    """
+
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizers: list[dict[str, Any]]
+    schedulers: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    healthy_steps: int = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the snapshot's tensors."""
+        total = 0
+
+        def visit(obj: Any) -> None:
+            nonlocal total
+            if isinstance(obj, torch.Tensor):
+                total += obj.numel() * obj.element_size()
+            elif isinstance(obj, dict):
+                for v in obj.values():
+                    visit(v)
+            elif isinstance(obj, (list, tuple)):
+                for v in obj:
+                    visit(v)
+
+        visit([self.model, self.optimizers, self.schedulers, self.extra])
+        return total
+
+    def describe(self) -> dict[str, Any]:
+        """Plain metadata (step, healthy steps, size, ``meta``), for callback state and reports."""
+        return {"step": self.step, "healthy_steps": self.healthy_steps, "nbytes": self.nbytes(), **self.meta}
+
+
+def take_snapshot(
+    module: torch.nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+    schedulers: Sequence[Any] = (),
+    step: int = 0,
+    extra: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    device: torch.device | str | None = "cpu",
+) -> Snapshot:
+    """Copy the state of ``module``, ``optimizers`` and ``schedulers`` (and ``extra``) into a :class:`Snapshot`.
+
+    Args:
+        module: the model; its ``state_dict()`` (parameters and persistent buffers) is copied.
+        optimizers: raw torch optimizers.
+        schedulers: LR schedulers (anything with ``state_dict``/``load_state_dict``).
+        step: the step count to record.
+        extra: further state dicts to copy (e.g. ``{"precision": scaler.state_dict()}``).
+        meta: plain metadata stored as is (copied).
+        device: where to copy tensors (``"cpu"`` by default, ``None`` keeps each tensor's device).
+    """
+    return Snapshot(
+        step=int(step),
+        model=clone_state(module.state_dict(), device),
+        optimizers=[clone_state(opt.state_dict(), device) for opt in optimizers],
+        schedulers=[clone_state(sch.state_dict(), device) for sch in schedulers],
+        extra=clone_state(dict(extra or {}), device),
+        meta=copy.deepcopy(dict(meta or {})),
+    )
+
+
+def restore_snapshot(
+    snapshot: Snapshot,
+    module: torch.nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+    schedulers: Sequence[Any] = (),
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load ``snapshot`` into ``module``, ``optimizers`` and ``schedulers``; the snapshot itself stays untouched.
+
+    Every optimizer and scheduler state is deep-copied before loading, so the live objects never share a tensor or a
+    list with the snapshot and the same snapshot can be restored again later. Optimizer state is moved by torch to
+    each parameter's device and dtype.
+
+    Returns:
+        A fresh copy of ``snapshot.extra`` for the caller to load where it belongs (e.g. a GradScaler).
+
+    Raises:
+        ValueError: if the number of optimizers or schedulers differs from the snapshot's.
+    """
+    if len(optimizers) != len(snapshot.optimizers):
+        raise ValueError(f"snapshot holds {len(snapshot.optimizers)} optimizer states, got {len(optimizers)}")
+    if len(schedulers) != len(snapshot.schedulers):
+        raise ValueError(f"snapshot holds {len(snapshot.schedulers)} scheduler states, got {len(schedulers)}")
+    module.load_state_dict(snapshot.model, strict=strict)  # copies into the live tensors
+    for opt, state in zip(optimizers, snapshot.optimizers):
+        opt.load_state_dict(clone_state(state, device=None))
+    for sch, state in zip(schedulers, snapshot.schedulers):
+        sch.load_state_dict(clone_state(state, device=None))
+    return clone_state(snapshot.extra, device=None)
+
+
+def nonfinite_entries(state: dict[str, Any]) -> list[str]:
+    """Keys of the floating tensors of ``state`` (a ``state_dict``) that hold NaN/inf, in order.
+
+    One multi-tensor norm over all of them (a NaN/inf element makes its tensor's norm non-finite), so the cost is
+    one pass over the values, paid only where it is called: before a snapshot is trusted, and on faults.
+    """
+    keys = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not keys:
+        return []
+    with torch.no_grad():
+        norms = norms_of([state[k].detach() for k in keys], 2.0, dtype=torch.float64)
+        bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+    return [keys[i] for i in bad]
+
+
+def nonfinite_weights_and_buffers(module: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Names of ``module``'s non-finite parameters and of its non-finite buffers (state-dict keys), in order."""
+    bad = nonfinite_entries(module.state_dict())
+    params = {n for n, _ in module.named_parameters()}
+    return [n for n in bad if n in params], [n for n in bad if n not in params]
+
+
+class BufferCopy:
+    """A copy of a module's buffers (e.g. BatchNorm running statistics and batch counts), to undo a forward pass.
+
+    Buffers change in the forward pass, before any gradient exists: a skipped update leaves them as the bad batch
+    made them. :meth:`save` before the forward (one multi-tensor copy into preallocated storage) and :meth:`restore`
+    when the step is skipped bring them back bit for bit. The list of buffers is found once (walking the module tree
+    costs more than the copy) and again after :meth:`clear`; a model without buffers costs nothing per step.
+    """
+
+    def __init__(self) -> None:
+        self._owner: int | None = None
+        self._live: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
+
+    def save(self, module: torch.nn.Module) -> None:
+        if self._owner != id(module):
+            self._owner = id(module)
+            self._live = [b for b in module.buffers() if b.is_floating_point() or b.dtype == torch.long]
+            self._saved = [b.detach().clone() for b in self._live]
+            return
+        if self._live:
+            with torch.no_grad():
+                torch._foreach_copy_(self._saved, [b.detach() for b in self._live])
+
+    def restore(self) -> bool:
+        """Copy the saved values back; returns whether there was anything to restore."""
+        if not self._live:
+            return False
+        with torch.no_grad():
+            torch._foreach_copy_([b.detach() for b in self._live], self._saved)
+        return True
+
+    def clear(self) -> None:
+        """Forget the module (its buffers are found again at the next :meth:`save`)."""
+        self._owner, self._live, self._saved = None, [], []
+
+
+class SnapshotStore:
+    """The last few snapshots, with the rule that a snapshot is *good* once it survived ``confirm_steps`` healthy steps.
+
+    Call :meth:`update` with a new snapshot, :meth:`step_healthy` after every healthy optimizer step, and
+    :meth:`compute` for the newest good snapshot. The oldest snapshots are dropped beyond ``capacity``, except the
+    newest good one, which is always kept, so a good snapshot remains available even when ``confirm_steps`` is
+    longer than the interval between snapshots.
+
+    Args:
+        capacity: how many snapshots to keep (>= 1).
+        confirm_steps: healthy steps a snapshot must survive to be good (>= 0).
+
+    Raises:
+        ValueError: for a capacity < 1 or a negative ``confirm_steps``.
+
+    Example:
+        >>> import torch
+        >>> store = SnapshotStore(capacity=2, confirm_steps=2)
+        >>> store.update(take_snapshot(torch.nn.Linear(1, 1), step=0))
+        >>> store.compute() is None
+        True
+        >>> store.step_healthy(); store.step_healthy()
+        >>> store.compute().step
+        0
+    """
+
+    def __init__(self, capacity: int = 2, confirm_steps: int = 0) -> None:
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        if not isinstance(confirm_steps, int) or confirm_steps < 0:
+            raise ValueError(f"confirm_steps must be an int >= 0, got {confirm_steps!r}")
+        self.capacity = capacity
+        self.confirm_steps = confirm_steps
+        self.snapshots: list[Snapshot] = []
+
+    def is_good(self, snapshot: Snapshot) -> bool:
+        return snapshot.healthy_steps >= self.confirm_steps
+
+    def update(self, snapshot: Snapshot, trusted: bool = False) -> None:
+        """Add ``snapshot`` (newest); ``trusted=True`` marks it good at once (e.g. the state a run starts from)."""
+        if trusted:
+            snapshot.healthy_steps = max(snapshot.healthy_steps, self.confirm_steps)
+        self.snapshots.append(snapshot)
+        while len(self.snapshots) > self.capacity:
+            keep = self.compute()
+            victim = next(s for s in self.snapshots if s is not keep)
+            self.snapshots.remove(victim)
+
+    def step_healthy(self, n: int = 1) -> None:
+        """Count ``n`` healthy steps for every stored snapshot."""
+        for s in self.snapshots:
+            s.healthy_steps += n
+
+    def compute(self, before: int | None = None) -> Snapshot | None:
+        """The newest good snapshot (taken at step ``before`` or earlier, when given), or None."""
+        for s in reversed(self.snapshots):
+            if self.is_good(s) and (before is None or s.step <= before):
+                return s
+        return None
+
+    def discard_after(self, snapshot: Snapshot) -> None:
+        """Drop the snapshots newer than ``snapshot`` (taken on a trajectory that was rolled back)."""
+        if snapshot in self.snapshots:
+            self.snapshots = self.snapshots[: self.snapshots.index(snapshot) + 1]
+
+    def reset(self) -> None:
+        self.snapshots = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Metadata of the stored snapshots (the tensors stay in memory only; they are not checkpointed)."""
+        return {
+            "capacity": self.capacity,
+            "confirm_steps": self.confirm_steps,
+            "snapshots": [s.describe() for s in self.snapshots],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the settings; in-memory snapshots are not in checkpoints, so the store starts empty."""
+        self.capacity = int(state.get("capacity", self.capacity))
+        self.confirm_steps = int(state.get("confirm_steps", self.confirm_steps))
+        self.snapshots = []
+
+    def __len__(self) -> int:
+        return len(self.snapshots)

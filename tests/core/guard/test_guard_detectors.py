@@ -1,0 +1,212 @@
+"""DivergenceDetector and StabilityController on synthetic streams: quiet on healthy runs, firing on blow-ups."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from lightning_gradguard.core.guard._divergence import DivergenceDetector
+from lightning_gradguard.core.guard._stability import StabilityController
+from lightning_gradguard.core.recover._fault_trace import first_nonfinite_module, nonfinite_in
+
+
+def healthy_losses(n: int, seed: int = 0, noise: float = 0.5) -> list[float]:
+    """A decaying loss with multiplicative batch noise (log-normal, sigma ``noise``)."""
+    rng = random.Random(seed)
+    return [(2.0 * math.exp(-i / 300) + 0.05) * math.exp(rng.gauss(0, noise)) for i in range(n)]
+
+
+def run(det: DivergenceDetector, losses, norms) -> list[int]:
+    return [i for i, (loss, norm) in enumerate(zip(losses, norms)) if any(det.update(loss, norm))]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_divergence_on_noisy_healthy_streams(seed):
+    rng = random.Random(seed + 100)
+    losses = healthy_losses(1500, seed)
+    norms = [abs(rng.gauss(1.0, 0.3)) * (1 + i / 500) for i in range(1500)]  # a norm that drifts up 4x
+    assert run(DivergenceDetector(), losses, norms) == []
+
+
+def test_a_single_spike_is_not_divergence_but_a_loss_that_stays_up_is():
+    losses = healthy_losses(100, noise=0.1)
+    spiked = [*losses[:50], losses[50] * 1e4, *losses[51:]]
+    assert run(DivergenceDetector(), spiked, [1.0] * 100) == []
+    diverged = [*losses[:50], *[1e6] * 10]
+    assert run(DivergenceDetector(persist=3), diverged, [1.0] * 60) == list(range(52, 60))  # from the 3rd step up
+
+
+def test_blow_up_at_the_second_step_is_caught():
+    # a too-high Adam LR: the loss leaves its start by 11 orders of magnitude at step 1 (issue 18's MLP)
+    losses = [10.2, 8e11, 6e12, 3e12, 4e12]
+    assert run(DivergenceDetector(), losses, [1.0] * 5) == [3, 4]
+
+
+def test_slow_climb_is_caught_by_the_climb_rule():
+    losses = [1.0] * 64 + [1.0 * 1.03**i for i in range(400)]  # +3 %/step: a moving median would follow it
+    det = DivergenceDetector(window=32)
+    flagged = run(det, losses, [1.0] * len(losses))
+    assert flagged
+    first = flagged[0] - 64
+    assert 1.03**first > 10  # only once the loss is 10x above the best level seen
+    assert 1.03**first < 10 * 1.03**25  # ... and within climb_steps of crossing it
+
+
+def test_gradient_norm_far_beyond_its_baseline_for_several_steps():
+    norms = [1.0] * 40 + [5e3] * 2 + [1.0] * 10 + [5e3] * 5
+    flagged = run(DivergenceDetector(persist=3), [1.0] * len(norms), norms)
+    assert flagged == [54, 55, 56]  # the two-step burst passes; the sustained one is flagged from its 3rd step
+
+
+def test_nonfinite_values_are_neither_judged_nor_learned_and_state_round_trips():
+    det = DivergenceDetector()
+    for v in [1.0, math.nan, math.inf, 1.1, 0.9]:
+        assert det.update(v, v) == (False, False)
+    state = det.state_dict()
+    assert all(math.isfinite(x) for x in state["losses"] + state["norms"])
+    other = DivergenceDetector()
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stability_quiet_on_healthy_runs_even_with_frequent_clipping(seed):
+    rng = random.Random(seed)
+    ctl = StabilityController(window=100)
+    losses = healthy_losses(2000, seed)
+    reasons = [ctl.update(loss, 1.0 + rng.random(), clipped=rng.random() < 0.3) for loss in losses]
+    assert [r for r in reasons if r] == []
+
+
+def test_stability_fires_on_sustained_clipping_without_progress_and_says_why():
+    ctl = StabilityController(window=50)
+    rng = random.Random(0)
+    # a loss stuck near its first value (5.0) with the clipper cutting 95% of the steps: a plateau, no signal yet
+    reasons = [ctl.update(5.0, 100.0, clipped=False)]
+    reasons += [ctl.update(5.0 + 0.4 * rng.random(), 100.0, clipped=rng.random() < 0.95) for _ in range(99)]
+    assert [r for r in reasons if r] == []
+    # the clipper cuts every step and the loss drifts above 1.1x its first value without improving
+    reasons = [ctl.update(5.8 + 0.4 * rng.random(), 100.0, clipped=True) for _ in range(50)]
+    fired = [r for r in reasons if r]
+    assert fired
+    assert fired[0].startswith("learning rate looks too high: the clipper cut")
+    assert ctl.interventions == len(fired)
+
+
+def test_stability_fires_on_a_climbing_loss():
+    ctl = StabilityController(window=20)
+    falling = [4.0 * 0.97**i for i in range(60)]  # a healthy start, down to ~0.65
+    reasons = [ctl.update(loss, 1.0, clipped=False) for loss in falling]
+    assert [r for r in reasons if r] == []
+    reasons = [ctl.update(falling[-1] * 1.05**i, 1.0, clipped=False) for i in range(60)]  # x2.65 per window
+    fired = [r for r in reasons if r]
+    assert fired
+    assert "the loss keeps climbing" in fired[0]
+    state = ctl.state_dict()
+    other = StabilityController(window=20)
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def test_fault_trace_names_the_first_module_and_restores_the_rng():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5), torch.nn.Linear(3, 1), torch.nn.Tanh())
+    with torch.no_grad():
+        net[2].weight[0, 0] = math.inf
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    assert first_nonfinite_module(net, lambda: net(torch.ones(2, 3))) == "2"
+    assert torch.equal(torch.rand(3), expected_next)  # the replay consumed no randomness of the run
+    with torch.no_grad():
+        net[2].weight[0, 0] = 0.0
+    assert first_nonfinite_module(net, lambda: net(torch.ones(2, 3))) is None
+    assert first_nonfinite_module(net, lambda: net(torch.full((2, 3), math.nan))) == "0"
+    assert nonfinite_in([{"x": torch.tensor([math.inf])}])
+    assert not nonfinite_in((torch.ones(2), torch.tensor([1, 2]), "text"))
+
+
+def test_divergence_detector_says_when_the_run_was_unsettled_before_a_fault():
+    det = DivergenceDetector(recent=5)
+    for _ in range(10):
+        det.update(1.0, 1.0)
+    assert not det.unsettled
+    det.update(1.5, 5.0)  # within the loss (3x) and norm (10x) factors
+    assert not det.unsettled
+    det.update(4.0, 1.0)  # a loss 4x its median
+    assert det.unsettled
+    for _ in range(4):
+        det.update(1.0, 1.0)
+    assert det.unsettled  # still among the last 5 judged steps
+    det.update(1.0, 1.0)
+    assert not det.unsettled
+    det.update(1.0, 20.0)  # a norm 20x its median
+    assert det.unsettled
+    state = det.state_dict()
+    other = DivergenceDetector(recent=5)
+    other.load_state_dict(state)
+    assert other.unsettled
+    other.restart_runs()  # after a rollback the restored state is not unsettled
+    assert not other.unsettled
+
+
+def test_stability_restarts_a_model_worse_than_untrained_and_cuts_harder_each_time():
+    ctl = StabilityController(window=10)
+    # the first loss is the untrained model's; a too-high LR leaves every later loss above it
+    reasons = [ctl.update(2.0 if i == 0 else 5.0 + 0.1 * (i % 3), 1.0, clipped=False) for i in range(21)]
+    fired = [r for r in reasons if r]
+    assert len(fired) == 1
+    assert "still above the untrained model's" in fired[0]
+    assert ctl.worse_than_start
+    assert ctl.lr_power == 2  # worse than untrained: an LR far off, the first cut is squared
+    # the next cuts within repeat_windows windows double the exponent
+    again = [ctl.update(5.0, 1.0, clipped=False) for _ in range(40)]
+    assert len([r for r in again if r]) == 2
+    assert ctl.lr_power == 4
+    other = StabilityController(window=10)
+    other.load_state_dict(ctl.state_dict())
+    assert (other.lr_power, other.worse_than_start) == (4, True)
+
+
+def test_stability_ignores_sustained_clipping_while_the_loss_is_below_its_start():
+    # a threshold that lags a norm growing as the model learns clips nearly every step of a healthy run (the LSTM
+    # example at its stable LR): a plateau below the untrained loss is no reason to cut the LR
+    ctl = StabilityController(window=25)
+    rng = random.Random(0)
+    first = ctl.update(0.19, 0.01, clipped=False)
+    reasons = [first] + [ctl.update(0.16 + 0.02 * rng.random(), 0.2, clipped=True) for _ in range(200)]
+    assert [r for r in reasons if r] == []
+
+
+def test_a_loss_near_zero_that_jumps_is_not_divergence():
+    # late in a classification run the loss is ~0.005; a hard batch at 0.8 is 160x the median but far below the
+    # untrained model's 2.3: the floor (0.1 x the first loss) keeps it from counting as a jump
+    det = DivergenceDetector(persist=3)
+    det.update(2.3, 1.0)
+    for _ in range(40):
+        det.update(0.005, 1.0)
+    assert [det.update(0.8, 1.0)[0] for _ in range(5)] == [False] * 5
+    assert [det.update(500.0, 1.0)[0] for _ in range(3)][-1] is True
+
+
+def test_stability_restarts_a_network_killed_in_its_first_steps_but_not_a_slow_warm_up():
+    # dead units: the loss sits at the untrained level (chance) and the gradient collapses far below its first value
+    ctl = StabilityController(window=10)
+    rng = random.Random(1)
+    reasons = [ctl.update(2.58, 7.6, clipped=False), ctl.update(9.3, 127.0, clipped=False)]  # the killing blow-up
+    reasons += [ctl.update(2.30 + 0.01 * rng.random(), 0.1, clipped=False) for _ in range(20)]
+    fired = [r for r in reasons if r]
+    assert len(fired) == 1
+    assert "has not moved from the untrained model's" in fired[0]
+    assert ctl.worse_than_start
+    # a slow start at a sane LR (the deep-CNN example, stable LR, seed 1): the same plateau and gradient, no blow-up
+    ctl = StabilityController(window=10)
+    reasons = [ctl.update(2.58, 7.6, clipped=False), ctl.update(2.32, 0.63, clipped=False)]
+    reasons += [ctl.update(2.30 + 0.01 * rng.random(), 0.15, clipped=False) for _ in range(40)]
+    assert [r for r in reasons if r] == []
+    # a warm-up from a tiny LR: the loss has not moved either, but the gradient has not collapsed
+    ctl = StabilityController(window=10)
+    reasons = [ctl.update(2.30 + 0.01 * rng.random(), 1.0 + 0.1 * rng.random(), clipped=False) for _ in range(100)]
+    assert [r for r in reasons if r] == []

@@ -1,0 +1,151 @@
+"""GuardPolicy.decide: the four policies as a table of (health, history) -> action, without a Trainer."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_gradguard.core.guard._policy import GuardAction, GuardCause, GuardEvent, GuardPolicy, StepHealth
+
+A = GuardAction
+
+
+def decide_all(policy: GuardPolicy, healths: list[StepHealth], can_roll_back: bool = True) -> list[GuardAction]:
+    return [policy.decide(h, can_roll_back).action for h in healths]
+
+
+def test_healthy_step_is_no_action_and_ends_a_run_of_skips():
+    policy = GuardPolicy("skip", max_consecutive_skips=1)
+    assert policy.decide(StepHealth(0), True).action is A.NONE
+    assert policy.decide(StepHealth(1, nonfinite_loss=True), True).action is A.SKIP
+    assert policy.decide(StepHealth(2), True).action is A.NONE
+    assert policy.consecutive_skips == 0
+    assert policy.decide(StepHealth(3, nonfinite_loss=True), True).action is A.SKIP
+
+
+@pytest.mark.parametrize(
+    ("health", "expected"),
+    [
+        (StepHealth(10, nonfinite_loss=True), A.SKIP),  # an isolated bad batch
+        (StepHealth(10, nonfinite_grad=True, nonfinite_batch=True), A.SKIP),
+        (StepHealth(10, loss_spike=True), A.SKIP),
+        (StepHealth(10, nonfinite_loss=True, nonfinite_params=True), A.ROLLBACK),  # damaged weights
+        (StepHealth(10, nonfinite_loss=True, nonfinite_buffers=True), A.ROLLBACK),
+        (StepHealth(10, loss_divergence=True), A.ROLLBACK),  # finite divergence
+        (StepHealth(10, grad_divergence=True), A.ROLLBACK),
+        (StepHealth(10, scale_collapse=True), A.ROLLBACK),
+    ],
+)
+def test_auto_skips_isolated_batch_faults_and_rolls_back_damage(health, expected):
+    assert GuardPolicy("auto").decide(health, can_roll_back=True).action is expected
+
+
+def test_auto_rolls_back_a_fault_repeating_within_the_window_then_halts_after_max_rollbacks():
+    policy = GuardPolicy("auto", max_rollbacks=2, repeat_window=10)
+    steps = [5, 30, 38, 45, 50]  # 30 is 25 after 5 (isolated); 38, 45, 50 repeat within 10
+    actions = decide_all(policy, [StepHealth(s, nonfinite_loss=True, unsettled=True) for s in steps])
+    assert actions == [A.SKIP, A.SKIP, A.ROLLBACK, A.ROLLBACK, A.HALT]
+    assert policy.rollbacks == 2
+
+
+def test_auto_skips_repeated_faults_that_healthy_steps_separate_or_that_bad_inputs_explain():
+    # a burst of bad batches: the steps between the faults were in range, so each is the batch's fault
+    policy = GuardPolicy("auto", repeat_window=10)
+    healths = [StepHealth(s, nonfinite_loss=s in (5, 8, 11, 14)) for s in range(4, 15)]  # healthy steps between
+    actions = [a for a in decide_all(policy, healths) if a is not A.NONE]
+    assert actions == [A.SKIP] * 4
+    assert "steps before it were healthy" in policy.decide(StepHealth(17, nonfinite_grad=True), True).reason
+    # bad input data is skipped even after an unsettled stretch: no rollback or LR cut undoes bad data
+    policy = GuardPolicy("auto", repeat_window=10)
+    bad_data = [StepHealth(s, nonfinite_loss=True, nonfinite_batch=True, unsettled=True) for s in (5, 7, 9)]
+    assert decide_all(policy, bad_data) == [A.SKIP, A.SKIP, A.SKIP]
+    assert policy.rollbacks == 0
+
+
+def test_auto_rolls_back_after_max_consecutive_faults_without_a_healthy_step():
+    policy = GuardPolicy("auto", max_consecutive_skips=2, repeat_window=10)
+    actions = decide_all(policy, [StepHealth(s, nonfinite_loss=True) for s in (5, 6, 7)])
+    assert actions == [A.SKIP, A.SKIP, A.ROLLBACK]
+    assert policy.consecutive_skips == 0
+    policy = GuardPolicy("auto", max_consecutive_skips=1, repeat_window=10)
+    policy.decide(StepHealth(5, nonfinite_loss=True), True)
+    assert "2 faults in a row" in policy.decide(StepHealth(6, nonfinite_loss=True), True).reason
+
+
+def test_halt_after_divergence_says_the_lr_looks_too_high():
+    policy = GuardPolicy("auto", max_rollbacks=1)
+    first = policy.decide(StepHealth(3, loss_divergence=True), True)
+    second = policy.decide(StepHealth(9, loss_divergence=True), True)
+    assert (first.action, second.action) == (A.ROLLBACK, A.HALT)
+    assert second.cause is GuardCause.LOSS_DIVERGENCE
+    assert "learning rate looks too high" in second.reason
+    assert "max_rollbacks=1" in second.reason
+
+
+def test_skip_escalates_damage_at_once_and_repeats_after_max_consecutive_skips():
+    # issue 15: non-finite weights escalate immediately (no futile skips)
+    policy = GuardPolicy("skip", max_consecutive_skips=3, escalate_to="rollback")
+    assert policy.decide(StepHealth(1, nonfinite_loss=True, nonfinite_params=True), True).action is A.ROLLBACK
+    policy = GuardPolicy("skip", max_consecutive_skips=2, escalate_to="halt")
+    actions = decide_all(policy, [StepHealth(s, nonfinite_grad=True) for s in (1, 2, 3)])
+    assert actions == [A.SKIP, A.SKIP, A.HALT]
+
+
+def test_rollback_without_a_snapshot_skips_finite_weights_and_halts_damaged_ones():
+    policy = GuardPolicy("rollback")
+    decision = policy.decide(StepHealth(1, nonfinite_loss=True), can_roll_back=False)
+    assert decision.action is A.SKIP
+    assert "no trusted snapshot" in decision.reason
+    assert policy.rollbacks == 0
+    damaged = policy.decide(StepHealth(2, nonfinite_params=True), can_roll_back=False)
+    assert damaged.action is A.HALT
+
+
+def test_halt_policy_and_cause_priority():
+    decision = GuardPolicy("halt").decide(StepHealth(4, nonfinite_grad=True, nonfinite_loss=True), True)
+    assert decision.action is A.HALT
+    assert decision.cause is GuardCause.NONFINITE_LOSS  # the loss is the earlier symptom
+    assert StepHealth(0, nonfinite_loss=True, nonfinite_params=True).cause is GuardCause.NONFINITE_PARAMS
+    assert StepHealth(0, other_rank=True).cause is GuardCause.OTHER_RANK
+    assert StepHealth(0).cause is None
+
+
+def test_state_round_trip_keeps_counting():
+    policy = GuardPolicy("auto", repeat_window=10)
+    policy.decide(StepHealth(5, nonfinite_loss=True), True)
+    policy.decide(StepHealth(8, nonfinite_loss=True, unsettled=True), True)
+    other = GuardPolicy("auto", repeat_window=10)
+    other.load_state_dict(policy.state_dict())
+    assert (other.rollbacks, other.last_fault_step) == (1, 8)
+    repeat = StepHealth(12, nonfinite_loss=True, unsettled=True)
+    assert other.decide(repeat, True).action is A.ROLLBACK  # repeats the one at 8
+    other.load_state_dict({})
+    assert (other.rollbacks, other.consecutive_skips, other.last_fault_step) == (0, 0, None)
+
+
+def test_event_line_is_plain_words():
+    event = GuardEvent(
+        step=7,
+        kind="rollback",
+        cause="nonfinite_loss",
+        lr_scale=0.5,
+        reason="second fault within 100 steps",
+        nonfinite_batch=True,
+        first_nonfinite_module="net.0",
+        nonfinite_grads=["net.0.weight", "net.0.bias"],
+        snapshot_step=4,
+    )
+    line = event.line()
+    assert line.startswith("NaNGuard rollback at step 7: nonfinite loss")
+    assert "the input batch held NaN/inf" in line
+    assert "first non-finite output: net.0" in line
+    assert "restored the state of step 4" in line
+    assert "[" not in line  # no Python reprs
+    assert event.to_dict()["snapshot_step"] == 4
+    assert "loss" not in event.to_dict()  # empty fields are left out
+
+
+def test_repeated_divergence_doubles_the_exponent_of_the_lr_cut():
+    policy = GuardPolicy("auto", max_rollbacks=5, repeat_window=10)
+    powers = [policy.decide(StepHealth(s, loss_divergence=True), True).lr_power for s in (3, 7, 11, 40)]
+    assert powers == [1, 2, 4, 1]  # 40 is 29 steps after 11: a new episode
+    assert policy.decide(StepHealth(45, nonfinite_params=True), True).lr_power == 1  # not a divergence

@@ -1,0 +1,144 @@
+"""The shared LR rules of a recovery (core/recover/_rules.py), checked against hand-computed LRs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_gradguard.core.guard._policy import GuardEvent
+from lightning_gradguard.core.recover._rules import (
+    halt_reason,
+    halt_report,
+    lower_lr,
+    roll_back,
+    rollback_lr,
+    rollback_lr_factor,
+    snapshot_failure_message,
+)
+from lightning_gradguard.core.recover._snapshot import SnapshotStore, nonfinite_weights_and_buffers, take_snapshot
+
+
+def _opt_and_sched(lr: float = 1.0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=lr)
+    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+
+@pytest.mark.parametrize(
+    ("scale", "snap_scale", "power", "expected"),
+    [(1.0, 1.0, 1, 0.5), (0.5, 1.0, 1, 0.25), (0.5, 1.0, 2, 0.125), (0.25, 1.0, 4, 0.25 / 16), (0.5, 0.25, 1, 1.0)],
+)
+def test_rollback_factor_cuts_the_pre_rollback_lr_and_never_raises_it(scale, snap_scale, power, expected):
+    assert rollback_lr_factor(scale, snap_scale, 0.5, power) == pytest.approx(expected)
+
+
+def test_rollback_lr_scales_restored_optimizer_and_scheduler_and_returns_the_new_scale():
+    opt, sched = _opt_and_sched(lr=0.8)  # the restored snapshot's LR, taken at lr_scale 1
+    new_scale = rollback_lr([opt], [sched], lr_scale=0.5, snapshot_lr_scale=1.0, lr_factor=0.5, lr_power=2)
+    assert new_scale == pytest.approx(0.125)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.8 * 0.125)
+    opt.step()
+    sched.step()  # the scheduler's later LRs carry the cut too
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.8 * 0.125 * 0.5)
+
+
+def test_lower_lr_multiplies_the_current_lr_and_the_scale():
+    opt, sched = _opt_and_sched(lr=2.0)
+    assert lower_lr([opt], [sched], lr_scale=0.5, lr_factor=0.5) == pytest.approx(0.25)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    assert sched.base_lrs == [pytest.approx(1.0)]
+
+
+def test_roll_back_restores_the_snapshot_bitwise_forgets_newer_ones_and_cuts_the_lr():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    store = SnapshotStore(capacity=2)
+
+    def train_step() -> None:
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+    train_step()
+    old = take_snapshot(model, [opt], [sched], step=1, meta={"lr_scale": 1.0})
+    store.update(old, trusted=True)
+    expected_model = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_state = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    train_step()
+    store.update(take_snapshot(model, [opt], [sched], step=2, meta={"lr_scale": 1.0}), trusted=True)
+    train_step()
+
+    extra, scale = roll_back(old, store, model, [opt], [sched], lr_scale=1.0, lr_factor=0.5)
+    assert extra == {}
+    assert scale == pytest.approx(0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected_model[k]), k
+    for k, v in opt.state[model.weight].items():
+        assert torch.equal(v, expected_state[k]), k
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert store.compute() is not None
+    assert store.compute().step == 1  # the newer snapshot went with the rolled-back steps
+
+
+def test_halt_report_carries_the_event_the_lr_and_the_histories():
+    opt, _ = _opt_and_sched(lr=0.25)
+    event = GuardEvent(7, "halt", "loss_divergence", 0.25, reason="3 rollbacks used")
+    event.reason = halt_reason(event)
+    assert event.reason == "loss divergence; 3 rollbacks used"
+    assert halt_reason(GuardEvent(1, "halt", "nonfinite_grad", 1.0)) == "nonfinite grad"
+    report = halt_report(event, [opt], 0.25, {"rollbacks": 3}, [[6, 1.0], [7, 9.0]], [[7, 5.0]], [{"step": 3}])
+    assert report.step == 7
+    assert report.cause == "loss_divergence"
+    assert report.lr == [[0.25]]
+    assert report.counters == {"rollbacks": 3}
+    assert report.grad_norm_history == [[6, 1.0], [7, 9.0]]
+    assert report.events[0] == {"step": 3}
+    assert report.events[-1]["step"] == 7
+    assert not report.nonfinite_loss
+
+
+def test_nonfinite_weights_and_buffers_names_each_kind_separately():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].bias[1] = math.nan
+        model[1].running_var[0] = math.inf
+    assert nonfinite_weights_and_buffers(model) == (["0.bias"], ["1.running_var"])
+    assert nonfinite_weights_and_buffers(torch.nn.Linear(2, 2)) == ([], [])
+
+
+def test_snapshot_failure_message_names_the_owner_the_error_and_the_fallback():
+    model = torch.nn.Linear(2, 2)
+    kept = take_snapshot(model, step=4)
+    text = snapshot_failure_message("GradGuard", 9, MemoryError("host full"), kept)
+    expected = "GradGuard could not take a snapshot at step 9 (MemoryError: host full); "
+    assert text == expected + "rollbacks use the snapshot of step 4"
+    other = snapshot_failure_message("NaNGuard", 9, None, None)
+    assert "failed on another rank" in other
+    assert "no snapshot (a fault now halts)" in other
+
+
+def test_stability_target_restarts_from_the_start_or_goes_back_before_a_climb():
+    import torch
+
+    from lightning_gradguard.core.recover._rules import StartState, stability_target
+    from lightning_gradguard.core.recover._snapshot import SnapshotStore, take_snapshot
+
+    net = torch.nn.Linear(1, 1)
+    start, store = StartState(keep_steps=200), SnapshotStore(capacity=3)
+    start.offer(take_snapshot(net, step=0))
+    for step in (0, 50, 100):
+        store.update(take_snapshot(net, step=step), trusted=True)
+    snap, scratch = stability_target(start, store, worse_than_start=True, damaged=False, step=60, window=25)
+    assert (snap.step, scratch) == (0, True)
+    # a climb found at step 120 began within the last two windows: back to the newest snapshot before step 70
+    snap, scratch = stability_target(start, store, worse_than_start=False, damaged=True, step=120, window=25)
+    assert (snap.step, scratch) == (50, False)
+    assert stability_target(start, store, False, False, 120, 25) == (None, False)  # keep the state, cut the LR
+    # the start copy expired: a model worse than untrained goes back to before the two windows, like a climb
+    snap, scratch = stability_target(start, store, worse_than_start=True, damaged=False, step=260, window=25)
+    assert (snap.step, scratch) == (100, False)
