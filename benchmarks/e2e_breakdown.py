@@ -1,25 +1,28 @@
 """Which gradguard callback costs what end to end: overhead.py's e2e measurement, one callback set at a time.
 
-A supplement to ``overhead.py --sections e2e`` (same fits, same interleaving, same median of pair ratios), run with
-each of the three default callbacks alone and with ``default_callbacks(progress_bar=False)``, to explain the
-end-to-end overhead of the defaults. Usage: ``python benchmarks/e2e_breakdown.py [--pairs 8] [--steps 150]
-[--examples lstm,deep_cnn]``.
+A supplement to ``overhead.py --sections e2e`` (the same ``overhead_e2e.measure_e2e``: same fits, same interleaving,
+same median of pair ratios), run with each of the three default callbacks alone and with
+``default_callbacks(progress_bar=False)``, to explain the end-to-end overhead of the defaults. Usage:
+``python benchmarks/e2e_breakdown.py [--pairs 8] [--steps 150] [--examples lstm,deep_cnn]`` (``--examples`` takes any
+of the e2e models: ``lstm``, ``deep_cnn``, ``many_small``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-import overhead  # noqa: E402
-import scenarios  # noqa: E402
+from overhead_e2e import measure_e2e  # noqa: E402
 
 
-def variants() -> dict[str, object]:
+def variants() -> dict[str, Callable[[], list[Callback]]]:
     from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard, default_callbacks
 
     return {
@@ -43,32 +46,27 @@ def main(argv: list[str] | None = None) -> int:
         "command: python benchmarks/" + " ".join([Path(__file__).name] + (argv if argv is not None else sys.argv[1:]))
     )
     common.print_machine(common.machine_description(threads))
-    saved = scenarios.EXAMPLES, overhead.default_guard_callbacks
-    scenarios.EXAMPLES = tuple(e for e in args.examples.split(",") if e)
+    examples = tuple(e for e in args.examples.split(",") if e)
     rows = []
-    try:
-        for label, make in variants().items():
-            overhead.default_guard_callbacks = make  # type: ignore[assignment]
-            ns = argparse.Namespace(tiny=args.tiny, quick=False)
-            res = overhead.measure_e2e(ns, args.pairs, args.steps)["examples"]
-            for name, e in res.items():
-                if "skipped" in e:
-                    print(f"  {label} / {name}: skipped ({e['skipped']})", flush=True)
-                    continue
-                lo, hi = e["overhead_iqr"]
-                rows.append(
-                    [
-                        label,
-                        name,
-                        common.fmt_time(e["unguarded_step_s"]),
-                        common.fmt_time(e["guarded_step_s"]),
-                        f"{e['overhead'] * 100:+.1f}%",
-                        f"{lo * 100:+.1f}% to {hi * 100:+.1f}%",
-                    ]
-                )
-                print(f"  {label} / {name}: {e['overhead'] * 100:+.1f}%", flush=True)
-    finally:  # this module is also imported by the test suite: leave the others as they were
-        scenarios.EXAMPLES, overhead.default_guard_callbacks = saved
+    for label, make in variants().items():
+        ns = argparse.Namespace(tiny=args.tiny, quick=False)
+        res = measure_e2e(ns, args.pairs, args.steps, models=examples, guarded=make)["examples"]
+        for name, e in res.items():
+            if "skipped" in e:
+                print(f"  {label} / {name}: skipped ({e['skipped']})", flush=True)
+                continue
+            lo, hi = e["overhead_iqr"]
+            rows.append(
+                [
+                    label,
+                    name,
+                    common.fmt_time(e["unguarded_step_s"]),
+                    common.fmt_time(e["guarded_step_s"]),
+                    f"{e['overhead'] * 100:+.1f}%",
+                    f"{lo * 100:+.1f}% to {hi * 100:+.1f}%",
+                ]
+            )
+            print(f"  {label} / {name}: {e['overhead'] * 100:+.1f}%", flush=True)
     print(f"\n### end-to-end overhead by callback ({args.pairs} interleaved pairs of fits, {args.steps} steps each)\n")
     print(
         common.markdown_table(

@@ -1,8 +1,9 @@
 """Where a callback's Python heap grows: tracemalloc allocation sites over a long stretch of steps.
 
 A follow-up to ``overhead.py --sections flat``, whose < 16 B/step rule flagged the monitor. Drives one callback
-through its per-step hooks inside a real fit (the harness of ``overhead.py``), warms up, then compares two
-tracemalloc snapshots taken ``--steps`` steps apart and prints the net growth and the sites that grew most.
+through its per-step hooks inside a real fit (the harness of ``overhead.py``, in ``overhead_common.py``), warms up,
+then compares two tracemalloc snapshots taken ``--steps`` steps apart and prints the net growth and the sites that
+grew most.
 Usage: ``python benchmarks/heap_trace.py [--callback monitor|clip|guard] [--warmup 3000] [--steps 3000]``.
 ``--renders N`` instead draws the monitor's gradient-flow image N times in blocks of 50 (random values, as in a run)
 and prints the traced growth per render of each block: whether matplotlib's caches saturate or keep growing.
@@ -19,14 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-import overhead  # noqa: E402
+import overhead_common as harness  # noqa: E402
 
 
 def factories() -> dict[str, object]:
     return {
-        "monitor": overhead.monitor_factory(None),
-        "clip": overhead.clip_factory("zscore"),
-        "guard": overhead.guard_factory(action="rollback"),
+        "monitor": harness.monitor_factory(None),
+        "clip": harness.clip_factory("zscore"),
+        "guard": harness.guard_factory(action="rollback"),
     }
 
 
@@ -46,15 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, object] = {}
 
     def measure(trainer, module, optimizer, batch, params, restore, next_step):  # noqa: ANN001
-        with overhead.quiet_lightning():
-            cb, err = overhead.try_make(factories()[args.callback])  # type: ignore[arg-type]
-            if cb is None:
-                raise SystemExit(f"cannot build the callback: {err}")
-            driver = overhead.CallbackDriver(cb, trainer, module, optimizer, batch)
-            driver.start()
-            for _ in range(args.warmup):
-                next_step()
-                driver.step()
+        with harness.quiet_lightning():
+            make = factories()[args.callback]
+            driver, err = harness.start_driver(make, trainer, module, optimizer, batch, next_step, args.warmup)
+            if driver is None:
+                raise SystemExit(f"cannot build, start or warm up the callback: {err}")
             tracemalloc.start(1)
             gc.collect()
             before = tracemalloc.take_snapshot()
@@ -69,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         out["top"] = sorted(diffs, key=lambda d: -d.size_diff)[: args.top]
         return {}
 
-    overhead.run_in_fit(lambda: overhead.mlp(2, 16), 16, measure)
+    harness.run_in_fit(lambda: harness.mlp(2, 16), 16, measure)
     total = int(out["total"])  # type: ignore[arg-type]
     per_step = total / args.steps
     print(f"net traced heap growth over {args.steps} steps after {args.warmup}: {total} B ({per_step:.1f} B/step)")

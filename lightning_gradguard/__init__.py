@@ -6,6 +6,11 @@
 - :func:`default_callbacks` returns the three, configured to work together.
 - :class:`GradGuard` does the clipping and recovery in a plain PyTorch loop (no Lightning needed);
   :class:`FabricGradGuard` in a Lightning Fabric loop.
+- What the guards report: :class:`GuardEvent` (one per action), :class:`GuardCause` (why),
+  :class:`GuardDecision` (the outcome of the last step), :class:`DivergenceError` (a halt).
+- The clippers for a plain loop or a custom setup: :func:`make_clipper`, :class:`ZScoreClipper`,
+  :class:`PercentileClipper`, :class:`AGCClipper`, :class:`NormClipper`, :class:`ValueClipper`,
+  :class:`PerParameterClipper` (all with ``clip_(stats)``, ``state_dict``), :data:`CLIPPERS` (the method names).
 
 The public names are loaded on first access (PEP 562), so ``import lightning_gradguard`` stays light: it does not
 import lightning (whose torchmetrics dependency pulls in matplotlib when it is installed) until a callback is used.
@@ -24,6 +29,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_gradguard.callbacks.default_callbacks import default_callbacks
     from lightning_gradguard.callbacks.gradient_norm_monitor import GradientNormMonitor
     from lightning_gradguard.callbacks.nan_guard import NaNGuard
+    from lightning_gradguard.core.clip import (
+        CLIPPERS,
+        AGCClipper,
+        NormClipper,
+        PercentileClipper,
+        PerParameterClipper,
+        ValueClipper,
+        ZScoreClipper,
+        make_clipper,
+    )
+    from lightning_gradguard.core.guard import GuardCause, GuardDecision, GuardEvent
     from lightning_gradguard.fabric.fabric_grad_guard import FabricGradGuard
     from lightning_gradguard.plain.grad_guard import GradGuard
 
@@ -34,17 +50,42 @@ _LAZY = {
     "NaNGuard": "lightning_gradguard.callbacks.nan_guard",
     "GradGuard": "lightning_gradguard.plain.grad_guard",
     "FabricGradGuard": "lightning_gradguard.fabric.fabric_grad_guard",
+    **{name: "lightning_gradguard.core.guard" for name in ("GuardCause", "GuardDecision", "GuardEvent")},
+    **{
+        name: "lightning_gradguard.core.clip"
+        for name in (
+            "CLIPPERS",
+            "AGCClipper",
+            "NormClipper",
+            "PerParameterClipper",
+            "PercentileClipper",
+            "ValueClipper",
+            "ZScoreClipper",
+            "make_clipper",
+        )
+    },
 }
 
 __all__ = [
+    "AGCClipper",
     "AdaptiveGradientClipping",
+    "CLIPPERS",
     "DivergenceError",
     "FabricGradGuard",
     "GradGuard",
     "GradientNormMonitor",
+    "GuardCause",
+    "GuardDecision",
+    "GuardEvent",
     "NaNGuard",
+    "NormClipper",
+    "PerParameterClipper",
+    "PercentileClipper",
+    "ValueClipper",
+    "ZScoreClipper",
     "__version__",
     "default_callbacks",
+    "make_clipper",
 ]
 
 

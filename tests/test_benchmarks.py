@@ -72,8 +72,20 @@ def test_scenario_faults_ramp_and_settings():
     assert not scenarios.params_finite(bn)
 
 
+def test_overhead_runner_maps_each_section_to_its_module(capsys):
+    """overhead.py is a thin runner: --sections name -> overhead_<name>.py; an unknown section is refused."""
+    overhead = _load("overhead")
+    assert list(overhead.SECTIONS) == ["micro", "e2e", "flat", "cuda"]
+    for name, fn in overhead.SECTIONS.items():
+        assert fn.__module__ == f"overhead_{name}"
+    with pytest.raises(SystemExit):
+        overhead.main(["--tiny", "--sections", "nope"])
+    assert "unknown section 'nope'; allowed: micro, e2e, flat, cuda" in capsys.readouterr().err
+
+
 def test_overhead_micro_runs_every_candidate(tmp_path):
     overhead = _load("overhead")
+    micro = _load("overhead_micro")
     out = tmp_path / "overhead.json"
     argv = ["--quick", "--tiny", "--rounds", "1", "--sections", "micro,cuda", "--models", "MLP", "--json", str(out)]
     assert overhead.main(argv) == 0
@@ -84,26 +96,73 @@ def test_overhead_micro_runs_every_candidate(tmp_path):
     for key in ("lightning grad_norm", "core compute_grad_stats"):
         assert math.isfinite(timings[key]["median_s"])
     # every gradguard candidate was either measured or reported with the reason it was not
-    for label, _ in overhead.micro_candidates(quick=True):
+    for label, _ in micro.micro_candidates(quick=True):
         assert label in timings or model["skipped"][label]
     import torch
 
     assert ("skipped" in res["cuda"]) == (not torch.cuda.is_available())
 
 
+def test_overhead_e2e_reports_every_model(tmp_path, capsys):
+    """--sections e2e times the two examples and the 1000-small-tensor model in three arms each, and the report (which
+    reads only the result dictionary, so it renders the saved JSON identically) has a row and two targets per model."""
+    overhead = _load("overhead")
+    e2e = _load("overhead_e2e")
+    report = _load("overhead_report")
+    scenarios = _load("scenarios")
+    assert e2e.E2E_MODELS == ("lstm", "deep_cnn", "many_small")
+    assert "many_small" not in scenarios.SCENARIOS  # timed only: the rescue grid is unchanged
+    assert len(list(scenarios.ManySmallMLP().parameters())) == 1000
+    out = tmp_path / "e2e.json"
+    assert overhead.main(["--quick", "--tiny", "--sections", "e2e", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    examples = res["e2e"]["examples"]
+    assert list(examples) == list(e2e.E2E_MODELS)
+    for name, e in examples.items():
+        if "skipped" in e:  # the deep CNN needs scikit-learn's digits
+            assert name == "deep_cnn", e
+            continue
+        for key in ("unguarded_step_s", "lightning_clip_step_s", "guarded_step_s"):
+            assert math.isfinite(e[key])
+            assert e[key] > 0
+        assert len(e["ratios"]) == res["e2e"]["pairs"]
+        assert math.isfinite(e["vs_lightning_clip"])
+        assert f"end-to-end <= 1.05x Lightning's gradient_clip_val=1.0 ({name})" in text
+    assert any(line.startswith("| many_small ") for line in text.splitlines())
+    assert "many_small: 1000 small parameter tensors" in text
+    assert report.report(res) in text
+
+
+def test_overhead_flat_rows(tmp_path, monkeypatch):
+    """--sections flat: one row per mark with time, state size, heap growth and RSS (one candidate, to stay cheap)."""
+    overhead = _load("overhead")
+    flat = _load("overhead_flat")
+    every = flat.flat_candidates
+    monkeypatch.setattr(flat, "flat_candidates", lambda: every()[-1:])
+    out = tmp_path / "flat.json"
+    assert overhead.main(["--quick", "--tiny", "--sections", "flat", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["flat"]
+    ((label, f),) = res["callbacks"].items()
+    assert label == "NaNGuard rollback (defaults)"
+    assert [r["updates"] for r in f["rows"]] == res["marks"]
+    for r in f["rows"]:
+        assert r["state_bytes"] > 0
+        assert r["rss_bytes"] >= 0
+        assert math.isfinite(r["median_step_s"])
+
+
 def test_e2e_breakdown_measures_each_variant(capsys):
     breakdown = _load("e2e_breakdown")
-    overhead = _load("overhead")
-    before = overhead.default_guard_callbacks
-    assert breakdown.main(["--tiny", "--pairs", "1", "--steps", "12", "--examples", "lstm"]) == 0
-    assert overhead.default_guard_callbacks is before  # the variants were swapped in and back out
+    assert breakdown.main(["--tiny", "--pairs", "1", "--steps", "12", "--examples", "lstm,many_small"]) == 0
     text = capsys.readouterr().out
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 6 and cells[1] == "lstm":
-            rows[cells[0]] = float(cells[4].rstrip("%"))
-    assert set(rows) == set(breakdown.variants())  # one measured row per callback set
+        if len(cells) == 6 and cells[1] in ("lstm", "many_small"):
+            rows[cells[0], cells[1]] = float(cells[4].rstrip("%"))
+    # one measured row per callback set and model
+    assert set(rows) == {(v, m) for v in breakdown.variants() for m in ("lstm", "many_small")}
     assert all(math.isfinite(v) and v > -100 for v in rows.values())
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -22,7 +21,8 @@ from lightning_gradguard.callbacks.strategy_support import check_supported_strat
 from lightning_gradguard.core._arg_checks import check_bool, check_int
 from lightning_gradguard.core.clip._options import MAX_NORM_TYPE, MAX_WARMUP, MAX_WINDOW
 from lightning_gradguard.core.clip._registry import CLIPPERS, Clipper, ClipRecord, check_clip_options, make_clipper
-from lightning_gradguard.core.measure._grad_stats import GradStats, norms_of
+from lightning_gradguard.core.engine._scalars import clip_scalars
+from lightning_gradguard.core.measure._grad_stats import GradStats
 
 __all__ = ["MAX_NORM_TYPE", "MAX_WARMUP", "MAX_WINDOW", "METHODS", "AdaptiveGradientClipping", "ClipRecord"]
 
@@ -300,19 +300,6 @@ class AdaptiveGradientClipping(Callback):
         return metrics  # type: ignore[return-value]
 
     def _log(self, trainer: pl.Trainer, idx: int, slot: _Slot, stats: GradStats, record: ClipRecord) -> None:
-        metrics: dict[str, float] = {}
-        threshold = math.inf if record.threshold is None else float(record.threshold)
-        if math.isfinite(threshold):
-            metrics[tag("clip_threshold", idx)] = threshold
-        if record.coefficient is not None and record.threshold is not None and self.method != "per_parameter":
-            post = float(stats.total_norm64 * record.coefficient)
-        else:  # value / per_parameter / agc change each gradient differently: measure again (logging steps only)
-            norms = norms_of(stats.grads, stats.norm_type, torch.float64)
-            post = float(torch.linalg.vector_norm(norms, stats.norm_type)) if norms.numel() else 0.0
-        if math.isfinite(post):
-            metrics[tag("grad_norm_clipped", idx)] = post
+        metrics = clip_scalars(idx, stats, record, per_parameter=self.method == "per_parameter")
         metrics.update(self._counts(idx, slot))
-        z = record.zscore
-        if z is not None and math.isfinite(float(z)):
-            metrics[tag("grad_norm_zscore", idx)] = float(z)
         log_scalars(trainer, metrics, step=trainer.global_step)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import re
 import sys
 import weakref
 from collections.abc import Callable, Mapping
@@ -14,6 +12,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_gradguard.core.engine._scalars import LOG10_NAMES, log10_twins, tag
 
 __all__ = [
     "LOG10_NAMES",
@@ -27,33 +27,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("lightning_gradguard")
-
-
-def tag(name: str, optimizer_idx: int = 0) -> str:
-    """The TensorBoard tag ``gradguard/<name>``; optimizers after the first get ``_opt<i>`` appended."""
-    return f"gradguard/{name}" if optimizer_idx == 0 else f"gradguard/{name}_opt{optimizer_idx}"
-
-
-#: scalars whose values span decades: :func:`log_scalars` also writes ``<name>_log10`` beside each of them
-LOG10_NAMES = frozenset(
-    {"grad_norm", "grad_norm_max", "grad_norm_mean", "grad_norm_clipped", "clip_threshold", "loss_max"}
-)
-_TAG = re.compile(r"gradguard/(?P<name>.+?)(?:_opt(?P<idx>\d+))?$")
-
-
-def log10_twins(values: Mapping[str, float]) -> dict[str, float]:
-    """``gradguard/<name>_log10`` (``_opt<i>`` kept last) for each finite, positive value of a :data:`LOG10_NAMES` tag.
-
-    Example:
-        >>> log10_twins({"gradguard/grad_norm": 100.0, "gradguard/clip_threshold_opt1": 0.01, "gradguard/lr": 0.1})
-        {'gradguard/grad_norm_log10': 2.0, 'gradguard/clip_threshold_log10_opt1': -2.0}
-    """
-    out: dict[str, float] = {}
-    for key, value in values.items():
-        m = _TAG.match(key)
-        if m and m["name"] in LOG10_NAMES and math.isfinite(value) and value > 0:
-            out[tag(m["name"] + "_log10", int(m["idx"] or 0))] = math.log10(value)
-    return out
 
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:

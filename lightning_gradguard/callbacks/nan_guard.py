@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -13,17 +12,17 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradguard.callbacks import checkpoint_snapshots as ckpts
-from lightning_gradguard.callbacks.guard_steps import GuardSteps
+from lightning_gradguard.callbacks._trainer_host import TrainerHost
 from lightning_gradguard.callbacks.log_writer import ProgressBarValues
+from lightning_gradguard.callbacks.step_context import grad_stats_for, log_due, step_record
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
-from lightning_gradguard.core._arg_checks import check_bool, check_choice, check_int, check_number
-from lightning_gradguard.core.guard._policy import POLICIES, GuardCause, GuardDecision, GuardPolicy
+from lightning_gradguard.core.engine import EngineField, GuardEngine, check_guard_options
+from lightning_gradguard.core.engine._options import OPTION_NAMES
+from lightning_gradguard.core.guard import GuardCause, GuardDecision
 from lightning_gradguard.core.recover._lr_scaling import is_known_scheduler
-from lightning_gradguard.errors import DivergenceError
 
 __all__ = ["GuardCause", "GuardDecision", "NaNGuard"]
 
-log = logging.getLogger(__name__)
 _OWNER = "NaNGuard"
 
 
@@ -75,6 +74,9 @@ class NaNGuard(Callback):
         raise_on_halt, save_bad_batch, report_dir, history_size: halting and the report.
         log_every_n_steps: scalar logging interval (default: the Trainer's).
 
+    All the per-step work is the guard engine's (:class:`~lightning_gradguard.core.engine.GuardEngine`, shared with
+    ``GradGuard`` and ``FabricGradGuard``); this callback turns Trainer hooks into its calls.
+
     Raises:
         TypeError, ValueError: a bad argument (at construction); at ``setup``, ``snapshot="checkpoint"`` without a
             full-state ModelCheckpoint, or a second NaNGuard.
@@ -85,12 +87,37 @@ class NaNGuard(Callback):
         <GuardDecision.HEALTHY: 'healthy'>
     """
 
-    # set through check_bool in __init__ (one loop over the flags)
-    check_params: bool
-    divergence: bool
-    stability: bool
-    raise_on_halt: bool
-    save_bad_batch: bool
+    # the checked options (core/engine/_options.py) and the engine's counters, read and written where they live
+    action = EngineField(options=True)
+    lr_factor = EngineField(options=True)
+    max_consecutive_skips = EngineField(options=True)
+    escalate_to = EngineField(options=True)
+    snapshot = EngineField(options=True)
+    snapshot_every_n_steps = EngineField(options=True)
+    snapshot_confirm_steps = EngineField(options=True)
+    max_rollbacks = EngineField(options=True)
+    check_params = EngineField(options=True)
+    divergence = EngineField(options=True)
+    stability = EngineField(options=True)
+    spike_zscore = EngineField(options=True)
+    spike_window = EngineField(options=True)
+    amp_scale_floor = EngineField(options=True)
+    raise_on_halt = EngineField(options=True)
+    save_bad_batch = EngineField(options=True)
+    report_dir = EngineField(options=True)
+    log_every_n_steps = EngineField(options=True)
+    history_size = EngineField(options=True)
+    policy = EngineField()
+    skipped_steps = EngineField()
+    amp_overflow_steps = EngineField()
+    lr_scale = EngineField()
+    events = EngineField()
+    reason = EngineField("outcome")
+    cause = EngineField()
+    halt_error = EngineField()
+    report_path = EngineField()
+    rollbacks = EngineField()
+    consecutive_skips = EngineField()
 
     def __init__(
         self,
@@ -115,57 +142,16 @@ class NaNGuard(Callback):
         history_size: int = 50,
     ) -> None:
         super().__init__()
-        self.action = check_choice("action", action, POLICIES, owner=_OWNER)
-        self.escalate_to = check_choice("escalate_to", escalate_to, ("rollback", "halt"), owner=_OWNER)
-        self.snapshot = check_choice("snapshot", snapshot, ("memory", "checkpoint"), owner=_OWNER)
-        lr_checked = check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_open=True, owner=_OWNER)
-        self.lr_factor = cast(float, lr_checked)
-        self.max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips, 0, owner=_OWNER)
-        self.snapshot_every_n_steps = check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1, owner=_OWNER)
-        self.snapshot_confirm_steps = check_int("snapshot_confirm_steps", snapshot_confirm_steps, 0, owner=_OWNER)
-        self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, 0, owner=_OWNER)
-        self.spike_window = check_int("spike_window", spike_window, 2, high=10**6, owner=_OWNER)
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, True, owner=_OWNER)
-        self.history_size = check_int("history_size", history_size, 1, high=10**6, owner=_OWNER)
-        finite_pos: dict[str, Any] = {"low": 0.0, "low_open": True, "high_open": True, "owner": _OWNER}
-        self.spike_zscore = check_number(
-            "spike_zscore", spike_zscore, allow_none=True, describe="a finite number > 0", **finite_pos
-        )
-        self.amp_scale_floor = cast(
-            float, check_number("amp_scale_floor", amp_scale_floor, describe="a finite number > 0", **finite_pos)
-        )
-        for name in ("check_params", "divergence", "stability", "raise_on_halt", "save_bad_batch"):
-            setattr(self, name, check_bool(name, locals()[name], owner=_OWNER))
-        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
-            raise TypeError(f"{_OWNER}: report_dir must be a path or None, got {type(report_dir).__name__}")
-        self.report_dir = None if report_dir is None else str(report_dir)
-
-        self.policy = GuardPolicy(action, max_consecutive_skips, escalate_to, max_rollbacks)
-        self.skipped_steps = 0
-        self.amp_overflow_steps = 0
-        self.lr_scale = 1.0
-        self.events: list[dict[str, Any]] = []
-        self.reason = GuardDecision.HEALTHY
-        self.cause: GuardCause | None = None
-        self.halt_error: DivergenceError | None = None
-        self.report_path: str | None = None
+        args = locals()
+        options = check_guard_options(_OWNER, "nan_guard_report", **{k: args[k] for k in OPTION_NAMES})
+        self.engine = GuardEngine(options)
         self.files = ckpts.CheckpointSnapshots()
-        self.steps = GuardSteps(self)
+        self._host: TrainerHost | None = None
         self._bar = ProgressBarValues()
         self._out_dir: Path | None = None
-
-    # ------------------------------------------------------------------ counters kept by the policy
-    @property
-    def rollbacks(self) -> int:
-        return self.policy.rollbacks
-
-    @rollbacks.setter
-    def rollbacks(self, value: int) -> None:
-        self.policy.rollbacks = int(value)
-
-    @property
-    def consecutive_skips(self) -> int:
-        return self.policy.consecutive_skips
+        self._loss: torch.Tensor | None = None
+        self._stepped = False
+        self._record: Any = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -179,30 +165,12 @@ class NaNGuard(Callback):
         return cached[1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.files.run_id,
-            "skipped_steps": self.skipped_steps,
-            "amp_overflow_steps": self.amp_overflow_steps,
-            "lr_scale": self.lr_scale,
-            "events": [dict(e) for e in self.events],
-            "reason": self.reason.value,
-            "policy": self.policy.state_dict(),
-            **self.steps.state_dict(),
-        }
+        return {"run_id": self.files.run_id, **self.engine.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Counters, events and detector state; the scaled LR itself comes back with the optimizer/scheduler
         state that Lightning restores from the same checkpoint (checked against ``lr_scale`` in on_train_start)."""
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.amp_overflow_steps = int(state_dict.get("amp_overflow_steps", 0))
-        self.lr_scale = float(state_dict.get("lr_scale", 1.0))
-        self.events = [dict(e) for e in state_dict.get("events", [])]
-        self.policy.load_state_dict(state_dict.get("policy", state_dict))
-        values = {d.value for d in GuardDecision}
-        self.reason = GuardDecision(
-            state_dict.get("reason", "healthy") if state_dict.get("reason") in values else "healthy"
-        )
-        self.steps.load_state_dict(state_dict)
+        self.engine.load_state_dict(state_dict)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -245,31 +213,72 @@ class NaNGuard(Callback):
                     "are left alone and may undo the cut."
                 )
         self._bar.reset()
-        self.steps.start(trainer, pl_module)
+        self._loss, self._stepped, self._record = None, False, None
+        self._host = TrainerHost(trainer, pl_module, self.files, self._out_dir)
+        self.engine.configure(self.engine.options)
+        self.engine.start(self._host, trainer.global_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.steps.stop(trainer)
+        if self._host is not None:
+            self._host.restore_limits()
+            self._host = None
+        self.engine.stop()
 
-    # ------------------------------------------------------------------ hooks: all per-step work is in GuardSteps
+    # ------------------------------------------------------------------ per step: the engine's calls
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        self.steps.batch_start(pl_module, batch, batch_idx)
+        self.engine.open_window(pl_module)  # first micro-batch of an optimizer step: buffers as they were
+        self.engine.add_batch(batch, batch_idx)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        self.steps.loss(trainer, loss)
+        value = loss.detach()
+        if value.dtype is not torch.float32:
+            value = value.float()
+        scaler = self._host.scaler() if self._host is not None else None
+        if scaler is not None and isinstance(getattr(scaler, "_scale", None), torch.Tensor):
+            value = value / scaler._scale.to(value.device)  # the loss arrives scaled by the GradScaler
+        self._loss = value if self._loss is None else self._loss + value
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self.steps.check(trainer, pl_module, optimizer)
+        """Judge the step before its update: one stack of scalars, one reduce (DDP), one host read."""
+        step = trainer.global_step
+        stats = grad_stats_for(trainer, pl_module, optimizer, step=step)
+        self._record = step_record(trainer, step)
+        verdict = self.engine.judge(step, [stats], self._loss)
+        self._loss, self._stepped = None, True
+        if verdict.health is None:
+            return
+        self._record.dropped = True
+        for group in getattr(optimizer, "param_groups", []):
+            for p in group["params"]:
+                p.grad = None  # a real skip: optimizers leave params without a grad (and their state) alone
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.steps.batch_end(trainer, pl_module)
+        if not self._stepped:
+            return  # a gradient-accumulation micro-batch: no optimizer step happened
+        self._stepped = False
+        step = trainer.global_step - 1
+        if self.snapshot == "checkpoint":
+            self.files.observe(trainer)
+        record = self._record
+        flags = None
+        if record is not None and not record.dropped:
+            flags = [getattr(c, "clipped", False) for c in record.clips.values()]
+        flagged = self.engine.end_step(step, flags)
+        every: int = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50
+        if not flagged and log_due(trainer, every):
+            self.engine.write_scalars(step)
+        if getattr(pl_module, "_current_fx_name", None) is not None:  # progress-bar counters, sent when they change
+            self._bar.show_changed(trainer, pl_module, "nan_skips", float(self.skipped_steps), step)
+            self._bar.show_changed(trainer, pl_module, "nan_rollbacks", float(self.rollbacks), step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.steps.fit_end(trainer, pl_module)
-        self.steps.write_scalars(trainer, trainer.global_step)
+        self.engine.check_weights(trainer.global_step)  # the last update is checked by no later step
+        self.engine.write_scalars(trainer.global_step)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.steps.write_scalars(trainer, trainer.global_step)
+        if self._host is not None:
+            self.engine.write_scalars(trainer.global_step)

@@ -1,16 +1,15 @@
 """GradGuard: gradguard's clipping and NaN/divergence recovery for a plain PyTorch (or Fabric) training loop.
 
-The same core objects as the Lightning callbacks make every decision: the clipper of
-:mod:`lightning_gradguard.core.clip._registry` (one per optimizer), the guard policy of
-:mod:`lightning_gradguard.core.guard._policy`, the finite-divergence and stability detectors, the snapshot store and
-the scheduler-safe LR scaling. This module only measures, wires those objects to a loop's model, optimizers,
-schedulers and GradScaler, agrees across ranks, and logs. On the same gradient stream it takes the same decisions as
-``AdaptiveGradientClipping`` + ``NaNGuard`` in a Trainer (``tests/plain/test_same_decisions.py`` checks it).
+The same core as the Lightning callbacks makes every decision and carries it out: the clippers of
+:mod:`lightning_gradguard.core.clip` (one per optimizer) and the guard engine of
+:mod:`lightning_gradguard.core.engine` (judge, policy, snapshots, rollbacks, LR cuts, halts, events), which reaches
+the loop through :class:`~lightning_gradguard.plain._loop_host.LoopHost`. This module only checks the arguments and
+turns ``before_step``/``after_step`` into the engine's calls. On the same gradient stream it takes the same
+decisions as ``AdaptiveGradientClipping`` + ``NaNGuard`` in a Trainer (``tests/plain/test_same_decisions.py``).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -18,27 +17,34 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.core._arg_checks import check_bool, check_choice, check_int, check_number
-from lightning_gradguard.core.clip._registry import CLIPPERS, Clipper, ClipRecord, check_clip_options, make_clipper
-from lightning_gradguard.core.guard._policy import POLICIES, GuardEvent, GuardPolicy
-from lightning_gradguard.core.guard._step_judge import StepJudge, Verdict
-from lightning_gradguard.core.measure._grad_stats import GradStats, compute_grad_stats
-from lightning_gradguard.core.recover._snapshot import BufferCopy, SnapshotStore
+from lightning_gradguard.core._arg_checks import check_choice
+from lightning_gradguard.core.clip import CLIPPERS, Clipper, ClipRecord, check_clip_options
+from lightning_gradguard.core.engine import EngineField, GuardEngine, check_guard_options
+from lightning_gradguard.core.guard import GuardDecision
+from lightning_gradguard.core.guard._step_judge import Verdict
+from lightning_gradguard.plain._clip_slots import ClipSlots
+from lightning_gradguard.plain._loop_host import LoopHost, unwrap_model
 from lightning_gradguard.plain.distributed import MaxReducer, Reduce, rank_and_world
-from lightning_gradguard.plain.recovery import Recovery
-from lightning_gradguard.plain.summary_log import SummaryLog
 
 __all__ = ["GradGuard"]
 
-_OWNER = "GradGuard"
+#: the old ``last_action`` strings of each outcome
+_LAST_ACTION = {
+    GuardDecision.HEALTHY: "healthy",
+    GuardDecision.AMP_OVERFLOW: "amp_overflow",
+    GuardDecision.SKIPPED: "skip",
+    GuardDecision.ROLLED_BACK: "rollback",
+    GuardDecision.LOWERED_LR: "lower_lr",
+    GuardDecision.HALTED: "halt",
+}
 
 
-def _as_list(value: Any, name: str, kind: type | tuple[type, ...]) -> list[Any]:
+def _as_list(value: Any, name: str, kind: type | tuple[type, ...], owner: str) -> list[Any]:
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     for item in items:
         if not isinstance(item, kind):
             allowed = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise TypeError(f"{_OWNER}: {name} must be a {allowed} or a list of them, got {type(item).__name__}")
+            raise TypeError(f"{owner}: {name} must be a {allowed} or a list of them, got {type(item).__name__}")
     return items
 
 
@@ -46,24 +52,6 @@ def _raw_optimizer(opt: Any) -> torch.optim.Optimizer:
     """The torch optimizer behind a wrapper (Fabric's ``_FabricOptimizer``, Lightning's ``LightningOptimizer``)."""
     inner = getattr(opt, "optimizer", None)
     return inner if isinstance(inner, torch.optim.Optimizer) else opt
-
-
-class _Slot:
-    """One optimizer's clipper and counters."""
-
-    def __init__(self, clipper: Clipper | None) -> None:
-        self.clipper = clipper
-        self.steps = 0
-        # counts of clipped steps: device tensors once a clipper answers with one (read only when reported)
-        self.clipped_total: Any = 0
-        self.clipped_since_log: Any = 0
-        self.steps_since_log = 0
-        self.record: ClipRecord | None = None
-        self.params_key: tuple[tuple[int, int], ...] = ()
-        self.params: list[Tensor] = []
-        self.names: list[str] = []
-        self.pending = False  # the clipper holds statistics of a step whose verdict is not in yet
-        self.stats: GradStats | None = None
 
 
 class GradGuard:
@@ -145,6 +133,38 @@ class GradGuard:
         1
     """
 
+    action = EngineField(options=True)
+    lr_factor = EngineField(options=True)
+    max_consecutive_skips = EngineField(options=True)
+    escalate_to = EngineField(options=True)
+    snapshot_every_n_steps = EngineField(options=True)
+    snapshot_confirm_steps = EngineField(options=True)
+    max_rollbacks = EngineField(options=True)
+    check_params = EngineField(options=True)
+    divergence = EngineField(options=True)
+    stability = EngineField(options=True)
+    spike_zscore = EngineField(options=True)
+    spike_window = EngineField(options=True)
+    amp_scale_floor = EngineField(options=True)
+    raise_on_halt = EngineField(options=True)
+    report_dir = EngineField(options=True)
+    history_size = EngineField(options=True)
+    policy = EngineField()
+    store = EngineField()
+    skipped_steps = EngineField()
+    amp_overflow_steps = EngineField()
+    #: cumulative LR factor applied by rollbacks and stability cuts.
+    lr_scale = EngineField()
+    #: every event as a plain dict (``GuardEvent.to_dict``), oldest first.
+    events = EngineField()
+    #: what the guard did at the last step (a :class:`~lightning_gradguard.core.guard.GuardDecision`).
+    reason = EngineField("outcome")
+    cause = EngineField()
+    halted = EngineField()
+    halt_error = EngineField()
+    report_path = EngineField()
+    rollbacks = EngineField()
+
     def __init__(
         self,
         model: nn.Module,
@@ -175,11 +195,12 @@ class GradGuard:
         all_reduce_max: Reduce | None = None,
         process_group: Any = None,
     ) -> None:
-        o = _OWNER
+        o = type(self).__name__
+        guard_args = {k: v for k, v in locals().items() if k not in _NOT_GUARD_OPTIONS}
         if not isinstance(model, nn.Module):
             raise TypeError(f"{o}: model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.optimizers = [_raw_optimizer(x) for x in _as_list(optimizers, "optimizers", torch.optim.Optimizer)]
+        self.optimizers = [_raw_optimizer(x) for x in _as_list(optimizers, "optimizers", torch.optim.Optimizer, o)]
         self.schedulers = (
             [] if schedulers is None else (list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers])
         )
@@ -202,110 +223,47 @@ class GradGuard:
         self.clipping_options: dict[str, Any] = {}
         if clipping_options:
             self.clipping_options = check_clip_options(cast(str, clipping), owner=o, **clipping_options)
-        self.action = check_choice("action", action, POLICIES, owner=o)
-        self.escalate_to = check_choice("escalate_to", escalate_to, ("rollback", "halt"), owner=o)
-        self.lr_factor = cast(float, check_number("lr_factor", lr_factor, low=0.0, high=1.0, low_open=True, owner=o))
-        self.max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips, 0, owner=o)
-        self.snapshot_every_n_steps = check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1, owner=o)
-        self.snapshot_confirm_steps = check_int("snapshot_confirm_steps", snapshot_confirm_steps, 0, owner=o)
-        self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, 0, owner=o)
-        self.check_params = check_bool("check_params", check_params, owner=o)
-        self.divergence = check_bool("divergence", divergence, owner=o)
-        self.stability = check_bool("stability", stability, owner=o)
-        self.raise_on_halt = check_bool("raise_on_halt", raise_on_halt, owner=o)
-        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
-            raise TypeError(f"{o}: report_dir must be a str, a path or None, got {type(report_dir).__name__}")
-        self.report_dir = report_dir
-        pos = "a finite number > 0"
-        self.spike_zscore = check_number(
-            "spike_zscore", spike_zscore, low=0.0, low_open=True, high_open=True, allow_none=True, owner=o, describe=pos
-        )
-        self.spike_window = check_int("spike_window", spike_window, 2, high=10**6, owner=o)
-        self.amp_scale_floor = cast(
-            float,
-            check_number(
-                "amp_scale_floor", amp_scale_floor, low=0.0, low_open=True, high_open=True, owner=o, describe=pos
-            ),
-        )
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, owner=o)
-        self.history_size = check_int("history_size", history_size, 1, high=10**6, owner=o)
-
-        self.reduce = MaxReducer(all_reduce_max, process_group)
+        self.engine = GuardEngine(check_guard_options(o, "grad_guard_report", **guard_args))
+        self.log_every_n_steps = cast(int, self.engine.options.log_every_n_steps)
+        reducer = MaxReducer(all_reduce_max, process_group)
         self.rank = rank_and_world(process_group)[0] if all_reduce_max is None else None
-        self.policy = GuardPolicy(action, max_consecutive_skips, escalate_to, max_rollbacks)
-        self.judge = StepJudge(
-            self.reduce,
-            self.divergence,
-            self.stability,
-            self.spike_zscore,
-            self.spike_window,
-            self.amp_scale_floor,
-            self.history_size,
+        self.reduce = reducer
+        self._host = LoopHost(
+            model, self.optimizers, self.schedulers, scaler, reducer, self.rank, writer, self.engine.options.report_dir
         )
-        self.store = SnapshotStore(capacity=2, confirm_steps=self.snapshot_confirm_steps)
-        self.buffers = BufferCopy()
-        self.log = SummaryLog(self, writer)
-        self._names = self._param_names()
-        self._slots = [self._new_slot() for _ in self.optimizers]
-        for opt, slot in zip(self.optimizers, self._slots):  # e.g. complex parameters under clipping="value"
-            if slot.clipper is not None:
-                named = [(self._names.get(id(p), "?"), p) for g in opt.param_groups for p in g["params"]]
-                slot.clipper.check_parameters(named, owner=o)
+        names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
+        self._clips = ClipSlots(self.optimizers, names, clipping, self.clipping_options, o)
+        #: the latest :class:`~lightning_gradguard.core.clip.ClipRecord` of each optimizer index.
+        self.last: dict[int, ClipRecord] = self._clips.last
         #: optimizer steps attempted so far (the step axis of logs and events, like the Trainer's ``global_step``).
         self.step = 0
-        self.skipped_steps = 0
-        self.amp_overflow_steps = 0
-        #: cumulative LR factor applied by rollbacks and stability cuts.
-        self.lr_scale = 1.0
-        #: every event as a plain dict (``GuardEvent.to_dict``), oldest first.
-        self.events: list[dict[str, Any]] = []
-        #: the latest :class:`~lightning_gradguard.core.clip.ClipRecord` of each optimizer index.
-        self.last: dict[int, ClipRecord] = {}
-        #: the action taken at the last step (``"healthy"``, ``"amp_overflow"``, ``"skip"``, ``"rollback"``, ...).
-        self.last_action = "healthy"
-        self.halted = False
-        self._open = False  # a step window is open (buffers saved at its first forward)
         self._checked = False
         self._verdict: Verdict | None = None
-        self._last_dropped = False  # the step the clippers last clipped was dropped: they must not learn from it
-        self._since_snapshot = 0
-        self.recovery = Recovery(self)
         self._hook = model.register_forward_pre_hook(self._on_forward)
-        if self.action != "halt":
-            self.recovery.take_snapshot(trusted=True)
+        self.engine.start(self._host, self.step)
 
-    # ------------------------------------------------------------------ set-up helpers
     @property
     def inner_model(self) -> nn.Module:
         """The model without DDP or Fabric wrappers (its parameter names carry no wrapper prefix)."""
-        inner = self.model
-        wrapped = getattr(inner, "module", None)
-        while isinstance(wrapped, nn.Module) and wrapped is not inner:
-            inner, wrapped = wrapped, getattr(wrapped, "module", None)
-        return inner
-
-    def _param_names(self) -> dict[int, str]:
-        return {id(p): n for n, p in self.inner_model.named_parameters()}
-
-    def _new_slot(self) -> _Slot:
-        if self.clipping is None:
-            return _Slot(None)
-        if isinstance(self.clipping, Clipper):
-            return _Slot(copy.deepcopy(self.clipping))
-        return _Slot(make_clipper(self.clipping, owner=_OWNER, **self.clipping_options))
-
-    def _on_forward(self, _module: nn.Module, _inputs: Any) -> None:
-        if not self._open and torch.is_grad_enabled():  # the first training forward of a step: buffers as they are
-            self._open = True
-            self.buffers.save(self.model)
+        return unwrap_model(self.model)
 
     @property
-    def rollbacks(self) -> int:
-        return self.policy.rollbacks
+    def judge(self) -> Any:
+        """The engine's step judge (its detectors and histories)."""
+        return self.engine.judge_
+
+    @property
+    def last_action(self) -> str:
+        """:attr:`reason` as the strings of earlier releases (``"healthy"``, ``"skip"``, ``"rollback"``, ...)."""
+        return _LAST_ACTION[self.engine.outcome]
+
+    def _on_forward(self, _module: nn.Module, _inputs: Any) -> None:
+        if torch.is_grad_enabled():  # the first training forward of a step: buffers as they are
+            self.engine.open_window(self.model)
 
     def clip_rate(self, optimizer_idx: int = 0) -> float | None:
         """Share of optimizer ``optimizer_idx``'s steps that clipped so far; None before its first step."""
-        slot = self._slots[optimizer_idx]
+        slot = self._clips.slots[optimizer_idx]
         return float(slot.clipped_total) / slot.steps if slot.steps else None
 
     # ------------------------------------------------------------------ the step
@@ -316,83 +274,42 @@ class GradGuard:
             loss: the step's (unscaled) training loss, summed over accumulated micro-batches; None if not known
                 (then only the gradients are judged).
         """
+        self._checked = True
         if self.halted:
             self._drop_grads()
-            self._checked = True
             return False
         self._unscale()
-        stats = [self._measure(i, opt) for i, opt in enumerate(self.optimizers)]
-        for i, s in enumerate(stats):  # commit the previous step's statistics, then clip this one
-            self._clip(i, s)
-        verdict = self.judge.judge(self.step, stats, loss, self.scaler)
-        self.log.observe(verdict.norm, verdict.loss)
-        self._verdict = verdict
-        self._checked = True
-        self._last_dropped = verdict.health is not None
-        if self._last_dropped:
+        stats = self._clips.measure_and_clip()
+        verdict = self._verdict = self.engine.judge(self.step, stats, loss)
+        self._clips.observe(verdict.norm)
+        dropped = self._clips.last_dropped = verdict.health is not None
+        if dropped:
             self._drop_grads()
-        return not self._last_dropped
+        return not dropped
 
     def after_step(self) -> None:
         """Carry out the decision for the step just taken (or not): snapshot, roll back, lower the LR or halt."""
         if not self._checked:
-            raise RuntimeError(f"{_OWNER}.after_step() called without before_step() for step {self.step}")
-        self._checked, self._open = False, False
-        if self.halted:
-            self.step += 1
+            raise RuntimeError(f"{type(self).__name__}.after_step() called without before_step() for step {self.step}")
+        self._checked = False
+        step, self.step = self.step, self.step + 1
+        if self._verdict is None:  # halted before this step
+            self.engine.end_step(step)
             return
-        verdict, self._verdict = self._verdict, None
-        if verdict is None:  # pragma: no cover - _checked guarantees a verdict
-            return
-        pending = verdict.health
-        if pending is None:
-            self.judge.clip_flags = [s.record.clipped for s in self._slots if s.record is not None]
-        step = self.step
-        self.step += 1
-        if pending is not None:
-            self.recovery.handle_fault(pending, verdict)
-        elif verdict.lower_lr is not None:
-            self.recovery.lower_lr(step, verdict.lower_lr)
-        else:
-            self.recovery.healthy(verdict.overflow)
-        if pending is None and step % self.log_every_n_steps == 0:
-            self.log.scalars(step)
+        self._verdict = None
+        flagged = self.engine.end_step(step, self._clips.clip_flags())
+        if self.engine.log_due(step):  # a flagged step's guard scalars went out with its event
+            self._host.emit_scalars({**self._clips.scalars(), **({} if flagged else self.engine.scalars())}, step)
 
     def _unscale(self) -> None:
-        if self.scaler is None or not self.scaler.is_enabled():
+        scaler = self._host.scaler()
+        if scaler is None:
             return
-        states = getattr(self.scaler, "_per_optimizer_states", {})
+        states = getattr(scaler, "_per_optimizer_states", {})
         for opt in self.optimizers:
             stage = states.get(id(opt), {}).get("stage")
             if stage is None or getattr(stage, "name", "") == "READY":
-                self.scaler.unscale_(opt)
-
-    def _measure(self, idx: int, opt: torch.optim.Optimizer) -> GradStats:
-        slot = self._slots[idx]
-        key = tuple((id(g["params"]), len(g["params"])) for g in opt.param_groups)
-        if slot.params_key != key:  # built once; again only when the param groups change
-            slot.params = [p for g in opt.param_groups for p in g["params"]]
-            slot.names = [self._names.get(id(p), f"opt{idx}.param_{j}") for j, p in enumerate(slot.params)]
-            slot.params_key = key
-        params, names = slot.params, slot.names
-        clipper = slot.clipper
-        return compute_grad_stats(params, names, clipper.norm_type if clipper is not None else 2.0)
-
-    def _clip(self, idx: int, stats: GradStats) -> None:
-        slot = self._slots[idx]
-        slot.stats = stats
-        if not stats.grads or slot.clipper is None:
-            return
-        if slot.pending:
-            slot.clipper.commit(dropped=self._last_dropped)
-        record = slot.clipper.clip_(stats)
-        record.step = slot.steps
-        slot.record = self.last[idx] = record
-        slot.pending = True
-        slot.steps += 1
-        slot.steps_since_log += 1
-        slot.clipped_total = slot.clipped_total + record.clipped  # no host read: a tensor stays on its device
-        slot.clipped_since_log = slot.clipped_since_log + record.clipped
+                scaler.unscale_(opt)
 
     def _drop_grads(self) -> None:
         for opt in self.optimizers:
@@ -403,27 +320,9 @@ class GradGuard:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Counters, clipper statistics, policy and detectors (plain data; in-memory snapshots are not included)."""
-        for slot in self._slots:
-            if slot.pending and slot.clipper is not None:
-                slot.clipper.commit(dropped=self._last_dropped)
-                slot.pending = False
-        return {
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-            "amp_overflow_steps": self.amp_overflow_steps,
-            "lr_scale": self.lr_scale,
-            "events": [dict(e) for e in self.events],
-            "clippers": [
-                {
-                    "steps": s.steps,
-                    "clipped_total": int(s.clipped_total),
-                    "clipper": s.clipper.state_dict() if s.clipper is not None else {},
-                }
-                for s in self._slots
-            ],
-            "policy": self.policy.state_dict(),
-            **self.judge.state_dict(),
-        }
+        state = self.engine.state_dict()
+        del state["snapshots"]
+        return {"step": self.step, **state, "clippers": self._clips.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (after loading the model, optimizer and scheduler states yourself).
@@ -432,40 +331,29 @@ class GradGuard:
         A fresh trusted snapshot of the loaded state is taken.
         """
         self.step = int(state.get("step", 0))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
-        self.lr_scale = float(state.get("lr_scale", 1.0))
-        self.events = [dict(e) for e in state.get("events", [])]
-        for slot, saved in zip(self._slots, state.get("clippers", [])):
-            slot.steps = int(saved.get("steps", 0))
-            slot.clipped_total = int(saved.get("clipped_total", 0))
-            if slot.clipper is not None:
-                slot.clipper.load_state_dict(saved.get("clipper") or {})
-            slot.pending = False
-        self.policy.load_state_dict(state.get("policy") or {})
-        self.judge.load_state_dict(state)
-        self.store.reset()
-        if self.action != "halt":
-            self.recovery.take_snapshot(trusted=True)
+        self._clips.load_state_dict(state.get("clippers", []))
+        self.engine.load_state_dict(state)
+        self.engine.start(self._host, self.step)
 
     def close(self) -> None:
         """End of training: check the weights the last update made (no later step will), write the last interval's
         scalars, remove the forward hook and free the snapshots. A damaged state is then handled like any fault (a
         rollback, or a halt)."""
         self._hook.remove()
-        self.recovery.check_weights()
-        self.log.scalars(self.step, final=True)
-        self.store.reset()
-        self.buffers.clear()
-
-    def record_event(self, event: GuardEvent) -> None:
-        self.events.append(event.to_dict())
-        self.log.event(event)
+        self.engine.check_weights(self.step)
+        self._host.emit_scalars({**self._clips.scalars(final=True), **self.engine.scalars()}, self.step)
+        self.engine.stop()
 
     def __repr__(self) -> str:
         return (
-            f"GradGuard(clipping={self.clipping!r}, "
+            f"{type(self).__name__}(clipping={self.clipping!r}, "
             + (f"clipping_options={self.clipping_options!r}, " if self.clipping_options else "")
             + f"action={self.action!r}, step={self.step}, "
             f"skipped={self.skipped_steps}, rollbacks={self.rollbacks}, lr_scale={self.lr_scale:g})"
         )
+
+
+_NOT_GUARD_OPTIONS = frozenset(
+    {"self", "o", "model", "optimizers", "schedulers", "scaler", "clipping", "clipping_options", "writer",
+     "all_reduce_max", "process_group", "__class__"}
+)  # fmt: skip

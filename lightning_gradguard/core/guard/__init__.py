@@ -2,8 +2,9 @@
 
 Holds the step judge (one stack of scalars, one cross-rank reduce, one host read: ``_step_judge``), the policy and
 its plain-data records ``StepHealth``/``Decision``/``GuardEvent``/``GuardCause`` (``_policy``), and the detectors
-it consults: finite divergence (``_divergence``), the stability rules (``_stability``), the loss z-score
-(``_loss_spike``). Every object takes data and returns named findings; none touches a model or an optimizer.
+it consults: finite divergence (``_divergence``), the stability rules and their ``StabilityFinding``
+(``_stability``), the loss z-score (``_loss_spike``). Every object takes data and returns named findings; none
+touches a model or an optimizer.
 
 May import: :mod:`~lightning_gradguard.core.measure`, :mod:`~lightning_gradguard.core.clip` and ``_arg_checks``.
 """
@@ -16,5 +17,6 @@ from lightning_gradguard.core.guard._policy import (
     GuardPolicy,
     StepHealth,
 )
+from lightning_gradguard.core.guard._stability import StabilityFinding
 
-__all__ = ["GuardAction", "GuardCause", "GuardDecision", "GuardEvent", "GuardPolicy", "StepHealth"]
+__all__ = ["GuardAction", "GuardCause", "GuardDecision", "GuardEvent", "GuardPolicy", "StabilityFinding", "StepHealth"]

@@ -28,6 +28,7 @@ buffers undoes the step exactly), and a halt otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -168,6 +169,8 @@ class GuardEvent:
         first_nonfinite_module: the first module whose output went non-finite when the batch was replayed.
         nonfinite_grads, nonfinite_params, nonfinite_buffers: names, first ones first (at most 20).
         bad_batch_path, report_path: files written for this event.
+        rule: for a stability cut (cause ``lr_too_high``), the stability rule that fired
+            (``StabilityFinding.rule``, e.g. ``"loss_climbing"``).
     """
 
     step: int
@@ -186,14 +189,15 @@ class GuardEvent:
     nonfinite_buffers: list[str] = field(default_factory=list)
     bad_batch_path: str | None = None
     report_path: str | None = None
+    rule: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data without the empty fields (what ``NaNGuard.events`` holds and checkpoints store)."""
         return {k: v for k, v in asdict(self).items() if v is not None and v != [] and v != ""}
 
-    def line(self) -> str:
-        """One readable line: what, when, why, and what was restored (no Python reprs)."""
-        parts = [f"NaNGuard {self.kind} at step {self.step}: {self.cause.replace('_', ' ')}"]
+    def line(self, owner: str = "NaNGuard") -> str:
+        """One readable line: who, what, when, why, and what was restored (no Python reprs)."""
+        parts = [f"{owner} {self.kind} at step {self.step}: {self.cause.replace('_', ' ')}"]
         if self.nonfinite_batch is not None:
             parts.append("the input batch held NaN/inf" if self.nonfinite_batch else "the input batch was finite")
         if self.first_nonfinite_module:
@@ -257,12 +261,21 @@ class GuardPolicy:
         """Count a healthy step (ends a run of skips)."""
         self.consecutive_skips = 0
 
-    def decide(self, health: StepHealth, can_roll_back: bool) -> Decision:
-        """The action for a flagged step, and update the policy's counters as if it was carried out.
+    def decide(
+        self,
+        health: StepHealth,
+        can_roll_back: bool | Callable[[], bool],
+        why_not: str | Callable[[], str] = "",
+    ) -> Decision:
+        """The action for a flagged step, and update the policy's counters as if it was carried out (the caller
+        carries out a rollback only when ``can_roll_back`` said one is possible, so the budget is spent here once).
 
         Args:
             health: what was wrong.
-            can_roll_back: whether a trusted, finite snapshot exists.
+            can_roll_back: whether a trusted, finite snapshot exists; a callable is asked only when the policy would
+                roll back (finding the snapshot may read checkpoint files).
+            why_not: what the reason adds when no rollback is possible (e.g. which checkpoint files were passed
+                over); a callable is asked only then.
         """
         cause = health.cause
         if cause is None:
@@ -278,11 +291,16 @@ class GuardPolicy:
                     GuardAction.HALT,
                     f"fault after {self.rollbacks} rollbacks (max_rollbacks={self.max_rollbacks})",
                 )
-            elif not can_roll_back:
+            elif not (can_roll_back() if callable(can_roll_back) else can_roll_back):
+                detail = why_not() if callable(why_not) else why_not
+                detail = f" ({detail})" if detail else ""
                 if health.weights_damaged:
-                    action, why = GuardAction.HALT, "no finite snapshot to roll back to and the weights are non-finite"
+                    action, why = (
+                        GuardAction.HALT,
+                        f"no finite snapshot to roll back to and the weights are non-finite{detail}",
+                    )
                 else:
-                    action, why = GuardAction.SKIP, "no trusted snapshot yet: skipped instead of rolling back"
+                    action, why = GuardAction.SKIP, f"no trusted snapshot yet: skipped instead of rolling back{detail}"
         if cause in _DIVERGENCE or (action is GuardAction.HALT and self.rollbacks and not health.weights_damaged):
             why = (why + "; " if why else "") + "the learning rate looks too high"
         if action is GuardAction.SKIP:
@@ -298,6 +316,15 @@ class GuardPolicy:
             if cause in _DIVERGENCE:
                 power = 2**self.divergence_streak
         return Decision(action, cause, why, power)
+
+    @property
+    def rollbacks_left(self) -> bool:
+        """Whether the budget allows another rollback."""
+        return self.rollbacks < self.max_rollbacks
+
+    def spend_rollback(self) -> None:
+        """A rollback made outside :meth:`decide` (a stability cut that restarts from a snapshot)."""
+        self.rollbacks += 1
 
     def _choose(self, cause: GuardCause, damaged: bool, repeated: bool, health: StepHealth) -> tuple[GuardAction, str]:
         if self.action == "halt":

@@ -23,7 +23,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -31,14 +31,15 @@ from torch import Tensor
 from lightning_gradguard.core.guard._divergence import DivergenceDetector
 from lightning_gradguard.core.guard._loss_spike import LossSpikeDetector
 from lightning_gradguard.core.guard._policy import StepHealth
-from lightning_gradguard.core.guard._stability import StabilityController
+from lightning_gradguard.core.guard._stability import StabilityController, StabilityFinding
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.measure._host_read import read_scalars
 
-__all__ = ["RankReducer", "StepJudge", "Verdict", "any_rank", "total_norm64"]
+__all__ = ["RankReducer", "StepJudge", "StepScalars", "Verdict", "any_rank", "total_norm64"]
 
 _GRADS = attrgetter("grads")
 _CPU = torch.device("cpu")
+_NEW_TUPLE = tuple.__new__  # StepScalars from a tuple without the generated __new__'s frame (what _make does)
 
 
 class RankReducer(Protocol):
@@ -58,6 +59,32 @@ def any_rank(reduce: RankReducer | None, *flags: bool, device: torch.device | No
     return tuple(v > 0 for v in reduce(t).tolist())
 
 
+class StepScalars(NamedTuple):
+    """The scalars :meth:`StepJudge.judge` reads for one step, in the order they are stacked and reduced (this
+    rank's, or their maximum over the ranks). Flags are 0.0 or 1.0.
+
+    Attributes:
+        norm: the float64 pre-clip gradient norm.
+        loss: the loss (0.0 when none was given).
+        loss_nonfinite: the loss is NaN/inf.
+        scale_bad: the GradScaler's scale is below the floor.
+        spike: the loss z-score test fired.
+        clip_flags: one per clipper: it clipped the previous step taken (the stability controller's input).
+    """
+
+    norm: float
+    loss: float
+    loss_nonfinite: float
+    scale_bad: float
+    spike: float
+    clip_flags: list[float]
+
+    @classmethod
+    def of(cls, values: list[float]) -> StepScalars:
+        """Name the slots of a stacked vector (the first five scalars, then the clip flags)."""
+        return cls(values[0], values[1], values[2], values[3], values[4], values[5:])
+
+
 @dataclass
 class Verdict:
     """The judgement of one step.
@@ -65,17 +92,23 @@ class Verdict:
     Attributes:
         health: what was wrong, or None for a step to take.
         overflow: a GradScaler overflow step (taken; the scaler skips it).
-        lower_lr: the stability controller's reason to lower the LR after this step, or None.
+        stability: the stability controller's finding that the LR should come down after this step, or None
+            (also readable as :attr:`lower_lr`).
         loss, norm: this rank's loss (None when not given) and pre-clip gradient norm.
         stats: the measured statistics of the optimizers that had gradients.
     """
 
     health: StepHealth | None
     overflow: bool
-    lower_lr: str | None
+    stability: StabilityFinding | None
     loss: float | None
     norm: float
     stats: list[GradStats] = field(default_factory=list)
+
+    @property
+    def lower_lr(self) -> StabilityFinding | None:
+        """The stability finding (:attr:`stability`): the LR should come down after this step."""
+        return self.stability
 
 
 def total_norm64(live: list[GradStats], device: torch.device) -> Tensor:
@@ -133,15 +166,15 @@ class StepJudge:
         self._sized: Any = None  # the reducer whose world size _one_rank holds
         self._one_rank = reduce is None
 
-    def _values(self, parts: list[Tensor], dev: torch.device) -> tuple[list[float], list[float]]:
+    def _values(self, parts: list[Tensor], dev: torch.device) -> tuple[StepScalars, StepScalars]:
         """(this rank's values, their maximum over the ranks), in one host read."""
         if self.reduce is None or self.reduce.world_size <= 1:
-            mine = [float(v) for v in read_scalars(parts, dev, dtype=torch.float64)]
+            mine = StepScalars.of([float(v) for v in read_scalars(parts, dev, dtype=torch.float64)])
             return mine, mine
         local = torch.stack([p.to(dev, torch.float64).reshape(()) for p in parts])
         glob = self.reduce(torch.nan_to_num(local.clone(), nan=math.inf))  # collectives may drop NaN
         values = torch.cat([local, glob.to(dev, torch.float64)]).tolist()
-        return values[: len(parts)], values[len(parts) :]
+        return StepScalars.of(values[: len(parts)]), StepScalars.of(values[len(parts) :])
 
     def _loss_tensor(self, loss: Tensor | float, dev: torch.device) -> Tensor:
         """The loss as a scalar tensor on ``dev``: a Python number keeps its float64 precision, a tensor its dtype."""
@@ -155,10 +188,10 @@ class StepJudge:
 
     def _host_parts(
         self, live: list[GradStats], stats: list[GradStats], loss: Tensor | float | None, scale: Tensor | None
-    ) -> list[float] | None:
-        """The values the tensor path of :meth:`judge` reads (norm, loss, loss non-finite, scale collapse, spike,
-        clip flags), read directly when there is one process and everything is on the CPU: no scalar tensors are
-        built only to be read back (each costs a few microseconds of dispatch). None where that does not apply."""
+    ) -> StepScalars | None:
+        """The values the tensor path of :meth:`judge` reads (:class:`StepScalars`), read directly when there is one
+        process and everything is on the CPU: no scalar tensors are built only to be read back (each costs a few
+        microseconds of dispatch). None where that does not apply."""
         reduce = self.reduce
         if reduce is not self._sized:  # the world size is fixed for a reducer (one per fit): read it once
             self._sized, self._one_rank = reduce, reduce is None or reduce.world_size <= 1
@@ -184,7 +217,7 @@ class StepJudge:
             spike = float(self.spike.update(self._loss_tensor(loss, dev))) if self.spike is not None else 0.0
         bad_scale = float(self._scale_bad(scale, dev)) if scale is not None else 0.0
         nonfinite_loss = 0.0 if math.isfinite(loss_v) else 1.0
-        return [norm, loss_v, nonfinite_loss, bad_scale, spike, *map(float, self.clip_flags)]
+        return _NEW_TUPLE(StepScalars, (norm, loss_v, nonfinite_loss, bad_scale, spike, [*map(float, self.clip_flags)]))
 
     def judge(self, step: int, stats: list[GradStats], loss: Tensor | float | None, scaler: Any) -> Verdict:
         """Judge one step before its update from the optimizers' ``stats``, the (unscaled) ``loss`` and the
@@ -208,22 +241,24 @@ class StepJudge:
             parts += [torch.as_tensor(c, device=dev).reshape(()) for c in self.clip_flags]  # tensors: no read
             mine, glob = self._values(parts, dev)
         self.clip_flags = []
-        norm, loss_v = mine[0], (mine[1] if has_loss else math.nan)
+        norm, loss_v = mine.norm, (mine.loss if has_loss else math.nan)
         self.grad_history.append([step, norm])
         if has_loss:
             self.loss_history.append([step, loss_v])
         # what this rank saw; the decision below uses what every rank shares
-        nonfinite_loss = has_loss and mine[2] > 0
+        nonfinite_loss = has_loss and mine.loss_nonfinite > 0
         nonfinite_grad = not math.isfinite(norm)
-        global_grad_bad = not math.isfinite(glob[0])
-        overflow = scaled and global_grad_bad and not (glob[2] > 0 or glob[3] > 0)
+        global_grad_bad = not math.isfinite(glob.norm)
+        overflow = scaled and global_grad_bad and not (glob.loss_nonfinite > 0 or glob.scale_bad > 0)
         if overflow:
             nonfinite_grad = False  # the GradScaler's business
         loss_divergence = grad_divergence = False
         if not overflow and self.divergence and has_loss:  # on shared values: the detectors stay in lockstep
-            loss_divergence, grad_divergence = self.detector.update(glob[1], glob[0])
-        scale_collapse, loss_spike = mine[3] > 0, mine[4] > 0
-        other_rank = (global_grad_bad and not overflow) or glob[2] > 0 or glob[3] > 0 or glob[4] > 0
+            loss_divergence, grad_divergence = self.detector.update(glob.loss, glob.norm)
+        scale_collapse, loss_spike = mine.scale_bad > 0, mine.spike > 0
+        other_rank = (
+            (global_grad_bad and not overflow) or glob.loss_nonfinite > 0 or glob.scale_bad > 0 or glob.spike > 0
+        )
         health, cause = None, None
         # a StepHealth with every flag False is a healthy step (its contract): none is built for one
         if (
@@ -249,11 +284,12 @@ class StepJudge:
                 health.other_rank = True
                 cause = health.cause
         healthy = cause is None and not overflow
-        lower = None
+        finding = None
         if self.stability and healthy and self._last is not None:
-            lower = self.controller.update(*self._last, clipped=max(glob[5:], default=0.0) > 0)  # flags: 0 or 1
-        self._last = (glob[1], glob[0]) if healthy and has_loss else None
-        verdict = Verdict(None, overflow, lower, loss_v if has_loss else None, norm, live)
+            clipped = max(glob.clip_flags, default=0.0) > 0  # flags: 0 or 1
+            finding = self.controller.update(*self._last, clipped=clipped)
+        self._last = (glob.loss, glob.norm) if healthy and has_loss else None
+        verdict = Verdict(None, overflow, finding, loss_v if has_loss else None, norm, live)
         if health is not None and cause is not None:
             # without the detector nothing says the run was stable before the fault: assume it was not
             health.unsettled = self.detector.unsettled if self.divergence else True

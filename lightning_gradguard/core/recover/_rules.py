@@ -9,6 +9,8 @@ the LR arithmetic of a recovery once, so that both apply the same cut:
   that returns soon after a divergence rollback doubles it (a geometric search for a stable LR).
 - :func:`lower_lr` is the stability controller's cut: ``lr_factor ** lr_power`` on the current LR (the controller
   doubles ``lr_power`` when its cuts follow each other closely).
+- :func:`stability_cut` carries out a :class:`~lightning_gradguard.core.guard._stability.StabilityFinding`: back to
+  the state its ``target`` names (:func:`stability_target`) while the caller's rollback budget allows, else in place.
 - :func:`roll_back` is a whole rollback: restore the snapshot bit for bit, forget the newer snapshots, cut the LR.
 - :class:`StartState` keeps the untrained state apart during the first windows of a run: when the stability
   controller finds the model worse than untrained (a too-high LR from the first step), the guard restarts from it.
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard.core.guard._policy import GuardEvent
+from lightning_gradguard.core.guard._stability import StabilityFinding, StabilityTarget
 from lightning_gradguard.core.recover._lr_scaling import scale_lr
 from lightning_gradguard.core.recover._report import DivergenceReport
 from lightning_gradguard.core.recover._snapshot import Snapshot, SnapshotStore, restore_snapshot
@@ -155,16 +158,17 @@ class StartState:
 
 
 def stability_target(
-    start: StartState, store: SnapshotStore, worse_than_start: bool, damaged: bool, step: int, window: int
+    start: StartState, store: SnapshotStore, target: StabilityTarget, step: int, window: int
 ) -> tuple[Snapshot | None, bool]:
     """Where a stability cut rolls back to, and whether that is the untrained state (None: cut the LR, keep the
-    state). A model worse than untrained restarts from the start (once the start copy has expired, like a climb); a
-    loss that climbed goes back to the newest trusted snapshot taken before the climb (two windows before
-    ``step``); otherwise the state is kept."""
-    target = start.restart_target(worse_than_start, step)
-    if target is not None:
-        return target, True
-    if damaged or worse_than_start:  # (the start copy expired: the newest state from before the two windows)
+    state), for a finding's ``target``. ``"start"`` (a model worse than untrained) restarts from the start (once the
+    start copy has expired, like a climb); ``"before_climb"`` (a loss that climbed) goes back to the newest trusted
+    snapshot taken before the climb (two windows before ``step``); ``"in_place"`` keeps the state."""
+    worse_than_start = target == "start"
+    snapshot = start.restart_target(worse_than_start, step)
+    if snapshot is not None:
+        return snapshot, True
+    if worse_than_start or target == "before_climb":  # (the start copy expired: the newest state from before)
         return store.compute(before=step - 2 * window), False
     return None, False
 
@@ -172,32 +176,31 @@ def stability_target(
 def stability_cut(
     start: StartState,
     store: SnapshotStore,
-    controller: Any,
-    policy: Any,
+    finding: StabilityFinding,
+    can_roll_back: bool,
     model: nn.Module,
     optimizers: Sequence[torch.optim.Optimizer],
     schedulers: Sequence[Any],
     lr_scale: float,
     lr_factor: float,
     step: int,
+    window: int,
 ) -> tuple[Snapshot | None, dict[str, Any], float]:
-    """Carry out the stability controller's cut (``controller``: a
-    :class:`~lightning_gradguard.core.guard._stability.StabilityController` that just fired; ``policy``: the guard's
-    :class:`~lightning_gradguard.core.guard.GuardPolicy`, whose rollback budget a restart spends).
+    """Carry out the stability controller's ``finding`` (a
+    :class:`~lightning_gradguard.core.guard._stability.StabilityFinding` of a controller with ``window`` steps per
+    window) at ``step``.
 
-    Rolls back to :func:`stability_target`'s snapshot while rollbacks remain, else cuts the LR in place. Returns
-    the snapshot restored (None: the state was kept), its extra states (a GradScaler's or precision plugin's, for the
-    caller to load) and the new cumulative LR scale.
+    Rolls back to :func:`stability_target`'s snapshot when ``can_roll_back`` (the guard's rollback budget is not
+    spent), else cuts the LR in place, by ``lr_factor ** finding.lr_power`` either way. Returns the snapshot
+    restored (None: the state was kept; otherwise the caller spends one rollback of its budget), its extra states (a
+    GradScaler's or precision plugin's, for the caller to load) and the new cumulative LR scale.
     """
-    target, from_scratch = stability_target(
-        start, store, controller.worse_than_start, controller.damaged, step, controller.window
-    )
-    if target is None or policy.rollbacks >= policy.max_rollbacks:
-        return None, {}, lower_lr(optimizers, schedulers, lr_scale, lr_factor, controller.lr_power)
+    target, from_scratch = stability_target(start, store, finding.target, step, window)
+    if target is None or not can_roll_back:
+        return None, {}, lower_lr(optimizers, schedulers, lr_scale, lr_factor, finding.lr_power)
     if from_scratch:
         restart_store(store, target)
-    policy.rollbacks += 1
-    extra, lr_scale = roll_back(target, store, model, optimizers, schedulers, lr_scale, lr_factor, controller.lr_power)
+    extra, lr_scale = roll_back(target, store, model, optimizers, schedulers, lr_scale, lr_factor, finding.lr_power)
     return target, extra, lr_scale
 
 

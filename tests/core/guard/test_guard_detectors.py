@@ -92,8 +92,10 @@ def test_stability_fires_on_sustained_clipping_without_progress_and_says_why():
     reasons = [ctl.update(5.8 + 0.4 * rng.random(), 100.0, clipped=True) for _ in range(50)]
     fired = [r for r in reasons if r]
     assert fired
-    assert fired[0].startswith("learning rate looks too high: the clipper cut")
+    assert fired[0].reason.startswith("learning rate looks too high: the clipper cut")
+    assert (fired[0].rule, fired[0].target, fired[0].lr_power) == ("sustained_clipping", "in_place", 1)
     assert ctl.interventions == len(fired)
+    assert ctl.last_finding == fired[-1]
 
 
 def test_stability_fires_on_a_climbing_loss():
@@ -104,7 +106,8 @@ def test_stability_fires_on_a_climbing_loss():
     reasons = [ctl.update(falling[-1] * 1.05**i, 1.0, clipped=False) for i in range(60)]  # x2.65 per window
     fired = [r for r in reasons if r]
     assert fired
-    assert "the loss keeps climbing" in fired[0]
+    assert "the loss keeps climbing" in fired[0].reason
+    assert (fired[0].rule, fired[0].target) == ("loss_climbing", "before_climb")
     state = ctl.state_dict()
     other = StabilityController(window=20)
     other.load_state_dict(state)
@@ -158,16 +161,17 @@ def test_stability_restarts_a_model_worse_than_untrained_and_cuts_harder_each_ti
     reasons = [ctl.update(2.0 if i == 0 else 5.0 + 0.1 * (i % 3), 1.0, clipped=False) for i in range(21)]
     fired = [r for r in reasons if r]
     assert len(fired) == 1
-    assert "still above the untrained model's" in fired[0]
-    assert ctl.worse_than_start
-    assert ctl.lr_power == 2  # worse than untrained: an LR far off, the first cut is squared
+    assert "still above the untrained model's" in fired[0].reason
+    assert (fired[0].rule, fired[0].target) == ("worse_than_untrained", "start")
+    assert fired[0].worse_than_start
+    assert fired[0].lr_power == 2  # worse than untrained: an LR far off, the first cut is squared
     # the next cuts within repeat_windows windows double the exponent
-    again = [ctl.update(5.0, 1.0, clipped=False) for _ in range(40)]
-    assert len([r for r in again if r]) == 2
-    assert ctl.lr_power == 4
+    again = [f for f in (ctl.update(5.0, 1.0, clipped=False) for _ in range(40)) if f]
+    assert [f.lr_power for f in again] == [2, 4]
     other = StabilityController(window=10)
     other.load_state_dict(ctl.state_dict())
-    assert (other.lr_power, other.worse_than_start) == (4, True)
+    assert other.last_finding == again[-1]
+    assert (other.state_dict()["lr_power"], other.state_dict()["worse_than_start"]) == (4, True)
 
 
 def test_stability_ignores_sustained_clipping_while_the_loss_is_below_its_start():
@@ -199,8 +203,8 @@ def test_stability_restarts_a_network_killed_in_its_first_steps_but_not_a_slow_w
     reasons += [ctl.update(2.30 + 0.01 * rng.random(), 0.1, clipped=False) for _ in range(20)]
     fired = [r for r in reasons if r]
     assert len(fired) == 1
-    assert "has not moved from the untrained model's" in fired[0]
-    assert ctl.worse_than_start
+    assert "has not moved from the untrained model's" in fired[0].reason
+    assert (fired[0].rule, fired[0].target, fired[0].lr_power) == ("killed_at_start", "start", 2)
     # a slow start at a sane LR (the deep-CNN example, stable LR, seed 1): the same plateau and gradient, no blow-up
     ctl = StabilityController(window=10)
     reasons = [ctl.update(2.58, 7.6, clipped=False), ctl.update(2.32, 0.63, clipped=False)]

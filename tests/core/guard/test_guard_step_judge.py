@@ -101,7 +101,8 @@ def test_state_dict_round_trip_keeps_the_detectors_and_the_pending_row():
     assert mine["pending_row"] is not None
     a = judge.judge(12, [_stats([9.0])], torch.tensor(50.0), None)
     b = copy.judge(12, [_stats([9.0])], torch.tensor(50.0), None)
-    assert (a.health, a.lower_lr) == (b.health, b.lower_lr)
+    assert (a.health, a.stability) == (b.health, b.stability)
+    assert a.lower_lr is a.stability  # the alias
 
 
 class _Scaler:
@@ -148,7 +149,7 @@ def test_host_values_and_tensor_path_judge_every_step_alike(spike, loss_kind):
                 judge.clip_flags = list(flags)
                 given = {"tensor": torch.tensor(loss), "float": loss, "none": None}[loss_kind]
                 v = judge.judge(step, [_stats([norm, 0.5])], given, scaler)
-                out.append((v.health, v.overflow, v.lower_lr, v.loss, v.norm))
+                out.append((v.health, v.overflow, v.stability, v.loss, v.norm))
             state = judge.state_dict()
             state.pop("spike")
             runs.append((out, state))

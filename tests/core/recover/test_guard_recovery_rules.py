@@ -133,12 +133,63 @@ def test_stability_target_restarts_from_the_start_or_goes_back_before_a_climb():
     start.offer(take_snapshot(net, step=0))
     for step in (0, 50, 100):
         store.update(take_snapshot(net, step=step), trusted=True)
-    snap, scratch = stability_target(start, store, worse_than_start=True, damaged=False, step=60, window=25)
+    snap, scratch = stability_target(start, store, "start", step=60, window=25)
     assert (snap.step, scratch) == (0, True)
     # a climb found at step 120 began within the last two windows: back to the newest snapshot before step 70
-    snap, scratch = stability_target(start, store, worse_than_start=False, damaged=True, step=120, window=25)
+    snap, scratch = stability_target(start, store, "before_climb", step=120, window=25)
     assert (snap.step, scratch) == (50, False)
-    assert stability_target(start, store, False, False, 120, 25) == (None, False)  # keep the state, cut the LR
+    assert stability_target(start, store, "in_place", 120, 25) == (None, False)  # keep the state, cut the LR
     # the start copy expired: a model worse than untrained goes back to before the two windows, like a climb
-    snap, scratch = stability_target(start, store, worse_than_start=True, damaged=False, step=260, window=25)
+    snap, scratch = stability_target(start, store, "start", step=260, window=25)
     assert (snap.step, scratch) == (100, False)
+
+
+def _finding(target: str, lr_power: int = 1):
+    from lightning_gradguard.core.guard import StabilityFinding
+
+    return StabilityFinding("test_rule", {}, "learning rate looks too high: test", lr_power, target)  # type: ignore[arg-type]
+
+
+def _stability_setup():
+    from lightning_gradguard.core.recover._rules import StartState
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    start, store = StartState(keep_steps=200), SnapshotStore(capacity=3)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    start.offer(take_snapshot(net, [opt], step=0))
+    for step in (0, 50, 100):
+        with torch.no_grad():
+            net.weight.fill_(float(step))
+        store.update(take_snapshot(net, [opt], step=step, meta={"lr_scale": 1.0}), trusted=True)
+    with torch.no_grad():
+        net.weight.fill_(7.0)
+    return net, opt, start, store
+
+
+@pytest.mark.parametrize(
+    ("target", "can_roll_back", "restored", "weight"),
+    [
+        ("start", True, 0, 1.0),  # worse than untrained: back to the untrained state
+        ("before_climb", True, 50, 50.0),  # a climb found at step 120: the newest snapshot before step 70
+        ("in_place", True, None, 7.0),  # keep the state
+        ("start", False, None, 7.0),  # no rollback left in the budget: cut in place
+    ],
+)
+def test_stability_cut_goes_where_the_finding_says_and_leaves_the_budget_to_the_caller(
+    target, can_roll_back, restored, weight
+):
+    from lightning_gradguard.core.recover._rules import stability_cut
+
+    net, opt, start, store = _stability_setup()
+    snap, extra, scale = stability_cut(
+        start, store, _finding(target, lr_power=2), can_roll_back, net, [opt], [], 1.0, 0.5, step=120, window=25
+    )
+    assert (snap.step if snap is not None else None) == restored
+    assert extra == {}
+    assert net.weight.item() == weight
+    assert scale == pytest.approx(0.25)  # lr_factor ** lr_power either way
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
+    if target == "start" and restored is not None:
+        assert [s.step for s in store.snapshots] == [0]  # a restart forgets the newer snapshots

@@ -1,0 +1,153 @@
+"""The Trainer as a guard host: what :class:`~lightning_gradguard.core.engine.GuardEngine` needs, read from a fit.
+
+Model, raw optimizers and schedulers from the Trainer; the precision plugin's state (GradScaler) kept in snapshots;
+cross-rank maxima through ``trainer.strategy.reduce``; events announced above the progress bar and written to every
+logger (scalars) and TensorBoard (text); checkpoint files of this fit as rollback sources; a halt that stops the fit
+even before ``min_steps``/``min_epochs`` (the limits are put back at teardown).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_gradguard.callbacks.checkpoint_snapshots import CheckpointSnapshots
+from lightning_gradguard.callbacks.log_writer import announce, log_scalars, log_text
+from lightning_gradguard.callbacks.step_context import context_for
+from lightning_gradguard.core.engine import GuardHost
+from lightning_gradguard.core.recover._fault_trace import first_nonfinite_module
+from lightning_gradguard.core.recover._snapshot import Snapshot
+
+# events are announced under NaNGuard's own logger name (what users filter on)
+_LOG = logging.getLogger("lightning_gradguard.callbacks.nan_guard")
+
+
+class StrategyReducer:
+    """The cross-rank maximum through ``trainer.strategy`` (a
+    :class:`~lightning_gradguard.core.guard._step_judge.RankReducer`)."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+        self.world_size = int(trainer.world_size)
+
+    def __call__(self, local: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(local, reduce_op="max")
+
+
+class TrainerHost(GuardHost):
+    """One fit's Trainer, module and checkpoint files, as the guard engine sees them."""
+
+    def __init__(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, files: CheckpointSnapshots, out_dir: Path | None
+    ) -> None:
+        self.trainer = trainer
+        self.pl_module = pl_module
+        self.files = files
+        self.out_dir = out_dir
+        self.precision = trainer.precision_plugin  # three calls deep on the Trainer, read twice a step: kept
+        self._reducer = StrategyReducer(trainer)
+        self._loop_limits: tuple[Any, Any] | None = None
+
+    def model(self) -> torch.nn.Module:
+        return self.pl_module
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self.trainer.optimizers)
+
+    def schedulers(self) -> list[Any]:
+        return [cfg.scheduler for cfg in self.trainer.lr_scheduler_configs]
+
+    def scaler(self) -> Any:
+        scaler = getattr(self.precision, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def extra_state(self) -> dict[str, Any]:
+        state = self.precision.state_dict()
+        return {"precision": state} if state else {}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        if "precision" in extra:
+            self.precision.load_state_dict(extra["precision"])
+
+    def reducer(self) -> StrategyReducer:
+        return self._reducer
+
+    def device(self) -> torch.device:
+        return self.trainer.strategy.root_device
+
+    def is_global_zero(self) -> bool:
+        return bool(self.trainer.is_global_zero)
+
+    def warn(self, message: str, local: bool) -> None:
+        if local:
+            warnings.warn(message, UserWarning, stacklevel=4)
+        else:
+            rank_zero_warn(message)
+
+    def announce(self, line: str) -> None:
+        announce(self.trainer, line, logger=_LOG)
+
+    def emit_scalars(self, values: dict[str, float], step: int) -> None:
+        log_scalars(self.trainer, values, step)
+
+    def emit_text(self, tag: str, text: str, step: int) -> None:
+        log_text(self.trainer, tag, text, step)
+
+    def state_changed(self) -> None:
+        context_for(self.trainer).cache.invalidate()  # cached statistics describe the discarded state
+
+    def report_dir(self) -> Path | None:
+        return self.out_dir
+
+    def report_extra(self) -> dict[str, Any]:
+        t = self.trainer
+        return {"epoch": t.current_epoch, "precision": str(t.precision), "world_size": t.world_size}
+
+    def stop_training(self) -> None:
+        # should_stop alone waits for min_steps/min_epochs: lift both for the rest of this fit (see restore_limits)
+        t = self.trainer
+        t.should_stop = True
+        if self._loop_limits is None:
+            self._loop_limits = (t.fit_loop.min_epochs, t.fit_loop.epoch_loop.min_steps)
+        t.fit_loop.min_epochs, t.fit_loop.epoch_loop.min_steps = 0, None
+
+    def restore_limits(self) -> None:
+        """Put back the loop limits a halt lifted (at teardown)."""
+        if self._loop_limits is not None:
+            self.trainer.fit_loop.min_epochs, self.trainer.fit_loop.epoch_loop.min_steps = self._loop_limits
+            self._loop_limits = None
+
+    def replay(self, item: tuple[Any, int]) -> str | None:
+        """Run the bad batch through ``training_step`` once more (no gradients, logging muted) and name the first
+        module whose output went non-finite."""
+        pl_module, (batch, batch_idx) = self.pl_module, item
+        log = pl_module.__dict__.get("log")
+        pl_module.log = lambda *a, **k: None  # type: ignore[method-assign]
+        try:
+            return first_nonfinite_module(pl_module, lambda: pl_module.training_step(batch, batch_idx))
+        finally:
+            if log is None:
+                del pl_module.log
+            else:
+                pl_module.log = log  # type: ignore[method-assign]
+
+    def save_batches(self, batches: list[tuple[Any, int]], step: int) -> str | None:
+        out, t = self.out_dir, self.trainer
+        if out is None:
+            return None
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"nan_guard_bad_batch_step{step}_rank{t.global_rank}.pt"
+        moved = [move_data_to_device(b, "cpu") for b, _ in batches]
+        torch.save({"step": step, "epoch": t.current_epoch, "rank": t.global_rank, "batches": moved}, path)
+        return str(path)
+
+    def checkpoint_snapshot(self, survived: Callable[[int], bool]) -> tuple[Snapshot | None, list[str]]:
+        return self.files.best(self.trainer, survived)

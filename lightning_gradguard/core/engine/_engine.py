@@ -1,0 +1,517 @@
+"""The guard engine: snapshot -> judge -> decide -> act -> record, written once for every adapter.
+
+``NaNGuard`` (Lightning), ``GradGuard`` (plain loops) and ``FabricGradGuard`` each own one :class:`GuardEngine` and
+translate their hooks into its calls; the engine reaches the loop only through a
+:class:`~lightning_gradguard.core.engine.GuardHost` the adapter hands it at :meth:`GuardEngine.start`. Per step:
+
+1. :meth:`~GuardEngine.open_window` before the first forward of an optimizer step (buffers as they were) and
+   :meth:`~GuardEngine.add_batch` for each micro-batch (the Trainer; a plain loop has no batches to give);
+2. :meth:`~GuardEngine.judge` before the update: one stack of scalars, one cross-rank reduce, one host read (the
+   :class:`~lightning_gradguard.core.guard._step_judge.StepJudge`); a flagged step's gradients are then dropped by
+   the adapter, so the update changes nothing;
+3. :meth:`~GuardEngine.end_step` after it: the policy's decision for a flagged step (skip, roll back, halt), the
+   stability controller's LR cut, or a healthy step (snapshots confirmed and taken).
+
+The decisions themselves are the core objects': :class:`~lightning_gradguard.core.guard.GuardPolicy` (one owner of
+the rollback budget), the step judge and its detectors, the snapshot store and its trust rule,
+``core/recover/_rules.py`` for the LR arithmetic. Every event is a
+:class:`~lightning_gradguard.core.guard.GuardEvent`, kept in :attr:`GuardEngine.events`, announced and written as
+text and scalars through the host. The outcome of the last step is a
+:class:`~lightning_gradguard.core.guard.GuardDecision`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+
+from lightning_gradguard.core.engine._host import GuardHost
+from lightning_gradguard.core.engine._options import GuardOptions
+from lightning_gradguard.core.engine._scalars import tag
+from lightning_gradguard.core.guard._policy import (
+    GuardAction,
+    GuardCause,
+    GuardDecision,
+    GuardEvent,
+    GuardPolicy,
+    StepHealth,
+)
+from lightning_gradguard.core.guard._step_judge import StepJudge, Verdict, any_rank
+from lightning_gradguard.core.measure._grad_stats import GradStats
+from lightning_gradguard.core.recover._fault_trace import nonfinite_in
+from lightning_gradguard.core.recover._rules import (
+    START_KEEP_WINDOWS,
+    StartState,
+    halt_reason,
+    halt_report,
+    roll_back,
+    snapshot_failure_message,
+    stability_cut,
+)
+from lightning_gradguard.core.recover._snapshot import (
+    BufferCopy,
+    Snapshot,
+    SnapshotStore,
+    nonfinite_entries,
+    nonfinite_weights_and_buffers,
+    take_snapshot,
+)
+from lightning_gradguard.errors import DivergenceError
+
+_NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "nonfinite_buffers", "other_rank"}
+_TEXT_TAG = tag("nan_guard_events")
+
+
+class _Unbound(GuardHost):
+    """The host of an engine outside a fit: nothing to protect yet."""
+
+    def model(self) -> torch.nn.Module:
+        raise RuntimeError("the guard engine has no host: call start(host) first")
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def schedulers(self) -> list[Any]:
+        return []
+
+
+class GuardEngine:
+    """The per-fit state of one guard and the orchestration of every step (see the module docstring).
+
+    Args:
+        options: the checked options (:func:`~lightning_gradguard.core.engine.check_guard_options`).
+
+    Attributes:
+        skipped_steps, amp_overflow_steps: counters of dropped updates and GradScaler overflow steps.
+        lr_scale: the cumulative LR factor of every rollback and cut so far.
+        events: every event as a plain dict (``GuardEvent.to_dict``), oldest first.
+        outcome: what the guard did at the last step.
+        cause: the cause of the last flagged step.
+        halt_error, report_path: the error and report file of a halt.
+    """
+
+    def __init__(self, options: GuardOptions) -> None:
+        self.options = options
+        self.policy = GuardPolicy(
+            options.action, options.max_consecutive_skips, options.escalate_to, options.max_rollbacks
+        )
+        self.judge_ = StepJudge(
+            None,
+            options.divergence,
+            options.stability,
+            options.spike_zscore,
+            options.spike_window,
+            options.amp_scale_floor,
+            options.history_size,
+        )
+        self.store = SnapshotStore(capacity=2, confirm_steps=options.snapshot_confirm_steps)
+        self.start_state = StartState(START_KEEP_WINDOWS * self.judge_.controller.window)
+        self.buffers = BufferCopy()
+        self.host: GuardHost = _Unbound()
+        self.skipped_steps = 0
+        self.amp_overflow_steps = 0
+        self.lr_scale = 1.0
+        self.events: list[dict[str, Any]] = []
+        self.outcome = GuardDecision.HEALTHY
+        self.cause: GuardCause | None = None
+        self.halt_error: DivergenceError | None = None
+        self.report_path: str | None = None
+        self._resumed = False
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self._window_open = False
+        self._batches: list[tuple[Any, int]] = []
+        self._pending: StepHealth | None = None
+        self._pending_values: tuple[float | None, float | None, list[GradStats]] = (None, None, [])
+        self._lower: Any = None
+        self._overflow = False
+        self._since_snapshot = 0
+        self._flagged = 0
+        self._loss_max: float | None = None
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def rollbacks(self) -> int:
+        return self.policy.rollbacks
+
+    @rollbacks.setter
+    def rollbacks(self, value: int) -> None:
+        self.policy.rollbacks = int(value)
+
+    @property
+    def consecutive_skips(self) -> int:
+        return self.policy.consecutive_skips
+
+    @property
+    def halted(self) -> bool:
+        return self.outcome is GuardDecision.HALTED
+
+    @property
+    def grad_history(self) -> deque[list[float]]:
+        return self.judge_.grad_history
+
+    @property
+    def loss_history(self) -> deque[list[float]]:
+        return self.judge_.loss_history
+
+    # ------------------------------------------------------------------ a fit
+    def configure(self, options: GuardOptions) -> None:
+        """Take options changed since construction (the detectors' switches; the policy's limits)."""
+        self.options = o = options
+        judge = self.judge_
+        judge.divergence, judge.stability, judge.amp_scale_floor = o.divergence, o.stability, o.amp_scale_floor
+        policy = self.policy
+        policy.action, policy.max_consecutive_skips = o.action, o.max_consecutive_skips
+        policy.escalate_to, policy.max_rollbacks = o.escalate_to, o.max_rollbacks
+        self.store.confirm_steps = o.snapshot_confirm_steps
+
+    def start(self, host: GuardHost, step: int) -> None:
+        """Begin protecting ``host``'s loop at ``step``: a fresh per-step state and a trusted snapshot of the starting
+        state. The judge's previous row carries over only after :meth:`load_state_dict`."""
+        self.host = host
+        self._reset_step()
+        self.store.reset()
+        self.buffers.clear()
+        self.judge_.reduce = host.reducer()
+        if not self._resumed:
+            self.judge_.forget_last_step()
+        self._resumed = False
+        if self.options.action != "halt":
+            self.take_snapshot(step, trusted=True)
+
+    def stop(self) -> None:
+        """End of the fit: free the snapshots and the batch references, drop the host."""
+        self.store.reset()
+        self.buffers.clear()
+        self._batches = []
+        self.host = _Unbound()
+
+    # ------------------------------------------------------------------ per step
+    def open_window(self, module: torch.nn.Module) -> None:
+        """Before the first forward of an optimizer step: save the buffers that forward is about to change."""
+        if not self._window_open:
+            self._window_open = True
+            self._batches = []
+            self.buffers.save(module)
+
+    def add_batch(self, batch: Any, batch_idx: int) -> None:
+        """A micro-batch of the open step (diagnosis of a flagged step; optional)."""
+        self._batches.append((batch, batch_idx))
+
+    def judge(self, step: int, stats: list[GradStats], loss: Any) -> Verdict:
+        """Judge the step before its update (one reduce, one host read). The adapter drops the gradients of a
+        step whose ``verdict.health`` is set; several calls in one step (one per optimizer) are merged."""
+        verdict = self.judge_.judge(step, stats, loss, self.host.scaler())
+        loss_v = verdict.loss
+        if loss_v is not None and (self._loss_max is None or not loss_v <= self._loss_max):
+            self._loss_max = loss_v
+        self._overflow = self._overflow or verdict.overflow
+        self._lower = verdict.lower_lr or self._lower
+        if verdict.health is not None and self._pending is None:
+            self._pending = verdict.health
+            self._pending_values = (loss_v, verdict.norm, verdict.stats)
+        return verdict
+
+    def end_step(self, step: int, clip_flags: list[Any] | None = None) -> bool:
+        """After the update (taken or dropped): carry out the decision for ``step``. ``clip_flags``: the clippers'
+        flags of this step (the stability controller's input next step). Returns whether the step was flagged."""
+        self._window_open = False
+        pending, overflow, lower = self._pending, self._overflow, self._lower
+        self._pending, self._overflow, self._lower = None, False, None
+        if pending is None and clip_flags is not None:
+            self.judge_.clip_flags = clip_flags
+        if self.halted:
+            return pending is not None
+        if pending is not None:
+            self._flagged += 1
+            self.handle_fault(pending)
+        elif lower is not None:
+            self.lower_lr(step, lower)
+        else:
+            self.healthy(step + 1, overflow)
+        self._batches = []
+        return pending is not None
+
+    def log_due(self, step: int) -> bool:
+        """Whether ``step`` is a logging step of a loop that counts its own steps (the Trainer has its own rule)."""
+        every = self.options.log_every_n_steps or 50
+        return step % every == 0
+
+    def check_weights(self, step: int) -> None:
+        """The last update is checked by no later step: check the weights themselves (at the end of training)."""
+        if self.options.check_params and step > 0 and not self.halted:
+            health = StepHealth(step, update_skipped=False)
+            self._diagnose(health)
+            if health.weights_damaged:
+                self.handle_fault(health)
+
+    # ------------------------------------------------------------------ outcomes
+    def healthy(self, next_step: int, overflow: bool) -> None:
+        """A healthy step: confirm the snapshots, take a new one every ``snapshot_every_n_steps`` (``next_step``: the
+        step the state now belongs to)."""
+        self.policy.healthy()
+        if overflow:
+            self.amp_overflow_steps += 1
+            self.outcome = GuardDecision.AMP_OVERFLOW
+            return  # the scaler skipped this update: it tests nothing, so it confirms no snapshot
+        self.outcome = GuardDecision.HEALTHY
+        self.store.step_healthy()
+        o = self.options
+        if o.snapshot == "memory" and o.action != "halt":
+            self._since_snapshot += 1
+            if self._since_snapshot >= o.snapshot_every_n_steps:
+                self._since_snapshot = 0
+                self.take_snapshot(next_step)
+
+    def take_snapshot(self, step: int, trusted: bool = False) -> None:
+        """Copy the state (that of ``step``, before its update); keep it only if every rank copied it and it is
+        finite (else the older ones stay)."""
+        host = self.host
+        snap, error, bad = None, None, []
+        try:
+            snap = take_snapshot(
+                host.model(),
+                host.optimizers(),
+                host.schedulers(),
+                step=step,
+                extra=host.extra_state(),
+                meta={"lr_scale": self.lr_scale},
+            )
+            bad = nonfinite_entries(snap.model) if self.options.check_params else []
+        except Exception as err:  # e.g. host memory exhausted: must not end the run the guard keeps alive
+            error = err
+        failed, damaged = any_rank(host.reducer(), error is not None, bool(bad), device=host.device())
+        if failed:
+            message = snapshot_failure_message(self.options.owner, step, error, self.store.compute())
+            host.warn(message, error is not None)
+        elif damaged:  # the last update made the weights non-finite before any loss or gradient could show it
+            health = StepHealth(max(step - 1, 0), update_skipped=False)
+            self._diagnose(health)
+            health.nonfinite_params = health.nonfinite_params or not health.nonfinite_buffers
+            self.handle_fault(health)
+        elif snap is not None:
+            self.store.update(snap, trusted=trusted)
+            if trusted:
+                self.start_state.offer(snap)
+        self.start_state.expire(step)
+
+    def handle_fault(self, health: StepHealth) -> None:
+        """Diagnose a flagged step, ask the policy, and carry out its decision."""
+        o, host = self.options, self.host
+        loss, norm, stats = self._pending_values if health.update_skipped else (None, None, [])
+        self._pending_values = (None, None, [])
+        event = GuardEvent(health.step, "", "", self.lr_scale, loss=loss, grad_norm=norm)
+        if health.update_skipped:
+            self.skipped_steps += 1
+            if self._batches:
+                event.nonfinite_batch = health.nonfinite_batch = any(nonfinite_in(b) for b, _ in self._batches)
+                if health.cause is not None and health.cause.value in _NONFINITE_CAUSES:
+                    event.first_nonfinite_module = host.replay(self._batches[-1])
+            self.buffers.restore()  # undo what the bad batch (and the replay) did to BatchNorm statistics
+            if health.nonfinite_grad:
+                event.nonfinite_grads = [n for s in stats for n in s.nonfinite_names()][:20]
+        if o.check_params and (health.update_skipped or health.weights_damaged):
+            params, buffers = self._diagnose(health)
+            event.nonfinite_params, event.nonfinite_buffers = params[:20], buffers[:20]
+        if o.save_bad_batch and self._batches:
+            event.bad_batch_path = host.save_batches(self._batches, health.step)
+        found: list[tuple[Snapshot | None, str, str]] = []
+
+        def can_roll_back() -> bool:  # asked only when the policy would roll back (checkpoint files are read then)
+            found.append(self._rollback_source())
+            return found[-1][0] is not None
+
+        decision = self.policy.decide(health, can_roll_back, why_not=lambda: found[-1][1] if found else "")
+        source, _, note = found[-1] if found else (None, "", "")
+        event.cause, event.reason = decision.cause.value if decision.cause else "", decision.reason
+        self.cause = decision.cause
+        if decision.action is GuardAction.ROLLBACK and source is not None:
+            self._restore(source, decision.lr_power)
+            event.snapshot_step, event.snapshot_path = source.step, source.meta.get("path")
+            event.reason = "; ".join(r for r in (event.reason, note) if r)
+        event.lr_scale = self.lr_scale
+        if decision.action is GuardAction.HALT:
+            self.halt(event)
+            return
+        event.kind = decision.action.value
+        self.outcome = GuardDecision.ROLLED_BACK if event.kind == "rollback" else GuardDecision.SKIPPED
+        self.record_event(event)
+
+    def _rollback_source(self) -> tuple[Snapshot | None, str, str]:
+        """The snapshot a rollback would restore, why there is none, and a note on a fallback."""
+        tried: list[str] = []
+        if self.options.snapshot == "checkpoint":
+            snap, tried = self.host.checkpoint_snapshot(self._survived)
+            if snap is not None:
+                return snap, "", ""
+        memory = self.store.compute()  # in checkpoint mode: the in-memory start state
+        listing = "; ".join(tried) if tried else "none written yet"
+        if self.options.snapshot != "checkpoint":
+            return memory, "", ""
+        if memory is not None:
+            return memory, "", f"no usable checkpoint file ({listing}): used the in-memory start state"
+        return None, f"checkpoint files: {listing}", ""
+
+    def _restore(self, snap: Snapshot, lr_power: int) -> None:
+        host = self.host
+        extra, self.lr_scale = roll_back(
+            snap, self.store, host.model(), host.optimizers(), host.schedulers(), self.lr_scale,
+            self.options.lr_factor, lr_power,
+        )  # fmt: skip
+        host.load_extra_state(extra)
+        self._after_state_change()
+
+    def lower_lr(self, step: int, finding: Any) -> None:
+        """The stability controller's cut (``core.recover._rules.stability_cut``: from the untrained state when the
+        model is worse than it, from before the climb when the loss climbed, else in place)."""
+        host, policy = self.host, self.policy
+        snap, extra, self.lr_scale = stability_cut(
+            self.start_state, self.store, finding, policy.rollbacks_left, host.model(),
+            host.optimizers(), host.schedulers(), self.lr_scale, self.options.lr_factor, step,
+            self.judge_.controller.window,
+        )  # fmt: skip
+        if snap is not None:
+            policy.spend_rollback()
+        host.load_extra_state(extra)
+        self.outcome = GuardDecision.ROLLED_BACK if snap is not None else GuardDecision.LOWERED_LR
+        self._after_state_change()
+        kind = "rollback" if snap is not None else "lower_lr"
+        event = GuardEvent(step, kind, GuardCause.LR_TOO_HIGH.value, self.lr_scale, reason=finding.reason)
+        event.rule = finding.rule
+        event.snapshot_step = snap.step if snap is not None else None
+        self.record_event(event)
+
+    def halt(self, event: GuardEvent) -> None:
+        o, host = self.options, self.host
+        self.outcome = GuardDecision.HALTED
+        event.kind = "halt"
+        event.reason = reason = halt_reason(event)
+        out = host.report_dir()
+        if out is not None:
+            counters = {
+                "skipped_steps": self.skipped_steps,
+                "rollbacks": self.rollbacks,
+                "amp_overflow_steps": self.amp_overflow_steps,
+            }
+            report = halt_report(
+                event, host.optimizers(), self.lr_scale, counters, self.grad_history, self.loss_history,
+                self.events, extra=host.report_extra(),
+            )  # fmt: skip
+            event.report_path = self.report_path = str(out / f"{o.report_name}.json")
+            if host.is_global_zero():
+                report.write(out, o.report_name)
+        self.record_event(event)
+        self.halt_error = DivergenceError(reason, step=event.step, report_path=event.report_path)
+        host.stop_training()
+        if o.raise_on_halt:
+            raise self.halt_error
+
+    def _after_state_change(self) -> None:
+        self._since_snapshot = 0
+        self.judge_.after_state_change()
+        self.host.state_changed()
+
+    def _diagnose(self, health: StepHealth) -> tuple[list[str], list[str]]:
+        """Names of this rank's non-finite weights and buffers; the health flags OR-ed over the ranks."""
+        host = self.host
+        names = nonfinite_weights_and_buffers(host.named_module())
+        health.nonfinite_params, health.nonfinite_buffers = any_rank(
+            host.reducer(), bool(names[0]), bool(names[1]), device=host.device()
+        )
+        return names
+
+    def _survived(self, ckpt_step: int) -> bool:
+        current = self._current_step
+        faults = [int(e["step"]) for e in self.events if int(e["step"]) >= ckpt_step]
+        first_bad = min(faults) if faults else current
+        return ckpt_step + self.options.snapshot_confirm_steps <= min(first_bad, current)
+
+    @property
+    def _current_step(self) -> int:
+        history = self.judge_.grad_history
+        return int(history[-1][0]) if history else 0
+
+    # ------------------------------------------------------------------ output
+    def record_event(self, event: GuardEvent) -> None:
+        """Keep ``event`` and write it: announced, as text and with the guard's scalars, at the event's step."""
+        self.events.append(event.to_dict())
+        line = event.line(self.options.owner)
+        host = self.host
+        host.announce(line)
+        host.emit_text(_TEXT_TAG, line, event.step)
+        host.emit_scalars(self.scalars(), event.step)
+
+    def scalars(self) -> dict[str, float]:
+        """The guard's scalars now, ending the interval (flagged steps and the largest loss since the last call)."""
+        values: dict[str, float] = {
+            tag("skipped_steps"): float(self.skipped_steps),
+            tag("rollbacks"): float(self.rollbacks),
+            tag("lr_scale"): self.lr_scale,
+            tag("flagged_steps"): float(self._flagged),
+        }
+        if self._loss_max is not None:
+            values[tag("loss_max")] = self._loss_max
+        if self.host.scaler() is not None:
+            values[tag("amp_overflow_steps")] = float(self.amp_overflow_steps)
+        self._flagged, self._loss_max = 0, None
+        return values
+
+    def write_scalars(self, step: int) -> None:
+        """Write :meth:`scalars` through the host at ``step``."""
+        self.host.emit_scalars(self.scalars(), step)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "skipped_steps": self.skipped_steps,
+            "amp_overflow_steps": self.amp_overflow_steps,
+            "lr_scale": self.lr_scale,
+            "events": [dict(e) for e in self.events],
+            "reason": self.outcome.value,
+            "policy": self.policy.state_dict(),
+            **self.judge_.state_dict(),
+            "snapshots": self.store.state_dict()["snapshots"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Counters, events, policy and detector state (the scaled LR itself comes back with the optimizer and
+        scheduler states the loop restores). The judge's last row carries into the next step."""
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.events = [dict(e) for e in state.get("events", [])]
+        self.policy.load_state_dict(state.get("policy") or state)
+        values = {d.value for d in GuardDecision}
+        reason = state.get("reason")
+        self.outcome = GuardDecision(reason if reason in values else "healthy")
+        self.judge_.load_state_dict(state)
+        self._resumed = True
+
+
+class EngineField:
+    """An adapter attribute that reads and writes the engine's value of the same name (``options=True``: the
+    engine's :class:`~lightning_gradguard.core.engine.GuardOptions`; ``source``: the engine's name for it, when it
+    differs), so adapters keep their public attributes
+    without a second copy of the state. The adapter keeps its engine in ``self.engine``."""
+
+    def __init__(self, source: str = "", options: bool = False) -> None:
+        self.options = options
+        self.name = source
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = self.name or name
+
+    def _target(self, obj: Any) -> Any:
+        engine = obj.__dict__["engine"]
+        return engine.options if self.options else engine
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(self._target(obj), self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(self._target(obj), self.name, value)

@@ -1,0 +1,108 @@
+"""The host interface: everything the guard engine needs from the training loop it protects.
+
+The engine (:class:`~lightning_gradguard.core.engine.GuardEngine`) never touches a Trainer, a Fabric or a user's
+loop. Each adapter implements this small interface over its own objects: the Lightning callback over the Trainer
+(``callbacks/_trainer_host.py``), the plain-loop guard over the model, optimizers, schedulers and GradScaler it was
+given (``plain/_loop_host.py``), the Fabric adapter over the same with Fabric's collectives. The engine is handed
+the host at the start of a fit and drops it at the end; the host holds no reference to the engine or to the adapter.
+
+Methods with a body here are optional: their defaults are what a host without that capability does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_gradguard.core.guard._step_judge import RankReducer
+from lightning_gradguard.core.recover._snapshot import Snapshot
+
+
+class GuardHost:
+    """What a training loop offers the guard engine (subclass and fill in the first group)."""
+
+    # ------------------------------------------------------------------ required: the state the guard protects
+    def model(self) -> nn.Module:
+        """The module whose ``state_dict`` a snapshot holds (a DDP/Fabric wrapper is fine)."""
+        raise NotImplementedError
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The raw torch optimizers (state operations must use these, never a wrapper)."""
+        raise NotImplementedError
+
+    def schedulers(self) -> list[Any]:
+        """The LR schedulers, restored and rescaled with the optimizers."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optional: precision, ranks, output
+    def named_module(self) -> nn.Module:
+        """The module whose parameter names events report (no wrapper prefix)."""
+        return self.model()
+
+    def scaler(self) -> Any:
+        """The enabled ``GradScaler`` of the loop, or None."""
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        """State outside model/optimizers/schedulers that a snapshot must hold (e.g. a GradScaler's)."""
+        return {}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Put back what :meth:`extra_state` returned."""
+
+    def reducer(self) -> RankReducer | None:
+        """The element-wise cross-rank maximum (None: a single process)."""
+        return None
+
+    def device(self) -> torch.device | None:
+        """Where cross-rank flags are reduced (None: the CPU)."""
+        return None
+
+    def is_global_zero(self) -> bool:
+        return True
+
+    def warn(self, message: str, local: bool) -> None:
+        """A warning; ``local``: about this rank only (else every rank has the same one: say it once)."""
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+    def announce(self, line: str) -> None:
+        """Tell the person watching the run about an event."""
+
+    def emit_scalars(self, values: dict[str, float], step: int) -> None:
+        """Write scalars (``gradguard/...`` tags) at ``step``."""
+
+    def emit_text(self, tag: str, text: str, step: int) -> None:
+        """Write a text line at ``step``."""
+
+    def state_changed(self) -> None:
+        """A rollback or LR cut replaced the state: drop anything cached about the discarded one."""
+
+    def report_dir(self) -> Path | None:
+        """Where a halt report goes (None: none is written)."""
+        return None
+
+    def report_extra(self) -> dict[str, Any]:
+        """Loop facts for the halt report (epoch, precision, world size)."""
+        return {}
+
+    def stop_training(self) -> None:
+        """A halt: end the loop after this step (the engine raises afterwards when asked to)."""
+
+    # ------------------------------------------------------------------ optional: the batch and checkpoint files
+    def replay(self, item: tuple[Any, int]) -> str | None:
+        """Run the flagged batch once more and name the first module with a non-finite output (None: unknown)."""
+        return None
+
+    def save_batches(self, batches: list[tuple[Any, int]], step: int) -> str | None:
+        """Save the flagged step's batches; returns the path (None: not saved)."""
+        return None
+
+    def checkpoint_snapshot(self, survived: Callable[[int], bool]) -> tuple[Snapshot | None, list[str]]:
+        """The newest usable checkpoint file of this run as a snapshot, and why each other file was passed over
+        (``survived(step)``: whether a file of that step is confirmed healthy)."""
+        return None, []

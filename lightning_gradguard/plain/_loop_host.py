@@ -1,0 +1,103 @@
+"""A hand-written loop as a guard host: the model, optimizers, schedulers and GradScaler the user handed over.
+
+Cross-rank maxima through ``torch.distributed`` (or a custom reduce, e.g. Fabric's ``all_reduce``); scalars and event
+text to a ``SummaryWriter`` on rank 0 (with the same log10 twins as the callbacks); events announced through the
+``lightning_gradguard.plain`` logger at WARNING on rank 0, so a skip or rollback is never silent.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_gradguard.core.engine import GuardHost
+from lightning_gradguard.core.engine._scalars import with_twins
+from lightning_gradguard.plain.distributed import MaxReducer
+
+_LOG = logging.getLogger("lightning_gradguard.plain")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model without DDP or Fabric wrappers (its parameter names carry no wrapper prefix)."""
+    inner, wrapped = model, getattr(model, "module", None)
+    while isinstance(wrapped, nn.Module) and wrapped is not inner:
+        inner, wrapped = wrapped, getattr(wrapped, "module", None)
+    return inner
+
+
+class LoopHost(GuardHost):
+    """The objects of one plain training loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        schedulers: list[Any],
+        scaler: Any,
+        reducer: MaxReducer,
+        rank: int | None,
+        writer: Any,
+        report_dir: str | None,
+    ) -> None:
+        self._model = model
+        self._inner = unwrap_model(model)
+        self._optimizers = optimizers
+        self._schedulers = schedulers
+        self._scaler = scaler
+        self._reducer = reducer
+        self.rank = rank
+        self.writer = writer if rank in (0, None) else None
+        self._report_dir = None if report_dir is None else Path(report_dir)
+
+    def model(self) -> nn.Module:
+        return self._model
+
+    def named_module(self) -> nn.Module:
+        return self._inner
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self._optimizers
+
+    def schedulers(self) -> list[Any]:
+        return self._schedulers
+
+    def scaler(self) -> Any:
+        scaler = self._scaler
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def extra_state(self) -> dict[str, Any]:
+        scaler = self.scaler()
+        return {"scaler": scaler.state_dict()} if scaler is not None else {}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        if "scaler" in extra and self._scaler is not None:
+            self._scaler.load_state_dict(extra["scaler"])
+
+    def reducer(self) -> MaxReducer:
+        return self._reducer
+
+    def is_global_zero(self) -> bool:
+        return self.rank in (0, None)
+
+    def announce(self, line: str) -> None:
+        if self.is_global_zero():
+            _LOG.warning(line)
+
+    def emit_scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for name, value in with_twins(values).items():
+            self.writer.add_scalar(name, value, global_step=step)
+        self.writer.flush()
+
+    def emit_text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, global_step=step)
+            self.writer.flush()
+
+    def report_dir(self) -> Path | None:
+        return self._report_dir
