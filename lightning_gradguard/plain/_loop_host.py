@@ -8,17 +8,62 @@ text to a ``SummaryWriter`` on rank 0 (with the same log10 twins as the callback
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_gradguard.core._arg_checks import check_choice
+from lightning_gradguard.core.clip import CLIPPERS, Clipper, check_clip_options
 from lightning_gradguard.core.engine import GuardHost
 from lightning_gradguard.core.engine._scalars import with_twins
 from lightning_gradguard.plain.distributed import MaxReducer
 
 _LOG = logging.getLogger("lightning_gradguard.plain")
+
+
+def _as_list(value: Any, name: str, kind: type | tuple[type, ...], owner: str) -> list[Any]:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if not isinstance(item, kind):
+            allowed = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise TypeError(f"{owner}: {name} must be a {allowed} or a list of them, got {type(item).__name__}")
+    return items
+
+
+def _raw_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind a wrapper (Fabric's ``_FabricOptimizer``, Lightning's ``LightningOptimizer``)."""
+    inner = getattr(opt, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else opt
+
+
+def check_loop_objects(
+    model: Any, optimizers: Any, schedulers: Any, owner: str
+) -> tuple[nn.Module, list[torch.optim.Optimizer], list[Any]]:
+    """The loop's model, raw optimizers and schedulers as lists; ``TypeError`` naming ``owner`` for a wrong type."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
+    opts = [_raw_optimizer(x) for x in _as_list(optimizers, "optimizers", torch.optim.Optimizer, owner)]
+    scheds = [] if schedulers is None else (list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers])
+    return model, opts, scheds
+
+
+def check_loop_clipping(clipping: Any, options: Any, owner: str) -> dict[str, Any]:
+    """Check ``clipping`` (a method name, a core clipper or None) and its ``options``; returns the checked options."""
+    if clipping is not None and not isinstance(clipping, Clipper):
+        check_choice("clipping", clipping, tuple(CLIPPERS), owner=owner)
+    if options is not None and not (isinstance(options, Mapping) and all(isinstance(k, str) for k in options)):
+        raise TypeError(
+            f"{owner}: clipping_options must be a dict of option name -> value, got {type(options).__name__}"
+        )
+    if options and not isinstance(clipping, str):
+        raise ValueError(
+            f"{owner}: clipping_options is only for a method name; got clipping={clipping!r} "
+            "(configure a clipper object through its own arguments)"
+        )
+    return check_clip_options(clipping, owner=owner, **options) if options else {}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -17,13 +17,12 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.core._arg_checks import check_choice
-from lightning_gradguard.core.clip import CLIPPERS, Clipper, ClipRecord, check_clip_options
+from lightning_gradguard.core.clip import Clipper, ClipRecord
 from lightning_gradguard.core.engine import EngineField, GuardEngine, check_guard_options
 from lightning_gradguard.core.guard import GuardDecision
 from lightning_gradguard.core.guard._step_judge import Verdict
 from lightning_gradguard.plain._clip_slots import ClipSlots
-from lightning_gradguard.plain._loop_host import LoopHost, unwrap_model
+from lightning_gradguard.plain._loop_host import LoopHost, check_loop_clipping, check_loop_objects, unwrap_model
 from lightning_gradguard.plain.distributed import MaxReducer, Reduce, rank_and_world
 
 __all__ = ["GradGuard"]
@@ -37,21 +36,6 @@ _LAST_ACTION = {
     GuardDecision.LOWERED_LR: "lower_lr",
     GuardDecision.HALTED: "halt",
 }
-
-
-def _as_list(value: Any, name: str, kind: type | tuple[type, ...], owner: str) -> list[Any]:
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    for item in items:
-        if not isinstance(item, kind):
-            allowed = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise TypeError(f"{owner}: {name} must be a {allowed} or a list of them, got {type(item).__name__}")
-    return items
-
-
-def _raw_optimizer(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind a wrapper (Fabric's ``_FabricOptimizer``, Lightning's ``LightningOptimizer``)."""
-    inner = getattr(opt, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else opt
 
 
 class GradGuard:
@@ -197,32 +181,11 @@ class GradGuard:
     ) -> None:
         o = type(self).__name__
         guard_args = {k: v for k, v in locals().items() if k not in _NOT_GUARD_OPTIONS}
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{o}: model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
-        self.optimizers = [_raw_optimizer(x) for x in _as_list(optimizers, "optimizers", torch.optim.Optimizer, o)]
-        self.schedulers = (
-            [] if schedulers is None else (list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers])
-        )
+        self.model, self.optimizers, self.schedulers = check_loop_objects(model, optimizers, schedulers, o)
         self.scaler = scaler
-        if clipping is not None and not isinstance(clipping, Clipper):
-            check_choice("clipping", clipping, tuple(CLIPPERS), owner=o)
-        if clipping_options is not None and not (
-            isinstance(clipping_options, Mapping) and all(isinstance(k, str) for k in clipping_options)
-        ):
-            raise TypeError(
-                f"{o}: clipping_options must be a dict of option name -> value, got {type(clipping_options).__name__}"
-            )
-        if clipping_options and not isinstance(clipping, str):
-            raise ValueError(
-                f"{o}: clipping_options is only for a method name; got clipping={clipping!r} "
-                "(configure a clipper object through its own arguments)"
-            )
         self.clipping = clipping
         #: the checked clipping options (empty: the method's defaults).
-        self.clipping_options: dict[str, Any] = {}
-        if clipping_options:
-            self.clipping_options = check_clip_options(cast(str, clipping), owner=o, **clipping_options)
+        self.clipping_options: dict[str, Any] = check_loop_clipping(clipping, clipping_options, o)
         self.engine = GuardEngine(check_guard_options(o, "grad_guard_report", **guard_args))
         self.log_every_n_steps = cast(int, self.engine.options.log_every_n_steps)
         reducer = MaxReducer(all_reduce_max, process_group)
