@@ -147,6 +147,10 @@ def test_api_reference_builds_without_warnings(tmp_path: Path) -> None:
     assert "API reference:" in proc.stdout
     assert "docs warning" not in proc.stderr
     top = (out / "lightning_gradguard.html").read_text()
-    for name in ("NaNGuard", "AdaptiveGradientClipping", "GradientNormMonitor", "DivergenceError", "GradGuard"):
+    public = ("NaNGuard", "AdaptiveGradientClipping", "GradientNormMonitor", "DivergenceError", "GradGuard")
+    for name in (*public, "ZScoreClipper", "make_clipper", "GuardDecision", "GuardEvent"):
         assert f'id="{name}"' in top, f"{name} has no entry in the API reference"
-    assert (out / "lightning_gradguard" / "core" / "lr_scaling.html").is_file()
+    core = out / "lightning_gradguard" / "core"
+    for layer in ("measure", "clip", "guard", "recover", "engine"):  # each layer's public surface has a page
+        assert (core / f"{layer}.html").is_file(), layer
+    assert not list(core.rglob("_*.html")), "private (plumbing) modules must not get pages"
