@@ -38,6 +38,7 @@ from lightning_gradguard.core.guard._policy import (
     GuardPolicy,
     StepHealth,
 )
+from lightning_gradguard.core.guard._stability import StabilityFinding
 from lightning_gradguard.core.guard._step_judge import StepJudge, Verdict, any_rank
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.recover._fault_trace import nonfinite_in
@@ -126,7 +127,7 @@ class GuardEngine:
         self._batches: list[tuple[Any, int]] = []
         self._pending: StepHealth | None = None
         self._pending_values: tuple[float | None, float | None, list[GradStats]] = (None, None, [])
-        self._lower: Any = None
+        self._lower: StabilityFinding | None = None
         self._overflow = False
         self._since_snapshot = 0
         self._flagged = 0
@@ -364,7 +365,7 @@ class GuardEngine:
         host.load_extra_state(extra)
         self._after_state_change()
 
-    def lower_lr(self, step: int, finding: Any) -> None:
+    def lower_lr(self, step: int, finding: StabilityFinding) -> None:
         """The stability controller's cut (``core.recover._rules.stability_cut``: from the untrained state when the
         model is worse than it, from before the climb when the loss climbed, else in place)."""
         host, policy = self.host, self.policy
