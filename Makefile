@@ -32,9 +32,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gradguard demo
 
-# the demo's story in every mode (lstm/cnn, default and --quick, guarded and unguarded) on seeds 0, 1, 2 (slow)
+# the demo's story in every mode (lstm/cnn, default and --quick, unguarded and guarded) on seeds 0, 1, 2 under three
+# CPU kernel paths (native, ONEDNN_MAX_CPU_ISA=AVX2, ONEDNN_MAX_CPU_ISA=SSE41), every cell with its margin (slow);
+# options: make demo-check DEMO_CHECK_ARGS='--jobs 2 --json out.json'
+DEMO_CHECK_ARGS ?=
 demo-check: $(STAMP)
-	$(PY) -m pytest -q tests/examples/test_demo_verdicts.py --demo-check -p no:cacheprovider
+	$(PY) tools/demo_check.py $(DEMO_CHECK_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py --quick

@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="train an example that blows up without gradguard, with the gradguard callbacks",
-        description="Train an example at a learning rate where it blows up, with GradientNormMonitor, "
-        "AdaptiveGradientClipping and NaNGuard (or without them: --unguarded), and print what happened.",
+        description="Train an example with a fault that ruins it (lstm: a learning rate 1000x too high; cnn: one "
+        "training batch whose images arrive x1000), with GradientNormMonitor, AdaptiveGradientClipping and NaNGuard "
+        "(or without them: --unguarded), and print what happened and the verdict.",
     )
     demo.add_argument("example", nargs="?", default="lstm", choices=["lstm", "cnn"], help="which example (lstm)")
     demo.add_argument("--quick", action="store_true", help="fewer steps (about a quarter of the time)")

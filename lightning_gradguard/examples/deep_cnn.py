@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_gradguard.examples.data import TensorSplitsDataModule
+from lightning_gradguard.examples.data import TensorSplitsDataModule, check_fault
 
 __all__ = ["DeepPlainCNN", "DigitsDataModule", "load_digits_tensors"]
 
@@ -50,20 +50,33 @@ class DigitsDataModule(TensorSplitsDataModule):
         val_fraction: share of the images used for validation (the same share again is the test set).
         batch_size: batch size of all loaders.
         seed: seed of the split and of the training-set shuffling.
+        fault_batch: inject a fault: the training batch of this index (counted from 0 over the fit) has its images
+            multiplied by ``fault_scale`` (None: no fault). See :class:`TensorSplitsDataModule`.
+        fault_scale: the factor of the faulty batch's inputs.
     """
 
     eval_batch_size = 512
 
-    def __init__(self, val_fraction: float = 0.15, batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(
+        self,
+        val_fraction: float = 0.15,
+        batch_size: int = 64,
+        seed: int = 0,
+        fault_batch: int | None = None,
+        fault_scale: float = 1000.0,
+    ) -> None:
         super().__init__()
         if not 0 < val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_fault(fault_batch, fault_scale)
         self.save_hyperparameters()
         self.val_fraction = val_fraction
         self.batch_size = batch_size
         self.seed = seed
+        self.fault_batch = fault_batch
+        self.fault_scale = float(fault_scale)
 
     def build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         x, y = load_digits_tensors()

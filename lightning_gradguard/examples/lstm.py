@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torchmetrics import MeanSquaredError
 
-from lightning_gradguard.examples.data import TensorSplitsDataModule
+from lightning_gradguard.examples.data import TensorSplitsDataModule, check_fault
 
 __all__ = ["AddingProblemDataModule", "AddingProblemLSTM", "adding_problem"]
 
@@ -54,10 +54,20 @@ class AddingProblemDataModule(TensorSplitsDataModule):
         num_val: validation sequences (also used as the test set's size).
         batch_size: batch size of all loaders.
         seed: seed of the data generator and of the training-set shuffling.
+        fault_batch: inject a fault: the training batch of this index (counted from 0 over the fit) has its inputs
+            multiplied by ``fault_scale`` (None: no fault). See :class:`TensorSplitsDataModule`.
+        fault_scale: the factor of the faulty batch's inputs.
     """
 
     def __init__(
-        self, seq_len: int = 50, num_train: int = 4096, num_val: int = 512, batch_size: int = 64, seed: int = 0
+        self,
+        seq_len: int = 50,
+        num_train: int = 4096,
+        num_val: int = 512,
+        batch_size: int = 64,
+        seed: int = 0,
+        fault_batch: int | None = None,
+        fault_scale: float = 1000.0,
     ) -> None:
         super().__init__()
         for name, value, low in (("seq_len", seq_len, 2), ("num_train", num_train, 1), ("num_val", num_val, 1)):
@@ -65,12 +75,15 @@ class AddingProblemDataModule(TensorSplitsDataModule):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_fault(fault_batch, fault_scale)
         self.save_hyperparameters()
         self.seq_len = seq_len
         self.num_train = num_train
         self.num_val = num_val
         self.batch_size = batch_size
         self.seed = seed
+        self.fault_batch = fault_batch
+        self.fault_scale = float(fault_scale)
 
     def build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         g = torch.Generator().manual_seed(self.seed)
@@ -91,6 +104,8 @@ class AddingProblemLSTM(pl.LightningModule):
             remedy for vanishing/exploding recurrent gradients; Saxe et al. 2014) or ``"xavier"``
             (Glorot & Bengio 2010) for the input weights with orthogonal recurrent weights.
         momentum: SGD momentum.
+        head_bias: initial bias of the linear head; ``1.0`` (the target's mean) starts training at the baseline MSE
+            of 1/6, ``None`` keeps PyTorch's default (a loss near ``1 + 1/6`` at the start).
     """
 
     def __init__(
@@ -100,6 +115,7 @@ class AddingProblemLSTM(pl.LightningModule):
         optimizer: Literal["sgd", "adam"] = "sgd",
         init: Literal["default", "orthogonal", "xavier"] = "default",
         momentum: float = 0.9,
+        head_bias: float | None = 1.0,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adam"):
@@ -114,7 +130,8 @@ class AddingProblemLSTM(pl.LightningModule):
         self.momentum = momentum
         self.rnn = nn.LSTM(2, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, 1)
-        nn.init.constant_(self.head.bias, 1.0)  # the target's mean: training starts at the baseline MSE of 1/6
+        if head_bias is not None:  # 1.0, the target's mean: training starts at the baseline MSE of 1/6
+            nn.init.constant_(self.head.bias, head_bias)
         if init != "default":
             for name, p in self.rnn.named_parameters():
                 if name.startswith("weight_hh"):

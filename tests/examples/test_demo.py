@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_gradguard.demo import DEMOS, DemoResult, run_demo
+from lightning_gradguard.demo import DEMOS, DemoResult, figures_table, run_demo, story_margin
 
 GUIDANCE = {"histograms": 0, "scalars": 0, "images": 0, "tensors": 0}
 
@@ -58,3 +59,68 @@ def test_override_changes_the_model(tmp_path):
     result = run_demo("lstm", guarded=False, logdir=tmp_path, max_steps=3, progress_bar=False, overrides={"lr": 1e-4})
     # a tiny LR cannot blow the loss up in three steps
     assert not result.blew_up
+
+
+def _result(metric: float, *, guarded: bool = True, peak: float = 1.0, nonfinite: int = 0, example: str = "lstm"):
+    settings = DEMOS[example]
+    blew_up = nonfinite > 0 or peak > 10.0
+    learned = not math.isnan(metric) and (
+        metric > settings.learned_bar if settings.higher_is_better else metric < settings.learned_bar
+    )
+    return DemoResult(
+        example, guarded, 100, blew_up and not learned, blew_up, learned, 1.0, peak, 1.0, 1.0, nonfinite,
+        settings.metric, metric, settings.baseline, None, 0, 0, learned_bar=settings.learned_bar,
+        failed_bar=settings.failed_bar, higher_is_better=settings.higher_is_better,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("example", "metric", "verdict"),
+    [
+        ("lstm", 0.001, "learned"),
+        ("lstm", 0.03, "inconclusive"),  # between the bars (0.0167, 0.083): never part of the story
+        ("lstm", 0.17, "did not learn"),
+        ("lstm", math.nan, "did not learn"),
+        ("cnn", 0.9, "learned"),
+        ("cnn", 0.35, "inconclusive"),
+        ("cnn", 0.1, "did not learn"),
+    ],
+)
+def test_verdicts_read_the_metric_against_the_two_bars(example, metric, verdict):
+    result = _result(metric, example=example)
+    assert result.verdict == verdict
+    assert (result.learn_margin >= 1) is (verdict == "learned")
+    assert (result.fail_margin >= 1) is (verdict == "did not learn")
+
+
+def test_story_margin_is_the_closest_condition():
+    plain = _result(0.17, guarded=False, peak=1e4)
+    guarded = _result(0.001, peak=1e4)
+    assert plain.verdict == "blew up, did not learn"
+    assert story_margin(plain, guarded) == pytest.approx(min(0.17 * 12, (1 / 60) / 0.001, 1e4 / 10))
+    # a loss that never rose 10x is no blow-up, whatever the final metric: the story fails
+    assert story_margin(_result(0.17, guarded=False, peak=5.0), guarded) == pytest.approx(0.5)
+    # an inconclusive guarded run fails the story too
+    assert story_margin(plain, _result(0.03)) < 1
+    # a non-finite unguarded run: blow-up and failure are infinite, the guarded margin decides
+    nan_run = _result(math.nan, guarded=False, nonfinite=5)
+    assert nan_run.blow_up_factor == math.inf
+    assert story_margin(nan_run, guarded) == pytest.approx((1 / 60) / 0.001)
+    row = figures_table([nan_run, guarded]).splitlines()[-1]
+    assert "| non-finite | test_mse nan (blew up, did not learn) | test_mse 0.001 (learned) | 17x |" in row
+
+
+def test_the_cnn_fault_is_in_the_data_and_the_clipper_cuts_it(tmp_path, monkeypatch):
+    """The injected batch at step 12 instead of 150, to keep it short: unguarded the loss explodes or turns
+    non-finite; guarded, the clipper scales that step's gradients down by far more than 10x."""
+    pytest.importorskip("sklearn")
+    monkeypatch.setitem(DEMOS, "cnn", replace(DEMOS["cnn"], data={**DEMOS["cnn"].data, "fault_batch": 12}))
+    plain, guarded = (
+        run_demo("cnn", guarded=g, logdir=tmp_path, max_steps=16, progress_bar=False) for g in (False, True)
+    )
+    assert plain.fault == guarded.fault == "training batch 12 arrives with its inputs x1000"
+    assert plain.blew_up
+    assert plain.fault_clip is None
+    assert guarded.fault_clip is not None
+    assert guarded.fault_clip < 0.1
+    assert "injected fault: training batch 12" in "\n".join(guarded.summary_lines())

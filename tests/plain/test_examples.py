@@ -1,5 +1,9 @@
 """examples/plain_torch.py: the bad batches wreck the unguarded loop; GradGuard ends near the clean run.
 
+What is asserted holds on any CPU kernel path: the guard acted at the injected faults (their steps are fixed by the
+data stream), non-finite or not, and final errors compared with the trivial predictor and the clean run by wide
+factors, never the digits of one trajectory.
+
 In-process for one process; the 2-process ``torchrun`` (gloo DDP) variant in a subprocess with a time bound: the bad
 batches reach rank 1 only and both ranks must take the same decisions and end with the same weights.
 """
@@ -49,15 +53,22 @@ def test_unguarded_loop_is_wrecked_and_the_guarded_one_ends_near_the_clean_run(e
     assert [list(e) for e in guarded["events"]] == EXPECTED_EVENTS
     assert guarded["clip_rate"] > 0  # the x1000 targets were clipped, not skipped
     assert math.isfinite(guarded["test_mse"])
-    # rescued means useful: within 10% of the run that never saw a bad batch (measured: 0.0190 vs 0.0182)
-    assert guarded["test_mse"] <= 1.10 * clean["test_mse"]
+    # rescued means useful: a wide factor below the trivial predictor and close to the run that never saw a bad batch
+    # (measured on seed 0: 0.0189 vs 0.0182, trivial 0.48)
+    assert guarded["test_mse"] <= clean["trivial_mse"] / 10
+    assert guarded["test_mse"] <= 1.5 * clean["test_mse"]
 
 
 def test_the_scaled_batch_alone_ruins_the_unguarded_run(example: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(example, "NAN_AT", ())
     clean = example.train(False, corrupt=False)
     scaled = example.train(False)
-    assert scaled["test_mse"] > 100 * clean["test_mse"]
+    trivial = clean["trivial_mse"]
+    # the clean run learns (0.018 vs a trivial 0.48 on seed 0); after the one x1000 batch the run is no better than
+    # half the trivial predictor's error (measured 0.40-1.24 on seeds 0-2, with the native AVX-512 kernels and with
+    # ATEN_CPU_CAPABILITY=default)
+    assert clean["test_mse"] <= trivial / 10
+    assert math.isnan(scaled["test_mse"]) or scaled["test_mse"] >= trivial / 2
 
 
 def run_torchrun(script: str, args: list[str], out: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
