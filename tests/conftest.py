@@ -19,14 +19,19 @@ def pytest_addoption(parser):
     parser.addoption(
         "--demo-check",
         action="store_true",
-        help="run the demo_check tests: the demo's verdicts in every mode on 3 seeds (minutes; make demo-check)",
+        help=(
+            "run the demo_check tests: the demo's verdicts on seeds 1-2 on this kernel path "
+            "(minutes; make demo-check runs every kernel path)"
+        ),
     )
 
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--demo-check"):
         return
-    skip = pytest.mark.skip(reason="multi-seed demo verdicts: run with --demo-check (make demo-check)")
+    skip = pytest.mark.skip(
+        reason="multi-seed demo verdicts: run with --demo-check (make demo-check: every kernel path)"
+    )
     for item in items:
         if "demo_check" in item.keywords:
             item.add_marker(skip)
