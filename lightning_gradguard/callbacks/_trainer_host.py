@@ -30,15 +30,33 @@ from lightning_gradguard.core.recover._snapshot import Snapshot
 _LOG = logging.getLogger("lightning_gradguard.callbacks.nan_guard")
 
 
+def _plain_reduces() -> tuple[Any, ...]:
+    """The ``reduce`` methods of Lightning's strategies that are a barrier plus an all-reduce over the world
+    (``lightning.fabric.utilities.distributed._sync_ddp``)."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return (DDPStrategy.reduce, FSDPStrategy.reduce, ModelParallelStrategy.reduce)
+
+
 class StrategyReducer:
     """The cross-rank maximum through ``trainer.strategy`` (a
-    :class:`~lightning_gradguard.core.guard._step_judge.RankReducer`)."""
+    :class:`~lightning_gradguard.core.guard._step_judge.RankReducer`).
+
+    Lightning's DDP, FSDP and model-parallel strategies reduce with a barrier and then an all-reduce over the world;
+    the barrier orders nothing the all-reduce does not (it is itself a collective), so for those strategies, unless a
+    subclass overrides ``reduce``, the same all-reduce over the world is called directly: one collective per
+    reduce. Any other strategy reduces its own way.
+    """
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer = trainer
         self.world_size = int(trainer.world_size)
+        self._direct = type(trainer.strategy).reduce in _plain_reduces()
 
     def __call__(self, local: torch.Tensor) -> torch.Tensor:
+        if self._direct and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+            return local
         return self.trainer.strategy.reduce(local, reduce_op="max")
 
 

@@ -20,6 +20,7 @@ from lightning_gradguard.callbacks.step_context import (
     on_measured,
     optimizer_index,
     step_record,
+    weight_norms_with_measurement,
 )
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
 from lightning_gradguard.callbacks.tensorboard_layout import custom_scalars_layout
@@ -198,6 +199,8 @@ class GradientNormMonitor(Callback):
         self._log_every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
         self._trainer = weakref.ref(trainer)
         on_measured(trainer, self._on_measured)
+        if trainer.world_size > 1:  # sharded: a logging step's weight norms ride with the measurement
+            weight_norms_with_measurement(trainer, self._weights_due)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.loggers and not self._said_no_logger:
@@ -211,6 +214,11 @@ class GradientNormMonitor(Callback):
             if writer not in self._layout_written:
                 writer.add_custom_scalars(layout)
                 self._layout_written.add(writer)
+
+    def _weights_due(self, optimizer: Any, norm_type: float, step: int) -> bool:
+        """Will the listener below read this new measurement's weight norms (a logging step, in our norm)?"""
+        trainer = self._trainer() if self._trainer is not None else None
+        return trainer is not None and norm_type == self.norm_type and log_due(trainer, self._log_every)
 
     def _on_measured(self, stats: GradStats, idx: int, step: int) -> None:
         """Right after the step's measurement, before any callback changes the gradients."""
@@ -260,6 +268,8 @@ class GradientNormMonitor(Callback):
         self._flush_all(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._trainer is not None:
+            weight_norms_with_measurement(trainer, None)
         self._trainer = None
         self._measured = None
 

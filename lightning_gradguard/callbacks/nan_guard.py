@@ -14,7 +14,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_gradguard.callbacks import checkpoint_snapshots as ckpts
 from lightning_gradguard.callbacks._trainer_host import TrainerHost
 from lightning_gradguard.callbacks.log_writer import ProgressBarValues
-from lightning_gradguard.callbacks.step_context import grad_stats_for, log_due, step_record
+from lightning_gradguard.callbacks.step_context import (
+    grad_stats_for,
+    log_due,
+    ride_with_measurement,
+    step_record,
+)
 from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
 from lightning_gradguard.core.engine import EngineField, GuardEngine, check_guard_options
 from lightning_gradguard.core.engine._options import OPTION_NAMES
@@ -158,7 +163,8 @@ class NaNGuard(Callback):
     def state_key(self) -> str:
         # distinct per configuration only so that two guards in one Trainer reach our own refusal in setup; the
         # state itself is found by class on resume (on_load_checkpoint), so changed arguments keep it
-        args = (self.action, self.snapshot)
+        options = self.__dict__["engine"].options  # the fields themselves: Lightning reads this on every hook
+        args = (options.action, options.snapshot)
         cached = self.__dict__.get("_state_key_cache")
         if cached is None or cached[0] != args:  # Lightning reads state_key on every hook: build it once
             cached = self._state_key_cache = (args, self._generate_state_key(action=args[0], snapshot=args[1]))
@@ -217,12 +223,21 @@ class NaNGuard(Callback):
         self._host = TrainerHost(trainer, pl_module, self.files, self._out_dir)
         self.engine.configure(self.engine.options)
         self.engine.start(self._host, trainer.global_step)
+        if trainer.world_size > 1:  # sharded: the judge's values travel with the measurement (one collective)
+            ride_with_measurement(trainer, self._rider)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._host is not None:
             self._host.restore_limits()
             self._host = None
+            ride_with_measurement(trainer, None)
         self.engine.stop()
+
+    def _rider(self, optimizer: Any, norm_type: float, step: int) -> Any:
+        """The values the judge will reduce at this step, for the measurement it will read (the L2 one)."""
+        if norm_type != 2.0 or self._host is None:
+            return None
+        return self.engine.rider(self._loss)
 
     # ------------------------------------------------------------------ per step: the engine's calls
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
@@ -241,7 +256,8 @@ class NaNGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """Judge the step before its update: one stack of scalars, one reduce (DDP), one host read."""
+        """Judge the step before its update: one stack of scalars, one reduce (DDP; under FSDP2 the values travelled
+        with the measurement's collective), one host read."""
         step = trainer.global_step
         stats = grad_stats_for(trainer, pl_module, optimizer, step=step)
         self._record = step_record(trainer, step)
@@ -261,19 +277,21 @@ class NaNGuard(Callback):
             return  # a gradient-accumulation micro-batch: no optimizer step happened
         self._stepped = False
         step = trainer.global_step - 1
-        if self.snapshot == "checkpoint":
+        engine = self.engine  # its fields read directly (the EngineField attributes are for users)
+        options = engine.options
+        if options.snapshot == "checkpoint":
             self.files.observe(trainer)
         record = self._record
         flags = None
         if record is not None and not record.dropped:
             flags = [getattr(c, "clipped", False) for c in record.clips.values()]
-        flagged = self.engine.end_step(step, flags)
-        every: int = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50
+        flagged = engine.end_step(step, flags)
+        every: int = options.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50
         if not flagged and log_due(trainer, every):
-            self.engine.write_scalars(step)
+            engine.write_scalars(step)
         if getattr(pl_module, "_current_fx_name", None) is not None:  # progress-bar counters, sent when they change
-            self._bar.show_changed(trainer, pl_module, "nan_skips", float(self.skipped_steps), step)
-            self._bar.show_changed(trainer, pl_module, "nan_rollbacks", float(self.rollbacks), step)
+            self._bar.show_changed(trainer, pl_module, "nan_skips", float(engine.skipped_steps), step)
+            self._bar.show_changed(trainer, pl_module, "nan_rollbacks", float(engine.policy.rollbacks), step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.check_weights(trainer.global_step)  # the last update is checked by no later step

@@ -3,6 +3,11 @@
 Every gradguard callback asks :func:`grad_stats_for` for the statistics of the optimizer being stepped. The first
 caller in a step computes them; the others get the same object, whatever the callback order. The measurement is
 taken before any clipping (callbacks that clip do so after asking), so "grad_norm" is always the pre-clip norm.
+
+Under sharding the measurement is a collective, and it is the step's only one: what the other callbacks need from
+the other ranks travels with it. The guard registers a :func:`ride_with_measurement` source (its loss and flags,
+whose cross-rank maximum comes back with the statistics), the monitor a :func:`weight_norms_with_measurement`
+predicate (the weight norms of a logging step). Both are asked only at a new measurement, whoever triggers it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
-from lightning_gradguard.core.measure._grad_stats import GradStats, compute_grad_stats
+from lightning_gradguard.core.measure._grad_stats import GradStats, Rider, compute_grad_stats
 from lightning_gradguard.core.measure._step_cache import StepStatsCache
 
 __all__ = [
@@ -30,8 +35,10 @@ __all__ = [
     "log_due",
     "on_measured",
     "optimizer_index",
+    "ride_with_measurement",
     "step_record",
     "unwrap_optimizer",
+    "weight_norms_with_measurement",
 ]
 
 _PARAMS = itemgetter("params")
@@ -39,6 +46,13 @@ _PARAMS = itemgetter("params")
 #: ``fn(stats, optimizer_idx, step)``: called once right after a new measurement, before any callback acts on the
 #: gradients (so a listener sees pre-clip gradients whatever the callback order).
 MeasuredListener = Callable[[GradStats, int, int], None]
+
+#: ``fn(optimizer, norm_type, step) -> Rider | None``: values to carry in the collective of the new measurement of
+#: ``optimizer``'s gradients (the raw torch optimizer) in ``norm_type`` at ``step``.
+RiderSource = Callable[[Any, float, int], "Rider | None"]
+
+#: ``fn(optimizer, norm_type, step) -> bool``: should that new measurement also take the weight norms.
+WeightNormsDue = Callable[[Any, float, int], bool]
 
 
 @dataclass
@@ -64,6 +78,8 @@ class TrainerContext:
     def __init__(self) -> None:
         self.cache = StepStatsCache()
         self.listeners: list[MeasuredListener] = []
+        self.rider_source: RiderSource | None = None
+        self.weight_norms_due: WeightNormsDue | None = None
         self.record: StepRecord | None = None
         self._names: dict[int, str] | None = None
         self._names_owner: weakref.ref[Any] | None = None
@@ -95,6 +111,8 @@ class TrainerContext:
     def reset(self) -> None:
         self.cache.invalidate()
         self.listeners.clear()
+        self.rider_source = None
+        self.weight_norms_due = None
         self.record = None
         self._names = None
         self._names_owner = None
@@ -174,7 +192,13 @@ def _measure(
     """The step's measurement of ``raw``'s gradients, shown to the listeners."""
     params = list(chain.from_iterable(map(_PARAMS, raw.param_groups)))
     labels = ctx.labels(pl_module, id(raw), params)
-    stats = compute_grad_stats(params, labels, norm_type)
+    source, due = ctx.rider_source, ctx.weight_norms_due
+    if source is None and due is None:
+        stats = compute_grad_stats(params, labels, norm_type)
+    else:  # what travels with the measurement's collective, when it is one (sharded gradients)
+        rider = source(raw, norm_type, step) if source is not None else None
+        weights = due(raw, norm_type, step) if due is not None else False
+        stats = compute_grad_stats(params, labels, norm_type, rider=rider, weight_norms=weights)
     if ctx.listeners:
         idx = optimizer_index(trainer, raw)
         for listener in list(ctx.listeners):
@@ -187,6 +211,18 @@ def on_measured(trainer: pl.Trainer, listener: MeasuredListener) -> None:
     ctx = context_for(trainer)
     if listener not in ctx.listeners:
         ctx.listeners.append(listener)
+
+
+def ride_with_measurement(trainer: pl.Trainer, source: RiderSource | None) -> None:
+    """Register the source of the values that travel with each new measurement's collective (the guard's; None:
+    none). One source per Trainer: the one guard."""
+    context_for(trainer).rider_source = source
+
+
+def weight_norms_with_measurement(trainer: pl.Trainer, due: WeightNormsDue | None) -> None:
+    """Register when a new measurement should also take the weight norms in its collective (the monitor's logging
+    steps; None: never, they are measured when read)."""
+    context_for(trainer).weight_norms_due = due
 
 
 def step_record(trainer: pl.Trainer, step: int | None = None) -> StepRecord:

@@ -5,8 +5,9 @@ Supported and tested (2-process CPU runs in ``tests/compat``):
 - single device and data parallel (``ddp``, ``ddp_spawn``, ``ddp_fork``, ...): every rank holds full, identical
   gradients at ``on_before_optimizer_step``;
 - ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``) and/or tensor parallelism: gradients
-  and weights are ``DTensor``s; the statistics are measured on each rank's shard and combined with one all-reduce
-  (:mod:`lightning_gradguard.core.measure._sharded`), so every rank sees the global norms.
+  and weights are ``DTensor``s; the statistics are measured on each rank's shard and combined with one collective
+  (:mod:`lightning_gradguard.core.measure._sharded`), so every rank sees the global norms; with FSDP2 over every
+  rank that one collective also carries the guard's loss and flags and a logging step's weight norms.
 
 Refused, each with its own reason: Lightning's FSDP1 ``FSDPStrategy`` (flat sharded parameters; needs CUDA, so it
 cannot be tested on a CPU machine), DeepSpeed (its engine owns clipping, loss scaling and the step) and XLA.

@@ -5,7 +5,8 @@ x1e4 loss spike at step 7 (clipped identically on both ranks, since they hold th
 
 Run by tests/compat/test_ddp.py in a subprocess (``strategy="ddp"`` inside pytest would re-run pytest in rank 1).
 Writes ``rank<r>.json`` per rank into the output directory: what every callback saw and did at every step, the
-guard's events and the final weights and optimizer state.
+guard's events, the final weights and optimizer state, and the collectives the callbacks called per step
+(``tests/compat/collectives.py``).
 """
 
 import json
@@ -17,6 +18,7 @@ from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.compat.collectives import around, count_collectives  # noqa: E402
 from tests.compat.common import build_all, split  # noqa: E402
 from tests.models import TinyRegression, make_trainer  # noqa: E402
 
@@ -59,11 +61,11 @@ class Record(Callback):
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    counts = count_collectives()
     callbacks = build_all(guard={"snapshot_every_n_steps": 2, "snapshot_confirm_steps": 1})
     record = Record(callbacks)
-    trainer = make_trainer(
-        out_dir, [*callbacks, record], max_steps=10, strategy="ddp", devices=2, accumulate_grad_batches=2
-    )
+    listed = around(counts, [*callbacks, record])
+    trainer = make_trainer(out_dir, listed, max_steps=10, strategy="ddp", devices=2, accumulate_grad_batches=2)
     model = RankFaults()
     trainer.fit(model)
     _, clip, guard = split(callbacks)
@@ -81,6 +83,7 @@ def main(out_dir: str) -> None:
                 "lr": trainer.optimizers[0].param_groups[0]["lr"],
                 "weights": weights,
                 "opt_state": opt_state,
+                "hook_collectives": counts.table("on_before_optimizer_step"),
             }
         )
     )

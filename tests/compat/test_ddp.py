@@ -3,7 +3,8 @@
 What this proves: every rank computes the same norms, thresholds and clip decisions at every step (logged values
 are identical whichever rank logs); a NaN seen by rank 1 only makes both ranks roll back at the same step to the
 same snapshot; a spike on rank 1 only is clipped identically on both; the run finishes (a timeout turns a hang into
-a failure) with bit-identical weights and optimizer state on both ranks.
+a failure) with bit-identical weights and optimizer state on both ranks; before each update the callbacks together
+call one collective (the guard's max-reduce: the gradients are already all-reduced, the measurement needs none).
 """
 
 from __future__ import annotations
@@ -54,3 +55,6 @@ def test_all_callbacks_under_ddp(tmp_path):
     # same final state, bit for bit
     assert r0["weights"] == r1["weights"]
     assert r0["opt_state"] == r1["opt_state"]
+    # one collective per optimizer step in on_before_optimizer_step, on every rank: the guard's all-reduce
+    for r in ranks:
+        assert r["hook_collectives"] == {str(step): ["all_reduce"] for step in range(10)}

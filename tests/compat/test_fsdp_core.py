@@ -1,7 +1,8 @@
 """core.sharded / core.grad_stats on hand-made DTensors in 2 gloo processes, against the full tensors.
 
 Row, column, uneven 1-D and replicated layouts; elements of 1e25 (float32 sums of squares overflow); a NaN in one
-rank's piece only; a Partial tensor. See tests/compat/sharded_core_script.py.
+rank's piece only; a Partial tensor; the all-gather that carries other values with the norms. See
+tests/compat/sharded_core_script.py.
 """
 
 from __future__ import annotations
@@ -90,3 +91,24 @@ def test_unit_norms_per_layout(ranks):
 def test_partial_placement_refused_by_name(ranks):
     for r in ranks:
         assert "'head.weight' is a DTensor with a Partial placement" in r["partial_error"]
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("key", ["carried", "carried_nan"])
+def test_a_measurement_carrying_other_values_gives_the_same_norms_in_one_gather(ranks, key):
+    """``compute_grad_stats(..., rider=..., weight_norms=True)`` on shards over both ranks: one all-gather gives the
+    norms of the plain measurement's all-reduce bit for bit (every p; a NaN in one rank's piece: the same non-finite
+    values), the weight norms of ``weight_norms64``, and the element-wise maximum of the rider's values."""
+    for r in ranks:
+        for p_key, got in r[key].items():
+            assert got["carried"] == got["plain"], p_key
+            assert got["carried_weights"] == got["plain_weights"], p_key
+            assert got["max"] == [1.0, 0.0, 5.0]  # ranks send [r, -r, 5 - 2.5 r]
+            assert got["calls"] == 1
+    assert ranks[0][key] == ranks[1][key]
+    if key == "carried_nan":
+        for p in ("2.0", "3.0", "inf"):  # the NaN piece of "cols" (index 1) makes its norm and the total non-finite
+            found = ranks[0][key][p]["carried"]
+            assert isinstance(found[1], str)
+            assert isinstance(found[3], str)

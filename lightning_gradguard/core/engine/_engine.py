@@ -39,7 +39,7 @@ from lightning_gradguard.core.guard._policy import (
     StepHealth,
 )
 from lightning_gradguard.core.guard._stability import StabilityFinding
-from lightning_gradguard.core.guard._step_judge import StepJudge, Verdict, any_rank
+from lightning_gradguard.core.guard._step_judge import StepJudge, StepRider, Verdict, any_rank
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.recover._fault_trace import nonfinite_in
 from lightning_gradguard.core.recover._rules import (
@@ -202,8 +202,15 @@ class GuardEngine:
         """A micro-batch of the open step (diagnosis of a flagged step; optional)."""
         self._batches.append((batch, batch_idx))
 
+    def rider(self, loss: Any) -> StepRider | None:
+        """This step's judge values (all but the norm) to carry in the collective of the step's sharded measurement,
+        so that :meth:`judge` reduces nothing itself (``loss``: what :meth:`judge` will be given); None with one
+        process. See :meth:`~lightning_gradguard.core.guard._step_judge.StepJudge.rider`."""
+        return self.judge_.rider(loss, self.host.scaler())
+
     def judge(self, step: int, stats: list[GradStats], loss: Any) -> Verdict:
-        """Judge the step before its update (one reduce, one host read). The adapter drops the gradients of a
+        """Judge the step before its update (one reduce, one host read; no reduce when the values travelled with the
+        measurement: :meth:`rider`). The adapter drops the gradients of a
         step whose ``verdict.health`` is set; several calls in one step (one per optimizer) are merged."""
         verdict = self.judge_.judge(step, stats, loss, self.host.scaler())
         loss_v = verdict.loss

@@ -10,6 +10,7 @@ synchronisation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,6 +72,22 @@ class LossSpikeDetector:
         Returns:
             A bool scalar tensor: is ``loss`` a spike. Non-finite losses return False (they are not scored).
         """
+        spike, commit = self.score(loss)
+        commit()
+        return spike
+
+    def score(self, loss: Tensor | float) -> tuple[Tensor, Callable[[], None]]:
+        """:meth:`update` in two halves: the spike flag of ``loss`` now, and a function that adds ``loss`` to the
+        window (call it once, before any other update; not calling it leaves the detector as it was).
+
+        Example:
+            >>> det = LossSpikeDetector(zscore=4.0, window=8, min_samples=2)
+            >>> spike, commit = det.score(torch.tensor(1.0))
+            >>> int(det.compute()["count"]), bool(spike)
+            (0, False)
+            >>> commit(); int(det.compute()["count"])
+            1
+        """
         value = torch.as_tensor(loss).detach().reshape(()).to(torch.float64)
         values, valid = self._buffers(value.device)
         n = valid.sum()
@@ -82,10 +99,13 @@ class LossSpikeDetector:
         scored = finite & (n >= self.min_samples)
         spike = scored & (z > self.zscore)
         keep = finite & ~spike
-        values[self._pos] = torch.where(keep, value, 0.0)
-        valid[self._pos] = keep
-        self._pos = (self._pos + 1) % self.window
-        return spike
+
+        def commit() -> None:
+            values[self._pos] = torch.where(keep, value, 0.0)
+            valid[self._pos] = keep
+            self._pos = (self._pos + 1) % self.window
+
+        return spike, commit
 
     def compute(self) -> dict[str, Tensor]:
         """Mean, standard deviation (unbiased) and count of the values in the window."""

@@ -14,7 +14,11 @@ the ranks, so the detectors stay in lockstep; a rank that saw nothing itself rec
 
 The cross-rank reduction is injected (:class:`RankReducer`): the Trainer guard passes one built on
 ``trainer.strategy.reduce``, the plain guard one on ``torch.distributed`` (or Fabric's ``all_reduce``). With a single
-process nothing is stacked or communicated: the scalars are read to the host directly.
+process nothing is stacked or communicated: the scalars are read to the host directly. Under sharding the step's
+values can instead travel with the gradient measurement's own collective (:meth:`StepJudge.rider`, a
+:class:`~lightning_gradguard.core.measure.Rider`): everything but the norm is known before the measurement (the loss
+after backward, the clip flags of the last step, the GradScaler's scale), and the norm is the global one, the same on
+every rank; the judge then reads the carried maxima and reduces nothing itself.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from lightning_gradguard.core.guard._stability import StabilityController, Stabi
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.measure._host_read import read_scalars
 
-__all__ = ["RankReducer", "StepJudge", "StepScalars", "Verdict", "any_rank", "total_norm64"]
+__all__ = ["RankReducer", "StepJudge", "StepRider", "StepScalars", "Verdict", "any_rank", "total_norm64"]
 
 _GRADS = attrgetter("grads")
 _CPU = torch.device("cpu")
@@ -123,6 +127,47 @@ def total_norm64(live: list[GradStats], device: torch.device) -> Tensor:
     return norms.max() if p == math.inf else torch.linalg.vector_norm(norms, p)
 
 
+class StepRider:
+    """The judge's values of one step but the norm (loss, its finiteness, the scale flag, the spike test, the clip
+    flags), ready to travel with the step's sharded measurement (:meth:`StepJudge.rider`).
+
+    Built before the measurement from what :meth:`StepJudge.judge` will be given; :meth:`values` computes them when
+    the measurement asks (the spike test is scored then and added to its window only when the judge uses them, so
+    the detector moves once per step whichever way the values travel).
+    """
+
+    def __init__(self, judge: StepJudge, loss: Tensor | float | None, scale: Tensor | None) -> None:
+        self.judge = judge
+        self.loss = loss
+        self.scale = scale
+        self.clip_flags = judge.clip_flags  # the list object: a new one is set after every step
+        self.device: torch.device | None = None
+        self.local: Tensor | None = None  # this rank's values, float64
+        self._commit: Any = None
+
+    def values(self, device: torch.device) -> Tensor | None:
+        if self.local is None:
+            parts, self._commit = self.judge._parts(self.loss, self.scale, device, commit_spike=False)
+            self.device, self.local = device, torch.stack([p.to(device, torch.float64).reshape(()) for p in parts])
+        return torch.nan_to_num(self.local.clone(), nan=math.inf)  # collectives may drop NaN (as in judge)
+
+    def fits(self, loss: Tensor | float | None, scale: Tensor | None, clip_flags: list[Any], dev: torch.device) -> bool:
+        """Were these values built from what the judge is now given (else the judge builds its own)?"""
+        return (
+            self.local is not None
+            and loss is self.loss
+            and scale is self.scale
+            and clip_flags is self.clip_flags
+            and dev == self.device
+        )
+
+    def commit(self) -> None:
+        """The judge uses these values: add the loss to the spike window (once)."""
+        if self._commit is not None:
+            self._commit()
+            self._commit = None
+
+
 class StepJudge:
     """Feeds the detectors and builds each step's :class:`Verdict`.
 
@@ -165,6 +210,64 @@ class StepJudge:
         self._last: tuple[float, float] | None = None
         self._sized: Any = None  # the reducer whose world size _one_rank holds
         self._one_rank = reduce is None
+        self._rider: StepRider | None = None  # the values offered to this step's measurement
+
+    def rider(self, loss: Tensor | float | None, scaler: Any) -> StepRider | None:
+        """The values :meth:`judge` will reduce for this step, offered to the step's measurement so that they travel
+        in its collective (sharded gradients over every rank); None where the judge reduces nothing (one process).
+        ``loss`` and ``scaler``: what :meth:`judge` will be given. :meth:`judge` uses the carried maxima only when
+        they were built from the same loss, scale and clip flags, and otherwise reduces as always."""
+        reduce = self.reduce
+        if reduce is None or reduce.world_size <= 1:
+            return None
+        self._rider = rider = StepRider(self, loss, self._scale_of(scaler)[1])
+        return rider
+
+    @staticmethod
+    def _scale_of(scaler: Any) -> tuple[bool, Tensor | None]:
+        """(is a GradScaler enabled, its scale tensor or None)."""
+        scaled = scaler is not None and scaler.is_enabled()
+        scale = getattr(scaler, "_scale", None) if scaled else None
+        return scaled, scale if isinstance(scale, Tensor) else None
+
+    def _parts(
+        self, loss: Tensor | float | None, scale: Tensor | None, dev: torch.device, commit_spike: bool = True
+    ) -> tuple[list[Tensor], Any]:
+        """The step's scalar tensors but the norm (:class:`StepScalars` order from ``loss``), and the spike window's
+        pending commit when ``commit_spike`` is False (None otherwise, or when nothing is pending)."""
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        loss_t = self._loss_tensor(loss, dev) if loss is not None else zero
+        scale_bad = self._scale_bad(scale, dev) if scale is not None else zero
+        commit = None
+        if self.spike is not None and loss is not None:
+            if commit_spike:
+                spike = self.spike.update(loss_t)
+            else:
+                spike, commit = self.spike.score(loss_t)
+        else:
+            spike = zero
+        parts = [loss_t, ~torch.isfinite(loss_t), scale_bad, spike]
+        parts += [torch.as_tensor(c, device=dev).reshape(()) for c in self.clip_flags]  # tensors: no read
+        return parts, commit
+
+    def _carried(
+        self, live: list[GradStats], loss: Tensor | float | None, scale: Tensor | None, dev: torch.device
+    ) -> tuple[StepScalars, StepScalars] | None:
+        """(mine, the maxima) from the values that travelled with the measurement of ``live``, or None when they
+        did not (then the judge reduces them itself)."""
+        rider, self._rider = self._rider, None
+        if rider is None or len(live) != 1:
+            return None
+        carried = live[0].carried
+        if carried is None or carried[0] is not rider or not rider.fits(loss, scale, self.clip_flags, dev):
+            return None
+        rider.commit()
+        norm = total_norm64(live, dev).to(dev, torch.float64).reshape(1)
+        local = torch.cat([norm, rider.local])  # type: ignore[list-item]
+        # the norm is the global one, the same on every rank: its maximum is itself (NaN sent as in _values)
+        glob = torch.cat([torch.nan_to_num(norm.clone(), nan=math.inf), carried[1].to(dev, torch.float64)])
+        values = torch.cat([local, glob]).tolist()
+        return StepScalars.of(values[: local.numel()]), StepScalars.of(values[local.numel() :])
 
     def _values(self, parts: list[Tensor], dev: torch.device) -> tuple[StepScalars, StepScalars]:
         """(this rank's values, their maximum over the ranks), in one host read."""
@@ -224,22 +327,19 @@ class StepJudge:
         GradScaler (None or disabled: no AMP)."""
         live = list(filter(_GRADS, stats))  # the optimizers that had gradients
         has_loss = loss is not None
-        scaled = scaler is not None and scaler.is_enabled()
-        scale = getattr(scaler, "_scale", None) if scaled else None
-        if not isinstance(scale, Tensor):
-            scale = None
+        scaled, scale = self._scale_of(scaler)
         host = self._host_parts(live, stats, loss, scale)
         if host is not None:
             mine = glob = host
+            self._rider = None
         else:
             dev = stats[0].device if stats else _CPU
-            zero = torch.zeros((), dtype=torch.float64, device=dev)
-            loss_t = self._loss_tensor(loss, dev) if loss is not None else zero
-            scale_bad = self._scale_bad(scale, dev) if scale is not None else zero
-            spike = self.spike.update(loss_t) if (self.spike is not None and has_loss) else zero
-            parts = [total_norm64(live, dev), loss_t, ~torch.isfinite(loss_t), scale_bad, spike]
-            parts += [torch.as_tensor(c, device=dev).reshape(()) for c in self.clip_flags]  # tensors: no read
-            mine, glob = self._values(parts, dev)
+            carried = self._carried(live, loss, scale, dev)
+            if carried is not None:  # reduced with the measurement
+                mine, glob = carried
+            else:
+                parts, _ = self._parts(loss, scale, dev)
+                mine, glob = self._values([total_norm64(live, dev), *parts], dev)
         self.clip_flags = []
         norm, loss_v = mine.norm, (mine.loss if has_loss else math.nan)
         self.grad_history.append([step, norm])

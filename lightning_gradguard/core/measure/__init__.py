@@ -1,6 +1,6 @@
 """Measurement: one optimizer step's gradient statistics, measured once and read by every consumer.
 
-Holds the foreach measurement with float64 combination (``_grad_stats``), DTensor local shards plus one all-reduce
+Holds the foreach measurement with float64 combination (``_grad_stats``), DTensor local shards plus one collective
 (``_sharded``), the per-(step, optimizer) cache (``_step_cache``), the single host read (``_host_read``), on-device
 interval aggregates (``_interval_stats``) and the vanishing/exploding layer detectors (``_layer_health``).
 

@@ -27,7 +27,10 @@ non-finite.
 **Sharded gradients** (``DTensor``, e.g. FSDP2 through Lightning's ``ModelParallelStrategy``) are measured on each
 rank's local shard and combined with one all-reduce (``measure/_sharded.py``); every statistic is
 then the global one, identical on every rank. Under sharding each first access of a statistic is a collective: every
-rank must read the same statistics in the same order (the callbacks run the same code on every rank).
+rank must read the same statistics in the same order (the callbacks run the same code on every rank). When the
+shards span the whole world over one process group, the measurement's one collective can also carry the weight
+norms (``weight_norms=True``, for a logging step) and a :class:`Rider`'s values (the guard's loss and flags, whose
+cross-rank maximum comes back in :attr:`GradStats.carried`): one collective per step for every consumer.
 """
 
 from __future__ import annotations
@@ -38,15 +41,24 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from itertools import repeat
 from operator import attrgetter, is_
-from typing import Any, ClassVar, Generic, TypeVar, overload
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, overload
 
 import torch
 from torch import Tensor
 
 from lightning_gradguard.core._arg_checks import check_norm_type
-from lightning_gradguard.core.measure._sharded import local_tensors, local_view, reduce_norms
+from lightning_gradguard.core.measure._sharded import (
+    GATHER_MAX_VALUES,
+    ShardLayout,
+    gather_norms,
+    group_size,
+    local_tensors,
+    local_view,
+    reduce_norms,
+    world_group,
+)
 
-__all__ = ["GradStats", "compute_grad_stats", "layer_name_of", "norms_of"]
+__all__ = ["GradStats", "Rider", "compute_grad_stats", "layer_name_of", "norms_of"]
 
 #: Up to this p, p-th powers of per-tensor norms of float32/bf16/fp16 tensors (at most ~1e48) stay finite in float64,
 #: so norms are combined directly; above it they are first divided by the largest one.
@@ -57,6 +69,9 @@ _FLOAT32_DTYPE = torch.float32
 _PLAIN = {Tensor}  # the type of ordinary gradients (a DTensor or another subclass takes the general path)
 _NARROW = frozenset({torch.float32, torch.bfloat16, torch.float16})  # measured in float32 on the CPU fast path
 
+
+#: room kept in the gathered vector for a rider's values (the guard's: five scalars and a clip flag per clipper)
+_RIDER_ROOM = 64
 
 _T = TypeVar("_T")
 _FLOAT32 = struct.Struct("f")
@@ -243,6 +258,16 @@ def _combine(norms: Tensor, norm_type: float, index: Tensor | None = None, size:
     return torch.where(ok, scaled, top)
 
 
+class Rider(Protocol):
+    """Values that travel with a sharded measurement's collective and come back as their maximum over the ranks
+    (the guard's step values: :meth:`~lightning_gradguard.core.guard._step_judge.StepJudge.rider`)."""
+
+    def values(self, device: torch.device) -> Tensor | None:
+        """This rank's float64 vector on ``device`` (None: nothing to carry). Called at most once, and only when the
+        measurement is one collective over every rank."""
+        ...
+
+
 class GradStats:
     """The gradient statistics of one optimizer at one step.
 
@@ -261,6 +286,9 @@ class GradStats:
 
     #: measure CPU gradients on the fast path (class-wide switch; tests set it to False for the general path)
     host_fast_path: ClassVar[bool] = True
+    #: ``(rider, maximum)``: the :class:`Rider` whose values travelled with this measurement's collective and their
+    #: element-wise maximum over the ranks (None: nothing travelled with it)
+    carried: tuple[Rider, Tensor] | None = None
 
     def __init__(
         self,
@@ -392,6 +420,9 @@ def compute_grad_stats(
     params: Sequence[Tensor],
     names: Sequence[str] | None = None,
     norm_type: float = 2.0,
+    *,
+    rider: Rider | None = None,
+    weight_norms: bool = False,
 ) -> GradStats:
     """Measure the gradients of ``params`` once.
 
@@ -401,6 +432,11 @@ def compute_grad_stats(
             then this is a collective, to be called on every rank.
         names: a name per parameter (same order); layers are the owning modules' names. Defaults to ``param_<i>``.
         norm_type: p of the p-norm: a positive float or ``math.inf``.
+        rider: under sharding over the whole world, values to carry in the measurement's collective (their maximum
+            over the ranks comes back in :attr:`GradStats.carried`); ignored elsewhere (nothing is communicated, or
+            the layout needs several collectives).
+        weight_norms: under sharding over the whole world, measure the weight norms in the same collective (a
+            logging step reads them); elsewhere they are measured when first read, as always.
 
     Raises:
         ValueError: ``norm_type`` not positive, ``names`` of the wrong length, a sparse gradient, or a ``DTensor``
@@ -445,5 +481,46 @@ def compute_grad_stats(
             stats._total64_value = host[2]
             return stats
     local, layout = local_tensors(grads, names)
-    norms = reduce_norms(_local_norms64(local, norm_type), layout, norm_type)
+    local_norms = _local_norms64(local, norm_type)
+    if (rider is not None or weight_norms) and layout.groups:
+        carrying = _carrying(names, params, grads, local, local_norms, layout, norm_type, rider, weight_norms)
+        if carrying is not None:
+            return carrying
+    norms = reduce_norms(local_norms, layout, norm_type)
     return GradStats(names, params, grads, norms, norm_type, local_grads=local)
+
+
+def _carrying(
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    local: list[Tensor],
+    local_norms: Tensor,
+    layout: ShardLayout,
+    norm_type: float,
+    rider: Rider | None,
+    weight_norms: bool,
+) -> GradStats | None:
+    """The sharded measurement as one all-gather that also carries the weight norms and the rider's values, when the
+    gradients are sharded alike over one group of every rank; None where that does not apply."""
+    pg = world_group(layout, len(local))
+    if pg is None:
+        return None
+    parts = [(local_norms, norm_type)]
+    if weight_norms:
+        weights, weight_layout = local_tensors([p.detach() for p in params])
+        if weight_layout == layout:
+            parts.append((_local_norms64(weights, 2.0), 2.0))
+    size = sum(n.numel() for n, _ in parts) + _RIDER_ROOM
+    if size * group_size(pg) > GATHER_MAX_VALUES:
+        return None  # a gather that large would cost more than the collectives it replaces
+    top = rider.values(local_norms.device) if rider is not None else None
+    if top is None and len(parts) == 1:
+        return None  # nothing rides along: the plain all-reduce
+    combined, top_max = gather_norms(parts, top, pg)
+    stats = GradStats(names, params, grads, combined[0], norm_type, local_grads=local)
+    if len(parts) > 1:
+        stats.__dict__["weight_norms64"] = combined[1]
+    if rider is not None and top is not None:
+        stats.carried = (rider, top_max)
+    return stats

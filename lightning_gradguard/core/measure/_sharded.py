@@ -1,8 +1,8 @@
 """Norms of sharded tensors (``torch.distributed.tensor.DTensor``, as FSDP2 and tensor parallelism produce them).
 
 Each rank measures its own local shard with the ordinary multi-tensor kernels; the per-tensor results are then
-combined across the ranks that hold the other pieces, with one all-reduce per group of tensors sharing a layout (in
-practice: one all-reduce per step for FSDP2). No tensor is ever gathered.
+combined across the ranks that hold the other pieces, with one all-reduce per group of tensors sharing a layout's
+process groups (in practice: one per step for FSDP2). No tensor is ever gathered, only per-tensor norms.
 
 How a per-tensor p-norm combines depends on the tensor's placement on each mesh dimension:
 
@@ -10,6 +10,11 @@ How a per-tensor p-norm combines depends on the tensor's placement on each mesh 
   norms are summed (maxima taken for ``p = inf``) over that dimension's process group;
 - ``Replicate``: every rank holds the same elements, nothing to combine (summing would count them twice);
 - ``Partial``: the values are pending a sum and their norm cannot be taken from the pieces, so it is refused.
+
+When every tensor is sharded alike over one process group that holds every rank (FSDP2 over the whole world, the
+usual case), :func:`gather_norms` combines several vectors of local norms *and* a small vector of other values in
+one ``all_gather``: the norms are summed (as p-th powers) or maxed locally, the other values maxed. That is how the
+guard's step values (loss, flags) travel with the measurement instead of in a second collective.
 
 Every function here that reduces is a collective: every rank of the groups involved must call it at the same point
 with tensors of the same layouts (the callbacks do, since they run the same hooks on every rank).
@@ -25,7 +30,17 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-__all__ = ["ShardLayout", "is_sharded", "local_tensors", "local_view", "reduce_norms", "unit_norms"]
+__all__ = [
+    "ShardLayout",
+    "gather_norms",
+    "group_size",
+    "is_sharded",
+    "local_tensors",
+    "local_view",
+    "reduce_norms",
+    "unit_norms",
+    "world_group",
+]
 
 try:  # torch builds without distributed support have no DTensor
     import torch.distributed as dist
@@ -92,11 +107,14 @@ def local_tensors(tensors: Sequence[Tensor], names: Sequence[str] | None = None)
         if sharded_dims:
             key = (id(dt.device_mesh), tuple(sharded_dims))
             by_key.setdefault(key, (dt.device_mesh, []))[1].append(i)
-    groups = []
+    # tensors on distinct but equal meshes (FSDP2 may build a DTensor of an empty shard on another mesh object)
+    # combine over the same process groups: one group, one collective, for them all
+    merged: dict[tuple[object, ...], list[int]] = {}
     for (_, dims), (mesh, idx) in by_key.items():
         pgs = tuple(mesh.get_group(d) for d in dims)  # type: ignore[attr-defined]
-        groups.append((tuple(idx), pgs))
-    return local, ShardLayout(tuple(groups))
+        merged.setdefault(pgs, []).extend(idx)
+    groups = tuple((tuple(sorted(idx)), pgs) for pgs, idx in merged.items())
+    return local, ShardLayout(groups)
 
 
 def reduce_norms(local_norms: Tensor, layout: ShardLayout, norm_type: float) -> Tensor:
@@ -128,6 +146,77 @@ def _all_reduce_norms(part: Tensor, pgs: tuple[object, ...], norm_type: float) -
     for pg in pgs:
         dist.all_reduce(part, op=dist.ReduceOp.SUM, group=pg)
     return part.pow(1.0 / norm_type)
+
+
+#: :func:`gather_norms` is used up to this many gathered float64 values (world size x vector length, 2 MiB); beyond
+#: it the gather would move more than the separate all-reduces it replaces save, and the callers fall back to them.
+GATHER_MAX_VALUES = 1 << 18
+
+
+def world_group(layout: ShardLayout, n: int) -> object | None:
+    """The process group of ``layout`` when all its ``n`` tensors are sharded alike over one group that holds every
+    rank of the world (FSDP2 over all ranks), so that one collective over it reaches every rank; else None (no
+    sharding, several groups, a multi-dimensional mesh, a group smaller than the world)."""
+    if len(layout.groups) != 1:
+        return None
+    idx, pgs = layout.groups[0]
+    if len(idx) != n or len(pgs) != 1:
+        return None
+    pg = pgs[0]
+    if dist.get_world_size(pg) != dist.get_world_size():  # type: ignore[arg-type]
+        return None
+    return pg
+
+
+def group_size(pg: object) -> int:
+    """The number of ranks in process group ``pg``."""
+    return int(dist.get_world_size(pg))  # type: ignore[arg-type]
+
+
+def gather_norms(parts: Sequence[tuple[Tensor, float]], top: Tensor | None, pg: object) -> tuple[list[Tensor], Tensor]:
+    """Combine local per-tensor norms and take an element-wise maximum over the ranks of ``pg``, in one all-gather.
+
+    Args:
+        parts: ``(local_norms, p)`` pairs, float64 vectors of this rank's per-tensor p-norms over a layout whose
+            :func:`world_group` is ``pg``; each comes back as the norms of the whole tensors, as
+            :func:`reduce_norms` gives them (sum of p-th powers, or maximum with NaN sent as inf for ``p = inf``).
+        top: a float64 vector whose element-wise maximum over the ranks is wanted (None: none); a NaN in it
+            propagates to the maximum (callers send NaN as inf, as they would to a MAX all-reduce).
+        pg: the process group (every rank of the world).
+
+    Returns:
+        The combined norms of each part, and the maximum of ``top`` (empty when ``top`` is None).
+
+    With two ranks the sums are those of an all-reduce bit for bit (one addition either way); with more, the p-th
+    powers are added pairwise in rank order, which may differ from a backend's all-reduce in the last bit and is
+    identical on every rank (every rank adds the same gathered values in the same order).
+    """
+    sent = []
+    for norms, p in parts:
+        sent.append(torch.where(torch.isnan(norms), math.inf, norms) if p == math.inf else norms.pow(p))
+    if top is not None:
+        sent.append(top.to(device=sent[0].device, dtype=torch.float64))
+    local = torch.cat(sent)
+    world = dist.get_world_size(pg)  # type: ignore[arg-type]
+    rows = local.new_empty(world * local.numel())
+    dist.all_gather_into_tensor(rows, local, group=pg)  # type: ignore[arg-type]
+    rows = rows.view(world, local.numel())
+    out: list[Tensor] = []
+    start = 0
+    for norms, p in parts:
+        block = rows[:, start : start + norms.numel()]
+        start += norms.numel()
+        out.append(block.amax(0) if p == math.inf else _sum_rows(block).pow(1.0 / p))
+    return out, rows[:, start:].amax(0)
+
+
+def _sum_rows(rows: Tensor) -> Tensor:
+    """The sum of the rows by pairwise element-wise additions (log2 of the world size of them): each addition is
+    exact IEEE arithmetic with no kernel-chosen order, so every rank gets the same bits; two rows give ``r0 + r1``."""
+    while rows.shape[0] > 1:
+        even, odd = rows[0::2], rows[1::2]
+        rows = even + odd if even.shape[0] == odd.shape[0] else torch.cat([even[:-1] + odd, even[-1:]])
+    return rows[0]
 
 
 def unit_norms(t: Tensor) -> Tensor:
