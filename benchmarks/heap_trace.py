@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 def trace_renders(renders: int, block: int = 50, layers: int = 12) -> int:
     import numpy as np
 
-    from lightning_gradguard.callbacks.gradient_flow import render_gradient_flow
+    from lightning_gradguard.callbacks._gradient_flow import render_gradient_flow
 
     names = [f"net.{i}" for i in range(layers)]
     rng = np.random.default_rng(0)

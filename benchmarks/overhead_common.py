@@ -153,7 +153,7 @@ class CallbackDriver:
         self.hooks = [h for h in PER_STEP_HOOKS if getattr(cls, h) is not getattr(pl.Callback, h)]
 
     def start(self) -> None:
-        from lightning_gradguard.callbacks.step_context import context_for
+        from lightning_gradguard.callbacks._step_context import context_for
 
         t, m = self.trainer, self.module
         listeners = context_for(t).listeners
@@ -172,7 +172,7 @@ class CallbackDriver:
         self.listeners = [fn for fn in listeners if fn not in before]
 
     def step(self) -> None:
-        from lightning_gradguard.callbacks.step_context import context_for
+        from lightning_gradguard.callbacks._step_context import context_for
 
         context_for(self.trainer).listeners[:] = self.listeners
         t, m, cb = self.trainer, self.module, self.cb

@@ -19,9 +19,9 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_gradguard.callbacks.checkpoint_snapshots import CheckpointSnapshots
-from lightning_gradguard.callbacks.log_writer import announce, log_scalars, log_text
-from lightning_gradguard.callbacks.step_context import context_for
+from lightning_gradguard.callbacks._checkpoint_snapshots import CheckpointSnapshots
+from lightning_gradguard.callbacks._log_writer import announce, log_scalars, log_text
+from lightning_gradguard.callbacks._step_context import context_for
 from lightning_gradguard.core.engine import GuardHost
 from lightning_gradguard.core.recover._fault_trace import first_nonfinite_module
 from lightning_gradguard.core.recover._snapshot import Snapshot

@@ -9,19 +9,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_gradguard.callbacks.log_writer import ProgressBarValues, log_scalars, tag
-from lightning_gradguard.callbacks.step_context import (
+from lightning_gradguard.callbacks._log_writer import ProgressBarValues, log_scalars
+from lightning_gradguard.callbacks._step_context import (
     StepRecord,
     grad_stats_for,
     log_due,
     optimizer_index,
     step_record,
 )
-from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
+from lightning_gradguard.callbacks._strategy_support import check_supported_strategy
 from lightning_gradguard.core._arg_checks import check_bool, check_int
+from lightning_gradguard.core.clip import CLIPPERS, Clipper, ClipRecord, check_clip_options, make_clipper
 from lightning_gradguard.core.clip._options import MAX_NORM_TYPE, MAX_WARMUP, MAX_WINDOW
-from lightning_gradguard.core.clip._registry import CLIPPERS, Clipper, ClipRecord, check_clip_options, make_clipper
-from lightning_gradguard.core.engine._scalars import clip_scalars
+from lightning_gradguard.core.engine._scalars import clip_scalars, tag
 from lightning_gradguard.core.measure._grad_stats import GradStats
 
 __all__ = ["MAX_NORM_TYPE", "MAX_WARMUP", "MAX_WINDOW", "METHODS", "AdaptiveGradientClipping", "ClipRecord"]

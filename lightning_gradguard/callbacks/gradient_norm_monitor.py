@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_gradguard.callbacks.log_writer import log_scalars, tag, tensorboard_writers
-from lightning_gradguard.callbacks.monitor_capture import LogCapture, capture_for_log, write_views
-from lightning_gradguard.callbacks.monitor_state import EVENTS_TAG, MonitorState, report_layer_health
-from lightning_gradguard.callbacks.step_context import (
+from lightning_gradguard.callbacks._log_writer import log_scalars, tensorboard_writers
+from lightning_gradguard.callbacks._monitor_capture import LogCapture, capture_for_log, write_views
+from lightning_gradguard.callbacks._monitor_state import EVENTS_TAG, MonitorState, report_layer_health
+from lightning_gradguard.callbacks._step_context import (
     grad_stats_for,
     log_due,
     on_measured,
@@ -22,9 +22,10 @@ from lightning_gradguard.callbacks.step_context import (
     step_record,
     weight_norms_with_measurement,
 )
-from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
-from lightning_gradguard.callbacks.tensorboard_layout import custom_scalars_layout
+from lightning_gradguard.callbacks._strategy_support import check_supported_strategy
+from lightning_gradguard.callbacks._tensorboard_layout import custom_scalars_layout
 from lightning_gradguard.core._arg_checks import check_bool, check_int, check_number, check_positive
+from lightning_gradguard.core.engine._scalars import tag
 from lightning_gradguard.core.measure._grad_stats import GradStats, compute_grad_stats
 from lightning_gradguard.core.measure._interval_stats import IntervalAggregate
 from lightning_gradguard.core.measure._layer_health import ExplodingDetector, LayerHealthChanges, VanishingDetector
@@ -42,11 +43,11 @@ class GradientNormMonitor(Callback):
     r"""Log gradient health to TensorBoard: global and per-layer norms, update ratios, vanishing/exploding layers.
 
     Every optimizer step it folds the shared pre-clip global norm
-    (:func:`~lightning_gradguard.callbacks.step_context.grad_stats_for`, measured once per step for all gradguard
+    (:func:`~lightning_gradguard.callbacks._step_context.grad_stats_for`, measured once per step for all gradguard
     callbacks) into an on-device interval aggregate: no host read. On logging steps
-    (:func:`~lightning_gradguard.callbacks.step_context.log_due`, the same batches for every optimizer and callback)
+    (:func:`~lightning_gradguard.callbacks._step_context.log_due`, the same batches for every optimizer and callback)
     it writes, with one host read. What it draws from the raw gradients (per-layer mean/max ``|grad|``, value
-    histograms) is captured by an :func:`~lightning_gradguard.callbacks.step_context.on_measured` listener right after
+    histograms) is captured by an :func:`~lightning_gradguard.callbacks._step_context.on_measured` listener right after
     the measurement, before any clipper scales the gradients, whatever the callback order.
     ``gradguard/grad_norm_max``/``_mean`` cover every step since the previous write and are also written when the
     guard drops a step, at fit end and on an exception, so a spike between two logs is never lost.
@@ -61,7 +62,7 @@ class GradientNormMonitor(Callback):
     ``grad_norm_mean`` (each with a ``_log10`` twin), ``lr``, ``vanishing_layers``, ``exploding_layers``,
     ``nonfinite_layers``; histograms ``layer_grad_norms``, ``update_ratio``, opt-in ``grads/<layer>``; image
     ``gradient_flow``; text ``layer_health_events``; the Custom Scalars layout
-    (:mod:`~lightning_gradguard.callbacks.tensorboard_layout`). Scalars go to every logger, the rest to TensorBoard.
+    (:mod:`~lightning_gradguard.callbacks._tensorboard_layout`). Scalars go to every logger, the rest to TensorBoard.
 
     Attributes:
         vanishing_layers, exploding_layers: names of the layers flagged now (all optimizers).

@@ -11,16 +11,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_gradguard.callbacks import checkpoint_snapshots as ckpts
-from lightning_gradguard.callbacks._trainer_host import TrainerHost
-from lightning_gradguard.callbacks.log_writer import ProgressBarValues
-from lightning_gradguard.callbacks.step_context import (
+from lightning_gradguard.callbacks import _checkpoint_snapshots as ckpts
+from lightning_gradguard.callbacks._log_writer import ProgressBarValues
+from lightning_gradguard.callbacks._step_context import (
     grad_stats_for,
     log_due,
     ride_with_measurement,
     step_record,
 )
-from lightning_gradguard.callbacks.strategy_support import check_supported_strategy
+from lightning_gradguard.callbacks._strategy_support import check_supported_strategy
+from lightning_gradguard.callbacks._trainer_host import TrainerHost
 from lightning_gradguard.core.engine import EngineField, GuardEngine, check_guard_options
 from lightning_gradguard.core.engine._options import OPTION_NAMES
 from lightning_gradguard.core.guard import GuardCause, GuardDecision

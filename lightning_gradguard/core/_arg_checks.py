@@ -14,20 +14,6 @@ import math
 import numbers
 from typing import Any, cast, overload
 
-__all__ = [
-    "check_bool",
-    "check_choice",
-    "check_int",
-    "check_norm_type",
-    "check_number",
-    "check_patterns",
-    "check_positive",
-    "check_unit_interval",
-    "is_integer",
-    "is_number",
-    "prefix",
-]
-
 
 def prefix(owner: str | None) -> str:
     """``"Owner: "`` (or nothing): the start of every message, naming the class whose argument is wrong."""

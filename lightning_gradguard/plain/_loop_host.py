@@ -19,7 +19,7 @@ from lightning_gradguard.core._arg_checks import check_choice
 from lightning_gradguard.core.clip import CLIPPERS, Clipper, check_clip_options
 from lightning_gradguard.core.engine import GuardHost
 from lightning_gradguard.core.engine._scalars import with_twins
-from lightning_gradguard.plain.distributed import MaxReducer
+from lightning_gradguard.plain._distributed import MaxReducer
 
 _LOG = logging.getLogger("lightning_gradguard.plain")
 

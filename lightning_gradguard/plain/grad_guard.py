@@ -22,8 +22,8 @@ from lightning_gradguard.core.engine import EngineField, GuardEngine, check_guar
 from lightning_gradguard.core.guard import GuardDecision
 from lightning_gradguard.core.guard._step_judge import Verdict
 from lightning_gradguard.plain._clip_slots import ClipSlots
+from lightning_gradguard.plain._distributed import MaxReducer, Reduce, rank_and_world
 from lightning_gradguard.plain._loop_host import LoopHost, check_loop_clipping, check_loop_objects, unwrap_model
-from lightning_gradguard.plain.distributed import MaxReducer, Reduce, rank_and_world
 
 __all__ = ["GradGuard"]
 

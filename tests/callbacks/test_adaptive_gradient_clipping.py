@@ -27,7 +27,7 @@ class Recorder(pl.Callback):
         self.rows: list[dict[str, Any]] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        from lightning_gradguard.callbacks.step_context import optimizer_index
+        from lightning_gradguard.callbacks._step_context import optimizer_index
 
         idx = optimizer_index(trainer, optimizer)
         rec = self.clipper.last[idx]
@@ -133,7 +133,7 @@ def zscore_reference(norms, z=2.5, decay=0.97, warmup=10, factor=10.0, cap=1.0):
 @pytest.fixture(params=["host", "tensor"])
 def zpath(request, monkeypatch):
     """Runs a z-score fit on the CPU float fast path and on the tensor path that accelerators use."""
-    from lightning_gradguard.core.clip._registry import ZScoreClipper
+    from lightning_gradguard.core.clip import ZScoreClipper
 
     monkeypatch.setattr(ZScoreClipper, "host_fast_path", request.param == "host")
     return request.param
@@ -704,7 +704,7 @@ def test_zscore_host_path_matches_device_path(clip_to, fallback_max_norm):
     decisions and leave the same gradients, up to the last bits of float64 (torch's CPU ``sqrt`` of a float64 scalar
     is not always the correctly rounded one that ``math.sqrt`` returns).
     """
-    from lightning_gradguard.core.clip._registry import ZScoreClipper
+    from lightning_gradguard.core.clip import ZScoreClipper
     from lightning_gradguard.core.measure._grad_stats import compute_grad_stats
 
     kw = dict(warmup_steps=4, z_threshold=2.0, clip_to=clip_to, fallback_max_norm=fallback_max_norm)
@@ -755,7 +755,7 @@ class DropAt(pl.Callback):
         self.steps = set(steps)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        from lightning_gradguard.callbacks.step_context import step_record
+        from lightning_gradguard.callbacks._step_context import step_record
 
         if trainer.global_step in self.steps:
             step_record(trainer).dropped = True

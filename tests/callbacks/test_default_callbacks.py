@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard, default_callbacks
-from lightning_gradguard.callbacks.step_context import context_for
+from lightning_gradguard.callbacks._step_context import context_for
 from tests.models import TinyRegression, make_trainer
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_gradguard.callbacks import gradient_flow
-from lightning_gradguard.callbacks.gradient_flow import layer_abs_stats, render_gradient_flow
+from lightning_gradguard.callbacks import _gradient_flow as gradient_flow
+from lightning_gradguard.callbacks._gradient_flow import layer_abs_stats, render_gradient_flow
 from lightning_gradguard.core.measure._grad_stats import compute_grad_stats
 
 

@@ -20,7 +20,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
 from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard
-from lightning_gradguard.callbacks.step_context import context_for, step_record
+from lightning_gradguard.callbacks._step_context import context_for, step_record
 from tests.models import TinyRegression, make_trainer
 
 GUIDANCE = {"histograms": 0, "scalars": 0, "images": 0, "tensors": 0, "compressedHistograms": 0}

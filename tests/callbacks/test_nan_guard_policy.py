@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import DivergenceError, NaNGuard, default_callbacks
-from lightning_gradguard.callbacks.step_context import step_record
+from lightning_gradguard.callbacks._step_context import step_record
 from lightning_gradguard.core.recover._snapshot import clone_state
 from tests.models import TinyRegression, make_trainer
 

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 
 from lightning_gradguard import AdaptiveGradientClipping, NaNGuard
-from lightning_gradguard.callbacks.log_writer import announce
+from lightning_gradguard.callbacks._log_writer import announce
 from tests.models import TinyRegression, make_trainer
 
 BAR_KEYS = ("clip_rate", "nan_skips", "nan_rollbacks")

@@ -3,7 +3,7 @@
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_gradguard.callbacks.step_context import context_for, grad_stats_for, log_due, on_measured
+from lightning_gradguard.callbacks._step_context import context_for, grad_stats_for, log_due, on_measured
 from tests.models import TinyRegression, make_trainer
 
 

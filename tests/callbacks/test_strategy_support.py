@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import nn
 
-from lightning_gradguard.callbacks.strategy_support import check_parameters, check_supported_strategy
+from lightning_gradguard.callbacks._strategy_support import check_parameters, check_supported_strategy
 from tests.compat.common import build_all
 from tests.models import TinyRegression, make_trainer
 

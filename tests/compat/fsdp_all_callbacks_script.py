@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard  # noqa: E402
-from lightning_gradguard.callbacks.step_context import grad_stats_for  # noqa: E402
+from lightning_gradguard.callbacks._step_context import grad_stats_for  # noqa: E402
 from lightning_gradguard.core.measure._sharded import unit_norms  # noqa: E402
 from tests.compat.common import build_all, split  # noqa: E402
 from tests.compat.fsdp_models import ShardedRegression, sharded_trainer  # noqa: E402

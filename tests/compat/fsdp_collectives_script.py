@@ -37,7 +37,7 @@ from lightning_gradguard import (  # noqa: E402
     NaNGuard,
     default_callbacks,
 )
-from lightning_gradguard.callbacks.step_context import grad_stats_for, optimizer_index  # noqa: E402
+from lightning_gradguard.callbacks._step_context import grad_stats_for, optimizer_index  # noqa: E402
 from tests.compat.collectives import around, count_collectives  # noqa: E402
 from tests.compat.fsdp_models import ShardedRegression, rank_batches, sharded_trainer  # noqa: E402
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from lightning.pytorch import Callback
 
-import lightning_gradguard.callbacks.step_context as step_context
+import lightning_gradguard.callbacks._step_context as step_context
 from tests.compat.common import InputFaults, StateRecorder, assert_restored, differences, seeded, split
 from tests.models import make_trainer
 

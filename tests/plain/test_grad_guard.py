@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gradguard import DivergenceError, GradGuard
-from lightning_gradguard.core.clip._registry import NormClipper, ZScoreClipper
+from lightning_gradguard.core.clip import NormClipper, ZScoreClipper
 
 
 def _setup(seed: int = 0, lr: float = 0.01) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
@@ -405,7 +405,7 @@ def test_bad_clipping_option_same_message_from_callback_and_grad_guard(method, o
 
 
 def test_clipper_classes_refuse_bad_values_when_built_directly() -> None:
-    from lightning_gradguard.core.clip._registry import AGCClipper, PercentileClipper
+    from lightning_gradguard.core.clip import AGCClipper, PercentileClipper
 
     for error, build, text in [
         (ValueError, lambda: ZScoreClipper(ema_decay=1.0), "ema_decay must be in the open interval (0, 1), got 1.0"),

@@ -22,8 +22,6 @@ from lightning_gradguard.core.clip._thresholds import ema_step, limit_growth, mi
 from lightning_gradguard.core.clip._warmup import WarmupReference
 from lightning_gradguard.core.measure._grad_stats import GradStats
 
-__all__ = ["PercentileClipper", "ZScoreClipper"]
-
 
 class _AdaptiveClipper(Clipper):
     """Shared by the z-score and percentile clippers: warm-up, growth limit, deferred commit."""

@@ -13,8 +13,6 @@ from torch import Tensor
 from lightning_gradguard.core.clip._thresholds import zscore
 from lightning_gradguard.core.measure._grad_stats import GradStats
 
-__all__ = ["ClipRecord", "Clipper", "Number"]
-
 Number = float | Tensor
 
 

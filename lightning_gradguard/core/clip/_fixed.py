@@ -26,8 +26,6 @@ from lightning_gradguard.core.clip._ops import (
 from lightning_gradguard.core.clip._options import check_clip_option as _opt
 from lightning_gradguard.core.measure._grad_stats import GradStats, layer_name_of
 
-__all__ = ["AGCClipper", "NormClipper", "PerParameterClipper", "ValueClipper"]
-
 
 class NormClipper(Clipper):
     """Fixed global-norm clipping at ``max_norm`` (``torch.nn.utils.clip_grad_norm_``)."""

@@ -21,17 +21,6 @@ from torch import Tensor
 from lightning_gradguard.core.clip._thresholds import agc_max_norms, unitwise_norm
 from lightning_gradguard.core.measure._sharded import is_sharded, local_view, unit_norms
 
-__all__ = [
-    "CLIP_EPS",
-    "clip_by_agc_",
-    "clip_by_global_norm_",
-    "clip_by_param_norm_",
-    "clip_by_value_",
-    "clip_coefficient",
-    "foreach_mul_",
-    "max_abs",
-]
-
 #: Added to norms in coefficients, as in ``torch.nn.utils.clip_grad_norm_`` (so the post-clip norm stays <= max).
 CLIP_EPS = 1e-6
 

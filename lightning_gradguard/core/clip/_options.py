@@ -24,8 +24,6 @@ from lightning_gradguard.core._arg_checks import (
     prefix,
 )
 
-__all__ = ["CLIP_OPTION_DEFAULTS", "MAX_NORM_TYPE", "MAX_WARMUP", "MAX_WINDOW", "check_clip_option"]
-
 #: Largest ``window`` (the exact estimator allocates ``window`` float64 slots: 8 MB at this bound).
 MAX_WINDOW = 1_000_000
 #: Largest ``warmup_steps`` (the warm-up keeps that many norms).

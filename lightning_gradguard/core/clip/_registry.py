@@ -16,25 +16,9 @@ from typing import Any
 
 from lightning_gradguard.core._arg_checks import check_choice, prefix
 from lightning_gradguard.core.clip._adaptive import PercentileClipper, ZScoreClipper
-from lightning_gradguard.core.clip._base import Clipper, ClipRecord
+from lightning_gradguard.core.clip._base import Clipper
 from lightning_gradguard.core.clip._fixed import AGCClipper, NormClipper, PerParameterClipper, ValueClipper
 from lightning_gradguard.core.clip._options import CLIP_OPTION_DEFAULTS, check_clip_option
-
-__all__ = [
-    "CLIPPERS",
-    "AGCClipper",
-    "ClipRecord",
-    "Clipper",
-    "NormClipper",
-    "PerParameterClipper",
-    "PercentileClipper",
-    "ValueClipper",
-    "ZScoreClipper",
-    "check_clip_options",
-    "make_clipper",
-    "methods_using",
-    "unused_option",
-]
 
 #: method name -> clipper class.
 CLIPPERS: dict[str, type[Clipper]] = {

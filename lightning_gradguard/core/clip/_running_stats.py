@@ -27,8 +27,6 @@ from torch import Tensor
 
 from lightning_gradguard.core._arg_checks import check_int, check_positive, check_unit_interval
 
-__all__ = ["VALUE_LIMIT", "DecayedHistogramQuantile", "WindowQuantile", "sanitize"]
-
 #: Finite inputs are clamped to [-VALUE_LIMIT, VALUE_LIMIT]; float32 values (max 3.4e38) are never affected.
 VALUE_LIMIT = 1e100
 

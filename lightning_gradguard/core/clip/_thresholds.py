@@ -26,21 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = [
-    "MAX_GROWTH",
-    "STD_FLOOR",
-    "agc_max_norms",
-    "ema_step",
-    "fallback_threshold",
-    "limit_growth",
-    "maximum",
-    "minimum",
-    "sqrt",
-    "unitwise_norm",
-    "zscore",
-    "zscore_threshold",
-]
-
 #: Floor on the z-score's standard deviation, relative to the mean.
 STD_FLOOR = 0.05
 #: Largest relative rise of the threshold in force from one step to the next (1 %).

@@ -23,8 +23,6 @@ from torch import Tensor
 
 from lightning_gradguard.core.clip._thresholds import fallback_threshold
 
-__all__ = ["MAD_TO_STD", "WarmupReference"]
-
 #: Scales a median absolute deviation to the standard deviation of a normal distribution.
 MAD_TO_STD = 1.4826
 

@@ -29,8 +29,6 @@ import math
 from collections import deque
 from typing import Any
 
-__all__ = ["DivergenceDetector"]
-
 
 def median(values: deque[float]) -> float:
     """``statistics.median`` of a non-empty window (the same arithmetic, without its checks and conversions: two to

@@ -19,8 +19,6 @@ from torch import Tensor
 from lightning_gradguard.core._arg_checks import check_int, check_positive
 from lightning_gradguard.core.clip._thresholds import zscore
 
-__all__ = ["LossSpikeDetector"]
-
 
 class LossSpikeDetector:
     """Flags a loss whose z-score against the recent window exceeds ``zscore``.

@@ -33,8 +33,6 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-__all__ = ["Decision", "GuardAction", "GuardCause", "GuardDecision", "GuardEvent", "GuardPolicy", "StepHealth"]
-
 POLICIES = ("auto", "rollback", "skip", "halt")
 
 

@@ -45,8 +45,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
-__all__ = ["StabilityController", "StabilityFinding", "StabilityTarget", "WindowPair"]
-
 #: where a stability cut should go: the untrained state, the newest trusted state before the climb, or nowhere
 StabilityTarget = Literal["start", "before_climb", "in_place"]
 

@@ -39,8 +39,6 @@ from lightning_gradguard.core.guard._stability import StabilityController, Stabi
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.measure._host_read import read_scalars
 
-__all__ = ["RankReducer", "StepJudge", "StepRider", "StepScalars", "Verdict", "any_rank", "total_norm64"]
-
 _GRADS = attrgetter("grads")
 _CPU = torch.device("cpu")
 _NEW_TUPLE = tuple.__new__  # StepScalars from a tuple without the generated __new__'s frame (what _make does)

@@ -58,8 +58,6 @@ from lightning_gradguard.core.measure._sharded import (
     world_group,
 )
 
-__all__ = ["GradStats", "Rider", "compute_grad_stats", "layer_name_of", "norms_of"]
-
 #: Up to this p, p-th powers of per-tensor norms of float32/bf16/fp16 tensors (at most ~1e48) stay finite in float64,
 #: so norms are combined directly; above it they are first divided by the largest one.
 _DIRECT_POWER_MAX = 6.0

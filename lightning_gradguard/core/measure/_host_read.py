@@ -7,8 +7,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["read_scalars"]
-
 
 def read_scalars(
     tensors: Sequence[Tensor], device: torch.device, stack: bool | None = None, dtype: torch.dtype = torch.float32

@@ -14,8 +14,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["IntervalAggregate"]
-
 
 class IntervalAggregate:
     """Maximum, mean, sum and count of a scalar stream since the last flush.

@@ -30,8 +30,6 @@ from torch import Tensor
 
 from lightning_gradguard.core._arg_checks import check_int, is_number
 
-__all__ = ["ExplodingDetector", "LayerHealthChanges", "VanishingDetector"]
-
 
 def _check_positive(name: str, value: Any) -> float:
     if not is_number(value):

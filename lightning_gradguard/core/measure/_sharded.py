@@ -30,18 +30,6 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-__all__ = [
-    "ShardLayout",
-    "gather_norms",
-    "group_size",
-    "is_sharded",
-    "local_tensors",
-    "local_view",
-    "reduce_norms",
-    "unit_norms",
-    "world_group",
-]
-
 try:  # torch builds without distributed support have no DTensor
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor

@@ -6,8 +6,6 @@ from collections.abc import Callable, Hashable
 
 from lightning_gradguard.core.measure._grad_stats import GradStats
 
-__all__ = ["StepStatsCache"]
-
 
 class StepStatsCache:
     """Holds the :class:`GradStats` of the current step, one entry per optimizer.

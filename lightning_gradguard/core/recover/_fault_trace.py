@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-__all__ = ["first_nonfinite_module", "nonfinite_in"]
-
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):

@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as lrs
 
-__all__ = ["GROUP_LR_KEYS", "is_known_scheduler", "scale_lr", "scale_param_groups", "scale_scheduler"]
-
 #: Param-group keys holding learning rates: the live LR, the schedulers' starting LR and OneCycleLR's bounds.
 GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 

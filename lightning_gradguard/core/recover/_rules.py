@@ -35,21 +35,6 @@ from lightning_gradguard.core.recover._lr_scaling import scale_lr
 from lightning_gradguard.core.recover._report import DivergenceReport
 from lightning_gradguard.core.recover._snapshot import Snapshot, SnapshotStore, restore_snapshot
 
-__all__ = [
-    "START_KEEP_WINDOWS",
-    "StartState",
-    "halt_reason",
-    "halt_report",
-    "restart_store",
-    "lower_lr",
-    "roll_back",
-    "rollback_lr",
-    "rollback_lr_factor",
-    "snapshot_failure_message",
-    "stability_cut",
-    "stability_target",
-]
-
 
 def rollback_lr_factor(lr_scale: float, snapshot_lr_scale: float, lr_factor: float, lr_power: int = 1) -> float:
     """The multiplier to apply on top of a restored snapshot's LR.

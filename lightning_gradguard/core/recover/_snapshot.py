@@ -28,17 +28,6 @@ import torch
 
 from lightning_gradguard.core.measure._grad_stats import norms_of
 
-__all__ = [
-    "BufferCopy",
-    "Snapshot",
-    "SnapshotStore",
-    "clone_state",
-    "nonfinite_entries",
-    "nonfinite_weights_and_buffers",
-    "restore_snapshot",
-    "take_snapshot",
-]
-
 
 def clone_state(obj: Any, device: torch.device | str | None = "cpu") -> Any:
     """A deep copy of a nested state (dicts, lists, tuples, tensors, plain values) sharing no tensor with ``obj``.

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
+from lightning_gradguard.core.clip import CLIPPERS, check_clip_options, make_clipper
 from lightning_gradguard.core.clip._options import CLIP_OPTION_DEFAULTS
-from lightning_gradguard.core.clip._registry import CLIPPERS, check_clip_options, make_clipper
 
 
 @pytest.mark.parametrize(

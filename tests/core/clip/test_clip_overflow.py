@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_gradguard.core.clip._registry import CLIPPERS, ZScoreClipper
+from lightning_gradguard.core.clip import CLIPPERS, ZScoreClipper
 from lightning_gradguard.core.measure._grad_stats import compute_grad_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_gradguard.core.clip._registry import PercentileClipper, ZScoreClipper
+from lightning_gradguard.core.clip import PercentileClipper, ZScoreClipper
 from lightning_gradguard.core.measure._grad_stats import compute_grad_stats
 
 

@@ -27,20 +27,6 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning_gradguard.core.measure._grad_stats import GradStats, Rider, compute_grad_stats
 from lightning_gradguard.core.measure._step_cache import StepStatsCache
 
-__all__ = [
-    "StepRecord",
-    "TrainerContext",
-    "context_for",
-    "grad_stats_for",
-    "log_due",
-    "on_measured",
-    "optimizer_index",
-    "ride_with_measurement",
-    "step_record",
-    "unwrap_optimizer",
-    "weight_norms_with_measurement",
-]
-
 _PARAMS = itemgetter("params")
 
 #: ``fn(stats, optimizer_idx, step)``: called once right after a new measurement, before any callback acts on the

@@ -13,18 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_gradguard.core.engine._scalars import LOG10_NAMES, log10_twins, tag
-
-__all__ = [
-    "LOG10_NAMES",
-    "ProgressBarValues",
-    "announce",
-    "log10_twins",
-    "log_scalars",
-    "log_text",
-    "tag",
-    "tensorboard_writers",
-]
+from lightning_gradguard.core.engine._scalars import log10_twins
 
 _log = logging.getLogger("lightning_gradguard")
 

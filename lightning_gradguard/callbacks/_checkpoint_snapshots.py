@@ -24,8 +24,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradguard.core.recover._snapshot import Snapshot, nonfinite_entries
 
-__all__ = ["CheckpointSnapshots", "check_checkpointing", "guard_state_in"]
-
 
 def guard_state_in(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The NaNGuard state saved in a checkpoint, whatever the guard's arguments were (empty dict if none)."""

@@ -8,12 +8,10 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_gradguard.callbacks.log_writer import log_text
-from lightning_gradguard.callbacks.monitor_capture import LogCapture
+from lightning_gradguard.callbacks._log_writer import log_text
+from lightning_gradguard.callbacks._monitor_capture import LogCapture
 from lightning_gradguard.core.measure._interval_stats import IntervalAggregate
 from lightning_gradguard.core.measure._layer_health import ExplodingDetector, LayerHealthChanges, VanishingDetector
-
-__all__ = ["EVENTS_TAG", "MAX_EVENTS", "MonitorState", "report_layer_health"]
 
 #: the TensorBoard text tag of layer-health changes
 EVENTS_TAG = "gradguard/layer_health_events"

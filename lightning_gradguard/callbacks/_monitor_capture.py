@@ -4,7 +4,7 @@ The shared measurement (:class:`~lightning_gradguard.core.measure.GradStats`) ho
 clipper listed before the monitor scales them in place in the same hook. Norms derived from the per-parameter norms
 are pre-clip whenever they are read (those norms were taken at measurement time), but anything read from the
 gradient values themselves (the gradient-flow bars, value histograms) must be taken at measurement time. The
-monitor's :func:`~lightning_gradguard.callbacks.step_context.on_measured` listener calls :func:`capture_for_log`.
+monitor's :func:`~lightning_gradguard.callbacks._step_context.on_measured` listener calls :func:`capture_for_log`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from lightning_gradguard.callbacks.gradient_flow import layer_abs_stats, render_gradient_flow
-from lightning_gradguard.callbacks.log_writer import tag
+from lightning_gradguard.callbacks._gradient_flow import layer_abs_stats, render_gradient_flow
+from lightning_gradguard.core.engine._scalars import tag
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.measure._sharded import is_sharded
-
-__all__ = ["LogCapture", "capture_for_log", "write_views"]
 
 
 @dataclass

@@ -21,8 +21,6 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from torch import nn
 
-__all__ = ["SUPPORTED_STRATEGIES", "check_parameters", "check_supported_strategy"]
-
 SUPPORTED_STRATEGIES = (
     "single-device, DDP-family strategies (ddp, ddp_spawn, ddp_fork, ddp_notebook) and ModelParallelStrategy "
     "(FSDP2 fully_shard and/or tensor parallel DTensors)"

@@ -19,8 +19,6 @@ from torch import Tensor
 
 from lightning_gradguard.core.guard._step_judge import any_rank
 
-__all__ = ["MaxReducer", "rank_and_world"]
-
 #: ``reduce(t) -> t`` taking the element-wise maximum over the ranks.
 Reduce = Callable[[Tensor], Tensor]
 

@@ -18,8 +18,6 @@ from torch import Tensor
 
 from lightning_gradguard.core.measure._grad_stats import norms_of
 
-__all__ = ["MATPLOTLIB_HINT", "layer_abs_stats", "render_gradient_flow"]
-
 MATPLOTLIB_HINT = (
     "matplotlib is not installed: the gradguard/gradient_flow image is skipped "
     "(pip install matplotlib, or lightning-gradguard[examples])."

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_gradguard.callbacks.log_writer import tag
-
-__all__ = ["CHARTS", "custom_scalars_layout"]
+from lightning_gradguard.core.engine._scalars import tag
 
 #: (title, tag names, per optimizer?) for each chart, in the order they are shown. Norms span decades, so the
 #: threshold chart reads their ``_log10`` twins (written by :func:`~.log_writer.log_scalars`); the LR has a chart
