@@ -78,6 +78,12 @@ class NaNGuard(Callback):
         amp_scale_floor: a GradScaler loss scale below this is a divergence (> 0).
         raise_on_halt, save_bad_batch, report_dir, history_size: halting and the report.
         log_every_n_steps: scalar logging interval (default: the Trainer's).
+        min_lr_scale: the LR floor, as a fraction of the user's schedule: no cut goes below it; at the floor a
+            stability finding only warns (in (0, 1]).
+        lr_recovery_steps: healthy steps after which one LR cut is undone (the LR climbs back toward the user's
+            schedule; the period doubles each time a raised LR needs cutting again; None: never).
+        rollback_refill_steps: healthy steps in a row that give one rollback back to the ``max_rollbacks`` budget
+            (None: the budget counts over the whole run).
 
     All the per-step work is the guard engine's (:class:`~lightning_gradguard.core.engine.GuardEngine`, shared with
     ``GradGuard`` and ``FabricGradGuard``); this callback turns Trainer hooks into its calls.
@@ -112,6 +118,10 @@ class NaNGuard(Callback):
     report_dir = EngineField(options=True)
     log_every_n_steps = EngineField(options=True)
     history_size = EngineField(options=True)
+    min_lr_scale = EngineField(options=True)
+    lr_recovery_steps = EngineField(options=True)
+    rollback_refill_steps = EngineField(options=True)
+    warnings = EngineField()
     policy = EngineField()
     skipped_steps = EngineField()
     amp_overflow_steps = EngineField()
@@ -145,6 +155,9 @@ class NaNGuard(Callback):
         report_dir: str | os.PathLike | None = None,
         log_every_n_steps: int | None = None,
         history_size: int = 50,
+        min_lr_scale: float = 1e-3,
+        lr_recovery_steps: int | None = 1000,
+        rollback_refill_steps: int | None = 200,
     ) -> None:
         super().__init__()
         args = locals()
@@ -261,7 +274,12 @@ class NaNGuard(Callback):
         step = trainer.global_step
         stats = grad_stats_for(trainer, pl_module, optimizer, step=step)
         self._record = step_record(trainer, step)
-        verdict = self.engine.judge(step, [stats], self._loss)
+        optimizers = trainer.optimizers
+        stream = 0
+        if len(optimizers) > 1:  # each optimizer's loss is its own stream (a GAN's G and D, a late second objective)
+            raw = getattr(optimizer, "optimizer", optimizer)
+            stream = next((i for i, o in enumerate(optimizers) if o is raw or o is optimizer), 0)
+        verdict = self.engine.judge(step, [stats], self._loss, stream, optimizer)
         self._loss, self._stepped = None, True
         if verdict.health is None:
             return

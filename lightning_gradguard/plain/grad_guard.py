@@ -100,6 +100,8 @@ class GradGuard:
         writer: a ``SummaryWriter`` (anything with ``add_scalar``/``add_text``), used on rank 0 only.
         log_every_n_steps: scalar logging interval (>= 1).
         history_size: recent norms and losses kept for halt reports.
+        min_lr_scale, lr_recovery_steps, rollback_refill_steps: the LR floor, the recovery of a cut LR and the
+            refill of the rollback budget, as for ``NaNGuard``.
         all_reduce_max: custom ``tensor -> element-wise max over ranks`` (Fabric); None uses torch.distributed.
         process_group: the torch.distributed group (None: the default group).
 
@@ -133,6 +135,10 @@ class GradGuard:
     raise_on_halt = EngineField(options=True)
     report_dir = EngineField(options=True)
     history_size = EngineField(options=True)
+    min_lr_scale = EngineField(options=True)
+    lr_recovery_steps = EngineField(options=True)
+    rollback_refill_steps = EngineField(options=True)
+    warnings = EngineField()
     policy = EngineField()
     store = EngineField()
     skipped_steps = EngineField()
@@ -176,6 +182,9 @@ class GradGuard:
         writer: Any = None,
         log_every_n_steps: int = 50,
         history_size: int = 50,
+        min_lr_scale: float = 1e-3,
+        lr_recovery_steps: int | None = 1000,
+        rollback_refill_steps: int | None = 200,
         all_reduce_max: Reduce | None = None,
         process_group: Any = None,
     ) -> None:

@@ -47,6 +47,7 @@ from lightning_gradguard.core.recover._rules import (
     StartState,
     halt_reason,
     halt_report,
+    recover_lr,
     roll_back,
     snapshot_failure_message,
     stability_cut,
@@ -96,7 +97,11 @@ class GuardEngine:
     def __init__(self, options: GuardOptions) -> None:
         self.options = options
         self.policy = GuardPolicy(
-            options.action, options.max_consecutive_skips, options.escalate_to, options.max_rollbacks
+            options.action,
+            options.max_consecutive_skips,
+            options.escalate_to,
+            options.max_rollbacks,
+            refill_steps=options.rollback_refill_steps,
         )
         self.judge_ = StepJudge(
             None,
@@ -114,6 +119,11 @@ class GuardEngine:
         self.skipped_steps = 0
         self.amp_overflow_steps = 0
         self.lr_scale = 1.0
+        self.warnings = 0
+        self.lr_recoveries = 0
+        self._since_cut = 0  # healthy steps since the last LR cut or raise (the LR recovery's clock)
+        self._recovery_steps = options.lr_recovery_steps  # grows after a raised LR needed cutting again
+        self._raised = False  # the last LR change was a recovery (a cut now doubles the recovery period)
         self.events: list[dict[str, Any]] = []
         self.outcome = GuardDecision.HEALTHY
         self.cause: GuardCause | None = None
@@ -167,6 +177,9 @@ class GuardEngine:
         policy = self.policy
         policy.action, policy.max_consecutive_skips = o.action, o.max_consecutive_skips
         policy.escalate_to, policy.max_rollbacks = o.escalate_to, o.max_rollbacks
+        policy.refill_steps = o.rollback_refill_steps
+        if self._recovery_steps is None or o.lr_recovery_steps is None:
+            self._recovery_steps = o.lr_recovery_steps
         self.store.confirm_steps = o.snapshot_confirm_steps
 
     def start(self, host: GuardHost, step: int) -> None:
@@ -208,11 +221,19 @@ class GuardEngine:
         process. See :meth:`~lightning_gradguard.core.guard._step_judge.StepJudge.rider`."""
         return self.judge_.rider(loss, self.host.scaler())
 
-    def judge(self, step: int, stats: list[GradStats], loss: Any) -> Verdict:
+    def judge(
+        self, step: int, stats: list[GradStats], loss: Any, stream: int = 0, optimizer: Any = None
+    ) -> Verdict:
         """Judge the step before its update (one reduce, one host read; no reduce when the values travelled with the
         measurement: :meth:`rider`). The adapter drops the gradients of a
-        step whose ``verdict.health`` is set; several calls in one step (one per optimizer) are merged."""
-        verdict = self.judge_.judge(step, stats, loss, self.host.scaler())
+        step whose ``verdict.health`` is set; several calls in one step (one per optimizer) are merged. ``stream``:
+        the loss stream (the optimizer's index when each optimizer has its own loss); ``optimizer``: whose LR the
+        stability rules read (None: the host's first optimizer)."""
+        if optimizer is None:
+            opts = self.host.optimizers()
+            optimizer = opts[0] if opts else None
+        lr = lr_of(optimizer) if optimizer is not None and self.options.stability else None
+        verdict = self.judge_.judge(step, stats, loss, self.host.scaler(), stream, lr)
         loss_v = verdict.loss
         if loss_v is not None and (self._loss_max is None or not loss_v <= self._loss_max):
             self._loss_max = loss_v
@@ -236,9 +257,11 @@ class GuardEngine:
         if pending is not None:
             self._flagged += 1
             self.handle_fault(pending)
-        elif lower is not None:
+        elif lower is not None and lower.act and self.lr_scale > self.options.min_lr_scale:
             self.lower_lr(step, lower)
         else:
+            if lower is not None:
+                self.warn(step, lower)
             self.healthy(step + 1, overflow)
         self._batches = []
         return pending is not None
@@ -268,6 +291,10 @@ class GuardEngine:
         self.outcome = GuardDecision.HEALTHY
         self.store.step_healthy()
         o = self.options
+        if self.lr_scale < 1.0 and self._recovery_steps is not None:
+            self._since_cut += 1
+            if self._since_cut >= self._recovery_steps:
+                self._recover_lr(next_step - 1)
         if o.snapshot == "memory" and o.action != "halt":
             self._since_snapshot += 1
             if self._since_snapshot >= o.snapshot_every_n_steps:
@@ -365,12 +392,49 @@ class GuardEngine:
 
     def _restore(self, snap: Snapshot, lr_power: int) -> None:
         host = self.host
+        before = self.lr_scale
         extra, self.lr_scale = roll_back(
             snap, self.store, host.model(), host.optimizers(), host.schedulers(), self.lr_scale,
-            self.options.lr_factor, lr_power,
+            self.options.lr_factor, lr_power, self.options.min_lr_scale,
         )  # fmt: skip
+        if self.lr_scale < before:
+            self._cut_made()
         host.load_extra_state(extra)
         self._after_state_change()
+
+    def _recover_lr(self, step: int) -> None:
+        """Sustained healthy training since the last cut: undo one cut (never above the user's schedule)."""
+        host = self.host
+        before = self.lr_scale
+        self.lr_scale = recover_lr(host.optimizers(), host.schedulers(), before, self.options.lr_factor)
+        self._since_cut, self._raised = 0, True
+        self.lr_recoveries += 1
+        reason = (
+            f"{self._recovery_steps} healthy steps since the last LR change: one cut undone (lr_scale {before:.4g} -> "
+            f"{self.lr_scale:.4g}; the user's schedule is lr_scale 1)"
+        )
+        self.record_event(GuardEvent(step, "raise_lr", "lr_recovered", self.lr_scale, reason=reason))
+
+    def _cut_made(self) -> None:
+        """An LR cut happened: restart the recovery clock; a cut after a recovery doubles the recovery period (the
+        raised LR was too high after all)."""
+        self._since_cut = 0
+        if self._raised and self._recovery_steps is not None:
+            self._recovery_steps *= 2
+        self._raised = False
+
+    def warn(self, step: int, finding: StabilityFinding) -> None:
+        """Weaker evidence (or the LR at its floor): record and announce the finding, change nothing."""
+        self.warnings += 1
+        reason = finding.reason
+        if finding.act:  # an acting finding that the floor stops
+            reason += (
+                f"; the LR is at its floor (lr_scale {self.lr_scale:.4g}, min_lr_scale={self.options.min_lr_scale:g}): "
+                "not cut further"
+            )
+        event = GuardEvent(step, "warn", GuardCause.LR_TOO_HIGH.value, self.lr_scale, reason=reason)
+        event.rule = finding.rule
+        self.record_event(event)
 
     def lower_lr(self, step: int, finding: StabilityFinding) -> None:
         """The stability controller's cut (``core.recover._rules.stability_cut``: from the untrained state when the
@@ -379,8 +443,9 @@ class GuardEngine:
         snap, extra, self.lr_scale = stability_cut(
             self.start_state, self.store, finding, policy.rollbacks_left, host.model(),
             host.optimizers(), host.schedulers(), self.lr_scale, self.options.lr_factor, step,
-            self.judge_.controller.window,
+            self.judge_.controller.window, self.options.min_lr_scale,
         )  # fmt: skip
+        self._cut_made()
         if snap is not None:
             policy.spend_rollback()
         host.load_extra_state(extra)
@@ -457,6 +522,7 @@ class GuardEngine:
         values: dict[str, float] = {
             tag("skipped_steps"): float(self.skipped_steps),
             tag("rollbacks"): float(self.rollbacks),
+            tag("warnings"): float(self.warnings),
             tag("lr_scale"): self.lr_scale,
             tag("flagged_steps"): float(self._flagged),
         }
@@ -477,6 +543,8 @@ class GuardEngine:
             "skipped_steps": self.skipped_steps,
             "amp_overflow_steps": self.amp_overflow_steps,
             "lr_scale": self.lr_scale,
+            "warnings": self.warnings,
+            "lr_recovery": [self.lr_recoveries, self._since_cut, self._recovery_steps, self._raised],
             "events": [dict(e) for e in self.events],
             "reason": self.outcome.value,
             "policy": self.policy.state_dict(),
@@ -490,6 +558,11 @@ class GuardEngine:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.warnings = int(state.get("warnings", 0))
+        rec = list(state.get("lr_recovery") or [0, 0, self.options.lr_recovery_steps, False])
+        self.lr_recoveries, self._since_cut = int(rec[0]), int(rec[1])
+        self._recovery_steps = None if rec[2] is None else int(rec[2])
+        self._raised = bool(rec[3])
         self.events = [dict(e) for e in state.get("events", [])]
         self.policy.load_state_dict(state.get("policy") or state)
         values = {d.value for d in GuardDecision}
@@ -497,6 +570,21 @@ class GuardEngine:
         self.outcome = GuardDecision(reason if reason in values else "healthy")
         self.judge_.load_state_dict(state)
         self._resumed = True
+
+
+def lr_of(optimizer: Any) -> float | None:
+    """The largest LR of ``optimizer``'s param groups as a host float (None where reading it would synchronise a
+    device, or where there is none)."""
+    best: float | None = None
+    for group in getattr(optimizer, "param_groups", ()):
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            if not lr.is_cpu:
+                return None
+            lr = lr.item()
+        if isinstance(lr, (int, float)) and (best is None or lr > best):
+            best = float(lr)
+    return best
 
 
 class EngineField:

@@ -1,6 +1,6 @@
 """The options every guard shares, checked in one place (as ``core/clip/_options.py`` does for clipping).
 
-``NaNGuard``, ``GradGuard`` and ``FabricGradGuard`` take the same seventeen guard options; :func:`check_guard_options`
+``NaNGuard``, ``GradGuard`` and ``FabricGradGuard`` take the same guard options; :func:`check_guard_options`
 validates them once, naming the adapter in every message, and returns a :class:`GuardOptions` the engine reads.
 """
 
@@ -44,6 +44,9 @@ class GuardOptions:
     report_dir: str | None = None
     log_every_n_steps: int | None = None
     history_size: int = 50
+    min_lr_scale: float = 1e-3
+    lr_recovery_steps: int | None = 1000
+    rollback_refill_steps: int | None = 200
     owner: str = "NaNGuard"
     report_name: str = "nan_guard_report"
 
@@ -91,6 +94,15 @@ def check_guard_options(owner: str, report_name: str, **values: Any) -> GuardOpt
         report_dir=None if report_dir is None else os.fspath(report_dir),
         log_every_n_steps=check_int("log_every_n_steps", v["log_every_n_steps"], 1, True, owner=o),
         history_size=check_int("history_size", v["history_size"], 1, high=10**6, owner=o),
+        min_lr_scale=cast(
+            float,
+            check_number(
+                "min_lr_scale", v["min_lr_scale"], low=0.0, high=1.0, low_open=True, owner=o,
+                describe="a number in (0, 1]",
+            ),
+        ),
+        lr_recovery_steps=check_int("lr_recovery_steps", v["lr_recovery_steps"], 1, True, owner=o),
+        rollback_refill_steps=check_int("rollback_refill_steps", v["rollback_refill_steps"], 1, True, owner=o),
         owner=owner,
         report_name=report_name,
     )

@@ -2,35 +2,48 @@
 
 NaN/inf are easy to see; a run whose loss goes from 0.1 to 1e12 and stays there is not, and it is the more common
 way a too-high learning rate kills a model (nothing ever turns non-finite). :class:`DivergenceDetector` keeps a
-robust baseline of the recent *healthy* values and flags:
+robust baseline of the recent *healthy* values of one loss stream and flags:
 
-- **loss jump**: the loss stays above ``jump_factor`` x the median of the recent healthy losses for ``persist``
-  steps in a row (one bad batch is a spike, the clipper's business; a loss that stays up is a diverged model);
-- **loss climb**: the loss stays above ``climb_factor`` x the lowest median seen so far for ``climb_steps`` steps in
-  a row (a slow blow-up that a moving baseline would follow);
+- **loss jump**: the loss stays above ``jump_factor`` x the scale of its recent healthy values for ``persist`` steps
+  in a row (one bad batch is a spike, the clipper's business; a loss that stays far up is a diverged model);
 - **gradient norm**: the pre-clip norm stays above ``grad_factor`` x the median of the recent healthy norms for
   ``persist`` steps in a row.
 
-The detector also says whether the run was **unsettled** just before a fault: whether any of the last ``recent``
-judged steps had a loss above ``unsettled_factor`` x its median or a norm above ``grad_unsettled_factor`` x its
-median. A NaN after such a stretch is the trajectory's (a too-high LR), one after healthy steps the batch's: the
-guard policy uses this to tell a repeated fault that needs a lower LR from a burst of bad batches.
+What "far above" means is written so that no healthy loss shape trips it:
 
-Medians over a short window (not means) are the baselines, so one spike does not move them, and values beyond the
-factors never enter them, so a blow-up cannot become its own reference. The loss is judged from the second step on
-(a too-high learning rate blows it up within a few steps); the gradient norm after ``min_samples`` healthy values.
+- the **scale** of the recent losses is ``max(|median|, mean absolute deviation, floor x |start|)``: a loss that
+  crosses zero (a Gaussian NLL), is negative or hovers near zero late in training keeps a sensible scale, and a
+  loss near zero that jumps 100x on a hard batch is still small next to where the run started;
+- a **scale of zero says nothing**: while the recent losses are all exactly 0 (a fully masked first batch, a margin
+  loss already satisfied, a loss weight ramped up from 0) every loss is learned, none is judged;
+- a **thin reference asks for longer evidence**: while fewer than ``min_samples`` healthy losses are known, a jump
+  must last ``min_samples - n`` steps more than ``persist`` (a reference of one batch is weak; a too-high LR that
+  blows the loss up by orders of magnitude from step 1 is still caught within a few steps);
+- values beyond the factors never enter the baselines, so a blow-up cannot become its own reference.
+
+The slow climb of a loss that a moving baseline would follow is the stability controller's business
+(``core/guard/_stability.py``): a loss can climb for healthy reasons (a curriculum, an annealed loss weight, a moving
+RL target), so a climb alone is never called divergence here.
+
+The detector also says whether the run was **unsettled** just before a fault: whether any of the last ``recent``
+judged steps had a loss far above its scale or a norm far above its median. A NaN after such a stretch is the
+trajectory's (a too-high LR), one after healthy steps the batch's: the guard policy uses this to tell a repeated fault
+that needs a lower LR from a burst of bad batches. A step whose loss is non-finite is a fault step: neither its loss
+nor its (possibly huge, finite) gradient norm is judged or learned, so a fault's own statistics never make the run
+look unsettled.
+
 The detector works on host floats: the guard reads the loss and the norm once per step anyway (its one host
-transfer), so this costs a few Python comparisons and a sort of ``window`` numbers per step.
+transfer), so this costs a few Python comparisons and a sort of ``window`` numbers per step. No input makes it raise:
+zeros, negatives, 1e-30 ... 1e30 and non-finite values are all handled.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import Any
 
 
-def median(values: deque[float]) -> float:
+def median(values: deque[float] | list[float]) -> float:
     """``statistics.median`` of a non-empty window (the same arithmetic, without its checks and conversions: two to
     three medians a step)."""
     data = sorted(values)
@@ -38,25 +51,36 @@ def median(values: deque[float]) -> float:
     return data[i] if len(data) % 2 else (data[i - 1] + data[i]) / 2
 
 
+def spread(values: deque[float] | list[float], center: float) -> float:
+    """The mean absolute deviation of ``values`` from ``center`` (0.0 for an empty window)."""
+    if not values:
+        return 0.0
+    return sum(abs(v - center) for v in values) / len(values)
+
+
+def _finite(x: float) -> bool:
+    return x - x == 0.0  # math.isfinite without the call: False for NaN and +-inf
+
+
 class DivergenceDetector:
     """Flags a loss or gradient norm that left its healthy range (see the module docstring).
 
     Args:
-        jump_factor: loss above this multiple of its recent median counts as out of range (> 1).
-        climb_factor: loss above this multiple of the lowest median seen counts as climbing (> 1).
-        climb_steps: steps in a row the climb must last.
+        jump_factor: a loss above its median by this multiple of its scale (> 1) counts as out of range.
         grad_factor: gradient norm above this multiple of its recent median counts as out of range (> 1).
-        persist: steps in a row a jump must last.
-        window: how many recent healthy values the medians cover.
-        min_samples: healthy gradient norms needed before the norm is judged.
-        unsettled_factor: a loss above this multiple of its recent median makes the run unsettled.
+        persist: steps in a row a jump must last (with a full reference).
+        window: how many recent healthy values the baselines cover.
+        min_samples: healthy values that make a full reference (fewer: the loss jump must last longer; the gradient
+            norm is not judged yet).
+        unsettled_factor: a loss above its median by this multiple of its scale makes the run unsettled.
         grad_unsettled_factor: a norm above this multiple of its recent median makes the run unsettled.
         recent: how many of the last judged steps :attr:`unsettled` looks at.
-        floor: the loss factors apply to ``max(median, floor x the first loss)``: late in training a loss near zero
-            may jump 100x on a hard batch and still be small next to where the run started.
+        floor: the loss scale is at least ``floor x |start|`` (``start``: the median of the run's first
+            ``min_samples`` healthy losses).
+        climb_factor, climb_steps: accepted for compatibility; the slow climb is the stability controller's rule.
 
     Example:
-        >>> det = DivergenceDetector(persist=2)
+        >>> det = DivergenceDetector(persist=2, min_samples=2)
         >>> [det.update(loss, 1.0) for loss in (1.0, 0.9, 1.1, 0.8)]
         [(False, False), (False, False), (False, False), (False, False)]
         >>> [det.update(loss, 1.0) for loss in (500.0, 600.0)]
@@ -94,60 +118,75 @@ class DivergenceDetector:
         """Forget everything (a new baseline is learned)."""
         self._losses: deque[float] = deque(maxlen=self.window)
         self._norms: deque[float] = deque(maxlen=self.window)
-        self._best: float = math.inf
-        self._start: float | None = None  # the first loss judged (the untrained model's): sets the floor
+        self._first: list[float] = []  # the run's first losses (their median sets the floor)
+        self._start: float | None = None
         self._loss_run = 0
-        self._climb_run = 0
         self._grad_run = 0
         self._last_unsettled: int | None = None  # judged steps since the last unsettled one (None: none seen)
         self.loss_reference: float | None = None
+        self.loss_scale: float | None = None
         self.grad_reference: float | None = None
 
     def restart_runs(self) -> None:
         """Forget the counting in progress but keep the baselines (after a rollback to a healthy state)."""
-        self._loss_run = self._climb_run = self._grad_run = 0
+        self._loss_run = self._grad_run = 0
         self._last_unsettled = None
 
     @property
     def unsettled(self) -> bool:
-        """Whether one of the last ``recent`` judged steps had its loss or norm far above their medians."""
+        """Whether one of the last ``recent`` judged steps had its loss or norm far above their baselines."""
         return self._last_unsettled is not None and self._last_unsettled < self.recent
+
+    @property
+    def start(self) -> float:
+        """The run's start level (median of its first ``min_samples`` finite losses; fewer while they come)."""
+        if self._start is not None:
+            return self._start
+        return median(self._first) if self._first else 0.0
 
     def update(self, loss: float, grad_norm: float) -> tuple[bool, bool]:
         """Judge one step's loss and pre-clip gradient norm; returns ``(loss_divergence, grad_divergence)``.
 
-        Non-finite values are neither judged nor learned (they are the non-finite checks' business).
+        A step with a non-finite loss is a fault step: nothing of it is judged or learned. A non-finite norm with a
+        finite loss leaves the loss judged (the non-finite checks own the norm).
         """
+        loss, grad_norm = float(loss), float(grad_norm)
         if self._last_unsettled is not None:
             self._last_unsettled += 1
-        loss_bad = self._judge_loss(loss) if math.isfinite(loss) else False
-        grad_bad = self._judge_grad(grad_norm) if math.isfinite(grad_norm) else False
+        if not _finite(loss):
+            return False, False
+        loss_bad = self._judge_loss(loss)
+        grad_bad = self._judge_grad(grad_norm) if _finite(grad_norm) else False
         return loss_bad, grad_bad
 
-    def _judge_loss(self, loss: float) -> bool:
-        # judged from the first healthy loss on: a too-high LR blows the loss up within the first few steps, and a
-        # loss that stays 100x above where the run started is never healthy
+    def _learn(self, loss: float) -> None:
+        """A loss accepted as healthy: into the window, and into the start level while that is being measured."""
+        self._losses.append(loss)
         if self._start is None:
-            self._start = abs(loss)
-        if not self._losses:
-            self._losses.append(loss)
+            self._first.append(loss)
+            if len(self._first) >= self.min_samples:
+                self._start = median(self._first)
+
+    def _judge_loss(self, loss: float) -> bool:
+        window = self._losses
+        if not window:
+            self._learn(loss)
             return False
-        ref = median(self._losses)
-        self.loss_reference = ref
-        floor = self.floor * self._start  # a loss near zero that jumps 100x is still a small loss
-        scale = max(abs(ref), floor) + 1e-12
+        ref = median(window)
+        scale = max(abs(ref), spread(window, ref), self.floor * abs(self.start))
+        self.loss_reference, self.loss_scale = ref, scale
+        if not scale > 0.0:  # all exactly 0 so far: no scale to judge against, learn the value
+            self._loss_run = 0
+            self._learn(loss)
+            return False
         if loss > ref + (self.unsettled_factor - 1.0) * scale:
             self._last_unsettled = 0
         jumped = loss > ref + (self.jump_factor - 1.0) * scale
         self._loss_run = self._loss_run + 1 if jumped else 0
-        best_scale = max(abs(self._best), floor) + 1e-12
-        climbing = self._best < math.inf and loss > self._best + (self.climb_factor - 1.0) * best_scale
-        self._climb_run = self._climb_run + 1 if climbing else 0
-        if not jumped and not climbing:
-            self._losses.append(loss)
-            if len(self._losses) == self.window:
-                self._best = min(self._best, median(self._losses))
-        return self._loss_run >= self.persist or self._climb_run >= self.climb_steps
+        if not jumped:
+            self._learn(loss)
+        needed = self.persist + max(0, self.min_samples - len(window))
+        return self._loss_run >= needed
 
     def _judge_grad(self, norm: float) -> bool:
         if len(self._norms) < self.min_samples:
@@ -167,21 +206,22 @@ class DivergenceDetector:
         return {
             "losses": list(self._losses),
             "norms": list(self._norms),
-            "best": self._best if math.isfinite(self._best) else None,
+            "first": list(self._first),
             "start": self._start,
-            "runs": [self._loss_run, self._climb_run, self._grad_run],
+            "runs": [self._loss_run, 0, self._grad_run],
             "last_unsettled": self._last_unsettled,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
-        self._losses.extend(float(v) for v in state.get("losses", []))
-        self._norms.extend(float(v) for v in state.get("norms", []))
-        best = state.get("best")
-        self._best = math.inf if best is None else float(best)
+        self._losses.extend(float(v) for v in state.get("losses", []) if _finite(float(v)))
+        self._norms.extend(float(v) for v in state.get("norms", []) if _finite(float(v)))
         start = state.get("start")
-        self._start = None if start is None else float(start)
+        self._first = [float(v) for v in state.get("first", [] if start is None else [start])]
+        self._start = None if start is None or "first" not in state else float(start)
+        if self._start is None and len(self._first) >= self.min_samples:
+            self._start = median(self._first)
         runs = list(state.get("runs", [0, 0, 0])) + [0, 0, 0]
-        self._loss_run, self._climb_run, self._grad_run = (int(r) for r in runs[:3])
+        self._loss_run, self._grad_run = int(runs[0]), int(runs[2])
         last = state.get("last_unsettled")
         self._last_unsettled = None if last is None else int(last)

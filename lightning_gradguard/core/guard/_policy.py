@@ -157,7 +157,8 @@ class GuardEvent:
 
     Attributes:
         step: the Trainer's ``global_step`` of the step.
-        kind: ``"skip"``, ``"rollback"``, ``"lower_lr"`` or ``"halt"``.
+        kind: ``"skip"``, ``"rollback"``, ``"lower_lr"``, ``"halt"`` or ``"warn"`` (weaker evidence: recorded and
+            announced, nothing changed).
         cause: a :class:`GuardCause` value.
         lr_scale: the cumulative LR factor after the event.
         reason: why this action (plain words).
@@ -226,6 +227,7 @@ class GuardPolicy:
         escalate_to: ``skip``: ``"rollback"`` or ``"halt"``.
         max_rollbacks: rollbacks allowed; the next fault that needs one halts.
         repeat_window: ``auto``: a fault within this many steps of the previous one counts as repeated.
+        refill_steps: healthy steps in a row that give one rollback back to the budget (None: never).
 
     Example:
         >>> policy = GuardPolicy("auto")
@@ -244,20 +246,32 @@ class GuardPolicy:
         escalate_to: str = "rollback",
         max_rollbacks: int = 3,
         repeat_window: int = 100,
+        refill_steps: int | None = None,
     ) -> None:
         self.action = action
         self.max_consecutive_skips = max_consecutive_skips
         self.escalate_to = escalate_to
         self.max_rollbacks = max_rollbacks
         self.repeat_window = repeat_window
+        self.refill_steps = refill_steps
         self.consecutive_skips = 0
         self.rollbacks = 0
+        self.refunded = 0
+        self.healthy_run = 0
         self.last_fault_step: int | None = None
         self.divergence_streak = 0
 
     def healthy(self) -> None:
-        """Count a healthy step (ends a run of skips)."""
+        """Count a healthy step (ends a run of skips). Every ``refill_steps`` healthy steps in a row give one
+        rollback back to the budget: a week-long run may meet several unrelated faults, far apart."""
         self.consecutive_skips = 0
+        self.healthy_run += 1
+        refill = self.refill_steps
+        if refill is not None and self.healthy_run >= refill:
+            self.healthy_run = 0
+            if self.rollbacks > 0:
+                self.rollbacks -= 1
+                self.refunded += 1
 
     def decide(
         self,
@@ -281,6 +295,7 @@ class GuardPolicy:
             return Decision(GuardAction.NONE)
         repeated = self.last_fault_step is not None and health.step - self.last_fault_step <= self.repeat_window
         self.last_fault_step = health.step
+        self.healthy_run = 0
         damaged = cause in _STATE_DAMAGE or health.weights_damaged
         action, why = self._choose(cause, damaged, repeated, health)
         if action is GuardAction.ROLLBACK:
@@ -312,7 +327,12 @@ class GuardPolicy:
             # would spend the next rollback on the same lesson; each repeat doubles the exponent of the cut
             self.divergence_streak = self.divergence_streak + 1 if cause in _DIVERGENCE and repeated else 0
             if cause in _DIVERGENCE:
-                power = 2**self.divergence_streak
+                power = min(2**self.divergence_streak, 64)
+            elif self.action == "auto" and health.weights_damaged and not (repeated or health.unsettled):
+                # an isolated fault after a healthy stretch (a weight corrupted in place, a transient hardware
+                # fault): nothing says the LR was at fault, so the state is restored at the schedule's LR
+                power = 0
+                why = (why + "; " if why else "") + "an isolated fault after healthy steps: LR kept"
         return Decision(action, cause, why, power)
 
     @property
@@ -364,6 +384,8 @@ class GuardPolicy:
             "rollbacks": self.rollbacks,
             "last_fault_step": self.last_fault_step,
             "divergence_streak": self.divergence_streak,
+            "healthy_run": self.healthy_run,
+            "refunded": self.refunded,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -372,3 +394,5 @@ class GuardPolicy:
         last = state.get("last_fault_step")
         self.last_fault_step = None if last is None else int(last)
         self.divergence_streak = int(state.get("divergence_streak", 0))
+        self.healthy_run = int(state.get("healthy_run", 0))
+        self.refunded = int(state.get("refunded", 0))

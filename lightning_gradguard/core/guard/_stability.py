@@ -1,40 +1,44 @@
 """The stability controller: notice a learning rate that is too high before anything turns non-finite.
 
-Clipping can hide a too-high learning rate for a long time: when the clipper cuts almost every step, the step size
-is set by the threshold, not by the data, and the run stops learning without ever diverging. Only a lower LR helps.
-:class:`StabilityController` keeps the last two windows of ``window`` healthy steps and summarises them as a
-:class:`WindowPair` (the median loss and gradient norm of each window, the share of clipped steps in the newer one,
-and the run's first loss and norm, highest loss, lowest window median and step count). Six named rules read that pair,
-in this order; the first that fires gives a :class:`StabilityFinding` (so a run must be both unstable *and* not
-improving):
+Clipping can hide a too-high learning rate for a long time, and a too-high LR in the first steps can leave a network
+damaged (saturated or dead units) without a single non-finite number. :class:`StabilityController` keeps the last
+two windows of ``window`` healthy steps of one loss stream and summarises them as a :class:`WindowPair` (median,
+spread and LR of each window, the share of clipped steps, the run's first loss and norm, the highest loss and when it
+came, the largest median of three consecutive losses, the lowest window median and its LR). Six named rules read that
+pair, in this order; the first that fires gives a :class:`StabilityFinding`.
 
-1. ``norm_rising``: the newer window's median norm is above ``norm_growth`` x the older one's, and the loss is not
-   improving;
-2. ``loss_climbing``: the newer window's median loss is above ``loss_growth`` x the older one's;
-3. ``loss_above_best``: the newer window's median loss is above ``loss_growth`` x the lowest window median seen so
-   far (a slow climb over several windows). For both climbing rules the older window must already be ``rising`` x
-   above that lowest median (a climb spans windows: one bad batch that the clipper cut can double a single window's
-   median, and that is no reason to cut the LR), and the loss above ``floor`` x the run's first loss (so that noise
-   around a loss near zero never counts);
-4. ``worse_than_untrained``: the median loss of both windows is above ``start_margin`` x the run's first loss (the
-   untrained model's): a too-high LR from the first step, which clipping may keep finite but never makes learn;
-5. ``killed_at_start``: after a blow-up (a loss above ``blowup`` x the first), the median loss of both windows is
-   back at the untrained level, not improving, while the gradient norm collapsed far below its first value (units
-   killed by the violent first updates: the model sits at chance);
-6. ``sustained_clipping``: at least ``clip_fraction`` of the newer window's steps were clipped, its median loss is
-   not below the older window's, and it is above ``start_margin`` x the first loss. Clipping alone is no evidence: a
-   threshold that lags a norm growing as the model learns clips most steps of a healthy run (measured on the LSTM
-   example at its stable LR, and in the demo's plateau at the untrained loss after a rollback).
+**Evidence before action.** A healthy run can look like a sick one on any single statistic: a curriculum, an annealed
+loss weight, a moving RL target or a GAN make the loss climb; fine-tuning starts at a low, noisy loss; a threshold
+that lags a norm growing as the model learns clips most steps. So each rule *acts* (the guard cuts the LR, maybe
+from an earlier state) only when independent signals agree, and otherwise *warns* (an event, no change to the run):
 
-A finding names its rule, the numbers it used (``evidence``), a plain-words ``reason`` ("learning rate looks too
-high: ..."), the exponent of the cut (``lr_power``: the guard lowers the LR by ``lr_factor ** lr_power``) and where
-the cut should go (``target``): ``"start"`` (the untrained state: rules 4 and 5), ``"before_climb"`` (the newest
-trusted state from before the two windows: rules 2 and 3) or ``"in_place"`` (keep the state). Then the controller
-starts over (two fresh windows are needed before it can fire again). A cut that follows the previous one within
-``repeat_windows`` windows doubles ``lr_power``: an LR 10x too high is found in a few cuts, not in ten; the first cut
-of a model worse than untrained is squared. Healthy runs improve their loss from one window to the next, so the
-controller stays quiet on them. Host floats only: the guard reads the loss, the norm and the clip flags once per step
-anyway.
+1. ``norm_rising`` (warns): the newer window's median norm is above ``norm_growth`` x the older one's while the loss
+   is not improving; a new task or a loss weight that grows does that too.
+2. ``loss_climbing``: the newer window's median loss is above the older one's by ``loss_growth - 1`` times the loss
+   scale (``max(|median|, spread, floor x |first loss|)``: losses near zero or negative keep a scale);
+3. ``loss_above_best``: the same against the lowest window median seen (a slow climb over several windows). For both
+   climbing rules the older window must already be above that best (a climb spans windows). They **act** only when
+   the learning rate itself grew by ``lr_growth`` x since the best window (a warm-up or ramp pushed the model past
+   its stable LR: the LR is demonstrably what changed); at a constant or falling LR they warn.
+4. ``worse_than_untrained``: during the first ``start_windows`` windows, the median loss of both windows is above
+   ``start_margin`` x the run's first loss (the untrained model's). It **acts** (restart from the untrained state)
+   only after a sustained blow-up: three consecutive losses whose median was ``blowup_sustained`` x above both the
+   first loss and the newer window's median (a too-high LR wrecked the model in its first updates); else it warns.
+5. ``killed_at_start``: during the first ``start_windows`` windows, after a blow-up in the first window (a loss above
+   ``blowup`` x the first and above ``blowup`` x the newer window's median) the loss sits at the untrained level
+   (``stuck_margin``), not improving, while the median gradient norm collapsed ``collapse`` x below the first norm
+   (units killed by the violent first updates: the model sits at chance). It **acts** (restart).
+6. ``sustained_clipping`` (warns): at least ``clip_fraction`` of the newer window's steps were clipped, its median
+   loss is not below the older window's and above ``start_margin`` x the first loss.
+
+An acting finding must be found at ``confirm`` judgements in a row (judged every ``window/5`` steps) before it is
+returned: repeated evidence. A finding names its rule, the numbers it used (``evidence``), a plain-words ``reason``,
+whether it acts (``act``), the exponent of the cut (``lr_power``: the guard lowers the LR by ``lr_factor **
+lr_power``) and where the cut should go (``target``: ``"start"``, ``"before_climb"`` or ``"in_place"``). After an
+acting finding the controller starts over (two fresh windows are needed before it can fire again); a cut that
+follows the previous one within ``repeat_windows`` windows doubles ``lr_power``. A warning does not reset the
+windows; the same rule warns again only after ``repeat_windows`` windows. Host floats only: the guard reads the loss,
+the norm and the clip flags once per step anyway. No input makes it raise.
 """
 
 from __future__ import annotations
@@ -51,11 +55,19 @@ StabilityTarget = Literal["start", "before_climb", "in_place"]
 _PREFIX = "learning rate looks too high: "
 
 
-def _median(values: tuple[float, ...]) -> float:
+def _median(values: tuple[float, ...] | list[float]) -> float:
     """``statistics.median`` of a non-empty tuple (the same arithmetic, without its checks and conversions)."""
     data = sorted(values)
     i = len(data) // 2
     return data[i] if len(data) % 2 else (data[i - 1] + data[i]) / 2
+
+
+def _spread(values: tuple[float, ...], center: float) -> float:
+    return sum(abs(v - center) for v in values) / len(values) if values else 0.0
+
+
+def _finite(x: float) -> bool:
+    return x - x == 0.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,11 @@ class WindowPair:
         best: the lowest window median seen before the newer window (inf: none yet).
         steps: the healthy steps seen.
         window: the steps per window.
+        old_spread, new_spread: the mean absolute deviation of each window's losses from its median.
+        best_spread: the spread of the window whose median is :attr:`best`.
+        old_lr, new_lr, best_lr: the median LR of each window and of the best window (0.0: unknown).
+        peak_step: the healthy step (1-based) at which :attr:`peak` came.
+        sustained_peak: the largest median of three consecutive losses seen during the start windows.
     """
 
     old_loss: float
@@ -85,6 +102,14 @@ class WindowPair:
     best: float
     steps: int
     window: int
+    old_spread: float = 0.0
+    new_spread: float = 0.0
+    best_spread: float = 0.0
+    old_lr: float = 0.0
+    new_lr: float = 0.0
+    best_lr: float = 0.0
+    peak_step: int = 0
+    sustained_peak: float = -math.inf
 
     @property
     def not_improving(self) -> bool:
@@ -94,7 +119,7 @@ class WindowPair:
 
 @dataclass(frozen=True)
 class StabilityFinding:
-    """Why the stability controller says the LR should come down, and how.
+    """Why the stability controller says the LR should come down (or warns that it may be too high), and how.
 
     Attributes:
         rule: the rule that fired (``"norm_rising"``, ``"loss_climbing"``, ``"loss_above_best"``,
@@ -106,6 +131,8 @@ class StabilityFinding:
             it for cuts in quick succession.
         target: where the cut should go: ``"start"`` (restart from the untrained state), ``"before_climb"`` (back to
             the newest trusted state from before the two windows) or ``"in_place"`` (cut the LR, keep the state).
+        act: whether the evidence is strong enough to act on; False: a warning (the guard records it and changes
+            nothing).
     """
 
     rule: str
@@ -113,6 +140,7 @@ class StabilityFinding:
     reason: str
     lr_power: int = 1
     target: StabilityTarget = "in_place"
+    act: bool = True
 
     @property
     def worse_than_start(self) -> bool:
@@ -131,6 +159,7 @@ class StabilityFinding:
             "reason": self.reason,
             "lr_power": self.lr_power,
             "target": self.target,
+            "act": self.act,
         }
 
     @classmethod
@@ -141,7 +170,12 @@ class StabilityFinding:
             reason=str(state.get("reason", "")),
             lr_power=int(state.get("lr_power", 1)),
             target=state.get("target", "in_place"),
+            act=bool(state.get("act", True)),
         )
+
+
+def _g(x: float) -> str:
+    return f"{x:.4g}"
 
 
 class StabilityController:
@@ -151,35 +185,36 @@ class StabilityController:
         window: steps per window (two windows are compared).
         clip_fraction: share of clipped steps in a window that counts as sustained clipping.
         norm_growth: growth of the median gradient norm between windows that counts as rising.
-        loss_growth: growth of the median loss (over the previous window, or over the lowest window median seen)
-            that counts as climbing.
-        floor: a climbing loss must also be above this fraction of the run's first loss (a loss near zero that
-            doubles from 0.004 to 0.008 is noise, not instability).
+        loss_growth: growth of the median loss, in units of the loss scale, that counts as climbing.
+        floor: the loss scale is at least this fraction of the run's first loss (noise around a loss near zero is
+            not a climb).
         start_margin: two windows in a row with a median loss above this multiple of the run's first loss: the
-            model is worse than untrained (a too-high LR from the first step).
-        stuck_margin, collapse: two windows with a median loss of at least ``stuck_margin`` x the first loss, no
-            progress from one to the next, and the median gradient norm ``collapse`` x below the first norm: a
-            network killed in its first steps (dead units; the loss sits at the untrained level), provided a loss
-            above ``blowup`` x the first one was seen (the violent update that killed them). A warm-up from a tiny LR
-            or a slow start at a sane LR also leave the loss where it started (the deep-CNN example at its stable LR
-            sits at chance for 50 steps on one seed), but without that blow-up.
-        rising: a climbing loss must already be above this multiple of its best window median in the window before.
-        repeat_windows: a cut within this many windows of the previous one doubles the exponent of the cut
-            (``lr_power``: 1, 2, 4, ...), a geometric search for a stable LR.
+            model is worse than untrained.
+        stuck_margin, collapse: the killed-at-start rule (see the module docstring).
+        blowup: a loss above this multiple of the first (and of the newer window's median) in the first window is a
+            blow-up (the killed-at-start rule).
+        blowup_sustained: the median of three consecutive losses above this multiple of the first loss (and of the
+            newer window's median) is a sustained blow-up (the worse-than-untrained rule acts only after one).
+        rising: a climbing loss must already be above its best window median in the older window by this multiple
+            of the scale, minus one.
+        repeat_windows: a cut within this many windows of the previous one doubles the exponent of the cut; a rule
+            warns again only after this many windows.
+        lr_growth: the climbing rules act only when the LR grew by this factor since the best window.
+        start_windows: the start rules (4 and 5) judge only the first this many windows of the run.
+        confirm: judgements in a row an acting finding must be found at.
 
     Attributes:
-        interventions: the findings returned so far.
-        last_finding: the last finding returned (None: none yet).
+        interventions: the acting findings returned so far.
+        warnings: the warnings returned so far.
+        last_finding: the last acting finding returned (None: none yet).
 
     Example:
-        >>> ctl = StabilityController(window=4)
-        >>> [ctl.update(1.0, 1.0, clipped=False) for _ in range(8)][-1] is None
+        >>> ctl = StabilityController(window=4, confirm=1)
+        >>> [ctl.update(1.0, 1.0, clipped=False, lr=0.1) for _ in range(8)][-1] is None
         True
-        >>> findings = [ctl.update(1.0 + i, 1.0, clipped=True) for i in range(8)]
-        >>> [(f.rule, f.target, f.lr_power) for f in findings if f]
-        [('sustained_clipping', 'in_place', 1)]
-        >>> ctl.last_finding.reason.split(":")[0]
-        'learning rate looks too high'
+        >>> findings = [ctl.update(1.0 * 1.5**i, 1.0, clipped=False, lr=0.1 * 1.5**i) for i in range(12)]
+        >>> [(f.rule, f.target, f.act) for f in findings if f][0]
+        ('loss_climbing', 'before_climb', True)
     """
 
     #: the rules, in the order they are evaluated (method names; the first that fires wins)
@@ -205,6 +240,10 @@ class StabilityController:
         stuck_margin: float = 0.85,
         collapse: float = 3.0,
         blowup: float = 2.0,
+        blowup_sustained: float = 10.0,
+        lr_growth: float = 2.0,
+        start_windows: int = 8,
+        confirm: int = 2,
     ) -> None:
         self.window = int(window)
         self.clip_fraction = float(clip_fraction)
@@ -217,15 +256,27 @@ class StabilityController:
         self.stuck_margin = float(stuck_margin)
         self.collapse = float(collapse)
         self.blowup = float(blowup)
+        self.blowup_sustained = float(blowup_sustained)
+        self.lr_growth = float(lr_growth)
+        self.start_windows = int(start_windows)
+        self.confirm = max(1, int(confirm))
         self.interventions = 0
+        self.warnings = 0
         self.last_finding: StabilityFinding | None = None
         self._start: float | None = None  # the first loss seen (the untrained model's)
         self._start_norm: float | None = None  # the first gradient norm seen
         self._peak = -math.inf  # the highest loss seen
+        self._peak_step = 0
+        self._sustained = -math.inf  # the largest median of three consecutive losses (start windows)
         self._best = math.inf  # the lowest window median seen
+        self._best_spread = 0.0
+        self._best_lr = 0.0
         self._steps = 0  # healthy steps seen
         self._last_fire: int | None = None
         self._streak = 0
+        self._pending: str | None = None  # the acting rule found at the last judgement
+        self._pending_count = 0
+        self._warned: dict[str, int] = {}  # rule -> healthy step of its last warning
         self._rules: tuple[Callable[[WindowPair], StabilityFinding | None], ...] = tuple(
             getattr(self, name) for name in self.RULES
         )
@@ -233,32 +284,62 @@ class StabilityController:
 
     def reset(self) -> None:
         """Start over: two fresh windows before the next judgement (the start loss and best median are kept)."""
-        self._rows: deque[tuple[float, float, bool]] = deque(maxlen=2 * self.window)
+        self._rows: deque[tuple[float, float, bool, float]] = deque(maxlen=2 * self.window)
         self._count = 0
         self._every = max(1, self.window // 5)
+        self._pending, self._pending_count = None, 0
 
-    def update(self, loss: float, grad_norm: float, clipped: bool) -> StabilityFinding | None:
-        """Add one healthy step; returns the finding that says why the LR should come down, or None."""
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    @property
+    def start_steps(self) -> int:
+        """Healthy steps during which the start rules judge."""
+        return self.start_windows * self.window
+
+    def update(
+        self, loss: float, grad_norm: float, clipped: bool, lr: float | None = None
+    ) -> StabilityFinding | None:
+        """Add one healthy step (``lr``: the LR the step used, None when unknown); returns the finding that says why
+        the LR should come down (``act``) or may be too high (a warning), or None."""
+        loss, grad_norm = float(loss), float(grad_norm)
+        if not (_finite(loss) and _finite(grad_norm)):
             return None
+        lr_v = float(lr) if lr is not None and _finite(float(lr)) else 0.0
         if self._start is None:
             self._start, self._start_norm = abs(loss), grad_norm
         self._steps += 1
         if loss > self._peak:  # (max() without the call)
-            self._peak = loss
-        self._rows.append((loss, grad_norm, bool(clipped)))
+            self._peak, self._peak_step = loss, self._steps
+        self._rows.append((loss, grad_norm, bool(clipped), lr_v))
         self._count += 1
+        if self._steps <= self.start_steps and len(self._rows) >= 3:
+            a, b, c = self._rows[-3][0], self._rows[-2][0], self._rows[-1][0]
+            mid = a + b + c - max(a, b, c) - min(a, b, c)  # the median of three
+            if mid > self._sustained:
+                self._sustained = mid
         if len(self._rows) < 2 * self.window or self._count % self._every:
             return None  # judged every window/5 steps: the medians move slowly, and sorting costs
         pair = self._pair()
-        self._best = min(self._best, pair.new_loss)
+        if pair.new_loss < self._best:
+            self._best, self._best_spread, self._best_lr = pair.new_loss, pair.new_spread, pair.new_lr
         finding = self.assess(pair)
         if finding is None:
+            self._pending, self._pending_count = None, 0
             return None
+        if not finding.act:
+            self._pending, self._pending_count = None, 0
+            last = self._warned.get(finding.rule)
+            if last is not None and self._steps - last < self.repeat_windows * self.window:
+                return None
+            self._warned[finding.rule] = self._steps
+            self.warnings += 1
+            return finding
+        self._pending_count = self._pending_count + 1 if self._pending == finding.rule else 1
+        self._pending = finding.rule
+        if self._pending_count < self.confirm:
+            return None  # repeated evidence: the same rule at the next judgement too
         repeated = self._last_fire is not None and self._steps - self._last_fire <= self.repeat_windows * self.window
         self._streak = self._streak + 1 if repeated else 0
         if repeated:  # cuts in quick succession: 2, 4, 8, ... (the rule's own exponent is for a first cut)
-            finding = replace(finding, lr_power=2**self._streak)
+            finding = replace(finding, lr_power=min(2**self._streak, 64))
         self._last_fire = self._steps
         self.interventions += 1
         self.last_finding = finding
@@ -268,10 +349,11 @@ class StabilityController:
     def _pair(self) -> WindowPair:
         """The two windows in the buffer (full), summarised."""
         w = self.window
-        losses, norms, clips = zip(*self._rows)
+        losses, norms, clips, lrs = zip(*self._rows)
+        old_loss, new_loss = _median(losses[:w]), _median(losses[w:])
         return WindowPair(
-            old_loss=_median(losses[:w]),
-            new_loss=_median(losses[w:]),
+            old_loss=old_loss,
+            new_loss=new_loss,
             old_norm=_median(norms[:w]),
             new_norm=_median(norms[w:]),
             clipped_share=sum(clips[w:]) / w,
@@ -281,6 +363,14 @@ class StabilityController:
             best=self._best,
             steps=self._steps,
             window=self.window,
+            old_spread=_spread(losses[:w], old_loss),
+            new_spread=_spread(losses[w:], new_loss),
+            best_spread=self._best_spread,
+            old_lr=_median(lrs[:w]),
+            new_lr=_median(lrs[w:]),
+            best_lr=self._best_lr,
+            peak_step=self._peak_step,
+            sustained_peak=self._sustained,
         )
 
     def assess(self, pair: WindowPair) -> StabilityFinding | None:
@@ -293,67 +383,119 @@ class StabilityController:
         return None
 
     # ------------------------------------------------------------------ the rules, in evaluation order
+    def _scale(self, w: WindowPair, center: float, spread: float) -> float:
+        """The loss scale around ``center``: never zero for a loss that moved, sensible near zero and below it."""
+        return max(abs(center), spread, self.floor * w.start_loss)
+
+    def _lr_grew(self, w: WindowPair) -> bool:
+        return w.best_lr > 0 and w.new_lr >= self.lr_growth * w.best_lr
+
     def _climbing(self, w: WindowPair) -> bool:
-        """Already rising in the older window (one bad batch that the clipper cut can leave a window's loss twice
-        the last one's for a while; a loss that keeps climbing is above its best in both windows), above the floor."""
-        above_floor = w.new_loss > self.floor * w.start_loss and w.new_loss > 0
-        return above_floor and w.best < math.inf and w.old_loss > self.rising * w.best
+        """Already rising in the older window (above its best by ``rising - 1`` scales) and above the floor."""
+        if not w.best < math.inf:
+            return False
+        scale = self._scale(w, w.best, w.best_spread)
+        return scale > 0 and w.old_loss > w.best + (self.rising - 1.0) * scale
+
+    def _lr_note(self, w: WindowPair, act: bool) -> str:
+        if act:
+            growth = w.new_lr / w.best_lr
+            return f"; the learning rate grew {growth:.3g}x since the best window ({_g(w.best_lr)} -> {_g(w.new_lr)})"
+        return "; the learning rate did not grow (a harder task or a changing objective looks the same): warning only"
 
     def norm_rising(self, w: WindowPair) -> StabilityFinding | None:
-        """The median gradient norm grew ``norm_growth`` x between the windows while the loss did not improve."""
+        """The median gradient norm grew ``norm_growth`` x between the windows while the loss did not improve (a
+        warning: a new task or a growing loss weight does the same)."""
         if not (w.new_norm > self.norm_growth * w.old_norm and w.not_improving):
             return None
         return StabilityFinding(
             "norm_rising",
             {"old_norm": w.old_norm, "new_norm": w.new_norm, "old_loss": w.old_loss, "new_loss": w.new_loss},
-            _PREFIX + f"the gradient norm keeps rising (median {w.old_norm:.4g} -> {w.new_norm:.4g} over "
-            f"{w.window} steps) while the loss does not improve",
+            _PREFIX + f"the gradient norm keeps rising (median {_g(w.old_norm)} -> {_g(w.new_norm)} over "
+            f"{w.window} steps) while the loss does not improve (warning only)",
+            act=False,
         )
 
     def loss_climbing(self, w: WindowPair) -> StabilityFinding | None:
-        """A climbing loss: the newer window's median is ``loss_growth`` x the older one's."""
-        if not (self._climbing(w) and w.new_loss > self.loss_growth * w.old_loss):
+        """A climbing loss: the newer window's median is ``loss_growth - 1`` scales above the older one's."""
+        if not self._climbing(w):
             return None
+        scale = self._scale(w, w.old_loss, w.old_spread)
+        if not (scale > 0 and w.new_loss > w.old_loss + (self.loss_growth - 1.0) * scale):
+            return None
+        act = self._lr_grew(w)
         return StabilityFinding(
             "loss_climbing",
-            {"old_loss": w.old_loss, "new_loss": w.new_loss, "best": w.best},
-            _PREFIX + f"the loss keeps climbing (median {w.old_loss:.4g} -> {w.new_loss:.4g} over {w.window} steps)",
+            {"old_loss": w.old_loss, "new_loss": w.new_loss, "best": w.best, "best_lr": w.best_lr, "lr": w.new_lr},
+            _PREFIX + f"the loss keeps climbing (median {_g(w.old_loss)} -> {_g(w.new_loss)} over {w.window} steps, "
+            f"best window {_g(w.best)})" + self._lr_note(w, act),
             target="before_climb",
+            act=act,
         )
 
     def loss_above_best(self, w: WindowPair) -> StabilityFinding | None:
-        """A slow climb: the newer window's median is ``loss_growth`` x the lowest window median seen."""
-        if not (self._climbing(w) and w.new_loss > self.loss_growth * w.best):
+        """A slow climb: the newer window's median is ``loss_growth - 1`` scales above the lowest window median."""
+        if not self._climbing(w):
             return None
+        scale = self._scale(w, w.best, w.best_spread)
+        if not (scale > 0 and w.new_loss > w.best + (self.loss_growth - 1.0) * scale):
+            return None
+        act = self._lr_grew(w)
         return StabilityFinding(
             "loss_above_best",
-            {"old_loss": w.old_loss, "new_loss": w.new_loss, "best": w.best},
-            _PREFIX + f"the loss climbed from its best (window median {w.best:.4g} -> {w.new_loss:.4g})",
+            {"old_loss": w.old_loss, "new_loss": w.new_loss, "best": w.best, "best_lr": w.best_lr, "lr": w.new_lr},
+            _PREFIX + f"the loss climbed from its best (window median {_g(w.best)} -> {_g(w.old_loss)} -> "
+            f"{_g(w.new_loss)})" + self._lr_note(w, act),
             target="before_climb",
+            act=act,
         )
 
     def worse_than_untrained(self, w: WindowPair) -> StabilityFinding | None:
-        """Both windows' median loss above ``start_margin`` x the run's first loss."""
+        """During the start windows, both windows' median loss above ``start_margin`` x the run's first loss; acts
+        only after a sustained blow-up."""
         start = w.start_loss
-        if not (w.old_loss > self.start_margin * start and w.new_loss > self.start_margin * start and start > 0):
+        if not (
+            w.steps <= self.start_steps
+            and start > 0
+            and w.old_loss > self.start_margin * start
+            and w.new_loss > self.start_margin * start
+        ):
             return None
+        blown = w.sustained_peak > self.blowup_sustained * max(start, w.new_loss)
+        evidence = {
+            "start_loss": start,
+            "old_loss": w.old_loss,
+            "new_loss": w.new_loss,
+            "sustained_peak": w.sustained_peak,
+            "clipped_share": w.clipped_share,
+        }
+        detail = (
+            f"after a blow-up (three losses in a row around {_g(w.sustained_peak)}, "
+            f"{w.sustained_peak / max(start, w.new_loss):.3g}x the untrained loss)"
+            if blown
+            else "without a sustained blow-up (warning only)"
+        )
         return StabilityFinding(
             "worse_than_untrained",
-            {"start_loss": start, "old_loss": w.old_loss, "new_loss": w.new_loss, "clipped_share": w.clipped_share},
-            _PREFIX + f"after {w.steps} steps the loss is still above the untrained model's ({start:.4g}; medians of "
-            f"the last two windows {w.old_loss:.4g}, {w.new_loss:.4g}; the clipper cut {w.clipped_share:.0%})",
+            evidence,
+            _PREFIX + f"after {w.steps} steps the loss is still above the untrained model's ({_g(start)}; medians of "
+            f"the last two windows {_g(w.old_loss)}, {_g(w.new_loss)}) {detail}",
             lr_power=2,  # a model made worse than untrained is an LR an order of magnitude off, not 2x
             target="start",
+            act=blown,
         )
 
     def killed_at_start(self, w: WindowPair) -> StabilityFinding | None:
-        """After a blow-up, the loss sits at the untrained level and the gradient norm collapsed (dead units)."""
+        """After a blow-up in the first window, the loss sits at the untrained level and the gradient norm
+        collapsed (dead units)."""
         start = w.start_loss
         if not (
-            min(w.old_loss, w.new_loss) >= self.stuck_margin * start > 0
+            w.steps <= self.start_steps
+            and min(w.old_loss, w.new_loss) >= self.stuck_margin * start > 0
             and w.new_loss >= 0.99 * w.old_loss
             and w.new_norm * self.collapse < w.start_norm
-            and w.peak > self.blowup * start
+            and w.peak > self.blowup * max(start, w.new_loss)
+            and w.peak_step <= w.window
         ):
             return None
         return StabilityFinding(
@@ -365,17 +507,18 @@ class StabilityController:
                 "start_norm": w.start_norm,
                 "new_norm": w.new_norm,
                 "peak": w.peak,
+                "peak_step": w.peak_step,
             },
-            _PREFIX + f"after {w.steps} steps the loss has not moved from the untrained model's ({start:.4g}; medians "
-            f"{w.old_loss:.4g}, {w.new_loss:.4g}) and the gradient norm collapsed ({w.start_norm:.4g} -> median "
-            f"{w.new_norm:.4g}): units killed in the first steps",
+            _PREFIX + f"a blow-up at step {w.peak_step} (loss {_g(w.peak)}), then after {w.steps} steps the loss has "
+            f"not moved from the untrained model's ({_g(start)}; medians {_g(w.old_loss)}, {_g(w.new_loss)}) and the "
+            f"gradient norm collapsed ({_g(w.start_norm)} -> median {_g(w.new_norm)}): units killed in the first steps",
             lr_power=2,
             target="start",
         )
 
     def sustained_clipping(self, w: WindowPair) -> StabilityFinding | None:
         """The clipper cut ``clip_fraction`` of the newer window while the loss, above ``start_margin`` x the first
-        loss, stopped falling."""
+        loss, stopped falling (a warning)."""
         if not (
             w.clipped_share >= self.clip_fraction and w.not_improving and w.new_loss > self.start_margin * w.start_loss
         ):
@@ -384,23 +527,35 @@ class StabilityController:
             "sustained_clipping",
             {"clipped_share": w.clipped_share, "old_loss": w.old_loss, "new_loss": w.new_loss},
             _PREFIX + f"the clipper cut {w.clipped_share:.0%} of the last {w.window} steps and the loss stopped "
-            f"falling (median {w.old_loss:.4g} -> {w.new_loss:.4g})",
+            f"falling (median {_g(w.old_loss)} -> {_g(w.new_loss)}; warning only)",
+            act=False,
         )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         last = self.last_finding
+
+        def num(x: float) -> float | None:
+            return x if _finite(x) else None
+
         return {
             "rows": [list(r) for r in self._rows],
             "count": self._count,
             "interventions": self.interventions,
+            "warnings": self.warnings,
             "start": self._start,
             "start_norm": self._start_norm,
-            "peak": self._peak if math.isfinite(self._peak) else None,
-            "best": self._best if math.isfinite(self._best) else None,
+            "peak": num(self._peak),
+            "peak_step": self._peak_step,
+            "sustained": num(self._sustained),
+            "best": num(self._best),
+            "best_spread": self._best_spread,
+            "best_lr": self._best_lr,
             "steps": self._steps,
             "last_fire": self._last_fire,
             "streak": self._streak,
+            "pending": [self._pending, self._pending_count],
+            "warned": dict(self._warned),
             # the last cut, under the keys older versions wrote and read (informational: no rule reads them)
             "lr_power": last.lr_power if last is not None else 1,
             "worse_than_start": last is not None and last.worse_than_start,
@@ -409,22 +564,31 @@ class StabilityController:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` (also one written before findings existed: it has no ``last_finding``, and
-        its ``lr_power``/``worse_than_start``/``damaged`` described a cut already carried out)."""
+        """Load a :meth:`state_dict` (also one written by older versions: rows without an LR, no ``last_finding``)."""
         self.reset()
         for row in state.get("rows", []):
-            self._rows.append((float(row[0]), float(row[1]), bool(row[2])))
+            lr = float(row[3]) if len(row) > 3 else 0.0
+            self._rows.append((float(row[0]), float(row[1]), bool(row[2]), lr))
         self._count = int(state.get("count", len(self._rows)))
         self.interventions = int(state.get("interventions", 0))
+        self.warnings = int(state.get("warnings", 0))
         start, best, last = state.get("start"), state.get("best"), state.get("last_fire")
         self._start = None if start is None else float(start)
         peak = state.get("peak")
         self._peak = -math.inf if peak is None else float(peak)
+        self._peak_step = int(state.get("peak_step", 0))
+        sustained = state.get("sustained")
+        self._sustained = -math.inf if sustained is None else float(sustained)
         start_norm = state.get("start_norm")
         self._start_norm = None if start_norm is None else float(start_norm)
         self._best = math.inf if best is None else float(best)
+        self._best_spread = float(state.get("best_spread", 0.0))
+        self._best_lr = float(state.get("best_lr", 0.0))
         self._steps = int(state.get("steps", self._count))
         self._last_fire = None if last is None else int(last)
         self._streak = int(state.get("streak", 0))
+        pending = list(state.get("pending", [None, 0])) + [None, 0]
+        self._pending, self._pending_count = pending[0], int(pending[1] or 0)
+        self._warned = {str(k): int(v) for k, v in dict(state.get("warned") or {}).items()}
         finding = state.get("last_finding")
         self.last_finding = StabilityFinding.from_dict(finding) if finding else None

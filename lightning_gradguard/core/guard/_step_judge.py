@@ -166,6 +166,36 @@ class StepRider:
             self._commit = None
 
 
+class LossStream:
+    """The detectors of one loss stream (one optimizer's loss: a GAN's generator and discriminator, or a second
+    objective that starts late, are judged each against its own history) and the row it feeds the stability
+    controller once the next step proves healthy."""
+
+    __slots__ = ("controller", "detector", "last")
+
+    def __init__(self) -> None:
+        self.detector = DivergenceDetector()
+        self.controller = StabilityController()
+        self.last: tuple[float, float, float | None] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "divergence": self.detector.state_dict(),
+            "stability": self.controller.state_dict(),
+            "pending_row": list(self.last) if self.last is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state.get("divergence") or {})
+        self.controller.load_state_dict(state.get("stability") or {})
+        row = state.get("pending_row")
+        if row is None:
+            self.last = None
+        else:
+            lr = float(row[2]) if len(row) > 2 and row[2] is not None else None
+            self.last = (float(row[0]), float(row[1]), lr)
+
+
 class StepJudge:
     """Feeds the detectors and builds each step's :class:`Verdict`.
 
@@ -198,17 +228,33 @@ class StepJudge:
         self.divergence = divergence
         self.stability = stability
         self.amp_scale_floor = amp_scale_floor
-        self.detector = DivergenceDetector()
-        self.controller = StabilityController()
+        #: the loss streams by key (the optimizer's index; 0 for a single optimizer or one loss for all)
+        self.streams: dict[int, LossStream] = {0: LossStream()}
         self.spike = LossSpikeDetector(spike_zscore, spike_window) if spike_zscore else None
         self.grad_history: deque[list[float]] = deque(maxlen=history_size)
         self.loss_history: deque[list[float]] = deque(maxlen=history_size)
         #: clip flags (bools or device tensors) of the last step taken: the stability controller's input next step.
         self.clip_flags: list[Any] = []
-        self._last: tuple[float, float] | None = None
         self._sized: Any = None  # the reducer whose world size _one_rank holds
         self._one_rank = reduce is None
         self._rider: StepRider | None = None  # the values offered to this step's measurement
+
+    @property
+    def detector(self) -> DivergenceDetector:
+        """The divergence detector of stream 0."""
+        return self.streams[0].detector
+
+    @property
+    def controller(self) -> StabilityController:
+        """The stability controller of stream 0."""
+        return self.streams[0].controller
+
+    def stream(self, key: int) -> LossStream:
+        """The detectors of loss stream ``key`` (created on first use)."""
+        found = self.streams.get(key)
+        if found is None:
+            found = self.streams[key] = LossStream()
+        return found
 
     def rider(self, loss: Tensor | float | None, scaler: Any) -> StepRider | None:
         """The values :meth:`judge` will reduce for this step, offered to the step's measurement so that they travel
@@ -320,9 +366,19 @@ class StepJudge:
         nonfinite_loss = 0.0 if math.isfinite(loss_v) else 1.0
         return _NEW_TUPLE(StepScalars, (norm, loss_v, nonfinite_loss, bad_scale, spike, [*map(float, self.clip_flags)]))
 
-    def judge(self, step: int, stats: list[GradStats], loss: Tensor | float | None, scaler: Any) -> Verdict:
+    def judge(
+        self,
+        step: int,
+        stats: list[GradStats],
+        loss: Tensor | float | None,
+        scaler: Any,
+        stream: int = 0,
+        lr: float | None = None,
+    ) -> Verdict:
         """Judge one step before its update from the optimizers' ``stats``, the (unscaled) ``loss`` and the
-        GradScaler (None or disabled: no AMP)."""
+        GradScaler (None or disabled: no AMP). ``stream``: which loss stream the loss belongs to (the optimizer's
+        index under manual optimization with several optimizers); ``lr``: the LR of the step (None: unknown)."""
+        streamed = self.streams.get(stream) or self.stream(stream)
         live = list(filter(_GRADS, stats))  # the optimizers that had gradients
         has_loss = loss is not None
         scaled, scale = self._scale_of(scaler)
@@ -352,7 +408,7 @@ class StepJudge:
             nonfinite_grad = False  # the GradScaler's business
         loss_divergence = grad_divergence = False
         if not overflow and self.divergence and has_loss:  # on shared values: the detectors stay in lockstep
-            loss_divergence, grad_divergence = self.detector.update(glob.loss, glob.norm)
+            loss_divergence, grad_divergence = streamed.detector.update(glob.loss, glob.norm)
         scale_collapse, loss_spike = mine.scale_bad > 0, mine.spike > 0
         other_rank = (
             (global_grad_bad and not overflow) or glob.loss_nonfinite > 0 or glob.scale_bad > 0 or glob.spike > 0
@@ -383,48 +439,51 @@ class StepJudge:
                 cause = health.cause
         healthy = cause is None and not overflow
         finding = None
-        if self.stability and healthy and self._last is not None:
+        last = streamed.last
+        if self.stability and healthy and last is not None:
             clipped = max(glob.clip_flags, default=0.0) > 0  # flags: 0 or 1
-            finding = self.controller.update(*self._last, clipped=clipped)
-        self._last = (glob.loss, glob.norm) if healthy and has_loss else None
+            finding = streamed.controller.update(last[0], last[1], clipped, last[2])
+        streamed.last = (glob.loss, glob.norm, lr) if healthy and has_loss else None
         verdict = Verdict(None, overflow, finding, loss_v if has_loss else None, norm, live)
         if health is not None and cause is not None:
             # without the detector nothing says the run was stable before the fault: assume it was not
-            health.unsettled = self.detector.unsettled if self.divergence else True
+            health.unsettled = streamed.detector.unsettled if self.divergence else True
             verdict.health = health
         return verdict
 
     def after_state_change(self) -> None:
         """A rollback or LR cut: the run restarts from another state (baselines kept, counting in progress not)."""
-        self._last = None
-        self.detector.restart_runs()
-        self.controller.reset()
+        for streamed in self.streams.values():
+            streamed.last = None
+            streamed.detector.restart_runs()
+            streamed.controller.reset()
 
     def forget_last_step(self) -> None:
         """A new run of steps (e.g. a new fit without a resumed state): no previous step feeds the controller."""
-        self._last = None
+        for streamed in self.streams.values():
+            streamed.last = None
         self.clip_flags = []
 
     def state_dict(self) -> dict[str, Any]:
+        first = self.streams[0].state_dict()
         return {
-            "divergence": self.detector.state_dict(),
-            "stability": self.controller.state_dict(),
+            **first,  # stream 0 under the keys of a single stream (older checkpoints have only these)
+            "streams": {str(k): v.state_dict() for k, v in self.streams.items() if k != 0},
             "spike": self.spike.state_dict() if self.spike is not None else None,
             "grad_history": [list(r) for r in self.grad_history],
             "loss_history": [list(r) for r in self.loss_history],
-            "pending_row": list(self._last) if self._last is not None else None,
             "clip_flags": [bool(c) for c in self.clip_flags],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.detector.load_state_dict(state.get("divergence") or {})
-        self.controller.load_state_dict(state.get("stability") or {})
+        self.streams = {0: LossStream()}
+        self.streams[0].load_state_dict(state)
+        for key, sub in dict(state.get("streams") or {}).items():
+            self.stream(int(key)).load_state_dict(sub)
         if self.spike is not None and state.get("spike"):
             self.spike.load_state_dict(state["spike"])
         self.grad_history.clear()
         self.grad_history.extend(list(r) for r in state.get("grad_history", []))
         self.loss_history.clear()
         self.loss_history.extend(list(r) for r in state.get("loss_history", []))
-        row = state.get("pending_row")
-        self._last = None if row is None else (float(row[0]), float(row[1]))
         self.clip_flags = [bool(c) for c in state.get("clip_flags", [])]

@@ -11,6 +11,8 @@ the LR arithmetic of a recovery once, so that both apply the same cut:
   doubles ``lr_power`` when its cuts follow each other closely).
 - :func:`stability_cut` carries out a :class:`~lightning_gradguard.core.guard._stability.StabilityFinding`: back to
   the state its ``target`` names (:func:`stability_target`) while the caller's rollback budget allows, else in place.
+- :func:`cut_scale` is where a cut lands (never below the LR floor, never 0); :func:`recover_lr` undoes one cut
+  after sustained healthy training.
 - :func:`roll_back` is a whole rollback: restore the snapshot bit for bit, forget the newer snapshots, cut the LR.
 - :class:`StartState` keeps the untrained state apart during the first windows of a run: when the stability
   controller finds the model worse than untrained (a too-high LR from the first step), the guard restarts from it.
@@ -36,10 +38,27 @@ from lightning_gradguard.core.recover._report import DivergenceReport
 from lightning_gradguard.core.recover._snapshot import Snapshot, SnapshotStore, restore_snapshot
 
 
-def rollback_lr_factor(lr_scale: float, snapshot_lr_scale: float, lr_factor: float, lr_power: int = 1) -> float:
+def cut_scale(lr_scale: float, lr_factor: float, lr_power: int = 1, floor: float = 0.0) -> float:
+    """The cumulative LR scale after a cut of ``lr_factor ** lr_power`` from ``lr_scale``, never below ``floor``
+    (nor above ``lr_scale``: a scale already under the floor stays where it is). Never raises, never returns 0.
+
+    Example:
+        >>> cut_scale(1.0, 0.5, 2)
+        0.25
+        >>> cut_scale(0.002, 0.5, 4, floor=1e-3)
+        0.001
+    """
+    power = max(0, min(int(lr_power), 64))  # 0.5 ** 64 is 5e-20: far below any floor, and never 0.0
+    target = lr_scale * lr_factor**power
+    return max(target, min(floor, lr_scale)) if target > 0 else max(min(floor, lr_scale), 1e-300)
+
+
+def rollback_lr_factor(
+    lr_scale: float, snapshot_lr_scale: float, lr_factor: float, lr_power: int = 1, floor: float = 0.0
+) -> float:
     """The multiplier to apply on top of a restored snapshot's LR.
 
-    The target scale is ``lr_scale * lr_factor ** lr_power`` (the scale before the rollback, cut); the snapshot's
+    The target scale is :func:`cut_scale` of the scale before the rollback (``lr_power`` 0: no cut); the snapshot's
     state already carries ``snapshot_lr_scale``, so the factor is the ratio, capped at 1 (a rollback never raises
     the LR, e.g. when the snapshot predates an earlier cut that proved insufficient).
 
@@ -48,8 +67,11 @@ def rollback_lr_factor(lr_scale: float, snapshot_lr_scale: float, lr_factor: flo
         0.5
         >>> rollback_lr_factor(0.5, 1.0, 0.5, lr_power=2)
         0.125
+        >>> rollback_lr_factor(0.5, 1.0, 0.5, lr_power=0)  # an isolated state fault: the LR in force is kept
+        0.5
     """
-    return min(lr_scale * lr_factor**lr_power / snapshot_lr_scale, 1.0)
+    snap = snapshot_lr_scale if snapshot_lr_scale > 0 else 1.0
+    return min(cut_scale(lr_scale, lr_factor, lr_power, floor) / snap, 1.0)
 
 
 def rollback_lr(
@@ -59,10 +81,12 @@ def rollback_lr(
     snapshot_lr_scale: float,
     lr_factor: float,
     lr_power: int = 1,
+    floor: float = 0.0,
 ) -> float:
     """Cut the LR of freshly restored ``optimizers``/``schedulers``; returns the new cumulative LR scale."""
-    factor = rollback_lr_factor(lr_scale, snapshot_lr_scale, lr_factor, lr_power)
-    scale_lr(optimizers, schedulers, factor)
+    factor = rollback_lr_factor(lr_scale, snapshot_lr_scale, lr_factor, lr_power, floor)
+    if factor != 1.0:
+        scale_lr(optimizers, schedulers, factor)
     return snapshot_lr_scale * factor
 
 
@@ -72,11 +96,33 @@ def lower_lr(
     lr_scale: float,
     lr_factor: float,
     lr_power: int = 1,
+    floor: float = 0.0,
 ) -> float:
-    """Multiply the current LR by ``lr_factor ** lr_power`` (a stability cut); returns the new cumulative LR scale."""
-    factor = lr_factor**lr_power
-    scale_lr(optimizers, schedulers, factor)
-    return lr_scale * factor
+    """Multiply the current LR by ``lr_factor ** lr_power`` (a stability cut), never below ``floor``; returns the
+    new cumulative LR scale."""
+    target = cut_scale(lr_scale, lr_factor, lr_power, floor)
+    if target != lr_scale:
+        scale_lr(optimizers, schedulers, target / lr_scale)
+    return target
+
+
+def recover_lr(
+    optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any], lr_scale: float, lr_factor: float
+) -> float:
+    """Undo one cut: multiply the LR by ``1 / lr_factor``, never above the user's schedule (a cumulative scale of
+    1); returns the new cumulative LR scale.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.25)
+        >>> recover_lr([opt], [], 0.25, 0.5), opt.param_groups[0]["lr"]
+        (0.5, 0.5)
+    """
+    target = min(1.0, lr_scale / lr_factor) if lr_factor > 0 else 1.0
+    if target > lr_scale > 0:
+        scale_lr(optimizers, schedulers, target / lr_scale)
+        return target
+    return lr_scale
 
 
 def roll_back(
@@ -88,6 +134,7 @@ def roll_back(
     lr_scale: float,
     lr_factor: float,
     lr_power: int = 1,
+    floor: float = 0.0,
 ) -> tuple[dict[str, Any], float]:
     """Restore ``snapshot`` into the model, optimizers and schedulers, drop the store's newer snapshots and cut the
     LR (:func:`rollback_lr`). Returns the snapshot's extra states (e.g. a GradScaler's or a precision plugin's, for
@@ -95,7 +142,7 @@ def roll_back(
     extra = restore_snapshot(snapshot, model, optimizers, schedulers)
     store.discard_after(snapshot)
     snap_scale = float(snapshot.meta.get("lr_scale", 1.0))
-    return extra, rollback_lr(optimizers, schedulers, lr_scale, snap_scale, lr_factor, lr_power)
+    return extra, rollback_lr(optimizers, schedulers, lr_scale, snap_scale, lr_factor, lr_power, floor)
 
 
 #: stability windows during which the untrained state is kept apart (a too-high LR from the first step shows in
@@ -170,22 +217,26 @@ def stability_cut(
     lr_factor: float,
     step: int,
     window: int,
+    floor: float = 0.0,
 ) -> tuple[Snapshot | None, dict[str, Any], float]:
     """Carry out the stability controller's ``finding`` (a
     :class:`~lightning_gradguard.core.guard._stability.StabilityFinding` of a controller with ``window`` steps per
     window) at ``step``.
 
     Rolls back to :func:`stability_target`'s snapshot when ``can_roll_back`` (the guard's rollback budget is not
-    spent), else cuts the LR in place, by ``lr_factor ** finding.lr_power`` either way. Returns the snapshot
-    restored (None: the state was kept; otherwise the caller spends one rollback of its budget), its extra states (a
-    GradScaler's or precision plugin's, for the caller to load) and the new cumulative LR scale.
+    spent), else cuts the LR in place, by ``lr_factor ** finding.lr_power`` either way (never below ``floor``).
+    Returns the snapshot restored (None: the state was kept; otherwise the caller spends one rollback of its
+    budget), its extra states (a GradScaler's or precision plugin's, for the caller to load) and the new cumulative
+    LR scale.
     """
     target, from_scratch = stability_target(start, store, finding.target, step, window)
     if target is None or not can_roll_back:
-        return None, {}, lower_lr(optimizers, schedulers, lr_scale, lr_factor, finding.lr_power)
+        return None, {}, lower_lr(optimizers, schedulers, lr_scale, lr_factor, finding.lr_power, floor)
     if from_scratch:
         restart_store(store, target)
-    extra, lr_scale = roll_back(target, store, model, optimizers, schedulers, lr_scale, lr_factor, finding.lr_power)
+    extra, lr_scale = roll_back(
+        target, store, model, optimizers, schedulers, lr_scale, lr_factor, finding.lr_power, floor
+    )
     return target, extra, lr_scale
 
 

@@ -30,21 +30,48 @@ def _pair(**changes: float) -> WindowPair:
     return dataclasses.replace(HEALTHY, **changes)
 
 
-# (pair, rule, target, base lr_power); the controller's default thresholds
+# (pair, target, base lr_power, acts); the controller's default thresholds. The climbing pairs grew the LR 4x since
+# their best window (a ramp: they act); the worse-than-untrained pair saw a sustained blow-up in its first steps.
 CASES = {
-    "norm_rising": (_pair(old_norm=1.0, new_norm=20.0, old_loss=1.0, new_loss=1.0), "in_place", 1),
-    "loss_climbing": (_pair(old_loss=1.5, new_loss=3.5, best=1.0, start_loss=4.0, peak=4.0), "before_climb", 1),
-    "loss_above_best": (_pair(old_loss=1.5, new_loss=2.5, best=1.0, start_loss=4.0, peak=4.0), "before_climb", 1),
-    "worse_than_untrained": (_pair(start_loss=2.0, old_loss=5.0, new_loss=5.0, best=math.inf), "start", 2),
-    "killed_at_start": (
-        _pair(start_loss=2.58, start_norm=7.6, old_loss=2.30, new_loss=2.31, new_norm=0.1, peak=9.3, best=math.inf),
+    "norm_rising": (_pair(old_norm=1.0, new_norm=20.0, old_loss=1.0, new_loss=1.0), "in_place", 1, False),
+    "loss_climbing": (
+        _pair(old_loss=1.5, new_loss=3.5, best=1.0, start_loss=4.0, peak=4.0, best_lr=0.1, new_lr=0.4),
+        "before_climb",
+        1,
+        True,
+    ),
+    "loss_above_best": (
+        _pair(old_loss=1.5, new_loss=2.5, best=1.0, start_loss=4.0, peak=4.0, best_lr=0.1, new_lr=0.4),
+        "before_climb",
+        1,
+        True,
+    ),
+    "worse_than_untrained": (
+        _pair(start_loss=2.0, old_loss=5.0, new_loss=5.0, best=math.inf, sustained_peak=80.0),
         "start",
         2,
+        True,
+    ),
+    "killed_at_start": (
+        _pair(
+            start_loss=2.58,
+            start_norm=7.6,
+            old_loss=2.30,
+            new_loss=2.31,
+            new_norm=0.1,
+            peak=9.3,
+            peak_step=2,
+            best=math.inf,
+        ),
+        "start",
+        2,
+        True,
     ),
     "sustained_clipping": (
         _pair(start_loss=2.0, start_norm=1.0, old_loss=2.15, new_loss=2.3, clipped_share=0.9, best=math.inf),
         "in_place",
         1,
+        False,
     ),
 }
 
@@ -66,11 +93,11 @@ def test_every_rule_stays_quiet_on_a_healthy_improving_pair():
 
 @pytest.mark.parametrize("rule", list(CASES))
 def test_each_rule_fires_on_its_pair_with_its_name_target_and_exponent(rule):
-    pair, target, power = CASES[rule]
+    pair, target, power, acts = CASES[rule]
     ctl = StabilityController()
     finding = getattr(ctl, rule)(pair)
     assert finding is not None
-    assert (finding.rule, finding.target, finding.lr_power) == (rule, target, power)
+    assert (finding.rule, finding.target, finding.lr_power, finding.act) == (rule, target, power, acts)
     assert finding.reason.startswith("learning rate looks too high: ")
     assert finding.evidence
     assert all(isinstance(v, (int, float)) for v in finding.evidence.values())
@@ -89,23 +116,53 @@ def test_the_first_rule_in_order_wins():
     assert ctl.assess(pair).rule == "norm_rising"
 
 
-def test_reasons_are_the_plain_words_of_before():
+def test_reasons_state_the_rule_its_numbers_and_whether_it_acts():
     ctl = StabilityController()
     assert ctl.norm_rising(CASES["norm_rising"][0]).reason == (
         "learning rate looks too high: the gradient norm keeps rising (median 1 -> 20 over 25 steps) while the loss "
-        "does not improve"
+        "does not improve (warning only)"
     )
     assert ctl.loss_above_best(CASES["loss_above_best"][0]).reason == (
-        "learning rate looks too high: the loss climbed from its best (window median 1 -> 2.5)"
+        "learning rate looks too high: the loss climbed from its best (window median 1 -> 1.5 -> 2.5); the learning "
+        "rate grew 4x since the best window (0.1 -> 0.4)"
     )
     assert ctl.worse_than_untrained(CASES["worse_than_untrained"][0]).reason == (
         "learning rate looks too high: after 200 steps the loss is still above the untrained model's (2; medians of "
-        "the last two windows 5, 5; the clipper cut 30%)"
+        "the last two windows 5, 5) after a blow-up (three losses in a row around 80, 16x the untrained loss)"
     )
     assert ctl.sustained_clipping(CASES["sustained_clipping"][0]).reason == (
         "learning rate looks too high: the clipper cut 90% of the last 25 steps and the loss stopped falling "
-        "(median 2.15 -> 2.3)"
+        "(median 2.15 -> 2.3; warning only)"
     )
+
+
+def test_weaker_evidence_warns_instead_of_acting():
+    ctl = StabilityController()
+    # the same climb at a constant LR (a curriculum, an annealed loss weight, a moving target): a warning
+    flat_lr = dataclasses.replace(CASES["loss_above_best"][0], best_lr=0.1, new_lr=0.1)
+    finding = ctl.loss_above_best(flat_lr)
+    assert finding is not None
+    assert not finding.act
+    assert "did not grow" in finding.reason
+    # above the untrained loss without a sustained blow-up (fine-tuning whose first batch was an easy one): a warning
+    noisy_start = dataclasses.replace(CASES["worse_than_untrained"][0], sustained_peak=6.0)
+    assert not ctl.worse_than_untrained(noisy_start).act
+    # the start rules judge only the first start_windows windows
+    late = dataclasses.replace(CASES["killed_at_start"][0], steps=ctl.start_steps + 1)
+    assert ctl.killed_at_start(late) is None
+    # a blow-up that came after the first window did not kill the network at its start
+    later_peak = dataclasses.replace(CASES["killed_at_start"][0], peak_step=26)
+    assert ctl.killed_at_start(later_peak) is None
+
+
+def test_negative_and_zero_losses_have_a_scale():
+    ctl = StabilityController()
+    # a Gaussian NLL that crosses zero: the best window at -1.0, now -0.9 (noise), the LR grew: no climb
+    nll = _pair(start_loss=0.5, best=-1.0, best_spread=0.3, old_loss=-0.95, new_loss=-0.9, best_lr=0.1, new_lr=0.4)
+    assert ctl.assess(nll) is None
+    # a margin loss whose best window was exactly 0 and whose spread was 0: only the first loss gives the scale
+    margin = _pair(start_loss=0.0, best=0.0, best_spread=0.0, old_loss=0.01, new_loss=0.02, best_lr=0.1, new_lr=0.4)
+    assert ctl.assess(margin) is None
 
 
 def test_thresholds_move_the_rules():
@@ -118,19 +175,24 @@ def test_thresholds_move_the_rules():
     assert StabilityController(blowup=4.0).killed_at_start(killed) is None  # no blow-up above 4x the first loss
 
 
-def test_update_escalates_the_exponent_of_cuts_in_quick_succession():
+#: the first loss (untrained), a sustained blow-up in the first updates, then a model stuck above the untrained loss
+BLOWN = [2.0, 80.0, 90.0, 70.0] + [5.0] * 100
+
+
+def test_update_confirms_before_acting_and_escalates_cuts_in_quick_succession():
     ctl = StabilityController(window=10)
-    stream = [2.0] + [5.0] * 100  # worse than untrained from the first step
-    found = [f for f in (ctl.update(loss, 1.0, clipped=False) for loss in stream) if f]
-    assert [f.rule for f in found] == ["worse_than_untrained"] * 5  # every two windows (20 steps)
-    assert [f.lr_power for f in found] == [2, 2, 4, 8, 16]  # squared first cut, then 2 ** streak
-    assert ctl.interventions == 5
-    assert ctl.last_finding == found[-1]
+    found = [(i, f) for i, f in enumerate(ctl.update(loss, 1.0, clipped=False) for loss in BLOWN) if f]
+    # judged every 2 steps from step 20 on; the finding must hold at two judgements in a row (confirm=2)
+    assert [i for i, _ in found] == [21, 43, 65]
+    assert [f.rule for _, f in found] == ["worse_than_untrained"] * 3
+    assert [f.lr_power for _, f in found] == [2, 2, 4]  # squared first cut, then 2 ** streak
+    assert ctl.interventions == 3  # and no more: the start rules judge the first start_windows windows only
+    assert ctl.last_finding == found[-1][1]
 
 
 def test_state_dict_keeps_the_old_keys_and_loads_a_checkpoint_written_before_findings():
     ctl = StabilityController(window=10)
-    for loss in [2.0] + [5.0] * 25:
+    for loss in BLOWN[:26]:
         ctl.update(loss, 1.0, clipped=False)
     state = ctl.state_dict()
     assert {"lr_power", "worse_than_start", "damaged"} <= set(state)
