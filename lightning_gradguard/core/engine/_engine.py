@@ -221,9 +221,7 @@ class GuardEngine:
         process. See :meth:`~lightning_gradguard.core.guard._step_judge.StepJudge.rider`."""
         return self.judge_.rider(loss, self.host.scaler())
 
-    def judge(
-        self, step: int, stats: list[GradStats], loss: Any, stream: int = 0, optimizer: Any = None
-    ) -> Verdict:
+    def judge(self, step: int, stats: list[GradStats], loss: Any, stream: int = 0, optimizer: Any = None) -> Verdict:
         """Judge the step before its update (one reduce, one host read; no reduce when the values travelled with the
         measurement: :meth:`rider`). The adapter drops the gradients of a
         step whose ``verdict.health`` is set; several calls in one step (one per optimizer) are merged. ``stream``:
@@ -432,7 +430,8 @@ class GuardEngine:
                 f"; the LR is at its floor (lr_scale {self.lr_scale:.4g}, min_lr_scale={self.options.min_lr_scale:g}): "
                 "not cut further"
             )
-        event = GuardEvent(step, "warn", GuardCause.LR_TOO_HIGH.value, self.lr_scale, reason=reason)
+        cause = GuardCause.DEAD_NETWORK if finding.rule == "dead_network" else GuardCause.LR_TOO_HIGH
+        event = GuardEvent(step, "warn", cause.value, self.lr_scale, reason=reason)
         event.rule = finding.rule
         self.record_event(event)
 

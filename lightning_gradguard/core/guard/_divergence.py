@@ -16,9 +16,11 @@ What "far above" means is written so that no healthy loss shape trips it:
   loss near zero that jumps 100x on a hard batch is still small next to where the run started;
 - a **scale of zero says nothing**: while the recent losses are all exactly 0 (a fully masked first batch, a margin
   loss already satisfied, a loss weight ramped up from 0) every loss is learned, none is judged;
-- a **thin reference asks for longer evidence**: while fewer than ``min_samples`` healthy losses are known, a jump
-  must last ``min_samples - n`` steps more than ``persist`` (a reference of one batch is weak; a too-high LR that
-  blows the loss up by orders of magnitude from step 1 is still caught within a few steps);
+- a **thin reference is provisional**: while fewer than ``min_samples`` healthy losses are known, a jump must last
+  ``min_samples - n`` steps more than ``persist``, and then it is divergence only if the jumped losses are erratic
+  (they span ``erratic_span`` x or more: a model blown up by a too-high LR from step 1 swings by orders of magnitude).
+  A far level that holds steady says the first batches were unrepresentative (an easy first batch of a fine-tuned
+  model, a nearly masked one): it becomes the reference. No rule's reference is a single batch;
 - values beyond the factors never enter the baselines, so a blow-up cannot become its own reference.
 
 The slow climb of a loss that a moving baseline would follow is the stability controller's business
@@ -77,6 +79,8 @@ class DivergenceDetector:
         recent: how many of the last judged steps :attr:`unsettled` looks at.
         floor: the loss scale is at least ``floor x |start|`` (``start``: the median of the run's first
             ``min_samples`` healthy losses).
+        erratic_span: with a thin reference, jumped losses spanning this ratio (max/min) are divergence; steadier
+            ones replace the reference.
         climb_factor, climb_steps: accepted for compatibility; the slow climb is the stability controller's rule.
 
     Example:
@@ -100,6 +104,7 @@ class DivergenceDetector:
         grad_unsettled_factor: float = 10.0,
         recent: int = 10,
         floor: float = 0.1,
+        erratic_span: float = 10.0,
     ) -> None:
         self.jump_factor = float(jump_factor)
         self.climb_factor = float(climb_factor)
@@ -112,6 +117,7 @@ class DivergenceDetector:
         self.grad_unsettled_factor = float(grad_unsettled_factor)
         self.recent = int(recent)
         self.floor = float(floor)
+        self.erratic_span = float(erratic_span)
         self.reset()
 
     def reset(self) -> None:
@@ -121,6 +127,7 @@ class DivergenceDetector:
         self._first: list[float] = []  # the run's first losses (their median sets the floor)
         self._start: float | None = None
         self._loss_run = 0
+        self._jumped: list[float] = []  # the losses of the current jump while the reference is thin
         self._grad_run = 0
         self._last_unsettled: int | None = None  # judged steps since the last unsettled one (None: none seen)
         self.loss_reference: float | None = None
@@ -130,6 +137,7 @@ class DivergenceDetector:
     def restart_runs(self) -> None:
         """Forget the counting in progress but keep the baselines (after a rollback to a healthy state)."""
         self._loss_run = self._grad_run = 0
+        self._jumped = []
         self._last_unsettled = None
 
     @property
@@ -151,10 +159,10 @@ class DivergenceDetector:
         finite loss leaves the loss judged (the non-finite checks own the norm).
         """
         loss, grad_norm = float(loss), float(grad_norm)
+        if not _finite(loss):
+            return False, False  # a fault step: not a judged step either
         if self._last_unsettled is not None:
             self._last_unsettled += 1
-        if not _finite(loss):
-            return False, False
         loss_bad = self._judge_loss(loss)
         grad_bad = self._judge_grad(grad_norm) if _finite(grad_norm) else False
         return loss_bad, grad_bad
@@ -184,9 +192,24 @@ class DivergenceDetector:
         jumped = loss > ref + (self.jump_factor - 1.0) * scale
         self._loss_run = self._loss_run + 1 if jumped else 0
         if not jumped:
+            self._jumped = []
             self._learn(loss)
-        needed = self.persist + max(0, self.min_samples - len(window))
-        return self._loss_run >= needed
+            return False
+        thin = self.min_samples - len(window)
+        if thin <= 0:
+            return self._loss_run >= self.persist
+        self._jumped.append(loss)
+        if self._loss_run < self.persist + thin:
+            return False
+        jumped_run = self._jumped
+        low, high = min(jumped_run), max(jumped_run)
+        if low > 0 and high < self.erratic_span * low:  # a steady level: the thin reference was unrepresentative
+            self._loss_run, self._jumped = 0, []
+            window.clear()
+            for value in jumped_run:
+                self._learn(value)
+            return False
+        return True  # erratic: divergence (the run keeps counting while it lasts)
 
     def _judge_grad(self, norm: float) -> bool:
         if len(self._norms) < self.min_samples:

@@ -48,6 +48,7 @@ class GuardCause(Enum):
     GRAD_DIVERGENCE = "grad_divergence"
     AMP_SCALE_COLLAPSE = "amp_scale_collapse"
     LR_TOO_HIGH = "lr_too_high"  # the stability controller's cause: no fault yet, but the LR looks too high
+    DEAD_NETWORK = "dead_network"  # a warning: flat loss, collapsed gradients (the units died)
     OTHER_RANK = "other_rank"  # another DDP rank flagged the step; this rank saw nothing wrong
 
 

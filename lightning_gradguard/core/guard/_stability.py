@@ -4,7 +4,7 @@ Clipping can hide a too-high learning rate for a long time, and a too-high LR in
 damaged (saturated or dead units) without a single non-finite number. :class:`StabilityController` keeps the last
 two windows of ``window`` healthy steps of one loss stream and summarises them as a :class:`WindowPair` (median,
 spread and LR of each window, the share of clipped steps, the run's first loss and norm, the highest loss and when it
-came, the largest median of three consecutive losses, the lowest window median and its LR). Six named rules read that
+came, the largest median of three consecutive losses, the lowest window median and its LR). Seven named rules read that
 pair, in this order; the first that fires gives a :class:`StabilityFinding`.
 
 **Evidence before action.** A healthy run can look like a sick one on any single statistic: a curriculum, an annealed
@@ -28,7 +28,12 @@ from an earlier state) only when independent signals agree, and otherwise *warns
    ``blowup`` x the first and above ``blowup`` x the newer window's median) the loss sits at the untrained level
    (``stuck_margin``), not improving, while the median gradient norm collapsed ``collapse`` x below the first norm
    (units killed by the violent first updates: the model sits at chance). It **acts** (restart).
-6. ``sustained_clipping`` (warns): at least ``clip_fraction`` of the newer window's steps were clipped, its median
+6. ``dead_network`` (warns): the loss is flat (both windows' medians within their spread, the spread under
+   ``flat`` of the level) while the median gradient norm is ``dead_collapse`` x below the early gradient level (the
+   largest median of three consecutive norms in the run's first window), and the loss is not far below where the
+   run started (less than ``dead_collapse`` x): a network whose units died (its output no longer depends on the
+   input: a classifier at chance has the same loss on every batch). Never silent: a run that died says so.
+7. ``sustained_clipping`` (warns): at least ``clip_fraction`` of the newer window's steps were clipped, its median
    loss is not below the older window's and above ``start_margin`` x the first loss.
 
 An acting finding must be found at ``confirm`` judgements in a row (judged every ``window/5`` steps) before it is
@@ -89,6 +94,8 @@ class WindowPair:
         old_lr, new_lr, best_lr: the median LR of each window and of the best window (0.0: unknown).
         peak_step: the healthy step (1-based) at which :attr:`peak` came.
         sustained_peak: the largest median of three consecutive losses seen during the start windows.
+        early_norm: the early gradient level: the largest median of three consecutive norms in the run's first
+            window (0.0 while unknown).
     """
 
     old_loss: float
@@ -110,6 +117,7 @@ class WindowPair:
     best_lr: float = 0.0
     peak_step: int = 0
     sustained_peak: float = -math.inf
+    early_norm: float = 0.0
 
     @property
     def not_improving(self) -> bool:
@@ -224,6 +232,7 @@ class StabilityController:
         "loss_above_best",
         "worse_than_untrained",
         "killed_at_start",
+        "dead_network",
         "sustained_clipping",
     )
 
@@ -244,6 +253,8 @@ class StabilityController:
         lr_growth: float = 2.0,
         start_windows: int = 8,
         confirm: int = 2,
+        flat: float = 0.01,
+        dead_collapse: float = 10.0,
     ) -> None:
         self.window = int(window)
         self.clip_fraction = float(clip_fraction)
@@ -260,6 +271,8 @@ class StabilityController:
         self.lr_growth = float(lr_growth)
         self.start_windows = int(start_windows)
         self.confirm = max(1, int(confirm))
+        self.flat = float(flat)
+        self.dead_collapse = float(dead_collapse)
         self.interventions = 0
         self.warnings = 0
         self.last_finding: StabilityFinding | None = None
@@ -268,6 +281,8 @@ class StabilityController:
         self._peak = -math.inf  # the highest loss seen
         self._peak_step = 0
         self._sustained = -math.inf  # the largest median of three consecutive losses (start windows)
+        self._early: list[float] = []  # the gradient norms of the run's first window
+        self._early_norm = 0.0
         self._best = math.inf  # the lowest window median seen
         self._best_spread = 0.0
         self._best_lr = 0.0
@@ -294,9 +309,7 @@ class StabilityController:
         """Healthy steps during which the start rules judge."""
         return self.start_windows * self.window
 
-    def update(
-        self, loss: float, grad_norm: float, clipped: bool, lr: float | None = None
-    ) -> StabilityFinding | None:
+    def update(self, loss: float, grad_norm: float, clipped: bool, lr: float | None = None) -> StabilityFinding | None:
         """Add one healthy step (``lr``: the LR the step used, None when unknown); returns the finding that says why
         the LR should come down (``act``) or may be too high (a warning), or None."""
         loss, grad_norm = float(loss), float(grad_norm)
@@ -310,6 +323,14 @@ class StabilityController:
             self._peak, self._peak_step = loss, self._steps
         self._rows.append((loss, grad_norm, bool(clipped), lr_v))
         self._count += 1
+        early = self._early
+        if len(early) < self.window:
+            early.append(grad_norm)
+            if len(early) >= 3:  # the early gradient level: the largest median of three consecutive norms
+                a, b, c = early[-3], early[-2], early[-1]
+                mid = a + b + c - max(a, b, c) - min(a, b, c)
+                if mid > self._early_norm:
+                    self._early_norm = mid
         if self._steps <= self.start_steps and len(self._rows) >= 3:
             a, b, c = self._rows[-3][0], self._rows[-2][0], self._rows[-1][0]
             mid = a + b + c - max(a, b, c) - min(a, b, c)  # the median of three
@@ -371,6 +392,7 @@ class StabilityController:
             best_lr=self._best_lr,
             peak_step=self._peak_step,
             sustained_peak=self._sustained,
+            early_norm=self._early_norm,
         )
 
     def assess(self, pair: WindowPair) -> StabilityFinding | None:
@@ -516,6 +538,38 @@ class StabilityController:
             target="start",
         )
 
+    def dead_network(self, w: WindowPair) -> StabilityFinding | None:
+        """A flat loss, a gradient norm collapsed far below the run's first window's, and a loss not far below the
+        start: the network's units died (a warning, with the numbers)."""
+        level = max(abs(w.old_loss), abs(w.new_loss))
+        spread = max(w.old_spread, w.new_spread)
+        if not (
+            w.early_norm > 0
+            and level > 0
+            and abs(w.new_loss - w.old_loss) <= spread
+            and spread <= self.flat * level
+            and w.new_norm * self.dead_collapse < w.early_norm
+            and w.new_loss * self.dead_collapse > w.start_loss
+        ):
+            return None
+        return StabilityFinding(
+            "dead_network",
+            {
+                "old_loss": w.old_loss,
+                "new_loss": w.new_loss,
+                "spread": spread,
+                "early_norm": w.early_norm,
+                "new_norm": w.new_norm,
+                "start_loss": w.start_loss,
+            },
+            f"the network looks dead: the loss is flat at {_g(w.new_loss)} (batch-to-batch spread {_g(spread)}, "
+            f"{spread / level:.2%} of it: the output no longer depends on the input) and the gradient norm collapsed "
+            f"{w.early_norm / max(w.new_norm, 1e-300):.3g}x (early level {_g(w.early_norm)}, "
+            f"{_g(w.new_norm)} now); a too-high LR or a bad initialisation in the first steps can kill units "
+            "(warning only)",
+            act=False,
+        )
+
     def sustained_clipping(self, w: WindowPair) -> StabilityFinding | None:
         """The clipper cut ``clip_fraction`` of the newer window while the loss, above ``start_margin`` x the first
         loss, stopped falling (a warning)."""
@@ -548,6 +602,8 @@ class StabilityController:
             "peak": num(self._peak),
             "peak_step": self._peak_step,
             "sustained": num(self._sustained),
+            "early": list(self._early),
+            "early_norm": self._early_norm,
             "best": num(self._best),
             "best_spread": self._best_spread,
             "best_lr": self._best_lr,
@@ -579,6 +635,8 @@ class StabilityController:
         self._peak_step = int(state.get("peak_step", 0))
         sustained = state.get("sustained")
         self._sustained = -math.inf if sustained is None else float(sustained)
+        self._early = [float(v) for v in state.get("early", [])][: self.window]
+        self._early_norm = float(state.get("early_norm", 0.0))
         start_norm = state.get("start_norm")
         self._start_norm = None if start_norm is None else float(start_norm)
         self._best = math.inf if best is None else float(best)

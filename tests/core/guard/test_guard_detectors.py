@@ -40,12 +40,18 @@ def test_a_single_spike_is_not_divergence_but_a_loss_that_stays_up_is():
 
 
 def test_blow_up_at_the_second_step_is_caught_once_the_evidence_outweighs_a_one_batch_reference():
-    # a too-high Adam LR: the loss leaves its start by 11 orders of magnitude at step 1 (issue 18's MLP). The
-    # reference is one batch, so the jump must last min_samples - 1 steps longer than persist: flagged from step 7
-    losses = [10.2, 8e11, 6e12, 3e12, 4e12, 5e12, 2e12, 3e12, 1e12]
-    assert run(DivergenceDetector(), losses, [1.0] * 9) == [7, 8]
+    # a too-high Adam LR: the loss leaves its start by 11 orders of magnitude at step 1 and swings over two more
+    # (issue 18's MLP, the rescue grid's trace). The reference is one batch, so the jump must last min_samples - 1
+    # steps longer than persist and be erratic: flagged from step 7
+    losses = [11.1, 1.6e12, 1.01e13, 5.38e11, 3.81e12, 3.27e12, 5.18e11, 6.37e10, 1.99e12, 1.87e12]
+    assert run(DivergenceDetector(), losses, [1.0] * 10) == [7, 8, 9]
     # with five healthy losses known, persist (3) steps are enough
-    assert run(DivergenceDetector(), [10.0, 9.0, 9.5, 8.0, 8.5, *losses[1:]], [1.0] * 13) == [7, 8, 9, 10, 11, 12]
+    assert run(DivergenceDetector(), [10.0, 9.0, 9.5, 8.0, 8.5, *losses[1:]], [1.0] * 14) == list(range(7, 14))
+    # an easy first batch (a fine-tuned model that fits it to 1e-6), then a steady level: the level is the reference
+    det = DivergenceDetector()
+    steady = [1e-6] + [0.05, 0.04, 0.06, 0.05] * 5
+    assert run(det, steady, [1.0] * len(steady)) == []
+    assert det.loss_reference == pytest.approx(0.05)
 
 
 def test_zero_and_tiny_references_are_not_a_scale():

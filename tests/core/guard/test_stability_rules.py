@@ -67,6 +67,21 @@ CASES = {
         2,
         True,
     ),
+    "dead_network": (  # the deep plain CNN whose initialisation explodes, unguarded: dead at chance by step ~20
+        _pair(
+            start_loss=17.7,
+            old_loss=2.3021,
+            new_loss=2.3026,
+            old_spread=0.003,
+            new_spread=0.002,
+            early_norm=237.0,
+            new_norm=0.07,
+            best=math.inf,
+        ),
+        "in_place",
+        1,
+        False,
+    ),
     "sustained_clipping": (
         _pair(start_loss=2.0, start_norm=1.0, old_loss=2.15, new_loss=2.3, clipped_share=0.9, best=math.inf),
         "in_place",
@@ -98,7 +113,8 @@ def test_each_rule_fires_on_its_pair_with_its_name_target_and_exponent(rule):
     finding = getattr(ctl, rule)(pair)
     assert finding is not None
     assert (finding.rule, finding.target, finding.lr_power, finding.act) == (rule, target, power, acts)
-    assert finding.reason.startswith("learning rate looks too high: ")
+    prefix = "the network looks dead: " if rule == "dead_network" else "learning rate looks too high: "
+    assert finding.reason.startswith(prefix)
     assert finding.evidence
     assert all(isinstance(v, (int, float)) for v in finding.evidence.values())
     assert finding.worse_than_start == (target == "start")
