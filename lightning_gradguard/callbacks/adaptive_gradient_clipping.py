@@ -68,7 +68,8 @@ class AdaptiveGradientClipping(Callback):
     ``"per_parameter"``. Adaptive thresholds warm up on ``min(fallback_factor * median, fallback_max_norm)`` for
     ``warmup_steps`` steps, may rise by at most 1 % per step, and learn only from steps the guard did not drop
     (committed at the next step, once :class:`~lightning_gradguard.NaNGuard` has ruled); NaN/inf norms are never
-    clipped and never learned from. A finite gradient is clipped by every method however large its norm.
+    clipped and never learned from, nor are zero norms (a masked or empty batch: they take no warm-up step, so no
+    threshold is ever 0). A finite gradient is clipped by every method however large its norm.
 
     Tags (``_opt<i>`` for optimizers after the first), at log steps, after a step the guard dropped, and at the end
     (or failure) of the fit:

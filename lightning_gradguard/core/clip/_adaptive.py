@@ -3,7 +3,12 @@
 Both share the warm-up (:class:`~lightning_gradguard.core.clip._warmup.WarmupReference`), the growth limit of the
 threshold (:func:`~lightning_gradguard.core.clip._thresholds.limit_growth`) and the deferred commit: a step is learned
 from only at :meth:`~lightning_gradguard.core.clip.Clipper.commit`, once it is known whether the step was
-dropped. NaN/inf norms are never clipped and never learned from.
+dropped. NaN/inf norms are never clipped and never learned from; nor are zero (and tiny) norms
+(:func:`~lightning_gradguard.core.clip._thresholds.informative`): a masked or empty batch says nothing about how
+large a healthy gradient is, and a statistic that learned it would set the threshold to 0, which scales every later
+gradient to 0 and, through the growth limit, stays 0. Zero-norm steps do not count as warm-up steps either (the
+warm-up waits for real norms, however many masked batches come first), and no threshold in force is ever 0: while
+the statistics have nothing to go by, the fallback applies.
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ from lightning_gradguard.core.clip._base import Clipper, ClipRecord, Number
 from lightning_gradguard.core.clip._ops import clip_by_global_norm_, clip_coefficient, foreach_mul_
 from lightning_gradguard.core.clip._options import check_clip_option as _opt
 from lightning_gradguard.core.clip._running_stats import DecayedHistogramQuantile, WindowQuantile
-from lightning_gradguard.core.clip._thresholds import ema_step, limit_growth, minimum, zscore_threshold
+from lightning_gradguard.core.clip._thresholds import (
+    TINY_NORM,
+    ema_step,
+    informative,
+    limit_growth,
+    minimum,
+    zscore_threshold,
+)
 from lightning_gradguard.core.clip._warmup import WarmupReference
 from lightning_gradguard.core.measure._grad_stats import GradStats
 
@@ -33,54 +45,78 @@ class _AdaptiveClipper(Clipper):
         fallback_max_norm = _opt("fallback_max_norm", fallback_max_norm, o)
         self.cap = math.inf if fallback_max_norm is None else float(fallback_max_norm)
         self.warm = WarmupReference(max(1, warmup_steps), fallback_factor, self.cap)
-        self.seen = 0  # committed steps (host counter: drives the warm-up phase)
+        self.seen = 0  # committed steps (host counter)
+        self.started = False  # the warm-up is over: the reference is full and the statistics run (host flag)
         self.limit: Number = math.inf  # threshold in force at the last committed step
         self._pending: tuple[Number, Number] | None = None  # (norm, threshold) of the step awaiting its verdict
 
     @property
     def warming_up(self) -> bool:
-        return self.seen < self.warm.size
+        return not self.started
+
+    def _maybe_start(self) -> None:
+        """Before a step's threshold: end the warm-up once its reference has taken ``warmup_steps`` steps (zero-norm
+        steps take none).
+
+        Asked from ``warmup_steps`` committed steps on (the reference cannot be full earlier), then at every step
+        until it is: a host read of the reference's count on the tensor path, made only at the end of the warm-up,
+        and for as long as zero-norm steps keep the reference from filling."""
+        if self.started or self.seen < self.warm.size:
+            return
+        if self.warm.filled() >= self.warm.size:
+            self.started = True
+            self._begin()
+
+    def _begin(self) -> None:
+        """The warm-up just ended (the reference is full): start the statistics from it."""
 
     def commit(self, dropped: bool = False) -> None:
         pending, self._pending = self._pending, None
         if pending is None or dropped:
             return
         norm, threshold = pending
-        # a spike enters as the threshold, never as itself (ZClip); NaN/inf stay non-finite, to be left out
+        # during the warm-up the reference and the growth limit follow the uncapped warm-up threshold: the fixed cap
+        # (fallback_max_norm) clips the step, it must not drag the statistics down to itself
+        reference = self.warm.threshold(capped=False) if self.warming_up else threshold
+        useful = informative(norm, reference)  # finite, and not a zero (or tiny) norm
+        # a spike enters as the threshold, never as itself (ZClip); what is not learned stays NaN, to be left out
         if isinstance(norm, Tensor):
-            capped: Number = torch.where(torch.isfinite(norm), minimum(norm, threshold), math.nan)
+            capped: Number = torch.where(useful, minimum(norm, threshold), math.nan)
         else:
-            capped = min(norm, float(threshold)) if math.isfinite(norm) else math.nan
+            capped = min(norm, float(threshold)) if useful else math.nan
         if self.warming_up:
-            # the reference and the growth limit follow the uncapped warm-up threshold: the fixed cap
-            # (fallback_max_norm) clips the step, it must not drag the statistics down to itself
-            threshold = self.warm.threshold(capped=False)
-            self.warm.add(self._warm_entry(norm, threshold))
-        self._learn(norm, capped)
+            threshold = reference
+            self.warm.add(self._warm_entry(norm, threshold, useful))
+        self._learn(norm, capped, useful)
         self.seen += 1
-        if isinstance(threshold, Tensor):
-            # the limit only follows finite thresholds (an infinite one means "nothing to go by yet")
-            self.limit = torch.where(torch.isfinite(threshold), threshold, self.limit)
-        elif math.isfinite(threshold):
+        # the limit follows the threshold in force, when finite and positive (an infinite one means "nothing to go by
+        # yet"), except at a zero-norm step: like an absent one, it moves nothing
+        if isinstance(norm, Tensor):
+            threshold = torch.as_tensor(threshold, dtype=norm.dtype, device=norm.device)
+            moves = (useful | ~torch.isfinite(norm)) & torch.isfinite(threshold) & (threshold > TINY_NORM)
+            self.limit = torch.where(moves, threshold, self.limit)
+        elif (useful or not math.isfinite(norm)) and math.isfinite(threshold) and threshold > TINY_NORM:
             self.limit = threshold
 
-    def _warm_entry(self, norm: Number, threshold: Number) -> Number:
+    def _warm_entry(self, norm: Number, threshold: Number, useful: Any) -> Number:
         """What a warm-up step adds to the reference: its norm, or the current median when the norm was above
-        ``threshold`` (the uncapped warm-up threshold). Not the threshold: at ``fallback_factor`` x the median, a run
-        of such steps would lift the median tenfold every few steps (a blow-up inside the warm-up would capture the
-        statistics)."""
+        ``threshold`` (the uncapped warm-up threshold); when it is not ``useful``, NaN for a NaN/inf step (it takes a
+        warm-up step and adds nothing) and 0 for a zero or tiny norm (it takes nothing). Not the threshold: at
+        ``fallback_factor`` x the median, a run of such steps would lift the median tenfold every few steps (a
+        blow-up inside the warm-up would capture the statistics)."""
         med = self.warm.median()
         if isinstance(norm, Tensor):
             instead = torch.where(torch.isnan(torch.as_tensor(med, dtype=torch.float64)).to(norm.device),
                                   threshold, med)  # fmt: skip
-            return torch.where(torch.isfinite(norm), torch.where(norm <= threshold, norm, instead), math.nan)
-        if not math.isfinite(norm):
-            return math.nan
+            skipped = torch.where(torch.isfinite(norm), 0.0, math.nan)
+            return torch.where(useful, torch.where(norm <= threshold, norm, instead), skipped)
+        if not useful:
+            return 0.0 if math.isfinite(norm) else math.nan
         if norm <= threshold:
             return norm
         return float(threshold) if math.isnan(float(med)) else float(med)
 
-    def _learn(self, norm: Number, capped: Number) -> None:
+    def _learn(self, norm: Number, capped: Number, useful: Any) -> None:
         raise NotImplementedError
 
     def _base_state(self) -> dict[str, Any]:
@@ -88,6 +124,7 @@ class _AdaptiveClipper(Clipper):
         return {
             "method": self.method,
             "seen": self.seen,
+            "started": self.started,
             "limit": float(limit) if isinstance(limit, Tensor) else limit,
             "warmup": self.warm.state_dict(),
         }
@@ -95,7 +132,10 @@ class _AdaptiveClipper(Clipper):
     def _load_base(self, state: dict[str, Any]) -> None:
         self._pending = None
         self.seen = int(state.get("seen", 0))
+        self.started = bool(state.get("started", self.seen >= self.warm.size))  # older states: a step count
         limit = float(state.get("limit", math.inf))
+        if not limit > TINY_NORM:  # a threshold of 0 (learned from zero norms by an older version) never stands
+            limit = math.inf
         self.limit = limit if isinstance(self.limit, float) else torch.tensor(limit, dtype=torch.float64)
         self.warm.load_state_dict(state.get("warmup", {}))
 
@@ -103,10 +143,11 @@ class _AdaptiveClipper(Clipper):
 class ZScoreClipper(_AdaptiveClipper):
     """ZClip (Kumar et al. 2025, arXiv 2504.02507) with statistics a blow-up cannot capture.
 
-    - Warm-up (``warmup_steps`` committed steps, at least 1): threshold ``min(fallback_factor * median, cap)`` of the
-      norms so far (``cap`` = ``fallback_max_norm``, 1.0 by default as ZClip's ``max_grad_norm``, Kumar et al. 2025;
-      it clips the step only: the median learns from the norms as measured); then the EMA starts from their median
-      and MAD (a spike among them, at step 0 too, is left out).
+    - Warm-up (``warmup_steps`` committed steps, at least 1, not counting zero-norm steps, which are never learned):
+      threshold ``min(fallback_factor * median, cap)`` of the norms so far (``cap`` = ``fallback_max_norm``, 1.0 by
+      default as ZClip's ``max_grad_norm``, Kumar et al. 2025; it clips the step only: the median learns from the
+      norms as measured); then the EMA starts from their median and MAD (a spike among them, at step 0 too, is left
+      out).
     - Afterwards: threshold ``mean + z_threshold * std`` of an EMA (weight ``max(1 - ema_decay, 1 / n)`` on the
       newest value), std floored at 5 % of the mean, and at most 1 % above the previous step's threshold.
     - A norm above the threshold is scaled to the threshold (``clip_to="threshold"``) or to the mean (``"mean"``)
@@ -164,15 +205,16 @@ class ZScoreClipper(_AdaptiveClipper):
             return thr, thr
         thr = limit_growth(zscore_threshold(self.mean, self.var, self.z_threshold), self.limit)
         target = minimum(self.mean, thr) if self.to_mean else thr
+        # nothing to go by (no value, or statistics of zeros from an older version): the fallback, never 0
         if isinstance(self.count, Tensor):
-            ready = self.count > 0
+            ready = (self.count > 0) & (thr > TINY_NORM)
             return torch.where(ready, thr, self.cap), torch.where(ready, target, self.cap)
-        return (thr, target) if self.count > 0 else (self.cap, self.cap)
+        return (thr, target) if self.count > 0 and thr > TINY_NORM else (self.cap, self.cap)
 
-    def _learn(self, norm: Number, capped: Number) -> None:
-        if self.seen + 1 == self.warm.size:  # the last warm-up step: start from the robust reference
-            self.mean, self.var, self.count = self.warm.robust_start()
-            return
+    def _begin(self) -> None:
+        self.mean, self.var, self.count = self.warm.robust_start()  # the robust reference, not its raw values
+
+    def _learn(self, norm: Number, capped: Number, useful: Any) -> None:
         if self.warming_up:
             return
         if isinstance(capped, Tensor):
@@ -192,12 +234,11 @@ class ZScoreClipper(_AdaptiveClipper):
         norm = stats.total_norm64
         if self._pending is not None:
             self.commit()
-        warm = self.warming_up
-        mean, var = self.mean, self.var
         if self._use_host(norm):
             if isinstance(self.mean, Tensor):
                 self._from_tensors()
-                mean, var = self.mean, self.var
+            self._maybe_start()
+            warm, mean, var = self.warming_up, self.mean, self.var
             value = stats.total_norm64_host  # the value the measurement already read (CPU)
             if value is None:
                 value = norm.item()
@@ -214,7 +255,8 @@ class ZScoreClipper(_AdaptiveClipper):
             return ClipRecord(grad_norm, thr, clipped, coef, warm, stat_mean=mean, stat_var=var)
         if not isinstance(self.mean, Tensor) or self.mean.device != norm.device:
             self._to_tensors(norm.device)
-            mean, var = self.mean, self.var
+        self._maybe_start()
+        warm, mean, var = self.warming_up, self.mean, self.var
         thr, target = self._threshold()
         over = torch.isfinite(norm) & (norm > thr)
         coef = clip_coefficient(norm, torch.where(over, target, math.inf))
@@ -252,6 +294,9 @@ class ZScoreClipper(_AdaptiveClipper):
         self.limit = float(self.limit)
         self.mean, self.var = float(state.get("mean", 0.0)), max(0.0, float(state.get("var", 0.0)))
         self.count = int(state.get("count", 0))
+        if self.started and self.count > 0 and not self.mean > TINY_NORM:  # zeros learned by an older version
+            self.started, self.mean, self.var, self.count, self.limit = False, 0.0, 0.0, 0, math.inf
+            self.warm.reset()
         if on_tensors and device is not None:
             self._to_tensors(device)
         return []
@@ -288,13 +333,17 @@ class PercentileClipper(_AdaptiveClipper):
         )
         self.norm_type = _opt("norm_type", norm_type, o)
 
-    def _learn(self, norm: Number, capped: Number) -> None:
-        self.estimator.update(norm)  # non-finite values are masked inside
+    def _learn(self, norm: Number, capped: Number, useful: Any) -> None:
+        if isinstance(useful, Tensor):  # what is not learned goes in as NaN, which the estimator masks
+            self.estimator.update(torch.where(useful, norm, math.nan))
+        else:
+            self.estimator.update(norm if useful else math.nan)
 
     def clip_(self, stats: GradStats) -> ClipRecord:
         norm = stats.total_norm64
         if self._pending is not None:
             self.commit()
+        self._maybe_start()
         warm = self.warming_up
         if warm:
             thr = self.warm.threshold()
@@ -302,7 +351,8 @@ class PercentileClipper(_AdaptiveClipper):
         else:
             est = self.estimator
             q = limit_growth(est.compute().to(norm.device), self.limit)
-            thr = torch.where(est.count.to(norm.device) > 0, q, self.cap)
+            # an empty window, or one of zeros (an older version learned them): the fallback, never 0
+            thr = torch.where((est.count.to(norm.device) > 0) & (q > TINY_NORM), q, self.cap)
         coef, clipped = clip_by_global_norm_(stats.local_grads, norm, thr)
         self._pending = (norm, thr)
         return ClipRecord(stats.total_norm, thr, clipped, coef, warm)

@@ -9,6 +9,9 @@ only places that tell the two apart.
   flat stream does not clip every small rise.
 - fallback while statistics warm up: a generous multiple of a reference (a median) capped by an optional fixed norm
   (:func:`fallback_threshold`).
+- what may be learned (:func:`informative`): finite norms above :data:`TINY_NORM` and not below :data:`TINY_RATIO`
+  of the threshold in force. A zero norm (a masked batch) learned would put the threshold at 0, and a threshold of 0
+  scales every later gradient to 0.
 - growth limit: the threshold in force may rise by at most :data:`MAX_GROWTH` per step (:func:`limit_growth`).
   A genuine slow drift (x2 over 1000 steps, 0.07 %/step) passes untouched; a blow-up cannot carry the threshold up
   by orders of magnitude within a short window (x1.6 in 50 steps at most, x10 takes 230 steps), and a norm growing
@@ -21,7 +24,7 @@ only places that tell the two apart.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -30,6 +33,12 @@ from torch import Tensor
 STD_FLOOR = 0.05
 #: Largest relative rise of the threshold in force from one step to the next (1 %).
 MAX_GROWTH = 0.01
+#: A global norm at or below this carries no information about the run's scale: zero gradients (a masked or empty
+#: batch, a loss multiplied by 0, a margin loss already satisfied) or gradients in float32's subnormal range.
+TINY_NORM = 1e-30
+#: A norm below this fraction of the threshold in force carries no information either (a batch whose loss was
+#: multiplied by a tiny weight): learning it would drag the statistics towards 0.
+TINY_RATIO = 1e-6
 
 #: A Python float or a scalar tensor (the rules return the same kind they get).
 S = Any
@@ -112,6 +121,36 @@ def fallback_threshold(reference: S, factor: float, cap: float) -> S:
         (20.0, 5.0)
     """
     return minimum(factor * reference, cap)
+
+
+def informative(norm: S, threshold: S | float = math.inf) -> S:
+    """Whether a norm may be learned from: finite, above :data:`TINY_NORM`, and not below :data:`TINY_RATIO` times
+    ``threshold`` (the threshold in force when it was measured; no relative test while that is not finite). A bool,
+    or a bool tensor for a tensor ``norm`` (no host synchronisation).
+
+    Zero-norm steps say nothing about how large a healthy gradient is: a statistic that learned them would put the
+    threshold at 0, and a threshold of 0 scales every later gradient to 0.
+
+    Example:
+        >>> informative(0.0), informative(1e-40), informative(0.5), informative(1e-9, 2.0), informative(math.nan)
+        (False, False, True, False, False)
+        >>> informative(torch.tensor([0.0, 3.0], dtype=torch.float64), 10.0).tolist()
+        [False, True]
+    """
+    if isinstance(norm, Tensor) or isinstance(threshold, Tensor):
+        if not isinstance(norm, Tensor):
+            like = cast(Tensor, threshold)
+            norm = torch.as_tensor(norm, dtype=like.dtype, device=like.device)
+        if isinstance(threshold, Tensor):
+            relative_ok = ~torch.isfinite(threshold) | (norm >= TINY_RATIO * threshold)
+        else:
+            relative_ok = (
+                norm >= TINY_RATIO * threshold if math.isfinite(threshold) else torch.ones_like(norm, dtype=torch.bool)
+            )
+        return torch.isfinite(norm) & (norm > TINY_NORM) & relative_ok
+    if not (math.isfinite(norm) and norm > TINY_NORM):
+        return False
+    return not (math.isfinite(threshold) and norm < TINY_RATIO * threshold)
 
 
 def limit_growth(candidate: S, previous: S | float, growth: float = MAX_GROWTH) -> S:

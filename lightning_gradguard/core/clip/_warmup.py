@@ -1,8 +1,9 @@
 """The warm-up of the adaptive clippers: a robust reference norm and the fallback threshold while statistics fill.
 
-:class:`WarmupReference` keeps the first ``size`` committed norms of a run (a norm above ``factor`` x the median so
-far enters as that median, so a blow-up moves nothing; the fixed ``cap`` clips the step but never what is learned:
-a model whose healthy norms are 50 is capped for the warm-up only, and its statistics start at 50) and gives
+:class:`WarmupReference` keeps the first ``size`` informative committed norms of a run (a norm above ``factor`` x
+the median so far enters as that median, so a blow-up moves nothing; the fixed ``cap`` clips the step but never what
+is learned: a model whose healthy norms are 50 is capped for the warm-up only, and its statistics start at 50; zero
+norms, of masked or empty batches, take no slot: the reference waits for real ones, so it is never 0) and gives
 
 - the fallback threshold ``min(factor * median, cap)``, ``cap`` (inf by default) before any finite norm: a median,
   not a mean, so one spike among them moves nothing (with two values the lower one counts);
@@ -10,7 +11,7 @@ a model whose healthy norms are 50 is capped for the warm-up only, and its stati
   spike at step 0 never enters them as itself.
 
 It works on Python floats (the CPU fast path) or on a tensor buffer on the norms' device (no host synchronisation);
-both give the same numbers. NaN and inf never enter.
+both give the same numbers. NaN, inf and zero never enter (a NaN/inf step still counts as a warm-up step).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from lightning_gradguard.core.clip._thresholds import fallback_threshold
+from lightning_gradguard.core.clip._thresholds import TINY_NORM, fallback_threshold
 
 #: Scales a median absolute deviation to the standard deviation of a normal distribution.
 MAD_TO_STD = 1.4826
@@ -35,17 +36,24 @@ def _lower_median(values: list[float]) -> float:
 class WarmupReference:
     """The warm-up buffer and fallback threshold of one optimizer's adaptive clipper.
 
+    The buffer has ``size`` slots, one per warm-up step: a finite norm fills one, a NaN/inf step takes one and
+    leaves it empty, and a step whose norm is at or below
+    :data:`~lightning_gradguard.core.clip._thresholds.TINY_NORM` (zero gradients of a masked or empty batch,
+    subnormals) takes none: it says nothing about the run's scale, so a run whose first batches are masked still
+    fills its reference with real norms, and the median is never 0. :meth:`filled` says how many slots are taken (the
+    clipper's warm-up ends once it is ``size``).
+
     Args:
-        size: how many committed steps the warm-up lasts (>= 1).
+        size: how many warm-up steps the reference covers (>= 1).
         factor: the fallback threshold is this multiple of the median (>= 1).
         cap: fixed ceiling on the fallback threshold (inf for none); the only bound before the first finite norm.
 
     Example:
         >>> w = WarmupReference(size=4, factor=10.0)
-        >>> for v in (1e6, 1.0, 3.0):  # a spike first
+        >>> for v in (1e6, 0.0, 1.0, 3.0):  # a spike first, then a masked batch
         ...     w.add(v)
-        >>> w.threshold()  # 10 x the median of (1e6, 1, 3)
-        30.0
+        >>> w.threshold(), w.filled()  # 10 x the median of (1e6, 1, 3); the zero took no slot
+        (30.0, 3)
     """
 
     def __init__(self, size: int, factor: float, cap: float = math.inf) -> None:
@@ -56,8 +64,8 @@ class WarmupReference:
 
     def reset(self) -> None:
         self._host: list[float] = []
+        self._pos: int | Tensor = 0  # slots taken (a long scalar on the device in tensor mode)
         self._buffer: Tensor | None = None  # tensor mode: size slots, NaN where empty
-        self._pos = 0
 
     @property
     def on_host(self) -> bool:
@@ -69,23 +77,32 @@ class WarmupReference:
             self._buffer = torch.full((self.size,), math.nan, dtype=torch.float64, device=device)
             if self._host:
                 self._buffer[: len(self._host)] = torch.tensor(self._host, dtype=torch.float64, device=device)
+            self._pos = torch.tensor(int(self._pos), dtype=torch.long, device=device)
             self._host = []
         elif self._buffer.device != device:
             self._buffer = self._buffer.to(device)
+            self._pos = cast(Tensor, self._pos).to(device)
 
     def add(self, x: float | Tensor) -> None:
-        """Add one committed (already capped) norm; NaN/inf are left out. Beyond ``size`` values nothing is kept."""
-        if self._pos >= self.size:
-            return
+        """Add one committed (already capped) norm: a finite one above ``TINY_NORM`` enters, NaN/inf take a slot
+        without entering, a smaller one is ignored; nothing once the ``size`` slots are taken."""
         if isinstance(x, Tensor):
             if self._buffer is None:
                 self.to_tensor(x.device)
-            buffer = cast(Tensor, self._buffer)  # set just above
-            x64 = x.detach().to(torch.float64).reshape(())
-            buffer[self._pos] = torch.where(torch.isfinite(x64), x64, math.nan)
-        elif math.isfinite(x):
+            buffer, pos = cast(Tensor, self._buffer), cast(Tensor, self._pos)  # set just above
+            x64 = x.detach().to(torch.float64).reshape(1)
+            finite = torch.isfinite(x64)
+            takes = (~finite | (x64 > TINY_NORM)) & (pos < self.size)
+            slot = pos.clamp_max(self.size - 1).reshape(1)
+            entry = torch.where(finite, x64, math.nan)
+            buffer.scatter_(0, slot, torch.where(takes, entry, buffer.gather(0, slot)))
+            self._pos = pos + takes.reshape(()).long()
+            return
+        if self._pos >= self.size or (math.isfinite(x) and not x > TINY_NORM):
+            return
+        if math.isfinite(x):
             self._host.append(float(x))
-        self._pos += 1
+        self._pos = int(self._pos) + 1
 
     def median(self) -> float | Tensor:
         """The lower median of the finite values kept (NaN when there is none)."""
@@ -98,6 +115,10 @@ class WarmupReference:
         if self._buffer is not None:
             return (~torch.isnan(self._buffer)).sum()
         return len(self._host)
+
+    def filled(self) -> int:
+        """How many of the ``size`` slots are taken, as a Python int (one host read in tensor mode)."""
+        return int(self._pos)
 
     def threshold(self, capped: bool = True) -> float | Tensor:
         """``min(factor * median, cap)``, or ``cap`` while no finite value was seen; with ``capped=False``,
@@ -132,12 +153,14 @@ class WarmupReference:
 
     def state_dict(self) -> dict[str, Any]:
         values = self._host if self._buffer is None else [v for v in self._buffer.cpu().tolist() if not math.isnan(v)]
-        return {"values": list(values), "pos": self._pos}
+        return {"values": list(values), "pos": int(self._pos)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load the kept values and the slots taken (zeros that an older version kept are left out)."""
         device = None if self._buffer is None else self._buffer.device
         self.reset()
-        self._host = [float(v) for v in state.get("values", []) if math.isfinite(float(v))][: self.size]
-        self._pos = min(int(state.get("pos", len(self._host))), self.size)
+        values = (float(v) for v in state.get("values", []))
+        self._host = [v for v in values if math.isfinite(v) and v > TINY_NORM][: self.size]
+        self._pos = max(len(self._host), min(int(state.get("pos", len(self._host))), self.size))
         if device is not None:
             self.to_tensor(device)

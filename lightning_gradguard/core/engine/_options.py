@@ -97,7 +97,12 @@ def check_guard_options(owner: str, report_name: str, **values: Any) -> GuardOpt
         min_lr_scale=cast(
             float,
             check_number(
-                "min_lr_scale", v["min_lr_scale"], low=0.0, high=1.0, low_open=True, owner=o,
+                "min_lr_scale",
+                v["min_lr_scale"],
+                low=0.0,
+                high=1.0,
+                low_open=True,
+                owner=o,
                 describe="a number in (0, 1]",
             ),
         ),

@@ -96,6 +96,34 @@ class Snapshot:
         """Plain metadata (step, healthy steps, size, ``meta``), for callback state and reports."""
         return {"step": self.step, "healthy_steps": self.healthy_steps, "nbytes": self.nbytes(), **self.meta}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The whole snapshot as nested dicts, lists, numbers and (CPU) tensors, for a checkpoint: a resumed run that
+        loads it back (:meth:`from_state_dict`) rolls back to exactly the state the uninterrupted run would have
+        restored. Copies: later changes to the snapshot do not reach it, nor the other way round. Loadable with
+        ``torch.load(weights_only=True)``."""
+        return {
+            "step": self.step,
+            "model": clone_state(self.model),
+            "optimizers": clone_state(self.optimizers),
+            "schedulers": clone_state(self.schedulers),
+            "extra": clone_state(self.extra),
+            "meta": copy.deepcopy(self.meta),
+            "healthy_steps": self.healthy_steps,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Snapshot:
+        """A snapshot from :meth:`state_dict` (copied again: the checkpoint's dict is not kept)."""
+        return cls(
+            step=int(state["step"]),
+            model=clone_state(state["model"]),
+            optimizers=clone_state(list(state.get("optimizers", []))),
+            schedulers=clone_state(list(state.get("schedulers", []))),
+            extra=clone_state(dict(state.get("extra") or {})),
+            meta=copy.deepcopy(dict(state.get("meta") or {})),
+            healthy_steps=int(state.get("healthy_steps", 0)),
+        )
+
 
 def take_snapshot(
     module: torch.nn.Module,
@@ -285,19 +313,26 @@ class SnapshotStore:
     def reset(self) -> None:
         self.snapshots = []
 
-    def state_dict(self) -> dict[str, Any]:
-        """Metadata of the stored snapshots (the tensors stay in memory only; they are not checkpointed)."""
-        return {
+    def state_dict(self, with_snapshots: bool = False) -> dict[str, Any]:
+        """Settings and metadata of the stored snapshots; with ``with_snapshots``, the snapshots themselves too
+        (``"saved"``, :meth:`Snapshot.state_dict` each, with their confirmation counts), so that a run resumed from a
+        checkpoint holding them rolls back to what the uninterrupted run would have (its own state at the resume is
+        then no snapshot of it)."""
+        state = {
             "capacity": self.capacity,
             "confirm_steps": self.confirm_steps,
             "snapshots": [s.describe() for s in self.snapshots],
         }
+        if with_snapshots:
+            state["saved"] = [s.state_dict() for s in self.snapshots]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the settings; in-memory snapshots are not in checkpoints, so the store starts empty."""
+        """Restore the settings, and the snapshots when the state holds them (``"saved"``); otherwise (metadata
+        only) the store starts empty."""
         self.capacity = int(state.get("capacity", self.capacity))
         self.confirm_steps = int(state.get("confirm_steps", self.confirm_steps))
-        self.snapshots = []
+        self.snapshots = [Snapshot.from_state_dict(s) for s in state.get("saved") or []]
 
     def __len__(self) -> int:
         return len(self.snapshots)

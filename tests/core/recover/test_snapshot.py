@@ -128,3 +128,44 @@ def test_store_trusts_only_after_confirm_steps_and_keeps_newest_good():
 def test_store_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SnapshotStore(**kwargs)
+
+
+def test_store_with_snapshots_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    """What a resumed run needs to roll back as the uninterrupted one would: every stored snapshot, its confirmation
+    count and LR scale, through ``torch.save``/``torch.load(weights_only=True)``, sharing nothing with the store."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sch = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=50)
+    store = SnapshotStore(capacity=2, confirm_steps=3)
+    for step in range(8):
+        model(torch.randn(5, 3)).pow(2).mean().backward()
+        opt.step()
+        sch.step()
+        opt.zero_grad()
+        if step in (2, 6):
+            store.update(take_snapshot(model, [opt], [sch], step=step + 1, meta={"lr_scale": 0.5}), trusted=step == 2)
+        store.step_healthy()
+    path = tmp_path / "store.pt"
+    torch.save(store.state_dict(with_snapshots=True), path)
+    fresh = SnapshotStore()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert [s.describe() for s in fresh.snapshots] == [s.describe() for s in store.snapshots]
+    assert (fresh.capacity, fresh.confirm_steps, fresh.compute().step) == (2, 3, 3)
+    for mine, theirs in zip(fresh.snapshots, store.snapshots):
+        assert _equal(mine.model, theirs.model)
+        assert _equal(mine.optimizers, theirs.optimizers)
+        assert _equal(mine.schedulers, theirs.schedulers)
+    # restoring the loaded snapshot gives what restoring the original gives, and changes neither
+    restore_snapshot(fresh.snapshots[0], model, [opt], [sch])
+    after_fresh = (clone_state(model.state_dict()), clone_state(opt.state_dict()), sch.state_dict())
+    restore_snapshot(store.snapshots[0], model, [opt], [sch])
+    assert _equal(after_fresh[0], model.state_dict())
+    assert _equal(after_fresh[1], opt.state_dict())
+    assert after_fresh[2] == sch.state_dict()
+    state = store.state_dict(with_snapshots=True)
+    state["saved"][0]["model"]["0.weight"].fill_(7.0)  # the state is a copy
+    assert not torch.equal(
+        store.snapshots[0].model["0.weight"], torch.full_like(state["saved"][0]["model"]["0.weight"], 7.0)
+    )
+    assert "saved" not in store.state_dict()  # metadata only by default (what callback state held so far)
