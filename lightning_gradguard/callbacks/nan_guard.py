@@ -39,13 +39,14 @@ class NaNGuard(Callback):
     healthy range by orders of magnitude, ``divergence=True``), an optional loss z-score spike, an AMP loss scale
     below ``amp_scale_floor``. Non-finite *weights* show in the next step's loss and gradients; they are named on
     the fault path, checked before every snapshot is trusted, and at the end of the fit (no per-step pass over the
-    weights). **Stability** (``stability=True``, ``core/guard/_stability``): a model worse than untrained (or killed at
-    the start) restarts from the untrained state with a lower LR; a climbing loss, a rising gradient norm or
-    sustained clipping without progress lower the LR; each with an event saying why.
+    weights). **Stability** (``stability=True``, ``core/guard/_stability``): a model blown up in its first updates
+    and left worse than untrained (or killed at the start) restarts from the untrained state with a lower LR; a loss
+    that climbs while the LR grew is cut from before the climb. Weaker evidence (a climb at a constant LR, a rising
+    norm, sustained clipping, a dead network) only warns (``kind="warn"``); each event says why, with the numbers.
 
     **Actions** (``action``): ``"auto"`` skips a fault traced to the batch (bad inputs, or healthy steps before it;
-    buffers restored, LR kept) and rolls back with an LR cut for faults after an unsettled stretch, damaged
-    weights/buffers and divergence; ``"skip"``, ``"rollback"`` and
+    buffers restored, LR kept) and rolls back for faults after an unsettled stretch, damaged weights/buffers and
+    divergence (with an LR cut, except for an isolated state fault after healthy steps); ``"skip"``, ``"rollback"`` and
     ``"halt"`` do just that (skip escalates on damage or after ``max_consecutive_skips``). A skipped step has every
     gradient set to None before the update and the model's buffers restored, so weights, buffers and optimizer state
     stay bit-identical. A rollback restores model, optimizers, schedulers and AMP scaler from the newest trusted
@@ -54,7 +55,8 @@ class NaNGuard(Callback):
 
     ==============================  ===========================================================================
     ``gradguard/skipped_steps``     steps whose update the guard dropped
-    ``gradguard/rollbacks``         rollbacks so far
+    ``gradguard/rollbacks``         rollbacks in the budget now (refilled after sustained healthy steps)
+    ``gradguard/warnings``          warnings so far (weaker evidence: recorded, nothing changed)
     ``gradguard/lr_scale``          cumulative LR factor (rollbacks and stability cuts)
     ``gradguard/flagged_steps``     flagged steps since the last write
     ``gradguard/loss_max``          largest loss since the last write
@@ -75,7 +77,8 @@ class NaNGuard(Callback):
         divergence: treat finite divergence of the loss or gradient norm as a fault.
         stability: lower the LR (or restart from the untrained state) when it looks too high.
         spike_zscore, spike_window: optional loss z-score test (None: off).
-        amp_scale_floor: a GradScaler loss scale below this is a divergence (> 0).
+        amp_scale_floor: a GradScaler loss scale below this is a collapse (> 0; default 2**-24, the smallest fp16
+            subnormal: below it every scaled gradient underflows; a scale below 1 is healthy for a sum-reduced loss).
         raise_on_halt, save_bad_batch, report_dir, history_size: halting and the report.
         log_every_n_steps: scalar logging interval (default: the Trainer's).
         min_lr_scale: the LR floor, as a fraction of the user's schedule: no cut goes below it; at the floor a
@@ -149,7 +152,7 @@ class NaNGuard(Callback):
         stability: bool = True,
         spike_zscore: float | None = None,
         spike_window: int = 100,
-        amp_scale_floor: float = 1.0,
+        amp_scale_floor: float = 2.0**-24,
         raise_on_halt: bool = True,
         save_bad_batch: bool = False,
         report_dir: str | os.PathLike | None = None,

@@ -137,7 +137,7 @@ class Record(Callback):
                 "grad_history": _plain(list(judge.grad_history)[-1:]),
                 "loss_history": _plain(list(judge.loss_history)[-1:]),
                 "spike": _plain(spike),
-                "last": _plain(judge._last),
+                "last": _plain({k: v.last for k, v in judge.streams.items()}),
                 "monitor": [self.mon.last_grad_norm, self.mon.last_step],
             }
         )

@@ -98,6 +98,9 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "report_dir": ((lambda v: v is None or isinstance(v, (str, os.PathLike))), (lambda v: True)),
         "log_every_n_steps": integer(1, optional=True),
         "history_size": (lambda v: _integer(v), lambda v: 1 <= v <= 10**6),
+        "min_lr_scale": number(lambda v: 0 < v <= 1),
+        "lr_recovery_steps": integer(1, optional=True),
+        "rollback_refill_steps": integer(1, optional=True),
     },
     GradientNormMonitor: {
         "log_every_n_steps": integer(1, optional=True),

@@ -38,7 +38,7 @@ class GuardOptions:
     stability: bool = True
     spike_zscore: float | None = None
     spike_window: int = 100
-    amp_scale_floor: float = 1.0
+    amp_scale_floor: float = 2.0**-24  # the smallest fp16 subnormal: below it every scaled gradient underflows
     raise_on_halt: bool = True
     save_bad_batch: bool = False
     report_dir: str | None = None

@@ -7,7 +7,7 @@ robust baseline of the recent *healthy* values of one loss stream and flags:
 - **loss jump**: the loss stays above ``jump_factor`` x the scale of its recent healthy values for ``persist`` steps
   in a row (one bad batch is a spike, the clipper's business; a loss that stays far up is a diverged model);
 - **gradient norm**: the pre-clip norm stays above ``grad_factor`` x the median of the recent healthy norms for
-  ``persist`` steps in a row.
+  ``persist`` steps in a row. Zero gradients (a masked batch, a satisfied margin loss) are no reference.
 
 What "far above" means is written so that no healthy loss shape trips it:
 
@@ -16,11 +16,13 @@ What "far above" means is written so that no healthy loss shape trips it:
   loss near zero that jumps 100x on a hard batch is still small next to where the run started;
 - a **scale of zero says nothing**: while the recent losses are all exactly 0 (a fully masked first batch, a margin
   loss already satisfied, a loss weight ramped up from 0) every loss is learned, none is judged;
-- a **thin reference is provisional**: while fewer than ``min_samples`` healthy losses are known, a jump must last
-  ``min_samples - n`` steps more than ``persist``, and then it is divergence only if the jumped losses are erratic
-  (they span ``erratic_span`` x or more: a model blown up by a too-high LR from step 1 swings by orders of magnitude).
-  A far level that holds steady says the first batches were unrepresentative (an easy first batch of a fine-tuned
-  model, a nearly masked one): it becomes the reference. No rule's reference is a single batch;
+- a **jump is divergence only if it is erratic or growing**: after ``persist`` steps far up in a row (while fewer
+  than ``min_samples`` healthy losses are known, ``min_samples - n`` more, counted rather than in a row: a thin
+  reference asks for longer evidence, and a blown-up model dips now and then), the
+  jumped losses must span ``erratic_span`` x or more, or end twice as high as they started: a model blown up by a
+  too-high LR swings by orders of magnitude or keeps climbing. A far level that holds steady or falls is a new level,
+  not a blown-up model (a curriculum step to a harder, larger task; an easy first batch of a fine-tuned model; a
+  nearly masked one): it becomes the reference. No rule's reference is a single batch;
 - values beyond the factors never enter the baselines, so a blow-up cannot become its own reference.
 
 The slow climb of a loss that a moving baseline would follow is the stability controller's business
@@ -79,8 +81,8 @@ class DivergenceDetector:
         recent: how many of the last judged steps :attr:`unsettled` looks at.
         floor: the loss scale is at least ``floor x |start|`` (``start``: the median of the run's first
             ``min_samples`` healthy losses).
-        erratic_span: with a thin reference, jumped losses spanning this ratio (max/min) are divergence; steadier
-            ones replace the reference.
+        erratic_span: jumped losses spanning this ratio (max/min), or ending twice as high as they started, are
+            divergence; a steadier or falling level replaces the reference.
         climb_factor, climb_steps: accepted for compatibility; the slow climb is the stability controller's rule.
 
     Example:
@@ -127,7 +129,8 @@ class DivergenceDetector:
         self._first: list[float] = []  # the run's first losses (their median sets the floor)
         self._start: float | None = None
         self._loss_run = 0
-        self._jumped: list[float] = []  # the losses of the current jump while the reference is thin
+        self._jumped: list[float] = []  # the losses of the current jump
+        self._thin_seen: list[float] = []  # every loss judged while the reference is thin
         self._grad_run = 0
         self._last_unsettled: int | None = None  # judged steps since the last unsettled one (None: none seen)
         self.loss_reference: float | None = None
@@ -138,6 +141,7 @@ class DivergenceDetector:
         """Forget the counting in progress but keep the baselines (after a rollback to a healthy state)."""
         self._loss_run = self._grad_run = 0
         self._jumped = []
+        self._thin_seen = []
         self._last_unsettled = None
 
     @property
@@ -190,28 +194,39 @@ class DivergenceDetector:
         if loss > ref + (self.unsettled_factor - 1.0) * scale:
             self._last_unsettled = 0
         jumped = loss > ref + (self.jump_factor - 1.0) * scale
-        self._loss_run = self._loss_run + 1 if jumped else 0
+        thin = len(window) < self.min_samples
+        if thin:
+            self._thin_seen.append(loss)
         if not jumped:
-            self._jumped = []
+            if not thin:  # a mature reference: a jump must last persist steps in a row
+                self._loss_run, self._jumped = 0, []
             self._learn(loss)
             return False
-        thin = self.min_samples - len(window)
-        if thin <= 0:
-            return self._loss_run >= self.persist
+        # with a thin reference the jumped steps are counted, not required in a row (a blown-up model dips now and
+        # then), and the healthy ones in between fill the reference
+        self._loss_run += 1
         self._jumped.append(loss)
-        if self._loss_run < self.persist + thin:
+        needed = self.persist + max(0, self.min_samples - len(window))
+        if self._loss_run < needed:
             return False
         jumped_run = self._jumped
-        low, high = min(jumped_run), max(jumped_run)
-        if low > 0 and high < self.erratic_span * low:  # a steady level: the thin reference was unrepresentative
-            self._loss_run, self._jumped = 0, []
+        # erratic: the losses swing over erratic_span (with a thin reference, every loss since it, dips included)
+        swing = self._thin_seen if thin else jumped_run
+        low, high = min(swing), max(swing)
+        erratic = low > 0 and high >= self.erratic_span * low
+        if not erratic and jumped_run[-1] < 2.0 * jumped_run[0]:
+            # a level that holds steady or falls: a new task or data (a curriculum step), or a thin reference that
+            # was unrepresentative; the model is learning it, it did not blow up
+            self._loss_run, self._jumped, self._thin_seen = 0, [], []
             window.clear()
             for value in jumped_run:
                 self._learn(value)
             return False
-        return True  # erratic: divergence (the run keeps counting while it lasts)
+        return True  # erratic or climbing: divergence (the run keeps counting while it lasts)
 
     def _judge_grad(self, norm: float) -> bool:
+        if not norm > 1e-30:
+            return False  # a zero gradient (a masked batch, a satisfied margin) is no reference and no divergence
         if len(self._norms) < self.min_samples:
             self._norms.append(norm)
             return False
@@ -232,6 +247,8 @@ class DivergenceDetector:
             "first": list(self._first),
             "start": self._start,
             "runs": [self._loss_run, 0, self._grad_run],
+            "jumped": list(self._jumped),
+            "thin_seen": list(self._thin_seen),
             "last_unsettled": self._last_unsettled,
         }
 
@@ -246,5 +263,7 @@ class DivergenceDetector:
             self._start = median(self._first)
         runs = list(state.get("runs", [0, 0, 0])) + [0, 0, 0]
         self._loss_run, self._grad_run = int(runs[0]), int(runs[2])
+        self._jumped = [float(v) for v in state.get("jumped", [])]
+        self._thin_seen = [float(v) for v in state.get("thin_seen", [])]
         last = state.get("last_unsettled")
         self._last_unsettled = None if last is None else int(last)

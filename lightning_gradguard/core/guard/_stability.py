@@ -22,8 +22,9 @@ from an earlier state) only when independent signals agree, and otherwise *warns
    its stable LR: the LR is demonstrably what changed); at a constant or falling LR they warn.
 4. ``worse_than_untrained``: during the first ``start_windows`` windows, the median loss of both windows is above
    ``start_margin`` x the run's first loss (the untrained model's). It **acts** (restart from the untrained state)
-   only after a sustained blow-up: three consecutive losses whose median was ``blowup_sustained`` x above both the
-   first loss and the newer window's median (a too-high LR wrecked the model in its first updates); else it warns.
+   only after a sustained blow-up in the first window: three consecutive losses whose median was
+   ``blowup_sustained`` x above the first loss, the newer window's median and its batch-to-batch spread (a
+   too-high LR wrecked the model in its first updates); else it warns.
 5. ``killed_at_start``: during the first ``start_windows`` windows, after a blow-up in the first window (a loss above
    ``blowup`` x the first and above ``blowup`` x the newer window's median) the loss sits at the untrained level
    (``stuck_margin``), not improving, while the median gradient norm collapsed ``collapse`` x below the first norm
@@ -93,7 +94,7 @@ class WindowPair:
         best_spread: the spread of the window whose median is :attr:`best`.
         old_lr, new_lr, best_lr: the median LR of each window and of the best window (0.0: unknown).
         peak_step: the healthy step (1-based) at which :attr:`peak` came.
-        sustained_peak: the largest median of three consecutive losses seen during the start windows.
+        sustained_peak: the largest median of three consecutive losses seen in the run's first window.
         early_norm: the early gradient level: the largest median of three consecutive norms in the run's first
             window (0.0 while unknown).
     """
@@ -331,7 +332,7 @@ class StabilityController:
                 mid = a + b + c - max(a, b, c) - min(a, b, c)
                 if mid > self._early_norm:
                     self._early_norm = mid
-        if self._steps <= self.start_steps and len(self._rows) >= 3:
+        if self._steps <= self.window and len(self._rows) >= 3:  # the first updates' blow-up
             a, b, c = self._rows[-3][0], self._rows[-2][0], self._rows[-1][0]
             mid = a + b + c - max(a, b, c) - min(a, b, c)  # the median of three
             if mid > self._sustained:
@@ -483,7 +484,9 @@ class StabilityController:
             and w.new_loss > self.start_margin * start
         ):
             return None
-        blown = w.sustained_peak > self.blowup_sustained * max(start, w.new_loss)
+        # far above the first loss, where the run now sits and the batch-to-batch noise (batch size 1: one sample's
+        # loss is no level)
+        blown = w.sustained_peak > self.blowup_sustained * max(start, w.new_loss, w.new_spread)
         evidence = {
             "start_loss": start,
             "old_loss": w.old_loss,

@@ -35,8 +35,11 @@ def test_a_single_spike_is_not_divergence_but_a_loss_that_stays_up_is():
     losses = healthy_losses(100, noise=0.1)
     spiked = [*losses[:50], losses[50] * 1e4, *losses[51:]]
     assert run(DivergenceDetector(), spiked, [1.0] * 100) == []
-    diverged = [*losses[:50], *[1e6] * 10]
+    diverged = [*losses[:50], *[1e6 * 3**i for i in range(10)]]  # blown up and climbing
     assert run(DivergenceDetector(persist=3), diverged, [1.0] * 60) == list(range(52, 60))  # from the 3rd step up
+    # a far level that holds steady (a curriculum step to a harder, larger task) is a new level, not divergence
+    new_level = [*losses[:50], *[1e6 * (1 + 0.1 * (i % 3)) for i in range(30)]]
+    assert run(DivergenceDetector(persist=3), new_level, [1.0] * 80) == []
 
 
 def test_blow_up_at_the_second_step_is_caught_once_the_evidence_outweighs_a_one_batch_reference():
@@ -224,7 +227,7 @@ def test_a_loss_near_zero_that_jumps_is_not_divergence():
     for _ in range(40):
         det.update(0.005, 1.0)
     assert [det.update(0.8, 1.0)[0] for _ in range(5)] == [False] * 5
-    assert [det.update(500.0, 1.0)[0] for _ in range(3)][-1] is True
+    assert [det.update(500.0 * 3**i, 1.0)[0] for i in range(3)][-1] is True  # blown up and climbing
 
 
 def test_stability_restarts_a_network_killed_in_its_first_steps_but_not_a_slow_warm_up():
