@@ -22,10 +22,11 @@ from an earlier state) only when independent signals agree, and otherwise *warns
    its stable LR: the LR is demonstrably what changed); at a constant or falling LR they warn.
 4. ``worse_than_untrained``: during the first ``start_windows`` windows, the median loss of both windows is above
    ``start_margin`` x the run's first loss (the untrained model's). It **acts** (restart from the untrained state)
-   only after a sustained blow-up in the first window: three consecutive losses whose median was
+   only after a sustained blow-up in the first updates (steps 1 to ``blowup_steps``): three consecutive losses whose
+   median was
    ``blowup_sustained`` x above the first loss, the newer window's median and its batch-to-batch spread (a
    too-high LR wrecked the model in its first updates); else it warns.
-5. ``killed_at_start``: during the first ``start_windows`` windows, after a blow-up in the first window (a loss above
+5. ``killed_at_start``: during the first ``start_windows`` windows, after a blow-up in the first updates (a loss above
    ``blowup`` x the first and above ``blowup`` x the newer window's median) the loss sits at the untrained level
    (``stuck_margin``), not improving, while the median gradient norm collapsed ``collapse`` x below the first norm
    (units killed by the violent first updates: the model sits at chance). It **acts** (restart).
@@ -94,7 +95,8 @@ class WindowPair:
         best_spread: the spread of the window whose median is :attr:`best`.
         old_lr, new_lr, best_lr: the median LR of each window and of the best window (0.0: unknown).
         peak_step: the healthy step (1-based) at which :attr:`peak` came.
-        sustained_peak: the largest median of three consecutive losses seen in the run's first window.
+        sustained_peak: the largest median of three consecutive losses seen in the run's first ``blowup_steps``
+            steps.
         early_norm: the early gradient level: the largest median of three consecutive norms in the run's first
             window (0.0 while unknown).
     """
@@ -211,6 +213,7 @@ class StabilityController:
         lr_growth: the climbing rules act only when the LR grew by this factor since the best window.
         start_windows: the start rules (4 and 5) judge only the first this many windows of the run.
         confirm: judgements in a row an acting finding must be found at.
+        blowup_steps: the start rules' blow-up must come in the run's first this many steps (the first updates).
 
     Attributes:
         interventions: the acting findings returned so far.
@@ -254,6 +257,7 @@ class StabilityController:
         lr_growth: float = 2.0,
         start_windows: int = 8,
         confirm: int = 2,
+        blowup_steps: int = 5,
         flat: float = 0.01,
         dead_collapse: float = 10.0,
     ) -> None:
@@ -272,6 +276,7 @@ class StabilityController:
         self.lr_growth = float(lr_growth)
         self.start_windows = int(start_windows)
         self.confirm = max(1, int(confirm))
+        self.blowup_steps = int(blowup_steps)
         self.flat = float(flat)
         self.dead_collapse = float(dead_collapse)
         self.interventions = 0
@@ -332,7 +337,7 @@ class StabilityController:
                 mid = a + b + c - max(a, b, c) - min(a, b, c)
                 if mid > self._early_norm:
                     self._early_norm = mid
-        if self._steps <= self.window and len(self._rows) >= 3:  # the first updates' blow-up
+        if self._steps <= self.blowup_steps and len(self._rows) >= 3:  # the first updates' blow-up
             a, b, c = self._rows[-3][0], self._rows[-2][0], self._rows[-1][0]
             mid = a + b + c - max(a, b, c) - min(a, b, c)  # the median of three
             if mid > self._sustained:
@@ -520,7 +525,7 @@ class StabilityController:
             and w.new_loss >= 0.99 * w.old_loss
             and w.new_norm * self.collapse < w.start_norm
             and w.peak > self.blowup * max(start, w.new_loss)
-            and w.peak_step <= w.window
+            and w.peak_step <= self.blowup_steps
         ):
             return None
         return StabilityFinding(
