@@ -1,0 +1,1615 @@
+"""The healthy-shape zoo (issue 24): ordinary training runs that a guard must leave alone.
+
+A guard that acts on finite signals (a loss that "climbs", a norm that "rises", a loss "worse than untrained") is
+calibrated on some runs and then left on, for weeks, on others. Each shape below is a small Lightning fit of a kind
+users run every day, chosen because its loss or gradient stream looks, to a naive rule, like a run going wrong. None
+of them is going wrong: without any callback each one trains (its validation metric improves clearly over the
+metric of its start state; ``healthy_zoo.py`` prints both). A guard that skips a finite batch, rolls back, restarts,
+cuts the LR or halts on any of them has made a false alarm, and on a long run a false alarm costs the run.
+
+What each shape stresses (the rule of today's guard it looks dangerous to, in brackets):
+
+- ``finetune``: Adam 1e-4 from a trained state, batch 8: a flat, noisy loss whose first batch may happen to be an
+  easy one [“worse than untrained”, judged against the first batch].
+- ``linear_probe``: a new head on a trained, frozen backbone: few parameters, small steady gradients [same rule, and
+  a low-norm run].
+- ``curriculum``: easy targets, then the real (harder, larger) task from step 200: the loss and the norm jump up
+  once and stay up [rising norm, loss divergence against the easy phase's median].
+- ``vae_kl``: a VAE whose KL weight ramps 0 -> 1 over steps 100-300; with beta 0 it reconstructs well and its KL
+  term grows freely, so the total loss climbs ~5x over 200 steps by design [loss climbing, loss above its best].
+- ``two_opt_late``: manual optimization, two optimizers; the second objective (larger loss) starts stepping at batch
+  100 [losses of different optimizers judged as one stream].
+- ``masked_first_batch``, ``loss_ramp``, ``hinge_satisfied``: first loss exactly 0 (a fully masked first batch, a
+  ``min(1, step/50)`` ramp, a margin loss already satisfied) [a reference of 0: every later loss "jumps"].
+- ``bs1_sgd``: batch size 1, plain SGD: every loss is one sample's, heavy-tailed noise [climb rules on noise].
+- ``gaussian_nll``: heteroscedastic Gaussian NLL, converged and noisy, hovering around 0 (batches of either sign)
+  [ratios of losses near 0, negative losses].
+- ``masked_start_15``: the first 15 batches fully masked (zero gradients); also run with
+  ``AdaptiveGradientClipping("zscore")`` alone [a clipping warm-up whose median norm is 0].
+- ``fp16_scaler``: fp16 autocast with a real ``torch.amp.GradScaler('cpu')`` (growth every 50 steps, so the scale
+  overflows now and then, as it does on long runs) and one injected overflow at step 200 [overflow steps are the
+  scaler's business]. Lightning's ``precision="16-mixed"`` on the CPU silently runs bf16 (it warns), so the shape
+  passes an explicit ``MixedPrecision("16-mixed", "cpu", scaler=...)`` plugin: real fp16 autocast, real scaler.
+- ``fp16_sum_scaler``: the same on a large-gradient run (sum-reduced MSE, batch 512, targets of std 90): gradient
+  elements beyond fp16's range, so the scaler's scale must settle below 1, overflowing every time it grows back
+  [a scale below 1 taken for a collapse].
+- ``dqn``: Q-learning with a target network synced every 10 steps (Lightning's DQN example's settings: Adam 1e-2,
+  batch 16; gamma 0.95) on a tiny random MDP [the TD loss jumps at every sync and grows with the Q-values;
+  non-stationary by nature].
+- ``reinforce``: REINFORCE with a batch-mean baseline on a contextual bandit: the loss is centred on 0, either sign
+  [zero, negative and sign-changing losses].
+- ``gan``: a GAN on a 2-D Gaussian (manual optimization, two optimizers) [adversarial losses near log 2 that never
+  fall; two streams].
+- ``warmup_cosine``, ``onecycle``, ``adamw_steplr``: LR schedules (warm-up then cosine; OneCycle; AdamW with a step
+  decay) [norms that rise while the LR warms up; LR changes the guard did not make].
+- ``distill``: a small student fitted to a teacher's soft targets (KL, T=4) [a loss whose floor is not 0].
+- ``freeze_unfreeze``: a frozen backbone unfrozen at step 200 with a new param group (what Lightning's
+  ``BackboneFinetuning`` does) [the norm jumps when new parameters start learning].
+- ``sum_loss``: ``reduction='sum'`` with batch 256: norms in the hundreds from the first step [absolute norm caps].
+- ``bf16_mixed``: ``precision='bf16-mixed'`` [a coarse loss and gradients].
+- ``label_smoothing``: cross-entropy with label smoothing 0.1 [a loss that plateaus well above 0].
+- ``infonce``: contrastive InfoNCE on two noisy views [a loss that starts at log(batch) and moves slowly].
+- ``grad_accum``: ``accumulate_grad_batches=4`` [losses seen per micro-batch, steps per 4].
+- ``tiny_transformer_lm``: a one-layer causal transformer character LM on real text [a long plateau at the unigram
+  entropy].
+- ``multitask_ramp``: a second task's loss weight ramps 0 -> 1 over 200 steps [the loss climbs while both tasks
+  improve].
+- ``delayed_drop``: a deep linear net from a small initialisation: a long plateau, then a sudden drop ("grokking"-like)
+  [“killed at start” / “worse than untrained” on a plateau that is about to break].
+- ``bn_cnn``: a small CNN with BatchNorm on scikit-learn's digits [buffers, ordinary noise].
+- ``dropout_noisy``: an MLP with dropout 0.3 [a noisy loss stream].
+
+Faults (not healthy without a tool; a different pass criterion): ``corrupt_label_20`` and ``corrupt_label_5``: every
+20th / 5th batch carries one corrupt regression label (1e30): the loss is inf, the gradient finite (~1e29) and
+large. Without a tool the first such batch leaves Adam's second moment at inf and the model frozen. The guard must
+skip exactly those batches (never roll back, never halt) and end within the tolerance of a run in which those batches
+are simply dropped (``training_step`` returns ``None``). Both see the same 400 batches (one epoch of exactly that
+many): a skipped step and a dropped batch need not count alike as optimizer steps.
+
+Each shape is ``build(seed, steps) -> ZooModule``: data from seeded ``torch.Generator``s (or scikit-learn's bundled
+digits and dataset descriptions, nothing downloaded), pretraining (where the shape starts from a trained state) done in
+the builder in a plain torch loop, and ``ZooModule.evaluate()`` computing the validation metric the same way for every
+configuration (float32, eval mode, no gradient). :func:`run` is one fit; ``healthy_zoo.py`` runs the grid and prints
+the table; ``tests/test_healthy_zoo.py`` runs the issue's rows.
+
+Pass criterion of a run (:func:`judge`): no exception, zero *actions* (``NaNGuard.events`` entries of a kind in
+:data:`ACTION_KINDS`; a skip counts only when the step's loss was finite or unknown; any other kind, e.g. a warning,
+is reported apart and allowed) and a final metric within the tolerance of the no-callback run of the same seed, or
+better. Tolerance: 2 % of the reference metric (relative) for metrics bounded away from 0; for metrics that can be
+near 0 or negative (``tolerance="travel"``: NLL, value error, MMD, hinge) 2 % of
+``max(|reference|, |start - reference|)``, i.e. 2 % of the distance the no-callback run travelled from its start
+state when that is larger.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = [
+    "ACTION_KINDS",
+    "CONFIGS",
+    "FAULTS",
+    "HEALTHY",
+    "SHAPES",
+    "Shape",
+    "ZooModule",
+    "classify_events",
+    "configs_for",
+    "event_line",
+    "judge",
+    "lr_ratio",
+    "make_callbacks",
+    "metric_cell",
+    "quiet",
+    "reference_config",
+    "run",
+    "tolerance",
+    "trains",
+    "within",
+]
+
+#: event kinds that are actions (anything else, e.g. a warning, is reported but allowed)
+ACTION_KINDS = frozenset({"skip", "rollback", "lower_lr", "halt", "restart"})
+RELATIVE_TOL = 0.02
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _gen(seed: int, salt: int) -> torch.Generator:
+    """A generator for one purpose (``salt``) of one seed: data differ between seeds, never between configurations."""
+    return torch.Generator().manual_seed(100_003 * seed + salt)
+
+
+@functools.lru_cache(maxsize=4)
+def _teacher(which: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A fixed random tanh network (the same for every seed) and the std of its output on N(0, 1) inputs."""
+    g = torch.Generator().manual_seed(777 + which)
+    w1 = torch.randn(in_dim, 32, generator=g) / in_dim**0.5
+    w2 = torch.randn(32, 1, generator=g) / 32**0.5
+    probe = torch.randn(8192, in_dim, generator=g)
+    return w1, w2, float((torch.tanh(probe @ w1) @ w2).std())
+
+
+def teacher(x: torch.Tensor, which: int = 0, scale: float = 3.0) -> torch.Tensor:
+    """Teacher ``which``'s targets for ``x``, scaled to std ``scale`` (on N(0, 1) inputs)."""
+    w1, w2, std = _teacher(which, x.shape[1])
+    return scale * (torch.tanh(x @ w1) @ w2) / std
+
+
+def regression_data(seed: int, salt: int, n: int, in_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ~ N(0, 1) and clean teacher-0 targets (std 3): predicting the mean scores MSE ~9."""
+    x = torch.randn(n, in_dim, generator=_gen(seed, salt))
+    return x, teacher(x)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_all() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long)
+
+
+def digits(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits (1797 images, 10 classes, pixels in [0, 1]): a per-seed split 1400 / 397."""
+    x, y = _digits_all()
+    perm = torch.randperm(len(x), generator=_gen(seed, 1))
+    tr, va = perm[:1400], perm[1400:]
+    return x[tr], y[tr], x[va], y[va]
+
+
+@functools.lru_cache(maxsize=1)
+def load_text(max_chars: int) -> str:
+    """scikit-learn's bundled dataset descriptions (``sklearn/datasets/descr/*.rst``, ~43 kB of English text)."""
+    import sklearn
+
+    files = sorted((Path(sklearn.__file__).parent / "datasets" / "descr").glob("*.rst"))
+    return "\n".join(f.read_text(encoding="utf-8") for f in files)[:max_chars]
+
+
+def mlp(sizes: Sequence[int], act: type[nn.Module] = nn.ReLU, dropout: float = 0.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def pretrain(
+    params: Sequence[nn.Parameter] | Any,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    steps: int,
+    lr: float,
+    batch: int,
+    g: torch.Generator,
+) -> None:
+    """A plain torch loop (no Lightning, no callbacks): Adam on random minibatches of indices into ``n`` samples."""
+    opt = torch.optim.Adam(list(params), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss_of(idx).backward()
+        opt.step()
+
+
+def ordered_loader(tensors: Sequence[torch.Tensor], order: torch.Tensor, batch: int) -> DataLoader:
+    """Batches in exactly ``order`` (one long epoch that covers the whole fit: the order is the shape)."""
+    return DataLoader(TensorDataset(*tensors), batch_size=batch, sampler=order.tolist(), drop_last=True)
+
+
+def stream_order(n: int, batches: int, batch: int, g: torch.Generator) -> torch.Tensor:
+    """Indices for ``batches`` batches of ``batch`` from ``n`` samples, reshuffled every pass."""
+    need = batches * batch
+    return torch.cat([torch.randperm(n, generator=g) for _ in range(need // n + 1)])[:need]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The modules
+
+
+class ZooModule(pl.LightningModule):
+    """Base of the shapes: a fixed train set, a seeded shuffled loader and :meth:`evaluate` (the metric).
+
+    Subclasses set ``train_tensors``, ``batch_size``, ``lr`` and implement ``training_step`` and ``metric``.
+    """
+
+    higher_is_better = False
+
+    def __init__(self, seed: int, steps: int, batch_size: int = 32, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.seed, self.steps, self.batch_size, self.lr = seed, steps, batch_size, lr
+        self.train_tensors: tuple[torch.Tensor, ...] = ()
+        self.drop_faults = False  # the "dropped" reference of the fault shapes
+        self.fault_steps: list[int] = []  # the global steps that got a corrupt batch (fault shapes)
+        self.fault_batches: set[int] = set()
+
+    def metric(self) -> float:
+        raise NotImplementedError
+
+    def evaluate(self) -> float:
+        """The validation metric, in float32, eval mode, without gradients (the same for every configuration)."""
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return float(self.metric())
+        finally:
+            self.train(was)
+
+    def train_dataloader(self) -> DataLoader:
+        g = _gen(self.seed, 2)
+        return DataLoader(
+            TensorDataset(*self.train_tensors), batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True
+        )
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class Regression(ZooModule):
+    """16 -> 64 -> 64 -> 1 ReLU MLP on teacher targets (std 3), MSE; metric: validation MSE on clean targets.
+
+    Options cover the shapes that differ only in their loss, optimizer, schedule or data order: ``loss_mode``
+    ``"mse"``, ``"sum"`` (reduction='sum'), ``"ramp"`` (loss x min(1, step/50)), ``"masked"`` (per-sample mask; the
+    first ``masked_batches`` batches fully masked, 10 % of later samples masked), ``"corrupt"`` (one label 1e30 every
+    ``fault_every`` batches); ``optimizer`` ``"adam"``, ``"adamw"``, ``"sgd"``; ``schedule`` ``None``,
+    ``"warmup_cosine"``, ``"onecycle"``.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        steps: int,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        n_train: int = 2048,
+        hidden: int = 64,
+        loss_mode: str = "mse",
+        optimizer: str = "adam",
+        schedule: str | None = None,
+        masked_batches: int = 0,
+        fault_every: int = 0,
+        dropout: float = 0.0,
+        noise: float = 0.3,
+    ) -> None:
+        super().__init__(seed, steps, batch_size, lr)
+        self.loss_mode, self.optimizer_name, self.schedule = loss_mode, optimizer, schedule
+        self.masked_batches, self.fault_every = masked_batches, fault_every
+        self.net = mlp([16, hidden, hidden, 1], dropout=dropout)
+        x, y = regression_data(seed, 3, n_train)
+        y_noisy = y + noise * torch.randn(y.shape, generator=_gen(seed, 4))
+        self.train_tensors = (x, y_noisy)
+        self.val_x, self.val_y = regression_data(seed, 5, 1024)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.loss_mode == "corrupt":  # exactly ``steps`` batches: the fit runs one epoch (Shape.one_epoch)
+            return ordered_loader(
+                self.train_tensors,
+                stream_order(len(self.train_tensors[0]), self.steps, self.batch_size, _gen(self.seed, 2)),
+                self.batch_size,
+            )
+        if self.loss_mode != "masked":
+            return super().train_dataloader()
+        x, y = self.train_tensors
+        g = _gen(self.seed, 6)
+        mask = (torch.rand(len(x), generator=g) > 0.1).float()
+        # an extra pool of fully masked (empty, padding-only) samples that the first batches are made of
+        empty = self.masked_batches * self.batch_size
+        xs, ys = torch.cat([x, x[:empty]]), torch.cat([y, y[:empty]])
+        ms = torch.cat([mask, torch.zeros(empty)])
+        order = stream_order(len(x), self.steps + 1, self.batch_size, g)
+        order = torch.cat([torch.arange(len(x), len(x) + empty), order])
+        return ordered_loader((xs, ys, ms), order, self.batch_size)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if self.loss_mode == "masked":
+            x, y, m = batch
+            err = (self(x) - y).squeeze(1) ** 2
+            return (err * m).sum() / m.sum().clamp_min(1.0)
+        x, y = batch
+        # which batches are corrupt follows the batch's index in the (single-epoch) loader, not a call count: a
+        # guard may replay a faulty batch through training_step to find where it turned non-finite
+        if self.loss_mode == "corrupt" and (batch_idx + 1) % self.fault_every == 0:
+            if batch_idx not in self.fault_batches:  # a replay is the same batch, at whatever step it happens
+                self.fault_batches.add(batch_idx)
+                self.fault_steps.append(self.global_step)
+            if self.drop_faults:
+                return None  # the reference: the corrupt batch is simply not trained on
+            y = y.clone()
+            y[0] = 1e30  # one corrupt label: the loss overflows to inf, the gradient stays finite (~1e29)
+        pred = self(x)
+        if self.loss_mode == "sum":
+            return F.mse_loss(pred, y, reduction="sum")
+        loss = F.mse_loss(pred, y)
+        if self.loss_mode == "ramp":
+            loss = loss * min(1.0, self.global_step / 50)
+        return loss
+
+    def metric(self) -> float:
+        return float(F.mse_loss(self(self.val_x), self.val_y))
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_name == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        elif self.optimizer_name == "sgd_momentum":
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        elif self.optimizer_name == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.schedule is None:
+            return opt
+        total = self.steps
+        if self.schedule == "warmup_cosine":
+            warm = 50
+
+            def lr_lambda(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+            sched: Any = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        elif self.schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=total + 1)
+        else:
+            raise ValueError(self.schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class FineTune(Regression):
+    """Pretrained on the teacher (Adam 3e-3, 400 steps), fine-tuned with Adam 1e-4, batch 8, on noisy targets with
+    a small new component (0.5 x the first input): a flat, noisy loss that improves slowly."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=8, lr=1e-4, noise=1.0)
+        x, _ = regression_data(seed, 7, 2048)
+        y = teacher(x)
+        pretrain(
+            self.net.parameters(), lambda i: F.mse_loss(self.net(x[i]), y[i]), len(x), 400, 3e-3, 64, _gen(seed, 8)
+        )
+        xt, yt = self.train_tensors
+        self.train_tensors = (xt, yt + 0.5 * xt[:, :1])
+        self.val_y = self.val_y + 0.5 * self.val_x[:, :1]
+
+
+class Curriculum(Regression):
+    """Easy targets (0.3 x teacher 0) until step ``switch``, then the real task: teacher 0 + teacher 1 (std 3 each)."""
+
+    def __init__(self, seed: int, steps: int, switch: int = 200) -> None:
+        super().__init__(seed, steps)
+        self.switch = switch
+        x, _ = self.train_tensors
+        self.train_tensors = (x, 0.3 * teacher(x), teacher(x) + teacher(x, which=1))
+        self.val_y = teacher(self.val_x) + teacher(self.val_x, which=1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, easy, hard = batch
+        return F.mse_loss(self(x), easy if self.global_step < self.switch else hard)
+
+
+class GaussianNLL(ZooModule):
+    """Heteroscedastic regression: the MLP predicts a mean and a log-variance; loss: Gaussian NLL (0.5 (log var +
+    err^2 / var)). Targets 0.5 sin(x) with noise whose std varies from 0.3 to 1.0 along x: the converged NLL hovers
+    around 0 (batch values of either sign; the untrained model starts near 0.35). Metric: validation NLL (lower is
+    better)."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=3e-3)
+        self.net = mlp([1, 64, 64, 2])
+
+        def data(salt: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            g = _gen(seed, salt)
+            x = torch.rand(n, 1, generator=g) * 6 - 3
+            std = 0.3 + 0.7 * (1 + torch.sin(2 * x)) / 2
+            return x, 0.5 * torch.sin(x) + std * torch.randn(n, 1, generator=g)
+
+        self.train_tensors = data(3, 2048)
+        self.val_x, self.val_y = data(5, 2048)
+
+    def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        mu, logvar = out[:, :1], out[:, 1:].clamp(-10, 10)
+        return (0.5 * (logvar + (y - mu) ** 2 / logvar.exp())).mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.nll(*batch)
+
+    def metric(self) -> float:
+        return float(self.nll(self.val_x, self.val_y))
+
+
+class HingeSatisfied(ZooModule):
+    """Binary classifier with a margin (hinge) loss, pretrained on easy points (|score| > 1) until every easy point
+    clears the margin; the fit's first 10 batches are easy points (loss exactly 0), then the full distribution, near
+    the boundary, comes in. Metric: validation hinge loss on the full distribution (lower is better)."""
+
+    def __init__(self, seed: int, steps: int, easy_batches: int = 10) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=1e-3)
+        self.net = mlp([16, 64, 1])
+        g = _gen(seed, 3)
+        w = torch.randn(16, 1, generator=torch.Generator().manual_seed(99))
+        w = w / w.norm()
+
+        def data(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            x = torch.randn(n, 16, generator=g)
+            s = (x @ w + 0.5 * teacher(x, scale=1.0)).squeeze(1)
+            return x, torch.where(s > 0, 1.0, -1.0), s
+
+        x, y, s = data(4096)
+        self.val_x, self.val_y, _ = data(2048)
+        easy = (s.abs() > 1.0).nonzero().squeeze(1)
+        xe, ye = x[easy], y[easy]
+        for _ in range(40):  # until every easy point clears the margin (hinge with margin 1.5: 1 is surely met)
+            pretrain(
+                self.net.parameters(),
+                lambda i: F.relu(1.5 - ye[i] * self.net(xe[i]).squeeze(1)).mean(),
+                len(xe),
+                50,
+                3e-3,
+                128,
+                _gen(seed, 4),
+            )
+            with torch.no_grad():
+                if float(F.relu(1.0 - ye * self.net(xe).squeeze(1)).max()) == 0.0:
+                    break
+        order = torch.cat(
+            [
+                easy[torch.randperm(len(easy), generator=g)][: easy_batches * self.batch_size],
+                stream_order(len(x), steps + 1, self.batch_size, g),
+            ]
+        )
+        self.xy, self.order = (x, y), order
+
+    def train_dataloader(self) -> DataLoader:
+        return ordered_loader(self.xy, self.order, self.batch_size)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.relu(1.0 - y * self.net(x).squeeze(1)).mean()
+
+    def metric(self) -> float:
+        return float(F.relu(1.0 - self.val_y * self.net(self.val_x).squeeze(1)).mean())
+
+
+class DigitsClassifier(ZooModule):
+    """MLP 64 -> 128 -> 10 on scikit-learn's digits; metric: validation accuracy (higher is better).
+
+    ``mode``: ``"plain"``, ``"label_smoothing"`` (CE with smoothing 0.1), ``"adamw_steplr"`` (AdamW, weight decay
+    0.05, LR x0.3 every 150 steps), ``"onecycle"`` (SGD momentum, OneCycleLR), ``"bf16"`` (run under
+    ``precision='bf16-mixed'``; nothing changes in the module).
+    """
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int, mode: str = "plain", lr: float = 1e-3) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=lr)
+        self.mode = mode
+        self.net = mlp([64, 128, 10])
+        xt, yt, self.val_x, self.val_y = digits(seed)
+        self.train_tensors = (xt, yt)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y, label_smoothing=0.1 if self.mode == "label_smoothing" else 0.0)
+
+    def metric(self) -> float:
+        return float((self.net(self.val_x).argmax(1) == self.val_y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        if self.mode == "adamw_steplr":
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.05)
+            sched: Any = torch.optim.lr_scheduler.StepLR(opt, step_size=150, gamma=0.3)
+        elif self.mode == "onecycle":
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=self.steps + 1)
+        else:
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _digit_backbone(seed: int) -> nn.Sequential:
+    """64 -> 64 -> 32 ReLU features, pretrained (with a throw-away head) on digits 0-4 only (Adam, 300 steps)."""
+    xt, yt, _, _ = digits(seed)
+    keep = yt < 5
+    x, y = xt[keep], yt[keep]
+    backbone = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+    head = nn.Linear(32, 5)
+    params = list(backbone.parameters()) + list(head.parameters())
+    pretrain(params, lambda i: F.cross_entropy(head(backbone(x[i])), y[i]), len(x), 300, 3e-3, 64, _gen(seed, 9))
+    return backbone
+
+
+class Probe(ZooModule):
+    """A new 10-class head on a backbone pretrained on digits 0-4. ``unfreeze_at=None``: linear probing (backbone
+    frozen for good, only the head in the optimizer). Otherwise the backbone is frozen until that step, then unfrozen
+    and added to the optimizer as a new param group at a 10x lower LR (what ``BackboneFinetuning`` does). Metric:
+    validation accuracy on all 10 digits."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int, unfreeze_at: int | None = None) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=3e-3)
+        self.backbone = _digit_backbone(seed)
+        self.backbone.requires_grad_(False)
+        self.head = nn.Linear(32, 10)
+        self.unfreeze_at = unfreeze_at
+        xt, yt, self.val_x, self.val_y = digits(seed)
+        self.train_tensors = (xt, yt)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.unfreeze_at is not None and self.global_step == self.unfreeze_at:
+            opt = self.trainer.optimizers[0]
+            if len(opt.param_groups) == 1:
+                self.backbone.requires_grad_(True)
+                opt.add_param_group({"params": list(self.backbone.parameters()), "lr": self.lr / 10})
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.head(self.backbone(x)), y)
+
+    def metric(self) -> float:
+        return float((self.head(self.backbone(self.val_x)).argmax(1) == self.val_y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.head.parameters(), lr=self.lr)
+
+
+class Distill(ZooModule):
+    """A 64 -> 16 -> 10 student trained only on a 64 -> 256 -> 10 teacher's soft targets (KL at temperature 4, x T^2);
+    the teacher is trained in the builder. Metric: student validation accuracy (higher is better)."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=3e-3)
+        xt, yt, self.val_x, self.val_y = digits(seed)
+        teacher_net = mlp([64, 256, 10])
+        pretrain(
+            teacher_net.parameters(),
+            lambda i: F.cross_entropy(teacher_net(xt[i]), yt[i]),
+            len(xt),
+            300,
+            3e-3,
+            64,
+            _gen(seed, 9),
+        )
+        with torch.no_grad():
+            soft = teacher_net(xt)
+        self.train_tensors = (xt, soft)
+        self.student = mlp([64, 16, 10])
+        self.temperature = 4.0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, t_logits = batch
+        t = self.temperature
+        return F.kl_div(
+            F.log_softmax(self.student(x) / t, 1),
+            F.log_softmax(t_logits / t, 1),
+            log_target=True,
+            reduction="batchmean",
+        ) * (t * t)
+
+    def metric(self) -> float:
+        return float((self.student(self.val_x).argmax(1) == self.val_y).float().mean())
+
+
+class BNCNN(ZooModule):
+    """Conv(1->8) BN ReLU, Conv(8->16) BN ReLU, average pool 2x2, Linear(64 -> 10) on 8x8 digits, Adam 3e-3; metric:
+    validation accuracy in eval mode (running statistics)."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=3e-3)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64, 10),
+        )
+        xt, yt, xv, self.val_y = digits(seed)
+        self.train_tensors = (xt.view(-1, 1, 8, 8), yt)
+        self.val_x = xv.view(-1, 1, 8, 8)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def metric(self) -> float:
+        return float((self.net(self.val_x).argmax(1) == self.val_y).float().mean())
+
+
+class VAE(ZooModule):
+    """A VAE (16 -> 64 -> 64 -> 2x8 latent -> 64 -> 64 -> 16, Gaussian likelihood with unit variance: reconstruction
+    term 0.5 x the summed squared error) on 16-d data lying near a 2-d manifold (a fixed random tanh map of 2 Gaussian
+    factors, standardised, plus noise 0.05); the KL weight beta ramps linearly from 0 to 1 over steps 100-300. With
+    beta 0 the autoencoder reconstructs well (loss ~0.7) while its KL term grows freely; the ramp then multiplies the
+    loss ~5x over 200 steps, by design. Metric: validation negative ELBO at beta 1 with z = mu (deterministic; lower is
+    better)."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=1e-3)
+        self.enc = mlp([16, 64, 64, 16])
+        self.dec = mlp([8, 64, 64, 16])
+        gm = torch.Generator().manual_seed(5)
+        mix, out = torch.randn(2, 32, generator=gm), torch.randn(32, 16, generator=gm) / 32**0.5
+        std = (torch.tanh(torch.randn(8192, 2, generator=gm) @ mix) @ out).std(0)
+
+        def data(salt: int, n: int) -> torch.Tensor:
+            g = _gen(seed, salt)
+            x = (torch.tanh(torch.randn(n, 2, generator=g) @ mix) @ out) / std
+            return x + 0.05 * torch.randn(x.shape, generator=g)
+
+        self.train_tensors = (data(3, 4096),)
+        self.val_x = data(5, 1024)
+
+    def neg_elbo(self, x: torch.Tensor, beta: float, sample: bool) -> torch.Tensor:
+        mu, logvar = self.enc(x).chunk(2, dim=1)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+        rec = 0.5 * ((self.dec(z) - x) ** 2).sum() / len(x)
+        kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum() / len(x)
+        return rec + beta * kl
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        beta = min(1.0, max(0.0, (self.global_step - 100) / 200))
+        return self.neg_elbo(batch[0], beta, sample=True)
+
+    def metric(self) -> float:
+        return float(self.neg_elbo(self.val_x, 1.0, sample=False))
+
+
+class TwoOptimizersLate(ZooModule):
+    """Manual optimization, two networks and two optimizers: a regressor (teacher 0, its own Adam) steps from the
+    first batch; a digits classifier (cross-entropy, its own Adam) starts stepping at batch ``start_b``. Metric:
+    validation MSE of the regressor + validation cross-entropy of the classifier (lower is better)."""
+
+    def __init__(self, seed: int, steps: int, start_b: int = 100) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=1e-3)
+        self.automatic_optimization = False
+        self.start_b = start_b
+        self.reg = mlp([16, 64, 64, 1])
+        self.cls = mlp([64, 64, 10])
+        xt, yt, self.val_xc, self.val_yc = digits(seed)
+        xr, yr = regression_data(seed, 3, len(xt))
+        self.train_tensors = (xr, yr + 0.3 * torch.randn(yr.shape, generator=_gen(seed, 4)), xt, yt)
+        self.val_xr, self.val_yr = regression_data(seed, 5, 1024)
+        self.batches_seen = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        xr, yr, xc, yc = batch
+        opt_r, opt_c = self.optimizers()
+        loss_r = F.mse_loss(self.reg(xr), yr)
+        opt_r.zero_grad()
+        self.manual_backward(loss_r)
+        opt_r.step()
+        if self.batches_seen >= self.start_b:
+            loss_c = F.cross_entropy(self.cls(xc), yc)
+            opt_c.zero_grad()
+            self.manual_backward(loss_c)
+            opt_c.step()
+        self.batches_seen += 1
+
+    def metric(self) -> float:
+        return float(
+            F.mse_loss(self.reg(self.val_xr), self.val_yr) + F.cross_entropy(self.cls(self.val_xc), self.val_yc)
+        )
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.Adam(self.reg.parameters(), lr=self.lr),
+            torch.optim.Adam(self.cls.parameters(), lr=self.lr),
+        ]
+
+
+class GAN(ZooModule):
+    """A GAN on a 2-D correlated Gaussian (mean (1, -1)); generator 4 -> 32 -> 32 -> 2, discriminator
+    2 -> 32 -> 32 -> 1, non-saturating BCE losses, Adam(2e-3, betas (0.5, 0.999)) each, manual optimization
+    (discriminator step, then generator step, every batch). Metric: squared MMD (RBF, bandwidth 1) between 1024
+    generated points from fixed noise and 1024 validation points (lower is better; near 0, hence ``travel``)."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=64, lr=2e-3)
+        self.automatic_optimization = False
+        self.gen = mlp([4, 32, 32, 2])
+        self.disc = mlp([2, 32, 32, 1], act=nn.LeakyReLU)
+        chol = torch.tensor([[1.0, 0.0], [0.6, 0.5]])
+
+        def data(salt: int, n: int) -> torch.Tensor:
+            return torch.randn(n, 2, generator=_gen(seed, salt)) @ chol.T + torch.tensor([1.0, -1.0])
+
+        self.train_tensors = (data(3, 4096),)
+        self.val_data = data(5, 1024)
+        self.val_z = torch.randn(1024, 4, generator=_gen(seed, 6))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        (real,) = batch
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(len(real), 4, device=real.device)
+        fake = self.gen(z)
+        ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
+        d_loss = F.binary_cross_entropy_with_logits(self.disc(real), ones) + F.binary_cross_entropy_with_logits(
+            self.disc(fake.detach()), zeros
+        )
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = F.binary_cross_entropy_with_logits(self.disc(fake), ones)
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+    def metric(self) -> float:
+        return float(mmd2(self.gen(self.val_z), self.val_data))
+
+    def configure_optimizers(self) -> Any:
+        betas = (0.5, 0.999)
+        return [
+            torch.optim.Adam(self.gen.parameters(), lr=self.lr, betas=betas),
+            torch.optim.Adam(self.disc.parameters(), lr=self.lr, betas=betas),
+        ]
+
+
+def mmd2(a: torch.Tensor, b: torch.Tensor, bandwidth: float = 1.0) -> torch.Tensor:
+    """Biased squared MMD with an RBF kernel."""
+
+    def k(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-(torch.cdist(u, v) ** 2) / (2 * bandwidth**2)).mean()
+
+    return k(a, a) + k(b, b) - 2 * k(a, b)
+
+
+class DQN(ZooModule):
+    """Q-learning on a tiny random MDP (12 states, 3 actions, deterministic transitions, rewards in [0, 1] plus
+    N(0, 0.1) noise, gamma 0.95): a Q-network (one-hot state -> 64 -> 3) regresses r + gamma max_a' Q_target(s', a')
+    with a target network synced every 10 steps, Adam 1e-2, batch 16 (the settings of Lightning's DQN example), on
+    uniformly sampled transitions (an offline replay buffer: deterministic, no environment loop). Metric: mean
+    |Q - Q*| over every state-action pair, Q* from value iteration (lower is better)."""
+
+    def __init__(self, seed: int, steps: int, sync_every: int = 10) -> None:
+        super().__init__(seed, steps, batch_size=16, lr=1e-2)
+        s_n, a_n, self.gamma, self.sync_every = 12, 3, 0.95, sync_every
+        g = _gen(seed, 3)
+        nxt = torch.randint(0, s_n, (s_n, a_n), generator=g)
+        rew = torch.rand(s_n, a_n, generator=g)
+        q = torch.zeros(s_n, a_n)
+        for _ in range(1000):
+            q = rew + self.gamma * q.max(1).values[nxt]
+        self.q_star, self.s_n = q, s_n
+        n = 8192
+        s = torch.randint(0, s_n, (n,), generator=g)
+        a = torch.randint(0, a_n, (n,), generator=g)
+        r = rew[s, a] + 0.1 * torch.randn(n, generator=g)
+        self.train_tensors = (s, a, r, nxt[s, a])
+        self.q_net = mlp([s_n, 64, a_n])
+        self.target_net = copy.deepcopy(self.q_net).requires_grad_(False)
+
+    def q(self, net: nn.Module, s: torch.Tensor) -> torch.Tensor:
+        return net(F.one_hot(s, self.s_n).float())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_step % self.sync_every == 0:
+            self.target_net.load_state_dict(self.q_net.state_dict())
+        s, a, r, s2 = batch
+        with torch.no_grad():
+            target = r + self.gamma * self.q(self.target_net, s2).max(1).values
+        pred = self.q(self.q_net, s).gather(1, a[:, None]).squeeze(1)
+        return F.mse_loss(pred, target)
+
+    def metric(self) -> float:
+        return float((self.q(self.q_net, torch.arange(self.s_n)) - self.q_star).abs().mean())
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.q_net.parameters(), lr=self.lr)
+
+
+class Reinforce(ZooModule):
+    """REINFORCE on a contextual bandit: 8-d Gaussian contexts, 4 arms paying 1 with probability
+    sigmoid(2 (W x)_a) (W fixed); softmax policy 8 -> 32 -> 4; loss -(log pi(a|x) (r - mean r of the batch)).mean(),
+    centred on 0. Metric: exact expected reward of the policy on 1024 fixed validation contexts (higher is better)."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=64, lr=3e-3)
+        self.w = torch.randn(8, 4, generator=torch.Generator().manual_seed(4242))
+        self.policy = mlp([8, 32, 4])
+        self.train_tensors = (torch.randn(8192, 8, generator=_gen(seed, 3)),)
+        self.val_x = torch.randn(1024, 8, generator=_gen(seed, 5))
+
+    def pay(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(2 * x @ self.w)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        logp = F.log_softmax(self.policy(x), 1)
+        a = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
+        r = torch.bernoulli(self.pay(x).gather(1, a[:, None]).squeeze(1))
+        return -(logp.gather(1, a[:, None]).squeeze(1) * (r - r.mean())).mean()
+
+    def metric(self) -> float:
+        return float((F.softmax(self.policy(self.val_x), 1) * self.pay(self.val_x)).sum(1).mean())
+
+
+class InfoNCE(ZooModule):
+    """Contrastive learning (InfoNCE, temperature 0.2, batch 64) of a 64 -> 64 -> 16 encoder on two noisy views of
+    digits (Gaussian noise 0.2 and 20 % pixel dropout). Metric: the InfoNCE loss between two fixed noisy views of the
+    397 validation images, all of them in one batch (lower is better; log 397 = 5.98 for a constant encoder)."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=64, lr=1e-3)
+        self.enc = mlp([64, 64, 16])
+        xt, _, xv, _ = digits(seed)
+        self.train_tensors = (xt,)
+        g = _gen(seed, 5)
+        self.val_views = (self._view(xv, g), self._view(xv, g))
+
+    @staticmethod
+    def _view(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=g) if g is not None else torch.randn_like(x)
+        keep = (torch.rand(x.shape, generator=g) if g is not None else torch.rand_like(x)) > 0.2
+        return (x + 0.2 * noise) * keep
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.enc(x), dim=1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        z1, z2 = self.embed(self._view(x)), self.embed(self._view(x))
+        return F.cross_entropy(z1 @ z2.T / 0.2, torch.arange(len(x)))
+
+    def metric(self) -> float:
+        z1, z2 = self.embed(self.val_views[0]), self.embed(self.val_views[1])
+        return float(F.cross_entropy(z1 @ z2.T / 0.2, torch.arange(len(z1))))
+
+
+class TinyTransformerLM(ZooModule):
+    """A one-layer causal transformer (d 32, 2 heads, feed-forward 64, learned positions) character LM on
+    scikit-learn's dataset descriptions, windows of 32 characters, Adam 3e-3. Metric: validation bits per character
+    (lower is better)."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=16, lr=3e-3)
+        text = load_text(40_000)
+        vocab = sorted(set(text))
+        ids = torch.tensor([vocab.index(c) for c in text])
+        split = int(len(ids) * 0.9)
+        self.seq = 32
+        g = _gen(seed, 3)
+        starts = torch.randint(0, split - self.seq - 1, (4096,), generator=g)
+        windows = torch.stack([ids[s : s + self.seq + 1] for s in starts.tolist()])
+        self.train_tensors = (windows,)
+        vs = torch.arange(split, len(ids) - self.seq - 1, self.seq)[:128]
+        self.val_windows = torch.stack([ids[s : s + self.seq + 1] for s in vs.tolist()])
+        self.emb = nn.Embedding(len(vocab), 32)
+        self.pos = nn.Parameter(torch.zeros(self.seq, 32))
+        self.block = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, len(vocab))
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(self.seq), persistent=False)
+
+    def ce(self, w: torch.Tensor) -> torch.Tensor:
+        x, y = w[:, :-1], w[:, 1:]
+        h = self.block(self.emb(x) + self.pos, src_mask=self.causal, is_causal=True)
+        logits = self.head(h)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.ce(batch[0])
+
+    def metric(self) -> float:
+        return float(self.ce(self.val_windows)) / math.log(2)
+
+
+class MultitaskRamp(ZooModule):
+    """A shared trunk (16 -> 64 -> 64) and two regression heads (teacher 0 and teacher 1 x 2); loss = L1 + w L2 with
+    w ramping 0 -> 1 over the first 200 steps. Metric: validation MSE of both heads, summed (lower is better)."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=1e-3)
+        self.trunk = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+        self.heads = nn.Linear(64, 2)
+        x, y1 = regression_data(seed, 3, 2048)
+        self.train_tensors = (x, y1, teacher(x, which=1, scale=6.0))
+        self.val_x, v1 = regression_data(seed, 5, 1024)
+        self.val_y = torch.cat([v1, teacher(self.val_x, which=1, scale=6.0)], 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y1, y2 = batch
+        out = self.heads(self.trunk(x))
+        w = min(1.0, self.global_step / 200)
+        return F.mse_loss(out[:, :1], y1) + w * F.mse_loss(out[:, 1:], y2)
+
+    def metric(self) -> float:
+        out = self.heads(self.trunk(self.val_x))
+        return float(F.mse_loss(out[:, :1], self.val_y[:, :1]) + F.mse_loss(out[:, 1:], self.val_y[:, 1:]))
+
+
+class DelayedDrop(ZooModule):
+    """A deep linear network (four 16 x 16 layers, no nonlinearity, no bias) from a small initialisation (std
+    0.35 / sqrt(16)) learning a fixed rank-3 linear map with SGD lr 0.1: the loss sits on a plateau at (and, batch to
+    batch, above) its starting value for 100-150 steps, then drops suddenly (a saddle escape: the "grokking"-like
+    shape of a delayed improvement). Metric: validation MSE against the noiseless map (lower is better; it ends near
+    0, hence the ``travel`` tolerance)."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=0.1)
+        self.net = nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(4)])
+        with torch.no_grad():
+            for lin in self.net:
+                lin.weight.normal_(0.0, 0.35 / 4)
+        gm = torch.Generator().manual_seed(31)
+        u, v = (
+            torch.linalg.qr(torch.randn(16, 3, generator=gm))[0],
+            torch.linalg.qr(torch.randn(16, 3, generator=gm))[0],
+        )
+        self.m = u @ torch.diag(torch.tensor([3.0, 2.5, 2.0])) @ v.T
+        x = torch.randn(2048, 16, generator=_gen(seed, 3))
+        self.train_tensors = (x, x @ self.m.T + 0.05 * torch.randn(2048, 16, generator=_gen(seed, 4)))
+        self.val_x = torch.randn(1024, 16, generator=_gen(seed, 5))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def metric(self) -> float:
+        return float(F.mse_loss(self.net(self.val_x), self.val_x @ self.m.T))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class FP16Scaler(Regression):
+    """The regression MLP under fp16 autocast with a real ``torch.amp.GradScaler('cpu')`` (``growth_interval=50``:
+    the scale doubles every 50 clean steps, so it overflows now and then, as on long runs) and one injected overflow
+    (the loss x1e6 at step ``overflow_at``: finite in float32, inf once scaled into fp16 gradients). The scaler skips
+    the overflow steps and halves its scale; ``amp_overflows`` counts the steps where the scale fell."""
+
+    def __init__(self, seed: int, steps: int, overflow_at: int = 200) -> None:
+        super().__init__(seed, steps)
+        self.overflow_at = overflow_at
+        self.amp_overflows = 0
+        self.amp_min_scale = math.inf
+        self._last_scale: float | None = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        return loss * 1e6 if self.global_step == self.overflow_at else loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scale = float(scaler.get_scale())
+            if self._last_scale is not None and scale < self._last_scale:
+                self.amp_overflows += 1
+            self._last_scale = scale
+            self.amp_min_scale = min(self.amp_min_scale, scale)
+
+
+class FP16SumScaler(FP16Scaler):
+    """:class:`FP16Scaler` on a run with large gradients: targets in larger units (std 90) and a sum-reduced MSE over
+    batches of 512. Gradient elements reach ~1e5, above fp16's range, so the scaler must settle below a scale of 1
+    (it overflows, halves and grows back every 50 steps); no overflow is injected. Metric: validation MSE (lower is
+    better)."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, overflow_at=-1)
+        self.batch_size = 512
+        x, y = regression_data(seed, 3, 8192)
+        self.train_tensors = (x, 30.0 * (y + 0.3 * torch.randn(y.shape, generator=_gen(seed, 4))))
+        self.val_y = 30.0 * self.val_y
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y, reduction="sum")
+
+
+def _fp16_kwargs() -> dict[str, Any]:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    # precision="16-mixed" with accelerator="cpu" silently becomes bf16-mixed in Lightning 2.6 (a warning says so);
+    # an explicit plugin gives real fp16 autocast on the CPU with a GradScaler.
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", growth_interval=50))]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The registry
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One zoo entry: how to build it, how long it trains, how to read its metric."""
+
+    name: str
+    what: str  # one line for the table
+    build: Callable[[int, int], ZooModule]  # (seed, steps) -> module
+    steps: int  # optimizer steps of the benchmark (batches for manual optimization: see max_steps)
+    metric: str  # what ZooModule.metric computes, in words
+    higher_is_better: bool = False
+    tolerance: str = "relative"  # "relative": 2 % of |ref|; "travel": 2 % of max(|ref|, |start - ref|)
+    issue_row: str | None = None  # the row of issue 24's table this shape reproduces
+    section: str = "healthy"  # "healthy" | "faults"
+    extra_configs: tuple[str, ...] = ()  # configurations run for this shape on top of the default three
+    trainer_kwargs: Callable[[], dict[str, Any]] | None = None
+    optimizer_steps_per_batch: Callable[[int], int] | None = None  # manual optimization: steps -> max_steps
+    # stop after the loader's one epoch of ``steps`` batches instead of after ``steps`` optimizer steps: the fault
+    # shapes, whose guarded runs skip steps (that Lightning may not count) while their reference drops batches
+    one_epoch: bool = False
+    cost: float = 1.0  # relative wall time (longest first)
+
+    def max_steps(self, steps: int) -> int:
+        return self.optimizer_steps_per_batch(steps) if self.optimizer_steps_per_batch else steps
+
+
+def _reg(**kw: Any) -> Callable[[int, int], ZooModule]:
+    return lambda seed, steps: Regression(seed, steps, **kw)
+
+
+def _digits(mode: str, lr: float = 1e-3) -> Callable[[int, int], ZooModule]:
+    return lambda seed, steps: DigitsClassifier(seed, steps, mode=mode, lr=lr)
+
+
+MSE = "validation MSE on clean targets"
+ACC = "validation accuracy"
+_SHAPES: list[Shape] = [
+    Shape(
+        "finetune",
+        "fine-tuning a trained MLP, Adam 1e-4, batch 8, noisy targets (flat noisy loss)",
+        FineTune,
+        500,
+        MSE,
+        issue_row="fine-tuning from an already-trained state",
+    ),
+    Shape(
+        "linear_probe",
+        "new 10-class head on a frozen backbone pretrained on digits 0-4",
+        lambda seed, steps: Probe(seed, steps),
+        400,
+        ACC,
+        higher_is_better=True,
+    ),
+    Shape(
+        "curriculum",
+        "regression: 0.3x easy targets, then a harder, larger task from step 200",
+        Curriculum,
+        500,
+        MSE + " (hard task)",
+        issue_row="curriculum: easy data, then a harder task at step 200",
+    ),
+    Shape(
+        "vae_kl",
+        "VAE (Gaussian likelihood, 16-d data on a 2-d manifold), KL weight 0 -> 1 over steps 100-300",
+        VAE,
+        400,
+        "validation -ELBO at beta 1",
+        issue_row="VAE with KL annealing",
+    ),
+    Shape(
+        "two_opt_late",
+        "manual optimization: regressor + classifier, 2nd optimizer steps from batch 100",
+        TwoOptimizersLate,
+        400,
+        "validation MSE + validation CE",
+        issue_row="manual optimization, a second objective that starts at batch 100",
+        optimizer_steps_per_batch=lambda b: b + max(0, b - 100),
+    ),
+    Shape(
+        "masked_first_batch",
+        "masked MSE, first batch fully masked (loss exactly 0), then 10 % padding",
+        _reg(loss_mode="masked", masked_batches=1),
+        400,
+        MSE,
+        issue_row="first batch fully masked",
+    ),
+    Shape(
+        "loss_ramp",
+        "MSE x min(1, step/50): first loss exactly 0",
+        _reg(loss_mode="ramp"),
+        400,
+        MSE,
+        issue_row="loss ramp loss * min(1, step/50)",
+    ),
+    Shape(
+        "hinge_satisfied",
+        "hinge loss, pretrained on easy points: first 10 batches loss exactly 0, then positive",
+        HingeSatisfied,
+        400,
+        "validation hinge loss",
+        tolerance="travel",
+        issue_row="margin loss already satisfied (first loss exactly 0)",
+    ),
+    Shape(
+        "bs1_sgd",
+        "regression, batch size 1, plain SGD lr 0.01",
+        _reg(batch_size=1, lr=0.01, optimizer="sgd"),
+        800,
+        MSE,
+        issue_row="batch size 1, SGD",
+    ),
+    Shape(
+        "gaussian_nll",
+        "heteroscedastic Gaussian NLL (mean + log-variance heads), loss goes negative",
+        GaussianNLL,
+        500,
+        "validation Gaussian NLL",
+        tolerance="travel",
+        issue_row="heteroscedastic Gaussian NLL (crosses 0)",
+    ),
+    Shape(
+        "masked_start_15",
+        "masked MSE, first 15 batches fully masked (zero gradients)",
+        _reg(loss_mode="masked", masked_batches=15),
+        400,
+        MSE,
+        issue_row='AdaptiveGradientClipping("zscore") alone, first 15 batches masked',
+        extra_configs=("zscore",),
+    ),
+    Shape(
+        "fp16_scaler",
+        "fp16 autocast + GradScaler('cpu', growth_interval=50), one injected overflow at step 200",
+        FP16Scaler,
+        400,
+        MSE,
+        trainer_kwargs=_fp16_kwargs,
+        cost=2.0,
+    ),
+    Shape(
+        "fp16_sum_scaler",
+        "fp16 + GradScaler, sum-reduced MSE, batch 512, targets std 90: the scale settles below 1",
+        FP16SumScaler,
+        300,
+        MSE,
+        issue_row="fp16 GradScaler, one overflow step",
+        trainer_kwargs=_fp16_kwargs,
+        cost=3.0,
+    ),
+    Shape(
+        "dqn",
+        "Q-learning, target net synced every 10 steps, gamma 0.95, tiny random MDP",
+        DQN,
+        600,
+        "mean |Q - Q*| over all state-action pairs",
+        tolerance="travel",
+        issue_row="DQN (TD loss, moving target network)",
+    ),
+    Shape(
+        "reinforce",
+        "REINFORCE with batch-mean baseline, contextual bandit (loss centred on 0)",
+        Reinforce,
+        500,
+        "expected reward on validation contexts",
+        higher_is_better=True,
+    ),
+    Shape(
+        "gan",
+        "GAN on a 2-D Gaussian, manual optimization (D then G each batch)",
+        GAN,
+        500,
+        "MMD^2 generated vs validation",
+        tolerance="travel",
+        issue_row="GAN (manual optimization, two optimizers)",
+        optimizer_steps_per_batch=lambda b: 2 * b,
+        cost=1.5,
+    ),
+    Shape(
+        "warmup_cosine",
+        "regression, AdamW 3e-3, linear warm-up 50 steps then cosine to 0",
+        _reg(lr=3e-3, optimizer="adamw", schedule="warmup_cosine"),
+        500,
+        MSE,
+    ),
+    Shape(
+        "onecycle",
+        "digits MLP, SGD momentum, OneCycleLR max 0.1",
+        _digits("onecycle", lr=0.1),
+        400,
+        ACC,
+        higher_is_better=True,
+    ),
+    Shape(
+        "distill",
+        "student 64-16-10 on a teacher's soft targets (KL, T=4)",
+        Distill,
+        400,
+        ACC + " (student)",
+        higher_is_better=True,
+    ),
+    Shape(
+        "freeze_unfreeze",
+        "frozen pretrained backbone unfrozen at step 200 as a new param group (lr/10)",
+        lambda seed, steps: Probe(seed, steps, unfreeze_at=200),
+        400,
+        ACC,
+        higher_is_better=True,
+    ),
+    Shape(
+        "sum_loss",
+        "regression, MSE reduction='sum', batch 256 (norms in the hundreds)",
+        _reg(loss_mode="sum", batch_size=256, n_train=4096),
+        300,
+        MSE,
+        cost=1.5,
+    ),
+    Shape(
+        "bf16_mixed",
+        "digits MLP under precision='bf16-mixed'",
+        _digits("bf16"),
+        400,
+        ACC,
+        higher_is_better=True,
+        trainer_kwargs=lambda: {"precision": "bf16-mixed"},
+    ),
+    Shape(
+        "label_smoothing",
+        "digits MLP, cross-entropy with label smoothing 0.1",
+        _digits("label_smoothing"),
+        400,
+        ACC,
+        higher_is_better=True,
+    ),
+    Shape(
+        "infonce",
+        "contrastive InfoNCE on two noisy views of digits",
+        InfoNCE,
+        400,
+        "validation InfoNCE loss (397 pairs)",
+    ),
+    Shape(
+        "grad_accum",
+        "regression, batch 8, accumulate_grad_batches=4",
+        _reg(batch_size=8),
+        300,
+        MSE,
+        trainer_kwargs=lambda: {"accumulate_grad_batches": 4},
+        cost=2.0,
+    ),
+    Shape(
+        "adamw_steplr",
+        "digits MLP, AdamW weight decay 0.05, StepLR x0.3 every 150 steps",
+        _digits("adamw_steplr", lr=3e-3),
+        450,
+        ACC,
+        higher_is_better=True,
+    ),
+    Shape(
+        "tiny_transformer_lm",
+        "1-layer causal transformer char LM on real text",
+        TinyTransformerLM,
+        400,
+        "validation bits per character",
+        cost=3.0,
+    ),
+    Shape(
+        "multitask_ramp",
+        "two regression heads, 2nd task's weight ramps 0 -> 1 over 200 steps",
+        MultitaskRamp,
+        400,
+        "sum of the two validation MSEs",
+    ),
+    Shape(
+        "delayed_drop",
+        "deep linear net, small init, SGD: long plateau then a sudden drop",
+        DelayedDrop,
+        500,
+        "validation MSE",
+        tolerance="travel",
+    ),
+    Shape(
+        "bn_cnn",
+        "small CNN with BatchNorm on 8x8 digits",
+        BNCNN,
+        400,
+        ACC,
+        higher_is_better=True,
+        cost=2.0,
+    ),
+    Shape(
+        "dropout_noisy",
+        "regression MLP with dropout 0.3 (noisy loss)",
+        _reg(dropout=0.3),
+        400,
+        MSE,
+    ),
+    # faults: not healthy without a tool; judged against the run in which the corrupt batches are dropped
+    Shape(
+        "corrupt_label_20",
+        "every 20th batch: one label 1e30 (loss inf, gradient finite ~1e29)",
+        _reg(loss_mode="corrupt", fault_every=20),
+        400,
+        MSE,
+        one_epoch=True,
+        issue_row="a finite batch with a corrupt label every 20th batch",
+        section="faults",
+    ),
+    Shape(
+        "corrupt_label_5",
+        "every 5th batch: one label 1e30 (loss inf, gradient finite ~1e29)",
+        _reg(loss_mode="corrupt", fault_every=5),
+        400,
+        MSE,
+        one_epoch=True,
+        section="faults",
+    ),
+]
+SHAPES: dict[str, Shape] = {s.name: s for s in _SHAPES}
+HEALTHY = tuple(s.name for s in _SHAPES if s.section == "healthy")
+FAULTS = tuple(s.name for s in _SHAPES if s.section == "faults")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configurations and one fit
+
+#: configuration -> what it is. "none" is every shape's reference; "dropped" (no callbacks, corrupt batches not
+#: trained on) the reference of the fault shapes.
+CONFIGS: dict[str, str] = {
+    "none": "no callbacks",
+    "defaults": "lightning_gradguard.default_callbacks()",
+    "nanguard": "lightning_gradguard.NaNGuard()",
+    "zscore": 'lightning_gradguard.AdaptiveGradientClipping("zscore") alone',
+    "dropped": "no callbacks, corrupt batches dropped (training_step returns None)",
+}
+DEFAULT_CONFIGS = ("none", "defaults", "nanguard")
+
+
+def make_callbacks(config: str) -> list[pl.Callback]:
+    from lightning_gradguard import AdaptiveGradientClipping, NaNGuard, default_callbacks
+
+    if config in ("none", "dropped"):
+        return []
+    if config == "defaults":
+        return list(default_callbacks())
+    if config == "nanguard":
+        return [NaNGuard()]
+    if config == "zscore":
+        return [AdaptiveGradientClipping("zscore")]
+    raise ValueError(f"unknown configuration {config!r}; known: {sorted(CONFIGS)}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def classify_events(events: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Split guard events into ``actions``, ``warnings`` (kinds outside :data:`ACTION_KINDS`) and
+    ``nonfinite_skips`` (skips of a step whose loss was recorded as non-finite: not actions on a finite batch)."""
+    out: dict[str, list[dict[str, Any]]] = {"actions": [], "warnings": [], "nonfinite_skips": []}
+    for e in events:
+        kind = str(e.get("kind", "?"))
+        if kind not in ACTION_KINDS:
+            out["warnings"].append(dict(e))
+        elif kind == "skip" and "loss" in e and not _finite(e["loss"]):
+            out["nonfinite_skips"].append(dict(e))
+        else:
+            out["actions"].append(dict(e))
+    return out
+
+
+def event_line(e: Mapping[str, Any], width: int = 160) -> str:
+    """``kind@step cause: reason`` in one line."""
+    reason = str(e.get("reason", "")).replace("\n", " ")
+    text = f"{e.get('kind', '?')}@{e.get('step', '?')} {e.get('cause', '')}"
+    if isinstance(e.get("lr_scale"), (int, float)):
+        text += f" lr_scale={e['lr_scale']:.3g}"
+    if reason:
+        text += f": {reason}"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    if isinstance(v, Mapping):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def quiet() -> None:
+    """One torch thread, no warnings, Lightning's and gradguard's loggers at ERROR (a worker's or a test's set-up)."""
+    import logging
+    import warnings
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    for n in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard"):
+        logging.getLogger(n).setLevel(logging.ERROR)
+
+
+def run(shape: str | Shape, config: str, seed: int, steps: int | None = None) -> dict[str, Any]:
+    """One fit of ``shape`` under ``config``; returns a JSON-able record.
+
+    Record: ``metric`` (final), ``start_metric`` (the module as built, before the fit), ``error`` (type: message of
+    any exception the fit raised, caught), ``events`` (every ``NaNGuard.events`` entry), ``actions``/``warnings``/
+    ``nonfinite_skips`` (:func:`classify_events`), ``lrs`` (final LR of every param group of every optimizer),
+    ``fault_steps`` (fault shapes: the steps that got a corrupt batch), ``amp_overflows`` (fp16), steps done, times.
+    """
+    from lightning_gradguard import NaNGuard
+
+    sh = SHAPES[shape] if isinstance(shape, str) else shape
+    planned = steps or sh.steps
+    pl.seed_everything(seed, workers=False, verbose=False)
+    module = sh.build(seed, planned)
+    module.drop_faults = config == "dropped"
+    start_metric = module.evaluate()
+    callbacks = make_callbacks(config)
+    guard = next((cb for cb in callbacks if isinstance(cb, NaNGuard)), None)
+    opts: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=-1 if sh.one_epoch else sh.max_steps(planned),
+        max_epochs=1 if sh.one_epoch else -1,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    if sh.trainer_kwargs is not None:
+        opts.update(sh.trainer_kwargs())
+    t0, c0 = time.perf_counter(), time.process_time()
+    error = ""
+    trainer: pl.Trainer | None = None
+    # a halting guard writes its report under the Trainer's root: a scratch folder, not the caller's directory
+    with tempfile.TemporaryDirectory(prefix="gradguard_zoo_") as root:
+        try:
+            trainer = pl.Trainer(default_root_dir=root, **opts)
+            trainer.fit(module)
+        except Exception as e:  # noqa: BLE001 - a crashed or halted run is a result
+            error = f"{type(e).__name__}: {str(e)[:300]}"
+    wall = time.perf_counter() - t0
+    try:
+        metric = module.evaluate()
+    except Exception as e:  # noqa: BLE001
+        metric = float("nan")
+        error = error or f"evaluate: {type(e).__name__}: {e}"
+    events = [dict(e) for e in (guard.events if guard is not None else [])]
+    kinds = classify_events(events)
+    lrs = [[float(g["lr"]) for g in opt.param_groups] for opt in (trainer.optimizers if trainer else [])]
+    rec = {
+        "shape": sh.name,
+        "config": config,
+        "seed": seed,
+        "steps": planned,
+        "steps_done": trainer.global_step if trainer is not None else 0,
+        "error": error,
+        "metric": metric,
+        "start_metric": start_metric,
+        "events": events,
+        **kinds,
+        "lrs": lrs,
+        "fault_steps": list(module.fault_steps),
+        "amp_overflows": getattr(module, "amp_overflows", None),
+        "amp_min_scale": getattr(module, "amp_min_scale", None),
+        "wall_s": wall,
+        "cpu_s": time.process_time() - c0,
+    }
+    return _json_safe(rec)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Judging
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def tolerance(sh: Shape, ref: float, start: float) -> float:
+    """The allowed shortfall against the reference metric ``ref`` (see the module docstring)."""
+    if sh.tolerance == "travel":
+        return RELATIVE_TOL * max(abs(ref), abs(start - ref))
+    return RELATIVE_TOL * abs(ref)
+
+
+def within(sh: Shape, metric: float, ref: float, start: float) -> bool:
+    """``metric`` no worse than ``ref`` by more than :func:`tolerance` (better is always fine)."""
+    if not (math.isfinite(metric) and math.isfinite(ref)):
+        return False
+    tol = tolerance(sh, ref, start)
+    return metric >= ref - tol if sh.higher_is_better else metric <= ref + tol
+
+
+def trains(sh: Shape, rec: Mapping[str, Any], min_gain: float = 0.05) -> bool:
+    """The reference run improved its metric by at least ``min_gain`` of its start value (or of the distance to the
+    other side of 0, for travel metrics), and did not crash."""
+    start, final = _num(rec["start_metric"]), _num(rec["metric"])
+    if rec.get("error") or not (math.isfinite(start) and math.isfinite(final)):
+        return False
+    gain = (final - start) if sh.higher_is_better else (start - final)
+    return gain > min_gain * max(abs(start), 1e-12)
+
+
+def metric_cell(sh: Shape, metric: float, ref: float) -> str:
+    """The ratio to the reference (relative metrics) or the signed difference (travel metrics)."""
+    if not (math.isfinite(metric) and math.isfinite(ref)):
+        return "nan"
+    if sh.tolerance == "travel" or ref == 0:
+        return f"{metric - ref:+.3g}"
+    return f"{metric / ref:.3f}"
+
+
+def judge(sh: Shape, rec: Mapping[str, Any], ref: Mapping[str, Any] | None) -> list[str]:
+    """Why ``rec`` fails (empty: it passes). ``ref``: the same seed's reference run ("none", or "dropped" for the
+    fault shapes)."""
+    why: list[str] = []
+    if rec.get("error"):
+        why.append(f"exception {rec['error']}")
+    metric = _num(rec["metric"])
+    if sh.section == "faults" and rec["config"] not in ("none", "dropped"):
+        faults = set(rec.get("fault_steps", []))
+        skipped = {e.get("step") for e in rec["events"] if e.get("kind") == "skip"}
+        missed = sorted(faults - skipped)
+        if missed:
+            why.append(f"{len(missed)} of {len(faults)} corrupt batches not skipped (first at step {missed[0]})")
+        other = [
+            e
+            for e in rec["events"]
+            if e.get("kind") in ACTION_KINDS and not (e.get("kind") == "skip" and e.get("step") in faults)
+        ]
+        if other:
+            why.append(f"{len(other)} other actions: " + "; ".join(event_line(e, 200) for e in other[:3]))
+    elif rec["actions"]:
+        why.append(f"{len(rec['actions'])} actions: " + "; ".join(event_line(e, 200) for e in rec["actions"][:3]))
+    if ref is not None and rec is not ref and not within(sh, metric, _num(ref["metric"]), _num(ref["start_metric"])):
+        tol = tolerance(sh, _num(ref["metric"]), _num(ref["start_metric"]))
+        why.append(f"metric {metric:.4g} vs {_num(ref['metric']):.4g} (tolerance {tol:.3g})")
+    return why
+
+
+def lr_ratio(rec: Mapping[str, Any], ref: Mapping[str, Any] | None) -> float:
+    """The smallest ratio final LR / reference final LR over every param group (1.0: no LR change)."""
+    if ref is None:
+        return float("nan")
+    ratios = [
+        a / b
+        for ga, gb in zip(rec.get("lrs", []), ref.get("lrs", []))
+        for a, b in zip(ga, gb)
+        if b and math.isfinite(b)
+    ]
+    return min(ratios) if ratios else float("nan")
+
+
+def reference_config(sh: Shape) -> str:
+    return "dropped" if sh.section == "faults" else "none"
+
+
+def configs_for(sh: Shape, wanted: Sequence[str] | None = None) -> list[str]:
+    """The configurations run for ``sh``: its reference, then ``wanted`` (default: the default three plus the
+    shape's extras), the fault shapes' unguarded run included."""
+    ref = reference_config(sh)
+    base = list(wanted) if wanted else [*DEFAULT_CONFIGS, *sh.extra_configs]
+    out = [ref] + [c for c in base if c != ref]
+    return list(dict.fromkeys(out))
