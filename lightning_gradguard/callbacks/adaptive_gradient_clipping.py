@@ -65,11 +65,14 @@ class AdaptiveGradientClipping(Callback):
 
     Methods: ``"zscore"`` (ZClip, arXiv 2504.02507: mean + z x std of an EMA of past norms), ``"percentile"``
     (AutoClip, Seetharaman et al. 2020), ``"agc"`` (Brock et al. 2021, unit-wise), fixed ``"norm"``, ``"value"``,
-    ``"per_parameter"``. Adaptive thresholds warm up on ``min(fallback_factor * median, fallback_max_norm)`` for
-    ``warmup_steps`` steps, may rise by at most 1 % per step, and learn only from steps the guard did not drop
-    (committed at the next step, once :class:`~lightning_gradguard.NaNGuard` has ruled); NaN/inf norms are never
-    clipped and never learned from, nor are zero norms (a masked or empty batch: they take no warm-up step, so no
-    threshold is ever 0). A finite gradient is clipped by every method however large its norm.
+    ``"per_parameter"``. Adaptive thresholds warm up on ``min(fallback_factor * median, fallback_max_norm)`` of a
+    window of the last ``warmup_steps`` norms until that window is settled (its older and newer halves agree within
+    a factor sqrt(10): the falling norms of an exploding initialisation are a transient, not a reference; a steady run
+    ends the warm-up after exactly ``warmup_steps`` steps; at most 10 x ``warmup_steps``; a fall of the level by
+    ~100x across the window within those steps resumes it), may rise by at most 1 % per step, and learn only from steps
+    the guard did not drop (committed at the next step, once :class:`~lightning_gradguard.NaNGuard` has ruled);
+    NaN/inf norms are never clipped and never learned from, nor are zero norms (a masked or empty batch: they take no
+    warm-up step, so no threshold is ever 0). A finite gradient is clipped by every method however large its norm.
 
     Tags (``_opt<i>`` for optimizers after the first), at log steps, after a step the guard dropped, and at the end
     (or failure) of the fit:
@@ -90,8 +93,9 @@ class AdaptiveGradientClipping(Callback):
         max_norm: norm / per_parameter: the fixed norm bound (> 0).
         clip_value: value: the fixed element bound (> 0).
         norm_type: p of the gradient norms, 1 ... 100 or inf (not for agc, which uses unit L2 norms).
-        warmup_steps: zscore / percentile: steps on the fallback while statistics accumulate (0 ... 1e5; 0 acts
-            as 1: the first step has nothing to compare with).
+        warmup_steps: zscore / percentile: steps on the fallback while statistics accumulate, and the size of the
+            window whose settling ends the warm-up (0 ... 1e5; 0 acts as 1: the first step has nothing to compare
+            with; below 6 the window is not tested for settling: the warm-up ends after exactly this many steps).
         fallback_factor: zscore / percentile: the warm-up threshold is this multiple of the median norm (>= 1).
         fallback_max_norm: zscore / percentile: fixed ceiling during warm-up (> 0; None for none), also on the first
             step; it clips the step, never what the statistics learn (default 1.0, ZClip's ``max_grad_norm``).

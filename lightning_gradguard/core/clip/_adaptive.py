@@ -9,12 +9,18 @@ large a healthy gradient is, and a statistic that learned it would set the thres
 gradient to 0 and, through the growth limit, stays 0. Zero-norm steps do not count as warm-up steps either (the
 warm-up waits for real norms, however many masked batches come first), and no threshold in force is ever 0: while
 the statistics have nothing to go by, the fallback applies.
+
+The warm-up ends only when its reference is settled (issue 24): a deep plain network whose initialisation explodes
+starts with norms of 100s that fall by orders of magnitude as the capped steps tame it, and statistics learned from
+those steps would start ~100x above where the run settles and never clip it again. The window slides until its
+halves agree, with the fallback (and its cap) in force meanwhile; a fall of its level within the first
+``MAX_WARMUP_FACTOR`` x ``warmup_steps`` steps resumes the warm-up (:meth:`_AdaptiveClipper._maybe_start`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -31,7 +37,7 @@ from lightning_gradguard.core.clip._thresholds import (
     minimum,
     zscore_threshold,
 )
-from lightning_gradguard.core.clip._warmup import WarmupReference
+from lightning_gradguard.core.clip._warmup import MAX_WARMUP_FACTOR, WarmupReference
 from lightning_gradguard.core.measure._grad_stats import GradStats
 
 
@@ -45,8 +51,10 @@ class _AdaptiveClipper(Clipper):
         fallback_max_norm = _opt("fallback_max_norm", fallback_max_norm, o)
         self.cap = math.inf if fallback_max_norm is None else float(fallback_max_norm)
         self.warm = WarmupReference(max(1, warmup_steps), fallback_factor, self.cap)
+        self.max_warmup = MAX_WARMUP_FACTOR * self.warm.size  # the warm-up ends by then, settled or not
         self.seen = 0  # committed steps (host counter)
         self.started = False  # the warm-up is over: the reference is full and the statistics run (host flag)
+        self._probation = False  # started, and the window still slides: a fall of its level resumes the warm-up
         self.limit: Number = math.inf  # threshold in force at the last committed step
         self._pending: tuple[Number, Number] | None = None  # (norm, threshold) of the step awaiting its verdict
 
@@ -55,20 +63,46 @@ class _AdaptiveClipper(Clipper):
         return not self.started
 
     def _maybe_start(self) -> None:
-        """Before a step's threshold: end the warm-up once its reference has taken ``warmup_steps`` steps (zero-norm
-        steps take none).
+        """Before a step's threshold: end the warm-up once its window is settled, or undo a start that the run
+        proved premature.
 
-        Asked from ``warmup_steps`` committed steps on (the reference cannot be full earlier), then at every step
-        until it is: a host read of the reference's count on the tensor path, made only at the end of the warm-up,
-        and for as long as zero-norm steps keep the reference from filling."""
-        if self.started or self.seen < self.warm.size:
+        - The warm-up ends once the window is full (``warmup_steps`` steps; zero-norm steps take none) and settled
+          (:meth:`~lightning_gradguard.core.clip._warmup.WarmupReference.settled`: its older and newer halves agree
+          within a factor sqrt(10), so it is not a transient such as the falling norms of an exploding
+          initialisation), or at the latest after ``MAX_WARMUP_FACTOR`` x ``warmup_steps`` steps. Until then the
+          fallback threshold (and its cap) stays in force and the window slides. A steady run ends it after exactly
+          ``warmup_steps`` steps.
+        - Probation: until ``MAX_WARMUP_FACTOR`` x ``warmup_steps`` steps the window keeps sliding after the start;
+          if the newer half of the window falls an order of magnitude below the older (about 100x across the window:
+          :meth:`~lightning_gradguard.core.clip._warmup.WarmupReference.fell`), the statistics were learned from a
+          transient (a plateau of exploding norms as long as the window looks steady while it lasts): they are
+          dropped and the warm-up resumes until the window settles at the new level. A rise is never a reason: that
+          is what the statistics are there to clip.
+
+        Asked from ``warmup_steps`` committed steps on (the window cannot be full earlier), then at every step until
+        the probation is over: one host read per step on the tensor path, only during those first steps; nothing
+        afterwards."""
+        if self.seen < self.warm.size or not (self._probation or not self.started):
             return
-        if self.warm.filled() >= self.warm.size:
-            self.started = True
+        taken, settled, fell = self.warm.progress()
+        if self.started:
+            if taken >= self.max_warmup:
+                self._probation = False
+            elif fell:
+                self.started = self._probation = False
+                self._restart()
+            return
+        if taken >= self.warm.size and (settled or taken >= self.max_warmup):
+            self.started, self._probation = True, self.warm.tested and taken < self.max_warmup
             self._begin()
 
+    def _restart(self) -> None:
+        """The probation found the window's level fallen (its halves an order of magnitude apart): drop the statistics
+        learned since the start (the warm-up's fallback is in force again until the window settles)."""
+
     def _begin(self) -> None:
-        """The warm-up just ended (the reference is full): start the statistics from it."""
+        """The warm-up just ended (the window is full and settled, or the bound was reached): start the statistics
+        from it."""
 
     def commit(self, dropped: bool = False) -> None:
         pending, self._pending = self._pending, None
@@ -87,6 +121,9 @@ class _AdaptiveClipper(Clipper):
         if self.warming_up:
             threshold = reference
             self.warm.add(self._warm_entry(norm, threshold, useful))
+        elif self._probation:  # the window goes on sliding, by the warm-up's own rule
+            window = self.warm.threshold(capped=False)
+            self.warm.add(self._warm_entry(norm, window, informative(norm, window)))
         self._learn(norm, capped, useful)
         self.seen += 1
         # the limit follows the threshold in force, when finite and positive (an infinite one means "nothing to go by
@@ -125,6 +162,7 @@ class _AdaptiveClipper(Clipper):
             "method": self.method,
             "seen": self.seen,
             "started": self.started,
+            "probation": self._probation,
             "limit": float(limit) if isinstance(limit, Tensor) else limit,
             "warmup": self.warm.state_dict(),
         }
@@ -133,6 +171,7 @@ class _AdaptiveClipper(Clipper):
         self._pending = None
         self.seen = int(state.get("seen", 0))
         self.started = bool(state.get("started", self.seen >= self.warm.size))  # older states: a step count
+        self._probation = self.started and bool(state.get("probation", False))  # older states: none
         limit = float(state.get("limit", math.inf))
         if not limit > TINY_NORM:  # a threshold of 0 (learned from zero norms by an older version) never stands
             limit = math.inf
@@ -143,15 +182,22 @@ class _AdaptiveClipper(Clipper):
 class ZScoreClipper(_AdaptiveClipper):
     """ZClip (Kumar et al. 2025, arXiv 2504.02507) with statistics a blow-up cannot capture.
 
-    - Warm-up (``warmup_steps`` committed steps, at least 1, not counting zero-norm steps, which are never learned):
-      threshold ``min(fallback_factor * median, cap)`` of the norms so far (``cap`` = ``fallback_max_norm``, 1.0 by
-      default as ZClip's ``max_grad_norm``, Kumar et al. 2025; it clips the step only: the median learns from the
-      norms as measured); then the EMA starts from their median and MAD (a spike among them, at step 0 too, is left
-      out).
+    - Warm-up (``warmup_steps`` committed steps, at least 1, not counting zero-norm steps, which are never learned,
+      and longer while the window of the last ``warmup_steps`` norms is not settled, as when an exploding
+      initialisation is being tamed; see :meth:`_AdaptiveClipper._maybe_start`): threshold
+      ``min(fallback_factor * median, cap)`` of the window (``cap`` = ``fallback_max_norm``, 1.0 by default as
+      ZClip's ``max_grad_norm``, Kumar et al. 2025; it clips the step only: the median learns from the norms as
+      measured); then the EMA starts from the window's median and MAD (a spike in it, at step 0 too, is left out).
     - Afterwards: threshold ``mean + z_threshold * std`` of an EMA (weight ``max(1 - ema_decay, 1 / n)`` on the
       newest value), std floored at 5 % of the mean, and at most 1 % above the previous step's threshold.
     - A norm above the threshold is scaled to the threshold (``clip_to="threshold"``) or to the mean (``"mean"``)
       and enters the statistics as the threshold.
+    - Unless the statistics no longer describe the stream: whatever the distribution, at most ``1 / z_threshold**2``
+      of it lies beyond ``mean + z_threshold * std`` (Chebyshev's inequality). While the recent share of steps above
+      the threshold (an EMA with the statistics' weight) exceeds that bound, the statistics lag a drift (a GAN's or an
+      RL target's norms that grow as training goes) and a norm above the threshold but within ``fallback_factor`` x
+      of it is no outlier: it is released (not clipped) and learned as measured. A norm an order of magnitude beyond
+      is clipped however often it comes.
 
     On CPU gradients the rule runs on Python floats (no tensor dispatch: the whole decision costs a few microseconds);
     on other devices on scalar tensors without host synchronisation. The arithmetic is the same functions of
@@ -183,6 +229,13 @@ class ZScoreClipper(_AdaptiveClipper):
         self.mean: Number = 0.0
         self.var: Number = 0.0
         self.count: Number = 0  # finite values in the statistics
+        #: EMA (weight 1 - ema_decay) of the share of steps above the statistical threshold, since the warm-up
+        self.exceed: Number = 0.0
+        #: Chebyshev's bound: at most 1 / z**2 of any distribution lies z standard deviations beyond its mean
+        self.bound = 1.0 / (self.z_threshold * self.z_threshold)
+        self._stat: Number = math.inf  # the statistical threshold of the step awaiting its commit
+        self._drifting: Number = False  # the recent share of steps above it exceeds Chebyshev's bound
+        self._free: Number = False  # that step was above the threshold and released (learned as measured)
 
     # ---------------------------------------------------------------- host/tensor representation
 
@@ -194,6 +247,7 @@ class ZScoreClipper(_AdaptiveClipper):
             return v.to(device) if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
 
         self.mean, self.var, self.count, self.limit = t(self.mean), t(self.var), t(self.count), t(self.limit)
+        self.exceed = t(self.exceed)
         self.warm.to_tensor(device)
 
     # ---------------------------------------------------------------- the rule
@@ -205,18 +259,38 @@ class ZScoreClipper(_AdaptiveClipper):
             return thr, thr
         thr = limit_growth(zscore_threshold(self.mean, self.var, self.z_threshold), self.limit)
         target = minimum(self.mean, thr) if self.to_mean else thr
-        # nothing to go by (no value, or statistics of zeros from an older version): the fallback, never 0
+        self._stat = thr
+        # Chebyshev: whatever the distribution, at most 1 / z**2 of it lies beyond mean + z * std. A stream that
+        # exceeds the threshold more often than that (recently) is not described by these statistics: they lag a
+        # drift (a GAN's or an RL target's norms that grow as training goes), and its moderate values (within
+        # fallback_factor x the threshold) are no outliers: clip_ releases them (learned as measured) until the
+        # statistics describe the stream again. A norm an order of magnitude beyond is clipped however often.
+        # Nothing to go by (no value, or statistics of zeros from an older version): the fallback, never 0.
         if isinstance(self.count, Tensor):
             ready = (self.count > 0) & (thr > TINY_NORM)
+            self._drifting = ready & (self.exceed > self.bound)
             return torch.where(ready, thr, self.cap), torch.where(ready, target, self.cap)
-        return (thr, target) if self.count > 0 and thr > TINY_NORM else (self.cap, self.cap)
+        if not (self.count > 0 and thr > TINY_NORM):
+            self._drifting = False
+            return self.cap, self.cap
+        self._drifting = self.exceed > self.bound
+        return thr, target
 
     def _begin(self) -> None:
         self.mean, self.var, self.count = self.warm.robust_start()  # the robust reference, not its raw values
+        self.exceed = torch.zeros_like(self.exceed) if isinstance(self.exceed, Tensor) else 0.0
+
+    def _restart(self) -> None:
+        if isinstance(self.mean, Tensor):
+            zeros = (torch.zeros_like(cast(Tensor, v)) for v in (self.mean, self.var, self.count))
+            self.mean, self.var, self.count = zeros
+        else:
+            self.mean, self.var, self.count = 0.0, 0.0, 0
 
     def _learn(self, norm: Number, capped: Number, useful: Any) -> None:
         if self.warming_up:
             return
+        step = 1.0 - self.ema_decay
         if isinstance(capped, Tensor):
             finite = torch.isfinite(capped)
             count = self.count + finite.to(torch.float64)
@@ -225,10 +299,17 @@ class ZScoreClipper(_AdaptiveClipper):
             self.mean = torch.where(finite, mean, self.mean)
             self.var = torch.where(finite, var, self.var)
             self.count = count
+            over = torch.as_tensor(norm > self._stat).to(torch.float64)
+            self.exceed = torch.where(finite, self.exceed + step * (over - self.exceed), self.exceed)
+            self.limit = torch.where(torch.as_tensor(self._free, device=count.device), math.inf, self.limit)
         elif math.isfinite(capped):
             self.count = int(self.count) + 1
             weight = max(1.0 / self.count, 1.0 - self.ema_decay)
             self.mean, self.var = ema_step(float(self.mean), float(self.var), capped, weight)
+            above = 1.0 if norm > self._stat else 0.0
+            self.exceed = float(self.exceed) + step * (above - float(self.exceed))
+            if self._free:  # learned as measured: the growth limit follows the statistics, not a stale threshold
+                self.limit = math.inf
 
     def clip_(self, stats: GradStats) -> ClipRecord:
         norm = stats.total_norm64
@@ -243,13 +324,18 @@ class ZScoreClipper(_AdaptiveClipper):
             if value is None:
                 value = norm.item()
             thr, target = self._threshold()
+            released = False
+            coef: Number = 1.0
+            clipped: Tensor | bool = False
             if math.isfinite(value) and value > thr:
-                coef: Number = min(1.0, float(target) / (value + 1e-6))
-                foreach_mul_(stats.local_grads, coef)
-                clipped: Tensor | bool = True
-            else:
-                coef, clipped = 1.0, False
-            self._pending = (value, thr)
+                if self._drifting and not warm and value <= self.fallback_factor * float(thr):
+                    released = True
+                else:
+                    coef = min(1.0, float(target) / (value + 1e-6))
+                    foreach_mul_(stats.local_grads, coef)
+                    clipped = True
+            self._free = released
+            self._pending = (value, math.inf if released else thr)
             host = stats.total_norm_host  # the float32 total as a Python float: no tensor op on the CPU
             grad_norm = stats.total_norm if host is None else host
             return ClipRecord(grad_norm, thr, clipped, coef, warm, stat_mean=mean, stat_var=var)
@@ -257,19 +343,23 @@ class ZScoreClipper(_AdaptiveClipper):
             self._to_tensors(norm.device)
         self._maybe_start()
         warm, mean, var = self.warming_up, self.mean, self.var
-        thr, target = self._threshold()
+        thr_t, target = self._threshold()
+        thr = torch.as_tensor(thr_t, dtype=torch.float64, device=norm.device)
         over = torch.isfinite(norm) & (norm > thr)
-        coef = clip_coefficient(norm, torch.where(over, target, math.inf))
+        drifting = torch.as_tensor(self._drifting, device=norm.device)
+        released_t = torch.zeros_like(over) if warm else over & drifting & (norm <= self.fallback_factor * thr)
+        self._free = released_t
+        coef_t = clip_coefficient(norm, torch.where(over & ~released_t, torch.as_tensor(target), math.inf))
         grads = stats.local_grads
         if grads:
-            foreach_mul_(
-                grads, coef.to(torch.float64 if grads[0].dtype in (torch.float64, torch.complex128) else torch.float32)
-            )
-        self._pending = (norm, thr)
-        return ClipRecord(stats.total_norm, thr, coef < 1.0, coef, warm, stat_mean=mean, stat_var=var)
+            wide = grads[0].dtype in (torch.float64, torch.complex128)
+            foreach_mul_(grads, coef_t.to(torch.float64 if wide else torch.float32))
+        self._pending = (norm, torch.where(released_t, math.inf, thr))
+        return ClipRecord(stats.total_norm, thr_t, coef_t < 1.0, coef_t, warm, stat_mean=mean, stat_var=var)
 
     def _from_tensors(self) -> None:
         self.mean, self.var = float(self.mean), float(self.var)
+        self.exceed = float(self.exceed)
         self.count, self.limit = int(self.count), float(self.limit)
         values = self.warm.state_dict()
         self.warm.reset()
@@ -283,6 +373,7 @@ class ZScoreClipper(_AdaptiveClipper):
             "mean": float(self.mean),
             "var": float(self.var),
             "count": int(self.count),
+            "exceed": float(self.exceed),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> list[str]:
@@ -294,8 +385,10 @@ class ZScoreClipper(_AdaptiveClipper):
         self.limit = float(self.limit)
         self.mean, self.var = float(state.get("mean", 0.0)), max(0.0, float(state.get("var", 0.0)))
         self.count = int(state.get("count", 0))
+        self.exceed = float(state.get("exceed", 0.0))
         if self.started and self.count > 0 and not self.mean > TINY_NORM:  # zeros learned by an older version
             self.started, self.mean, self.var, self.count, self.limit = False, 0.0, 0.0, 0, math.inf
+            self._probation = False
             self.warm.reset()
         if on_tensors and device is not None:
             self._to_tensors(device)

@@ -165,12 +165,24 @@ def test_dropped_steps_never_enter(path):
 
 
 @pytest.mark.parametrize("growth", [1.02, 1.03, 1.05])
-def test_boiling_frog_is_clipped(path, growth):
+def test_a_sustained_drift_is_followed_not_clipped_for_ever(path, growth):
+    # A norm that grows a few % per step for hundreds of steps (a boiling frog, or a GAN generator's norm in its first
+    # hundred steps) is no sequence of outliers: Chebyshev's inequality bounds the share of any distribution beyond
+    # mean + z * std by 1 / z**2, and a stream that exceeds the threshold more often than that is not described by
+    # the statistics. The clipper then learns the norms as measured instead of clipping them for ever (issue 24: the
+    # z-score clipper cut 13-38 % of a healthy GAN's generator steps and changed its outcome). A climb that the LR
+    # causes is the guard's business (its stability controller, with the LR as corroboration).
     norms = np.concatenate([noisy(100), noisy(300, seed=1) * growth ** np.arange(300)])
     thr, clipped, post = feed(zscore(), norms)
-    assert clipped[130:].all()  # once past its noise, every growing step is clipped
-    assert post[-1] < norms[-1] / 10  # and the applied norm fell far behind the runaway one
-    assert thr[-1] <= thr[99] * 1.01**300 * 1.001  # the threshold rose at most 1 %/step
+    assert clipped[100:].mean() <= 2 / 2.5**2  # within twice Chebyshev's share (the EMA needs a few steps to see it)
+    assert clipped[100:140].any()  # the drift's first steps above the noise are clipped
+    assert post[-1] > norms[-1] / 10  # the statistics followed the drift
+    # a spike in a steady stream is still clipped: Chebyshev's share is not reached by one step
+    spiky = noisy(200)
+    spiky[150] *= 50
+    thr, clipped, post = feed(zscore(), spiky)
+    assert clipped[150]
+    assert post[150] < spiky[150] / 10
 
 
 def test_threshold_cannot_climb_by_orders_of_magnitude_in_a_short_window(path):

@@ -115,13 +115,14 @@ def test_nan_steps_still_count_as_warm_up_steps_and_zeros_do_not():
         w.add(v)
     assert (w.filled(), w.count(), w.median()) == (2, 1, 2.0)
     w.add(4.0)
-    w.add(8.0)  # no slot left
     assert (w.filled(), w.count(), w.median()) == (3, 2, 2.0)
+    w.add(8.0)  # the window slides (it keeps the last 3 slots): the empty NaN slot leaves it
+    assert (w.filled(), w.count(), w.median()) == (3, 3, 4.0)
     t = WarmupReference(size=3, factor=10.0)
     for v in (0.0, math.nan, 2.0, 0.0, 1e-35, 4.0, 8.0):
         t.add(torch.tensor(v, dtype=torch.float64))
-    assert (t.filled(), int(t.count()), float(t.median())) == (3, 2, 2.0)
-    assert t.state_dict() == w.state_dict() == {"values": [2.0, 4.0], "pos": 3}
+    assert (t.filled(), int(t.count()), float(t.median())) == (3, 3, 4.0)
+    assert t.state_dict() == w.state_dict() == {"values": [2.0, 4.0, 8.0], "pos": 4, "empty": []}
 
 
 def test_resume_inside_a_warm_up_that_waits_for_real_norms(path):
