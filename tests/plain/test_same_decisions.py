@@ -137,18 +137,19 @@ def test_plain_guard_takes_the_trainer_callbacks_decisions(tmp_path: Any, case: 
         torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-7, msg=key)
 
 
-def test_both_guards_restart_a_model_worse_than_untrained_alike(tmp_path: Any) -> None:
-    # every loss after the first is 30x up: both windows of the stability controller sit above 1.1x the untrained
-    # loss, so both guards restart from the state of step 0 with the LR cut (lr_factor squared). Without the warm-up
-    # cap: with it (the default, 1.0) this model learns well enough through the 30x loss to end below that bar.
+def test_both_guards_judge_a_model_worse_than_untrained_alike(tmp_path: Any) -> None:
+    # every loss after the first is 30x up, without a blow-up in the first updates: weak evidence that the model is
+    # worse than untrained (issue 24: fine-tuning from an easy first batch looks the same), so neither guard restarts;
+    # both judge every step alike (the same events, if any, and the same final state). Without the
+    # warm-up cap: with it (the default, 1.0) this model learns well enough through the 30x loss to end below that bar.
     faults = {"scale": {s: 30.0 for s in range(1, STEPS)}}
     guard_args = {"snapshot_every_n_steps": 5, "snapshot_confirm_steps": 2}
     clip_args = {"fallback_max_norm": None}
     ref = _trainer_run(tmp_path, "zscore", guard_args, faults, clip_args)
     got = _plain_run(ref["init"], "zscore", guard_args, faults, clip_args)
-    assert ("rollback", "lr_too_high") in {(kind, cause) for _, kind, cause in ref["events"]}
+    assert {kind for _, kind, _ in ref["events"]} <= {"warn"}  # never a restart without a blow-up
     assert got["events"] == ref["events"]
-    assert got["guard"].lr_scale == 0.25
+    assert got["guard"].lr_scale == 1.0
     assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
     for key, value in ref["state"].items():
         torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-7, msg=key)

@@ -89,8 +89,11 @@ class DivergenceDetector:
         >>> det = DivergenceDetector(persist=2, min_samples=2)
         >>> [det.update(loss, 1.0) for loss in (1.0, 0.9, 1.1, 0.8)]
         [(False, False), (False, False), (False, False), (False, False)]
-        >>> [det.update(loss, 1.0) for loss in (500.0, 600.0)]
+        >>> [det.update(loss, 1.0) for loss in (500.0, 5000.0)]  # far up and climbing: divergence
         [(False, False), (True, False)]
+        >>> det = DivergenceDetector(persist=2, min_samples=2)
+        >>> [det.update(loss, 1.0)[0] for loss in (1.0, 0.9, 1.1, 0.8, 500.0, 450.0, 460.0)]  # a steady new level
+        [False, False, False, False, False, False, False]
     """
 
     def __init__(
