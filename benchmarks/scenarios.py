@@ -2,11 +2,13 @@
 
 A scenario turns ``(root, callbacks, steps, seed, setting)`` into a finished (or failed) ``Trainer.fit`` and a final
 metric. Scenarios: a regression MLP (and a BatchNorm variant), gradguard's two examples (LSTM on the adding problem,
-deep plain CNN on digits) and a character-level LSTM on real text. One more model is timed end to end by
-``overhead.py`` but is not part of the rescue grid (:data:`TIMING_ONLY`): ``many_small``, a deep narrow residual MLP of
-1000 small parameter tensors whose step is dominated by per-tensor overhead. Settings (:data:`SETTINGS`): the stable
-reference, a too-high LR from the first step, an LR that ramps up a few % per step ("boiling frog"), one bad batch,
-a burst of bad batches, x1e4 loss spikes, and fp16 with a GradScaler on the CPU.
+deep plain CNN on digits), the deep CNN with an initialisation that explodes (``init_cnn``, SGD-momentum, and
+``init_cnn_adam``, Adam at a too-high LR; stable and explosive settings only) and a character-level LSTM on real
+text. One more model is timed end to end by ``overhead.py`` but is not part of the rescue grid
+(:data:`TIMING_ONLY`): ``many_small``, a deep narrow residual MLP of 1000 small parameter tensors whose step is
+dominated by per-tensor overhead. Settings (:data:`SETTINGS`): the stable reference, a too-high LR from the first
+step, an LR that ramps up a few % per step ("boiling frog"), one bad batch, a burst of bad batches, x1e4 loss spikes,
+and fp16 with a GradScaler on the CPU.
 
 Faults are injected from outside the model by wrapping the instance's ``training_step``:
 
@@ -550,6 +552,42 @@ def _cnn_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any]
     return model, DigitsDataModule(batch_size=64, seed=seed)
 
 
+# Explosion at initialisation (issue 24): the deep CNN with every Conv2d weight multiplied by INIT_GAIN after He init.
+# 1.25^20 ~ 87: the first loss is 17-97 (chance 2.3) and the first gradient norm 55-1100; unguarded, SGD-momentum
+# ends at chance or NaN. Calibrated on this machine, 1 thread, seeds 0-2, 600 steps (val_acc): SGD-momentum lr 0.01:
+# plain He init, unguarded 0.60-0.91 after 400 steps (the deep_cnn note above); gain 1.25 with Lightning's
+# gradient_clip_val=1.0 0.94 / 0.90 / 0.94. Adam: lr 1e-2 is too high for this net whatever the init (plain He init
+# ends at chance on all three seeds), and on the exploding init it ends at chance on seed 0 (0.09; 0.50 and 0.93 on
+# seeds 1 and 2); the stable reference is therefore the plain He init at lr 3e-3, where it learns (0.89-0.97 after 400
+# steps); Adam 3e-3 on the exploding init learns unguarded (0.95-0.98), so it is no explosive setting.
+INIT_GAIN = 1.25
+INIT_CNN_STEPS = 600
+INIT_SGD_LRS = {"stable": 0.01, "explosive": 0.01}  # the same LR: only the initialisation differs
+INIT_ADAM_LRS = {"stable": 3e-3, "explosive": 1e-2}
+
+
+def _init_cnn(seed: int, lr: str, tiny: bool, optimizer: str, lrs: dict[str, float]) -> tuple[pl.LightningModule, Any]:
+    """The deep CNN at ``lrs[lr]``; the "explosive" setting scales every Conv2d weight by :data:`INIT_GAIN`."""
+    from lightning_gradguard.examples.deep_cnn import DeepPlainCNN, DigitsDataModule
+
+    depth, channels, batch = (4, 4, 16) if tiny else (20, 16, 64)
+    model = DeepPlainCNN(depth=depth, channels=channels, lr=lrs[lr], optimizer=optimizer, init="he")  # type: ignore[arg-type]
+    if lr == "explosive":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.weight.mul_(INIT_GAIN)
+    return model, DigitsDataModule(batch_size=batch, seed=seed)
+
+
+def _init_cnn_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any]:
+    return _init_cnn(seed, lr, tiny, "sgd", INIT_SGD_LRS)
+
+
+def _init_cnn_adam_build(seed: int, lr: str, tiny: bool) -> tuple[pl.LightningModule, Any]:
+    return _init_cnn(seed, lr, tiny, "adam", INIT_ADAM_LRS)
+
+
 MANY_SMALL_LRS = {"stable": 1e-3}  # Adam; timing only, never run at a bad LR
 
 
@@ -624,6 +662,32 @@ SCENARIOS: dict[str, Scenario] = {
         cost=CNN_COST,
         ramp=(1.03, 30.0),
     ),
+    "init_cnn": Scenario(
+        name="init_cnn",
+        build=_init_cnn_build,
+        metric="val_acc",
+        higher_is_better=True,
+        steps=INIT_CNN_STEPS,
+        quick_steps=INIT_CNN_STEPS,
+        describe=f"explosion at initialisation: the deep CNN (20 plain conv layers, 16 channels), SGD momentum 0.9 lr "
+        f"{INIT_SGD_LRS['stable']}; stable: He init; explosive: every conv weight x{INIT_GAIN} after He init (first "
+        "loss 17-97, chance 2.3; unguarded it ends at chance or NaN); metric: validation accuracy (chance 0.1)",
+        cost=CNN_COST,
+        settings=("stable", "explosive"),
+    ),
+    "init_cnn_adam": Scenario(
+        name="init_cnn_adam",
+        build=_init_cnn_adam_build,
+        metric="val_acc",
+        higher_is_better=True,
+        steps=INIT_CNN_STEPS,
+        quick_steps=INIT_CNN_STEPS,
+        describe=f"the same CNN with Adam; stable: He init, lr {INIT_ADAM_LRS['stable']}; explosive: the x{INIT_GAIN} "
+        f"exploding init at a too-high lr {INIT_ADAM_LRS['explosive']} (unguarded it ends at chance on a seed); "
+        "metric: validation accuracy (chance 0.1)",
+        cost=CNN_COST,
+        settings=("stable", "explosive"),
+    ),
     "char_lstm": Scenario(
         name="char_lstm",
         build=_char_build,
@@ -689,7 +753,12 @@ def available() -> list[str]:
     return [n for n in SCENARIOS if n not in missing]
 
 
-_PROBES: dict[str, Callable[[], None]] = {"lstm": _probe_lstm, "deep_cnn": _probe_cnn}
+_PROBES: dict[str, Callable[[], None]] = {
+    "lstm": _probe_lstm,
+    "deep_cnn": _probe_cnn,
+    "init_cnn": _probe_cnn,
+    "init_cnn_adam": _probe_cnn,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -328,12 +328,10 @@ class ZScoreClipper(_AdaptiveClipper):
             coef: Number = 1.0
             clipped: Tensor | bool = False
             if math.isfinite(value) and value > thr:
-                if self._drifting and not warm and value <= self.fallback_factor * float(thr):
-                    released = True
-                else:
-                    coef = min(1.0, float(target) / (value + 1e-6))
-                    foreach_mul_(stats.local_grads, coef)
-                    clipped = True
+                released = bool(self._drifting) and not warm and value <= self.fallback_factor * float(thr)
+                coef = min(1.0, float(target) / (value + 1e-6))
+                foreach_mul_(stats.local_grads, coef)
+                clipped = True
             self._free = released
             self._pending = (value, math.inf if released else thr)
             host = stats.total_norm_host  # the float32 total as a Python float: no tensor op on the CPU
@@ -349,7 +347,7 @@ class ZScoreClipper(_AdaptiveClipper):
         drifting = torch.as_tensor(self._drifting, device=norm.device)
         released_t = torch.zeros_like(over) if warm else over & drifting & (norm <= self.fallback_factor * thr)
         self._free = released_t
-        coef_t = clip_coefficient(norm, torch.where(over & ~released_t, torch.as_tensor(target), math.inf))
+        coef_t = clip_coefficient(norm, torch.where(over, torch.as_tensor(target), math.inf))
         grads = stats.local_grads
         if grads:
             wide = grads[0].dtype in (torch.float64, torch.complex128)
