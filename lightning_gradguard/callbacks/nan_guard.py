@@ -132,6 +132,8 @@ class NaNGuard(Callback):
     events = EngineField()
     reason = EngineField("outcome")
     cause = EngineField()
+    spike_score = EngineField()
+    spike_scores = EngineField()
     halt_error = EngineField()
     report_path = EngineField()
     rollbacks = EngineField()

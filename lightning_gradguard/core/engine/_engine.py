@@ -161,6 +161,18 @@ class GuardEngine:
         return self.outcome is GuardDecision.HALTED
 
     @property
+    def spike_score(self) -> float | None:
+        """The first optimizer's spike score: the share of judged steps whose loss or gradient norm spiked (6
+        standard deviations above the previous 128 values; None before any step was judged). Each optimizer's:
+        :attr:`spike_scores`."""
+        return self.judge_.streams[0].spikes.score
+
+    @property
+    def spike_scores(self) -> dict[int, float | None]:
+        """The spike score of each loss stream (optimizer index -> score)."""
+        return {idx: stream.spikes.score for idx, stream in sorted(self.judge_.streams.items())}
+
+    @property
     def grad_history(self) -> deque[list[float]]:
         return self.judge_.grad_history
 
@@ -527,6 +539,10 @@ class GuardEngine:
         }
         if self._loss_max is not None:
             values[tag("loss_max")] = self._loss_max
+        for idx, stream in self.judge_.streams.items():  # each optimizer's loss stream: its own health number
+            score = stream.spikes.score
+            if score is not None:
+                values[tag("spike_score", idx)] = score
         if self.host.scaler() is not None:
             values[tag("amp_overflow_steps")] = float(self.amp_overflow_steps)
         self._flagged, self._loss_max = 0, None

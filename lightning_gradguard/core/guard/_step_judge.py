@@ -38,6 +38,7 @@ from lightning_gradguard.core.guard._policy import StepHealth
 from lightning_gradguard.core.guard._stability import StabilityController, StabilityFinding
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.measure._host_read import read_scalars
+from lightning_gradguard.core.measure._spike_score import SpikeScore
 
 _GRADS = attrgetter("grads")
 _CPU = torch.device("cpu")
@@ -171,23 +172,26 @@ class LossStream:
     objective that starts late, are judged each against its own history) and the row it feeds the stability
     controller once the next step proves healthy."""
 
-    __slots__ = ("controller", "detector", "last")
+    __slots__ = ("controller", "detector", "last", "spikes")
 
     def __init__(self) -> None:
         self.detector = DivergenceDetector()
         self.controller = StabilityController()
+        self.spikes = SpikeScore()  # the run's health number (logged, never acted on)
         self.last: tuple[float, float, float | None] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "divergence": self.detector.state_dict(),
             "stability": self.controller.state_dict(),
+            "spike_score": self.spikes.state_dict(),
             "pending_row": list(self.last) if self.last is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.detector.load_state_dict(state.get("divergence") or {})
         self.controller.load_state_dict(state.get("stability") or {})
+        self.spikes.load_state_dict(state.get("spike_score") or {})
         row = state.get("pending_row")
         if row is None:
             self.last = None
@@ -409,6 +413,8 @@ class StepJudge:
         loss_divergence = grad_divergence = False
         if not overflow and self.divergence and has_loss:  # on shared values: the detectors stay in lockstep
             loss_divergence, grad_divergence = streamed.detector.update(glob.loss, glob.norm)
+        if not overflow:  # shared values: every rank's score is the same
+            streamed.spikes.update(glob.loss if has_loss else None, glob.norm)
         scale_collapse, loss_spike = mine.scale_bad > 0, mine.spike > 0
         other_rank = (
             (global_grad_bad and not overflow) or glob.loss_nonfinite > 0 or glob.scale_bad > 0 or glob.spike > 0
