@@ -1,0 +1,177 @@
+"""Rerun diagnosis: was a non-finite step a transient fault, a fault of the data, or a fault of the state?
+
+Megatron-LM's rerun state machine (``megatron/core/rerun_state_machine.py``) re-runs a flagged step from the same
+state, with the same data and random numbers, and compares: a result that does not reproduce is a transient fault
+(a bit flip, silent data corruption in hardware) and is skipped with no change to training. The maintainers of
+torchtitan asked for the same before skipping anything (pytorch/torchtitan#916: "a NaN may come from bad modeling or
+hyperparameters and skipping makes that hard to debug"). This module does that for one flagged step:
+
+1. **The batch itself held NaN/inf**: a fault of the *data*; nothing needs to be re-run.
+2. **The weights are non-finite**: a fault of the *state*.
+3. **Re-run from the same state** (same batch, same random numbers): a finite loss and gradient means the fault did
+   not reproduce: *transient*.
+4. It reproduced: **re-run from the newest trusted snapshot** on the same batch. Reproduces there too: the batch
+   fails from a state known to be good, a fault of the *data* (a finite batch that makes any model fail: a corrupt
+   label, an extreme input). Does not: the *state* went bad since that snapshot.
+
+Without a trusted snapshot step 4 cannot run: the diagnosis is then *reproducible* (data or state, undecided).
+
+Pure PyTorch: :func:`rerun_step` takes the module and one callable per micro-batch that recomputes its loss (the
+adapter builds them: ``training_step`` under the precision context for Lightning, the user's closure for a plain
+loop); :func:`classify` takes the numbers and returns a :class:`Diagnosis` whose ``evidence`` says what was compared.
+Nothing here runs on a healthy step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+#: the diagnoses, in the words events and reports use
+KINDS = ("transient", "data", "state", "reproducible")
+
+
+@dataclass
+class RngState:
+    """The random-number state a step started from (CPU generator, and every CUDA device's once CUDA is up)."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor] | None
+
+    @classmethod
+    def capture(cls) -> RngState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+@dataclass
+class RerunResult:
+    """The loss (mean over micro-batches) and the global gradient norm of one re-run (None: not computed)."""
+
+    loss: float | None
+    grad_norm: float | None
+
+    @property
+    def finite(self) -> bool:
+        return all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm))
+
+    def describe(self) -> str:
+        parts = []
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4g}")
+        if self.grad_norm is not None:
+            parts.append(f"gradient norm {self.grad_norm:.4g}")
+        return ", ".join(parts) or "no values"
+
+
+@dataclass
+class Diagnosis:
+    """What a flagged step was (``kind``: one of :data:`KINDS`) and the evidence, in words."""
+
+    kind: str
+    evidence: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "evidence": self.evidence}
+
+
+def _loss_of(out: Any) -> torch.Tensor | None:
+    """The loss tensor of a ``training_step``-like output (a tensor, or a dict with ``"loss"``; None: skipped)."""
+    if isinstance(out, dict):
+        out = out.get("loss")
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def rerun_step(
+    module: nn.Module,
+    losses: Sequence[Callable[[], Any]],
+    rng: Sequence[RngState | None] = (),
+    weights: dict[str, torch.Tensor] | None = None,
+) -> RerunResult | None:
+    """Recompute one step: each callable of ``losses`` (one per micro-batch, each after restoring its ``rng``)
+    returns the loss; the gradients come from ``torch.autograd.grad`` and never touch ``.grad``. With ``weights``
+    (a snapshot's model ``state_dict``), the step is recomputed from those weights, and the module's own are put
+    back afterwards. The random-number state is restored to what it was before the call. Returns None when the
+    step could not be recomputed (an exception, no loss): no diagnosis then, never a new failure."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    saved = None
+    outer = RngState.capture()
+    try:
+        if weights is not None:
+            saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            module.load_state_dict(weights)
+        total_loss, count, sq = 0.0, 0, 0.0
+        for i, compute in enumerate(losses):
+            state = rng[i] if i < len(rng) else None
+            if state is not None:
+                state.restore()
+            with torch.enable_grad():
+                loss = _loss_of(compute())
+                if loss is None:
+                    continue
+                total_loss += float(loss.detach().float())
+                count += 1
+                if loss.requires_grad and params:
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    sq += sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None)
+        if not count:
+            return None
+        return RerunResult(total_loss / count, math.sqrt(sq) if math.isfinite(sq) else math.inf)
+    except Exception:  # a rerun that cannot run is no diagnosis
+        return None
+    finally:
+        if saved is not None:
+            module.load_state_dict(saved)
+        outer.restore()
+
+
+def classify(
+    fault: RerunResult,
+    batch_nonfinite: bool,
+    weights_nonfinite: bool,
+    same_state: RerunResult | None,
+    trusted: RerunResult | None,
+    trusted_step: int | None = None,
+) -> Diagnosis | None:
+    """The diagnosis of a flagged step from what was measured (``fault``) and what the re-runs gave (None: not run;
+    see the module docstring for the order). None: nothing to say (no rerun and nothing else known)."""
+    seen = fault.describe()
+    if batch_nonfinite:
+        return Diagnosis("data", "the input batch held NaN/inf")
+    if weights_nonfinite:
+        return Diagnosis("state", "the weights themselves are non-finite")
+    if same_state is None:
+        return None
+    if same_state.finite:
+        return Diagnosis(
+            "transient",
+            f"the step gave {seen}; rerun from the same state with the same batch and random numbers it gave "
+            f"{same_state.describe()}: it does not reproduce",
+        )
+    if trusted is None:
+        return Diagnosis(
+            "reproducible",
+            f"the step gave {seen}; the rerun from the same state reproduced it ({same_state.describe()}); no trusted "
+            "snapshot to tell the data from the state",
+        )
+    where = f"the trusted state of step {trusted_step}" if trusted_step is not None else "a trusted earlier state"
+    if trusted.finite:
+        return Diagnosis(
+            "state",
+            f"the step gave {seen} and reproduces from the same state, but from {where} the same batch gives "
+            f"{trusted.describe()}: the state went bad",
+        )
+    return Diagnosis(
+        "data",
+        f"the step gave {seen}; the same batch fails from {where} too ({trusted.describe()}): the batch is bad",
+    )

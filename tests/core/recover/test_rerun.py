@@ -1,0 +1,93 @@
+"""Rerun diagnosis in pure PyTorch: transient, data and state faults told apart by recomputing the step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lightning_gradguard.core.recover._rerun import RerunResult, RngState, classify, rerun_step
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 1))
+
+
+def diagnose(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trusted: dict | None, step_rng: RngState):
+    def loss() -> torch.Tensor:
+        return nn.functional.mse_loss(model(x), y)
+
+    fault = RerunResult(math.nan, math.nan)
+    same = rerun_step(model, [loss], [step_rng])
+    again = rerun_step(model, [loss], [step_rng], weights=trusted) if trusted is not None else None
+    weights_bad = any(not bool(torch.isfinite(p).all()) for p in model.parameters())
+    return classify(fault, False, weights_bad, same, again if same is not None and not same.finite else None, 7)
+
+
+def test_a_one_off_corruption_that_does_not_reproduce_is_transient() -> None:
+    model = net()
+    calls = []
+
+    def corrupt_once(_mod, _inp, out):
+        calls.append(1)
+        return out * math.nan if len(calls) == 1 else out
+
+    model[0].register_forward_hook(corrupt_once)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    rng = RngState.capture()
+    first = nn.functional.mse_loss(model(x), y)  # the flagged step
+    assert math.isnan(float(first.detach()))
+    found = diagnose(model, x, y, {k: v.clone() for k, v in model.state_dict().items()}, rng)
+    assert found.kind == "transient"
+    assert "does not reproduce" in found.evidence
+
+
+def test_a_finite_batch_that_fails_from_any_state_is_data() -> None:
+    model = net()
+    trusted = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(8, 4), torch.full((8, 1), 1e30)  # a corrupt label: the squared error overflows
+    found = diagnose(model, x, y, trusted, RngState.capture())
+    assert found.kind == "data"
+    assert "trusted state of step 7" in found.evidence
+
+
+def test_weights_gone_bad_since_the_trusted_snapshot_are_the_state() -> None:
+    model = net()
+    trusted = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[3].weight.fill_(3e38)  # finite, but every output overflows
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    found = diagnose(model, x, y, trusted, RngState.capture())
+    assert found.kind == "state"
+    assert "the state went bad" in found.evidence
+    for k, v in model.state_dict().items():  # the rerun from the snapshot put the module's own weights back
+        assert torch.equal(v, before[k])
+
+
+def test_the_rerun_replays_the_same_random_numbers_and_leaves_the_generator_alone() -> None:
+    model = net()
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    rng = RngState.capture()
+    loss = nn.functional.mse_loss(model(x), y)  # dropout draws from the generator
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    after = torch.get_rng_state()
+    again = rerun_step(model, [lambda: nn.functional.mse_loss(model(x), y)], [rng])
+    assert again.loss == float(loss)
+    assert again.grad_norm == norm
+    assert torch.equal(torch.get_rng_state(), after)
+    assert all(p.grad is None for p in model.parameters())  # .grad never touched
+
+
+def test_a_rerun_that_cannot_run_is_no_diagnosis() -> None:
+    model = net()
+
+    def broken() -> torch.Tensor:
+        raise RuntimeError("data loader gone")
+
+    assert rerun_step(model, [broken]) is None
+    assert classify(RerunResult(math.nan, None), False, False, None, None) is None
+    assert classify(RerunResult(math.nan, None), True, False, None, None).kind == "data"
