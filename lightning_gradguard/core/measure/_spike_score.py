@@ -109,7 +109,7 @@ class SpikeScore:
     def update(self, loss: float | None, norm: float | None) -> bool:
         """Judge one step's ``loss`` and gradient ``norm`` (either None: not measured) and learn them; returns
         whether the step spiked."""
-        verdicts = []
+        verdicts: list[bool | None] = []
         for value, win in ((loss, self._loss), (norm, self._norm)):
             if value is None:
                 continue
