@@ -67,11 +67,21 @@ class _Window:
 
     def recompute(self) -> None:
         vals = self.values
-        shift = math.fsum(vals) / len(vals) if vals else 0.0
+        shift = _sum(vals) / len(vals) if vals else 0.0
         self.shift = shift if math.isfinite(shift) else 0.0
-        self.sum = math.fsum(v - self.shift for v in vals)
-        self.sumsq = math.fsum((v - self.shift) ** 2 for v in vals)
+        offsets = [v - self.shift for v in vals]
+        self.sum = _sum(offsets)
+        self.sumsq = _sum([d * d for d in offsets])  # d * d: inf past 1e154, where ** would raise
         self.count = 0
+
+
+def _sum(values: Any) -> float:
+    """An exact sum where it exists; values near the float limit (whose exact sum overflows or meets inf - inf, where
+    ``math.fsum`` raises) get the plain sum, inf or NaN: a window with no finite spread judges nothing."""
+    try:
+        return math.fsum(values)
+    except (OverflowError, ValueError):
+        return float(sum(values))
 
 
 class SpikeScore:

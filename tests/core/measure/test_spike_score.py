@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_gradguard.core.measure._spike_score import SpikeScore
 
@@ -100,3 +102,29 @@ def test_state_dict_resume_continues_exactly() -> None:
 def test_bad_arguments_name_themselves(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SpikeScore(**kwargs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+            st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+        ),
+        max_size=60,
+    )
+)
+def test_any_stream_never_raises(rows: list) -> None:
+    # 1.8e308 and -1.8e308 next to each other, NaN, inf, None: the score's own arithmetic never raises
+    score = SpikeScore(window=4)
+    for loss, norm in rows:
+        assert score.update(loss, norm) in (True, False)
+    assert score.score is None or 0.0 <= score.score <= 1.0
+    SpikeScore(window=4).load_state_dict(score.state_dict())
+
+
+def test_values_at_the_float_limit_do_not_overflow() -> None:
+    score = SpikeScore(window=3)
+    for v in [1.7e308, -1.7e308, 1.7e308, 1.0, 1.7e308, 1e300]:
+        score.update(v, v)
+    assert score.judged >= 0
