@@ -10,7 +10,7 @@ STAMP := $(VENV)/.gradguard-installed
 SPEC_FILE := $(VENV)/.torch-spec
 PYTEST_ARGS ?=
 
-.PHONY: install test demo demo-check bench bench-full lint docs wheel-check clean FORCE
+.PHONY: install test demo demo-check bench bench-full lint docs wheel-check pictures clean FORCE
 
 # Rewrite the spec file only when the spec changes, so make sees a new mtime only then.
 $(SPEC_FILE): FORCE
@@ -55,6 +55,13 @@ lint: $(STAMP)
 # API reference from the docstrings (pdoc, Google style) into build/docs/api; any warning fails the target.
 docs: $(STAMP)
 	$(PY) docs/api/build.py --out build/docs/api
+
+# The README's TensorBoard pictures from today's demo (runs it; headless Chromium, apt-get install chromium), written
+# to build/pictures; the README's own: make pictures PICTURES_OUT=docs/images (tests/test_readme_pictures.py checks
+# each picture's stamp against the sources it shows)
+PICTURES_OUT ?= build/pictures
+pictures: $(STAMP)
+	$(PY) tools/tensorboard_screenshots.py --out $(PICTURES_OUT)
 
 # Build sdist + wheel from a copy of the tree, install the wheel into a fresh venv, import every module and fit.
 wheel-check: $(STAMP)
