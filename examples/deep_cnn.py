@@ -9,11 +9,13 @@ The model and data module live in :mod:`lightning_gradguard.examples.deep_cnn`.
 
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_gradguard import KeySuggestingParser
 from lightning_gradguard.examples.deep_cnn import DeepPlainCNN, DigitsDataModule
 
 
 def main() -> None:
-    LightningCLI(DeepPlainCNN, DigitsDataModule, seed_everything_default=0)
+    # KeySuggestingParser: a misspelled key in the YAML fails with the closest valid one ("did you mean ...")
+    LightningCLI(DeepPlainCNN, DigitsDataModule, seed_everything_default=0, parser_class=KeySuggestingParser)
 
 
 if __name__ == "__main__":

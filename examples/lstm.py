@@ -9,11 +9,15 @@ The model and data module live in :mod:`lightning_gradguard.examples.lstm` (so t
 
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_gradguard import KeySuggestingParser
 from lightning_gradguard.examples.lstm import AddingProblemDataModule, AddingProblemLSTM
 
 
 def main() -> None:
-    LightningCLI(AddingProblemLSTM, AddingProblemDataModule, seed_everything_default=0)
+    # KeySuggestingParser: a misspelled key in the YAML fails with the closest valid one ("did you mean ...")
+    LightningCLI(
+        AddingProblemLSTM, AddingProblemDataModule, seed_everything_default=0, parser_class=KeySuggestingParser
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 - :class:`AdaptiveGradientClipping` clips with thresholds learned from running statistics.
 - :class:`NaNGuard` skips, rolls back or halts on NaN/inf.
 - :func:`default_callbacks` returns the three, configured to work together.
+- :class:`KeySuggestingParser`: ``LightningCLI(..., parser_class=KeySuggestingParser)`` names the closest valid key
+  for a misspelled one in the config ("did you mean 'z_threshold'?").
 - :class:`GradGuard` does the clipping and recovery in a plain PyTorch loop (no Lightning needed);
   :class:`FabricGradGuard` in a Lightning Fabric loop.
 - What the guards report: :class:`GuardEvent` (one per action), :class:`GuardCause` (why),
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from lightning_gradguard.core.guard import GuardCause, GuardDecision, GuardEvent
     from lightning_gradguard.fabric.fabric_grad_guard import FabricGradGuard
+    from lightning_gradguard.key_suggesting_parser import KeySuggestingParser
     from lightning_gradguard.plain.grad_guard import GradGuard
 
 _LAZY = {
@@ -50,6 +53,7 @@ _LAZY = {
     "NaNGuard": "lightning_gradguard.callbacks.nan_guard",
     "GradGuard": "lightning_gradguard.plain.grad_guard",
     "FabricGradGuard": "lightning_gradguard.fabric.fabric_grad_guard",
+    "KeySuggestingParser": "lightning_gradguard.key_suggesting_parser",
     **{name: "lightning_gradguard.core.guard" for name in ("GuardCause", "GuardDecision", "GuardEvent")},
     **{
         name: "lightning_gradguard.core.clip"
@@ -77,6 +81,7 @@ __all__ = [
     "GuardCause",
     "GuardDecision",
     "GuardEvent",
+    "KeySuggestingParser",
     "NaNGuard",
     "NormClipper",
     "PerParameterClipper",

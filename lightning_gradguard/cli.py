@@ -38,31 +38,43 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--logdir", default="gradguard_logs", help="TensorBoard log directory (gradguard_logs)")
     demo.add_argument("--seed", type=int, default=0, help="seed of weights, data and shuffling (0)")
     demo.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    demo.add_argument("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
+    demo.add_argument(
+        "--no-progress-bar",
+        action="store_true",
+        help="hide Lightning's progress bar (it is off anyway when stdout is not a terminal: CI logs, | tee)",
+    )
     demo.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
 
     report = sub.add_parser(
         "report",
         help="summarise the gradient health of the runs in a TensorBoard log directory",
         description="Read the gradguard tags of every run under LOGDIR and print gradient-norm percentiles, the "
-        "clip rate, vanishing/exploding layers and NaNGuard events; write a PNG of norm and threshold over steps.",
+        "clip rate, vanishing/exploding layers and NaNGuard events; write a PNG with each run's overview figure (the "
+        "one NaNGuard writes to TensorBoard's Images tab as gradguard/overview): gradient norm and its interval "
+        "maximum against the clip threshold, the loss with its interval maxima, the learning rate, the clipped share "
+        "and every guard event.",
     )
     report.add_argument("logdir", help="TensorBoard log directory (a run or a parent of runs)")
-    report.add_argument("--png", default=None, help="where to write the plot (default: LOGDIR/gradguard_report.png)")
+    report.add_argument(
+        "--png", default=None, help="where to write the overview figures (default: LOGDIR/gradguard_report.png)"
+    )
     report.add_argument("--no-png", action="store_true", help="print the summary only")
     return parser
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lightning_gradguard.demo import run_demo
+    from lightning_gradguard.demo import run_demo, stdout_is_terminal, tensorboard_guide
 
     if args.steps is not None and args.steps < 1:
         print("gradguard demo: --steps must be >= 1", file=sys.stderr)
         return 2
     modes = [False, True] if args.both else [not args.unguarded]
+    progress_bar = not args.no_progress_bar and stdout_is_terminal()
+    quiet = "" if progress_bar or args.no_progress_bar else " (no progress bar: stdout is not a terminal)"
     results = []
     for guarded in modes:
-        print(f"gradguard demo: training the {args.example} example {'with' if guarded else 'without'} gradguard ...")
+        with_ = "with" if guarded else "without"
+        print(f"gradguard demo: training the {args.example} example {with_} gradguard{quiet} ...", flush=True)
         result = run_demo(
             args.example,
             quick=args.quick,
@@ -70,7 +82,7 @@ def _demo(args: argparse.Namespace) -> int:
             logdir=args.logdir,
             seed=args.seed,
             max_steps=args.steps,
-            progress_bar=not args.no_progress_bar,
+            progress_bar=progress_bar,
         )
         results.append(result)
         print()
@@ -82,7 +94,7 @@ def _demo(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
         print(f"Results as JSON: {args.json}")
-    print(f"Open the logs: {results[-1].tensorboard_command}")
+    print("\n".join(tensorboard_guide(args.logdir, guarded=any(r.guarded for r in results))))
     print(f"Summarise them: gradguard report {args.logdir}")
     return 0
 

@@ -37,7 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BLOWUP_FACTOR", "DEMOS", "DemoResult", "DemoSettings", "figures_table", "run_demo", "story_margin"]
+__all__ = [
+    "BLOWUP_FACTOR",
+    "DEMOS",
+    "DemoResult",
+    "DemoSettings",
+    "figures_table",
+    "run_demo",
+    "stdout_is_terminal",
+    "story_margin",
+    "tensorboard_guide",
+]
 
 #: a training loss above this multiple of the first step's loss (or a non-finite one) is a blow-up
 BLOWUP_FACTOR = 10.0
@@ -153,8 +163,8 @@ class DemoResult:
         final_metric: its value on the test set at the end (NaN when the weights are not finite).
         baseline_metric: the metric of a trivial predictor (0.167 for the LSTM, 0.1 for the CNN).
         clip_rate: share of the steps that the clipping callback clipped (None unguarded).
-        skips: steps the guard skipped.
-        rollbacks: rollbacks the guard did.
+        skips: the guard's skip events (a rollback is not counted here too).
+        rollbacks: the guard's rollback events (stability restarts included).
         events: the guard's events, each ``{"step", "kind", "lr", "cause"}`` (``lr`` in force after the event).
         log_dir: the TensorBoard run directory of this run.
         tensorboard_command: the command that opens the logs.
@@ -394,6 +404,49 @@ def _build(example: str, settings: DemoSettings, seed: int) -> tuple[Any, Any]:
     return DeepPlainCNN(**settings.model), DigitsDataModule(seed=seed, **settings.data)
 
 
+def stdout_is_terminal() -> bool:
+    """Whether standard output is a terminal (Lightning's progress bar writes there; piped output would collect
+    every redrawn frame of it)."""
+    import sys
+
+    try:
+        return sys.stdout is not None and sys.stdout.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stdout
+        return False
+
+
+#: the TensorBoard image the guard writes at every event and at the end of the fit (``lightning_gradguard.overview``)
+OVERVIEW_TAG = "gradguard/overview"
+
+
+def tensorboard_guide(logdir: str | Path, guarded: bool = True) -> list[str]:
+    """What to open in TensorBoard, first things first: the command, the Images tab's overview (written by the guard,
+    so only for guarded runs), then the two Scalars settings whose defaults hide the explosion.
+
+    Example:
+        >>> print("\\n".join(tensorboard_guide("gradguard_logs")))
+        Open the logs: tensorboard --logdir gradguard_logs
+          1. Images tab, gradguard/overview: the guarded run in one picture (gradient norm, loss, LR, share clipped),
+             every guard event marked; no TensorBoard setting can flatten it
+          2. Scalars tab: set Smoothing to 0 and untick "Ignore outliers in chart scaling"; with TensorBoard's
+             defaults (smoothing 0.6, outliers ignored) the explosion is smoothed flat and cropped
+    """
+    first, then = ("1. ", "2. ") if guarded else ("", "")
+    lines = [f"Open the logs: tensorboard --logdir {logdir}"]
+    if guarded:
+        lines += [
+            f"  {first}Images tab, {OVERVIEW_TAG}: the guarded run in one picture (gradient norm, loss, LR, share "
+            "clipped),",
+            "     every guard event marked; no TensorBoard setting can flatten it",
+        ]
+    indent = " " * (2 + len(then)) if then else "    "
+    lines += [
+        f'  {then}Scalars tab: set Smoothing to 0 and untick "Ignore outliers in chart scaling"; with TensorBoard\'s',
+        f"{indent}defaults (smoothing 0.6, outliers ignored) the explosion is smoothed flat and cropped",
+    ]
+    return lines
+
+
 def guarded_callbacks(settings: DemoSettings, progress_bar: bool = True) -> list[Any]:
     """The demo's gradguard callbacks: :func:`~lightning_gradguard.default_callbacks` with the example's few options.
 
@@ -420,7 +473,7 @@ def run_demo(
     logdir: str | Path = "gradguard_logs",
     seed: int = 0,
     max_steps: int | None = None,
-    progress_bar: bool = True,
+    progress_bar: bool | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> DemoResult:
     """Train ``example`` with the demo settings and report what happened.
@@ -433,7 +486,9 @@ def run_demo(
         logdir: TensorBoard root; the run goes to ``<logdir>/<example>_<guarded|unguarded>/version_<n>``.
         seed: seed of the weights, the data and the shuffling.
         max_steps: override the number of steps.
-        progress_bar: show Lightning's progress bar (with ``clip_rate``, ``nan_skips``, ``nan_rollbacks``).
+        progress_bar: show Lightning's progress bar (with ``clip_rate`` and the guard's ``skips``, ``rollbacks``,
+            ``lr_cuts``, ``halts`` from their first event on); None (the default): only when standard output is a
+            terminal, so that piped output (CI logs, ``| tee``) gets no redrawn progress-bar frames.
         overrides: extra model keyword arguments (e.g. ``{"lr": 0.01}``), mostly for tests.
 
     Returns:
@@ -447,6 +502,8 @@ def run_demo(
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
         raise ValueError(f"max_steps must be an int >= 1 or None, got {max_steps!r}")
     example = EXAMPLE_ALIASES[example]
+    if progress_bar is None:
+        progress_bar = stdout_is_terminal()
     base = DEMOS[example]
     settings = base if not overrides else DemoSettings(**{**base.__dict__, "model": {**base.model, **overrides}})
     steps = max_steps or (settings.quick_steps if quick else settings.steps)
@@ -527,7 +584,10 @@ def run_demo(
             if isinstance(cb, AdaptiveGradientClipping):
                 clip_rate = cb.clip_rate()
             elif isinstance(cb, NaNGuard):
-                skips, rollbacks = cb.skipped_steps, cb.rollbacks
+                # events by kind: a rollback is not also a skip (cb.skipped_steps counts its dropped update), and
+                # cb.rollbacks is the rollback budget in use, which healthy steps refill
+                kinds = [ev["kind"] for ev in cb.events]
+                skips, rollbacks = kinds.count("skip"), kinds.count("rollback")
                 base_lr = float(settings.model.get("lr", math.nan))
                 events = [
                     {"step": ev["step"], "kind": ev["kind"], "lr": base_lr * ev["lr_scale"], "cause": ev["cause"]}

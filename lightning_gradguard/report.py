@@ -15,8 +15,11 @@ a guarded and an unguarded run sit side by side. From the gradguard tags it read
   ``gradguard/nan_guard_events`` text (:class:`~lightning_gradguard.NaNGuard`), and the guard's halt report
   (``nan_guard_report.json``) when the run was halted.
 
-:func:`format_summary` renders it as text; :func:`plot_report` draws, per run, the gradient norm (and its interval
-maximum) against the clip threshold with a line per guard event, and the loss curve.
+:func:`format_summary` renders it as text; :func:`plot_report` draws, per run, the overview figure the guard writes to
+TensorBoard live (:mod:`lightning_gradguard.overview`): the gradient norm (its interval maximum too) against the clip
+threshold, the loss (with ``gradguard/loss_max``, the largest loss between two logs, so a blow-up between them is
+drawn), the learning rate and the clipped share, every guard event a coloured marker; non-finite values at the top
+edge of their panel. :func:`draw_report` returns what each panel drew.
 """
 
 from __future__ import annotations
@@ -26,9 +29,23 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["HealthSummary", "RunHealth", "find_runs", "format_summary", "percentile", "plot_report", "summarize"]
+if TYPE_CHECKING:
+    from lightning_gradguard.overview import OverviewData, OverviewPlot
+
+__all__ = [
+    "HealthSummary",
+    "RunHealth",
+    "draw_report",
+    "event_kind",
+    "find_runs",
+    "format_summary",
+    "overview_data",
+    "percentile",
+    "plot_report",
+    "summarize",
+]
 
 PREFIX = "gradguard/"
 LOSS_TAGS = ("train_loss_step", "train_loss", "loss", "train/loss")  # the first one present is the loss curve
@@ -53,6 +70,8 @@ class RunHealth:
         grad_norm_tag, grad_norm: the pre-clip norm at logged steps (or the clipped one as a fallback).
         grad_norm_max: ``(step, value)``: the maximum norm over the steps since the previous write.
         clip_threshold, clip_fraction: the clipper's threshold and share of steps clipped per log.
+        lr, lr_label: ``gradguard/lr`` (else the guard's ``gradguard/lr_scale``), and which of the two.
+        loss_maxima: ``gradguard/loss_max``: the largest loss over the steps since the previous write.
         percentiles: p50/p90/p99 of the logged norms and ``max``, the largest norm of any step (from
             ``grad_norm_max`` when written).
         nonfinite_norms: logged norms (or interval maxima) that were NaN/inf.
@@ -63,7 +82,8 @@ class RunHealth:
         vanishing_max, exploding_max: the most layers flagged at once (None without the tag).
         layer_events: ``(step, text)`` from ``gradguard/layer_health_events``.
         skipped_steps, rollbacks: the guard's final counts (None without the tags).
-        guard_events: ``(step, kind, text)`` from ``gradguard/nan_guard_events``; kind is skip/rollback/halt.
+        guard_events: ``(step, kind, text)`` from ``gradguard/nan_guard_events``; kind is one of skip, rollback,
+            lower_lr, raise_lr, warn, halt (:func:`event_kind`; ``"event"`` for a line it cannot place).
         halt_report: the readable text of the guard's halt report, when the run was halted.
         tags: every gradguard scalar tag found.
     """
@@ -80,6 +100,9 @@ class RunHealth:
     grad_norm_max: list[tuple[int, float]] = field(default_factory=list)
     clip_threshold: list[tuple[int, float]] = field(default_factory=list)
     clip_fraction: list[tuple[int, float]] = field(default_factory=list)
+    lr: list[tuple[int, float]] = field(default_factory=list)
+    lr_label: str = "learning rate"
+    loss_maxima: list[tuple[int, float]] = field(default_factory=list)
     percentiles: dict[str, float] = field(default_factory=dict)
     nonfinite_norms: int = 0
     clip_rate: float | None = None
@@ -143,6 +166,34 @@ def strip_step(text: str) -> str:
     return _STEP_PREFIX.sub("", text, count=1)
 
 
+#: words in an event line's head (before the first ":") -> the event kind, most specific first
+_KIND_WORDS = (
+    ("halt", "halt"),
+    ("rollback", "rollback"),
+    ("rolled back", "rollback"),
+    ("lower_lr", "lower_lr"),
+    ("lr cut", "lower_lr"),
+    ("lowered", "lower_lr"),
+    ("raise_lr", "raise_lr"),
+    ("raised", "raise_lr"),
+    ("warn", "warn"),
+    ("skip", "skip"),
+)
+
+
+def event_kind(text: str) -> str:
+    """The kind of a ``gradguard/nan_guard_events`` line, read from its head (before the first ``:``).
+
+    Example:
+        >>> event_kind("NaNGuard lower_lr at step 90: lr too high; ..."), event_kind("NaNGuard halt at step 3: x")
+        ('lower_lr', 'halt')
+        >>> event_kind("something else")
+        'event'
+    """
+    head = text.split(":", 1)[0].lower()
+    return next((kind for word, kind in _KIND_WORDS if word in head), "event")
+
+
 def _texts(acc: Any, tag: str) -> list[tuple[int, str]]:
     return [
         (int(ev.step), raw.decode("utf-8", "replace")) for ev in acc.Tensors(tag) for raw in ev.tensor_proto.string_val
@@ -196,6 +247,10 @@ def _read_run(path: Path, logdir: Path) -> RunHealth | None:
             run.percentiles = {q: percentile(finite, n) for q, n in (("p50", 50), ("p90", 90), ("p99", 99))}
             run.percentiles["max"] = max(tops + finite)
     run.clip_threshold, run.clip_fraction = series("clip_threshold"), series("clip_fraction")
+    run.lr = series("lr")
+    if not run.lr and series("lr_scale"):
+        run.lr, run.lr_label = series("lr_scale"), "LR scale (x the schedule)"
+    run.loss_maxima = series("loss_max")
     counts = {k: sum(v for _, v in series(k) if math.isfinite(v)) for k in ("clipped_steps", "flagged_steps")}
     if series("clipped_steps"):
         run.clipped_steps = int(counts["clipped_steps"])
@@ -211,8 +266,8 @@ def _read_run(path: Path, logdir: Path) -> RunHealth | None:
         run.clip_rate = sum(fractions) / len(fractions) if fractions else None
     if series("flagged_steps"):
         run.flagged_steps = int(counts["flagged_steps"])
-    if series("loss_max"):
-        run.loss_max = max(v for _, v in series("loss_max"))
+    if series("loss_max"):  # the finite peak (a NaN interval is counted as non-finite, never as the peak)
+        run.loss_max = max((v for _, v in series("loss_max") if math.isfinite(v)), default=math.nan)
     for short in ("vanishing_layers", "exploding_layers"):
         if series(short):
             setattr(run, short.split("_")[0] + "_max", int(max(v for _, v in series(short))))
@@ -224,7 +279,7 @@ def _read_run(path: Path, logdir: Path) -> RunHealth | None:
             run.layer_events += [(s, strip_step(t)) for s, t in _texts(acc, tag)]
         elif tag.startswith(PREFIX + "nan_guard_events"):
             for step, text in _texts(acc, tag):
-                kind = next((k for k in ("rollback", "skip", "halt") if k in text.split(":", 1)[0]), "event")
+                kind = event_kind(text)
                 match = _EVENT_STEP.search(text)
                 run.guard_events.append((int(match.group(1)) if match else step, kind, strip_step(text)))
     run.layer_events.sort()
@@ -261,7 +316,8 @@ def _run_lines(run: RunHealth) -> list[str]:
     finite_loss = [v for _, v in run.loss if math.isfinite(v)]
     if run.loss:
         bad = len(run.loss) - len(finite_loss)
-        peak = max([*finite_loss, *([run.loss_max] if run.loss_max is not None else [])], default=math.nan)
+        top = [run.loss_max] if run.loss_max is not None and math.isfinite(run.loss_max) else []
+        peak = max([*finite_loss, *top], default=math.nan)
         where = "over every step" if run.loss_max is not None else "at logged steps"
         lines.append(
             f"  loss ({run.loss_tag}): first {run.loss[0][1]:.4g}, last {run.loss[-1][1]:.4g}, peak {peak:.4g} {where}"
@@ -315,13 +371,57 @@ def format_summary(summary: HealthSummary) -> str:
     return "\n".join(lines)
 
 
-def _positive(points: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
-    kept = [(s, v) for s, v in points if math.isfinite(v) and v > 0]
-    return [s for s, _ in kept], [v for _, v in kept]
+def overview_data(run: RunHealth) -> OverviewData:
+    """The overview figure's data of one run (what :func:`plot_report` draws for it)."""
+    from lightning_gradguard.overview import OverviewData
+
+    clipped = run.grad_norm_tag not in (None, PREFIX + "grad_norm")
+    last = f"last step {run.steps}"
+    if any(kind == "halt" for _, kind, _ in run.guard_events):
+        last = f"halted at step {max(s for s, k, _ in run.guard_events if k == 'halt')}"
+    return OverviewData(
+        title=f"{run.name}: {last}" + ("" if run.has_gradguard else " (no gradguard data)"),
+        grad_norm=list(run.grad_norm),
+        grad_norm_label="grad norm at logged steps" + (" (clipped)" if clipped else ""),
+        grad_norm_max=list(run.grad_norm_max),
+        clip_threshold=list(run.clip_threshold),
+        lr=list(run.lr),
+        lr_label=run.lr_label,
+        loss=list(run.loss),
+        loss_label=run.loss_tag or "loss",
+        loss_max=list(run.loss_maxima),
+        clip_fraction=list(run.clip_fraction),
+        events=[(step, kind) for step, kind, _ in run.guard_events],
+        note="" if run.has_gradguard else "trained without gradguard: its loss is below",
+    )
+
+
+def draw_report(summary: HealthSummary, figure: Any = None) -> list[OverviewPlot]:
+    """Draw every run's overview, one below the other, into ``figure`` (None: a new Agg figure, 800 x 600 px per
+    run); returns each run's :class:`~lightning_gradguard.overview.OverviewPlot` (its panels and the data drawn).
+
+    Raises:
+        ImportError: matplotlib is missing (with an install hint).
+    """
+    from lightning_gradguard.overview import draw_overview
+
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("plot_report needs matplotlib: pip install 'lightning-gradguard[examples]'") from e
+    runs = summary.runs
+    if figure is None:
+        figure = Figure(figsize=(8.0, 6.0 * len(runs)), dpi=100)
+        FigureCanvasAgg(figure)
+    parts = figure.subfigures(len(runs), 1, squeeze=False)[:, 0]
+    return [draw_overview(overview_data(run), part) for part, run in zip(parts, runs)]
 
 
 def plot_report(summary: HealthSummary, png_path: str | Path) -> Path:
-    """Per run: gradient norm, its interval max and the clip threshold (log y) with a line per guard event; loss.
+    """Per run, the overview figure (:func:`draw_report`): gradient norm and its interval maximum against the clip
+    threshold, the loss with its interval maxima, the learning rate, the clipped share, a coloured marker per guard
+    event; non-finite values at the top edge of their panel.
 
     Args:
         summary: from :func:`summarize`.
@@ -333,65 +433,8 @@ def plot_report(summary: HealthSummary, png_path: str | Path) -> Path:
     Raises:
         ImportError: matplotlib is missing (with an install hint).
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("plot_report needs matplotlib: pip install 'lightning-gradguard[examples]'") from e
-
-    runs = summary.runs
-    fig = Figure(figsize=(12, 3.2 * len(runs)))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(runs), 2, squeeze=False)
-    colors = {"skip": "tab:orange", "rollback": "tab:red", "halt": "black", "event": "tab:purple"}
-    for (ax, lax), run in zip(axes, runs):
-        series = (
-            (run.grad_norm_max, "grad norm, max since the previous log", dict(color="tab:red", lw=0.8, alpha=0.7)),
-            (
-                run.grad_norm,
-                "grad norm at logged steps" + ("" if run.grad_norm_tag == PREFIX + "grad_norm" else " (clipped)"),
-                dict(color="tab:blue", lw=1.0),
-            ),
-            (run.clip_threshold, "clip threshold", dict(color="tab:green", lw=1.0, ls="--")),
-        )
-        plotted = False
-        for points, label, style in series:
-            xs, ys = _positive(points)
-            if xs:
-                ax.plot(xs, ys, label=label, **style)
-                plotted = True
-        seen: set[str] = set()
-        for step, kind, _ in run.guard_events:
-            ax.axvline(
-                step, color=colors.get(kind, "tab:purple"), lw=1.0, alpha=0.8, label=None if kind in seen else kind
-            )
-            seen.add(kind)
-        if plotted:
-            ax.set_yscale("log")
-        elif not run.has_gradguard:
-            ax.text(0.5, 0.5, "trained without gradguard:\nits loss is on the right", ha="center", va="center")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        ax.set_title(
-            f"{run.name}: gradient norm" if run.has_gradguard else f"{run.name}: no gradguard data", fontsize=10
-        )
-        ax.set_xlabel("step")
-        if plotted or seen:
-            ax.legend(fontsize=7, loc="best")
-        ax.grid(True, which="both", alpha=0.3)
-        xs, ys = _positive(run.loss)
-        if xs:
-            lax.plot(xs, ys, color="tab:gray", lw=0.8, label=run.loss_tag)
-            lax.set_yscale("log")
-            lax.legend(fontsize=7, loc="best")
-        bad = [s for s, v in run.loss if not math.isfinite(v)]
-        if bad:
-            lax.plot(bad, [max(ys, default=1.0)] * len(bad), "x", color="red", label="non-finite loss")
-        lax.set_title(f"{run.name}: training loss", fontsize=10)
-        lax.set_xlabel("step")
-        lax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    plots = draw_report(summary)
     out = Path(png_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    plots[0].figure.figure.savefig(out, dpi=100)
     return out

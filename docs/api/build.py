@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import pkgutil
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +32,21 @@ def public_modules() -> list[str]:
     return names
 
 
+# table syntax left raw in the rendered text (outside code): an RST "=====" table, which Markdown does not know, or
+# a Markdown table that did not render (no blank line before it, a row with a missing cell)
+_RAW_TABLE = re.compile(r"={5,}|^\s*\|.*\|\s*$", re.MULTILINE)
+_CODE = re.compile(r'<div class="pdoc-code codehilite">.*?</div>|<pre.*?</pre>|<code.*?</code>', re.DOTALL)
+
+
+def raw_tables(out: Path) -> list[str]:
+    """``page: text`` for each piece of table syntax that the pages under ``out`` show as plain text."""
+    found = []
+    for page in sorted(out.rglob("*.html")):
+        text = _CODE.sub("", page.read_text(encoding="utf-8"))
+        found += [f"{page.relative_to(out)}: {m.group(0).strip()[:60]}" for m in _RAW_TABLE.finditer(text)]
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/docs/api"), help="output directory")
@@ -47,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for w in problems:
         print(f"docs warning: {w.category.__name__}: {w.message} ({w.filename}:{w.lineno})", file=sys.stderr)
-    if problems:
-        print(f"API reference NOT clean: {len(problems)} warning(s)", file=sys.stderr)
+    tables = raw_tables(args.out)
+    for where in tables:
+        print(f"docs warning: table syntax shown as text (write a Markdown table or a list): {where}", file=sys.stderr)
+    if problems or tables:
+        print(f"API reference NOT clean: {len(problems) + len(tables)} warning(s)", file=sys.stderr)
         return 1
     print(f"API reference: {len(modules)} modules -> {args.out / 'index.html'}")
     return 0

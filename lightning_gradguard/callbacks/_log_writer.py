@@ -14,21 +14,53 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_gradguard.core.engine._scalars import log10_twins
+from lightning_gradguard.core.engine._timeline import Timeline
 
 _log = logging.getLogger("lightning_gradguard")
+# every gradguard scalar written to a Trainer's loggers, per Trainer (rank zero): the overview figure and the
+# repeat at events read it; it goes with its Trainer
+_TIMELINES: weakref.WeakKeyDictionary[Any, Timeline] = weakref.WeakKeyDictionary()
+
+
+def timeline_for(trainer: pl.Trainer) -> Timeline | None:
+    """The :class:`~lightning_gradguard.core.engine._timeline.Timeline` of what gradguard wrote to ``trainer``'s
+    loggers (created on first use; None for a stand-in Trainer that takes no weak reference)."""
+    try:
+        found = _TIMELINES.get(trainer)
+        if found is None:
+            found = _TIMELINES[trainer] = Timeline()
+    except TypeError:
+        return None
+    return found
 
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
     """Send scalars to every logger of the Trainer (loggers only write on global rank zero).
 
-    Norm-like tags (:data:`LOG10_NAMES`) also get their ``_log10`` twin, for charts whose values span decades.
+    Norm-like tags (:data:`LOG10_NAMES`) also get their ``_log10`` twin in the same call, for charts whose values
+    span decades. The values are also kept in the Trainer's timeline (:func:`timeline_for`).
     """
-    if not metrics or trainer.global_rank != 0:
+    if not metrics or trainer.global_rank != 0 or not trainer.loggers:
         return
     values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+    timeline = timeline_for(trainer)
+    if timeline is not None:
+        timeline.update(values, step)
     values.update(log10_twins(values))
     for logger in trainer.loggers:
         logger.log_metrics(values, step=step)
+
+
+def repeat_scalars(trainer: pl.Trainer, step: int, fresh: Mapping[str, float], before: int | None = None) -> None:
+    """Write at ``step`` the last value of every level scalar last written to ``trainer``'s loggers before step
+    ``before`` (None: ``step``; ``fresh`` values, known for this step, replace the held ones), so that no chart ends
+    before the run did."""
+    if trainer.global_rank != 0:
+        return
+    timeline = timeline_for(trainer)
+    if timeline is None:
+        return
+    log_scalars(trainer, timeline.held(step if before is None else before, fresh), step)
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:

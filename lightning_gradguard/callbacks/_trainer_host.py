@@ -2,15 +2,15 @@
 
 Model, raw optimizers and schedulers from the Trainer; the precision plugin's state (GradScaler) kept in snapshots;
 cross-rank maxima through ``trainer.strategy.reduce``; events announced above the progress bar and written to every
-logger (scalars) and TensorBoard (text); checkpoint files of this fit as rollback sources; a halt that stops the fit
-even before ``min_steps``/``min_epochs`` (the limits are put back at teardown).
+logger (scalars) and TensorBoard (text, the overview figure); checkpoint files of this fit as rollback sources; a
+halt that stops the fit even before ``min_steps``/``min_epochs`` (the limits are put back at teardown).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,19 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradguard.callbacks._checkpoint_snapshots import CheckpointSnapshots
-from lightning_gradguard.callbacks._log_writer import announce, log_scalars, log_text
+from lightning_gradguard.callbacks._log_writer import (
+    announce,
+    log_scalars,
+    log_text,
+    repeat_scalars,
+    tensorboard_writers,
+    timeline_for,
+)
 from lightning_gradguard.callbacks._step_context import context_for
 from lightning_gradguard.core.engine import GuardHost
 from lightning_gradguard.core.recover._fault_trace import first_nonfinite_module
 from lightning_gradguard.core.recover._snapshot import Snapshot
+from lightning_gradguard.overview import OverviewBudget, write_overview
 
 # events are announced under NaNGuard's own logger name (what users filter on)
 _LOG = logging.getLogger("lightning_gradguard.callbacks.nan_guard")
@@ -73,6 +81,7 @@ class TrainerHost(GuardHost):
         self.precision = trainer.precision_plugin  # three calls deep on the Trainer, read twice a step: kept
         self._reducer = StrategyReducer(trainer)
         self._loop_limits: tuple[Any, Any] | None = None
+        self._budget = OverviewBudget()
 
     def model(self) -> torch.nn.Module:
         return self.pl_module
@@ -118,6 +127,17 @@ class TrainerHost(GuardHost):
 
     def emit_text(self, tag: str, text: str, step: int) -> None:
         log_text(self.trainer, tag, text, step)
+
+    def repeat_scalars(self, step: int, fresh: Mapping[str, float], before: int | None = None) -> None:
+        repeat_scalars(self.trainer, step, fresh, before)
+
+    def emit_overview(
+        self, step: int, reason: str, events: Sequence[Mapping[str, Any]], losses: Sequence[Sequence[float]]
+    ) -> None:
+        writers = tensorboard_writers(self.trainer)  # TensorBoard loggers on rank zero only: nothing drawn elsewhere
+        timeline = timeline_for(self.trainer) if writers else None
+        if timeline is not None:
+            write_overview(writers, timeline, step, reason, events, losses, self._budget)
 
     def state_changed(self) -> None:
         context_for(self.trainer).cache.invalidate()  # cached statistics describe the discarded state

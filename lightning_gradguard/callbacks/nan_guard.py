@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from lightning_gradguard.core.recover._lr_scaling import is_known_scheduler
 __all__ = ["GuardCause", "GuardDecision", "NaNGuard"]
 
 _OWNER = "NaNGuard"
+# the progress bar's counters: (event kind, name in the bar); warnings and LR raises are event lines only
+_BAR_COUNTERS = (("skip", "skips"), ("rollback", "rollbacks"), ("lower_lr", "lr_cuts"), ("halt", "halts"))
 
 
 class NaNGuard(Callback):
@@ -53,16 +56,26 @@ class NaNGuard(Callback):
     snapshot and multiplies the LR by ``lr_factor`` everywhere a scheduler keeps it. After ``max_rollbacks`` the
     guard halts: report files (JSON, text) and :class:`~lightning_gradguard.DivergenceError`.
 
-    ==============================  ===========================================================================
-    ``gradguard/skipped_steps``     steps whose update the guard dropped
-    ``gradguard/rollbacks``         rollbacks in the budget now (refilled after sustained healthy steps)
-    ``gradguard/warnings``          warnings so far (weaker evidence: recorded, nothing changed)
-    ``gradguard/lr_scale``          cumulative LR factor (rollbacks and stability cuts)
-    ``gradguard/flagged_steps``     flagged steps since the last write
-    ``gradguard/loss_max``          largest loss since the last write
-    ``gradguard/amp_overflow_steps`` GradScaler overflow steps (only with a GradScaler)
-    ``gradguard/nan_guard_events``  TensorBoard text, one line per event
-    ==============================  ===========================================================================
+    | Key | What it holds |
+    |---|---|
+    | ``gradguard/skipped_steps`` | updates the guard dropped: its skips, and the faulty step of each rollback or halt |
+    | ``gradguard/rollbacks`` | rollbacks in the budget now (refilled after sustained healthy steps) |
+    | ``gradguard/warnings`` | warnings so far (weaker evidence: recorded, nothing changed) |
+    | ``gradguard/lr_scale`` | cumulative LR factor (rollbacks and stability cuts) |
+    | ``gradguard/flagged_steps`` | flagged steps since the last write |
+    | ``gradguard/loss_max`` | largest loss since the last write |
+    | ``gradguard/amp_overflow_steps`` | GradScaler overflow steps (only with a GradScaler) |
+    | ``gradguard/nan_guard_events`` | TensorBoard text, one line per event |
+    | ``gradguard/overview`` | TensorBoard image (Images tab): norm vs threshold, loss, LR, clipped share, events |
+
+    At every event, at a halt, on an exception and at the end of the fit, every gradguard scalar (those of the
+    monitor and the clipper too) is written again at that step with its last value, the LR and the step's norm as
+    they are then, so no chart ends before the run did; and the overview figure
+    (:mod:`lightning_gradguard.overview`) is drawn: one picture that TensorBoard's smoothing cannot flatten.
+
+    The progress bar (when the Trainer has one) counts the guard's actions by kind: ``skips``, ``rollbacks``,
+    ``lr_cuts`` and ``halts``, each from its first event on. Every event counts once, under its own kind: a rollback
+    is not also a skip.
 
     Args:
         action: ``"auto"``, ``"rollback"``, ``"skip"`` or ``"halt"``.
@@ -171,6 +184,7 @@ class NaNGuard(Callback):
         self.files = ckpts.CheckpointSnapshots()
         self._host: TrainerHost | None = None
         self._bar = ProgressBarValues()
+        self._bar_events = 0
         self._out_dir: Path | None = None
         self._loss: torch.Tensor | None = None
         self._stepped = False
@@ -237,6 +251,7 @@ class NaNGuard(Callback):
                     "are left alone and may undo the cut."
                 )
         self._bar.reset()
+        self._bar_events = 0  # events counted into the progress bar (Lightning cleared the bar's values)
         self._loss, self._stepped, self._record = None, False, None
         self._host = TrainerHost(trainer, pl_module, self.files, self._out_dir)
         self.engine.configure(self.engine.options)
@@ -312,14 +327,31 @@ class NaNGuard(Callback):
         every: int = options.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50
         if not flagged and log_due(trainer, every):
             engine.write_scalars(step)
-        if getattr(pl_module, "_current_fx_name", None) is not None:  # progress-bar counters, sent when they change
-            self._bar.show_changed(trainer, pl_module, "nan_skips", float(engine.skipped_steps), step)
-            self._bar.show_changed(trainer, pl_module, "nan_rollbacks", float(engine.policy.rollbacks), step)
+        if len(engine.events) != self._bar_events and getattr(pl_module, "_current_fx_name", None) is not None:
+            self._show_counters(trainer, pl_module, engine.events, step)
+
+    def _show_counters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, events: list, step: int) -> None:
+        """The guard's actions in the progress bar: one counter per kind of event (``skips``, ``rollbacks``,
+        ``lr_cuts``, ``halts``), each from its first event on; every event counts once, under its own kind (a
+        rollback is not also a skip, although it drops the faulty step's update too)."""
+        self._bar_events = len(events)
+        counts = Counter(e.get("kind") for e in events)
+        for kind, name in _BAR_COUNTERS:
+            if counts[kind]:
+                self._bar.show_changed(trainer, pl_module, name, float(counts[kind]), step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.engine.check_weights(trainer.global_step)  # the last update is checked by no later step
-        self.engine.write_scalars(trainer.global_step)
+        """The last interval's scalars, every scalar's last value and the overview figure at the last step (the
+        other gradguard callbacks, listed before the guard, have flushed theirs by now)."""
+        engine = self.engine
+        engine.check_weights(trainer.global_step)  # the last update is checked by no later step
+        engine.write_scalars(trainer.global_step)
+        if self._host is not None:
+            engine.finish(trainer.global_step, "halt" if engine.halted else "end")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """As at the end of the fit: the picture reaches the step where the run stopped (a halt, or any error)."""
         if self._host is not None:
-            self.engine.write_scalars(trainer.global_step)
+            engine = self.engine
+            engine.write_scalars(trainer.global_step)
+            engine.finish(trainer.global_step, "halt" if engine.halted else type(exception).__name__)

@@ -2,19 +2,20 @@
 
 Fabric leaves the loop to you, so the guard is the plain-loop guard; this class only takes from the Fabric what the
 guard needs: the GradScaler of a ``16-mixed`` precision plugin, the cross-rank reduce (``fabric.all_reduce`` with
-MAX, so DDP ranks agree on every decision), and rank zero for the ``SummaryWriter``. The optimizers and the model
-may be the objects ``fabric.setup`` returned.
+MAX, so DDP ranks agree on every decision), and the global rank, so that only rank zero announces events and writes
+to the ``SummaryWriter``. The optimizers and the model may be the objects ``fabric.setup`` returned.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.fabric import Fabric
 from torch import Tensor, nn
 
+from lightning_gradguard.plain._distributed import Reduce
 from lightning_gradguard.plain.grad_guard import GradGuard
 
 __all__ = ["FabricGradGuard"]
@@ -38,13 +39,17 @@ class FabricGradGuard(GradGuard):
             guard.after_step()
             optimizer.zero_grad()
 
+    Events are announced as ``GradGuard`` announces them (the same line, with ``FabricGradGuard`` as the owner), on
+    global rank zero only, through the ``lightning_gradguard.fabric`` logger. ``fabric.clip_gradients`` after
+    ``before_step`` is fine under ``16-mixed``: the GradScaler does not unscale the gradients a second time.
+
     Args:
         fabric: the launched ``Fabric``.
         model, optimizers, schedulers: as for :class:`~lightning_gradguard.plain.GradGuard` (Fabric wrappers are
             fine).
         writer: a ``SummaryWriter``; used on global rank zero only (other ranks may pass it too).
         **kwargs: every other :class:`~lightning_gradguard.plain.GradGuard` argument (``clipping``, ``action``,
-            ``lr_factor``, ...).
+            ``lr_factor``, ``announce``, ``lr_overwrite``, ...).
 
     Raises:
         TypeError: ``fabric`` is not a ``Fabric``; other arguments as for ``GradGuard``.
@@ -74,6 +79,11 @@ class FabricGradGuard(GradGuard):
             all_reduce_max=reduce,
             **kwargs,
         )
+
+    _logger_name: ClassVar[str] = "lightning_gradguard.fabric"
+
+    def _global_rank(self, process_group: Any, all_reduce_max: Reduce | None) -> int | None:
+        return int(self.fabric.global_rank)
 
     def _all_reduce_max(self, t: Tensor) -> Tensor:
         return torch.as_tensor(self.fabric.all_reduce(t.to(self.fabric.device), reduce_op="max"))

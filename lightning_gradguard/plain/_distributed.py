@@ -52,7 +52,8 @@ class MaxReducer:
         """The maximum over ranks of ``local`` (float64); ``local`` itself with a single process."""
         if self.world_size <= 1:
             return local
-        t = torch.nan_to_num(local.detach().to(torch.float64).clone(), nan=math.inf)
+        # posinf/neginf kept: nan_to_num would otherwise turn +inf (and the NaN made +inf) into the largest finite float
+        t = torch.nan_to_num(local.detach().to(torch.float64).clone(), nan=math.inf, posinf=math.inf, neginf=-math.inf)
         if self._reduce is not None:
             return self._reduce(t).to(torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)

@@ -1,14 +1,16 @@
 """A hand-written loop as a guard host: the model, optimizers, schedulers and GradScaler the user handed over.
 
-Cross-rank maxima through ``torch.distributed`` (or a custom reduce, e.g. Fabric's ``all_reduce``); scalars and event
-text to a ``SummaryWriter`` on rank 0 (with the same log10 twins as the callbacks); events announced through the
-``lightning_gradguard.plain`` logger at WARNING on rank 0, so a skip or rollback is never silent.
+Cross-rank maxima through ``torch.distributed`` (or a custom reduce, e.g. Fabric's ``all_reduce``); scalars, event
+text and the overview figure (``gradguard/overview``) to a ``SummaryWriter`` on rank 0 (with the same log10 twins as
+the callbacks); events announced on rank 0 once on stderr and through the adapter's logger at WARNING
+(``lightning_gradguard.plain`` for ``GradGuard``, ``lightning_gradguard.fabric`` for ``FabricGradGuard``; see
+:mod:`lightning_gradguard.plain._announce`), so a skip or rollback is never silent.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ from lightning_gradguard.core._arg_checks import check_choice
 from lightning_gradguard.core.clip import CLIPPERS, Clipper, check_clip_options
 from lightning_gradguard.core.engine import GuardHost
 from lightning_gradguard.core.engine._scalars import with_twins
+from lightning_gradguard.core.engine._timeline import Timeline
+from lightning_gradguard.overview import OverviewBudget, write_overview
+from lightning_gradguard.plain._announce import announce_line
 from lightning_gradguard.plain._distributed import MaxReducer
 
 _LOG = logging.getLogger("lightning_gradguard.plain")
@@ -87,6 +92,9 @@ class LoopHost(GuardHost):
         rank: int | None,
         writer: Any,
         report_dir: str | None,
+        *,
+        logger: logging.Logger = _LOG,
+        terminal: bool = True,
     ) -> None:
         self._model = model
         self._inner = unwrap_model(model)
@@ -97,6 +105,10 @@ class LoopHost(GuardHost):
         self.rank = rank
         self.writer = writer if rank in (0, None) else None
         self._report_dir = None if report_dir is None else Path(report_dir)
+        self.timeline = Timeline()  # what this loop wrote (rank 0): the overview figure and the repeat at events
+        self._budget = OverviewBudget()
+        self._logger = logger
+        self.terminal = terminal  # announce on stderr too (else only through logging)
 
     def model(self) -> nn.Module:
         return self._model
@@ -130,14 +142,25 @@ class LoopHost(GuardHost):
 
     def announce(self, line: str) -> None:
         if self.is_global_zero():
-            _LOG.warning(line)
+            announce_line(self._logger, line, terminal=self.terminal)
 
     def emit_scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
+        if self.writer is None or not values:
             return
+        self.timeline.update(values, step)
         for name, value in with_twins(values).items():
             self.writer.add_scalar(name, value, global_step=step)
         self.writer.flush()
+
+    def repeat_scalars(self, step: int, fresh: Mapping[str, float], before: int | None = None) -> None:
+        if self.writer is not None:
+            self.emit_scalars(self.timeline.held(step if before is None else before, fresh), step)
+
+    def emit_overview(
+        self, step: int, reason: str, events: Sequence[Mapping[str, Any]], losses: Sequence[Sequence[float]]
+    ) -> None:
+        if self.writer is not None and hasattr(self.writer, "add_image"):
+            write_overview([self.writer], self.timeline, step, reason, events, losses, self._budget)
 
     def emit_text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:

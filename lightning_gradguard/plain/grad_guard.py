@@ -10,13 +10,17 @@ decisions as ``AdaptiveGradientClipping`` + ``NaNGuard`` in a Trainer (``tests/p
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard.core._arg_checks import check_bool, check_choice
 from lightning_gradguard.core.clip import Clipper, ClipRecord
 from lightning_gradguard.core.engine import EngineField, GuardEngine, check_guard_options
 from lightning_gradguard.core.guard import GuardDecision
@@ -24,6 +28,7 @@ from lightning_gradguard.core.guard._step_judge import Verdict
 from lightning_gradguard.plain._clip_slots import ClipSlots
 from lightning_gradguard.plain._distributed import MaxReducer, Reduce, rank_and_world
 from lightning_gradguard.plain._loop_host import LoopHost, check_loop_clipping, check_loop_objects, unwrap_model
+from lightning_gradguard.plain._lr_watch import LR_OVERWRITE, LrWatch, reapply_scale
 
 __all__ = ["GradGuard"]
 
@@ -36,6 +41,30 @@ _LAST_ACTION = {
     GuardDecision.LOWERED_LR: "lower_lr",
     GuardDecision.HALTED: "halt",
 }
+
+#: the key marking, in a GradScaler's per-optimizer state of this step, gradients that ``before_step`` unscaled
+_UNSCALED_BY_GUARD = "gradguard_unscaled"
+
+
+def _unscale_once(scaler: Any, optimizer: Any) -> None:
+    """``scaler.unscale_`` while a guard protects ``scaler``: gradients that ``before_step`` already unscaled in this
+    step are left as they are (torch would raise "unscale_() has already been called on this optimizer since the
+    last update()"); any other call is the scaler's own. The mark lives in the scaler's per-optimizer state, which
+    ``scaler.update()`` clears."""
+    states = getattr(scaler, "_per_optimizer_states", {})
+    for key in {id(optimizer), id(getattr(optimizer, "optimizer", optimizer))}:
+        state = states.get(key)  # .get: looking must not create an entry in the defaultdict
+        if state is not None and state.get(_UNSCALED_BY_GUARD):
+            return
+    type(scaler).unscale_(scaler, optimizer)
+
+
+def _install_unscale_once(scaler: Any) -> None:
+    """Make ``scaler.unscale_`` tolerate the guard's own unscaling (an instance attribute: a ``functools.partial``
+    of a module function, so the scaler still pickles and deep-copies)."""
+    current = scaler.__dict__.get("unscale_")
+    if getattr(current, "func", None) is not _unscale_once and callable(getattr(type(scaler), "unscale_", None)):
+        scaler.unscale_ = functools.partial(_unscale_once, scaler)
 
 
 class GradGuard:
@@ -62,12 +91,25 @@ class GradGuard:
     With a ``torch.amp.GradScaler`` pass it as ``scaler``: :meth:`before_step` unscales the gradients first (so
     norms and thresholds are the real ones), pass it the *unscaled* loss, call ``scaler.step(optimizer)`` when it
     returns True and ``scaler.update()`` after every step; overflow steps are the scaler's business (counted in
-    :attr:`amp_overflow_steps`, never a fault). With gradient accumulation call :meth:`before_step` once per
+    :attr:`amp_overflow_steps`, never a fault). There is no ``scaler.unscale_(optimizer)`` to call: a call of your own
+    after :meth:`before_step` (e.g. before your own ``clip_grad_norm_``, or ``fabric.clip_gradients``) leaves the
+    already unscaled gradients alone, and one before :meth:`before_step` is seen and not repeated (the guard then
+    measures the gradients as your code left them). With gradient accumulation call :meth:`before_step` once per
     optimizer step, after the last micro-batch, with the summed loss. Under DDP (``torch.distributed`` initialised)
     every rank must make the same calls; decisions are agreed by one max-reduce per step.
 
-    Logging: with ``writer`` (a ``torch.utils.tensorboard.SummaryWriter``), rank 0 writes the same ``gradguard/``
-    tags as the callbacks every ``log_every_n_steps`` steps and at every event (step axis: :attr:`step`, the number
+    A loop that sets the LR by hand every iteration (``param_group["lr"] = get_lr(it)``) would undo an LR cut at
+    the next write: while the guard's cut is in force (:attr:`lr_scale` below 1), :meth:`before_step` and
+    :meth:`after_step` find param groups whose LR changed since the guard last left them (a registered scheduler's
+    step is recognised as such) and, by default, multiply the value the loop wrote by :attr:`lr_scale`
+    (``lr_overwrite="reapply"``). Write your schedule's own LR: do not multiply it by :attr:`lr_scale` yourself.
+
+    Events (skip, rollback, LR cut, warning, halt) are announced on rank 0 with the line the Lightning callbacks
+    print (``GuardEvent.line``, with this class's name as the owner): once on stderr and as a WARNING record of the
+    ``lightning_gradguard.plain`` logger (``lightning_gradguard.fabric`` for ``FabricGradGuard``), never twice:
+    when your logging already prints that record on the terminal, the guard prints nothing itself. With
+    ``writer`` (a ``torch.utils.tensorboard.SummaryWriter``), rank 0 writes the same ``gradguard/`` tags and event
+    text as the callbacks every ``log_every_n_steps`` steps and at every event (step axis: :attr:`step`, the number
     of optimizer steps attempted before this one, like the Trainer's ``global_step``).
 
     Args:
@@ -98,6 +140,12 @@ class GradGuard:
         report_dir: on halt, write ``grad_guard_report.json``/``.txt`` there (cause, non-finite parameters, recent
             norms and losses, events); None: no report.
         writer: a ``SummaryWriter`` (anything with ``add_scalar``/``add_text``), used on rank 0 only.
+        announce: print each event's line on stderr (once; not when your logging configuration already shows the
+            record on the terminal); False: only the ``logging`` record (your configuration decides where it goes).
+        lr_overwrite: what to do when the loop has set a param group's LR by hand while the guard's LR cut is in
+            force: ``"reapply"`` multiplies the written value by :attr:`lr_scale` (the cut stays in force),
+            ``"warn"`` warns once and leaves it, ``"ignore"`` leaves it silently (for loops that apply
+            :attr:`lr_scale` themselves).
         log_every_n_steps: scalar logging interval (>= 1).
         history_size: recent norms and losses kept for halt reports.
         min_lr_scale, lr_recovery_steps, rollback_refill_steps: the LR floor, the recovery of a cut LR and the
@@ -180,6 +228,8 @@ class GradGuard:
         raise_on_halt: bool = True,
         report_dir: str | os.PathLike | None = None,
         writer: Any = None,
+        announce: bool = True,
+        lr_overwrite: str = "reapply",
         log_every_n_steps: int = 50,
         history_size: int = 50,
         min_lr_scale: float = 1e-3,
@@ -196,13 +246,21 @@ class GradGuard:
         #: the checked clipping options (empty: the method's defaults).
         self.clipping_options: dict[str, Any] = check_loop_clipping(clipping, clipping_options, o)
         self.engine = GuardEngine(check_guard_options(o, "grad_guard_report", **guard_args))
+        terminal = check_bool("announce", announce, owner=o)
+        #: what a hand-set LR gets while the guard's cut is in force (``"reapply"``, ``"warn"`` or ``"ignore"``).
+        self.lr_overwrite = check_choice("lr_overwrite", lr_overwrite, LR_OVERWRITE, owner=o)
         self.log_every_n_steps = cast(int, self.engine.options.log_every_n_steps)
         reducer = MaxReducer(all_reduce_max, process_group)
-        self.rank = rank_and_world(process_group)[0] if all_reduce_max is None else None
+        self.rank = self._global_rank(process_group, all_reduce_max)
         self.reduce = reducer
         self._host = LoopHost(
-            model, self.optimizers, self.schedulers, scaler, reducer, self.rank, writer, self.engine.options.report_dir
-        )
+            model, self.optimizers, self.schedulers, scaler, reducer, self.rank, writer, self.engine.options.report_dir,
+            logger=logging.getLogger(self._logger_name), terminal=terminal,
+        )  # fmt: skip
+        if scaler is not None:
+            _install_unscale_once(scaler)
+        self._lrs = LrWatch(self.optimizers, self.schedulers)
+        self._lr_told = self._scheduler_told = False
         names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
         self._clips = ClipSlots(self.optimizers, names, clipping, self.clipping_options, o)
         #: the latest :class:`~lightning_gradguard.core.clip.ClipRecord` of each optimizer index.
@@ -213,6 +271,24 @@ class GradGuard:
         self._verdict: Verdict | None = None
         self._hook = model.register_forward_pre_hook(self._on_forward)
         self.engine.start(self._host, self.step)
+
+    #: the logger of the events (a child of ``lightning_gradguard``, like the callbacks' loggers)
+    _logger_name: ClassVar[str] = "lightning_gradguard.plain"
+
+    def _global_rank(self, process_group: Any, all_reduce_max: Reduce | None) -> int | None:
+        """This process's rank for rank-zero output (None: unknown, every process writes)."""
+        if all_reduce_max is None:
+            return rank_and_world(process_group)[0]
+        return rank_and_world()[0] if rank_and_world()[1] > 1 else None
+
+    @property
+    def announce(self) -> bool:
+        """Whether events are also printed on stderr (see the class docstring); may be changed at any time."""
+        return self._host.terminal
+
+    @announce.setter
+    def announce(self, value: bool) -> None:
+        self._host.terminal = check_bool("announce", value, owner=type(self).__name__)
 
     @property
     def inner_model(self) -> nn.Module:
@@ -247,6 +323,7 @@ class GradGuard:
                 (then only the gradients are judged).
         """
         self._checked = True
+        self._keep_lr_cut()
         if self.halted:
             self._drop_grads()
             return False
@@ -257,6 +334,7 @@ class GradGuard:
         dropped = self._clips.last_dropped = verdict.health is not None
         if dropped:
             self._drop_grads()
+        self._lrs.record()
         return not dropped
 
     def after_step(self) -> None:
@@ -264,14 +342,58 @@ class GradGuard:
         if not self._checked:
             raise RuntimeError(f"{type(self).__name__}.after_step() called without before_step() for step {self.step}")
         self._checked = False
+        self._keep_lr_cut()  # an LR written between before_step and now
         step, self.step = self.step, self.step + 1
         if self._verdict is None:  # halted before this step
             self.engine.end_step(step)
             return
         self._verdict = None
         flagged = self.engine.end_step(step, self._clips.clip_flags())
+        self._lrs.record()
         if self.engine.log_due(step):  # a flagged step's guard scalars went out with its event
             self._host.emit_scalars({**self._clips.scalars(), **({} if flagged else self.engine.scalars())}, step)
+
+    def _keep_lr_cut(self) -> None:
+        """While an LR cut is in force: find param groups whose LR the loop wrote since the guard last left them and
+        re-apply :attr:`lr_scale` to the written value (``lr_overwrite="reapply"``) or warn once (``"warn"``)."""
+        scale = self.lr_scale
+        if scale == 1.0 or self.lr_overwrite == "ignore":
+            return
+        written = self._lrs.hand_set()
+        if self._lrs.unregistered and not self._scheduler_told and self._host.is_global_zero():
+            self._scheduler_told = True
+            warnings.warn(
+                f"{type(self).__name__}: the learning rate of optimizer {self._lrs.unregistered[0]} is stepped by an "
+                f"LR scheduler that {type(self).__name__} was not given, while the guard's LR cut is in force "
+                f"(lr_scale={scale:.6g}): the scheduler may undo the cut, and a rollback does not restore it. Pass "
+                "every scheduler (schedulers=...).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if not written:
+            return
+        first, told = written[0], self._lr_told
+        self._lr_told = True
+        where = f"optimizer {first.optimizer}, param group {first.group}: {first.left:.6g} -> {first.now:.6g}"
+        if self.lr_overwrite == "warn":
+            if not told and self._host.is_global_zero():
+                warnings.warn(
+                    f"{type(self).__name__}: the learning rate was set by hand ({where}) while the guard's LR cut is "
+                    f"in force (lr_scale={scale:.6g}): the cut is undone. Multiply your LR by guard.lr_scale, or "
+                    "pass lr_overwrite='reapply' to let the guard do it.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return
+        for item in written:
+            reapply_scale(self.optimizers[item.optimizer], item.group, scale)
+        self._lrs.record()
+        if not told and self._host.is_global_zero():
+            logging.getLogger(self._logger_name).info(
+                "%s: the learning rate was set by hand (%s) while the LR cut is in force: lr_scale=%.6g re-applied "
+                "to the written value (said once; lr_overwrite='reapply')",
+                type(self).__name__, where, scale,
+            )  # fmt: skip
 
     def _unscale(self) -> None:
         scaler = self._host.scaler()
@@ -282,6 +404,9 @@ class GradGuard:
             stage = states.get(id(opt), {}).get("stage")
             if stage is None or getattr(stage, "name", "") == "READY":
                 scaler.unscale_(opt)
+                state = getattr(scaler, "_per_optimizer_states", {}).get(id(opt))
+                if isinstance(state, dict):
+                    state[_UNSCALED_BY_GUARD] = True  # a later scaler.unscale_(opt) of the user's is a no-op
 
     def _drop_grads(self) -> None:
         for opt in self.optimizers:
@@ -299,21 +424,24 @@ class GradGuard:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (after loading the model, optimizer and scheduler states yourself).
 
-        The LR scale is not re-applied: the scaled learning rates are in the optimizer and scheduler states.
+        The LR scale is not re-applied: the scaled learning rates are in the optimizer and scheduler states (load
+        those first: the LRs found here are taken as the ones the guard left, the reference for a hand-set LR).
         A fresh trusted snapshot of the loaded state is taken.
         """
         self.step = int(state.get("step", 0))
         self._clips.load_state_dict(state.get("clippers", []))
         self.engine.load_state_dict(state)
         self.engine.start(self._host, self.step)
+        self._lrs.record()
 
     def close(self) -> None:
         """End of training: check the weights the last update made (no later step will), write the last interval's
-        scalars, remove the forward hook and free the snapshots. A damaged state is then handled like any fault (a
-        rollback, or a halt)."""
+        scalars, every scalar's last value and the overview figure, remove the forward hook and free the snapshots. A
+        damaged state is then handled like any fault (a rollback, or a halt)."""
         self._hook.remove()
         self.engine.check_weights(self.step)
         self._host.emit_scalars({**self._clips.scalars(final=True), **self.engine.scalars()}, self.step)
+        self.engine.finish(self.step, "halt" if self.engine.halted else "end")  # last values and the overview
         self.engine.stop()
 
     def __repr__(self) -> str:
@@ -327,5 +455,5 @@ class GradGuard:
 
 _NOT_GUARD_OPTIONS = frozenset(
     {"self", "o", "model", "optimizers", "schedulers", "scaler", "clipping", "clipping_options", "writer",
-     "all_reduce_max", "process_group", "__class__"}
+     "announce", "lr_overwrite", "all_reduce_max", "process_group", "__class__"}
 )  # fmt: skip

@@ -111,8 +111,9 @@ def test_a_burst_of_bad_batches_between_healthy_steps_is_skipped_without_an_lr_c
     model = BatchNormNet(bad_inputs={3, 6, 9}) if inputs == "nan" else TinyRegression(nan_at_steps=[3, 6, 9])
     make_trainer(tmp_path, [guard, rec], max_steps=12).fit(model)
     assert [(e["step"], e["kind"]) for e in guard.events] == [(3, "skip"), (6, "skip"), (9, "skip")]
-    why = "input batch held NaN/inf" if inputs == "nan" else "steps before it were healthy"
+    why = "a fault of the data" if inputs == "nan" else "steps before it were healthy"
     assert why in guard.events[1]["reason"]
+    assert guard.events[1]["nonfinite_batch"] is (inputs == "nan")  # the line says "the input batch held NaN/inf"
     assert guard.lr_scale == 1.0
     assert guard.rollbacks == 0
     assert set(rec.lr.values()) == {0.01}

@@ -165,8 +165,9 @@ def test_rollback_logs_scalars_text_and_progress_bar(tmp_path, caplog):
     assert len(lines) == 1
     assert "step 5" in lines[0]
     assert "restored the state of step 4" in lines[0]
-    assert trainer.progress_bar_metrics["nan_rollbacks"] == 1.0
-    assert trainer.progress_bar_metrics["nan_skips"] == 1.0
+    # one event, counted once in the bar, under its own kind (issue 26: it also showed as a NaN skip)
+    assert trainer.progress_bar_metrics["rollbacks"] == 1
+    assert not {"skips", "lr_cuts", "halts", "nan_skips", "nan_rollbacks"} & set(trainer.progress_bar_metrics)
 
     acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
@@ -176,7 +177,7 @@ def test_rollback_logs_scalars_text_and_progress_bar(tmp_path, caplog):
     assert sorted(rollbacks) == list(range(9))  # every step, and once more at the end of the fit (step 8)
     assert [rollbacks[s] for s in range(9)] == [0, 0, 0, 0, 0, 1, 1, 1, 1]
     assert [scale[s] for s in range(9)] == [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5]
-    assert skipped[8] == 1
+    assert skipped[8] == 1  # the scalar counts dropped updates: the rolled-back step's update was dropped too
     flagged = {e.step: e.value for e in acc.Scalars("gradguard/flagged_steps")}
     assert flagged[5] == 1  # counted once, in the write of the event
     assert sum(flagged.values()) == 1
@@ -220,3 +221,59 @@ def test_skip_mode_escalates_params_fault_and_check_params_off_misses_it(tmp_pat
     make_trainer(tmp_path / "b", [blind, PoisonParams(5)], max_steps=7).fit(model)
     assert blind.events[0]["cause"] == "nonfinite_grad"  # seen one step late, through the NaN gradients
     assert blind.events[0]["step"] == 6
+
+
+class Findings(Callback):
+    """The stability controller's finding replaced at given steps ({step: StabilityFinding})."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_start(self, trainer, pl_module):
+        guard = next(cb for cb in trainer.callbacks if isinstance(cb, NaNGuard))
+        controller = guard.engine.judge_.controller
+        update = controller.update
+
+        def injected(*args, **kwargs):
+            finding = update(*args, **kwargs)
+            return self.at.get(trainer.global_step, finding)
+
+        controller.update = injected
+
+
+def _said_twice(line: str) -> list[str]:
+    """Three-word phrases that the line says twice (after "<owner> <kind> at step N:")."""
+    words = line.split(": ", 1)[1].replace(";", " ").replace(":", " ").replace(",", " ").split()
+    phrases = [" ".join(words[i : i + 3]) for i in range(len(words) - 2)]
+    return sorted({p for p in phrases if phrases.count(p) > 1})
+
+
+def test_event_lines_of_every_kind_say_each_thing_once(tmp_path, caplog):
+    """Issue 26: every kind of event in one fit (skip, rollback, LR cut, warning, LR raise, halt), as announced."""
+    from lightning_gradguard.core.guard._stability import StabilityFinding
+
+    climb = "learning rate looks too high: the loss climbed from its best (window median 1 -> 1.5 -> 2.5)"
+    findings = {
+        10: StabilityFinding("loss_climbing", {}, climb + "; the learning rate grew"),
+        12: StabilityFinding("loss_climbing", {}, climb + "; the learning rate did not grow: warning only", act=False),
+    }
+    guard = NaNGuard(
+        max_consecutive_skips=1, max_rollbacks=1, lr_recovery_steps=3, raise_on_halt=False, report_dir=tmp_path,
+        snapshot_every_n_steps=2, snapshot_confirm_steps=0,
+    )  # fmt: skip
+    model = TinyRegression(nan_at_steps=[3, 6, 7, 18, 19])
+    trainer = make_trainer(tmp_path, [guard, Findings(findings)], max_steps=24, logger=False)
+    with caplog.at_level("WARNING", logger="lightning_gradguard"):
+        trainer.fit(model)
+    kinds = [e["kind"] for e in guard.events]
+    assert kinds == ["skip", "skip", "rollback", "lower_lr", "warn", "raise_lr", "raise_lr", "skip", "halt"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NaNGuard ")]
+    assert [line.split(" ")[1] for line in lines] == kinds
+    for line in lines:
+        assert not _said_twice(line), line
+    by_kind = dict(zip(kinds, lines))
+    assert by_kind["rollback"].startswith("NaNGuard rollback at step 7: nonfinite loss; 2 faults in a row")
+    assert by_kind["lower_lr"].startswith("NaNGuard lower_lr at step 10: lr too high; the loss climbed from its best")
+    assert "warning only" not in by_kind["warn"]
+    assert by_kind["raise_lr"].count("lr_scale") == 2  # "lr_scale was 0.5" and the scale now, once each
+    assert by_kind["halt"].startswith("NaNGuard halt at step 19: nonfinite loss; fault after 1 rollback")

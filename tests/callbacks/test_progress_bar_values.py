@@ -12,7 +12,7 @@ from lightning_gradguard import AdaptiveGradientClipping, NaNGuard
 from lightning_gradguard.callbacks._log_writer import announce
 from tests.models import TinyRegression, make_trainer
 
-BAR_KEYS = ("clip_rate", "nan_skips", "nan_rollbacks")
+BAR_KEYS = ("clip_rate", "skips", "rollbacks", "lr_cuts", "halts")
 
 
 class CountingModel(TinyRegression):
@@ -66,12 +66,61 @@ def test_guard_counters_are_sent_when_they_change(tmp_path):
     guard = NaNGuard(action="skip")
     rec = BarRecorder()
     make_trainer(tmp_path, [guard, rec], max_steps=20, enable_progress_bar=True).fit(model)
-    skips = [s["nan_skips"] for s in rec.shown]
-    assert skips == [0.0] * 6 + [1.0] * 3 + [2.0] * 11
-    assert all(s["nan_rollbacks"] == 0.0 for s in rec.shown)
+    skips = [s.get("skips") for s in rec.shown]
+    assert skips == [None] * 6 + [1] * 3 + [2] * 11  # shown from the first skip on
+    assert not any({"rollbacks", "lr_cuts", "halts"} & set(s) for s in rec.shown)
     # counters go to the bar as ints (tqdm shows "2", not "2.000"), and never through LightningModule.log
-    assert all(type(s["nan_skips"]) is int and type(s["nan_rollbacks"]) is int for s in rec.shown)
-    assert "nan_skips" not in model.log_calls
+    assert all(type(s["skips"]) is int for s in rec.shown[6:])
+    assert "skips" not in model.log_calls
+
+
+def test_each_guard_event_counts_once_under_its_own_kind(tmp_path):
+    """Issue 26: a rollback showed as ``nan_skips=1, nan_rollbacks=1`` (its dropped update counted as a skip), and
+    ``nan_rollbacks`` was the rollback budget, which refills: each kind of event now has its own counter."""
+    model = CountingModel(nan_at_steps=[3, 9, 10])  # a skip, then two faults in a row: a skip and a rollback
+    guard = NaNGuard(max_consecutive_skips=1, snapshot_every_n_steps=2, snapshot_confirm_steps=0)
+    rec = BarRecorder()
+    make_trainer(tmp_path, [guard, rec], max_steps=14, enable_progress_bar=True).fit(model)
+    kinds = [(e["step"], e["kind"]) for e in guard.events]
+    assert kinds == [(3, "skip"), (9, "skip"), (10, "rollback")]
+    assert guard.skipped_steps == 3  # the engine's counter: updates dropped (the rollback's too)
+    assert rec.shown[-1] == {"skips": 2, "rollbacks": 1}
+    assert [s.get("rollbacks") for s in rec.shown[9:12]] == [None, 1, 1]
+
+
+class CutAt(pl.Callback):
+    """The stability controller's finding replaced by an in-place LR cut at one step (as tests/compat/
+    test_resume_exact.py injects it)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_start(self, trainer, pl_module):
+        from lightning_gradguard.core.guard._stability import StabilityFinding
+
+        guard = next(cb for cb in trainer.callbacks if isinstance(cb, NaNGuard))
+        controller = guard.engine.judge_.controller
+        update = controller.update
+
+        def injected(*args, **kwargs):
+            finding = update(*args, **kwargs)
+            if trainer.global_step == self.step:
+                return StabilityFinding(rule="injected", evidence={}, reason="learning rate looks too high: test")
+            return finding
+
+        controller.update = injected
+
+
+def test_lr_cuts_and_halts_have_their_own_counters(tmp_path):
+    guard = NaNGuard()
+    rec = BarRecorder()
+    make_trainer(tmp_path, [guard, CutAt(4), rec], max_steps=8, enable_progress_bar=True).fit(CountingModel())
+    assert [e["kind"] for e in guard.events] == ["lower_lr"]
+    assert rec.shown[-1] == {"lr_cuts": 1}
+    halting = NaNGuard(action="halt", raise_on_halt=False, report_dir=tmp_path / "report")
+    trainer = make_trainer(tmp_path / "halt", [halting], max_steps=8, enable_progress_bar=True)
+    trainer.fit(CountingModel(nan_at_steps=[2]))
+    assert {k: v for k, v in trainer.progress_bar_metrics.items() if k in BAR_KEYS} == {"halts": 1}
 
 
 def test_nothing_is_sent_without_a_progress_bar(tmp_path):
@@ -92,7 +141,7 @@ def test_values_show_again_in_the_next_fit(tmp_path):
     rec = BarRecorder()
     second = make_trainer(tmp_path / "again", [clipper, guard, rec], max_steps=3, enable_progress_bar=True)
     second.fit(model)
-    assert rec.shown[0]["nan_skips"] == 1.0  # the counter from the first fit, shown from the first step
+    assert rec.shown[0]["skips"] == 1  # the counter from the first fit, shown from the first step
     assert "clip_rate" in rec.shown[0]
 
 

@@ -3,16 +3,20 @@
 What this proves: every argument reaches the callbacks through jsonargparse (type hints, Literal choices, keyword-only
 arguments, lazy package exports as class paths); the fit runs with them (a NaN is rolled back with the configured LR
 factor, the monitor logs on its configured schedule); the saved ``config.yaml`` round-trips; a bad value in the
-YAML fails before training with our message naming the argument.
+YAML fails before training with our message naming the argument; a misspelled key names the closest valid one
+(``KeySuggestingParser``).
 """
 
 from __future__ import annotations
+
+from argparse import ArgumentError
 
 import pytest
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, NaNGuard
+from lightning_gradguard import AdaptiveGradientClipping, GradientNormMonitor, KeySuggestingParser, NaNGuard
+from lightning_gradguard.key_suggesting_parser import suggest_keys
 from tests.compat.common import tb_scalars
 from tests.models import TinyRegression
 
@@ -58,10 +62,11 @@ def _config(tmp_path, guard_args=None):
     }
 
 
-def _cli(tmp_path, config):
+def _cli(tmp_path, config, **kwargs):
     path = tmp_path / "gradguard.yaml"
     path.write_text(yaml.safe_dump(config))
-    return LightningCLI(TinyRegression, args=["fit", "--config", str(path)], save_config_kwargs={"overwrite": True})
+    args = ["fit", "--config", str(path)]
+    return LightningCLI(TinyRegression, args=args, save_config_kwargs={"overwrite": True}, **kwargs)
 
 
 def test_three_callbacks_from_yaml(tmp_path):
@@ -79,7 +84,8 @@ def test_three_callbacks_from_yaml(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.02 * 0.25)
     assert clip.state_dict()["optimizers"][0]["steps"] == 12
     tb = tb_scalars(tmp_path / "run" / "version_0")
-    assert sorted(tb["gradguard/grad_norm"]) == [0, 2, 4, 6, 8, 10]
+    # every second step, and the last values at the rollback's step and at the end (issue 26)
+    assert sorted(tb["gradguard/grad_norm"]) == [0, 2, 4, 5, 6, 8, 10, 12]
     assert "gradguard/clip_threshold" in tb
     assert tb["gradguard/lr_scale"][5] == 0.25
 
@@ -96,3 +102,92 @@ def test_bad_value_in_yaml_fails_before_training(tmp_path, capsys):
     message = str(info.value) + capsys.readouterr().err
     assert "lr_factor" in message
     assert not (tmp_path / "run" / "version_0").exists() or not list((tmp_path / "run" / "version_0").glob("events*"))
+
+
+def _misspelled(tmp_path, capsys, **kwargs):
+    """The error of a LightningCLI run on a config with a misspelled key (stderr and the exception, joined)."""
+    with pytest.raises((SystemExit, ArgumentError)) as info:
+        _cli(tmp_path, kwargs.pop("config"), **kwargs)
+    return str(info.value) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("index", "typo", "meant"),
+    [(1, "z_treshold", "z_threshold"), (2, "lr_facter", "lr_factor"), (0, "log_every_n_step", "log_every_n_steps")],
+)
+def test_misspelled_callback_key_names_the_closest_valid_one(tmp_path, capsys, index, typo, meant):
+    """Issue 26: jsonargparse only says "Option 'z_treshold' is not accepted", deep in a list of union errors."""
+    config = _config(tmp_path)
+    callback = config["trainer"]["callbacks"][index]
+    callback["init_args"][typo] = 3
+    message = _misspelled(tmp_path, capsys, config=config, parser_class=KeySuggestingParser)
+    where = callback["class_path"]
+    first = message[message.index("error: ") :].splitlines()[0]
+    assert first == f"error: unknown key '{typo}' in the init_args of {where}: did you mean '{meant}'?"
+    assert f"Option '{typo}' is not accepted" in message  # jsonargparse's own message follows
+    assert not (tmp_path / "run" / "version_0").exists()  # failed before training
+
+
+def test_misspelled_config_keys_and_far_typos(tmp_path, capsys):
+    config = _config(tmp_path)
+    config["trainer"]["max_step"] = 3
+    message = _misspelled(tmp_path, capsys, config=config, parser_class=KeySuggestingParser)
+    assert "error: unknown key 'trainer.max_step' in the config: did you mean 'trainer.max_steps'?" in message
+    # nothing close: the valid keys of that class instead of a guess
+    config = _config(tmp_path, guard_args={"qqq": 1})
+    message = _misspelled(tmp_path, capsys, config=config, parser_class=KeySuggestingParser)
+    assert (
+        "error: unknown key 'qqq' in the init_args of lightning_gradguard.NaNGuard; the valid keys there: " in message
+    )
+    assert "lr_factor, lr_recovery_steps, max_consecutive_skips" in message
+
+
+def test_without_the_parser_class_the_key_is_still_named(tmp_path, capsys):
+    """Plain LightningCLI: jsonargparse names the unknown key (no suggestion); the hint needs the parser_class."""
+    config = _config(tmp_path)
+    config["trainer"]["callbacks"][1]["init_args"]["z_treshold"] = 3
+    message = _misspelled(tmp_path, capsys, config=config)
+    assert "Option 'z_treshold' is not accepted" in message
+    assert "did you mean" not in message
+
+
+def test_suggest_keys_reads_jsonargparse_messages():
+    nested = (
+        'Parser key "trainer.callbacks":\n  Errors:\n    - Problem with given class_path '
+        "'lightning_gradguard.AdaptiveGradientClipping':\n        Option 'z_treshold' is not accepted\n"
+    )
+    hinted = suggest_keys(nested)
+    assert hinted.splitlines()[0] == (
+        "unknown key 'z_treshold' in the init_args of lightning_gradguard.AdaptiveGradientClipping: "
+        "did you mean 'z_threshold'?"
+    )
+    assert hinted.endswith(nested)
+    assert suggest_keys(hinted) == hinted  # once only (nested parsers)
+    assert suggest_keys("Problem with given class_path 'no.such.Module':\n  Option 'x' is not accepted") == (
+        "Problem with given class_path 'no.such.Module':\n  Option 'x' is not accepted"
+    )  # nothing to suggest from: the message as it was
+    assert suggest_keys("Expected a <class 'int'>") == "Expected a <class 'int'>"
+
+
+def test_example_scripts_suggest_the_key(tmp_path):
+    """examples/lstm.py with its YAML, one key misspelled: exit code 2 and the suggestion, before any training."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((repo / "examples" / "configs" / "lstm.yaml").read_text())
+    clip = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("AdaptiveGradientClipping"))
+    clip["init_args"]["z_treshold"] = clip["init_args"].pop("z_threshold")
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(repo / "examples" / "lstm.py"), "fit", "--config", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        "error: unknown key 'z_treshold' in the init_args of lightning_gradguard.AdaptiveGradientClipping: "
+        "did you mean 'z_threshold'?"
+    ) in proc.stderr
+    assert not (tmp_path / "gradguard_logs").exists()

@@ -84,6 +84,11 @@ def test_demo_in_process_prints_the_account(tmp_path, capsys):
     assert "NaNGuard:" in out
     assert "final test_mse" in out
     assert f"tensorboard --logdir {logdir}" in out
+    # the closing lines: which TensorBoard view first, and the two Scalars settings whose defaults hide the spike
+    closing = out[out.index(f"Open the logs: tensorboard --logdir {logdir}") :]
+    assert "1. Images tab, gradguard/overview" in closing
+    assert '2. Scalars tab: set Smoothing to 0 and untick "Ignore outliers in chart scaling"' in closing
+    assert closing.rstrip().endswith(f"Summarise them: gradguard report {logdir}")
     assert (logdir / "lstm_guarded" / "version_0").is_dir()
     assert main(["report", str(logdir), "--no-png"]) == 0
     report = capsys.readouterr().out
@@ -100,3 +105,50 @@ def test_bad_arguments_exit_2():
     with pytest.raises(SystemExit) as exc:
         main(["demo", "gru"])
     assert exc.value.code == 2
+
+
+def test_piped_demo_output_has_no_progress_bar_frames(tmp_path):
+    """Issue 26: piped output (CI logs, ``| tee``) collected ~1,500 redrawn progress-bar frames. With stdout a pipe
+    the bar is off by itself; the guard's event line still reaches stderr, saying each thing once."""
+    proc = _run("demo", "lstm", "--steps", "12", "--logdir", str(tmp_path / "logs"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stdout
+    assert "\r" not in proc.stderr
+    assert "it/s" not in proc.stdout + proc.stderr  # no tqdm frame at all
+    assert "(no progress bar: stdout is not a terminal)" in proc.stdout
+    assert "Images tab, gradguard/overview" in proc.stdout
+    events = [line for line in proc.stderr.splitlines() if line.startswith("NaNGuard ")]
+    assert events, proc.stderr[-2000:]  # the demo's rollback of the blow-up (step 7 on every path measured)
+    for line in events:
+        cause = line.split(": ", 1)[1].split(";")[0]
+        assert line.count(cause) == 1, line
+        assert "the state is damaged" not in line
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminal test (Linux pty semantics)")
+def test_demo_in_a_terminal_shows_the_progress_bar(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 0x0 terminal gets an empty bar
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [*_gradguard(), "demo", "lstm", "--steps", "3", "--logdir", str(tmp_path / "logs")]
+    proc = subprocess.Popen(cmd, stdout=slave, stderr=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    out = b"".join(chunks).decode(errors="replace")
+    assert "no progress bar" not in out
+    assert "\rEpoch 0:" in out  # the bar, redrawing its line

@@ -8,7 +8,15 @@ from dataclasses import replace
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_gradguard.demo import DEMOS, DemoResult, figures_table, run_demo, story_margin
+from lightning_gradguard.demo import (
+    DEMOS,
+    DemoResult,
+    figures_table,
+    run_demo,
+    stdout_is_terminal,
+    story_margin,
+    tensorboard_guide,
+)
 
 GUIDANCE = {"histograms": 0, "scalars": 0, "images": 0, "tensors": 0}
 
@@ -39,6 +47,8 @@ def test_tiny_demo_runs_through_the_demo_path(tmp_path, example, guarded):
         assert {"gradguard/grad_norm", "gradguard/clip_threshold", "gradguard/skipped_steps"} <= set(tags)
         assert result.clip_rate is not None
         assert 0.0 <= result.clip_rate <= 1.0
+        kinds = [ev["kind"] for ev in result.events]  # each event counted once, under its kind
+        assert (result.skips, result.rollbacks) == (kinds.count("skip"), kinds.count("rollback"))
     else:
         assert result.clip_rate is None
         assert result.skips == result.rollbacks == 0
@@ -124,3 +134,21 @@ def test_the_cnn_fault_is_in_the_data_and_the_clipper_cuts_it(tmp_path, monkeypa
     assert guarded.fault_clip is not None
     assert guarded.fault_clip < 0.1
     assert "injected fault: training batch 12" in "\n".join(guarded.summary_lines())
+
+
+def test_tensorboard_guide_says_what_to_open_first():
+    """Issue 26: at TensorBoard's defaults (smoothing 0.6, outliers ignored) the explosion cannot be seen; the demo's
+    closing lines point to the guard's overview image first, then to the two Scalars settings."""
+    guarded = "\n".join(tensorboard_guide("logs"))
+    assert guarded.startswith("Open the logs: tensorboard --logdir logs\n  1. Images tab, gradguard/overview")
+    assert '2. Scalars tab: set Smoothing to 0 and untick "Ignore outliers in chart scaling"' in guarded
+    plain = "\n".join(tensorboard_guide("logs", guarded=False))
+    assert "gradguard/overview" not in plain  # an unguarded run has no guard to draw it
+    assert "Smoothing to 0" in plain
+
+
+def test_progress_bar_follows_the_terminal(tmp_path, capsys):
+    assert not stdout_is_terminal()  # pytest captures stdout
+    run_demo("lstm", guarded=True, logdir=tmp_path, max_steps=2)  # progress_bar=None: off here
+    out = capsys.readouterr()
+    assert "\r" not in out.out + out.err

@@ -176,3 +176,63 @@ def test_halted_run_report_agrees_with_the_callbacks_counters(tmp_path):
     assert any(kind == "halt" for _, kind, _ in run.guard_events)
     assert run.steps >= 23  # the data reach the halt, not only the last regular log (step 20)
     assert "halt" in format_summary(summarize(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def blow_up_run(tmp_path_factory):
+    """A 1e4 loss blow-up between two logs, then a NaN loss in the same interval (skipped), logged every 10 steps."""
+    from lightning_gradguard import default_callbacks
+    from tests.models import TinyRegression, make_trainer
+
+    root = tmp_path_factory.mktemp("blow_up")
+    model = TinyRegression(loss_scale_at={13: 1e4}, nan_at_steps=[19])
+    make_trainer(root, default_callbacks(guard="skip"), max_steps=30, log_every_n_steps=10).fit(model)
+    return root, model
+
+
+def test_report_overview_draws_the_blow_up_the_lr_and_nonfinite_losses_at_the_top(blow_up_run):
+    from lightning_gradguard.overview import EVENT_STYLES
+    from lightning_gradguard.report import draw_report, overview_data
+
+    root, model = blow_up_run
+    blow_up = model.losses[13]
+    assert blow_up > 1000
+    run = summarize(root).runs[0]
+    assert max(v for _, v in run.loss if math.isfinite(v)) < blow_up / 100  # the logged loss alone misses it
+    data = overview_data(run)
+    assert data.loss_max
+    assert data.lr
+    assert data.events == [(19, "skip")]
+    (plot,) = draw_report(summarize(root))
+    assert set(plot.axes) == {"norm", "loss", "lr", "clip"}
+    loss_steps, loss_values = plot.drawn["loss/loss_max"]
+    assert max(loss_values) == pytest.approx(blow_up, rel=1e-6)  # the blow-up is on the loss panel
+    assert 13 <= loss_steps[loss_values.index(max(loss_values))] <= 18  # at the end of its own interval
+    assert plot.drawn["loss/loss"][1] == [v for _, v in run.loss if math.isfinite(v)]
+    # non-finite losses (the NaN of step 19, logged and as its interval's maximum): at the loss panel's top edge
+    bad_steps, bad_y = plot.drawn["loss/nonfinite"]
+    assert bad_steps == [19]
+    assert bad_y == [plot.axes["loss"].get_ylim()[1]]
+    assert bad_y[0] > blow_up  # above every finite loss, not at y = 1
+    marks = [ln for ln in plot.axes["loss"].get_lines() if list(ln.get_xdata()) == [19]]
+    assert [list(ln.get_ydata()) for ln in marks] == [bad_y]
+    # the learning-rate panel, on the LR tag
+    assert plot.drawn["lr/lr"] == ([s for s, _ in run.lr], [v for _, v in run.lr])
+    assert plot.axes["lr"].get_ylabel() == "LR"
+    # every event kind its own colour, none the norm line's
+    colors = [color for _, color in EVENT_STYLES.values()]
+    assert len(set(colors)) == len(colors)
+    norm_colors = {ln.get_color() for ln in plot.axes["norm"].get_lines() if len(ln.get_xdata())}
+    assert norm_colors.isdisjoint(colors)
+    assert plot.drawn["events/skip"][0] == [19]
+
+
+def test_report_event_kinds_are_read_from_the_line_head():
+    from lightning_gradguard.report import event_kind
+
+    assert event_kind("NaNGuard rollback at step 100: loss spike; lr cut") == "rollback"
+    assert event_kind("NaNGuard lower_lr at step 90: lr too high") == "lower_lr"
+    assert event_kind("NaNGuard raise_lr at step 900: lr recovered") == "raise_lr"
+    assert event_kind("NaNGuard warn at step 50: rising norm") == "warn"
+    assert event_kind("NaNGuard skip at step 3: nonfinite loss; rollback not needed") == "skip"
+    assert event_kind("GradGuard halt at step 7: too many rollbacks") == "halt"

@@ -60,3 +60,8 @@ def test_fabric_ddp_two_processes_agree(tmp_path: Path) -> None:
     assert {e[2] for e in rank0["events"]} == {"nonfinite_grad"}  # rank 0's own view: the all-reduced gradients
     assert rank0["weights"] == rank1["weights"]
     assert rank0["test_mse"] == rank1["test_mse"] < 0.05
+    # each event announced once, by global rank zero (its own view of the cause)
+    announced = [line for line in (proc.stdout + proc.stderr).splitlines() if "GradGuard " in line]
+    assert len(announced) == len(EXPECTED_EVENTS)
+    for line, (step, _, _) in zip(announced, EXPECTED_EVENTS):
+        assert line.startswith(f"FabricGradGuard skip at step {step}: nonfinite grad")

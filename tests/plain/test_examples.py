@@ -97,3 +97,8 @@ def test_torchrun_ddp_both_ranks_take_the_same_decisions(tmp_path: Path) -> None
     assert {e[2] for e in rank0["events"]} == {"nonfinite_grad"}
     assert rank0["weights"] == rank1["weights"]
     assert rank0["test_mse"] == rank1["test_mse"] < 0.05
+    # each event announced once, by rank 0 (its own view of the cause)
+    announced = [line for line in (proc.stdout + proc.stderr).splitlines() if "GradGuard " in line]
+    assert len(announced) == len(EXPECTED_EVENTS)
+    for line, (step, _, _) in zip(announced, EXPECTED_EVENTS):
+        assert line.startswith(f"GradGuard skip at step {step}: nonfinite grad")

@@ -22,6 +22,8 @@ text and scalars through the host. The outcome of the last step is a
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
 from typing import Any
 
@@ -129,6 +131,7 @@ class GuardEngine:
         self.cause: GuardCause | None = None
         self.halt_error: DivergenceError | None = None
         self.report_path: str | None = None
+        self.snapshot_ms: float | None = None  # how long the last in-memory snapshot took (None: none taken)
         self._resumed = False
         self._reset_step()
 
@@ -142,6 +145,7 @@ class GuardEngine:
         self._since_snapshot = 0
         self._flagged = 0
         self._loss_max: float | None = None
+        self._loss_before: tuple[int, float] | None = None  # the finite peak of the steps before a non-finite loss
 
     # ------------------------------------------------------------------ counters
     @property
@@ -159,6 +163,15 @@ class GuardEngine:
     @property
     def halted(self) -> bool:
         return self.outcome is GuardDecision.HALTED
+
+    def snapshot_bytes(self) -> int:
+        """Host bytes held now by this rank's in-memory snapshots (the store's and the kept start state; a snapshot
+        held by both counts once)."""
+        held = {id(s): s for s in self.store.snapshots}
+        start = self.start_state.snapshot
+        if start is not None:
+            held[id(start)] = start
+        return sum(s.nbytes() for s in held.values())
 
     @property
     def spike_score(self) -> float | None:
@@ -246,6 +259,9 @@ class GuardEngine:
         verdict = self.judge_.judge(step, stats, loss, self.host.scaler(), stream, lr)
         loss_v = verdict.loss
         if loss_v is not None and (self._loss_max is None or not loss_v <= self._loss_max):
+            peak = self._loss_max
+            if peak is not None and math.isfinite(peak) and not math.isfinite(loss_v) and step > 0:
+                self._loss_before = (step - 1, peak)  # a blow-up before the NaN: written at its own interval's end
             self._loss_max = loss_v
         self._overflow = self._overflow or verdict.overflow
         self._lower = verdict.lower_lr or self._lower
@@ -316,6 +332,7 @@ class GuardEngine:
         finite (else the older ones stay)."""
         host = self.host
         snap, error, bad = None, None, []
+        started = time.perf_counter()
         try:
             snap = take_snapshot(
                 host.model(),
@@ -338,6 +355,7 @@ class GuardEngine:
             health.nonfinite_params = health.nonfinite_params or not health.nonfinite_buffers
             self.handle_fault(health)
         elif snap is not None:
+            self.snapshot_ms = (time.perf_counter() - started) * 1e3
             self.store.update(snap, trusted=trusted)
             if trusted:
                 self.start_state.offer(snap)
@@ -420,8 +438,8 @@ class GuardEngine:
         self._since_cut, self._raised = 0, True
         self.lr_recoveries += 1
         reason = (
-            f"{self._recovery_steps} healthy steps since the last LR change: one cut undone (lr_scale {before:.4g} -> "
-            f"{self.lr_scale:.4g}; the user's schedule is lr_scale 1)"
+            f"{self._recovery_steps} healthy steps since the last LR change: one cut undone (lr_scale was "
+            f"{before:.4g}; the user's schedule is 1)"
         )
         self.record_event(GuardEvent(step, "raise_lr", "lr_recovered", self.lr_scale, reason=reason))
 
@@ -526,7 +544,8 @@ class GuardEngine:
         host = self.host
         host.announce(line)
         host.emit_text(_TEXT_TAG, line, event.step)
-        host.emit_scalars(self.scalars(), event.step)
+        self.write_scalars(event.step)
+        self._picture(event.step, event.kind)
 
     def scalars(self) -> dict[str, float]:
         """The guard's scalars now, ending the interval (flagged steps and the largest loss since the last call)."""
@@ -543,14 +562,47 @@ class GuardEngine:
             score = stream.spikes.score
             if score is not None:
                 values[tag("spike_score", idx)] = score
+        if self.snapshot_ms is not None:  # what the in-memory snapshots cost this rank (issue 28)
+            values[tag("snapshot_mb")] = self.snapshot_bytes() / 2**20
+            values[tag("snapshot_ms")] = self.snapshot_ms
         if self.host.scaler() is not None:
             values[tag("amp_overflow_steps")] = float(self.amp_overflow_steps)
         self._flagged, self._loss_max = 0, None
         return values
 
     def write_scalars(self, step: int) -> None:
-        """Write :meth:`scalars` through the host at ``step``."""
+        """Write :meth:`scalars` through the host at ``step``; a finite loss peak of the steps before a non-finite loss
+        goes first, at the step before it (else the NaN, the interval's value, would hide the blow-up before it)."""
+        before, self._loss_before = self._loss_before, None
+        if before is not None and before[0] < step:
+            self.host.emit_scalars({tag("loss_max"): before[1]}, before[0])
         self.host.emit_scalars(self.scalars(), step)
+
+    def finish(self, step: int, reason: str = "end") -> None:
+        """The end of the fit, or an exception (after the adapter wrote its last scalars; ``step``: the step count,
+        one past the last step trained): the last value of every scalar that ends before the last step trained, and
+        the overview figure, at ``step``."""
+        self._picture(step, reason, before=step - 1)
+
+    def _picture(self, step: int, reason: str, before: int | None = None) -> None:
+        """Everything at ``step``: the last value of every scalar last written before ``before`` (None: ``step``;
+        the LR and the step's norm as they are now), then the overview figure (both only on events, a halt and the
+        end: never on a healthy step)."""
+        host = self.host
+        fresh: dict[str, float] = {}
+        optimizers = host.optimizers()
+        for idx, opt in enumerate(optimizers):
+            groups = getattr(opt, "param_groups", None)
+            lr = groups[0].get("lr") if groups else None
+            if isinstance(lr, torch.Tensor) and lr.is_cpu:
+                lr = lr.item()
+            if isinstance(lr, (int, float)):
+                fresh[tag("lr", idx)] = float(lr)
+        history = self.judge_.grad_history
+        if history and int(history[-1][0]) == step and len(optimizers) <= 1:  # the step's judged norm
+            fresh[tag("grad_norm")] = float(history[-1][1])
+        host.repeat_scalars(step, fresh, before)
+        host.emit_overview(step, reason, self.events, self.judge_.loss_history)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ Methods with a body here are optional: their defaults are what a host without th
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,18 @@ class GuardHost:
 
     def emit_text(self, tag: str, text: str, step: int) -> None:
         """Write a text line at ``step``."""
+
+    def repeat_scalars(self, step: int, fresh: Mapping[str, float], before: int | None = None) -> None:
+        """At an event, a halt or the end: write at ``step`` every level scalar (not an interval's) last written
+        before step ``before`` (None: ``step``), each with its ``_log10`` twin, so that no chart ends before the run
+        did. ``fresh``: values the engine knows for this step (the LR, the step's norm), written instead of the held
+        ones, for tags already written."""
+
+    def emit_overview(
+        self, step: int, reason: str, events: Sequence[Mapping[str, Any]], losses: Sequence[Sequence[float]]
+    ) -> None:
+        """At an event, a halt or the end: draw the run's overview figure at ``step`` (``reason``: why now, e.g.
+        ``"halt"``; ``events``: the engine's events; ``losses``: recent ``[step, loss]`` rows)."""
 
     def state_changed(self) -> None:
         """A rollback or LR cut replaced the state: drop anything cached about the discarded one."""

@@ -28,6 +28,7 @@ buffers undoes the step exactly), and a halt otherwise.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -82,6 +83,8 @@ _STATE_DAMAGE = {
     GuardCause.AMP_SCALE_COLLAPSE,
 }
 _DIVERGENCE = {GuardCause.LOSS_DIVERGENCE, GuardCause.GRAD_DIVERGENCE}
+# the reason given for a cause in _STATE_DAMAGE (the event states the cause itself, and its kind says what was done)
+_DAMAGE_REASON = "it cannot be undone by skipping"
 
 
 @dataclass
@@ -162,7 +165,8 @@ class GuardEvent:
             announced, nothing changed).
         cause: a :class:`GuardCause` value.
         lr_scale: the cumulative LR factor after the event.
-        reason: why this action (plain words).
+        reason: why this action (plain words; beside the cause, so it does not name the cause again, except a halt's,
+            which is also the :class:`~lightning_gradguard.DivergenceError` message).
         loss, grad_norm: the step's loss and pre-clip gradient norm when known.
         snapshot_step, snapshot_path: what a rollback restored.
         nonfinite_batch: whether the input batch held NaN/inf (None: not checked).
@@ -196,26 +200,78 @@ class GuardEvent:
         return {k: v for k, v in asdict(self).items() if v is not None and v != [] and v != ""}
 
     def line(self, owner: str = "NaNGuard") -> str:
-        """One readable line: who, what, when, why, and what was restored (no Python reprs)."""
-        parts = [f"{owner} {self.kind} at step {self.step}: {self.cause.replace('_', ' ')}"]
+        """One readable line: who, what, when, why, what was restored and what was found, each said once (no Python
+        reprs).
+
+        The cause comes first, then the reason without what repeats the cause or the kind (a halt's reason begins
+        with the cause, a stability finding's with "learning rate looks too high", a warning's ends with "warning
+        only"), then the restored snapshot, the LR scale and the diagnosis.
+
+        Example:
+            >>> event = GuardEvent(7, "halt", "nonfinite_loss", 0.5, reason="nonfinite loss; action='halt'")
+            >>> event.line()
+            "NaNGuard halt at step 7: nonfinite loss; action='halt'; lr_scale=0.5"
+        """
+        cause = self.cause.replace("_", " ")
+        names = {
+            "nonfinite_params": self.nonfinite_params,
+            "nonfinite_buffers": self.nonfinite_buffers,
+            "nonfinite_grad": self.nonfinite_grads,
+        }.get(self.cause)
+        if cause and names:  # the cause with its names, instead of the cause and then the names again
+            cause += " in " + ", ".join(names[:3])
+        parts = [f"{owner} {self.kind} at step {self.step}" + (f": {cause}" if cause else "")]
+        reason = _unrepeated(self.reason, self.cause, self.kind)
+        if reason:
+            parts.append(reason)
+        if self.snapshot_step is not None:
+            parts.append(f"restored the state of step {self.snapshot_step}")
+        parts.append(f"lr_scale={self.lr_scale:.6g}")
         if self.nonfinite_batch is not None:
             parts.append("the input batch held NaN/inf" if self.nonfinite_batch else "the input batch was finite")
         if self.first_nonfinite_module:
             parts.append(f"first non-finite output: {self.first_nonfinite_module}")
-        if self.nonfinite_params:
-            parts.append("non-finite weights: " + ", ".join(self.nonfinite_params[:3]))
-        if self.nonfinite_buffers:
-            parts.append("non-finite buffers: " + ", ".join(self.nonfinite_buffers[:3]))
-        if self.nonfinite_grads:
-            parts.append("first non-finite gradients: " + ", ".join(self.nonfinite_grads[:3]))
-        if self.snapshot_step is not None:
-            parts.append(f"restored the state of step {self.snapshot_step}")
-        parts.append(f"lr_scale={self.lr_scale:.6g}")
-        if self.reason:
-            parts.append(self.reason)
+        for named_cause, label, listed in (
+            ("nonfinite_params", "non-finite weights", self.nonfinite_params),
+            ("nonfinite_buffers", "non-finite buffers", self.nonfinite_buffers),
+            ("nonfinite_grad", "first non-finite gradients", self.nonfinite_grads),
+        ):
+            if listed and self.cause != named_cause:  # names not already given with the cause
+                parts.append(f"{label}: " + ", ".join(listed[:3]))
         if self.report_path:
             parts.append(f"report: {self.report_path}")
         return "; ".join(parts)
+
+
+# openings of a reason that say the cause again in other words (the event line shows the cause already)
+_RESTATED = {
+    "lr_too_high": ("learning rate looks too high", "the learning rate looks too high"),
+    "dead_network": ("the network looks dead",),
+}
+# a warning's reason says "warning only" where the kind already says "warn"
+_WARNING_ONLY = re.compile(r" \(warning only\)|[:;] warning only")
+
+
+def _unrepeated(reason: str, cause: str, kind: str) -> str:
+    """``reason`` without an opening that restates ``cause`` (a halt's reason is "<cause>; <why>") and, for a
+    warning, without "warning only".
+
+    Example:
+        >>> _unrepeated("nonfinite loss; action='halt'", "nonfinite_loss", "halt")
+        "action='halt'"
+        >>> _unrepeated("learning rate looks too high: the loss climbed (warning only)", "lr_too_high", "warn")
+        'the loss climbed'
+    """
+    for lead in (cause.replace("_", " "), *_RESTATED.get(cause, ())):
+        if not lead:
+            continue
+        if reason == lead:
+            reason = ""
+        elif reason.startswith((lead + "; ", lead + ": ")):
+            reason = reason[len(lead) + 2 :]
+    if kind == "warn":
+        reason = _WARNING_ONLY.sub("", reason)
+    return reason
 
 
 class GuardPolicy:
@@ -303,7 +359,8 @@ class GuardPolicy:
             if self.rollbacks >= self.max_rollbacks:
                 action, why = (
                     GuardAction.HALT,
-                    f"fault after {self.rollbacks} rollbacks (max_rollbacks={self.max_rollbacks})",
+                    f"fault after {self.rollbacks} rollback{'s' if self.rollbacks != 1 else ''} "
+                    f"(max_rollbacks={self.max_rollbacks})",
                 )
             elif not (can_roll_back() if callable(can_roll_back) else can_roll_back):
                 detail = why_not() if callable(why_not) else why_not
@@ -314,7 +371,7 @@ class GuardPolicy:
                         f"no finite snapshot to roll back to and the weights are non-finite{detail}",
                     )
                 else:
-                    action, why = GuardAction.SKIP, f"no trusted snapshot yet: skipped instead of rolling back{detail}"
+                    action, why = GuardAction.SKIP, f"no trusted snapshot yet to roll back to{detail}"
         if cause in _DIVERGENCE or (action is GuardAction.HALT and self.rollbacks and not health.weights_damaged):
             why = (why + "; " if why else "") + "the learning rate looks too high"
         if action is GuardAction.SKIP:
@@ -354,7 +411,7 @@ class GuardPolicy:
         if self.action == "skip":
             escalate = GuardAction(self.escalate_to)
             if damaged:
-                return escalate, f"{cause.value.replace('_', ' ')} cannot be undone by skipping"
+                return escalate, _DAMAGE_REASON
             if in_a_row:
                 return escalate, (
                     f"{self.consecutive_skips + 1} flagged steps in a row "
@@ -363,9 +420,9 @@ class GuardPolicy:
             return GuardAction.SKIP, ""
         # auto
         if damaged:
-            return GuardAction.ROLLBACK, f"{cause.value.replace('_', ' ')}: the state is damaged"
+            return GuardAction.ROLLBACK, _DAMAGE_REASON
         if health.nonfinite_batch:
-            return GuardAction.SKIP, "the input batch held NaN/inf (bad data): skipped, buffers restored, LR kept"
+            return GuardAction.SKIP, "a fault of the data, not of the run: buffers restored, LR kept"
         if in_a_row:
             return GuardAction.ROLLBACK, (
                 f"{self.consecutive_skips + 1} faults in a row (max_consecutive_skips={self.max_consecutive_skips})"
@@ -375,9 +432,9 @@ class GuardPolicy:
         if repeated:
             return GuardAction.SKIP, (
                 f"another fault within {self.repeat_window} steps, but the steps before it were healthy: a bad "
-                "batch; skipped, buffers restored, LR kept"
+                "batch; buffers restored, LR kept"
             )
-        return GuardAction.SKIP, "an isolated bad batch: skipped, buffers restored, LR kept"
+        return GuardAction.SKIP, "an isolated bad batch: buffers restored, LR kept"
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -75,7 +75,10 @@ class Snapshot:
     healthy_steps: int = 0
 
     def nbytes(self) -> int:
-        """Bytes held by the snapshot's tensors."""
+        """Bytes held by the snapshot's tensors (counted once: a snapshot is never changed after it is taken)."""
+        cached = self.__dict__.get("_nbytes")
+        if cached is not None:
+            return int(cached)
         total = 0
 
         def visit(obj: Any) -> None:
@@ -90,6 +93,7 @@ class Snapshot:
                     visit(v)
 
         visit([self.model, self.optimizers, self.schedulers, self.extra])
+        self.__dict__["_nbytes"] = total
         return total
 
     def describe(self) -> dict[str, Any]:

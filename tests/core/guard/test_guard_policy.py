@@ -144,6 +144,81 @@ def test_event_line_is_plain_words():
     assert "loss" not in event.to_dict()  # empty fields are left out
 
 
+def _repeats(line: str) -> list[str]:
+    """Phrases of three words or more that the line says twice (after "at step N:")."""
+    words = line.split(": ", 1)[1].replace(";", " ").replace(":", " ").replace(",", " ").split()
+    seen, twice = set(), []
+    for i in range(len(words) - 2):
+        phrase = " ".join(words[i : i + 3])
+        if phrase in seen:
+            twice.append(phrase)
+        seen.add(phrase)
+    return twice
+
+
+@pytest.mark.parametrize(
+    ("health", "kind", "lead"),
+    [
+        (StepHealth(7, loss_divergence=True), "rollback", "loss divergence; it cannot be undone by skipping"),
+        (StepHealth(7, nonfinite_params=True), "rollback", "nonfinite params; it cannot be undone by skipping"),
+        (StepHealth(7, nonfinite_loss=True), "skip", "nonfinite loss; an isolated bad batch: buffers restored"),
+        (StepHealth(7, nonfinite_loss=True, nonfinite_batch=True), "skip", "nonfinite loss; a fault of the data"),
+    ],
+)
+def test_event_lines_say_each_thing_once(health, kind, lead):
+    """Issue 26: "loss divergence; ...; loss divergence: the state is damaged" said the cause twice, and a skip's
+    reason said "skipped" after the kind "skip"."""
+    decision = GuardPolicy("auto").decide(health, can_roll_back=True)
+    event = GuardEvent(7, decision.action.value, decision.cause.value, 0.5, reason=decision.reason, snapshot_step=0)
+    line = event.line()
+    assert line.startswith(f"NaNGuard {kind} at step 7: {lead}"), line
+    assert not _repeats(line), line
+    assert "damaged" not in line
+    assert "skipped" not in line
+
+
+@pytest.mark.parametrize(
+    ("kind", "cause", "reason", "expected"),
+    [
+        # a halt's reason begins with its cause (halt_reason): said once in the line
+        ("halt", "nonfinite_loss", "nonfinite loss; action='halt'", "nonfinite loss; action='halt'; lr_scale=1"),
+        ("halt", "nonfinite_grad", "nonfinite grad", "nonfinite grad; lr_scale=1"),
+        # a stability finding's reason begins with "learning rate looks too high", the cause lr_too_high
+        ("lower_lr", "lr_too_high", "learning rate looks too high: the loss climbed", "lr too high; the loss climbed"),
+        ("warn", "dead_network", "the network looks dead: flat (warning only)", "dead network; flat; lr_scale"),
+        # a warning's "warning only", wherever the finding put it
+        (
+            "warn",
+            "lr_too_high",
+            "learning rate looks too high: a (median 2; warning only)",
+            "lr too high; a (median 2)",
+        ),
+        ("warn", "lr_too_high", "learning rate looks too high: a climb: warning only", "lr too high; a climb; lr"),
+    ],
+)
+def test_event_line_drops_what_restates_the_cause_or_the_kind(kind, cause, reason, expected):
+    line = GuardEvent(3, kind, cause, 1.0, reason=reason).line()
+    assert line.startswith(f"NaNGuard {kind} at step 3: {expected}"), line
+    assert "warning only" not in line
+    assert "looks too high" not in line
+    assert "looks dead" not in line
+
+
+def test_event_line_names_the_damaged_tensors_with_the_cause():
+    event = GuardEvent(4, "rollback", "nonfinite_params", 1.0, nonfinite_params=["net.0.weight"],
+                       nonfinite_grads=["net.0.weight", "net.0.bias"])  # fmt: skip
+    line = event.line()
+    assert line.startswith("NaNGuard rollback at step 4: nonfinite params in net.0.weight; lr_scale=1"), line
+    assert "non-finite weights" not in line  # the names went with the cause
+    assert "first non-finite gradients: net.0.weight, net.0.bias" in line
+
+
+def test_halt_after_one_rollback_says_rollback_in_the_singular():
+    policy = GuardPolicy("rollback", max_rollbacks=1)
+    policy.decide(StepHealth(3, nonfinite_loss=True), True)
+    assert "fault after 1 rollback (max_rollbacks=1)" in policy.decide(StepHealth(5, nonfinite_loss=True), True).reason
+
+
 def test_repeated_divergence_doubles_the_exponent_of_the_lr_cut():
     policy = GuardPolicy("auto", max_rollbacks=5, repeat_window=10)
     powers = [policy.decide(StepHealth(s, loss_divergence=True), True).lr_power for s in (3, 7, 11, 40)]
