@@ -13,6 +13,12 @@ Four panels on one step axis, every guard event a vertical marker across all of 
 Event kinds, each its own colour (none is the norm line's blue): skip, rollback, LR cut (``lower_lr``), LR raised
 (``raise_lr``), warning (``warn``), halt.
 
+Written on the panels (:class:`OverviewNote`, listed in :attr:`OverviewPlot.notes`): the norm's peak (``peak 1.16e3
+@ step 7``, or ``NaN/inf @ step 12`` where it went non-finite), the loss's likewise (unless the loss never rose above
+its first value), and the LR changes the guard made (``10 → 0.03`` where the LR line jumps at a rollback, an LR cut or
+raise; at most four, the largest that find room), each beside its point where it covers no line and no other text
+(the legends, placed when drawn, avoid them); a schedule's own changes are not labelled.
+
 Live, the guard draws it at every event, at a halt, on an exception and at the end of the fit, and writes it to
 TensorBoard's Images tab under :data:`OVERVIEW_TAG` (``NaNGuard`` through the Trainer's TensorBoard loggers,
 ``GradGuard`` through its ``SummaryWriter``). It is an image: TensorBoard's smoothing and outlier settings cannot
@@ -41,11 +47,15 @@ from lightning_gradguard.core.engine._timeline import Timeline
 
 __all__ = [
     "EVENT_STYLES",
+    "LR_EVENT_KINDS",
     "OVERVIEW_TAG",
     "OverviewBudget",
     "OverviewData",
+    "OverviewNote",
     "OverviewPlot",
     "draw_overview",
+    "find_lr_changes",
+    "find_peak",
     "overview_from_timeline",
     "render_overview",
     "write_overview",
@@ -71,6 +81,10 @@ _LOSS_MAX = "#1f77b4"
 _LR = "#08306b"
 _CLIP = "#2ca02c"
 _NONFINITE = "#e7298a"  # magenta markers at the top edge
+_NOTE = "#222222"
+#: the event kinds that change the learning rate: where the LR line jumps at such an event, the jump is labelled
+LR_EVENT_KINDS = frozenset({"rollback", "lower_lr", "raise_lr"})
+_MAX_LR_NOTES = 4  # more changes: the largest ones that find room are labelled
 MATPLOTLIB_HINT = (
     "matplotlib is not installed: the gradguard/overview image is skipped "
     "(pip install matplotlib, or lightning-gradguard[examples])."
@@ -112,6 +126,27 @@ class OverviewData:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class OverviewNote:
+    """A value written on the overview: a panel's peak, or an LR change made by the guard.
+
+    Attributes:
+        panel: ``"norm"``, ``"loss"`` or ``"lr"``.
+        kind: ``"peak"`` (the largest finite value), ``"nonfinite"`` (the first NaN/inf value) or ``"lr_change"``.
+        step: the step it is written at.
+        value: the peak, the first non-finite value, or the LR after the change.
+        text: as written on the figure (``"peak 1.16e3 @ step 7"``, ``"NaN/inf @ step 12"``, ``"10 → 0.03"``).
+        before: the LR before the change (``lr_change`` only).
+    """
+
+    panel: str
+    kind: str
+    step: int
+    value: float
+    text: str
+    before: float | None = None
+
+
 @dataclass
 class OverviewPlot:
     """A drawn overview: the figure, its panels and the data each drew, for tests and callers.
@@ -122,11 +157,13 @@ class OverviewPlot:
         drawn: ``"<panel>/<series>"`` -> ``(steps, values)`` as drawn; ``"<panel>/nonfinite"`` holds the steps of
             the non-finite values and the y at which they are marked (the panel's top edge); ``"events/<kind>"``
             the steps of that kind's markers.
+        notes: the values written on the panels (peaks, LR changes), as written.
     """
 
     figure: Any
     axes: dict[str, Any]
     drawn: dict[str, tuple[list[int], list[float]]]
+    notes: list[OverviewNote] = field(default_factory=list)
 
 
 def overview_from_timeline(
@@ -173,6 +210,111 @@ def _split(points: Points, positive: bool) -> tuple[list[int], list[float], list
 
 def _tick(value: float, _pos: Any = None) -> str:
     return f"{value:.3g}"
+
+
+def _short(value: float, sci: bool | None = None) -> str:
+    """Three significant digits, with an exponent (``sci``; None: where it is shorter than a long plain form):
+    ``1.16e3``, ``486``, ``0.005``, ``8.89e-4``."""
+    plain = f"{value:.3g}"
+    mantissa, _, exponent = f"{value:.2e}".partition("e")
+    if not exponent:  # nan, inf
+        return plain
+    short = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    if sci is None:
+        sci = "e" in plain or len(short) < len(plain) > 5
+    return short if sci else plain
+
+
+def _change(before: float, after: float) -> str:
+    """``before → after``, both with an exponent or neither: ``10 → 0.03``, ``1e-3 → 5e-4``."""
+    sci = "e" in _short(before) + _short(after)
+    return f"{_short(before, sci)} → {_short(after, sci)}"
+
+
+def find_peak(panel: str, series: Iterable[Points], positive: bool = False) -> OverviewNote | None:
+    """The note of a panel's peak over ``series``: its first non-finite value if any (``NaN/inf @ step 12``,
+    ``(+2 more)`` where there are more), else its largest finite value (``peak 1.16e3 @ step 7``; the first step of
+    a tie; positive values only where ``positive``, as on a log axis); None when there is nothing to mark."""
+    points = [(int(s), float(v)) for pts in series for s, v in pts]
+    bad = sorted({s for s, v in points if not math.isfinite(v)})
+    if bad:
+        first = bad[0]
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        value = next(v for s, v in points if s == first and not math.isfinite(v))
+        return OverviewNote(panel, "nonfinite", first, value, f"NaN/inf @ step {first}{more}")
+    finite = [(v, -s) for s, v in points if v > 0 or not positive]
+    if not finite:
+        return None
+    value, step = max(finite)
+    return OverviewNote(panel, "peak", -step, value, f"peak {_short(value)} @ step {-step}")
+
+
+def find_lr_changes(lr: Points, events: Iterable[tuple[int, str]], tolerance: float = 0.01) -> list[OverviewNote]:
+    """The LR changes made by the guard: at each step of an event in :data:`LR_EVENT_KINDS`, the LR logged last
+    before it (``before``) and the one logged at that step (``value``; the next one logged, before the next such
+    event, where the step has none), when they differ by more than ``tolerance`` (relative). Steps without such an
+    event (a schedule's own changes) are not looked at."""
+    points = sorted((int(s), float(v)) for s, v in lr if math.isfinite(v))
+    steps = sorted({int(s) for s, kind in events if kind in LR_EVENT_KINDS})
+    notes = []
+    for i, step in enumerate(steps):
+        until = steps[i + 1] if i + 1 < len(steps) else math.inf
+        before = [v for s, v in points if s < step]
+        after = [(s, v) for s, v in points if step <= s < until]
+        if not before or not after:
+            continue
+        first = after[0][0]
+        old, new = before[-1], [v for s, v in after if s == first][-1]
+        if abs(new - old) <= tolerance * max(abs(old), abs(new)):
+            continue
+        notes.append(OverviewNote("lr", "lr_change", step, new, _change(old, new), before=old))
+    return notes
+
+
+def _place(ax: Any, xy: tuple[float, float], text: str, candidates: Sequence[tuple[float, float, str, str]],
+           fontsize: float) -> tuple[tuple[float, float, str, str], int, float]:  # fmt: skip
+    """Where to write ``text`` near ``xy`` (data coordinates): the first of ``candidates`` (offset in points, ha,
+    va) inside the axes that covers no line and no text of the panel, else the least bad one, with its score (0:
+    free; 1 per line crossed, 10 per text covered, 100 outside the axes) and the text's width in pixels. Call it
+    once the axes' limits and position are final."""
+    from matplotlib.transforms import offset_copy
+
+    ax.get_xlim(), ax.get_ylim()  # applies a pending autoscale before anything is transformed
+    figure = ax.get_figure()
+    frame = ax.bbox
+    paths, points = [], []
+    for line in ax.get_lines():
+        if not len(line.get_xdata()):
+            continue
+        path = line.get_transform().transform_path(line.get_path())
+        if line.get_linestyle() in ("None", "none", "", " "):
+            points.extend(path.vertices)  # markers only (the non-finite marks at the top edge)
+        else:
+            paths.append(path)
+    texts = [t.get_window_extent() for t in ax.texts if t.get_visible() and t.get_text()]
+    probe = ax.text(xy[0], xy[1], text, fontsize=fontsize)
+    best: tuple[int, tuple[float, float, str, str]] = (1_000_000, candidates[0])
+    width = 0.0
+    try:
+        for candidate in candidates:
+            dx, dy, ha, va = candidate
+            probe.set_transform(offset_copy(ax.transData, fig=figure, x=dx, y=dy, units="points"))
+            probe.set_horizontalalignment(ha)
+            probe.set_verticalalignment(va)
+            box = probe.get_window_extent().padded(2.0)
+            width = box.width
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            score = 0 if inside else 100
+            score += 10 * sum(box.overlaps(other) for other in texts)
+            score += sum(path.intersects_bbox(box) for path in paths)
+            score += int(box.count_contains(np.asarray(points).reshape(-1, 2)) > 0) if points else 0
+            if score < best[0]:
+                best = (score, candidate)
+            if score == 0:
+                break
+    finally:
+        probe.remove()
+    return best[1], best[0], width
 
 
 def _load_matplotlib() -> tuple[Any, Any] | None:
@@ -348,7 +490,76 @@ def draw_overview(
         figure.suptitle(data.title, fontsize=small + 3, y=0.995)
     # fixed margins instead of tight_layout (which measures every label: a large part of the drawing time)
     figure.subplots_adjust(left=0.10, right=0.98, top=top, bottom=0.08, hspace=0.12)
-    return OverviewPlot(figure=figure, axes=axes, drawn=drawn)
+    # values written on the panels, placed now that limits and positions are final (the legends, at "best", are
+    # placed when drawn and avoid them); the largest LR changes first, up to _MAX_LR_NOTES that find room
+    loss_peak = find_peak("loss", (data.loss, data.loss_max), positive=log_loss)
+    start = min((s for s, _ in [*data.loss, *data.loss_max]), default=None)
+    if loss_peak is not None and loss_peak.kind == "peak" and loss_peak.step == start:
+        loss_peak = None  # a loss that never rose above its first value: nothing to point at
+    notes = [n for n in (find_peak("norm", (data.grad_norm_max, data.grad_norm), positive=True), loss_peak) if n]
+    written = [_write_peak(axes[note.panel], note, small) for note in notes]
+    changes = find_lr_changes(data.lr, data.events) if "lr/lr" in drawn else []
+    labelled: list[tuple[OverviewNote, float, float]] = []  # with the x of its step and its width, in pixels
+    for note in sorted(changes, key=_lr_change_rank)[: 3 * _MAX_LR_NOTES]:  # the largest first, earlier on a tie
+        if len(labelled) == _MAX_LR_NOTES:
+            break
+        spot = _write_lr_change(axes["lr"], note, small, [(x, w) for _, x, w in labelled])
+        if spot is not None:
+            labelled.append((note, *spot))
+    written += sorted((note for note, _, _ in labelled), key=lambda n: n.step)
+    return OverviewPlot(figure=figure, axes=axes, drawn=drawn, notes=written)
+
+
+def _lr_change_rank(note: OverviewNote) -> tuple[float, int]:
+    before = note.value if note.before is None else note.before
+    ratio = abs(math.log(note.value / before)) if note.value > 0 and before > 0 else abs(note.value - before)
+    return -round(ratio, 6), note.step
+
+
+def _write_peak(ax: Any, note: OverviewNote, fontsize: float) -> OverviewNote:
+    """Write a peak beside its point (a non-finite one: below its mark at the top edge)."""
+    spots: tuple[tuple[float, float, str], ...]  # (dy, dx, va): beside the point, below it, above it
+    if note.kind == "nonfinite":  # marked at the top edge: below it
+        xy, spots = (note.step, float(ax.get_ylim()[1])), ((-12, 9, "top"), (-26, 9, "top"), (-40, 9, "top"))
+    else:
+        xy, spots = (note.step, note.value), ((0, 10, "center"), (-8, 9, "top"), (-22, 9, "top"), (8, 9, "bottom"))
+    candidates = [(side * dx, dy, "left" if side > 0 else "right", va) for dy, dx, va in spots for side in (1, -1)]
+    (dx, dy, ha, va), _, _ = _place(ax, xy, note.text, candidates, fontsize)
+    # a leader only from a note set off from its point (beside it, the leader would cross the event's step label)
+    corner = (0.0 if ha == "left" else 1.0, {"top": 1.0, "bottom": 0.0}.get(va, 0.5))
+    leader = {"arrowstyle": "-", "color": _NOTE, "lw": 0.8, "shrinkA": 0.0, "shrinkB": 2.0, "relpos": corner}
+    ax.annotate(note.text, xy, xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=fontsize,
+                color=_NOTE, clip_on=True, annotation_clip=False, zorder=6, arrowprops=leader if abs(dy) > 20 else None,
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})  # fmt: skip
+    return note
+
+
+def _write_lr_change(
+    ax: Any, note: OverviewNote, fontsize: float, others: Sequence[tuple[float, float]]
+) -> tuple[float, float] | None:
+    """Write ``before → after`` right of the jump (left of it only where the right has no room), halfway between
+    the two levels. Not where it would cover another label, leave the axes, or stand within a label's width of
+    ``others`` (the x and width, in pixels, of the LR changes labelled already: which label is whose would be
+    unclear). Returns the x of its step and its width (pixels), or None where it was not written."""
+    low, high = sorted((note.value if note.before is None else note.before, note.value))
+    mid = (low + high) / 2  # halfway on a linear axis; on a log axis, the geometric mean (an LR of 0 is not on it)
+    if ax.get_yscale() == "log":
+        mid = math.sqrt(low * high) if low > 0 else high
+    x = float(ax.transData.transform((note.step, mid))[0])
+    rows = (0.0, 10.0, -10.0, 20.0, -20.0)
+    for dx, ha in ((5.0, "left"), (-5.0, "right")):
+        candidates = [(dx, dy, ha, "center") for dy in rows]
+        (dx, dy, ha, va), score, width = _place(ax, (note.step, mid), note.text, candidates, fontsize)
+        if score < 10:
+            break
+    else:
+        return None
+    if any(abs(x - other) < max(width, other_width) for other, other_width in others):
+        return None
+    ax.annotate(note.text, (note.step, mid), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                fontsize=fontsize, color=_NOTE, clip_on=True, annotation_clip=False, zorder=6,
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})  # fmt: skip
+    return x, width
 
 
 def render_overview(data: OverviewData, width_px: int = 800, height_px: int = 600) -> np.ndarray | None:

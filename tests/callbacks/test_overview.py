@@ -182,3 +182,121 @@ def test_the_budget_keeps_a_storm_of_events_cheap():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert budget.due()  # 2 s in 100 s: within 5 %
+
+
+def _drawn_notes(plot) -> dict[str, list[str]]:
+    """The notes' texts as drawn on each panel, each checked to lie inside its panel."""
+    texts: dict[str, list[str]] = {}
+    for name, ax in plot.axes.items():
+        frame = ax.bbox
+        for t in ax.texts:
+            box = t.get_window_extent()
+            if t.get_text() in {n.text for n in plot.notes if n.panel == name}:
+                assert frame.x0 <= box.x0 <= box.x1 <= frame.x1, t.get_text()
+                assert frame.y0 <= box.y0 <= box.y1 <= frame.y1, t.get_text()
+                texts.setdefault(name, []).append(t.get_text())
+    return texts
+
+
+@pytest.fixture
+def overview_data(monkeypatch):
+    """The data of every overview a fit draws, in order."""
+    seen = []
+    real = overview_module.render_overview
+    monkeypatch.setattr(
+        overview_module, "render_overview", lambda data, *a, **k: seen.append(data) or real(data, *a, **k)
+    )
+    return seen
+
+
+def test_the_spike_and_the_lr_cut_at_a_rollback_are_written_on_the_overview(tmp_path, overview_data):
+    # LSTM-like: the loss blows up (x1e4 for three steps), the norm spikes, the guard rolls back and cuts the LR
+    trainer = make_trainer(tmp_path, default_callbacks(), max_steps=12, log_every_n_steps=5)
+    trainer.fit(TinyRegression(loss_scale_at={5: 1e4, 6: 1e4, 7: 1e4}))
+    guard = next(cb for cb in trainer.callbacks if isinstance(cb, NaNGuard))
+    ((step, kind, lr_scale),) = [(e["step"], e["kind"], e["lr_scale"]) for e in guard.events]
+    assert (kind, lr_scale) == ("rollback", 0.5)
+    acc = _events(trainer)
+    tops = [(e.step, e.value) for e in acc.Scalars("gradguard/grad_norm_max")]
+    lr = sorted((e.step, e.value) for e in acc.Scalars("gradguard/lr"))
+    peak_value, peak_step = max((v, -s) for s, v in tops)
+    assert all(math.isfinite(v) for _, v in tops)
+    plot = overview_module.draw_overview(overview_data[-1])  # the picture at the end of the fit
+    notes = {(n.panel, n.kind): n for n in plot.notes}
+    peak = notes["norm", "peak"]
+    assert (peak.step, peak.value) == (-peak_step, pytest.approx(peak_value, rel=1e-6))
+    assert peak.value > 100 * sorted(v for _, v in tops)[len(tops) // 2]  # the spike, not an ordinary step
+    assert peak.text == f"peak {overview_module._short(peak_value)} @ step {-peak_step}"
+    change = notes["lr", "lr_change"]
+    assert [n.step for n in plot.notes if n.kind == "lr_change"] == [step]
+    assert change.before == pytest.approx(max((s, v) for s, v in lr if s < step)[1]) == pytest.approx(0.01)
+    assert change.value == pytest.approx(dict(lr)[step]) == pytest.approx(0.005)
+    assert change.text == "0.01 → 0.005"
+    drawn = _drawn_notes(plot)
+    assert drawn["norm"] == [peak.text]
+    assert drawn["lr"] == [change.text]
+    assert notes["loss", "peak"].step in (5, 6, 7)  # the blow-up's interval maximum
+
+
+def test_a_healthy_run_with_a_schedule_has_no_lr_note(tmp_path, overview_data):
+    from torch.optim.lr_scheduler import StepLR
+
+    model = TinyRegression(scheduler=lambda opt: StepLR(opt, step_size=4, gamma=0.1))
+    trainer = make_trainer(tmp_path, default_callbacks(), max_steps=12, log_every_n_steps=1)
+    trainer.fit(model)
+    data = overview_data[-1]
+    assert data.events == []
+    assert len({round(v, 12) for _, v in data.lr}) == 3  # the schedule changed the LR twice
+    plot = overview_module.draw_overview(data)
+    assert [n for n in plot.notes if n.panel == "lr"] == []
+    assert "lr" not in _drawn_notes(plot)
+    assert [n.kind for n in plot.notes if n.panel == "norm"] == ["peak"]
+
+
+def test_a_nonfinite_norm_is_the_peak_note(halted):
+    trainer, acc = halted
+    data = overview_module.OverviewData(
+        grad_norm_max=[(e.step, e.value) for e in acc.Scalars("gradguard/grad_norm_max")],
+        events=[(30, "halt")],
+    )
+    plot = overview_module.draw_overview(data)
+    (note,) = [n for n in plot.notes if n.panel == "norm"]
+    assert (note.kind, note.step, note.text) == ("nonfinite", 30, "NaN/inf @ step 30")
+    assert not math.isfinite(note.value)
+    assert _drawn_notes(plot)["norm"] == [note.text]
+
+
+@pytest.mark.parametrize(
+    ("lr", "events", "expected"),
+    [
+        ([(0, 10.0), (7, 0.03), (10, 0.03)], [(7, "rollback")], [(7, 10.0, 0.03, "10 → 0.03")]),
+        (
+            [(0, 1e-3), (50, 5e-4), (90, 1e-3)],
+            [(50, "lower_lr"), (90, "raise_lr")],
+            [(50, 1e-3, 5e-4, "1e-3 → 5e-4"), (90, 5e-4, 1e-3, "5e-4 → 1e-3")],
+        ),  # fmt: skip
+        ([(0, 0.1), (4, 0.01), (8, 0.001)], [], []),  # a schedule alone
+        ([(0, 0.1), (4, 0.01), (8, 0.001)], [(4, "skip"), (8, "warn")], []),  # at other events' steps
+        ([(0, 0.1), (5, 0.1)], [(5, "rollback")], []),  # a rollback without a cut
+        ([(0, 0.1), (10, 0.05)], [(7, "lower_lr")], [(7, 0.1, 0.05, "0.1 → 0.05")]),  # not logged at its step
+        ([(5, 0.1)], [(5, "rollback")], []),  # nothing logged before it
+    ],
+)
+def test_find_lr_changes(lr, events, expected):
+    from lightning_gradguard.overview import find_lr_changes
+
+    found = find_lr_changes(lr, events)
+    assert [(n.step, n.before, n.value, n.text) for n in found] == expected
+    assert all((n.panel, n.kind) == ("lr", "lr_change") for n in found)
+
+
+def test_find_peak():
+    from lightning_gradguard.overview import find_peak
+
+    note = find_peak("norm", ([(0, 1.0), (3, 1164.5), (5, 2.0)], [(3, 486.0), (9, 1164.5)]))
+    assert (note.kind, note.step, note.value, note.text) == ("peak", 3, 1164.5, "peak 1.16e3 @ step 3")
+    note = find_peak("norm", ([(0, 1.0), (12, math.nan), (14, math.inf)], [(12, math.nan)]))
+    assert (note.kind, note.step, note.text) == ("nonfinite", 12, "NaN/inf @ step 12 (+1 more)")
+    assert find_peak("loss", ([(0, -1.0), (1, 0.0)],), positive=True) is None
+    assert find_peak("loss", ([(0, -1.0), (1, -3.0)],)).text == "peak -1 @ step 0"
+    assert find_peak("norm", ()) is None

@@ -236,3 +236,57 @@ def test_report_event_kinds_are_read_from_the_line_head():
     assert event_kind("NaNGuard warn at step 50: rising norm") == "warn"
     assert event_kind("NaNGuard skip at step 3: nonfinite loss; rollback not needed") == "skip"
     assert event_kind("GradGuard halt at step 7: too many rollbacks") == "halt"
+
+
+@pytest.fixture(scope="module")
+def lstm_run(tmp_path_factory):
+    """The LSTM demo (guarded) for 12 steps: its loss blows up at lr 10, the guard rolls back and cuts the LR."""
+    from lightning_gradguard.demo import run_demo
+
+    root = tmp_path_factory.mktemp("lstm")
+    run_demo("lstm", guarded=True, logdir=root, max_steps=12, progress_bar=False)
+    return root
+
+
+def test_report_overview_writes_the_norm_peak_and_the_lr_cut(lstm_run):
+    from lightning_gradguard.report import draw_report
+
+    acc = EventAccumulator(str(lstm_run / "lstm_guarded" / "version_0"), size_guidance=GUIDANCE)
+    acc.Reload()
+    tops = [(e.step, e.value) for e in acc.Scalars("gradguard/grad_norm_max")]
+    lr = sorted((e.step, e.value) for e in acc.Scalars("gradguard/lr"))
+    run = summarize(lstm_run).runs[0]
+    ((step, kind),) = [(s, k) for s, k, _ in run.guard_events]
+    assert kind == "rollback"
+    (plot,) = draw_report(summarize(lstm_run))
+    notes = {(n.panel, n.kind): n for n in plot.notes}
+    # the norm's peak: the largest interval maximum, at its step
+    peak = notes["norm", "peak"]
+    value, at = max((v, -s) for s, v in tops if math.isfinite(v))
+    assert (peak.step, peak.value) == (-at, pytest.approx(value, rel=1e-6))
+    assert peak.value > 100 * float(np.median([v for _, v in tops]))
+    assert re.fullmatch(rf"peak \d[\d.]*(e\d+)? @ step {peak.step}", peak.text), peak.text  # peak 1.16e3 @ step 7
+    # the LR cut at the rollback: from the LR logged before it to the one logged at its step
+    (change,) = [n for n in plot.notes if n.kind == "lr_change"]
+    assert change.step == step
+    assert change.before == pytest.approx(max((s, v) for s, v in lr if s < step)[1]) == pytest.approx(10.0)
+    assert change.value == pytest.approx(dict(lr)[step]) == pytest.approx(10.0 * 0.003)  # the demo's lr_factor
+    assert change.text == "10 → 0.03"
+    # both written on their panels, inside them
+    for note in (peak, change):
+        ax = plot.axes[note.panel]
+        (text,) = [t for t in ax.texts if t.get_text() == note.text]
+        box, frame = text.get_window_extent(), ax.bbox
+        assert frame.x0 <= box.x0 <= box.x1 <= frame.x1
+        assert frame.y0 <= box.y0 <= box.y1 <= frame.y1
+
+
+def test_report_overview_of_a_run_without_lr_changes_has_no_lr_note(blow_up_run):
+    from lightning_gradguard.report import draw_report
+
+    root, _ = blow_up_run
+    (plot,) = draw_report(summarize(root))
+    assert [n for n in plot.notes if n.panel == "lr"] == []
+    (loss_note,) = [n for n in plot.notes if n.panel == "loss"]
+    assert (loss_note.kind, loss_note.step) == ("nonfinite", 19)  # the NaN loss of step 19, before the blow-up's 1e4
+    assert any(t.get_text() == loss_note.text for t in plot.axes["loss"].texts)
