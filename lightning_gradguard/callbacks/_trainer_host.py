@@ -8,15 +8,21 @@ halt that stops the fit even before ``min_steps``/``min_epochs`` (the limits are
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+
+try:  # torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - such builds cannot shard either
+    DTensor = None  # type: ignore[assignment,misc]
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradguard.callbacks._checkpoint_snapshots import CheckpointSnapshots
@@ -30,7 +36,8 @@ from lightning_gradguard.callbacks._log_writer import (
 )
 from lightning_gradguard.callbacks._step_context import context_for
 from lightning_gradguard.core.engine import GuardHost
-from lightning_gradguard.core.recover._fault_trace import first_nonfinite_module
+from lightning_gradguard.core.recover._fault_trace import FaultTrace, trace_fault
+from lightning_gradguard.core.recover._rerun import RerunResult, RngState, rerun_step
 from lightning_gradguard.core.recover._snapshot import Snapshot
 from lightning_gradguard.overview import OverviewBudget, write_overview
 
@@ -163,19 +170,52 @@ class TrainerHost(GuardHost):
             self.trainer.fit_loop.min_epochs, self.trainer.fit_loop.epoch_loop.min_steps = self._loop_limits
             self._loop_limits = None
 
-    def replay(self, item: tuple[Any, int]) -> str | None:
-        """Run the bad batch through ``training_step`` once more (no gradients, logging muted) and name the first
-        module whose output went non-finite."""
-        pl_module, (batch, batch_idx) = self.pl_module, item
+    @contextlib.contextmanager
+    def _quiet_module(self) -> Iterator[pl.LightningModule]:
+        """The LightningModule with ``self.log`` muted (a replay or rerun must not log a second value)."""
+        pl_module = self.pl_module
         log = pl_module.__dict__.get("log")
         pl_module.log = lambda *a, **k: None  # type: ignore[method-assign]
         try:
-            return first_nonfinite_module(pl_module, lambda: pl_module.training_step(batch, batch_idx))
+            yield pl_module
         finally:
             if log is None:
                 del pl_module.log
             else:
                 pl_module.log = log  # type: ignore[method-assign]
+
+    def replay(self, item: tuple[Any, int]) -> FaultTrace | None:
+        """Run the bad batch through ``training_step`` once more (no gradients, logging muted) with hooks on every
+        module: which one produced the fault, which only passed it on."""
+        batch, batch_idx = item
+        with self._quiet_module() as pl_module:
+            return trace_fault(pl_module, lambda: pl_module.training_step(batch, batch_idx))
+
+    def rerun(
+        self, items: list[tuple[Any, int]], rngs: list[RngState | None], weights: dict[str, Any] | None
+    ) -> RerunResult | None:
+        """Recompute the step through ``training_step`` under the precision plugin's context (autocast), logging
+        muted. Only with automatic optimization (a manual ``training_step`` steps its optimizers itself) and
+        unsharded parameters (a sharded forward is a collective that every rank would have to join), and never with
+        SyncBatchNorm across processes (its forward is one)."""
+        pl_module, trainer = self.pl_module, self.trainer
+        if not items or not pl_module.automatic_optimization:
+            return None
+        if DTensor is not None and any(isinstance(p, DTensor) for p in pl_module.parameters()):
+            return None
+        if trainer.world_size > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules()):
+            return None
+        plugin = trainer.precision_plugin
+
+        def loss_of(batch: Any, batch_idx: int) -> Callable[[], Any]:
+            def compute() -> Any:
+                with plugin.train_step_context():
+                    return pl_module.training_step(batch, batch_idx)
+
+            return compute
+
+        with self._quiet_module() as pl_module:
+            return rerun_step(pl_module, [loss_of(b, i) for b, i in items], rngs, weights)
 
     def save_batches(self, batches: list[tuple[Any, int]], step: int) -> str | None:
         out, t = self.out_dir, self.trainer

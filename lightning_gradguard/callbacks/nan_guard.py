@@ -100,6 +100,15 @@ class NaNGuard(Callback):
             schedule; the period doubles each time a raised LR needs cutting again; None: never).
         rollback_refill_steps: healthy steps in a row that give one rollback back to the ``max_rollbacks`` budget
             (None: the budget counts over the whole run).
+        rerun: on a non-finite step, recompute it (the same batch and random numbers, through ``training_step``
+            under the precision plugin's autocast) from the same state and, if the fault reproduces, from the newest
+            trusted snapshot, and say what it was: *transient* (it did not reproduce: skipped, LR kept), *data* (the
+            batch held NaN/inf, or fails from the trusted state too: skipped, LR kept), *state* (it fails only from
+            the current state: rolled back) or *reproducible* (no trusted snapshot to tell). The diagnosis and the
+            numbers compared are in the event. It costs nothing on healthy steps (the random-number state is kept
+            per step, a few kilobytes) and one to two extra forward/backward passes on a fault. Runs with automatic
+            optimization and unsharded parameters (not under FSDP2/ModelParallelStrategy, nor with cross-process
+            SyncBatchNorm: there the other diagnoses stand).
 
     All the per-step work is the guard engine's (:class:`~lightning_gradguard.core.engine.GuardEngine`, shared with
     ``GradGuard`` and ``FabricGradGuard``); this callback turns Trainer hooks into its calls.
@@ -137,6 +146,7 @@ class NaNGuard(Callback):
     min_lr_scale = EngineField(options=True)
     lr_recovery_steps = EngineField(options=True)
     rollback_refill_steps = EngineField(options=True)
+    rerun = EngineField(options=True)
     warnings = EngineField()
     policy = EngineField()
     skipped_steps = EngineField()
@@ -176,6 +186,7 @@ class NaNGuard(Callback):
         min_lr_scale: float = 1e-3,
         lr_recovery_steps: int | None = 1000,
         rollback_refill_steps: int | None = 200,
+        rerun: bool = True,
     ) -> None:
         super().__init__()
         args = locals()

@@ -9,8 +9,9 @@ the callbacks); events announced on rank 0 once on stderr and through the adapte
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from lightning_gradguard.core.clip import CLIPPERS, Clipper, check_clip_options
 from lightning_gradguard.core.engine import GuardHost
 from lightning_gradguard.core.engine._scalars import with_twins
 from lightning_gradguard.core.engine._timeline import Timeline
+from lightning_gradguard.core.recover._rerun import RerunResult, RngState, rerun_step
 from lightning_gradguard.overview import OverviewBudget, write_overview
 from lightning_gradguard.plain._announce import announce_line
 from lightning_gradguard.plain._distributed import MaxReducer
@@ -109,6 +111,7 @@ class LoopHost(GuardHost):
         self._budget = OverviewBudget()
         self._logger = logger
         self.terminal = terminal  # announce on stderr too (else only through logging)
+        self.recompute: Callable[[], Any] | None = None  # this step's loss again (GradGuard.before_step)
 
     def model(self) -> nn.Module:
         return self._model
@@ -169,3 +172,15 @@ class LoopHost(GuardHost):
 
     def report_dir(self) -> Path | None:
         return self._report_dir
+
+    def rerun(
+        self, items: list[tuple[Any, int]], rngs: list[RngState | None], weights: dict[str, Any] | None
+    ) -> RerunResult | None:
+        """Recompute the step with the loop's ``recompute`` callable (None without one), on the unwrapped model
+        (snapshot weights are loaded there); a DDP wrapper that the callable calls runs under ``no_sync`` (its
+        gradient sync would be a collective that only the ranks with a fault join)."""
+        if self.recompute is None:
+            return None
+        no_sync = getattr(self._model, "no_sync", None)  # a DDP wrapper in the user's closure: no gradient sync
+        with no_sync() if callable(no_sync) else contextlib.nullcontext():
+            return rerun_step(self._inner, [self.recompute], rngs[:1], weights)

@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -150,6 +150,9 @@ class GradGuard:
         history_size: recent norms and losses kept for halt reports.
         min_lr_scale, lr_recovery_steps, rollback_refill_steps: the LR floor, the recovery of a cut LR and the
             refill of the rollback budget, as for ``NaNGuard``.
+        rerun: on a non-finite step, recompute it with the ``recompute`` callable given to :meth:`before_step` (from
+            the same state, then from the trusted snapshot) and say whether the fault was transient, of the data or
+            of the state (see ``NaNGuard``); a transient or data fault costs no LR. No effect without ``recompute``.
         all_reduce_max: custom ``tensor -> element-wise max over ranks`` (Fabric); None uses torch.distributed.
         process_group: the torch.distributed group (None: the default group).
 
@@ -186,6 +189,7 @@ class GradGuard:
     min_lr_scale = EngineField(options=True)
     lr_recovery_steps = EngineField(options=True)
     rollback_refill_steps = EngineField(options=True)
+    rerun = EngineField(options=True)
     warnings = EngineField()
     policy = EngineField()
     store = EngineField()
@@ -198,6 +202,8 @@ class GradGuard:
     #: what the guard did at the last step (a :class:`~lightning_gradguard.core.guard.GuardDecision`).
     reason = EngineField("outcome")
     cause = EngineField()
+    spike_score = EngineField()
+    spike_scores = EngineField()
     halted = EngineField()
     halt_error = EngineField()
     report_path = EngineField()
@@ -235,6 +241,7 @@ class GradGuard:
         min_lr_scale: float = 1e-3,
         lr_recovery_steps: int | None = 1000,
         rollback_refill_steps: int | None = 200,
+        rerun: bool = True,
         all_reduce_max: Reduce | None = None,
         process_group: Any = None,
     ) -> None:
@@ -315,13 +322,18 @@ class GradGuard:
         return float(slot.clipped_total) / slot.steps if slot.steps else None
 
     # ------------------------------------------------------------------ the step
-    def before_step(self, loss: Tensor | float | None = None) -> bool:
+    def before_step(self, loss: Tensor | float | None = None, recompute: Callable[[], Any] | None = None) -> bool:
         """Measure, clip and judge this optimizer step; True: take it, False: do not (its gradients are now None).
 
         Args:
             loss: the step's (unscaled) training loss, summed over accumulated micro-batches; None if not known
                 (then only the gradients are judged).
+            recompute: a callable that computes this step's loss again from the model as it is (e.g.
+                ``lambda: loss_fn(model(x), y)``), for the rerun diagnosis of a non-finite step (``rerun=True``):
+                called only on such a fault, with the random-number state of the step's first forward restored;
+                the guard takes the gradients itself and never touches ``.grad``. None: no rerun diagnosis.
         """
+        self._host.recompute = recompute
         self._checked = True
         self._keep_lr_cut()
         if self.halted:

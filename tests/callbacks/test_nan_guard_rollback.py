@@ -259,7 +259,7 @@ def test_event_lines_of_every_kind_say_each_thing_once(tmp_path, caplog):
     }
     guard = NaNGuard(
         max_consecutive_skips=1, max_rollbacks=1, lr_recovery_steps=3, raise_on_halt=False, report_dir=tmp_path,
-        snapshot_every_n_steps=2, snapshot_confirm_steps=0,
+        snapshot_every_n_steps=2, snapshot_confirm_steps=0, rerun=False,  # the NaNs stand for reproducible faults
     )  # fmt: skip
     model = TinyRegression(nan_at_steps=[3, 6, 7, 18, 19])
     trainer = make_trainer(tmp_path, [guard, Findings(findings)], max_steps=24, logger=False)

@@ -101,6 +101,7 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "min_lr_scale": number(lambda v: 0 < v <= 1),
         "lr_recovery_steps": integer(1, optional=True),
         "rollback_refill_steps": integer(1, optional=True),
+        "rerun": boolean(),
     },
     GradientNormMonitor: {
         "log_every_n_steps": integer(1, optional=True),

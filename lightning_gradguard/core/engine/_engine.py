@@ -44,6 +44,7 @@ from lightning_gradguard.core.guard._stability import StabilityFinding
 from lightning_gradguard.core.guard._step_judge import StepJudge, StepRider, Verdict, any_rank
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.recover._fault_trace import nonfinite_in
+from lightning_gradguard.core.recover._rerun import KINDS, RerunResult, RngState, classify
 from lightning_gradguard.core.recover._rules import (
     START_KEEP_WINDOWS,
     StartState,
@@ -138,6 +139,8 @@ class GuardEngine:
     def _reset_step(self) -> None:
         self._window_open = False
         self._batches: list[tuple[Any, int]] = []
+        self._rngs: list[RngState | None] = []  # the random-number state before each micro-batch's forward
+        self._window_rng: RngState | None = None  # ... before the step's first forward (loops without batches)
         self._pending: StepHealth | None = None
         self._pending_values: tuple[float | None, float | None, list[GradStats]] = (None, None, [])
         self._lower: StabilityFinding | None = None
@@ -230,15 +233,20 @@ class GuardEngine:
 
     # ------------------------------------------------------------------ per step
     def open_window(self, module: torch.nn.Module) -> None:
-        """Before the first forward of an optimizer step: save the buffers that forward is about to change."""
+        """Before the first forward of an optimizer step: save the buffers that forward is about to change (and,
+        for the rerun diagnosis, the random-number state it starts from)."""
         if not self._window_open:
             self._window_open = True
             self._batches = []
+            self._rngs = []
             self.buffers.save(module)
+            self._window_rng = RngState.capture() if self.options.rerun else None
 
     def add_batch(self, batch: Any, batch_idx: int) -> None:
-        """A micro-batch of the open step (diagnosis of a flagged step; optional)."""
+        """A micro-batch of the open step (diagnosis of a flagged step; optional), called before its forward."""
         self._batches.append((batch, batch_idx))
+        if self.options.rerun:
+            self._rngs.append(RngState.capture())
 
     def rider(self, loss: Any) -> StepRider | None:
         """This step's judge values (all but the norm) to carry in the collective of the step's sharded measurement,
@@ -369,11 +377,16 @@ class GuardEngine:
         event = GuardEvent(health.step, "", "", self.lr_scale, loss=loss, grad_norm=norm)
         if health.update_skipped:
             self.skipped_steps += 1
+            nonfinite_cause = health.cause is not None and health.cause.value in _NONFINITE_CAUSES
             if self._batches:
                 event.nonfinite_batch = health.nonfinite_batch = any(nonfinite_in(b) for b, _ in self._batches)
-                if health.cause is not None and health.cause.value in _NONFINITE_CAUSES:
-                    event.first_nonfinite_module = host.replay(self._batches[-1])
-            self.buffers.restore()  # undo what the bad batch (and the replay) did to BatchNorm statistics
+                if nonfinite_cause:
+                    trace = host.replay(self._batches[-1])
+                    if trace is not None:
+                        event.first_nonfinite_module, event.producer = trace.first_nonfinite, trace.producer
+            if o.rerun and health.nonfinite_somewhere:  # the same on every rank: they reduce together
+                self._rerun_diagnosis(health, event, loss, norm)
+            self.buffers.restore()  # undo what the bad batch (and the replay, the reruns) did to BatchNorm statistics
             if health.nonfinite_grad:
                 event.nonfinite_grads = [n for s in stats for n in s.nonfinite_names()][:20]
         if o.check_params and (health.update_skipped or health.weights_damaged):
@@ -515,6 +528,38 @@ class GuardEngine:
         self._since_snapshot = 0
         self.judge_.after_state_change()
         self.host.state_changed()
+
+    def _rerun_diagnosis(self, health: StepHealth, event: GuardEvent, loss: float | None, norm: float | None) -> None:
+        """Recompute the flagged step (same state, batch and random numbers; then from the trusted snapshot) and
+        classify it (``core/recover/_rerun.py``); every rank agrees on the most serious diagnosis (one reduce). A
+        rank whose own loss and gradients were finite reruns nothing and has no say."""
+        host = self.host
+        found = None
+        if health.nonfinite_loss or health.nonfinite_grad:
+            weights_bad = bool(nonfinite_weights_and_buffers(host.named_module())[0])
+            same = trusted = None
+            snap = None
+            if not health.nonfinite_batch and not weights_bad:
+                rngs = self._rngs or [self._window_rng]
+                same = host.rerun(self._batches, rngs, None)
+                if same is not None and not same.finite:
+                    snap = self.store.compute()
+                    trusted = host.rerun(self._batches, rngs, snap.model) if snap is not None else None
+            fault = RerunResult(loss, norm)
+            trusted_step = snap.step if snap is not None else None
+            found = classify(fault, bool(health.nonfinite_batch), weights_bad, same, trusted, trusted_step)
+        code = KINDS.index(found.kind) + 1 if found is not None else 0
+        reducer = host.reducer()
+        if reducer is not None and reducer.world_size > 1:
+            agreed = reducer(torch.tensor([float(code)], dtype=torch.float64, device=host.device()))
+            code = int(agreed.tolist()[0])
+        if not code:
+            return
+        health.diagnosis = event.diagnosis = KINDS[code - 1]
+        if found is not None and found.kind == event.diagnosis:
+            event.diagnosis_evidence = found.evidence
+        else:
+            event.diagnosis_evidence = "found on another rank"
 
     def _diagnose(self, health: StepHealth) -> tuple[list[str], list[str]]:
         """Names of this rank's non-finite weights and buffers; the health flags OR-ed over the ranks."""

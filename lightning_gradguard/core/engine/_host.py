@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from lightning_gradguard.core.guard._step_judge import RankReducer
+from lightning_gradguard.core.recover._fault_trace import FaultTrace
+from lightning_gradguard.core.recover._rerun import RerunResult, RngState
 from lightning_gradguard.core.recover._snapshot import Snapshot
 
 
@@ -106,8 +108,19 @@ class GuardHost:
         """A halt: end the loop after this step (the engine raises afterwards when asked to)."""
 
     # ------------------------------------------------------------------ optional: the batch and checkpoint files
-    def replay(self, item: tuple[Any, int]) -> str | None:
-        """Run the flagged batch once more and name the first module with a non-finite output (None: unknown)."""
+    def replay(self, item: tuple[Any, int]) -> FaultTrace | None:
+        """Run the flagged batch once more with hooks on every module and say which one produced the fault
+        (:func:`~lightning_gradguard.core.recover._fault_trace.trace_fault`; None: cannot replay)."""
+        return None
+
+    def rerun(
+        self, items: list[tuple[Any, int]], rngs: list[RngState | None], weights: dict[str, Any] | None
+    ) -> RerunResult | None:
+        """Recompute the flagged step's loss and gradient norm from the current state (``weights`` None) or from
+        ``weights`` (a snapshot's model state), each micro-batch of ``items`` after restoring its random-number
+        state from ``rngs``, without touching ``.grad``
+        (:func:`~lightning_gradguard.core.recover._rerun.rerun_step`); None where this loop cannot (then there is
+        no rerun diagnosis)."""
         return None
 
     def save_batches(self, batches: list[tuple[Any, int]], step: int) -> str | None:

@@ -47,6 +47,7 @@ class GuardOptions:
     min_lr_scale: float = 1e-3
     lr_recovery_steps: int | None = 1000
     rollback_refill_steps: int | None = 200
+    rerun: bool = True
     owner: str = "NaNGuard"
     report_name: str = "nan_guard_report"
 
@@ -108,6 +109,7 @@ def check_guard_options(owner: str, report_name: str, **values: Any) -> GuardOpt
         ),
         lr_recovery_steps=check_int("lr_recovery_steps", v["lr_recovery_steps"], 1, True, owner=o),
         rollback_refill_steps=check_int("rollback_refill_steps", v["rollback_refill_steps"], 1, True, owner=o),
+        rerun=check_bool("rerun", v["rerun"], owner=o),
         owner=owner,
         report_name=report_name,
     )

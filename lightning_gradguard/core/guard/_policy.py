@@ -106,6 +106,11 @@ class StepHealth:
         unsettled: the loss or gradient norm was far above its healthy range in the steps just before this one
             (``DivergenceDetector.unsettled``): a fault then belongs to the trajectory, not to the batch.
         update_skipped: the step's update was dropped before it happened (False when the fault is found after it).
+        diagnosis: what a rerun of the step found (``core/recover/_rerun.py``): ``"transient"`` (it did not
+            reproduce), ``"data"`` (the batch fails from a trusted state too), ``"state"`` (it fails only from the
+            current state), ``"reproducible"`` (undecided), or None (no rerun).
+        nonfinite_somewhere: some rank's loss or gradients were non-finite at this step (the same on every rank:
+            the ranks rerun, or not, together).
     """
 
     step: int
@@ -121,6 +126,8 @@ class StepHealth:
     other_rank: bool = False
     unsettled: bool = False
     update_skipped: bool = True
+    diagnosis: str | None = None
+    nonfinite_somewhere: bool = False
 
     @property
     def cause(self) -> GuardCause | None:
@@ -143,6 +150,11 @@ class StepHealth:
     @property
     def weights_damaged(self) -> bool:
         return self.nonfinite_params or self.nonfinite_buffers
+
+    @property
+    def state_fault(self) -> bool:
+        """The state is at fault: non-finite weights or buffers, or a rerun that fails only from the current state."""
+        return self.weights_damaged or self.diagnosis == "state"
 
 
 @dataclass
@@ -171,6 +183,10 @@ class GuardEvent:
         snapshot_step, snapshot_path: what a rollback restored.
         nonfinite_batch: whether the input batch held NaN/inf (None: not checked).
         first_nonfinite_module: the first module whose output went non-finite when the batch was replayed.
+        producer: the module that produced the first NaN (or unabsorbed inf) from finite inputs when the batch was
+            replayed (``core/recover/_fault_trace.py``); the modules after it only passed it on.
+        diagnosis, diagnosis_evidence: what a rerun of the step found (``transient``, ``data``, ``state``,
+            ``reproducible``) and the numbers it compared, in words.
         nonfinite_grads, nonfinite_params, nonfinite_buffers: names, first ones first (at most 20).
         bad_batch_path, report_path: files written for this event.
         rule: for a stability cut (cause ``lr_too_high``), the stability rule that fired
@@ -188,6 +204,9 @@ class GuardEvent:
     snapshot_path: str | None = None
     nonfinite_batch: bool | None = None
     first_nonfinite_module: str | None = None
+    producer: str | None = None
+    diagnosis: str | None = None
+    diagnosis_evidence: str | None = None
     nonfinite_grads: list[str] = field(default_factory=list)
     nonfinite_params: list[str] = field(default_factory=list)
     nonfinite_buffers: list[str] = field(default_factory=list)
@@ -229,8 +248,13 @@ class GuardEvent:
         parts.append(f"lr_scale={self.lr_scale:.6g}")
         if self.nonfinite_batch is not None:
             parts.append("the input batch held NaN/inf" if self.nonfinite_batch else "the input batch was finite")
-        if self.first_nonfinite_module:
+        if self.producer:
+            parts.append(f"produced by {self.producer}")
+        elif self.first_nonfinite_module:
             parts.append(f"first non-finite output: {self.first_nonfinite_module}")
+        if self.diagnosis:
+            evidence = f" ({self.diagnosis_evidence})" if self.diagnosis_evidence else ""
+            parts.append(f"rerun diagnosis: {self.diagnosis}{evidence}")
         for named_cause, label, listed in (
             ("nonfinite_params", "non-finite weights", self.nonfinite_params),
             ("nonfinite_buffers", "non-finite buffers", self.nonfinite_buffers),
@@ -353,7 +377,7 @@ class GuardPolicy:
         repeated = self.last_fault_step is not None and health.step - self.last_fault_step <= self.repeat_window
         self.last_fault_step = health.step
         self.healthy_run = 0
-        damaged = cause in _STATE_DAMAGE or health.weights_damaged
+        damaged = cause in _STATE_DAMAGE or health.state_fault
         action, why = self._choose(cause, damaged, repeated, health)
         if action is GuardAction.ROLLBACK:
             if self.rollbacks >= self.max_rollbacks:
@@ -386,7 +410,9 @@ class GuardPolicy:
             self.divergence_streak = self.divergence_streak + 1 if cause in _DIVERGENCE and repeated else 0
             if cause in _DIVERGENCE:
                 power = min(2**self.divergence_streak, 64)
-            elif self.action == "auto" and health.weights_damaged and not (repeated or health.unsettled):
+            elif self.action == "auto" and health.diagnosis in ("transient", "data"):
+                power = 0  # a rerun cleared the state: whatever made this a rollback, the LR was not at fault
+            elif self.action == "auto" and health.state_fault and not (repeated or health.unsettled):
                 # an isolated fault after a healthy stretch (a weight corrupted in place, a transient hardware
                 # fault): nothing says the LR was at fault, so the state is restored at the schedule's LR
                 power = 0
@@ -421,7 +447,7 @@ class GuardPolicy:
         # auto
         if damaged:
             return GuardAction.ROLLBACK, _DAMAGE_REASON
-        if health.nonfinite_batch:
+        if health.nonfinite_batch or health.diagnosis == "data":
             return GuardAction.SKIP, "a fault of the data, not of the run: buffers restored, LR kept"
         if in_a_row:
             return GuardAction.ROLLBACK, (
@@ -434,6 +460,8 @@ class GuardPolicy:
                 f"another fault within {self.repeat_window} steps, but the steps before it were healthy: a bad "
                 "batch; buffers restored, LR kept"
             )
+        if health.diagnosis == "transient":
+            return GuardAction.SKIP, "a transient fault (it did not reproduce): buffers restored, LR kept"
         return GuardAction.SKIP, "an isolated bad batch: buffers restored, LR kept"
 
     def state_dict(self) -> dict[str, Any]:

@@ -439,6 +439,8 @@ class StepJudge:
                 loss_divergence=loss_divergence,
                 grad_divergence=grad_divergence,
             )
+            # the same on every rank: some rank's loss or gradients were non-finite (the rerun diagnosis runs then)
+            health.nonfinite_somewhere = glob.loss_nonfinite > 0 or (global_grad_bad and not overflow)
             cause = health.cause
             if cause is None and other_rank:  # only another rank saw something
                 health.other_rank = True
