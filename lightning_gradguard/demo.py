@@ -176,6 +176,10 @@ class DemoResult:
         fault: the injected data fault in words ("" without one).
         fault_clip: guarded with a fault: the factor by which the clipper scaled the faulty batch's gradients
             (1.0: not clipped; None: no fault, unguarded, or the fault batch never came).
+        spike_score: guarded: the NaNGuard's spike score at the end (:attr:`~lightning_gradguard.NaNGuard.spike_score`),
+            the share of judged steps whose loss or gradient norm lay more than 6 standard deviations above the mean
+            of the previous 128 values; None unguarded (not measured) or before any step was judged (the first
+            needs 128 earlier ones).
     """
 
     example: str
@@ -205,6 +209,7 @@ class DemoResult:
     higher_is_better: bool = False
     fault: str = ""
     fault_clip: float | None = None
+    spike_score: float | None = None
 
     def guard_account(self) -> str:
         """The guard's events in one phrase, each event counted once, by kind (a rollback is not also a "skip").
@@ -224,6 +229,26 @@ class DemoResult:
         n = len(self.events)
         parts = [f"{c} {k}" + ("s" if c != 1 else "") for k, c in sorted(kinds.items(), key=lambda kc: -kc[1])]
         return f"{n} event" + ("s" if n != 1 else "") + ": " + ", ".join(parts)
+
+    def spike_account(self) -> str:
+        """The spike score in words: the share of judged steps that spiked, or why it was not measured.
+
+        Example:
+            >>> r = DemoResult("lstm", True, 400, False, False, True, 1.0, 1.0, 1.0, 1.0, 0, "test_mse", 0.0, 0.2,
+            ...                None, 0, 0, spike_score=1 / 272)
+            >>> r.spike_account().split("; ")[0]
+            '0.003676 (1 in 272 judged steps spiked)'
+            >>> r.guarded = False
+            >>> r.spike_account()
+            'not measured (no guard)'
+        """
+        from lightning_gradguard.report import SPIKE_RULE, spike_phrase
+
+        if not self.guarded:
+            return "not measured (no guard)"
+        if self.spike_score is None:
+            return f"not measured yet (no step judged: the first needs 128 earlier steps; this run had {self.steps})"
+        return f"{spike_phrase(self.spike_score)}; {SPIKE_RULE}"
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready plain data (what ``gradguard demo --json`` writes)."""
@@ -322,6 +347,7 @@ class DemoResult:
             lines.append("  NaNGuard: " + self.guard_account())
             for ev in self.events:
                 lines.append(f"    step {ev['step']}: {ev['kind']} ({ev['cause']}), lr now {ev['lr']:.4g}")
+        lines.append("  spike score: " + self.spike_account())
         lines.append(
             f"  final {self.final_metric_name}: {self.final_metric:.4g} ({better} is better; trivial baseline "
             f"{self.baseline_metric:.3g}; learned past {self.learned_bar:.3g}, "
@@ -575,6 +601,7 @@ def run_demo(
     diverged = not params_finite or last_loss_bad or math.isnan(metric) or (blew_up and not learned)
 
     clip_rate: float | None = None
+    spike_score: float | None = None
     skips = rollbacks = 0
     events: list[dict[str, Any]] = []
     if guarded:
@@ -587,6 +614,7 @@ def run_demo(
                 # events by kind: a rollback is not also a skip (cb.skipped_steps counts its dropped update), and
                 # cb.rollbacks is the rollback budget in use, which healthy steps refill
                 kinds = [ev["kind"] for ev in cb.events]
+                spike_score = cb.spike_score
                 skips, rollbacks = kinds.count("skip"), kinds.count("rollback")
                 base_lr = float(settings.model.get("lr", math.nan))
                 events = [
@@ -622,6 +650,7 @@ def run_demo(
         higher_is_better=settings.higher_is_better,
         fault=settings.fault,
         fault_clip=recorder.fault_clip,
+        spike_score=spike_score,
     )
 
 

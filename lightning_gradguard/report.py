@@ -13,7 +13,11 @@ a guarded and an unguarded run sit side by side. From the gradguard tags it read
 - ``gradguard/vanishing_layers``, ``gradguard/exploding_layers`` and the ``gradguard/layer_health_events`` text;
 - ``gradguard/skipped_steps``, ``gradguard/rollbacks``, ``gradguard/flagged_steps``, ``gradguard/loss_max`` and the
   ``gradguard/nan_guard_events`` text (:class:`~lightning_gradguard.NaNGuard`), and the guard's halt report
-  (``nan_guard_report.json``) when the run was halted.
+  (``nan_guard_report.json``) when the run was halted;
+- ``gradguard/spike_score`` (``gradguard/spike_score_opt<i>`` for further optimizers), the guard's spike score: the
+  share of judged steps whose loss or gradient norm lay more than 6 standard deviations above the mean of the previous
+  128 values (:mod:`lightning_gradguard.core.measure._spike_score`; a step is judged once 128 earlier values exist).
+  The score is cumulative, so the report takes its last logged value.
 
 :func:`format_summary` renders it as text; :func:`plot_report` draws, per run, the overview figure the guard writes to
 TensorBoard live (:mod:`lightning_gradguard.overview`): the gradient norm (its interval maximum too) against the clip
@@ -44,6 +48,7 @@ __all__ = [
     "overview_data",
     "percentile",
     "plot_report",
+    "spike_phrase",
     "summarize",
 ]
 
@@ -54,6 +59,9 @@ _SIZE_GUIDANCE = {"scalars": 0, "tensors": 0, "histograms": 1, "images": 1, "com
 # "step 150: ", "step 150 (optimizer 1): ", "NaNGuard rollback at step 100: ": the step is printed by the report
 _STEP_PREFIX = re.compile(r"^\s*(?:step \d+(?: \(optimizer \d+\))?:|NaNGuard \w+ at step \d+:)\s*")
 _EVENT_STEP = re.compile(r"at step (\d+)")
+_SPIKE_TAG = re.compile(re.escape(PREFIX) + r"spike_score(?:_opt(\d+))?")
+#: the spike score's definition (lightning_gradguard.core.measure._spike_score), in the report's words
+SPIKE_RULE = "a spike: loss or gradient norm over the mean + 6 sigma of the previous 128 values"
 
 
 @dataclass
@@ -85,6 +93,11 @@ class RunHealth:
         guard_events: ``(step, kind, text)`` from ``gradguard/nan_guard_events``; kind is one of skip, rollback,
             lower_lr, raise_lr, warn, halt (:func:`event_kind`; ``"event"`` for a line it cannot place).
         halt_report: the readable text of the guard's halt report, when the run was halted.
+        spike_score: the last logged ``gradguard/spike_score`` (the first optimizer's): the share of judged steps
+            whose loss or gradient norm spiked (6 standard deviations above the previous 128 values); None without
+            the tag (no guard, or no step judged yet: the first needs 128 earlier ones).
+        spike_scores: the last logged spike score of every optimizer (index -> score; ``_opt<i>`` tags for i >= 1).
+        spike_score_step: the step of the last logged ``gradguard/spike_score`` (None without it).
         tags: every gradguard scalar tag found.
     """
 
@@ -116,7 +129,15 @@ class RunHealth:
     rollbacks: int | None = None
     guard_events: list[tuple[int, str, str]] = field(default_factory=list)
     halt_report: str | None = None
+    spike_score: float | None = None
+    spike_scores: dict[int, float] = field(default_factory=dict)
+    spike_score_step: int | None = None
     tags: list[str] = field(default_factory=list)
+
+    @property
+    def has_guard(self) -> bool:
+        """Whether the run carries NaNGuard's (or GradGuard's) scalars (the writers of the spike score)."""
+        return self.skipped_steps is not None or self.rollbacks is not None or bool(self.spike_scores)
 
 
 @dataclass
@@ -274,6 +295,10 @@ def _read_run(path: Path, logdir: Path) -> RunHealth | None:
     for short in ("skipped_steps", "rollbacks"):
         if series(short):
             setattr(run, short, int(series(short)[-1][1]))
+    spike_tags = {int(m.group(1) or 0): v for t, v in ours.items() if v and (m := _SPIKE_TAG.fullmatch(t))}
+    run.spike_scores = {idx: values[-1][1] for idx, values in sorted(spike_tags.items())}  # cumulative: the last
+    if 0 in spike_tags:
+        run.spike_score_step, run.spike_score = spike_tags[0][-1]
     for tag in text_tags:
         if tag.startswith(PREFIX + "layer_health_events"):
             run.layer_events += [(s, strip_step(t)) for s, t in _texts(acc, tag)]
@@ -357,9 +382,44 @@ def _run_lines(run: RunHealth) -> list[str]:
         flagged = f", {run.flagged_steps} flagged" if run.flagged_steps is not None else ""
         lines.append(f"  NaNGuard: {_fmt(run.skipped_steps)} skipped steps, {_fmt(run.rollbacks)} rollbacks{flagged}")
         lines += [f"    step {step} {kind}: {text}" for step, kind, text in run.guard_events]
+    lines += _spike_lines(run)
     if run.halt_report:
         lines.append("  halt report:")
         lines += [f"    {line}" if line else "" for line in run.halt_report.splitlines()]
+    return lines
+
+
+def spike_phrase(score: float) -> str:
+    """A spike score in words: the share, and how often a judged step spiked.
+
+    Example:
+        >>> spike_phrase(0.004), spike_phrase(0.0)
+        ('0.004 (1 in 250 judged steps spiked)', '0 (no judged step spiked)')
+        >>> spike_phrase(3 / 232), spike_phrase(4e-5)
+        ('0.01293 (1 in 77.3 judged steps spiked)', '4e-05 (1 in 25,000 judged steps spiked)')
+    """
+    if not math.isfinite(score) or score < 0:
+        return f"{score:.4g}"
+    if score == 0:
+        return "0 (no judged step spiked)"
+    every = 1 / score
+    every_text = f"{every:.3g}" if every < 1000 else f"{every:,.0f}"  # no exponent: 1 in 25,000
+    return f"{score:.4g} (1 in {every_text} judged steps spiked)"
+
+
+def _spike_lines(run: RunHealth) -> list[str]:
+    """The spike score, one line per optimizer (the rule on the first); for a guarded run without the tag, why it is
+    missing; nothing for a run without the guard."""
+    if not run.spike_scores:
+        if not run.has_guard:
+            return []
+        return ["  spike score: not logged (no step judged: the guard judges a step once 128 earlier values exist)"]
+    lines: list[str] = []
+    for idx, score in run.spike_scores.items():
+        which = f" (optimizer {idx})" if idx else ""
+        at = f" at step {run.spike_score_step}" if idx == 0 and run.spike_score_step is not None else ""
+        rule = "" if lines else f"; {SPIKE_RULE}"
+        lines.append(f"  spike score{which}: {spike_phrase(score)}{at}{rule}")
     return lines
 
 

@@ -152,6 +152,9 @@ class TrainerHost(GuardHost):
     def report_dir(self) -> Path | None:
         return self.out_dir
 
+    def epoch(self) -> int | None:
+        return self.trainer.current_epoch
+
     def report_extra(self) -> dict[str, Any]:
         t = self.trainer
         return {"epoch": t.current_epoch, "precision": str(t.precision), "world_size": t.world_size}

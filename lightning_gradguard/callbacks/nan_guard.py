@@ -109,6 +109,11 @@ class NaNGuard(Callback):
             per step, a few kilobytes) and one to two extra forward/backward passes on a fault. Runs with automatic
             optimization and unsharded parameters (not under FSDP2/ModelParallelStrategy, nor with cross-process
             SyncBatchNorm: there the other diagnoses stand).
+        bad_batch_window: every batch the guard skipped or rolled back from (not a transient fault) goes on the
+            bad-batch record (:attr:`bad_batches`; JSON lines in the log directory, ``gradguard_bad_batches.jsonl``;
+            kept in checkpoints) and is skipped when met again (after a resume, or in a later epoch of a
+            deterministic sampler: the same epoch and batch index, and the same contents). A rollback also skips
+            the ``bad_batch_window`` batches that follow the fault (PaLM's recipe; 0, the default: none).
 
     All the per-step work is the guard engine's (:class:`~lightning_gradguard.core.engine.GuardEngine`, shared with
     ``GradGuard`` and ``FabricGradGuard``); this callback turns Trainer hooks into its calls.
@@ -147,6 +152,7 @@ class NaNGuard(Callback):
     lr_recovery_steps = EngineField(options=True)
     rollback_refill_steps = EngineField(options=True)
     rerun = EngineField(options=True)
+    bad_batch_window = EngineField(options=True)
     warnings = EngineField()
     policy = EngineField()
     skipped_steps = EngineField()
@@ -157,6 +163,7 @@ class NaNGuard(Callback):
     cause = EngineField()
     spike_score = EngineField()
     spike_scores = EngineField()
+    bad_batches = EngineField()
     halt_error = EngineField()
     report_path = EngineField()
     rollbacks = EngineField()
@@ -187,6 +194,7 @@ class NaNGuard(Callback):
         lr_recovery_steps: int | None = 1000,
         rollback_refill_steps: int | None = 200,
         rerun: bool = True,
+        bad_batch_window: int = 0,
     ) -> None:
         super().__init__()
         args = locals()

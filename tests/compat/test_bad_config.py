@@ -102,6 +102,7 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "lr_recovery_steps": integer(1, optional=True),
         "rollback_refill_steps": integer(1, optional=True),
         "rerun": boolean(),
+        "bad_batch_window": integer(0),
     },
     GradientNormMonitor: {
         "log_every_n_steps": integer(1, optional=True),

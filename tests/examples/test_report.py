@@ -290,3 +290,67 @@ def test_report_overview_of_a_run_without_lr_changes_has_no_lr_note(blow_up_run)
     (loss_note,) = [n for n in plot.notes if n.panel == "loss"]
     assert (loss_note.kind, loss_note.step) == ("nonfinite", 19)  # the NaN loss of step 19, before the blow-up's 1e4
     assert any(t.get_text() == loss_note.text for t in plot.axes["loss"].texts)
+
+
+@pytest.fixture(scope="module")
+def spiky_run(tmp_path_factory):
+    """160 steps with 20x loss spikes at steps 140 and 150, logged every 10 steps; the guard only measures them."""
+    from lightning_gradguard import NaNGuard
+    from tests.models import TinyRegression, make_trainer
+
+    root = tmp_path_factory.mktemp("spiky")
+    guard = NaNGuard(divergence=False, stability=False, action="skip")
+    model = TinyRegression(loss_scale_at={140: 20.0, 150: 20.0}, lr=0.003)
+    make_trainer(root, [guard], max_steps=160, log_every_n_steps=10).fit(model)
+    return root, guard
+
+
+def test_report_shows_the_last_logged_spike_score(spiky_run):
+    """Issue 27: the spike score in the summary (text and data) is the last logged ``gradguard/spike_score``."""
+    import dataclasses
+
+    from lightning_gradguard.report import spike_phrase
+
+    root, guard = spiky_run
+    acc = _events(root)
+    logged = acc.Scalars("gradguard/spike_score")
+    last = logged[-1]
+    assert last.value > 0  # the spikes were judged (steps 128 on): the score is not the trivial 0
+    run = summarize(root).runs[0]
+    assert run.spike_score == pytest.approx(last.value, rel=1e-6)
+    assert run.spike_score_step == last.step
+    assert run.spike_scores == {0: run.spike_score}
+    assert run.spike_score == pytest.approx(guard.spike_score, rel=1e-6)  # the last write is at the fit's end
+    assert dataclasses.asdict(run)["spike_score"] == run.spike_score
+    text = format_summary(summarize(root))
+    assert f"spike score: {spike_phrase(last.value)} at step {last.step}; a spike: " in text
+    assert "6 sigma of the previous 128" in text
+
+
+def test_report_spike_score_per_optimizer_and_when_missing(run_root, tmp_path):
+    """``_opt<i>`` tags give one line per optimizer; a guarded run without the tag (40 steps: none judged) says why;
+    a run without the guard says nothing of it."""
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "two")) as writer:
+        for step, (first, second) in ((190, (0.02, 0.0)), (200, (0.025, 0.004))):
+            writer.add_scalar("train_loss", 1.0, step)
+            writer.add_scalar("gradguard/skipped_steps", 0.0, step)
+            writer.add_scalar("gradguard/spike_score", first, step)
+            writer.add_scalar("gradguard/spike_score_opt1", second, step)
+    shutil.copytree(run_root, tmp_path / "short")
+    with SummaryWriter(str(tmp_path / "plain")) as writer:
+        writer.add_scalar("train_loss", 1.0, 0)
+    summary = summarize(tmp_path)
+    plain, short, two = summary.runs
+    assert two.spike_score == pytest.approx(0.025)  # the last value, not the first
+    assert two.spike_scores == pytest.approx({0: 0.025, 1: 0.004})
+    assert two.spike_score_step == 200
+    assert short.spike_score is None
+    assert short.spike_scores == {}
+    text = format_summary(summary)
+    assert "  spike score: 0.025 (1 in 40 judged steps spiked) at step 200; a spike: " in text
+    assert "  spike score (optimizer 1): 0.004 (1 in 250 judged steps spiked)\n" in text
+    assert text.count("spike score: not logged (no step judged") == 1  # the short guarded run, not the plain one

@@ -43,6 +43,7 @@ from lightning_gradguard.core.guard._policy import (
 from lightning_gradguard.core.guard._stability import StabilityFinding
 from lightning_gradguard.core.guard._step_judge import StepJudge, StepRider, Verdict, any_rank
 from lightning_gradguard.core.measure._grad_stats import GradStats
+from lightning_gradguard.core.recover._bad_batches import BadBatch, BadBatchRecord, fingerprint
 from lightning_gradguard.core.recover._fault_trace import nonfinite_in
 from lightning_gradguard.core.recover._rerun import KINDS, RerunResult, RngState, classify
 from lightning_gradguard.core.recover._rules import (
@@ -133,6 +134,9 @@ class GuardEngine:
         self.halt_error: DivergenceError | None = None
         self.report_path: str | None = None
         self.snapshot_ms: float | None = None  # how long the last in-memory snapshot took (None: none taken)
+        #: every batch the guard skipped or blamed (not transient faults), skipped again when met again
+        self.bad_batches = BadBatchRecord()
+        self._known_bad: BadBatch | None = None  # this step's batch is on the record
         self._resumed = False
         self._reset_step()
 
@@ -239,14 +243,26 @@ class GuardEngine:
             self._window_open = True
             self._batches = []
             self._rngs = []
+            self._known_bad = None
             self.buffers.save(module)
             self._window_rng = RngState.capture() if self.options.rerun else None
 
     def add_batch(self, batch: Any, batch_idx: int) -> None:
-        """A micro-batch of the open step (diagnosis of a flagged step; optional), called before its forward."""
+        """A micro-batch of the open step (diagnosis of a flagged step; optional), called before its forward. A
+        batch on the bad-batch record marks the step to be skipped (every rank agrees: one reduce, only at a
+        recorded position)."""
         self._batches.append((batch, batch_idx))
         if self.options.rerun:
             self._rngs.append(RngState.capture())
+        record = self.bad_batches
+        if record.entries:
+            host = self.host
+            epoch = host.epoch()
+            if epoch is not None and record.covers(epoch, batch_idx):  # positions: the same on every rank
+                entry = record.match(epoch, batch_idx, lambda: fingerprint(batch))
+                (agreed,) = any_rank(host.reducer(), entry is not None, device=host.device())
+                if agreed and self._known_bad is None:
+                    self._known_bad = entry or BadBatch(-1, epoch, batch_idx, action="(on another rank)")
 
     def rider(self, loss: Any) -> StepRider | None:
         """This step's judge values (all but the norm) to carry in the collective of the step's sharded measurement,
@@ -264,7 +280,11 @@ class GuardEngine:
             opts = self.host.optimizers()
             optimizer = opts[0] if opts else None
         lr = lr_of(optimizer) if optimizer is not None and self.options.stability else None
-        verdict = self.judge_.judge(step, stats, loss, self.host.scaler(), stream, lr)
+        if self._known_bad is not None:  # a batch on the record: skip it again, unjudged (no detector learns it)
+            live = [s for s in stats if s.grads]
+            verdict = Verdict(StepHealth(step, known_bad_batch=True), False, None, None, math.nan, live)
+        else:
+            verdict = self.judge_.judge(step, stats, loss, self.host.scaler(), stream, lr)
         loss_v = verdict.loss
         if loss_v is not None and (self._loss_max is None or not loss_v <= self._loss_max):
             peak = self._loss_max
@@ -403,6 +423,13 @@ class GuardEngine:
         decision = self.policy.decide(health, can_roll_back, why_not=lambda: found[-1][1] if found else "")
         source, _, note = found[-1] if found else (None, "", "")
         event.cause, event.reason = decision.cause.value if decision.cause else "", decision.reason
+        known, self._known_bad = self._known_bad, None
+        if decision.cause is GuardCause.KNOWN_BAD_BATCH and known is not None:
+            first = f"first flagged at step {known.step}" if known.step >= 0 else "flagged on another rank"
+            what = ", ".join(x for x in (known.cause.replace("_", " "), known.diagnosis) if x)
+            event.reason += f" ({first}{': ' + what if what else ''})"
+        elif health.update_skipped and self._batches and health.diagnosis != "transient":
+            self._record_batches(health, decision)
         self.cause = decision.cause
         if decision.action is GuardAction.ROLLBACK and source is not None:
             self._restore(source, decision.lr_power)
@@ -528,6 +555,34 @@ class GuardEngine:
         self._since_snapshot = 0
         self.judge_.after_state_change()
         self.host.state_changed()
+
+    def _record_batches(self, health: StepHealth, decision: Any) -> None:
+        """Put the flagged step's batches on the bad-batch record (a rollback's with the ``bad_batch_window`` after
+        them) and write the record to the run directory."""
+        host = self.host
+        epoch = host.epoch()
+        if epoch is None:
+            return
+        window = self.options.bad_batch_window if decision.action is GuardAction.ROLLBACK else 0
+        for batch, batch_idx in self._batches:
+            self.bad_batches.add(
+                BadBatch(
+                    health.step,
+                    epoch,
+                    batch_idx,
+                    fingerprint(batch),
+                    decision.cause.value if decision.cause else "",
+                    health.diagnosis or "",
+                    decision.action.value,
+                    window,
+                )
+            )
+        out = host.report_dir()
+        if out is not None and host.is_global_zero():
+            try:
+                self.bad_batches.write(out)
+            except OSError as err:  # a full disk must not end the run the guard keeps alive
+                host.warn(f"{self.options.owner}: could not write the bad-batch record to {out}: {err}", True)
 
     def _rerun_diagnosis(self, health: StepHealth, event: GuardEvent, loss: float | None, norm: float | None) -> None:
         """Recompute the flagged step (same state, batch and random numbers; then from the trusted snapshot) and
@@ -662,6 +717,7 @@ class GuardEngine:
             "policy": self.policy.state_dict(),
             **self.judge_.state_dict(),
             "snapshots": self.store.state_dict()["snapshots"],
+            "bad_batches": self.bad_batches.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -681,6 +737,7 @@ class GuardEngine:
         reason = state.get("reason")
         self.outcome = GuardDecision(reason if reason in values else "healthy")
         self.judge_.load_state_dict(state)
+        self.bad_batches.load_state_dict(state.get("bad_batches") or {})
         self._resumed = True
 
 

@@ -100,6 +100,10 @@ class GuardHost:
         """Where a halt report goes (None: none is written)."""
         return None
 
+    def epoch(self) -> int | None:
+        """The current epoch of the loop's data (None: the loop gives no batches; no bad-batch record then)."""
+        return None
+
     def report_extra(self) -> dict[str, Any]:
         """Loop facts for the halt report (epoch, precision, world size)."""
         return {}

@@ -48,6 +48,7 @@ class GuardOptions:
     lr_recovery_steps: int | None = 1000
     rollback_refill_steps: int | None = 200
     rerun: bool = True
+    bad_batch_window: int = 0
     owner: str = "NaNGuard"
     report_name: str = "nan_guard_report"
 
@@ -110,6 +111,7 @@ def check_guard_options(owner: str, report_name: str, **values: Any) -> GuardOpt
         lr_recovery_steps=check_int("lr_recovery_steps", v["lr_recovery_steps"], 1, True, owner=o),
         rollback_refill_steps=check_int("rollback_refill_steps", v["rollback_refill_steps"], 1, True, owner=o),
         rerun=check_bool("rerun", v["rerun"], owner=o),
+        bad_batch_window=check_int("bad_batch_window", v["bad_batch_window"], 0, owner=o),
         owner=owner,
         report_name=report_name,
     )

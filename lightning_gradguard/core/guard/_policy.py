@@ -51,6 +51,7 @@ class GuardCause(Enum):
     LR_TOO_HIGH = "lr_too_high"  # the stability controller's cause: no fault yet, but the LR looks too high
     DEAD_NETWORK = "dead_network"  # a warning: flat loss, collapsed gradients (the units died)
     OTHER_RANK = "other_rank"  # another DDP rank flagged the step; this rank saw nothing wrong
+    KNOWN_BAD_BATCH = "known_bad_batch"  # a batch on the bad-batch record, met again (after a resume or rollback)
 
 
 class GuardDecision(Enum):
@@ -111,6 +112,7 @@ class StepHealth:
             current state), ``"reproducible"`` (undecided), or None (no rerun).
         nonfinite_somewhere: some rank's loss or gradients were non-finite at this step (the same on every rank:
             the ranks rerun, or not, together).
+        known_bad_batch: the step's batch is on the bad-batch record (``core/recover/_bad_batches.py``): skipped.
     """
 
     step: int
@@ -128,6 +130,7 @@ class StepHealth:
     update_skipped: bool = True
     diagnosis: str | None = None
     nonfinite_somewhere: bool = False
+    known_bad_batch: bool = False
 
     @property
     def cause(self) -> GuardCause | None:
@@ -142,6 +145,7 @@ class StepHealth:
             (self.grad_divergence, GuardCause.GRAD_DIVERGENCE),
             (self.loss_spike, GuardCause.LOSS_SPIKE),
             (self.other_rank, GuardCause.OTHER_RANK),
+            (self.known_bad_batch, GuardCause.KNOWN_BAD_BATCH),
         ):
             if flag:
                 return cause
@@ -374,6 +378,8 @@ class GuardPolicy:
         if cause is None:
             self.healthy()
             return Decision(GuardAction.NONE)
+        if cause is GuardCause.KNOWN_BAD_BATCH:  # the record's decision, taken before: no fault of this run's now
+            return Decision(GuardAction.SKIP, cause, "on the bad-batch record: skipped again, LR kept", 0)
         repeated = self.last_fault_step is not None and health.step - self.last_fault_step <= self.repeat_window
         self.last_fault_step = health.step
         self.healthy_run = 0

@@ -7,11 +7,11 @@ skips them after a restart; Lightning's ``SpikeDetection`` writes ``skip_batches
 contents, cause, diagnosis), writes it as JSON lines to the run directory, travels in the callback's checkpoint state,
 and answers :meth:`BadBatchRecord.match` for each new batch.
 
-A batch is recognised by where the loader put it (epoch and batch index, which a deterministic sampler repeats after
-a resume) *and* by what it holds: the fingerprint (:func:`fingerprint`, computed only for a batch whose position is
-on the record, never on a healthy step) must agree, so a shuffled epoch that puts other samples at that position is
-not skipped. A skip window (``window`` batches after the fault, off by default) skips the batches that followed it on
-the same pass as well, PaLM's recipe for data that spoils a stretch of training.
+A batch is recognised by where the loader put it (its batch index, which a loader that does not shuffle repeats in
+every epoch and after a resume) *and* by what it holds: the fingerprint (:func:`fingerprint`, computed only for a
+batch at a recorded index, never on a healthy step) must agree, so a shuffled epoch that puts other samples at that
+index is not skipped. A skip window (``window`` batches after a rollback's fault, off by default) skips the batches
+that followed it in the same epoch as well, PaLM's recipe for data that spoils a stretch of training.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class BadBatch:
         cause: why the guard flagged it (a ``GuardCause`` value).
         diagnosis: the rerun diagnosis (``transient``, ``data``, ``state``, ``reproducible``) or "".
         action: what the guard did (``skip``, ``rollback``, ...).
-        window: how many batches after it (same epoch) are skipped with it.
+        window: how many batches after it (same epoch) are skipped with it (-1: the record's ``window``).
         sample_indices: the dataset indices of its samples, where the sampler exposed them.
     """
 
@@ -82,7 +82,7 @@ class BadBatch:
     cause: str = ""
     diagnosis: str = ""
     action: str = ""
-    window: int = 0
+    window: int = -1
     sample_indices: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,42 +118,46 @@ class BadBatchRecord:
         self.transient = transient
         self.entries: list[BadBatch] = []
         self._by_epoch: dict[int, list[BadBatch]] = {}
+        self._by_index: dict[int, list[BadBatch]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def add(self, entry: BadBatch) -> bool:
-        """Record ``entry`` (its window set from :attr:`window` unless given); False when it is not worth keeping
+        """Record ``entry`` (its window from :attr:`window` unless given); False when it is not worth keeping
         (a transient fault, unless :attr:`transient`) or it is already on the record."""
         if entry.diagnosis == "transient" and not self.transient:
             return False
-        for old in self._by_epoch.get(entry.epoch, []):
-            if old.batch_idx == entry.batch_idx and old.fingerprint == entry.fingerprint:
+        for old in self._by_index.get(entry.batch_idx, []):
+            if old.fingerprint == entry.fingerprint:
                 return False
-        if not entry.window:
+        if entry.window < 0:
             entry.window = self.window
         self.entries.append(entry)
         self._by_epoch.setdefault(entry.epoch, []).append(entry)
+        self._by_index.setdefault(entry.batch_idx, []).append(entry)
         return True
 
-    def positions(self, epoch: int) -> bool:
-        """Whether any recorded batch (or its window) lies in ``epoch`` (cheap: the per-step test starts here)."""
-        return epoch in self._by_epoch
+    def covers(self, epoch: int, batch_idx: int) -> bool:
+        """Whether a recorded batch sits at ``batch_idx`` (in any epoch: a loader that does not shuffle brings the
+        same batch back every epoch), or a recorded rollback's window covers it in ``epoch``: a test of positions
+        only, cheap and the same on every rank (each rank records its own batch of a flagged step at the same
+        position)."""
+        if batch_idx in self._by_index:
+            return True
+        return any(e.batch_idx < batch_idx <= e.batch_idx + e.window for e in self._by_epoch.get(epoch, ()))
 
     def match(self, epoch: int, batch_idx: int, digest: Any) -> BadBatch | None:
         """The record entry that says to skip the batch at (``epoch``, ``batch_idx``), or None. ``digest()`` gives
-        the batch's fingerprint; it is called only when a recorded position matches."""
-        entries = self._by_epoch.get(epoch)
-        if not entries:
-            return None
-        exact = [e for e in entries if e.batch_idx == batch_idx]
+        the batch's fingerprint; it is called only when a recorded batch sits at that index, whose contents must
+        then be the same (a shuffled epoch puts other samples there: not skipped)."""
+        exact = self._by_index.get(batch_idx)
         if exact:
             fp = digest()
             for e in exact:
                 if not e.fingerprint or e.fingerprint == fp:
                     return e
-            return None  # another batch at a recorded position (a reshuffled epoch): not the bad one
-        for e in entries:
+        for e in self._by_epoch.get(epoch, ()):
             if e.batch_idx < batch_idx <= e.batch_idx + e.window:
                 return e
         return None
@@ -189,7 +193,7 @@ class BadBatchRecord:
         return {"window": self.window, "entries": [e.to_dict() for e in self.entries]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.entries, self._by_epoch = [], {}
+        self.entries, self._by_epoch, self._by_index = [], {}, {}
         for d in state.get("entries") or []:
             self.add(BadBatch.from_dict(d))
 
