@@ -92,6 +92,10 @@ class NaNGuard(Callback):
         spike_zscore, spike_window: optional loss z-score test (None: off).
         amp_scale_floor: a GradScaler loss scale below this is a collapse (> 0; default 2**-24, the smallest fp16
             subnormal: below it every scaled gradient underflows; a scale below 1 is healthy for a sum-reduced loss).
+        amp_max_halvings: GradScaler overflow steps in a row (each halves the scale and skips the update) that make
+            a collapse too (the OPT-175B logbook's scale "grinding to a halt"): rolled back with an LR cut, the event
+            saying the loss scale collapsed. Default 24: a scale that fell 2**24-fold without one update going
+            through (a healthy run's first calibration takes a handful); None: only ``amp_scale_floor``.
         raise_on_halt, save_bad_batch, report_dir, history_size: halting and the report.
         log_every_n_steps: scalar logging interval (default: the Trainer's).
         min_lr_scale: the LR floor, as a fraction of the user's schedule: no cut goes below it; at the floor a
@@ -143,6 +147,7 @@ class NaNGuard(Callback):
     spike_zscore = EngineField(options=True)
     spike_window = EngineField(options=True)
     amp_scale_floor = EngineField(options=True)
+    amp_max_halvings = EngineField(options=True)
     raise_on_halt = EngineField(options=True)
     save_bad_batch = EngineField(options=True)
     report_dir = EngineField(options=True)
@@ -185,6 +190,7 @@ class NaNGuard(Callback):
         spike_zscore: float | None = None,
         spike_window: int = 100,
         amp_scale_floor: float = 2.0**-24,
+        amp_max_halvings: int | None = 24,
         raise_on_halt: bool = True,
         save_bad_batch: bool = False,
         report_dir: str | os.PathLike | None = None,

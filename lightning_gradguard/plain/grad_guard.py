@@ -135,6 +135,7 @@ class GradGuard:
         stability: lower the LR (or restart from the untrained state) when it looks too high.
         spike_zscore, spike_window: optional loss z-score test (None: off).
         amp_scale_floor: a GradScaler scale below this is a collapse (> 0; default 2**-24, as for ``NaNGuard``).
+        amp_max_halvings: overflow steps in a row that make a collapse too (as for ``NaNGuard``; None: off).
         raise_on_halt: raise :class:`~lightning_gradguard.DivergenceError` on halt (else :attr:`halted` is set and
             :meth:`before_step` returns False from then on).
         report_dir: on halt, write ``grad_guard_report.json``/``.txt`` there (cause, non-finite parameters, recent
@@ -231,6 +232,7 @@ class GradGuard:
         spike_zscore: float | None = None,
         spike_window: int = 100,
         amp_scale_floor: float = 2.0**-24,
+        amp_max_halvings: int | None = 24,
         raise_on_halt: bool = True,
         report_dir: str | os.PathLike | None = None,
         writer: Any = None,

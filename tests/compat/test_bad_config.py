@@ -103,6 +103,7 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "rollback_refill_steps": integer(1, optional=True),
         "rerun": boolean(),
         "bad_batch_window": integer(0),
+        "amp_max_halvings": integer(1, optional=True),
     },
     GradientNormMonitor: {
         "log_every_n_steps": integer(1, optional=True),

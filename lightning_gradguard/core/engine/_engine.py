@@ -116,6 +116,7 @@ class GuardEngine:
             options.amp_scale_floor,
             options.history_size,
         )
+        self.judge_.amp_max_halvings = options.amp_max_halvings
         self.store = SnapshotStore(capacity=2, confirm_steps=options.snapshot_confirm_steps)
         self.start_state = StartState(START_KEEP_WINDOWS * self.judge_.controller.window)
         self.buffers = BufferCopy()
@@ -206,6 +207,7 @@ class GuardEngine:
         self.options = o = options
         judge = self.judge_
         judge.divergence, judge.stability, judge.amp_scale_floor = o.divergence, o.stability, o.amp_scale_floor
+        judge.amp_max_halvings = o.amp_max_halvings
         policy = self.policy
         policy.action, policy.max_consecutive_skips = o.action, o.max_consecutive_skips
         policy.escalate_to, policy.max_rollbacks = o.escalate_to, o.max_rollbacks

@@ -39,6 +39,7 @@ class GuardOptions:
     spike_zscore: float | None = None
     spike_window: int = 100
     amp_scale_floor: float = 2.0**-24  # the smallest fp16 subnormal: below it every scaled gradient underflows
+    amp_max_halvings: int | None = 24  # overflow steps in a row (the scale halved each time): a collapse
     raise_on_halt: bool = True
     save_bad_batch: bool = False
     report_dir: str | None = None
@@ -91,6 +92,7 @@ def check_guard_options(owner: str, report_name: str, **values: Any) -> GuardOpt
         spike_zscore=check_number("spike_zscore", v["spike_zscore"], allow_none=True, **pos),
         spike_window=check_int("spike_window", v["spike_window"], 2, high=10**6, owner=o),
         amp_scale_floor=cast(float, check_number("amp_scale_floor", v["amp_scale_floor"], **pos)),
+        amp_max_halvings=check_int("amp_max_halvings", v["amp_max_halvings"], 1, True, owner=o),
         raise_on_halt=check_bool("raise_on_halt", v["raise_on_halt"], owner=o),
         save_bad_batch=check_bool("save_bad_batch", v["save_bad_batch"], owner=o),
         report_dir=None if report_dir is None else os.fspath(report_dir),

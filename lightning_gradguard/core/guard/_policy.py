@@ -86,6 +86,7 @@ _STATE_DAMAGE = {
 _DIVERGENCE = {GuardCause.LOSS_DIVERGENCE, GuardCause.GRAD_DIVERGENCE}
 # the reason given for a cause in _STATE_DAMAGE (the event states the cause itself, and its kind says what was done)
 _DAMAGE_REASON = "it cannot be undone by skipping"
+_COLLAPSE_REASON = "the loss scale collapsed (the GradScaler kept halving it, no update got through): " + _DAMAGE_REASON
 
 
 @dataclass
@@ -451,6 +452,8 @@ class GuardPolicy:
                 )
             return GuardAction.SKIP, ""
         # auto
+        if cause is GuardCause.AMP_SCALE_COLLAPSE:
+            return GuardAction.ROLLBACK, _COLLAPSE_REASON
         if damaged:
             return GuardAction.ROLLBACK, _DAMAGE_REASON
         if health.nonfinite_batch or health.diagnosis == "data":

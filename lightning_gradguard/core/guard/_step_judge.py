@@ -232,6 +232,9 @@ class StepJudge:
         self.divergence = divergence
         self.stability = stability
         self.amp_scale_floor = amp_scale_floor
+        #: GradScaler overflow steps in a row (each halved the scale) that make a collapse (None: only the floor)
+        self.amp_max_halvings: int | None = None
+        self.overflows_in_a_row = 0
         #: the loss streams by key (the optimizer's index; 0 for a single optimizer or one loss for all)
         self.streams: dict[int, LossStream] = {0: LossStream()}
         self.spike = LossSpikeDetector(spike_zscore, spike_window) if spike_zscore else None
@@ -408,6 +411,18 @@ class StepJudge:
         nonfinite_grad = not math.isfinite(norm)
         global_grad_bad = not math.isfinite(glob.norm)
         overflow = scaled and global_grad_bad and not (glob.loss_nonfinite > 0 or glob.scale_bad > 0)
+        halvings = self.amp_max_halvings
+        collapsed = False
+        if overflow:
+            self.overflows_in_a_row += 1
+            # the scaler halved its scale at every one of these steps and no update got through: the scale is
+            # collapsing (the OPT-175B logbook's "grinding to a halt"); the same on every rank (shared values)
+            collapsed = halvings is not None and self.overflows_in_a_row >= halvings
+        elif scaled:
+            self.overflows_in_a_row = 0
+        if collapsed:
+            overflow = False
+            self.overflows_in_a_row = 0
         if overflow:
             nonfinite_grad = False  # the GradScaler's business
         loss_divergence = grad_divergence = False
@@ -415,7 +430,9 @@ class StepJudge:
             loss_divergence, grad_divergence = streamed.detector.update(glob.loss, glob.norm)
         if not overflow:  # shared values: every rank's score is the same
             streamed.spikes.update(glob.loss if has_loss else None, glob.norm)
-        scale_collapse, loss_spike = mine.scale_bad > 0, mine.spike > 0
+        scale_collapse, loss_spike = mine.scale_bad > 0 or collapsed, mine.spike > 0
+        if collapsed:
+            nonfinite_grad = False  # named as the collapse it is
         other_rank = (
             (global_grad_bad and not overflow) or glob.loss_nonfinite > 0 or glob.scale_bad > 0 or glob.spike > 0
         )
@@ -481,6 +498,7 @@ class StepJudge:
             "grad_history": [list(r) for r in self.grad_history],
             "loss_history": [list(r) for r in self.loss_history],
             "clip_flags": [bool(c) for c in self.clip_flags],
+            "overflows_in_a_row": self.overflows_in_a_row,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -495,3 +513,4 @@ class StepJudge:
         self.loss_history.clear()
         self.loss_history.extend(list(r) for r in state.get("loss_history", []))
         self.clip_flags = [bool(c) for c in state.get("clip_flags", [])]
+        self.overflows_in_a_row = int(state.get("overflows_in_a_row", 0))
