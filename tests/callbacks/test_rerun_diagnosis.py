@@ -108,3 +108,26 @@ def test_rerun_off_keeps_the_old_diagnoses(tmp_path) -> None:
 def test_bad_rerun_argument_is_named() -> None:
     with pytest.raises(TypeError, match="rerun"):
         NaNGuard(rerun="yes")
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_agree_on_each_diagnosis(tmp_path) -> None:
+    import json
+    from pathlib import Path
+
+    from tests.ddp_runner import run_ddp_script
+
+    proc = run_ddp_script(Path(__file__).with_name("ddp_rerun_script.py"), tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rerun_rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert [e[:3] for e in r["events"]] == [
+            [6, "skip", "transient"],
+            [12, "skip", "data"],
+            [18, "rollback", "state"],
+        ]
+        assert r["finite"]
+    # (the state fault comes 6 steps after the data fault: within the policy's repeat window, so its rollback cuts)
+    assert ranks[0]["lr_scale"] == ranks[1]["lr_scale"]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the replicas stayed identical
+    assert "found on another rank" in ranks[0]["events"][2][3]  # rank 0's own rerun was finite: rank 1 decided
