@@ -178,8 +178,8 @@ class DemoResult:
             (1.0: not clipped; None: no fault, unguarded, or the fault batch never came).
         spike_score: guarded: the NaNGuard's spike score at the end (:attr:`~lightning_gradguard.NaNGuard.spike_score`),
             the share of judged steps whose loss or gradient norm lay more than 6 standard deviations above the mean
-            of the previous 128 values; None unguarded (not measured) or before any step was judged (the first
-            needs 128 earlier ones).
+            of the previous 128 values; None unguarded (not measured) or before any step was judged (a finite step
+            is judged once 128 earlier values exist, a non-finite one always, as a spike).
     """
 
     example: str
@@ -247,7 +247,10 @@ class DemoResult:
         if not self.guarded:
             return "not measured (no guard)"
         if self.spike_score is None:
-            return f"not measured yet (no step judged: the first needs 128 earlier steps; this run had {self.steps})"
+            return (
+                "not measured yet (no step judged: a finite step is judged once 128 earlier values exist; "
+                f"this run had {self.steps} steps)"
+            )
         return f"{spike_phrase(self.spike_score)}; {SPIKE_RULE}"
 
     def to_dict(self) -> dict[str, Any]:

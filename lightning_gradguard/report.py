@@ -16,7 +16,8 @@ a guarded and an unguarded run sit side by side. From the gradguard tags it read
   (``nan_guard_report.json``) when the run was halted;
 - ``gradguard/spike_score`` (``gradguard/spike_score_opt<i>`` for further optimizers), the guard's spike score: the
   share of judged steps whose loss or gradient norm lay more than 6 standard deviations above the mean of the previous
-  128 values (:mod:`lightning_gradguard.core.measure._spike_score`; a step is judged once 128 earlier values exist).
+  128 values (:mod:`lightning_gradguard.core.measure._spike_score`; a finite step is judged once 128 earlier values
+  exist, a non-finite one always, as a spike).
   The score is cumulative, so the report takes its last logged value.
 
 :func:`format_summary` renders it as text; :func:`plot_report` draws, per run, the overview figure the guard writes to
@@ -61,7 +62,7 @@ _STEP_PREFIX = re.compile(r"^\s*(?:step \d+(?: \(optimizer \d+\))?:|NaNGuard \w+
 _EVENT_STEP = re.compile(r"at step (\d+)")
 _SPIKE_TAG = re.compile(re.escape(PREFIX) + r"spike_score(?:_opt(\d+))?")
 #: the spike score's definition (lightning_gradguard.core.measure._spike_score), in the report's words
-SPIKE_RULE = "a spike: loss or gradient norm over the mean + 6 sigma of the previous 128 values"
+SPIKE_RULE = "a spike: loss or gradient norm > mean + 6 sigma of the previous 128"
 
 
 @dataclass
@@ -95,7 +96,8 @@ class RunHealth:
         halt_report: the readable text of the guard's halt report, when the run was halted.
         spike_score: the last logged ``gradguard/spike_score`` (the first optimizer's): the share of judged steps
             whose loss or gradient norm spiked (6 standard deviations above the previous 128 values); None without
-            the tag (no guard, or no step judged yet: the first needs 128 earlier ones).
+            the tag (no guard, or no step judged yet: a finite step is judged once 128 earlier values exist, a
+            non-finite one always, as a spike).
         spike_scores: the last logged spike score of every optimizer (index -> score; ``_opt<i>`` tags for i >= 1).
         spike_score_step: the step of the last logged ``gradguard/spike_score`` (None without it).
         tags: every gradguard scalar tag found.
@@ -408,12 +410,11 @@ def spike_phrase(score: float) -> str:
 
 
 def _spike_lines(run: RunHealth) -> list[str]:
-    """The spike score, one line per optimizer (the rule on the first); for a guarded run without the tag, why it is
-    missing; nothing for a run without the guard."""
+    """The spike score, one line per optimizer (the rule on the first); without the tag, why it is missing."""
     if not run.spike_scores:
         if not run.has_guard:
-            return []
-        return ["  spike score: not logged (no step judged: the guard judges a step once 128 earlier values exist)"]
+            return ["  spike score: n/a (no NaNGuard)"]
+        return ["  spike score: not logged (no step judged yet: a finite step is judged once 128 earlier values exist)"]
     lines: list[str] = []
     for idx, score in run.spike_scores.items():
         which = f" (optimizer {idx})" if idx else ""

@@ -49,11 +49,17 @@ def test_tiny_demo_runs_through_the_demo_path(tmp_path, example, guarded):
         assert 0.0 <= result.clip_rate <= 1.0
         kinds = [ev["kind"] for ev in result.events]  # each event counted once, under its kind
         assert (result.skips, result.rollbacks) == (kinds.count("skip"), kinds.count("rollback"))
+        # 12 steps: only a non-finite step is judged so early (a finite one needs 128 earlier values)
+        assert result.spike_score is None or 0.0 <= result.spike_score <= 1.0
     else:
         assert result.clip_rate is None
         assert result.skips == result.rollbacks == 0
         assert result.events == []
+        assert result.spike_score is None
+        assert result.spike_account() == "not measured (no guard)"
+    assert result.to_dict()["spike_score"] == result.spike_score
     text = "\n".join(result.summary_lines())
+    assert f"  spike score: {result.spike_account()}" in text
     assert result.tensorboard_command in text
     assert result.final_metric_name in text
 
@@ -152,3 +158,28 @@ def test_progress_bar_follows_the_terminal(tmp_path, capsys):
     run_demo("lstm", guarded=True, logdir=tmp_path, max_steps=2)  # progress_bar=None: off here
     out = capsys.readouterr()
     assert "\r" not in out.out + out.err
+
+
+def test_guarded_account_gives_the_guards_spike_score(tmp_path, monkeypatch):
+    """Issue 27: past 128 steps the guard judges steps; the closing account and the JSON carry its spike score."""
+    import json
+
+    import lightning_gradguard.demo as demo
+    from lightning_gradguard import NaNGuard
+    from lightning_gradguard.report import SPIKE_RULE, spike_phrase
+
+    made: list = []
+    real = demo.guarded_callbacks
+
+    def recording(*args, **kwargs):
+        made.extend(real(*args, **kwargs))
+        return list(made)
+
+    monkeypatch.setattr(demo, "guarded_callbacks", recording)
+    result = run_demo("lstm", guarded=True, logdir=tmp_path, max_steps=135, progress_bar=False)
+    (guard,) = [cb for cb in made if isinstance(cb, NaNGuard)]
+    assert guard.spike_score is not None  # finite steps from 128 on were judged
+    assert result.spike_score == guard.spike_score
+    assert json.loads(json.dumps(result.to_dict()))["spike_score"] == pytest.approx(guard.spike_score)
+    text = "\n".join(result.summary_lines())
+    assert f"  spike score: {spike_phrase(guard.spike_score)}; {SPIKE_RULE}" in text

@@ -7,10 +7,11 @@ steps whose loss *or* gradient norm lies more than 6 standard deviations above t
 
 - a value is compared with the previous ``window`` finite values of its own series (loss, norm), only once that
   window is full; the step is a spike when either series spikes;
-- a non-finite loss or norm is a spike (the worst kind) and never enters a window;
-- the score is ``spikes / judged steps``, where judged steps are those with at least one full window (OLMo-core's
-  cumulative score divides by every step, the first 128 included; dividing by the judged steps keeps short runs
-  comparable with long ones);
+- a non-finite loss or norm is a spike (the worst kind) at any step, even before a window is full, and never enters
+  a window;
+- the score is ``spikes / judged steps``, where judged steps are the finite steps with at least one full window and
+  the non-finite ones (OLMo-core's cumulative score divides by every step, the first 128 included; dividing by the
+  judged steps keeps short runs comparable with long ones; a run whose only judged step so far was a NaN scores 1);
 - a window whose spread is at most ``1e-12`` of its mean magnitude (a constant series) judges nothing, as in
   OLMo-core (there a fixed ``1e-10``): a constant loss then a change is a level shift, not a spike of a distribution.
 
