@@ -6,6 +6,8 @@
 - :func:`default_callbacks` returns the three, configured to work together.
 - :class:`KeySuggestingParser`: ``LightningCLI(..., parser_class=KeySuggestingParser)`` names the closest valid key
   for a misspelled one in the config ("did you mean 'z_threshold'?").
+- :class:`FaultDrill` injects faults (NaN batch, inf loss, spike, NaN weight, transient, bad batches, loss-scale
+  collapse) into your own run at chosen steps and reports what the guard did and whether training recovered.
 - :class:`GradGuard` does the clipping and recovery in a plain PyTorch loop (no Lightning needed);
   :class:`FabricGradGuard` in a Lightning Fabric loop.
 - What the guards report: :class:`GuardEvent` (one per action), :class:`GuardCause` (why),
@@ -42,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
         make_clipper,
     )
     from lightning_gradguard.core.guard import GuardCause, GuardDecision, GuardEvent
+    from lightning_gradguard.drill import FaultDrill
     from lightning_gradguard.fabric.fabric_grad_guard import FabricGradGuard
     from lightning_gradguard.key_suggesting_parser import KeySuggestingParser
     from lightning_gradguard.plain.grad_guard import GradGuard
@@ -51,6 +54,7 @@ _LAZY = {
     "default_callbacks": "lightning_gradguard.callbacks.default_callbacks",
     "GradientNormMonitor": "lightning_gradguard.callbacks.gradient_norm_monitor",
     "NaNGuard": "lightning_gradguard.callbacks.nan_guard",
+    "FaultDrill": "lightning_gradguard.drill",
     "GradGuard": "lightning_gradguard.plain.grad_guard",
     "FabricGradGuard": "lightning_gradguard.fabric.fabric_grad_guard",
     "KeySuggestingParser": "lightning_gradguard.key_suggesting_parser",
@@ -76,6 +80,7 @@ __all__ = [
     "CLIPPERS",
     "DivergenceError",
     "FabricGradGuard",
+    "FaultDrill",
     "GradGuard",
     "GradientNormMonitor",
     "GuardCause",

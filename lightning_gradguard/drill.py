@@ -7,9 +7,10 @@ of the fit: what the guard did at each fault, and whether the loss was back to i
 later.
 
 The recovery verdict compares means, never single losses: the mean finite loss of the ``recovery_steps // 5`` steps
-before the fault (the *before* window) with the mean of the ``recovery_steps // 5`` steps ending ``recovery_steps``
-after the fault's last step (the *after* window). A fault is *recovered* when the after-mean is finite and at most
-``tolerance`` x the before-mean. Steps where a fault was injected are left out of both windows.
+(at least 5) before the fault (the *before* window) with the mean of as many steps ending ``recovery_steps`` after
+the fault's last step (the *after* window). A fault is *recovered* when the after-mean is finite and at most
+``tolerance`` x the before-mean, or no higher than the before-window's largest loss (its noise: on a converged run a
+loss of 0.002 next to one of 0.004 is no setback). Steps where a fault was injected are left out of both windows.
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def check_faults(faults: Any) -> dict[str, tuple[int, ...]]:
                 raise ValueError(f"{prefix(_OWNER)}{where} must name at least one step, got {value!r}")
             bad = [v for v in value if not is_integer(v)]
             if bad:
-                raise TypeError(f"{prefix(_OWNER)}{where} must hold int steps, got {type(bad[0]).__name__} ({bad[0]!r})")
+                raise TypeError(
+                    f"{prefix(_OWNER)}{where} must hold int steps, got {type(bad[0]).__name__} ({bad[0]!r})"
+                )
             steps = sorted(int(v) for v in value)
         else:
             raise TypeError(
@@ -132,24 +135,39 @@ def check_faults(faults: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def recovery_bar(before: Sequence[float], tolerance: float) -> float | None:
+    """The loss a recovered run is back under: the larger of ``tolerance`` x the mean of ``before`` and the largest
+    value of ``before`` (its own noise: a window of losses is as high as its worst step), finite values only; None
+    without any.
+
+    Example:
+        >>> recovery_bar([1.0, 0.8], tolerance=1.1), recovery_bar([0.002, 0.006], tolerance=1.1)
+        (1.0, 0.006)
+    """
+    clean = [v for v in before if math.isfinite(v)]
+    if not clean:
+        return None
+    return max(tolerance * sum(clean) / len(clean), max(clean))
+
+
 def recovery_verdict(before: Sequence[float], after: Sequence[float], tolerance: float) -> bool | None:
-    """Whether the loss came back: the mean of ``after`` is finite and at most ``tolerance`` x the mean of ``before``
-    (non-finite values of ``before`` are left out; any non-finite one in ``after`` is not recovered).
+    """Whether the loss came back: the mean of ``after`` is finite and at most :func:`recovery_bar` of ``before``
+    (any non-finite value in ``after`` is not recovered).
 
     Returns None when either window is empty (the run ended too early, or began too late, to tell).
 
     Example:
-        >>> recovery_verdict([1.0, 0.8], [0.7, 0.9], tolerance=1.5)
-        True
-        >>> recovery_verdict([1.0, 0.8], [0.7, float("nan")], tolerance=1.5), recovery_verdict([1.0], [], 1.5)
+        >>> recovery_verdict([1.0, 0.8], [0.7, 0.9], tolerance=1.1), recovery_verdict([1.0, 0.8], [1.2, 1.1], 1.1)
+        (True, False)
+        >>> recovery_verdict([1.0, 0.8], [0.7, float("nan")], tolerance=1.1), recovery_verdict([1.0], [], 1.1)
         (False, None)
     """
-    clean = [v for v in before if math.isfinite(v)]
-    if not clean or not after:
+    bar = recovery_bar(before, tolerance)
+    if bar is None or not after:
         return None
     if not all(math.isfinite(v) for v in after):
         return False
-    return sum(after) / len(after) <= tolerance * (sum(clean) / len(clean))
+    return sum(after) / len(after) <= bar
 
 
 @dataclass
@@ -168,6 +186,7 @@ class DrillRow:
         expected: what a working guard does: the actions and the diagnosis (:data:`EXPECTED`).
         as_expected: the guard acted as expected (None: not injected, or no diagnosis to compare with rerun off).
         loss_before, loss_after: the two window means (None: unknown).
+        loss_bar: the after-mean a recovered run is under (:func:`recovery_bar`).
         recovered: :func:`recovery_verdict` (None: the run ended before the after-window).
         handled: injected, acted on (an event or a clip at every injected step) and recovered.
         note: why not injected, or anything else to know.
@@ -185,6 +204,7 @@ class DrillRow:
     as_expected: bool | None = None
     loss_before: float | None = None
     loss_after: float | None = None
+    loss_bar: float | None = None
     recovered: bool | None = None
     handled: bool = False
     note: str = ""
@@ -194,39 +214,50 @@ def _yes_no(value: bool | None) -> str:
     return "n/a" if value is None else ("yes" if value else "NO")
 
 
-def _loss_cell(before: float | None, after: float | None) -> str:
+def _loss_cell(before: float | None, after: float | None, bar: float | None) -> str:
     if before is None or after is None:
         return "-"
-    return f"{before:.3g} -> {after:.3g}"
+    return f"{before:.3g} -> {after:.3g} (bar {bar:.3g})" if bar is not None else f"{before:.3g} -> {after:.3g}"
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], recovery_steps: int) -> str:
-    """The drill's rows as a plain-text table (what :meth:`FaultDrill.report` returns)."""
+def format_table(
+    rows: Sequence[Mapping[str, Any]], recovery_steps: int, other_events: Sequence[Mapping[str, Any]] = ()
+) -> str:
+    """The drill's rows as a plain-text table (what :meth:`FaultDrill.report` returns), with notes under it and a
+    line on the guard's events at steps without a fault (``other_events``)."""
     header = ("fault", "step", "guard did", "expected", "as expected", f"loss before -> +{recovery_steps}", "recovered")
-    lines = []
+    lines, notes = [], []
     for r in rows:
         steps = r["steps"]
         step = str(r["step"]) if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
-        guard = r["guard"] if r["injected"] else f"not injected: {r['note']}"
+        if r["note"]:
+            notes.append(f"  {r['fault']} at {step}: {r['note']}")
         lines.append(
             (
                 r["fault"],
                 step,
-                guard,
+                r["guard"] if r["injected"] else "not injected (see below)",
                 r["expected"],
                 _yes_no(r["as_expected"]),
-                _loss_cell(r["loss_before"], r["loss_after"]),
+                _loss_cell(r["loss_before"], r["loss_after"], r.get("loss_bar")),
                 _yes_no(r["recovered"]) if r["injected"] else "-",
             )
         )
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*row).rstrip() for row in lines]
     handled = sum(1 for r in rows if r["handled"])
     injected = sum(1 for r in rows if r["injected"])
-    out.append(f"{handled} of {injected} injected faults handled (an action at the fault and the loss back within "
-               f"{recovery_steps} steps)")
+    out.append(
+        f"{handled} of {injected} injected faults handled (the guard acted at the fault and the loss was back "
+        f"within {recovery_steps} steps)"
+    )
+    out += notes
+    if other_events:
+        shown = ", ".join(f"{e.get('step')} {e.get('kind')} ({e.get('cause')})" for e in other_events[:5])
+        more = f" and {len(other_events) - 5} more" if len(other_events) > 5 else ""
+        out.append(f"The guard also acted at {len(other_events)} steps without an injected fault: {shown}{more}")
     return "\n".join(out)
 
 
@@ -264,7 +295,8 @@ class FaultDrill(Callback):
             ``{"nan_batch": 30, "inf_loss": 60, "spike": 90, "nan_weight": 120, "transient": 150,
             "bad_batches": [180, 181, 182]}``). Steps are the Trainer's ``global_step``.
         recovery_steps: N: the loss N steps after a fault is compared with the loss before it (>= 5).
-        tolerance: the after-mean may be this many times the before-mean and still count as recovered (>= 1).
+        tolerance: the after-mean may be this many times the before-mean (or as high as the before-window's largest
+            loss) and still count as recovered (>= 1); see :func:`recovery_bar`.
         print_report: print the table on rank zero at the end of the fit.
 
     Raises:
@@ -282,7 +314,7 @@ class FaultDrill(Callback):
         self,
         faults: dict[str, int | list[int]],
         recovery_steps: int = 50,
-        tolerance: float = 1.5,
+        tolerance: float = 1.1,
         print_report: bool = True,
     ) -> None:
         super().__init__()
@@ -295,10 +327,16 @@ class FaultDrill(Callback):
         if recovery_steps < 5:
             raise ValueError(f"{prefix(_OWNER)}recovery_steps must be an int >= 5, got {recovery_steps!r}")
         self.recovery_steps = int(recovery_steps)
-        self.tolerance = float(check_number("tolerance", tolerance, low=1.0, owner=_OWNER))
+        self.tolerance: float = check_number("tolerance", tolerance, low=1.0, owner=_OWNER)  # type: ignore[assignment]
         self.print_report = check_bool("print_report", print_report, owner=_OWNER)
         self._at: dict[int, str] = {s: name for name, steps in self.faults.items() for s in steps}
-        self._window = max(1, self.recovery_steps // 5)
+        #: the table's rows in step order: (fault, steps); bad_batches is one episode, the others one row per step
+        self.episodes: list[tuple[str, tuple[int, ...]]] = sorted(
+            [(name, steps) for name, steps in self.faults.items() if name == "bad_batches"]
+            + [(name, (s,)) for name, steps in self.faults.items() if name != "bad_batches" for s in steps],
+            key=lambda e: e[1][0],
+        )
+        self._window = max(5, self.recovery_steps // 5)
         self._wanted = self._loss_steps()
         self.losses: dict[int, float] = {}  # step -> loss, only in the compared windows
         self.fired: dict[int, str] = {}  # step -> what was done ("" = injected; else why not)
@@ -316,18 +354,15 @@ class FaultDrill(Callback):
 
     # ------------------------------------------------------------------ the windows
     def _loss_steps(self) -> set[int]:
-        n, w = self.recovery_steps, self._window
+        """The steps whose loss the table compares (read from the host there only)."""
         wanted: set[int] = set()
-        for steps in self.faults.values():
-            for s in steps if len(steps) == 1 or len(self.faults) == 0 else (steps[0],):
-                wanted.update(range(max(0, s - w), s))
-            wanted.update(range(steps[-1] + n - w + 1, steps[-1] + n + 1))
-        if "bad_batches" in self.faults:  # one episode: windows around it as a whole
-            steps = self.faults["bad_batches"]
-            wanted.update(range(max(0, steps[0] - w), steps[0]))
-        return wanted - set(self._at)
+        for _, steps in self.episodes:
+            before, after = self._windows(steps)
+            wanted.update(before, after)
+        return wanted
 
     def _windows(self, steps: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """The before- and after-window of a fault at ``steps`` (fault steps left out)."""
         n, w = self.recovery_steps, self._window
         before = [s for s in range(max(0, steps[0] - w), steps[0]) if s not in self._at]
         after = [s for s in range(steps[-1] + n - w + 1, steps[-1] + n + 1) if s not in self._at]
@@ -377,9 +412,7 @@ class FaultDrill(Callback):
         if max_steps is not None and max_steps >= 0:
             late = [f"{name} at {s}" for s, name in sorted(self._at.items()) if s >= max_steps]
             short = [
-                name
-                for name, steps in self.faults.items()
-                if steps[-1] < max_steps <= steps[-1] + self.recovery_steps
+                name for name, steps in self.faults.items() if steps[-1] < max_steps <= steps[-1] + self.recovery_steps
             ]
             if late:
                 rank_zero_warn(f"FaultDrill: max_steps={max_steps} ends the fit before {', '.join(late)}.")
@@ -510,7 +543,8 @@ class FaultDrill(Callback):
     def _build_rows(self) -> list[dict[str, Any]]:
         events = list(getattr(self._guard, "events", []) or [])
         rows = []
-        for name, steps in self.faults.items():
+        rerun = getattr(self._guard, "rerun", True)
+        for name, steps in self.episodes:
             row = DrillRow(fault=name, step=steps[0], steps=steps)
             actions, diagnosis = EXPECTED[name]
             row.expected = "/".join(actions) + (f", {diagnosis}" if diagnosis else "")
@@ -518,7 +552,9 @@ class FaultDrill(Callback):
             row.injected = bool(done)
             if not row.injected:
                 why = [self.fired[s] for s in steps if s in self.fired]
-                row.note = why[0] if why else (self._skip_collapse or "the fit ended before this step")
+                row.note = (
+                    why[0] if why else (self._skip_collapse or "not reached (the fit ended first, or has not begun)")
+                )
                 rows.append(asdict(row))
                 continue
             if len(done) < len(steps):
@@ -534,18 +570,25 @@ class FaultDrill(Callback):
             if at:
                 first = at[0]
                 row.cause, row.diagnosis = first.get("cause") or None, first.get("diagnosis")
-                detail = ", ".join(x for x in (row.cause, f"diagnosis {row.diagnosis}" if row.diagnosis else "") if x)
+                extras = (
+                    row.cause,
+                    f"diagnosis {row.diagnosis}" if row.diagnosis else "",
+                    f"to step {first['snapshot_step']}" if first.get("snapshot_step") is not None else "",
+                    f"lr_scale {first['lr_scale']:.3g}" if first.get("lr_scale", 1.0) != 1.0 else "",
+                )
+                detail = ", ".join(x for x in extras if x)
                 counted = "" if len(at) == 1 else f" x{len(at)}"
                 parts.append(f"{first['kind']}{counted} ({detail})" if detail else first["kind"] + counted)
             if clipped:
                 parts.append(f"clipped x{min(self.clips[s] for s in clipped):.2g}")
             row.guard = "; ".join(parts) or ("nothing" if self._guard is not None else "nothing (no NaNGuard)")
-            wanted_diag_ok = diagnosis is None or row.diagnosis is None or row.diagnosis == diagnosis
-            if at and diagnosis is not None and row.diagnosis is None:
-                wanted_diag_ok = False  # an event without the rerun's diagnosis (rerun=False): cannot confirm
-            row.as_expected = bool(kinds) and any(k in actions for k in kinds) and wanted_diag_ok
             if not kinds:
                 row.as_expected = False
+            elif diagnosis is not None and row.diagnosis is None and not rerun:
+                row.as_expected = None  # the guard's rerun diagnosis is off: nothing to compare
+                row.note = "NaNGuard(rerun=False): no diagnosis to compare"
+            else:
+                row.as_expected = any(k in actions for k in kinds) and diagnosis in (None, row.diagnosis)
             before, after = self._windows(tuple(done))
             before_v = [self.losses[s] for s in before if s in self.losses]
             after_v = [self.losses[s] for s in after if s in self.losses]
@@ -555,6 +598,7 @@ class FaultDrill(Callback):
             finite_before = [v for v in before_v if math.isfinite(v)]
             row.loss_before = sum(finite_before) / len(finite_before) if finite_before else None
             row.loss_after = sum(after_v) / len(after_v) if after_v else None
+            row.loss_bar = recovery_bar(before_v, self.tolerance)
             if row.recovered is None and not row.note:
                 row.note = "the fit ended before the loss could be compared"
             row.handled = acted and row.recovered is True
@@ -566,10 +610,17 @@ class FaultDrill(Callback):
         fit, the rows so far (faults not yet reached say ``injected: False``)."""
         return self._rows if self._rows is not None else self._build_rows()
 
+    def other_events(self) -> list[dict[str, Any]]:
+        """The guard's events (warnings aside) at steps where the drill injected nothing: false alarms, or the
+        aftermath of a fault (a rollback's LR cut later undone, a batch the guard keeps skipping)."""
+        events = getattr(self._guard, "events", None) or []
+        return [e for e in events if e.get("step") not in self._at and e.get("kind") != "warn"]
+
     def report(self) -> str:
-        """The table as printable text, with a last line counting the handled faults."""
+        """The table as printable text: a row per fault, a line counting the handled ones, notes, and the guard's
+        events at steps without a fault."""
         return "FaultDrill: what the guard did with each injected fault\n" + format_table(
-            self.table(), self.recovery_steps
+            self.table(), self.recovery_steps, self.other_events()
         )
 
     @property
@@ -607,7 +658,7 @@ def _nan_into_weight(pl_module: pl.LightningModule) -> bool:
     for p in pl_module.parameters():
         if p.requires_grad and p.is_floating_point() and p.numel():
             with torch.no_grad():
-                p.view(-1)[0] = math.nan
+                p[(0,) * p.dim()] = math.nan
             return True
     return False
 

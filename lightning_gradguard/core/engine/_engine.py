@@ -430,8 +430,8 @@ class GuardEngine:
             first = f"first flagged at step {known.step}" if known.step >= 0 else "flagged on another rank"
             what = ", ".join(x for x in (known.cause.replace("_", " "), known.diagnosis) if x)
             event.reason += f" ({first}{': ' + what if what else ''})"
-        elif health.update_skipped and self._batches and health.diagnosis != "transient":
-            self._record_batches(health, decision)
+        elif health.update_skipped and self._batches and (health.nonfinite_batch or health.diagnosis == "data"):
+            self._record_batches(health, decision)  # only a batch found to be at fault: never a healthy one
         self.cause = decision.cause
         if decision.action is GuardAction.ROLLBACK and source is not None:
             self._restore(source, decision.lr_power)
