@@ -28,9 +28,13 @@ class TinyRegression(pl.LightningModule):
     """An MLP regressor with fault injection by optimizer step.
 
     Args:
-        nan_at_steps: global steps at which the loss is multiplied by NaN (a NaN batch).
+        nan_at_steps: global steps at which the loss is multiplied by NaN (a fault of the step).
         inf_at_steps: global steps at which the loss is multiplied by inf.
         loss_scale_at: {step: factor} multiplies the loss at that step (a spike).
+
+    Each fault is injected once per step, in the step's own ``training_step``: the guard's rerun of the step (same
+    state, batch, random numbers and ``global_step``) computes the clean loss, so these faults are diagnosed
+    *transient*, like the bit flips they stand for (tests of the other diagnoses corrupt the batch or the weights).
         scheduler: a callable ``optimizer -> scheduler`` or None; ``scheduler_config`` is merged into the
             Lightning scheduler dict (e.g. ``{"interval": "step"}``).
     """
@@ -65,6 +69,7 @@ class TinyRegression(pl.LightningModule):
         self.inf_at_steps = set(inf_at_steps)
         self.loss_scale_at = dict(loss_scale_at or {})
         self.losses: list[float] = []
+        self._injected: set[int] = set()  # steps whose fault was injected (once: a rerun sees the clean loss)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -73,12 +78,15 @@ class TinyRegression(pl.LightningModule):
         x, y = batch
         loss = nn.functional.mse_loss(self(x), y)
         step = self.global_step
-        if step in self.nan_at_steps:
-            loss = loss * float("nan")
-        if step in self.inf_at_steps:
-            loss = loss * float("inf")
-        if step in self.loss_scale_at:
-            loss = loss * self.loss_scale_at[step]
+        if step not in self._injected:
+            if step in self.nan_at_steps or step in self.inf_at_steps or step in self.loss_scale_at:
+                self._injected.add(step)
+            if step in self.nan_at_steps:
+                loss = loss * float("nan")
+            if step in self.inf_at_steps:
+                loss = loss * float("inf")
+            if step in self.loss_scale_at:
+                loss = loss * self.loss_scale_at[step]
         self.losses.append(float(loss.detach()))
         self.log("train_loss", loss, prog_bar=False)
         return loss

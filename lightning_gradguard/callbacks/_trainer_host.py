@@ -187,15 +187,36 @@ class TrainerHost(GuardHost):
             else:
                 pl_module.log = log  # type: ignore[method-assign]
 
-    def replay(self, item: tuple[Any, int]) -> FaultTrace | None:
-        """Run the bad batch through ``training_step`` once more (no gradients, logging muted) with hooks on every
-        module: which one produced the fault, which only passed it on."""
+    def replay(self, item: tuple[Any, int], step: int | None = None) -> FaultTrace | None:
+        """Run the bad batch through ``training_step`` once more (no gradients, logging muted, the step counter at
+        ``step``) with hooks on every module: which one produced the fault, which only passed it on."""
         batch, batch_idx = item
-        with self._quiet_module() as pl_module:
+        with self._quiet_module() as pl_module, self._at_step(step):
             return trace_fault(pl_module, lambda: pl_module.training_step(batch, batch_idx))
 
+    @contextlib.contextmanager
+    def _at_step(self, step: int | None) -> Iterator[None]:
+        """``trainer.global_step`` at ``step`` for a replay or rerun: the engine decides after the optimizer step
+        has been counted, and a ``training_step`` that reads ``self.global_step`` (a KL weight, a curriculum) must
+        compute what it computed then."""
+        loop = self.trainer.fit_loop.epoch_loop
+        total = loop.automatic_optimization.optim_progress.optimizer.step.total
+        delta = total.completed - step if step is not None and self.pl_module.automatic_optimization else 0
+        if delta <= 0:
+            yield
+            return
+        total.completed -= delta
+        try:
+            yield
+        finally:
+            total.completed += delta
+
     def rerun(
-        self, items: list[tuple[Any, int]], rngs: list[RngState | None], weights: dict[str, Any] | None
+        self,
+        items: list[tuple[Any, int]],
+        rngs: list[RngState | None],
+        weights: dict[str, Any] | None,
+        step: int | None = None,
     ) -> RerunResult | None:
         """Recompute the step through ``training_step`` under the precision plugin's context (autocast), logging
         muted. Only with automatic optimization (a manual ``training_step`` steps its optimizers itself) and
@@ -217,7 +238,7 @@ class TrainerHost(GuardHost):
 
             return compute
 
-        with self._quiet_module() as pl_module:
+        with self._quiet_module() as pl_module, self._at_step(step):
             return rerun_step(pl_module, [loss_of(b, i) for b, i in items], rngs, weights)
 
     def save_batches(self, batches: list[tuple[Any, int]], step: int) -> str | None:

@@ -174,7 +174,11 @@ class LoopHost(GuardHost):
         return self._report_dir
 
     def rerun(
-        self, items: list[tuple[Any, int]], rngs: list[RngState | None], weights: dict[str, Any] | None
+        self,
+        items: list[tuple[Any, int]],
+        rngs: list[RngState | None],
+        weights: dict[str, Any] | None,
+        step: int | None = None,
     ) -> RerunResult | None:
         """Recompute the step with the loop's ``recompute`` callable (None without one), on the unwrapped model
         (snapshot weights are loaded there); a DDP wrapper that the callable calls runs under ``no_sync`` (its

@@ -72,8 +72,7 @@ class InputFaults(TinyRegression):
         x, y = batch
         kind = self.bad_inputs.get(self.global_step)
         if kind is not None and (self.bad_batch_idx is None or batch_idx in self.bad_batch_idx):
-            x = x.clone()
-            x[0, 0] = float(kind)
+            x[0, 0] = float(kind)  # in place: the batch itself arrives bad (what the guard checks and records)
         return super().training_step((x, y), batch_idx)
 
 

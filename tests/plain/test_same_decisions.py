@@ -122,7 +122,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_plain_guard_takes_the_trainer_callbacks_decisions(tmp_path: Any, case: str) -> None:
     method, extra, faults = CASES[case]
-    guard_args = {"snapshot_every_n_steps": 5, "snapshot_confirm_steps": 2, **extra}
+    # rerun=False: the parity of the decisions (a plain loop without recompute= has no rerun diagnosis)
+    guard_args = {"snapshot_every_n_steps": 5, "snapshot_confirm_steps": 2, "rerun": False, **extra}
     ref = _trainer_run(tmp_path, method, guard_args, faults)
     got = _plain_run(ref["init"], method, guard_args, faults)
     acted = {step for step, *_ in ref["events"]} | {step for step, _, clipped in ref["clips"] if clipped}

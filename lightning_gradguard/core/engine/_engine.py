@@ -403,7 +403,7 @@ class GuardEngine:
             if self._batches:
                 event.nonfinite_batch = health.nonfinite_batch = any(nonfinite_in(b) for b, _ in self._batches)
                 if nonfinite_cause:
-                    trace = host.replay(self._batches[-1])
+                    trace = host.replay(self._batches[-1], health.step)
                     if trace is not None:
                         event.first_nonfinite_module, event.producer = trace.first_nonfinite, trace.producer
             if o.rerun and health.nonfinite_somewhere:  # the same on every rank: they reduce together
@@ -598,10 +598,10 @@ class GuardEngine:
             snap = None
             if not health.nonfinite_batch and not weights_bad:
                 rngs = self._rngs or [self._window_rng]
-                same = host.rerun(self._batches, rngs, None)
+                same = host.rerun(self._batches, rngs, None, health.step)
                 if same is not None and not same.finite:
                     snap = self.store.compute()
-                    trusted = host.rerun(self._batches, rngs, snap.model) if snap is not None else None
+                    trusted = host.rerun(self._batches, rngs, snap.model, health.step) if snap is not None else None
             fault = RerunResult(loss, norm)
             trusted_step = snap.step if snap is not None else None
             found = classify(fault, bool(health.nonfinite_batch), weights_bad, same, trusted, trusted_step)

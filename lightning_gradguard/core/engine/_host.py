@@ -112,17 +112,21 @@ class GuardHost:
         """A halt: end the loop after this step (the engine raises afterwards when asked to)."""
 
     # ------------------------------------------------------------------ optional: the batch and checkpoint files
-    def replay(self, item: tuple[Any, int]) -> FaultTrace | None:
+    def replay(self, item: tuple[Any, int], step: int | None = None) -> FaultTrace | None:
         """Run the flagged batch once more with hooks on every module and say which one produced the fault
         (:func:`~lightning_gradguard.core.recover._fault_trace.trace_fault`; None: cannot replay)."""
         return None
 
     def rerun(
-        self, items: list[tuple[Any, int]], rngs: list[RngState | None], weights: dict[str, Any] | None
+        self,
+        items: list[tuple[Any, int]],
+        rngs: list[RngState | None],
+        weights: dict[str, Any] | None,
+        step: int | None = None,
     ) -> RerunResult | None:
         """Recompute the flagged step's loss and gradient norm from the current state (``weights`` None) or from
         ``weights`` (a snapshot's model state), each micro-batch of ``items`` after restoring its random-number
-        state from ``rngs``, without touching ``.grad``
+        state from ``rngs``, without touching ``.grad``, with the loop's step counter at ``step`` where it has one
         (:func:`~lightning_gradguard.core.recover._rerun.rerun_step`); None where this loop cannot (then there is
         no rerun diagnosis)."""
         return None
