@@ -114,10 +114,11 @@ class NaNGuard(Callback):
             optimization and unsharded parameters (not under FSDP2/ModelParallelStrategy, nor with cross-process
             SyncBatchNorm: there the other diagnoses stand).
         bad_batch_window: every batch found at fault (it held NaN/inf, or the rerun diagnosis says *data*; never
-            the batch of a transient or state fault) goes on the bad-batch record (:attr:`bad_batches`; JSON lines in the log directory, ``gradguard_bad_batches.jsonl``;
-            kept in checkpoints) and is skipped when met again (after a resume, or in a later epoch of a
-            deterministic sampler: the same epoch and batch index, and the same contents). A rollback also skips
-            the ``bad_batch_window`` batches that follow the fault (PaLM's recipe; 0, the default: none).
+            the batch of a transient or state fault) goes on the bad-batch record (:attr:`bad_batches`; JSON lines
+            in the log directory, ``gradguard_bad_batches.jsonl``; kept in checkpoints) and is skipped when met
+            again (after a resume, or in a later epoch of a loader that does not shuffle: the same batch index and
+            the same contents). A rollback also skips the ``bad_batch_window`` batches that follow the fault in its
+            epoch (PaLM's recipe; 0, the default: none).
 
     All the per-step work is the guard engine's (:class:`~lightning_gradguard.core.engine.GuardEngine`, shared with
     ``GradGuard`` and ``FabricGradGuard``); this callback turns Trainer hooks into its calls.
