@@ -48,6 +48,7 @@ def worker(rank: int, world: int, out_dir: str) -> None:
     result = {"events": [[e["step"], e["kind"], e["cause"]] for e in guard.events], "skipped": guard.skipped_steps}
     result["checksum"] = checksum
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # both ranks done before either tears the group down (a gloo teardown race aborts otherwise)
     dist.destroy_process_group()
 
 
