@@ -37,7 +37,8 @@ from lightning_gradguard.callbacks._log_writer import (
 from lightning_gradguard.callbacks._step_context import context_for
 from lightning_gradguard.core.engine import GuardHost
 from lightning_gradguard.core.recover._fault_trace import FaultTrace, trace_fault
-from lightning_gradguard.core.recover._rerun import RerunResult, RngState, rerun_step
+from lightning_gradguard.core.recover._replica_shards import ReplicaSharding
+from lightning_gradguard.core.recover._rerun import BackwardRecorder, RerunResult, RngState, rerun_step
 from lightning_gradguard.core.recover._snapshot import Snapshot
 from lightning_gradguard.overview import OverviewBudget, write_overview
 
@@ -117,6 +118,22 @@ class TrainerHost(GuardHost):
     def device(self) -> torch.device:
         return self.trainer.strategy.root_device
 
+    def local_processes(self) -> int:
+        return int(self.trainer.num_devices) if self.trainer.world_size > 1 else 1
+
+    def replica_sharding(self) -> ReplicaSharding | None:
+        """DDP (every rank a replica): split snapshots over the world; sharded (DTensor) parameters or one process:
+        None."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        t = self.trainer
+        if t.world_size <= 1 or not isinstance(t.strategy, DDPStrategy) or not torch.distributed.is_initialized():
+            return None
+        if DTensor is not None and any(isinstance(p, DTensor) for p in self.pl_module.parameters()):
+            return None
+        nccl = torch.distributed.get_backend() == "nccl"
+        return ReplicaSharding(int(t.global_rank), int(t.world_size), None, t.strategy.root_device if nccl else None)
+
     def is_global_zero(self) -> bool:
         return bool(self.trainer.is_global_zero)
 
@@ -174,13 +191,19 @@ class TrainerHost(GuardHost):
             self._loop_limits = None
 
     @contextlib.contextmanager
-    def _quiet_module(self) -> Iterator[pl.LightningModule]:
-        """The LightningModule with ``self.log`` muted (a replay or rerun must not log a second value)."""
+    def _quiet_module(self, backward: BackwardRecorder | None = None) -> Iterator[pl.LightningModule]:
+        """The LightningModule with ``self.log`` muted (a replay or rerun must not log a second value) and, under
+        manual optimization, its backward and optimizer calls made harmless (:meth:`_manual_steps_muted`; the
+        backward calls go to ``backward``, or nowhere)."""
         pl_module = self.pl_module
         log = pl_module.__dict__.get("log")
         pl_module.log = lambda *a, **k: None  # type: ignore[method-assign]
         try:
-            yield pl_module
+            if pl_module.automatic_optimization:
+                yield pl_module
+            else:
+                with self._manual_steps_muted(backward or BackwardRecorder(pl_module)):
+                    yield pl_module
         finally:
             if log is None:
                 del pl_module.log
@@ -198,10 +221,14 @@ class TrainerHost(GuardHost):
     def _at_step(self, step: int | None) -> Iterator[None]:
         """``trainer.global_step`` at ``step`` for a replay or rerun: the engine decides after the optimizer step
         has been counted, and a ``training_step`` that reads ``self.global_step`` (a KL weight, a curriculum) must
-        compute what it computed then."""
+        compute what it computed then. Manual optimization counts ``opt.step()`` calls: ``step`` is the flagged
+        optimizer's (exact with one optimizer; with several, what the flagged one's part of the step read)."""
         loop = self.trainer.fit_loop.epoch_loop
-        total = loop.automatic_optimization.optim_progress.optimizer.step.total
-        delta = total.completed - step if step is not None and self.pl_module.automatic_optimization else 0
+        if self.pl_module.automatic_optimization:
+            total = loop.automatic_optimization.optim_progress.optimizer.step.total
+        else:
+            total = loop.manual_optimization.optim_step_progress.total
+        delta = total.completed - step if step is not None else 0
         if delta <= 0:
             yield
             return
@@ -211,6 +238,50 @@ class TrainerHost(GuardHost):
         finally:
             total.completed += delta
 
+    def _sharded(self) -> bool:
+        return DTensor is not None and any(isinstance(p, DTensor) for p in self.pl_module.parameters())
+
+    def rerun_is_collective(self) -> bool:
+        """Sharded (DTensor) parameters: a rerun's forward all-gathers them, every rank reruns together."""
+        return self._sharded()
+
+    @contextlib.contextmanager
+    def _manual_steps_muted(self, backward: BackwardRecorder) -> Iterator[None]:
+        """For a replay or rerun of a manual-optimization ``training_step``: ``manual_backward`` records through
+        ``backward`` (``torch.autograd.grad``: ``.grad`` untouched, no callback hooks), the optimizers' ``step``
+        only runs its closure (no update, no step counted, no ``on_before_optimizer_step``), their ``zero_grad``,
+        the schedulers' ``step`` and ``clip_gradients`` do nothing. Instance attributes, put back afterwards (a
+        scheduler's own wrapper of ``optimizer.step`` included)."""
+        pl_module, trainer = self.pl_module, self.trainer
+
+        def step(closure: Callable[[], Any] | None = None, **_: Any) -> Any:
+            return closure() if closure is not None else None
+
+        def nothing(*_: Any, **__: Any) -> None:
+            return None
+
+        patches: list[tuple[Any, str, Any]] = [
+            (pl_module, "manual_backward", backward),
+            (pl_module, "clip_gradients", nothing),
+        ]
+        wrapped = list(getattr(trainer.strategy, "_lightning_optimizers", []))
+        for opt in [*wrapped, *trainer.optimizers]:
+            patches += [(opt, "step", step), (opt, "zero_grad", nothing)]
+        for cfg in trainer.lr_scheduler_configs:
+            patches.append((cfg.scheduler, "step", nothing))
+        missing = object()
+        saved = [(obj, name, obj.__dict__.get(name, missing)) for obj, name, _ in patches]
+        try:
+            for obj, name, value in patches:
+                obj.__dict__[name] = value
+            yield
+        finally:
+            for obj, name, old in reversed(saved):
+                if old is missing:
+                    obj.__dict__.pop(name, None)
+                else:
+                    obj.__dict__[name] = old
+
     def rerun(
         self,
         items: list[tuple[Any, int]],
@@ -219,27 +290,31 @@ class TrainerHost(GuardHost):
         step: int | None = None,
     ) -> RerunResult | None:
         """Recompute the step through ``training_step`` under the precision plugin's context (autocast), logging
-        muted. Only with automatic optimization (a manual ``training_step`` steps its optimizers itself) and
-        unsharded parameters (a sharded forward is a collective that every rank would have to join), and never with
-        SyncBatchNorm across processes (its forward is one)."""
+        muted. Manual optimization: its backward calls are recorded and its optimizer calls do nothing
+        (:meth:`_manual_steps_muted`; the step's loss is the sum of its losses). Sharded (DTensor) parameters: a
+        forward-only rerun that every rank runs together (:meth:`rerun_is_collective`; see
+        ``core/recover/_rerun.py``). Never with SyncBatchNorm across processes (its forward is a collective)."""
         pl_module, trainer = self.pl_module, self.trainer
-        if not items or not pl_module.automatic_optimization:
-            return None
-        if DTensor is not None and any(isinstance(p, DTensor) for p in pl_module.parameters()):
+        if not items:
             return None
         if trainer.world_size > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules()):
             return None
         plugin = trainer.precision_plugin
+        manual = not pl_module.automatic_optimization
+        recorder = BackwardRecorder(pl_module)
 
         def loss_of(batch: Any, batch_idx: int) -> Callable[[], Any]:
             def compute() -> Any:
+                recorder.reset()  # one record per micro-batch
                 with plugin.train_step_context():
-                    return pl_module.training_step(batch, batch_idx)
+                    out = pl_module.training_step(batch, batch_idx)
+                return recorder if manual else out
 
             return compute
 
-        with self._quiet_module() as pl_module, self._at_step(step):
-            return rerun_step(pl_module, [loss_of(b, i) for b, i in items], rngs, weights)
+        computes = [loss_of(b, i) for b, i in items]
+        with self._quiet_module(recorder) as pl_module, self._at_step(step):
+            return rerun_step(pl_module, computes, rngs, weights, grads=not self._sharded())
 
     def save_batches(self, batches: list[tuple[Any, int]], step: int) -> str | None:
         out, t = self.out_dir, self.trainer
@@ -252,4 +327,5 @@ class TrainerHost(GuardHost):
         return str(path)
 
     def checkpoint_snapshot(self, survived: Callable[[int], bool]) -> tuple[Snapshot | None, list[str]]:
-        return self.files.best(self.trainer, survived)
+        # a distributed checkpoint is loaded collectively: the ranks agree through the guard's own reducer
+        return self.files.best(self.trainer, survived, self._reducer)

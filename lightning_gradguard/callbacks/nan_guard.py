@@ -82,7 +82,12 @@ class NaNGuard(Callback):
         lr_factor: LR multiplier per rollback or stability cut, in (0, 1].
         max_consecutive_skips: ``skip``: flagged steps in a row before escalating (>= 0).
         escalate_to: ``"rollback"`` or ``"halt"``.
-        snapshot: ``"memory"`` (CPU copies) or ``"checkpoint"`` (this fit's ModelCheckpoint files).
+        snapshot: where a rollback's state comes from: ``"memory"`` (host copies taken every
+            ``snapshot_every_n_steps``; under DDP split over the ranks, see ``shard_snapshots``), ``"checkpoint"``
+            (this fit's ModelCheckpoint files, or distributed checkpoint directories under ModelParallelStrategy),
+            or ``"auto"`` (the default): memory while the snapshots this rank keeps (up to three) fit in
+            ``snapshot_budget_mb``, this fit's checkpoints once they would not (decided before each copy, the same
+            on every rank, said in a warning with the sizes).
         snapshot_every_n_steps: healthy steps between memory snapshots (>= 1).
         snapshot_confirm_steps: healthy steps a snapshot must survive before it is trusted (>= 0).
         max_rollbacks: rollbacks allowed before halting (>= 0).
@@ -119,6 +124,11 @@ class NaNGuard(Callback):
             again (after a resume, or in a later epoch of a loader that does not shuffle: the same batch index and
             the same contents). A rollback also skips the ``bad_batch_window`` batches that follow the fault in its
             epoch (PaLM's recipe; 0, the default: none).
+        shard_snapshots: under DDP (every rank holds the same replica), each rank keeps only its 1/world part of
+            each in-memory snapshot and a rollback gathers the whole state back (one ``all_gather``, only then);
+            False: a whole copy on every rank. No effect on one process or under FSDP2 (already sharded).
+        snapshot_budget_mb: host memory this rank's in-memory snapshots may take under ``snapshot="auto"`` (None:
+            a quarter of the machine's physical memory divided by the training processes on it).
 
     All the per-step work is the guard engine's (:class:`~lightning_gradguard.core.engine.GuardEngine`, shared with
     ``GradGuard`` and ``FabricGradGuard``); this callback turns Trainer hooks into its calls.
@@ -159,6 +169,9 @@ class NaNGuard(Callback):
     rollback_refill_steps = EngineField(options=True)
     rerun = EngineField(options=True)
     bad_batch_window = EngineField(options=True)
+    shard_snapshots = EngineField(options=True)
+    snapshot_budget_mb = EngineField(options=True)
+    snapshot_source = EngineField()
     warnings = EngineField()
     policy = EngineField()
     skipped_steps = EngineField()
@@ -181,7 +194,7 @@ class NaNGuard(Callback):
         lr_factor: float = 0.5,
         max_consecutive_skips: int = 3,
         escalate_to: str = "rollback",
-        snapshot: str = "memory",
+        snapshot: str = "auto",
         snapshot_every_n_steps: int = 50,
         snapshot_confirm_steps: int = 10,
         max_rollbacks: int = 3,
@@ -202,6 +215,8 @@ class NaNGuard(Callback):
         rollback_refill_steps: int | None = 200,
         rerun: bool = True,
         bad_batch_window: int = 0,
+        shard_snapshots: bool = True,
+        snapshot_budget_mb: float | None = None,
     ) -> None:
         super().__init__()
         args = locals()
@@ -343,7 +358,7 @@ class NaNGuard(Callback):
         step = trainer.global_step - 1
         engine = self.engine  # its fields read directly (the EngineField attributes are for users)
         options = engine.options
-        if options.snapshot == "checkpoint":
+        if engine.snapshot_source == "checkpoint":  # auto: once its snapshots outgrew the memory budget
             self.files.observe(trainer)
         record = self._record
         flags = None

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gradguard.core.guard._step_judge import any_rank
+from lightning_gradguard.core.recover._replica_shards import ReplicaSharding
 
 #: ``reduce(t) -> t`` taking the element-wise maximum over the ranks.
 Reduce = Callable[[Tensor], Tensor]
@@ -62,3 +63,22 @@ class MaxReducer:
     def any(self, *flags: bool, device: torch.device | None = None) -> tuple[bool, ...]:
         """Each flag OR-ed over the ranks (one reduce; free on a single process)."""
         return any_rank(self, *flags, device=device)
+
+
+def replica_sharding(model: torch.nn.Module, group: Any = None) -> ReplicaSharding | None:
+    """Where a ``DistributedDataParallel`` model (under any wrappers, e.g. Fabric's) keeps one replica per rank:
+    this rank's place in ``group`` for split snapshots; None without DDP, with one rank, or with sharded (DTensor)
+    parameters. Under NCCL the collective runs on the current CUDA device."""
+    rank, world = rank_and_world(group)
+    if world <= 1:
+        return None
+    inner: Any = model
+    while isinstance(inner, torch.nn.Module) and not isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        wrapped = getattr(inner, "module", None)
+        inner = wrapped if isinstance(wrapped, torch.nn.Module) and wrapped is not inner else None
+    if not isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        return None
+    if any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+        return None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    return ReplicaSharding(rank, world, group, device)

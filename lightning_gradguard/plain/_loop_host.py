@@ -23,10 +23,11 @@ from lightning_gradguard.core.clip import CLIPPERS, Clipper, check_clip_options
 from lightning_gradguard.core.engine import GuardHost
 from lightning_gradguard.core.engine._scalars import with_twins
 from lightning_gradguard.core.engine._timeline import Timeline
+from lightning_gradguard.core.recover._replica_shards import ReplicaSharding
 from lightning_gradguard.core.recover._rerun import RerunResult, RngState, rerun_step
 from lightning_gradguard.overview import OverviewBudget, write_overview
 from lightning_gradguard.plain._announce import announce_line
-from lightning_gradguard.plain._distributed import MaxReducer
+from lightning_gradguard.plain._distributed import MaxReducer, replica_sharding
 
 _LOG = logging.getLogger("lightning_gradguard.plain")
 
@@ -139,6 +140,9 @@ class LoopHost(GuardHost):
 
     def reducer(self) -> MaxReducer:
         return self._reducer
+
+    def replica_sharding(self) -> ReplicaSharding | None:
+        return replica_sharding(self._model, self._reducer.group)
 
     def is_global_zero(self) -> bool:
         return self.rank in (0, None)

@@ -154,6 +154,11 @@ class GradGuard:
         rerun: on a non-finite step, recompute it with the ``recompute`` callable given to :meth:`before_step` (from
             the same state, then from the trusted snapshot) and say whether the fault was transient, of the data or
             of the state (see ``NaNGuard``); a transient or data fault costs no LR. No effect without ``recompute``.
+        shard_snapshots: with a ``DistributedDataParallel`` model, each rank keeps only its 1/world part of each
+            snapshot; a rollback gathers the whole state back (see ``NaNGuard``). False: a whole copy per rank.
+        snapshot_budget_mb: host memory this rank's snapshots may take (None: a quarter of the machine's memory per
+            local process, ``LOCAL_WORLD_SIZE``); a state whose snapshots would exceed it gets none (a warning says
+            so with the sizes; a fault is then skipped, or halts) rather than exhausting the host.
         all_reduce_max: custom ``tensor -> element-wise max over ranks`` (Fabric); None uses torch.distributed.
         process_group: the torch.distributed group (None: the default group).
 
@@ -191,6 +196,8 @@ class GradGuard:
     lr_recovery_steps = EngineField(options=True)
     rollback_refill_steps = EngineField(options=True)
     rerun = EngineField(options=True)
+    shard_snapshots = EngineField(options=True)
+    snapshot_budget_mb = EngineField(options=True)
     warnings = EngineField()
     policy = EngineField()
     store = EngineField()
@@ -244,6 +251,8 @@ class GradGuard:
         lr_recovery_steps: int | None = 1000,
         rollback_refill_steps: int | None = 200,
         rerun: bool = True,
+        shard_snapshots: bool = True,
+        snapshot_budget_mb: float | None = None,
         all_reduce_max: Reduce | None = None,
         process_group: Any = None,
     ) -> None:

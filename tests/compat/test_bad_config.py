@@ -83,7 +83,7 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "lr_factor": number(lambda v: 0 < v <= 1),
         "max_consecutive_skips": integer(0),
         "escalate_to": choice("rollback", "halt"),
-        "snapshot": choice("memory", "checkpoint"),
+        "snapshot": choice("auto", "memory", "checkpoint"),
         "snapshot_every_n_steps": integer(1),
         "snapshot_confirm_steps": integer(0),
         "max_rollbacks": integer(0),
@@ -104,6 +104,8 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "rerun": boolean(),
         "bad_batch_window": integer(0),
         "amp_max_halvings": integer(1, optional=True),
+        "shard_snapshots": boolean(),
+        "snapshot_budget_mb": number(positive_finite, optional=True),
     },
     GradientNormMonitor: {
         "log_every_n_steps": integer(1, optional=True),

@@ -228,7 +228,13 @@ def test_resume_from_a_distributed_checkpoint_keeps_every_callbacks_state(fsdp_r
         assert {k: v for k, v in guard_saved.items() if k not in skip} == {
             k: v for k, v in guard_resumed.items() if k not in skip
         }
-    assert ranks[0]["resumed"]["states"] == ranks[1]["resumed"]["states"]  # one state, the same on every rank
+    # one state, the same on every rank, except what each rank holds itself: its snapshots' bytes (local shards)
+    same = [{**r["resumed"]["states"], "NaNGuard": _without_sizes(r["resumed"]["states"]["NaNGuard"])} for r in ranks]
+    assert same[0] == same[1]
+
+
+def _without_sizes(state):
+    return {**state, "snapshots": [{k: v for k, v in s.items() if k != "nbytes"} for s in state["snapshots"]]}
 
 
 @pytest.mark.ddp

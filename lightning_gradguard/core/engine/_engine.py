@@ -45,7 +45,8 @@ from lightning_gradguard.core.guard._step_judge import StepJudge, StepRider, Ver
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.recover._bad_batches import BadBatch, BadBatchRecord, fingerprint
 from lightning_gradguard.core.recover._fault_trace import nonfinite_in
-from lightning_gradguard.core.recover._rerun import KINDS, RerunResult, RngState, classify
+from lightning_gradguard.core.recover._replica_shards import ReplicaSharding
+from lightning_gradguard.core.recover._rerun import KINDS, Diagnosis, RerunResult, RngState, classify
 from lightning_gradguard.core.recover._rules import (
     START_KEEP_WINDOWS,
     StartState,
@@ -60,14 +61,20 @@ from lightning_gradguard.core.recover._snapshot import (
     BufferCopy,
     Snapshot,
     SnapshotStore,
+    memory_budget,
     nonfinite_entries,
     nonfinite_weights_and_buffers,
+    state_nbytes,
     take_snapshot,
 )
 from lightning_gradguard.errors import DivergenceError
 
 _NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "nonfinite_buffers", "other_rank"}
 _TEXT_TAG = tag("nan_guard_events")
+_OFF_ELSEWHERE = (
+    "snapshot='auto': another rank's in-memory snapshots would exceed its snapshot budget; from here on rollbacks "
+    "use this fit's checkpoint files on every rank"
+)
 
 
 class _Unbound(GuardHost):
@@ -135,6 +142,7 @@ class GuardEngine:
         self.halt_error: DivergenceError | None = None
         self.report_path: str | None = None
         self.snapshot_ms: float | None = None  # how long the last in-memory snapshot took (None: none taken)
+        self._memory_off = False  # snapshot="auto" found the in-memory snapshots above the budget (for this fit)
         #: every batch the guard skipped or blamed (not transient faults), skipped again when met again
         self.bad_batches = BadBatchRecord()
         self._known_bad: BadBatch | None = None  # this step's batch is on the record
@@ -182,6 +190,13 @@ class GuardEngine:
         return sum(s.nbytes() for s in held.values())
 
     @property
+    def snapshot_source(self) -> str:
+        """Where a rollback's state comes from in this fit: ``"memory"`` or ``"checkpoint"`` (``snapshot="auto"``
+        switches to checkpoint files once in-memory snapshots would exceed ``snapshot_budget_mb``)."""
+        o = self.options.snapshot
+        return "checkpoint" if o == "checkpoint" or (o == "auto" and self._memory_off) else "memory"
+
+    @property
     def spike_score(self) -> float | None:
         """The first optimizer's spike score: the share of judged steps whose loss or gradient norm spiked (6
         standard deviations above the previous 128 values; None before any step was judged). Each optimizer's:
@@ -224,6 +239,7 @@ class GuardEngine:
         self.store.reset()
         self.buffers.clear()
         self.judge_.reduce = host.reducer()
+        self._memory_off = False
         if not self._resumed:
             self.judge_.forget_last_step()
         self._resumed = False
@@ -351,7 +367,7 @@ class GuardEngine:
             self._since_cut += 1
             if self._since_cut >= self._recovery_steps:
                 self._recover_lr(next_step - 1)
-        if o.snapshot == "memory" and o.action != "halt":
+        if self.snapshot_source == "memory" and o.action != "halt":
             self._since_snapshot += 1
             if self._since_snapshot >= o.snapshot_every_n_steps:
                 self._since_snapshot = 0
@@ -363,19 +379,30 @@ class GuardEngine:
         host = self.host
         snap, error, bad = None, None, []
         started = time.perf_counter()
+        sharding = host.replica_sharding() if self.options.shard_snapshots else None
+        over: str | None = None  # snapshot="auto" and over the budget: decided here, agreed in the reduce below
         try:
-            snap = take_snapshot(
-                host.model(),
-                host.optimizers(),
-                host.schedulers(),
-                step=step,
-                extra=host.extra_state(),
-                meta={"lr_scale": self.lr_scale},
-            )
-            bad = nonfinite_entries(snap.model) if self.options.check_params else []
+            over = self._over_budget(sharding)
+            if over is None:
+                snap = take_snapshot(
+                    host.model(),
+                    host.optimizers(),
+                    host.schedulers(),
+                    step=step,
+                    extra=host.extra_state(),
+                    meta={"lr_scale": self.lr_scale},
+                    sharding=sharding,
+                )
+            if snap is not None and self.options.check_params:  # a split snapshot holds bytes: check the live state
+                bad = nonfinite_entries(snap.model if snap.sharded is None else host.model().state_dict())
         except Exception as err:  # e.g. host memory exhausted: must not end the run the guard keeps alive
             error = err
-        failed, damaged = any_rank(host.reducer(), error is not None, bool(bad), device=host.device())
+        failed, damaged, too_big = any_rank(
+            host.reducer(), error is not None, bool(bad), over is not None, device=host.device()
+        )
+        if too_big:  # snapshot="auto" on some rank: no in-memory snapshots from here on, on every rank
+            self._memory_off, snap = True, None
+            host.warn(over or f"{self.options.owner}: {_OFF_ELSEWHERE}", over is not None)
         if failed:
             message = snapshot_failure_message(self.options.owner, step, error, self.store.compute())
             host.warn(message, error is not None)
@@ -390,6 +417,30 @@ class GuardEngine:
             if trusted:
                 self.start_state.offer(snap)
         self.start_state.expire(step)
+
+    def _over_budget(self, sharding: ReplicaSharding | None) -> str | None:
+        """``snapshot="auto"``: why one more in-memory snapshot would not fit this rank's budget (None: it fits, or
+        another mode). Counts the live tensors, copies nothing."""
+        o, host = self.options, self.host
+        if o.snapshot != "auto":
+            return None
+        need = state_nbytes(host.model(), host.optimizers())
+        if sharding is not None and sharding.world > 1:
+            need = -(-need // sharding.world)
+        kept = self.store.capacity + 1  # the store's snapshots and the start state
+        budget = (
+            o.snapshot_budget_mb * 2**20 if o.snapshot_budget_mb is not None else memory_budget(host.local_processes())
+        )
+        if need * kept <= budget:
+            return None
+        mib = 2**20
+        return (
+            f"{o.owner}(snapshot='auto'): one in-memory snapshot of this state takes {need / mib:.1f} MiB on this "
+            f"rank and up to {kept} are kept ({need * kept / mib:.1f} MiB), above the snapshot budget of "
+            f"{budget / mib:.1f} MiB (snapshot_budget_mb; default: a quarter of this machine's memory per local "
+            "process). From here on rollbacks use this fit's checkpoint files (a full-state ModelCheckpoint); "
+            "without one a fault is skipped, or halts"
+        )
 
     def handle_fault(self, health: StepHealth) -> None:
         """Diagnose a flagged step, ask the policy, and carry out its decision."""
@@ -448,16 +499,18 @@ class GuardEngine:
     def _rollback_source(self) -> tuple[Snapshot | None, str, str]:
         """The snapshot a rollback would restore, why there is none, and a note on a fallback."""
         tried: list[str] = []
-        if self.options.snapshot == "checkpoint":
+        if self.snapshot_source == "checkpoint":
             snap, tried = self.host.checkpoint_snapshot(self._survived)
-            if snap is not None:
-                return snap, "", ""
-        memory = self.store.compute()  # in checkpoint mode: the in-memory start state
+            if snap is not None:  # the newer checkpoints it passed over, and why, go into the event
+                return snap, "", "passed over: " + "; ".join(tried) if tried else ""
+        memory = self.store.compute()  # in checkpoint mode: the in-memory start state (auto: the last that fit)
         listing = "; ".join(tried) if tried else "none written yet"
-        if self.options.snapshot != "checkpoint":
+        if self.snapshot_source == "memory":
             return memory, "", ""
         if memory is not None:
-            return memory, "", f"no usable checkpoint file ({listing}): used the in-memory start state"
+            which = "start state" if memory.step == 0 or self.options.snapshot == "checkpoint" else "snapshot"
+            note = f"no usable checkpoint file ({listing}): used the in-memory {which} of step {memory.step}"
+            return memory, "", note
         return None, f"checkpoint files: {listing}", ""
 
     def _restore(self, snap: Snapshot, lr_power: int) -> None:
@@ -589,27 +642,36 @@ class GuardEngine:
     def _rerun_diagnosis(self, health: StepHealth, event: GuardEvent, loss: float | None, norm: float | None) -> None:
         """Recompute the flagged step (same state, batch and random numbers; then from the trusted snapshot) and
         classify it (``core/recover/_rerun.py``); every rank agrees on the most serious diagnosis (one reduce). A
-        rank whose own loss and gradients were finite reruns nothing and has no say."""
+        rank whose own loss and gradients were finite reruns nothing and has no say. Where the rerun is a collective
+        (:meth:`GuardHost.rerun_is_collective`: sharded parameters), every rank takes every branch together instead
+        (:meth:`_rerun_together`)."""
         host = self.host
-        found = None
-        if health.nonfinite_loss or health.nonfinite_grad:
-            weights_bad = bool(nonfinite_weights_and_buffers(host.named_module())[0])
-            same = trusted = None
-            snap = None
-            if not health.nonfinite_batch and not weights_bad:
-                rngs = self._rngs or [self._window_rng]
-                same = host.rerun(self._batches, rngs, None, health.step)
-                if same is not None and not same.finite:
-                    snap = self.store.compute()
-                    trusted = host.rerun(self._batches, rngs, snap.model, health.step) if snap is not None else None
-            fault = RerunResult(loss, norm)
-            trusted_step = snap.step if snap is not None else None
-            found = classify(fault, bool(health.nonfinite_batch), weights_bad, same, trusted, trusted_step)
-        code = KINDS.index(found.kind) + 1 if found is not None else 0
         reducer = host.reducer()
-        if reducer is not None and reducer.world_size > 1:
-            agreed = reducer(torch.tensor([float(code)], dtype=torch.float64, device=host.device()))
-            code = int(agreed.tolist()[0])
+        many = reducer is not None and reducer.world_size > 1
+        if many and host.rerun_is_collective():
+            found = self._rerun_together(health, loss, norm)
+            code = KINDS.index(found.kind) + 1 if found is not None else 0  # the same on every rank already
+        else:
+            found = None
+            snap = self.store.compute()  # the same on every rank: a snapshot is kept only where every rank took it
+            weights = self._trusted_weights(snap) if many and snap is not None else None  # every rank, together
+            if health.nonfinite_loss or health.nonfinite_grad:
+                weights_bad = bool(nonfinite_weights_and_buffers(host.named_module())[0])
+                same = trusted = None
+                if not health.nonfinite_batch and not weights_bad:
+                    rngs = self._rngs or [self._window_rng]
+                    same = host.rerun(self._batches, rngs, None, health.step)
+                    if same is not None and not same.finite and snap is not None:
+                        if weights is None:  # one process: only when needed
+                            weights = self._trusted_weights(snap)
+                        trusted = host.rerun(self._batches, rngs, weights, health.step)
+                fault = RerunResult(loss, norm)
+                trusted_step = snap.step if snap is not None else None
+                found = classify(fault, bool(health.nonfinite_batch), weights_bad, same, trusted, trusted_step)
+            code = KINDS.index(found.kind) + 1 if found is not None else 0
+            if many and reducer is not None:
+                agreed = reducer(torch.tensor([float(code)], dtype=torch.float64, device=host.device()))
+                code = int(agreed.tolist()[0])
         if not code:
             return
         health.diagnosis = event.diagnosis = KINDS[code - 1]
@@ -617,6 +679,48 @@ class GuardEngine:
             event.diagnosis_evidence = found.evidence
         else:
             event.diagnosis_evidence = "found on another rank"
+
+    def _rerun_together(self, health: StepHealth, loss: float | None, norm: float | None) -> Diagnosis | None:
+        """The rerun diagnosis where a rerun is a collective: every rank takes the same branches. One reduce agrees
+        on whether the batch, the weights or the loss were non-finite anywhere; then every rank reruns from the same
+        state and one reduce agrees on its finiteness (non-finite on any rank: not finite), and, where it
+        reproduced, the same from the trusted snapshot. The diagnosis is then the same on every rank."""
+        host = self.host
+        reducer, device = host.reducer(), host.device()
+        batch_here = bool(health.nonfinite_batch)
+        weights_here = bool(nonfinite_weights_and_buffers(host.named_module())[0])
+        batch_bad, weights_bad, loss_bad = any_rank(
+            reducer, batch_here, weights_here, bool(health.nonfinite_loss), device=device
+        )
+
+        def agreed(result: RerunResult | None) -> RerunResult | None:  # one reduce; None on any rank: None on all
+            failed, bad = any_rank(reducer, result is None, result is not None and not result.finite, device=device)
+            if failed or result is None:
+                return None
+            result.others_finite = not bad or not result.finite
+            return result
+
+        same = trusted = snap = None
+        if not batch_bad and not weights_bad:
+            rngs = self._rngs or [self._window_rng]
+            same = agreed(host.rerun(self._batches, rngs, None, health.step))
+            if same is not None and not same.finite:
+                snap = self.store.compute()  # the same on every rank
+                if snap is not None:
+                    weights = self._trusted_weights(snap)
+                    trusted = agreed(host.rerun(self._batches, rngs, weights, health.step))
+        trusted_step = snap.step if snap is not None else None
+        fault = RerunResult(loss, norm)
+        found = classify(fault, batch_bad, weights_bad, same, trusted, trusted_step, loss_nonfinite=loss_bad)
+        if found is not None and (batch_bad and not batch_here or not batch_bad and weights_bad and not weights_here):
+            found.evidence += " (on another rank)"
+        return found
+
+    def _trusted_weights(self, snap: Snapshot) -> dict[str, Any]:
+        """The model state of the trusted snapshot ``snap`` for a rerun from it. With several ranks, every rank calls
+        this together: a snapshot that each rank holds only a part of (DDP, ``shard_snapshots``) is gathered here,
+        a collective."""
+        return snap.whole().model
 
     def _diagnose(self, health: StepHealth) -> tuple[list[str], list[str]]:
         """Names of this rank's non-finite weights and buffers; the health flags OR-ed over the ranks."""

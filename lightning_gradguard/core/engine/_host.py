@@ -11,6 +11,7 @@ Methods with a body here are optional: their defaults are what a host without th
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 
 from lightning_gradguard.core.guard._step_judge import RankReducer
 from lightning_gradguard.core.recover._fault_trace import FaultTrace
+from lightning_gradguard.core.recover._replica_shards import ReplicaSharding
 from lightning_gradguard.core.recover._rerun import RerunResult, RngState
 from lightning_gradguard.core.recover._snapshot import Snapshot
 
@@ -63,6 +65,15 @@ class GuardHost:
 
     def device(self) -> torch.device | None:
         """Where cross-rank flags are reduced (None: the CPU)."""
+        return None
+
+    def local_processes(self) -> int:
+        """How many training processes share this machine's memory (the snapshot budget is split among them)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+    def replica_sharding(self) -> ReplicaSharding | None:
+        """This rank's place among ranks that hold the *same* state (data parallelism: DDP), so that each keeps only
+        its part of a snapshot; None where the state is not replicated (one process, or sharded already: FSDP2)."""
         return None
 
     def is_global_zero(self) -> bool:
@@ -130,6 +141,12 @@ class GuardHost:
         (:func:`~lightning_gradguard.core.recover._rerun.rerun_step`); None where this loop cannot (then there is
         no rerun diagnosis)."""
         return None
+
+    def rerun_is_collective(self) -> bool:
+        """Whether :meth:`rerun` is a collective that every rank must join (sharded parameters: the forward
+        all-gathers them); the engine then reruns on every rank together and agrees on each branch first. False:
+        each rank reruns on its own (a replica's bare module: DDP, one process)."""
+        return False
 
     def save_batches(self, batches: list[tuple[Any, int]], step: int) -> str | None:
         """Save the flagged step's batches; returns the path (None: not saved)."""

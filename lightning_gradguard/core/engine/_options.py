@@ -14,7 +14,7 @@ from lightning_gradguard.core._arg_checks import check_bool, check_choice, check
 from lightning_gradguard.core.guard._policy import POLICIES
 
 ESCALATIONS = ("rollback", "halt")
-SNAPSHOT_SOURCES = ("memory", "checkpoint")
+SNAPSHOT_SOURCES = ("auto", "memory", "checkpoint")
 
 
 @dataclass
@@ -29,9 +29,11 @@ class GuardOptions:
     lr_factor: float = 0.5
     max_consecutive_skips: int = 3
     escalate_to: str = "rollback"
-    snapshot: str = "memory"
+    snapshot: str = "auto"
     snapshot_every_n_steps: int = 50
     snapshot_confirm_steps: int = 10
+    shard_snapshots: bool = True
+    snapshot_budget_mb: float | None = None
     max_rollbacks: int = 3
     check_params: bool = True
     divergence: bool = True
@@ -85,6 +87,8 @@ def check_guard_options(owner: str, report_name: str, **values: Any) -> GuardOpt
         snapshot=check_choice("snapshot", v["snapshot"], SNAPSHOT_SOURCES, owner=o),
         snapshot_every_n_steps=check_int("snapshot_every_n_steps", v["snapshot_every_n_steps"], 1, owner=o),
         snapshot_confirm_steps=check_int("snapshot_confirm_steps", v["snapshot_confirm_steps"], 0, owner=o),
+        shard_snapshots=check_bool("shard_snapshots", v["shard_snapshots"], owner=o),
+        snapshot_budget_mb=check_number("snapshot_budget_mb", v["snapshot_budget_mb"], allow_none=True, **pos),
         max_rollbacks=check_int("max_rollbacks", v["max_rollbacks"], 0, owner=o),
         check_params=check_bool("check_params", v["check_params"], owner=o),
         divergence=check_bool("divergence", v["divergence"], owner=o),

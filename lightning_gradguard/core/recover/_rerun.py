@@ -20,6 +20,25 @@ Pure PyTorch: :func:`rerun_step` takes the module and one callable per micro-bat
 adapter builds them: ``training_step`` under the precision context for Lightning, the user's closure for a plain
 loop); :func:`classify` takes the numbers and returns a :class:`Diagnosis` whose ``evidence`` says what was compared.
 Nothing here runs on a healthy step.
+
+**Manual optimization** (a step that calls its own backward and optimizer steps): the adapter hands the step a
+:class:`BackwardRecorder` as its backward (Lightning: ``manual_backward``) and makes the optimizers' ``step`` and
+``zero_grad`` (and the schedulers' ``step``) do nothing for the rerun; the callable returns the recorder. Each
+backward call's gradients come from ``torch.autograd.grad(..., retain_graph=True)``, so ``.grad``, the optimizers'
+state and the weights stay as they were. A step with several losses (a GAN's generator and discriminator) reports
+the **sum of its losses** and the **norm of all its gradients together** (the root of the summed squares over every
+backward call): finite exactly when every loss and every gradient is. The guard decides after the whole
+``training_step``, so an optimizer that stepped before the flagged one has already updated its weights: the "same
+state" of the rerun is the live one (the flagged optimizer's own update was dropped, so its part of the step sees
+exactly what it saw).
+
+**Sharded parameters** (FSDP2 ``DTensor``): a forward is a collective (parameters are all-gathered), so every rank
+reruns together (the engine agrees on each branch first) and ``torch.autograd.grad`` w.r.t. the sharded parameters
+sees nothing (the graph holds the all-gathered ones; it returns None for each), while a real backward would run
+FSDP2's reduce-scatter into ``.grad``. The rerun is then **forward-only** (``grads=False``: under ``torch.no_grad``,
+``grad_norm`` None) and compares the loss. A fault that showed only in the gradients (every rank's loss finite) is
+invisible to it: :func:`classify` then gives no diagnosis instead of calling it transient. The trusted-snapshot rerun
+loads the snapshot's local shards into the module and copies the live ones back (in place, bit for bit).
 """
 
 from __future__ import annotations
@@ -56,14 +75,16 @@ class RngState:
 
 @dataclass
 class RerunResult:
-    """The loss (mean over micro-batches) and the global gradient norm of one re-run (None: not computed)."""
+    """The loss (mean over micro-batches) and the global gradient norm of one re-run (None: not computed);
+    ``others_finite``: False when a rerun that every rank ran together was non-finite on another rank."""
 
     loss: float | None
     grad_norm: float | None
+    others_finite: bool = True
 
     @property
     def finite(self) -> bool:
-        return all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm))
+        return self.others_finite and all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm))
 
     def describe(self) -> str:
         parts = []
@@ -71,7 +92,10 @@ class RerunResult:
             parts.append(f"loss {self.loss:.4g}")
         if self.grad_norm is not None:
             parts.append(f"gradient norm {self.grad_norm:.4g}")
-        return ", ".join(parts) or "no values"
+        text = ", ".join(parts) or "no values"
+        if not self.others_finite and all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm)):
+            text += " here, non-finite on another rank"
+        return text
 
 
 @dataclass
@@ -92,17 +116,51 @@ def _loss_of(out: Any) -> torch.Tensor | None:
     return out if isinstance(out, torch.Tensor) else None
 
 
+def _squared_norm(grads: Sequence[torch.Tensor | None]) -> float:
+    return sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None)
+
+
+class BackwardRecorder:
+    """Stands in for a manual-optimization step's backward during a rerun (see the module docstring): each call
+    records the loss and adds the squared norm of its gradients w.r.t. the parameters that require grad at that
+    moment (a GAN's ``toggle_optimizer`` may have switched some off), from ``torch.autograd.grad(...,
+    retain_graph=True, allow_unused=True)``: ``.grad`` is never touched, and a later backward through the same graph
+    still works. A loss without a graph (a forward-only rerun) is recorded with no gradients."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.losses: list[float] = []
+        self.sq = 0.0
+
+    def reset(self) -> BackwardRecorder:
+        self.losses, self.sq = [], 0.0
+        return self
+
+    def __call__(self, loss: Any, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(loss, torch.Tensor):
+            return
+        self.losses.append(float(loss.detach().float().sum()))
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if loss.requires_grad and params:
+            grads = torch.autograd.grad(loss.sum(), params, retain_graph=True, allow_unused=True)
+            self.sq += _squared_norm(grads)
+
+
 def rerun_step(
     module: nn.Module,
     losses: Sequence[Callable[[], Any]],
     rng: Sequence[RngState | None] = (),
     weights: dict[str, torch.Tensor] | None = None,
+    grads: bool = True,
 ) -> RerunResult | None:
     """Recompute one step: each callable of ``losses`` (one per micro-batch, each after restoring its ``rng``)
-    returns the loss; the gradients come from ``torch.autograd.grad`` and never touch ``.grad``. With ``weights``
-    (a snapshot's model ``state_dict``), the step is recomputed from those weights, and the module's own are put
-    back afterwards. The random-number state is restored to what it was before the call. Returns None when the
-    step could not be recomputed (an exception, no loss): no diagnosis then, never a new failure."""
+    returns the loss, or a :class:`BackwardRecorder` it ran its own backward calls through (manual optimization:
+    the sum of its losses and the norm of all its gradients); the gradients come from ``torch.autograd.grad`` and
+    never touch ``.grad``. ``grads`` False: forward only, under ``torch.no_grad`` (sharded parameters; the result's
+    ``grad_norm`` is None). With ``weights`` (a snapshot's model ``state_dict``), the step is recomputed from those
+    weights, and the module's own are put back afterwards. The random-number state is restored to what it was
+    before the call. Returns None when the step could not be recomputed (an exception, no loss): no diagnosis then,
+    never a new failure."""
     params = [p for p in module.parameters() if p.requires_grad]
     saved = None
     outer = RngState.capture()
@@ -115,18 +173,25 @@ def rerun_step(
             state = rng[i] if i < len(rng) else None
             if state is not None:
                 state.restore()
-            with torch.enable_grad():
-                loss = _loss_of(compute())
+            with torch.enable_grad() if grads else torch.no_grad():
+                out = compute()
+                if isinstance(out, BackwardRecorder):
+                    if out.losses:
+                        total_loss += sum(out.losses)
+                        count += 1
+                        sq += out.sq
+                    continue
+                loss = _loss_of(out)
                 if loss is None:
                     continue
                 total_loss += float(loss.detach().float())
                 count += 1
-                if loss.requires_grad and params:
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                    sq += sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None)
+                if grads and loss.requires_grad and params:
+                    sq += _squared_norm(torch.autograd.grad(loss, params, allow_unused=True))
         if not count:
             return None
-        return RerunResult(total_loss / count, math.sqrt(sq) if math.isfinite(sq) else math.inf)
+        norm = (math.sqrt(sq) if math.isfinite(sq) else math.inf) if grads else None
+        return RerunResult(total_loss / count, norm)
     except Exception:  # a rerun that cannot run is no diagnosis
         return None
     finally:
@@ -142,9 +207,12 @@ def classify(
     same_state: RerunResult | None,
     trusted: RerunResult | None,
     trusted_step: int | None = None,
+    loss_nonfinite: bool | None = None,
 ) -> Diagnosis | None:
     """The diagnosis of a flagged step from what was measured (``fault``) and what the re-runs gave (None: not run;
-    see the module docstring for the order). None: nothing to say (no rerun and nothing else known)."""
+    see the module docstring for the order). None: nothing to say (no rerun and nothing else known, or a
+    forward-only rerun, which cannot see a fault that showed only in the gradients). ``loss_nonfinite``: the step's
+    loss was non-finite (on some rank, where ranks agreed); None: read from ``fault``."""
     seen = fault.describe()
     if batch_nonfinite:
         return Diagnosis("data", "the input batch held NaN/inf")
@@ -152,6 +220,10 @@ def classify(
         return Diagnosis("state", "the weights themselves are non-finite")
     if same_state is None:
         return None
+    if loss_nonfinite is None:
+        loss_nonfinite = fault.loss is not None and not math.isfinite(fault.loss)
+    if same_state.grad_norm is None and same_state.finite and not loss_nonfinite:
+        return None  # a finite loss says nothing about gradients that were non-finite: not "transient"
     if same_state.finite:
         return Diagnosis(
             "transient",

@@ -19,6 +19,8 @@ optimizers (Lightning's ``LightningOptimizer`` wrapper swallows ``load_state_dic
 from __future__ import annotations
 
 import copy
+import math
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,14 @@ from typing import Any
 import torch
 
 from lightning_gradguard.core.measure._grad_stats import norms_of
+from lightning_gradguard.core.recover._replica_shards import ReplicaSharding, ShardedState, same_memory
+
+
+def local_nbytes(t: torch.Tensor) -> int:
+    """Bytes this process holds for ``t``: a sharded ``DTensor`` counts its local piece (its ``numel`` is the
+    global tensor's)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
 
 
 def clone_state(obj: Any, device: torch.device | str | None = "cpu") -> Any:
@@ -64,6 +74,9 @@ class Snapshot:
         extra: further state (e.g. the AMP GradScaler's ``state_dict``), copied.
         meta: plain metadata kept with the snapshot (e.g. the LR scale in force when it was taken).
         healthy_steps: healthy optimizer steps survived since it was taken (maintained by :class:`SnapshotStore`).
+        sharded: this rank's part of a state replicated over data-parallel ranks
+            (:mod:`~lightning_gradguard.core.recover._replica_shards`); ``model``, ``optimizers``, ``schedulers``
+            and ``extra`` are then empty until :meth:`whole` gathers them (a collective).
     """
 
     step: int
@@ -73,18 +86,28 @@ class Snapshot:
     extra: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     healthy_steps: int = 0
+    sharded: ShardedState | None = None
+
+    def whole(self) -> Snapshot:
+        """The snapshot with every tensor present: itself, or for a split one (:attr:`sharded`) a new snapshot
+        gathered from every rank's part. A collective for a split snapshot: every rank calls it at the same time."""
+        if self.sharded is None:
+            return self
+        model, optimizers, schedulers, extra = self.sharded.gather()
+        return Snapshot(self.step, model, optimizers, schedulers, extra, copy.deepcopy(self.meta), self.healthy_steps)
 
     def nbytes(self) -> int:
-        """Bytes held by the snapshot's tensors (counted once: a snapshot is never changed after it is taken)."""
+        """Bytes held by this rank for the snapshot's tensors (a split snapshot: this rank's part), counted once: a
+        snapshot is never changed after it is taken."""
         cached = self.__dict__.get("_nbytes")
         if cached is not None:
             return int(cached)
-        total = 0
+        total = self.sharded.nbytes if self.sharded is not None else 0
 
         def visit(obj: Any) -> None:
             nonlocal total
             if isinstance(obj, torch.Tensor):
-                total += obj.numel() * obj.element_size()
+                total += local_nbytes(obj)
             elif isinstance(obj, dict):
                 for v in obj.values():
                     visit(v)
@@ -104,7 +127,9 @@ class Snapshot:
         """The whole snapshot as nested dicts, lists, numbers and (CPU) tensors, for a checkpoint: a resumed run that
         loads it back (:meth:`from_state_dict`) rolls back to exactly the state the uninterrupted run would have
         restored. Copies: later changes to the snapshot do not reach it, nor the other way round. Loadable with
-        ``torch.load(weights_only=True)``."""
+        ``torch.load(weights_only=True)``. A split snapshot is gathered first (a collective)."""
+        if self.sharded is not None:
+            return self.whole().state_dict()
         return {
             "step": self.step,
             "model": clone_state(self.model),
@@ -137,6 +162,7 @@ def take_snapshot(
     extra: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     device: torch.device | str | None = "cpu",
+    sharding: ReplicaSharding | None = None,
 ) -> Snapshot:
     """Copy the state of ``module``, ``optimizers`` and ``schedulers`` (and ``extra``) into a :class:`Snapshot`.
 
@@ -148,7 +174,19 @@ def take_snapshot(
         extra: further state dicts to copy (e.g. ``{"precision": scaler.state_dict()}``).
         meta: plain metadata stored as is (copied).
         device: where to copy tensors (``"cpu"`` by default, ``None`` keeps each tensor's device).
+        sharding: the state is the same on every rank of a data-parallel group: keep only this rank's part of it
+            (always on the CPU; see :mod:`~lightning_gradguard.core.recover._replica_shards`). None, or a group of
+            one rank: a whole copy.
     """
+    if sharding is not None and sharding.world > 1:
+        state = [
+            module.state_dict(),
+            [opt.state_dict() for opt in optimizers],
+            [sch.state_dict() for sch in schedulers],
+            dict(extra or {}),
+        ]
+        part = ShardedState.take(state, sharding)
+        return Snapshot(int(step), {}, [], [], {}, copy.deepcopy(dict(meta or {})), sharded=part)
     return Snapshot(
         step=int(step),
         model=clone_state(module.state_dict(), device),
@@ -157,6 +195,37 @@ def take_snapshot(
         extra=clone_state(dict(extra or {}), device),
         meta=copy.deepcopy(dict(meta or {})),
     )
+
+
+def state_nbytes(module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()) -> int:
+    """Bytes of the tensors a whole snapshot of ``module`` and ``optimizers`` would copy (nothing is copied: the
+    live tensors are only counted; a tensor met twice, e.g. tied weights, counts once)."""
+    seen: dict[Any, int] = {}
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            seen.setdefault(same_memory(obj) or id(obj), local_nbytes(obj))
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(module.state_dict())
+    for opt in optimizers:
+        visit(opt.state_dict()["state"])
+    return sum(seen.values())
+
+
+def memory_budget(local_processes: int = 1) -> float:
+    """The default host-memory budget of one process's snapshots: a quarter of this machine's physical memory,
+    shared by the ``local_processes`` training processes on it (infinite where the size cannot be read)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name
+        return math.inf
+    return total / 4 / max(int(local_processes), 1) if total > 0 else math.inf
 
 
 def restore_snapshot(
@@ -175,19 +244,23 @@ def restore_snapshot(
     Returns:
         A fresh copy of ``snapshot.extra`` for the caller to load where it belongs (e.g. a GradScaler).
 
+    A split snapshot (:attr:`Snapshot.sharded`) is gathered first: a collective, every rank restores together.
+
     Raises:
         ValueError: if the number of optimizers or schedulers differs from the snapshot's.
     """
+    private = snapshot.sharded is not None  # gathered just now, for this restore only: no second copy needed
+    snapshot = snapshot.whole()
     if len(optimizers) != len(snapshot.optimizers):
         raise ValueError(f"snapshot holds {len(snapshot.optimizers)} optimizer states, got {len(optimizers)}")
     if len(schedulers) != len(snapshot.schedulers):
         raise ValueError(f"snapshot holds {len(snapshot.schedulers)} scheduler states, got {len(schedulers)}")
     module.load_state_dict(snapshot.model, strict=strict)  # copies into the live tensors
     for opt, state in zip(optimizers, snapshot.optimizers):
-        opt.load_state_dict(clone_state(state, device=None))
+        opt.load_state_dict(state if private else clone_state(state, device=None))
     for sch, state in zip(schedulers, snapshot.schedulers):
-        sch.load_state_dict(clone_state(state, device=None))
-    return clone_state(snapshot.extra, device=None)
+        sch.load_state_dict(state if private else clone_state(state, device=None))
+    return snapshot.extra if private else clone_state(snapshot.extra, device=None)
 
 
 def nonfinite_entries(state: dict[str, Any]) -> list[str]:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from lightning_gradguard.core.recover._rerun import RerunResult, RngState, classify, rerun_step
+from lightning_gradguard.core.recover._rerun import BackwardRecorder, RerunResult, RngState, classify, rerun_step
 
 
 def net() -> nn.Module:
@@ -91,3 +91,51 @@ def test_a_rerun_that_cannot_run_is_no_diagnosis() -> None:
     assert rerun_step(model, [broken]) is None
     assert classify(RerunResult(math.nan, None), False, False, None, None) is None
     assert classify(RerunResult(math.nan, None), True, False, None, None).kind == "data"
+
+
+def test_a_manual_step_with_two_losses_reports_their_sum_and_the_norm_of_all_its_gradients() -> None:
+    model = net()
+    model.eval()  # no dropout: the reference below draws no random numbers
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    recorder = BackwardRecorder(model)
+
+    def step() -> BackwardRecorder:  # what a GAN-style training_step does with manual_backward
+        recorder.reset()
+        hidden = model[2](model[0](x))
+        first = nn.functional.mse_loss(model[3](hidden), y)
+        recorder(first)
+        second = hidden.pow(2).mean()  # through the same graph: retain_graph kept it
+        recorder(second)
+        return recorder
+
+    result = rerun_step(model, [step])
+    params = list(model.parameters())
+    first = nn.functional.mse_loss(model(x), y)
+    second = model[2](model[0](x)).pow(2).mean()
+    grads = [g for loss in (first, second) for g in torch.autograd.grad(loss, params, allow_unused=True)]
+    sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+    assert result is not None
+    assert math.isclose(result.loss, float(first) + float(second), rel_tol=1e-6)
+    assert math.isclose(result.grad_norm, math.sqrt(sq), rel_tol=1e-9)
+    assert all(p.grad is None for p in params)
+
+
+def test_a_forward_only_rerun_cannot_call_a_gradient_only_fault_transient() -> None:
+    model = net()
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    same = rerun_step(model, [lambda: nn.functional.mse_loss(model(x), y)], grads=False)
+    assert same is not None
+    assert same.grad_norm is None
+    assert math.isfinite(same.loss)
+    # the step's loss was finite, its gradients were not: a finite loss says nothing about them
+    assert classify(RerunResult(0.5, math.nan), False, False, same, None) is None
+    assert classify(RerunResult(0.5, math.nan), False, False, same, None, loss_nonfinite=True).kind == "transient"
+    assert classify(RerunResult(math.nan, math.nan), False, False, same, None).kind == "transient"
+
+
+def test_a_rerun_non_finite_on_another_rank_is_not_finite() -> None:
+    result = RerunResult(0.25, None, others_finite=False)
+    assert not result.finite
+    assert result.describe() == "loss 0.25 here, non-finite on another rank"
+    found = classify(RerunResult(0.25, math.nan), False, False, result, None, loss_nonfinite=True)
+    assert found.kind == "reproducible"
