@@ -7,8 +7,8 @@ snapshot, medians over repeats:
 - **host MiB** held by one snapshot: under DDP a whole copy (``shard_snapshots=False``) against the split one
   (each rank its 1/world part, the default); under FSDP2 the local shards (the only kind);
 - **snapshot ms**: the time to take it (copying to host memory; no collective for either kind);
-- **rollback ms**: the time to restore it into the live model and optimizer, the split snapshot's ``all_gather``
-  included;
+- **rollback ms**: the time to restore it into the live model and optimizer, the split snapshot's gathering (one
+  broadcast per rank) included;
 - side by side, the same state saved the usual ways: ``torch.save`` of the full state to a file (what a
   single-file checkpoint does, rank 0 only under DDP) and a ``torch.distributed.checkpoint`` save (every rank
   writes its part, a directory; what ``ModelParallelStrategy`` writes), both to local disk.

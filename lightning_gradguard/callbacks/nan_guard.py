@@ -125,7 +125,7 @@ class NaNGuard(Callback):
             the same contents). A rollback also skips the ``bad_batch_window`` batches that follow the fault in its
             epoch (PaLM's recipe; 0, the default: none).
         shard_snapshots: under DDP (every rank holds the same replica), each rank keeps only its 1/world part of
-            each in-memory snapshot and a rollback gathers the whole state back (one ``all_gather``, only then);
+            each in-memory snapshot and a rollback gathers the whole state back (one broadcast per rank, only then);
             False: a whole copy on every rank. No effect on one process or under FSDP2 (already sharded).
         snapshot_budget_mb: host memory this rank's in-memory snapshots may take under ``snapshot="auto"`` (None:
             a quarter of the machine's physical memory divided by the training processes on it).

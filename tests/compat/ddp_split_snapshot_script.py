@@ -43,6 +43,7 @@ class Sizes(Callback):
         self.guard = guard
         self.rows = []
         self.after_rollback = None
+        self.model_part = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         engine = self.guard.engine
@@ -61,6 +62,9 @@ class Sizes(Callback):
         )
         if self.guard.events and self.after_rollback is None:
             self.after_rollback = whole
+        if trainer.global_step == 5 and engine.store.snapshots:  # both ranks: the model's part alone, gathered
+            snap = engine.store.snapshots[-1]
+            self.model_part = (snap.step, snap.whole_model())
 
 
 def _tensors(obj):
@@ -89,6 +93,7 @@ def fit(out_dir: str, name: str, shard: bool) -> None:
             "states": recorder.states,
             "after_rollback": sizes.after_rollback,
             "rows": sizes.rows,
+            "model_part": sizes.model_part,
         },
         Path(out_dir, f"{name}_rank{trainer.global_rank}.pt"),
     )

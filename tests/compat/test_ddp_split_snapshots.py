@@ -62,3 +62,12 @@ def test_whole_copies_hold_the_full_state_per_snapshot(runs):
     for rank in runs["whole"]:
         last = [r for r in rank["rows"] if r["per_snapshot"]][-1]
         assert max(last["per_snapshot"]) >= 0.95 * last["state_bytes"], last
+
+
+def test_the_models_part_alone_gathers_to_the_models_state_at_the_snapshot(runs):
+    # what the rerun diagnosis asks for (the trusted weights): only the model's bytes travel
+    for rank in runs["split"]:
+        step, model = rank["model_part"]
+        want = rank["states"][step]["model"]
+        assert model.keys() == want.keys()
+        assert all(torch.equal(model[k], want[k]) for k in want)

@@ -718,9 +718,9 @@ class GuardEngine:
 
     def _trusted_weights(self, snap: Snapshot) -> dict[str, Any]:
         """The model state of the trusted snapshot ``snap`` for a rerun from it. With several ranks, every rank calls
-        this together: a snapshot that each rank holds only a part of (DDP, ``shard_snapshots``) is gathered here,
-        a collective."""
-        return snap.whole().model
+        this together: a snapshot that each rank holds only a part of (DDP, ``shard_snapshots``) is gathered here (a
+        collective that moves the model's part only)."""
+        return snap.whole_model()
 
     def _diagnose(self, health: StepHealth) -> tuple[list[str], list[str]]:
         """Names of this rank's non-finite weights and buffers; the health flags OR-ed over the ranks."""

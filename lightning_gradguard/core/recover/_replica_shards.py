@@ -10,9 +10,11 @@ together splits like everything else). The non-tensor part of the state (the nes
 hyperparameters) is small and kept whole on every rank.
 
 Taking a split snapshot copies only the rank's own range (a healthy step pays less than for a whole copy and
-communicates nothing). Reassembling it, only at a rollback, is one ``all_gather`` of the ranges, after which every
-rank has the whole state back, bit for bit (the bytes are copied, never converted). Every rank must therefore ask
-for the whole state at the same time, as the guard does: its decisions are the same on every rank.
+communicates nothing). Reassembling it, only at a rollback, sends each rank's range to the others (one broadcast
+per rank, each range copied into place as it arrives), after which every rank has the whole state back, bit for bit
+(the bytes are copied, never converted). For that moment a rank holds one whole copy, as loading a checkpoint does;
+between rollbacks it holds only its range of each snapshot. Every rank must ask for the whole state at the same time,
+as the guard does: its decisions are the same on every rank.
 
 The bytes, not the elements, are split, so a tensor of any dtype (fp32, bf16, int64 step counters, bool masks,
 complex) can be cut anywhere and put back exactly.
@@ -107,7 +109,18 @@ def _skeleton(obj: Any, tensors: list[torch.Tensor], seen: dict[Any, int] | None
     return copy.deepcopy(obj)
 
 
-def _fill(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
+def _leaves(skeleton: Any) -> set[int]:
+    """The indices of the tensors a skeleton (or a part of one) refers to."""
+    if isinstance(skeleton, _Leaf):
+        return {skeleton.index}
+    if isinstance(skeleton, dict):
+        return set().union(*(_leaves(v) for v in skeleton.values()))
+    if isinstance(skeleton, (list, tuple)):
+        return set().union(*(_leaves(v) for v in skeleton))
+    return set()
+
+
+def _fill(skeleton: Any, tensors: list[Any]) -> Any:
     """The nested state back, each :class:`_Leaf` replaced by its tensor (containers copied, leaves shared)."""
     if isinstance(skeleton, _Leaf):
         return tensors[skeleton.index]
@@ -187,35 +200,65 @@ class ShardedState:
         """Bytes of the whole state's tensors."""
         return self.layout.total
 
-    def gather(self) -> Any:
+    def gather(self, part: int | None = None) -> Any:
         """The whole state, rebuilt from every rank's range (a collective: every rank of the group calls it at the
-        same time). Fresh CPU tensors, sharing nothing with this object."""
+        same time, with the same ``part``). Fresh CPU tensors, sharing nothing with this object. ``part``: only the
+        ``part``-th item of a state that is a list or tuple (e.g. the model's ``state_dict`` of a snapshot), whose
+        bytes alone then travel.
+
+        The ranges travel one rank at a time (a broadcast from each rank in turn), each copied into the rebuilt
+        tensors as it arrives: a rank holds the whole state once, plus one range, never every range besides."""
         s = self.sharding
+        skeleton = self.skeleton if part is None else self.skeleton[part]
+        wanted = sorted(_leaves(skeleton))
+        lay = self.layout
+        lo = min((lay.offsets[i] for i in wanted), default=0)
+        hi = max((lay.offsets[i] + lay.nbytes[i] for i in wanted), default=0)
+        tensors = self._empty_tensors(wanted)
+        if s.world <= 1:
+            self._copy_range(tensors, self.piece, 0)
+            return _fill(skeleton, tensors)
         device = s.device if s.device is not None else torch.device("cpu")
-        mine = self.piece.to(device)
-        pieces = [torch.empty_like(mine) for _ in range(s.world)]
-        if s.world > 1:
-            dist.all_gather(pieces, mine, group=s.group)
-        else:
-            pieces = [mine]
-        return self.rebuild([p.cpu() for p in pieces])
+        size = self.piece.numel()
+        for r in range(s.world):
+            a, b = max(lo, r * size), min(hi, (r + 1) * size)
+            if a >= b:
+                continue  # nothing of the wanted bytes in rank r's range (the same decision on every rank)
+            window = slice(a - r * size, b - r * size)
+            if r == s.rank:
+                buf = self.piece[window].to(device)
+            else:
+                buf = torch.empty(b - a, dtype=torch.uint8, device=device)
+            src = dist.get_global_rank(s.group, r) if s.group is not None else r
+            dist.broadcast(buf, src=src, group=s.group)
+            self._copy_range(tensors, buf.cpu(), r, first=a)
+        return _fill(skeleton, tensors)
+
+    def _empty_tensors(self, wanted: list[int] | None = None) -> list[torch.Tensor | None]:
+        lay = self.layout
+        keep = set(range(len(lay.shapes))) if wanted is None else set(wanted)
+        return [
+            torch.empty(shape, dtype=dtype) if i in keep else None
+            for i, (shape, dtype) in enumerate(zip(lay.shapes, lay.dtypes))
+        ]
+
+    def _copy_range(
+        self, tensors: list[torch.Tensor | None], data: torch.Tensor, rank: int, first: int | None = None
+    ) -> None:
+        """Copy bytes of rank ``rank``'s range into the tensors they belong to: ``data`` is the whole range, or
+        (``first`` given) the part of it starting at byte ``first`` of the state."""
+        lay, size = self.layout, self.piece.numel()
+        start = rank * size if first is None else first
+        stop = min(start + data.numel(), lay.total)
+        for t, offset, n in zip(tensors, lay.offsets, lay.nbytes):
+            lo, hi = max(offset, start), min(offset + n, stop)
+            if t is not None and lo < hi:  # t is contiguous: its byte view writes into it
+                _bytes_of(t)[lo - offset : hi - offset].copy_(data[lo - start : hi - start])
 
     def rebuild(self, pieces: list[torch.Tensor]) -> Any:
-        """The whole state from every rank's :attr:`piece`, in rank order (what :meth:`gather` collects): fresh
-        CPU tensors of the original shapes and dtypes, bit for bit (each tensor's bytes copied once, straight from
-        the pieces that hold them)."""
-        lay = self.layout
-        size = pieces[0].numel() if pieces else 0
-        tensors = []
-        for shape, dtype, offset, n in zip(lay.shapes, lay.dtypes, lay.offsets, lay.nbytes):
-            t = torch.empty(shape, dtype=dtype)
-            dest = _bytes_of(t)  # t is contiguous: its byte view writes into it
-            done = 0
-            while done < n:  # the tensor's bytes may span the pieces of several ranks
-                at = offset + done
-                piece, start = divmod(at, size)
-                take = min(n - done, size - start)
-                dest[done : done + take].copy_(pieces[piece][start : start + take])
-                done += take
-            tensors.append(t)
+        """The whole state from every rank's :attr:`piece`, in rank order (what :meth:`gather` receives): fresh CPU
+        tensors of the original shapes and dtypes, bit for bit."""
+        tensors = self._empty_tensors()
+        for r, piece in enumerate(pieces):
+            self._copy_range(tensors, piece, r)
         return _fill(self.skeleton, tensors)

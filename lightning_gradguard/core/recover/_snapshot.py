@@ -96,6 +96,13 @@ class Snapshot:
         model, optimizers, schedulers, extra = self.sharded.gather()
         return Snapshot(self.step, model, optimizers, schedulers, extra, copy.deepcopy(self.meta), self.healthy_steps)
 
+    def whole_model(self) -> dict[str, torch.Tensor]:
+        """The model's state: :attr:`model`, or for a split snapshot the model's part alone gathered from every rank
+        (a collective; the optimizer state does not travel)."""
+        if self.sharded is None:
+            return self.model
+        return self.sharded.gather(part=0)
+
     def nbytes(self) -> int:
         """Bytes held by this rank for the snapshot's tensors (a split snapshot: this rank's part), counted once: a
         snapshot is never changed after it is taken."""

@@ -130,3 +130,11 @@ def test_split_snapshot_restores_from_rebuilt_parts():
 def test_rank_outside_the_world_is_refused():
     with pytest.raises(ValueError, match="rank must be in"):
         ReplicaSharding(2, 2)
+
+
+def test_one_part_of_a_one_rank_state_gathers_alone():
+    state = [{"w": torch.randn(3, 4)}, [{"m": torch.randn(5)}], 7]
+    part = ShardedState.take(state, ReplicaSharding(0, 1))
+    model = part.gather(part=0)
+    assert _bits_equal(model, state[0])
+    assert _bits_equal(part.gather(), state)
