@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         "later (20 with --quick). Exits 1 if a fault was not handled.",
     )
     drill.add_argument("example", nargs="?", default="lstm", choices=["lstm", "cnn"], help="which example (lstm)")
-    drill.add_argument("--quick", action="store_true", help="faults 30 steps apart, recovery judged 20 steps on")
+    drill.add_argument("--quick", action="store_true", help="faults 40 steps apart, recovery judged 25 steps on")
     drill.add_argument("--seed", type=int, default=0, help="seed of weights, data and shuffling (0)")
     drill.add_argument("--logdir", default="gradguard_logs", help="TensorBoard log directory (gradguard_logs)")
     return parser

@@ -11,6 +11,12 @@ The recovery verdict compares means, never single losses: the mean finite loss o
 the fault's last step (the *after* window). A fault is *recovered* when the after-mean is finite and at most
 ``tolerance`` x the before-mean, or no higher than the before-window's largest loss (its noise: on a converged run a
 loss of 0.002 next to one of 0.004 is no setback). Steps where a fault was injected are left out of both windows.
+
+**Several processes** (DDP, FSDP2 through ``ModelParallelStrategy``): faults are injected on every rank
+(``rank=None``) or on one rank only (``rank=r``: a bit flip or a bad sample happens on one device; the guard agrees
+across ranks, so every rank acts). The windows hold each rank's own losses during the fit; at the end of the fit one
+all-reduce turns them into means over the ranks (and tells every rank which faults were injected somewhere), so the
+verdicts, like the guard's events they are read from, are the same on every rank, and rank zero prints the table.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_gradguard.core._arg_checks import check_bool, check_number, is_integer, prefix
+from lightning_gradguard.core._arg_checks import check_bool, check_int, check_number, is_integer, prefix
 
 __all__ = ["FAULTS", "FaultDrill", "check_faults", "recovery_verdict"]
 
@@ -37,7 +43,8 @@ FAULTS: dict[str, str] = {
     "nan_batch": "NaN written into the first sample of every floating-point tensor of the batch (on_train_batch_start)",
     "inf_loss": "the loss returned by training_step multiplied by inf (once; a rerun of the step sees a clean loss)",
     "spike": "the loss returned by training_step multiplied by 1e4 (once)",
-    "nan_weight": "NaN written in place into one element of the first trainable floating-point parameter",
+    "nan_weight": "NaN written in place into one element of the first trainable floating-point parameter (a sharded "
+    "parameter: the first element of this rank's shard of the first parameter whose shard here is not empty)",
     "transient": "the first module with parameters outputs NaN once, in the step's own forward only (a bit flip)",
     "bad_batches": "NaN batches (as nan_batch) on several consecutive steps",
     "scale_collapse": "the fp16 GradScaler's loss scale set to 2**-30 (only with a GradScaler: precision '16-mixed')",
@@ -55,6 +62,24 @@ EXPECTED: dict[str, tuple[tuple[str, ...], str | None]] = {
 }
 
 SPIKE_FACTOR = 1e4
+_NOT_DIAGNOSED = "not diagnosed"
+_ELSEWHERE = "injected on rank "  # ``fired`` on the ranks that leave the injection to the drill's rank
+#: the guard's event causes, root first: where ranks saw a fault differently (the rank with the NaN batch sees a
+#: non-finite loss, the others the all-reduced non-finite gradients), the table names the first one any rank saw
+CAUSE_ORDER = (
+    "nonfinite_params",
+    "nonfinite_buffers",
+    "nonfinite_loss",
+    "nonfinite_grad",
+    "amp_scale_collapse",
+    "loss_spike",
+    "loss_divergence",
+    "grad_divergence",
+    "lr_too_high",
+    "known_bad_batch",
+    "dead_network",
+    "other_rank",
+)
 COLLAPSED_SCALE = 2.0**-30  # below NaNGuard's default amp_scale_floor (2**-24)
 
 
@@ -184,7 +209,8 @@ class DrillRow:
         kinds: the NaNGuard event kinds at the fault's steps (``"clip"`` added when the clipper clipped there).
         cause, diagnosis: of the first NaNGuard event at the fault's steps (None: none).
         expected: what a working guard does: the actions and the diagnosis (:data:`EXPECTED`).
-        as_expected: the guard acted as expected (None: not injected, or no diagnosis to compare with rerun off).
+        as_expected: the guard acted as expected (None: not injected, or no diagnosis to compare: rerun off, or the
+            right action without a diagnosis; the table then says "not diagnosed").
         loss_before, loss_after: the two window means (None: unknown).
         loss_bar: the after-mean a recovered run is under (:func:`recovery_bar`).
         recovered: :func:`recovery_verdict` (None: the run ended before the after-window).
@@ -214,6 +240,12 @@ def _yes_no(value: bool | None) -> str:
     return "n/a" if value is None else ("yes" if value else "NO")
 
 
+def _as_expected_cell(row: Mapping[str, Any]) -> str:
+    if row["as_expected"] is None and str(row.get("note", "")).startswith(_NOT_DIAGNOSED):
+        return _NOT_DIAGNOSED
+    return _yes_no(row["as_expected"])
+
+
 def _loss_cell(before: float | None, after: float | None, bar: float | None) -> str:
     if before is None or after is None:
         return "-"
@@ -238,7 +270,7 @@ def format_table(
                 step,
                 r["guard"] if r["injected"] else "not injected (see below)",
                 r["expected"],
-                _yes_no(r["as_expected"]),
+                _as_expected_cell(r),
                 _loss_cell(r["loss_before"], r["loss_after"], r.get("loss_bar")),
                 _yes_no(r["recovered"]) if r["injected"] else "-",
             )
@@ -290,6 +322,15 @@ class FaultDrill(Callback):
     its own storage (``batch_size=None`` over an in-memory tensor) keeps the NaN. The drill reads one loss per step
     only in the windows it compares (a host read there, none elsewhere).
 
+    Under DDP or FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), ``rank=None`` injects each fault on every
+    rank and ``rank=r`` on rank ``r`` only (the batch, the loss, the forward hook and the weight of that rank; a
+    sharded weight gets its NaN in that rank's local shard). The guard agrees across ranks, so every rank acts at
+    the fault either way. At the end of the fit the ranks agree in one all-reduce: the window means are means over
+    the ranks' losses, a fault counts as injected when a rank injected it, and where the ranks' guards name the
+    cause differently (a non-finite loss on the faulty rank, non-finite gradients on the others) the root one is
+    kept (:data:`CAUSE_ORDER`); the table is then the same on every rank. A fit that stops with an exception builds
+    its table from this rank's own values (no collective there).
+
     Args:
         faults: ``{fault: step or list of steps}``; see :func:`check_faults` (e.g.
             ``{"nan_batch": 30, "inf_loss": 60, "spike": 90, "nan_weight": 120, "transient": 150,
@@ -298,6 +339,7 @@ class FaultDrill(Callback):
         tolerance: the after-mean may be this many times the before-mean (or as high as the before-window's largest
             loss) and still count as recovered (>= 1); see :func:`recovery_bar`.
         print_report: print the table on rank zero at the end of the fit.
+        rank: inject on this global rank only (an int >= 0, below the world size); None: on every rank.
 
     Raises:
         TypeError, ValueError: a bad argument (at construction), naming it and the allowed fault names.
@@ -316,6 +358,7 @@ class FaultDrill(Callback):
         recovery_steps: int = 50,
         tolerance: float = 1.1,
         print_report: bool = True,
+        rank: int | None = None,
     ) -> None:
         super().__init__()
         self.faults = check_faults(faults)
@@ -329,6 +372,7 @@ class FaultDrill(Callback):
         self.recovery_steps = int(recovery_steps)
         self.tolerance: float = check_number("tolerance", tolerance, low=1.0, owner=_OWNER)  # type: ignore[assignment]
         self.print_report = check_bool("print_report", print_report, owner=_OWNER)
+        self.rank: int | None = check_int("rank", rank, 0, True, owner=_OWNER)
         self._at: dict[int, str] = {s: name for name, steps in self.faults.items() for s in steps}
         #: the table's rows in step order: (fault, steps); bad_batches is one episode, the others one row per step
         self.episodes: list[tuple[str, tuple[int, ...]]] = sorted(
@@ -351,6 +395,9 @@ class FaultDrill(Callback):
         self._clipper: Any = None
         self._rows: list[dict[str, Any]] | None = None
         self._last_step = -1
+        self._here = True  # this process injects (rank None, or this is the drill's rank)
+        #: after the end-of-fit all-reduce: the window losses (means over ranks) and the steps injected on some rank
+        self._agreed: tuple[dict[int, float], set[int], dict[int, str]] | None = None
 
     # ------------------------------------------------------------------ the windows
     def _loss_steps(self) -> set[int]:
@@ -388,6 +435,12 @@ class FaultDrill(Callback):
         from lightning_gradguard.callbacks.adaptive_gradient_clipping import AdaptiveGradientClipping
         from lightning_gradguard.callbacks.nan_guard import NaNGuard
 
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if self.rank is not None and self.rank >= world:
+            raise ValueError(
+                f"{prefix(_OWNER)}rank must be below the world size ({world}) or None (every rank), got {self.rank}"
+            )
+        self._here = self.rank is None or int(trainer.global_rank) == self.rank
         callbacks = getattr(trainer, "callbacks", [])
         self._guard = next((cb for cb in callbacks if isinstance(cb, NaNGuard)), None)
         self._clipper = next((cb for cb in callbacks if isinstance(cb, AdaptiveGradientClipping)), None)
@@ -400,7 +453,7 @@ class FaultDrill(Callback):
             self._wrap_training_step(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._rows = None
+        self._rows = self._agreed = None
         self._skip_collapse = ""
         if "scale_collapse" in self.faults and self._scaler(trainer) is None:
             self._skip_collapse = (
@@ -458,8 +511,15 @@ class FaultDrill(Callback):
         name = self._at.get(step)
         if name not in ("inf_loss", "spike") or step in self.fired:
             return None
+        if not self._here:
+            self.fired[step] = self._elsewhere()
+            return None
         self.fired[step] = ""
         return math.inf if name == "inf_loss" else SPIKE_FACTOR
+
+    def _elsewhere(self) -> str:
+        """What ``fired`` holds on a rank that leaves the injection to the drill's rank."""
+        return f"{_ELSEWHERE}{self.rank}"
 
     # ------------------------------------------------------------------ the other faults, before the forward
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
@@ -470,10 +530,16 @@ class FaultDrill(Callback):
         name = self._at.get(step)
         if name is None or name in ("inf_loss", "spike") or step in self.fired:
             return
-        if name in ("nan_batch", "bad_batches"):
+        if name == "scale_collapse" and self._skip_collapse:
+            self.fired[step] = self._skip_collapse  # the same reason on every rank
+        elif not self._here:
+            self.fired[step] = self._elsewhere()
+        elif name in ("nan_batch", "bad_batches"):
             self.fired[step] = "" if _nan_into_batch(batch) else "the batch holds no floating-point tensor"
         elif name == "nan_weight":
-            self.fired[step] = "" if _nan_into_weight(pl_module) else "no trainable floating-point parameter"
+            self.fired[step] = (
+                "" if _nan_into_weight(pl_module) else "no trainable floating-point parameter (with elements here)"
+            )
         elif name == "transient":
             self.fired[step] = "" if self._arm_transient(pl_module) else "no module with parameters"
         elif name == "scale_collapse":
@@ -529,10 +595,42 @@ class FaultDrill(Callback):
             self.losses[step] = self._sums[step]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._agree(trainer)
         self._finish(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._finish(trainer)
+        self._finish(trainer)  # no collective: the other ranks may not be here; this rank's own values
+
+    def _agree(self, trainer: pl.Trainer) -> None:
+        """Every rank's window losses and injections, agreed in one all-reduce (every rank reaches the end of the
+        fit at the same step): each window loss becomes the mean over the ranks that have it (NaN anywhere: NaN),
+        a fault step counts as injected when some rank injected it, and each fault's cause is the first of
+        :data:`CAUSE_ORDER` that a rank's guard gave it. Without several processes: as they are."""
+        steps, faults = sorted(self._wanted), sorted(self._at)
+        firsts = [self._first_event(episode) for _, episode in self.episodes]
+        causes = [(e or {}).get("cause") for e in firsts]
+        values = [self.losses.get(s, 0.0) for s in steps]
+        values += [float(s in self.losses) for s in steps] + [float(self.fired.get(s) == "") for s in faults]
+        values += [float(c == known) for c in causes for known in CAUSE_ORDER]
+        if int(getattr(trainer, "world_size", 1) or 1) > 1:
+            local = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+            values = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
+        n, k = len(steps), len(faults)
+        sums, counts, injected = values[:n], values[n : 2 * n], values[2 * n : 2 * n + k]
+        seen = values[2 * n + k :]
+        losses = {s: v / c for s, v, c in zip(steps, sums, counts) if c > 0}
+        agreed_causes = {}
+        for i, cause in enumerate(causes):
+            row = seen[i * len(CAUSE_ORDER) : (i + 1) * len(CAUSE_ORDER)]
+            agreed = next((known for known, count in zip(CAUSE_ORDER, row) if count > 0), cause)
+            if agreed:
+                agreed_causes[self.episodes[i][1][0]] = agreed
+        self._agreed = losses, {s for s, v in zip(faults, injected) if v > 0}, agreed_causes
+
+    def _first_event(self, steps: tuple[int, ...]) -> dict[str, Any] | None:
+        """The guard's first event (warnings aside) at one of ``steps``; None: none."""
+        events = getattr(self._guard, "events", None) or []
+        return next((e for e in events if e.get("step") in steps and e.get("kind") != "warn"), None)
 
     def _finish(self, trainer: pl.Trainer) -> None:
         self._rows = self._build_rows()
@@ -544,14 +642,24 @@ class FaultDrill(Callback):
         events = list(getattr(self._guard, "events", []) or [])
         rows = []
         rerun = getattr(self._guard, "rerun", True)
+        causes: dict[int, str] = {}
+        if self._agreed is not None:
+            losses, injected, causes = self._agreed
+        else:  # during the fit, or after an exception: this rank's own values
+            losses = self.losses
+            injected = {s for s, why in self.fired.items() if why == "" or why.startswith(_ELSEWHERE)}
         for name, steps in self.episodes:
             row = DrillRow(fault=name, step=steps[0], steps=steps)
             actions, diagnosis = EXPECTED[name]
             row.expected = "/".join(actions) + (f", {diagnosis}" if diagnosis else "")
-            done = [s for s in steps if self.fired.get(s) == ""]
+            done = [s for s in steps if s in injected]
             row.injected = bool(done)
             if not row.injected:
-                why = [self.fired[s] for s in steps if s in self.fired]
+                why = [
+                    self.fired[s] if not self.fired[s].startswith(_ELSEWHERE) else f"rank {self.rank} did not inject it"
+                    for s in steps
+                    if s in self.fired
+                ]
                 row.note = (
                     why[0] if why else (self._skip_collapse or "not reached (the fit ended first, or has not begun)")
                 )
@@ -569,7 +677,8 @@ class FaultDrill(Callback):
             parts = []
             if at:
                 first = at[0]
-                row.cause, row.diagnosis = first.get("cause") or None, first.get("diagnosis")
+                row.cause = causes.get(steps[0]) or first.get("cause") or None
+                row.diagnosis = first.get("diagnosis")
                 extras = (
                     row.cause,
                     f"diagnosis {row.diagnosis}" if row.diagnosis else "",
@@ -587,11 +696,15 @@ class FaultDrill(Callback):
             elif diagnosis is not None and row.diagnosis is None and not rerun:
                 row.as_expected = None  # the guard's rerun diagnosis is off: nothing to compare
                 row.note = "NaNGuard(rerun=False): no diagnosis to compare"
+            elif diagnosis is not None and row.diagnosis is None and any(k in actions for k in kinds):
+                # the right action, but no diagnosis (a rerun that could not run): nothing to compare
+                row.as_expected = None
+                row.note = f"{_NOT_DIAGNOSED}: the right action, but the guard gave no diagnosis ({diagnosis} expected)"
             else:
                 row.as_expected = any(k in actions for k in kinds) and diagnosis in (None, row.diagnosis)
             before, after = self._windows(tuple(done))
-            before_v = [self.losses[s] for s in before if s in self.losses]
-            after_v = [self.losses[s] for s in after if s in self.losses]
+            before_v = [losses[s] for s in before if s in losses]
+            after_v = [losses[s] for s in after if s in losses]
             if len(after_v) < len(after):
                 after_v = []  # the run ended inside the window: not enough to judge
             row.recovered = recovery_verdict(before_v, after_v, self.tolerance)
@@ -654,11 +767,17 @@ def _nan_into_batch(batch: Any) -> bool:
 
 
 def _nan_into_weight(pl_module: pl.LightningModule) -> bool:
-    """NaN into the first element of the first trainable floating-point parameter (in place)."""
+    """NaN into the first element of the first trainable floating-point parameter (in place). A sharded parameter
+    (an FSDP2 ``DTensor``) gets it in this rank's local shard: the first parameter whose shard here is not empty
+    (an uneven split leaves some ranks an empty piece), its first local element; the next forward gathers it."""
     for p in pl_module.parameters():
-        if p.requires_grad and p.is_floating_point() and p.numel():
+        if not (p.requires_grad and p.is_floating_point()):
+            continue
+        to_local = getattr(p, "to_local", None)  # a DTensor's own piece (a view of the sharded storage)
+        local = to_local() if callable(to_local) else p
+        if local.numel():
             with torch.no_grad():
-                p[(0,) * p.dim()] = math.nan
+                local[(0,) * local.dim()] = math.nan
             return True
     return False
 

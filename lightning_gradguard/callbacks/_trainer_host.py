@@ -134,6 +134,9 @@ class TrainerHost(GuardHost):
         nccl = torch.distributed.get_backend() == "nccl"
         return ReplicaSharding(int(t.global_rank), int(t.world_size), None, t.strategy.root_device if nccl else None)
 
+    def rank(self) -> int:
+        return int(self.trainer.global_rank)
+
     def is_global_zero(self) -> bool:
         return bool(self.trainer.is_global_zero)
 

@@ -105,7 +105,7 @@ class LoopHost(GuardHost):
         self._schedulers = schedulers
         self._scaler = scaler
         self._reducer = reducer
-        self.rank = rank
+        self._rank = rank
         self.writer = writer if rank in (0, None) else None
         self._report_dir = None if report_dir is None else Path(report_dir)
         self.timeline = Timeline()  # what this loop wrote (rank 0): the overview figure and the repeat at events
@@ -144,8 +144,11 @@ class LoopHost(GuardHost):
     def replica_sharding(self) -> ReplicaSharding | None:
         return replica_sharding(self._model, self._reducer.group)
 
+    def rank(self) -> int:
+        return int(self._rank or 0)
+
     def is_global_zero(self) -> bool:
-        return self.rank in (0, None)
+        return self._rank in (0, None)
 
     def announce(self, line: str) -> None:
         if self.is_global_zero():

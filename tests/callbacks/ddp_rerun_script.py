@@ -3,6 +3,10 @@
 Step 6: a one-off NaN in a layer's output on rank 1 (transient). Step 12: rank 1's batch holds a NaN (data).
 Step 18: rank 1's output layer multiplied in place to 1e38 (state; rank 0's weights are fine, its own rerun finite:
 the most serious diagnosis wins). Run by tests/callbacks/test_rerun_diagnosis.py; writes ``rerun_rank<r>.json``.
+
+A second fit puts a NaN into rank 1's dataset itself (a sample of its batch 2 of every epoch, an unshuffled loader):
+the bad-batch record must hold rank 1's batch only (never rank 0's clean batch at the same position), be the same
+on both ranks, and make both skip that step again in every later epoch. Writes ``record_rank<r>.json``.
 """
 
 import json
@@ -47,6 +51,34 @@ class PoisonBatch(Callback):
             batch[0][0, 0] = math.nan
 
 
+class PersistentPoison(TinyRegression):
+    """Rank 1's copy of the dataset holds a NaN in sample 17: its batch 2 of every epoch (the Trainer keeps the
+    loader's own unshuffled order, ``use_distributed_sampler=False``: 8 batches of 8 per epoch)."""
+
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        if self.global_rank == 1:
+            loader.dataset.tensors[0][17, 0] = math.nan
+        return loader
+
+
+def record_fit(out_dir: str) -> None:
+    torch.manual_seed(0)
+    guard = NaNGuard(snapshot_every_n_steps=4, snapshot_confirm_steps=1)
+    trainer = make_trainer(
+        out_dir, [guard], max_steps=20, strategy="ddp", devices=2, logger=False, use_distributed_sampler=False
+    )
+    trainer.fit(PersistentPoison())
+    Path(out_dir, f"record_rank{trainer.global_rank}.json").write_text(
+        json.dumps(
+            {
+                "events": [[e["step"], e["kind"], e["cause"], e.get("diagnosis")] for e in guard.events],
+                "record": [e.to_dict() for e in guard.bad_batches.entries],
+            }
+        )
+    )
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -72,5 +104,6 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    record_fit(sys.argv[1])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -140,6 +140,19 @@ def test_ddp_two_processes_agree_on_each_diagnosis(tmp_path) -> None:
     assert ranks[0]["lr_scale"] == ranks[1]["lr_scale"]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the replicas stayed identical
     assert "found on another rank" in ranks[0]["events"][2][3]  # rank 0's own rerun was finite: rank 1 decided
+    # the bad-batch record: rank 1's own bad batch only, the same record on both ranks, skipped again every epoch
+    records = [json.loads((tmp_path / f"record_rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, r in enumerate(records):
+        seen = "nonfinite_loss" if rank == 1 else "nonfinite_grad"  # rank 0 sees it in the all-reduced gradients
+        assert r["events"] == [
+            [2, "skip", seen, "data"],
+            [10, "skip", "known_bad_batch", None],
+            [18, "skip", "known_bad_batch", None],
+        ]
+    # the same record on both ranks (its cause is each rank's own view of the step)
+    assert [{**e, "cause": ""} for e in records[0]["record"]] == [{**e, "cause": ""} for e in records[1]["record"]]
+    (entry,) = records[0]["record"]
+    assert (entry["step"], entry["batch_idx"], list(entry["ranks"])) == (2, 2, ["1"])  # never rank 0's clean batch
 
 
 @pytest.mark.ddp

@@ -43,7 +43,7 @@ from lightning_gradguard.core.guard._policy import (
 from lightning_gradguard.core.guard._stability import StabilityFinding
 from lightning_gradguard.core.guard._step_judge import StepJudge, StepRider, Verdict, any_rank
 from lightning_gradguard.core.measure._grad_stats import GradStats
-from lightning_gradguard.core.recover._bad_batches import BadBatch, BadBatchRecord, fingerprint
+from lightning_gradguard.core.recover._bad_batches import BadBatch, BadBatchRecord, fingerprint, short_digest
 from lightning_gradguard.core.recover._fault_trace import nonfinite_in
 from lightning_gradguard.core.recover._replica_shards import ReplicaSharding
 from lightning_gradguard.core.recover._rerun import KINDS, Diagnosis, RerunResult, RngState, classify
@@ -146,6 +146,7 @@ class GuardEngine:
         #: every batch the guard skipped or blamed (not transient faults), skipped again when met again
         self.bad_batches = BadBatchRecord()
         self._known_bad: BadBatch | None = None  # this step's batch is on the record
+        self._data_here = False  # the rerun found this rank's own batch at fault (the record's evidence)
         self._resumed = False
         self._reset_step()
 
@@ -277,7 +278,7 @@ class GuardEngine:
             host = self.host
             epoch = host.epoch()
             if epoch is not None and record.covers(epoch, batch_idx):  # positions: the same on every rank
-                entry = record.match(epoch, batch_idx, lambda: fingerprint(batch))
+                entry = record.match(epoch, batch_idx, lambda: fingerprint(batch), host.rank())
                 (agreed,) = any_rank(host.reducer(), entry is not None, device=host.device())
                 if agreed and self._known_bad is None:
                     self._known_bad = entry or BadBatch(-1, epoch, batch_idx, action="(on another rank)")
@@ -448,6 +449,7 @@ class GuardEngine:
         loss, norm, stats = self._pending_values if health.update_skipped else (None, None, [])
         self._pending_values = (None, None, [])
         event = GuardEvent(health.step, "", "", self.lr_scale, loss=loss, grad_norm=norm)
+        self._data_here = False
         if health.update_skipped:
             self.skipped_steps += 1
             nonfinite_cause = health.cause is not None and health.cause.value in _NONFINITE_CAUSES
@@ -481,8 +483,8 @@ class GuardEngine:
             first = f"first flagged at step {known.step}" if known.step >= 0 else "flagged on another rank"
             what = ", ".join(x for x in (known.cause.replace("_", " "), known.diagnosis) if x)
             event.reason += f" ({first}{': ' + what if what else ''})"
-        elif health.update_skipped and self._batches and (health.nonfinite_batch or health.diagnosis == "data"):
-            self._record_batches(health, decision)  # only a batch found to be at fault: never a healthy one
+        elif health.update_skipped and self._batches:
+            self._record_batches(health, decision)  # only batches found at fault (a rank's own): never a healthy one
         self.cause = decision.cause
         if decision.action is GuardAction.ROLLBACK and source is not None:
             self._restore(source, decision.lr_power)
@@ -612,24 +614,48 @@ class GuardEngine:
         self.host.state_changed()
 
     def _record_batches(self, health: StepHealth, decision: Any) -> None:
-        """Put the flagged step's batches on the bad-batch record (a rollback's with the ``bad_batch_window`` after
-        them) and write the record to the run directory."""
+        """Put the flagged step's batches that were at fault on the bad-batch record (a rollback's with the
+        ``bad_batch_window`` after them) and write the record to the run directory. A batch is at fault on the rank
+        whose batch held NaN/inf or whose own rerun found *data*. With several ranks (called on every rank, as every
+        decision): one reduce shares each faulty rank's fingerprint digest, so the record is the same everywhere and
+        each rank skips its own bad batch, and every rank with it, when met again."""
         host = self.host
         epoch = host.epoch()
         if epoch is None:
             return
+        here = bool(health.nonfinite_batch or self._data_here)
+        reducer = host.reducer()
+        many = reducer is not None and reducer.world_size > 1
+        per_rank: list[dict[str, str] | None] = [None] * len(self._batches)
+        if many:
+            assert reducer is not None
+            world, rank, k = reducer.world_size, host.rank(), len(self._batches)
+            mine = torch.full((world * k,), -1.0, dtype=torch.float64)
+            if here:
+                for j, (batch, _) in enumerate(self._batches):
+                    mine[rank * k + j] = float(int(short_digest(fingerprint(batch)), 16))
+            shared = reducer(mine.to(host.device())).tolist()
+            if max(shared) < 0:
+                return  # no rank's batch was at fault (e.g. a state or transient fault)
+            per_rank = [
+                {str(r): f"{int(shared[r * k + j]):012x}" for r in range(world) if shared[r * k + j] >= 0}
+                for j in range(k)
+            ]
+        elif not here:
+            return
         window = self.options.bad_batch_window if decision.action is GuardAction.ROLLBACK else 0
-        for batch, batch_idx in self._batches:
+        for (batch, batch_idx), ranks in zip(self._batches, per_rank):
             self.bad_batches.add(
                 BadBatch(
                     health.step,
                     epoch,
                     batch_idx,
-                    fingerprint(batch),
+                    "" if ranks is not None else fingerprint(batch),
                     decision.cause.value if decision.cause else "",
                     health.diagnosis or "",
                     decision.action.value,
                     window,
+                    ranks=ranks,
                 )
             )
         out = host.report_dir()
@@ -648,6 +674,7 @@ class GuardEngine:
         host = self.host
         reducer = host.reducer()
         many = reducer is not None and reducer.world_size > 1
+        self._data_here = False
         if many and host.rerun_is_collective():
             found = self._rerun_together(health, loss, norm)
             code = KINDS.index(found.kind) + 1 if found is not None else 0  # the same on every rank already
@@ -668,6 +695,7 @@ class GuardEngine:
                 fault = RerunResult(loss, norm)
                 trusted_step = snap.step if snap is not None else None
                 found = classify(fault, bool(health.nonfinite_batch), weights_bad, same, trusted, trusted_step)
+                self._data_here = found is not None and found.kind == "data"  # this rank's own batch failed
             code = KINDS.index(found.kind) + 1 if found is not None else 0
             if many and reducer is not None:
                 agreed = reducer(torch.tensor([float(code)], dtype=torch.float64, device=host.device()))
@@ -712,6 +740,8 @@ class GuardEngine:
         trusted_step = snap.step if snap is not None else None
         fault = RerunResult(loss, norm)
         found = classify(fault, batch_bad, weights_bad, same, trusted, trusted_step, loss_nonfinite=loss_bad)
+        # data: the batch fails from the trusted state; on this rank's batch only where its own rerun failed there
+        self._data_here = found is not None and found.kind == "data" and trusted is not None and not trusted.finite_here
         if found is not None and (batch_bad and not batch_here or not batch_bad and weights_bad and not weights_here):
             found.evidence += " (on another rank)"
         return found

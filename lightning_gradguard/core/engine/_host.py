@@ -76,6 +76,10 @@ class GuardHost:
         its part of a snapshot; None where the state is not replicated (one process, or sharded already: FSDP2)."""
         return None
 
+    def rank(self) -> int:
+        """This process's rank among those the reducer reduces over (0 with one process)."""
+        return 0
+
     def is_global_zero(self) -> bool:
         return True
 

@@ -45,6 +45,13 @@ _CPU = torch.device("cpu")
 _NEW_TUPLE = tuple.__new__  # StepScalars from a tuple without the generated __new__'s frame (what _make does)
 
 
+def nan_as_inf(t: Tensor) -> Tensor:
+    """``t`` with NaN made +inf and the infinities kept, for a MAX reduce (collectives may drop NaN). Plain
+    ``nan_to_num`` would also turn +inf into the largest finite float: an inf loss would then look finite on the
+    other ranks."""
+    return torch.nan_to_num(t, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+
+
 class RankReducer(Protocol):
     """Element-wise maximum of a float64 vector over the ranks; ``world_size`` 1 means nothing to communicate."""
 
@@ -148,7 +155,7 @@ class StepRider:
         if self.local is None:
             parts, self._commit = self.judge._parts(self.loss, self.scale, device, commit_spike=False)
             self.device, self.local = device, torch.stack([p.to(device, torch.float64).reshape(()) for p in parts])
-        return torch.nan_to_num(self.local.clone(), nan=math.inf)  # collectives may drop NaN (as in judge)
+        return nan_as_inf(self.local.clone())
 
     def fits(self, loss: Tensor | float | None, scale: Tensor | None, clip_flags: list[Any], dev: torch.device) -> bool:
         """Were these values built from what the judge is now given (else the judge builds its own)?"""
@@ -316,7 +323,7 @@ class StepJudge:
         norm = total_norm64(live, dev).to(dev, torch.float64).reshape(1)
         local = torch.cat([norm, rider.local])  # type: ignore[list-item]
         # the norm is the global one, the same on every rank: its maximum is itself (NaN sent as in _values)
-        glob = torch.cat([torch.nan_to_num(norm.clone(), nan=math.inf), carried[1].to(dev, torch.float64)])
+        glob = torch.cat([nan_as_inf(norm.clone()), carried[1].to(dev, torch.float64)])
         values = torch.cat([local, glob]).tolist()
         return StepScalars.of(values[: local.numel()]), StepScalars.of(values[local.numel() :])
 
@@ -326,7 +333,7 @@ class StepJudge:
             mine = StepScalars.of([float(v) for v in read_scalars(parts, dev, dtype=torch.float64)])
             return mine, mine
         local = torch.stack([p.to(dev, torch.float64).reshape(()) for p in parts])
-        glob = self.reduce(torch.nan_to_num(local.clone(), nan=math.inf))  # collectives may drop NaN
+        glob = self.reduce(nan_as_inf(local.clone()))
         values = torch.cat([local, glob.to(dev, torch.float64)]).tolist()
         return StepScalars.of(values[: len(parts)]), StepScalars.of(values[len(parts) :])
 

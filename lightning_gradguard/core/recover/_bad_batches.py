@@ -16,6 +16,7 @@ that followed it in the same epoch as well, PaLM's recipe for data that spoils a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +61,11 @@ def fingerprint(batch: Any) -> str:
     return "|".join(parts)
 
 
+def short_digest(fp: str) -> str:
+    """12 hex digits of a fingerprint's SHA-256: small enough to travel between ranks as one float64 (48 bits)."""
+    return hashlib.sha256(fp.encode()).hexdigest()[:12]
+
+
 @dataclass
 class BadBatch:
     """One blamed batch.
@@ -73,6 +79,10 @@ class BadBatch:
         action: what the guard did (``skip``, ``rollback``, ...).
         window: how many batches after it (same epoch) are skipped with it (-1: the record's ``window``).
         sample_indices: the dataset indices of its samples, where the sampler exposed them.
+        ranks: with several processes, the ranks whose batch at this position was at fault, each with the
+            :func:`short_digest` of its fingerprint (None: one process, ``fingerprint`` is the batch's). The record
+            is the same on every rank (positions, so that every rank asks at the same steps); a rank whose own
+            batch there was not at fault never matches it (the others' do, and every rank skips with them).
     """
 
     step: int
@@ -84,6 +94,7 @@ class BadBatch:
     action: str = ""
     window: int = -1
     sample_indices: list[int] | None = None
+    ranks: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,7 +140,7 @@ class BadBatchRecord:
         if entry.diagnosis == "transient" and not self.transient:
             return False
         for old in self._by_index.get(entry.batch_idx, []):
-            if old.fingerprint == entry.fingerprint:
+            if old.fingerprint == entry.fingerprint and old.ranks == entry.ranks:
                 return False
         if entry.window < 0:
             entry.window = self.window
@@ -147,15 +158,20 @@ class BadBatchRecord:
             return True
         return any(e.batch_idx < batch_idx <= e.batch_idx + e.window for e in self._by_epoch.get(epoch, ()))
 
-    def match(self, epoch: int, batch_idx: int, digest: Any) -> BadBatch | None:
+    def match(self, epoch: int, batch_idx: int, digest: Any, rank: int = 0) -> BadBatch | None:
         """The record entry that says to skip the batch at (``epoch``, ``batch_idx``), or None. ``digest()`` gives
         the batch's fingerprint; it is called only when a recorded batch sits at that index, whose contents must
-        then be the same (a shuffled epoch puts other samples there: not skipped)."""
+        then be the same (a shuffled epoch puts other samples there: not skipped). ``rank``: this process's rank
+        (entries recorded by several processes hold each faulty rank's own digest)."""
         exact = self._by_index.get(batch_idx)
         if exact:
             fp = digest()
             for e in exact:
-                if not e.fingerprint or e.fingerprint == fp:
+                if e.ranks is not None:
+                    mine = e.ranks.get(str(rank))
+                    if mine is not None and (not mine or mine == short_digest(fp)):
+                        return e
+                elif not e.fingerprint or e.fingerprint == fp:
                     return e
         for e in self._by_epoch.get(epoch, ()):
             if e.batch_idx < batch_idx <= e.batch_idx + e.window:

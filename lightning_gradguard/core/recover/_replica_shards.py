@@ -225,10 +225,8 @@ class ShardedState:
             if a >= b:
                 continue  # nothing of the wanted bytes in rank r's range (the same decision on every rank)
             window = slice(a - r * size, b - r * size)
-            if r == s.rank:
-                buf = self.piece[window].to(device)
-            else:
-                buf = torch.empty(b - a, dtype=torch.uint8, device=device)
+            ours = self.piece[window].to(device) if r == s.rank else None  # the sender's bytes (never written)
+            buf = ours if ours is not None else torch.empty(b - a, dtype=torch.uint8, device=device)
             src = dist.get_global_rank(s.group, r) if s.group is not None else r
             dist.broadcast(buf, src=src, group=s.group)
             self._copy_range(tensors, buf.cpu(), r, first=a)

@@ -84,7 +84,12 @@ class RerunResult:
 
     @property
     def finite(self) -> bool:
-        return self.others_finite and all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm))
+        return self.others_finite and self.finite_here
+
+    @property
+    def finite_here(self) -> bool:
+        """Finite on this rank (whatever the others gave)."""
+        return all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm))
 
     def describe(self) -> str:
         parts = []
@@ -93,7 +98,7 @@ class RerunResult:
         if self.grad_norm is not None:
             parts.append(f"gradient norm {self.grad_norm:.4g}")
         text = ", ".join(parts) or "no values"
-        if not self.others_finite and all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm)):
+        if not self.others_finite and self.finite_here:
             text += " here, non-finite on another rank"
         return text
 
