@@ -174,13 +174,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two sizes, 3 repeats")
+    parser.add_argument("--tiny", action="store_true", help="one tiny size, 1 repeat (the test suite's smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
     args = parser.parse_args()
-    sizes = [(512, 4), (1024, 8)] if args.quick else [(512, 4), (1024, 8), (2048, 8)]
-    repeats = 3 if args.quick else 5
+    sizes = [(64, 2)] if args.tiny else [(512, 4), (1024, 8)] if args.quick else [(512, 4), (1024, 8), (2048, 8)]
+    repeats = 1 if args.tiny else 3 if args.quick else 5
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_worker, args=(2, _free_port(), sizes, repeats, out), nprocs=2, join=True)
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
-    rows0 = ranks[0]
     # per rank the bytes are the same (the split is even); times: the slower rank's
     merged = []
     for a, b in zip(ranks[0], ranks[1]):
@@ -189,13 +190,17 @@ def main() -> None:
             if key.endswith(("_ms", "_held_mib", "_x_state")):
                 row[key] = max(value, a[key])
         merged.append(row)
-    del rows0
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, 2 gloo processes, 1 thread each; medians of {repeats}")
-    print(_table(merged))
-    dest = REPO / "benchmarks" / "results" / ("snapshot_cost_quick.json" if args.quick else "snapshot_cost.json")
-    dest.parent.mkdir(exist_ok=True)
+    head = f"torch {torch.__version__}, {os.cpu_count()} CPUs, 2 gloo processes, 1 thread each; medians of {repeats}"
+    text = head + "\n" + _table(merged)
+    print(text)
+    name = (
+        "snapshot_cost_tiny.json" if args.tiny else "snapshot_cost_quick.json" if args.quick else "snapshot_cost.json"
+    )
+    dest = (args.out or REPO / "benchmarks" / "results") / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps({"torch": torch.__version__, "repeats": repeats, "rows": merged}, indent=1))
-    print(f"written: {dest.relative_to(REPO)}")
+    dest.with_suffix(".txt").write_text(text + "\n")
+    print(f"written: {dest} and {dest.with_suffix('.txt').name}")
 
 
 if __name__ == "__main__":

@@ -226,3 +226,27 @@ def test_rescue_warmup_ablation_methods():
         (clip,) = [c for c in callbacks if isinstance(c, AdaptiveGradientClipping)]
         for key, value in options.items():
             assert getattr(clip, key) == value != getattr(default_clip, key)
+
+
+@pytest.mark.ddp
+def test_snapshot_cost_measures_ddp_split_and_fsdp2_shards(tmp_path):
+    """benchmarks/snapshot_cost.py --tiny (2 gloo processes): every row present; the split DDP snapshot holds half
+    the state per rank, the whole copy all of it, FSDP2 its local shards (about half)."""
+    import subprocess
+
+    from tests.ddp_runner import launcher_env
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "snapshot_cost.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, env=launcher_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "snapshot_cost_tiny.json").read_text())["rows"]
+    ddp, fsdp = (next(r for r in rows if r["kind"] == kind) for kind in ("ddp", "fsdp2"))
+    assert ddp["whole_x_state"] == pytest.approx(1.0, abs=0.01)
+    assert 0.45 <= ddp["split_x_state"] <= 0.55
+    assert 0.3 <= fsdp["whole_x_state"] <= 0.7  # local shards: about half of the state on each of 2 ranks
+    for r in (ddp, fsdp):
+        assert all(r[k] > 0 for k in r if k.endswith("_ms"))
+    assert "| DDP |" in (tmp_path / "snapshot_cost_tiny.txt").read_text()

@@ -115,9 +115,10 @@ class NaNGuard(Callback):
             batch held NaN/inf, or fails from the trusted state too: skipped, LR kept), *state* (it fails only from
             the current state: rolled back) or *reproducible* (no trusted snapshot to tell). The diagnosis and the
             numbers compared are in the event. It costs nothing on healthy steps (the random-number state is kept
-            per step, a few kilobytes) and one to two extra forward/backward passes on a fault. Runs with automatic
-            optimization and unsharded parameters (not under FSDP2/ModelParallelStrategy, nor with cross-process
-            SyncBatchNorm: there the other diagnoses stand).
+            per step, a few kilobytes) and one to two extra forward/backward passes on a fault. Runs under automatic
+            and manual optimization (optimizer steps, ``zero_grad`` and scheduler steps do nothing during a rerun),
+            DDP and FSDP2 (there every rank reruns together, forward only: a fault seen only in the gradients gets
+            no diagnosis); not with cross-process SyncBatchNorm (there the other diagnoses stand).
         bad_batch_window: every batch found at fault (it held NaN/inf, or the rerun diagnosis says *data*; never
             the batch of a transient or state fault) goes on the bad-batch record (:attr:`bad_batches`; JSON lines
             in the log directory, ``gradguard_bad_batches.jsonl``; kept in checkpoints) and is skipped when met
