@@ -14,7 +14,9 @@ events, what this rank injected itself and the final weights (DDP replicas: the 
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,21 +39,23 @@ RECOVERY_STEPS = 10
 MAX_STEPS = 97 + RECOVERY_STEPS + 1
 
 
-def fit(out_dir: str, name: str, rank: int | None) -> None:
+def run_drill(
+    out_dir: str,
+    name: str,
+    rank: int | None,
+    build_trainer: Callable[[str, list[Any]], Any],
+    build_model: Callable[[], Any],
+    extra: Callable[[Any], dict[str, Any]],
+) -> None:
+    """One drill fit over :data:`FAULTS` with ``default_callbacks()``; writes ``<name>_rank<r>.json`` (the drill's
+    table and report, its injections on this rank, the guard's events, the warnings, and ``extra(model)``)."""
     torch.manual_seed(0)
     guard = {"snapshot_every_n_steps": 5, "snapshot_confirm_steps": 2}
     drill = FaultDrill(FAULTS, recovery_steps=RECOVERY_STEPS, rank=rank)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = make_trainer(
-            out_dir,
-            [*default_callbacks(guard_kwargs=guard), drill],
-            max_steps=MAX_STEPS,
-            logger=False,
-            strategy="ddp",
-            devices=2,
-        )
-        model = TinyRegression()
+        trainer = build_trainer(out_dir, [*default_callbacks(guard_kwargs=guard), drill])
+        model = build_model()
         trainer.fit(model)
     events = [{k: e.get(k) for k in ("step", "kind", "cause", "diagnosis")} for e in drill._guard.events]
     Path(out_dir, f"{name}_rank{trainer.global_rank}.json").write_text(
@@ -63,21 +67,34 @@ def fit(out_dir: str, name: str, rank: int | None) -> None:
                 "report": drill.report(),
                 "all_handled": drill.all_handled,
                 "fired": {str(k): v for k, v in drill.fired.items()},  # this rank's own injections ("": injected here)
-                "weights": [float(v) for p in model.parameters() for v in p.detach().flatten()],
                 "events": events,
                 "other_events": [{k: e.get(k) for k in ("step", "kind", "cause")} for e in drill.other_events()],
-                "weights_finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
                 "warnings": [str(w.message) for w in caught if "FaultDrill" in str(w.message)],
+                **extra(model),
             },
             default=str,
         )
     )
 
 
-def main(out_dir: str) -> None:
+def fit(out_dir: str, name: str, rank: int | None) -> None:
+    def build_trainer(directory: str, callbacks: list[Any]) -> Any:
+        return make_trainer(directory, callbacks, max_steps=MAX_STEPS, logger=False, strategy="ddp", devices=2)
+
+    def extra(model: Any) -> dict[str, Any]:
+        return {
+            "weights": [float(v) for p in model.parameters() for v in p.detach().flatten()],
+            "weights_finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+        }
+
+    run_drill(out_dir, name, rank, build_trainer, TinyRegression, extra)
+
+
+def main(out_dir: str, fit: Callable[[str, str, int | None], None] = fit) -> None:
+    """Two drills: every fault on rank 1 only, then on every rank."""
     torch.set_num_threads(1)
-    fit(out_dir, "one_rank", rank=1)
-    fit(out_dir, "every_rank", rank=None)
+    fit(out_dir, "one_rank", 1)
+    fit(out_dir, "every_rank", None)
 
 
 if __name__ == "__main__":

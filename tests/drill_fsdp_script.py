@@ -12,31 +12,17 @@ Run by tests/test_drill.py through tests/ddp_runner.py. Writes ``<fit>_rank<r>.j
 directory: the drill's rows, its report, the guard's events and whether each rank's local shards are finite.
 """
 
-import json
 import sys
-import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_gradguard import FaultDrill, default_callbacks  # noqa: E402
 from tests.compat.fsdp_models import ShardedRegression, rank_batches, sharded_trainer  # noqa: E402
-
-#: one fault every 15 steps from step 20; recovery judged 10 steps on (windows of 5 steps)
-FAULTS = {
-    "scale_collapse": 4,
-    "nan_weight": 20,
-    "nan_batch": 35,
-    "inf_loss": 50,
-    "transient": 65,
-    "spike": 80,
-    "bad_batches": [95, 96, 97],
-}
-RECOVERY_STEPS = 10
-MAX_STEPS = 97 + RECOVERY_STEPS + 1
+from tests.drill_ddp_script import MAX_STEPS, main, run_drill  # noqa: E402
 
 
 class DrillRegression(ShardedRegression):
@@ -59,40 +45,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def fit(out_dir: str, name: str, rank: int | None) -> None:
-    torch.manual_seed(0)
-    guard = {"snapshot_every_n_steps": 5, "snapshot_confirm_steps": 2}
-    drill = FaultDrill(FAULTS, recovery_steps=RECOVERY_STEPS, rank=rank)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer = sharded_trainer(out_dir, [*default_callbacks(guard_kwargs=guard), drill], max_steps=MAX_STEPS)
-        model = DrillRegression()
-        trainer.fit(model)
-    events = [{k: e.get(k) for k in ("step", "kind", "cause", "diagnosis")} for e in drill._guard.events]
-    Path(out_dir, f"{name}_rank{trainer.global_rank}.json").write_text(
-        json.dumps(
-            {
-                "rank": trainer.global_rank,
-                "global_step": trainer.global_step,
-                "rows": drill.table(),
-                "report": drill.report(),
-                "all_handled": drill.all_handled,
-                "fired": {str(k): v for k, v in drill.fired.items()},  # this rank's own injections ("": injected here)
-                "events": events,
-                "other_events": [{k: e.get(k) for k in ("step", "kind", "cause")} for e in drill.other_events()],
-                "sharded": all(type(p).__name__ == "DTensor" for p in model.parameters()),
-                "weights_finite": all(bool(torch.isfinite(_local(p)).all()) for p in model.parameters()),
-                "warnings": [str(w.message) for w in caught if "FaultDrill" in str(w.message)],
-            },
-            default=str,
-        )
-    )
+    def build_trainer(directory: str, callbacks: list[Any]) -> Any:
+        return sharded_trainer(directory, callbacks, max_steps=MAX_STEPS)
 
+    def extra(model: Any) -> dict[str, Any]:
+        return {
+            "sharded": all(type(p).__name__ == "DTensor" for p in model.parameters()),
+            "weights_finite": all(bool(torch.isfinite(_local(p)).all()) for p in model.parameters()),
+        }
 
-def main(out_dir: str) -> None:
-    torch.set_num_threads(1)
-    fit(out_dir, "one_rank", rank=1)
-    fit(out_dir, "every_rank", rank=None)
+    run_drill(out_dir, name, rank, build_trainer, DrillRegression, extra)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], fit)

@@ -17,6 +17,7 @@ from lightning.pytorch import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_gradguard import NaNGuard  # noqa: E402
+from lightning_gradguard.core.recover._snapshot import tensors_in  # noqa: E402
 from tests.compat.common import StateRecorder, full_state  # noqa: E402
 from tests.models import TinyRegression, make_trainer  # noqa: E402
 
@@ -49,7 +50,7 @@ class Sizes(Callback):
         engine = self.guard.engine
         held = {id(s): s for s in engine.store.snapshots}
         whole = full_state(trainer, pl_module)
-        state_bytes = sum(t.numel() * t.element_size() for t in _tensors(whole))
+        state_bytes = sum(t.numel() * t.element_size() for t in tensors_in(whole))
         self.rows.append(
             {
                 "step": trainer.global_step,
@@ -65,17 +66,6 @@ class Sizes(Callback):
         if trainer.global_step == 5 and engine.store.snapshots:  # both ranks: the model's part alone, gathered
             snap = engine.store.snapshots[-1]
             self.model_part = (snap.step, snap.whole_model())
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def fit(out_dir: str, name: str, shard: bool) -> None:

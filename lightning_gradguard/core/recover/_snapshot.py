@@ -22,7 +22,7 @@ import copy
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,18 @@ import torch
 
 from lightning_gradguard.core.measure._grad_stats import norms_of
 from lightning_gradguard.core.recover._replica_shards import ReplicaSharding, ShardedState, same_memory
+
+
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor of a nested state (dicts, lists, tuples), in walk order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
 
 
 def local_nbytes(t: torch.Tensor) -> int:
@@ -110,19 +122,7 @@ class Snapshot:
         if cached is not None:
             return int(cached)
         total = self.sharded.nbytes if self.sharded is not None else 0
-
-        def visit(obj: Any) -> None:
-            nonlocal total
-            if isinstance(obj, torch.Tensor):
-                total += local_nbytes(obj)
-            elif isinstance(obj, dict):
-                for v in obj.values():
-                    visit(v)
-            elif isinstance(obj, (list, tuple)):
-                for v in obj:
-                    visit(v)
-
-        visit([self.model, self.optimizers, self.schedulers, self.extra])
+        total += sum(local_nbytes(t) for t in tensors_in([self.model, self.optimizers, self.schedulers, self.extra]))
         self.__dict__["_nbytes"] = total
         return total
 
@@ -208,20 +208,8 @@ def state_nbytes(module: torch.nn.Module, optimizers: Sequence[torch.optim.Optim
     """Bytes of the tensors a whole snapshot of ``module`` and ``optimizers`` would copy (nothing is copied: the
     live tensors are only counted; a tensor met twice, e.g. tied weights, counts once)."""
     seen: dict[Any, int] = {}
-
-    def visit(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            seen.setdefault(same_memory(obj) or id(obj), local_nbytes(obj))
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                visit(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                visit(v)
-
-    visit(module.state_dict())
-    for opt in optimizers:
-        visit(opt.state_dict()["state"])
+    for t in tensors_in([module.state_dict(), [opt.state_dict()["state"] for opt in optimizers]]):
+        seen.setdefault(same_memory(t) or id(t), local_nbytes(t))
     return sum(seen.values())
 
 
