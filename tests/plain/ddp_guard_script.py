@@ -4,6 +4,10 @@ Rank 1's loss at step SPIKE_AT is multiplied by 1e4 after the backward (its grad
 all-reduce gives both ranks the same, healthy gradients): only rank 1's loss z-score test fires. Without the
 guard's cross-rank reduce rank 1 would skip while rank 0 steps and the replicas would drift apart. Each rank writes
 its events, its skip count and a checksum of its weights to ``out_dir/rank<r>.json``.
+
+Then, at step CORRUPT_AT, a NaN is written into rank 1's replica only: both ranks roll back from their in-memory
+snapshot, of which each rank holds only its half (``shard_snapshots``, the default under DDP): the weights after the
+rollback must equal those at the snapshot's step, on both ranks.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_gradguard import GradGuard  # noqa: E402
 
 SPIKE_AT = 25
+CORRUPT_AT = 33
 STEPS = 40
 
 
@@ -32,9 +37,19 @@ def worker(rank: int, world: int, out_dir: str) -> None:
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    guard = GradGuard(model, opt, clipping="zscore", action="skip", spike_zscore=6.0, spike_window=20)
+    guard = GradGuard(
+        model, opt, clipping="zscore", action="skip", spike_zscore=6.0, spike_window=20,
+        snapshot_every_n_steps=10, snapshot_confirm_steps=2, announce=False,
+    )  # fmt: skip
     g = torch.Generator().manual_seed(100 + rank)
+    at_start: dict[int, float] = {}
+    split = []
     for step in range(STEPS):
+        at_start[step] = sum(float(p.detach().double().sum()) for p in model.parameters())
+        split += [s.sharded is not None for s in guard.engine.store.snapshots]
+        if rank == 1 and step == CORRUPT_AT:
+            with torch.no_grad():
+                model.module[0].weight[0, 0] = float("nan")
         x = torch.randn(16, 4, generator=g)
         y = x.sum(1, keepdim=True)
         loss = nn.functional.mse_loss(model(x), y)
@@ -47,6 +62,10 @@ def worker(rank: int, world: int, out_dir: str) -> None:
     checksum = [float(p.detach().double().sum()) for p in model.parameters()]
     result = {"events": [[e["step"], e["kind"], e["cause"]] for e in guard.events], "skipped": guard.skipped_steps}
     result["checksum"] = checksum
+    events = guard.events
+    result["snapshot_step"] = next((e.get("snapshot_step") for e in events if e["kind"] == "rollback"), None)
+    result["at_start"] = at_start
+    result["split"] = split
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()  # both ranks done before either tears the group down (a gloo teardown race aborts otherwise)
     dist.destroy_process_group()
