@@ -45,6 +45,7 @@ from lightning_gradguard.core.guard._step_judge import StepJudge, StepRider, Ver
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.recover._bad_batches import BadBatch, BadBatchRecord, fingerprint, short_digest
 from lightning_gradguard.core.recover._fault_trace import nonfinite_in
+from lightning_gradguard.core.recover._lr_scaling import LRCeiling
 from lightning_gradguard.core.recover._replica_shards import ReplicaSharding
 from lightning_gradguard.core.recover._rerun import KINDS, Diagnosis, RerunResult, RngState, classify
 from lightning_gradguard.core.recover._rules import (
@@ -131,6 +132,8 @@ class GuardEngine:
         self.skipped_steps = 0
         self.amp_overflow_steps = 0
         self.lr_scale = 1.0
+        #: the LR held below the one a climbing loss showed too high, while the schedule would raise it
+        self.lr_ceiling = LRCeiling()
         self.warnings = 0
         self.lr_recoveries = 0
         self._since_cut = 0  # healthy steps since the last LR cut or raise (the LR recovery's clock)
@@ -158,6 +161,7 @@ class GuardEngine:
         self._pending: StepHealth | None = None
         self._pending_values: tuple[float | None, float | None, list[GradStats]] = (None, None, [])
         self._lower: StabilityFinding | None = None
+        self._lower_opt: Any = None  # the optimizer whose loss stream gave the finding
         self._overflow = False
         self._since_snapshot = 0
         self._flagged = 0
@@ -298,6 +302,8 @@ class GuardEngine:
         if optimizer is None:
             opts = self.host.optimizers()
             optimizer = opts[0] if opts else None
+        if self.lr_ceiling:  # before the update reads it: the schedule may have raised the LR past the ceiling
+            self.lr_ceiling.apply(self.host.optimizers(), self.lr_scale)
         lr = lr_of(optimizer) if optimizer is not None and self.options.stability else None
         if self._known_bad is not None:  # a batch on the record: skip it again, unjudged (no detector learns it)
             live = [s for s in stats if s.grads]
@@ -311,7 +317,8 @@ class GuardEngine:
                 self._loss_before = (step - 1, peak)  # a blow-up before the NaN: written at its own interval's end
             self._loss_max = loss_v
         self._overflow = self._overflow or verdict.overflow
-        self._lower = verdict.lower_lr or self._lower
+        if verdict.lower_lr is not None:
+            self._lower, self._lower_opt = verdict.lower_lr, optimizer
         if verdict.health is not None and self._pending is None:
             self._pending = verdict.health
             self._pending_values = (loss_v, verdict.norm, verdict.stats)
@@ -321,8 +328,8 @@ class GuardEngine:
         """After the update (taken or dropped): carry out the decision for ``step``. ``clip_flags``: the clippers'
         flags of this step (the stability controller's input next step). Returns whether the step was flagged."""
         self._window_open = False
-        pending, overflow, lower = self._pending, self._overflow, self._lower
-        self._pending, self._overflow, self._lower = None, False, None
+        pending, overflow, lower, lower_opt = self._pending, self._overflow, self._lower, self._lower_opt
+        self._pending, self._overflow, self._lower, self._lower_opt = None, False, None, None
         if pending is None and clip_flags is not None:
             self.judge_.clip_flags = clip_flags
         if self.halted:
@@ -331,7 +338,7 @@ class GuardEngine:
             self._flagged += 1
             self.handle_fault(pending)
         elif lower is not None and lower.act and self.lr_scale > self.options.min_lr_scale:
-            self.lower_lr(step, lower)
+            self.lower_lr(step, lower, lower_opt)
         else:
             if lower is not None:
                 self.warn(step, lower)
@@ -533,6 +540,8 @@ class GuardEngine:
         before = self.lr_scale
         self.lr_scale = recover_lr(host.optimizers(), host.schedulers(), before, self.options.lr_factor)
         self._since_cut, self._raised = 0, True
+        if self.lr_scale >= 1.0:  # back at the user's schedule: no ceiling either
+            self.lr_ceiling.release()
         self.lr_recoveries += 1
         reason = (
             f"{self._recovery_steps} healthy steps since the last LR change: one cut undone (lr_scale was "
@@ -562,9 +571,12 @@ class GuardEngine:
         event.rule = finding.rule
         self.record_event(event)
 
-    def lower_lr(self, step: int, finding: StabilityFinding) -> None:
+    def lower_lr(self, step: int, finding: StabilityFinding, optimizer: Any = None) -> None:
         """The stability controller's cut (``core.recover._rules.stability_cut``: from the untrained state when the
-        model is worse than it, from before the climb when the loss climbed, else in place)."""
+        model is worse than it, from before the climb when the loss climbed, else in place). A climb that came with
+        the LR's growth also holds ``optimizer`` (whose loss climbed) at the best window's LR from here on
+        (:class:`~lightning_gradguard.core.recover._lr_scaling.LRCeiling`): the schedule that raised it would
+        otherwise walk back past the cut within a few steps."""
         host, policy = self.host, self.policy
         snap, extra, self.lr_scale = stability_cut(
             self.start_state, self.store, finding, policy.rollbacks_left, host.model(),
@@ -578,10 +590,29 @@ class GuardEngine:
         self.outcome = GuardDecision.ROLLED_BACK if snap is not None else GuardDecision.LOWERED_LR
         self._after_state_change()
         kind = "rollback" if snap is not None else "lower_lr"
-        event = GuardEvent(step, kind, GuardCause.LR_TOO_HIGH.value, self.lr_scale, reason=finding.reason)
+        reason = finding.reason + self._hold_lr(finding, optimizer)
+        event = GuardEvent(step, kind, GuardCause.LR_TOO_HIGH.value, self.lr_scale, reason=reason)
         event.rule = finding.rule
         event.snapshot_step = snap.step if snap is not None else None
         self.record_event(event)
+
+    def _hold_lr(self, finding: StabilityFinding, optimizer: Any) -> str:
+        """After an acting climb corroborated by the LR's growth: the best window's LR becomes the ceiling of the
+        optimizer whose loss climbed; returns the note for the event ("" when none is set)."""
+        best = float(finding.evidence.get("best_lr", 0.0) or 0.0)
+        if finding.rule not in CLIMBING_RULES or not best > 0:
+            return ""
+        opts = self.host.optimizers()
+        raw = getattr(optimizer, "optimizer", optimizer)  # (a LightningOptimizer wraps the torch one)
+        index = next((i for i, opt in enumerate(opts) if opt is raw or opt is optimizer), -1)
+        if not 0 <= index < len(opts):
+            return ""
+        self.lr_ceiling.hold(index, opts[index], best, self.lr_scale)
+        self.lr_ceiling.apply(opts, self.lr_scale)
+        return (
+            f"; the LR is held at or below {best:.4g} (the best window's) while the schedule would raise it, until "
+            "the LR recovers"
+        )
 
     def halt(self, event: GuardEvent) -> None:
         o, host = self.options, self.host
@@ -848,6 +879,7 @@ class GuardEngine:
             "lr_scale": self.lr_scale,
             "warnings": self.warnings,
             "lr_recovery": [self.lr_recoveries, self._since_cut, self._recovery_steps, self._raised],
+            "lr_ceiling": self.lr_ceiling.state_dict(),
             "events": [dict(e) for e in self.events],
             "reason": self.outcome.value,
             "policy": self.policy.state_dict(),
@@ -867,6 +899,7 @@ class GuardEngine:
         self.lr_recoveries, self._since_cut = int(rec[0]), int(rec[1])
         self._recovery_steps = None if rec[2] is None else int(rec[2])
         self._raised = bool(rec[3])
+        self.lr_ceiling.load_state_dict(state.get("lr_ceiling"))
         self.events = [dict(e) for e in state.get("events", [])]
         self.policy.load_state_dict(state.get("policy") or state)
         values = {d.value for d in GuardDecision}
@@ -875,6 +908,10 @@ class GuardEngine:
         self.judge_.load_state_dict(state)
         self.bad_batches.load_state_dict(state.get("bad_batches") or {})
         self._resumed = True
+
+
+#: the stability rules whose action (a climb while the LR grew) also sets an LR ceiling
+CLIMBING_RULES = ("loss_climbing", "loss_above_best")
 
 
 def lr_of(optimizer: Any) -> float | None:

@@ -19,6 +19,7 @@ constants they keep under other names are unknown to this module (see :func:`is_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -155,3 +156,84 @@ def scale_lr(
     extra = tuple(extra_attrs)
     for sch in scheds:
         _scale_scheduler(sch, factor_f, extra, seen)
+
+
+class LRCeiling:
+    """The highest LR a schedule may reach after it was shown to be too high, per optimizer and param group.
+
+    A cut multiplies the schedule, but a schedule that keeps raising the LR (a warm-up that overshoots, an LR ramp)
+    walks back past a 0.5x cut within a few steps. When the loss climbed *because the LR grew* (the stability
+    controller's climbing rules act only then), the guard knows two LRs: the one of the best window, at which the
+    run trained well, and the newer one, at which it climbed. :meth:`hold` makes the better one a ceiling for the
+    optimizer whose loss climbed; :meth:`apply` clamps its param groups to it before each update, so the schedule
+    runs on below it and takes over again once it falls under it (a cosine decay after a warm-up).
+
+    The ceiling is kept at the guard's cumulative LR scale 1 (``unit`` values): every later cut lowers it with the
+    schedule and every LR recovery raises it, so a cut is never absorbed by the ceiling. Once the recoveries have
+    brought the scale back to 1, :meth:`release` drops it (the user's schedule is in force again). Host floats only;
+    a tensor LR is clamped in place (no device read).
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+        >>> ceiling = LRCeiling()
+        >>> ceiling.hold(0, opt, best_lr=0.1, lr_scale=0.5)
+        >>> opt.param_groups[0]["lr"] = 0.8  # the schedule raises the LR
+        >>> ceiling.apply([opt], lr_scale=0.5), opt.param_groups[0]["lr"]
+        (True, 0.1)
+        >>> ceiling.apply([opt], lr_scale=0.25), opt.param_groups[0]["lr"]  # a later cut lowers the ceiling too
+        (True, 0.05)
+    """
+
+    def __init__(self) -> None:
+        self.units: dict[int, list[float]] = {}  # optimizer index -> the ceiling of each param group at LR scale 1
+
+    def __bool__(self) -> bool:
+        return bool(self.units)
+
+    def hold(self, index: int, optimizer: Any, best_lr: float, lr_scale: float) -> None:
+        """Cap optimizer ``index`` (``optimizer``, its LRs as they are now) so that its largest LR is ``best_lr`` at
+        the current cumulative ``lr_scale``; its other groups keep their ratio to it. A lower existing ceiling stays."""
+        groups = getattr(optimizer, "param_groups", ())
+        lrs = [_host_lr(group.get("lr")) for group in groups]
+        top = max((lr for lr in lrs if lr is not None), default=None)
+        if top is None or not (top > 0 and best_lr > 0 and math.isfinite(best_lr) and lr_scale > 0):
+            return
+        ratio = best_lr / top
+        units = [(lr if lr is not None else top) * ratio / lr_scale for lr in lrs]
+        old = self.units.get(index)
+        if old is not None and len(old) == len(units):
+            units = [min(a, b) for a, b in zip(old, units)]
+        self.units[index] = units
+
+    def apply(self, optimizers: Sequence[Any], lr_scale: float) -> bool:
+        """Clamp every capped param group's LR to its ceiling at ``lr_scale``; returns whether any was above it."""
+        clamped = False
+        for index, units in self.units.items():
+            if index >= len(optimizers):
+                continue
+            for group, unit in zip(getattr(optimizers[index], "param_groups", ()), units):
+                cap, lr = unit * lr_scale, group.get("lr")
+                if isinstance(lr, torch.Tensor):
+                    lr.clamp_(max=cap)  # in place: a capturable optimizer keeps its tensor; no host read
+                elif isinstance(lr, (int, float)) and lr > cap:
+                    group["lr"] = cap
+                    clamped = True
+        return clamped
+
+    def release(self) -> None:
+        """Drop every ceiling (the LR scale is back at the user's schedule)."""
+        self.units = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"units": {str(k): list(v) for k, v in self.units.items()}}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        units = dict((state or {}).get("units") or {})
+        self.units = {int(k): [float(u) for u in v] for k, v in units.items()}
+
+
+def _host_lr(lr: Any) -> float | None:
+    if isinstance(lr, torch.Tensor):
+        return float(lr.item()) if lr.is_cpu else None
+    return float(lr) if isinstance(lr, (int, float)) else None
