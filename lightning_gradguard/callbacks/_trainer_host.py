@@ -105,12 +105,30 @@ class TrainerHost(GuardHost):
         return scaler if scaler is not None and scaler.is_enabled() else None
 
     def extra_state(self) -> dict[str, Any]:
+        """The precision plugin's state (a GradScaler's) and every gradguard clipper's learned statistics: a
+        rollback puts the clipping threshold back where it was at the snapshot (the statistics learned since then
+        describe the discarded trajectory: a blow-up's inflated norms would loosen the clipping after a restart)."""
+        extra: dict[str, Any] = {}
         state = self.precision.state_dict()
-        return {"precision": state} if state else {}
+        if state:
+            extra["precision"] = state
+        clippers = {cb.state_key: cb.snapshot_state() for cb in self._clippers()}
+        if clippers:
+            extra["clippers"] = clippers
+        return extra
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         if "precision" in extra:
             self.precision.load_state_dict(extra["precision"])
+        saved = extra.get("clippers") or {}
+        for cb in self._clippers():
+            if cb.state_key in saved:
+                cb.restore_snapshot_state(saved[cb.state_key])
+
+    def _clippers(self) -> list[Any]:
+        from lightning_gradguard.callbacks.adaptive_gradient_clipping import AdaptiveGradientClipping
+
+        return [cb for cb in self.trainer.callbacks if isinstance(cb, AdaptiveGradientClipping)]
 
     def reducer(self) -> StrategyReducer:
         return self._reducer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -229,6 +230,25 @@ class AdaptiveGradientClipping(Callback):
                     f"{_OWNER}(method={self.method!r}): the checkpoint holds {' and '.join(dropped)} for optimizer "
                     f"{idx} that this configuration cannot use; dropped, its statistics start afresh (with warm-up)."
                 )
+
+    def snapshot_state(self) -> dict[int, Any]:
+        """A copy of each optimizer's learned statistics, for a guard's rollback snapshot
+        (:meth:`restore_snapshot_state`); the counters of clipped steps are not part of it."""
+        for slot in self._slots.values():
+            slot.settle()  # the guard snapshots after its verdict on the step: the step is learned (or not) now
+        return {idx: copy.deepcopy(slot.clipper.state_dict()) for idx, slot in self._slots.items()}
+
+    def restore_snapshot_state(self, state: dict[int, Any]) -> None:
+        """A rollback: the statistics go back to what the snapshot held (an optimizer that had none then starts
+        afresh, with its warm-up: a restart from the untrained state); the step that triggered the rollback is not
+        learned. The counters of clipped steps keep counting."""
+        for idx, slot in self._slots.items():
+            slot.awaiting = None
+            saved = state.get(idx)
+            if saved is None:
+                slot.clipper = make_clipper(self.method, owner=_OWNER, **self._options)
+            else:
+                slot.clipper.load_state_dict(copy.deepcopy(saved))
 
     # ------------------------------------------------------------------ hooks
 

@@ -152,6 +152,21 @@ class ClipSlots:
             for s in self.slots
         ]
 
+    def snapshot_state(self) -> list[dict[str, Any] | None]:
+        """A copy of each clipper's learned statistics, for a rollback snapshot (:meth:`restore_snapshot_state`);
+        the counters of clipped steps are not part of it."""
+        self.commit()  # the guard snapshots after its verdict on the step: the step is learned (or not) now
+        return [copy.deepcopy(s.clipper.state_dict()) if s.clipper is not None else None for s in self.slots]
+
+    def restore_snapshot_state(self, saved: list[dict[str, Any] | None]) -> None:
+        """A rollback: each clipper's statistics go back to what the snapshot held (the statistics learned since
+        then describe the discarded trajectory); the step that triggered it is not learned. Counters keep
+        counting."""
+        for slot, state in zip(self.slots, saved):
+            slot.pending = False
+            if slot.clipper is not None and state is not None:
+                slot.clipper.load_state_dict(copy.deepcopy(state))
+
     def load_state_dict(self, saved: list[dict[str, Any]]) -> None:
         for slot, state in zip(self.slots, saved):
             slot.steps = int(state.get("steps", 0))

@@ -27,6 +27,7 @@ from lightning_gradguard.core.recover._replica_shards import ReplicaSharding
 from lightning_gradguard.core.recover._rerun import RerunResult, RngState, rerun_step
 from lightning_gradguard.overview import OverviewBudget, write_overview
 from lightning_gradguard.plain._announce import announce_line
+from lightning_gradguard.plain._clip_slots import ClipSlots
 from lightning_gradguard.plain._distributed import MaxReducer, replica_sharding
 
 _LOG = logging.getLogger("lightning_gradguard.plain")
@@ -101,6 +102,8 @@ class LoopHost(GuardHost):
     ) -> None:
         self._model = model
         self._inner = unwrap_model(model)
+        #: the loop's clippers (set by the guard once built): their statistics travel with the snapshots
+        self.clips: ClipSlots | None = None
         self._optimizers = optimizers
         self._schedulers = schedulers
         self._scaler = scaler
@@ -131,12 +134,21 @@ class LoopHost(GuardHost):
         return scaler if scaler is not None and scaler.is_enabled() else None
 
     def extra_state(self) -> dict[str, Any]:
+        """The GradScaler's state and the clippers' learned statistics (a rollback puts the clipping threshold back
+        where it was at the snapshot)."""
+        extra: dict[str, Any] = {}
         scaler = self.scaler()
-        return {"scaler": scaler.state_dict()} if scaler is not None else {}
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
+        if self.clips is not None:
+            extra["clippers"] = self.clips.snapshot_state()
+        return extra
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         if "scaler" in extra and self._scaler is not None:
             self._scaler.load_state_dict(extra["scaler"])
+        if "clippers" in extra and self.clips is not None:
+            self.clips.restore_snapshot_state(extra["clippers"])
 
     def reducer(self) -> MaxReducer:
         return self._reducer

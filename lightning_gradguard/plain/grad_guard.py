@@ -280,7 +280,7 @@ class GradGuard:
         self._lrs = LrWatch(self.optimizers, self.schedulers)
         self._lr_told = self._scheduler_told = False
         names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
-        self._clips = ClipSlots(self.optimizers, names, clipping, self.clipping_options, o)
+        self._clips = self._host.clips = ClipSlots(self.optimizers, names, clipping, self.clipping_options, o)
         #: the latest :class:`~lightning_gradguard.core.clip.ClipRecord` of each optimizer index.
         self.last: dict[int, ClipRecord] = self._clips.last
         #: optimizer steps attempted so far (the step axis of logs and events, like the Trainer's ``global_step``).

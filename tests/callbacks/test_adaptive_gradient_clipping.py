@@ -776,3 +776,62 @@ def test_dropped_steps_never_enter_the_statistics_and_are_logged_at_once(tmp_pat
     tb = scalars(tmp_path)
     assert set(tb["gradguard/clipped_steps"]) == {0, 7, 12}  # log step, the step after the drop, fit end
     assert tb["gradguard/clipped_steps"][7] == sum(r["clipped"] for r in rows[1:7])
+
+
+class _ClipperAtSnapshots(pl.Callback):
+    """After the guard's ``on_train_batch_end`` (listed after it): the clipper's statistics whenever the guard has
+    just taken a snapshot, by the snapshot's step; a NaN written into a weight at ``nan_at`` (only a rollback undoes
+    it); the statistics right after the rollback."""
+
+    def __init__(self, clipper: AdaptiveGradientClipping, guard: Any, nan_at: int) -> None:
+        self.clipper, self.guard, self.nan_at = clipper, guard, nan_at
+        self.at: dict[int, dict[str, Any]] = {}
+        self.after_rollback: dict[str, Any] | None = None
+
+    def _stats(self) -> dict[str, Any]:
+        import copy
+
+        return copy.deepcopy(self.clipper._slots[0].clipper.state_dict())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.nan_at:
+            with torch.no_grad():
+                next(pl_module.parameters())[0, 0] = math.nan
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        steps = {s.step for s in self.guard.engine.store.snapshots}
+        for step in steps - set(self.at):
+            self.at[step] = self._stats()
+        if self.guard.events and self.guard.events[-1]["kind"] == "rollback" and self.after_rollback is None:
+            self.after_rollback = self._stats()
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+def test_a_rollback_puts_the_clipping_statistics_back_to_the_snapshots(tmp_path):
+    """The statistics learned after the snapshot describe the discarded trajectory (inflated norms before a
+    blow-up would loosen the clipping after the rollback): they go back with the weights; the counters of clipped
+    steps keep counting."""
+    from lightning_gradguard import NaNGuard
+
+    clipper = AdaptiveGradientClipping("zscore", warmup_steps=3)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=10, snapshot_confirm_steps=0, rerun=False)
+    probe = _ClipperAtSnapshots(clipper, guard, nan_at=17)
+    model = TinyRegression(loss_scale_at={12: 30.0, 13: 30.0, 14: 30.0})  # learned by the clipper after 10
+    trainer = make_trainer(tmp_path, [clipper, guard, probe], max_steps=20)
+    trainer.fit(model, loader(n=256))
+    rollbacks = [e for e in guard.events if e["kind"] == "rollback"]
+    assert [e["step"] for e in rollbacks] == [17], guard.events
+    assert rollbacks[0]["snapshot_step"] == 10
+    assert probe.after_rollback is not None
+    assert _same_state(probe.after_rollback, probe.at[10])
+    assert not _same_state(probe.at[10], probe.at[0])  # (the statistics did move between the snapshots)
+    assert clipper._slots[0].steps == 20  # every step counted, the dropped one included

@@ -459,3 +459,42 @@ def test_value_clipping_refuses_complex_parameters_at_construction() -> None:
     with pytest.raises(ValueError, match=r"^GradGuard: method='value' cannot clip the complex parameter 'phase'"):
         GradGuard(model, opt, clipping="value")
     assert GradGuard(model, opt, clipping="norm").clipping == "norm"  # norms of complex gradients are fine
+
+
+def test_snapshots_follow_the_step_counter_through_skips_and_rollbacks():
+    """Snapshots come at the multiples of ``snapshot_every_n_steps`` (the first healthy step at or past each), not
+    N healthy steps after the last one: a resumed run then takes the snapshots the uninterrupted run took, and a
+    rollback after the resume restores the same state (tests/compat/test_resume_exact.py)."""
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched, snapshot_every_n_steps=10, snapshot_confirm_steps=0, rerun=False)
+    taken: set[int] = set()
+    for step in range(45):
+        if step == 33:  # a NaN written into a weight: only a rollback undoes it
+            with torch.no_grad():
+                model[0].weight[0, 0] = math.nan
+        _step(model, opt, sched, guard, step, nan=step == 19)
+        taken |= {s.step for s in guard.engine.store.snapshots}
+    kinds = [(e["step"], e["kind"]) for e in guard.events]
+    assert (19, "skip") in kinds, kinds
+    assert any(k == "rollback" for _, k in kinds), kinds
+    # 20 is due while step 19 was skipped: the first healthy step past it (21); after the rollback, 40 as scheduled
+    assert sorted(taken) == [0, 10, 21, 30, 40], (sorted(taken), kinds)
+
+
+def test_a_rollback_puts_the_clippers_statistics_back_to_the_snapshots():
+    model, opt, sched = _setup()
+    guard = GradGuard(
+        model, opt, sched, clipping="zscore", snapshot_every_n_steps=10, snapshot_confirm_steps=0, rerun=False
+    )
+    at_snapshot: dict[str, Any] | None = None
+    for step in range(18):
+        if step == 17:
+            with torch.no_grad():
+                model[0].weight[0, 0] = math.nan
+        _step(model, opt, sched, guard, step, scale=30.0 if 12 <= step <= 14 else 1.0)
+        if step == 9:  # the snapshot of step 10 was just taken
+            at_snapshot = copy.deepcopy(guard._clips.slots[0].clipper.state_dict())
+    assert [(e["step"], e["kind"], e.get("snapshot_step")) for e in guard.events] == [(17, "rollback", 10)]
+    assert at_snapshot is not None
+    assert _equal(guard._clips.slots[0].clipper.state_dict(), at_snapshot)
+    assert guard._clips.slots[0].steps == 18

@@ -163,7 +163,9 @@ class GuardEngine:
         self._lower: StabilityFinding | None = None
         self._lower_opt: Any = None  # the optimizer whose loss stream gave the finding
         self._overflow = False
-        self._since_snapshot = 0
+        # the step after which the next multiple of snapshot_every_n_steps is due (None: from the next healthy step):
+        # the schedule follows the step counter, so a resumed run takes the snapshots the uninterrupted one took
+        self._snap_after: int | None = None
         self._flagged = 0
         self._loss_max: float | None = None
         self._loss_before: tuple[int, float] | None = None  # the finite peak of the steps before a non-finite loss
@@ -376,9 +378,12 @@ class GuardEngine:
             if self._since_cut >= self._recovery_steps:
                 self._recover_lr(next_step - 1)
         if self.snapshot_source == "memory" and o.action != "halt":
-            self._since_snapshot += 1
-            if self._since_snapshot >= o.snapshot_every_n_steps:
-                self._since_snapshot = 0
+            after = self._snap_after
+            if after is None:
+                after = self._snap_after = next_step - 1
+            every = o.snapshot_every_n_steps
+            if next_step // every > after // every:  # a multiple of every crossed since the last snapshot
+                self._snap_after = next_step
                 self.take_snapshot(next_step)
 
     def take_snapshot(self, step: int, trusted: bool = False) -> None:
@@ -640,7 +645,7 @@ class GuardEngine:
             raise self.halt_error
 
     def _after_state_change(self) -> None:
-        self._since_snapshot = 0
+        self._snap_after = None
         self.judge_.after_state_change()
         self.host.state_changed()
 
