@@ -128,7 +128,7 @@ class TrainerHost(GuardHost):
     def _clippers(self) -> list[Any]:
         from lightning_gradguard.callbacks.adaptive_gradient_clipping import AdaptiveGradientClipping
 
-        return [cb for cb in self.trainer.callbacks if isinstance(cb, AdaptiveGradientClipping)]
+        return [cb for cb in getattr(self.trainer, "callbacks", []) if isinstance(cb, AdaptiveGradientClipping)]
 
     def reducer(self) -> StrategyReducer:
         return self._reducer
