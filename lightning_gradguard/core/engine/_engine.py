@@ -612,7 +612,8 @@ class GuardEngine:
         index = next((i for i, opt in enumerate(opts) if opt is raw or opt is optimizer), -1)
         if not 0 <= index < len(opts):
             return ""
-        self.lr_ceiling.hold(index, opts[index], best, self.lr_scale)
+        if not self.lr_ceiling.hold(index, opts[index], best, self.lr_scale):
+            return ""
         self.lr_ceiling.apply(opts, self.lr_scale)
         return (
             f"; the LR is held at or below {best:.4g} (the best window's) while the schedule would raise it, until "

@@ -178,6 +178,7 @@ class LRCeiling:
         >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
         >>> ceiling = LRCeiling()
         >>> ceiling.hold(0, opt, best_lr=0.1, lr_scale=0.5)
+        True
         >>> opt.param_groups[0]["lr"] = 0.8  # the schedule raises the LR
         >>> ceiling.apply([opt], lr_scale=0.5), opt.param_groups[0]["lr"]
         (True, 0.1)
@@ -191,20 +192,22 @@ class LRCeiling:
     def __bool__(self) -> bool:
         return bool(self.units)
 
-    def hold(self, index: int, optimizer: Any, best_lr: float, lr_scale: float) -> None:
+    def hold(self, index: int, optimizer: Any, best_lr: float, lr_scale: float) -> bool:
         """Cap optimizer ``index`` (``optimizer``, its LRs as they are now) so that its largest LR is ``best_lr`` at
-        the current cumulative ``lr_scale``; its other groups keep their ratio to it. A lower existing ceiling stays."""
+        the current cumulative ``lr_scale``; its other groups keep their ratio to it. A lower existing ceiling stays.
+        Returns whether a ceiling is set (False: no usable LR, e.g. a tensor LR on an accelerator, never read)."""
         groups = getattr(optimizer, "param_groups", ())
         lrs = [_host_lr(group.get("lr")) for group in groups]
         top = max((lr for lr in lrs if lr is not None), default=None)
         if top is None or not (top > 0 and best_lr > 0 and math.isfinite(best_lr) and lr_scale > 0):
-            return
+            return False
         ratio = best_lr / top
         units = [(lr if lr is not None else top) * ratio / lr_scale for lr in lrs]
         old = self.units.get(index)
         if old is not None and len(old) == len(units):
             units = [min(a, b) for a, b in zip(old, units)]
         self.units[index] = units
+        return True
 
     def apply(self, optimizers: Sequence[Any], lr_scale: float) -> bool:
         """Clamp every capped param group's LR to its ceiling at ``lr_scale``; returns whether any was above it."""

@@ -84,7 +84,7 @@ def test_a_tensor_lr_is_clamped_in_place_and_the_state_round_trips():
 def test_no_usable_best_lr_sets_no_ceiling(bad):
     opt = _opt(1.0)
     ceiling = LRCeiling()
-    ceiling.hold(0, opt, best_lr=bad, lr_scale=1.0)
+    assert not ceiling.hold(0, opt, best_lr=bad, lr_scale=1.0)
     assert not ceiling
 
 
