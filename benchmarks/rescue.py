@@ -256,7 +256,14 @@ def references(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             if r["scenario"] == name and r["setting"] == "stable" and r["method"] == NONE and r["survived"]
         ]
         vals = [v for v in vals if math.isfinite(v)]
+        train = [
+            r.get("train_loss", math.nan)
+            for r in results
+            if r["scenario"] == name and r["setting"] == "stable" and r["method"] == NONE and r["survived"]
+        ]
+        train = [v for v in train if math.isfinite(v)]
         refs[name] = {
+            "train_loss": statistics.mean(train) if train else float("nan"),
             "mean": statistics.mean(vals) if vals else float("nan"),
             "min": min(vals) if vals else float("nan"),
             "max": max(vals) if vals else float("nan"),
@@ -505,7 +512,8 @@ def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         if verdict["zero_events_on_stable"]["events"]:
             lines.append("\nEvents on stable runs: " + "; ".join(verdict["zero_events_on_stable"]["events"]))
         missed = [
-            f"{r['scenario']}/{r['setting']} seed {r['seed']}: {r['outcome']} {r['metric']:.4g}"
+            f"{r['scenario']}/{r['setting']} seed {r['seed']}: {r['outcome']} {r['metric']:.4g} (training loss "
+            f"{r.get('train_loss', math.nan):.4g}, reference {refs[r['scenario']]['train_loss']:.4g})"
             for r in results
             if r["method"] == DEFAULTS
             and r["setting"] in FAULTED
@@ -518,7 +526,11 @@ def report(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             )
         ]
         if missed:
-            lines.append("\nFaulted runs of default_callbacks() not within 5%: " + "; ".join(missed))
+            lines.append(
+                "\nFaulted runs of default_callbacks() not within 5% (with the median training loss of their last "
+                "tenth of steps, and the stable runs' mean of it: a run that trains as low as the reference and "
+                "validates worse is a generalisation gap, not a gradient fault): " + "; ".join(missed)
+            )
     line = _too_high_lr_line(results)
     if line:
         lines.append("\n" + line)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import statistics
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -383,6 +384,13 @@ class HealthCounter(pl.Callback):
         self.nonfinite_loss_steps = 0
         self.steps = 0
         self.last_loss = float("nan")
+        self.losses: list[float] = []  # every training loss (finite or not), in order
+
+    @property
+    def train_loss(self) -> float:
+        """The median finite training loss of the last tenth of the steps (at least 5): where training ended."""
+        tail = [x for x in self.losses[-max(5, len(self.losses) // 10) :] if math.isfinite(x)]
+        return statistics.median(tail) if tail else float("nan")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -396,6 +404,7 @@ class HealthCounter(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
             self.last_loss = float(loss.detach())
+            self.losses.append(self.last_loss)
             if not math.isfinite(self.last_loss):
                 self.nonfinite_loss_steps += 1
 
@@ -777,6 +786,7 @@ class RunResult:
     events: list[dict[str, Any]] = field(default_factory=list)  # what the gradguard callbacks reported (see below)
     validate: dict[str, float] = field(default_factory=dict)  # every figure trainer.validate returned
     cpu_s: float = 0.0  # CPU time of this process for fit + validation (steadier than wall time on a shared machine)
+    train_loss: float = float("nan")  # median training loss of the last tenth of the steps (HealthCounter.train_loss)
 
 
 def params_finite(module: nn.Module) -> bool:
@@ -913,4 +923,5 @@ def fit(
         events=guard_events(callbacks),
         validate=figures,
         cpu_s=time.process_time() - c0,
+        train_loss=counter.train_loss,
     )

@@ -1,19 +1,24 @@
-"""No silent death (issue 24): a network killed by an exploding initialisation gets an event saying so.
+"""No silent death (issue 24), and no false death: a network that died gets an event saying so; one resting on a
+plateau at chance before it learns gets none.
 
 A deep plain CNN (20 convolutions, no normalisation) whose He-initialised weights are scaled by 1.25 explodes at
-initialisation: its first loss is 15-100 where chance is 2.3. Unguarded, with SGD and momentum, its ReLUs die within
-~20 steps and it sits at chance for ever. ``NaNGuard`` alone has no clipper to prevent that, but it must say what
-happened: a ``dead_network`` warning within a few windows, with the numbers.
+initialisation: its first loss is 15-100 where chance is 2.3. Unguarded, with SGD and momentum, it sits at chance for
+ever. ``NaNGuard`` alone has no clipper to prevent that, but it must say what happened: a ``dead_network`` warning
+within a few windows, with the numbers. The same CNN at its plain He initialisation (seed 1) sits at chance just as
+flat for ~100 steps and then learns: it had no blow-up, and its gradients reach every layer, so it gets no event.
+An MLP whose ReLUs are all switched off after a few steps (no blow-up) is named dead by its vanished gradients.
 """
 
 from __future__ import annotations
+
+import math
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard import NaNGuard
+from lightning_gradguard import NaNGuard, default_callbacks
 from lightning_gradguard.examples.deep_cnn import DeepPlainCNN, DigitsDataModule
 
 
@@ -50,4 +55,74 @@ def test_a_network_killed_by_its_initialisation_is_reported_dead(tmp_path):
     assert event["step"] <= 120  # within a few windows of the death (~step 20)
     assert "the network looks dead" in event["reason"]
     assert "gradient norm collapsed" in event["reason"]
+    assert "a blow-up at step" in event["reason"]  # the exploding initialisation: the cause, with its numbers
     assert guard.lr_scale == 1.0  # a warning changes nothing
+
+
+class _Losses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.losses.append(float(outputs["loss"]))
+
+
+def _trainer(tmp_path, steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+
+
+@pytest.mark.slow
+def test_a_deep_network_resting_at_chance_before_it_learns_is_not_called_dead(tmp_path):
+    callbacks, seen = default_callbacks(), _Losses()
+    guard = next(c for c in callbacks if isinstance(c, NaNGuard))
+    model = exploding_cnn(seed=1, gain=1.0)  # plain He initialisation: no blow-up
+    _trainer(tmp_path, 110, [*callbacks, seen]).fit(model, datamodule=DigitsDataModule(batch_size=64, seed=1))
+    chance = math.log(10)
+    plateau = seen.losses[10:90]
+    # the case itself: flat at chance for 80 steps (what the old rule called dead at step 55)
+    assert max(abs(x - chance) for x in plateau) < 0.03 * chance, plateau
+    assert guard.events == []
+
+
+class _DigitsMLP(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        if self.global_step == 8:  # a fault that kills every hidden unit at once, without any blow-up
+            with torch.no_grad():
+                for m in self.net:
+                    if isinstance(m, nn.Linear):
+                        m.bias.fill_(-1e3)
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.net(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_units_killed_without_a_blow_up_are_named_dead_by_their_vanished_gradients(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    guard = NaNGuard()
+    _trainer(tmp_path, 150, [guard]).fit(_DigitsMLP(), datamodule=DigitsDataModule(batch_size=64, seed=0))
+    dead = [e for e in guard.events if e["cause"] == "dead_network"]
+    assert [e["kind"] for e in guard.events] == ["warn"], guard.events  # the warning and nothing else
+    reason = dead[0]["reason"]
+    # 5 of the 6 tensors: both hidden layers' weights and biases, and the head's weight (its inputs are all zero)
+    assert "the gradient vanished in 83% of the parameter tensors" in reason
+    assert "blow-up" not in reason
+    assert dead[0]["step"] <= 100
+    assert guard.lr_scale == 1.0

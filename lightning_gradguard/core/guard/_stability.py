@@ -13,7 +13,9 @@ that lags a norm growing as the model learns clips most steps. So each rule *act
 from an earlier state) only when independent signals agree, and otherwise *warns* (an event, no change to the run):
 
 1. ``norm_rising`` (warns): the newer window's median norm is above ``norm_growth`` x the older one's while the loss
-   is not improving; a new task or a loss weight that grows does that too.
+   is not improving and is not in the band near zero (above ``floor`` x the first loss); a new task or a loss weight
+   that grows does that too. Near zero a converged run's norm often grows while its loss barely moves (Adam on a
+   nearly fitted training set; "Why Gradients Rapidly Increase Near the End of Training", Defazio et al., 2025).
 2. ``loss_climbing``: the newer window's median loss is above the older one's by ``loss_growth - 1`` times the loss
    scale (``max(|median|, spread, floor x |first loss|)``: losses near zero or negative keep a scale);
 3. ``loss_above_best``: the same against the lowest window median seen (a slow climb over several windows). For both
@@ -31,10 +33,17 @@ from an earlier state) only when independent signals agree, and otherwise *warns
    (``stuck_margin``), not improving, while the median gradient norm collapsed ``collapse`` x below the first norm
    (units killed by the violent first updates: the model sits at chance). It **acts** (restart).
 6. ``dead_network`` (warns): the loss is flat (both windows' medians within their spread, the spread under
-   ``flat`` of the level) while the median gradient norm is ``dead_collapse`` x below the early gradient level (the
-   largest median of three consecutive norms in the run's first window), and the loss is not far below where the
-   run started (less than ``dead_collapse`` x): a network whose units died (its output no longer depends on the
-   input: a classifier at chance has the same loss on every batch). Never silent: a run that died says so.
+   ``flat`` of the level) and not far below where the run started (less than ``dead_collapse`` x), with the median
+   gradient norm below the early gradient level (the largest median of three consecutive norms in the run's first
+   window): the output no longer depends on the input (a classifier at chance has the same loss on every batch). A
+   deep network sitting on a plateau at chance before it learns shows those signs too, so the rule also needs a
+   confirmation or a cause. The confirmation: most of the model's gradient tensors vanished (the median over recent
+   steps of the share of tensors whose gradient norm is at most float32's epsilon x the step's largest one is at
+   least ``dead_share``: dead ReLUs pass exactly zero upstream). The cause: the run's highest loss came in its first
+   ``blowup_steps`` steps, ``blowup`` x above today's level (an exploding initialisation or a violent first update),
+   and the gradient norm collapsed ``dead_collapse`` x below the early level. The share is measured only while the
+   signs hold (:attr:`StabilityController.wants_vanished`), so a healthy run pays nothing for it. Never silent: a
+   run that died says so.
 7. ``sustained_clipping`` (warns): at least ``clip_fraction`` of the newer window's steps were clipped, its median
    loss is not below the older window's and above ``start_margin`` x the first loss.
 
@@ -99,6 +108,8 @@ class WindowPair:
             steps.
         early_norm: the early gradient level: the largest median of three consecutive norms in the run's first
             window (0.0 while unknown).
+        vanished: the median share of gradient tensors whose gradient vanished, over the steps measured since the
+            dead-network rule's other signs first held (NaN: not measured, or too few steps).
     """
 
     old_loss: float
@@ -121,6 +132,7 @@ class WindowPair:
     peak_step: int = 0
     sustained_peak: float = -math.inf
     early_norm: float = 0.0
+    vanished: float = math.nan
 
     @property
     def not_improving(self) -> bool:
@@ -214,8 +226,11 @@ class StabilityController:
         start_windows: the start rules (4 and 5) judge only the first this many windows of the run.
         confirm: judgements in a row an acting finding must be found at.
         blowup_steps: the start rules' blow-up must come in the run's first this many steps (the first updates).
+        flat, dead_collapse, dead_share: the dead-network rule (see the module docstring).
 
     Attributes:
+        wants_vanished: whether the next steps should come with the share of vanished gradient tensors (the
+            ``vanished`` argument of :meth:`update`): the dead-network rule's other signs held at the last judgement.
         interventions: the acting findings returned so far.
         warnings: the warnings returned so far.
         last_finding: the last acting finding returned (None: none yet).
@@ -260,6 +275,7 @@ class StabilityController:
         blowup_steps: int = 5,
         flat: float = 0.01,
         dead_collapse: float = 10.0,
+        dead_share: float = 0.5,
     ) -> None:
         self.window = int(window)
         self.clip_fraction = float(clip_fraction)
@@ -279,6 +295,7 @@ class StabilityController:
         self.blowup_steps = int(blowup_steps)
         self.flat = float(flat)
         self.dead_collapse = float(dead_collapse)
+        self.dead_share = float(dead_share)
         self.interventions = 0
         self.warnings = 0
         self.last_finding: StabilityFinding | None = None
@@ -306,6 +323,8 @@ class StabilityController:
     def reset(self) -> None:
         """Start over: two fresh windows before the next judgement (the start loss and best median are kept)."""
         self._rows: deque[tuple[float, float, bool, float]] = deque(maxlen=2 * self.window)
+        self._vanished: deque[float] = deque(maxlen=self.window)  # measured while wants_vanished
+        self.wants_vanished = False
         self._count = 0
         self._every = max(1, self.window // 5)
         self._pending, self._pending_count = None, 0
@@ -315,12 +334,17 @@ class StabilityController:
         """Healthy steps during which the start rules judge."""
         return self.start_windows * self.window
 
-    def update(self, loss: float, grad_norm: float, clipped: bool, lr: float | None = None) -> StabilityFinding | None:
-        """Add one healthy step (``lr``: the LR the step used, None when unknown); returns the finding that says why
-        the LR should come down (``act``) or may be too high (a warning), or None."""
+    def update(
+        self, loss: float, grad_norm: float, clipped: bool, lr: float | None = None, vanished: float | None = None
+    ) -> StabilityFinding | None:
+        """Add one healthy step (``lr``: the LR the step used, None when unknown; ``vanished``: the share of the
+        step's gradient tensors whose gradient vanished, given while :attr:`wants_vanished`); returns the finding that
+        says why the LR should come down (``act``) or may be too high (a warning), or None."""
         loss, grad_norm = float(loss), float(grad_norm)
         if not (_finite(loss) and _finite(grad_norm)):
             return None
+        if vanished is not None and self.wants_vanished and 0.0 <= vanished <= 1.0:
+            self._vanished.append(float(vanished))
         lr_v = float(lr) if lr is not None and _finite(float(lr)) else 0.0
         if self._start is None:
             self._start, self._start_norm = abs(loss), grad_norm
@@ -348,6 +372,9 @@ class StabilityController:
         if pair.new_loss < self._best:
             self._best, self._best_spread, self._best_lr = pair.new_loss, pair.new_spread, pair.new_lr
         finding = self.assess(pair)
+        self.wants_vanished = self._dead_signs(pair)
+        if not self.wants_vanished:
+            self._vanished.clear()
         if finding is None:
             self._pending, self._pending_count = None, 0
             return None
@@ -399,6 +426,7 @@ class StabilityController:
             peak_step=self._peak_step,
             sustained_peak=self._sustained,
             early_norm=self._early_norm,
+            vanished=_median(tuple(self._vanished)) if len(self._vanished) >= self._every else math.nan,
         )
 
     def assess(self, pair: WindowPair) -> StabilityFinding | None:
@@ -432,9 +460,11 @@ class StabilityController:
         return "; the learning rate did not grow (a harder task or a changing objective looks the same): warning only"
 
     def norm_rising(self, w: WindowPair) -> StabilityFinding | None:
-        """The median gradient norm grew ``norm_growth`` x between the windows while the loss did not improve (a
-        warning: a new task or a growing loss weight does the same)."""
-        if not (w.new_norm > self.norm_growth * w.old_norm and w.not_improving):
+        """The median gradient norm grew ``norm_growth`` x between the windows while the loss, above ``floor`` x the
+        first loss, did not improve (a warning: a new task or a growing loss weight does the same)."""
+        if not (
+            w.new_norm > self.norm_growth * w.old_norm and w.not_improving and w.new_loss > self.floor * w.start_loss
+        ):
             return None
         return StabilityFinding(
             "norm_rising",
@@ -546,35 +576,58 @@ class StabilityController:
             target="start",
         )
 
-    def dead_network(self, w: WindowPair) -> StabilityFinding | None:
-        """A flat loss, a gradient norm collapsed far below the run's first window's, and a loss not far below the
-        start: the network's units died (a warning, with the numbers)."""
+    def _dead_signs(self, w: WindowPair) -> bool:
+        """The signs every dead network shows: a flat loss not far below the start, and a gradient norm below the
+        early level. While they hold, the controller asks for the share of vanished gradients."""
         level = max(abs(w.old_loss), abs(w.new_loss))
         spread = max(w.old_spread, w.new_spread)
-        if not (
-            w.early_norm > 0
+        return (
+            0 < w.new_norm < w.early_norm
             and level > 0
             and abs(w.new_loss - w.old_loss) <= spread
             and spread <= self.flat * level
-            and w.new_norm * self.dead_collapse < w.early_norm
             and w.new_loss * self.dead_collapse > w.start_loss
-        ):
+        )
+
+    def _blown_at_start(self, w: WindowPair) -> bool:
+        """The run's highest loss came in its first ``blowup_steps`` steps (its initialisation or first updates) and
+        was ``blowup`` x above the level the loss sits at now."""
+        return w.peak_step <= self.blowup_steps and w.peak > self.blowup * max(abs(w.old_loss), abs(w.new_loss))
+
+    def dead_network(self, w: WindowPair) -> StabilityFinding | None:
+        """The dead-network signs (:meth:`_dead_signs`) and a confirmation or a cause: most gradient tensors vanished
+        (dead units), or the loss blew up in the first steps (what kills units) and the gradient norm collapsed
+        ``dead_collapse`` x below its early level. A warning, with the numbers."""
+        vanished = w.vanished >= self.dead_share
+        blown = self._blown_at_start(w) and w.new_norm * self.dead_collapse < w.early_norm
+        if not ((vanished or blown) and self._dead_signs(w)):
             return None
+        level = max(abs(w.old_loss), abs(w.new_loss))
+        spread = max(w.old_spread, w.new_spread)
+        evidence = {
+            "old_loss": w.old_loss,
+            "new_loss": w.new_loss,
+            "spread": spread,
+            "early_norm": w.early_norm,
+            "new_norm": w.new_norm,
+            "start_loss": w.start_loss,
+            "peak": w.peak,
+            "peak_step": w.peak_step,
+        }
+        signs = []
+        if blown:
+            signs.append(f"a blow-up at step {w.peak_step} (loss {_g(w.peak)}, {w.peak / level:.3g}x today's level)")
+        if _finite(w.vanished):
+            evidence["vanished_share"] = w.vanished
+            signs.append(f"the gradient vanished in {w.vanished:.0%} of the parameter tensors")
         return StabilityFinding(
             "dead_network",
-            {
-                "old_loss": w.old_loss,
-                "new_loss": w.new_loss,
-                "spread": spread,
-                "early_norm": w.early_norm,
-                "new_norm": w.new_norm,
-                "start_loss": w.start_loss,
-            },
+            evidence,
             f"the network looks dead: the loss is flat at {_g(w.new_loss)} (batch-to-batch spread {_g(spread)}, "
-            f"{spread / level:.2%} of it: the output no longer depends on the input) and the gradient norm collapsed "
-            f"{w.early_norm / max(w.new_norm, 1e-300):.3g}x (early level {_g(w.early_norm)}, "
-            f"{_g(w.new_norm)} now); a too-high LR or a bad initialisation in the first steps can kill units "
-            "(warning only)",
+            f"{spread / level:.2%} of it: the output no longer depends on the input), the gradient norm collapsed "
+            f"{w.early_norm / max(w.new_norm, 1e-300):.3g}x (early level {_g(w.early_norm)}, {_g(w.new_norm)} now); "
+            + "; ".join(signs)
+            + "; a too-high LR or a bad initialisation in the first steps can kill units (warning only)",
             act=False,
         )
 
@@ -620,6 +673,8 @@ class StabilityController:
             "streak": self._streak,
             "pending": [self._pending, self._pending_count],
             "warned": dict(self._warned),
+            "vanished": list(self._vanished),
+            "wants_vanished": self.wants_vanished,
             # the last cut, under the keys older versions wrote and read (informational: no rule reads them)
             "lr_power": last.lr_power if last is not None else 1,
             "worse_than_start": last is not None and last.worse_than_start,
@@ -656,5 +711,7 @@ class StabilityController:
         pending = list(state.get("pending", [None, 0])) + [None, 0]
         self._pending, self._pending_count = pending[0], int(pending[1] or 0)
         self._warned = {str(k): int(v) for k, v in dict(state.get("warned") or {}).items()}
+        self._vanished.extend(float(v) for v in state.get("vanished", []))
+        self.wants_vanished = bool(state.get("wants_vanished", False))
         finding = state.get("last_finding")
         self.last_finding = StabilityFinding.from_dict(finding) if finding else None

@@ -36,7 +36,7 @@ from lightning_gradguard.core.guard._divergence import DivergenceDetector
 from lightning_gradguard.core.guard._loss_spike import LossSpikeDetector
 from lightning_gradguard.core.guard._policy import StepHealth
 from lightning_gradguard.core.guard._stability import StabilityController, StabilityFinding
-from lightning_gradguard.core.measure._grad_stats import GradStats
+from lightning_gradguard.core.measure._grad_stats import GradStats, vanished_share
 from lightning_gradguard.core.measure._host_read import read_scalars
 from lightning_gradguard.core.measure._spike_score import SpikeScore
 
@@ -185,7 +185,8 @@ class LossStream:
         self.detector = DivergenceDetector()
         self.controller = StabilityController()
         self.spikes = SpikeScore()  # the run's health number (logged, never acted on)
-        self.last: tuple[float, float, float | None] | None = None
+        #: the step's loss, norm, LR and share of vanished gradient tensors (None: not measured)
+        self.last: tuple[float, float, float | None, float | None] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -204,7 +205,8 @@ class LossStream:
             self.last = None
         else:
             lr = float(row[2]) if len(row) > 2 and row[2] is not None else None
-            self.last = (float(row[0]), float(row[1]), lr)
+            vanished = float(row[3]) if len(row) > 3 and row[3] is not None else None
+            self.last = (float(row[0]), float(row[1]), lr, vanished)
 
 
 class StepJudge:
@@ -474,8 +476,13 @@ class StepJudge:
         last = streamed.last
         if self.stability and healthy and last is not None:
             clipped = max(glob.clip_flags, default=0.0) > 0  # flags: 0 or 1
-            finding = streamed.controller.update(last[0], last[1], clipped, last[2])
-        streamed.last = (glob.loss, glob.norm, lr) if healthy and has_loss else None
+            finding = streamed.controller.update(last[0], last[1], clipped, last[2], last[3])
+        if healthy and has_loss:
+            # the share of vanished gradients only while the dead-network rule examines the run (one small read)
+            vanished = vanished_share(live) if self.stability and streamed.controller.wants_vanished else None
+            streamed.last = (glob.loss, glob.norm, lr, vanished)
+        else:
+            streamed.last = None
         verdict = Verdict(None, overflow, finding, loss_v if has_loss else None, norm, live)
         if health is not None and cause is not None:
             # without the detector nothing says the run was stable before the fault: assume it was not

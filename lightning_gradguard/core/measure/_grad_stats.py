@@ -414,6 +414,35 @@ class GradStats:
         return f"GradStats(params={len(self.names)}, norm_type={self.norm_type}, total_norm={self.total_norm64})"
 
 
+#: a gradient at most this fraction of the step's largest tensor gradient counts as vanished (float32's epsilon: it
+#: is below the rounding of the largest one; a dead ReLU passes exactly zero upstream)
+VANISHED_RELATIVE = float(torch.finfo(torch.float32).eps)
+
+
+def vanished_share(stats: Sequence[GradStats]) -> float | None:
+    """The share of the gradient tensors (over every optimizer's ``stats``) whose norm is at most
+    :data:`VANISHED_RELATIVE` x the largest one's: 1.0 when every gradient is zero; None when there are none or a
+    norm is not finite. Reads one small vector to the host (used only while a dead-looking run is examined).
+
+    Example:
+        >>> import torch
+        >>> w = [torch.zeros(n, requires_grad=True) for n in (3, 2, 1)]
+        >>> for p, g in zip(w, ([0.0, 0.0, 0.0], [3.0, 4.0], [1e-9])):
+        ...     p.grad = torch.tensor(g)
+        >>> vanished_share([compute_grad_stats(w)])
+        0.6666666666666666
+    """
+    vectors = [s.param_norms64 for s in stats if s.grads]
+    if not vectors:
+        return None
+    norms = (torch.cat(vectors) if len(vectors) > 1 else vectors[0]).detach()
+    values = norms.cpu().tolist()
+    top = max(values)
+    if not all(math.isfinite(v) for v in values):
+        return None
+    return sum(1 for v in values if v <= VANISHED_RELATIVE * top) / len(values)
+
+
 def compute_grad_stats(
     params: Sequence[Tensor],
     names: Sequence[str] | None = None,

@@ -77,6 +77,7 @@ CASES = {
             early_norm=237.0,
             new_norm=0.07,
             best=math.inf,
+            vanished=41 / 42,  # every gradient but the output bias's is exactly zero
         ),
         "in_place",
         1,
@@ -239,3 +240,92 @@ def test_finding_round_trips_as_plain_data_and_names_its_rule_in_the_event():
     event = GuardEvent(7, "lower_lr", "lr_too_high", 0.5, reason=finding.reason, rule=finding.rule)
     assert event.to_dict()["rule"] == "norm_rising"
     assert "rule" not in GuardEvent(7, "skip", "nonfinite_loss", 1.0).to_dict()  # other events are unchanged
+
+
+# ---------------------------------------------------------------- dead network: a plateau is not a death
+#: a deep plain CNN (He init, no blow-up: first loss 2.58) sitting at chance before it learns: flat at 2.30, the
+#: global norm ~10x below its early level, gradients reaching every layer (the rescue grid's stable init_cnn, seed 1)
+PLATEAU = _pair(
+    start_loss=2.58,
+    start_norm=7.6,
+    old_loss=2.3021,
+    new_loss=2.3026,
+    old_spread=0.003,
+    new_spread=0.002,
+    early_norm=1.1,
+    new_norm=0.1,
+    best=math.inf,
+    peak=2.58,
+    peak_step=1,
+)
+
+
+def test_a_plateau_at_chance_with_gradients_everywhere_is_not_called_dead():
+    ctl = StabilityController()
+    assert ctl._dead_signs(PLATEAU)  # the flat loss and the collapsed norm alone would say dead
+    assert ctl.dead_network(PLATEAU) is None  # not measured yet: no confirmation, no blow-up
+    assert ctl.dead_network(dataclasses.replace(PLATEAU, vanished=0.0)) is None  # every layer still gets gradient
+    assert ctl.assess(dataclasses.replace(PLATEAU, vanished=0.0)) is None
+
+
+def test_dead_network_needs_vanished_gradients_or_a_blow_up_at_the_start_and_says_which():
+    ctl = StabilityController()
+    dead = ctl.dead_network(dataclasses.replace(PLATEAU, vanished=41 / 42))
+    assert dead is not None
+    assert not dead.act
+    assert "the gradient vanished in 98% of the parameter tensors" in dead.reason
+    assert dead.evidence["vanished_share"] == pytest.approx(41 / 42)
+    # an exploding initialisation: the first loss 17.7 is 7.7x the level the run is stuck at
+    blown = ctl.dead_network(dataclasses.replace(PLATEAU, start_loss=17.7, peak=17.7, peak_step=1))
+    assert blown is not None
+    assert "a blow-up at step 1 (loss 17.7, 7.69x today's level)" in blown.reason
+    assert "vanished_share" not in blown.evidence  # not measured: not claimed
+    # the blow-up must come in the first steps: a late spike did not kill units at the start
+    late = dataclasses.replace(PLATEAU, start_loss=17.7, peak=17.7, peak_step=ctl.blowup_steps + 1)
+    assert ctl.dead_network(late) is None
+    assert StabilityController(dead_share=0.99).dead_network(dataclasses.replace(PLATEAU, vanished=0.9)) is None
+
+
+def _flat_run(ctl, steps, vanished, first=(2.58, 8.0), norm=0.05):
+    """Feed a run that starts at ``first`` (loss, norm), then sits flat at chance with a collapsed norm; the share
+    of vanished gradients is given only while the controller asks for it. Returns the findings."""
+    found = []
+    for i in range(steps):
+        loss, g = first if i == 0 else (2.3026 + 0.001 * ((i * 7919) % 5 - 2), norm if i > 3 else 2.0)
+        f = ctl.update(loss, g, clipped=False, lr=0.01, vanished=vanished if ctl.wants_vanished else None)
+        found.append(f)
+    return [f for f in found if f is not None]
+
+
+def test_the_controller_asks_for_the_vanished_share_only_while_the_run_looks_dead():
+    ctl = StabilityController(window=10)
+    assert not ctl.wants_vanished
+    assert _flat_run(ctl, 22, vanished=0.0) == []
+    assert ctl.wants_vanished  # the judgement at step 22 saw the dead signs: measure from now on
+    quiet = StabilityController(window=10)
+    assert _flat_run(quiet, 120, vanished=0.0) == []  # a plateau whose gradients reach every layer: silent
+    dead = StabilityController(window=10)
+    findings = _flat_run(dead, 120, vanished=0.95)
+    assert [f.rule for f in findings][:1] == ["dead_network"]
+    assert findings[0].evidence["vanished_share"] == pytest.approx(0.95)
+    # the measured shares ride in the checkpoint
+    copy = StabilityController(window=10)
+    copy.load_state_dict(dead.state_dict())
+    assert copy.state_dict() == dead.state_dict()
+    assert copy.wants_vanished
+
+
+def test_a_healthy_improving_run_is_never_asked_for_the_vanished_share():
+    ctl = StabilityController(window=10)
+    for i in range(200):
+        ctl.update(2.3 * 0.99**i, 1.0, clipped=False, lr=0.01)
+        assert not ctl.wants_vanished
+
+
+def test_norm_rising_stays_quiet_near_zero_where_converged_runs_grow_their_norm():
+    # Adam on a nearly fitted training set (the rescue grid's stable init_cnn_adam, seed 0, step 445): the loss
+    # moves between 0.005 and 0.04 (the untrained loss was 2.3) while the median norm grows 12x
+    converged = _pair(start_loss=2.3, old_loss=0.005, new_loss=0.04, old_norm=0.25, new_norm=2.97, best=0.005)
+    ctl = StabilityController()
+    assert ctl.norm_rising(converged) is None
+    assert ctl.norm_rising(dataclasses.replace(converged, old_loss=0.5, new_loss=0.6)) is not None  # above the band

@@ -14,6 +14,7 @@ from lightning_gradguard.core.measure._grad_stats import (
     float32_value,
     layer_name_of,
     norms_of,
+    vanished_share,
 )
 from lightning_gradguard.core.measure._step_cache import StepStatsCache
 
@@ -411,3 +412,26 @@ def test_total_norm_host_is_the_float32_total(scale):
     assert repr(s.total_norm64_host) == repr(s.total_norm64.item())
     bad = compute_grad_stats([_param([1.0, math.nan])])
     assert math.isnan(bad.total_norm_host)
+
+
+# ---------------------------------------------------------------- vanished_share (the dead-network rule's confirmation)
+def _stats_of(grads):
+    params = [torch.zeros(len(g), requires_grad=True) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = torch.tensor(g, dtype=torch.float32)
+    return compute_grad_stats(params)
+
+
+def test_vanished_share_counts_tensors_at_or_below_epsilon_times_the_largest():
+    eps = float(torch.finfo(torch.float32).eps)
+    grads = [[0.0, 0.0], [3.0, 4.0], [5.0 * eps * 0.5], [5.0 * eps * 4.0], [1e-3]]  # largest tensor norm: 5
+    # by hand: the zero tensor and the one at half of eps x 5 vanished; 4 x eps x 5 and 1e-3 did not
+    assert vanished_share([_stats_of(grads)]) == pytest.approx(2 / 5)
+
+
+def test_vanished_share_pools_optimizers_and_handles_all_zero_and_non_finite():
+    a, b = _stats_of([[0.0], [0.0, 0.0]]), _stats_of([[2.0], [0.0]])
+    assert vanished_share([a]) == 1.0  # every gradient exactly zero: all vanished
+    assert vanished_share([a, b]) == pytest.approx(3 / 4)
+    assert vanished_share([_stats_of([[1.0], [float("nan")]])]) is None
+    assert vanished_share([]) is None
