@@ -498,3 +498,28 @@ def test_a_rollback_puts_the_clippers_statistics_back_to_the_snapshots():
     assert at_snapshot is not None
     assert _equal(guard._clips.slots[0].clipper.state_dict(), at_snapshot)
     assert guard._clips.slots[0].steps == 18
+
+
+def test_units_killed_in_a_plain_loop_are_named_dead_by_their_vanished_gradients():
+    # the Lightning test's case (tests/callbacks/test_silent_death.py) through the plain host: every hidden ReLU
+    # switched off at step 8, no blow-up; the loss sits at the class prior, 5 of 6 gradient tensors are exactly zero
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    guard = GradGuard(net, opt, announce=False)
+    g = torch.Generator().manual_seed(0)
+    for step in range(150):
+        if step == 8:
+            with torch.no_grad():
+                net[0].bias.fill_(-1e3)
+                net[2].bias.fill_(-1e3)
+        x = torch.randn(64, 8, generator=g)
+        loss = nn.functional.cross_entropy(net(x), x[:, :4].argmax(1))
+        loss.backward()
+        if guard.before_step(loss):
+            opt.step()
+        guard.after_step()
+        opt.zero_grad()
+    assert [(e["kind"], e["cause"]) for e in guard.events] == [("warn", "dead_network")], guard.events
+    assert "the gradient vanished in 83% of the parameter tensors" in guard.events[0]["reason"]
+    assert guard.lr_scale == 1.0
