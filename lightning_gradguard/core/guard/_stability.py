@@ -14,8 +14,10 @@ from an earlier state) only when independent signals agree, and otherwise *warns
 
 1. ``norm_rising`` (warns): the newer window's median norm is above ``norm_growth`` x the older one's while the loss
    is not improving and is not in the band near zero (above ``floor`` x the first loss); a new task or a loss weight
-   that grows does that too. Near zero a converged run's norm often grows while its loss barely moves (Adam on a
-   nearly fitted training set; "Why Gradients Rapidly Increase Near the End of Training", Defazio et al., 2025).
+   that grows does that too. An older window whose median norm is zero (a masked start) is no reference. Near zero a
+   converged run's norm often grows while its loss barely moves (Adam on a nearly fitted training set; a late rise
+   of the gradient norm in healthy runs is also documented for weight decay with normalisation layers: Defazio,
+   "Why Gradients Rapidly Increase Near the End of Training", arXiv 2506.02285, 2025).
 2. ``loss_climbing``: the newer window's median loss is above the older one's by ``loss_growth - 1`` times the loss
    scale (``max(|median|, spread, floor x |first loss|)``: losses near zero or negative keep a scale);
 3. ``loss_above_best``: the same against the lowest window median seen (a slow climb over several windows). For both
@@ -27,7 +29,8 @@ from an earlier state) only when independent signals agree, and otherwise *warns
    only after a sustained blow-up in the first updates (steps 1 to ``blowup_steps``): three consecutive losses whose
    median was
    ``blowup_sustained`` x above the first loss, the newer window's median and its batch-to-batch spread (a
-   too-high LR wrecked the model in its first updates); else it warns.
+   too-high LR wrecked the model in its first updates); else it warns, and only when both medians clear the first
+   loss by more than their window's batch-to-batch spread (the first loss is one batch, uncertain by about that).
 5. ``killed_at_start``: during the first ``start_windows`` windows, after a blow-up in the first updates (a loss above
    ``blowup`` x the first and above ``blowup`` x the newer window's median) the loss sits at the untrained level
    (``stuck_margin``), not improving, while the median gradient norm collapsed ``collapse`` x below the first norm
@@ -463,7 +466,10 @@ class StabilityController:
         """The median gradient norm grew ``norm_growth`` x between the windows while the loss, above ``floor`` x the
         first loss, did not improve (a warning: a new task or a growing loss weight does the same)."""
         if not (
-            w.new_norm > self.norm_growth * w.old_norm and w.not_improving and w.new_loss > self.floor * w.start_loss
+            w.old_norm > 0  # a window of zero gradients (a masked start) is no reference
+            and w.new_norm > self.norm_growth * w.old_norm
+            and w.not_improving
+            and w.new_loss > self.floor * w.start_loss
         ):
             return None
         return StabilityFinding(
@@ -522,6 +528,11 @@ class StabilityController:
         # far above the first loss, where the run now sits and the batch-to-batch noise (batch size 1: one sample's
         # loss is no level)
         blown = w.sustained_peak > self.blowup_sustained * max(start, w.new_loss, w.new_spread)
+        # without a blow-up it can only warn, and only when both windows clear the first loss by more than their
+        # batch-to-batch spread: the first loss is one batch, uncertain by about that much (fine-tuning from an easy
+        # first batch, batch size 1)
+        if not blown and not (w.old_loss > start + w.old_spread and w.new_loss > start + w.new_spread):
+            return None
         evidence = {
             "start_loss": start,
             "old_loss": w.old_loss,

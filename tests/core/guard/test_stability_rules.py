@@ -329,3 +329,9 @@ def test_norm_rising_stays_quiet_near_zero_where_converged_runs_grow_their_norm(
     ctl = StabilityController()
     assert ctl.norm_rising(converged) is None
     assert ctl.norm_rising(dataclasses.replace(converged, old_loss=0.5, new_loss=0.6)) is not None  # above the band
+
+
+def test_norm_rising_needs_an_older_window_with_gradients():
+    # the zoo's masked start: the first 15 of the older window's 25 steps had zero gradients (median norm 0)
+    masked = _pair(old_norm=0.0, new_norm=3.0, old_loss=1.0, new_loss=1.0)
+    assert StabilityController().norm_rising(masked) is None
