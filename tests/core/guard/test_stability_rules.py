@@ -335,3 +335,17 @@ def test_norm_rising_needs_an_older_window_with_gradients():
     # the zoo's masked start: the first 15 of the older window's 25 steps had zero gradients (median norm 0)
     masked = _pair(old_norm=0.0, new_norm=3.0, old_loss=1.0, new_loss=1.0)
     assert StabilityController().norm_rising(masked) is None
+
+
+def test_worse_than_untrained_warns_only_beyond_the_first_batchs_uncertainty():
+    # batch size 1 or a noisy fine-tuning: the windows sit above the (easy) first batch by less than their spread
+    ctl = StabilityController()
+    noisy = _pair(start_loss=1.0, old_loss=1.3, new_loss=1.25, old_spread=0.5, new_spread=0.4, best=math.inf)
+    assert ctl.worse_than_untrained(noisy) is None
+    clear = dataclasses.replace(noisy, old_spread=0.1, new_spread=0.1)  # the same medians, a steady level
+    finding = ctl.worse_than_untrained(clear)
+    assert finding is not None
+    assert not finding.act
+    # after a sustained blow-up the spread is no excuse: the rule acts (restart from the untrained state)
+    blown = dataclasses.replace(noisy, sustained_peak=80.0)
+    assert ctl.worse_than_untrained(blown).act
