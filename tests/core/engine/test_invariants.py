@@ -57,14 +57,21 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 
 @FAST
-@given(losses=stream(), norms=stream(), lrs=stream(), clips=st.lists(st.booleans(), max_size=300))
-def test_detectors_never_raise_and_their_state_round_trips(losses, norms, lrs, clips):
+@given(
+    losses=stream(),
+    norms=stream(),
+    lrs=stream(),
+    clips=st.lists(st.booleans(), max_size=300),
+    shares=stream(),  # the share of vanished gradients, given while asked for: any float, in [0, 1] or not
+)
+def test_detectors_never_raise_and_their_state_round_trips(losses, norms, lrs, clips, shares):
     det, ctl = DivergenceDetector(), StabilityController(window=5)
     for i, (loss, norm) in enumerate(zip(losses, norms)):
         flags = det.update(loss, norm)
         assert all(isinstance(f, bool) for f in flags)
         lr = lrs[i % len(lrs)]
-        ctl.update(loss, norm, clipped=bool(clips[i % len(clips)]) if clips else False, lr=lr)
+        share = shares[i % len(shares)] if ctl.wants_vanished else None
+        ctl.update(loss, norm, clipped=bool(clips[i % len(clips)]) if clips else False, lr=lr, vanished=share)
     det2, ctl2 = DivergenceDetector(), StabilityController(window=5)
     det2.load_state_dict(det.state_dict())
     ctl2.load_state_dict(ctl.state_dict())

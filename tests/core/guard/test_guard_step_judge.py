@@ -158,3 +158,37 @@ def test_host_values_and_tensor_path_judge_every_step_alike(spike, loss_kind):
     assert repr(runs[0]) == repr(runs[1])  # repr: NaN compares unequal to itself
     assert any(r[0] is not None for r in runs[0][0])
     assert loss_kind == "none" or any(r[2] is not None for r in runs[0][0])  # an LR cut happened
+
+
+def _two_tensor_stats(dead: bool):
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.zeros(3) if dead else torch.full((3,), 0.01)
+    b.grad = torch.tensor([0.3, 0.4])
+    return compute_grad_stats([a, b])
+
+
+def test_the_vanished_share_is_measured_only_while_the_controller_asks_and_rides_in_the_pending_row():
+    judge = _judge()
+    ctl = judge.streams[0].controller
+    steps = 0
+
+    def feed(n: int, dead: bool, loss: float) -> None:
+        nonlocal steps
+        for _ in range(n):
+            judge.judge(steps, [_two_tensor_stats(dead)], torch.tensor(loss), None)
+            steps += 1
+
+    feed(30, dead=False, loss=2.0)
+    assert judge.streams[0].last[3] is None  # a healthy, improving run: never measured
+    ctl.wants_vanished = True  # as after a judgement that saw the dead-network signs
+    feed(1, dead=True, loss=2.0)
+    assert judge.streams[0].last[3] == pytest.approx(1 / 2)  # one of the two tensors' gradients vanished
+    copy = _judge()
+    copy.load_state_dict(judge.state_dict())
+    assert copy.streams[0].last == judge.streams[0].last
+    # a checkpoint of an older version: three values in the pending row
+    old = judge.state_dict()
+    old["pending_row"] = old["pending_row"][:3]
+    legacy = _judge()
+    legacy.load_state_dict(old)
+    assert legacy.streams[0].last[3] is None
