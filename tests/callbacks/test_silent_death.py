@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_gradguard import NaNGuard, default_callbacks
 from lightning_gradguard.examples.deep_cnn import DeepPlainCNN, DigitsDataModule
+from tests.models import make_trainer
 
 
 def exploding_cnn(seed: int, gain: float = 1.25) -> DeepPlainCNN:
@@ -68,18 +69,7 @@ class _Losses(pl.Callback):
 
 
 def _trainer(tmp_path, steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-    )
+    return make_trainer(tmp_path, callbacks, max_steps=steps, logger=False, limit_val_batches=0)
 
 
 @pytest.mark.slow
