@@ -258,9 +258,12 @@ def test_skip_escalates_a_weight_corrupted_before_the_forward_at_once(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_model_a_little_worse_than_untrained_without_a_blow_up_is_warned_about_not_restarted(tmp_path):
-    # issue 18: a char-level LSTM at 10x its stable SGD LR from the first step never gets below the untrained loss;
-    # clipping keeps it finite, nothing is non-finite: only a restart at a lower LR rescues it
+def test_a_model_a_little_worse_than_untrained_without_a_blow_up_is_never_restarted(tmp_path):
+    # issue 18: a char-level LSTM at 10x its stable SGD LR from the first step never gets far below the untrained
+    # loss; clipping keeps it finite, nothing is non-finite. No sustained blow-up: the losses sit a little above the
+    # untrained model's first batch (within about the batch-to-batch spread), at a constant LR. That is weak evidence
+    # (fine-tuning from a lucky first batch looks the same): the guard may warn (when the windows clear the first
+    # loss by more than their spread, which depends on the CPU kernel path of this chaotic run) and never acts
     import sys
     from pathlib import Path
 
@@ -273,15 +276,6 @@ def test_a_model_a_little_worse_than_untrained_without_a_blow_up_is_warned_about
     guarded = scenarios.fit("char_lstm", str(tmp_path / "g"), list(default_callbacks()), **kw)
     plain = scenarios.fit("char_lstm", str(tmp_path / "p"), [], **kw)
     events = [e for e in guarded.events if e.get("callback") == "NaNGuard"]
-    if not events:  # the premise is a chaotic trajectory: on some CPU kernel paths the run dips below untrained
-        pytest.skip(
-            "on this CPU kernel path the 10x-LR char-LSTM (seed 1) did not stay worse than untrained for two windows; "
-            "the restart itself is checked on a deterministic stream by "
-            "tests/plain/test_same_decisions.py::test_both_guards_restart_a_model_worse_than_untrained_alike"
-        )
-    # no sustained blow-up: the losses sit a little above the untrained model's first batch, at a constant LR. That
-    # is weak evidence (fine-tuning from a lucky first batch looks the same), so the guard warns and changes nothing
     assert all(e["kind"] == "warn" for e in events), events
-    assert any("above the untrained model's" in e["reason"] or "climb" in e["reason"] for e in events)
     assert all("warning only" in e["reason"] for e in events)
     assert guarded.steps_done == plain.steps_done

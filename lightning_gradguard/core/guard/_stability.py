@@ -593,7 +593,7 @@ class StabilityController:
         level = max(abs(w.old_loss), abs(w.new_loss))
         spread = max(w.old_spread, w.new_spread)
         return (
-            0 < w.new_norm < w.early_norm
+            0 <= w.new_norm < w.early_norm
             and level > 0
             and abs(w.new_loss - w.old_loss) <= spread
             and spread <= self.flat * level
@@ -635,8 +635,13 @@ class StabilityController:
             "dead_network",
             evidence,
             f"the network looks dead: the loss is flat at {_g(w.new_loss)} (batch-to-batch spread {_g(spread)}, "
-            f"{spread / level:.2%} of it: the output no longer depends on the input), the gradient norm collapsed "
-            f"{w.early_norm / max(w.new_norm, 1e-300):.3g}x (early level {_g(w.early_norm)}, {_g(w.new_norm)} now); "
+            f"{spread / level:.2%} of it: the output no longer depends on the input), "
+            + (
+                f"the gradient norm collapsed {w.early_norm / w.new_norm:.3g}x (early level {_g(w.early_norm)}, "
+                f"{_g(w.new_norm)} now); "
+                if w.new_norm > 0
+                else f"the gradient norm collapsed to zero (early level {_g(w.early_norm)}); "
+            )
             + "; ".join(signs)
             + "; a too-high LR or a bad initialisation in the first steps can kill units (warning only)",
             act=False,

@@ -349,3 +349,12 @@ def test_worse_than_untrained_warns_only_beyond_the_first_batchs_uncertainty():
     # after a sustained blow-up the spread is no excuse: the rule acts (restart from the untrained state)
     blown = dataclasses.replace(noisy, sustained_peak=80.0)
     assert ctl.worse_than_untrained(blown).act
+
+
+def test_a_network_whose_every_gradient_is_zero_is_named_dead():
+    # all units dead and no output bias: the loss is flat, the norm exactly zero, every tensor vanished
+    ctl = StabilityController()
+    dead = ctl.dead_network(dataclasses.replace(PLATEAU, new_norm=0.0, vanished=1.0))
+    assert dead is not None
+    assert "the gradient norm collapsed to zero (early level 1.1)" in dead.reason
+    assert "the gradient vanished in 100% of the parameter tensors" in dead.reason
