@@ -263,9 +263,12 @@ class GuardEngine:
     # ------------------------------------------------------------------ per step
     def open_window(self, module: torch.nn.Module) -> None:
         """Before the first forward of an optimizer step: save the buffers that forward is about to change (and,
-        for the rerun diagnosis, the random-number state it starts from)."""
+        for the rerun diagnosis, the random-number state it starts from); clamp the LR to its ceiling, if one is set
+        (:meth:`judge` clamps again before the update, for an LR changed in between)."""
         if not self._window_open:
             self._window_open = True
+            if self.lr_ceiling:  # the schedule may have stepped past the ceiling: clamp now, so that an LR logger
+                self.lr_ceiling.apply(self.host.optimizers(), self.lr_scale)  # (LearningRateMonitor) sees the LR used
             self._batches = []
             self._rngs = []
             self._known_bad = None
