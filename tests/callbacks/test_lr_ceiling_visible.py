@@ -57,11 +57,13 @@ def test_lr_monitor_logs_the_held_lr_after_a_climb(tmp_path, monitor_first):
     ceiling = float(event["reason"].split("held at or below ")[1].split(" ")[0])
     assert ceiling < 0.02 < JUMP * 0.01 * event["lr_scale"]  # the held LR is the pre-jump one, far below the schedule
     after_used = [lr for step, lr in used.used.items() if step > event["step"]]
-    assert after_used and max(after_used) <= ceiling * 1.0001, after_used[:5]
+    assert after_used
+    assert max(after_used) <= ceiling * 1.0001, after_used[:5]
     acc = EventAccumulator(str(tmp_path / "run" / "version_0"))
     acc.Reload()
     ours = [s.value for s in acc.Scalars("gradguard/lr") if s.step > event["step"]]
-    assert len(ours) > 20 and max(ours) <= ceiling * 1.0001, ours[:5]  # the guard's own LR tag: the LR used
+    assert len(ours) > 20
+    assert max(ours) <= ceiling * 1.0001, ours[:5]  # the guard's own LR tag: the LR used
     tag = next(t for t in acc.Tags()["scalars"] if t.startswith("lr-"))
     logged = [(s.step, s.value) for s in acc.Scalars(tag)]
     after = [v for step, v in logged if step > event["step"] + 1]
