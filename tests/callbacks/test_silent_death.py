@@ -6,7 +6,8 @@ initialisation: its first loss is 15-100 where chance is 2.3. Unguarded, with SG
 ever. ``NaNGuard`` alone has no clipper to prevent that, but it must say what happened: a ``dead_network`` warning
 within a few windows, with the numbers. The same CNN at its plain He initialisation (seed 1) sits at chance just as
 flat for ~100 steps and then learns: it had no blow-up, and its gradients reach every layer, so it gets no event.
-An MLP whose ReLUs are all switched off after a few steps (no blow-up) is named dead by its vanished gradients.
+An MLP whose ReLUs are all switched off after a few steps (no blow-up) is named dead by its vanished gradients, and
+so is one killed by a far too high SGD LR whose loss still bounces around chance (its output bias still learns).
 """
 
 from __future__ import annotations
@@ -115,4 +116,41 @@ def test_units_killed_without_a_blow_up_are_named_dead_by_their_vanished_gradien
     assert "the gradient vanished in 83% of the parameter tensors" in reason
     assert "blow-up" not in reason
     assert dead[0]["step"] <= 100
+    assert guard.lr_scale == 1.0
+
+
+class _HotMLP(pl.LightningModule):
+    """Plain SGD-momentum far above its stable LR: the first updates blow the loss up to 3-4x chance and kill every
+    hidden ReLU; only the output bias keeps learning, and at that LR it keeps the loss bouncing ~5% around chance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=2.0, momentum=0.9)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_a_dead_network_whose_loss_still_bounces_is_named_dead(tmp_path, seed):
+    # the loss is not flat (the living output bias moves it), so the flat-loss proof cannot hold; the other proof
+    # does: 5 of the 6 gradient tensors vanished at every step of a whole window (seed 2: after units that revive on
+    # a rare input until step ~95)
+    pl.seed_everything(seed, verbose=False)
+    guard, seen = NaNGuard(), _Losses()
+    _trainer(tmp_path, 200, [guard, seen]).fit(_HotMLP(), datamodule=DigitsDataModule(batch_size=64, seed=seed))
+    late = seen.losses[100:]
+    spread = sum(abs(x - sorted(late)[len(late) // 2]) for x in late) / len(late)
+    assert spread > 0.01 * math.log(10), late  # the case: not flat
+    assert {e["kind"] for e in guard.events} == {"warn"}, guard.events  # warnings, nothing else
+    dead = [e for e in guard.events if e["cause"] == "dead_network"]
+    assert dead, guard.events
+    assert dead[0]["step"] <= 160
+    assert "of the parameter tensors vanished at every one of the last" in dead[0]["reason"]
     assert guard.lr_scale == 1.0

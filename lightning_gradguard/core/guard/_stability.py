@@ -45,8 +45,12 @@ from an earlier state) only when independent signals agree, and otherwise *warns
    least ``dead_share``: dead ReLUs pass exactly zero upstream). The cause: the run's highest loss came in its first
    ``blowup_steps`` steps, ``blowup`` x above today's level (an exploding initialisation or a violent first update),
    and the gradient norm collapsed ``dead_collapse`` x below the early level. The share is measured only while the
-   signs hold (:attr:`StabilityController.wants_vanished`), so a healthy run pays nothing for it. Never silent: a
-   run that died says so.
+   signs hold (:attr:`StabilityController.wants_vanished`), so a healthy run pays nothing for it. A second proof
+   needs no flat loss: most gradient tensors vanished at *every* one of the last ``window`` steps (per tensor, not a
+   share per step: a multi-head model whose heads take turns has many zero gradients at each step, but none for a
+   whole window), with the loss not moving, not far below the start, and the norm below its early level. A dead network
+   whose output bias still learns at a high LR has a loss that moves with the bias; it is still dead. Never silent:
+   a run that died says so.
 7. ``sustained_clipping`` (warns): at least ``clip_fraction`` of the newer window's steps were clipped, its median
    loss is not below the older window's and above ``start_margin`` x the first loss.
 
@@ -64,7 +68,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
@@ -113,6 +117,8 @@ class WindowPair:
             window (0.0 while unknown).
         vanished: the median share of gradient tensors whose gradient vanished, over the steps measured since the
             dead-network rule's other signs first held (NaN: not measured, or too few steps).
+        still: the share of gradient tensors whose gradient vanished at *every* one of the last ``window`` steps
+            or more (NaN: no per-tensor mask given): layers that have not been trained at all for that long.
     """
 
     old_loss: float
@@ -136,6 +142,7 @@ class WindowPair:
     sustained_peak: float = -math.inf
     early_norm: float = 0.0
     vanished: float = math.nan
+    still: float = math.nan
 
     @property
     def not_improving(self) -> bool:
@@ -327,6 +334,7 @@ class StabilityController:
         """Start over: two fresh windows before the next judgement (the start loss and best median are kept)."""
         self._rows: deque[tuple[float, float, bool, float]] = deque(maxlen=2 * self.window)
         self._vanished: deque[float] = deque(maxlen=self.window)  # measured while wants_vanished
+        self._still: list[int] | None = None  # per tensor: the measured steps in a row its gradient vanished
         self.wants_vanished = False
         self._count = 0
         self._every = max(1, self.window // 5)
@@ -338,16 +346,22 @@ class StabilityController:
         return self.start_windows * self.window
 
     def update(
-        self, loss: float, grad_norm: float, clipped: bool, lr: float | None = None, vanished: float | None = None
+        self,
+        loss: float,
+        grad_norm: float,
+        clipped: bool,
+        lr: float | None = None,
+        vanished: float | Sequence[bool] | None = None,
     ) -> StabilityFinding | None:
-        """Add one healthy step (``lr``: the LR the step used, None when unknown; ``vanished``: the share of the
-        step's gradient tensors whose gradient vanished, given while :attr:`wants_vanished`); returns the finding that
-        says why the LR should come down (``act``) or may be too high (a warning), or None."""
+        """Add one healthy step (``lr``: the LR the step used, None when unknown; ``vanished``, given while
+        :attr:`wants_vanished`: per gradient tensor whether its gradient vanished, or just the share that did);
+        returns the finding that says why the LR should come down (``act``) or may be too high (a warning), or
+        None."""
         loss, grad_norm = float(loss), float(grad_norm)
         if not (_finite(loss) and _finite(grad_norm)):
             return None
-        if vanished is not None and self.wants_vanished and 0.0 <= vanished <= 1.0:
-            self._vanished.append(float(vanished))
+        if vanished is not None and self.wants_vanished:
+            self._add_vanished(vanished)
         lr_v = float(lr) if lr is not None and _finite(float(lr)) else 0.0
         if self._start is None:
             self._start, self._start_norm = abs(loss), grad_norm
@@ -375,9 +389,10 @@ class StabilityController:
         if pair.new_loss < self._best:
             self._best, self._best_spread, self._best_lr = pair.new_loss, pair.new_spread, pair.new_lr
         finding = self.assess(pair)
-        self.wants_vanished = self._dead_signs(pair)
+        self.wants_vanished = self._dead_signs(pair, flat=False)
         if not self.wants_vanished:
             self._vanished.clear()
+            self._still = None
         if finding is None:
             self._pending, self._pending_count = None, 0
             return None
@@ -402,6 +417,24 @@ class StabilityController:
         self.last_finding = finding
         self.reset()
         return finding
+
+    def _add_vanished(self, vanished: float | Sequence[bool]) -> None:
+        """One step's vanished gradients: a share joins the shares; a per-tensor mask also counts, per tensor, the
+        measured steps in a row its gradient vanished (a mask of another length, another set of parameters, starts
+        the counts again)."""
+        if isinstance(vanished, (int, float)):
+            share = float(vanished)
+            if 0.0 <= share <= 1.0:
+                self._vanished.append(share)
+            return
+        mask = [bool(v) for v in vanished]
+        if not mask:
+            return
+        self._vanished.append(sum(mask) / len(mask))
+        still = self._still
+        if still is None or len(still) != len(mask):
+            still = [0] * len(mask)
+        self._still = [n + 1 if v else 0 for n, v in zip(still, mask)]
 
     def _pair(self) -> WindowPair:
         """The two windows in the buffer (full), summarised."""
@@ -430,6 +463,7 @@ class StabilityController:
             sustained_peak=self._sustained,
             early_norm=self._early_norm,
             vanished=_median(tuple(self._vanished)) if len(self._vanished) >= self._every else math.nan,
+            still=sum(n >= self.window for n in self._still) / len(self._still) if self._still else math.nan,
         )
 
     def assess(self, pair: WindowPair) -> StabilityFinding | None:
@@ -587,16 +621,19 @@ class StabilityController:
             target="start",
         )
 
-    def _dead_signs(self, w: WindowPair) -> bool:
-        """The signs every dead network shows: a flat loss not far below the start, and a gradient norm below the
-        early level. While they hold, the controller asks for the share of vanished gradients."""
+    def _dead_signs(self, w: WindowPair, flat: bool = True) -> bool:
+        """The signs every dead network shows: a loss that stopped moving (the window medians within their spread),
+        not far below the start, and a gradient norm below the early level; with ``flat``, also a flat loss (the
+        spread under ``flat`` of the level: the output no longer depends on the input). While the signs without
+        ``flat`` hold, the controller asks for the vanished gradients (a dead network whose output bias still learns
+        at a high LR has a loss that moves with the bias, not flat)."""
         level = max(abs(w.old_loss), abs(w.new_loss))
         spread = max(w.old_spread, w.new_spread)
         return (
             0 <= w.new_norm < w.early_norm
             and level > 0
             and abs(w.new_loss - w.old_loss) <= spread
-            and spread <= self.flat * level
+            and (not flat or spread <= self.flat * level)
             and w.new_loss * self.dead_collapse > w.start_loss
         )
 
@@ -611,7 +648,10 @@ class StabilityController:
         ``dead_collapse`` x below its early level. A warning, with the numbers."""
         vanished = w.vanished >= self.dead_share
         blown = self._blown_at_start(w) and w.new_norm * self.dead_collapse < w.early_norm
-        if not ((vanished or blown) and self._dead_signs(w)):
+        flat = (vanished or blown) and self._dead_signs(w)
+        if not flat:
+            if w.still >= self.dead_share and self._dead_signs(w, flat=False):
+                return self._untrained_layers(w)
             return None
         level = max(abs(w.old_loss), abs(w.new_loss))
         spread = max(w.old_spread, w.new_spread)
@@ -644,6 +684,35 @@ class StabilityController:
             )
             + "; ".join(signs)
             + "; a too-high LR or a bad initialisation in the first steps can kill units (warning only)",
+            act=False,
+        )
+
+    def _untrained_layers(self, w: WindowPair) -> StabilityFinding:
+        """The dead-network warning from its other proof: most gradient tensors vanished at every step of at least a
+        window (those layers have not been trained at all since), while the loss stopped moving. A loss that is not
+        flat is no counter-evidence then: what still learns (an output bias) moves it, not the input."""
+        evidence = {
+            "old_loss": w.old_loss,
+            "new_loss": w.new_loss,
+            "spread": max(w.old_spread, w.new_spread),
+            "early_norm": w.early_norm,
+            "new_norm": w.new_norm,
+            "start_loss": w.start_loss,
+            "still_vanished_share": w.still,
+            "vanished_share": w.vanished,
+        }
+        norm = (
+            f"the gradient norm fell to {_g(w.new_norm)} (early level {_g(w.early_norm)})"
+            if w.new_norm > 0
+            else f"the gradient norm collapsed to zero (early level {_g(w.early_norm)})"
+        )
+        return StabilityFinding(
+            "dead_network",
+            evidence,
+            f"the network looks dead: the gradient of {w.still:.0%} of the parameter tensors vanished at every one of "
+            f"the last {w.window} steps or more (those layers no longer learn) while the loss stopped improving "
+            f"(window medians {_g(w.old_loss)} -> {_g(w.new_loss)}, first loss {_g(w.start_loss)}) and {norm}; a "
+            "too-high LR or a bad initialisation can kill units (warning only)",
             act=False,
         )
 
@@ -690,6 +759,7 @@ class StabilityController:
             "pending": [self._pending, self._pending_count],
             "warned": dict(self._warned),
             "vanished": list(self._vanished),
+            "still": list(self._still) if self._still is not None else None,
             "wants_vanished": self.wants_vanished,
             # the last cut, under the keys older versions wrote and read (informational: no rule reads them)
             "lr_power": last.lr_power if last is not None else 1,
@@ -728,6 +798,8 @@ class StabilityController:
         self._pending, self._pending_count = pending[0], int(pending[1] or 0)
         self._warned = {str(k): int(v) for k, v in dict(state.get("warned") or {}).items()}
         self._vanished.extend(float(v) for v in state.get("vanished", []))
+        still = state.get("still")
+        self._still = [int(v) for v in still] if still else None
         self.wants_vanished = bool(state.get("wants_vanished", False))
         finding = state.get("last_finding")
         self.last_finding = StabilityFinding.from_dict(finding) if finding else None

@@ -36,7 +36,7 @@ from lightning_gradguard.core.guard._divergence import DivergenceDetector
 from lightning_gradguard.core.guard._loss_spike import LossSpikeDetector
 from lightning_gradguard.core.guard._policy import StepHealth
 from lightning_gradguard.core.guard._stability import StabilityController, StabilityFinding
-from lightning_gradguard.core.measure._grad_stats import GradStats, vanished_share
+from lightning_gradguard.core.measure._grad_stats import GradStats, vanished_mask
 from lightning_gradguard.core.measure._host_read import read_scalars
 from lightning_gradguard.core.measure._spike_score import SpikeScore
 
@@ -185,8 +185,9 @@ class LossStream:
         self.detector = DivergenceDetector()
         self.controller = StabilityController()
         self.spikes = SpikeScore()  # the run's health number (logged, never acted on)
-        #: the step's loss, norm, LR and share of vanished gradient tensors (None: not measured)
-        self.last: tuple[float, float, float | None, float | None] | None = None
+        #: the step's loss, norm, LR and vanished gradient tensors (a mask per tensor; older checkpoints: a share;
+        #: None: not measured)
+        self.last: tuple[float, float, float | None, tuple[bool, ...] | float | None] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -205,7 +206,12 @@ class LossStream:
             self.last = None
         else:
             lr = float(row[2]) if len(row) > 2 and row[2] is not None else None
-            vanished = float(row[3]) if len(row) > 3 and row[3] is not None else None
+            raw = row[3] if len(row) > 3 else None
+            vanished: tuple[bool, ...] | float | None = None
+            if isinstance(raw, (list, tuple)):
+                vanished = tuple(bool(v) for v in raw)
+            elif raw is not None:
+                vanished = float(raw)  # older checkpoints: the share
             self.last = (float(row[0]), float(row[1]), lr, vanished)
 
 
@@ -478,8 +484,8 @@ class StepJudge:
             clipped = max(glob.clip_flags, default=0.0) > 0  # flags: 0 or 1
             finding = streamed.controller.update(last[0], last[1], clipped, last[2], last[3])
         if healthy and has_loss:
-            # the share of vanished gradients only while the dead-network rule examines the run (one small read)
-            vanished = vanished_share(live) if self.stability and streamed.controller.wants_vanished else None
+            # which gradients vanished, only while the dead-network rule examines the run (one small read)
+            vanished = vanished_mask(live) if self.stability and streamed.controller.wants_vanished else None
             streamed.last = (glob.loss, glob.norm, lr, vanished)
         else:
             streamed.last = None

@@ -419,10 +419,34 @@ class GradStats:
 VANISHED_RELATIVE = float(torch.finfo(torch.float32).eps)
 
 
+def vanished_mask(stats: Sequence[GradStats]) -> tuple[bool, ...] | None:
+    """Per gradient tensor (over every optimizer's ``stats``, in order): whether its norm is at most
+    :data:`VANISHED_RELATIVE` x the largest one's (every tensor vanished when every gradient is zero); None when there
+    are none or a norm is not finite. Reads one small vector to the host (used only while a dead-looking run is
+    examined).
+
+    Example:
+        >>> import torch
+        >>> w = [torch.zeros(n, requires_grad=True) for n in (3, 2, 1)]
+        >>> for p, g in zip(w, ([0.0, 0.0, 0.0], [3.0, 4.0], [1e-9])):
+        ...     p.grad = torch.tensor(g)
+        >>> vanished_mask([compute_grad_stats(w)])
+        (True, False, True)
+    """
+    vectors = [s.param_norms64 for s in stats if s.grads]
+    if not vectors:
+        return None
+    norms = (torch.cat(vectors) if len(vectors) > 1 else vectors[0]).detach()
+    values = norms.cpu().tolist()
+    if not values or not all(math.isfinite(v) for v in values):
+        return None
+    top = max(values)
+    return tuple(v <= VANISHED_RELATIVE * top for v in values)
+
+
 def vanished_share(stats: Sequence[GradStats]) -> float | None:
-    """The share of the gradient tensors (over every optimizer's ``stats``) whose norm is at most
-    :data:`VANISHED_RELATIVE` x the largest one's: 1.0 when every gradient is zero; None when there are none or a
-    norm is not finite. Reads one small vector to the host (used only while a dead-looking run is examined).
+    """The share of :func:`vanished_mask` that vanished: 1.0 when every gradient is zero; None when there are no
+    gradients or a norm is not finite.
 
     Example:
         >>> import torch
@@ -432,15 +456,8 @@ def vanished_share(stats: Sequence[GradStats]) -> float | None:
         >>> vanished_share([compute_grad_stats(w)])
         0.6666666666666666
     """
-    vectors = [s.param_norms64 for s in stats if s.grads]
-    if not vectors:
-        return None
-    norms = (torch.cat(vectors) if len(vectors) > 1 else vectors[0]).detach()
-    values = norms.cpu().tolist()
-    top = max(values)
-    if not all(math.isfinite(v) for v in values):
-        return None
-    return sum(1 for v in values if v <= VANISHED_RELATIVE * top) / len(values)
+    mask = vanished_mask(stats)
+    return None if mask is None else sum(mask) / len(mask)
 
 
 def compute_grad_stats(

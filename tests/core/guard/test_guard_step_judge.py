@@ -182,13 +182,17 @@ def test_the_vanished_share_is_measured_only_while_the_controller_asks_and_rides
     assert judge.streams[0].last[3] is None  # a healthy, improving run: never measured
     ctl.wants_vanished = True  # as after a judgement that saw the dead-network signs
     feed(1, dead=True, loss=2.0)
-    assert judge.streams[0].last[3] == pytest.approx(1 / 2)  # one of the two tensors' gradients vanished
+    mask = judge.streams[0].last[3]
+    assert [bool(v) for v in mask] == [True, False]  # the first tensor's gradient vanished, the second's did not
     copy = _judge()
     copy.load_state_dict(judge.state_dict())
     assert copy.streams[0].last == judge.streams[0].last
-    # a checkpoint of an older version: three values in the pending row
+    # checkpoints of older versions: three values in the pending row; a share instead of the mask
     old = judge.state_dict()
     old["pending_row"] = old["pending_row"][:3]
     legacy = _judge()
     legacy.load_state_dict(old)
     assert legacy.streams[0].last[3] is None
+    old["pending_row"] = [*old["pending_row"], 0.5]
+    legacy.load_state_dict(old)
+    assert legacy.streams[0].last[3] == pytest.approx(0.5)

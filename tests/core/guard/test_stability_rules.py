@@ -358,3 +358,64 @@ def test_a_network_whose_every_gradient_is_zero_is_named_dead():
     assert dead is not None
     assert "the gradient norm collapsed to zero (early level 1.1)" in dead.reason
     assert "the gradient vanished in 100% of the parameter tensors" in dead.reason
+
+
+def _bouncing_run(ctl, steps, masks, norm=0.05):
+    """A run that starts at (2.58, 8.0), then sits near chance with a loss that moves ~5% from batch to batch (not
+    flat: an output bias still learning at a high LR moves it) and a collapsed norm; ``masks(i)`` is step i's
+    per-tensor vanished mask, given only while the controller asks. Returns the findings."""
+    found = []
+    for i in range(steps):
+        loss, g = (2.58, 8.0) if i == 0 else (2.40 + 0.12 * ((i * 7919) % 5 - 2) / 2, norm if i > 3 else 2.0)
+        f = ctl.update(loss, g, clipped=False, lr=0.01, vanished=masks(i) if ctl.wants_vanished else None)
+        found.append(f)
+    return [f for f in found if f is not None]
+
+
+def test_tensors_vanished_at_every_step_name_a_dead_network_whose_loss_is_not_flat():
+    dead_mask = (True, True, True, True, True, False)  # both hidden layers and the head's weight; the bias learns
+    flat_only = StabilityController(window=10)
+    findings = _bouncing_run(flat_only, 150, lambda i: 5 / 6)  # a share alone: no proof without a flat loss
+    assert [f.rule for f in findings if f.rule == "dead_network"] == []
+    ctl = StabilityController(window=10)
+    findings = [f for f in _bouncing_run(ctl, 150, lambda i: dead_mask) if f.rule == "dead_network"]
+    assert findings, "the dead network went unreported"
+    dead = findings[0]
+    assert not dead.act
+    assert dead.evidence["still_vanished_share"] == pytest.approx(5 / 6)
+    assert "vanished at every one of the last" in dead.reason
+    assert dead.evidence["spread"] > ctl.flat * dead.evidence["new_loss"]  # indeed not flat
+    copy = StabilityController(window=10)
+    copy.load_state_dict(ctl.state_dict())
+    assert copy.state_dict() == ctl.state_dict()
+
+
+def test_heads_that_take_turns_are_not_a_dead_network():
+    # six heads (weight and bias each) on a shared trunk of two tensors; one head per batch: at every step 10 of the
+    # 14 gradient tensors are zero (a median share of 71%), but every head learns within a few steps
+    def turns(i: int) -> tuple[bool, ...]:
+        head = i % 6
+        return (False, False, *(h != head for h in range(6) for _ in range(2)))
+
+    ctl = StabilityController(window=10)
+    findings = _bouncing_run(ctl, 300, turns)
+    assert [f for f in findings if f.rule == "dead_network"] == []
+    assert ctl.wants_vanished  # it did look (the other signs held), and found every tensor trained in the window
+
+
+def test_a_mask_of_another_length_starts_the_count_again():
+    ctl = StabilityController(window=2)
+    ctl.wants_vanished = True
+    ctl._add_vanished((True, True, False))
+    ctl._add_vanished((True, False, False))
+    assert ctl._still == [2, 0, 0]  # per tensor: the measured steps in a row its gradient vanished
+    ctl._add_vanished((False, True, True))  # a revival (one live input) restarts that tensor's count only
+    assert ctl._still == [0, 1, 1]
+    ctl._add_vanished((True, True))  # another parameter set (a param group added): what was seen says nothing
+    assert ctl._still == [1, 1]
+    ctl._add_vanished(())  # nothing measured: nothing learned
+    assert ctl._still == [1, 1]
+    ctl._add_vanished(0.5)  # a share (older callers): a share, and the counts stay
+    assert ctl._still == [1, 1]
+    ctl._add_vanished((True, False))
+    assert ctl._still == [2, 0]
