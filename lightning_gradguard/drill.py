@@ -76,6 +76,7 @@ CAUSE_ORDER = (
     "loss_divergence",
     "grad_divergence",
     "lr_too_high",
+    "instability",
     "known_bad_batch",
     "dead_network",
     "other_rank",

@@ -574,7 +574,10 @@ class GuardEngine:
                 f"; the LR is at its floor (lr_scale {self.lr_scale:.4g}, min_lr_scale={self.options.min_lr_scale:g}): "
                 "not cut further"
             )
-        cause = GuardCause.DEAD_NETWORK if finding.rule == "dead_network" else GuardCause.LR_TOO_HIGH
+        if finding.rule == "dead_network":
+            cause = GuardCause.DEAD_NETWORK
+        else:  # the LR is blamed only by a finding whose evidence points at it (an acting one, here held by the floor)
+            cause = GuardCause.LR_TOO_HIGH if finding.act else GuardCause.INSTABILITY
         event = GuardEvent(step, "warn", cause.value, self.lr_scale, reason=reason)
         event.rule = finding.rule
         self.record_event(event)

@@ -49,6 +49,7 @@ class GuardCause(Enum):
     GRAD_DIVERGENCE = "grad_divergence"
     AMP_SCALE_COLLAPSE = "amp_scale_collapse"
     LR_TOO_HIGH = "lr_too_high"  # the stability controller's cause: no fault yet, but the LR looks too high
+    INSTABILITY = "instability"  # a warning: a climbing loss, rising norm, ... with nothing that blames the LR
     DEAD_NETWORK = "dead_network"  # a warning: flat loss, collapsed gradients (the units died)
     OTHER_RANK = "other_rank"  # another DDP rank flagged the step; this rank saw nothing wrong
     KNOWN_BAD_BATCH = "known_bad_batch"  # a batch on the bad-batch record, met again (after a resume or rollback)
@@ -194,8 +195,8 @@ class GuardEvent:
             ``reproducible``) and the numbers it compared, in words.
         nonfinite_grads, nonfinite_params, nonfinite_buffers: names, first ones first (at most 20).
         bad_batch_path, report_path: files written for this event.
-        rule: for a stability cut (cause ``lr_too_high``), the stability rule that fired
-            (``StabilityFinding.rule``, e.g. ``"loss_climbing"``).
+        rule: for a stability finding (cause ``lr_too_high``, ``instability`` or ``dead_network``), the stability rule
+            that fired (``StabilityFinding.rule``, e.g. ``"loss_climbing"``).
     """
 
     step: int
@@ -276,6 +277,7 @@ class GuardEvent:
 _RESTATED = {
     "lr_too_high": ("learning rate looks too high", "the learning rate looks too high"),
     "dead_network": ("the network looks dead",),
+    "instability": ("the run looks unstable",),
 }
 # a warning's reason says "warning only" where the kind already says "warn"
 _WARNING_ONLY = re.compile(r" \(warning only\)|[:;] warning only")

@@ -75,7 +75,8 @@ from typing import Any, ClassVar, Literal
 #: where a stability cut should go: the untrained state, the newest trusted state before the climb, or nowhere
 StabilityTarget = Literal["start", "before_climb", "in_place"]
 
-_PREFIX = "learning rate looks too high: "
+_PREFIX = "learning rate looks too high: "  # findings whose evidence points at the LR (acting ones)
+_UNSTABLE = "the run looks unstable: "  # warnings with nothing that shows the LR is at fault (cause "instability")
 
 
 def _median(values: tuple[float, ...] | list[float]) -> float:
@@ -110,6 +111,9 @@ class WindowPair:
         old_spread, new_spread: the mean absolute deviation of each window's losses from its median.
         best_spread: the spread of the window whose median is :attr:`best`.
         old_lr, new_lr, best_lr: the median LR of each window and of the best window (0.0: unknown).
+        safe_lr: the highest LR any step used up to the end of the best window (0.0: unknown): the run reached its
+            best after training at it, so an LR up to it is known to be survivable (a warm restart or a cyclic
+            schedule that brings the LR back to its earlier peak has not pushed the run anywhere new).
         peak_step: the healthy step (1-based) at which :attr:`peak` came.
         sustained_peak: the largest median of three consecutive losses seen in the run's first ``blowup_steps``
             steps.
@@ -138,6 +142,7 @@ class WindowPair:
     old_lr: float = 0.0
     new_lr: float = 0.0
     best_lr: float = 0.0
+    safe_lr: float = 0.0
     peak_step: int = 0
     sustained_peak: float = -math.inf
     early_norm: float = 0.0
@@ -319,6 +324,8 @@ class StabilityController:
         self._best = math.inf  # the lowest window median seen
         self._best_spread = 0.0
         self._best_lr = 0.0
+        self._lr_top = 0.0  # the highest LR any healthy step used
+        self._safe_lr = 0.0  # _lr_top when the best window was found
         self._steps = 0  # healthy steps seen
         self._last_fire: int | None = None
         self._streak = 0
@@ -369,6 +376,8 @@ class StabilityController:
         if loss > self._peak:  # (max() without the call)
             self._peak, self._peak_step = loss, self._steps
         self._rows.append((loss, grad_norm, bool(clipped), lr_v))
+        if lr_v > self._lr_top:
+            self._lr_top = lr_v
         self._count += 1
         early = self._early
         if len(early) < self.window:
@@ -388,6 +397,7 @@ class StabilityController:
         pair = self._pair()
         if pair.new_loss < self._best:
             self._best, self._best_spread, self._best_lr = pair.new_loss, pair.new_spread, pair.new_lr
+            self._safe_lr = self._lr_top
         finding = self.assess(pair)
         self.wants_vanished = self._dead_signs(pair, flat=False)
         if not self.wants_vanished:
@@ -459,6 +469,7 @@ class StabilityController:
             old_lr=_median(lrs[:w]),
             new_lr=_median(lrs[w:]),
             best_lr=self._best_lr,
+            safe_lr=self._safe_lr,
             peak_step=self._peak_step,
             sustained_peak=self._sustained,
             early_norm=self._early_norm,
@@ -481,7 +492,12 @@ class StabilityController:
         return max(abs(center), spread, self.floor * w.start_loss)
 
     def _lr_grew(self, w: WindowPair) -> bool:
-        return w.best_lr > 0 and w.new_lr >= self.lr_growth * w.best_lr
+        """The LR is what changed: it grew ``lr_growth`` x since the best window, to a level the run never trained
+        at before reaching its best (a warm restart or a cyclic schedule returning to its earlier peak is no
+        evidence: the run survived that LR), and the loss is not already coming down by itself (the newer window
+        clearly below the older)."""
+        recovering = w.new_loss < w.old_loss - max(w.old_spread, w.new_spread)
+        return w.best_lr > 0 and w.new_lr >= self.lr_growth * w.best_lr and w.new_lr > w.safe_lr and not recovering
 
     def _climbing(self, w: WindowPair) -> bool:
         """Already rising in the older window (above its best by ``rising - 1`` scales) and above the floor."""
@@ -494,7 +510,16 @@ class StabilityController:
         if act:
             growth = w.new_lr / w.best_lr
             return f"; the learning rate grew {growth:.3g}x since the best window ({_g(w.best_lr)} -> {_g(w.new_lr)})"
-        return "; the learning rate did not grow (a harder task or a changing objective looks the same): warning only"
+        if not (w.best_lr > 0 and w.new_lr >= self.lr_growth * w.best_lr):
+            why = "the learning rate did not grow (a harder task or a changing objective looks the same)"
+        elif not w.new_lr > w.safe_lr:
+            why = (
+                f"the learning rate grew since the best window ({_g(w.best_lr)} -> {_g(w.new_lr)}) but not past "
+                f"{_g(w.safe_lr)}, which the run trained at before its best (a warm restart or a cyclic schedule)"
+            )
+        else:
+            why = f"the loss is already coming down (median {_g(w.old_loss)} -> {_g(w.new_loss)})"
+        return f"; {why}: warning only"
 
     def norm_rising(self, w: WindowPair) -> StabilityFinding | None:
         """The median gradient norm grew ``norm_growth`` x between the windows while the loss, above ``floor`` x the
@@ -509,7 +534,7 @@ class StabilityController:
         return StabilityFinding(
             "norm_rising",
             {"old_norm": w.old_norm, "new_norm": w.new_norm, "old_loss": w.old_loss, "new_loss": w.new_loss},
-            _PREFIX + f"the gradient norm keeps rising (median {_g(w.old_norm)} -> {_g(w.new_norm)} over "
+            _UNSTABLE + f"the gradient norm keeps rising (median {_g(w.old_norm)} -> {_g(w.new_norm)} over "
             f"{w.window} steps) while the loss does not improve (warning only)",
             act=False,
         )
@@ -525,7 +550,8 @@ class StabilityController:
         return StabilityFinding(
             "loss_climbing",
             {"old_loss": w.old_loss, "new_loss": w.new_loss, "best": w.best, "best_lr": w.best_lr, "lr": w.new_lr},
-            _PREFIX + f"the loss keeps climbing (median {_g(w.old_loss)} -> {_g(w.new_loss)} over {w.window} steps, "
+            (_PREFIX if act else _UNSTABLE)
+            + f"the loss keeps climbing (median {_g(w.old_loss)} -> {_g(w.new_loss)} over {w.window} steps, "
             f"best window {_g(w.best)})" + self._lr_note(w, act),
             target="before_climb",
             act=act,
@@ -542,7 +568,8 @@ class StabilityController:
         return StabilityFinding(
             "loss_above_best",
             {"old_loss": w.old_loss, "new_loss": w.new_loss, "best": w.best, "best_lr": w.best_lr, "lr": w.new_lr},
-            _PREFIX + f"the loss climbed from its best (window median {_g(w.best)} -> {_g(w.old_loss)} -> "
+            (_PREFIX if act else _UNSTABLE)
+            + f"the loss climbed from its best (window median {_g(w.best)} -> {_g(w.old_loss)} -> "
             f"{_g(w.new_loss)})" + self._lr_note(w, act),
             target="before_climb",
             act=act,
@@ -583,7 +610,8 @@ class StabilityController:
         return StabilityFinding(
             "worse_than_untrained",
             evidence,
-            _PREFIX + f"after {w.steps} steps the loss is still above the untrained model's ({_g(start)}; medians of "
+            (_PREFIX if blown else _UNSTABLE)
+            + f"after {w.steps} steps the loss is still above the untrained model's ({_g(start)}; medians of "
             f"the last two windows {_g(w.old_loss)}, {_g(w.new_loss)}) {detail}",
             lr_power=2,  # a model made worse than untrained is an LR an order of magnitude off, not 2x
             target="start",
@@ -726,7 +754,7 @@ class StabilityController:
         return StabilityFinding(
             "sustained_clipping",
             {"clipped_share": w.clipped_share, "old_loss": w.old_loss, "new_loss": w.new_loss},
-            _PREFIX + f"the clipper cut {w.clipped_share:.0%} of the last {w.window} steps and the loss stopped "
+            _UNSTABLE + f"the clipper cut {w.clipped_share:.0%} of the last {w.window} steps and the loss stopped "
             f"falling (median {_g(w.old_loss)} -> {_g(w.new_loss)}; warning only)",
             act=False,
         )
@@ -753,6 +781,8 @@ class StabilityController:
             "best": num(self._best),
             "best_spread": self._best_spread,
             "best_lr": self._best_lr,
+            "lr_top": self._lr_top,
+            "safe_lr": self._safe_lr,
             "steps": self._steps,
             "last_fire": self._last_fire,
             "streak": self._streak,
@@ -791,6 +821,8 @@ class StabilityController:
         self._best = math.inf if best is None else float(best)
         self._best_spread = float(state.get("best_spread", 0.0))
         self._best_lr = float(state.get("best_lr", 0.0))
+        self._lr_top = float(state.get("lr_top", 0.0))
+        self._safe_lr = float(state.get("safe_lr", 0.0))  # older states: none known (the growth alone decides)
         self._steps = int(state.get("steps", self._count))
         self._last_fire = None if last is None else int(last)
         self._streak = int(state.get("streak", 0))

@@ -194,6 +194,7 @@ def test_event_lines_say_each_thing_once(health, kind, lead):
             "lr too high; a (median 2)",
         ),
         ("warn", "lr_too_high", "learning rate looks too high: a climb: warning only", "lr too high; a climb; lr"),
+        ("warn", "instability", "the run looks unstable: a climb: warning only", "instability; a climb; lr"),
     ],
 )
 def test_event_line_drops_what_restates_the_cause_or_the_kind(kind, cause, reason, expected):

@@ -114,7 +114,10 @@ def test_each_rule_fires_on_its_pair_with_its_name_target_and_exponent(rule):
     finding = getattr(ctl, rule)(pair)
     assert finding is not None
     assert (finding.rule, finding.target, finding.lr_power, finding.act) == (rule, target, power, acts)
-    prefix = "the network looks dead: " if rule == "dead_network" else "learning rate looks too high: "
+    # the LR is blamed only where the evidence points at it (an acting finding); other warnings say "unstable"
+    prefix = {"dead_network": "the network looks dead: "}.get(
+        rule, "learning rate looks too high: " if acts else "the run looks unstable: "
+    )
     assert finding.reason.startswith(prefix)
     assert finding.evidence
     assert all(isinstance(v, (int, float)) for v in finding.evidence.values())
@@ -136,7 +139,7 @@ def test_the_first_rule_in_order_wins():
 def test_reasons_state_the_rule_its_numbers_and_whether_it_acts():
     ctl = StabilityController()
     assert ctl.norm_rising(CASES["norm_rising"][0]).reason == (
-        "learning rate looks too high: the gradient norm keeps rising (median 1 -> 20 over 25 steps) while the loss "
+        "the run looks unstable: the gradient norm keeps rising (median 1 -> 20 over 25 steps) while the loss "
         "does not improve (warning only)"
     )
     assert ctl.loss_above_best(CASES["loss_above_best"][0]).reason == (
@@ -148,9 +151,52 @@ def test_reasons_state_the_rule_its_numbers_and_whether_it_acts():
         "the last two windows 5, 5) after a blow-up (three losses in a row around 80, 16x the untrained loss)"
     )
     assert ctl.sustained_clipping(CASES["sustained_clipping"][0]).reason == (
-        "learning rate looks too high: the clipper cut 90% of the last 25 steps and the loss stopped falling "
+        "the run looks unstable: the clipper cut 90% of the last 25 steps and the loss stopped falling "
         "(median 2.15 -> 2.3; warning only)"
     )
+
+
+def test_an_lr_back_at_a_level_the_run_trained_at_before_its_best_is_no_evidence():
+    ctl = StabilityController()
+    climb = CASES["loss_above_best"][0]  # the LR grew 4x since the best window (0.1 -> 0.4)
+    assert ctl.loss_above_best(dataclasses.replace(climb, safe_lr=0.2)).act  # 0.4: never trained at before
+    # a warm restart (or a cyclic schedule) brought the LR back to 0.4, a peak the run trained at before its best:
+    # the climb is the data's (a curriculum's switch, a new loss term), not the LR's
+    restart = ctl.loss_above_best(dataclasses.replace(climb, safe_lr=0.4))
+    assert restart is not None
+    assert not restart.act
+    assert restart.reason.startswith("the run looks unstable: ")
+    assert "not past 0.4, which the run trained at before its best" in restart.reason
+    climbing = ctl.loss_climbing(dataclasses.replace(CASES["loss_climbing"][0], safe_lr=0.5))
+    assert climbing is not None
+    assert not climbing.act
+
+
+def test_a_climb_already_coming_down_by_itself_is_no_evidence():
+    ctl = StabilityController()
+    # above the best in both windows, the LR grew 4x, but the newer window is clearly below the older one
+    falling = _pair(
+        old_loss=2.8, new_loss=0.8, old_spread=0.3, new_spread=0.2, best=0.002, start_loss=2.3, best_lr=0.1, new_lr=0.4
+    )
+    finding = ctl.loss_above_best(falling)
+    assert finding is not None
+    assert not finding.act
+    assert "the loss is already coming down (median 2.8 -> 0.8)" in finding.reason
+    # within the spread it is not "clearly": the climb still acts
+    level = dataclasses.replace(falling, new_loss=2.6)
+    assert ctl.loss_above_best(level).act
+
+
+def test_the_safe_lr_is_the_highest_lr_used_until_the_best_window_and_rides_in_the_checkpoint():
+    ctl = StabilityController(window=5)
+    lrs = [0.4] * 3 + [0.1] * 30 + [0.8] * 10  # a peak, a decay (the best windows), then a higher LR
+    for i, lr in enumerate(lrs):
+        ctl.update(2.0 * 0.97**i if i < 33 else 5.0, 1.0, clipped=False, lr=lr)
+    assert ctl._safe_lr == 0.4  # the peak before the best; the later 0.8 came after it
+    assert ctl._lr_top == 0.8
+    copy = StabilityController(window=5)
+    copy.load_state_dict(ctl.state_dict())
+    assert (copy._safe_lr, copy._lr_top) == (0.4, 0.8)
 
 
 def test_weaker_evidence_warns_instead_of_acting():
