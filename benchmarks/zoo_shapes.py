@@ -56,6 +56,9 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
   improve].
 - ``delayed_drop``: a deep linear net from a small initialisation: a long plateau, then a sudden drop ("grokking"-like)
   [“killed at start” / “worse than untrained” on a plateau that is about to break].
+- ``restarts_curriculum``: a curriculum switch that comes with a warm restart (SGDR): the loss jumps ~1000x above
+  the easy phase's best while the LR is 10x the best window's [an LR that "grew" before a climb: but the run
+  trained at that LR before its best, every cycle starts there].
 - ``bn_cnn``: a small CNN with BatchNorm on scikit-learn's digits [buffers, ordinary noise].
 - ``dropout_noisy``: an MLP with dropout 0.3 [a noisy loss stream].
 
@@ -526,6 +529,41 @@ class DigitsClassifier(ZooModule):
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=self.steps + 1)
         else:
             return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class RestartsCurriculum(ZooModule):
+    """Digits MLP 64 -> 128 -> 128 -> 10, SGD momentum 0.9 under warm restarts (``CosineAnnealingWarmRestarts``,
+    T_0=100, LR 0.1 -> 0.001 and back every 100 steps); classes 0-4 only until step ``switch``, then all ten. The
+    switch comes with a restart: the loss jumps ~1000x from the easy phase's best while the LR is 10x the best
+    window's, which looks like an LR that grew past its stable value, but the run trained at that LR before its best
+    (every cycle starts there). Metric: validation accuracy on all ten classes."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int, switch: int = 300) -> None:
+        super().__init__(seed, steps, batch_size=64, lr=0.1)
+        self.switch = switch
+        self.net = mlp([64, 128, 128, 10])
+        xt, yt, self.val_x, self.val_y = digits(seed)
+        self.train_tensors = (xt, yt)
+        easy = yt < 5
+        self.easy_x, self.easy_y = xt[easy], yt[easy]
+        self._easy_gen = _gen(seed, 31)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step < self.switch:  # the easy stage: a batch of classes 0-4 instead
+            idx = torch.randint(0, len(self.easy_x), (len(x),), generator=self._easy_gen)
+            x, y = self.easy_x[idx], self.easy_y[idx]
+        return F.cross_entropy(self.net(x), y)
+
+    def metric(self) -> float:
+        return float((self.net(self.val_x).argmax(1) == self.val_y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=100, eta_min=1e-3)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -1319,6 +1357,14 @@ _SHAPES: list[Shape] = [
         500,
         "validation MSE",
         tolerance="travel",
+    ),
+    Shape(
+        "restarts_curriculum",
+        "curriculum switch (classes 0-4, then all) at a warm restart of SGDR (LR back to its peak)",
+        RestartsCurriculum,
+        600,
+        ACC,
+        higher_is_better=True,
     ),
     Shape(
         "bn_cnn",
