@@ -399,7 +399,7 @@ class StabilityController:
             self._best, self._best_spread, self._best_lr = pair.new_loss, pair.new_spread, pair.new_lr
             self._safe_lr = self._lr_top
         finding = self.assess(pair)
-        self.wants_vanished = self._dead_signs(pair, flat=False)
+        self.wants_vanished = self._dead_signs(pair, flat=False) or self._dead_signs(pair, start=False)
         if not self.wants_vanished:
             self._vanished.clear()
             self._still = None
@@ -649,12 +649,14 @@ class StabilityController:
             target="start",
         )
 
-    def _dead_signs(self, w: WindowPair, flat: bool = True) -> bool:
+    def _dead_signs(self, w: WindowPair, flat: bool = True, start: bool = True) -> bool:
         """The signs every dead network shows: a loss that stopped moving (the window medians within their spread),
         not far below the start, and a gradient norm below the early level; with ``flat``, also a flat loss (the
         spread under ``flat`` of the level: the output no longer depends on the input). While the signs without
         ``flat`` hold, the controller asks for the vanished gradients (a dead network whose output bias still learns
-        at a high LR has a loss that moves with the bias, not flat)."""
+        at a high LR has a loss that moves with the bias, not flat). Without ``start``, a flat loss far below the
+        first loss counts too: a network whose initialisation exploded starts far above the level it dies at (a
+        first loss of 176 where chance is 2.3), so only the vanished gradients can confirm it (never the blow-up)."""
         level = max(abs(w.old_loss), abs(w.new_loss))
         spread = max(w.old_spread, w.new_spread)
         return (
@@ -662,7 +664,7 @@ class StabilityController:
             and level > 0
             and abs(w.new_loss - w.old_loss) <= spread
             and (not flat or spread <= self.flat * level)
-            and w.new_loss * self.dead_collapse > w.start_loss
+            and (not start or w.new_loss * self.dead_collapse > w.start_loss)
         )
 
     def _blown_at_start(self, w: WindowPair) -> bool:
@@ -676,7 +678,7 @@ class StabilityController:
         ``dead_collapse`` x below its early level. A warning, with the numbers."""
         vanished = w.vanished >= self.dead_share
         blown = self._blown_at_start(w) and w.new_norm * self.dead_collapse < w.early_norm
-        flat = (vanished or blown) and self._dead_signs(w)
+        flat = (vanished and self._dead_signs(w, start=False)) or (blown and self._dead_signs(w))
         if not flat:
             if w.still >= self.dead_share and self._dead_signs(w, flat=False):
                 return self._untrained_layers(w)
@@ -696,6 +698,10 @@ class StabilityController:
         signs = []
         if blown:
             signs.append(f"a blow-up at step {w.peak_step} (loss {_g(w.peak)}, {w.peak / level:.3g}x today's level)")
+        elif w.peak > self.blowup * level:  # a later blow-up (or an exploding first loss): said, not required
+            signs.append(
+                f"its highest loss came at step {w.peak_step} ({_g(w.peak)}, {w.peak / level:.3g}x today's level)"
+            )
         if _finite(w.vanished):
             evidence["vanished_share"] = w.vanished
             signs.append(f"the gradient vanished in {w.vanished:.0%} of the parameter tensors")

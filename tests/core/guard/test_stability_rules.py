@@ -465,3 +465,17 @@ def test_a_mask_of_another_length_starts_the_count_again():
     assert ctl._still == [1, 1]
     ctl._add_vanished((True, False))
     assert ctl._still == [2, 0]
+
+
+def test_a_dead_network_far_below_an_exploding_first_loss_is_confirmed_by_its_vanished_gradients_only():
+    ctl = StabilityController()
+    exploded = dataclasses.replace(PLATEAU, start_loss=176.0, peak=3.1e5, peak_step=20)  # 76x above chance at step 0
+    assert ctl.dead_network(exploded) is None  # not measured: "far below the start" is no proof either way
+    dead = ctl.dead_network(dataclasses.replace(exploded, vanished=0.97))
+    assert dead is not None
+    assert not dead.act
+    assert "its highest loss came at step 20 (3.1e+05" in dead.reason
+    assert ctl.dead_network(dataclasses.replace(exploded, vanished=0.0)) is None  # gradients everywhere: resting
+    # the blow-up alone never confirms a death far below the first loss (a run that trained from an exploding start
+    # and converged to a flat loss looks the same)
+    assert ctl.dead_network(dataclasses.replace(exploded, peak=176.0, peak_step=1)) is None
