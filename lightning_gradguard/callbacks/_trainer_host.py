@@ -125,6 +125,12 @@ class TrainerHost(GuardHost):
             if cb.state_key in saved:
                 cb.restore_snapshot_state(saved[cb.state_key])
 
+    def clipping_in_probation(self) -> bool:
+        return any(cb.clipping_in_probation() for cb in self._clippers())
+
+    def pin_clipping(self) -> bool:
+        return any([cb.pin_clipping() for cb in self._clippers()])
+
     def _clippers(self) -> list[Any]:
         from lightning_gradguard.callbacks.adaptive_gradient_clipping import AdaptiveGradientClipping
 

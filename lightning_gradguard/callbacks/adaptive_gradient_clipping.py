@@ -238,6 +238,16 @@ class AdaptiveGradientClipping(Callback):
             slot.settle()  # the guard snapshots after its verdict on the step: the step is learned (or not) now
         return {idx: copy.deepcopy(slot.clipper.state_dict()) for idx, slot in self._slots.items()}
 
+    def clipping_in_probation(self) -> bool:
+        """Whether any optimizer's learned statistics took over from the warm-up cap only recently."""
+        return any(slot.clipper.in_probation for slot in self._slots.values())
+
+    def pin_clipping(self) -> bool:
+        """Hold each optimizer's threshold at its warm-up cap (``fallback_max_norm``) for the rest of the fit (the
+        guard's restart of a network that died after the statistics released the cap:
+        :meth:`~lightning_gradguard.core.clip.Clipper.pin`); returns whether any was pinned now."""
+        return any([slot.clipper.pin() for slot in self._slots.values()])
+
     def restore_snapshot_state(self, state: dict[int, Any]) -> None:
         """A rollback: the statistics go back to what the snapshot held (an optimizer that had none then starts
         afresh, with its warm-up: a restart from the untrained state); the step that triggered the rollback is not

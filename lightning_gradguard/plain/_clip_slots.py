@@ -158,6 +158,14 @@ class ClipSlots:
         self.commit()  # the guard snapshots after its verdict on the step: the step is learned (or not) now
         return [copy.deepcopy(s.clipper.state_dict()) if s.clipper is not None else None for s in self.slots]
 
+    def in_probation(self) -> bool:
+        """Whether any clipper's learned statistics took over from the warm-up cap only recently."""
+        return any(s.clipper.in_probation for s in self.slots if s.clipper is not None)
+
+    def pin(self) -> bool:
+        """Hold every clipper's threshold at its warm-up cap for good (:meth:`Clipper.pin`); whether any changed."""
+        return any([s.clipper.pin() for s in self.slots if s.clipper is not None])
+
     def restore_snapshot_state(self, saved: list[dict[str, Any] | None]) -> None:
         """A rollback: each clipper's statistics go back to what the snapshot held (the statistics learned since
         then describe the discarded trajectory); the step that triggered it is not learned. Counters keep

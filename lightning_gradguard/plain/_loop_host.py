@@ -150,6 +150,12 @@ class LoopHost(GuardHost):
         if "clippers" in extra and self.clips is not None:
             self.clips.restore_snapshot_state(extra["clippers"])
 
+    def clipping_in_probation(self) -> bool:
+        return self.clips.in_probation() if self.clips is not None else False
+
+    def pin_clipping(self) -> bool:
+        return self.clips.pin() if self.clips is not None else False
+
     def reducer(self) -> MaxReducer:
         return self._reducer
 

@@ -56,6 +56,7 @@ class _AdaptiveClipper(Clipper):
         self.started = False  # the warm-up is over: the reference is full and the statistics run (host flag)
         self._probation = False  # started, and the window still slides: a fall of its level resumes the warm-up
         self.limit: Number = math.inf  # threshold in force at the last committed step
+        self.pinned = False  # held at the warm-up's capped fallback for good (pin())
         self._pending: tuple[Number, Number] | None = None  # (norm, threshold) of the step awaiting its verdict
 
     @property
@@ -82,7 +83,7 @@ class _AdaptiveClipper(Clipper):
         Asked from ``warmup_steps`` committed steps on (the window cannot be full earlier), then at every step until
         the probation is over: one host read per step on the tensor path, only during those first steps; nothing
         afterwards."""
-        if self.seen < self.warm.size or not (self._probation or not self.started):
+        if self.pinned or self.seen < self.warm.size or not (self._probation or not self.started):
             return
         taken, settled, fell = self.warm.progress()
         if self.started:
@@ -95,6 +96,25 @@ class _AdaptiveClipper(Clipper):
         if taken >= self.warm.size and (settled or taken >= self.max_warmup):
             self.started, self._probation = True, self.warm.tested and taken < self.max_warmup
             self._begin()
+
+    @property
+    def in_probation(self) -> bool:
+        """The statistics took over from the warm-up's cap less than ``MAX_WARMUP_FACTOR`` x ``warmup_steps`` steps
+        ago (and were not found to fall since)."""
+        return self.started and self._probation and math.isfinite(self.cap)
+
+    def pin(self) -> bool:
+        """Never (again) leave the warm-up: the threshold stays ``min(fallback_factor * median, cap)`` of the
+        sliding window, so ``cap`` (``fallback_max_norm``) binds while the norms are far above it, as a fixed clip
+        would. Asked by the guard when it restarts a network that died after the statistics released the cap (their
+        warm-up learned the norms of an exploding start). False when already pinned or without a finite cap."""
+        if self.pinned or not math.isfinite(self.cap):
+            return False
+        self.pinned = True
+        if self.started:
+            self.started = self._probation = False
+            self._restart()
+        return True
 
     def _restart(self) -> None:
         """The probation found the window's level fallen (its halves an order of magnitude apart): drop the statistics
@@ -163,6 +183,7 @@ class _AdaptiveClipper(Clipper):
             "seen": self.seen,
             "started": self.started,
             "probation": self._probation,
+            "pinned": self.pinned,
             "limit": float(limit) if isinstance(limit, Tensor) else limit,
             "warmup": self.warm.state_dict(),
         }
@@ -172,6 +193,7 @@ class _AdaptiveClipper(Clipper):
         self.seen = int(state.get("seen", 0))
         self.started = bool(state.get("started", self.seen >= self.warm.size))  # older states: a step count
         self._probation = self.started and bool(state.get("probation", False))  # older states: none
+        self.pinned = bool(state.get("pinned", False))
         limit = float(state.get("limit", math.inf))
         if not limit > TINY_NORM:  # a threshold of 0 (learned from zero norms by an older version) never stands
             limit = math.inf

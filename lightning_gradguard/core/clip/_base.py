@@ -76,6 +76,17 @@ class Clipper:
     def commit(self, dropped: bool = False) -> None:
         """Learn from the step last clipped (nothing for stateless methods)."""
 
+    @property
+    def in_probation(self) -> bool:
+        """Whether learned statistics took over from the warm-up's cap only recently (False for fixed methods)."""
+        return False
+
+    def pin(self) -> bool:
+        """Hold the threshold at the warm-up's capped fallback for the rest of the run (a guard restarting a network
+        that died after the learned statistics released the cap); returns whether anything changed (False for a
+        method with no learned threshold, or no cap to hold)."""
+        return False
+
     def check_parameters(self, named_params: Sequence[tuple[str, Tensor]], owner: str | None = None) -> None:
         """Raise ``ValueError`` naming a parameter this method cannot clip (called at setup; ``owner``: the class
         the user called, named at the start of the message)."""

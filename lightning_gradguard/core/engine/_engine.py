@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ from lightning_gradguard.core.recover._rules import (
     snapshot_failure_message,
     stability_cut,
 )
+from lightning_gradguard.core.recover._rules import lower_lr as cut_lr
 from lightning_gradguard.core.recover._snapshot import (
     BufferCopy,
     Snapshot,
@@ -71,6 +73,8 @@ from lightning_gradguard.core.recover._snapshot import (
 from lightning_gradguard.errors import DivergenceError
 
 _NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "nonfinite_buffers", "other_rank"}
+_DIVERGENCE_CAUSES = (GuardCause.LOSS_DIVERGENCE, GuardCause.GRAD_DIVERGENCE)
+_PIN_NOTE = "the clipping threshold is held at its warm-up cap (fallback_max_norm) from now on"
 _TEXT_TAG = tag("nan_guard_events")
 _OFF_ELSEWHERE = (
     "snapshot='auto': another rank's in-memory snapshots would exceed its snapshot budget; from here on rollbacks "
@@ -134,6 +138,7 @@ class GuardEngine:
         self.lr_scale = 1.0
         #: the LR held below the one a climbing loss showed too high, while the schedule would raise it
         self.lr_ceiling = LRCeiling()
+        self.clip_pinned = False  # a dead network's restart held the clippers at their warm-up caps (lower_lr)
         self.warnings = 0
         self.lr_recoveries = 0
         self._since_cut = 0  # healthy steps since the last LR cut or raise (the LR recovery's clock)
@@ -502,7 +507,14 @@ class GuardEngine:
             self._record_batches(health, decision)  # only batches found at fault (a rank's own): never a healthy one
         self.cause = decision.cause
         if decision.action is GuardAction.ROLLBACK and source is not None:
-            self._restore(source, decision.lr_power)
+            # a divergence soon after the clipping statistics took over from the warm-up cap is theirs (they learned
+            # the norms of an unsettled start, then let them through): keep the cap, not the LR cut
+            pin = decision.cause in _DIVERGENCE_CAUSES and not self.clip_pinned and host.clipping_in_probation()
+            self._restore(source, 0 if pin else decision.lr_power)
+            if pin and host.pin_clipping():
+                self.clip_pinned = True
+                note = "; ".join(x for x in (note, _PIN_NOTE + " instead of an LR cut: the divergence came just "
+                                             "after the clipping statistics took over from it") if x)  # fmt: skip
             event.snapshot_step, event.snapshot_path = source.step, source.meta.get("path")
             event.reason = "; ".join(r for r in (event.reason, note) if r)
         event.lr_scale = self.lr_scale
@@ -588,21 +600,49 @@ class GuardEngine:
         the LR's growth also holds ``optimizer`` (whose loss climbed) at the best window's LR from here on
         (:class:`~lightning_gradguard.core.recover._lr_scaling.LRCeiling`): the schedule that raised it would
         otherwise walk back past the cut within a few steps."""
-        host, policy = self.host, self.policy
+        host, policy, o = self.host, self.policy, self.options
+        dead = finding.rule == "dead_network"
+        if dead and not policy.rollbacks_left:  # an LR cut in place cannot revive dead units: say so, change nothing
+            self.warnings += 1
+            reason = finding.reason + "; no restart left (the rollback budget is spent): warning only"
+            event = GuardEvent(step, "warn", GuardCause.DEAD_NETWORK.value, self.lr_scale, reason=reason)
+            event.rule = finding.rule
+            self.record_event(event)
+            return
+        first_pin = dead and not self.clip_pinned  # a first death: the clip cap, not the LR, is the protection
+        before = self.lr_scale
         snap, extra, self.lr_scale = stability_cut(
-            self.start_state, self.store, finding, policy.rollbacks_left, host.model(),
-            host.optimizers(), host.schedulers(), self.lr_scale, self.options.lr_factor, step,
-            self.judge_.controller.window, self.options.min_lr_scale,
+            self.start_state, self.store, replace(finding, lr_power=0) if first_pin else finding,
+            policy.rollbacks_left, host.model(), host.optimizers(), host.schedulers(), self.lr_scale, o.lr_factor,
+            step, self.judge_.controller.window, o.min_lr_scale,
         )  # fmt: skip
-        self._cut_made()
         if snap is not None:
             policy.spend_rollback()
         host.load_extra_state(extra)
+        note = ""
+        if dead:
+            if host.pin_clipping():
+                note = "; " + _PIN_NOTE
+                if first_pin:
+                    self.clip_pinned = True
+                    note += (
+                        ", instead of an LR cut: the clipping statistics had learned the norms of an exploding "
+                        "start and released the cap"
+                    )
+            elif first_pin:  # no adaptive clipper to hold: the LR is the only protection left
+                self.lr_scale = cut_lr(
+                    host.optimizers(), host.schedulers(), self.lr_scale, o.lr_factor, finding.lr_power, o.min_lr_scale
+                )
+        if self.lr_scale < before:
+            self._cut_made()
         self.outcome = GuardDecision.ROLLED_BACK if snap is not None else GuardDecision.LOWERED_LR
         self._after_state_change()
+        if dead and snap is not None:  # a new run from the untrained state: nothing learned of the dead one holds
+            self.judge_.restart_from_scratch()
         kind = "rollback" if snap is not None else "lower_lr"
-        reason = finding.reason + self._hold_lr(finding, optimizer)
-        event = GuardEvent(step, kind, GuardCause.LR_TOO_HIGH.value, self.lr_scale, reason=reason)
+        reason = finding.reason + note + self._hold_lr(finding, optimizer)
+        cause = GuardCause.DEAD_NETWORK if dead else GuardCause.LR_TOO_HIGH
+        event = GuardEvent(step, kind, cause.value, self.lr_scale, reason=reason)
         event.rule = finding.rule
         event.snapshot_step = snap.step if snap is not None else None
         self.record_event(event)
@@ -892,6 +932,7 @@ class GuardEngine:
             "warnings": self.warnings,
             "lr_recovery": [self.lr_recoveries, self._since_cut, self._recovery_steps, self._raised],
             "lr_ceiling": self.lr_ceiling.state_dict(),
+            "clip_pinned": self.clip_pinned,
             "events": [dict(e) for e in self.events],
             "reason": self.outcome.value,
             "policy": self.policy.state_dict(),
@@ -912,6 +953,7 @@ class GuardEngine:
         self._recovery_steps = None if rec[2] is None else int(rec[2])
         self._raised = bool(rec[3])
         self.lr_ceiling.load_state_dict(state.get("lr_ceiling"))
+        self.clip_pinned = bool(state.get("clip_pinned", False))
         self.events = [dict(e) for e in state.get("events", [])]
         self.policy.load_state_dict(state.get("policy") or state)
         values = {d.value for d in GuardDecision}

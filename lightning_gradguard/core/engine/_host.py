@@ -59,6 +59,16 @@ class GuardHost:
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         """Put back what :meth:`extra_state` returned."""
 
+    def clipping_in_probation(self) -> bool:
+        """Whether an adaptive clipper's learned statistics took over from its warm-up cap only recently (a
+        divergence then is the statistics' doing: the guard pins the cap instead of cutting the LR)."""
+        return False
+
+    def pin_clipping(self) -> bool:
+        """Hold the loop's adaptive clipping thresholds at their warm-up caps for the rest of the run; returns whether
+        any was pinned now (False: no adaptive clipper with a cap, or already pinned)."""
+        return False
+
     def reducer(self) -> RankReducer | None:
         """The element-wise cross-rank maximum (None: a single process)."""
         return None

@@ -347,6 +347,20 @@ class StabilityController:
         self._every = max(1, self.window // 5)
         self._pending, self._pending_count = None, 0
 
+    def forget_run(self) -> None:
+        """A restart from the untrained state: everything learned about the run goes (first loss and norm, peak,
+        best window, safe LR, early level, steps); the counters of findings and the warnings' spacing stay, and the
+        restart counts as the last acting finding (a second one soon after is a repeat: its cut doubles)."""
+        self._start = self._start_norm = None
+        self._peak, self._peak_step, self._sustained = -math.inf, 0, -math.inf
+        self._early, self._early_norm = [], 0.0
+        self._best, self._best_spread, self._best_lr = math.inf, 0.0, 0.0
+        self._lr_top = self._safe_lr = 0.0
+        self._steps = 0
+        self._last_fire = 0
+        self._warned = {}
+        self.reset()
+
     @property
     def start_steps(self) -> int:
         """Healthy steps during which the start rules judge."""
@@ -675,7 +689,10 @@ class StabilityController:
     def dead_network(self, w: WindowPair) -> StabilityFinding | None:
         """The dead-network signs (:meth:`_dead_signs`) and a confirmation or a cause: most gradient tensors vanished
         (dead units), or the loss blew up in the first steps (what kills units) and the gradient norm collapsed
-        ``dead_collapse`` x below its early level. A warning, with the numbers."""
+        ``dead_collapse`` x below its early level. A warning, with the numbers; it **acts** (restart from the
+        untrained state) when both hold: the vanished gradients prove the death and a blow-up in the run's start
+        windows caused it (:meth:`_killed`). A dead network cannot learn its way out (its gradients are zero), so the
+        restart costs nothing the run still had."""
         vanished = w.vanished >= self.dead_share
         blown = self._blown_at_start(w) and w.new_norm * self.dead_collapse < w.early_norm
         flat = (vanished and self._dead_signs(w, start=False)) or (blown and self._dead_signs(w))
@@ -683,6 +700,7 @@ class StabilityController:
             if w.still >= self.dead_share and self._dead_signs(w, flat=False):
                 return self._untrained_layers(w)
             return None
+        killed = vanished and self._killed(w)
         level = max(abs(w.old_loss), abs(w.new_loss))
         spread = max(w.old_spread, w.new_spread)
         evidence = {
@@ -717,9 +735,23 @@ class StabilityController:
                 else f"the gradient norm collapsed to zero (early level {_g(w.early_norm)}); "
             )
             + "; ".join(signs)
-            + "; a too-high LR or a bad initialisation in the first steps can kill units (warning only)",
-            act=False,
+            + self._dead_ending(killed),
+            lr_power=2,
+            target="start",
+            act=killed,
         )
+
+    def _killed(self, w: WindowPair) -> bool:
+        """A blow-up caused the death: the run's highest loss came in its start windows, ``blowup`` x above the
+        level the loss sits at now."""
+        level = max(abs(w.old_loss), abs(w.new_loss))
+        return 0 < w.peak_step <= self.start_steps and w.peak > self.blowup * level
+
+    @staticmethod
+    def _dead_ending(killed: bool) -> str:
+        if killed:
+            return "; units killed by that blow-up: restart from the untrained state"
+        return "; a too-high LR or a bad initialisation in the first steps can kill units (warning only)"
 
     def _untrained_layers(self, w: WindowPair) -> StabilityFinding:
         """The dead-network warning from its other proof: most gradient tensors vanished at every step of at least a
@@ -740,14 +772,24 @@ class StabilityController:
             if w.new_norm > 0
             else f"the gradient norm collapsed to zero (early level {_g(w.early_norm)})"
         )
+        killed = self._killed(w)
+        peak = (
+            f"; its highest loss came at step {w.peak_step} ({_g(w.peak)}, {w.peak / max(abs(w.new_loss), 1e-30):.3g}x "
+            "today's level)"
+            if killed
+            else ""
+        )
         return StabilityFinding(
             "dead_network",
             evidence,
             f"the network looks dead: the gradient of {w.still:.0%} of the parameter tensors vanished at every one of "
             f"the last {w.window} steps or more (those layers no longer learn) while the loss stopped improving "
-            f"(window medians {_g(w.old_loss)} -> {_g(w.new_loss)}, first loss {_g(w.start_loss)}) and {norm}; a "
-            "too-high LR or a bad initialisation can kill units (warning only)",
-            act=False,
+            f"(window medians {_g(w.old_loss)} -> {_g(w.new_loss)}, first loss {_g(w.start_loss)}) and {norm}"
+            + peak
+            + self._dead_ending(killed),
+            lr_power=2,
+            target="start",
+            act=killed,
         )
 
     def sustained_clipping(self, w: WindowPair) -> StabilityFinding | None:

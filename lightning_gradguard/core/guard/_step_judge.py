@@ -503,6 +503,15 @@ class StepJudge:
             streamed.detector.restart_runs()
             streamed.controller.reset()
 
+    def restart_from_scratch(self) -> None:
+        """A restart from the untrained state after the network died: the baselines describe the failed trajectory
+        (a dead network's collapsed norms would call the fresh network's norms a divergence), so every detector
+        learns anew and every controller starts a new run (its counters of findings kept)."""
+        for streamed in self.streams.values():
+            streamed.last = None
+            streamed.detector.reset()
+            streamed.controller.forget_run()
+
     def forget_last_step(self) -> None:
         """A new run of steps (e.g. a new fit without a resumed state): no previous step feeds the controller."""
         for streamed in self.streams.values():

@@ -78,10 +78,12 @@ CASES = {
             new_norm=0.07,
             best=math.inf,
             vanished=41 / 42,  # every gradient but the output bias's is exactly zero
+            peak=17.7,  # its first loss: the blow-up that killed it
+            peak_step=1,
         ),
-        "in_place",
-        1,
-        False,
+        "start",  # proven dead (vanished gradients) and killed by a blow-up: restart from the untrained state
+        2,
+        True,
     ),
     "sustained_clipping": (
         _pair(start_loss=2.0, start_norm=1.0, old_loss=2.15, new_loss=2.3, clipped_share=0.9, best=math.inf),
@@ -473,8 +475,11 @@ def test_a_dead_network_far_below_an_exploding_first_loss_is_confirmed_by_its_va
     assert ctl.dead_network(exploded) is None  # not measured: "far below the start" is no proof either way
     dead = ctl.dead_network(dataclasses.replace(exploded, vanished=0.97))
     assert dead is not None
-    assert not dead.act
+    assert (dead.act, dead.target) == (True, "start")  # proven dead, killed by a blow-up in its start windows
     assert "its highest loss came at step 20 (3.1e+05" in dead.reason
+    assert dead.reason.endswith("units killed by that blow-up: restart from the untrained state")
+    late = dataclasses.replace(exploded, vanished=0.97, peak_step=ctl.start_steps + 1)  # a blow-up after the start
+    assert not ctl.dead_network(late).act  # windows: named, not restarted (the start is far behind)
     assert ctl.dead_network(dataclasses.replace(exploded, vanished=0.0)) is None  # gradients everywhere: resting
     # the blow-up alone never confirms a death far below the first loss (a run that trained from an exploding start
     # and converged to a flat loss looks the same)
