@@ -510,8 +510,13 @@ class StabilityController:
         at before reaching its best (a warm restart or a cyclic schedule returning to its earlier peak is no
         evidence: the run survived that LR), and the loss is not already coming down by itself (the newer window
         clearly below the older)."""
-        recovering = w.new_loss < w.old_loss - max(w.old_spread, w.new_spread)
-        return w.best_lr > 0 and w.new_lr >= self.lr_growth * w.best_lr and w.new_lr > w.safe_lr and not recovering
+        grew = w.best_lr > 0 and w.new_lr >= self.lr_growth * w.best_lr
+        return grew and w.new_lr > w.safe_lr and not self._recovering(w)
+
+    @staticmethod
+    def _recovering(w: WindowPair) -> bool:
+        """The newer window's median is clearly below the older one's (by more than their spread)."""
+        return w.new_loss < w.old_loss - max(w.old_spread, w.new_spread)
 
     def _climbing(self, w: WindowPair) -> bool:
         """Already rising in the older window (above its best by ``rising - 1`` scales) and above the floor."""
@@ -526,13 +531,11 @@ class StabilityController:
             return f"; the learning rate grew {growth:.3g}x since the best window ({_g(w.best_lr)} -> {_g(w.new_lr)})"
         if not (w.best_lr > 0 and w.new_lr >= self.lr_growth * w.best_lr):
             why = "the learning rate did not grow (a harder task or a changing objective looks the same)"
-        elif not w.new_lr > w.safe_lr:
+        else:  # (a climb that is coming down by itself is no finding at all: loss_above_best)
             why = (
                 f"the learning rate grew since the best window ({_g(w.best_lr)} -> {_g(w.new_lr)}) but not past "
                 f"{_g(w.safe_lr)}, which the run trained at before its best (a warm restart or a cyclic schedule)"
             )
-        else:
-            why = f"the loss is already coming down (median {_g(w.old_loss)} -> {_g(w.new_loss)})"
         return f"; {why}: warning only"
 
     def norm_rising(self, w: WindowPair) -> StabilityFinding | None:
@@ -572,8 +575,10 @@ class StabilityController:
         )
 
     def loss_above_best(self, w: WindowPair) -> StabilityFinding | None:
-        """A slow climb: the newer window's median is ``loss_growth - 1`` scales above the lowest window median."""
-        if not self._climbing(w):
+        """A slow climb: the newer window's median is ``loss_growth - 1`` scales above the lowest window median, and
+        not clearly below the older one's (a loss coming down from a jump, e.g. after a curriculum's switch, is not
+        climbing: said once when it climbed, not again at every window of its descent)."""
+        if not self._climbing(w) or self._recovering(w):
             return None
         scale = self._scale(w, w.best, w.best_spread)
         if not (scale > 0 and w.new_loss > w.best + (self.loss_growth - 1.0) * scale):
