@@ -189,26 +189,32 @@ class _ExplodingMLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
-def test_a_network_killed_after_its_exploding_start_is_restarted_with_the_clip_cap_held(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_network_killed_after_its_exploding_start_is_restarted_with_the_clip_cap_held(tmp_path, seed):
     # every rule that compares with the first loss sees a 20x "improvement"; the vanished gradients are the proof,
     # and the blow-up after the warm-up released the cap the cause: restart from the untrained state, the clipping
     # threshold held at fallback_max_norm from then on (what Lightning's gradient_clip_val=1.0 does throughout), the
-    # LR left alone
-    pl.seed_everything(0, verbose=False)
+    # LR left alone. Here both seeds die at chance and are restarted; on another kernel path a run may instead diverge
+    # while the clipping statistics are on probation (rolled back with the cap held, tests/test_init_explosion_mlp.py):
+    # either way the cap is held, the LR is the user's, and the run learns
+    pl.seed_everything(seed, verbose=False)
     callbacks, seen = default_callbacks(), _Losses()
     guard = next(c for c in callbacks if isinstance(c, NaNGuard))
-    _trainer(tmp_path, 400, [*callbacks, seen]).fit(_ExplodingMLP(), datamodule=DigitsDataModule(batch_size=64, seed=0))
+    dm = DigitsDataModule(batch_size=64, seed=seed)
+    _trainer(tmp_path, 400, [*callbacks, seen]).fit(_ExplodingMLP(), datamodule=dm)
     chance = math.log(10)
     assert seen.losses[0] > 10 * chance  # the case: an exploding initialisation
     late = sorted(seen.losses[-40:])[20]
-    dead = [e for e in guard.events if e["cause"] == "dead_network"]
-    if not dead:  # it did not die on this kernel path: then it learned, and nothing called it dead
-        assert late < 0.5 * chance, seen.losses[-40:]
+    assert late < 0.5 * chance, (seen.losses[-40:], guard.events)  # it learns
+    held = [e for e in guard.events if "held at its warm-up cap (fallback_max_norm)" in str(e.get("reason"))]
+    if not held:  # it neither died nor diverged on this kernel path: nothing was needed, nothing done
+        assert [e for e in guard.events if e["kind"] != "warn"] == [], guard.events
         return
-    first = dead[0]
-    assert first["step"] <= 160
+    first = held[0]
     assert first["kind"] == "rollback"
-    assert first["snapshot_step"] == 0
-    assert "held at its warm-up cap (fallback_max_norm)" in first["reason"]
+    assert first["cause"] in ("dead_network", "loss_divergence", "grad_divergence")
+    assert first["step"] <= 160
     assert first["lr_scale"] == 1.0  # the cap, not the LR, is the protection
-    assert late < 0.5 * chance, seen.losses[-40:]  # rescued: it learns after the restart
+    if first["cause"] == "dead_network":
+        assert first["snapshot_step"] == 0
+        assert "restart from the untrained state" in first["reason"]
