@@ -523,3 +523,38 @@ def test_units_killed_in_a_plain_loop_are_named_dead_by_their_vanished_gradients
     assert [(e["kind"], e["cause"]) for e in guard.events] == [("warn", "dead_network")], guard.events
     assert "the gradient vanished in 83% of the parameter tensors" in guard.events[0]["reason"]
     assert guard.lr_scale == 1.0
+
+
+def test_the_plain_host_pins_its_clippers_at_their_warm_up_cap():
+    # the wiring of the dead-network restart's protection through the plain host (the Lightning fits in
+    # tests/callbacks/test_silent_death.py and tests/test_init_explosion_mlp.py exercise the decision): a regression
+    # whose gradient norms are ~100 from the first step; after the warm-up the z-score statistics learn them and clip
+    # almost nothing; pinned, every later step is clipped to fallback_max_norm (1.0), and the pin is checkpointed
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-5)
+    guard = GradGuard(net, opt, clipping="zscore", announce=False)
+    g = torch.Generator().manual_seed(0)
+
+    def step() -> float:
+        x = torch.randn(64, 8, generator=g)
+        loss = nn.functional.mse_loss(net(x), 100.0 * x[:, :1])
+        loss.backward()
+        if guard.before_step(loss):
+            post = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()])))
+            opt.step()
+        guard.after_step()
+        opt.zero_grad()
+        return post
+
+    free = [step() for _ in range(60)]
+    assert min(free[30:]) > 10.0  # the learned statistics let the run's own norms through
+    host = guard.engine.host
+    assert host.pin_clipping()
+    assert not host.pin_clipping()  # already pinned
+    pinned = [step() for _ in range(30)]
+    assert max(pinned) <= 1.0 + 1e-4
+    state = guard.state_dict()
+    again = GradGuard(net, opt, clipping="zscore", announce=False)
+    again.load_state_dict(state)
+    assert not again.engine.host.pin_clipping()  # the pin came back with the state
