@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.json:
         with open(f"{args.json}.rank{fabric.global_rank}", "w") as f:
             json.dump(runs, f)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # a clean exit: gloo's threads are joined before the interpreter ends (without it a rank now and then aborts
+        # at exit with "terminate called without an active exception", after its work is done)
+        torch.distributed.destroy_process_group()
     return runs
 
 
