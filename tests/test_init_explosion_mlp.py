@@ -55,5 +55,6 @@ def test_the_defaults_hold_the_clip_cap_and_learn_where_the_fixed_clip_learns():
     assert first["lr_scale"] == 1.0  # the cap, not an LR cut
     if first["cause"] in ("loss_divergence", "grad_divergence"):
         assert "the divergence came just after the clipping statistics took over" in first["reason"]
+        assert "the learning rate looks too high" not in first["reason"]  # not this divergence's reading
     else:
         assert first["cause"] == "dead_network"

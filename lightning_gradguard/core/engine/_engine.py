@@ -513,6 +513,8 @@ class GuardEngine:
             self._restore(source, 0 if pin else decision.lr_power)
             if pin and host.pin_clipping():
                 self.clip_pinned = True
+                # the policy's "the learning rate looks too high" is the usual reading of a divergence, not this one's
+                event.reason = "; ".join(x for x in event.reason.split("; ") if x != "the learning rate looks too high")
                 note = "; ".join(x for x in (note, _PIN_NOTE + " instead of an LR cut: the divergence came just "
                                              "after the clipping statistics took over from it") if x)  # fmt: skip
             event.snapshot_step, event.snapshot_path = source.step, source.meta.get("path")
