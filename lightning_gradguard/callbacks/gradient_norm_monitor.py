@@ -54,8 +54,9 @@ class GradientNormMonitor(Callback):
 
     Layers are the modules that own parameters (``net.0.weight`` + ``net.0.bias`` = ``net.0``), in optimizer order.
     **Vanishing**: update ratio (grad norm / weight norm) below ``vanishing_threshold`` for ``vanishing_patience``
-    consecutive logs. **Exploding**: norm above ``exploding_factor`` x the layer's running geometric mean, after
-    ``exploding_warmup`` logs (``core/measure/_layer_health.py``). A layer's first flag is a warning; every
+    consecutive logs. **Exploding**: norm above ``exploding_factor`` x the layer's running geometric mean and above
+    ``exploding_z`` standard deviations of its own log norm (a layer whose norm routinely swings 10x is not exploding
+    when it swings again), after ``exploding_warmup`` logs (``core/measure/_layer_health.py``). A layer's first flag is a warning; every
     change goes to the text tag ``gradguard/layer_health_events`` and :attr:`events`.
 
     Tags (``_opt<i>`` appended for optimizers after the first): scalars ``grad_norm``, ``grad_norm_max``,
@@ -75,7 +76,8 @@ class GradientNormMonitor(Callback):
         log_grad_histograms: also write a histogram of each layer's gradient values (costly for big models).
         flow_every_n_logs: draw the gradient-flow image every n logging steps (>= 0; 0 = never).
         vanishing_threshold, vanishing_patience: see above (> 0; >= 1).
-        exploding_factor, exploding_ema_decay, exploding_warmup: see above (> 1; in (0, 1); >= 1).
+        exploding_factor, exploding_ema_decay, exploding_warmup, exploding_z: see above (> 1; in (0, 1); >= 1;
+            >= 0, 0: the factor alone).
         progress_bar: show the global norm as ``grad_norm`` in the progress bar (one host read every step).
 
     Example:
@@ -100,6 +102,7 @@ class GradientNormMonitor(Callback):
         exploding_factor: float = 10.0,
         exploding_ema_decay: float = 0.9,
         exploding_warmup: int = 5,
+        exploding_z: float = 3.0,
         progress_bar: bool = False,
     ) -> None:
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True, owner=_OWNER)
@@ -128,6 +131,9 @@ class GradientNormMonitor(Callback):
             owner=_OWNER,
         )
         self.exploding_warmup = check_int("exploding_warmup", exploding_warmup, 1, owner=_OWNER)
+        self.exploding_z: float = check_number(  # type: ignore[assignment]
+            "exploding_z", exploding_z, low=0.0, high_open=True, describe="finite and >= 0", owner=_OWNER
+        )
         self.progress_bar = check_bool("progress_bar", progress_bar, owner=_OWNER)
 
         self._log_every = self.log_every_n_steps or 50
@@ -169,7 +175,9 @@ class GradientNormMonitor(Callback):
         if state is None:
             state = self._states[idx] = MonitorState(
                 VanishingDetector(self.vanishing_threshold, self.vanishing_patience),
-                ExplodingDetector(self.exploding_factor, self.exploding_ema_decay, self.exploding_warmup),
+                ExplodingDetector(
+                    self.exploding_factor, self.exploding_ema_decay, self.exploding_warmup, self.exploding_z
+                ),
             )
         return state
 
@@ -314,7 +322,8 @@ class GradientNormMonitor(Callback):
         why = {
             "vanishing": f"its update ratio (grad norm / weight norm) stayed below {self.vanishing_threshold:g} for "
             f"{self.vanishing_patience} logged steps",
-            "exploding": f"its gradient norm is more than {self.exploding_factor:g}x its running average",
+            "exploding": f"its gradient norm is more than {self.exploding_factor:g}x its running average and more "
+            f"than {self.exploding_z:g} standard deviations of its own log norm above it",
         }
         report_layer_health(trainer, self._health, self.events, idx, step, names, vanishing, exploding, why)
         state.logs += 1

@@ -512,6 +512,8 @@ def test_state_key_distinguishes_configurations():
         ({"exploding_ema_decay": 1.0}, ValueError, r"exploding_ema_decay must be in \(0, 1\), got 1.0"),
         ({"exploding_ema_decay": 0}, ValueError, r"exploding_ema_decay must be in \(0, 1\), got 0"),
         ({"exploding_warmup": 0}, ValueError, r"exploding_warmup must be an int >= 1, got 0"),
+        ({"exploding_z": -1.0}, ValueError, r"exploding_z must be finite and >= 0, got -1.0"),
+        ({"exploding_z": math.inf}, ValueError, r"exploding_z must be finite and >= 0, got inf"),
         ({"progress_bar": "yes"}, TypeError, r"progress_bar must be a bool, got str"),
     ],
 )

@@ -117,6 +117,7 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "exploding_factor": number(lambda v: 1 < v < math.inf),
         "exploding_ema_decay": number(lambda v: 0 < v < 1),
         "exploding_warmup": integer(1),
+        "exploding_z": number(lambda v: 0 <= v < math.inf),
         "progress_bar": boolean(),
     },
 }

@@ -161,18 +161,25 @@ class VanishingDetector(_LayerDetector):
 
 
 class ExplodingDetector(_LayerDetector):
-    """Flags layers whose gradient norm jumps above ``factor`` times their own running geometric mean.
+    """Flags layers whose gradient norm jumps out of their own band: above ``factor`` times their running geometric
+    mean, and above ``z`` standard deviations of their own log norm.
 
-    Per layer, the history is an EMA of ``log(norm)`` (weight ``1 - ema_decay`` on the newest value, warm-started:
-    the first value is taken as is). At each :meth:`update`, a layer is flagged when it has at least ``warmup``
-    values of history and ``log(norm) > ema + log(factor)``. The history is then updated with
-    ``min(log(norm), ema + log(factor))``. Norms that are NaN, inf or exactly zero (frozen or unused layers) leave
-    that layer's history unchanged and are not flagged.
+    Per layer, the history is an EMA of ``log(norm)`` and an EMA of its squared deviation (weight ``1 - ema_decay``
+    on the newest value, warm-started: the first value is taken as is, with no spread). The band above the mean is
+    ``max(log(factor), z * std)``: a layer whose norm routinely varies 10x from one log to the next (the hard batches
+    of a network near convergence, Adam on a deep plain CNN) is not exploding when it does so again; a layer that
+    is steady is flagged at the first ``factor`` x jump. At each :meth:`update`, a layer is flagged when it has at
+    least ``warmup`` values of history and its log norm is above the band. The history is then updated with the
+    value capped at the band (as in ZClip, arXiv 2504.02507, for the global norm), so one blow-up neither raises the
+    bar for the next nor widens the band by more than one band's worth. Norms that are NaN, inf or exactly zero
+    (frozen or unused layers) leave that layer's history unchanged and are not flagged.
 
     Args:
-        factor: how many times the running (geometric mean) norm counts as exploding (> 1).
-        ema_decay: weight of the past in the EMA of the log norm, in (0, 1).
+        factor: the least jump over the running (geometric mean) norm that counts as exploding (> 1).
+        ema_decay: weight of the past in the EMAs of the log norm and of its spread, in (0, 1).
         warmup: updates of history a layer needs before it can be flagged (>= 1).
+        z: the band is also at least this many standard deviations of the layer's log norm (>= 0; 0: ``factor``
+            alone).
 
     Example:
         >>> det = ExplodingDetector(factor=10.0, warmup=2)
@@ -182,12 +189,18 @@ class ExplodingDetector(_LayerDetector):
         ['fc2']
     """
 
-    _fields = (("_log_mean", 0.0, torch.float32), ("_count", 0, torch.long), ("_flags", False, torch.bool))
+    _fields = (
+        ("_log_mean", 0.0, torch.float32),
+        ("_log_var", 0.0, torch.float32),
+        ("_count", 0, torch.long),
+        ("_flags", False, torch.bool),
+    )
     _log_mean: Tensor
+    _log_var: Tensor
     _count: Tensor
     _flags: Tensor
 
-    def __init__(self, factor: float = 10.0, ema_decay: float = 0.9, warmup: int = 5) -> None:
+    def __init__(self, factor: float = 10.0, ema_decay: float = 0.9, warmup: int = 5, z: float = 3.0) -> None:
         factor = _check_positive("factor", factor)
         if factor <= 1.0:
             raise ValueError(f"factor must be finite and > 1, got {factor!r}")
@@ -198,6 +211,11 @@ class ExplodingDetector(_LayerDetector):
             raise ValueError(f"ema_decay must be in the open interval (0, 1), got {ema_decay!r}")
         self.ema_decay = float(ema_decay)
         self.warmup = check_int("warmup", warmup, 1)
+        if not is_number(z):
+            raise TypeError(f"z must be a number >= 0, got {type(z).__name__} ({z!r})")
+        if not (z >= 0 and math.isfinite(z)):
+            raise ValueError(f"z must be finite and >= 0, got {z!r}")
+        self.z = float(z)
         super().__init__()
 
     @property
@@ -218,12 +236,17 @@ class ExplodingDetector(_LayerDetector):
         self._align(values, names)
         valid = torch.isfinite(values) & (values > 0)
         log_norm = torch.where(valid, values, 1.0).log()
-        bound = self._log_mean + math.log(self.factor)
+        band = torch.clamp(self._log_var.sqrt() * self.z, min=math.log(self.factor))
+        bound = self._log_mean + band
         seen = self._count > 0
         self._flags = valid & (self._count >= self.warmup) & (log_norm > bound)
-        capped = torch.where(seen, torch.minimum(log_norm, bound), log_norm)
-        mean = torch.where(seen, self.ema_decay * self._log_mean + (1.0 - self.ema_decay) * capped, capped)
+        capped = torch.minimum(log_norm, bound)
+        dev = capped - self._log_mean
+        decay = self.ema_decay
+        mean = torch.where(seen, self._log_mean + (1.0 - decay) * dev, log_norm)
+        var = torch.where(seen, decay * (self._log_var + (1.0 - decay) * dev * dev), 0.0)
         self._log_mean = torch.where(valid, mean, self._log_mean)
+        self._log_var = torch.where(valid, var, self._log_var)
         self._count = self._count + valid.long()
 
     def compute(self) -> Tensor:
@@ -231,7 +254,13 @@ class ExplodingDetector(_LayerDetector):
         return self._flags
 
     def state_dict(self) -> dict[str, Any]:
-        return {"factor": self.factor, "ema_decay": self.ema_decay, "warmup": self.warmup, **super().state_dict()}
+        return {
+            "factor": self.factor,
+            "ema_decay": self.ema_decay,
+            "warmup": self.warmup,
+            "z": self.z,
+            **super().state_dict(),
+        }
 
 
 class LayerHealthChanges:

@@ -92,10 +92,14 @@ def test_values_must_match_names():
 # ---------------------------------------------------------------------------- exploding
 
 
-def reference_exploding(seq: list[list[float]], factor: float, decay: float, warmup: int) -> list[list[bool]]:
-    """Plain-python per-layer reference of the documented rule."""
+def reference_exploding(
+    seq: list[list[float]], factor: float, decay: float, warmup: int, z: float = 3.0
+) -> list[list[bool]]:
+    """Plain-python per-layer reference of the documented rule: a band of max(log factor, z * std) above the EMA
+    of the log norm; the history takes the value capped at the band."""
     n = len(seq[0])
     mean = [0.0] * n
+    var = [0.0] * n
     count = [0] * n
     out = []
     for norms in seq:
@@ -103,13 +107,15 @@ def reference_exploding(seq: list[list[float]], factor: float, decay: float, war
         for i, x in enumerate(norms):
             valid = math.isfinite(x) and x > 0
             lx = math.log(x) if valid else 0.0
-            bound = mean[i] + math.log(factor)
+            bound = mean[i] + max(math.log(factor), z * math.sqrt(var[i]))
             flags.append(valid and count[i] >= warmup and lx > bound)
             if valid:
                 if count[i] == 0:
                     mean[i] = lx
                 else:
-                    mean[i] = decay * mean[i] + (1 - decay) * min(lx, bound)
+                    dev = min(lx, bound) - mean[i]
+                    mean[i] += (1 - decay) * dev
+                    var[i] = decay * (var[i] + (1 - decay) * dev * dev)
                 count[i] += 1
         out.append(flags)
     return out
@@ -126,6 +132,46 @@ def test_exploding_matches_reference_and_caps_spikes():
     assert got[3] == [True, False, False]
     assert got[4] == [False, False, True]
     assert got[5] == [True, False, False]  # the first spike was capped, so the second one still stands out
+
+
+@pytest.mark.parametrize("z", [0.0, 1.0, 3.0])
+def test_exploding_matches_reference_on_noisy_streams(z):
+    g = torch.Generator().manual_seed(0)
+    # layer a steady, b swinging ~10x log-normally, c steady with rare 30x jumps
+    seq = []
+    for i in range(60):
+        b = float(torch.exp(torch.randn((), generator=g) * 1.5))
+        c = 30.0 if i % 17 == 16 else 1.0 + 0.1 * float(torch.rand((), generator=g))
+        seq.append([1.0 + 0.05 * float(torch.rand((), generator=g)), b, c])
+    det = ExplodingDetector(factor=10.0, ema_decay=0.9, warmup=5, z=z)
+    got = []
+    for norms in seq:
+        det.update(t(*norms), NAMES)
+        got.append(det.compute().tolist())
+    assert got == reference_exploding(seq, 10.0, 0.9, 5, z)
+
+
+def test_exploding_band_widens_for_a_layer_that_swings_routinely():
+    """A layer whose norm swings ~10x between logs (log-normal, sigma 1.5) is flagged at the factor alone again and
+    again; with the z band it is flagged far less, while a steady layer's 30x jump is flagged either way."""
+    g = torch.Generator().manual_seed(1)
+    seq = []
+    for i in range(200):
+        b = float(torch.exp(torch.randn((), generator=g) * 1.5))
+        c = 30.0 if i in (100, 150) else 1.0
+        seq.append([1.0, b, c])
+    flags = {}
+    for z in (0.0, 3.0):
+        det = ExplodingDetector(factor=10.0, warmup=5, z=z)
+        count = [0, 0, 0]
+        for norms in seq:
+            det.update(t(*norms), NAMES)
+            count = [n + int(f) for n, f in zip(count, det.compute().tolist())]
+        flags[z] = count
+    assert flags[0.0][2] == flags[3.0][2] == 2  # the steady layer's two jumps
+    assert flags[0.0][0] == flags[3.0][0] == 0
+    assert flags[0.0][1] >= 10
+    assert flags[3.0][1] * 4 <= flags[0.0][1]
 
 
 def test_exploding_warmup_blocks_early_flags():
@@ -202,6 +248,8 @@ def test_exploding_state_dict_round_trip_weights_only(tmp_path):
         (lambda: ExplodingDetector(ema_decay=1.0), ValueError, r"ema_decay must be in the open interval"),
         (lambda: ExplodingDetector(ema_decay=None), TypeError, r"ema_decay must be a float"),
         (lambda: ExplodingDetector(warmup=0), ValueError, r"warmup must be an int >= 1, got 0"),
+        (lambda: ExplodingDetector(z=-0.5), ValueError, r"z must be finite and >= 0, got -0.5"),
+        (lambda: ExplodingDetector(z="3"), TypeError, r"z must be a number >= 0"),
     ],
 )
 def test_validation(factory, error, match):
