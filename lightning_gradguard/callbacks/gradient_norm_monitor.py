@@ -56,8 +56,8 @@ class GradientNormMonitor(Callback):
     **Vanishing**: update ratio (grad norm / weight norm) below ``vanishing_threshold`` for ``vanishing_patience``
     consecutive logs. **Exploding**: norm above ``exploding_factor`` x the layer's running geometric mean and above
     ``exploding_z`` standard deviations of its own log norm (a layer whose norm routinely swings 10x is not exploding
-    when it swings again), after ``exploding_warmup`` logs (``core/measure/_layer_health.py``). A layer's first flag is a warning; every
-    change goes to the text tag ``gradguard/layer_health_events`` and :attr:`events`.
+    when it swings again), after ``exploding_warmup`` logs (``core/measure/_layer_health.py``). A layer's first flag
+    is a warning; every change goes to the text tag ``gradguard/layer_health_events`` and :attr:`events`.
 
     Tags (``_opt<i>`` appended for optimizers after the first): scalars ``grad_norm``, ``grad_norm_max``,
     ``grad_norm_mean`` (each with a ``_log10`` twin), ``lr``, ``vanishing_layers``, ``exploding_layers``,

@@ -218,3 +218,37 @@ def test_a_network_killed_after_its_exploding_start_is_restarted_with_the_clip_c
     if first["cause"] == "dead_network":
         assert first["snapshot_step"] == 0
         assert "restart from the untrained state" in first["reason"]
+
+
+def _adding_lstm_fit(tmp_path, seed: int, callbacks: list) -> float:
+    """The adding-problem LSTM (32 units, sequence length 30) at Adam lr 0.3, ten times its stable LR, 400 steps:
+    the validation R^2 (0: the mean predictor, chance)."""
+    from lightning_gradguard.examples.lstm import AddingProblemDataModule, AddingProblemLSTM
+
+    pl.seed_everything(seed, verbose=False)
+    model = AddingProblemLSTM(hidden_size=32, lr=0.3, optimizer="adam")
+    dm = AddingProblemDataModule(seq_len=30, num_train=4096, num_val=512, batch_size=64, seed=seed)
+    trainer = make_trainer(tmp_path / f"s{seed}", callbacks, max_steps=400, logger=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    out = make_trainer(tmp_path / f"v{seed}", [], logger=False).validate(model, datamodule=dm, verbose=False)[0]
+    return 1.0 - out["val_mse"] / float(dm.val_set.tensors[1].var(unbiased=False))
+
+
+@pytest.mark.slow
+def test_an_lstm_that_never_learned_after_its_blow_up_is_restarted(tmp_path):
+    """At a 10x too-high LR the LSTM blows up in its first steps; on some seeds it then bounces around the mean
+    predictor for the whole run (unguarded: R^2 near 0 on a seed of three). The defaults restart every such run from
+    the untrained state at a lower LR (``worse_than_untrained`` while the loss is still above the untrained level,
+    ``never_learned`` when it sits at it): every seed learns. Where ``never_learned`` fired, its event says why."""
+    none = [_adding_lstm_fit(tmp_path / "none", seed, []) for seed in range(3)]
+    assert min(none) < 0.3, none  # the fault is real: a seed ends near chance without the guard
+    callbacks = [list(default_callbacks()) for _ in range(3)]
+    guarded = [_adding_lstm_fit(tmp_path / "guard", seed, cbs) for seed, cbs in enumerate(callbacks)]
+    assert min(guarded) > 0.8, guarded
+    for guard in (next(c for c in cbs if isinstance(c, NaNGuard)) for cbs in callbacks):
+        for e in guard.events:
+            if e.get("rule") == "never_learned":
+                assert e["kind"] == "rollback"
+                assert e["cause"] == "lr_too_high"
+                assert "the run has not learned since its first updates" in e["reason"]
+                assert e["snapshot_step"] == 0

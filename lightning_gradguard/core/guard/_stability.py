@@ -4,7 +4,7 @@ Clipping can hide a too-high learning rate for a long time, and a too-high LR in
 damaged (saturated or dead units) without a single non-finite number. :class:`StabilityController` keeps the last
 two windows of ``window`` healthy steps of one loss stream and summarises them as a :class:`WindowPair` (median,
 spread and LR of each window, the share of clipped steps, the run's first loss and norm, the highest loss and when it
-came, the largest median of three consecutive losses, the lowest window median and its LR). Seven named rules read that
+came, the largest median of three consecutive losses, the lowest window median and its LR). Eight named rules read that
 pair, in this order; the first that fires gives a :class:`StabilityFinding`.
 
 **Evidence before action.** A healthy run can look like a sick one on any single statistic: a curriculum, an annealed
@@ -35,7 +35,13 @@ from an earlier state) only when independent signals agree, and otherwise *warns
    ``blowup`` x the first and above ``blowup`` x the newer window's median) the loss sits at the untrained level
    (``stuck_margin``), not improving, while the median gradient norm collapsed ``collapse`` x below the first norm
    (units killed by the violent first updates: the model sits at chance). It **acts** (restart).
-6. ``dead_network`` (warns): the loss is flat (both windows' medians within their spread, the spread under
+6. ``never_learned``: after a blow-up in the first updates (the run's highest loss, in its first ``blowup_steps``
+   steps, ``blowup_sustained`` x above today's level), a start period (``start_windows - 1`` windows since the run
+   began or since the last acting finding) in which no window median came below ``stuck_margin`` x the first loss
+   by more than the batch-to-batch spread (the first loss is one batch, uncertain by about that):
+   the run has not learned since its LR wrecked it. It **acts** (restart). Without the blow-up, not learning is no
+   finding (fine-tuning barely moves its loss; a GAN's losses do not fall).
+7. ``dead_network`` (warns): the loss is flat (both windows' medians within their spread, the spread under
    ``flat`` of the level) and not far below where the run started (less than ``dead_collapse`` x), with the median
    gradient norm below the early gradient level (the largest median of three consecutive norms in the run's first
    window): the output no longer depends on the input (a classifier at chance has the same loss on every batch). A
@@ -51,7 +57,7 @@ from an earlier state) only when independent signals agree, and otherwise *warns
    whole window), with the loss not moving, not far below the start, and the norm below its early level. A dead network
    whose output bias still learns at a high LR has a loss that moves with the bias; it is still dead. Never silent:
    a run that died says so.
-7. ``sustained_clipping`` (warns): at least ``clip_fraction`` of the newer window's steps were clipped, its median
+8. ``sustained_clipping`` (warns): at least ``clip_fraction`` of the newer window's steps were clipped, its median
    loss is not below the older window's and above ``start_margin`` x the first loss.
 
 An acting finding must be found at ``confirm`` judgements in a row (judged every ``window/5`` steps) before it is
@@ -123,6 +129,8 @@ class WindowPair:
             dead-network rule's other signs first held (NaN: not measured, or too few steps).
         still: the share of gradient tensors whose gradient vanished at *every* one of the last ``window`` steps
             or more (NaN: no per-tensor mask given): layers that have not been trained at all for that long.
+        since_action: the healthy steps since the last acting finding, or since the run began when there was none
+            (-1: unknown).
     """
 
     old_loss: float
@@ -148,6 +156,7 @@ class WindowPair:
     early_norm: float = 0.0
     vanished: float = math.nan
     still: float = math.nan
+    since_action: int = -1
 
     @property
     def not_improving(self) -> bool:
@@ -266,6 +275,7 @@ class StabilityController:
         "loss_above_best",
         "worse_than_untrained",
         "killed_at_start",
+        "never_learned",
         "dead_network",
         "sustained_clipping",
     )
@@ -489,6 +499,7 @@ class StabilityController:
             early_norm=self._early_norm,
             vanished=_median(tuple(self._vanished)) if len(self._vanished) >= self._every else math.nan,
             still=sum(n >= self.window for n in self._still) / len(self._still) if self._still else math.nan,
+            since_action=self._steps - (self._last_fire or 0),
         )
 
     def assess(self, pair: WindowPair) -> StabilityFinding | None:
@@ -664,6 +675,48 @@ class StabilityController:
             _PREFIX + f"a blow-up at step {w.peak_step} (loss {_g(w.peak)}), then after {w.steps} steps the loss has "
             f"not moved from the untrained model's ({_g(start)}; medians {_g(w.old_loss)}, {_g(w.new_loss)}) and the "
             f"gradient norm collapsed ({_g(w.start_norm)} -> median {_g(w.new_norm)}): units killed in the first steps",
+            lr_power=2,
+            target="start",
+        )
+
+    def never_learned(self, w: WindowPair) -> StabilityFinding | None:
+        """A blow-up in the first updates, then a start period (``start_windows - 1`` windows, since the run began
+        or since the last acting finding; the guard keeps the untrained state ``start_windows`` windows) in which the
+        loss never came clearly below the untrained model's: no window median below ``stuck_margin`` x the first loss.
+        The blow-up must be the run's highest loss, in its first ``blowup_steps`` steps and ``blowup_sustained`` x
+        above where the loss sits now (a violent first update, not a noisy batch). It **acts** (restart from the
+        untrained state, lower LR): a run that has not learned anything since its LR wrecked it in the first steps
+        is spending its steps at chance (an LSTM at a 10x too-high Adam LR, bouncing around the mean predictor for
+        hundreds of steps). Without that blow-up a run that does not learn is no finding: fine-tuning starts at a
+        low loss that barely moves, and a GAN's losses do not fall."""
+        start = w.start_loss
+        level = max(abs(w.old_loss), abs(w.new_loss))
+        # the first loss is one batch, uncertain by about the batch-to-batch spread of the windows now (where the run
+        # sits at the untrained level): "clearly below" it is below stuck_margin x it by more than that spread
+        spread = max(w.old_spread, w.new_spread)
+        if not (
+            start > 0
+            and w.since_action >= self.start_steps - self.window
+            and min(w.best, w.new_loss) >= self.stuck_margin * start - spread
+            and w.peak_step <= self.blowup_steps
+            and w.peak > self.blowup_sustained * max(level, start)
+        ):
+            return None
+        return StabilityFinding(
+            "never_learned",
+            {
+                "start_loss": start,
+                "best": w.best,
+                "new_loss": w.new_loss,
+                "peak": w.peak,
+                "peak_step": w.peak_step,
+                "spread": spread,
+                "steps": w.since_action,
+            },
+            _PREFIX + f"a blow-up at step {w.peak_step} (loss {_g(w.peak)}, {w.peak / max(level, start):.3g}x where "
+            f"the loss sits now), then in {w.since_action} steps no window's median loss came clearly below the "
+            f"untrained model's (first loss {_g(start)}, batch-to-batch spread {_g(spread)}; best window "
+            f"{_g(min(w.best, w.new_loss))}, now {_g(w.new_loss)}): the run has not learned since its first updates",
             lr_power=2,
             target="start",
         )

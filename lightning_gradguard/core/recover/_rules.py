@@ -172,6 +172,7 @@ class StartState:
     def __init__(self, keep_steps: int) -> None:
         self.keep_steps = int(keep_steps)
         self.snapshot: Snapshot | None = None
+        self.since = 0  # the step the kept copy's time began: 0, or the step of the last restart from it
 
     def offer(self, snapshot: Snapshot) -> None:
         """Keep ``snapshot`` if it is the state of step 0; forget any older one otherwise (a resumed run has no
@@ -179,9 +180,13 @@ class StartState:
         self.snapshot = snapshot if snapshot.step == 0 else None
 
     def expire(self, step: int) -> None:
-        """Drop the copy once ``step`` is past ``keep_steps``."""
-        if step > self.keep_steps:
+        """Drop the copy once ``step`` is ``keep_steps`` past the start (or past the last restart from it)."""
+        if step > self.since + self.keep_steps:
             self.snapshot = None
+
+    def renew(self, step: int) -> None:
+        """A restart from the copy at ``step``: a new run begins, and the copy is kept ``keep_steps`` more."""
+        self.since = int(step)
 
     def restart_target(self, worse_than_start: bool, step: int) -> Snapshot | None:
         """The snapshot to restart from, or None (not worse than untrained, or the copy expired)."""
@@ -234,6 +239,7 @@ def stability_cut(
         return None, {}, lower_lr(optimizers, schedulers, lr_scale, lr_factor, finding.lr_power, floor)
     if from_scratch:
         restart_store(store, target)
+        start.renew(step)
     extra, lr_scale = roll_back(
         target, store, model, optimizers, schedulers, lr_scale, lr_factor, finding.lr_power, floor
     )

@@ -67,6 +67,22 @@ CASES = {
         2,
         True,
     ),
+    # the adding-problem LSTM at a 10x too-high Adam LR (rescue grid, seed 1): at chance for 180 steps
+    "never_learned": (
+        _pair(
+            start_loss=0.1859,
+            old_loss=0.19,
+            new_loss=0.1803,
+            best=0.1642,
+            peak=27.95,
+            peak_step=2,
+            steps=180,
+            since_action=180,
+        ),
+        "start",
+        2,
+        True,
+    ),
     "dead_network": (  # the deep plain CNN whose initialisation explodes, unguarded: dead at chance by step ~20
         _pair(
             start_loss=17.7,
@@ -128,6 +144,47 @@ def test_each_rule_fires_on_its_pair_with_its_name_target_and_exponent(rule):
     # the pair was built so that no earlier rule fires: assess() finds the same one
     assert ctl.assess(pair) == finding
     assert ctl.interventions == 0  # the rules and assess() change no state
+
+
+NEVER = CASES["never_learned"][0]
+
+
+@pytest.mark.parametrize(
+    ("why", "changes"),
+    [
+        ("it learned: a window median 15% below the untrained loss", {"best": 0.15}),
+        ("it learns now", {"new_loss": 0.15}),
+        ("no blow-up: fine-tuning, a GAN", {"peak": 0.5}),
+        ("the peak came after the first updates", {"peak_step": 30}),
+        ("the peak is not 10x today's level", {"peak": 1.5}),
+        ("too early: seven windows are needed", {"since_action": 170}),
+        ("no untrained loss known", {"start_loss": 0.0}),
+    ],
+)
+def test_never_learned_needs_every_sign(why, changes):
+    assert StabilityController().never_learned(dataclasses.replace(NEVER, **changes)) is None, why
+
+
+def test_never_learned_on_a_stream_restarts_once_the_start_period_passed():
+    """A blow-up at step 2, then losses around the untrained level: the finding comes after seven windows (with
+    ``confirm`` judgements in a row), targets the untrained state, and states the numbers."""
+    import random
+
+    rng = random.Random(0)
+    ctl = StabilityController()
+    found = []
+    for step in range(1, 301):
+        loss = 28.0 if step == 2 else 0.18 * (1 + 0.3 * (rng.random() - 0.5))
+        f = ctl.update(loss, 1.0, clipped=False, lr=0.3)
+        if f is not None:
+            found.append((step, f))
+    assert [f.rule for _, f in found] == ["never_learned"]
+    step, f = found[0]
+    assert 175 <= step <= 190
+    assert (f.target, f.act, f.lr_power) == ("start", True, 2)
+    assert "a blow-up at step 2" in f.reason
+    assert "not learned" in f.reason
+    assert f.evidence["peak"] == 28.0
 
 
 def test_the_first_rule_in_order_wins():

@@ -193,3 +193,20 @@ def test_stability_cut_goes_where_the_finding_says_and_leaves_the_budget_to_the_
     assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
     if target == "start" and restored is not None:
         assert [s.step for s in store.snapshots] == [0]  # a restart forgets the newer snapshots
+
+
+def test_a_restart_from_the_start_keeps_the_start_copy_for_another_start_period():
+    """The untrained state lives ``keep_steps`` past the start, and again past each restart from it: the restarted
+    run may need it as much as the first one did."""
+    from lightning_gradguard.core.recover._rules import stability_cut
+
+    net, opt, start, store = _stability_setup()
+    snap, _, _ = stability_cut(start, store, _finding("start", 2), True, net, [opt], [], 1.0, 0.5, step=180, window=25)
+    assert snap.step == 0
+    start.expire(300)  # 120 steps after the restart: kept (without the restart it would be gone after step 200)
+    assert start.snapshot is not None
+    snap, _, _ = stability_cut(start, store, _finding("start", 2), True, net, [opt], [], 1.0, 0.5, step=360, window=25)
+    assert snap.step == 0
+    assert net.weight.item() == 1.0
+    start.expire(561)
+    assert start.snapshot is None
