@@ -268,6 +268,9 @@ class TrainerHost(GuardHost):
     def _sharded(self) -> bool:
         return DTensor is not None and any(isinstance(p, DTensor) for p in self.pl_module.parameters())
 
+    def rerun_takes_items(self) -> bool:
+        return True  # training_step on the batches given
+
     def rerun_is_collective(self) -> bool:
         """Sharded (DTensor) parameters: a rerun's forward all-gathers them, every rank reruns together."""
         return self._sharded()

@@ -313,7 +313,8 @@ def test_manual_optimization_gets_each_diagnosis(tmp_path, monkeypatch, kind: st
     assert [(e["step"], e["kind"], e.get("diagnosis")) for e in guard.events] == [(step, action, diagnosis)]
     assert guard.lr_scale == 1.0
     assert all(not r["diff"] for r in reruns), [r["diff"] for r in reruns]
-    expected_reruns = {"flip": [False], "nan_batch": [], "weight_big": [False, True]}[fault]
+    # weight_big: the same state, the trusted snapshot, then the same state on the last healthy step's batch
+    expected_reruns = {"flip": [False], "nan_batch": [], "weight_big": [False, True, False]}[fault]
     assert [r["weights"] for r in reruns] == expected_reruns
     evidence = guard.events[0]["diagnosis_evidence"]
     if fault == "flip":
@@ -322,5 +323,59 @@ def test_manual_optimization_gets_each_diagnosis(tmp_path, monkeypatch, kind: st
         assert reruns[0]["result"].grad_norm > 0  # the gradients of every loss of the step, through autograd.grad
     if fault == "weight_big":
         assert "the state went bad" in evidence
+        assert "on the last healthy step's batch too" in evidence
+        assert not reruns[2]["result"].finite  # every output overflows: an ordinary batch fails as well
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert trainer.global_step == steps
+
+
+class UnsafeBCE(LightningModule):
+    """A hand-written BCE, -(y log s + (1 - y) log(1 - s)), on separable data with 3% outlier rows scaled x60. The
+    untrained model takes every batch; as the weights grow, an outlier row saturates the sigmoid and its batch gives
+    log(0): NaN on some batches only, from a model that is fine (a user's numerically unsafe loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(37)
+        x = torch.randn(4000, 10, generator=g)
+        y = ((x @ torch.randn(10, generator=g)) > 0).float()
+        out = torch.rand(4000, generator=g) < 0.03
+        x[out] *= 60
+        self.train_set = TensorDataset(x[:3000], y[:3000])
+        self.x_val, self.y_val = x[3000:][~out[3000:]], y[3000:][~out[3000:]]
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        s = torch.sigmoid(self.net(x).squeeze(1))
+        return -(y * torch.log(s) + (1 - y) * torch.log(1 - s)).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def accuracy(self) -> float:
+        with torch.no_grad():
+            return float(((self.net(self.x_val).squeeze(1) > 0).float() == self.y_val).float().mean())
+
+
+def test_a_numerically_unsafe_loss_on_some_batches_is_the_data_not_the_state(tmp_path) -> None:
+    """Such a batch fails from the current state and not from the trusted (older) one, which once read as "the
+    state went bad": rollbacks to the start, LR cuts, and a halt within ~60 steps of a run that was learning well.
+    The current state on the last healthy step's batch tells them apart: it passes, so the state is sound and the
+    batch is skipped as data. The run learns to the end."""
+    unguarded = UnsafeBCE()
+    make_trainer(tmp_path / "none", [], max_steps=200, logger=False).fit(unguarded)
+    assert not all(torch.isfinite(p).all() for p in unguarded.parameters())  # the fault is real
+    model, guard = UnsafeBCE(), NaNGuard()
+    trainer = make_trainer(tmp_path / "guard", [guard], max_steps=200, logger=False)
+    trainer.fit(model)
+    assert trainer.global_step == 200  # no halt
+    assert model.accuracy() > 0.8  # chance is 0.5
+    sound = [e for e in guard.events if "the state is sound" in e.get("diagnosis_evidence", "")]
+    assert sound, guard.events
+    assert all(e["kind"] == "skip" and e["diagnosis"] == "data" for e in sound)
+    assert sum(e["kind"] == "skip" for e in guard.events) > sum(e["kind"] == "rollback" for e in guard.events)

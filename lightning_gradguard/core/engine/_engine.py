@@ -161,6 +161,9 @@ class GuardEngine:
     def _reset_step(self) -> None:
         self._window_open = False
         self._batches: list[tuple[Any, int]] = []
+        # the last healthy step's micro-batches and random-number states: an ordinary batch to rerun the current state
+        # on before a fault is blamed on the state (the rerun diagnosis); None until a healthy step with a rerun
+        self._ordinary: tuple[list[tuple[Any, int]], list[RngState | None]] | None = None
         self._rngs: list[RngState | None] = []  # the random-number state before each micro-batch's forward
         self._window_rng: RngState | None = None  # ... before the step's first forward (loops without batches)
         self._pending: StepHealth | None = None
@@ -353,6 +356,8 @@ class GuardEngine:
             if lower is not None:
                 self.warn(step, lower)
             self.healthy(step + 1, overflow)
+            if self.options.rerun and self._batches:
+                self._ordinary = (self._batches, self._rngs or [self._window_rng])
         self._batches = []
         return pending is not None
 
@@ -777,9 +782,16 @@ class GuardEngine:
                         if weights is None:  # one process: only when needed
                             weights = self._trusted_weights(snap)
                         trusted = host.rerun(self._batches, rngs, weights, health.step)
+                ordinary = None
+                if trusted is not None and trusted.finite and self._ordinary is not None and host.rerun_takes_items():
+                    # it fails only from the current state: does the current state fail on an ordinary batch too
+                    # (the last healthy step's), or only on this one?
+                    ordinary = host.rerun(*self._ordinary, None, health.step)
                 fault = RerunResult(loss, norm)
                 trusted_step = snap.step if snap is not None else None
-                found = classify(fault, bool(health.nonfinite_batch), weights_bad, same, trusted, trusted_step)
+                found = classify(
+                    fault, bool(health.nonfinite_batch), weights_bad, same, trusted, trusted_step, ordinary=ordinary
+                )
                 self._data_here = found is not None and found.kind == "data"  # this rank's own batch failed
             code = KINDS.index(found.kind) + 1 if found is not None else 0
             if many and reducer is not None:

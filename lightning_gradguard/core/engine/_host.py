@@ -156,6 +156,12 @@ class GuardHost:
         no rerun diagnosis)."""
         return None
 
+    def rerun_takes_items(self) -> bool:
+        """Whether :meth:`rerun` recomputes the micro-batches it is given (then the engine may rerun the current state
+        on an earlier step's batch); False: it recomputes the current step whatever the items (a loop's ``recompute``
+        closure)."""
+        return False
+
     def rerun_is_collective(self) -> bool:
         """Whether :meth:`rerun` is a collective that every rank must join (sharded parameters: the forward
         all-gathers them); the engine then reruns on every rank together and agrees on each branch first. False:

@@ -12,7 +12,13 @@ hyperparameters and skipping makes that hard to debug"). This module does that f
    not reproduce: *transient*.
 4. It reproduced: **re-run from the newest trusted snapshot** on the same batch. Reproduces there too: the batch
    fails from a state known to be good, a fault of the *data* (a finite batch that makes any model fail: a corrupt
-   label, an extreme input). Does not: the *state* went bad since that snapshot.
+   label, an extreme input). Does not: the current state fails on this batch where an older one did not.
+5. Then **re-run the current state on an ordinary batch** (the last healthy step's, with its random numbers). It
+   fails there too: the *state* went bad (a weight blown to 1e38 overflows every output). It does not: the state
+   is sound and this batch is one the trained model cannot take, a fault of the *data* (a numerically unsafe loss,
+   ``log`` of a sigmoid that saturates on an outlier row once the weights have grown: the untrained model took it,
+   the trained one gives ``log(0)``). Without an ordinary batch (no healthy step yet since the fit began), the
+   state is blamed.
 
 Without a trusted snapshot step 4 cannot run: the diagnosis is then *reproducible* (data or state, undecided).
 
@@ -213,11 +219,13 @@ def classify(
     trusted: RerunResult | None,
     trusted_step: int | None = None,
     loss_nonfinite: bool | None = None,
+    ordinary: RerunResult | None = None,
 ) -> Diagnosis | None:
     """The diagnosis of a flagged step from what was measured (``fault``) and what the re-runs gave (None: not run;
-    see the module docstring for the order). None: nothing to say (no rerun and nothing else known, or a
-    forward-only rerun, which cannot see a fault that showed only in the gradients). ``loss_nonfinite``: the step's
-    loss was non-finite (on some rank, where ranks agreed); None: read from ``fault``."""
+    see the module docstring for the order; ``ordinary``: the current state on the last healthy step's batch).
+    None: nothing to say (no rerun and nothing else known, or a forward-only rerun, which cannot see a fault that
+    showed only in the gradients). ``loss_nonfinite``: the step's loss was non-finite (on some rank, where ranks
+    agreed); None: read from ``fault``."""
     seen = fault.describe()
     if batch_nonfinite:
         return Diagnosis("data", "the input batch held NaN/inf")
@@ -243,9 +251,17 @@ def classify(
         )
     where = f"the trusted state of step {trusted_step}" if trusted_step is not None else "a trusted earlier state"
     if trusted.finite:
+        if ordinary is not None and ordinary.finite:
+            return Diagnosis(
+                "data",
+                f"the step gave {seen} and reproduces from the same state; from {where} the same batch gives "
+                f"{trusted.describe()}, but the same state gives {ordinary.describe()} on the last healthy step's "
+                "batch: the state is sound, and this batch is one the trained model cannot take",
+            )
+        also = f" and gives {ordinary.describe()} on the last healthy step's batch too" if ordinary is not None else ""
         return Diagnosis(
             "state",
-            f"the step gave {seen} and reproduces from the same state, but from {where} the same batch gives "
+            f"the step gave {seen} and reproduces from the same state{also}, but from {where} the same batch gives "
             f"{trusted.describe()}: the state went bad",
         )
     return Diagnosis(

@@ -139,3 +139,43 @@ def test_a_rerun_non_finite_on_another_rank_is_not_finite() -> None:
     assert result.describe() == "loss 0.25 here, non-finite on another rank"
     found = classify(RerunResult(0.25, math.nan), False, False, result, None, loss_nonfinite=True)
     assert found.kind == "reproducible"
+
+
+def _bce_by_hand(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(model(x).squeeze(1))
+    return -(y * torch.log(s) + (1 - y) * torch.log(1 - s)).mean()  # log(0) once the sigmoid saturates
+
+
+def test_a_batch_only_the_trained_model_cannot_take_is_data_when_an_ordinary_batch_passes() -> None:
+    """A hand-written BCE on an outlier row: the untrained model takes the batch, the trained one (larger weights)
+    saturates its sigmoid and gives log(0). The current state passes an ordinary batch, so the state is sound: data.
+    A state that fails the ordinary batch too is the state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    trusted = {k: v.clone() for k, v in model.state_dict().items()}  # untrained: logits within +-2
+    with torch.no_grad():
+        model[2].weight.mul_(40.0)  # "trained": confident outputs
+    x = torch.randn(8, 4) * 50  # outlier rows: the trained model's logits reach ~+-35
+    with torch.no_grad():
+        logits = model(x).squeeze(1)
+    y = (logits > 0).float()
+    y[int(logits.argmax())] = 0.0  # confidently wrong beyond float32's sigmoid: log(1 - 1) = log(0)
+    x_ok = torch.randn(8, 4) * 0.05  # an ordinary batch: logits ~10, no sigmoid saturates
+    y_ok = torch.ones(8)
+    rng = RngState.capture()
+    fault = RerunResult(math.nan, math.nan)
+    same = rerun_step(model, [lambda: _bce_by_hand(model, x, y)], [rng])
+    again = rerun_step(model, [lambda: _bce_by_hand(model, x, y)], [rng], weights=trusted)
+    ordinary = rerun_step(model, [lambda: _bce_by_hand(model, x_ok, y_ok)], [rng])
+    assert not same.finite
+    assert again.finite
+    assert ordinary.finite
+    found = classify(fault, False, False, same, again, 7, ordinary=ordinary)
+    assert found.kind == "data"
+    assert "the state is sound" in found.evidence
+    assert "last healthy step's batch" in found.evidence
+    bad = RerunResult(math.inf, math.nan)
+    found = classify(fault, False, False, same, again, 7, ordinary=bad)
+    assert found.kind == "state"
+    assert "on the last healthy step's batch too" in found.evidence
+    assert classify(fault, False, False, same, again, 7).kind == "state"  # no ordinary batch known: the state
