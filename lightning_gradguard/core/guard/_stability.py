@@ -73,6 +73,7 @@ the norm and the clip flags once per step anyway. No input makes it raise.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -98,6 +99,25 @@ def _spread(values: tuple[float, ...], center: float) -> float:
 
 def _finite(x: float) -> bool:
     return x - x == 0.0
+
+
+def _rank_z(lower: tuple[float, ...], upper: tuple[float, ...]) -> float:
+    """How far ``upper``'s values sit above ``lower``'s, as the z-score of the Mann-Whitney U statistic (the count of
+    pairs where the value of ``upper`` is the larger, ties counting half; normal approximation without the tie
+    correction): about 0 for two samples of one distribution, +6 for 25 values all above 25 others. NaN when either
+    is empty. A rank test, so a single spike counts as one value and a bimodal loss (mixup) whose median jumps
+    between its modes from one window to the next is no shift."""
+    n1, n2 = len(lower), len(upper)
+    if not n1 or not n2:
+        return math.nan
+    ranked = sorted(lower)
+    u = 0.0
+    for v in upper:
+        below = bisect_left(ranked, v)
+        u += below + 0.5 * (bisect_right(ranked, v) - below)
+    mean = n1 * n2 / 2.0
+    sd = math.sqrt(n1 * n2 * (n1 + n2 + 1) / 12.0)
+    return (u - mean) / sd
 
 
 @dataclass(frozen=True)
@@ -131,6 +151,8 @@ class WindowPair:
             or more (NaN: no per-tensor mask given): layers that have not been trained at all for that long.
         since_action: the healthy steps since the last acting finding, or since the run began when there was none
             (-1: unknown).
+        climb_z: how far the newer window's losses sit above the older window's, as a rank-test z-score
+            (:func:`_rank_z`; NaN: unknown).
     """
 
     old_loss: float
@@ -157,6 +179,7 @@ class WindowPair:
     vanished: float = math.nan
     still: float = math.nan
     since_action: int = -1
+    climb_z: float = math.nan
 
     @property
     def not_improving(self) -> bool:
@@ -251,6 +274,9 @@ class StabilityController:
         confirm: judgements in a row an acting finding must be found at.
         blowup_steps: the start rules' blow-up must come in the run's first this many steps (the first updates).
         flat, dead_collapse, dead_share: the dead-network rule (see the module docstring).
+        significance: a window-to-window climb (``loss_climbing``) counts only when the newer window's losses sit this
+            many standard deviations above the older window's, by a rank test (``3``: about 1 in 700 for two windows
+            of one distribution).
 
     Attributes:
         wants_vanished: whether the next steps should come with the share of vanished gradient tensors (the
@@ -301,6 +327,7 @@ class StabilityController:
         flat: float = 0.01,
         dead_collapse: float = 10.0,
         dead_share: float = 0.5,
+        significance: float = 3.0,
     ) -> None:
         self.window = int(window)
         self.clip_fraction = float(clip_fraction)
@@ -321,6 +348,7 @@ class StabilityController:
         self.flat = float(flat)
         self.dead_collapse = float(dead_collapse)
         self.dead_share = float(dead_share)
+        self.significance = float(significance)
         self.interventions = 0
         self.warnings = 0
         self.last_finding: StabilityFinding | None = None
@@ -500,6 +528,7 @@ class StabilityController:
             vanished=_median(tuple(self._vanished)) if len(self._vanished) >= self._every else math.nan,
             still=sum(n >= self.window for n in self._still) / len(self._still) if self._still else math.nan,
             since_action=self._steps - (self._last_fire or 0),
+            climb_z=_rank_z(losses[:w], losses[w:]),
         )
 
     def assess(self, pair: WindowPair) -> StabilityFinding | None:
@@ -574,10 +603,19 @@ class StabilityController:
         scale = self._scale(w, w.old_loss, w.old_spread)
         if not (scale > 0 and w.new_loss > w.old_loss + (self.loss_growth - 1.0) * scale):
             return None
+        if w.climb_z < self.significance:  # (NaN: unknown, judged by the medians alone)
+            return None  # the windows' losses overlap: their medians moved with the noise (a bimodal loss)
         act = self._lr_grew(w)
         return StabilityFinding(
             "loss_climbing",
-            {"old_loss": w.old_loss, "new_loss": w.new_loss, "best": w.best, "best_lr": w.best_lr, "lr": w.new_lr},
+            {
+                "old_loss": w.old_loss,
+                "new_loss": w.new_loss,
+                "best": w.best,
+                "best_lr": w.best_lr,
+                "lr": w.new_lr,
+                "rank_z": w.climb_z,
+            },
             (_PREFIX if act else _UNSTABLE)
             + f"the loss keeps climbing (median {_g(w.old_loss)} -> {_g(w.new_loss)} over {w.window} steps, "
             f"best window {_g(w.best)})" + self._lr_note(w, act),
@@ -597,7 +635,13 @@ class StabilityController:
         act = self._lr_grew(w)
         return StabilityFinding(
             "loss_above_best",
-            {"old_loss": w.old_loss, "new_loss": w.new_loss, "best": w.best, "best_lr": w.best_lr, "lr": w.new_lr},
+            {
+                "old_loss": w.old_loss,
+                "new_loss": w.new_loss,
+                "best": w.best,
+                "best_lr": w.best_lr,
+                "lr": w.new_lr,
+            },
             (_PREFIX if act else _UNSTABLE)
             + f"the loss climbed from its best (window median {_g(w.best)} -> {_g(w.old_loss)} -> "
             f"{_g(w.new_loss)})" + self._lr_note(w, act),

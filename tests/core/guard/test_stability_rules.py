@@ -538,3 +538,60 @@ def test_a_dead_network_far_below_an_exploding_first_loss_is_confirmed_by_its_va
     # the blow-up alone never confirms a death far below the first loss (a run that trained from an exploding start
     # and converged to a flat loss looks the same)
     assert ctl.dead_network(dataclasses.replace(exploded, peak=176.0, peak_step=1)) is None
+
+
+def test_rank_z_is_zero_for_one_distribution_and_about_six_for_separated_windows():
+    from lightning_gradguard.core.guard._stability import _rank_z
+
+    low, high = tuple(float(i) for i in range(25)), tuple(100.0 + i for i in range(25))
+    assert _rank_z(low, high) == pytest.approx(625 / 2 / math.sqrt(25 * 25 * 51 / 12))  # every pair: ~6.06
+    assert _rank_z(high, low) == pytest.approx(-_rank_z(low, high))
+    assert _rank_z(low, low) == pytest.approx(0.0)  # ties count half
+    assert math.isnan(_rank_z((), low))
+    # one spike is one value: it moves the statistic by one rank, not by its size
+    assert _rank_z(low, (*low[:-1], 1e30)) < 0.5
+
+
+def _bimodal(rng, n: int, share_mixed: float) -> list[float]:
+    """Mixup-like losses: a clean batch ~0.1, a mixed one ~0.8 (per-batch mixing weight near 0/1 or near 1/2)."""
+    return [(0.8 if rng.random() < share_mixed else 0.1) * (1 + 0.1 * (rng.random() - 0.5)) for _ in range(n)]
+
+
+def test_a_bimodal_loss_whose_median_jumps_between_its_modes_is_no_climb():
+    """Mixup with a Beta(0.4, 0.4) weight per batch: about half the batches are clean, half mixed, so a window's
+    median lands on one mode or the other and doubles or halves from one window to the next. The windows' losses
+    are of one distribution: the rank test says so, and the window-to-window climbing rule stays quiet. A real climb
+    of the same size (every loss of the newer window higher) is still found."""
+    import random
+
+    rng = random.Random(0)
+    ctl = StabilityController(confirm=1)
+    found = []
+    for step in range(3000):
+        loss = 2.3 if step == 0 else _bimodal(rng, 1, 0.5)[0]  # the untrained loss, then the bimodal level
+        f = ctl.update(loss, 1.0, clipped=False, lr=0.1)
+        if f is not None:
+            found.append(f.rule)
+    assert "loss_climbing" not in found
+    # the medians alone would have called climbs: check one pair of windows whose medians jumped
+    old = tuple(sorted(_bimodal(random.Random(1), 25, 0.3)))
+    new = tuple(sorted(_bimodal(random.Random(2), 25, 0.7)))
+    pair = _pair(old_loss=old[12], new_loss=new[12], best=old[12] / 1.5, best_spread=0.0, start_loss=0.5)
+    assert ctl.loss_climbing(pair) is not None  # no rank test known (NaN): the medians decide
+    from lightning_gradguard.core.guard._stability import _rank_z
+
+    z = _rank_z(old, new)
+    assert z < 3.0
+    assert ctl.loss_climbing(dataclasses.replace(pair, climb_z=z)) is None
+    # a real climb: from step 200 every loss 5% above the one before (each window ~3.4x the last)
+    ctl2 = StabilityController(confirm=1)
+    rng = random.Random(3)
+    found = []
+    for step in range(400):
+        loss = 1.0 * (1 + 0.1 * (rng.random() - 0.5)) * (1.0 if step < 200 else 1.05 ** (step - 200))
+        f = ctl2.update(loss, 1.0, clipped=False, lr=0.1)
+        if f is not None:
+            found.append(f)
+    assert found
+    assert found[0].rule == "loss_climbing"
+    assert found[0].evidence["rank_z"] > 6.0  # every loss of the newer window above every loss of the older
