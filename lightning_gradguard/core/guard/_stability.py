@@ -151,8 +151,9 @@ class WindowPair:
             or more (NaN: no per-tensor mask given): layers that have not been trained at all for that long.
         since_action: the healthy steps since the last acting finding, or since the run began when there was none
             (-1: unknown).
-        climb_z: how far the newer window's losses sit above the older window's, as a rank-test z-score
-            (:func:`_rank_z`; NaN: unknown).
+        climb_z, best_z: how far the newer window's losses sit above the older window's / the best window's, as a
+            rank-test z-score (:func:`_rank_z`; NaN: unknown, e.g. a state saved before the best window's losses were
+            kept).
     """
 
     old_loss: float
@@ -180,6 +181,7 @@ class WindowPair:
     still: float = math.nan
     since_action: int = -1
     climb_z: float = math.nan
+    best_z: float = math.nan
 
     @property
     def not_improving(self) -> bool:
@@ -274,9 +276,9 @@ class StabilityController:
         confirm: judgements in a row an acting finding must be found at.
         blowup_steps: the start rules' blow-up must come in the run's first this many steps (the first updates).
         flat, dead_collapse, dead_share: the dead-network rule (see the module docstring).
-        significance: a window-to-window climb (``loss_climbing``) counts only when the newer window's losses sit this
-            many standard deviations above the older window's, by a rank test (``3``: about 1 in 700 for two windows
-            of one distribution).
+        significance: a climb counts only when the newer window's losses sit this many standard deviations above
+            those of the window it climbed from (the older window; for ``loss_above_best``, the best window), by a
+            rank test (``3``: about 1 in 700 for two windows of one distribution).
 
     Attributes:
         wants_vanished: whether the next steps should come with the share of vanished gradient tensors (the
@@ -362,6 +364,7 @@ class StabilityController:
         self._best = math.inf  # the lowest window median seen
         self._best_spread = 0.0
         self._best_lr = 0.0
+        self._best_losses: tuple[float, ...] = ()  # the losses of the best window (the rank test of a slow climb)
         self._lr_top = 0.0  # the highest LR any healthy step used
         self._safe_lr = 0.0  # _lr_top when the best window was found
         self._steps = 0  # healthy steps seen
@@ -393,6 +396,7 @@ class StabilityController:
         self._peak, self._peak_step, self._sustained = -math.inf, 0, -math.inf
         self._early, self._early_norm = [], 0.0
         self._best, self._best_spread, self._best_lr = math.inf, 0.0, 0.0
+        self._best_losses = ()
         self._lr_top = self._safe_lr = 0.0
         self._steps = 0
         self._last_fire = 0
@@ -449,6 +453,7 @@ class StabilityController:
         pair = self._pair()
         if pair.new_loss < self._best:
             self._best, self._best_spread, self._best_lr = pair.new_loss, pair.new_spread, pair.new_lr
+            self._best_losses = tuple(row[0] for row in list(self._rows)[self.window :])
             self._safe_lr = self._lr_top
         finding = self.assess(pair)
         self.wants_vanished = self._dead_signs(pair, flat=False) or self._dead_signs(pair, start=False)
@@ -529,6 +534,7 @@ class StabilityController:
             still=sum(n >= self.window for n in self._still) / len(self._still) if self._still else math.nan,
             since_action=self._steps - (self._last_fire or 0),
             climb_z=_rank_z(losses[:w], losses[w:]),
+            best_z=_rank_z(self._best_losses, losses[w:]) if self._best_losses else math.nan,
         )
 
     def assess(self, pair: WindowPair) -> StabilityFinding | None:
@@ -632,6 +638,8 @@ class StabilityController:
         scale = self._scale(w, w.best, w.best_spread)
         if not (scale > 0 and w.new_loss > w.best + (self.loss_growth - 1.0) * scale):
             return None
+        if w.best_z < self.significance:  # (NaN: unknown, judged by the medians alone)
+            return None  # the newer window's losses overlap the best window's: its median was a lucky draw
         act = self._lr_grew(w)
         return StabilityFinding(
             "loss_above_best",
@@ -641,6 +649,7 @@ class StabilityController:
                 "best": w.best,
                 "best_lr": w.best_lr,
                 "lr": w.new_lr,
+                "rank_z": w.best_z,
             },
             (_PREFIX if act else _UNSTABLE)
             + f"the loss climbed from its best (window median {_g(w.best)} -> {_g(w.old_loss)} -> "
@@ -931,6 +940,7 @@ class StabilityController:
             "best": num(self._best),
             "best_spread": self._best_spread,
             "best_lr": self._best_lr,
+            "best_losses": list(self._best_losses),
             "lr_top": self._lr_top,
             "safe_lr": self._safe_lr,
             "steps": self._steps,
@@ -971,6 +981,7 @@ class StabilityController:
         self._best = math.inf if best is None else float(best)
         self._best_spread = float(state.get("best_spread", 0.0))
         self._best_lr = float(state.get("best_lr", 0.0))
+        self._best_losses = tuple(float(v) for v in state.get("best_losses") or ())
         self._lr_top = float(state.get("lr_top", 0.0))
         self._safe_lr = float(state.get("safe_lr", 0.0))  # older states: none known (the growth alone decides)
         self._steps = int(state.get("steps", self._count))

@@ -595,3 +595,39 @@ def test_a_bimodal_loss_whose_median_jumps_between_its_modes_is_no_climb():
     assert found
     assert found[0].rule == "loss_climbing"
     assert found[0].evidence["rank_z"] > 6.0  # every loss of the newer window above every loss of the older
+
+
+def test_the_best_windows_losses_ride_in_the_checkpoint():
+    import random
+
+    rng = random.Random(0)
+    ctl = StabilityController()
+    for step in range(120):
+        ctl.update(1.0 / (1 + step) + 0.01 * rng.random(), 1.0, clipped=False, lr=0.1)
+    state = ctl.state_dict()
+    assert len(state["best_losses"]) == ctl.window
+    other = StabilityController()
+    other.load_state_dict(state)
+    assert other._pair() == ctl._pair()
+    assert other._pair().best_z == ctl._pair().best_z
+    older = {k: v for k, v in state.items() if k != "best_losses"}  # a checkpoint from before: no rank test
+    third = StabilityController()
+    third.load_state_dict(older)
+    assert math.isnan(third._pair().best_z)
+
+
+def test_a_slow_climb_over_the_best_window_needs_a_shift_of_the_losses():
+    """loss_above_best against a best window that was a lucky draw of a bimodal loss: the medians say "climbed", the
+    rank test says the losses overlap. Against a best window whose losses all sit lower, it fires."""
+    import random
+
+    from lightning_gradguard.core.guard._stability import _rank_z
+
+    ctl = StabilityController()
+    pair = _pair(old_loss=1.5, new_loss=2.5, best=1.0, start_loss=4.0, peak=4.0, best_lr=0.1, new_lr=0.1)
+    assert ctl.loss_above_best(pair) is not None  # the medians alone
+    lucky = tuple(sorted(_bimodal(random.Random(5), 25, 0.35)))
+    typical = tuple(sorted(_bimodal(random.Random(6), 25, 0.6)))
+    assert typical[12] > 2 * lucky[12]  # the medians jumped between the modes
+    assert ctl.loss_above_best(dataclasses.replace(pair, best_z=_rank_z(lucky, typical))) is None
+    assert ctl.loss_above_best(dataclasses.replace(pair, best_z=5.0)) is not None
