@@ -120,6 +120,12 @@ def _rank_z(lower: tuple[float, ...], upper: tuple[float, ...]) -> float:
     return (u - mean) / sd
 
 
+def _separated_z(n1: int, n2: int) -> float:
+    """The largest :func:`_rank_z` two samples of these sizes can give: every value of one above every value of the
+    other (25 and 25: 6.06; 4 and 4: 2.31)."""
+    return n1 * n2 / 2.0 / math.sqrt(n1 * n2 * (n1 + n2 + 1) / 12.0) if n1 and n2 else math.nan
+
+
 @dataclass(frozen=True)
 class WindowPair:
     """The statistics of the last two windows that the stability rules read (host floats).
@@ -551,6 +557,14 @@ class StabilityController:
         """The loss scale around ``center``: never zero for a loss that moved, sensible near zero and below it."""
         return max(abs(center), spread, self.floor * w.start_loss)
 
+    def _shifted(self, z: float, n_from: int) -> bool:
+        """The rank test of a climb passes: ``z`` (NaN: unknown, then the medians alone decide) reaches
+        ``significance``, or, for windows too small to reach it (under 7 steps), every loss of the newer window
+        sits above every loss of the window it climbed from."""
+        if math.isnan(z):  # unknown
+            return True
+        return z >= min(self.significance, _separated_z(n_from, self.window) - 1e-9)
+
     def _lr_grew(self, w: WindowPair) -> bool:
         """The LR is what changed: it grew ``lr_growth`` x since the best window, to a level the run never trained
         at before reaching its best (a warm restart or a cyclic schedule returning to its earlier peak is no
@@ -609,7 +623,7 @@ class StabilityController:
         scale = self._scale(w, w.old_loss, w.old_spread)
         if not (scale > 0 and w.new_loss > w.old_loss + (self.loss_growth - 1.0) * scale):
             return None
-        if w.climb_z < self.significance:  # (NaN: unknown, judged by the medians alone)
+        if not self._shifted(w.climb_z, self.window):
             return None  # the windows' losses overlap: their medians moved with the noise (a bimodal loss)
         act = self._lr_grew(w)
         return StabilityFinding(
@@ -638,7 +652,7 @@ class StabilityController:
         scale = self._scale(w, w.best, w.best_spread)
         if not (scale > 0 and w.new_loss > w.best + (self.loss_growth - 1.0) * scale):
             return None
-        if w.best_z < self.significance:  # (NaN: unknown, judged by the medians alone)
+        if not self._shifted(w.best_z, self.window):
             return None  # the newer window's losses overlap the best window's: its median was a lucky draw
         act = self._lr_grew(w)
         return StabilityFinding(

@@ -631,3 +631,18 @@ def test_a_slow_climb_over_the_best_window_needs_a_shift_of_the_losses():
     assert typical[12] > 2 * lucky[12]  # the medians jumped between the modes
     assert ctl.loss_above_best(dataclasses.replace(pair, best_z=_rank_z(lucky, typical))) is None
     assert ctl.loss_above_best(dataclasses.replace(pair, best_z=5.0)) is not None
+
+
+def test_windows_too_small_for_the_significance_need_complete_separation():
+    """Windows of 4 steps cannot reach z 3 (every pair: 2.31), so the rank test asks for every loss of the newer
+    window above every loss of the older: a real climb still fires, an overlapping pair does not."""
+    from lightning_gradguard.core.guard._stability import _rank_z, _separated_z
+
+    assert _separated_z(4, 4) == pytest.approx(_rank_z((1.0, 2.0, 3.0, 4.0), (5.0, 6.0, 7.0, 8.0)))
+    assert _separated_z(4, 4) < 3.0 < _separated_z(7, 7)
+    ctl = StabilityController(window=4)
+    pair = _pair(old_loss=1.5, new_loss=3.5, best=1.0, start_loss=4.0, peak=4.0, best_lr=0.1, new_lr=0.4, window=4)
+    separated = _rank_z((1.4, 1.5, 1.5, 1.6), (3.4, 3.5, 3.5, 3.6))
+    overlapping = _rank_z((1.4, 1.5, 1.5, 4.0), (1.45, 3.5, 3.5, 3.6))
+    assert ctl.loss_climbing(dataclasses.replace(pair, climb_z=separated)) is not None
+    assert ctl.loss_climbing(dataclasses.replace(pair, climb_z=overlapping)) is None
