@@ -87,9 +87,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         with open(f"{args.json}.rank{fabric.global_rank}", "w") as f:
             json.dump(runs, f)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # a clean exit: gloo's threads are joined before the interpreter ends (without it a rank now and then aborts
-        # at exit with "terminate called without an active exception", after its work is done)
+        # a clean exit (without it a rank now and then aborts at exit with "terminate called without an active
+        # exception", after its work is done): every rank done with its collectives, then gloo's threads joined
+        # before the interpreter ends, and rank 0, which hosts the rendezvous store, the last to leave
+        fabric.barrier()
         torch.distributed.destroy_process_group()
+        for proc in getattr(fabric.strategy.launcher, "procs", []):  # the ranks it launched (a subprocess launcher)
+            proc.wait()
     return runs
 
 
