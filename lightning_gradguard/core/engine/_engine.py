@@ -32,6 +32,7 @@ import torch
 
 from lightning_gradguard.core.engine._host import GuardHost
 from lightning_gradguard.core.engine._options import GuardOptions
+from lightning_gradguard.core.engine._quiet import AnnounceQuota
 from lightning_gradguard.core.engine._scalars import tag
 from lightning_gradguard.core.guard._policy import (
     GuardAction,
@@ -145,6 +146,7 @@ class GuardEngine:
         self._recovery_steps = options.lr_recovery_steps  # grows after a raised LR needed cutting again
         self._raised = False  # the last LR change was a recovery (a cut now doubles the recovery period)
         self.events: list[dict[str, Any]] = []
+        self.quota = AnnounceQuota()  # which event lines reach the terminal (a skip that repeats for ever is thinned)
         self.outcome = GuardDecision.HEALTHY
         self.cause: GuardCause | None = None
         self.halt_error: DivergenceError | None = None
@@ -875,7 +877,9 @@ class GuardEngine:
         self.events.append(event.to_dict())
         line = event.line(self.options.owner)
         host = self.host
-        host.announce(line)
+        shown = self.quota.line(event.step, event.kind, event.cause, line)
+        if shown is not None:
+            host.announce(shown)
         host.emit_text(_TEXT_TAG, line, event.step)
         self.write_scalars(event.step)
         self._picture(event.step, event.kind)
@@ -914,8 +918,11 @@ class GuardEngine:
     def finish(self, step: int, reason: str = "end") -> None:
         """The end of the fit, or an exception (after the adapter wrote its last scalars; ``step``: the step count,
         one past the last step trained): the last value of every scalar that ends before the last step trained, and
-        the overview figure, at ``step``."""
+        the overview figure, at ``step``; and a line counting the skips the terminal was not shown one by one."""
         self._picture(step, reason, before=step - 1)
+        closing = self.quota.closing_line(self.options.owner)
+        if closing is not None:
+            self.host.announce(closing)
 
     def _picture(self, step: int, reason: str, before: int | None = None) -> None:
         """Everything at ``step``: the last value of every scalar last written before ``before`` (None: ``step``;
@@ -953,6 +960,7 @@ class GuardEngine:
             **self.judge_.state_dict(),
             "snapshots": self.store.state_dict()["snapshots"],
             "bad_batches": self.bad_batches.state_dict(),
+            "announced": self.quota.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -975,6 +983,7 @@ class GuardEngine:
         self.outcome = GuardDecision(reason if reason in values else "healthy")
         self.judge_.load_state_dict(state)
         self.bad_batches.load_state_dict(state.get("bad_batches") or {})
+        self.quota.load_state_dict(state.get("announced"))
         self._resumed = True
 
 
