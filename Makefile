@@ -8,7 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradguard-installed
 SPEC_FILE := $(VENV)/.torch-spec
-PYTEST_ARGS ?=
+# the suite in one worker process per core (pytest-xdist; at most 4: each worker holds torch and Lightning in memory);
+# tests of one module or class stay in one worker, so an expensive module fixture is built once. Serial: PYTEST_ARGS=
+PYTEST_ARGS ?= -n auto --maxprocesses=4 --dist loadscope
 
 .PHONY: install test demo demo-check bench bench-full lint docs wheel-check pictures clean FORCE
 
