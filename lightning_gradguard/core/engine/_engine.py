@@ -325,6 +325,7 @@ class GuardEngine:
             verdict = Verdict(StepHealth(step, known_bad_batch=True), False, None, None, math.nan, live)
         else:
             verdict = self.judge_.judge(step, stats, loss, self.host.scaler(), stream, lr)
+            self._test_thin_divergence(verdict, stream)
         loss_v = verdict.loss
         if loss_v is not None and (self._loss_max is None or not loss_v <= self._loss_max):
             peak = self._loss_max
@@ -338,6 +339,38 @@ class GuardEngine:
             self._pending = verdict.health
             self._pending_values = (loss_v, verdict.norm, verdict.stats)
         return verdict
+
+    def _test_thin_divergence(self, verdict: Verdict, stream: int) -> None:
+        """A loss divergence judged against a thin reference (the run's first steps, where the reference can be one
+        batch: a first single sample that happens to be fitted makes every ordinary loss after it a "jump") is tested
+        on the batch itself before anything is done: the step is rerun from the state a rollback would restore. When
+        the current state's loss is no jump above that state's loss on the same batch, a rollback would restore a
+        state no better on the evidence: the losses are the run's level, which becomes the reference, and the step
+        is healthy. A model blown up by its first updates (loss 11 -> 1e12) is far beyond the restored state's loss
+        on any batch and is acted on as before. One process only (a rerun that every rank agrees on is the fault
+        path's), and never without the step's batches."""
+        health = verdict.health
+        if health is None or not health.loss_divergence or health.grad_divergence or not self.options.rerun:
+            return
+        if not self._batches:
+            return
+        if health.cause is not GuardCause.LOSS_DIVERGENCE or verdict.loss is None:
+            return  # anything else wrong with the step (non-finite values, a spike, the gradient norm) is acted on
+        detector = self.judge_.stream(stream).detector
+        host = self.host
+        reducer = host.reducer()
+        if not detector.thin_verdict or (reducer is not None and reducer.world_size > 1):
+            return
+        snap = self.store.compute()
+        if snap is None:
+            return
+        trusted = host.rerun(self._batches, self._rngs or [self._window_rng], self._trusted_weights(snap), health.step)
+        if trusted is None or trusted.loss is None or not math.isfinite(trusted.loss):
+            return
+        if detector.beyond(float(verdict.loss), trusted.loss):
+            return
+        detector.adopt_level()
+        verdict.health = None
 
     def end_step(self, step: int, clip_flags: list[Any] | None = None) -> bool:
         """After the update (taken or dropped): carry out the decision for ``step``. ``clip_flags``: the clippers'

@@ -139,6 +139,32 @@ class DivergenceDetector:
         self.loss_reference: float | None = None
         self.loss_scale: float | None = None
         self.grad_reference: float | None = None
+        #: the last loss divergence was judged against a thin reference (fewer than ``min_samples`` healthy losses,
+        #: maybe one batch): the guard tests it on the batch itself before acting (:meth:`beyond`, :meth:`adopt_level`)
+        self.thin_verdict = False
+
+    def beyond(self, loss: float, reference: float) -> bool:
+        """Whether ``loss`` is a jump above ``reference`` (another state's loss on the same batch): above it by
+        ``jump_factor - 1`` times its scale (``max(|reference|, floor x |start|)``), as a jump above the baseline is.
+
+        Example:
+            >>> det = DivergenceDetector()
+            >>> det.beyond(5000.0, 11.0), det.beyond(0.3, 4.0), det.beyond(30.0, 2.0)
+            (True, False, False)
+        """
+        scale = max(abs(reference), self.floor * abs(self.start))
+        return loss > reference + (self.jump_factor - 1.0) * scale
+
+    def adopt_level(self) -> None:
+        """The losses counted as a jump are the run's level, not a blown-up model's (the guard found the state it
+        would restore no better on the same batch): they become the reference, as a steady new level does."""
+        jumped = self._jumped
+        self._loss_run, self._jumped, self._thin_seen = 0, [], []
+        self.thin_verdict = False
+        if jumped:
+            self._losses.clear()
+            for value in jumped:
+                self._learn(value)
 
     def restart_runs(self) -> None:
         """Forget the counting in progress but keep the baselines (after a rollback to a healthy state)."""
@@ -166,6 +192,7 @@ class DivergenceDetector:
         finite loss leaves the loss judged (the non-finite checks own the norm).
         """
         loss, grad_norm = float(loss), float(grad_norm)
+        self.thin_verdict = False
         if not _finite(loss):
             return False, False  # a fault step: not a judged step either
         if self._last_unsettled is not None:
@@ -225,6 +252,7 @@ class DivergenceDetector:
             for value in jumped_run:
                 self._learn(value)
             return False
+        self.thin_verdict = thin
         return True  # erratic or climbing: divergence (the run keeps counting while it lasts)
 
     def _judge_grad(self, norm: float) -> bool:

@@ -249,3 +249,22 @@ def test_stability_restarts_a_network_killed_in_its_first_steps_but_not_a_slow_w
     ctl = StabilityController(window=10)
     reasons = [ctl.update(2.30 + 0.01 * rng.random(), 1.0 + 0.1 * rng.random(), clipped=False) for _ in range(100)]
     assert [r for r in reasons if r] == []
+
+
+def test_a_thin_verdict_is_marked_and_the_adopted_level_becomes_the_reference():
+    """The guard tests a verdict made against a thin reference on the batch itself; when the restored state does no
+    better there, the jumped losses are the run's level (``adopt_level``) and the same losses are then no jump."""
+    det = DivergenceDetector()
+    first, ordinary = 0.003, [3.7, 20.7, 0.67, 4.3, 19.0, 9.4, 0.32]  # a fitted first sample, then ordinary ones
+    verdicts = [det.update(loss, 1.0)[0] for loss in [first, *ordinary]]
+    assert verdicts[-1] and det.thin_verdict  # one batch's reference: the ordinary losses read as a jump
+    assert not det.beyond(0.32, 4.0)  # the restored state's loss on the same batch: no better
+    det.adopt_level()
+    assert not det.thin_verdict
+    assert [det.update(loss, 1.0)[0] for loss in ordinary * 3] == [False] * 21
+    assert not det.update(12.0, 1.0)[0]
+    mature = DivergenceDetector()
+    for loss in [1.0, 0.9, 1.1, 0.8, 1.0, 0.95]:
+        mature.update(loss, 1.0)
+    assert [mature.update(loss, 1.0)[0] for loss in (500.0, 5000.0, 50000.0)] == [False, False, True]
+    assert not mature.thin_verdict  # a full reference's verdict is not a thin one

@@ -1,0 +1,115 @@
+"""A loss "divergence" judged against a thin reference (the run's first steps) is tested on the batch itself.
+
+A regression whose first epoch is sorted by bag size, with a loss summed over the bag's items (length-bucketed
+data): the first 11 batches hold one item each, and the very first happens to be fitted already (loss 0.003). Every
+ordinary loss after it is a 100x "jump" against that one batch. Before the rerun test the defaults rolled back at
+steps 7, 14 and 21 and halted at step 28 ("the learning rate looks too high"); a run without callbacks learns. The
+guard now reruns the step from the state a rollback would restore: that state does no better on the same batch, so
+the losses are the run's level. A model blown up by its first update (issue 18's MLP at a 10x Adam LR, loss 11 ->
+1e12) is still rolled back at step 7 (``tests/callbacks/test_nan_guard_policy.py`` and the rescue grid)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from lightning_gradguard import NaNGuard, default_callbacks
+
+STEPS = 100
+
+
+def _gen(seed: int, salt: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed * 1000 + salt)
+    return g
+
+
+def _data(seed: int, salt: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, 16, generator=_gen(seed, salt))
+    g = torch.Generator()
+    g.manual_seed(12345)
+    w1, w2 = torch.randn(16, 32, generator=g) / 4, torch.randn(32, 1, generator=g) / math.sqrt(32)
+    return x, (torch.tanh(x @ w1) @ w2).squeeze(1) * 3 / 0.55
+
+
+class _SortedBags(Sampler):
+    """Bags of 1 to 512 items (log-uniform sizes), sorted by size in the first epoch."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __iter__(self):
+        g = _gen(self.seed, 55)
+        for epoch in range(20):
+            sizes = torch.exp(torch.rand(120, generator=g) * math.log(512)).long().clamp_min(1)
+            if epoch == 0:
+                sizes = sizes.sort().values
+            for k in sizes.tolist():
+                yield torch.randint(2048, (k,), generator=g).tolist()
+
+    def __len__(self) -> int:
+        return 2400
+
+
+class SortedBagRegression(pl.LightningModule):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self.x, self.y = _data(seed, 2, 2048)
+        self.x_val, self.y_val = _data(seed, 3, 512)
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_sampler=_SortedBags(self.seed))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x).squeeze(-1), y, reduction="sum")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def val_mse(self) -> float:
+        with torch.no_grad():
+            return float(F.mse_loss(self.net(self.x_val).squeeze(-1), self.y_val))
+
+
+def _fit(tmp_path, callbacks) -> SortedBagRegression:
+    pl.seed_everything(0, verbose=False)
+    model = SortedBagRegression(0)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=STEPS, max_epochs=-1, logger=False,
+        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        deterministic=True,
+    )  # fmt: skip
+    trainer.fit(model)
+    return model
+
+
+@pytest.mark.parametrize("make", [NaNGuard, default_callbacks], ids=["NaNGuard", "default_callbacks"])
+def test_a_fitted_first_batch_is_no_yardstick(tmp_path, make) -> None:
+    start = SortedBagRegression(0).val_mse()
+    unguarded = _fit(tmp_path / "none", []).val_mse()
+    callbacks = [make()] if make is NaNGuard else make()
+    guard = next(c for c in callbacks if isinstance(c, NaNGuard))
+    model = _fit(tmp_path / "guarded", callbacks)
+    assert [e for e in guard.events if e["kind"] != "warn"] == []  # no skip, rollback, LR cut or halt
+    assert unguarded < 0.5 * start  # the run learns (start ~8) ...
+    assert model.val_mse() < 0.5 * start  # ... and the guarded one as well
+    if make is NaNGuard:  # nothing acted, so nothing changed (the clipper of the defaults reshapes the early steps)
+        assert model.val_mse() <= 1.02 * unguarded
+
+
+def test_without_the_rerun_the_one_batch_reference_still_rolls_back(tmp_path) -> None:
+    """The case is a real one: with the rerun diagnosis off, the thin reference's verdict stands (the old
+    behaviour), so the test above fails without the rerun test."""
+    guard = NaNGuard(rerun=False, raise_on_halt=False)
+    _fit(tmp_path, [guard])
+    assert any(e["kind"] in ("rollback", "halt") and e["cause"] == "loss_divergence" for e in guard.events)
