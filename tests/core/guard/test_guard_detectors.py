@@ -257,7 +257,8 @@ def test_a_thin_verdict_is_marked_and_the_adopted_level_becomes_the_reference():
     det = DivergenceDetector()
     first, ordinary = 0.003, [3.7, 20.7, 0.67, 4.3, 19.0, 9.4, 0.32]  # a fitted first sample, then ordinary ones
     verdicts = [det.update(loss, 1.0)[0] for loss in [first, *ordinary]]
-    assert verdicts[-1] and det.thin_verdict  # one batch's reference: the ordinary losses read as a jump
+    assert verdicts[-1]  # one batch's reference: the ordinary losses read as a jump
+    assert det.thin_verdict
     assert not det.beyond(0.32, 4.0)  # the restored state's loss on the same batch: no better
     det.adopt_level()
     assert not det.thin_verdict
