@@ -75,6 +75,8 @@ from lightning_gradguard.errors import DivergenceError
 
 _NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "nonfinite_buffers", "other_rank"}
 _DIVERGENCE_CAUSES = (GuardCause.LOSS_DIVERGENCE, GuardCause.GRAD_DIVERGENCE)
+#: stability rules whose claim is "no better than the untrained model" (tested on the batch before a restart)
+_UNTRAINED_RULES = ("worse_than_untrained", "killed_at_start", "never_learned")
 _PIN_NOTE = "the clipping threshold is held at its warm-up cap (fallback_max_norm) from now on"
 _TEXT_TAG = tag("nan_guard_events")
 _OFF_ELSEWHERE = (
@@ -172,6 +174,7 @@ class GuardEngine:
         self._pending_values: tuple[float | None, float | None, list[GradStats]] = (None, None, [])
         self._lower: StabilityFinding | None = None
         self._lower_opt: Any = None  # the optimizer whose loss stream gave the finding
+        self._lower_stream = 0  # ... and that stream's key
         self._overflow = False
         # the step after which the next multiple of snapshot_every_n_steps is due (None: from the next healthy step):
         # the schedule follows the step counter, so a resumed run takes the snapshots the uninterrupted one took
@@ -334,7 +337,7 @@ class GuardEngine:
             self._loss_max = loss_v
         self._overflow = self._overflow or verdict.overflow
         if verdict.lower_lr is not None:
-            self._lower, self._lower_opt = verdict.lower_lr, optimizer
+            self._lower, self._lower_opt, self._lower_stream = verdict.lower_lr, optimizer, stream
         if verdict.health is not None and self._pending is None:
             self._pending = verdict.health
             self._pending_values = (loss_v, verdict.norm, verdict.stats)
@@ -382,6 +385,13 @@ class GuardEngine:
             self.judge_.clip_flags = clip_flags
         if self.halted:
             return pending is not None
+        if pending is None and lower is not None and lower.act and self.lr_scale > self.options.min_lr_scale:
+            refuted = self._refute_restart(step, lower)
+            if refuted is not None:  # the finding's claim does not hold on the batch itself: a warning
+                controller = self.judge_.stream(self._lower_stream).controller
+                controller.withdraw()
+                controller.correct_start(refuted[1])  # the untrained loss, measured on these batches too
+                lower = replace(lower, act=False, reason=f"{lower.reason}; but {refuted[0]}: warning only")
         if pending is not None:
             self._flagged += 1
             self.handle_fault(pending)
@@ -395,6 +405,49 @@ class GuardEngine:
                 self._ordinary = (self._batches, self._rngs or [self._window_rng])
         self._batches = []
         return pending is not None
+
+    def _refute_restart(self, step: int, finding: StabilityFinding) -> tuple[str, list[float]] | None:
+        """Test the claim of a finding that restarts from the untrained state because the model has gained nothing
+        since it (``worse_than_untrained``, ``killed_at_start``, ``never_learned``) on this step's batch: rerun it
+        from the untrained state and from the current one, the same batch and random numbers (and the last ordinary
+        batch's too, when kept). Those rules read "the untrained loss" from the run's first loss, one batch: a small
+        first batch that happened to be easy (batch size 4, loss 0.57 against a typical 8) made a model that learned
+        look "no better than untrained" and restarted it. Returns the evidence that refutes the claim (the current
+        model's loss below ``stuck_margin`` x the untrained model's on the same batches) and the untrained model's
+        loss on each batch; or None: the claim stands, or nothing could be rerun (several processes, no batch, no
+        untrained state, a non-positive loss)."""
+        if finding.rule not in _UNTRAINED_RULES or not self.options.rerun or not self._batches:
+            return None
+        host = self.host
+        reducer = host.reducer()
+        snap = self.start_state.snapshot
+        if snap is None or (reducer is not None and reducer.world_size > 1):
+            return None
+        runs = [(self._batches, self._rngs or [self._window_rng])]
+        if self._ordinary is not None and host.rerun_takes_items():
+            runs.append(self._ordinary)
+        untrained = snap.whole_model()
+        now = then = 0.0
+        each: list[float] = []
+        buffers = BufferCopy()  # the reruns move BatchNorm statistics: put back what the step left
+        buffers.save(host.model())
+        try:
+            for items, rngs in runs:
+                mine = host.rerun(items, rngs, None, step)
+                start = host.rerun(items, rngs, untrained, step)
+                if mine is None or start is None or mine.loss is None or start.loss is None:
+                    return None
+                now, then = now + mine.loss, then + start.loss
+                each.append(start.loss)
+        finally:
+            buffers.restore()
+        margin = self.judge_.controller.stuck_margin
+        if not (math.isfinite(now) and math.isfinite(then) and then > 0.0 and now < margin * then):
+            return None
+        n = len(runs)
+        where = "this step's batch" if n == 1 else "this step's and the last batch"
+        text = f"on {where} the model's loss ({now / n:.4g}) is below {margin:g}x the untrained model's"
+        return f"{text} ({then / n:.4g}): it learned", each
 
     def log_due(self, step: int) -> bool:
         """Whether ``step`` is a logging step of a loop that counts its own steps (the Trainer has its own rule)."""

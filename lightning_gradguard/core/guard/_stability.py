@@ -482,6 +482,7 @@ class StabilityController:
         if self._pending_count < self.confirm:
             return None  # repeated evidence: the same rule at the next judgement too
         repeated = self._last_fire is not None and self._steps - self._last_fire <= self.repeat_windows * self.window
+        self._before_fire = (self._last_fire, self._streak)
         self._streak = self._streak + 1 if repeated else 0
         if repeated:  # cuts in quick succession: 2, 4, 8, ... (the rule's own exponent is for a first cut)
             finding = replace(finding, lr_power=min(2**self._streak, 64))
@@ -490,6 +491,28 @@ class StabilityController:
         self.last_finding = finding
         self.reset()
         return finding
+
+    #: the spacing of acting findings before the last one fired (:meth:`withdraw` puts it back)
+    _before_fire: tuple[int | None, int] = (None, 0)
+
+    def withdraw(self) -> None:
+        """The guard refuted the acting finding just returned (it tested its claim on the batch itself): it counts
+        as a warning, not as an intervention, and the spacing of later cuts is what it was before it. The windows
+        start over all the same (the same evidence is not judged again at once)."""
+        self._last_fire, self._streak = self._before_fire
+        self.interventions = max(0, self.interventions - 1)
+        self.warnings += 1
+        if self.last_finding is not None:
+            self._warned[self.last_finding.rule] = self._steps
+
+    def correct_start(self, untrained: Sequence[float]) -> None:
+        """More measurements of the untrained model's loss (the guard reran the untrained state on later batches):
+        the start level becomes the mean of the first loss and these. The first loss is one batch; the rules that
+        compare with "the untrained model's loss" then compare with several."""
+        values = [abs(float(v)) for v in untrained if _finite(float(v))]
+        if self._start is None or not values:
+            return
+        self._start = (self._start + sum(values)) / (1 + len(values))
 
     def _add_vanished(self, vanished: float | Sequence[bool]) -> None:
         """One step's vanished gradients: a share joins the shares; a per-tensor mask also counts, per tensor, the

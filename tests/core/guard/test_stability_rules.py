@@ -187,6 +187,37 @@ def test_never_learned_on_a_stream_restarts_once_the_start_period_passed():
     assert f.evidence["peak"] == 28.0
 
 
+def test_a_withdrawn_finding_is_a_warning_and_a_corrected_start_silences_it():
+    """The guard refutes a "no better than untrained" finding on the batches themselves: ``withdraw`` counts it as a
+    warning (the spacing of later cuts is what it was), and ``correct_start`` averages the measured untrained losses
+    into the start level, so the same stream no longer reads as "never learned"."""
+    import random
+
+    def stream(ctl, steps, first):
+        rng = random.Random(0)
+        found = []
+        for step in range(1, steps + 1):
+            loss = first if step == 1 else (28.0 if step == 2 else 0.18 * (1 + 0.3 * (rng.random() - 0.5)))
+            f = ctl.update(loss, 1.0, clipped=False, lr=0.3)
+            if f is not None:
+                found.append((step, f))
+        return found
+
+    ctl = StabilityController()
+    [(step, f)] = stream(ctl, 190, first=0.18)
+    assert f.rule == "never_learned"
+    assert ctl.interventions == 1
+    ctl.withdraw()
+    assert (ctl.interventions, ctl.warnings) == (0, 1)
+    assert ctl.state_dict()["start"] == pytest.approx(0.18)
+    ctl.correct_start([2.0, 2.2])  # the untrained model, rerun on two later batches: ~2, not 0.18
+    assert ctl.state_dict()["start"] == pytest.approx((0.18 + 2.0 + 2.2) / 3)
+    for _ in range(300):  # the run sits at 0.18, far below the corrected untrained level: nothing fires
+        assert ctl.update(0.18, 1.0, clipped=False, lr=0.3) is None
+    ctl.correct_start([math.nan, math.inf])  # nothing finite measured: unchanged
+    assert ctl.state_dict()["start"] == pytest.approx((0.18 + 2.0 + 2.2) / 3)
+
+
 def test_the_first_rule_in_order_wins():
     # a rising norm on a model worse than untrained: the norm rule is evaluated first
     pair = _pair(start_loss=2.0, old_loss=5.0, new_loss=5.0, old_norm=1.0, new_norm=50.0, best=math.inf)
