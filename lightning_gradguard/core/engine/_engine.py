@@ -175,6 +175,7 @@ class GuardEngine:
         self._lower: StabilityFinding | None = None
         self._lower_opt: Any = None  # the optimizer whose loss stream gave the finding
         self._lower_stream = 0  # ... and that stream's key
+        self._fault_lrs: list[float | None] = []  # each optimizer's LR at the flagged step (the schedule's rise)
         self._overflow = False
         # the step after which the next multiple of snapshot_every_n_steps is due (None: from the next healthy step):
         # the schedule follows the step counter, so a resumed run takes the snapshots the uninterrupted one took
@@ -341,6 +342,7 @@ class GuardEngine:
         if verdict.health is not None and self._pending is None:
             self._pending = verdict.health
             self._pending_values = (loss_v, verdict.norm, verdict.stats)
+            self._fault_lrs = [lr_of(opt) for opt in self.host.optimizers()]  # the LRs the fault's step ran at
         return verdict
 
     def _test_thin_divergence(self, verdict: Verdict, stream: int) -> None:
@@ -603,7 +605,10 @@ class GuardEngine:
             # a divergence soon after the clipping statistics took over from the warm-up cap is theirs (they learned
             # the norms of an unsettled start, then let them through): keep the cap, not the LR cut
             pin = decision.cause in _DIVERGENCE_CAUSES and not self.clip_pinned and host.clipping_in_probation()
+            scale_then = self.lr_scale
             self._restore(source, 0 if pin else decision.lr_power)
+            if decision.cause in _DIVERGENCE_CAUSES:
+                note = "; ".join(x for x in (note, self._hold_restored_lr(scale_then)) if x)
             if pin and host.pin_clipping():
                 self.clip_pinned = True
                 # the policy's "the learning rate looks too high" is the usual reading of a divergence, not this one's
@@ -648,6 +653,29 @@ class GuardEngine:
             self._cut_made()
         host.load_extra_state(extra)
         self._after_state_change()
+
+    def _hold_restored_lr(self, scale_then: float) -> str:
+        """After a divergence's rollback: where the schedule had raised an optimizer's LR between the restored state
+        and the fault by the stability controller's ``lr_growth`` (2x) or more, the LR is what changed before the run
+        diverged, and the schedule would raise it again on the same steps (a warm restart, an LR bug of a few steps):
+        hold that optimizer at or below the restored state's LR (at the cut scale) until the LR recovers, as a climb
+        that came with the LR's growth is held. Returns the note for the event ("" when nothing is held)."""
+        growth = self.judge_.controller.lr_growth
+        notes = []
+        for index, (opt, then) in enumerate(zip(self.host.optimizers(), self._fault_lrs)):
+            now = lr_of(opt)  # the restored state's LR, cut
+            if then is None or now is None or not (now > 0 and scale_then > 0 and self.lr_scale > 0):
+                continue
+            then_unit, now_unit = then / scale_then, now / self.lr_scale  # at the user's schedule (scale 1)
+            if then_unit >= growth * now_unit and self.lr_ceiling.hold(index, opt, now, self.lr_scale):
+                notes.append(f"{then:.4g} at the fault, {now_unit:.4g} in the restored state")
+        if not notes:
+            return ""
+        self.lr_ceiling.apply(self.host.optimizers(), self.lr_scale)
+        return (
+            "the schedule had raised the LR before the divergence (" + "; ".join(notes) + "): it is held at or below "
+            "the restored state's (cut) LR while the schedule would raise it, until the LR recovers"
+        )
 
     def _recover_lr(self, step: int) -> None:
         """Sustained healthy training since the last cut: undo one cut (never above the user's schedule)."""
