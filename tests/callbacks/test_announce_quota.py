@@ -71,3 +71,24 @@ def test_plain_loop_thins_the_same_way(caplog) -> None:
                 step += 1
         guard.close()
     _check([r.getMessage() for r in caplog.records], guard.events, "GradGuard")
+
+
+def test_a_run_whose_steps_are_mostly_skipped_is_told_it_is_not_training(tmp_path) -> None:
+    """Each skip of a fault on every other batch is right on its own (the rerun finds each batch at fault), but the
+    run learns nothing; a full window of 100 steps with half of them skipped gives a warning that says so, once per
+    window. A third of the steps skipped gives none (bad data comes and goes; the skips are announced)."""
+    half = NaNGuard()
+    make_trainer(tmp_path / "half", [half], max_steps=240, logger=False).fit(
+        TinyRegression(nan_at_steps=list(range(1, 240, 2)))
+    )
+    rate = [e for e in half.events if e.get("rule") == "skip_rate"]
+    assert [e["step"] for e in rate] == [99, 199]  # the first full window, then once per window
+    assert rate[0]["kind"] == "warn"
+    assert rate[0]["cause"] == "instability"
+    assert rate[0]["reason"].startswith("50 of the last 100 steps were skipped (nonfinite loss 50)")
+    third = NaNGuard()
+    make_trainer(tmp_path / "third", [third], max_steps=240, logger=False).fit(
+        TinyRegression(nan_at_steps=list(range(2, 240, 3)))
+    )
+    assert sum(e["kind"] == "skip" for e in third.events) == 80
+    assert not [e for e in third.events if e.get("rule") == "skip_rate"]

@@ -42,6 +42,7 @@ from lightning_gradguard.core.guard._policy import (
     GuardPolicy,
     StepHealth,
 )
+from lightning_gradguard.core.guard._skip_rate import SkipRate
 from lightning_gradguard.core.guard._stability import StabilityFinding
 from lightning_gradguard.core.guard._step_judge import StepJudge, StepRider, Verdict, any_rank
 from lightning_gradguard.core.measure._grad_stats import GradStats
@@ -148,6 +149,7 @@ class GuardEngine:
         self._recovery_steps = options.lr_recovery_steps  # grows after a raised LR needed cutting again
         self._raised = False  # the last LR change was a recovery (a cut now doubles the recovery period)
         self.events: list[dict[str, Any]] = []
+        self.skip_rate = SkipRate()  # a run whose steps are mostly skipped is not training: said once per window
         self.quota = AnnounceQuota()  # which event lines reach the terminal (a skip that repeats for ever is thinned)
         self.outcome = GuardDecision.HEALTHY
         self.cause: GuardCause | None = None
@@ -397,6 +399,8 @@ class GuardEngine:
         if pending is not None:
             self._flagged += 1
             self.handle_fault(pending)
+            if not self.halted:
+                self._count_skip(step, self.outcome is GuardDecision.SKIPPED)
         elif lower is not None and lower.act and self.lr_scale > self.options.min_lr_scale:
             self.lower_lr(step, lower, lower_opt)
         else:
@@ -405,8 +409,25 @@ class GuardEngine:
             self.healthy(step + 1, overflow)
             if self.options.rerun and self._batches:
                 self._ordinary = (self._batches, self._rngs or [self._window_rng])
+        if pending is None:
+            self._count_skip(step, False)
         self._batches = []
         return pending is not None
+
+    def _count_skip(self, step: int, skipped: bool) -> None:
+        """One step into the skip rate; a warning once a window's steps were mostly skipped (core/guard/_skip_rate)."""
+        cause = self.cause.value if skipped and self.cause is not None else ""
+        found = self.skip_rate.update(skipped, cause)
+        if found is None:
+            return
+        self.warnings += 1
+        reason = (
+            f"{found}; a bad batch is rare, so a fault on most batches is the run's, whatever each rerun said "
+            "(fp16 autocast without a GradScaler, a too-high LR, a damaged state): warning only"
+        )
+        event = GuardEvent(step, "warn", GuardCause.INSTABILITY.value, self.lr_scale, reason=reason)
+        event.rule = "skip_rate"
+        self.record_event(event)
 
     def _refute_restart(self, step: int, finding: StabilityFinding) -> tuple[str, list[float]] | None:
         """Test the claim of a finding that restarts from the untrained state because the model has gained nothing
@@ -1075,6 +1096,7 @@ class GuardEngine:
             "snapshots": self.store.state_dict()["snapshots"],
             "bad_batches": self.bad_batches.state_dict(),
             "announced": self.quota.state_dict(),
+            "skip_rate": self.skip_rate.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1098,6 +1120,7 @@ class GuardEngine:
         self.judge_.load_state_dict(state)
         self.bad_batches.load_state_dict(state.get("bad_batches") or {})
         self.quota.load_state_dict(state.get("announced"))
+        self.skip_rate.load_state_dict(state.get("skip_rate"))
         self._resumed = True
 
 
