@@ -59,11 +59,11 @@ class SpikedSchedule(pl.LightningModule):
             return float((self.net(self.x_val).argmax(1) == self.y_val).float().mean())
 
 
-def _fit(tmp_path, callbacks, spike: bool = True) -> SpikedSchedule:
-    pl.seed_everything(0, verbose=False)
-    model = SpikedSchedule(0, spike)
+def _fit(tmp_path, callbacks, spike: bool = True, seed: int = 0, cls: type = SpikedSchedule, steps: int = STEPS):
+    pl.seed_everything(seed, verbose=False)
+    model = cls(seed, spike)
     trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=STEPS, max_epochs=-1, logger=False,
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False,
         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         deterministic=True,
     )  # fmt: skip

@@ -46,6 +46,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+#: the long-run norm level keeps every LONG_EVERY-th healthy norm, the last LONG_SIZE of them (~1000 steps)
+LONG_EVERY = 10
+LONG_SIZE = 100
+
 
 def median(values: deque[float] | list[float]) -> float:
     """``statistics.median`` of a non-empty window (the same arithmetic, without its checks and conversions: two to
@@ -129,6 +133,9 @@ class DivergenceDetector:
         """Forget everything (a new baseline is learned)."""
         self._losses: deque[float] = deque(maxlen=self.window)
         self._norms: deque[float] = deque(maxlen=self.window)
+        # the run's long-run norm level: every LONG_EVERY-th healthy norm, the last LONG_SIZE of them
+        self._long: deque[float] = deque(maxlen=LONG_SIZE)
+        self._long_count = 0
         self._first: list[float] = []  # the run's first losses (their median sets the floor)
         self._start: float | None = None
         self._loss_run = 0
@@ -261,7 +268,12 @@ class DivergenceDetector:
         if len(self._norms) < self.min_samples:
             self._norms.append(norm)
             return False
+        # the reference is the recent level, or the run's long-run level where the recent one collapsed below it
+        # (saturated units after a corruption, a loss near 0): a norm that returns to where the run used to be is
+        # no divergence. A real divergence leaves both far behind.
         ref = median(self._norms)
+        if len(self._long) >= self.min_samples:
+            ref = max(ref, median(self._long))
         self.grad_reference = ref
         if norm > self.grad_unsettled_factor * ref + 1e-30:
             self._last_unsettled = 0
@@ -269,12 +281,16 @@ class DivergenceDetector:
         self._grad_run = self._grad_run + 1 if far else 0
         if not far:
             self._norms.append(norm)
+            self._long_count += 1
+            if self._long_count % LONG_EVERY == 0:
+                self._long.append(norm)
         return self._grad_run >= self.persist
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "losses": list(self._losses),
             "norms": list(self._norms),
+            "long_norms": [list(self._long), self._long_count],
             "first": list(self._first),
             "start": self._start,
             "runs": [self._loss_run, 0, self._grad_run],
@@ -287,6 +303,9 @@ class DivergenceDetector:
         self.reset()
         self._losses.extend(float(v) for v in state.get("losses", []) if _finite(float(v)))
         self._norms.extend(float(v) for v in state.get("norms", []) if _finite(float(v)))
+        long_norms, long_count = (list(state.get("long_norms") or [[], 0]) + [[], 0])[:2]
+        self._long.extend(float(v) for v in long_norms if _finite(float(v)))
+        self._long_count = int(long_count)
         start = state.get("start")
         self._first = [float(v) for v in state.get("first", [] if start is None else [start])]
         self._start = None if start is None or "first" not in state else float(start)

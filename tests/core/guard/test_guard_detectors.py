@@ -269,3 +269,26 @@ def test_a_thin_verdict_is_marked_and_the_adopted_level_becomes_the_reference():
         mature.update(loss, 1.0)
     assert [mature.update(loss, 1.0)[0] for loss in (500.0, 5000.0, 50000.0)] == [False, False, True]
     assert not mature.thin_verdict  # a full reference's verdict is not a thin one
+
+
+def test_a_norm_back_from_a_collapse_is_no_divergence_but_a_real_one_still_is():
+    """The gradient-divergence reference is the recent median or the run's long-run level (every 10th healthy norm
+    of the last ~1000 steps), whichever is higher: a norm that collapsed (saturated units) and comes back to where
+    the run used to be is no 1000x divergence; a norm that leaves both behind is."""
+    rng = random.Random(0)
+    healthy = [0.5 * (1 + 0.2 * rng.random()) for _ in range(300)]
+    collapsed = [1e-5 * (1 + 0.2 * rng.random()) for _ in range(250)]
+    back = [30.0 * (1 + 0.2 * rng.random()) for _ in range(50)]
+    det = DivergenceDetector()
+    flags = [det.update(1.0, n)[1] for n in healthy + collapsed + back]
+    assert not any(flags)
+    assert det.grad_reference is not None
+    assert det.grad_reference > 0.4  # the long-run level, not the collapsed one
+    # from a steady level, a real blow-up is still caught (3 steps in a row far above both levels)
+    det = DivergenceDetector()
+    flags = [det.update(1.0, n)[1] for n in [*healthy, 2e3, 5e3, 9e3]]
+    assert flags[-3:] == [False, False, True]
+    # the long-run level survives a checkpoint
+    again = DivergenceDetector()
+    again.load_state_dict(det.state_dict())
+    assert again.state_dict() == det.state_dict()
