@@ -22,6 +22,10 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
 - ``masked_first_batch``, ``loss_ramp``, ``hinge_satisfied``: first loss exactly 0 (a fully masked first batch, a
   ``min(1, step/50)`` ramp, a margin loss already satisfied) [a reference of 0: every later loss "jumps"].
 - ``bs1_sgd``: batch size 1, plain SGD: every loss is one sample's, heavy-tailed noise [climb rules on noise].
+- ``adam_bs4``: batch size 4 with Adam: a first batch the untrained model happens to fit makes the run's first
+  loss ~10x below its typical untrained loss [the untrained loss read from one batch].
+- ``sorted_bags_sum``: bags of 1-512 items with a summed loss, the first epoch sorted by bag size [a first single
+  item with loss ~0 as the divergence reference; a loss that grows with the bag].
 - ``gaussian_nll``: heteroscedastic Gaussian NLL, converged and noisy, hovering around 0 (batches of either sign)
   [ratios of losses near 0, negative losses].
 - ``masked_start_15``: the first 15 batches fully masked (zero gradients); also run with
@@ -395,6 +399,47 @@ class FineTune(Regression):
         xt, yt = self.train_tensors
         self.train_tensors = (xt, yt + 0.5 * xt[:, :1])
         self.val_y = self.val_y + 0.5 * self.val_x[:, :1]
+
+
+class _SortedBags(torch.utils.data.Sampler):
+    """Bags of 1 to 512 sample indices (log-uniform sizes), the first pass sorted by size (a length-bucketed first
+    epoch): the first batches hold one item each."""
+
+    def __init__(self, n: int, seed: int, bags: int) -> None:
+        self.n, self.seed, self.bags = n, seed, bags
+
+    def __iter__(self) -> Any:
+        g = _gen(self.seed, 9)
+        done = 0
+        first = True
+        while done < self.bags:
+            sizes = torch.exp(torch.rand(120, generator=g) * math.log(512)).long().clamp_min(1)
+            if first:
+                sizes, first = sizes.sort().values, False
+            for k in sizes.tolist():
+                if done == self.bags:
+                    return
+                done += 1
+                yield torch.randint(self.n, (k,), generator=g).tolist()
+
+    def __len__(self) -> int:
+        return self.bags
+
+
+class SortedBags(Regression):
+    """Bags of 1-512 samples with a loss summed over the bag's items, the first epoch sorted by bag size: the
+    first batches are single items, one of which the untrained model may happen to fit (loss ~0), and the summed
+    loss grows with the bag."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            TensorDataset(*self.train_tensors),
+            batch_sampler=_SortedBags(len(self.train_tensors[0]), self.seed, self.steps + 1),
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y, reduction="sum")
 
 
 class Curriculum(Regression):
@@ -1189,6 +1234,20 @@ _SHAPES: list[Shape] = [
         800,
         MSE,
         issue_row="batch size 1, SGD",
+    ),
+    Shape(
+        "adam_bs4",
+        "regression, batch size 4, Adam 1e-3 (a first batch may happen to be easy)",
+        _reg(batch_size=4),
+        500,
+        MSE,
+    ),
+    Shape(
+        "sorted_bags_sum",
+        "regression on bags of 1-512 items, loss summed over the bag, first epoch sorted by size (single items first)",
+        lambda seed, steps: SortedBags(seed, steps),
+        500,
+        MSE,
     ),
     Shape(
         "gaussian_nll",

@@ -250,3 +250,16 @@ def test_snapshot_cost_measures_ddp_split_and_fsdp2_shards(tmp_path):
     for r in (ddp, fsdp):
         assert all(r[k] > 0 for k in r if k.endswith("_ms"))
     assert "| DDP |" in (tmp_path / "snapshot_cost_tiny.txt").read_text()
+
+
+def test_clip_chaos_prints_each_method_and_the_two_gaps(capsys):
+    """One seed of the chaos check: three methods, each a finite bits-per-character value, and the two gaps."""
+    clip_chaos = _load("clip_chaos")
+    assert clip_chaos.main(["--seeds", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.strip().startswith(("gradient_clip_val", "default_callbacks"))]
+    assert len(rows) == 3
+    for row in rows:
+        value = float(row.split()[1])
+        assert 1.0 < value < 20.0  # bits per character of a 150-step character LSTM (untrained: ~6)
+    assert out[-1].startswith("Lightning's clip against itself moved by 1e-6: ")
