@@ -341,8 +341,10 @@ class GradGuard:
                 (then only the gradients are judged).
             recompute: a callable that computes this step's loss again from the model as it is (e.g.
                 ``lambda: loss_fn(model(x), y)``), for the rerun diagnosis of a non-finite step (``rerun=True``):
-                called only on such a fault, with the random-number state of the step's first forward restored;
-                the guard takes the gradients itself and never touches ``.grad``. None: no rerun diagnosis.
+                called only on such a fault, on a loss divergence judged against a thin reference (the first
+                steps) and before a restart that claims the model is no better than untrained (each tested on
+                this batch), with the random-number state of the step's first forward restored; the guard takes
+                the gradients itself and never touches ``.grad``. None: no rerun diagnosis.
         """
         self._host.recompute = recompute
         self._checked = True

@@ -359,8 +359,8 @@ class GuardEngine:
         health = verdict.health
         if health is None or not health.loss_divergence or health.grad_divergence or not self.options.rerun:
             return
-        if not self._batches:
-            return
+        if not self._batches and self.host.rerun_takes_items():
+            return  # (a plain loop's rerun is its recompute callable: it needs no batch)
         if health.cause is not GuardCause.LOSS_DIVERGENCE or verdict.loss is None:
             return  # anything else wrong with the step (non-finite values, a spike, the gradient norm) is acted on
         detector = self.judge_.stream(stream).detector
@@ -439,7 +439,9 @@ class GuardEngine:
         model's loss below ``stuck_margin`` x the untrained model's on the same batches) and the untrained model's
         loss on each batch; or None: the claim stands, or nothing could be rerun (several processes, no batch, no
         untrained state, a non-positive loss)."""
-        if finding.rule not in _UNTRAINED_RULES or not self.options.rerun or not self._batches:
+        if finding.rule not in _UNTRAINED_RULES or not self.options.rerun:
+            return None
+        if not self._batches and self.host.rerun_takes_items():
             return None
         host = self.host
         reducer = host.reducer()
