@@ -26,6 +26,8 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
   loss ~10x below its typical untrained loss [the untrained loss read from one batch].
 - ``sorted_bags_sum``: bags of 1-512 items with a summed loss, the first epoch sorted by bag size [a first single
   item with loss ~0 as the divergence reference; a loss that grows with the bag].
+- ``poisson_counts``: a log-link count regression whose batches of high counts pull hard [a heavy-tailed gradient
+  norm that a z-score threshold clips on healthy steps].
 - ``gaussian_nll``: heteroscedastic Gaussian NLL, converged and noisy, hovering around 0 (batches of either sign)
   [ratios of losses near 0, negative losses].
 - ``masked_start_15``: the first 15 batches fully masked (zero gradients); also run with
@@ -486,6 +488,33 @@ class GaussianNLL(ZooModule):
 
     def metric(self) -> float:
         return float(self.nll(self.val_x, self.val_y))
+
+
+class PoissonCounts(ZooModule):
+    """Count regression with a log link: 8 inputs, rates exp(2.5 + 2.25 tanh(x . w / 2)) (about 1 to 140), Poisson
+    NLL on the log rate, Adam 3e-3, batch 64. The gradient norm is heavy-tailed (a batch of high counts pulls hard)
+    and falls by an order of magnitude as the rates are learned. Metric: validation Poisson deviance."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=64, lr=3e-3)
+        self.net = mlp([8, 32, 32, 1])
+        w = torch.randn(8, generator=_gen(0, 77))  # the same rate function for every seed
+
+        def data(salt: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            g = _gen(seed, salt)
+            x = torch.randn(n, 8, generator=g)
+            return x, torch.poisson(torch.exp(2.5 + 2.25 * torch.tanh(x @ w / 2)), generator=g)
+
+        self.train_tensors = data(3, 2048)
+        self.val_x, self.val_y = data(5, 512)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.poisson_nll_loss(self.net(x).squeeze(1), y, log_input=True, full=False)
+
+    def metric(self) -> float:
+        mu, y = self.net(self.val_x).squeeze(1).exp(), self.val_y
+        return float((2 * (torch.xlogy(y, y / mu) - (y - mu))).mean())
 
 
 class HingeSatisfied(ZooModule):
@@ -1248,6 +1277,13 @@ _SHAPES: list[Shape] = [
         lambda seed, steps: SortedBags(seed, steps),
         500,
         MSE,
+    ),
+    Shape(
+        "poisson_counts",
+        "count regression, log link, Poisson NLL, rates 1-140 (heavy-tailed gradient norms)",
+        PoissonCounts,
+        800,
+        "validation Poisson deviance",
     ),
     Shape(
         "gaussian_nll",
