@@ -630,7 +630,7 @@ class GuardEngine:
             pin = decision.cause in _DIVERGENCE_CAUSES and not self.clip_pinned and host.clipping_in_probation()
             scale_then = self.lr_scale
             self._restore(source, 0 if pin else decision.lr_power)
-            if decision.cause in _DIVERGENCE_CAUSES:
+            if decision.cause in _DIVERGENCE_CAUSES and self.lr_scale < scale_then:  # (the hold ends with the cut)
                 note = "; ".join(x for x in (note, self._hold_restored_lr(scale_then)) if x)
             if pin and host.pin_clipping():
                 self.clip_pinned = True
@@ -682,7 +682,8 @@ class GuardEngine:
         and the fault by the stability controller's ``lr_growth`` (2x) or more, the LR is what changed before the run
         diverged, and the schedule would raise it again on the same steps (a warm restart, an LR bug of a few steps):
         hold that optimizer at or below the restored state's LR (at the cut scale) until the LR recovers, as a climb
-        that came with the LR's growth is held. Returns the note for the event ("" when nothing is held)."""
+        that came with the LR's growth is held. Only after a rollback that cut the LR: the recoveries that undo the
+        cut release the ceiling. Returns the note for the event ("" when nothing is held)."""
         growth = self.judge_.controller.lr_growth
         notes = []
         for index, (opt, then) in enumerate(zip(self.host.optimizers(), self._fault_lrs)):
