@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import NaNGuard, default_callbacks
+from tests.models import make_trainer
 
 pytest.importorskip("sklearn")
 STEPS = 450
@@ -62,12 +63,7 @@ class SpikedSchedule(pl.LightningModule):
 def _fit(tmp_path, callbacks, spike: bool = True, seed: int = 0, cls: type = SpikedSchedule, steps: int = STEPS):
     pl.seed_everything(seed, verbose=False)
     model = cls(seed, spike)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False,
-        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        deterministic=True,
-    )  # fmt: skip
-    trainer.fit(model)
+    make_trainer(tmp_path, callbacks, max_steps=steps, logger=False, max_epochs=-1, deterministic=True).fit(model)
     return model
 
 

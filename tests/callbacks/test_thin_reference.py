@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_gradguard import NaNGuard, default_callbacks
+from tests.models import make_trainer
 
 STEPS = 100
 
@@ -81,15 +82,10 @@ class SortedBagRegression(pl.LightningModule):
             return float(F.mse_loss(self.net(self.x_val).squeeze(-1), self.y_val))
 
 
-def _fit(tmp_path, callbacks) -> SortedBagRegression:
+def _fit(tmp_path, callbacks, cls: type = SortedBagRegression, steps: int = STEPS):
     pl.seed_everything(0, verbose=False)
-    model = SortedBagRegression(0)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=STEPS, max_epochs=-1, logger=False,
-        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        deterministic=True,
-    )  # fmt: skip
-    trainer.fit(model)
+    model = cls(0)
+    make_trainer(tmp_path, callbacks, max_steps=steps, logger=False, max_epochs=-1, deterministic=True).fit(model)
     return model
 
 
@@ -128,31 +124,19 @@ class SmallBatchRegression(SortedBagRegression):
         return F.mse_loss(self.net(x).squeeze(-1), y)
 
 
-def _fit_small(tmp_path, callbacks, steps: int = 200) -> SmallBatchRegression:
-    pl.seed_everything(0, verbose=False)
-    model = SmallBatchRegression(0)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False,
-        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        deterministic=True,
-    )  # fmt: skip
-    trainer.fit(model)
-    return model
-
-
 def test_a_model_that_learned_is_not_restarted_as_no_better_than_untrained(tmp_path) -> None:
     """ "Worse than untrained" read the untrained loss from the first batch (0.57) and restarted a run that had
     learned (step 165: rollback to the start, LR x0.25; 25-33 % worse at the end). The claim is now tested on the
     batches themselves (the untrained state rerun beside the current one): refuted, it is a warning that says so,
     and the untrained level the rules compare with is the mean of the first loss and those measurements."""
-    unguarded = _fit_small(tmp_path / "none", []).val_mse()
+    unguarded = _fit(tmp_path / "none", [], SmallBatchRegression, 200).val_mse()
     guard = NaNGuard()
-    model = _fit_small(tmp_path / "guarded", [guard])
+    model = _fit(tmp_path / "guarded", [guard], SmallBatchRegression, 200)
     assert [e for e in guard.events if e["kind"] != "warn"] == []
     refuted = [e for e in guard.events if "untrained model's" in e["reason"] and "it learned" in e["reason"]]
     assert refuted  # the claim was made, tested and refuted, and the event says so with the numbers
     assert refuted[0]["cause"] == "instability"
     assert model.val_mse() <= 1.02 * unguarded
     old = NaNGuard(rerun=False)  # without the test on the batches, the one-batch claim acts (the old behaviour)
-    _fit_small(tmp_path / "old", [old])
+    _fit(tmp_path / "old", [old], SmallBatchRegression, 200)
     assert any(e["kind"] == "rollback" and e["cause"] == "lr_too_high" for e in old.events)
