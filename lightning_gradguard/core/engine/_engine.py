@@ -354,8 +354,9 @@ class GuardEngine:
         the current state's loss is no jump above that state's loss on the same batch, a rollback would restore a
         state no better on the evidence: the losses are the run's level, which becomes the reference, and the step
         is healthy. A model blown up by its first updates (loss 11 -> 1e12) is far beyond the restored state's loss
-        on any batch and is acted on as before. One process only (a rerun that every rank agrees on is the fault
-        path's), and never without the step's batches."""
+        on any batch and is acted on as before. One process and one optimizer only (a rerun that every rank agrees
+        on is the fault path's; a rerun gives the loss of every optimizer's objective together), and never without
+        the step's batches."""
         health = verdict.health
         if health is None or not health.loss_divergence or health.grad_divergence or not self.options.rerun:
             return
@@ -368,6 +369,8 @@ class GuardEngine:
         reducer = host.reducer()
         if not detector.thin_verdict or (reducer is not None and reducer.world_size > 1):
             return
+        if len(host.optimizers()) > 1:
+            return  # a rerun gives the step's whole loss, every optimizer's; the verdict is one stream's
         snap = self.store.compute()
         if snap is None:
             return
