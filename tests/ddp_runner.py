@@ -56,3 +56,30 @@ def run_ddp_script(
     return run_on_free_port(
         lambda _port: [sys.executable, str(script), str(out_dir), *(args or [])], launcher_env(), timeout
     )
+
+
+def leave_process_group(rank: int, world_size: int, out_dir: str | Path, timeout: float = 60.0) -> None:
+    """End an ``mp.spawn`` worker without gloo's teardown race; call it last, after the results are written.
+
+    Every rank meets a barrier and destroys the group. Rank 0 hosts the rendezvous store: if it is gone while
+    another rank still tears its group down, that rank aborts at exit ("terminate called without an active
+    exception", process exit by SIGABRT) after its work is done, now and then under load (CI with the suite's
+    workers and two ranks on two cores). So the other ranks leave a marker file and exit at once, and rank 0 waits
+    for their markers before it exits. Every rank ends with ``os._exit(0)``: no interpreter teardown, whose C++
+    destructors are where the abort happens.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rank:
+        Path(out_dir, f".left{rank}").touch()
+        os._exit(0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(Path(out_dir, f".left{r}").exists() for r in range(1, world_size)):
+        time.sleep(0.05)
+    os._exit(0)

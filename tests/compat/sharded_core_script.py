@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_gradguard.core.measure._grad_stats import compute_grad_stats, norms_of  # noqa: E402
 from lightning_gradguard.core.measure._sharded import unit_norms  # noqa: E402
+from tests.ddp_runner import leave_process_group  # noqa: E402
 
 
 def full_tensors() -> dict[str, torch.Tensor]:
@@ -111,8 +112,7 @@ def work(rank: int, out_dir: str) -> None:
     except ValueError as err:
         out["partial_error"] = str(err)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group(rank, 2, out_dir)  # the last thing: gloo's teardown race (tests/ddp_runner.py)
 
 
 if __name__ == "__main__":

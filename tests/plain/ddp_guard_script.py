@@ -24,6 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_gradguard import GradGuard  # noqa: E402
+from tests.ddp_runner import leave_process_group  # noqa: E402
 
 SPIKE_AT = 25
 CORRUPT_AT = 33
@@ -67,8 +68,7 @@ def worker(rank: int, world: int, out_dir: str) -> None:
     result["at_start"] = at_start
     result["split"] = split
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()  # both ranks done before either tears the group down (a gloo teardown race aborts otherwise)
-    dist.destroy_process_group()
+    leave_process_group(rank, world, out_dir)  # the last thing: gloo's teardown race (tests/ddp_runner.py)
 
 
 if __name__ == "__main__":
