@@ -127,15 +127,16 @@ class SmallBatchRegression(SortedBagRegression):
 def test_a_model_that_learned_is_not_restarted_as_no_better_than_untrained(tmp_path) -> None:
     """ "Worse than untrained" read the untrained loss from the first batch (0.57) and restarted a run that had
     learned (step 165: rollback to the start, LR x0.25; 25-33 % worse at the end). The claim is now tested on the
-    batches themselves (the untrained state rerun beside the current one): refuted, it is a warning that says so,
-    and the untrained level the rules compare with is the mean of the first loss and those measurements."""
+    batches themselves (the untrained state rerun beside the current one) before it acts or warns: refuted, it does
+    neither, and the untrained level the rules compare with becomes the mean of the first loss and those
+    measurements (several batches, not one)."""
     unguarded = _fit(tmp_path / "none", [], SmallBatchRegression, 200).val_mse()
     guard = NaNGuard()
     model = _fit(tmp_path / "guarded", [guard], SmallBatchRegression, 200)
     assert [e for e in guard.events if e["kind"] != "warn"] == []
-    refuted = [e for e in guard.events if "untrained model's" in e["reason"] and "it learned" in e["reason"]]
-    assert refuted  # the claim was made, tested and refuted, and the event says so with the numbers
-    assert refuted[0]["cause"] == "instability"
+    assert not [e for e in guard.events if "untrained model's (0.5" in e["reason"]]  # no claim on the one batch
+    first_loss = 0.569  # seed 0's first batch (the untrained model happened to fit those four items)
+    assert guard.engine.judge_.controller.state_dict()["start"] > 3 * first_loss  # measured on more batches
     assert model.val_mse() <= 1.02 * unguarded
     old = NaNGuard(rerun=False)  # without the test on the batches, the one-batch claim acts (the old behaviour)
     _fit(tmp_path / "old", [old], SmallBatchRegression, 200)

@@ -392,13 +392,16 @@ class GuardEngine:
             self.judge_.clip_flags = clip_flags
         if self.halted:
             return pending is not None
-        if pending is None and lower is not None and lower.act and self.lr_scale > self.options.min_lr_scale:
+        if pending is None and lower is not None and (not lower.act or self.lr_scale > self.options.min_lr_scale):
             refuted = self._refute_restart(step, lower)
-            if refuted is not None:  # the finding's claim does not hold on the batch itself: a warning
+            if refuted is not None:  # the finding's claim does not hold on the batch itself
                 controller = self.judge_.stream(self._lower_stream).controller
-                controller.withdraw()
                 controller.correct_start(refuted[1])  # the untrained loss, measured on these batches too
-                lower = replace(lower, act=False, reason=f"{lower.reason}; but {refuted[0]}: warning only")
+                if lower.act:  # an action: a warning that says why not
+                    controller.withdraw()
+                    lower = replace(lower, act=False, reason=f"{lower.reason}; but {refuted[0]}: warning only")
+                else:  # a warning whose claim is refuted says nothing true: none
+                    lower = None
         if pending is not None:
             self._flagged += 1
             self.handle_fault(pending)
@@ -433,13 +436,14 @@ class GuardEngine:
         self.record_event(event)
 
     def _refute_restart(self, step: int, finding: StabilityFinding) -> tuple[str, list[float]] | None:
-        """Test the claim of a finding that restarts from the untrained state because the model has gained nothing
-        since it (``worse_than_untrained``, ``killed_at_start``, ``never_learned``) on this step's batch: rerun it
+        """Test the claim of a finding that the model has gained nothing since the untrained state (a restart or a
+        warning of ``worse_than_untrained``, ``killed_at_start``, ``never_learned``) on this step's batch: rerun it
         from the untrained state and from the current one, the same batch and random numbers (and the last ordinary
         batch's too, when kept). Those rules read "the untrained loss" from the run's first loss, one batch: a small
         first batch that happened to be easy (batch size 4, loss 0.57 against a typical 8) made a model that learned
         look "no better than untrained" and restarted it. Returns the evidence that refutes the claim (the current
-        model's loss below ``stuck_margin`` x the untrained model's on the same batches) and the untrained model's
+        model's loss below ``start_margin`` x the untrained model's on the same batches for "worse than untrained",
+        below ``stuck_margin`` x it for the others) and the untrained model's
         loss on each batch; or None: the claim stands, or nothing could be rerun (several processes, no batch, no
         untrained state, a non-positive loss)."""
         if finding.rule not in _UNTRAINED_RULES or not self.options.rerun:
@@ -469,13 +473,17 @@ class GuardEngine:
                 each.append(start.loss)
         finally:
             buffers.restore()
-        margin = self.judge_.controller.stuck_margin
+        # each rule's own claim: "worse than untrained" (above start_margin x it), or "not clearly better" (above
+        # stuck_margin x it: killed at the start, never learned)
+        controller = self.judge_.controller
+        worse = finding.rule == "worse_than_untrained"
+        margin = controller.start_margin if worse else controller.stuck_margin
         if not (math.isfinite(now) and math.isfinite(then) and then > 0.0 and now < margin * then):
             return None
         n = len(runs)
         where = "this step's batch" if n == 1 else "this step's and the last batch"
         text = f"on {where} the model's loss ({now / n:.4g}) is below {margin:g}x the untrained model's"
-        return f"{text} ({then / n:.4g}): it learned", each
+        return f"{text} ({then / n:.4g}): {'it is not worse' if worse else 'it learned'}", each
 
     def log_due(self, step: int) -> bool:
         """Whether ``step`` is a logging step of a loop that counts its own steps (the Trainer has its own rule)."""
