@@ -1513,8 +1513,24 @@ CONFIGS: dict[str, str] = {
     "nanguard": "lightning_gradguard.NaNGuard()",
     "zscore": 'lightning_gradguard.AdaptiveGradientClipping("zscore") alone',
     "dropped": "no callbacks, corrupt batches dropped (training_step returns None)",
+    # two diagnostics of a shape's sensitivity to its first steps (not run unless asked for with --configs):
+    "first10_clip": "no gradguard; torch's clip_grad_norm_(max_norm=1.0) on the first 10 steps only",
+    "zscore_nocap": 'AdaptiveGradientClipping("zscore", fallback_max_norm=None) alone (no warm-up cap)',
 }
 DEFAULT_CONFIGS = ("none", "defaults", "nanguard")
+
+
+class _ClipFirstSteps(pl.Callback):
+    """torch's ``clip_grad_norm_(max_norm)`` on the first ``steps`` optimizer steps, nothing afterwards: what the
+    z-score clipper's warm-up cap does to a run whose first norms are far above the cap, without gradguard (a
+    measure of how much a shape's final metric depends on its first steps)."""
+
+    def __init__(self, steps: int, max_norm: float) -> None:
+        self.steps, self.max_norm = steps, max_norm
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step < self.steps:
+            torch.nn.utils.clip_grad_norm_(pl_module.parameters(), self.max_norm)
 
 
 def make_callbacks(config: str) -> list[pl.Callback]:
@@ -1528,6 +1544,10 @@ def make_callbacks(config: str) -> list[pl.Callback]:
         return [NaNGuard()]
     if config == "zscore":
         return [AdaptiveGradientClipping("zscore")]
+    if config == "zscore_nocap":
+        return [AdaptiveGradientClipping("zscore", fallback_max_norm=None)]
+    if config == "first10_clip":
+        return [_ClipFirstSteps(10, 1.0)]
     raise ValueError(f"unknown configuration {config!r}; known: {sorted(CONFIGS)}")
 
 
