@@ -148,3 +148,27 @@ def test_curriculum_switch_at_a_warm_restart(config: str) -> None:
     window's, but the run trained at that LR before its best. Seed 0 was rolled back and cut before the climbing rules
     asked for an LR never trained at (0.977x the reference; seed 2: 0.853x)."""
     check("restarts_curriculum", config)
+
+
+def test_first_steps_clip_diagnostic_clips_exactly_the_first_steps() -> None:
+    """The ``first10_clip`` diagnostic (how much a shape's metric depends on its first steps) clips the norms of the
+    first 10 optimizer steps to 1.0 and leaves every later step as measured."""
+    import lightning.pytorch as pl
+    import torch
+
+    seen: list[tuple[int, float]] = []
+
+    class After(pl.Callback):  # runs after the diagnostic (callbacks run in list order)
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            seen.append((trainer.global_step, float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))))
+
+    (clip,) = zoo.make_callbacks("first10_clip")
+    module = zoo.SHAPES["poisson_counts"].build(SEED, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(accelerator="cpu", max_steps=20, logger=False, callbacks=[clip, After()], enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False).fit(module)  # fmt: skip
+    assert [s for s, _ in seen] == list(range(20))
+    assert all(n <= 1.0 + 1e-4 for s, n in seen if s < 10)
+    assert all(n > 2.0 for s, n in seen if s >= 10)  # this shape's norms are ~40 at the start: nothing clipped there
