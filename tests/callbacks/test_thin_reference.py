@@ -141,3 +141,30 @@ def test_a_model_that_learned_is_not_restarted_as_no_better_than_untrained(tmp_p
     old = NaNGuard(rerun=False)  # without the test on the batches, the one-batch claim acts (the old behaviour)
     _fit(tmp_path / "old", [old], SmallBatchRegression, 200)
     assert any(e["kind"] == "rollback" and e["cause"] == "lr_too_high" for e in old.events)
+
+
+@pytest.mark.ddp
+def test_two_ranks_test_both_claims_on_their_batches_and_agree(tmp_path) -> None:
+    """The same two cases under 2-process DDP (each rank fed the same batches: the all-reduced run is the one-process
+    run). Each rank reruns its own batches and the losses are reduced as the judge reduces the step's loss (their
+    maximum), so both ranks take the same branch: no rollback, restart or halt, and identical replicas. With the
+    rerun off the old verdicts act on both ranks (rollbacks and a halt; a restart blaming the LR): the cases are
+    real under DDP too. Before, the rerun tests ran in one process only, and DDP runs got the old verdicts."""
+    import json
+    from pathlib import Path
+
+    from tests.ddp_runner import run_ddp_script
+
+    proc = run_ddp_script(Path(__file__).with_name("ddp_thin_reference_script.py"), tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"thin_rank{r}.json").read_text()) for r in (0, 1)]
+    for name in ("thin", "thin_off", "untrained", "untrained_off"):
+        assert ranks[0][name]["events"] == ranks[1][name]["events"], name
+        assert ranks[0][name]["checksum"] == ranks[1][name]["checksum"], name  # the replicas stayed identical
+    for r in ranks:
+        assert [e for e in r["thin"]["events"] if e[1] != "warn"] == []
+        assert [e for e in r["untrained"]["events"] if e[1] != "warn"] == []
+        assert r["thin"]["val_mse"] < 0.5 * r["thin_off"]["val_mse"]
+        assert r["untrained"]["val_mse"] < 0.5 * r["untrained_off"]["val_mse"]
+        assert any(e[1] == "halt" and e[2] == "loss_divergence" for e in r["thin_off"]["events"])
+        assert any(e[1] == "rollback" and e[3] == "worse_than_untrained" for e in r["untrained_off"]["events"])

@@ -44,7 +44,7 @@ from lightning_gradguard.core.guard._policy import (
 )
 from lightning_gradguard.core.guard._skip_rate import SkipRate
 from lightning_gradguard.core.guard._stability import StabilityFinding
-from lightning_gradguard.core.guard._step_judge import StepJudge, StepRider, Verdict, any_rank
+from lightning_gradguard.core.guard._step_judge import StepJudge, StepRider, Verdict, any_rank, nan_as_inf
 from lightning_gradguard.core.measure._grad_stats import GradStats
 from lightning_gradguard.core.recover._bad_batches import BadBatch, BadBatchRecord, fingerprint, short_digest
 from lightning_gradguard.core.recover._fault_trace import nonfinite_in
@@ -354,33 +354,65 @@ class GuardEngine:
         the current state's loss is no jump above that state's loss on the same batch, a rollback would restore a
         state no better on the evidence: the losses are the run's level, which becomes the reference, and the step
         is healthy. A model blown up by its first updates (loss 11 -> 1e12) is far beyond the restored state's loss
-        on any batch and is acted on as before. One process and one optimizer only (a rerun that every rank agrees
-        on is the fault path's; a rerun gives the loss of every optimizer's objective together), and never without
-        the step's batches."""
+        on any batch and is acted on as before. One optimizer only (a rerun gives the loss of every optimizer's
+        objective together), and never without the step's batches.
+
+        With several ranks (DDP; not where a rerun is a collective) the verdict was judged on the ranks' largest
+        loss: every rank reruns its own batch, and the largest current loss is compared with the largest loss of
+        the restored state, one reduce (:meth:`_agree_reruns`); every rank takes the same branch."""
         health = verdict.health
         if health is None or not health.loss_divergence or health.grad_divergence or not self.options.rerun:
             return
-        if not self._batches and self.host.rerun_takes_items():
+        host = self.host
+        if not self._batches and host.rerun_takes_items() and not self._many():
             return  # (a plain loop's rerun is its recompute callable: it needs no batch)
         if health.cause is not GuardCause.LOSS_DIVERGENCE or verdict.loss is None:
             return  # anything else wrong with the step (non-finite values, a spike, the gradient norm) is acted on
         detector = self.judge_.stream(stream).detector
-        host = self.host
-        reducer = host.reducer()
-        if not detector.thin_verdict or (reducer is not None and reducer.world_size > 1):
+        if not detector.thin_verdict or (self._many() and host.rerun_is_collective()):
             return
         if len(host.optimizers()) > 1:
             return  # a rerun gives the step's whole loss, every optimizer's; the verdict is one stream's
-        snap = self.store.compute()
-        if snap is None:
+        snap = self.store.compute()  # the same on every rank
+        if snap is None or not self._agree_ready():
             return
         trusted = host.rerun(self._batches, self._rngs or [self._window_rng], self._trusted_weights(snap), health.step)
-        if trusted is None or trusted.loss is None or not math.isfinite(trusted.loss):
-            return
-        if detector.beyond(float(verdict.loss), trusted.loss):
+        level = trusted.loss if trusted is not None else None
+        ok = level is not None and math.isfinite(level)
+        shared = self._agree_reruns([float(verdict.loss), level if level is not None and ok else 0.0], ok)
+        if shared is None or detector.beyond(shared[0], shared[1]):
             return
         detector.adopt_level()
         verdict.health = None
+
+    def _many(self) -> bool:
+        """Several ranks judge this run together."""
+        reducer = self.host.reducer()
+        return reducer is not None and reducer.world_size > 1
+
+    def _agree_ready(self) -> bool:
+        """Whether every rank holds what a rerun needs (the step's batches, where the rerun takes them): one reduce
+        with several ranks, so that all or none of them rerun."""
+        host = self.host
+        ready = bool(self._batches) or not host.rerun_takes_items()
+        if not self._many():
+            return ready
+        (missing,) = any_rank(host.reducer(), not ready, device=host.device())
+        return not missing
+
+    def _agree_reruns(self, values: list[float], ok: bool) -> list[float] | None:
+        """Each of ``values`` (losses measured by this rank's reruns) as its maximum over the ranks, the way the
+        judge reduces the step's loss (one reduce; nothing with one process); None where some rank's reruns failed
+        (``ok`` False there) or gave a non-finite value."""
+        host = self.host
+        reducer = host.reducer()
+        if reducer is not None and reducer.world_size > 1:
+            local = torch.tensor([*values, 0.0 if ok else 1.0], dtype=torch.float64, device=host.device())
+            out = reducer(nan_as_inf(local)).tolist()
+            values, ok = out[:-1], out[-1] == 0.0
+        if not ok or not all(math.isfinite(v) for v in values):
+            return None
+        return [float(v) for v in values]
 
     def end_step(self, step: int, clip_flags: list[Any] | None = None) -> bool:
         """After the update (taken or dropped): carry out the decision for ``step``. ``clip_flags``: the clippers'
@@ -443,42 +475,53 @@ class GuardEngine:
         first batch that happened to be easy (batch size 4, loss 0.57 against a typical 8) made a model that learned
         look "no better than untrained" and restarted it. Returns the evidence that refutes the claim (the current
         model's loss below ``start_margin`` x the untrained model's on the same batches for "worse than untrained",
-        below ``stuck_margin`` x it for the others) and the untrained model's
-        loss on each batch; or None: the claim stands, or nothing could be rerun (several processes, no batch, no
-        untrained state, a non-positive loss)."""
+        below ``stuck_margin`` x it for the others) and the untrained model's loss on each batch; or None: the claim
+        stands, or nothing could be rerun (no batch, no untrained state, a non-positive loss, a rerun that is a
+        collective).
+
+        With several ranks (DDP) the rules read the ranks' largest loss: every rank reruns its own batches and each
+        loss is taken as its maximum over the ranks (:meth:`_agree_reruns`), so every rank reaches the same answer."""
         if finding.rule not in _UNTRAINED_RULES or not self.options.rerun:
             return None
-        if not self._batches and self.host.rerun_takes_items():
-            return None
         host = self.host
-        reducer = host.reducer()
-        snap = self.start_state.snapshot
-        if snap is None or (reducer is not None and reducer.world_size > 1):
+        many = self._many()
+        if not self._batches and host.rerun_takes_items() and not many:
+            return None
+        snap = self.start_state.snapshot  # the same on every rank
+        if snap is None or (many and host.rerun_is_collective()) or not self._agree_ready():
             return None
         runs = [(self._batches, self._rngs or [self._window_rng])]
-        if self._ordinary is not None and host.rerun_takes_items():
+        ordinary = self._ordinary is not None and host.rerun_takes_items()
+        if many:  # the same runs on every rank
+            (lacking,) = any_rank(host.reducer(), not ordinary, device=host.device())
+            ordinary = not lacking
+        if ordinary and self._ordinary is not None:
             runs.append(self._ordinary)
         untrained = snap.whole_model()
-        now = then = 0.0
-        each: list[float] = []
+        measured: list[float] = []
+        ok = True
         buffers = BufferCopy()  # the reruns move BatchNorm statistics: put back what the step left
         buffers.save(host.model())
         try:
             for items, rngs in runs:
                 mine = host.rerun(items, rngs, None, step)
                 start = host.rerun(items, rngs, untrained, step)
-                if mine is None or start is None or mine.loss is None or start.loss is None:
-                    return None
-                now, then = now + mine.loss, then + start.loss
-                each.append(start.loss)
+                pair = (mine.loss if mine is not None else None, start.loss if start is not None else None)
+                ok = ok and None not in pair
+                measured += [v if v is not None else 0.0 for v in pair]
         finally:
             buffers.restore()
+        shared = self._agree_reruns(measured, ok)
+        if shared is None:
+            return None
+        now, then = sum(shared[0::2]), sum(shared[1::2])
+        each = shared[1::2]
         # each rule's own claim: "worse than untrained" (above start_margin x it), or "not clearly better" (above
         # stuck_margin x it: killed at the start, never learned)
         controller = self.judge_.controller
         worse = finding.rule == "worse_than_untrained"
         margin = controller.start_margin if worse else controller.stuck_margin
-        if not (math.isfinite(now) and math.isfinite(then) and then > 0.0 and now < margin * then):
+        if not (then > 0.0 and now < margin * then):
             return None
         n = len(runs)
         where = "this step's batch" if n == 1 else "this step's and the last batch"
