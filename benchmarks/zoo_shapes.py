@@ -28,6 +28,8 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
   item with loss ~0 as the divergence reference; a loss that grows with the bag].
 - ``poisson_counts``: a log-link count regression whose batches of high counts pull hard [a heavy-tailed gradient
   norm that a z-score threshold clips on healthy steps].
+- ``noise_drift_warmup``: a time-ordered stream whose label noise grows 30x while the LR warms up [a loss that
+  climbs ~100x with the LR: "the LR grew, then the loss climbed", though the data, not the model, got worse].
 - ``gaussian_nll``: heteroscedastic Gaussian NLL, converged and noisy, hovering around 0 (batches of either sign)
   [ratios of losses near 0, negative losses].
 - ``masked_start_15``: the first 15 batches fully masked (zero gradients); also run with
@@ -457,6 +459,29 @@ class Curriculum(Regression):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, easy, hard = batch
         return F.mse_loss(self(x), easy if self.global_step < self.switch else hard)
+
+
+class NoiseDriftWarmup(Regression):
+    """An online regression read in time order (no shuffling, one pass) whose label noise grows from std 0.1 to 3
+    over the run, with Adam warmed up linearly to 3e-3 over 400 steps. The training loss climbs ~100x while the LR
+    grows, and neither is a fault: the data gets noisier, the fixed signal is still learned. Metric: validation MSE
+    on clean targets."""
+
+    def __init__(self, seed: int, steps: int, warmup: int = 400) -> None:
+        super().__init__(seed, steps, lr=3e-3)
+        self.warmup = warmup
+        n = steps * self.batch_size
+        x, y = regression_data(seed, 13, n)
+        noise = (torch.linspace(0.1, 3.0, n) * torch.randn(n, generator=_gen(seed, 14))).view_as(y)
+        self.train_tensors = (x, y + noise)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.train_tensors), batch_size=self.batch_size, shuffle=False)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
 
 
 class GaussianNLL(ZooModule):
@@ -1205,6 +1230,13 @@ _SHAPES: list[Shape] = [
         400,
         ACC,
         higher_is_better=True,
+    ),
+    Shape(
+        "noise_drift_warmup",
+        "online regression, label noise std 0.1 -> 3 over the run, Adam warmed up to 3e-3 over 400 steps",
+        NoiseDriftWarmup,
+        1200,
+        MSE,
     ),
     Shape(
         "curriculum",

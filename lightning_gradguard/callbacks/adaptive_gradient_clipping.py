@@ -170,6 +170,8 @@ class AdaptiveGradientClipping(Callback):
         self.progress_bar = check_bool("progress_bar", progress_bar, owner=o)
         self._bar = ProgressBarValues()
         self._slots: dict[int, _Slot] = {}
+        self._fits = 0  # fits trained (on_train_start)
+        self._restored = False  # load_state_dict since the last fit started: a resume, not a new run
         self._log_every = self.log_every_n_steps or 50
         #: The latest :class:`ClipRecord` of each optimizer index.
         self.last: dict[int, ClipRecord] = {}
@@ -220,6 +222,7 @@ class AdaptiveGradientClipping(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = True
         for idx, saved in (state_dict.get("optimizers") or {}).items():
             slot = self._slot(int(idx))
             slot.steps = int(saved.get("steps", 0))
@@ -283,6 +286,13 @@ class AdaptiveGradientClipping(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bar.reset()  # Lightning cleared the progress-bar values before this hook
+        if self._fits and trainer.global_step == 0 and not self._restored:
+            # the same callback given to a new Trainer (pre-training, then another task): the statistics and
+            # counters of the last run describe another run's gradients; this one warms up afresh
+            self._slots.clear()
+            self.last.clear()
+        self._fits += 1
+        self._restored = False
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

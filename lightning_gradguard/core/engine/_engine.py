@@ -60,6 +60,7 @@ from lightning_gradguard.core.recover._rules import (
     roll_back,
     snapshot_failure_message,
     stability_cut,
+    stability_target,
 )
 from lightning_gradguard.core.recover._rules import lower_lr as cut_lr
 from lightning_gradguard.core.recover._snapshot import (
@@ -162,6 +163,7 @@ class GuardEngine:
         self._known_bad: BadBatch | None = None  # this step's batch is on the record
         self._data_here = False  # the rerun found this rank's own batch at fault (the record's evidence)
         self._resumed = False
+        self._fits = 0  # fits started (start()): a later fit from step 0 without a restore is a new run
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -170,6 +172,8 @@ class GuardEngine:
         # the last healthy step's micro-batches and random-number states: an ordinary batch to rerun the current state
         # on before a fault is blamed on the state (the rerun diagnosis); None until a healthy step with a rerun
         self._ordinary: tuple[list[tuple[Any, int]], list[RngState | None]] | None = None
+        self._claim_note = ""  # how a stability finding that stands fared on the batches (for its event)
+        self._sign = 1.0  # -1.0 while the judged optimizer maximises its loss (its objective is -loss)
         self._rngs: list[RngState | None] = []  # the random-number state before each micro-batch's forward
         self._window_rng: RngState | None = None  # ... before the step's first forward (loops without batches)
         self._pending: StepHealth | None = None
@@ -256,7 +260,17 @@ class GuardEngine:
 
     def start(self, host: GuardHost, step: int) -> None:
         """Begin protecting ``host``'s loop at ``step``: a fresh per-step state and a trusted snapshot of the starting
-        state. The judge's previous row carries over only after :meth:`load_state_dict`."""
+        state. The judge's previous row carries over only after :meth:`load_state_dict`.
+
+        A fit that starts at step 0 without a restored state, after an earlier fit of this guard, is a new run (the
+        same callbacks given to a new Trainer: pre-training, then fine-tuning on another task): nothing of the last
+        run holds, neither its references (its best loss, its LRs: a new optimizer's LR read as "the LR grew") nor
+        its budget, LR scale, snapshots or events. A fit that continues (a later step) or resumes keeps them."""
+        if self._fits and step == 0 and not self._resumed:
+            fits = self._fits
+            GuardEngine.__init__(self, self.options)  # every attribute as a new guard has it
+            self._fits = fits
+        self._fits += 1
         self.host = host
         self._reset_step()
         self.store.reset()
@@ -319,10 +333,17 @@ class GuardEngine:
         measurement: :meth:`rider`). The adapter drops the gradients of a
         step whose ``verdict.health`` is set; several calls in one step (one per optimizer) are merged. ``stream``:
         the loss stream (the optimizer's index when each optimizer has its own loss); ``optimizer``: whose LR the
-        stability rules read (None: the host's first optimizer)."""
+        stability rules read (None: the host's first optimizer).
+
+        An optimizer built with ``maximize=True`` ascends its loss: every rule then judges ``-loss``, the objective it
+        minimises (a diverging objective that is maximised climbs towards -inf, which a rule for losses would read
+        as an improvement); the reruns' losses are turned the same way."""
         if optimizer is None:
             opts = self.host.optimizers()
             optimizer = opts[0] if opts else None
+        self._sign = -1.0 if maximizes(optimizer) else 1.0
+        if self._sign < 0.0 and loss is not None:
+            loss = -loss
         if self.lr_ceiling:  # before the update reads it: the schedule may have raised the LR past the ceiling
             self.lr_ceiling.apply(self.host.optimizers(), self.lr_scale)
         lr = lr_of(optimizer) if optimizer is not None and self.options.stability else None
@@ -377,7 +398,7 @@ class GuardEngine:
         if snap is None or not self._agree_ready():
             return
         trusted = host.rerun(self._batches, self._rngs or [self._window_rng], self._trusted_weights(snap), health.step)
-        level = trusted.loss if trusted is not None else None
+        level = self._sign * trusted.loss if trusted is not None and trusted.loss is not None else None
         ok = level is not None and math.isfinite(level)
         shared = self._agree_reruns([float(verdict.loss), level if level is not None and ok else 0.0], ok)
         if shared is None or detector.beyond(shared[0], shared[1]):
@@ -425,7 +446,10 @@ class GuardEngine:
         if self.halted:
             return pending is not None
         if pending is None and lower is not None and (not lower.act or self.lr_scale > self.options.min_lr_scale):
+            self._claim_note = ""
             refuted = self._refute_restart(step, lower)
+            if refuted is None and self._claim_note:  # tested on the batches, and it stands: the event says so
+                lower = replace(lower, reason=f"{lower.reason}; {self._claim_note}")
             if refuted is not None:  # the finding's claim does not hold on the batch itself
                 controller = self.judge_.stream(self._lower_stream).controller
                 controller.correct_start(refuted[1])  # the untrained loss, measured on these batches too
@@ -468,26 +492,41 @@ class GuardEngine:
         self.record_event(event)
 
     def _refute_restart(self, step: int, finding: StabilityFinding) -> tuple[str, list[float]] | None:
-        """Test the claim of a finding that the model has gained nothing since the untrained state (a restart or a
-        warning of ``worse_than_untrained``, ``killed_at_start``, ``never_learned``) on this step's batch: rerun it
-        from the untrained state and from the current one, the same batch and random numbers (and the last ordinary
-        batch's too, when kept). Those rules read "the untrained loss" from the run's first loss, one batch: a small
-        first batch that happened to be easy (batch size 4, loss 0.57 against a typical 8) made a model that learned
-        look "no better than untrained" and restarted it. Returns the evidence that refutes the claim (the current
-        model's loss below ``start_margin`` x the untrained model's on the same batches for "worse than untrained",
-        below ``stuck_margin`` x it for the others) and the untrained model's loss on each batch; or None: the claim
-        stands, or nothing could be rerun (no batch, no untrained state, a non-positive loss, a rerun that is a
-        collective).
+        """Test a stability finding's claim on the batches themselves before it acts or warns: rerun this step's
+        batch (and the last ordinary batch's, when kept) from the current state and from the state the claim is
+        about, the same items and random numbers. Returns the evidence that refutes the claim and the other state's
+        loss on each batch; or None: the claim stands, or nothing could be rerun (no batch, no such state, a
+        non-positive loss, a rerun that is a collective).
+
+        - "No better than untrained" (``worse_than_untrained``, ``killed_at_start``, ``never_learned``; a restart or
+          a warning): those rules read "the untrained loss" from the run's first loss, one batch. A small first batch
+          that happened to be easy (batch size 4, loss 0.57 against a typical 8) made a model that learned look no
+          better than untrained and restarted it. Refuted when the current model's loss is below ``start_margin`` x
+          the untrained model's on the same batches ("worse than untrained"), below ``stuck_margin`` x it (the
+          others).
+        - "The loss climbed because the LR grew" (``loss_climbing``, ``loss_above_best``; acting findings only, one
+          optimizer): a rollback to the state from before the climb helps only if that state does better on today's
+          batches. When the data got harder (a stream whose label noise grows while the LR warms up: the loss climbs
+          ~100x with the LR) the earlier state does no better. Refuted unless the earlier state's loss is below
+          ``stuck_margin`` x the current one's on each of the batches (clearly better, as "it learned" means above,
+          and on every batch: on a noisy stream one batch can favour either state by that much).
 
         With several ranks (DDP) the rules read the ranks' largest loss: every rank reruns its own batches and each
         loss is taken as its maximum over the ranks (:meth:`_agree_reruns`), so every rank reaches the same answer."""
-        if finding.rule not in _UNTRAINED_RULES or not self.options.rerun:
+        climbing = finding.rule in CLIMBING_RULES
+        if not self.options.rerun or not (finding.rule in _UNTRAINED_RULES or (climbing and finding.act)):
             return None
         host = self.host
         many = self._many()
         if not self._batches and host.rerun_takes_items() and not many:
             return None
-        snap = self.start_state.snapshot  # the same on every rank
+        controller = self.judge_.controller
+        if climbing:
+            if len(host.optimizers()) > 1:
+                return None  # a rerun gives every optimizer's objective together; the climb is one stream's
+            snap, _ = stability_target(self.start_state, self.store, finding.target, step, controller.window)
+        else:
+            snap = self.start_state.snapshot  # the same on every rank
         if snap is None or (many and host.rerun_is_collective()) or not self._agree_ready():
             return None
         runs = [(self._batches, self._rngs or [self._window_rng])]
@@ -497,7 +536,7 @@ class GuardEngine:
             ordinary = not lacking
         if ordinary and self._ordinary is not None:
             runs.append(self._ordinary)
-        untrained = snap.whole_model()
+        other = snap.whole_model()
         measured: list[float] = []
         ok = True
         buffers = BufferCopy()  # the reruns move BatchNorm statistics: put back what the step left
@@ -505,8 +544,10 @@ class GuardEngine:
         try:
             for items, rngs in runs:
                 mine = host.rerun(items, rngs, None, step)
-                start = host.rerun(items, rngs, untrained, step)
-                pair = (mine.loss if mine is not None else None, start.loss if start is not None else None)
+                then_run = host.rerun(items, rngs, other, step)
+                pair = tuple(
+                    self._sign * r.loss if r is not None and r.loss is not None else None for r in (mine, then_run)
+                )
                 ok = ok and None not in pair
                 measured += [v if v is not None else 0.0 for v in pair]
         finally:
@@ -515,18 +556,36 @@ class GuardEngine:
         if shared is None:
             return None
         now, then = sum(shared[0::2]), sum(shared[1::2])
-        each = shared[1::2]
+        n = len(runs)
+        where = "this step's batch" if n == 1 else "this step's and the last batch"
+        if climbing:
+            pairs = list(zip(shared[0::2], shared[1::2]))
+            if not all(a > 0.0 and b > 0.0 for a, b in pairs):
+                return None  # (ratios of losses at or below 0 say nothing)
+            if all(b < controller.stuck_margin * a for a, b in pairs):  # the model itself got worse: it stands
+                self._claim_note = (
+                    f"on {where} the state of step {snap.step} does better ({then / n:.4g}) than the model now "
+                    f"({now / n:.4g})"
+                )
+                return None
+            text = (
+                f"on {where} the state of step {snap.step} does no better ({then / n:.4g}) than the model now "
+                f"({now / n:.4g}): the batches got harder, a rollback would not help"
+            )
+            return text, []
         # each rule's own claim: "worse than untrained" (above start_margin x it), or "not clearly better" (above
         # stuck_margin x it: killed at the start, never learned)
-        controller = self.judge_.controller
         worse = finding.rule == "worse_than_untrained"
         margin = controller.start_margin if worse else controller.stuck_margin
         if not (then > 0.0 and now < margin * then):
+            if then > 0.0:
+                self._claim_note = (
+                    f"on {where} the model's loss ({now / n:.4g}) is not below {margin:g}x the untrained model's "
+                    f"({then / n:.4g})"
+                )
             return None
-        n = len(runs)
-        where = "this step's batch" if n == 1 else "this step's and the last batch"
         text = f"on {where} the model's loss ({now / n:.4g}) is below {margin:g}x the untrained model's"
-        return f"{text} ({then / n:.4g}): {'it is not worse' if worse else 'it learned'}", each
+        return f"{text} ({then / n:.4g}): {'it is not worse' if worse else 'it learned'}", shared[1::2]
 
     def log_due(self, step: int) -> bool:
         """Whether ``step`` is a logging step of a loop that counts its own steps (the Trainer has its own rule)."""
@@ -1183,6 +1242,12 @@ class GuardEngine:
 
 #: the stability rules whose action (a climb while the LR grew) also sets an LR ceiling
 CLIMBING_RULES = ("loss_climbing", "loss_above_best")
+
+
+def maximizes(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (torch's, or a wrapper of one) ascends its loss: ``maximize=True`` in a param group."""
+    raw = getattr(optimizer, "optimizer", optimizer)  # (a LightningOptimizer wraps the torch one)
+    return any(bool(group.get("maximize", False)) for group in getattr(raw, "param_groups", ()))
 
 
 def lr_of(optimizer: Any) -> float | None:
