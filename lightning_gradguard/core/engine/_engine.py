@@ -178,6 +178,7 @@ class GuardEngine:
         self._window_rng: RngState | None = None  # ... before the step's first forward (loops without batches)
         self._pending: StepHealth | None = None
         self._pending_values: tuple[float | None, float | None, list[GradStats]] = (None, None, [])
+        self._pending_stream = 0  # the loss stream of the flagged step
         self._lower: StabilityFinding | None = None
         self._lower_opt: Any = None  # the optimizer whose loss stream gave the finding
         self._lower_stream = 0  # ... and that stream's key
@@ -364,6 +365,7 @@ class GuardEngine:
             self._lower, self._lower_opt, self._lower_stream = verdict.lower_lr, optimizer, stream
         if verdict.health is not None and self._pending is None:
             self._pending = verdict.health
+            self._pending_stream = stream
             self._pending_values = (loss_v, verdict.norm, verdict.stats)
             self._fault_lrs = [lr_of(opt) for opt in self.host.optimizers()]  # the LRs the fault's step ran at
         return verdict
@@ -469,7 +471,8 @@ class GuardEngine:
             if lower is not None:
                 self.warn(step, lower)
             self.healthy(step + 1, overflow)
-            if self.options.rerun and self._batches:
+            calm = all(st.detector.calm for st in self.judge_.streams.values())
+            if self.options.rerun and self._batches and calm:  # (not a far step still being counted: no ordinary one)
                 self._ordinary = (self._batches, self._rngs or [self._window_rng])
         if pending is None:
             self._count_skip(step, False)
@@ -712,6 +715,8 @@ class GuardEngine:
                         event.first_nonfinite_module, event.producer = trace.first_nonfinite, trace.producer
             if o.rerun and health.nonfinite_somewhere:  # the same on every rank: they reduce together
                 self._rerun_diagnosis(health, event, loss, norm)
+            elif o.rerun and health.cause in (GuardCause.LOSS_DIVERGENCE, GuardCause.GRAD_DIVERGENCE):
+                self._finite_diagnosis(health, event)
             self.buffers.restore()  # undo what the bad batch (and the replay, the reruns) did to BatchNorm statistics
             if health.nonfinite_grad:
                 event.nonfinite_grads = [n for s in stats for n in s.nonfinite_names()][:20]
@@ -1058,6 +1063,59 @@ class GuardEngine:
         else:
             event.diagnosis_evidence = "found on another rank"
 
+    def _finite_diagnosis(self, health: StepHealth, event: GuardEvent) -> None:
+        """A finite divergence (the loss or the gradient norm far beyond the run's level for several steps) is read
+        as a model blown up by its LR, and rolled back. It can be the data instead: a stretch of corrupt batches
+        (inputs scaled x1e4, finite) that the model cannot take while it is sound. Tell the two apart as the rerun
+        diagnosis does for non-finite steps: rerun this step's batch from the trusted snapshot, and the current state
+        on the last ordinary batch. If the batch makes the trusted model jump too (beyond the detector's own
+        thresholds) while the current model is within them on the ordinary batch, the batch is at fault: diagnosis
+        ``data``, skipped with the LR kept (the policy), and the next such batch is judged again. Otherwise nothing is
+        said and the divergence is handled as before. One optimizer, batches the rerun can take; with several ranks
+        every rank reruns its own and the values are the ranks' largest (:meth:`_agree_reruns`)."""
+        host = self.host
+        if len(host.optimizers()) > 1 or not host.rerun_takes_items():
+            return
+        if self._many() and host.rerun_is_collective():
+            return
+        snap = self.store.compute()  # the same on every rank
+        if snap is None or not self._agree_ready():
+            return
+        missing = self._ordinary is None
+        if self._many():
+            (missing,) = any_rank(host.reducer(), missing, device=host.device())
+        if missing or self._ordinary is None:
+            return
+        detector = self.judge_.stream(self._pending_stream).detector
+        rngs = self._rngs or [self._window_rng]
+        buffers = BufferCopy()  # the reruns move BatchNorm statistics: put back what the step left
+        buffers.save(host.model())
+        try:
+            trusted = host.rerun(self._batches, rngs, self._trusted_weights(snap), health.step)
+            ordinary = host.rerun(*self._ordinary, None, health.step)
+        finally:
+            buffers.restore()
+        ok = trusted is not None and ordinary is not None and None not in (trusted.loss, ordinary.loss)
+        values = [0.0] * 4
+        if ok and trusted is not None and ordinary is not None:
+            values = [
+                self._sign * float(trusted.loss or 0.0), float(trusted.grad_norm or 0.0),
+                self._sign * float(ordinary.loss or 0.0), float(ordinary.grad_norm or 0.0),
+            ]  # fmt: skip
+        shared = self._agree_reruns(values, ok)
+        if shared is None:
+            return
+        t_loss, t_norm, o_loss, o_norm = shared
+        batch_bad = detector.beyond_level(t_loss, t_norm)
+        if not batch_bad or detector.beyond_level(o_loss, o_norm):
+            return  # the trusted model takes this batch, or the current one fails an ordinary batch too: the state
+        health.diagnosis = event.diagnosis = "data"
+        event.diagnosis_evidence = (
+            f"from the trusted state of step {snap.step} this batch gives loss {t_loss:.4g}, grad norm {t_norm:.4g} "
+            f"(the run's level: loss {_g(detector.loss_reference)}, norm {_g(detector.grad_reference)}), and the "
+            f"model now gives loss {o_loss:.4g} on the last ordinary batch: the model is sound, the batch is not"
+        )
+
     def _rerun_together(self, health: StepHealth, loss: float | None, norm: float | None) -> Diagnosis | None:
         """The rerun diagnosis where a rerun is a collective: every rank takes the same branches. One reduce agrees
         on whether the batch, the weights or the loss were non-finite anywhere; then every rank reruns from the same
@@ -1242,6 +1300,10 @@ class GuardEngine:
 
 #: the stability rules whose action (a climb while the LR grew) also sets an LR ceiling
 CLIMBING_RULES = ("loss_climbing", "loss_above_best")
+
+
+def _g(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.4g}"
 
 
 def maximizes(optimizer: Any) -> bool:

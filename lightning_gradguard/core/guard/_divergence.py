@@ -162,6 +162,29 @@ class DivergenceDetector:
         scale = max(abs(reference), self.floor * abs(self.start))
         return loss > reference + (self.jump_factor - 1.0) * scale
 
+    @property
+    def calm(self) -> bool:
+        """The last judged step was within the thresholds (no far loss or norm being counted towards a verdict)."""
+        return self._loss_run == 0 and self._grad_run == 0
+
+    def beyond_level(self, loss: float, grad_norm: float | None = None) -> bool:
+        """Whether another measurement (a rerun's loss and gradient norm) is beyond the thresholds the last judged
+        step was held to: the loss above its reference by ``jump_factor - 1`` scales, or the norm above
+        ``grad_factor`` x its reference. False while a reference is unknown.
+
+        Example:
+            >>> det = DivergenceDetector(persist=2, min_samples=2)
+            >>> [det.update(loss, 1.0) for loss in (1.0, 0.9, 1.1, 0.8)][-1]
+            (False, False)
+            >>> det.beyond_level(500.0), det.beyond_level(2.0), det.beyond_level(2.0, 5000.0)
+            (True, False, True)
+        """
+        ref, scale = self.loss_reference, self.loss_scale
+        if ref is not None and scale is not None and scale > 0.0 and loss > ref + (self.jump_factor - 1.0) * scale:
+            return True
+        grad = self.grad_reference
+        return grad is not None and grad_norm is not None and grad_norm > self.grad_factor * grad + 1e-30
+
     def adopt_level(self) -> None:
         """The losses counted as a jump are the run's level, not a blown-up model's (the guard found the state it
         would restore no better on the same batch): they become the reference, as a steady new level does."""

@@ -405,7 +405,10 @@ class GuardPolicy:
                     )
                 else:
                     action, why = GuardAction.SKIP, f"no trusted snapshot yet to roll back to{detail}"
-        if cause in _DIVERGENCE or (action is GuardAction.HALT and self.rollbacks and not health.weights_damaged):
+        data = cause in _DIVERGENCE and health.diagnosis == "data" and action is GuardAction.SKIP
+        if not data and (
+            cause in _DIVERGENCE or (action is GuardAction.HALT and self.rollbacks and not health.weights_damaged)
+        ):
             why = (why + "; " if why else "") + "the learning rate looks too high"
         if action is GuardAction.SKIP:
             self.consecutive_skips += 1
@@ -456,6 +459,8 @@ class GuardPolicy:
         # auto
         if cause is GuardCause.AMP_SCALE_COLLAPSE:
             return GuardAction.ROLLBACK, _COLLAPSE_REASON
+        if cause in _DIVERGENCE and health.diagnosis == "data":  # the rerun found the model sound, the batch not
+            return GuardAction.SKIP, "a divergence of the data, not of the model: buffers restored, LR kept"
         if damaged:
             return GuardAction.ROLLBACK, _DAMAGE_REASON
         if health.nonfinite_batch or health.diagnosis == "data":

@@ -1,0 +1,100 @@
+"""A stretch of corrupt batches is the data's fault, not the model's: skipped, not rolled back until a halt.
+
+A digits MLP read from an unshuffled stream in which batches 300-349 come from a corrupt shard (inputs scaled x1e4,
+finite). The loss and the gradient norm leave the run's level for 50 steps: a finite divergence, which the guard read
+as a model blown up by its LR. Each rollback resumed straight into more of the shard, the budget (3) ran out inside
+it, and the fit halted at step ~313 of 600 on every seed, with Adam as with SGD (unguarded, Adam trains through the
+shard and ends at 0.96; SGD dies at chance). Now the divergence is rerun as a non-finite fault is: the batch from the
+trusted snapshot, and the current model on the last ordinary batch (one whose loss was within the run's level).
+When the batch makes the trusted model jump too while the current model is sound, the batch is at fault: skipped,
+LR kept. The fit runs to the end."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import DivergenceError, NaNGuard, default_callbacks
+from tests.models import make_trainer
+
+STEPS, BATCH, SHARD = 600, 64, (300, 350)
+
+
+class CorruptShard(pl.LightningModule):
+    def __init__(self, optimizer: str) -> None:
+        super().__init__()
+        d = load_digits()
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
+        order = torch.randperm(len(x), generator=g)
+        x, y = x[order], y[order]
+        self.x_val, self.y_val = x[1400:], y[1400:]
+        n = STEPS * BATCH
+        idx = torch.cat([torch.randperm(1400, generator=g) for _ in range(n // 1400 + 1)])[:n]
+        self.stream = (x[idx], y[idx], torch.zeros(n, dtype=torch.bool))
+        self.stream[2][SHARD[0] * BATCH : SHARD[1] * BATCH] = True  # the corrupt shard's samples
+        self.optimizer = optimizer
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.stream), batch_size=BATCH, shuffle=False)
+
+    def training_step(self, batch, batch_idx):
+        x, y, corrupt = batch
+        x = torch.where(corrupt[:, None], x * 1e4, x)  # what the shard delivers: finite inputs x1e4
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def accuracy(self) -> float:
+        with torch.no_grad():
+            return float((self.net(self.x_val).argmax(1) == self.y_val).float().mean())
+
+
+def _fit(tmp_path, callbacks, optimizer: str) -> CorruptShard:
+    pl.seed_everything(0, verbose=False)
+    model = CorruptShard(optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, callbacks, max_steps=STEPS, logger=False, deterministic=True).fit(model)
+    return model
+
+
+@pytest.mark.parametrize("make", [NaNGuard, default_callbacks], ids=["NaNGuard", "default_callbacks"])
+def test_a_corrupt_shard_is_skipped_and_adam_trains_on(tmp_path, make) -> None:
+    unguarded = _fit(tmp_path / "none", [], "adam").accuracy()
+    callbacks = [make()] if make is NaNGuard else make()
+    guard = next(c for c in callbacks if isinstance(c, NaNGuard))
+    model = _fit(tmp_path / "guarded", callbacks, "adam")  # before: DivergenceError at step ~313
+    assert not [e for e in guard.events if e["kind"] == "halt"]
+    data = [e for e in guard.events if e["kind"] == "skip" and e.get("diagnosis") == "data"]
+    assert len(data) >= 20, guard.events  # most of the shard is skipped, each with its evidence
+    assert "the model is sound, the batch is not" in data[0]["diagnosis_evidence"]
+    assert all(SHARD[0] <= e["step"] < SHARD[1] for e in guard.events if e["kind"] != "warn")
+    assert model.accuracy() >= unguarded - 0.03
+
+
+def test_with_sgd_the_defaults_rescue_what_kills_the_unguarded_run(tmp_path) -> None:
+    assert _fit(tmp_path / "none", [], "sgd").accuracy() < 0.3
+    callbacks = default_callbacks()
+    guard = next(c for c in callbacks if isinstance(c, NaNGuard))
+    model = _fit(tmp_path / "guarded", callbacks, "sgd")
+    assert any(e.get("diagnosis") == "data" for e in guard.events)
+    assert model.accuracy() > 0.9
+
+
+def test_without_the_rerun_the_shard_halts_the_fit(tmp_path) -> None:
+    """The old behaviour: each divergence blamed on the LR, three rollbacks into the same shard, then a halt."""
+    with pytest.raises(DivergenceError):
+        _fit(tmp_path, [NaNGuard(rerun=False)], "adam")
