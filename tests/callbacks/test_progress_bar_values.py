@@ -133,16 +133,21 @@ def test_nothing_is_sent_without_a_progress_bar(tmp_path):
 
 
 def test_values_show_again_in_the_next_fit(tmp_path):
-    """Lightning clears the bar's values at each fit: the callbacks must send them again, unchanged or not."""
+    """Lightning clears the bar's values at each fit: the callbacks must send them again, unchanged or not. (A fit
+    that continues the run, the same Trainer with more steps: a new Trainer from step 0 is a new run,
+    tests/callbacks/test_new_run.py.)"""
     clipper = AdaptiveGradientClipping("norm", max_norm=100.0, progress_bar=True)
     guard = NaNGuard(action="skip")
     model = CountingModel(nan_at_steps=[2])
-    make_trainer(tmp_path, [clipper, guard], max_steps=5, enable_progress_bar=True).fit(model)
     rec = BarRecorder()
-    second = make_trainer(tmp_path / "again", [clipper, guard, rec], max_steps=3, enable_progress_bar=True)
-    second.fit(model)
-    assert rec.shown[0]["skips"] == 1  # the counter from the first fit, shown from the first step
-    assert "clip_rate" in rec.shown[0]
+    trainer = make_trainer(tmp_path, [clipper, guard, rec], max_steps=5, enable_progress_bar=True)
+    trainer.fit(model)
+    first = len(rec.shown)
+    trainer.fit_loop.epoch_loop.max_steps = 8
+    trainer.fit(model)
+    assert len(rec.shown) > first
+    assert rec.shown[first]["skips"] == 1  # the counter from the first fit, shown from the first step
+    assert "clip_rate" in rec.shown[first]
 
 
 class Announcer(pl.Callback):
