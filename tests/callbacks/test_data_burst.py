@@ -11,60 +11,26 @@ LR kept. The fit runs to the end."""
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-import torch
-from sklearn.datasets import load_digits
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import DivergenceError, NaNGuard, default_callbacks
 from tests.models import make_trainer
 
-STEPS, BATCH, SHARD = 600, 64, (300, 350)
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from data_burst import SHARD, STEPS, Shard  # noqa: E402  (the benchmark's model, seed 0)
 
 
-class CorruptShard(pl.LightningModule):
-    def __init__(self, optimizer: str) -> None:
-        super().__init__()
-        d = load_digits()
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
-        order = torch.randperm(len(x), generator=g)
-        x, y = x[order], y[order]
-        self.x_val, self.y_val = x[1400:], y[1400:]
-        n = STEPS * BATCH
-        idx = torch.cat([torch.randperm(1400, generator=g) for _ in range(n // 1400 + 1)])[:n]
-        self.stream = (x[idx], y[idx], torch.zeros(n, dtype=torch.bool))
-        self.stream[2][SHARD[0] * BATCH : SHARD[1] * BATCH] = True  # the corrupt shard's samples
-        self.optimizer = optimizer
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(*self.stream), batch_size=BATCH, shuffle=False)
-
-    def training_step(self, batch, batch_idx):
-        x, y, corrupt = batch
-        x = torch.where(corrupt[:, None], x * 1e4, x)  # what the shard delivers: finite inputs x1e4
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        if self.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-    def accuracy(self) -> float:
-        with torch.no_grad():
-            return float((self.net(self.x_val).argmax(1) == self.y_val).float().mean())
-
-
-def _fit(tmp_path, callbacks, optimizer: str) -> CorruptShard:
+def _fit(tmp_path, callbacks, optimizer: str) -> Shard:
     pl.seed_everything(0, verbose=False)
-    model = CorruptShard(optimizer)
+    model = Shard(0, optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make_trainer(tmp_path, callbacks, max_steps=STEPS, logger=False, deterministic=True).fit(model)

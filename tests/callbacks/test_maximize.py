@@ -66,12 +66,17 @@ def _fit(tmp_path, callbacks, bug: bool) -> LikelihoodAscent:
     return model
 
 
-@pytest.mark.parametrize("make", [NaNGuard, default_callbacks], ids=["NaNGuard", "default_callbacks"])
-def test_a_maximised_objective_that_diverges_is_rolled_back(tmp_path, make) -> None:
-    unguarded = _fit(tmp_path / "none", [], bug=True).accuracy()
+def _both(tmp_path, make, bug: bool) -> tuple[float, NaNGuard, LikelihoodAscent]:
+    """The unguarded run's accuracy, then the guarded run's guard and model."""
+    unguarded = _fit(tmp_path / "none", [], bug).accuracy()
     callbacks = [make()] if make is NaNGuard else make()
     guard = next(c for c in callbacks if isinstance(c, NaNGuard))
-    model = _fit(tmp_path / "guarded", callbacks, bug=True)
+    return unguarded, guard, _fit(tmp_path / "guarded", callbacks, bug)
+
+
+@pytest.mark.parametrize("make", [NaNGuard, default_callbacks], ids=["NaNGuard", "default_callbacks"])
+def test_a_maximised_objective_that_diverges_is_rolled_back(tmp_path, make) -> None:
+    unguarded, guard, model = _both(tmp_path, make, bug=True)
     assert unguarded < 0.3  # the bug kills the run (chance is 0.1)
     assert [e["kind"] for e in guard.events if e["kind"] == "rollback"], guard.events  # never silent, and acted
     assert model.accuracy() > 0.9
@@ -79,9 +84,6 @@ def test_a_maximised_objective_that_diverges_is_rolled_back(tmp_path, make) -> N
 
 @pytest.mark.parametrize("make", [NaNGuard, default_callbacks], ids=["NaNGuard", "default_callbacks"])
 def test_a_healthy_maximising_run_is_left_alone(tmp_path, make) -> None:
-    unguarded = _fit(tmp_path / "none", [], bug=False).accuracy()
-    callbacks = [make()] if make is NaNGuard else make()
-    guard = next(c for c in callbacks if isinstance(c, NaNGuard))
-    model = _fit(tmp_path / "guarded", callbacks, bug=False)
+    unguarded, guard, model = _both(tmp_path, make, bug=False)
     assert [e for e in guard.events if e["kind"] != "warn"] == []
     assert model.accuracy() >= unguarded - 0.02
