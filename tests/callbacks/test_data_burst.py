@@ -64,3 +64,24 @@ def test_without_the_rerun_the_shard_halts_the_fit(tmp_path) -> None:
     """The old behaviour: each divergence blamed on the LR, three rollbacks into the same shard, then a halt."""
     with pytest.raises(DivergenceError):
         _fit(tmp_path, [NaNGuard(rerun=False)], "adam")
+
+
+@pytest.mark.ddp
+def test_two_ranks_diagnose_the_shard_together(tmp_path) -> None:
+    """Under 2-process DDP (each rank fed the same stream) every rank reruns its own batches, the values are reduced
+    as the judge reduces them, and both ranks take the same branches: the same events, identical replicas, and the
+    fit runs to the end (a rank that took another branch would hang the next collective: the subprocess times out)."""
+    import json
+
+    from tests.ddp_runner import run_ddp_script
+
+    proc = run_ddp_script(Path(__file__).with_name("ddp_data_burst_script.py"), tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"burst_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["events"] == ranks[1]["events"]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    for r in ranks:
+        assert r["steps"] == STEPS
+        assert not [e for e in r["events"] if e[1] == "halt"]
+        assert sum(1 for e in r["events"] if e[1] == "skip" and e[2] == "data") >= 20
+        assert r["accuracy"] > 0.9
