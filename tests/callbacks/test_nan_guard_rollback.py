@@ -277,3 +277,41 @@ def test_event_lines_of_every_kind_say_each_thing_once(tmp_path, caplog):
     assert "warning only" not in by_kind["warn"]
     assert by_kind["raise_lr"].count("lr_scale") == 2  # "lr_scale was 0.5" and the scale now, once each
     assert by_kind["halt"].startswith("NaNGuard halt at step 19: nonfinite loss; fault after 1 rollback")
+
+
+class _CorruptWeight(Callback):
+    """Writes a NaN into the first layer's weight before the given steps (a weight corrupted in place), and keeps a
+    copy of the module's state after every step (the test's own record of each state)."""
+
+    def __init__(self, at_steps: set[int]) -> None:
+        self.at_steps = at_steps
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.at_steps:
+            with torch.no_grad():
+                pl_module.net[0].weight[0, 0] = math.nan
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states[trainer.global_step] = clone_state(pl_module.state_dict())
+
+
+def test_a_halted_fit_keeps_and_saves_the_last_trusted_state(tmp_path):
+    """A Trainer fit halted after its rollback budget (``raise_on_halt=False``, the fit just stops): the module the user
+    holds, and the checkpoint saved after the halt, are the trusted snapshot's state, finite, not the damage."""
+    guard = NaNGuard(
+        max_rollbacks=1, raise_on_halt=False, snapshot_every_n_steps=4, snapshot_confirm_steps=2, report_dir=tmp_path
+    )
+    corrupt = _CorruptWeight({12, 15})
+    model = TinyRegression()
+    trainer = make_trainer(tmp_path, [corrupt, guard], max_steps=30, logger=False)
+    trainer.fit(model)
+    assert [e["kind"] for e in guard.events] == ["rollback", "halt"]
+    halt = guard.events[-1]
+    assert halt["nonfinite_params"] == ["net.0.weight"]  # what the damaged state held
+    assert "halted in the last trusted state" in halt["reason"]
+    kept = corrupt.states[halt["snapshot_step"]]
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())
+    trainer.save_checkpoint(tmp_path / "after_halt.ckpt")
+    saved = torch.load(tmp_path / "after_halt.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() and torch.equal(v, kept[k]) for k, v in saved.items())

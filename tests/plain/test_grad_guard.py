@@ -246,6 +246,60 @@ def test_halt_raises_divergence_error_after_max_rollbacks(tmp_path: Any) -> None
     assert [e["kind"] for e in guard.events] == ["rollback", "halt"]
 
 
+def test_a_halt_on_damage_leaves_the_last_trusted_state_not_the_damage(tmp_path: Any) -> None:
+    """A halt that stands in for a refused rollback (the budget is spent) puts model, optimizer and scheduler back in
+    the trusted snapshot, bitwise, at the LR scale in force: what the user keeps after ``DivergenceError`` is the
+    last good state. The report still says what the damaged state held."""
+    model, opt, sched = _setup()
+    guard = GradGuard(
+        model, opt, sched, action="rollback", max_rollbacks=1, snapshot_every_n_steps=4, snapshot_confirm_steps=2,
+        report_dir=tmp_path,
+    )  # fmt: skip
+    copies: dict[int, Any] = {}
+    for s in range(10):
+        _step(model, opt, sched, guard, s)
+        copies[guard.step] = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    weight = model[0].weight
+    with torch.no_grad():
+        weight[0, 0] = math.nan  # a weight corrupted in place: damage no skip undoes
+    _step(model, opt, sched, guard, 10)
+    assert [(e["kind"], e.get("snapshot_step")) for e in guard.events] == [("rollback", 8)]
+    for s in range(11, 13):
+        _step(model, opt, sched, guard, s)
+    with torch.no_grad():
+        weight[0, 0] = math.nan
+    with pytest.raises(DivergenceError, match=r"max_rollbacks=1\).*halted in the last trusted state"):
+        _step(model, opt, sched, guard, 13)
+    assert guard.halted
+    halt = guard.events[-1]
+    assert halt["kind"] == "halt" and halt["snapshot_step"] == 8
+    assert halt["nonfinite_params"] == ["0.weight"]  # what the damaged state held, found before the restore
+    model_ref, opt_ref, sched_ref = copies[8]
+    assert _equal(model.state_dict(), model_ref)
+    assert torch.isfinite(weight).all()
+    assert _equal(opt.state_dict()["state"], opt_ref["state"])
+    # the rollback's cut stands (the halt restores at the LR scale in force, it cuts nothing more)
+    assert guard.lr_scale == 0.5
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * opt_ref["param_groups"][0]["lr"], rel=1e-12)
+    assert sched.state_dict()["last_epoch"] == sched_ref["last_epoch"]
+    report = json.loads((tmp_path / "grad_guard_report.json").read_text())
+    assert report["nonfinite_params"] == ["0.weight"]
+
+
+def test_a_halt_on_a_skipped_step_keeps_the_state_it_halted_in() -> None:
+    """``action='halt'`` on a NaN loss: the update was never applied, the weights are sound, nothing is restored (an
+    older snapshot would throw away the steps since)."""
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched, action="halt", snapshot_every_n_steps=2, snapshot_confirm_steps=0)
+    for s in range(5):
+        _step(model, opt, sched, guard, s)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(DivergenceError):
+        _step(model, opt, sched, guard, 5, nan=True)
+    assert "snapshot_step" not in guard.events[-1]
+    assert _equal(model.state_dict(), before)
+
+
 def test_halt_without_raising_refuses_every_later_step() -> None:
     model, opt, sched = _setup()
     guard = GradGuard(model, opt, sched, action="halt", raise_on_halt=False)

@@ -758,6 +758,8 @@ class GuardEngine:
                                              "after the clipping statistics took over from it") if x)  # fmt: skip
             event.snapshot_step, event.snapshot_path = source.step, source.meta.get("path")
             event.reason = "; ".join(r for r in (event.reason, note) if r)
+        if decision.action is GuardAction.HALT and decision.restore:
+            self._restore_for_halt(event, found[-1] if found else self._rollback_source())
         event.lr_scale = self.lr_scale
         if decision.action is GuardAction.HALT:
             self.halt(event)
@@ -765,6 +767,19 @@ class GuardEngine:
         event.kind = decision.action.value
         self.outcome = GuardDecision.ROLLED_BACK if event.kind == "rollback" else GuardDecision.SKIPPED
         self.record_event(event)
+
+    def _restore_for_halt(self, event: GuardEvent, found: tuple[Snapshot | None, str, str]) -> None:
+        """Before a halt whose state is damaged (or that stands in for a refused rollback): put the model, optimizer
+        and scheduler back in the last trusted snapshot, at the LR scale in force, so that what the user keeps (the
+        module after ``DivergenceError``, a checkpoint saved after the halt) is the last good state, not the damage.
+        The halt report and the event keep what was found in the damaged state."""
+        source, _, note = found
+        if source is None:
+            return
+        self._restore(source, 0)
+        event.snapshot_step, event.snapshot_path = source.step, source.meta.get("path")
+        kept = "halted in the last trusted state (model, optimizer and scheduler restored), not the damaged one"
+        event.reason = "; ".join(r for r in (event.reason, note, kept) if r)
 
     def _rollback_source(self) -> tuple[Snapshot | None, str, str]:
         """The snapshot a rollback would restore, why there is none, and a note on a fallback."""

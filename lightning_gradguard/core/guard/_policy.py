@@ -171,6 +171,9 @@ class Decision:
     cause: GuardCause | None = None
     reason: str = ""
     lr_power: int = 1  # a rollback multiplies the LR by lr_factor ** lr_power
+    # a halt whose state is not worth keeping (the damage is in the weights or the trajectory, or the halt stands in
+    # for a rollback the budget refused): the caller restores the last trusted snapshot before it halts
+    restore: bool = False
 
 
 @dataclass
@@ -388,7 +391,9 @@ class GuardPolicy:
         self.healthy_run = 0
         damaged = cause in _STATE_DAMAGE or health.state_fault
         action, why = self._choose(cause, damaged, repeated, health)
+        restore = damaged
         if action is GuardAction.ROLLBACK:
+            restore = True
             if self.rollbacks >= self.max_rollbacks:
                 action, why = (
                     GuardAction.HALT,
@@ -429,7 +434,7 @@ class GuardPolicy:
                 # fault): nothing says the LR was at fault, so the state is restored at the schedule's LR
                 power = 0
                 why = (why + "; " if why else "") + "an isolated fault after healthy steps: LR kept"
-        return Decision(action, cause, why, power)
+        return Decision(action, cause, why, power, restore=action is GuardAction.HALT and restore)
 
     @property
     def rollbacks_left(self) -> bool:
