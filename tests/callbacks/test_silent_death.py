@@ -89,13 +89,14 @@ def test_a_deep_network_resting_at_chance_before_it_learns_is_not_called_dead(tm
 
 
 class _DigitsMLP(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, kill_at: int = 8) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
         self.head = nn.Linear(64, 10)
+        self.kill_at = kill_at
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001
-        if self.global_step == 8:  # a fault that kills every hidden unit at once, without any blow-up
+        if self.global_step == self.kill_at:  # a fault that kills every hidden unit at once, without any blow-up
             with torch.no_grad():
                 for m in self.net:
                     if isinstance(m, nn.Linear):
@@ -119,6 +120,39 @@ def test_units_killed_without_a_blow_up_are_named_dead_by_their_vanished_gradien
     assert "blow-up" not in reason
     assert dead[0]["step"] <= 100
     assert guard.lr_scale == 1.0
+
+
+def _accuracy(model: pl.LightningModule, data: DigitsDataModule) -> float:
+    x, y = data.build_splits()[1].tensors  # the validation split
+    with torch.no_grad():
+        return float((model.head(model.net(x)).argmax(1) == y).float().mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_network_that_died_after_learning_goes_back_to_a_state_that_does_better(tmp_path, seed):
+    """The same fault after 200 steps of learning (loss ~0.2 -> chance, flat, 83 % of the gradients vanished): the
+    guard names the death and, having checked on the batches that a kept state does clearly better, goes back to it
+    at the same LR (nothing says the LR killed it). Unguarded the run stays at chance; guarded it ends where a
+    healthy run does."""
+    results = {}
+    for name in ("none", "guarded", "healthy"):
+        pl.seed_everything(seed, verbose=False)
+        guard = NaNGuard()
+        model = _DigitsMLP(kill_at=10**9 if name == "healthy" else 200)
+        data = DigitsDataModule(batch_size=64, seed=seed)
+        _trainer(tmp_path, 400, [guard] if name == "guarded" else []).fit(model, datamodule=data)
+        results[name] = (_accuracy(model, data), guard)
+    assert results["none"][0] < 0.3  # the fault kills it: at chance for good
+    accuracy, guard = results["guarded"]
+    acts = [e for e in guard.events if e["kind"] != "warn"]
+    assert [(e["kind"], e["cause"], e["rule"]) for e in acts] == [("rollback", "dead_network", "dead_after_learning")]
+    event = acts[0]
+    assert 200 < event["step"] <= 300  # within a few windows
+    assert event["snapshot_step"] <= 200  # a state from before the death
+    assert "does better" in event["reason"]
+    assert "the gradient vanished in 83%" in event["reason"]
+    assert guard.lr_scale == 1.0
+    assert accuracy > results["healthy"][0] - 0.05, (accuracy, results)
 
 
 class _HotMLP(pl.LightningModule):

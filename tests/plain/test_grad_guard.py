@@ -272,7 +272,8 @@ def test_a_halt_on_damage_leaves_the_last_trusted_state_not_the_damage(tmp_path:
         _step(model, opt, sched, guard, 13)
     assert guard.halted
     halt = guard.events[-1]
-    assert halt["kind"] == "halt" and halt["snapshot_step"] == 8
+    assert halt["kind"] == "halt"
+    assert halt["snapshot_step"] == 8
     assert halt["nonfinite_params"] == ["0.weight"]  # what the damaged state held, found before the restore
     model_ref, opt_ref, sched_ref = copies[8]
     assert _equal(model.state_dict(), model_ref)

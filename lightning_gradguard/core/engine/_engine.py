@@ -173,6 +173,7 @@ class GuardEngine:
         # on before a fault is blamed on the state (the rerun diagnosis); None until a healthy step with a rerun
         self._ordinary: tuple[list[tuple[Any, int]], list[RngState | None]] | None = None
         self._claim_note = ""  # how a stability finding that stands fared on the batches (for its event)
+        self._died_target: Snapshot | None = None  # the kept state a died network goes back to (found by the test)
         self._sign = 1.0  # -1.0 while the judged optimizer maximises its loss (its objective is -loss)
         self._rngs: list[RngState | None] = []  # the random-number state before each micro-batch's forward
         self._window_rng: RngState | None = None  # ... before the step's first forward (loops without batches)
@@ -452,6 +453,11 @@ class GuardEngine:
             refuted = self._refute_restart(step, lower)
             if refuted is None and self._claim_note:  # tested on the batches, and it stands: the event says so
                 lower = replace(lower, reason=f"{lower.reason}; {self._claim_note}")
+            elif refuted is None and lower.rule == DIED_RULE and lower.act:  # a rollback only on tested evidence
+                self.judge_.stream(self._lower_stream).controller.withdraw()
+                lower = replace(
+                    lower, act=False, reason=f"{lower.reason}; could not be tested on the batches: warning only"
+                )
             if refuted is not None:  # the finding's claim does not hold on the batch itself
                 controller = self.judge_.stream(self._lower_stream).controller
                 controller.correct_start(refuted[1])  # the untrained loss, measured on these batches too
@@ -516,7 +522,8 @@ class GuardEngine:
 
         With several ranks (DDP) the rules read the ranks' largest loss: every rank reruns its own batches and each
         loss is taken as its maximum over the ranks (:meth:`_agree_reruns`), so every rank reaches the same answer."""
-        climbing = finding.rule in CLIMBING_RULES
+        died = finding.rule == DIED_RULE
+        climbing = finding.rule in CLIMBING_RULES or died
         if not self.options.rerun or not (finding.rule in _UNTRAINED_RULES or (climbing and finding.act)):
             return None
         host = self.host
@@ -524,13 +531,17 @@ class GuardEngine:
         if not self._batches and host.rerun_takes_items() and not many:
             return None
         controller = self.judge_.controller
-        if climbing:
-            if len(host.optimizers()) > 1:
-                return None  # a rerun gives every optimizer's objective together; the climb is one stream's
+        if died:  # every kept trusted state, newest first: the first that does better is the one to go back to
+            candidates = [x for x in reversed(self.store.snapshots) if self.store.is_good(x)]
+        elif climbing:
             snap, _ = stability_target(self.start_state, self.store, finding.target, step, controller.window)
+            candidates = [snap] if snap is not None else []
         else:
             snap = self.start_state.snapshot  # the same on every rank
-        if snap is None or (many and host.rerun_is_collective()) or not self._agree_ready():
+            candidates = [snap] if snap is not None else []
+        if climbing and len(host.optimizers()) > 1:
+            return None  # a rerun gives every optimizer's objective together; the climb is one stream's
+        if not candidates or (many and host.rerun_is_collective()) or not self._agree_ready():
             return None
         runs = [(self._batches, self._rngs or [self._window_rng])]
         ordinary = self._ordinary is not None and host.rerun_takes_items()
@@ -539,6 +550,58 @@ class GuardEngine:
             ordinary = not lacking
         if ordinary and self._ordinary is not None:
             runs.append(self._ordinary)
+        n = len(runs)
+        where = "this step's batch" if n == 1 else "this step's and the last batch"
+        self._died_target = None
+        shared: list[float] | None = None
+        for snap in candidates:
+            shared = self._rerun_pair(runs, snap, step)
+            if shared is None:
+                return None
+            now, then = sum(shared[0::2]), sum(shared[1::2])
+            if not climbing:
+                break
+            pairs = list(zip(shared[0::2], shared[1::2]))
+            if not all(a > 0.0 and b > 0.0 for a, b in pairs):
+                return None  # (ratios of losses at or below 0 say nothing)
+            if all(b < controller.stuck_margin * a for a, b in pairs):  # the model itself got worse: it stands
+                self._claim_note = (
+                    f"on {where} the state of step {snap.step} does better ({then / n:.4g}) than the model now "
+                    f"({now / n:.4g})"
+                )
+                self._died_target = snap if died else None
+                return None
+        assert shared is not None
+        now, then = sum(shared[0::2]), sum(shared[1::2])
+        if died:
+            steps = ", ".join(str(c.step) for c in candidates)
+            return (
+                f"on {where} no kept state does clearly better (steps {steps}; the oldest: {then / n:.4g}, the model "
+                f"now: {now / n:.4g})"
+            ), []
+        if climbing:
+            return (
+                f"on {where} the state of step {candidates[0].step} does no better ({then / n:.4g}) than the model "
+                f"now ({now / n:.4g}): the batches got harder, a rollback would not help"
+            ), []
+        # each rule's own claim: "worse than untrained" (above start_margin x it), or "not clearly better" (above
+        # stuck_margin x it: killed at the start, never learned)
+        worse = finding.rule == "worse_than_untrained"
+        margin = controller.start_margin if worse else controller.stuck_margin
+        if not (then > 0.0 and now < margin * then):
+            if then > 0.0:
+                self._claim_note = (
+                    f"on {where} the model's loss ({now / n:.4g}) is not below {margin:g}x the untrained model's "
+                    f"({then / n:.4g})"
+                )
+            return None
+        text = f"on {where} the model's loss ({now / n:.4g}) is below {margin:g}x the untrained model's"
+        return f"{text} ({then / n:.4g}): {'it is not worse' if worse else 'it learned'}", shared[1::2]
+
+    def _rerun_pair(self, runs: list[Any], snap: Snapshot, step: int) -> list[float] | None:
+        """Rerun each of ``runs`` (items and random numbers) from the current state and from ``snap``'s model:
+        the losses, now and then alternating, agreed over the ranks; None when a rerun gave no loss on some rank."""
+        host = self.host
         other = snap.whole_model()
         measured: list[float] = []
         ok = True
@@ -555,40 +618,7 @@ class GuardEngine:
                 measured += [v if v is not None else 0.0 for v in pair]
         finally:
             buffers.restore()
-        shared = self._agree_reruns(measured, ok)
-        if shared is None:
-            return None
-        now, then = sum(shared[0::2]), sum(shared[1::2])
-        n = len(runs)
-        where = "this step's batch" if n == 1 else "this step's and the last batch"
-        if climbing:
-            pairs = list(zip(shared[0::2], shared[1::2]))
-            if not all(a > 0.0 and b > 0.0 for a, b in pairs):
-                return None  # (ratios of losses at or below 0 say nothing)
-            if all(b < controller.stuck_margin * a for a, b in pairs):  # the model itself got worse: it stands
-                self._claim_note = (
-                    f"on {where} the state of step {snap.step} does better ({then / n:.4g}) than the model now "
-                    f"({now / n:.4g})"
-                )
-                return None
-            text = (
-                f"on {where} the state of step {snap.step} does no better ({then / n:.4g}) than the model now "
-                f"({now / n:.4g}): the batches got harder, a rollback would not help"
-            )
-            return text, []
-        # each rule's own claim: "worse than untrained" (above start_margin x it), or "not clearly better" (above
-        # stuck_margin x it: killed at the start, never learned)
-        worse = finding.rule == "worse_than_untrained"
-        margin = controller.start_margin if worse else controller.stuck_margin
-        if not (then > 0.0 and now < margin * then):
-            if then > 0.0:
-                self._claim_note = (
-                    f"on {where} the model's loss ({now / n:.4g}) is not below {margin:g}x the untrained model's "
-                    f"({then / n:.4g})"
-                )
-            return None
-        text = f"on {where} the model's loss ({now / n:.4g}) is below {margin:g}x the untrained model's"
-        return f"{text} ({then / n:.4g}): {'it is not worse' if worse else 'it learned'}", shared[1::2]
+        return self._agree_reruns(measured, ok)
 
     def log_due(self, step: int) -> bool:
         """Whether ``step`` is a logging step of a loop that counts its own steps (the Trainer has its own rule)."""
@@ -866,7 +896,7 @@ class GuardEngine:
                 f"; the LR is at its floor (lr_scale {self.lr_scale:.4g}, min_lr_scale={self.options.min_lr_scale:g}): "
                 "not cut further"
             )
-        if finding.rule == "dead_network":
+        if finding.rule in ("dead_network", DIED_RULE):
             cause = GuardCause.DEAD_NETWORK
         else:  # the LR is blamed only by a finding whose evidence points at it (an acting one, here held by the floor)
             cause = GuardCause.LR_TOO_HIGH if finding.act else GuardCause.INSTABILITY
@@ -882,11 +912,29 @@ class GuardEngine:
         otherwise walk back past the cut within a few steps."""
         host, policy, o = self.host, self.policy, self.options
         dead = finding.rule == "dead_network"
-        if dead and not policy.rollbacks_left:  # an LR cut in place cannot revive dead units: say so, change nothing
+        died = finding.rule == DIED_RULE
+        target, self._died_target = self._died_target, None
+        why_not = ""
+        if (dead or died) and not policy.rollbacks_left:
+            why_not = "no restart left (the rollback budget is spent)" if dead else "the rollback budget is spent"
+        elif died and target is None:
+            why_not = "no kept state was found to do better"
+        if why_not:  # an LR cut in place cannot revive dead units: say so, change nothing
             self.warnings += 1
-            reason = finding.reason + "; no restart left (the rollback budget is spent): warning only"
-            event = GuardEvent(step, "warn", GuardCause.DEAD_NETWORK.value, self.lr_scale, reason=reason)
+            event = GuardEvent(
+                step, "warn", GuardCause.DEAD_NETWORK.value, self.lr_scale,
+                reason=f"{finding.reason}; {why_not}: warning only",
+            )  # fmt: skip
             event.rule = finding.rule
+            self.record_event(event)
+            return
+        if died and target is not None:  # back to the state the batches preferred (LR cut only for a repeat)
+            policy.spend_rollback()
+            self._restore(target, finding.lr_power)
+            self.outcome = GuardDecision.ROLLED_BACK
+            event = GuardEvent(step, "rollback", GuardCause.DEAD_NETWORK.value, self.lr_scale, reason=finding.reason)
+            event.rule = finding.rule
+            event.snapshot_step = target.step
             self.record_event(event)
             return
         first_pin = dead and not self.clip_pinned  # a first death: the clip cap, not the LR, is the protection
@@ -921,7 +969,7 @@ class GuardEngine:
             self.judge_.restart_from_scratch()
         kind = "rollback" if snap is not None else "lower_lr"
         reason = finding.reason + note + self._hold_lr(finding, optimizer)
-        cause = GuardCause.DEAD_NETWORK if dead else GuardCause.LR_TOO_HIGH
+        cause = GuardCause.DEAD_NETWORK if dead or died else GuardCause.LR_TOO_HIGH
         event = GuardEvent(step, kind, cause.value, self.lr_scale, reason=reason)
         event.rule = finding.rule
         event.snapshot_step = snap.step if snap is not None else None
@@ -1315,6 +1363,8 @@ class GuardEngine:
 
 #: the stability rules whose action (a climb while the LR grew) also sets an LR ceiling
 CLIMBING_RULES = ("loss_climbing", "loss_above_best")
+#: a network that died after learning: tested on the batches as a climb is, and acts only when that test ran
+DIED_RULE = "dead_after_learning"
 
 
 def _g(x: float | None) -> str:

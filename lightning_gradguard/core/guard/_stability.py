@@ -304,6 +304,7 @@ class StabilityController:
 
     #: the rules, in the order they are evaluated (method names; the first that fires wins)
     RULES: ClassVar[tuple[str, ...]] = (
+        "dead_after_learning",
         "norm_rising",
         "loss_climbing",
         "loss_above_best",
@@ -637,6 +638,48 @@ class StabilityController:
             _UNSTABLE + f"the gradient norm keeps rising (median {_g(w.old_norm)} -> {_g(w.new_norm)} over "
             f"{w.window} steps) while the loss does not improve (warning only)",
             act=False,
+        )
+
+    def dead_after_learning(self, w: WindowPair) -> StabilityFinding | None:
+        """A network that learned, then died: the loss climbed from its best window (by ``loss_growth - 1`` scales,
+        the rank test passing, as :meth:`loss_above_best`) to a level where it stopped moving, while most gradient
+        tensors vanished (the dead-network proofs of :meth:`dead_network`: the median share of vanished tensors
+        with a flat loss, or the tensors vanished at every step of a window). Dead units pass no gradient, so the run
+        cannot learn its way back; a state from before the death could. It **acts** (back to the newest kept trusted
+        state that the guard found, on the batches themselves, to do clearly better than the model now; the LR kept:
+        nothing says the LR killed it, e.g. weights zeroed in place; a second death soon after is a repeat, and its
+        cut follows the usual doubling); where no kept state does better, or nothing could be rerun, it warns. A
+        death that a blow-up in the start windows caused is the start rules' and :meth:`dead_network`'s (a
+        restart)."""
+        proof = (w.vanished >= self.dead_share and self._dead_signs(w, start=False)) or (
+            w.still >= self.dead_share and self._dead_signs(w, flat=False)
+        )
+        if not proof or self._killed(w) or not _finite(w.best):
+            return None
+        scale = self._scale(w, w.best, w.best_spread)
+        if not (scale > 0 and w.new_loss > w.best + (self.loss_growth - 1.0) * scale):
+            return None
+        if not self._shifted(w.best_z, self.window):
+            return None
+        share = w.still if w.still >= self.dead_share else w.vanished
+        return StabilityFinding(
+            "dead_after_learning",
+            {
+                "old_loss": w.old_loss,
+                "new_loss": w.new_loss,
+                "best": w.best,
+                "spread": max(w.old_spread, w.new_spread),
+                "early_norm": w.early_norm,
+                "new_norm": w.new_norm,
+                "vanished_share": share,
+                "rank_z": w.best_z,
+            },
+            f"the network died after learning: the loss climbed from its best (window median {_g(w.best)} -> "
+            f"{_g(w.old_loss)} -> {_g(w.new_loss)}) and stopped moving, the gradient vanished in {share:.0%} of the "
+            f"parameter tensors (norm {_g(w.new_norm)}, early level {_g(w.early_norm)}): dead units cannot learn "
+            "their way back; back to the newest kept state that does better, LR kept",
+            lr_power=0,
+            target="before_climb",
         )
 
     def loss_climbing(self, w: WindowPair) -> StabilityFinding | None:

@@ -33,6 +33,25 @@ def _pair(**changes: float) -> WindowPair:
 # (pair, target, base lr_power, acts); the controller's default thresholds. The climbing pairs grew the LR 4x since
 # their best window (a ramp: they act); the worse-than-untrained pair saw a sustained blow-up in its first steps.
 CASES = {
+    "dead_after_learning": (
+        _pair(
+            best=0.2,
+            best_spread=0.05,
+            old_loss=2.302,
+            new_loss=2.303,
+            old_spread=0.002,
+            new_spread=0.002,
+            start_loss=2.35,
+            early_norm=0.34,
+            new_norm=0.11,
+            vanished=5 / 6,  # every gradient but the output bias's is exactly zero
+            peak=2.4,
+            peak_step=310,  # long after the start windows: no blow-up at the start killed it
+        ),
+        "before_climb",
+        0,  # the LR kept: nothing says it killed the network
+        True,
+    ),
     "norm_rising": (_pair(old_norm=1.0, new_norm=20.0, old_loss=1.0, new_loss=1.0), "in_place", 1, False),
     "loss_climbing": (
         _pair(old_loss=1.5, new_loss=3.5, best=1.0, start_loss=4.0, peak=4.0, best_lr=0.1, new_lr=0.4),
@@ -133,9 +152,10 @@ def test_each_rule_fires_on_its_pair_with_its_name_target_and_exponent(rule):
     assert finding is not None
     assert (finding.rule, finding.target, finding.lr_power, finding.act) == (rule, target, power, acts)
     # the LR is blamed only where the evidence points at it (an acting finding); other warnings say "unstable"
-    prefix = {"dead_network": "the network looks dead: "}.get(
-        rule, "learning rate looks too high: " if acts else "the run looks unstable: "
-    )
+    prefix = {
+        "dead_network": "the network looks dead: ",
+        "dead_after_learning": "the network died after learning: ",
+    }.get(rule, "learning rate looks too high: " if acts else "the run looks unstable: ")
     assert finding.reason.startswith(prefix)
     assert finding.evidence
     assert all(isinstance(v, (int, float)) for v in finding.evidence.values())
@@ -147,6 +167,23 @@ def test_each_rule_fires_on_its_pair_with_its_name_target_and_exponent(rule):
 
 
 NEVER = CASES["never_learned"][0]
+DIED = CASES["dead_after_learning"][0]
+
+
+@pytest.mark.parametrize(
+    ("why", "changes"),
+    [
+        ("the gradients did not vanish (pruned, or a harder task)", {"vanished": 0.1}),
+        ("not measured", {"vanished": math.nan}),
+        ("the loss still moves", {"old_loss": 2.6, "new_loss": 2.3, "old_spread": 0.2, "new_spread": 0.2}),
+        ("never above its best by more than the noise", {"best": 2.25, "best_spread": 0.05}),
+        ("no best window yet", {"best": math.inf}),
+        ("killed by a blow-up in the start windows: the restart rules' case", {"peak": 40.0, "peak_step": 3}),
+        ("the norm is not below its early level", {"new_norm": 0.5}),
+    ],
+)
+def test_dead_after_learning_needs_every_sign(why, changes):
+    assert StabilityController().dead_after_learning(dataclasses.replace(DIED, **changes)) is None, why
 
 
 @pytest.mark.parametrize(
