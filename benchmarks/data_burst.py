@@ -6,7 +6,13 @@ validation accuracy, the exception (a halt) and the guard's actions by kind and 
 (README, "the rerun diagnosis"): the guard skips the shard's batches as *data* instead of rolling back into the
 shard until its budget halts the fit.
 
-Run: ``python benchmarks/data_burst.py [adam|adam_slow|sgd ...]`` (default: all three; ~30 s each on one core).
+Also a state fault (``sgd_zeroed``): plain SGD 0.1 on the same stream without the shard, the second Linear's weight
+and bias zeroed in place at step 300 (its ReLUs then pass no gradient: the network dies at chance after learning),
+and its healthy twin ``sgd_plain`` (no fault) for reference. What it shows (README, "died after learning"): the guard
+names the death and goes back to a kept state that does better on the batches, LR kept.
+
+Run: ``python benchmarks/data_burst.py [adam|adam_slow|sgd|sgd_zeroed|sgd_plain ...]`` (default: the first three;
+~30 s each on one core).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gradguard import NaNGuard, default_callbacks
 
 STEPS, BATCH, SHARD = 600, 64, (300, 350)
+ZEROED_AT = 300  # sgd_zeroed: the step whose start zeroes the second Linear
 
 
 class Shard(pl.LightningModule):
@@ -40,7 +47,8 @@ class Shard(pl.LightningModule):
         n = STEPS * BATCH
         idx = torch.cat([torch.randperm(1400, generator=g) for _ in range(n // 1400 + 1)])[:n]
         corrupt = torch.zeros(n, dtype=torch.bool)
-        corrupt[SHARD[0] * BATCH : SHARD[1] * BATCH] = True
+        if optimizer in ("adam", "adam_slow", "sgd"):  # the corrupt shard (the other modes have a state fault or none)
+            corrupt[SHARD[0] * BATCH : SHARD[1] * BATCH] = True
         self.stream = (x[idx], y[idx], corrupt)
         self.optimizer = optimizer
         torch.manual_seed(seed)
@@ -50,6 +58,11 @@ class Shard(pl.LightningModule):
         return DataLoader(TensorDataset(*self.stream), batch_size=BATCH, shuffle=False)
 
     def training_step(self, batch, batch_idx):
+        if self.optimizer == "sgd_zeroed" and self.global_step == ZEROED_AT and not getattr(self, "_zeroed", False):
+            self._zeroed = True  # once (a rollback to before it does not zero it again: a transient fault)
+            with torch.no_grad():
+                self.net[2].weight.zero_()
+                self.net[2].bias.zero_()
         x, y, corrupt = batch
         return F.cross_entropy(self.net(torch.where(corrupt[:, None], x * 1e4, x)), y)
 
@@ -58,6 +71,8 @@ class Shard(pl.LightningModule):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
         if self.optimizer == "adam_slow":
             return torch.optim.Adam(self.parameters(), lr=1e-4)
+        if self.optimizer in ("sgd_zeroed", "sgd_plain"):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
     def accuracy(self) -> float:
