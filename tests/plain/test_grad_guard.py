@@ -301,6 +301,32 @@ def test_a_halt_on_a_skipped_step_keeps_the_state_it_halted_in() -> None:
     assert _equal(model.state_dict(), before)
 
 
+@pytest.mark.parametrize("fault_at", [14, 22])
+def test_snapshots_of_an_older_model_layout_are_never_restored(fault_at: int) -> None:
+    """A pruning (torch's ``prune``, what Lightning's ``ModelPruning`` does) renames a weight to ``weight_orig`` and
+    adds a mask buffer at step 12. A fault before a snapshot of the new layout is trusted finds only snapshots whose
+    state no longer loads: the guard halts with a diagnosis that says so (before: a ``RuntimeError`` from
+    ``load_state_dict``, halfway through a restore). A fault after one is rolled back to it as usual."""
+    from torch.nn.utils import prune
+
+    model, opt, sched = _setup()
+    guard = GradGuard(model, opt, sched, action="rollback", snapshot_every_n_steps=4, snapshot_confirm_steps=2)
+    for s in range(fault_at):
+        if s == 12:
+            prune.l1_unstructured(model[0], "weight", amount=0.2)
+        _step(model, opt, sched, guard, s)
+    with torch.no_grad():
+        model[0].weight_orig[0, 0] = math.nan
+    if fault_at == 14:
+        with pytest.raises(DivergenceError, match="predate a change of the model's parameters or param groups"):
+            _step(model, opt, sched, guard, fault_at)
+    else:
+        _step(model, opt, sched, guard, fault_at)
+        assert [(e["kind"], e.get("snapshot_step")) for e in guard.events] == [("rollback", 20)]  # after the change
+        assert torch.isfinite(model[0].weight_orig).all()
+        assert "weight_mask" in dict(model[0].named_buffers())
+
+
 def test_halt_without_raising_refuses_every_later_step() -> None:
     model, opt, sched = _setup()
     guard = GradGuard(model, opt, sched, action="halt", raise_on_halt=False)

@@ -174,6 +174,7 @@ class GuardEngine:
         self._ordinary: tuple[list[tuple[Any, int]], list[RngState | None]] | None = None
         self._claim_note = ""  # how a stability finding that stands fared on the batches (for its event)
         self._died_target: Snapshot | None = None  # the kept state a died network goes back to (found by the test)
+        self._stale_note = ""  # why no snapshot is left: they were of an older layout of the model (_drop_stale)
         self._sign = 1.0  # -1.0 while the judged optimizer maximises its loss (its objective is -loss)
         self._rngs: list[RngState | None] = []  # the random-number state before each micro-batch's forward
         self._window_rng: RngState | None = None  # ... before the step's first forward (loops without batches)
@@ -397,6 +398,7 @@ class GuardEngine:
             return
         if len(host.optimizers()) > 1:
             return  # a rerun gives the step's whole loss, every optimizer's; the verdict is one stream's
+        self._drop_stale()
         snap = self.store.compute()  # the same on every rank
         if snap is None or not self._agree_ready():
             return
@@ -449,6 +451,7 @@ class GuardEngine:
         if self.halted:
             return pending is not None
         if pending is None and lower is not None and (not lower.act or self.lr_scale > self.options.min_lr_scale):
+            self._drop_stale()
             self._claim_note = ""
             refuted = self._refute_restart(step, lower)
             if refuted is None and self._claim_note:  # tested on the batches, and it stands: the event says so
@@ -675,7 +678,7 @@ class GuardEngine:
                     host.schedulers(),
                     step=step,
                     extra=host.extra_state(),
-                    meta={"lr_scale": self.lr_scale},
+                    meta={"lr_scale": self.lr_scale, "layout": self._layout()},
                     sharding=sharding,
                 )
             if snap is not None and self.options.check_params:  # a split snapshot holds bytes: check the live state
@@ -702,6 +705,30 @@ class GuardEngine:
             if trusted:
                 self.start_state.offer(snap)
         self.start_state.expire(step)
+
+    def _layout(self) -> str:
+        """A digest of the model's parameter and buffer names and shapes and of each optimizer's param groups: what a
+        snapshot must match to be restored (no collective: names and shapes only)."""
+        host = self.host
+        model = host.model()
+        tensors = [(k, tuple(v.shape)) for k, v in (*model.named_parameters(), *model.named_buffers())]
+        groups = [[len(g["params"]) for g in opt.param_groups] for opt in host.optimizers()]
+        return short_digest(repr((tensors, groups)))
+
+    def _drop_stale(self) -> None:
+        """Before anything reads a snapshot back (a rollback, a restart, a rerun from a kept state): forget the
+        snapshots taken before the model or its optimizers changed shape since (a pruning callback that re-registers
+        weights, a backbone unfrozen into a new param group). Their state no longer loads; restoring it would crash
+        the fit halfway through a restore. The next snapshot is taken with the new layout."""
+        now = self._layout()
+        stale = [x for x in self.store.snapshots if x.meta.get("layout", now) != now]
+        for x in stale:
+            self.store.snapshots.remove(x)
+        start = self.start_state.snapshot
+        if start is not None and start.meta.get("layout", now) != now:
+            self.start_state.snapshot = None
+        if stale or (start is not None and self.start_state.snapshot is None):
+            self._stale_note = "the kept snapshots predate a change of the model's parameters or param groups"
 
     def _over_budget(self, sharding: ReplicaSharding | None) -> str | None:
         """``snapshot="auto"``: why one more in-memory snapshot would not fit this rank's budget (None: it fits, or
@@ -730,6 +757,7 @@ class GuardEngine:
     def handle_fault(self, health: StepHealth) -> None:
         """Diagnose a flagged step, ask the policy, and carry out its decision."""
         o, host = self.options, self.host
+        self._drop_stale()
         loss, norm, stats = self._pending_values if health.update_skipped else (None, None, [])
         self._pending_values = (None, None, [])
         event = GuardEvent(health.step, "", "", self.lr_scale, loss=loss, grad_norm=norm)
@@ -821,7 +849,7 @@ class GuardEngine:
         memory = self.store.compute()  # in checkpoint mode: the in-memory start state (auto: the last that fit)
         listing = "; ".join(tried) if tried else "none written yet"
         if self.snapshot_source == "memory":
-            return memory, "", ""
+            return memory, "" if memory is not None else self._stale_note, ""
         if memory is not None:
             which = "start state" if memory.step == 0 or self.options.snapshot == "checkpoint" else "snapshot"
             note = f"no usable checkpoint file ({listing}): used the in-memory {which} of step {memory.step}"
