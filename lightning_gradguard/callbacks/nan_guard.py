@@ -230,6 +230,7 @@ class NaNGuard(Callback):
         self._out_dir: Path | None = None
         self._loss: torch.Tensor | None = None
         self._stepped = False
+        self._judged: tuple[int, Any] = (-1, None)  # the step and optimizer judged last (closure re-evaluations)
         self._record: Any = None
 
     # ------------------------------------------------------------------ state
@@ -332,8 +333,17 @@ class NaNGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Judge the step before its update: one stack of scalars, one reduce (DDP; under FSDP2 the values travelled
-        with the measurement's collective), one host read."""
+        with the measurement's collective), one host read.
+
+        An optimizer that evaluates its closure several times in one step (``LBFGS``: its iterations and line search
+        call ``training_step`` and ``backward`` again at trial points, and Lightning runs this hook after each) is
+        judged on the first evaluation only: the loss and gradient at the step's own weights. The trial points'
+        losses (a line search probes 1e4 where the step ends at 0.03) are the optimizer's business, not steps."""
         step = trainer.global_step
+        if self._stepped and step == self._judged[0] and optimizer is self._judged[1]:
+            self._loss = None  # a further closure evaluation of the step already judged
+            return
+        self._judged = (step, optimizer)
         stats = grad_stats_for(trainer, pl_module, optimizer, step=step)
         self._record = step_record(trainer, step)
         optimizers = trainer.optimizers
