@@ -19,7 +19,9 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from sklearn.datasets import load_digits
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import NaNGuard, default_callbacks
 from lightning_gradguard.examples.deep_cnn import DeepPlainCNN, DigitsDataModule
@@ -286,3 +288,108 @@ def test_an_lstm_that_never_learned_after_its_blow_up_is_restarted(tmp_path):
                 assert e["cause"] == "lr_too_high"
                 assert "the run has not learned since its first updates" in e["reason"]
                 assert e["snapshot_step"] == 0
+
+
+class _SmoothedMoE(pl.LightningModule):
+    """A dense, hard top-1 mixture of 8 experts read from a fixed stream. At step 100 the user's code sends every input
+    to expert 0 (the others' gradients are exact zeros from then on: 78 % of the tensors); the user's label smoothing
+    lives in a buffer and is raised to 0.8 at step 300 (the loss rises from ~0.06 to a flat ~2.27, the smoothed
+    targets' entropy)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        d = load_digits()
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
+        order = torch.randperm(len(x), generator=g)
+        x, y = x[order][:1400], y[order][:1400]
+        n = 420 * 64
+        idx = torch.cat([torch.randperm(1400, generator=g) for _ in range(n // 1400 + 1)])[:n]
+        self.stream = TensorDataset(x[idx], y[idx], torch.arange(n) // 64)
+        torch.manual_seed(seed)
+        self.trunk = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+        self.router = nn.Linear(64, 8)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)) for _ in range(8))
+        self.register_buffer("smoothing", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x)
+        p = nn.functional.softmax(self.router(h), -1)
+        gate = nn.functional.one_hot(p.argmax(-1), 8).float() * p
+        out = (gate[..., None] * torch.stack([e(h) for e in self.experts], 1)).sum(1)
+        return out / gate.sum(1, keepdim=True).detach().clamp_min(1e-6)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.stream, batch_size=64, shuffle=False)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        x, y, step = batch
+        if int(step[0]) == 100 and self.router.bias[0] < 6:
+            with torch.no_grad():
+                self.router.bias[0] += 6.0
+        if int(step[0]) == 300:
+            self.smoothing.fill_(0.8)
+        return nn.functional.cross_entropy(self(x), y, label_smoothing=float(self.smoothing))
+
+
+def test_an_objective_kept_in_a_buffer_is_todays_when_an_earlier_state_is_tested(tmp_path):
+    """The rerun that tests "an earlier state does better" runs the earlier weights with today's buffers: scored under
+    its own buffers, the state of step 300 (smoothing 0) always did better than the model now (smoothing 0.8), and
+    the rollback reset the user's label smoothing to 0 for the rest of the run."""
+    pl.seed_everything(0, verbose=False)
+    callbacks = default_callbacks()
+    guard = next(c for c in callbacks if isinstance(c, NaNGuard))
+    model = _SmoothedMoE(0)
+    _trainer(tmp_path, 420, callbacks).fit(model)
+    assert [e for e in guard.events if e["kind"] != "warn"] == []
+    died = [e for e in guard.events if e.get("rule") == "dead_after_learning"]
+    assert died  # the case itself: the rule's signs held, and the test on the batches refuted it
+    assert "no kept state does clearly better" in died[0]["reason"]
+    assert float(model.smoothing) == pytest.approx(0.8)
+
+
+class _SignNet(pl.LightningModule):
+    """A digits classifier through a ``sign()`` binary code without a straight-through estimator: the 8 tensors before
+    the sign get exact-zero gradients from the first step (67 % of the tensors); the head learns (2.32 -> ~0.65)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        d = load_digits()
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
+        order = torch.randperm(len(x), generator=g)
+        x, y = x[order][:1400], y[order][:1400]
+        n = 300 * 64
+        idx = torch.cat([torch.randperm(1400, generator=g) for _ in range(n // 1400 + 1)])[:n]
+        self.stream = TensorDataset(x[idx], y[idx])
+        torch.manual_seed(seed)
+        self.pre = nn.Sequential(
+            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+            nn.Linear(128, 256),
+        )  # fmt: skip
+        self.out = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.stream, batch_size=64, shuffle=False)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        x, y = batch
+        return nn.functional.cross_entropy(self.out(torch.sign(self.pre(x))), y)
+
+
+def test_layers_cut_off_by_design_are_not_dead_units(tmp_path):
+    """Tensors that never had a gradient in the run's first window are not counted as dead: before, this learning
+    network (seed 1) was named dead at step 190 ("67 % of the tensors vanished at every step", the untrained loss read
+    as a blow-up) and restarted from the untrained state, ending at 0.75 instead of 0.84."""
+    pl.seed_everything(1, verbose=False)
+    guard = NaNGuard()
+    model = _SignNet(1)
+    _trainer(tmp_path, 300, [guard]).fit(model)
+    assert [e for e in guard.events if e["kind"] != "warn"] == []
+    assert not [e for e in guard.events if e["cause"] == "dead_network"]

@@ -602,10 +602,18 @@ class GuardEngine:
         return f"{text} ({then / n:.4g}): {'it is not worse' if worse else 'it learned'}", shared[1::2]
 
     def _rerun_pair(self, runs: list[Any], snap: Snapshot, step: int) -> list[float] | None:
-        """Rerun each of ``runs`` (items and random numbers) from the current state and from ``snap``'s model:
-        the losses, now and then alternating, agreed over the ranks; None when a rerun gave no loss on some rank."""
+        """Rerun each of ``runs`` (items and random numbers) from the current state and from ``snap``'s weights:
+        the losses, now and then alternating, agreed over the ranks; None when a rerun gave no loss on some rank.
+
+        The earlier weights run with today's buffers: the question is whether those weights do better on today's
+        objective. A loss weight, label smoothing or curriculum stage kept in a buffer belongs to the objective (a
+        state that scored itself under its own, older objective would always look better); BatchNorm's running
+        statistics do not enter a training-mode forward."""
         host = self.host
-        other = snap.whole_model()
+        other = dict(snap.whole_model())
+        for name, buf in host.model().named_buffers():
+            if name in other:
+                other[name] = buf.detach().clone()
         measured: list[float] = []
         ok = True
         buffers = BufferCopy()  # the reruns move BatchNorm statistics: put back what the step left

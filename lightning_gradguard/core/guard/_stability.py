@@ -288,7 +288,8 @@ class StabilityController:
 
     Attributes:
         wants_vanished: whether the next steps should come with the share of vanished gradient tensors (the
-            ``vanished`` argument of :meth:`update`): the dead-network rule's other signs held at the last judgement.
+            ``vanished`` argument of :meth:`update`): during the run's first window (which tensors' gradients flow
+            at all), and while the dead-network rule's other signs held at the last judgement.
         interventions: the acting findings returned so far.
         warnings: the warnings returned so far.
         last_finding: the last acting finding returned (None: none yet).
@@ -383,14 +384,16 @@ class StabilityController:
         self._rules: tuple[Callable[[WindowPair], StabilityFinding | None], ...] = tuple(
             getattr(self, name) for name in self.RULES
         )
+        self._alive: list[bool] | None = None  # per gradient tensor: its gradient flowed at some step of the 1st window
         self.reset()
 
     def reset(self) -> None:
         """Start over: two fresh windows before the next judgement (the start loss and best median are kept)."""
         self._rows: deque[tuple[float, float, bool, float]] = deque(maxlen=2 * self.window)
-        self._vanished: deque[float] = deque(maxlen=self.window)  # measured while wants_vanished
+        self._vanished: deque[float] = deque(maxlen=self.window)  # measured while the dead signs hold
         self._still: list[int] | None = None  # per tensor: the measured steps in a row its gradient vanished
-        self.wants_vanished = False
+        self._wants_dead = False  # the dead-network signs held at the last judgement
+        self.wants_vanished = self._steps < self.window  # the first window's masks find the tensors that live
         self._count = 0
         self._every = max(1, self.window // 5)
         self._pending, self._pending_count = None, 0
@@ -405,6 +408,7 @@ class StabilityController:
         self._best, self._best_spread, self._best_lr = math.inf, 0.0, 0.0
         self._best_losses = ()
         self._lr_top = self._safe_lr = 0.0
+        self._alive = None
         self._steps = 0
         self._last_fire = 0
         self._warned = {}
@@ -436,6 +440,7 @@ class StabilityController:
         if self._start is None:
             self._start, self._start_norm = abs(loss), grad_norm
         self._steps += 1
+        self.wants_vanished = self._wants_dead or self._steps < self.window  # (the birth window ends here)
         if loss > self._peak:  # (max() without the call)
             self._peak, self._peak_step = loss, self._steps
         self._rows.append((loss, grad_norm, bool(clipped), lr_v))
@@ -463,8 +468,9 @@ class StabilityController:
             self._best_losses = tuple(row[0] for row in list(self._rows)[self.window :])
             self._safe_lr = self._lr_top
         finding = self.assess(pair)
-        self.wants_vanished = self._dead_signs(pair, flat=False) or self._dead_signs(pair, start=False)
-        if not self.wants_vanished:
+        self._wants_dead = self._dead_signs(pair, flat=False) or self._dead_signs(pair, start=False)
+        self.wants_vanished = self._wants_dead or self._steps < self.window
+        if not self._wants_dead:
             self._vanished.clear()
             self._still = None
         if finding is None:
@@ -518,15 +524,27 @@ class StabilityController:
     def _add_vanished(self, vanished: float | Sequence[bool]) -> None:
         """One step's vanished gradients: a share joins the shares; a per-tensor mask also counts, per tensor, the
         measured steps in a row its gradient vanished (a mask of another length, another set of parameters, starts
-        the counts again)."""
+        the counts again).
+
+        Units die after they lived: during the run's first window (its birth) the masks record which tensors' gradients
+        flow at all, and later masks count only those. A tensor that got no gradient at any step of the first window
+        is cut off by design (a ``sign()`` without a straight-through estimator, a detached branch, a head used later),
+        not dead; left in, it made a network that still learns look dead."""
         if isinstance(vanished, (int, float)):
             share = float(vanished)
-            if 0.0 <= share <= 1.0:
+            if self._wants_dead and 0.0 <= share <= 1.0:
                 self._vanished.append(share)
             return
         mask = [bool(v) for v in vanished]
         if not mask:
             return
+        if self._steps <= self.window and not all(mask):  # (an all-zero step, a masked batch, says nothing)
+            alive = self._alive if self._alive is not None and len(self._alive) == len(mask) else [False] * len(mask)
+            self._alive = [a or not v for a, v in zip(alive, mask)]
+        if not self._wants_dead:
+            return
+        if self._alive is not None and len(self._alive) == len(mask) and any(self._alive):
+            mask = [v for v, a in zip(mask, self._alive) if a]
         self._vanished.append(sum(mask) / len(mask))
         still = self._still
         if still is None or len(still) != len(mask):
@@ -1031,6 +1049,8 @@ class StabilityController:
             "vanished": list(self._vanished),
             "still": list(self._still) if self._still is not None else None,
             "wants_vanished": self.wants_vanished,
+            "wants_dead": self._wants_dead,
+            "alive": list(self._alive) if self._alive is not None else None,
             # the last cut, under the keys older versions wrote and read (informational: no rule reads them)
             "lr_power": last.lr_power if last is not None else 1,
             "worse_than_start": last is not None and last.worse_than_start,
@@ -1073,6 +1093,9 @@ class StabilityController:
         self._vanished.extend(float(v) for v in state.get("vanished", []))
         still = state.get("still")
         self._still = [int(v) for v in still] if still else None
+        alive = state.get("alive")
+        self._alive = [bool(v) for v in alive] if alive else None
+        self._wants_dead = bool(state.get("wants_dead", state.get("wants_vanished", False)))
         self.wants_vanished = bool(state.get("wants_vanished", False))
         finding = state.get("last_finding")
         self.last_finding = StabilityFinding.from_dict(finding) if finding else None

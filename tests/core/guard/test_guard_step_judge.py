@@ -179,8 +179,9 @@ def test_the_vanished_share_is_measured_only_while_the_controller_asks_and_rides
             steps += 1
 
     feed(30, dead=False, loss=2.0)
-    assert judge.streams[0].last[3] is None  # a healthy, improving run: never measured
-    ctl.wants_vanished = True  # as after a judgement that saw the dead-network signs
+    assert judge.streams[0].last[3] is None  # a healthy run: measured in its first window only (which tensors live)
+    assert ctl._alive == [True, True]
+    ctl.wants_vanished = ctl._wants_dead = True  # as after a judgement that saw the dead-network signs
     feed(1, dead=True, loss=2.0)
     mask = judge.streams[0].last[3]
     assert [bool(v) for v in mask] == [True, False]  # the first tensor's gradient vanished, the second's did not

@@ -469,8 +469,10 @@ def _flat_run(ctl, steps, vanished, first=(2.58, 8.0), norm=0.05):
 
 def test_the_controller_asks_for_the_vanished_share_only_while_the_run_looks_dead():
     ctl = StabilityController(window=10)
-    assert not ctl.wants_vanished
-    assert _flat_run(ctl, 22, vanished=0.0) == []
+    assert ctl.wants_vanished  # the first window: which tensors' gradients flow at all
+    assert _flat_run(ctl, 12, vanished=0.0) == []
+    assert not ctl.wants_vanished  # the first window is over, no judgement yet
+    assert _flat_run(ctl, 10, vanished=0.0) == []
     assert ctl.wants_vanished  # the judgement at step 22 saw the dead signs: measure from now on
     quiet = StabilityController(window=10)
     assert _flat_run(quiet, 120, vanished=0.0) == []  # a plateau whose gradients reach every layer: silent
@@ -489,7 +491,7 @@ def test_a_healthy_improving_run_is_never_asked_for_the_vanished_share():
     ctl = StabilityController(window=10)
     for i in range(200):
         ctl.update(2.3 * 0.99**i, 1.0, clipped=False, lr=0.01)
-        assert not ctl.wants_vanished
+        assert ctl.wants_vanished == (i < 9)  # only during its first window (which tensors live)
 
 
 def test_norm_rising_stays_quiet_near_zero_where_converged_runs_grow_their_norm():
@@ -544,11 +546,15 @@ def _bouncing_run(ctl, steps, masks, norm=0.05):
 
 def test_tensors_vanished_at_every_step_name_a_dead_network_whose_loss_is_not_flat():
     dead_mask = (True, True, True, True, True, False)  # both hidden layers and the head's weight; the bias learns
+
+    def masks(i: int) -> tuple[bool, ...]:  # every gradient flows for the first 3 steps, then the units die
+        return (False,) * 6 if i < 3 else dead_mask
+
     flat_only = StabilityController(window=10)
     findings = _bouncing_run(flat_only, 150, lambda i: 5 / 6)  # a share alone: no proof without a flat loss
     assert [f.rule for f in findings if f.rule == "dead_network"] == []
     ctl = StabilityController(window=10)
-    findings = [f for f in _bouncing_run(ctl, 150, lambda i: dead_mask) if f.rule == "dead_network"]
+    findings = [f for f in _bouncing_run(ctl, 150, masks) if f.rule == "dead_network"]
     assert findings, "the dead network went unreported"
     dead = findings[0]
     assert not dead.act
@@ -573,9 +579,30 @@ def test_heads_that_take_turns_are_not_a_dead_network():
     assert ctl.wants_vanished  # it did look (the other signs held), and found every tensor trained in the window
 
 
+def test_tensors_that_never_had_a_gradient_are_not_dead_units():
+    """A network whose first layers never get a gradient by design (a ``sign()`` without a straight-through estimator:
+    4 of 6 tensors at zero from the first step) learns with what is left; its loss bounces and the norm is low, as
+    for a dead network. The first window's masks show those tensors never lived: counted out, nothing is dead. The
+    same network whose head then dies too (all but the output bias) is named dead."""
+    cut_off = (True, True, True, True, False, False)
+
+    quiet = StabilityController(window=10)
+    assert [f for f in _bouncing_run(quiet, 150, lambda i: cut_off) if f.rule == "dead_network"] == []
+    assert quiet._alive == [False, False, False, False, True, True]
+
+    def dies(i: int) -> tuple[bool, ...]:
+        return cut_off if i < 40 else (True, True, True, True, True, False)
+
+    ctl = StabilityController(window=10)
+    dead = [f for f in _bouncing_run(ctl, 150, dies) if f.rule == "dead_network"]
+    assert dead
+    assert dead[0].evidence["still_vanished_share"] == pytest.approx(0.5)  # 1 of the 2 tensors that lived
+
+
 def test_a_mask_of_another_length_starts_the_count_again():
     ctl = StabilityController(window=2)
-    ctl.wants_vanished = True
+    ctl.wants_vanished = ctl._wants_dead = True
+    ctl._steps = 10  # past the first window
     ctl._add_vanished((True, True, False))
     ctl._add_vanished((True, False, False))
     assert ctl._still == [2, 0, 0]  # per tensor: the measured steps in a row its gradient vanished
