@@ -290,6 +290,18 @@ def test_an_lstm_that_never_learned_after_its_blow_up_is_restarted(tmp_path):
                 assert e["snapshot_step"] == 0
 
 
+def _digits_stream(seed: int, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``steps`` batches of 64 from 1400 digits in a seeded order (inputs, labels, the batch's index)."""
+    d = load_digits()
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
+    order = torch.randperm(len(x), generator=g)
+    x, y = x[order][:1400], y[order][:1400]
+    n = steps * 64
+    idx = torch.cat([torch.randperm(1400, generator=g) for _ in range(n // 1400 + 1)])[:n]
+    return x[idx], y[idx], torch.arange(n) // 64
+
+
 class _SmoothedMoE(pl.LightningModule):
     """A dense, hard top-1 mixture of 8 experts read from a fixed stream. At step 100 the user's code sends every input
     to expert 0 (the others' gradients are exact zeros from then on: 78 % of the tensors); the user's label smoothing
@@ -298,14 +310,7 @@ class _SmoothedMoE(pl.LightningModule):
 
     def __init__(self, seed: int) -> None:
         super().__init__()
-        d = load_digits()
-        g = torch.Generator().manual_seed(seed)
-        x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
-        order = torch.randperm(len(x), generator=g)
-        x, y = x[order][:1400], y[order][:1400]
-        n = 420 * 64
-        idx = torch.cat([torch.randperm(1400, generator=g) for _ in range(n // 1400 + 1)])[:n]
-        self.stream = TensorDataset(x[idx], y[idx], torch.arange(n) // 64)
+        self.stream = TensorDataset(*_digits_stream(seed, 420))
         torch.manual_seed(seed)
         self.trunk = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
         self.router = nn.Linear(64, 8)
@@ -357,14 +362,7 @@ class _SignNet(pl.LightningModule):
 
     def __init__(self, seed: int) -> None:
         super().__init__()
-        d = load_digits()
-        g = torch.Generator().manual_seed(seed)
-        x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
-        order = torch.randperm(len(x), generator=g)
-        x, y = x[order][:1400], y[order][:1400]
-        n = 300 * 64
-        idx = torch.cat([torch.randperm(1400, generator=g) for _ in range(n // 1400 + 1)])[:n]
-        self.stream = TensorDataset(x[idx], y[idx])
+        self.stream = TensorDataset(*_digits_stream(seed, 300)[:2])
         torch.manual_seed(seed)
         self.pre = nn.Sequential(
             nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
