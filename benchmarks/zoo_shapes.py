@@ -26,6 +26,10 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
   loss ~10x below its typical untrained loss [the untrained loss read from one batch].
 - ``sorted_bags_sum``: bags of 1-512 items with a summed loss, the first epoch sorted by bag size [a first single
   item with loss ~0 as the divergence reference; a loss that grows with the bag].
+- ``lbfgs_line_search``: LBFGS with a strong-Wolfe line search: Lightning runs ``training_step`` at every closure
+  evaluation, and the line search's trial points reach losses 1e5x the step's [trial points judged as steps].
+- ``sign_code``: a classifier through ``sign()`` without a straight-through estimator: the layers before the sign never
+  get a gradient [tensors cut off by design read as dead units].
 - ``poisson_counts``: a log-link count regression whose batches of high counts pull hard [a heavy-tailed gradient
   norm that a z-score threshold clips on healthy steps].
 - ``noise_drift_warmup``: a time-ordered stream whose label noise grows 30x while the LR warms up [a loss that
@@ -600,26 +604,37 @@ class DigitsClassifier(ZooModule):
 
     ``mode``: ``"plain"``, ``"label_smoothing"`` (CE with smoothing 0.1), ``"adamw_steplr"`` (AdamW, weight decay
     0.05, LR x0.3 every 150 steps), ``"onecycle"`` (SGD momentum, OneCycleLR), ``"bf16"`` (run under
-    ``precision='bf16-mixed'``; nothing changes in the module).
+    ``precision='bf16-mixed'``; nothing changes in the module), ``"lbfgs"`` (LBFGS lr 0.5, 4 iterations and a
+    strong-Wolfe line search per step, batch 128: several closure evaluations per step, trial losses up to 1e5x the
+    step's), ``"sign_code"`` (64 -> 128 -> 128 -> sign() -> 64 -> 10: no straight-through estimator, so the layers
+    before the sign never get a gradient; Adam 3e-3).
     """
 
     higher_is_better = True
 
     def __init__(self, seed: int, steps: int, mode: str = "plain", lr: float = 1e-3) -> None:
-        super().__init__(seed, steps, batch_size=32, lr=lr)
+        super().__init__(seed, steps, batch_size=128 if mode == "lbfgs" else 32, lr=lr)
         self.mode = mode
         self.net = mlp([64, 128, 10])
+        if mode == "sign_code":
+            self.pre = mlp([64, 128, 128])  # what feeds the sign: never a gradient
+            self.net = mlp([128, 64, 10])
         xt, yt, self.val_x, self.val_y = digits(seed)
         self.train_tensors = (xt, yt)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.sign(self.pre(x))) if self.mode == "sign_code" else self.net(x)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self.net(x), y, label_smoothing=0.1 if self.mode == "label_smoothing" else 0.0)
+        return F.cross_entropy(self(x), y, label_smoothing=0.1 if self.mode == "label_smoothing" else 0.0)
 
     def metric(self) -> float:
-        return float((self.net(self.val_x).argmax(1) == self.val_y).float().mean())
+        return float((self(self.val_x).argmax(1) == self.val_y).float().mean())
 
     def configure_optimizers(self) -> Any:
+        if self.mode == "lbfgs":
+            return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4, line_search_fn="strong_wolfe")
         if self.mode == "adamw_steplr":
             opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.05)
             sched: Any = torch.optim.lr_scheduler.StepLR(opt, step_size=150, gamma=0.3)
@@ -1429,6 +1444,22 @@ _SHAPES: list[Shape] = [
         ACC,
         higher_is_better=True,
         trainer_kwargs=lambda: {"precision": "bf16-mixed"},
+    ),
+    Shape(
+        "lbfgs_line_search",
+        "digits MLP, LBFGS with a strong-Wolfe line search (several closure evaluations per step)",
+        _digits("lbfgs"),
+        200,
+        ACC,
+        higher_is_better=True,
+    ),
+    Shape(
+        "sign_code",
+        "digits classifier through a sign() code without a straight-through estimator",
+        _digits("sign_code", lr=3e-3),
+        400,
+        ACC,
+        higher_is_better=True,
     ),
     Shape(
         "label_smoothing",
