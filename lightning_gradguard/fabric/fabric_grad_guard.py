@@ -67,6 +67,12 @@ class FabricGradGuard(GradGuard):
     ) -> None:
         if not isinstance(fabric, Fabric):
             raise TypeError(f"FabricGradGuard: fabric must be a lightning.fabric.Fabric, got {type(fabric).__name__}")
+        taken = sorted({"scaler", "all_reduce_max"} & set(kwargs))
+        if taken:
+            raise TypeError(
+                f"FabricGradGuard: {', '.join(taken)} come{'s' if len(taken) == 1 else ''} from the Fabric (its "
+                "precision plugin's GradScaler, its all_reduce): do not pass them"
+            )
         self.fabric = fabric
         scaler = getattr(fabric.strategy.precision, "scaler", None)
         reduce = self._all_reduce_max if fabric.world_size > 1 else None

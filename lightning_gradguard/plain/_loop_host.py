@@ -55,8 +55,42 @@ def check_loop_objects(
     if not isinstance(model, nn.Module):
         raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
     opts = [_raw_optimizer(x) for x in _as_list(optimizers, "optimizers", torch.optim.Optimizer, owner)]
+    if not opts:
+        raise ValueError(f"{owner}: optimizers must hold at least one torch.optim.Optimizer, got an empty list")
     scheds = [] if schedulers is None else (list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers])
+    for i, sched in enumerate(scheds):
+        where = f"schedulers[{i}]" if len(scheds) > 1 else "schedulers"
+        if isinstance(sched, torch.optim.Optimizer) or not all(
+            callable(getattr(sched, name, None)) for name in ("step", "state_dict", "load_state_dict")
+        ):
+            raise TypeError(
+                f"{owner}: {where} must be an LR scheduler (a torch.optim.lr_scheduler object, with step, state_dict "
+                f"and load_state_dict), or a list of them, got {type(sched).__name__}"
+            )
+        driven = getattr(sched, "optimizer", None)
+        if isinstance(driven, torch.optim.Optimizer) and not any(_raw_optimizer(driven) is o for o in opts):
+            raise ValueError(
+                f"{owner}: {where} ({type(sched).__name__}) drives an optimizer that is not among optimizers: a "
+                "rollback would restore and cut the LR of the optimizers given, not of the one it schedules"
+            )
     return model, opts, scheds
+
+
+def check_loop_extras(scaler: Any, writer: Any, all_reduce_max: Any, owner: str) -> None:
+    """``TypeError`` naming ``owner`` for a ``scaler`` that is no GradScaler, a ``writer`` without ``add_scalar`` or
+    an ``all_reduce_max`` that cannot be called (each may be None)."""
+    if scaler is not None and not all(callable(getattr(scaler, n, None)) for n in ("scale", "unscale_", "update")):
+        raise TypeError(f"{owner}: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+    if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+        raise TypeError(
+            f"{owner}: writer must be a TensorBoard SummaryWriter (anything with add_scalar) or None, got "
+            f"{type(writer).__name__}"
+        )
+    if all_reduce_max is not None and not callable(all_reduce_max):
+        raise TypeError(
+            f"{owner}: all_reduce_max must be a function tensor -> tensor (a max all-reduce) or None, got "
+            f"{type(all_reduce_max).__name__}"
+        )
 
 
 def check_loop_clipping(clipping: Any, options: Any, owner: str) -> dict[str, Any]:

@@ -27,7 +27,13 @@ from lightning_gradguard.core.guard import GuardDecision
 from lightning_gradguard.core.guard._step_judge import Verdict
 from lightning_gradguard.plain._clip_slots import ClipSlots
 from lightning_gradguard.plain._distributed import MaxReducer, Reduce, rank_and_world
-from lightning_gradguard.plain._loop_host import LoopHost, check_loop_clipping, check_loop_objects, unwrap_model
+from lightning_gradguard.plain._loop_host import (
+    LoopHost,
+    check_loop_clipping,
+    check_loop_extras,
+    check_loop_objects,
+    unwrap_model,
+)
 from lightning_gradguard.plain._lr_watch import LR_OVERWRITE, LrWatch, reapply_scale
 
 __all__ = ["GradGuard"]
@@ -259,6 +265,7 @@ class GradGuard:
         o = type(self).__name__
         guard_args = {k: v for k, v in locals().items() if k not in _NOT_GUARD_OPTIONS}
         self.model, self.optimizers, self.schedulers = check_loop_objects(model, optimizers, schedulers, o)
+        check_loop_extras(scaler, writer, all_reduce_max, o)
         self.scaler = scaler
         self.clipping = clipping
         #: the checked clipping options (empty: the method's defaults).

@@ -38,6 +38,10 @@ def test_fabric_arguments_are_checked() -> None:
         FabricGradGuard("cpu", model, opt)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="GradGuard: action must be one of"):
         FabricGradGuard(Fabric(accelerator="cpu", devices=1), model, opt, action="retry")
+    with pytest.raises(TypeError, match="FabricGradGuard: scaler comes from the Fabric .* do not pass them"):
+        FabricGradGuard(Fabric(accelerator="cpu", devices=1), model, opt, scaler="yes")
+    with pytest.raises(TypeError, match="GradGuard: writer must be a TensorBoard SummaryWriter"):
+        FabricGradGuard(Fabric(accelerator="cpu", devices=1), model, opt, writer=object())
 
 
 @pytest.mark.ddp

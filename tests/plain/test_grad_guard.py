@@ -382,6 +382,31 @@ def test_model_and_optimizer_types_are_checked() -> None:
         GradGuard(model, {"lr": 1})  # type: ignore[arg-type]
 
 
+def test_loop_objects_that_would_fail_mid_fit_are_refused_at_construction(tmp_path: Any) -> None:
+    """Each of these was accepted and failed later: at the first log (a writer that is a path), at a halt (a
+    report_dir that is a file: ``FileExistsError`` instead of the ``DivergenceError``), at every snapshot (a scheduler
+    that is a string: no snapshot, then a halt where a rollback was due), or with an error naming nothing."""
+    model, opt, sched = _setup()
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    cases: list[tuple[dict[str, Any], type, str]] = [
+        ({"writer": "runs"}, TypeError, "GradGuard: writer must be a TensorBoard SummaryWriter .* got str"),
+        ({"report_dir": __file__}, ValueError, "GradGuard: report_dir must be a directory .* got the file"),
+        ({"schedulers": "cos"}, TypeError, "GradGuard: schedulers must be an LR scheduler .* got str"),
+        ({"schedulers": opt}, TypeError, "GradGuard: schedulers must be an LR scheduler .* got Adam"),
+        ({"schedulers": [sched, torch.optim.lr_scheduler.StepLR(other, 5)]}, ValueError,
+         r"GradGuard: schedulers\[1\] \(StepLR\) drives an optimizer that is not among optimizers"),
+        ({"scaler": "yes"}, TypeError, "GradGuard: scaler must be a torch.amp.GradScaler or None, got str"),
+        ({"all_reduce_max": 5}, TypeError, "GradGuard: all_reduce_max must be a function .* got int"),
+    ]  # fmt: skip
+    for kwargs, error, match in cases:
+        args = {"schedulers": kwargs.pop("schedulers")} if "schedulers" in kwargs else {}
+        with pytest.raises(error, match=match):
+            GradGuard(model, opt, **args, **kwargs)
+    with pytest.raises(ValueError, match="GradGuard: optimizers must hold at least one torch.optim.Optimizer"):
+        GradGuard(model, [])
+    GradGuard(model, opt, sched, report_dir=tmp_path / "new", writer=None)  # a path to create is fine
+
+
 def test_the_plain_guard_does_not_import_lightning() -> None:
     code = (
         "import sys, lightning_gradguard as gg; gg.GradGuard; "

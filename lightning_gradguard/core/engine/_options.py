@@ -79,6 +79,8 @@ def check_guard_options(owner: str, report_name: str, **values: Any) -> GuardOpt
     report_dir = v["report_dir"]
     if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
         raise TypeError(f"{o}: report_dir must be a path or None (str or os.PathLike), got {type(report_dir).__name__}")
+    if report_dir is not None and os.path.exists(report_dir) and not os.path.isdir(report_dir):
+        raise ValueError(f"{o}: report_dir must be a directory (or a path to create), got the file {report_dir!s}")
     return GuardOptions(
         action=check_choice("action", v["action"], POLICIES, owner=o),
         lr_factor=cast(float, check_number("lr_factor", v["lr_factor"], low=0.0, high=1.0, low_open=True, owner=o)),
