@@ -143,6 +143,8 @@ class WindowPair:
         old_spread, new_spread: the mean absolute deviation of each window's losses from its median.
         best_spread: the spread of the window whose median is :attr:`best`.
         old_lr, new_lr, best_lr: the median LR of each window and of the best window (0.0: unknown).
+        peak_lr: the highest LR any step of the two windows used (0.0: unknown): a spike of a few steps (a scheduler
+            bug, an LR set by hand) leaves the medians where they were.
         safe_lr: the highest LR any step used up to the end of the best window (0.0: unknown): the run reached its
             best after training at it, so an LR up to it is known to be survivable (a warm restart or a cyclic
             schedule that brings the LR back to its earlier peak has not pushed the run anywhere new).
@@ -180,6 +182,7 @@ class WindowPair:
     new_lr: float = 0.0
     best_lr: float = 0.0
     safe_lr: float = 0.0
+    peak_lr: float = 0.0
     peak_step: int = 0
     sustained_peak: float = -math.inf
     early_norm: float = 0.0
@@ -573,6 +576,7 @@ class StabilityController:
             best_spread=self._best_spread,
             old_lr=_median(lrs[:w]),
             new_lr=_median(lrs[w:]),
+            peak_lr=max(lrs),
             best_lr=self._best_lr,
             safe_lr=self._safe_lr,
             peak_step=self._peak_step,
@@ -612,8 +616,15 @@ class StabilityController:
         at before reaching its best (a warm restart or a cyclic schedule returning to its earlier peak is no
         evidence: the run survived that LR), and the loss is not already coming down by itself (the newer window
         clearly below the older)."""
-        grew = w.best_lr > 0 and w.new_lr >= self.lr_growth * w.best_lr
-        return grew and w.new_lr > w.safe_lr and not self._recovering(w)
+        lr = self._climb_lr(w)
+        grew = w.best_lr > 0 and lr >= self.lr_growth * w.best_lr
+        return grew and lr > w.safe_lr and not self._recovering(w)
+
+    @staticmethod
+    def _climb_lr(w: WindowPair) -> float:
+        """The LR the climb's steps used: the newer window's median, or the highest LR of the two windows when that
+        is higher (a spike of a few steps that threw the run off, which the medians do not see)."""
+        return max(w.new_lr, w.peak_lr)
 
     @staticmethod
     def _recovering(w: WindowPair) -> bool:
@@ -628,14 +639,20 @@ class StabilityController:
         return scale > 0 and w.old_loss > w.best + (self.rising - 1.0) * scale
 
     def _lr_note(self, w: WindowPair, act: bool) -> str:
+        lr = self._climb_lr(w)
         if act:
-            growth = w.new_lr / w.best_lr
+            growth = lr / w.best_lr
+            if lr > w.new_lr:  # a spike: said as one
+                return (
+                    f"; the learning rate peaked at {growth:.3g}x the best window's within the last {2 * w.window} "
+                    f"steps ({_g(w.best_lr)} -> {_g(lr)}; median now {_g(w.new_lr)})"
+                )
             return f"; the learning rate grew {growth:.3g}x since the best window ({_g(w.best_lr)} -> {_g(w.new_lr)})"
-        if not (w.best_lr > 0 and w.new_lr >= self.lr_growth * w.best_lr):
+        if not (w.best_lr > 0 and lr >= self.lr_growth * w.best_lr):
             why = "the learning rate did not grow (a harder task or a changing objective looks the same)"
         else:  # (a climb that is coming down by itself is no finding at all: loss_above_best)
             why = (
-                f"the learning rate grew since the best window ({_g(w.best_lr)} -> {_g(w.new_lr)}) but not past "
+                f"the learning rate grew since the best window ({_g(w.best_lr)} -> {_g(lr)}) but not past "
                 f"{_g(w.safe_lr)}, which the run trained at before its best (a warm restart or a cyclic schedule)"
             )
         return f"; {why}: warning only"
@@ -718,6 +735,7 @@ class StabilityController:
                 "best": w.best,
                 "best_lr": w.best_lr,
                 "lr": w.new_lr,
+                "peak_lr": w.peak_lr,
                 "rank_z": w.climb_z,
             },
             (_PREFIX if act else _UNSTABLE)
@@ -747,6 +765,7 @@ class StabilityController:
                 "best": w.best,
                 "best_lr": w.best_lr,
                 "lr": w.new_lr,
+                "peak_lr": w.peak_lr,
                 "rank_z": w.best_z,
             },
             (_PREFIX if act else _UNSTABLE)
