@@ -642,7 +642,7 @@ class StabilityController:
         lr = self._climb_lr(w)
         if act:
             growth = lr / w.best_lr
-            if lr > w.new_lr:  # a spike: said as one
+            if w.new_lr < self.lr_growth * w.best_lr:  # a spike the median does not show: said as one
                 return (
                     f"; the learning rate peaked at {growth:.3g}x the best window's within the last {2 * w.window} "
                     f"steps ({_g(w.best_lr)} -> {_g(lr)}; median now {_g(w.new_lr)})"
