@@ -26,6 +26,7 @@ from lightning_gradguard.core.engine import EngineField, GuardEngine, check_guar
 from lightning_gradguard.core.engine._options import OPTION_NAMES
 from lightning_gradguard.core.guard import GuardCause, GuardDecision
 from lightning_gradguard.core.recover._lr_scaling import is_known_scheduler
+from lightning_gradguard.core.recover._snapshot import check_snapshot_covers
 
 __all__ = ["GuardCause", "GuardDecision", "NaNGuard"]
 
@@ -286,6 +287,7 @@ class NaNGuard(Callback):
                 "torch.autograd.set_detect_anomaly): torch raises at the first NaN in backward, before the guard sees "
                 "the step. Remove one of the two."
             )
+        check_snapshot_covers(pl_module, trainer.optimizers, _OWNER)
         for cfg in trainer.lr_scheduler_configs:
             if not is_known_scheduler(cfg.scheduler):
                 rank_zero_warn(

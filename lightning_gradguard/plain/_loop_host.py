@@ -25,6 +25,7 @@ from lightning_gradguard.core.engine._scalars import with_twins
 from lightning_gradguard.core.engine._timeline import Timeline
 from lightning_gradguard.core.recover._replica_shards import ReplicaSharding
 from lightning_gradguard.core.recover._rerun import RerunResult, RngState, rerun_step
+from lightning_gradguard.core.recover._snapshot import check_snapshot_covers
 from lightning_gradguard.overview import OverviewBudget, write_overview
 from lightning_gradguard.plain._announce import announce_line
 from lightning_gradguard.plain._clip_slots import ClipSlots
@@ -57,6 +58,7 @@ def check_loop_objects(
     opts = [_raw_optimizer(x) for x in _as_list(optimizers, "optimizers", torch.optim.Optimizer, owner)]
     if not opts:
         raise ValueError(f"{owner}: optimizers must hold at least one torch.optim.Optimizer, got an empty list")
+    check_snapshot_covers(model, opts, owner)
     scheds = [] if schedulers is None else (list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers])
     for i, sched in enumerate(scheds):
         where = f"schedulers[{i}]" if len(scheds) > 1 else "schedulers"

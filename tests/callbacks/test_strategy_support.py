@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import nn
 
+from lightning_gradguard import NaNGuard
 from lightning_gradguard.callbacks._strategy_support import check_parameters, check_supported_strategy
 from tests.compat.common import build_all
 from tests.models import TinyRegression, make_trainer
@@ -82,3 +83,27 @@ def test_sparse_embedding_refused_at_setup_before_any_step(tmp_path, which):
         trainer.fit(model)
     assert trainer.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class _OutsideTensorModel(TinyRegression):
+    """An optimizer over the module's parameters and a plain tensor the module does not register."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.ones(1, requires_grad=True)  # not an nn.Parameter: not in state_dict, not in a snapshot
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x) * self.scale, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([*self.parameters(), self.scale], lr=0.01)
+
+
+def test_an_optimizer_over_a_tensor_outside_the_module_is_refused_before_any_step(tmp_path):
+    """A rollback could not restore ``scale``: refused at the start of the fit, naming the optimizer and the shape."""
+    model = _OutsideTensorModel()
+    trainer = make_trainer(tmp_path, [NaNGuard()], max_steps=3, logger=False)
+    with pytest.raises(ValueError, match=r"NaNGuard: the optimizer \(SGD\) updates 1 tensor\(s\) .*shapes \(1,\)"):
+        trainer.fit(model)
+    assert trainer.global_step == 0

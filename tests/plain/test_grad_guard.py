@@ -407,6 +407,21 @@ def test_loop_objects_that_would_fail_mid_fit_are_refused_at_construction(tmp_pa
     GradGuard(model, opt, sched, report_dir=tmp_path / "new", writer=None)  # a path to create is fine
 
 
+def test_an_optimizer_over_tensors_outside_the_model_is_refused() -> None:
+    """A rollback restores the model's parameters and the optimizers' states; a tensor the optimizer updates that
+    is not the model's would keep the fault's values after a "restore". Refused, naming the optimizer and the
+    tensor's shape; the same optimizer over the model alone is accepted."""
+    model, _, _ = _setup()
+    temperature = torch.zeros(3, requires_grad=True)
+    alone = torch.optim.SGD(model.parameters(), lr=0.1)
+    both = torch.optim.SGD([{"params": model.parameters()}, {"params": [temperature]}], lr=0.1)
+    with pytest.raises(ValueError, match=r"GradGuard: optimizers\[1\] \(SGD\) updates 1 tensor\(s\) .*shapes \(3,\)"):
+        GradGuard(model, [alone, both])
+    with pytest.raises(ValueError, match=r"GradGuard: the optimizer \(SGD\) .* not parameters of the model"):
+        GradGuard(model, both)
+    GradGuard(model, alone).close()
+
+
 def test_the_plain_guard_does_not_import_lightning() -> None:
     code = (
         "import sys, lightning_gradguard as gg; gg.GradGuard; "

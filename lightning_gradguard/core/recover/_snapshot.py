@@ -161,6 +161,37 @@ class Snapshot:
         )
 
 
+def stray_parameters(
+    module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]
+) -> list[tuple[int, list[torch.Tensor]]]:
+    """The tensors each optimizer updates that are not ``module``'s parameters, as ``(optimizer index, tensors)``.
+
+    A snapshot holds the module's state and the optimizers' states; an optimizer's state names its tensors but does
+    not hold their values, so a rollback would leave these tensors as the fault left them.
+    """
+    own = {id(p) for p in module.parameters()}
+    found = []
+    for i, opt in enumerate(optimizers):
+        strays = [p for group in opt.param_groups for p in group["params"] if id(p) not in own]
+        if strays:
+            found.append((i, strays))
+    return found
+
+
+def check_snapshot_covers(module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], owner: str) -> None:
+    """``ValueError`` naming ``owner`` when an optimizer updates tensors outside ``module`` (a rollback would not
+    restore them)."""
+    for i, strays in stray_parameters(module, optimizers):
+        where = f"optimizers[{i}]" if len(optimizers) > 1 else "the optimizer"
+        shapes = ", ".join(str(tuple(p.shape)) for p in strays[:3]) + (", ..." if len(strays) > 3 else "")
+        raise ValueError(
+            f"{owner}: {where} ({type(optimizers[i]).__name__}) updates {len(strays)} tensor(s) that are not "
+            f"parameters of the model (shapes {shapes}): a snapshot holds the model's parameters, so a rollback would "
+            "leave these as the fault left them. Register them on the model (an nn.Parameter attribute of a module) "
+            "or guard the model that owns them."
+        )
+
+
 def take_snapshot(
     module: torch.nn.Module,
     optimizers: Sequence[torch.optim.Optimizer] = (),
