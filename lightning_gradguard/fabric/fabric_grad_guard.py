@@ -67,11 +67,11 @@ class FabricGradGuard(GradGuard):
     ) -> None:
         if not isinstance(fabric, Fabric):
             raise TypeError(f"FabricGradGuard: fabric must be a lightning.fabric.Fabric, got {type(fabric).__name__}")
-        taken = sorted({"scaler", "all_reduce_max"} & set(kwargs))
+        taken = sorted({"scaler", "all_reduce_max", "process_group"} & set(kwargs))
         if taken:
             raise TypeError(
                 f"FabricGradGuard: {', '.join(taken)} come{'s' if len(taken) == 1 else ''} from the Fabric (its "
-                "precision plugin's GradScaler, its all_reduce): do not pass them"
+                "precision plugin's GradScaler, its all_reduce over its processes): do not pass them"
             )
         self.fabric = fabric
         scaler = getattr(fabric.strategy.precision, "scaler", None)

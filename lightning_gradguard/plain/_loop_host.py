@@ -78,9 +78,30 @@ def check_loop_objects(
     return model, opts, scheds
 
 
-def check_loop_extras(scaler: Any, writer: Any, all_reduce_max: Any, owner: str) -> None:
-    """``TypeError`` naming ``owner`` for a ``scaler`` that is no GradScaler, a ``writer`` without ``add_scalar`` or
-    an ``all_reduce_max`` that cannot be called (each may be None)."""
+def check_loop_extras(scaler: Any, writer: Any, all_reduce_max: Any, owner: str, process_group: Any = None) -> None:
+    """``TypeError`` naming ``owner`` for a ``scaler`` that is no GradScaler, a ``writer`` without ``add_scalar``, an
+    ``all_reduce_max`` that cannot be called or a ``process_group`` that is no ``torch.distributed`` group (each may
+    be None); ``ValueError`` for a ``process_group`` without an initialised ``torch.distributed`` or together with
+    ``all_reduce_max``."""
+    if process_group is not None:
+        import torch.distributed as dist
+
+        group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
+        if group_type is None or not isinstance(process_group, group_type):
+            raise TypeError(
+                f"{owner}: process_group must be a torch.distributed ProcessGroup (from dist.new_group) or None, got "
+                f"{type(process_group).__name__}"
+            )
+        if not dist.is_initialized():
+            raise ValueError(
+                f"{owner}: process_group was given but torch.distributed is not initialised; call "
+                "dist.init_process_group first, or leave process_group=None for a single process"
+            )
+        if all_reduce_max is not None:
+            raise ValueError(
+                f"{owner}: give process_group or all_reduce_max, not both: all_reduce_max replaces the "
+                "torch.distributed reduce over process_group"
+            )
     if scaler is not None and not all(callable(getattr(scaler, n, None)) for n in ("scale", "unscale_", "update")):
         raise TypeError(f"{owner}: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     if writer is not None and not callable(getattr(writer, "add_scalar", None)):

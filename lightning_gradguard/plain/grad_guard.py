@@ -265,7 +265,7 @@ class GradGuard:
         o = type(self).__name__
         guard_args = {k: v for k, v in locals().items() if k not in _NOT_GUARD_OPTIONS}
         self.model, self.optimizers, self.schedulers = check_loop_objects(model, optimizers, schedulers, o)
-        check_loop_extras(scaler, writer, all_reduce_max, o)
+        check_loop_extras(scaler, writer, all_reduce_max, o, process_group)
         self.scaler = scaler
         self.clipping = clipping
         #: the checked clipping options (empty: the method's defaults).

@@ -397,6 +397,7 @@ def test_loop_objects_that_would_fail_mid_fit_are_refused_at_construction(tmp_pa
          r"GradGuard: schedulers\[1\] \(StepLR\) drives an optimizer that is not among optimizers"),
         ({"scaler": "yes"}, TypeError, "GradGuard: scaler must be a torch.amp.GradScaler or None, got str"),
         ({"all_reduce_max": 5}, TypeError, "GradGuard: all_reduce_max must be a function .* got int"),
+        ({"process_group": "world"}, TypeError, "GradGuard: process_group must be a torch.distributed ProcessGroup"),
     ]  # fmt: skip
     for kwargs, error, match in cases:
         args = {"schedulers": kwargs.pop("schedulers")} if "schedulers" in kwargs else {}
@@ -679,3 +680,21 @@ def test_the_plain_host_pins_its_clippers_at_their_warm_up_cap():
     again = GradGuard(net, opt, clipping="zscore", announce=False)
     again.load_state_dict(state)
     assert not again.engine.host.pin_clipping()  # the pin came back with the state
+
+
+def test_a_process_group_needs_torch_distributed_and_no_custom_reduce(tmp_path: Any) -> None:
+    """A group without an initialised torch.distributed (or beside ``all_reduce_max``, which replaces it) used to be
+    accepted silently: refused at construction, naming the argument."""
+    import torch.distributed as dist
+
+    model, opt, _ = _setup()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        GradGuard(model, opt, process_group=group).close()
+        with pytest.raises(ValueError, match="GradGuard: give process_group or all_reduce_max, not both"):
+            GradGuard(model, opt, process_group=group, all_reduce_max=lambda t: t)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ValueError, match="GradGuard: process_group was given but torch.distributed is not initialised"):
+        GradGuard(model, opt, process_group=group)
