@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gradguard import FaultDrill, default_callbacks  # noqa: E402
+from tests.ddp_runner import leave_process_group  # noqa: E402
 from tests.models import TinyRegression, make_trainer  # noqa: E402
 
 #: one fault every 15 steps from step 20 (the loss has settled); recovery judged 10 steps on (windows of 5 steps)
@@ -95,6 +96,11 @@ def main(out_dir: str, fit: Callable[[str, str, int | None], None] = fit) -> Non
     torch.set_num_threads(1)
     fit(out_dir, "one_rank", 1)
     fit(out_dir, "every_rank", None)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # Lightning keeps its group after the fit
+        # the last thing: gloo's teardown race (tests/ddp_runner.py); it aborted rank 0 after a finished drill
+        leave_process_group(dist.get_rank(), dist.get_world_size(), out_dir)
 
 
 if __name__ == "__main__":
