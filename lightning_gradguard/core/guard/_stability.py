@@ -145,9 +145,11 @@ class WindowPair:
         old_lr, new_lr, best_lr: the median LR of each window and of the best window (0.0: unknown).
         peak_lr: the highest LR any step of the two windows used (0.0: unknown): a spike of a few steps (a scheduler
             bug, an LR set by hand) leaves the medians where they were.
-        safe_lr: the highest LR any step used up to the end of the best window (0.0: unknown): the run reached its
-            best after training at it, so an LR up to it is known to be survivable (a warm restart or a cyclic
-            schedule that brings the LR back to its earlier peak has not pushed the run anywhere new).
+        safe_lr: the highest LR any step used before the best window, or the best window's median LR if higher (0.0:
+            unknown): the run reached its best after training at it, so an LR up to it is known to be survivable (a
+            warm restart or a cyclic schedule that brings the LR back to its earlier peak has not pushed the run
+            anywhere new). The best window's own later steps do not count: a spike that begins inside it has not
+            shown its effect on the window's losses yet.
         peak_step: the healthy step (1-based) at which :attr:`peak` came.
         sustained_peak: the largest median of three consecutive losses seen in the run's first ``blowup_steps``
             steps.
@@ -376,8 +378,8 @@ class StabilityController:
         self._best_spread = 0.0
         self._best_lr = 0.0
         self._best_losses: tuple[float, ...] = ()  # the losses of the best window (the rank test of a slow climb)
-        self._lr_top = 0.0  # the highest LR any healthy step used
-        self._safe_lr = 0.0  # _lr_top when the best window was found
+        self._lr_top = 0.0  # the highest LR of a healthy step older than the newest window
+        self._safe_lr = 0.0  # _lr_top (or the best window's median LR) when the best window was found
         self._steps = 0  # healthy steps seen
         self._last_fire: int | None = None
         self._streak = 0
@@ -447,8 +449,10 @@ class StabilityController:
         if loss > self._peak:  # (max() without the call)
             self._peak, self._peak_step = loss, self._steps
         self._rows.append((loss, grad_norm, bool(clipped), lr_v))
-        if lr_v > self._lr_top:
-            self._lr_top = lr_v
+        if len(self._rows) > self.window:  # the step leaving the newest window: its LR has shown its effect
+            settled = self._rows[-self.window - 1][3]
+            if settled > self._lr_top:
+                self._lr_top = settled
         self._count += 1
         early = self._early
         if len(early) < self.window:
@@ -469,7 +473,7 @@ class StabilityController:
         if pair.new_loss < self._best:
             self._best, self._best_spread, self._best_lr = pair.new_loss, pair.new_spread, pair.new_lr
             self._best_losses = tuple(row[0] for row in list(self._rows)[self.window :])
-            self._safe_lr = self._lr_top
+            self._safe_lr = max(self._lr_top, pair.new_lr)
         finding = self.assess(pair)
         self._wants_dead = self._dead_signs(pair, flat=False) or self._dead_signs(pair, start=False)
         self.wants_vanished = self._wants_dead or self._steps < self.window

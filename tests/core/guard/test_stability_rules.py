@@ -323,6 +323,22 @@ def test_the_safe_lr_is_the_highest_lr_used_until_the_best_window_and_rides_in_t
     assert (copy._safe_lr, copy._lr_top) == (0.4, 0.8)
 
 
+def test_a_spike_that_begins_inside_the_best_window_is_not_vouched_for_by_it():
+    """A x100 LR spike whose first steps fall in the window that becomes the best (the loss has not answered yet)
+    was counted as "trained at before its best", so the climb it caused only warned ("a warm restart"). The best
+    window vouches for the LR of the steps before it and for its own median, not for its last steps."""
+    ctl = StabilityController(window=5)
+    findings = []
+    for i in range(60):
+        lr = 10.0 if i >= 40 else 0.1
+        loss = 2.0 * 0.97**i if i < 42 else 50.0 + i  # two spike steps still improve, then the blow-up
+        found = ctl.update(loss, 1.0, clipped=False, lr=lr)
+        if found is not None:
+            findings.append(found)
+    assert ctl._safe_lr == 0.1
+    assert any(f.act for f in findings), [f.reason for f in findings]
+
+
 def test_weaker_evidence_warns_instead_of_acting():
     ctl = StabilityController()
     # the same climb at a constant LR (a curriculum, an annealed loss weight, a moving target): a warning
