@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from lightning_gradguard.core.recover._untouched import left_as_found
+
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
@@ -162,19 +164,14 @@ def trace_fault(module: torch.nn.Module, replay: Callable[[], Any]) -> FaultTrac
         if name:  # the root last: its output is the sum of its children's
             handles.append(sub.register_forward_hook(hook_for(name), with_kwargs=True))
     handles.append(module.register_forward_hook(hook_for("(whole model)"), with_kwargs=True))
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
-        with torch.no_grad():
+        with left_as_found(module), torch.no_grad():  # the replay leaves no trace (random numbers, the step's effects)
             replay()
     except Exception:  # a replay that cannot run is no diagnosis, never a new failure
         pass
     finally:
         for h in handles:
             h.remove()
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
     if trace.producer is None:  # no NaN: the first module whose infinities no later call absorbed
         for name, source in inf_made:
             if source not in absorbed:

@@ -57,26 +57,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_gradguard.core.recover._untouched import RngState, left_as_found
+
+__all__ = ["KINDS", "BackwardRecorder", "Diagnosis", "RerunResult", "RngState", "classify", "rerun_step"]
+
 #: the diagnoses, in the words events and reports use
 KINDS = ("transient", "data", "state", "reproducible")
-
-
-@dataclass
-class RngState:
-    """The random-number state a step started from (CPU generator, and every CUDA device's once CUDA is up)."""
-
-    cpu: torch.Tensor
-    cuda: list[torch.Tensor] | None
-
-    @classmethod
-    def capture(cls) -> RngState:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
 
 
 @dataclass
@@ -169,46 +155,41 @@ def rerun_step(
     the sum of its losses and the norm of all its gradients); the gradients come from ``torch.autograd.grad`` and
     never touch ``.grad``. ``grads`` False: forward only, under ``torch.no_grad`` (sharded parameters; the result's
     ``grad_norm`` is None). With ``weights`` (a snapshot's model ``state_dict``), the step is recomputed from those
-    weights, and the module's own are put back afterwards. The random-number state is restored to what it was
-    before the call. Returns None when the step could not be recomputed (an exception, no loss): no diagnosis then,
-    never a new failure."""
+    weights. Whatever the steps do, the module is left as it was: its parameters and buffers, the Python-side
+    state of its submodules (:class:`ModuleAttributes`) and the random-number states (torch's, Python's, NumPy's).
+    Returns None when the step could not be recomputed (an exception, no loss): no diagnosis then, never a new
+    failure."""
     params = [p for p in module.parameters() if p.requires_grad]
-    saved = None
-    outer = RngState.capture()
-    try:
-        if weights is not None:
-            saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
-            module.load_state_dict(weights)
-        total_loss, count, sq = 0.0, 0, 0.0
-        for i, compute in enumerate(losses):
-            state = rng[i] if i < len(rng) else None
-            if state is not None:
-                state.restore()
-            with torch.enable_grad() if grads else torch.no_grad():
-                out = compute()
-                if isinstance(out, BackwardRecorder):
-                    if out.losses:
-                        total_loss += sum(out.losses)
-                        count += 1
-                        sq += out.sq
-                    continue
-                loss = _loss_of(out)
-                if loss is None:
-                    continue
-                total_loss += float(loss.detach().float())
-                count += 1
-                if grads and loss.requires_grad and params:
-                    sq += _squared_norm(torch.autograd.grad(loss, params, allow_unused=True))
-        if not count:
+    with left_as_found(module):
+        try:
+            if weights is not None:
+                module.load_state_dict(weights)
+            total_loss, count, sq = 0.0, 0, 0.0
+            for i, compute in enumerate(losses):
+                state = rng[i] if i < len(rng) else None
+                if state is not None:
+                    state.restore()
+                with torch.enable_grad() if grads else torch.no_grad():
+                    out = compute()
+                    if isinstance(out, BackwardRecorder):
+                        if out.losses:
+                            total_loss += sum(out.losses)
+                            count += 1
+                            sq += out.sq
+                        continue
+                    loss = _loss_of(out)
+                    if loss is None:
+                        continue
+                    total_loss += float(loss.detach().float())
+                    count += 1
+                    if grads and loss.requires_grad and params:
+                        sq += _squared_norm(torch.autograd.grad(loss, params, allow_unused=True))
+            if not count:
+                return None
+            norm = (math.sqrt(sq) if math.isfinite(sq) else math.inf) if grads else None
+            return RerunResult(total_loss / count, norm)
+        except Exception:  # a rerun that cannot run is no diagnosis
             return None
-        norm = (math.sqrt(sq) if math.isfinite(sq) else math.inf) if grads else None
-        return RerunResult(total_loss / count, norm)
-    except Exception:  # a rerun that cannot run is no diagnosis
-        return None
-    finally:
-        if saved is not None:
-            module.load_state_dict(saved)
-        outer.restore()
 
 
 def classify(

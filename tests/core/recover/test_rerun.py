@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,6 +82,73 @@ def test_the_rerun_replays_the_same_random_numbers_and_leaves_the_generator_alon
     assert again.grad_norm == norm
     assert torch.equal(torch.get_rng_state(), after)
     assert all(p.grad is None for p in model.parameters())  # .grad never touched
+
+
+class _SideEffects(nn.Module):
+    """A step with the side effects real training steps have: a counter, a queue kept as a plain tensor, a replay
+    list and a dict, its own generators, an in-place target-network update, an attribute it creates, draws from
+    Python's and NumPy's global generators."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.online, self.target = nn.Linear(4, 1), nn.Linear(4, 1)
+        self.calls = 0
+        self.queue = torch.zeros(6)
+        self.replay: list[int] = [1, 2]
+        self.seen: dict[str, int] = {"a": 1}
+        self.gen = torch.Generator().manual_seed(3)
+        self.py_gen = random.Random(4)
+        self.np_gen = np.random.default_rng(5)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.queue[self.calls % 6] = float(torch.rand(1, generator=self.gen))
+        self.replay.append(self.py_gen.randint(0, 9))
+        self.seen[str(self.np_gen.integers(9))] = 1
+        self.created = random.random() + float(np.random.rand())
+        with torch.no_grad():
+            for t, o in zip(self.target.parameters(), self.online.parameters()):
+                t.mul_(0.5).add_(o, alpha=0.5)
+        return nn.functional.mse_loss(self.online(x) + self.target(x), y)
+
+
+def _state_of(m: _SideEffects) -> tuple:
+    return (
+        m.calls, m.queue.clone(), list(m.replay), dict(m.seen), m.gen.get_state(), m.py_gen.getstate(),
+        m.np_gen.bit_generator.state, hasattr(m, "created"), {k: v.clone() for k, v in m.state_dict().items()},
+        random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state(),
+    )  # fmt: skip
+
+
+def test_a_rerun_leaves_the_steps_side_effects_undone() -> None:
+    """A rerun checks a finding on a run that may be healthy: whatever the user's step changes in its module (and
+    the global generators it draws from) must be as it was afterwards, or the check itself changed the run. Before,
+    a TD3-style step's target-network update, counters and its own generator's draws stayed changed."""
+    m = _SideEffects()
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    before = _state_of(m)
+    replay, seen, queue = m.replay, m.seen, m.queue
+    for weights in (None, {k: v + 1 for k, v in m.state_dict().items()}):
+        result = rerun_step(m, [lambda: m.step(x, y), lambda: m.step(x, y)], [RngState.capture()], weights)
+        assert result is not None
+        assert math.isfinite(result.loss)
+        after = _state_of(m)
+        for a, b in zip(before, after):
+            if isinstance(a, dict) and a and isinstance(next(iter(a.values())), torch.Tensor):
+                assert all(torch.equal(a[k], b[k]) for k in a)
+            elif isinstance(a, torch.Tensor):
+                assert torch.equal(a, b)
+            elif isinstance(a, np.ndarray):
+                assert (a == b).all()
+            else:
+                assert a == b
+        assert m.replay is replay  # restored in place: references the user holds stay valid
+        assert m.seen is seen
+        assert m.queue is queue
+    m.step(x, y)  # the real step still has its effects
+    assert m.calls == 1
+    assert len(m.replay) == 3
+    assert m.created
 
 
 def test_a_rerun_that_cannot_run_is_no_diagnosis() -> None:
