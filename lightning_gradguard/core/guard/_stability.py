@@ -926,7 +926,9 @@ class StabilityController:
         windows caused it (:meth:`_killed`). A dead network cannot learn its way out (its gradients are zero), so the
         restart costs nothing the run still had."""
         vanished = w.vanished >= self.dead_share
-        blown = self._blown_at_start(w) and w.new_norm * self.dead_collapse < w.early_norm
+        # a blow-up at the start is a cause, not a proof: when every gradient tensor was measured alive (none
+        # vanished), nothing is dead (a flow or a large-batch NLL converges to a flat loss from a huge first one)
+        blown = self._blown_at_start(w) and w.new_norm * self.dead_collapse < w.early_norm and w.vanished != 0.0
         flat = (vanished and self._dead_signs(w, start=False)) or (blown and self._dead_signs(w))
         if not flat:
             if w.still >= self.dead_share and self._dead_signs(w, flat=False):

@@ -466,6 +466,11 @@ def test_dead_network_needs_vanished_gradients_or_a_blow_up_at_the_start_and_say
     assert blown is not None
     assert "a blow-up at step 1 (loss 17.7, 7.69x today's level)" in blown.reason
     assert "vanished_share" not in blown.evidence  # not measured: not claimed
+    # measured alive: no gradient tensor vanished, so nothing is dead (a flow's NLL falls flat from a huge first
+    # loss and was called dead while it learned); a few vanished tensors leave the warning standing
+    alive = dataclasses.replace(PLATEAU, start_loss=17.7, peak=17.7, peak_step=1, vanished=0.0)
+    assert ctl.dead_network(alive) is None
+    assert ctl.dead_network(dataclasses.replace(alive, vanished=0.1)) is not None
     # the blow-up must come in the first steps: a late spike did not kill units at the start
     late = dataclasses.replace(PLATEAU, start_loss=17.7, peak=17.7, peak_step=ctl.blowup_steps + 1)
     assert ctl.dead_network(late) is None
