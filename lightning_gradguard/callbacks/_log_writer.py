@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_gradguard.callbacks._pickling import WeakrefsNotPickled
 from lightning_gradguard.core.engine._scalars import log10_twins
 from lightning_gradguard.core.engine._timeline import Timeline
 
@@ -108,7 +109,7 @@ def announce(
         logger.log(level, text)
 
 
-class ProgressBarValues:
+class ProgressBarValues(WeakrefsNotPickled):
     """Show a callback's values in the progress bar without paying ``LightningModule.log`` on every step.
 
     Lightning keeps a progress-bar metric's last value until the next ``fit``/sanity check resets it (the bar reads

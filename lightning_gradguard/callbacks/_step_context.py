@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
+from lightning_gradguard.callbacks._pickling import WeakrefsNotPickled
 from lightning_gradguard.core.measure._grad_stats import GradStats, Rider, compute_grad_stats
 from lightning_gradguard.core.measure._step_cache import StepStatsCache
 
@@ -58,7 +59,7 @@ class StepRecord:
     loss: torch.Tensor | None = None
 
 
-class TrainerContext:
+class TrainerContext(WeakrefsNotPickled):
     """What the gradguard callbacks of one Trainer share."""
 
     def __init__(self) -> None:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_gradguard.callbacks._log_writer import log_scalars, tensorboard_writers
 from lightning_gradguard.callbacks._monitor_capture import LogCapture, capture_for_log, write_views
 from lightning_gradguard.callbacks._monitor_state import EVENTS_TAG, MonitorState, report_layer_health
+from lightning_gradguard.callbacks._pickling import WeakrefsNotPickled
 from lightning_gradguard.callbacks._step_context import (
     grad_stats_for,
     log_due,
@@ -39,7 +40,7 @@ _DUPLICATE = (
 )
 
 
-class GradientNormMonitor(Callback):
+class GradientNormMonitor(WeakrefsNotPickled, Callback):
     r"""Log gradient health to TensorBoard: global and per-layer norms, update ratios, vanishing/exploding layers.
 
     Every optimizer step it folds the shared pre-clip global norm

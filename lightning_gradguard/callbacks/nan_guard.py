@@ -35,6 +35,14 @@ _OWNER = "NaNGuard"
 _BAR_COUNTERS = (("skip", "skips"), ("rollback", "rollbacks"), ("lower_lr", "lr_cuts"), ("halt", "halts"))
 
 
+#: why anomaly detection and the guard exclude each other
+_ANOMALY = (
+    "NaNGuard cannot act with anomaly detection on (Trainer(detect_anomaly=True) or "
+    "torch.autograd.set_detect_anomaly): torch raises at the first NaN in backward, before the guard sees "
+    "the step. Remove one of the two."
+)
+
+
 class NaNGuard(Callback):
     r"""Keep a run alive and useful through NaN/inf and finite divergence.
 
@@ -274,6 +282,8 @@ class NaNGuard(Callback):
                 f"Found {len(guards)} NaNGuard callbacks; use one: each would act on the same fault (two rollbacks, "
                 "two LR cuts) and their snapshots would disagree."
             )
+        if getattr(trainer, "_detect_anomaly", False):  # refused before any work (on_train_start checks again)
+            raise ValueError(_ANOMALY)
         if self.snapshot == "checkpoint":
             ckpts.check_checkpointing(trainer, self.snapshot_confirm_steps)
         self.files.start(trainer)
@@ -282,11 +292,7 @@ class NaNGuard(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if torch.is_anomaly_enabled():  # Trainer(detect_anomaly=True) turns it on just around the fit loop
-            raise ValueError(
-                "NaNGuard cannot act with anomaly detection on (Trainer(detect_anomaly=True) or "
-                "torch.autograd.set_detect_anomaly): torch raises at the first NaN in backward, before the guard sees "
-                "the step. Remove one of the two."
-            )
+            raise ValueError(_ANOMALY)
         check_snapshot_covers(pl_module, trainer.optimizers, _OWNER)
         for cfg in trainer.lr_scheduler_configs:
             if not is_known_scheduler(cfg.scheduler):

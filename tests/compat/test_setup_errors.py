@@ -104,3 +104,18 @@ def test_sharded_strategies_are_refused_by_each_callback(cls, make_strategy):
 def test_fsdp_on_cpu_is_refused_by_lightning_itself():
     with pytest.raises(ValueError, match="requires a GPU accelerator"):
         Trainer(strategy="fsdp", accelerator="cpu", devices=1)
+
+
+def test_anomaly_detection_is_refused_in_setup_before_the_fit_starts(tmp_path):
+    """The refusal came in on_train_start, after the sanity validation had run; the README says setup."""
+
+    class Started(Callback):
+        started = False
+
+        def on_fit_start(self, trainer, pl_module):
+            Started.started = True
+
+    trainer = make_trainer(tmp_path, [NaNGuard(), Started()], max_steps=3, detect_anomaly=True)
+    with pytest.raises(ValueError, match=r"NaNGuard cannot act with anomaly detection on"):
+        trainer.fit(seeded())
+    assert not Started.started
