@@ -40,6 +40,10 @@ _DUPLICATE = (
 )
 
 
+#: the default spacing of gradient-flow images, in steps (``flow_every_n_logs=None``)
+FLOW_EVERY_N_STEPS = 500
+
+
 class GradientNormMonitor(WeakrefsNotPickled, Callback):
     r"""Log gradient health to TensorBoard: global and per-layer norms, update ratios, vanishing/exploding layers.
 
@@ -75,7 +79,10 @@ class GradientNormMonitor(WeakrefsNotPickled, Callback):
         log_every_n_steps: log every n batches that stepped (>= 1); None: the Trainer's ``log_every_n_steps``.
         norm_type: p of the gradient norms (> 0 or ``inf``); weight norms are always L2.
         log_grad_histograms: also write a histogram of each layer's gradient values (costly for big models).
-        flow_every_n_logs: draw the gradient-flow image every n logging steps (>= 0; 0 = never).
+        flow_every_n_logs: draw the gradient-flow image every n logging steps (>= 0; 0 = never); None (the default):
+            about every :data:`FLOW_EVERY_N_STEPS` steps, that is every 10 logs at the Trainer's default of logging
+            every 50 steps, and not every 10 steps when a run logs every step (an image costs tens of
+            milliseconds to draw, more than a small model's step).
         vanishing_threshold, vanishing_patience: see above (> 0; >= 1).
         exploding_factor, exploding_ema_decay, exploding_warmup, exploding_z: see above (> 1; in (0, 1); >= 1;
             >= 0, 0: the factor alone).
@@ -88,7 +95,7 @@ class GradientNormMonitor(WeakrefsNotPickled, Callback):
         >>> GradientNormMonitor(flow_every_n_logs=-1)
         Traceback (most recent call last):
         ...
-        ValueError: GradientNormMonitor: flow_every_n_logs must be an int >= 0, got -1
+        ValueError: GradientNormMonitor: flow_every_n_logs must be an int >= 0 or None, got -1
     """
 
     def __init__(
@@ -97,7 +104,7 @@ class GradientNormMonitor(WeakrefsNotPickled, Callback):
         *,
         norm_type: float = 2.0,
         log_grad_histograms: bool = False,
-        flow_every_n_logs: int = 10,
+        flow_every_n_logs: int | None = None,
         vanishing_threshold: float = 1e-7,
         vanishing_patience: int = 3,
         exploding_factor: float = 10.0,
@@ -109,7 +116,7 @@ class GradientNormMonitor(WeakrefsNotPickled, Callback):
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True, owner=_OWNER)
         self.norm_type = check_positive("norm_type", norm_type, allow_inf=True, owner=_OWNER)
         self.log_grad_histograms = check_bool("log_grad_histograms", log_grad_histograms, owner=_OWNER)
-        self.flow_every_n_logs = check_int("flow_every_n_logs", flow_every_n_logs, 0, owner=_OWNER)
+        self.flow_every_n_logs = check_int("flow_every_n_logs", flow_every_n_logs, 0, allow_none=True, owner=_OWNER)
         self.vanishing_threshold = check_positive("vanishing_threshold", vanishing_threshold, owner=_OWNER)
         self.vanishing_patience = check_int("vanishing_patience", vanishing_patience, 1, owner=_OWNER)
         self.exploding_factor: float = check_number(  # type: ignore[assignment]
@@ -244,7 +251,10 @@ class GradientNormMonitor(WeakrefsNotPickled, Callback):
         host = stats.total_norm_host if IntervalAggregate.host_fast_path else None  # no tensor op on the CPU
         state.norms.update(stats.total_norm if host is None else host)
         if log_due(trainer, self._log_every):
-            flow = self.flow_every_n_logs > 0 and state.logs % self.flow_every_n_logs == 0
+            every = self.flow_every_n_logs
+            if every is None:
+                every = max(1, -(-FLOW_EVERY_N_STEPS // self._log_every))  # ceil: never more often than that
+            flow = every > 0 and state.logs % every == 0
             state.pending = capture_for_log(stats, step, flow=flow, values=self.log_grad_histograms)
 
     def on_before_optimizer_step(
