@@ -173,6 +173,7 @@ class LoopHost(GuardHost):
         self._logger = logger
         self.terminal = terminal  # announce on stderr too (else only through logging)
         self.recompute: Callable[[], Any] | None = None  # this step's loss again (GradGuard.before_step)
+        self.busy = False  # True while the guard runs the loop's code itself (a rerun): no new step window opens
 
     def model(self) -> nn.Module:
         return self._model
@@ -268,5 +269,9 @@ class LoopHost(GuardHost):
         if self.recompute is None:
             return None
         no_sync = getattr(self._model, "no_sync", None)  # a DDP wrapper in the user's closure: no gradient sync
-        with no_sync() if callable(no_sync) else contextlib.nullcontext():
-            return rerun_step(self._inner, [self.recompute], rngs[:1], weights)
+        self.busy = True
+        try:
+            with no_sync() if callable(no_sync) else contextlib.nullcontext():
+                return rerun_step(self._inner, [self.recompute], rngs[:1], weights)
+        finally:
+            self.busy = False

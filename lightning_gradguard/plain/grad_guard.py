@@ -331,7 +331,9 @@ class GradGuard:
         return _LAST_ACTION[self.engine.outcome]
 
     def _on_forward(self, _module: nn.Module, _inputs: Any) -> None:
-        if torch.is_grad_enabled():  # the first training forward of a step: buffers as they are
+        # the first training forward of a step: buffers as they are (not the guard's own rerun of the step, which
+        # comes after the bad forward: it would save the buffers that forward spoiled as the ones to restore)
+        if torch.is_grad_enabled() and not self._host.busy:
             self.engine.open_window(self.model)
 
     def clip_rate(self, optimizer_idx: int = 0) -> float | None:
