@@ -34,11 +34,11 @@ from lightning_gradguard.plain._distributed import MaxReducer, replica_sharding
 _LOG = logging.getLogger("lightning_gradguard.plain")
 
 
-def _as_list(value: Any, name: str, kind: type | tuple[type, ...], owner: str) -> list[Any]:
+def _as_list(value: Any, name: str, kind: type, allowed: str, owner: str) -> list[Any]:
+    """``value`` as a list of ``kind`` (one or a list/tuple of them); ``TypeError`` naming ``allowed`` otherwise."""
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     for item in items:
         if not isinstance(item, kind):
-            allowed = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise TypeError(f"{owner}: {name} must be a {allowed} or a list of them, got {type(item).__name__}")
     return items
 
@@ -55,7 +55,10 @@ def check_loop_objects(
     """The loop's model, raw optimizers and schedulers as lists; ``TypeError`` naming ``owner`` for a wrong type."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
-    opts = [_raw_optimizer(x) for x in _as_list(optimizers, "optimizers", torch.optim.Optimizer, owner)]
+    opts = [
+        _raw_optimizer(x)
+        for x in _as_list(optimizers, "optimizers", torch.optim.Optimizer, "torch.optim.Optimizer", owner)
+    ]
     if not opts:
         raise ValueError(f"{owner}: optimizers must hold at least one torch.optim.Optimizer, got an empty list")
     check_snapshot_covers(model, opts, owner)
