@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from lightning_gradguard import NaNGuard
@@ -45,3 +46,40 @@ def test_reruns_leave_no_trace_of_the_users_step(tmp_path):
     fresh = torch.Generator().manual_seed(11)
     torch.rand(16, generator=fresh)
     assert torch.equal(model.noise.get_state(), fresh.get_state())
+
+
+class _CarriedState(TinyRegression):
+    """A state carried across steps in a plain attribute (as truncated BPTT carries its hidden state): a rollback
+    restores the weights, not this; a NaN weight at ``bad_step`` leaves it NaN for good."""
+
+    def __init__(self, bad_step: int):
+        super().__init__(lr=0.01)
+        self.bad_step = bad_step
+        self.carried = torch.zeros(1)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.trainer.global_step == self.bad_step:
+            with torch.no_grad():
+                self.net[0].weight[0, 0] = float("nan")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x) + self.carried
+        self.carried = 0.5 * self.carried + 0.01 * out.detach().mean()
+        return torch.nn.functional.mse_loss(out, y)
+
+
+def test_a_fault_in_state_no_snapshot_holds_halts_with_that_diagnosis(tmp_path):
+    """Before, every later step was skipped as "a fault of the data" (the batch fails from the trusted state too)
+    for the rest of the run. The control (the last healthy batch from the trusted state) fails as well: the batch is
+    not at fault, no rollback can repair it; the guard halts at once and says why, without blaming the LR."""
+    from lightning_gradguard import DivergenceError
+
+    guard = NaNGuard(snapshot_every_n_steps=5, snapshot_confirm_steps=2)
+    trainer = make_trainer(tmp_path, [guard], max_steps=40, logger=False)
+    with pytest.raises(DivergenceError, match="a snapshot does not hold"):
+        trainer.fit(_CarriedState(bad_step=20), loader(n=256))
+    kinds = [(e["step"], e["kind"]) for e in guard.events]
+    assert kinds == [(20, "rollback"), (21, "halt")]
+    assert guard.events[-1]["diagnosis"] == "unrestorable"
+    assert "learning rate" not in guard.events[-1]["reason"]

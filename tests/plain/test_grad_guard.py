@@ -378,7 +378,7 @@ def test_model_and_optimizer_types_are_checked() -> None:
     model, opt, _ = _setup()
     with pytest.raises(TypeError, match="GradGuard: model must be a torch.nn.Module, got str"):
         GradGuard("model", opt)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="GradGuard: optimizers must be a torch.optim.Optimizer or a list of them, got dict"):
+    with pytest.raises(TypeError, match="optimizers must be a torch.optim.Optimizer or a list of them, got dict"):
         GradGuard(model, {"lr": 1})  # type: ignore[arg-type]
 
 

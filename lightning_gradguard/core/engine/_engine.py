@@ -1139,16 +1139,21 @@ class GuardEngine:
                         if weights is None:  # one process: only when needed
                             weights = self._trusted_weights(snap)
                         trusted = host.rerun(self._batches, rngs, weights, health.step)
-                ordinary = None
+                ordinary = control = None
                 if trusted is not None and trusted.finite and self._ordinary is not None and host.rerun_takes_items():
                     # it fails only from the current state: does the current state fail on an ordinary batch too
                     # (the last healthy step's), or only on this one?
                     ordinary = host.rerun(*self._ordinary, None, health.step)
+                elif trusted is not None and self._ordinary is not None and host.rerun_takes_items():
+                    # it fails from the trusted state too: does that state take an ordinary batch (then the batch is
+                    # bad), or does everything fail (state no snapshot holds)?
+                    control = host.rerun(*self._ordinary, weights, health.step)
                 fault = RerunResult(loss, norm)
                 trusted_step = snap.step if snap is not None else None
                 found = classify(
-                    fault, bool(health.nonfinite_batch), weights_bad, same, trusted, trusted_step, ordinary=ordinary
-                )
+                    fault, bool(health.nonfinite_batch), weights_bad, same, trusted, trusted_step, ordinary=ordinary,
+                    control=control,
+                )  # fmt: skip
                 self._data_here = found is not None and found.kind == "data"  # this rank's own batch failed
             code = KINDS.index(found.kind) + 1 if found is not None else 0
             if many and reducer is not None:

@@ -62,7 +62,7 @@ from lightning_gradguard.core.recover._untouched import RngState, left_as_found
 __all__ = ["KINDS", "BackwardRecorder", "Diagnosis", "RerunResult", "RngState", "classify", "rerun_step"]
 
 #: the diagnoses, in the words events and reports use
-KINDS = ("transient", "data", "state", "reproducible")
+KINDS = ("transient", "data", "state", "reproducible", "unrestorable")
 
 
 @dataclass
@@ -201,9 +201,12 @@ def classify(
     trusted_step: int | None = None,
     loss_nonfinite: bool | None = None,
     ordinary: RerunResult | None = None,
+    control: RerunResult | None = None,
 ) -> Diagnosis | None:
     """The diagnosis of a flagged step from what was measured (``fault``) and what the re-runs gave (None: not run;
-    see the module docstring for the order; ``ordinary``: the current state on the last healthy step's batch).
+    see the module docstring for the order; ``ordinary``: the current state on the last healthy step's batch;
+    ``control``: the trusted state on that batch, run when the flagged batch fails from the trusted state too: if
+    the ordinary batch fails there as well, the batch is not what fails, the fault lies in state no snapshot holds).
     None: nothing to say (no rerun and nothing else known, or a forward-only rerun, which cannot see a fault that
     showed only in the gradients). ``loss_nonfinite``: the step's loss was non-finite (on some rank, where ranks
     agreed); None: read from ``fault``."""
@@ -244,6 +247,14 @@ def classify(
             "state",
             f"the step gave {seen} and reproduces from the same state{also}, but from {where} the same batch gives "
             f"{trusted.describe()}: the state went bad",
+        )
+    if control is not None and not control.finite:
+        return Diagnosis(
+            "unrestorable",
+            f"the step gave {seen}; the same batch fails from {where} too ({trusted.describe()}), and so does the "
+            f"last healthy step's batch ({control.describe()}): not the batch; the fault lies in state a snapshot "
+            "does not hold (a module attribute carried across steps, such as a recurrent hidden state, or something "
+            "outside the module)",
         )
     return Diagnosis(
         "data",

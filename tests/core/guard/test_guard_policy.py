@@ -225,3 +225,17 @@ def test_repeated_divergence_doubles_the_exponent_of_the_lr_cut():
     powers = [policy.decide(StepHealth(s, loss_divergence=True), True).lr_power for s in (3, 7, 11, 40)]
     assert powers == [1, 2, 4, 1]  # 40 is 29 steps after 11: a new episode
     assert policy.decide(StepHealth(45, nonfinite_params=True), True).lr_power == 1  # not a divergence
+
+
+def test_a_fault_no_snapshot_holds_halts_at_once_without_blaming_the_lr():
+    """The rerun found that the last healthy batch fails from the trusted state too: a rollback cannot repair it
+    (a NaN carried in a module attribute, such as a recurrent hidden state). Before, such steps were skipped for the
+    rest of the run as "a fault of the data"; after a rollback, their halt blamed the learning rate."""
+    policy = GuardPolicy()
+    first = policy.decide(StepHealth(150, nonfinite_params=True), True)
+    assert first.action is GuardAction.ROLLBACK
+    halt = policy.decide(StepHealth(151, nonfinite_loss=True, diagnosis="unrestorable"), True)
+    assert halt.action is GuardAction.HALT
+    assert "a snapshot does not hold" in halt.reason
+    assert "learning rate" not in halt.reason
+    assert policy.decide(StepHealth(152, nonfinite_loss=True, diagnosis="data"), True).action is GuardAction.SKIP

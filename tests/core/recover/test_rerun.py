@@ -55,6 +55,19 @@ def test_a_finite_batch_that_fails_from_any_state_is_data() -> None:
     assert "trusted state of step 7" in found.evidence
 
 
+def test_a_batch_is_only_bad_if_the_trusted_state_takes_an_ordinary_one() -> None:
+    """The flagged batch fails from the trusted state too: "data", unless the last healthy step's batch fails there
+    as well (the control); then nothing about the batch is at fault, and no snapshot holds what is."""
+    bad = RerunResult(math.nan, math.nan)
+    fine = RerunResult(0.5, 1.0)
+    data = classify(bad, False, False, bad, bad, 7, control=fine)
+    assert data.kind == "data"
+    unheld = classify(bad, False, False, bad, bad, 7, control=bad)
+    assert unheld.kind == "unrestorable"
+    assert "last healthy step's batch" in unheld.evidence
+    assert classify(bad, False, False, bad, bad, 7).kind == "data"  # no control run: as before
+
+
 def test_weights_gone_bad_since_the_trusted_snapshot_are_the_state() -> None:
     model = net()
     trusted = {k: v.clone() for k, v in model.state_dict().items()}
