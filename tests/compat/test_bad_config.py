@@ -111,7 +111,7 @@ ORACLE: dict[type, dict[str, Rule]] = {
         "log_every_n_steps": integer(1, optional=True),
         "norm_type": number(lambda v: v > 0),
         "log_grad_histograms": boolean(),
-        "flow_every_n_logs": integer(0),
+        "flow_every_n_logs": integer(0, optional=True),
         "vanishing_threshold": number(positive_finite),
         "vanishing_patience": integer(1),
         "exploding_factor": number(lambda v: 1 < v < math.inf),
