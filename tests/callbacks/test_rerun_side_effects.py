@@ -71,15 +71,16 @@ class _CarriedState(TinyRegression):
 
 def test_a_fault_in_state_no_snapshot_holds_halts_with_that_diagnosis(tmp_path):
     """Before, every later step was skipped as "a fault of the data" (the batch fails from the trusted state too)
-    for the rest of the run. The control (the last healthy batch from the trusted state) fails as well: the batch is
-    not at fault, no rollback can repair it; the guard halts at once and says why, without blaming the LR."""
+    for the rest of the run. The module carries NaN in a plain tensor attribute no snapshot holds: the batch is not
+    at fault, no rollback can repair it; the guard halts at once, names the attribute, and does not blame the LR."""
     from lightning_gradguard import DivergenceError
 
     guard = NaNGuard(snapshot_every_n_steps=5, snapshot_confirm_steps=2)
     trainer = make_trainer(tmp_path, [guard], max_steps=40, logger=False)
-    with pytest.raises(DivergenceError, match="a snapshot does not hold"):
+    with pytest.raises(DivergenceError, match="no snapshot holds"):
         trainer.fit(_CarriedState(bad_step=20), loader(n=256))
     kinds = [(e["step"], e["kind"]) for e in guard.events]
     assert kinds == [(20, "rollback"), (21, "halt")]
     assert guard.events[-1]["diagnosis"] == "unrestorable"
+    assert "carried" in guard.events[-1]["diagnosis_evidence"]
     assert "learning rate" not in guard.events[-1]["reason"]

@@ -73,6 +73,7 @@ from lightning_gradguard.core.recover._snapshot import (
     state_nbytes,
     take_snapshot,
 )
+from lightning_gradguard.core.recover._untouched import nonfinite_attributes
 from lightning_gradguard.errors import DivergenceError
 
 _NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "nonfinite_buffers", "other_rank"}
@@ -1139,20 +1140,21 @@ class GuardEngine:
                         if weights is None:  # one process: only when needed
                             weights = self._trusted_weights(snap)
                         trusted = host.rerun(self._batches, rngs, weights, health.step)
-                ordinary = control = None
+                ordinary = None
+                control: list[str] = []
                 if trusted is not None and trusted.finite and self._ordinary is not None and host.rerun_takes_items():
                     # it fails only from the current state: does the current state fail on an ordinary batch too
                     # (the last healthy step's), or only on this one?
                     ordinary = host.rerun(*self._ordinary, None, health.step)
-                elif trusted is not None and self._ordinary is not None and host.rerun_takes_items():
-                    # it fails from the trusted state too: does that state take an ordinary batch (then the batch is
-                    # bad), or does everything fail (state no snapshot holds)?
-                    control = host.rerun(*self._ordinary, weights, health.step)
+                if trusted is not None and not trusted.finite:
+                    # it fails from the trusted state too: the batch, unless the module carries non-finite values
+                    # where no snapshot looks (a plain tensor attribute: a recurrent hidden state kept across steps)
+                    control = nonfinite_attributes(host.model())
                 fault = RerunResult(loss, norm)
                 trusted_step = snap.step if snap is not None else None
                 found = classify(
                     fault, bool(health.nonfinite_batch), weights_bad, same, trusted, trusted_step, ordinary=ordinary,
-                    control=control,
+                    unheld=control,
                 )  # fmt: skip
                 self._data_here = found is not None and found.kind == "data"  # this rank's own batch failed
             code = KINDS.index(found.kind) + 1 if found is not None else 0

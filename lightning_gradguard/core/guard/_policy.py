@@ -39,9 +39,8 @@ POLICIES = ("auto", "rollback", "skip", "halt")
 
 #: why a fault that fails every batch from the trusted state too halts at once
 _UNRESTORABLE_REASON = (
-    "no rollback can repair it: the last healthy batch fails from the trusted state too, so the fault lies in state a "
-    "snapshot does not hold (a module attribute carried across steps, such as a recurrent hidden state, or something "
-    "outside the module)"
+    "no rollback can repair it: the module carries NaN/inf in plain tensor attributes that no snapshot holds (see the "
+    "diagnosis); register such state as a buffer so that a rollback restores it"
 )
 
 
@@ -119,9 +118,9 @@ class StepHealth:
         update_skipped: the step's update was dropped before it happened (False when the fault is found after it).
         diagnosis: what a rerun of the step found (``core/recover/_rerun.py``): ``"transient"`` (it did not
             reproduce), ``"data"`` (the batch fails from a trusted state too), ``"state"`` (it fails only from the
-            current state), ``"reproducible"`` (undecided), ``"unrestorable"`` (the last healthy step's batch fails
-            from the trusted state too: the fault lies in state no snapshot holds; the ``auto`` policy halts), or
-            None (no rerun).
+            current state), ``"reproducible"`` (undecided), ``"unrestorable"`` (the batch fails from the trusted
+            state too while the module carries NaN/inf in plain tensor attributes no snapshot holds; the ``auto``
+            policy halts), or None (no rerun).
         nonfinite_somewhere: some rank's loss or gradients were non-finite at this step (the same on every rank:
             the ranks rerun, or not, together).
         known_bad_batch: the step's batch is on the bad-batch record (``core/recover/_bad_batches.py``): skipped.
@@ -480,7 +479,7 @@ class GuardPolicy:
         # auto
         if cause is GuardCause.AMP_SCALE_COLLAPSE:
             return GuardAction.ROLLBACK, _COLLAPSE_REASON
-        if health.diagnosis == "unrestorable":  # every batch fails from the trusted state too: a rollback cannot help
+        if health.diagnosis == "unrestorable":  # non-finite state no snapshot holds: a rollback cannot help
             return GuardAction.HALT, _UNRESTORABLE_REASON
         if cause in _DIVERGENCE and health.diagnosis == "data":  # the rerun found the model sound, the batch not
             return GuardAction.SKIP, "a divergence of the data, not of the model: buffers restored, LR kept"

@@ -201,12 +201,12 @@ def classify(
     trusted_step: int | None = None,
     loss_nonfinite: bool | None = None,
     ordinary: RerunResult | None = None,
-    control: RerunResult | None = None,
+    unheld: Sequence[str] = (),
 ) -> Diagnosis | None:
     """The diagnosis of a flagged step from what was measured (``fault``) and what the re-runs gave (None: not run;
     see the module docstring for the order; ``ordinary``: the current state on the last healthy step's batch;
-    ``control``: the trusted state on that batch, run when the flagged batch fails from the trusted state too: if
-    the ordinary batch fails there as well, the batch is not what fails, the fault lies in state no snapshot holds).
+    ``unheld``: module attributes outside the state dict that hold NaN/inf: when the batch fails from the trusted
+    state too, they, not the batch, are the fault, and no snapshot holds them).
     None: nothing to say (no rerun and nothing else known, or a forward-only rerun, which cannot see a fault that
     showed only in the gradients). ``loss_nonfinite``: the step's loss was non-finite (on some rank, where ranks
     agreed); None: read from ``fault``."""
@@ -248,13 +248,14 @@ def classify(
             f"the step gave {seen} and reproduces from the same state{also}, but from {where} the same batch gives "
             f"{trusted.describe()}: the state went bad",
         )
-    if control is not None and not control.finite:
+    if unheld:
+        names = ", ".join(unheld[:5]) + (", ..." if len(unheld) > 5 else "")
         return Diagnosis(
             "unrestorable",
-            f"the step gave {seen}; the same batch fails from {where} too ({trusted.describe()}), and so does the "
-            f"last healthy step's batch ({control.describe()}): not the batch; the fault lies in state a snapshot "
-            "does not hold (a module attribute carried across steps, such as a recurrent hidden state, or something "
-            "outside the module)",
+            f"the step gave {seen}; the same batch fails from {where} too ({trusted.describe()}), and the module "
+            f"carries NaN/inf in {names}, plain tensor attributes that no snapshot holds (a recurrent hidden state "
+            "kept across steps): a rollback cannot repair them; register such state as a buffer "
+            "(register_buffer(name, tensor, persistent=False)) so that snapshots hold it",
         )
     return Diagnosis(
         "data",

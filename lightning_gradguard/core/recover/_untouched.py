@@ -177,3 +177,26 @@ def left_as_found(module: nn.Module) -> Iterator[None]:
         if attributes is not None:
             attributes.restore()
         rng.restore()
+
+
+def nonfinite_attributes(module: nn.Module) -> list[str]:
+    """Qualified names of floating tensors kept as plain attributes of ``module``'s submodules, alone or in a tuple or
+    list (an LSTM's ``(h, c)``), not parameters or buffers (no state dict or snapshot holds them), that hold NaN/inf."""
+    found = []
+    for prefix, sub in module.named_modules():
+        for key, value in sub.__dict__.items():
+            if key in _MODULE_SLOTS or isinstance(value, nn.Parameter):
+                continue
+            items = value if isinstance(value, (tuple, list)) and len(value) <= 16 else (value,)
+            if any(_nonfinite_tensor(v) for v in items):
+                found.append(f"{prefix}.{key}" if prefix else key)
+    return found
+
+
+def _nonfinite_tensor(value: Any) -> bool:
+    if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter) or not value.is_floating_point():
+        return False
+    try:
+        return not bool(torch.isfinite(value.detach()).all())
+    except Exception:  # a tensor that cannot be read here (meta, a subclass): not known to be bad
+        return False

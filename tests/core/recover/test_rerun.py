@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard.core.recover._rerun import BackwardRecorder, RerunResult, RngState, classify, rerun_step
+from lightning_gradguard.core.recover._untouched import nonfinite_attributes
 
 
 def net() -> nn.Module:
@@ -55,17 +56,21 @@ def test_a_finite_batch_that_fails_from_any_state_is_data() -> None:
     assert "trusted state of step 7" in found.evidence
 
 
-def test_a_batch_is_only_bad_if_the_trusted_state_takes_an_ordinary_one() -> None:
-    """The flagged batch fails from the trusted state too: "data", unless the last healthy step's batch fails there
-    as well (the control); then nothing about the batch is at fault, and no snapshot holds what is."""
+def test_a_batch_that_fails_from_the_trusted_state_is_not_data_while_unheld_state_is_non_finite() -> None:
+    """The flagged batch fails from the trusted state too: "data", unless the module carries NaN/inf in a plain
+    tensor attribute (no snapshot holds it: a hidden state kept across steps); then that is what fails."""
     bad = RerunResult(math.nan, math.nan)
-    fine = RerunResult(0.5, 1.0)
-    data = classify(bad, False, False, bad, bad, 7, control=fine)
-    assert data.kind == "data"
-    unheld = classify(bad, False, False, bad, bad, 7, control=bad)
+    assert classify(bad, False, False, bad, bad, 7).kind == "data"
+    unheld = classify(bad, False, False, bad, bad, 7, unheld=["rnn_state"])
     assert unheld.kind == "unrestorable"
-    assert "last healthy step's batch" in unheld.evidence
-    assert classify(bad, False, False, bad, bad, 7).kind == "data"  # no control run: as before
+    assert "rnn_state" in unheld.evidence
+    assert "register_buffer" in unheld.evidence
+    m = net()
+    m.carried = torch.tensor([1.0, math.nan])
+    m[0].cache = torch.full((2,), math.inf)
+    m.fine, m.count = torch.zeros(3), torch.tensor([3])
+    m[3].hidden = (torch.zeros(2), torch.tensor([math.nan]))  # an LSTM's (h, c)
+    assert nonfinite_attributes(m) == ["carried", "0.cache", "3.hidden"]
 
 
 def test_weights_gone_bad_since_the_trusted_snapshot_are_the_state() -> None:
