@@ -339,6 +339,46 @@ def test_a_spike_that_begins_inside_the_best_window_is_not_vouched_for_by_it():
     assert any(f.act for f in findings), [f.reason for f in findings]
 
 
+def test_a_spike_of_a_few_batches_inside_the_best_window_does_not_become_its_noise():
+    """Found on an uncertainty-weighted multi-task MLP (Adam, an LR set x100 for 20 steps): the spike's first steps
+    fell into the window whose median became the best (0.48; the loss had not answered yet), and their losses (12 ...
+    1186) made that window's mean deviation 52. Every later climb was measured in that scale: the loss went 0.48 ->
+    4.1, flat, the network at chance, and no rule fired. The spread is a robust one now: the climb acts."""
+    ctl = StabilityController()  # the defaults: windows of 25 steps
+    findings = []
+    for i in range(300):
+        lr = 0.3 if 150 <= i < 170 else 0.003
+        if i < 150:  # learning, then a noisy plateau
+            loss = 7.0 * 0.97**i + 0.45 + 0.02 * math.sin(2.3 * i)
+        elif i < 156:  # the first step's loss was computed before the x100 update
+            loss = (0.4, 12.0, 49.0, 61.0, 1186.0, 11.3)[i - 150]
+        else:
+            loss = 4.1 + 0.002 * ((i * 3) % 5 - 2)  # where the dead network sits
+        found = ctl.update(loss, 1.0, clipped=False, lr=lr)
+        if found is not None:
+            findings.append((i, found))
+    acting = [(i, f) for i, f in findings if f.act]
+    assert acting, [f.reason for _, f in findings]
+    step, finding = acting[0]
+    assert step < 220 and finding.rule in ("loss_climbing", "loss_above_best") and finding.target == "before_climb"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ((1.0, 2.0, 3.0, 4.0, 5.0), 1.0 * math.sqrt(2 / math.pi) / 0.6744897501960817),  # deviations 2 1 0 1 2
+        ((1.0, 2.0, 3.0, 4.0, 1e6), 1.0 * math.sqrt(2 / math.pi) / 0.6744897501960817),  # the outlier is one value
+        ((0.0, 0.0, 0.0, 0.0, 5.0), 1.0),  # mostly at the median: the mean deviation
+        ((), 0.0),
+    ],
+)
+def test_the_spread_is_robust_to_a_few_outliers(values, expected):
+    from lightning_gradguard.core.guard._stability import _median, _spread
+
+    center = _median(values) if values else 0.0
+    assert _spread(values, center) == pytest.approx(expected)
+
+
 def test_weaker_evidence_warns_instead_of_acting():
     ctl = StabilityController()
     # the same climb at a constant LR (a curriculum, an annealed loss weight, a moving target): a warning
