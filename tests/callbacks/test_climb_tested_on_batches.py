@@ -72,3 +72,19 @@ def test_a_climb_from_an_lr_ramp_still_rolls_back_and_says_why(tmp_path) -> None
     assert acting, guard.events
     assert "does better" in acting[0]["reason"]  # the batches' evidence is in the event
     assert res.survived
+
+
+def test_a_refuted_climb_is_not_retested_until_something_new_happens() -> None:
+    """The full run (1200 steps): the climb from the best window is refuted once, against the state from before it.
+    Before, the guard retested the same claim at every later window against ever newer states from inside the
+    climb, and on seed 0 one noisy pair of batches favoured one at step 705: a rollback on a healthy run. The same
+    claim (the same best window, an LR no higher) now only warns, and says it was tested."""
+    ref = zoo.run("noise_drift_warmup", "none", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = zoo.run("noise_drift_warmup", "nanguard", 0)
+    assert rec["error"] == "" and rec["actions"] == [], rec["actions"]
+    reasons = [e["reason"] for e in rec["warnings"]]
+    assert sum("does no better" in r for r in reasons) == 1, reasons  # tested once
+    assert any("the same climb was tested on the batches" in r for r in reasons), reasons
+    assert rec["metric"] == ref["metric"]  # reruns leave no trace, and nothing acted

@@ -410,6 +410,9 @@ class StabilityController:
             getattr(self, name) for name in self.RULES
         )
         self._alive: list[bool] | None = None  # per gradient tensor: its gradient flowed at some step of the 1st window
+        # a climb whose "the LR grew" claim the guard refuted on the batches: (best window median, the climb's LR,
+        # healthy step); the same claim, with nothing new, only warns after that
+        self._refuted: tuple[float, float, int] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -434,6 +437,7 @@ class StabilityController:
         self._best_losses = ()
         self._lr_top = self._safe_lr = 0.0
         self._alive = None
+        self._refuted = None
         self._steps = 0
         self._last_fire = 0
         self._warned = {}
@@ -532,12 +536,18 @@ class StabilityController:
     def withdraw(self) -> None:
         """The guard refuted the acting finding just returned (it tested its claim on the batch itself): it counts
         as a warning, not as an intervention, and the spacing of later cuts is what it was before it. The windows
-        start over all the same (the same evidence is not judged again at once)."""
+        start over all the same (the same evidence is not judged again at once). A refuted climb stays refuted until
+        something new happens: a new best window, or an LR above the climb's (:meth:`_tested`)."""
         self._last_fire, self._streak = self._before_fire
         self.interventions = max(0, self.interventions - 1)
         self.warnings += 1
-        if self.last_finding is not None:
-            self._warned[self.last_finding.rule] = self._steps
+        last = self.last_finding
+        if last is not None:
+            self._warned[last.rule] = self._steps
+            if last.rule in ("loss_climbing", "loss_above_best") and _finite(self._best):
+                ev = last.evidence
+                lr = max(float(ev.get("lr", 0.0) or 0.0), float(ev.get("peak_lr", 0.0) or 0.0))
+                self._refuted = (self._best, lr, self._steps)
 
     def correct_start(self, untrained: Sequence[float]) -> None:
         """More measurements of the untrained model's loss (the guard reran the untrained state on later batches):
@@ -642,7 +652,17 @@ class StabilityController:
         clearly below the older)."""
         lr = self._climb_lr(w)
         grew = w.best_lr > 0 and lr >= self.lr_growth * w.best_lr
-        return grew and lr > w.safe_lr and not self._recovering(w)
+        return grew and lr > w.safe_lr and not self._recovering(w) and not self._tested(w)
+
+    def _tested(self, w: WindowPair) -> bool:
+        """The same claim was already tested on the batches and refuted: a climb from the same best window at an
+        LR no higher than then. Nothing new has happened since, so testing it again at every later window only
+        gives the noise more draws (a time-ordered stream whose label noise grows while Adam warms up: refuted at
+        its first climb against the state from before it, then tested against ever newer states from inside the
+        climb, until one pair of noisy batches favoured one of them: a rollback on a healthy run). A new best
+        window, or an LR above the refuted climb's, is a new claim."""
+        refuted = self._refuted
+        return refuted is not None and w.best == refuted[0] and self._climb_lr(w) <= refuted[1]
 
     @staticmethod
     def _climb_lr(w: WindowPair) -> float:
@@ -674,6 +694,12 @@ class StabilityController:
             return f"; the learning rate grew {growth:.3g}x since the best window ({_g(w.best_lr)} -> {_g(w.new_lr)})"
         if not (w.best_lr > 0 and lr >= self.lr_growth * w.best_lr):
             why = "the learning rate did not grow (a harder task or a changing objective looks the same)"
+        elif self._tested(w) and self._refuted is not None:
+            why = (
+                f"the learning rate grew since the best window ({_g(w.best_lr)} -> {_g(lr)}), but the same climb was "
+                f"tested on the batches {self._steps - self._refuted[2]} steps ago and the earlier state did no "
+                "better; the LR has not grown since"
+            )
         else:  # (a climb that is coming down by itself is no finding at all: loss_above_best)
             why = (
                 f"the learning rate grew since the best window ({_g(w.best_lr)} -> {_g(lr)}) but not past "
@@ -1096,6 +1122,7 @@ class StabilityController:
             "wants_vanished": self.wants_vanished,
             "wants_dead": self._wants_dead,
             "alive": list(self._alive) if self._alive is not None else None,
+            "refuted": list(self._refuted) if self._refuted is not None else None,
             # the last cut, under the keys older versions wrote and read (informational: no rule reads them)
             "lr_power": last.lr_power if last is not None else 1,
             "worse_than_start": last is not None and last.worse_than_start,
@@ -1141,6 +1168,8 @@ class StabilityController:
         alive = state.get("alive")
         self._alive = [bool(v) for v in alive] if alive else None
         self._wants_dead = bool(state.get("wants_dead", state.get("wants_vanished", False)))
+        refuted = state.get("refuted")
+        self._refuted = (float(refuted[0]), float(refuted[1]), int(refuted[2])) if refuted else None
         self.wants_vanished = bool(state.get("wants_vanished", False))
         finding = state.get("last_finding")
         self.last_finding = StabilityFinding.from_dict(finding) if finding else None

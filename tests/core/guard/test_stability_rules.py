@@ -255,6 +255,45 @@ def test_a_withdrawn_finding_is_a_warning_and_a_corrected_start_silences_it():
     assert ctl.state_dict()["start"] == pytest.approx((0.18 + 2.0 + 2.2) / 3)
 
 
+def _climb_stream(ctl, lrs, start=0, until_act=False):
+    """A run that learns to ~0.5 at LR 0.001, then climbs steadily while the LR is what ``lrs`` gives each step."""
+    found = []
+    for i in range(start, start + len(lrs)):
+        loss = 3.0 * 0.97**i + 0.5 + 0.02 * math.sin(2.3 * i) if i < 100 else 0.5 + 0.04 * (i - 100)
+        f = ctl.update(loss, 1.0, clipped=False, lr=lrs[i - start])
+        if f is not None:
+            found.append((i, f))
+            if until_act and f.act:
+                break
+    return found
+
+
+def test_a_refuted_climb_stays_refuted_until_the_lr_grows_again_or_a_new_best():
+    """Found on a time-ordered stream whose label noise grows while Adam warms up: the guard refuted the climb on the
+    batches (the state from before it did no better), then retested the same claim at every later window against
+    ever newer states from inside the climb, until one noisy pair of batches favoured one: a rollback on a healthy
+    run. A refuted claim now only warns while nothing new happened, and says so."""
+    lrs = [0.001] * 100 + [0.003] * 200  # a warm-up to 3x the best window's LR, then constant
+    ctl = StabilityController()
+    found = _climb_stream(ctl, lrs, until_act=True)
+    assert found and found[-1][1].act, [f.reason for _, f in found]  # the climb at the higher LR acts (then tested)
+    first = found[-1][0]
+    ctl.withdraw()  # the guard tested it on the batches and refuted it
+    later = _climb_stream(ctl, [0.003] * 200, start=first + 1)
+    assert later and not any(f.act for _, f in later), [f.reason for _, f in later]
+    assert "tested on the batches" in later[0][1].reason and "warning only" in later[0][1].reason
+    copy = StabilityController()
+    copy.load_state_dict(ctl.state_dict())  # the refutation rides in the checkpoint
+    assert copy._refuted == ctl._refuted
+    # an LR above the refuted climb's is a new claim: it acts again
+    higher = _climb_stream(copy, [0.01] * 100, start=first + 201)
+    assert any(f.act for _, f in higher), [f.reason for _, f in higher]
+    # without the refutation the same climb acts again (the memory is what silences it)
+    fresh = StabilityController()
+    again = _climb_stream(fresh, lrs)
+    assert sum(f.act for _, f in again) >= 1
+
+
 def test_the_first_rule_in_order_wins():
     # a rising norm on a model worse than untrained: the norm rule is evaluated first
     pair = _pair(start_loss=2.0, old_loss=5.0, new_loss=5.0, old_norm=1.0, new_norm=50.0, best=math.inf)
