@@ -83,7 +83,8 @@ def test_a_refuted_climb_is_not_retested_until_something_new_happens() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rec = zoo.run("noise_drift_warmup", "nanguard", 0)
-    assert rec["error"] == "" and rec["actions"] == [], rec["actions"]
+    assert rec["error"] == ""
+    assert rec["actions"] == [], rec["actions"]
     reasons = [e["reason"] for e in rec["warnings"]]
     assert sum("does no better" in r for r in reasons) == 1, reasons  # tested once
     assert any("the same climb was tested on the batches" in r for r in reasons), reasons

@@ -20,7 +20,9 @@ from an earlier state) only when independent signals agree, and otherwise *warns
    "Why Gradients Rapidly Increase Near the End of Training", arXiv 2506.02285, 2025).
 2. ``loss_climbing``: the newer window's median loss is above the older one's by ``loss_growth - 1`` times the loss
    scale (``max(|median|, spread, floor x |first loss|)``: losses near zero or negative keep a scale);
-3. ``loss_above_best``: the same against the lowest window median seen (a slow climb over several windows). For both
+3. ``loss_above_best``: the same against the lowest window median seen (a slow climb over several windows), where
+   the unit is also half of what the run learned (first loss minus best) when that is less, never below the best
+   window's spread: a loss with a high floor (a language model's cross-entropy) cannot double. For both
    climbing rules the older window must already be above that best (a climb spans windows). They **act** only when
    the learning rate itself grew by ``lr_growth`` x since the best window (a warm-up or ramp pushed the model past
    its stable LR: the LR is demonstrably what changed); at a constant or falling LR they warn.
@@ -675,11 +677,23 @@ class StabilityController:
         """The newer window's median is clearly below the older one's (by more than their spread)."""
         return w.new_loss < w.old_loss - max(w.old_spread, w.new_spread)
 
+    def _best_unit(self, w: WindowPair) -> float:
+        """The unit of a climb from the best window: the loss scale around the best median, or, where the run
+        learned, half of what it learned (the first loss minus the best) when that is smaller, never below the best
+        window's batch-to-batch spread. A loss with a high floor cannot double: a language model's cross-entropy at
+        its best of 2.3 nats, against 4.5 untrained, went to 3.9 after an LR spike (most of what it learned lost,
+        far beyond its noise) and no rule fired; it ended at 3.0 against 2.2 unguarded by the spike."""
+        scale = self._scale(w, w.best, w.best_spread)
+        learned = w.start_loss - w.best
+        if learned > 0:
+            scale = min(scale, max(0.5 * learned, w.best_spread))
+        return scale
+
     def _climbing(self, w: WindowPair) -> bool:
-        """Already rising in the older window (above its best by ``rising - 1`` scales) and above the floor."""
+        """Already rising in the older window (above its best by ``rising - 1`` units) and above the floor."""
         if not w.best < math.inf:
             return False
-        scale = self._scale(w, w.best, w.best_spread)
+        scale = self._best_unit(w)
         return scale > 0 and w.old_loss > w.best + (self.rising - 1.0) * scale
 
     def _lr_note(self, w: WindowPair, act: bool) -> str:
@@ -801,7 +815,7 @@ class StabilityController:
         climbing: said once when it climbed, not again at every window of its descent)."""
         if not self._climbing(w) or self._recovering(w):
             return None
-        scale = self._scale(w, w.best, w.best_spread)
+        scale = self._best_unit(w)
         if not (scale > 0 and w.new_loss > w.best + (self.loss_growth - 1.0) * scale):
             return None
         if not self._shifted(w.best_z, self.window):
