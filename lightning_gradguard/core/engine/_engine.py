@@ -355,7 +355,12 @@ class GuardEngine:
             live = [s for s in stats if s.grads]
             verdict = Verdict(StepHealth(step, known_bad_batch=True), False, None, None, math.nan, live)
         else:
-            verdict = self.judge_.judge(step, stats, loss, self.host.scaler(), stream, lr)
+            host = self.host
+            # (a climb's claim can be tested on the batches: what _refute_restart needs, known before it runs)
+            self.judge_.testable = (
+                self.options.rerun and len(host.optimizers()) == 1 and not (self._many() and host.rerun_is_collective())
+            )
+            verdict = self.judge_.judge(step, stats, loss, host.scaler(), stream, lr)
             self._test_thin_divergence(verdict, stream)
         loss_v = verdict.loss
         if loss_v is not None and (self._loss_max is None or not loss_v <= self._loss_max):
@@ -451,18 +456,28 @@ class GuardEngine:
             self.judge_.clip_flags = clip_flags
         if self.halted:
             return pending is not None
+        if (
+            lower is not None
+            and lower.tested_only
+            and (pending is not None or self.lr_scale <= self.options.min_lr_scale)
+        ):
+            self.judge_.stream(self._lower_stream).controller.withdraw(warned=False)  # (it cannot be tested: none)
+            lower = None
         if pending is None and lower is not None and (not lower.act or self.lr_scale > self.options.min_lr_scale):
             self._drop_stale()
             self._claim_note = ""
             refuted = self._refute_restart(step, lower)
             if refuted is None and self._claim_note:  # tested on the batches, and it stands: the event says so
                 lower = replace(lower, reason=f"{lower.reason}; {self._claim_note}")
+            elif lower.tested_only:  # weaker evidence that did not stand on the batches (or was not tested): none
+                self.judge_.stream(self._lower_stream).controller.withdraw(warned=False)
+                lower, refuted = None, None
             elif refuted is None and lower.rule == DIED_RULE and lower.act:  # a rollback only on tested evidence
                 self.judge_.stream(self._lower_stream).controller.withdraw()
                 lower = replace(
                     lower, act=False, reason=f"{lower.reason}; could not be tested on the batches: warning only"
                 )
-            if refuted is not None:  # the finding's claim does not hold on the batch itself
+            if refuted is not None and lower is not None:  # the finding's claim does not hold on the batch itself
                 controller = self.judge_.stream(self._lower_stream).controller
                 controller.correct_start(refuted[1])  # the untrained loss, measured on these batches too
                 if lower.act:  # an action: a warning that says why not

@@ -238,6 +238,9 @@ class StabilityFinding:
             the newest trusted state from before the two windows) or ``"in_place"`` (cut the LR, keep the state).
         act: whether the evidence is strong enough to act on; False: a warning (the guard records it and changes
             nothing).
+        tested_only: the evidence is enough to act on only once the guard tested the claim on the batches and it
+            held; untested or refuted, the finding is dropped, with no event (the weaker evidence did not warrant a
+            warning).
     """
 
     rule: str
@@ -246,6 +249,7 @@ class StabilityFinding:
     lr_power: int = 1
     target: StabilityTarget = "in_place"
     act: bool = True
+    tested_only: bool = False
 
     @property
     def worse_than_start(self) -> bool:
@@ -265,6 +269,7 @@ class StabilityFinding:
             "lr_power": self.lr_power,
             "target": self.target,
             "act": self.act,
+            "tested_only": self.tested_only,
         }
 
     @classmethod
@@ -276,6 +281,7 @@ class StabilityFinding:
             lr_power=int(state.get("lr_power", 1)),
             target=state.get("target", "in_place"),
             act=bool(state.get("act", True)),
+            tested_only=bool(state.get("tested_only", False)),
         )
 
 
@@ -415,6 +421,9 @@ class StabilityController:
         # a climb whose "the LR grew" claim the guard refuted on the batches: (best window median, the climb's LR,
         # healthy step); the same claim, with nothing new, only warns after that
         self._refuted: tuple[float, float, int] | None = None
+        #: whether the guard can test a climb's claim on the batches (one optimizer, reruns on, not sharded); the
+        #: guard sets it before each judgement. Without it no ``tested_only`` finding is made.
+        self.testable = True
         self.reset()
 
     def reset(self) -> None:
@@ -535,17 +544,19 @@ class StabilityController:
     #: the spacing of acting findings before the last one fired (:meth:`withdraw` puts it back)
     _before_fire: tuple[int | None, int] = (None, 0)
 
-    def withdraw(self) -> None:
+    def withdraw(self, warned: bool = True) -> None:
         """The guard refuted the acting finding just returned (it tested its claim on the batch itself): it counts
         as a warning, not as an intervention, and the spacing of later cuts is what it was before it. The windows
         start over all the same (the same evidence is not judged again at once). A refuted climb stays refuted until
         something new happens: a new best window, or an LR above the climb's (:meth:`_tested`)."""
         self._last_fire, self._streak = self._before_fire
         self.interventions = max(0, self.interventions - 1)
-        self.warnings += 1
         last = self.last_finding
+        if warned:  # (False: a ``tested_only`` finding that did not stand is dropped, no warning)
+            self.warnings += 1
         if last is not None:
-            self._warned[last.rule] = self._steps
+            if warned:
+                self._warned[last.rule] = self._steps
             if last.rule in ("loss_climbing", "loss_above_best") and _finite(self._best):
                 ev = last.evidence
                 lr = max(float(ev.get("lr", 0.0) or 0.0), float(ev.get("peak_lr", 0.0) or 0.0))
@@ -678,22 +689,26 @@ class StabilityController:
         return w.new_loss < w.old_loss - max(w.old_spread, w.new_spread)
 
     def _best_unit(self, w: WindowPair) -> float:
-        """The unit of a climb from the best window: the loss scale around the best median, or, where the run
-        learned, half of what it learned (the first loss minus the best) when that is smaller, never below the best
-        window's batch-to-batch spread. A loss with a high floor cannot double: a language model's cross-entropy at
-        its best of 2.3 nats, against 4.5 untrained, went to 3.9 after an LR spike (most of what it learned lost,
-        far beyond its noise) and no rule fired; it ended at 3.0 against 2.2 unguarded by the spike."""
+        """The smaller unit of a climb from the best window: the loss scale around the best median, or, where the
+        run learned, half of what it learned (the first loss minus the best) when that is smaller, never below the
+        best window's batch-to-batch spread. A loss with a high floor cannot double: a language model's
+        cross-entropy at its best of 2.3 nats, against 4.5 untrained, went to 3.9 after an LR spike (most of what it
+        learned lost, far beyond its noise) and no rule fired; it ended at 3.0 against 2.2 unguarded by the spike.
+        Weaker evidence than a doubling where the run learned little (a GAN's discriminator back at log 4, where it
+        started, after a lucky best window; a policy-gradient loss near 0): :meth:`loss_above_best` acts on it only
+        when the LR grew, and only once the guard tested it on the batches (``tested_only``)."""
         scale = self._scale(w, w.best, w.best_spread)
         learned = w.start_loss - w.best
         if learned > 0:
             scale = min(scale, max(0.5 * learned, w.best_spread))
         return scale
 
-    def _climbing(self, w: WindowPair) -> bool:
-        """Already rising in the older window (above its best by ``rising - 1`` units) and above the floor."""
+    def _climbing(self, w: WindowPair, unit: float | None = None) -> bool:
+        """Already rising in the older window (above its best by ``rising - 1`` scales, or ``unit``s) and above the
+        floor."""
         if not w.best < math.inf:
             return False
-        scale = self._best_unit(w)
+        scale = self._scale(w, w.best, w.best_spread) if unit is None else unit
         return scale > 0 and w.old_loss > w.best + (self.rising - 1.0) * scale
 
     def _lr_note(self, w: WindowPair, act: bool) -> str:
@@ -813,11 +828,14 @@ class StabilityController:
         """A slow climb: the newer window's median is ``loss_growth - 1`` scales above the lowest window median, and
         not clearly below the older one's (a loss coming down from a jump, e.g. after a curriculum's switch, is not
         climbing: said once when it climbed, not again at every window of its descent)."""
-        if not self._climbing(w) or self._recovering(w):
+        if self._recovering(w):
             return None
-        scale = self._best_unit(w)
-        if not (scale > 0 and w.new_loss > w.best + (self.loss_growth - 1.0) * scale):
-            return None
+        tested_only = False
+        if not self._above_best(w, self._scale(w, w.best, w.best_spread)):
+            # half of what the run learned: acted on only when the LR grew, and only as tested on the batches
+            if not (self.testable and self._above_best(w, self._best_unit(w)) and self._lr_grew(w)):
+                return None
+            tested_only = True
         if not self._shifted(w.best_z, self.window):
             return None  # the newer window's losses overlap the best window's: its median was a lucky draw
         act = self._lr_grew(w)
@@ -834,10 +852,18 @@ class StabilityController:
             },
             (_PREFIX if act else _UNSTABLE)
             + f"the loss climbed from its best (window median {_g(w.best)} -> {_g(w.old_loss)} -> "
-            f"{_g(w.new_loss)})" + self._lr_note(w, act),
+            f"{_g(w.new_loss)})"
+            + (f", more than half of what the run learned (first loss {_g(w.start_loss)})" if tested_only else "")
+            + self._lr_note(w, act),
             target="before_climb",
             act=act,
+            tested_only=tested_only,
         )
+
+    def _above_best(self, w: WindowPair, unit: float) -> bool:
+        """Both windows climbed from the best window median: the older by ``rising - 1`` units, the newer by
+        ``loss_growth - 1``."""
+        return self._climbing(w, unit) and w.new_loss > w.best + (self.loss_growth - 1.0) * unit
 
     def worse_than_untrained(self, w: WindowPair) -> StabilityFinding | None:
         """During the start windows, both windows' median loss above ``start_margin`` x the run's first loss; acts

@@ -250,6 +250,8 @@ class StepJudge:
         #: GradScaler overflow steps in a row (each halved the scale) that make a collapse (None: only the floor)
         self.amp_max_halvings: int | None = None
         self.overflows_in_a_row = 0
+        #: whether the guard can test a climb's claim on the batches (it sets this; the controllers read it)
+        self.testable = True
         #: the loss streams by key (the optimizer's index; 0 for a single optimizer or one loss for all)
         self.streams: dict[int, LossStream] = {0: LossStream()}
         self.spike = LossSpikeDetector(spike_zscore, spike_window) if spike_zscore else None
@@ -482,6 +484,7 @@ class StepJudge:
         last = streamed.last
         if self.stability and healthy and last is not None:
             clipped = max(glob.clip_flags, default=0.0) > 0  # flags: 0 or 1
+            streamed.controller.testable = self.testable
             finding = streamed.controller.update(last[0], last[1], clipped, last[2], last[3])
         if healthy and has_loss:
             # which gradients vanished, only while the dead-network rule examines the run (one small read)

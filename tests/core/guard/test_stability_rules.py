@@ -429,6 +429,14 @@ def test_a_loss_with_a_high_floor_climbs_when_it_loses_half_of_what_it_learned()
     acting = [f for f in found if f.act]
     assert acting, [f.reason for f in found]
     assert acting[0].rule == "loss_above_best", [f.reason for f in found]
+    # weaker evidence than a doubling: it acts only once the guard tested it on the batches
+    assert acting[0].tested_only
+    assert "more than half of what the run learned" in acting[0].reason
+    assert StabilityFinding.from_dict(acting[0].to_dict()) == acting[0]
+    # where the guard cannot test it (several optimizers, reruns off, sharded), it is not made at all
+    untestable = StabilityController()
+    untestable.testable = False
+    assert not [f for f in run(untestable) if f.rule.startswith("loss_")]
     # a climb of a third of what was learned is not one: only the loss scale or half the progress counts
     ctl = StabilityController()
     for i in range(260):
