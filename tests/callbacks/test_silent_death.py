@@ -350,9 +350,14 @@ def test_an_objective_kept_in_a_buffer_is_todays_when_an_earlier_state_is_tested
     model = _SmoothedMoE(0)
     _trainer(tmp_path, 420, callbacks).fit(model)
     assert [e for e in guard.events if e["kind"] != "warn"] == []
+    # the case itself: the loss climbed from its best when the smoothing rose. With the mean deviation as the
+    # windows' spread, its slow descent afterwards (2.23 -> 2.20) read as "stopped moving", the dead-after-learning
+    # signs held, and the test on the batches refuted them; with the median deviation it is still learning, and
+    # the climb warns (the LR did not grow). Either way nothing acts and the smoothing stays the user's.
+    climbed = [e for e in guard.events if e.get("rule") in ("loss_above_best", "dead_after_learning")]
+    assert climbed, guard.events
     died = [e for e in guard.events if e.get("rule") == "dead_after_learning"]
-    assert died  # the case itself: the rule's signs held, and the test on the batches refuted it
-    assert "no kept state does clearly better" in died[0]["reason"]
+    assert all("no kept state does clearly better" in e["reason"] for e in died)
     assert float(model.smoothing) == pytest.approx(0.8)
 
 

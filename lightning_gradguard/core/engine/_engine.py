@@ -672,7 +672,7 @@ class GuardEngine:
         self.outcome = GuardDecision.HEALTHY
         self.store.step_healthy()
         o = self.options
-        if self.lr_scale < 1.0 and self._recovery_steps is not None:
+        if (self.lr_scale < 1.0 or self.lr_ceiling) and self._recovery_steps is not None:
             self._since_cut += 1
             if self._since_cut >= self._recovery_steps:
                 self._recover_lr(next_step - 1)
@@ -917,10 +917,13 @@ class GuardEngine:
         )
 
     def _recover_lr(self, step: int) -> None:
-        """Sustained healthy training since the last cut: undo one cut (never above the user's schedule)."""
+        """Sustained healthy training since the last cut: undo one cut (never above the user's schedule); or, with
+        no cut to undo, since the LR was held at the best window's (a rollback after a spike that had passed): lift
+        the hold."""
         host = self.host
         before = self.lr_scale
-        self.lr_scale = recover_lr(host.optimizers(), host.schedulers(), before, self.options.lr_factor)
+        if before < 1.0:
+            self.lr_scale = recover_lr(host.optimizers(), host.schedulers(), before, self.options.lr_factor)
         self._since_cut, self._raised = 0, True
         if self.lr_scale >= 1.0:  # back at the user's schedule: no ceiling either
             self.lr_ceiling.release()
@@ -928,6 +931,9 @@ class GuardEngine:
         reason = (
             f"{self._recovery_steps} healthy steps since the last LR change: one cut undone (lr_scale was "
             f"{before:.4g}; the user's schedule is 1)"
+            if before < 1.0
+            else f"{self._recovery_steps} healthy steps since the LR was held at the best window's: the hold is "
+            "lifted (the user's schedule again)"
         )
         self.record_event(GuardEvent(step, "raise_lr", "lr_recovered", self.lr_scale, reason=reason))
 
@@ -1041,6 +1047,8 @@ class GuardEngine:
         if not self.lr_ceiling.hold(index, opts[index], best, self.lr_scale):
             return ""
         self.lr_ceiling.apply(opts, self.lr_scale)
+        if finding.lr_power == 0:  # no cut (a spike that passed): the restored schedule may replay it; held
+            self._since_cut = 0  # (the hold is lifted after sustained healthy training, as a cut is undone)
         return (
             f"; the LR is held at or below {best:.4g} (the best window's) while the schedule would raise it, until "
             "the LR recovers"

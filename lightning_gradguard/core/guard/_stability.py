@@ -667,6 +667,14 @@ class StabilityController:
         grew = w.best_lr > 0 and lr >= self.lr_growth * w.best_lr
         return grew and lr > w.safe_lr and not self._recovering(w) and not self._tested(w)
 
+    @staticmethod
+    def _spike_over(w: WindowPair) -> bool:
+        """The LR that threw the run off was a spike that has passed: the newer window's median LR is back at or below
+        the best window's. The damage is the state's; the LR now is one the run trained well at, so a rollback
+        need not cut it (an LR set x100 for 20 steps, rolled back with the LR halved as well, ended 5-13 % below the
+        healthy run)."""
+        return 0.0 < w.new_lr <= w.best_lr
+
     def _tested(self, w: WindowPair) -> bool:
         """The same claim was already tested on the batches and refuted: a climb from the same best window at an
         LR no higher than then. Nothing new has happened since, so testing it again at every later window only
@@ -716,9 +724,14 @@ class StabilityController:
         if act:
             growth = lr / w.best_lr
             if w.new_lr < self.lr_growth * w.best_lr:  # a spike the median does not show: said as one
+                kept = (
+                    ": it is back at or below the best window's, so the state goes back and the LR is kept"
+                    if self._spike_over(w)
+                    else ""
+                )
                 return (
                     f"; the learning rate peaked at {growth:.3g}x the best window's within the last {2 * w.window} "
-                    f"steps ({_g(w.best_lr)} -> {_g(lr)}; median now {_g(w.new_lr)})"
+                    f"steps ({_g(w.best_lr)} -> {_g(lr)}; median now {_g(w.new_lr)}){kept}"
                 )
             return f"; the learning rate grew {growth:.3g}x since the best window ({_g(w.best_lr)} -> {_g(w.new_lr)})"
         if not (w.best_lr > 0 and lr >= self.lr_growth * w.best_lr):
@@ -820,6 +833,7 @@ class StabilityController:
             (_PREFIX if act else _UNSTABLE)
             + f"the loss keeps climbing (median {_g(w.old_loss)} -> {_g(w.new_loss)} over {w.window} steps, "
             f"best window {_g(w.best)})" + self._lr_note(w, act),
+            lr_power=0 if act and self._spike_over(w) else 1,
             target="before_climb",
             act=act,
         )
@@ -855,6 +869,7 @@ class StabilityController:
             f"{_g(w.new_loss)})"
             + (f", more than half of what the run learned (first loss {_g(w.start_loss)})" if tested_only else "")
             + self._lr_note(w, act),
+            lr_power=0 if act and self._spike_over(w) else 1,
             target="before_climb",
             act=act,
             tested_only=tested_only,
