@@ -208,7 +208,7 @@ class _ShardedLoadTarget:
             state[f"optimizer_{i}"] = clone_state(get_optimizer_state_dict(module, opt))
         self.state = state
 
-    def load(self, path: Path) -> str | None:
+    def load(self, path: Path, inf_by_design: frozenset[str] = frozenset()) -> str | None:
         """Load the shards of ``path`` into the copies (a collective: every rank at once); why they are unusable on
         this rank (a read that failed, non-finite values), or None."""
         from torch.distributed.checkpoint import FileSystemReader, load
@@ -217,7 +217,7 @@ class _ShardedLoadTarget:
             load(self.state, storage_reader=FileSystemReader(str(path)))
         except Exception as err:  # DCP raises on every rank when a read failed on any
             return f"shards unreadable ({type(err).__name__}: {str(err)[:300]})"
-        bad = nonfinite_entries(_local_tensors(self.state["state_dict"], "", {}))
+        bad = nonfinite_entries(_local_tensors(self.state["state_dict"], "", {}), inf_by_design)
         if bad:
             return f"holds non-finite weights ({', '.join(bad[:3])})"
         bad = nonfinite_entries(_local_tensors({k: v for k, v in self.state.items() if k != "state_dict"}, "", {}))
@@ -247,6 +247,8 @@ class CheckpointSnapshots:
         self.resumed_from: str | None = None
         self.seen: dict[str, str] = {}  # realpath -> path, every checkpoint a ModelCheckpoint reported during this fit
         self.passed_over: list[str] = []  # why each checkpoint was passed over, by the last search
+        #: buffers that held +-inf from the start (the guard's ``inf_by_design``): a checkpoint's are checked for NaN
+        self.inf_by_design: frozenset[str] = frozenset()
 
     def start(self, trainer: pl.Trainer) -> None:
         """Call at ``setup``: a new identity for this fit, and the checkpoint (file or directory) it resumes from."""
@@ -313,7 +315,7 @@ class CheckpointSnapshots:
             if not survived(step):
                 tried.append(f"{path}: step {step} not yet confirmed")
                 continue
-            bad = nonfinite_entries(ckpt.get("state_dict", {}))
+            bad = nonfinite_entries(ckpt.get("state_dict", {}), self.inf_by_design)
             if bad:
                 tried.append(f"{path}: holds non-finite weights ({', '.join(bad[:3])})")
                 continue
@@ -385,7 +387,7 @@ class CheckpointSnapshots:
                     break
             assert meta is not None
             assert target is not None
-            why = target.load(path)
+            why = target.load(path, self.inf_by_design)
             if any_rank(reduce, why is not None, device=device)[0]:
                 tried.append(f"{path}: {why or 'unusable on another rank'}")
                 continue

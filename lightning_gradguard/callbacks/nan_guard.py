@@ -307,6 +307,7 @@ class NaNGuard(Callback):
         self._host = TrainerHost(trainer, pl_module, self.files, self._out_dir)
         self.engine.configure(self.engine.options)
         self.engine.start(self._host, trainer.global_step)
+        self.files.inf_by_design = self.engine.inf_by_design
         if trainer.world_size > 1:  # sharded: the judge's values travel with the measurement (one collective)
             ride_with_measurement(trainer, self._rider)
 

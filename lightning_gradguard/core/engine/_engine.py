@@ -67,6 +67,7 @@ from lightning_gradguard.core.recover._snapshot import (
     BufferCopy,
     Snapshot,
     SnapshotStore,
+    inf_by_design,
     memory_budget,
     nonfinite_entries,
     nonfinite_weights_and_buffers,
@@ -144,6 +145,8 @@ class GuardEngine:
         self.lr_scale = 1.0
         #: the LR held below the one a climbing loss showed too high, while the schedule would raise it
         self.lr_ceiling = LRCeiling()
+        #: state-dict keys of buffers that held +-inf (no NaN) when the fit started: checked for NaN only
+        self.inf_by_design: frozenset[str] = frozenset()
         self.clip_pinned = False  # a dead network's restart held the clippers at their warm-up caps (lower_lr)
         self.warnings = 0
         self.lr_recoveries = 0
@@ -276,6 +279,8 @@ class GuardEngine:
             self._fits = fits
         self._fits += 1
         self.host = host
+        # buffers that hold infinities from the start (an additive attention mask) are the model's, not a fault
+        self.inf_by_design = inf_by_design(host.model()) | inf_by_design(host.named_module())
         self._reset_step()
         self.store.reset()
         self.buffers.clear()
@@ -706,7 +711,9 @@ class GuardEngine:
                     sharding=sharding,
                 )
             if snap is not None and self.options.check_params:  # a split snapshot holds bytes: check the live state
-                bad = nonfinite_entries(snap.model if snap.sharded is None else host.model().state_dict())
+                bad = nonfinite_entries(
+                    snap.model if snap.sharded is None else host.model().state_dict(), self.inf_by_design
+                )
         except Exception as err:  # e.g. host memory exhausted: must not end the run the guard keeps alive
             error = err
         failed, damaged, too_big = any_rank(
@@ -1154,7 +1161,7 @@ class GuardEngine:
             snap = self.store.compute()  # the same on every rank: a snapshot is kept only where every rank took it
             weights = self._trusted_weights(snap) if many and snap is not None else None  # every rank, together
             if health.nonfinite_loss or health.nonfinite_grad:
-                weights_bad = bool(nonfinite_weights_and_buffers(host.named_module())[0])
+                weights_bad = bool(nonfinite_weights_and_buffers(host.named_module(), self.inf_by_design)[0])
                 same = trusted = None
                 if not health.nonfinite_batch and not weights_bad:
                     rngs = self._rngs or [self._window_rng]
@@ -1253,7 +1260,7 @@ class GuardEngine:
         host = self.host
         reducer, device = host.reducer(), host.device()
         batch_here = bool(health.nonfinite_batch)
-        weights_here = bool(nonfinite_weights_and_buffers(host.named_module())[0])
+        weights_here = bool(nonfinite_weights_and_buffers(host.named_module(), self.inf_by_design)[0])
         batch_bad, weights_bad, loss_bad = any_rank(
             reducer, batch_here, weights_here, bool(health.nonfinite_loss), device=device
         )
@@ -1292,7 +1299,7 @@ class GuardEngine:
     def _diagnose(self, health: StepHealth) -> tuple[list[str], list[str]]:
         """Names of this rank's non-finite weights and buffers; the health flags OR-ed over the ranks."""
         host = self.host
-        names = nonfinite_weights_and_buffers(host.named_module())
+        names = nonfinite_weights_and_buffers(host.named_module(), self.inf_by_design)
         health.nonfinite_params, health.nonfinite_buffers = any_rank(
             host.reducer(), bool(names[0]), bool(names[1]), device=host.device()
         )

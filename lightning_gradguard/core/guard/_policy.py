@@ -39,7 +39,7 @@ POLICIES = ("auto", "rollback", "skip", "halt")
 
 #: why a fault that fails every batch from the trusted state too halts at once
 _UNRESTORABLE_REASON = (
-    "no rollback can repair it: the module carries NaN/inf in plain tensor attributes that no snapshot holds (see the "
+    "no rollback can repair it: the module carries NaN in plain tensor attributes that no snapshot holds (see the "
     "diagnosis); register such state as a buffer so that a rollback restores it"
 )
 
@@ -119,7 +119,7 @@ class StepHealth:
         diagnosis: what a rerun of the step found (``core/recover/_rerun.py``): ``"transient"`` (it did not
             reproduce), ``"data"`` (the batch fails from a trusted state too), ``"state"`` (it fails only from the
             current state), ``"reproducible"`` (undecided), ``"unrestorable"`` (the batch fails from the trusted
-            state too while the module carries NaN/inf in plain tensor attributes no snapshot holds; the ``auto``
+            state too while the module carries NaN in plain tensor attributes no snapshot holds; the ``auto``
             policy halts), or None (no rerun).
         nonfinite_somewhere: some rank's loss or gradients were non-finite at this step (the same on every rank:
             the ranks rerun, or not, together).

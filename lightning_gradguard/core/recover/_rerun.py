@@ -253,7 +253,7 @@ def classify(
         return Diagnosis(
             "unrestorable",
             f"the step gave {seen}; the same batch fails from {where} too ({trusted.describe()}), and the module "
-            f"carries NaN/inf in {names}, plain tensor attributes that no snapshot holds (a recurrent hidden state "
+            f"carries NaN in {names}, plain tensor attributes that no snapshot holds (a recurrent hidden state "
             "kept across steps): a rollback cannot repair them; register such state as a buffer "
             "(register_buffer(name, tensor, persistent=False)) so that snapshots hold it",
         )

@@ -289,8 +289,10 @@ def restore_snapshot(
     return snapshot.extra if private else clone_state(snapshot.extra, device=None)
 
 
-def nonfinite_entries(state: dict[str, Any]) -> list[str]:
-    """Keys of the floating tensors of ``state`` (a ``state_dict``) that hold NaN/inf, in order.
+def nonfinite_entries(state: dict[str, Any], inf_by_design: frozenset[str] = frozenset()) -> list[str]:
+    """Keys of the floating tensors of ``state`` (a ``state_dict``) that hold NaN/inf, in order; a key of
+    ``inf_by_design`` (:func:`inf_by_design`: a buffer that held infinities from the start, an attention mask) only
+    where it holds NaN.
 
     One multi-tensor norm over all of them (a NaN/inf element makes its tensor's norm non-finite), so the cost is
     one pass over the values, paid only where it is called: before a snapshot is trusted, and on faults.
@@ -300,13 +302,35 @@ def nonfinite_entries(state: dict[str, Any]) -> list[str]:
         return []
     with torch.no_grad():
         norms = norms_of([state[k].detach() for k in keys], 2.0, dtype=torch.float64)
-        bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
-    return [keys[i] for i in bad]
+        bad = [keys[i] for i in (~torch.isfinite(norms)).nonzero().flatten().tolist()]
+        if inf_by_design:
+            bad = [k for k in bad if k not in inf_by_design or bool(torch.isnan(state[k].detach()).any())]
+    return bad
 
 
-def nonfinite_weights_and_buffers(module: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Names of ``module``'s non-finite parameters and of its non-finite buffers (state-dict keys), in order."""
-    bad = nonfinite_entries(module.state_dict())
+def inf_by_design(module: torch.nn.Module) -> frozenset[str]:
+    """The state-dict keys of ``module``'s floating buffers that hold +-inf and no NaN: read when the guard first
+    sees the model, they are the model's own, not a fault. An additive causal mask is one
+    (``nn.Transformer.generate_square_subsequent_mask`` registered as a buffer, persistent by default): its -inf made
+    every snapshot look damaged, and the guard halted every such run at step 0 ("no finite snapshot to roll back
+    to"). Those buffers are checked for NaN only from then on; NaN is never by design."""
+    params = {n for n, _ in module.named_parameters()}
+    state = {k: t for k, t in module.state_dict().items() if k not in params}
+    found = []
+    with torch.no_grad():
+        for key in nonfinite_entries(state):
+            t = state[key].detach()
+            if not bool(torch.isnan(t).any()):
+                found.append(key)
+    return frozenset(found)
+
+
+def nonfinite_weights_and_buffers(
+    module: torch.nn.Module, inf_by_design: frozenset[str] = frozenset()
+) -> tuple[list[str], list[str]]:
+    """Names of ``module``'s non-finite parameters and of its non-finite buffers (state-dict keys), in order (the
+    buffers of ``inf_by_design`` only where they hold NaN)."""
+    bad = nonfinite_entries(module.state_dict(), inf_by_design)
     params = {n for n, _ in module.named_parameters()}
     return [n for n in bad if n in params], [n for n in bad if n not in params]
 

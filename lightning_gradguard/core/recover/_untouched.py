@@ -181,7 +181,9 @@ def left_as_found(module: nn.Module) -> Iterator[None]:
 
 def nonfinite_attributes(module: nn.Module) -> list[str]:
     """Qualified names of floating tensors kept as plain attributes of ``module``'s submodules, alone or in a tuple or
-    list (an LSTM's ``(h, c)``), not parameters or buffers (no state dict or snapshot holds them), that hold NaN/inf."""
+    list (an LSTM's ``(h, c)``), not parameters or buffers (no state dict or snapshot holds them), that hold NaN.
+    Infinities alone do not count: a plain attribute that holds -inf is usually an additive attention mask cached by
+    the forward, by design; a state spoiled by a fault carries NaN (NaN propagates; inf - inf is NaN)."""
     found = []
     for prefix, sub in module.named_modules():
         for key, value in sub.__dict__.items():
@@ -197,6 +199,6 @@ def _nonfinite_tensor(value: Any) -> bool:
     if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter) or not value.is_floating_point():
         return False
     try:
-        return not bool(torch.isfinite(value.detach()).all())
+        return bool(torch.isnan(value.detach()).any())
     except Exception:  # a tensor that cannot be read here (meta, a subclass): not known to be bad
         return False

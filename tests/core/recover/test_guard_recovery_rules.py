@@ -111,6 +111,26 @@ def test_nonfinite_weights_and_buffers_names_each_kind_separately():
     assert nonfinite_weights_and_buffers(torch.nn.Linear(2, 2)) == ([], [])
 
 
+def test_buffers_with_infinities_from_the_start_are_checked_for_nan_only():
+    """An additive attention mask holds -inf by design: read at the start, it is the model's own. Its NaN is a
+    fault; a buffer that overflows to inf later (BatchNorm's running variance) is one too; weights never count."""
+    from lightning_gradguard.core.recover._snapshot import inf_by_design, nonfinite_entries
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    model.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(3))  # persistent
+    model.register_buffer("nanbuf", torch.tensor([math.nan, math.inf]))  # NaN is never by design
+    allowed = inf_by_design(model)
+    assert allowed == frozenset({"mask"})
+    assert nonfinite_weights_and_buffers(model) == ([], ["mask", "nanbuf"])
+    assert nonfinite_weights_and_buffers(model, allowed) == ([], ["nanbuf"])
+    with torch.no_grad():
+        model[1].running_var[0] = math.inf  # later: a fault
+        model.mask[0, 0] = math.nan
+        model[0].weight[0, 0] = math.inf
+    assert nonfinite_weights_and_buffers(model, allowed) == (["0.weight"], ["mask", "nanbuf", "1.running_var"])
+    assert nonfinite_entries({"mask": torch.full((2,), -math.inf)}, frozenset({"mask"})) == []
+
+
 def test_snapshot_failure_message_names_the_owner_the_error_and_the_fallback():
     model = torch.nn.Linear(2, 2)
     kept = take_snapshot(model, step=4)

@@ -67,9 +67,10 @@ def test_a_batch_that_fails_from_the_trusted_state_is_not_data_while_unheld_stat
     assert "register_buffer" in unheld.evidence
     m = net()
     m.carried = torch.tensor([1.0, math.nan])
-    m[0].cache = torch.full((2,), math.inf)
+    m[0].cache = torch.full((2,), math.nan)
     m.fine, m.count = torch.zeros(3), torch.tensor([3])
     m[3].hidden = (torch.zeros(2), torch.tensor([math.nan]))  # an LSTM's (h, c)
+    m[3].mask = torch.nn.Transformer.generate_square_subsequent_mask(3)  # -inf by design: a cached attention mask
     assert nonfinite_attributes(m) == ["carried", "0.cache", "3.hidden"]
 
 
