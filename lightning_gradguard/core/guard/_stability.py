@@ -177,6 +177,9 @@ class WindowPair:
             steps.
         early_norm: the early gradient level: the largest median of three consecutive norms in the run's first
             window (0.0 while unknown).
+        early_loss: the newer window's median loss at the run's first judgement (NaN before it): the level the run
+            reached in its first windows (a blow-up at the start explains a death only if the loss never came
+            clearly below it).
         vanished: the median share of gradient tensors whose gradient vanished, over the steps measured since the
             dead-network rule's other signs first held (NaN: not measured, or too few steps).
         still: the share of gradient tensors whose gradient vanished at *every* one of the last ``window`` steps
@@ -210,6 +213,7 @@ class WindowPair:
     peak_step: int = 0
     sustained_peak: float = -math.inf
     early_norm: float = 0.0
+    early_loss: float = math.nan
     vanished: float = math.nan
     still: float = math.nan
     since_action: int = -1
@@ -402,6 +406,7 @@ class StabilityController:
         self._sustained = -math.inf  # the largest median of three consecutive losses (start windows)
         self._early: list[float] = []  # the gradient norms of the run's first window
         self._early_norm = 0.0
+        self._early_loss = math.nan  # the newer window's median at the run's first judgement
         self._best = math.inf  # the lowest window median seen
         self._best_spread = 0.0
         self._best_lr = 0.0
@@ -444,6 +449,7 @@ class StabilityController:
         self._start = self._start_norm = None
         self._peak, self._peak_step, self._sustained = -math.inf, 0, -math.inf
         self._early, self._early_norm = [], 0.0
+        self._early_loss = math.nan
         self._best, self._best_spread, self._best_lr = math.inf, 0.0, 0.0
         self._best_losses = ()
         self._lr_top = self._safe_lr = 0.0
@@ -504,6 +510,8 @@ class StabilityController:
                 self._sustained = mid
         if len(self._rows) < 2 * self.window or self._count % self._every:
             return None  # judged every window/5 steps: the medians move slowly, and sorting costs
+        if math.isnan(self._early_loss):  # the run's first judgement: the level its first windows reached
+            self._early_loss = _median([row[0] for row in list(self._rows)[self.window :]])
         pair = self._pair()
         if pair.new_loss < self._best:
             self._best, self._best_spread, self._best_lr = pair.new_loss, pair.new_spread, pair.new_lr
@@ -629,6 +637,7 @@ class StabilityController:
             peak_step=self._peak_step,
             sustained_peak=self._sustained,
             early_norm=self._early_norm,
+            early_loss=self._early_loss,
             vanished=_median(tuple(self._vanished)) if len(self._vanished) >= self._every else math.nan,
             still=sum(n >= self.window for n in self._still) / len(self._still) if self._still else math.nan,
             since_action=self._steps - (self._last_fire or 0),
@@ -1028,8 +1037,17 @@ class StabilityController:
         restart costs nothing the run still had."""
         vanished = w.vanished >= self.dead_share
         # a blow-up at the start is a cause, not a proof: when every gradient tensor was measured alive (none
-        # vanished), nothing is dead (a flow or a large-batch NLL converges to a flat loss from a huge first one)
-        blown = self._blown_at_start(w) and w.new_norm * self.dead_collapse < w.early_norm and w.vanished != 0.0
+        # vanished), nothing is dead (a flow or a large-batch NLL converges to a flat loss from a huge first one). And
+        # it explains a death only if the run has not learned since: a loss clearly below the level of the first
+        # judged window came down by learning, not by a blow-up (a classifier with label smoothing converged at its
+        # floor after 600 steps, its first loss the highest and its norm down 10x, was called dead on 3 of 6 runs a
+        # helper wrote)
+        blown = (
+            self._blown_at_start(w)
+            and w.new_norm * self.dead_collapse < w.early_norm
+            and w.vanished != 0.0
+            and not w.new_loss < w.early_loss - max(w.old_spread, w.new_spread)
+        )
         flat = (vanished and self._dead_signs(w, start=False)) or (blown and self._dead_signs(w))
         if not flat:
             if w.still >= self.dead_share and self._dead_signs(w, flat=False):
@@ -1161,6 +1179,7 @@ class StabilityController:
             "sustained": num(self._sustained),
             "early": list(self._early),
             "early_norm": self._early_norm,
+            "early_loss": num(self._early_loss),
             "best": num(self._best),
             "best_spread": self._best_spread,
             "best_lr": self._best_lr,
@@ -1203,6 +1222,8 @@ class StabilityController:
         self._sustained = -math.inf if sustained is None else float(sustained)
         self._early = [float(v) for v in state.get("early", [])][: self.window]
         self._early_norm = float(state.get("early_norm", 0.0))
+        early_loss = state.get("early_loss")
+        self._early_loss = math.nan if early_loss is None else float(early_loss)
         start_norm = state.get("start_norm")
         self._start_norm = None if start_norm is None else float(start_norm)
         self._best = math.inf if best is None else float(best)
