@@ -313,16 +313,21 @@ def inf_by_design(module: torch.nn.Module) -> frozenset[str]:
     sees the model, they are the model's own, not a fault. An additive causal mask is one
     (``nn.Transformer.generate_square_subsequent_mask`` registered as a buffer, persistent by default): its -inf made
     every snapshot look damaged, and the guard halted every such run at step 0 ("no finite snapshot to roll back
-    to"). Those buffers are checked for NaN only from then on; NaN is never by design."""
-    params = {n for n, _ in module.named_parameters()}
-    state = {k: t for k, t in module.state_dict().items() if k not in params}
-    found = []
-    with torch.no_grad():
-        for key in nonfinite_entries(state):
-            t = state[key].detach()
-            if not bool(torch.isnan(t).any()):
-                found.append(key)
-    return frozenset(found)
+    to"). Those buffers are checked for NaN only from then on; NaN is never by design.
+
+    The buffers are read directly (``named_buffers``: their names are their state-dict keys), not through the
+    module's ``state_dict``, which user code may override; nothing here raises (a buffer that cannot be read is
+    not by design)."""
+    try:
+        state = {name: buf for name, buf in module.named_buffers()}
+        found = []
+        with torch.no_grad():
+            for key in nonfinite_entries(state):
+                if not bool(torch.isnan(state[key].detach()).any()):
+                    found.append(key)
+        return frozenset(found)
+    except Exception:  # a buffer this process cannot read (meta, a subclass): none known to be by design
+        return frozenset()
 
 
 def nonfinite_weights_and_buffers(
