@@ -187,3 +187,68 @@ def test_engine_fields_read_and_write_the_engine_and_its_options() -> None:
     assert (a.lr_factor, a.reason) == (0.5, GuardDecision.HEALTHY)
     a.lr_factor = 0.25
     assert a.engine.options.lr_factor == 0.25
+
+
+class _Weighted(nn.Module):
+    """A regression whose loss weight is a buffer (an objective the user changes during the fit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.register_buffer("loss_weight", torch.tensor(1.0))
+
+
+class _RerunHost(ListHost):
+    """ListHost that recomputes a batch's loss (as the Lightning and plain-loop hosts do) and records the loss weight
+    every recomputation saw."""
+
+    def __init__(self, model: _Weighted, opt: torch.optim.Optimizer) -> None:
+        super().__init__(model, opt)
+        self.weights_seen: list[float] = []
+
+    def rerun_takes_items(self) -> bool:
+        return True
+
+    def rerun(self, items: list, rngs: list, weights: dict | None, step: int | None = None) -> Any:
+        from lightning_gradguard.core.recover._rerun import rerun_step
+
+        net = self.net
+
+        def loss() -> torch.Tensor:
+            x, y = items[0][0]
+            self.weights_seen.append(float(net.loss_weight))
+            return net.loss_weight * (net.lin(x) - y).pow(2).mean()
+
+        return rerun_step(net, [loss], rngs[:1], weights)
+
+
+def test_an_earlier_state_is_scored_with_todays_buffers_and_the_model_is_left_as_found() -> None:
+    """The test "does a kept state do better on the same batches" runs the kept weights with the buffers the model
+    has now: a loss weight kept in a buffer is today's objective. Scored under its own (older, smaller) weight, the
+    kept state would always look better, and a rollback would take the user's objective back with it."""
+    torch.manual_seed(0)
+    model = _Weighted()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    host = _RerunHost(model, opt)
+    engine = GuardEngine(check_guard_options("TestGuard", "test_report"))
+    engine.start(host, 0)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}  # the kept state: weight 1.0, the initial weights
+    from lightning_gradguard.core.recover._snapshot import Snapshot
+
+    snap = Snapshot(step=0, model=kept, optimizers=[], schedulers=[])
+    with torch.no_grad():  # the run moved on: new weights, and the user raised the loss weight to 5
+        model.lin.weight.add_(0.5)
+        model.loss_weight.fill_(5.0)
+    now_state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    measured = engine._rerun_pair([([((x, y), 0)], [None])], snap, 1)
+    assert measured is not None
+    now, then = measured
+    assert host.weights_seen == [5.0, 5.0]  # both runs under today's objective
+    with torch.no_grad():
+        reference_then = 5.0 * (x @ kept["lin.weight"].T + kept["lin.bias"] - y).pow(2).mean()
+        reference_now = 5.0 * (model.lin(x) - y).pow(2).mean()
+    assert then == pytest.approx(float(reference_then), rel=1e-6)
+    assert now == pytest.approx(float(reference_now), rel=1e-6)
+    for key, value in now_state.items():  # the model is left as it was: weights and the user's buffer
+        assert torch.equal(model.state_dict()[key], value), key
