@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,38 @@ _ANOMALY = (
     "torch.autograd.set_detect_anomaly): torch raises at the first NaN in backward, before the guard sees "
     "the step. Remove one of the two."
 )
+
+
+def _clip_nothing_without_gradients(trainer: pl.Trainer) -> Callable[[], None] | None:
+    """Make ``Trainer(gradient_clip_val=...)`` clip nothing on a step the guard dropped; returns the undo (None
+    when the Trainer does not clip).
+
+    The guard drops a step's update by setting every gradient of its optimizer to None in
+    ``on_before_optimizer_step``, and Lightning clips after that hook. Norm clipping of no gradient is a no-op, but
+    ``torch.nn.utils.clip_grad_value_`` raises on an empty list of gradients (``gradient_clip_algorithm="value"``
+    ended the fit at the first skipped step). The precision plugin's ``clip_gradients`` is wrapped, on this
+    Trainer's plugin only and for the fit, to return when none of the optimizer's parameters has a gradient."""
+    if not getattr(trainer, "gradient_clip_val", None):
+        return None
+    plugin = getattr(trainer, "precision_plugin", None)
+    clip = getattr(plugin, "clip_gradients", None)
+    if plugin is None or clip is None or "clip_gradients" in vars(plugin):
+        return None
+
+    @functools.wraps(clip)
+    def clip_gradients(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is not None and all(p.grad is None for g in groups for p in g["params"]):
+            return None
+        return clip(optimizer, *args, **kwargs)
+
+    plugin.clip_gradients = clip_gradients
+
+    def undo() -> None:
+        if vars(plugin).get("clip_gradients") is clip_gradients:
+            del plugin.clip_gradients
+
+    return undo
 
 
 class NaNGuard(Callback):
@@ -234,6 +268,7 @@ class NaNGuard(Callback):
         self.engine = GuardEngine(options)
         self.files = ckpts.CheckpointSnapshots()
         self._host: TrainerHost | None = None
+        self._unwrap_clip: Callable[[], None] | None = None  # undoes the wrap of Lightning's clipping (fit only)
         self._bar = ProgressBarValues()
         self._bar_events = 0
         self._out_dir: Path | None = None
@@ -310,12 +345,16 @@ class NaNGuard(Callback):
         self.files.inf_by_design = self.engine.inf_by_design
         if trainer.world_size > 1:  # sharded: the judge's values travel with the measurement (one collective)
             ride_with_measurement(trainer, self._rider)
+        self._unwrap_clip = _clip_nothing_without_gradients(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._host is not None:
             self._host.restore_limits()
             self._host = None
             ride_with_measurement(trainer, None)
+        unwrap, self._unwrap_clip = self._unwrap_clip, None
+        if unwrap is not None:
+            unwrap()
         self.engine.stop()
 
     def _rider(self, optimizer: Any, norm_type: float, step: int) -> Any:

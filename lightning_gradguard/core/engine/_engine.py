@@ -193,6 +193,7 @@ class GuardEngine:
         # the step after which the next multiple of snapshot_every_n_steps is due (None: from the next healthy step):
         # the schedule follows the step counter, so a resumed run takes the snapshots the uninterrupted one took
         self._snap_after: int | None = None
+        self._opt_sig: tuple[Any, ...] | None = None  # the optimizers at the last healthy step (_optimizer_signature)
         self._flagged = 0
         self._loss_max: float | None = None
         self._loss_before: tuple[int, float] | None = None  # the finite peak of the steps before a non-finite loss
@@ -284,6 +285,7 @@ class GuardEngine:
         self._reset_step()
         self.store.reset()
         self.buffers.clear()
+        self._opt_sig = None
         self.judge_.reduce = host.reducer()
         self._memory_off = False
         if not self._resumed:
@@ -686,7 +688,15 @@ class GuardEngine:
             if after is None:
                 after = self._snap_after = next_step - 1
             every = o.snapshot_every_n_steps
-            if next_step // every > after // every:  # a multiple of every crossed since the last snapshot
+            sig = self._optimizer_signature()
+            changed = self._opt_sig is not None and sig != self._opt_sig
+            self._opt_sig = sig
+            # a multiple of every crossed since the last snapshot, or the optimizers changed (a backbone unfrozen into
+            # a new param group, an optimizer swapped in): the kept snapshots no longer load, so a new one is taken at
+            # once rather than at the next multiple (a fault in between found none to roll back to and halted)
+            if changed:  # the old snapshots first: kept as "the newest good one", they would evict the new ones
+                self._drop_stale()
+            if changed or next_step // every > after // every:
                 self._snap_after = next_step
                 self.take_snapshot(next_step)
 
@@ -737,13 +747,22 @@ class GuardEngine:
                 self.start_state.offer(snap)
         self.start_state.expire(step)
 
+    def _optimizer_signature(self) -> tuple[Any, ...]:
+        """Which optimizers the loop has and how many parameters each group holds: a few integers, read at every
+        healthy step (:meth:`_layout` is the full check, made when a snapshot is read back)."""
+        return tuple(
+            (id(opt), type(opt), tuple(len(g["params"]) for g in opt.param_groups)) for opt in self.host.optimizers()
+        )
+
     def _layout(self) -> str:
-        """A digest of the model's parameter and buffer names and shapes and of each optimizer's param groups: what a
-        snapshot must match to be restored (no collective: names and shapes only)."""
+        """A digest of the model's parameter and buffer names and shapes and of each optimizer's class and param
+        groups: what a snapshot must match to be restored (no collective: names, shapes and class names only). The
+        class counts: an SGD state does not load into the Adam that a two-phase recipe swaps in mid-fit (its restore
+        failed on the missing ``step``)."""
         host = self.host
         model = host.model()
         tensors = [(k, tuple(v.shape)) for k, v in (*model.named_parameters(), *model.named_buffers())]
-        groups = [[len(g["params"]) for g in opt.param_groups] for opt in host.optimizers()]
+        groups = [(type(opt).__qualname__, [len(g["params"]) for g in opt.param_groups]) for opt in host.optimizers()]
         return short_digest(repr((tensors, groups)))
 
     def _drop_stale(self) -> None:

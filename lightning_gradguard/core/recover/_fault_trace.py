@@ -42,7 +42,10 @@ def nonfinite_in(obj: Any) -> bool:
         True
     """
     with torch.no_grad():
-        return any(t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()) for t in _tensors(obj))
+        return any(
+            (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all())
+            for t in _tensors(obj)
+        )
 
 
 def first_nonfinite_module(module: torch.nn.Module, replay: Callable[[], Any]) -> str | None:
@@ -112,7 +115,7 @@ def _flags(obj: Any) -> tuple[bool, bool]:
     """(holds a NaN, holds an inf) over the floating-point tensors of ``obj``."""
     nan = inf = False
     for t in _tensors(obj):
-        if t.is_floating_point() and t.numel():
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
             nan = nan or bool(torch.isnan(t).any())
             inf = inf or bool(torch.isinf(t).any())
     return nan, inf

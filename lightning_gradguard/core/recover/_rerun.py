@@ -114,7 +114,8 @@ def _loss_of(out: Any) -> torch.Tensor | None:
 
 
 def _squared_norm(grads: Sequence[torch.Tensor | None]) -> float:
-    return sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None)
+    # abs(): a complex gradient's squared norm is that of its magnitudes (.double() alone drops the imaginary part)
+    return sum(float(g.detach().abs().double().pow(2).sum()) for g in grads if g is not None)
 
 
 class BackwardRecorder:

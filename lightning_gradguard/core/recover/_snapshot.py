@@ -290,19 +290,26 @@ def restore_snapshot(
 
 
 def nonfinite_entries(state: dict[str, Any], inf_by_design: frozenset[str] = frozenset()) -> list[str]:
-    """Keys of the floating tensors of ``state`` (a ``state_dict``) that hold NaN/inf, in order; a key of
+    """Keys of the floating (and complex) tensors of ``state`` (a ``state_dict``) that hold NaN/inf, in order; a key of
     ``inf_by_design`` (:func:`inf_by_design`: a buffer that held infinities from the start, an attention mask) only
     where it holds NaN.
 
     One multi-tensor norm over all of them (a NaN/inf element makes its tensor's norm non-finite), so the cost is
     one pass over the values, paid only where it is called: before a snapshot is trusted, and on faults.
     """
-    keys = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
-    if not keys:
+    tensors = [(k, t) for k, t in state.items() if isinstance(t, torch.Tensor) and t.numel()]
+    keys = [k for k, t in tensors if t.is_floating_point()]
+    # complex tensors (a complex-valued layer's weights) too: finite when both parts are; one check each
+    complex_keys = {k for k, t in tensors if t.is_complex()}
+    if not keys and not complex_keys:
         return []
     with torch.no_grad():
-        norms = norms_of([state[k].detach() for k in keys], 2.0, dtype=torch.float64)
-        bad = [keys[i] for i in (~torch.isfinite(norms)).nonzero().flatten().tolist()]
+        bad_set: set[str] = set()
+        if keys:
+            norms = norms_of([state[k].detach() for k in keys], 2.0, dtype=torch.float64)
+            bad_set.update(keys[i] for i in (~torch.isfinite(norms)).nonzero().flatten().tolist())
+        bad_set.update(k for k in complex_keys if not bool(torch.isfinite(state[k].detach()).all()))
+        bad = [k for k, _ in tensors if k in bad_set]
         if inf_by_design:
             bad = [k for k in bad if k not in inf_by_design or bool(torch.isnan(state[k].detach()).any())]
     return bad
