@@ -188,3 +188,31 @@ def test_a_nan_in_a_complex_parameter_is_found_like_one_in_a_real_parameter(tmp_
     ]
     assert guard.events[0]["nonfinite_params"] == ["b"]
     assert bool(torch.isfinite(model.b).all())
+
+
+class _HandDecay(_Classifier):
+    """SGD 0.1; at step 40 the user's hook divides the LR by 100 and sets a weight decay (a hand-written schedule,
+    no scheduler)."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.trainer.global_step == 40:
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"], group["weight_decay"] = 1e-3, 1e-4
+
+
+def test_a_rollback_keeps_the_settings_the_user_changed_by_hand_since_the_snapshot(tmp_path):
+    """An isolated state fault at step 45 is rolled back to the snapshot of step 0 ("LR kept"); the user's LR drop
+    and weight decay of step 40 came after it. Restored with the optimizer's state they were undone for the rest of
+    the run (the hook that made them does not run again): the run went on at 100x the user's LR."""
+    guard = NaNGuard(snapshot_confirm_steps=2)
+    trainer = _trainer(tmp_path, [guard, _NaNWeightAt(45)], max_steps=60)
+    model = _HandDecay()
+    trainer.fit(model, _data())
+    assert [(e["kind"], e["step"]) for e in guard.events] == [("rollback", 45)]
+    assert guard.events[0]["snapshot_step"] < 40
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["lr"] == pytest.approx(1e-3, rel=1e-12)
+    assert group["weight_decay"] == 1e-4

@@ -13,7 +13,8 @@ the LR arithmetic of a recovery once, so that both apply the same cut:
   the state its ``target`` names (:func:`stability_target`) while the caller's rollback budget allows, else in place.
 - :func:`cut_scale` is where a cut lands (never below the LR floor, never 0); :func:`recover_lr` undoes one cut
   after sustained healthy training.
-- :func:`roll_back` is a whole rollback: restore the snapshot bit for bit, forget the newer snapshots, cut the LR.
+- :func:`roll_back` is a whole rollback: restore the snapshot bit for bit, forget the newer snapshots, cut the LR;
+  the hyperparameters the user changed by hand since the snapshot stay the user's (:func:`keep_user_settings`).
 - :class:`StartState` keeps the untrained state apart during the first windows of a run: when the stability
   controller finds the model worse than untrained (a too-high LR from the first step), the guard restarts from it.
 - :func:`halt_reason` and :func:`halt_report` assemble what a halt says and writes, from the halting event.
@@ -25,6 +26,7 @@ their ``meta["lr_scale"]``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -138,11 +140,80 @@ def roll_back(
 ) -> tuple[dict[str, Any], float]:
     """Restore ``snapshot`` into the model, optimizers and schedulers, drop the store's newer snapshots and cut the
     LR (:func:`rollback_lr`). Returns the snapshot's extra states (e.g. a GradScaler's or a precision plugin's, for
-    the caller to load where it keeps them) and the new cumulative LR scale."""
+    the caller to load where it keeps them) and the new cumulative LR scale.
+
+    The hyperparameters the user changed by hand since the snapshot stay the user's (:func:`keep_user_settings`)."""
+    live = user_settings(optimizers, schedulers)
     extra = restore_snapshot(snapshot, model, optimizers, schedulers)
     store.discard_after(snapshot)
     snap_scale = float(snapshot.meta.get("lr_scale", 1.0))
+    keep_user_settings(optimizers, live, lr_scale, snap_scale, lr_blamed=lr_power > 0)
     return extra, rollback_lr(optimizers, schedulers, lr_scale, snap_scale, lr_factor, lr_power, floor)
+
+
+def user_settings(
+    optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any]
+) -> list[list[dict[str, Any]] | None]:
+    """The live hyperparameters (every param-group entry but ``params``) of each optimizer that no LR scheduler
+    drives (None for the others: their scheduler's restored state decides what comes next)."""
+    driven = {id(getattr(s, "optimizer", None)) for s in schedulers}
+    return [
+        None if id(opt) in driven else [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        for opt in optimizers
+    ]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an entry that does not compare (a tensor) is left as restored
+        return True
+
+
+def keep_user_settings(
+    optimizers: Sequence[torch.optim.Optimizer],
+    live: Sequence[list[dict[str, Any]] | None],
+    lr_scale: float,
+    snapshot_lr_scale: float,
+    lr_blamed: bool,
+) -> None:
+    """After a restore: put back the hyperparameters the user changed by hand since the snapshot, in optimizers that
+    no scheduler drives (``live``: :func:`user_settings` before the restore).
+
+    A rollback restores the training state, not the user's decisions: an LR divided by 10 at an epoch by a
+    callback, a weight decay raised, a rebuilt optimizer's settings. Restored from the older snapshot they were
+    undone for good (the hook that made the change does not run again): a hand LR drop from 0.1 to 0.001, rolled
+    back after an isolated fault ("LR kept"), left the rest of the run at 0.1. An entry counts as changed when it
+    differs from the restored one; the LR is compared without the guard's own scale (``lr_scale`` live,
+    ``snapshot_lr_scale`` restored). Where the rollback blames the LR (``lr_blamed``: it cuts it), an LR the user
+    raised since the snapshot is not put back (the snapshot's, lower, is cut); one the user lowered is. Entries
+    that do not compare as numbers (a tensor LR) stay as restored."""
+    for opt, groups in zip(optimizers, live):
+        if groups is None or len(groups) != len(opt.param_groups):
+            continue
+        for group, before in zip(opt.param_groups, groups):
+            for key, value in before.items():
+                if key not in group or isinstance(value, torch.Tensor) or isinstance(group[key], torch.Tensor):
+                    continue
+                if key != "lr":
+                    if not _same(value, group[key]):
+                        group[key] = value
+                    continue
+                if not (lr_scale > 0 and snapshot_lr_scale > 0 and isinstance(value, (int, float))):
+                    continue
+                mine, restored = value / lr_scale, group[key] / snapshot_lr_scale
+                if _same(mine, restored):
+                    continue
+                if lr_blamed:
+                    mine = min(mine, restored)
+                group[key] = mine * snapshot_lr_scale
 
 
 #: stability windows during which the untrained state is kept apart (a too-high LR from the first step shows in

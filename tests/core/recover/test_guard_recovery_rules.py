@@ -11,11 +11,13 @@ from lightning_gradguard.core.guard._policy import GuardEvent
 from lightning_gradguard.core.recover._rules import (
     halt_reason,
     halt_report,
+    keep_user_settings,
     lower_lr,
     roll_back,
     rollback_lr,
     rollback_lr_factor,
     snapshot_failure_message,
+    user_settings,
 )
 from lightning_gradguard.core.recover._snapshot import SnapshotStore, nonfinite_weights_and_buffers, take_snapshot
 
@@ -230,3 +232,44 @@ def test_a_restart_from_the_start_keeps_the_start_copy_for_another_start_period(
     assert net.weight.item() == 1.0
     start.expire(561)
     assert start.snapshot is None
+
+
+def _sgd(lr: float = 0.1, momentum: float = 0.9) -> torch.optim.SGD:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr, momentum=momentum)
+
+
+def test_keep_user_settings_puts_back_what_the_user_changed_without_the_guards_own_scale() -> None:
+    opt = _sgd(lr=0.05)  # the guard's scale 0.5 of the user's 0.1 is in force when the fault comes
+    opt.param_groups[0]["weight_decay"] = 1e-4  # the user's change since the snapshot
+    live = user_settings([opt], [])
+    opt.param_groups[0].update(lr=0.4, weight_decay=0.0)  # restored: the user's 0.4 at the snapshot's scale 1.0
+    keep_user_settings([opt], live, lr_scale=0.5, snapshot_lr_scale=1.0, lr_blamed=False)
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 1e-4
+    assert group["lr"] == pytest.approx(0.1)  # the user's LR now (0.05 / 0.5), at the snapshot's scale
+    # the same LR as restored (the user changed nothing): left bit for bit
+    opt2 = _sgd(lr=0.05)
+    live2 = user_settings([opt2], [])
+    opt2.param_groups[0]["lr"] = 0.1
+    keep_user_settings([opt2], live2, lr_scale=0.5, snapshot_lr_scale=1.0, lr_blamed=False)
+    assert opt2.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize(("live_lr", "expected"), [(1.0, 0.1), (0.01, 0.01)])
+def test_a_rollback_that_blames_the_lr_puts_back_a_lowered_lr_never_a_raised_one(live_lr: float, expected: float):
+    opt = _sgd(lr=live_lr)
+    live = user_settings([opt], [])
+    opt.param_groups[0]["lr"] = 0.1  # the snapshot's
+    keep_user_settings([opt], live, lr_scale=1.0, snapshot_lr_scale=1.0, lr_blamed=True)
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_an_optimizer_that_a_scheduler_drives_is_left_as_restored() -> None:
+    opt = _sgd(lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    opt.param_groups[0]["lr"] = 0.01
+    live = user_settings([opt], [sched])
+    assert live == [None]
+    opt.param_groups[0]["lr"] = 0.1
+    keep_user_settings([opt], live, lr_scale=1.0, snapshot_lr_scale=1.0, lr_blamed=False)
+    assert opt.param_groups[0]["lr"] == 0.1
