@@ -544,7 +544,12 @@ class GuardEngine:
           batches. When the data got harder (a stream whose label noise grows while the LR warms up: the loss climbs
           ~100x with the LR) the earlier state does no better. Refuted unless the earlier state's loss is below
           ``stuck_margin`` x the current one's on each of the batches (clearly better, as "it learned" means above,
-          and on every batch: on a noisy stream one batch can favour either state by that much).
+          and on every batch: on a noisy stream one batch can favour either state by that much), and it buys back
+          more than half of the climb (the current loss on the batches minus the best window's median): an earlier
+          state that sits near today's level too says the batches got harder; going back to it would cost the
+          steps since and leave the loss where it is (a scheduled-sampling run whose task hardened while its LR
+          warmed up: the earlier state 18 % better on the batches, a sixth of the climb; the rollback cost 10 % of
+          the final metric).
 
         With several ranks (DDP) the rules read the ranks' largest loss: every rank reruns its own batches and each
         loss is taken as its maximum over the ranks (:meth:`_agree_reruns`), so every rank reaches the same answer."""
@@ -590,7 +595,12 @@ class GuardEngine:
             pairs = list(zip(shared[0::2], shared[1::2]))
             if not all(a > 0.0 and b > 0.0 for a, b in pairs):
                 return None  # (ratios of losses at or below 0 say nothing)
-            if all(b < controller.stuck_margin * a for a, b in pairs):  # the model itself got worse: it stands
+            # the model itself got worse (the earlier state clearly better on every batch), and by most of the climb:
+            # a rollback must buy back more than half of what the climb lost on the same batches, else the batches
+            # got harder and the earlier state would sit near today's level too
+            best = finding.evidence.get("best", math.nan) if climbing and not died else math.nan
+            explains = not math.isfinite(best) or (now - then) > 0.5 * (now - n * best)
+            if all(b < controller.stuck_margin * a for a, b in pairs) and explains:
                 self._claim_note = (
                     f"on {where} the state of step {snap.step} does better ({then / n:.4g}) than the model now "
                     f"({now / n:.4g})"
@@ -606,6 +616,13 @@ class GuardEngine:
                 f"now: {now / n:.4g})"
             ), []
         if climbing:
+            best = finding.evidence.get("best", math.nan)
+            if all(b < controller.stuck_margin * a for a, b in zip(shared[0::2], shared[1::2])) and math.isfinite(best):
+                return (
+                    f"on {where} the state of step {candidates[0].step} does better ({then / n:.4g}) than the model "
+                    f"now ({now / n:.4g}) but buys back less than half of the climb from the best window "
+                    f"({_g(best)}): the batches got harder, a rollback would not help"
+                ), []
             return (
                 f"on {where} the state of step {candidates[0].step} does no better ({then / n:.4g}) than the model "
                 f"now ({now / n:.4g}): the batches got harder, a rollback would not help"

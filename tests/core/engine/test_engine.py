@@ -252,3 +252,40 @@ def test_an_earlier_state_is_scored_with_todays_buffers_and_the_model_is_left_as
     assert now == pytest.approx(float(reference_now), rel=1e-6)
     for key, value in now_state.items():  # the model is left as it was: weights and the user's buffer
         assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(("share", "stands"), [(1 / 3, False), (2 / 3, True)])
+def test_a_climbs_rollback_stands_only_if_the_earlier_state_buys_back_most_of_the_climb(share: float, stands: bool):
+    """The state from before a climb is rerun on today's batch. Clearly better on it is not enough: it must buy back
+    more than half of the climb from the best window, or the batches got harder and a rollback would leave the run
+    near today's level (a healthy scheduled-sampling run whose task hardened while its LR warmed up: the earlier
+    state did 18 % better on the batches, a sixth of the climb, and the rollback cost 10 % of its final metric)."""
+    from lightning_gradguard.core.guard._stability import StabilityFinding
+
+    torch.manual_seed(0)
+    model = _Weighted()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    host = _RerunHost(model, opt)
+    engine = GuardEngine(check_guard_options("TestGuard", "test_report"))
+    engine.start(host, 0)  # the trusted snapshot of step 0 is the state from before the climb
+    with torch.no_grad():
+        w0, b0 = model.lin.weight.clone(), model.lin.bias.clone()
+    x = torch.randn(64, 4)
+    with torch.no_grad():
+        y = x @ w0.T + b0 + 0.5 * torch.randn(64, 1)
+        model.lin.weight.add_(0.2)  # the run moved on, and does worse on this batch
+        then = float((x @ w0.T + b0 - y).pow(2).mean())
+        now = float((model.lin(x) - y).pow(2).mean())
+    assert then < 0.85 * now  # clearly better on the batch, as the rule asks
+    best = now - (now - then) / share  # the earlier state buys back `share` of the climb
+    finding = StabilityFinding(
+        "loss_above_best", {"best": best, "old_loss": now, "new_loss": now}, "climbed", target="before_climb"
+    )
+    engine._batches, engine._rngs = [((x, y), 0)], [None]
+    refuted = engine._refute_restart(200, finding)
+    if stands:
+        assert refuted is None
+        assert "the state of step 0 does better" in engine._claim_note
+    else:
+        assert refuted is not None
+        assert "buys back less than half of the climb" in refuted[0]
