@@ -354,34 +354,65 @@ class BufferCopy:
     made them. :meth:`save` before the forward (one multi-tensor copy into preallocated storage) and :meth:`restore`
     when the step is skipped bring them back bit for bit. The list of buffers is found once (walking the module tree
     costs more than the copy) and again after :meth:`clear`; a model without buffers costs nothing per step.
+
+    Every dense buffer counts, whatever its dtype (floating, complex, integer, bool). Each is held by its place (its
+    module's buffer table and name), so a buffer that the forward *reassigns* (``self.mu = new`` instead of an
+    in-place update) is followed: :meth:`save` finds the buffers again when one was replaced since, and
+    :meth:`restore` puts the saved values back in their places, replacing a tensor the forward swapped in (before,
+    the copy went into the old tensor, the bad forward's one stayed, and a NaN batch that should have been skipped
+    left a non-finite buffer: a rollback with an LR cut instead).
     """
 
     def __init__(self) -> None:
         self._owner: int | None = None
+        self._slots: list[tuple[dict[str, Any], str]] = []  # (a module's _buffers, the buffer's name)
         self._live: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
 
+    def _find(self, module: torch.nn.Module) -> None:
+        self._owner = id(module)
+        seen: set[int] = set()
+        self._slots, self._live = [], []
+        for sub in module.modules():
+            table = sub._buffers
+            for name, buf in table.items():
+                if isinstance(buf, torch.Tensor) and buf.layout == torch.strided and id(buf) not in seen:
+                    seen.add(id(buf))
+                    self._slots.append((table, name))
+                    self._live.append(buf)
+        self._saved = [b.detach().clone() for b in self._live]
+
+    def _replaced(self) -> bool:
+        return any(table.get(name) is not buf for (table, name), buf in zip(self._slots, self._live))
+
     def save(self, module: torch.nn.Module) -> None:
-        if self._owner != id(module):
-            self._owner = id(module)
-            self._live = [b for b in module.buffers() if b.is_floating_point() or b.dtype == torch.long]
-            self._saved = [b.detach().clone() for b in self._live]
+        if self._owner != id(module) or (self._live and self._replaced()):
+            self._find(module)
             return
         if self._live:
             with torch.no_grad():
                 torch._foreach_copy_(self._saved, [b.detach() for b in self._live])
 
     def restore(self) -> bool:
-        """Copy the saved values back; returns whether there was anything to restore."""
+        """Copy the saved values back (into the buffers' places); returns whether there was anything to restore."""
         if not self._live:
             return False
         with torch.no_grad():
+            if self._replaced():  # the forward swapped tensors in: the saved values go back in their places
+                for i, ((table, name), saved) in enumerate(zip(self._slots, self._saved)):
+                    current = table.get(name)
+                    if current is self._live[i]:
+                        current.copy_(saved)
+                    else:
+                        table[name] = self._live[i]
+                        self._live[i].copy_(saved)
+                return True
             torch._foreach_copy_([b.detach() for b in self._live], self._saved)
         return True
 
     def clear(self) -> None:
         """Forget the module (its buffers are found again at the next :meth:`save`)."""
-        self._owner, self._live, self._saved = None, [], []
+        self._owner, self._slots, self._live, self._saved = None, [], [], []
 
 
 class SnapshotStore:

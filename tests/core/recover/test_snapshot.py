@@ -1,5 +1,7 @@
 """Snapshots are true copies (no aliasing with live state, before or after a restore) and the store's trust rule."""
 
+import math
+
 import pytest
 import torch
 
@@ -169,3 +171,44 @@ def test_store_with_snapshots_round_trips_through_a_weights_only_checkpoint(tmp_
         store.snapshots[0].model["0.weight"], torch.full_like(state["saved"][0]["model"]["0.weight"], 7.0)
     )
     assert "saved" not in store.state_dict()  # metadata only by default (what callback state held so far)
+
+
+class _Reassigning(torch.nn.Module):
+    """Running statistics kept the way some user code keeps them: the buffer *reassigned* in forward
+    (``self.mu = ...``), beside integer, bool and complex buffers updated in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(3))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("seen", torch.zeros(3, dtype=torch.bool))
+        self.register_buffer("phase", torch.zeros(3, dtype=torch.complex64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.mu = 0.9 * self.mu + 0.1 * x.mean(0)  # a new tensor each step
+        self.count += 1
+        self.seen |= x.mean(0) > 0
+        self.phase += torch.complex(x.mean(0), x.mean(0))
+        return x - self.mu
+
+
+def test_buffer_copy_follows_reassigned_buffers_and_keeps_every_dtype() -> None:
+    from lightning_gradguard.core.recover._snapshot import BufferCopy
+
+    m = _Reassigning()
+    copy = BufferCopy()
+    m(torch.ones(4, 3))  # a healthy step
+    copy.save(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m(torch.full((4, 3), math.nan))  # the bad batch: mu reassigned to NaN, the others changed in place
+    assert copy.restore()
+    for key, value in before.items():
+        torch.testing.assert_close(m.state_dict()[key], value, rtol=0, atol=0, equal_nan=False, msg=key)
+    # the next step saves the restored state (the buffers found again where the forward had replaced one)
+    m(torch.ones(4, 3))
+    copy.save(m)
+    after = {k: v.clone() for k, v in m.state_dict().items()}
+    m(torch.full((4, 3), 2.0))
+    copy.restore()
+    for key, value in after.items():
+        torch.testing.assert_close(m.state_dict()[key], value, rtol=0, atol=0, msg=key)
