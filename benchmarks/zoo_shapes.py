@@ -72,6 +72,12 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
   the easy phase's best while the LR is 10x the best window's [an LR that "grew" before a climb: but the run
   trained at that LR before its best, every cycle starts there].
 - ``bn_cnn``: a small CNN with BatchNorm on scikit-learn's digits [buffers, ordinary noise].
+- ``sched_sampling_warmup``: scheduled sampling during an LR warm-up: the model's own predictions are fed back more
+  and more while the LR grows, so the loss climbs ~10x from its best window and an earlier state does somewhat
+  better on today's batches [“the LR grew, then the loss climbed”, tested on the batches].
+- ``pinn_stiff``: a physics-informed network with a heavily weighted boundary term: gradient norms in the thousands
+  for the whole run, and a solution that depends on its first steps [the clipper's warm-up cap and z-score
+  threshold on a healthy stiff loss: a known harm, see RESULTS.md].
 - ``dropout_noisy``: an MLP with dropout 0.3 [a noisy loss stream].
 
 Faults (not healthy without a tool; a different pass criterion): ``corrupt_label_20`` and ``corrupt_label_5``: every
@@ -765,6 +771,85 @@ class Distill(ZooModule):
 
     def metric(self) -> float:
         return float((self.student(self.val_x).argmax(1) == self.val_y).float().mean())
+
+
+class ScheduledSampling(ZooModule):
+    """An autoregressive GRU cell (64 units) on sine waves (40 steps; random frequency, phase, amplitude) trained with
+    scheduled sampling: from step 60 the share of its own predictions fed back as inputs ramps 0 -> 0.9 over 200
+    steps, while a linear LR warm-up (Adam to 4e-3 over 250 steps) runs. The task hardens as the LR grows, so the
+    training loss climbs ~10x from its best window while the LR grows 2x. Metric: free-running validation MSE (the
+    model's own predictions fed back after 10 given steps)."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=4e-3)
+        torch.manual_seed(seed)
+        self.cell, self.out = nn.GRUCell(1, 64), nn.Linear(64, 1)
+        self.train_tensors = (self._waves(4000, _gen(seed, 3)),)
+        self.val_x = self._waves(200, _gen(0, 999))
+
+    @staticmethod
+    def _waves(n: int, g: torch.Generator, length: int = 40) -> torch.Tensor:
+        f = 0.1 + 0.3 * torch.rand(n, 1, generator=g)
+        phase = 6.28 * torch.rand(n, 1, generator=g)
+        amp = 0.5 + torch.rand(n, 1, generator=g)
+        return (amp * torch.sin(f * torch.arange(length)[None].float() + phase)).unsqueeze(-1)
+
+    def rollout(self, x: torch.Tensor, p_own: float) -> torch.Tensor:
+        h, inp, preds = x.new_zeros(len(x), 64), x[:, 0], []
+        for t in range(x.shape[1] - 1):
+            h = self.cell(inp, h)
+            y = self.out(h)
+            preds.append(y)
+            if t + 1 < 10 or p_own == 0:
+                inp = x[:, t + 1]
+            else:
+                use = (torch.rand(len(x), 1) < p_own).float()  # the global generator: reruns restore it
+                inp = use * y.detach() + (1 - use) * x[:, t + 1]
+        return torch.stack(preds, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        step = self.trainer.global_step
+        p_own = 0.0 if step < 60 else min(0.9, (step - 60) / 200)
+        x = batch[0]
+        return F.mse_loss(self.rollout(x, p_own)[:, 9:], x[:, 10:])
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 250))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
+
+    def metric(self) -> float:
+        return float(F.mse_loss(self.rollout(self.val_x, 1.0)[:, 9:], self.val_x[:, 10:]))
+
+
+class StiffPINN(ZooModule):
+    """A physics-informed network (tanh MLP 1-48-48-48-1) for u'' = -k^2 sin(kx) on [0, 1], k = 4 pi, u(0) = 0,
+    u(1) = 2: the mean squared PDE residual at 64 random collocation points (second derivatives by autograd) plus
+    1000 x the boundary error, Adam 3e-3. Its natural gradient norm is 1,000-5,000 for the whole run (a stiff loss
+    with a heavily weighted term). Metric: RMSE against the exact solution sin(kx) + 2x on 201 points."""
+
+    K = 4 * math.pi
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=64, lr=3e-3)
+        torch.manual_seed(seed)
+        self.net = mlp([1, 48, 48, 48, 1], act=nn.Tanh)
+        self.train_tensors = (torch.rand(20000, 1, generator=_gen(seed, 3)),)
+        self.val_x = torch.linspace(0, 1, 201)[:, None]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0].clone().requires_grad_(True)
+        u = self.net(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        d2u = torch.autograd.grad(du.sum(), x, create_graph=True)[0]
+        residual = ((d2u + self.K**2 * torch.sin(self.K * x)) ** 2).mean()
+        ends = torch.tensor([[0.0], [1.0]])
+        boundary = ((self.net(ends) - torch.tensor([[0.0], [2.0]])) ** 2).mean()
+        return residual + 1000.0 * boundary
+
+    def metric(self) -> float:
+        exact = torch.sin(self.K * self.val_x) + 2 * self.val_x
+        return float(((self.net(self.val_x) - exact) ** 2).mean().sqrt())
 
 
 class BNCNN(ZooModule):
@@ -1539,6 +1624,22 @@ _SHAPES: list[Shape] = [
         _reg(dropout=0.3),
         400,
         MSE,
+    ),
+    Shape(
+        "sched_sampling_warmup",
+        "autoregressive GRU, scheduled sampling 0 -> 0.9 during a 250-step LR warm-up (the task hardens as LR grows)",
+        ScheduledSampling,
+        500,
+        "free-running validation MSE",
+        cost=4.0,
+    ),
+    Shape(
+        "pinn_stiff",
+        "physics-informed MLP, u'' = -k^2 sin(kx), boundary weight 1000 (gradient norms 1e3-5e3 throughout)",
+        StiffPINN,
+        1000,
+        "RMSE against the exact solution",
+        cost=2.0,
     ),
     # faults: not healthy without a tool; judged against the run in which the corrupt batches are dropped
     Shape(
