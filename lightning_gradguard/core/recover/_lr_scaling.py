@@ -60,10 +60,11 @@ def scale_param_groups(optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Multiply the LR keys (:data:`GROUP_LR_KEYS`) of every param group of ``optimizer`` by ``factor``.
 
     Tensor-valued LRs (capturable/fused optimizers) are scaled in place so that the tensor object is kept; a tensor
-    shared by two keys of a group is scaled once.
+    shared by two keys, or by several param groups (``Adam(groups, lr=torch.tensor(...))`` gives every group the
+    same tensor), is scaled once.
     """
+    seen: set[int] = set()
     for group in optimizer.param_groups:
-        seen: set[int] = set()
         for key in GROUP_LR_KEYS:
             if key not in group or group[key] is None:
                 continue

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as lrs
 
-from lightning_gradguard.core.recover._lr_scaling import is_known_scheduler, scale_lr
+from lightning_gradguard.core.recover._lr_scaling import is_known_scheduler, scale_lr, scale_param_groups
 
 STEPS = 60
 
@@ -153,3 +153,15 @@ def test_custom_scheduler_extra_attrs_and_known_check():
     for _ in range(8):
         opt.step(), sch.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_a_tensor_lr_shared_by_param_groups_is_scaled_once() -> None:
+    """``Adam(groups, lr=torch.tensor(...))`` puts the same tensor in every group: scaled per group, a cut of 0.5 on
+    two groups left 0.25."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([{"params": [a]}, {"params": [b]}], lr=torch.tensor(0.01))
+    shared = opt.param_groups[0]["lr"]
+    assert shared is opt.param_groups[1]["lr"]
+    scale_param_groups(opt, 0.5)
+    assert opt.param_groups[0]["lr"] is shared
+    assert float(shared) == pytest.approx(0.005)
