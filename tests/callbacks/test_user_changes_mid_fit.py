@@ -216,3 +216,32 @@ def test_a_rollback_keeps_the_settings_the_user_changed_by_hand_since_the_snapsh
     group = trainer.optimizers[0].param_groups[0]
     assert group["lr"] == pytest.approx(1e-3, rel=1e-12)
     assert group["weight_decay"] == 1e-4
+
+
+class _ScheduledSecondPhase(_Classifier):
+    """SGD alone for the first epoch (64 steps), then SGD with a StepLR: the rebuilt optimizer brings a scheduler."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        if self.current_epoch >= 1:
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 30, 0.5)}
+        return opt
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            self.trainer.strategy.setup_optimizers(self.trainer)
+
+
+def test_a_scheduler_that_comes_with_a_rebuilt_optimizer_makes_the_older_snapshots_stale(tmp_path):
+    """6 steps after the rebuild the only trusted snapshot (step 50) has no scheduler state: its restore raised
+    ``ValueError: snapshot holds 0 scheduler states, got 1`` from the library. Now the layout counts the schedulers:
+    a halt that says why; 16 steps after, a rollback to the snapshot taken at the rebuild."""
+    from lightning_gradguard import DivergenceError
+
+    trainer = _trainer(tmp_path, [NaNGuard(), _NaNWeightAt(70)], max_steps=120)
+    with pytest.raises(DivergenceError, match="predate a change .* or of the optimizers or schedulers"):
+        trainer.fit(_ScheduledSecondPhase(), _data())
+    guard = NaNGuard()
+    trainer = _trainer(tmp_path, [guard, _NaNWeightAt(80)], max_steps=120)
+    trainer.fit(_ScheduledSecondPhase(), _data())
+    assert [(e["kind"], e["step"], e.get("snapshot_step")) for e in guard.events] == [("rollback", 80, 65)]

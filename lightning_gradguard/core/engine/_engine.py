@@ -765,22 +765,24 @@ class GuardEngine:
         self.start_state.expire(step)
 
     def _optimizer_signature(self) -> tuple[Any, ...]:
-        """Which optimizers the loop has and how many parameters each group holds: a few integers, read at every
-        healthy step (:meth:`_layout` is the full check, made when a snapshot is read back)."""
-        return tuple(
-            (id(opt), type(opt), tuple(len(g["params"]) for g in opt.param_groups)) for opt in self.host.optimizers()
-        )
+        """Which optimizers and schedulers the loop has and how many parameters each group holds: a few integers,
+        read at every healthy step (:meth:`_layout` is the full check, made when a snapshot is read back)."""
+        host = self.host
+        opts = tuple((id(o), type(o), tuple(len(g["params"]) for g in o.param_groups)) for o in host.optimizers())
+        return opts + tuple((id(s), type(s)) for s in host.schedulers())
 
     def _layout(self) -> str:
-        """A digest of the model's parameter and buffer names and shapes and of each optimizer's class and param
-        groups: what a snapshot must match to be restored (no collective: names, shapes and class names only). The
-        class counts: an SGD state does not load into the Adam that a two-phase recipe swaps in mid-fit (its restore
-        failed on the missing ``step``)."""
+        """A digest of the model's parameter and buffer names and shapes, of each optimizer's class and param groups
+        and of the schedulers' classes: what a snapshot must match to be restored (no collective: names, shapes and
+        class names only). The classes count: an SGD state does not load into the Adam that a two-phase recipe swaps
+        in mid-fit (its restore failed on the missing ``step``), and a rebuilt optimizer that brings a scheduler the
+        snapshot did not hold failed its restore ("snapshot holds 0 scheduler states, got 1")."""
         host = self.host
         model = host.model()
         tensors = [(k, tuple(v.shape)) for k, v in (*model.named_parameters(), *model.named_buffers())]
         groups = [(type(opt).__qualname__, [len(g["params"]) for g in opt.param_groups]) for opt in host.optimizers()]
-        return short_digest(repr((tensors, groups)))
+        schedulers = [type(s).__qualname__ for s in host.schedulers()]
+        return short_digest(repr((tensors, groups, schedulers)))
 
     def _drop_stale(self) -> None:
         """Before anything reads a snapshot back (a rollback, a restart, a rerun from a kept state): forget the
@@ -795,7 +797,10 @@ class GuardEngine:
         if start is not None and start.meta.get("layout", now) != now:
             self.start_state.snapshot = None
         if stale or (start is not None and self.start_state.snapshot is None):
-            self._stale_note = "the kept snapshots predate a change of the model's parameters or param groups"
+            self._stale_note = (
+                "the kept snapshots predate a change of the model's parameters or param groups, or of the optimizers "
+                "or schedulers"
+            )
 
     def _over_budget(self, sharding: ReplicaSharding | None) -> str | None:
         """``snapshot="auto"``: why one more in-memory snapshot would not fit this rank's budget (None: it fits, or

@@ -151,14 +151,21 @@ def roll_back(
     return extra, rollback_lr(optimizers, schedulers, lr_scale, snap_scale, lr_factor, lr_power, floor)
 
 
+def _raw(optimizer: Any) -> Any:
+    """The torch optimizer behind a wrapper (Fabric's, Lightning's), which is what a scheduler built on it holds."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
 def user_settings(
     optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any]
 ) -> list[list[dict[str, Any]] | None]:
     """The live hyperparameters (every param-group entry but ``params``) of each optimizer that no LR scheduler
-    drives (None for the others: their scheduler's restored state decides what comes next)."""
-    driven = {id(getattr(s, "optimizer", None)) for s in schedulers}
+    drives (None for the others: their scheduler's restored state decides what comes next). A scheduler built on a
+    wrapped optimizer (Fabric's) drives the optimizer inside."""
+    driven = {id(_raw(getattr(s, "optimizer", None))) for s in schedulers}
     return [
-        None if id(opt) in driven else [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        None if id(_raw(opt)) in driven else [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         for opt in optimizers
     ]
 
@@ -173,8 +180,27 @@ def _same(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     try:
         return bool(a == b)
-    except Exception:  # noqa: BLE001 - an entry that does not compare (a tensor) is left as restored
+    except Exception:  # noqa: BLE001 - an entry that does not compare is left as restored
         return True
+
+
+def _kept(
+    key: str, mine: Any, restored: Any, lr_scale: float, snapshot_lr_scale: float, lr_blamed: bool
+) -> tuple[bool, Any]:
+    """``(changed, value)``: whether the user changed entry ``key`` since the snapshot (``mine`` live, ``restored``
+    the snapshot's), and the value to put back (see :func:`keep_user_settings`)."""
+    if key != "lr":
+        return (False, restored) if _same(mine, restored) else (True, mine)
+    if not (lr_scale > 0 and snapshot_lr_scale > 0 and isinstance(mine, (int, float))):
+        return False, restored
+    if not isinstance(restored, (int, float)):
+        return False, restored
+    user, then = mine / lr_scale, restored / snapshot_lr_scale
+    if _same(user, then):
+        return False, restored
+    if lr_blamed:
+        user = min(user, then)
+    return True, user * snapshot_lr_scale
 
 
 def keep_user_settings(
@@ -193,27 +219,35 @@ def keep_user_settings(
     back after an isolated fault ("LR kept"), left the rest of the run at 0.1. An entry counts as changed when it
     differs from the restored one; the LR is compared without the guard's own scale (``lr_scale`` live,
     ``snapshot_lr_scale`` restored). Where the rollback blames the LR (``lr_blamed``: it cuts it), an LR the user
-    raised since the snapshot is not put back (the snapshot's, lower, is cut); one the user lowered is. Entries
-    that do not compare as numbers (a tensor LR) stay as restored."""
+    raised since the snapshot is not put back (the snapshot's, lower, is cut); one the user lowered is.
+
+    A setting held in a tensor (a tensor ``lr``) stays the user's *object*: the restore put a copy of the snapshot's
+    tensor in its place, so the live tensor goes back into the group, holding the value chosen as above (a user who
+    writes ``lr_t.fill_(...)`` later still reaches the optimizer). Read on the host: one read per such setting, on a
+    rollback only."""
     for opt, groups in zip(optimizers, live):
         if groups is None or len(groups) != len(opt.param_groups):
             continue
         for group, before in zip(opt.param_groups, groups):
             for key, value in before.items():
-                if key not in group or isinstance(value, torch.Tensor) or isinstance(group[key], torch.Tensor):
+                if key not in group:
                     continue
-                if key != "lr":
-                    if not _same(value, group[key]):
-                        group[key] = value
+                restored = group[key]
+                if not isinstance(value, torch.Tensor):
+                    if not isinstance(restored, torch.Tensor):
+                        changed, chosen = _kept(key, value, restored, lr_scale, snapshot_lr_scale, lr_blamed)
+                        if changed:
+                            group[key] = chosen
                     continue
-                if not (lr_scale > 0 and snapshot_lr_scale > 0 and isinstance(value, (int, float))):
+                if not isinstance(restored, torch.Tensor) or restored.shape != value.shape or restored is value:
                     continue
-                mine, restored = value / lr_scale, group[key] / snapshot_lr_scale
-                if _same(mine, restored):
-                    continue
-                if lr_blamed:
-                    mine = min(mine, restored)
-                group[key] = mine * snapshot_lr_scale
+                with torch.no_grad():
+                    if value.numel() == 1 and not value.is_complex():
+                        _, chosen = _kept(key, float(value), float(restored), lr_scale, snapshot_lr_scale, lr_blamed)
+                        value.fill_(chosen)
+                    else:
+                        value.copy_(restored)
+                group[key] = value
 
 
 #: stability windows during which the untrained state is kept apart (a too-high LR from the first step shows in

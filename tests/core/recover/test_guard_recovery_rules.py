@@ -273,3 +273,29 @@ def test_an_optimizer_that_a_scheduler_drives_is_left_as_restored() -> None:
     opt.param_groups[0]["lr"] = 0.1
     keep_user_settings([opt], live, lr_scale=1.0, snapshot_lr_scale=1.0, lr_blamed=False)
     assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_a_scheduler_built_on_a_wrapped_optimizer_drives_the_optimizer_inside() -> None:
+    class Wrapper:  # what Fabric's optimizer wrapper exposes: the torch optimizer as .optimizer
+        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+            self.optimizer = optimizer
+
+    opt = _sgd(lr=0.1)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+    sched.optimizer = Wrapper(opt)  # type: ignore[assignment] - as when the scheduler was built on the wrapper
+    assert user_settings([opt], [sched]) == [None]
+    assert user_settings([Wrapper(opt)], [torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)]) == [None]  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("user_value", [2e-4, 1e-3])
+def test_a_tensor_lr_stays_the_users_object_and_value(user_value: float) -> None:
+    """The restore puts a copy of the snapshot's LR tensor (1e-3) in the group: the user's tensor goes back, holding
+    the user's value when it was changed since (``lr_t.fill_(2e-4)``), else the restored one."""
+    lr_t = torch.tensor(1e-3)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=lr_t)
+    lr_t.fill_(user_value)
+    live = user_settings([opt], [])
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3)  # what the restore leaves: a new tensor, the snapshot's value
+    keep_user_settings([opt], live, lr_scale=1.0, snapshot_lr_scale=1.0, lr_blamed=False)
+    assert opt.param_groups[0]["lr"] is lr_t
+    assert float(lr_t) == pytest.approx(user_value)
