@@ -65,9 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         help="inject faults into an example at healthy settings and check that the gradguard callbacks handle each",
         description="Train an example at healthy settings (lstm: Adam lr 0.01; cnn: without the demo's x1000 batch) "
         "with default_callbacks() and a FaultDrill that injects a NaN batch, an inf loss, a x1e4 loss spike, a "
-        "transient NaN in one forward, three NaN batches in a row and a NaN weight, one every 70 steps (30 with "
+        "transient NaN in one forward, three NaN batches in a row and a NaN weight, one every 70 steps (40 with "
         "--quick); print what the guard did with each and whether the loss was back to its pre-fault level 50 steps "
-        "later (20 with --quick). Exits 1 if a fault was not handled.",
+        "later (25 with --quick). Exits 1 if a fault was not handled.",
     )
     drill.add_argument("example", nargs="?", default="lstm", choices=["lstm", "cnn"], help="which example (lstm)")
     drill.add_argument("--quick", action="store_true", help="faults 40 steps apart, recovery judged 25 steps on")

@@ -442,6 +442,14 @@ class FaultDrill(Callback):
                 f"{prefix(_OWNER)}rank must be below the world size ({world}) or None (every rank), got {self.rank}"
             )
         self._here = self.rank is None or int(trainer.global_rank) == self.rank
+        if not getattr(pl_module, "automatic_optimization", True):
+            raise ValueError(
+                f"{prefix(_OWNER)}needs automatic optimization: under manual optimization "
+                "(automatic_optimization=False) training_step has already run its backward and optimizer steps when "
+                "it returns, so the drill's loss faults (inf_loss, spike) would never reach the gradients, and its "
+                "windows count optimizer steps that advance by one per optimizer. Drill a copy of the module with "
+                "automatic optimization, or inject faults in your own training_step."
+            )
         callbacks = getattr(trainer, "callbacks", [])
         self._guard = next((cb for cb in callbacks if isinstance(cb, NaNGuard)), None)
         self._clipper = next((cb for cb in callbacks if isinstance(cb, AdaptiveGradientClipping)), None)

@@ -136,6 +136,31 @@ def test_without_a_guard_nothing_is_handled(tmp_path) -> None:
     assert row["recovered"] is False  # NaN weights: the loss never comes back
 
 
+class _ManualRegression(TinyRegression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        opt = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_is_refused_at_setup_with_the_reason(tmp_path) -> None:
+    """Under manual optimization the drill scaled a loss that had already been backpropagated (its inf and spike
+    faults never reached the gradients, and the table blamed the guard), and its windows missed the steps two
+    optimizers advance per batch: it now says so before training."""
+    drill = FaultDrill({"inf_loss": 5}, recovery_steps=5, print_report=False)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="FaultDrill: needs automatic optimization"):
+        make_trainer(tmp_path, [drill, *default_callbacks()], max_steps=15, logger=False).fit(_ManualRegression())
+
+
 def test_faults_after_the_end_are_reported_not_injected(tmp_path) -> None:
     drill = FaultDrill({"nan_batch": 5, "transient": 100}, recovery_steps=5, print_report=False)
     with pytest.warns(UserWarning, match="ends the fit before transient at 100"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,14 +19,43 @@ __all__ = ["default_callbacks"]
 _OWNER = "default_callbacks"
 
 
-def _kwargs(name: str, value: Mapping[str, Any] | None) -> dict[str, Any]:
+def _kwargs(
+    name: str, value: Mapping[str, Any] | None, cls: type | None = None, named_by: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """``value`` as a dict, checked against ``cls``'s keyword arguments: an unknown key is a ``TypeError`` that lists
+    the allowed ones, and the key that ``default_callbacks``' own argument already names (``named_by``: the key and
+    that argument, e.g. the guard's ``action`` and ``guard``) a ``ValueError`` (one of the two would silently win)."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise TypeError(
             f"{prefix(_OWNER)}`{name}` must be a mapping of keyword arguments or None, got {type(value).__name__}"
         )
-    return dict(value)
+    out = dict(value)
+    if named_by is not None and named_by[0] in out:
+        key, arg = named_by
+        raise ValueError(
+            f"{prefix(_OWNER)}`{name}` sets {key!r}, which `{arg}` already names; pass it as `{arg}=...` instead"
+        )
+    if cls is not None:
+        params = inspect.signature(cls).parameters  # the constructor's, without self
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            allowed = sorted(
+                n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL
+            )
+            if named_by is not None:
+                allowed = [n for n in allowed if n != named_by[0]]
+            unknown = sorted(k for k in out if k not in allowed)
+            if unknown:
+                raise TypeError(f"{prefix(_OWNER)}`{name}` has unknown keys {unknown}; allowed: {', '.join(allowed)}")
+    return out
+
+
+def _unused(name: str, value: Mapping[str, Any] | None, arg: str, setting: Any) -> None:
+    if value:
+        raise ValueError(
+            f"{prefix(_OWNER)}`{name}` was given, but `{arg}={setting!r}` leaves that callback out; drop one of them"
+        )
 
 
 def default_callbacks(
@@ -77,14 +107,23 @@ def default_callbacks(
         check_choice("`guard`", guard, POLICIES, owner=_OWNER)
     if not monitor and clipping is None and guard is None:
         raise ValueError(f"{prefix(_OWNER)}needs at least one of `monitor`, `clipping`, `guard`; all were off")
+    if not monitor:
+        _unused("monitor_kwargs", monitor_kwargs, "monitor", monitor)
+    if clipping is None:
+        _unused("clipping_kwargs", clipping_kwargs, "clipping", clipping)
+    if guard is None:
+        _unused("guard_kwargs", guard_kwargs, "guard", guard)
     shared: dict[str, Any] = {"log_every_n_steps": log_every_n_steps}
     callbacks: list[Callback] = []
     if monitor:
-        callbacks.append(GradientNormMonitor(**{**shared, **_kwargs("monitor_kwargs", monitor_kwargs)}))
+        monitor_options = _kwargs("monitor_kwargs", monitor_kwargs, GradientNormMonitor)
+        callbacks.append(GradientNormMonitor(**{**shared, **monitor_options}))
     if clipping is not None:
-        options = {**shared, "progress_bar": progress_bar, **_kwargs("clipping_kwargs", clipping_kwargs)}
+        clip_options = _kwargs("clipping_kwargs", clipping_kwargs, AdaptiveGradientClipping, ("method", "clipping"))
+        options = {**shared, "progress_bar": progress_bar, **clip_options}
         callbacks.append(AdaptiveGradientClipping(clipping, **options))  # type: ignore[arg-type]
     if guard is not None:
         # the guard always shows its counters in the progress bar (when the Trainer has one)
-        callbacks.append(NaNGuard(**{**shared, "action": guard, **_kwargs("guard_kwargs", guard_kwargs)}))
+        guard_options = _kwargs("guard_kwargs", guard_kwargs, NaNGuard, ("action", "guard"))
+        callbacks.append(NaNGuard(**{**shared, "action": guard, **guard_options}))
     return callbacks

@@ -72,3 +72,23 @@ def test_fit_shares_one_measurement_per_step_and_recovers(tmp_path):
     assert "gradguard/layer_grad_norms" in acc.Tags()["histograms"]
     lr_scale = [e.value for e in acc.Scalars("gradguard/lr_scale")]
     assert math.isclose(lr_scale[-1], 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"guard": "halt", "guard_kwargs": {"action": "skip"}}, ValueError, "sets 'action', which `guard`"),
+        ({"clipping_kwargs": {"method": "norm"}}, ValueError, "`clipping_kwargs` sets 'method', which `clipping`"),
+        ({"guard": None, "guard_kwargs": {"lr_factor": 0.3}}, ValueError, "`guard=None` leaves that callback out"),
+        ({"clipping": None, "clipping_kwargs": {"z_threshold": 3.0}}, ValueError, "`clipping=None` leaves"),
+        ({"monitor": False, "monitor_kwargs": {"norm_type": 1.0}}, ValueError, "`monitor=False` leaves"),
+        ({"monitor_kwargs": {"bogus": 1}}, TypeError, r"`monitor_kwargs` has unknown keys \['bogus'\]; allowed: .*"),
+        ({"guard_kwargs": {"lr_factr": 0.3}}, TypeError, r"unknown keys \['lr_factr'\]; .*lr_factor"),
+        ({"clipping_kwargs": {"zthreshold": 3}}, TypeError, r"unknown keys \['zthreshold'\]; .*z_threshold"),
+    ],
+)
+def test_conflicting_or_unknown_keyword_arguments_are_refused_by_name(kwargs: dict, error: type, match: str) -> None:
+    """One of two settings silently won (``guard="halt"`` with ``guard_kwargs={"action": "skip"}`` gave a skipping
+    guard), options of a left-out callback were dropped, and a wrong key gave Python's bare message."""
+    with pytest.raises(error, match=match):
+        default_callbacks(**kwargs)
