@@ -157,7 +157,7 @@ def test_adam_lr_10_is_never_silently_left_at_predict_the_mean(tmp_path):
     # issue 18: default_callbacks() let this run end at exactly predict-the-mean without a word
     healthy = Regression16(lr=1e-3)
     make_trainer(tmp_path / "h", [], max_steps=200).fit(healthy)
-    cbs = default_callbacks(guard_kwargs={"action": "auto", "report_dir": str(tmp_path / "report")})
+    cbs = default_callbacks(guard="auto", guard_kwargs={"report_dir": str(tmp_path / "report")})
     model = Regression16(lr=10.0)
     trainer = make_trainer(tmp_path / "g", cbs, max_steps=200)
     try:

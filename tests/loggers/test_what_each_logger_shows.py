@@ -53,7 +53,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             max_steps=STEPS,
             logger=[tb, csv_logger, ml],
             log_every_n_steps=EVERY,
-            callbacks=default_callbacks(progress_bar=False, guard_kwargs={"action": "skip"}),
+            callbacks=default_callbacks(progress_bar=False, guard="skip"),
             enable_progress_bar=False,
             enable_model_summary=False,
             enable_checkpointing=False,
