@@ -61,7 +61,7 @@ def repeat_scalars(trainer: pl.Trainer, step: int, fresh: Mapping[str, float], b
     timeline = timeline_for(trainer)
     if timeline is None:
         return
-    log_scalars(trainer, timeline.held(step if before is None else before, fresh), step)
+    log_scalars(trainer, timeline.held(step if before is None else before, fresh, at_event=before is None), step)
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:

@@ -243,7 +243,9 @@ class LoopHost(GuardHost):
 
     def repeat_scalars(self, step: int, fresh: Mapping[str, float], before: int | None = None) -> None:
         if self.writer is not None:
-            self.emit_scalars(self.timeline.held(step if before is None else before, fresh), step)
+            self.emit_scalars(
+                self.timeline.held(step if before is None else before, fresh, at_event=before is None), step
+            )
 
     def emit_overview(
         self, step: int, reason: str, events: Sequence[Mapping[str, Any]], losses: Sequence[Sequence[float]]

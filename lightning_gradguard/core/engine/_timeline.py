@@ -178,11 +178,13 @@ class Timeline:
         s = self._series.get(tag)
         return int(s.last[0]) if s is not None and len(s.steps) else None
 
-    def held(self, before: int, fresh: Mapping[str, float] | None = None) -> dict[str, float]:
+    def held(self, before: int, fresh: Mapping[str, float] | None = None, at_event: bool = False) -> dict[str, float]:
         """The latest value of every level tag (not :data:`~lightning_gradguard.core.engine._scalars.INTERVAL_NAMES`)
         whose latest write is before step ``before``: what to write again at ``before`` so that no chart ends before
         the run did (an interval's value covers only its own steps, so it is never repeated). ``fresh``: values known
-        at ``before`` (the LR now), taken instead of the held ones of the same tags.
+        at ``before`` (the LR now), taken instead of the held ones of the same tags; ``at_event``: ``before`` is an
+        event's own step, and a fresh value goes in also where its tag was written at that very step with another
+        value (the event changed it after the write: a rollback's LR cut on a logging step).
 
         Example:
             >>> t = Timeline()
@@ -198,6 +200,17 @@ class Timeline:
                 continue
             if len(s.steps) and s.last[0] < before:
                 out[key] = float(fresh[key]) if fresh and key in fresh else s.last[1]
+            elif (
+                at_event
+                and fresh
+                and key in fresh
+                and len(s.steps)
+                and s.last[0] == before
+                and float(fresh[key]) != s.last[1]
+            ):
+                # written at this very step before the event changed it (a rollback's LR cut on a logging step):
+                # the value after the event goes in too, or the chart showed the cut one logging interval late
+                out[key] = float(fresh[key])
         return out
 
     def clear(self) -> None:

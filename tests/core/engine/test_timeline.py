@@ -106,3 +106,13 @@ def test_twins_are_not_kept_and_a_second_write_at_one_step_merges():
 def test_bad_capacity(capacity, error):
     with pytest.raises(error, match="capacity"):
         Timeline(capacity=capacity)
+
+
+def test_a_value_an_event_changed_after_its_write_at_the_same_step_is_written_again() -> None:
+    """A rollback on a logging step: the LR was written at step 90 before the cut; the cut LR goes in at 90 too
+    (the chart and the overview showed the drop one logging interval late)."""
+    t = Timeline()
+    t.update({"gradguard/lr": 0.01, "gradguard/grad_norm_max": 3.0}, 90)
+    assert t.held(90, fresh={"gradguard/lr": 0.005}, at_event=True) == {"gradguard/lr": 0.005}
+    assert t.held(90, fresh={"gradguard/lr": 0.01}, at_event=True) == {}  # unchanged: nothing to write again
+    assert t.held(90, fresh={"gradguard/lr": 0.005}) == {}  # not an event's step (the end of the fit): as before
