@@ -921,6 +921,19 @@ class GuardEngine:
         memory = self.store.compute()  # in checkpoint mode: the in-memory start state (auto: the last that fit)
         listing = "; ".join(tried) if tried else "none written yet"
         if self.snapshot_source == "memory":
+            if memory is None and self._stale_note and self.store.snapshots:
+                # the optimizers or the model changed and the older snapshots no longer load: the snapshot taken at
+                # the change is the only state of this layout; not yet confirmed, it is still better than a halt
+                # with the weights as the fault left them
+                fresh = self.store.snapshots[-1]
+                return (
+                    fresh,
+                    "",
+                    (
+                        f"the only snapshot since the change of the optimizers or the model (step {fresh.step}) is not yet "
+                        f"confirmed by {self.options.snapshot_confirm_steps} healthy steps: used"
+                    ),
+                )
             return memory, "" if memory is not None else self._stale_note, ""
         if memory is not None:
             which = "start state" if memory.step == 0 or self.options.snapshot == "checkpoint" else "snapshot"
