@@ -930,8 +930,8 @@ class GuardEngine:
                     fresh,
                     "",
                     (
-                        f"the only snapshot since the change of the optimizers or the model (step {fresh.step}) is not yet "
-                        f"confirmed by {self.options.snapshot_confirm_steps} healthy steps: used"
+                        f"the only snapshot since the change of the optimizers or the model (step {fresh.step}) is "
+                        f"not yet confirmed by {self.options.snapshot_confirm_steps} healthy steps: used"
                     ),
                 )
             return memory, "" if memory is not None else self._stale_note, ""
