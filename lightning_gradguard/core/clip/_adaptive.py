@@ -55,6 +55,7 @@ class _AdaptiveClipper(Clipper):
         self.seen = 0  # committed steps (host counter)
         self.started = False  # the warm-up is over: the reference is full and the statistics run (host flag)
         self._probation = False  # started, and the window still slides: a fall of its level resumes the warm-up
+        self._fell = False  # the probation undid a start (the norms fell) less than max_warmup steps into the run
         self.limit: Number = math.inf  # threshold in force at the last committed step
         self.pinned = False  # held at the warm-up's capped fallback for good (pin())
         self._pending: tuple[Number, Number] | None = None  # (norm, threshold) of the step awaiting its verdict
@@ -78,7 +79,9 @@ class _AdaptiveClipper(Clipper):
           :meth:`~lightning_gradguard.core.clip._warmup.WarmupReference.fell`), the statistics were learned from a
           transient (a plateau of exploding norms as long as the window looks steady while it lasts): they are
           dropped and the warm-up resumes until the window settles at the new level. A rise is never a reason: that
-          is what the statistics are there to clip.
+          is what the statistics are there to clip. A start undone this way still counts as recent for
+          :attr:`in_probation` until the probation period is over (the fall is often the network the released
+          statistics let blow up, dying: its divergence is theirs, though the cap is back in force by then).
 
         Asked from ``warmup_steps`` committed steps on (the window cannot be full earlier), then at every step until
         the probation is over: one host read per step on the tensor path, only during those first steps; nothing
@@ -86,11 +89,14 @@ class _AdaptiveClipper(Clipper):
         if self.pinned or self.seen < self.warm.size or not (self._probation or not self.started):
             return
         taken, settled, fell = self.warm.progress()
+        if taken >= self.max_warmup:
+            self._fell = False
         if self.started:
             if taken >= self.max_warmup:
                 self._probation = False
             elif fell:
                 self.started = self._probation = False
+                self._fell = True
                 self._restart()
             return
         if taken >= self.warm.size and (settled or taken >= self.max_warmup):
@@ -100,8 +106,9 @@ class _AdaptiveClipper(Clipper):
     @property
     def in_probation(self) -> bool:
         """The statistics took over from the warm-up's cap less than ``MAX_WARMUP_FACTOR`` x ``warmup_steps`` steps
-        ago (and were not found to fall since)."""
-        return self.started and self._probation and math.isfinite(self.cap)
+        into the run: they are on probation now, or the probation undid their start when the norms fell (see
+        :meth:`_maybe_start`). False without a finite cap, and once pinned."""
+        return math.isfinite(self.cap) and ((self.started and self._probation) or self._fell)
 
     def pin(self) -> bool:
         """Never (again) leave the warm-up: the threshold stays ``min(fallback_factor * median, cap)`` of the
@@ -110,7 +117,7 @@ class _AdaptiveClipper(Clipper):
         warm-up learned the norms of an exploding start). False when already pinned or without a finite cap."""
         if self.pinned or not math.isfinite(self.cap):
             return False
-        self.pinned = True
+        self.pinned, self._fell = True, False
         if self.started:
             self.started = self._probation = False
             self._restart()
@@ -183,6 +190,7 @@ class _AdaptiveClipper(Clipper):
             "seen": self.seen,
             "started": self.started,
             "probation": self._probation,
+            "fell": self._fell,
             "pinned": self.pinned,
             "limit": float(limit) if isinstance(limit, Tensor) else limit,
             "warmup": self.warm.state_dict(),
@@ -194,6 +202,7 @@ class _AdaptiveClipper(Clipper):
         self.started = bool(state.get("started", self.seen >= self.warm.size))  # older states: a step count
         self._probation = self.started and bool(state.get("probation", False))  # older states: none
         self.pinned = bool(state.get("pinned", False))
+        self._fell = bool(state.get("fell", False)) and not self.pinned
         limit = float(state.get("limit", math.inf))
         if not limit > TINY_NORM:  # a threshold of 0 (learned from zero norms by an older version) never stands
             limit = math.inf
