@@ -5,7 +5,7 @@ Unguarded it ends in NaN; ``gradient_clip_val=1.0`` learns it. Under ``default_c
 the first 10 steps at ``fallback_max_norm``, then its statistics learn the still exploding norms and let them
 through: the loss blows up. That blow-up comes while the statistics are on probation, so the guard's rollback holds
 the clip at its cap instead of cutting the LR (or, where the units died first, the dead-network restart does the
-same), and the run learns at the user's LR. Asserted on seed 0 against the fixed clip's own result of the same seed
+same), and the run learns at the user's LR. Asserted on seeds 0 and 2 against the fixed clip's own result of the same seed
 (with a margin: the two trajectories differ), and the guard's events read back.
 """
 
@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 if str(BENCH) not in sys.path:
@@ -41,12 +42,15 @@ def _fit(callbacks: list, seed: int = 0, **trainer_kwargs) -> bench.DeepMLP:
     return model
 
 
-def test_the_defaults_hold_the_clip_cap_and_learn_where_the_fixed_clip_learns():
-    clipped = _fit([], gradient_clip_val=1.0).accuracy()
+@pytest.mark.parametrize("seed", [0, 2])
+def test_the_defaults_hold_the_clip_cap_and_learn_where_the_fixed_clip_learns(seed):
+    # seed 2: the released statistics let the norms through, the network died within a few steps and the probation
+    # undid the start (the cap was back) before the divergence was judged; that divergence is still theirs
+    clipped = _fit([], seed=seed, gradient_clip_val=1.0).accuracy()
     assert clipped > 0.7  # the case: the fixed clip learns it
     callbacks = list(default_callbacks())
     guard = next(c for c in callbacks if isinstance(c, NaNGuard))
-    guarded = _fit(callbacks).accuracy()
+    guarded = _fit(callbacks, seed=seed).accuracy()
     assert guarded > 0.7, (guarded, clipped, guard.events)
     held = [e for e in guard.events if "held at its warm-up cap (fallback_max_norm)" in str(e.get("reason"))]
     assert held, guard.events

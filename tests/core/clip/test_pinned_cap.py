@@ -76,3 +76,31 @@ def test_the_probation_is_the_first_max_warmup_factor_windows_after_the_start(pa
     feed(clipper, noisy(100, seed=8))
     assert not clipper.in_probation  # 10 x warmup_steps later: settled for good
     assert not ZScoreClipper(fallback_max_norm=None).in_probation  # (no cap: nothing a divergence could pin)
+
+
+@pytest.mark.parametrize("cls", [ZScoreClipper, PercentileClipper])
+def test_a_start_the_probation_undid_still_counts_as_recent_until_the_probation_ends(path, cls):  # noqa: F811
+    """The statistics take over from a steady window of exploding norms (1000), which they then let through; the
+    network dies and its norms fall 1000x: the probation undoes the start and the cap is back in force. A divergence
+    judged now is still the released statistics' doing (:attr:`in_probation` True, so the guard holds the cap rather
+    than cut the LR) until the probation period (``MAX_WARMUP_FACTOR`` x ``warmup_steps`` steps) is over."""
+    clipper = cls(warmup_steps=10)
+    _, _, warm = feed(clipper, 1000.0 * noisy(12, seed=9))
+    assert not warm[-1] and clipper.in_probation  # took over from the cap two steps ago
+    undone = []
+    for v in noisy(12, seed=10):  # the fall: the start is undone, the warm-up (and its cap) back for a while
+        _, _, warm = feed(clipper, [v])
+        assert clipper.in_probation  # before: False while warming up again (a warm-up was never "recent")
+        if warm[-1] and not undone:
+            undone.append(True)
+            again = cls(warmup_steps=10)
+            again.load_state_dict(clipper.state_dict())  # the state round-trips
+            assert again.in_probation
+    assert undone
+    feed(clipper, noisy(100, seed=11))
+    assert not clipper.in_probation  # the probation period is over
+    pinned = cls(warmup_steps=10)
+    feed(pinned, 1000.0 * noisy(12, seed=9))
+    feed(pinned, noisy(7, seed=10))
+    assert pinned.warming_up and pinned.in_probation and pinned.pin()
+    assert not pinned.in_probation  # pinned: nothing left to hold
