@@ -7,7 +7,8 @@ robust baseline of the recent *healthy* values of one loss stream and flags:
 - **loss jump**: the loss stays above ``jump_factor`` x the scale of its recent healthy values for ``persist`` steps
   in a row (one bad batch is a spike, the clipper's business; a loss that stays far up is a diverged model);
 - **gradient norm**: the pre-clip norm stays above ``grad_factor`` x the median of the recent healthy norms for
-  ``persist`` steps in a row. Zero gradients (a masked batch, a satisfied margin loss) are no reference.
+  ``persist`` steps in a row, erratic or growing as a jumped loss must be (below). Zero gradients (a masked batch, a
+  satisfied margin loss) are no reference.
 
 What "far above" means is written so that no healthy loss shape trips it:
 
@@ -22,7 +23,10 @@ What "far above" means is written so that no healthy loss shape trips it:
   jumped losses must span ``erratic_span`` x or more, or end twice as high as they started: a model blown up by a
   too-high LR swings by orders of magnitude or keeps climbing. A far level that holds steady or falls is a new level,
   not a blown-up model (a curriculum step to a harder, larger task; an easy first batch of a fine-tuned model; a
-  nearly masked one): it becomes the reference. No rule's reference is a single batch;
+  nearly masked one): it becomes the reference. The gradient norm is held to the same test (:func:`holds_level`):
+  a class-incremental curriculum whose first task was separable (norms ~1e-3, then ~7 on the whole task: 5000x)
+  is a new level; rolled back, the same jump met the restored state on the next batches, three times, then a halt.
+  No rule's reference is a single batch;
 - values beyond the factors never enter the baselines, so a blow-up cannot become its own reference.
 
 The slow climb of a loss that a moving baseline would follow is the stability controller's business
@@ -64,6 +68,16 @@ def spread(values: deque[float] | list[float], center: float) -> float:
     if not values:
         return 0.0
     return sum(abs(v - center) for v in values) / len(values)
+
+
+def holds_level(jumped: list[float], swing: list[float], erratic_span: float) -> bool:
+    """Whether far values (``jumped``: the run of them, oldest first; ``swing``: the values whose span is judged)
+    are a new level rather than a blow-up: they span less than ``erratic_span`` x and end less than twice as high as
+    they started. A model blown up by a too-high LR swings by orders of magnitude or keeps climbing; a new task's or
+    new data's level holds or falls as the model learns it."""
+    low, high = min(swing), max(swing)
+    erratic = low > 0 and high >= erratic_span * low
+    return not erratic and jumped[-1] < 2.0 * jumped[0]
 
 
 def _finite(x: float) -> bool:
@@ -142,6 +156,7 @@ class DivergenceDetector:
         self._jumped: list[float] = []  # the losses of the current jump
         self._thin_seen: list[float] = []  # every loss judged while the reference is thin
         self._grad_run = 0
+        self._grad_jumped: list[float] = []  # the norms of the current far run
         self._last_unsettled: int | None = None  # judged steps since the last unsettled one (None: none seen)
         self.loss_reference: float | None = None
         self.loss_scale: float | None = None
@@ -199,7 +214,7 @@ class DivergenceDetector:
     def restart_runs(self) -> None:
         """Forget the counting in progress but keep the baselines (after a rollback to a healthy state)."""
         self._loss_run = self._grad_run = 0
-        self._jumped = []
+        self._jumped, self._grad_jumped = [], []
         self._thin_seen = []
         self._last_unsettled = None
 
@@ -271,10 +286,7 @@ class DivergenceDetector:
             return False
         jumped_run = self._jumped
         # erratic: the losses swing over erratic_span (with a thin reference, every loss since it, dips included)
-        swing = self._thin_seen if thin else jumped_run
-        low, high = min(swing), max(swing)
-        erratic = low > 0 and high >= self.erratic_span * low
-        if not erratic and jumped_run[-1] < 2.0 * jumped_run[0]:
+        if holds_level(jumped_run, self._thin_seen if thin else jumped_run, self.erratic_span):
             # a level that holds steady or falls: a new task or data (a curriculum step), or a thin reference that
             # was unrepresentative; the model is learning it, it did not blow up
             self._loss_run, self._jumped, self._thin_seen = 0, [], []
@@ -300,14 +312,31 @@ class DivergenceDetector:
         self.grad_reference = ref
         if norm > self.grad_unsettled_factor * ref + 1e-30:
             self._last_unsettled = 0
-        far = norm > self.grad_factor * ref + 1e-30
-        self._grad_run = self._grad_run + 1 if far else 0
-        if not far:
-            self._norms.append(norm)
-            self._long_count += 1
-            if self._long_count % LONG_EVERY == 0:
-                self._long.append(norm)
-        return self._grad_run >= self.persist
+        if not norm > self.grad_factor * ref + 1e-30:
+            self._grad_run, self._grad_jumped = 0, []
+            self._learn_norm(norm)
+            return False
+        self._grad_run += 1
+        self._grad_jumped.append(norm)
+        if self._grad_run < self.persist:
+            return False
+        jumped = self._grad_jumped
+        if holds_level(jumped, jumped, self.erratic_span):
+            # a far level that holds or falls: the gradient scale of a new task or new data (a class-incremental
+            # step, a loss weight raised), not a blown-up model: it becomes the reference, as a loss level does
+            self._grad_run, self._grad_jumped = 0, []
+            self._norms.clear()
+            for value in jumped:
+                self._learn_norm(value)
+            return False
+        return True  # erratic or climbing: divergence (the run keeps counting while it lasts)
+
+    def _learn_norm(self, norm: float) -> None:
+        """A norm accepted as healthy: into the recent window, and every LONG_EVERY-th one into the long-run level."""
+        self._norms.append(norm)
+        self._long_count += 1
+        if self._long_count % LONG_EVERY == 0:
+            self._long.append(norm)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -318,6 +347,7 @@ class DivergenceDetector:
             "start": self._start,
             "runs": [self._loss_run, 0, self._grad_run],
             "jumped": list(self._jumped),
+            "grad_jumped": list(self._grad_jumped),
             "thin_seen": list(self._thin_seen),
             "last_unsettled": self._last_unsettled,
         }
@@ -337,6 +367,7 @@ class DivergenceDetector:
         runs = list(state.get("runs", [0, 0, 0])) + [0, 0, 0]
         self._loss_run, self._grad_run = int(runs[0]), int(runs[2])
         self._jumped = [float(v) for v in state.get("jumped", [])]
+        self._grad_jumped = [float(v) for v in state.get("grad_jumped", [])]
         self._thin_seen = [float(v) for v in state.get("thin_seen", [])]
         last = state.get("last_unsettled")
         self._last_unsettled = None if last is None else int(last)

@@ -88,9 +88,33 @@ def test_a_slow_climb_is_not_divergence():
 
 
 def test_gradient_norm_far_beyond_its_baseline_for_several_steps():
-    norms = [1.0] * 40 + [5e3] * 2 + [1.0] * 10 + [5e3] * 5
+    climbing = [5e3 * 1.5**i for i in range(5)]  # a blow-up keeps climbing
+    norms = [1.0] * 40 + [5e3] * 2 + [1.0] * 10 + climbing
     flagged = run(DivergenceDetector(persist=3), [1.0] * len(norms), norms)
     assert flagged == [54, 55, 56]  # the two-step burst passes; the sustained one is flagged from its 3rd step
+    erratic = [1.0] * 40 + [5e3, 2e5, 8e3, 1e6]  # or swings over an order of magnitude
+    assert run(DivergenceDetector(persist=3), [1.0] * len(erratic), erratic) == [42, 43]
+
+
+def test_a_far_gradient_level_that_holds_or_falls_is_a_new_level():
+    """A class-incremental curriculum: the first task is separable, so cross-entropy drives the norm to ~1e-3; on the
+    whole task it is ~7 (5000x) and falls as the model learns. That is the task's gradient scale, not a blown-up model
+    (a rollback restored a state that met the same jump on the next batches, three times, then halted): the far norms
+    become the reference, as a far loss level that holds does, and only a further blow-up from there is flagged."""
+    rng = random.Random(1)
+    converged = [1e-3 * (1 + 0.3 * rng.random()) for _ in range(200)]
+    new_task = [7.0 * (1 + 0.15 * rng.random()) * 0.995**i for i in range(200)]
+    det = DivergenceDetector()
+    assert not any(det.update(0.01, n)[1] for n in converged + new_task)
+    assert det.grad_reference is not None and det.grad_reference > 1.0  # the new level is the reference
+    assert [det.update(0.01, n)[1] for n in (2e4, 6e4, 2e5)] == [False, False, True]  # a blow-up from it still is
+    again = DivergenceDetector()  # a far run in progress survives a checkpoint
+    det = DivergenceDetector()
+    for n in [*converged, 7.0]:
+        det.update(0.01, n)
+    again.load_state_dict(det.state_dict())
+    assert again.state_dict() == det.state_dict()
+    assert [again.update(0.01, n)[1] for n in (7.5, 7.2)] == [det.update(0.01, n)[1] for n in (7.5, 7.2)] == [False] * 2
 
 
 def test_nonfinite_values_are_neither_judged_nor_learned_and_state_round_trips():
