@@ -79,6 +79,12 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
   for the whole run, and a solution that depends on its first steps [the clipper's warm-up cap and z-score
   threshold on a healthy stiff loss: a known harm, see RESULTS.md].
 - ``dropout_noisy``: an MLP with dropout 0.3 [a noisy loss stream].
+- ``class_incremental``: digits classes 0 and 1 only for 1400 steps, then all ten: the first task is separable, so
+  its gradient norm falls to ~1e-3, and the whole task's is ~7 [a gradient norm 5000x its reference that holds:
+  the new task's scale, not a blow-up].
+- ``sparse_reward_chain``: REINFORCE on a 10-state chain whose only reward (100) waits at the far end: until the
+  first successes only the entropy bonus has a gradient (~0.01), then each batch with a success has norms of 20-160
+  [sparse, legitimately huge gradients that become the rule as the policy learns].
 
 Faults (not healthy without a tool; a different pass criterion): ``corrupt_label_20`` and ``corrupt_label_5``: every
 20th / 5th batch carries one corrupt regression label (1e30): the loss is inf, the gradient finite (~1e29) and
@@ -1279,6 +1285,85 @@ def _fp16_kwargs() -> dict[str, Any]:
 # The registry
 
 
+class ClassIncremental(ZooModule):
+    """Digits MLP 64 -> 128 -> 10 (Adam 1e-3, batch 32) shown classes 0 and 1 only until step ``switch``, then every
+    class; metric: validation accuracy on all ten. Batches are drawn inside ``training_step`` (seeded by the batch
+    index), from the pool the curriculum allows at that step."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int, switch: int = 1400) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=1e-3)
+        self.switch = switch
+        self.net = mlp([64, 128, 10])
+        self.x, self.y, self.val_x, self.val_y = digits(seed)
+        self.easy = torch.nonzero(self.y <= 1).squeeze(1)
+        self.train_tensors = (torch.arange(steps * 32),)  # only the batch index matters
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(self.seed) * 100_003 + int(batch_idx))
+        pool = self.easy if self.global_step < self.switch else torch.arange(len(self.y))
+        idx = pool[torch.randint(0, len(pool), (32,), generator=g)]
+        return F.cross_entropy(self.net(self.x[idx]), self.y[idx])
+
+    def metric(self) -> float:
+        return float((self.net(self.val_x).argmax(1) == self.val_y).float().mean())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.train_tensors), batch_size=32)
+
+
+class SparseRewardChain(ZooModule):
+    """REINFORCE on a chain of ``length`` + 1 states: start at 0, step left or right, reward ``reward`` on reaching
+    the end within ``length + 4`` moves, nothing otherwise. Policy: MLP on the one-hot state (32 hidden units), Adam
+    1e-2; 32 episodes per step rolled out inside ``training_step`` (on-policy, torch's global generator); batch-mean
+    baseline and an entropy bonus of 0.01. Metric: 1 - the exact probability that the stochastic policy reaches the
+    end within the horizon (dynamic programming over the states; lower is better)."""
+
+    def __init__(self, seed: int, steps: int, length: int = 10, reward: float = 100.0) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=1e-2)
+        self.length, self.reward, self.horizon = length, reward, length + 4
+        self.pi = mlp([length + 1, 32, 2])
+        self.train_tensors = (torch.arange(steps * 32),)
+
+    def _onehot(self, s: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(s, self.length + 1).float()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        n = len(batch[0])
+        s = torch.zeros(n, dtype=torch.long)
+        done = torch.zeros(n, dtype=torch.bool)
+        logps, ents = [], []
+        for _ in range(self.horizon):
+            logp = F.log_softmax(self.pi(self._onehot(s)), 1)
+            a = torch.multinomial(logp.exp().detach(), 1).squeeze(1)
+            logps.append(logp.gather(1, a[:, None]).squeeze(1) * (~done))
+            ents.append(-(logp.exp() * logp).sum(1) * (~done))
+            s = torch.where(done, s, torch.clamp(s + 2 * a - 1, 0, self.length))
+            done = done | (s == self.length)
+        r = done.float() * self.reward
+        pg = -((r - r.mean()) * torch.stack(logps).sum(0)).mean()
+        return pg - 0.01 * torch.stack(ents).sum(0).mean()
+
+    def metric(self) -> float:
+        right = F.softmax(self.pi(self._onehot(torch.arange(self.length + 1))), 1)[:, 1]
+        dist = torch.zeros(self.length + 1)
+        dist[0] = 1.0
+        reached = 0.0
+        for _ in range(self.horizon):
+            nxt = torch.zeros_like(dist)
+            for st in range(self.length):
+                nxt[st + 1] += dist[st] * right[st]
+                nxt[max(st - 1, 0)] += dist[st] * (1 - right[st])
+            reached += float(nxt[self.length])
+            nxt[self.length] = 0.0
+            dist = nxt
+        return 1.0 - reached
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.train_tensors), batch_size=32)
+
+
 @dataclass(frozen=True)
 class Shape:
     """One zoo entry: how to build it, how long it trains, how to read its metric."""
@@ -1640,6 +1725,24 @@ _SHAPES: list[Shape] = [
         1000,
         "RMSE against the exact solution",
         cost=2.0,
+    ),
+    Shape(
+        "class_incremental",
+        "digits classes 0-1 for 1400 steps (norms fall to ~1e-3), then all 10 (norms ~7: 5000x)",
+        ClassIncremental,
+        1800,
+        ACC,
+        higher_is_better=True,
+        cost=2.0,
+    ),
+    Shape(
+        "sparse_reward_chain",
+        "REINFORCE on a 10-state chain, reward only at the end (norms ~0.01, then 20-160 on successes)",
+        SparseRewardChain,
+        800,
+        "1 - P(reaching the end)",
+        tolerance="travel",
+        cost=4.0,
     ),
     # faults: not healthy without a tool; judged against the run in which the corrupt batches are dropped
     Shape(

@@ -164,6 +164,9 @@ class DivergenceDetector:
         #: the last loss divergence was judged against a thin reference (fewer than ``min_samples`` healthy losses,
         #: maybe one batch): the guard tests it on the batch itself before acting (:meth:`beyond`, :meth:`adopt_level`)
         self.thin_verdict = False
+        #: at some step of the current run of far gradient norms the loss was a jump above the run's start level
+        #: (:meth:`above_start`): the far norms are then no new level of a sound model
+        self.loss_left = False
 
     def beyond(self, loss: float, reference: float) -> bool:
         """Whether ``loss`` is a jump above ``reference`` (another state's loss on the same batch): above it by
@@ -214,7 +217,7 @@ class DivergenceDetector:
     def restart_runs(self) -> None:
         """Forget the counting in progress but keep the baselines (after a rollback to a healthy state)."""
         self._loss_run = self._grad_run = 0
-        self._jumped, self._grad_jumped = [], []
+        self._jumped, self._grad_jumped, self.loss_left = [], [], False
         self._thin_seen = []
         self._last_unsettled = None
 
@@ -243,7 +246,7 @@ class DivergenceDetector:
         if self._last_unsettled is not None:
             self._last_unsettled += 1
         loss_bad = self._judge_loss(loss)
-        grad_bad = self._judge_grad(grad_norm) if _finite(grad_norm) else False
+        grad_bad = self._judge_grad(grad_norm, loss) if _finite(grad_norm) else False
         return loss_bad, grad_bad
 
     def _learn(self, loss: float) -> None:
@@ -297,7 +300,18 @@ class DivergenceDetector:
         self.thin_verdict = thin
         return True  # erratic or climbing: divergence (the run keeps counting while it lasts)
 
-    def _judge_grad(self, norm: float) -> bool:
+    def above_start(self, loss: float) -> bool:
+        """Whether ``loss`` is a jump above the run's start level (the untrained model's loss): above it by
+        ``jump_factor - 1`` times ``floor x |start|``, the jump a loss near 0 must make. Anchored to the start, so no
+        level adopted since moves it: a corrupt shard (inputs x1e4: losses in the hundreds where the run started at
+        2.3) stays far above it however long it lasts; a new task's loss (a class-incremental step) does not. True
+        while the start is not known yet, and for a start of exactly 0 (nothing to anchor to)."""
+        start = self._start
+        if start is None or start == 0.0:
+            return True
+        return loss > start + (self.jump_factor - 1.0) * self.floor * abs(start)
+
+    def _judge_grad(self, norm: float, loss: float) -> bool:
         if not norm > 1e-30:
             return False  # a zero gradient (a masked batch, a satisfied margin) is no reference and no divergence
         if len(self._norms) < self.min_samples:
@@ -313,18 +327,22 @@ class DivergenceDetector:
         if norm > self.grad_unsettled_factor * ref + 1e-30:
             self._last_unsettled = 0
         if not norm > self.grad_factor * ref + 1e-30:
-            self._grad_run, self._grad_jumped = 0, []
+            self._grad_run, self._grad_jumped, self.loss_left = 0, [], False
             self._learn_norm(norm)
             return False
         self._grad_run += 1
         self._grad_jumped.append(norm)
+        self.loss_left = self.loss_left or self.above_start(loss)
         if self._grad_run < self.persist:
             return False
         jumped = self._grad_jumped
-        if holds_level(jumped, jumped, self.erratic_span):
-            # a far level that holds or falls: the gradient scale of a new task or new data (a class-incremental
-            # step, a loss weight raised), not a blown-up model: it becomes the reference, as a loss level does
-            self._grad_run, self._grad_jumped = 0, []
+        if not self.loss_left and holds_level(jumped, jumped, self.erratic_span):
+            # a far level that holds or falls while the loss stays within a jump of the untrained model's: the
+            # gradient scale of a new task or new data (a class-incremental step, a loss weight raised), not a
+            # blown-up model: it becomes the reference, as a loss level does. With the loss far above the start at
+            # any step of the run (a corrupt shard, inputs x1e4, whose steady loss level the loss rule may have
+            # adopted; a blown-up model), the norms stay a divergence: the guard's rerun tells the two apart
+            self._grad_run, self._grad_jumped, self.loss_left = 0, [], False
             self._norms.clear()
             for value in jumped:
                 self._learn_norm(value)
@@ -348,6 +366,7 @@ class DivergenceDetector:
             "runs": [self._loss_run, 0, self._grad_run],
             "jumped": list(self._jumped),
             "grad_jumped": list(self._grad_jumped),
+            "loss_left": self.loss_left,
             "thin_seen": list(self._thin_seen),
             "last_unsettled": self._last_unsettled,
         }
@@ -368,6 +387,7 @@ class DivergenceDetector:
         self._loss_run, self._grad_run = int(runs[0]), int(runs[2])
         self._jumped = [float(v) for v in state.get("jumped", [])]
         self._grad_jumped = [float(v) for v in state.get("grad_jumped", [])]
+        self.loss_left = bool(state.get("loss_left", False))
         self._thin_seen = [float(v) for v in state.get("thin_seen", [])]
         last = state.get("last_unsettled")
         self._last_unsettled = None if last is None else int(last)
