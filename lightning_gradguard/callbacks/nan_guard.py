@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_gradguard.callbacks import _checkpoint_snapshots as ckpts
 from lightning_gradguard.callbacks._log_writer import ProgressBarValues
@@ -28,6 +28,7 @@ from lightning_gradguard.core.engine import EngineField, GuardEngine, check_guar
 from lightning_gradguard.core.engine._options import OPTION_NAMES
 from lightning_gradguard.core.guard import GuardCause, GuardDecision
 from lightning_gradguard.core.recover._lr_scaling import is_known_scheduler
+from lightning_gradguard.core.recover._lr_watch import LrWatch, keep_cut
 from lightning_gradguard.core.recover._snapshot import check_snapshot_covers
 
 __all__ = ["GuardCause", "GuardDecision", "NaNGuard"]
@@ -276,6 +277,8 @@ class NaNGuard(Callback):
         self._stepped = False
         self._judged: tuple[int, Any] = (-1, None)  # the step and optimizer judged last (closure re-evaluations)
         self._record: Any = None
+        self._lr_watch: LrWatch | None = None  # the LRs as the guard left them, while a cut is in force
+        self._lr_told = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -339,6 +342,7 @@ class NaNGuard(Callback):
         self._bar.reset()
         self._bar_events = 0  # events counted into the progress bar (Lightning cleared the bar's values)
         self._loss, self._stepped, self._record = None, False, None
+        self._lr_watch, self._lr_told = None, False
         self._host = TrainerHost(trainer, pl_module, self.files, self._out_dir)
         self.engine.configure(self.engine.options)
         self.engine.start(self._host, trainer.global_step)
@@ -392,6 +396,8 @@ class NaNGuard(Callback):
             self._loss = None  # a further closure evaluation of the step already judged
             return
         self._judged = (step, optimizer)
+        if self.engine.lr_scale != 1.0 and self._lr_watch is not None:
+            self._keep_lr_cut(trainer)
         stats = grad_stats_for(trainer, pl_module, optimizer, step=step)
         self._record = step_record(trainer, step)
         optimizers = trainer.optimizers
@@ -424,11 +430,28 @@ class NaNGuard(Callback):
         if record is not None and not record.dropped:
             flags = [getattr(c, "clipped", False) for c in record.clips.values()]
         flagged = engine.end_step(step, flags)
+        if engine.lr_scale != 1.0:  # the LRs as the guard leaves them: a later write by hand is found and re-cut
+            self._lr_watch = LrWatch(list(trainer.optimizers), [c.scheduler for c in trainer.lr_scheduler_configs])
         every: int = options.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50
         if not flagged and log_due(trainer, every):
             engine.write_scalars(step)
         if len(engine.events) != self._bar_events and getattr(pl_module, "_current_fx_name", None) is not None:
             self._show_counters(trainer, pl_module, engine.events, step)
+
+    def _keep_lr_cut(self, trainer: pl.Trainer) -> None:
+        """While an LR cut is in force: a ``training_step`` that wrote a param group's LR by hand (a schedule of its
+        own, nanoGPT-style) replaced the cut value; the cut is put on top of the value written, as the plain loop's
+        ``GradGuard`` does (``lr_overwrite="reapply"``). LRs a registered scheduler set already carry the cut."""
+        watch = self._lr_watch
+        written = keep_cut(watch, list(trainer.optimizers), self.engine.lr_scale) if watch is not None else []
+        if written and not self._lr_told:
+            self._lr_told = True
+            first = written[0]
+            rank_zero_info(
+                f"NaNGuard: the learning rate was set by hand (optimizer {first.optimizer}, param group "
+                f"{first.group}: {first.left:.6g} -> {first.now:.6g}) while the LR cut is in force: "
+                f"lr_scale={self.engine.lr_scale:.6g} re-applied to the written value (said once)"
+            )
 
     def _show_counters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, events: list, step: int) -> None:
         """The guard's actions in the progress bar: one counter per kind of event (``skips``, ``rollbacks``,

@@ -34,7 +34,7 @@ from lightning_gradguard.plain._loop_host import (
     check_loop_objects,
     unwrap_model,
 )
-from lightning_gradguard.plain._lr_watch import LR_OVERWRITE, LrWatch, reapply_scale
+from lightning_gradguard.core.recover._lr_watch import LR_OVERWRITE, LrWatch, keep_cut
 
 __all__ = ["GradGuard"]
 
@@ -419,9 +419,7 @@ class GradGuard:
                     stacklevel=3,
                 )
             return
-        for item in written:
-            reapply_scale(self.optimizers[item.optimizer], item.group, scale)
-        self._lrs.record()
+        keep_cut(self._lrs, self.optimizers, scale, written)
         if not told and self._host.is_global_zero():
             logging.getLogger(self._logger_name).info(
                 "%s: the learning rate was set by hand (%s) while the LR cut is in force: lr_scale=%.6g re-applied "

@@ -1,4 +1,4 @@
-"""Learning rates a hand-written loop sets by hand, found so that the guard's LR cut stays in force.
+"""Learning rates a training loop sets by hand, found so that the guard's LR cut stays in force.
 
 Many loops write the LR themselves every iteration (nanoGPT: ``param_group["lr"] = get_lr(it)``). Such a write
 replaces whatever the guard left in the param group, so a cut made by a rollback or the stability controller (which
@@ -8,7 +8,8 @@ and of ``after_step``) and, when asked, names the groups whose LR changed since 
 scheduler's: a scheduler that stepped reports the new LR as its own last LR (``_last_lr``, kept by every
 ``torch.optim.lr_scheduler`` class, composites and ``ReduceLROnPlateau`` included), so a scheduler stepped before
 or after ``after_step`` is never taken for a hand-set LR. :func:`reapply_scale` puts the cut on top of the value the
-loop wrote.
+loop wrote; :func:`keep_cut` does it for every such group. The plain loop's ``GradGuard`` and the Lightning
+``NaNGuard`` (a ``training_step`` that writes ``self.optimizers().param_groups[i]["lr"]``) both use it.
 
 A scheduler the guard was not given cannot be told apart from a hand-set LR by its values, and re-applying the cut
 after each step of a recursive one (``lr <- lr * gamma``, which already carries the cut) would compound it. Every
@@ -120,3 +121,17 @@ def reapply_scale(optimizer: torch.optim.Optimizer, group: int, scale: float) ->
         lr.mul_(scale)  # keep the tensor object (capturable/fused optimizers hold it)
     else:
         param_group["lr"] = lr * scale
+
+
+def keep_cut(
+    watch: LrWatch, optimizers: list[Any], scale: float, written: list[HandSetLr] | None = None
+) -> list[HandSetLr]:
+    """Re-apply ``scale`` (the guard's LR cut) to every param group of ``optimizers`` whose LR was set by hand since
+    ``watch`` last recorded (``written``: :meth:`LrWatch.hand_set`'s answer, when already asked), then record;
+    returns those groups (empty: nothing was written by hand)."""
+    written = watch.hand_set() if written is None else written
+    for item in written:
+        reapply_scale(_raw(optimizers[item.optimizer]), item.group, scale)
+    if written:
+        watch.record()
+    return written
