@@ -870,8 +870,7 @@ class StabilityController:
         act = self._lr_grew(w) and not partial
         learned = w.start_loss - w.best
         share = (
-            f", {100.0 * (w.new_loss - w.best) / learned:.0f}% of what the run learned (first loss "
-            f"{_g(w.start_loss)})"
+            f", {100.0 * (w.new_loss - w.best) / learned:.0f}% of what the run learned (first loss {_g(w.start_loss)})"
             if partial and learned > 0
             else ""
         )
