@@ -5,8 +5,8 @@ Unguarded it ends in NaN; ``gradient_clip_val=1.0`` learns it. Under ``default_c
 the first 10 steps at ``fallback_max_norm``, then its statistics learn the still exploding norms and let them
 through: the loss blows up. That blow-up comes while the statistics are on probation, so the guard's rollback holds
 the clip at its cap instead of cutting the LR (or, where the units died first, the dead-network restart does the
-same), and the run learns at the user's LR. Asserted on seeds 0 and 2 against the fixed clip's own result of the same seed
-(with a margin: the two trajectories differ), and the guard's events read back.
+same), and the run learns at the user's LR. Asserted on seeds 0 and 2 against the fixed clip's own result of the
+same seed (with a margin: the two trajectories differ), and the guard's events read back.
 """
 
 from __future__ import annotations

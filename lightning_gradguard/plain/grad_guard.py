@@ -25,6 +25,7 @@ from lightning_gradguard.core.clip import Clipper, ClipRecord
 from lightning_gradguard.core.engine import EngineField, GuardEngine, check_guard_options
 from lightning_gradguard.core.guard import GuardDecision
 from lightning_gradguard.core.guard._step_judge import Verdict
+from lightning_gradguard.core.recover._lr_watch import LR_OVERWRITE, LrWatch, keep_cut
 from lightning_gradguard.plain._clip_slots import ClipSlots
 from lightning_gradguard.plain._distributed import MaxReducer, Reduce, rank_and_world
 from lightning_gradguard.plain._loop_host import (
@@ -34,7 +35,6 @@ from lightning_gradguard.plain._loop_host import (
     check_loop_objects,
     unwrap_model,
 )
-from lightning_gradguard.core.recover._lr_watch import LR_OVERWRITE, LrWatch, keep_cut
 
 __all__ = ["GradGuard"]
 

@@ -88,7 +88,8 @@ def test_the_cut_stays_in_force_when_the_lr_is_written_by_hand(tmp_path, caplog,
     rollbacks = [e for e in guard.events if e["kind"] == "rollback"]
     assert len(rollbacks) == 2, guard.events
     cut_at = rollbacks[-1]["step"]
-    assert rollbacks[-1]["lr_scale"] == 0.5 and guard.lr_scale == 0.5
+    assert rollbacks[-1]["lr_scale"] == 0.5
+    assert guard.lr_scale == 0.5
     later = [s for s in model.used if s > cut_at + 1]
     assert len(later) > 50
     for s in later:  # every later update used the schedule's value times the cut (before: the schedule's own)

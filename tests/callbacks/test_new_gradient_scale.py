@@ -20,7 +20,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.nn import functional as F  # noqa: N812
 
 from lightning_gradguard import NaNGuard, default_callbacks
 from tests.models import make_trainer

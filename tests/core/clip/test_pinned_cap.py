@@ -86,7 +86,8 @@ def test_a_start_the_probation_undid_still_counts_as_recent_until_the_probation_
     than cut the LR) until the probation period (``MAX_WARMUP_FACTOR`` x ``warmup_steps`` steps) is over."""
     clipper = cls(warmup_steps=10)
     _, _, warm = feed(clipper, 1000.0 * noisy(12, seed=9))
-    assert not warm[-1] and clipper.in_probation  # took over from the cap two steps ago
+    assert not warm[-1]
+    assert clipper.in_probation  # took over from the cap two steps ago
     undone = []
     for v in noisy(12, seed=10):  # the fall: the start is undone, the warm-up (and its cap) back for a while
         _, _, warm = feed(clipper, [v])
@@ -102,5 +103,7 @@ def test_a_start_the_probation_undid_still_counts_as_recent_until_the_probation_
     pinned = cls(warmup_steps=10)
     feed(pinned, 1000.0 * noisy(12, seed=9))
     feed(pinned, noisy(7, seed=10))
-    assert pinned.warming_up and pinned.in_probation and pinned.pin()
+    assert pinned.warming_up
+    assert pinned.in_probation
+    assert pinned.pin()
     assert not pinned.in_probation  # pinned: nothing left to hold

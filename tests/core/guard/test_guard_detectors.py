@@ -106,7 +106,8 @@ def test_a_far_gradient_level_that_holds_or_falls_is_a_new_level():
     new_task = [7.0 * (1 + 0.15 * rng.random()) * 0.995**i for i in range(200)]
     det = DivergenceDetector()
     assert not any(det.update(0.01, n)[1] for n in converged + new_task)
-    assert det.grad_reference is not None and det.grad_reference > 1.0  # the new level is the reference
+    assert det.grad_reference is not None
+    assert det.grad_reference > 1.0  # the new level is the reference
     assert [det.update(0.01, n)[1] for n in (2e4, 6e4, 2e5)] == [False, False, True]  # a blow-up from it still is
     again = DivergenceDetector()  # a far run in progress survives a checkpoint
     det = DivergenceDetector()
