@@ -369,8 +369,14 @@ class NaNGuard(Callback):
 
     # ------------------------------------------------------------------ per step: the engine's calls
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        self.engine.open_window(pl_module)  # first micro-batch of an optimizer step: buffers as they were
-        self.engine.add_batch(batch, batch_idx)
+        engine = self.engine
+        first = not engine._window_open
+        engine.open_window(pl_module)  # first micro-batch of an optimizer step: buffers as they were
+        if first and engine.lr_scale != 1.0:
+            # the LRs as the step starts (the schedulers stepped, the engine's ceiling clamped): what training_step
+            # writes into them from here is found and re-cut (_keep_lr_cut)
+            self._lr_watch = LrWatch(list(trainer.optimizers), [c.scheduler for c in trainer.lr_scheduler_configs])
+        engine.add_batch(batch, batch_idx)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         value = loss.detach()
@@ -430,8 +436,6 @@ class NaNGuard(Callback):
         if record is not None and not record.dropped:
             flags = [getattr(c, "clipped", False) for c in record.clips.values()]
         flagged = engine.end_step(step, flags)
-        if engine.lr_scale != 1.0:  # the LRs as the guard leaves them: a later write by hand is found and re-cut
-            self._lr_watch = LrWatch(list(trainer.optimizers), [c.scheduler for c in trainer.lr_scheduler_configs])
         every: int = options.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50
         if not flagged and log_due(trainer, every):
             engine.write_scalars(step)

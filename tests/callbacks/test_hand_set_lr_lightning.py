@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -104,3 +106,41 @@ def test_a_run_whose_lr_was_never_cut_is_not_touched(tmp_path):
     guard = _fit(tmp_path, model)
     assert [e["lr_scale"] for e in guard.events if e["kind"] == "rollback"] == [1.0]
     assert all(lr == pytest.approx(schedule(at), rel=1e-9) for lr, at in model.used.values())
+
+
+def test_the_lr_ceiling_is_not_taken_for_a_write_by_hand(tmp_path):
+    """A registered LambdaLR ramp (5 % a step) pushes the rescue grid's MLP past its stable LR; the climb's rollback
+    cuts the LR and holds it at or below the best window's while the schedule would raise it. The engine's own clamp
+    to that ceiling is no write by hand: the LR used stays at the ceiling (before this fix's ordering: half of it,
+    the cut applied a second time on top of the clamp)."""
+    import re
+    import tempfile
+
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import scenarios
+
+    from lightning_gradguard import default_callbacks
+
+    class Used(pl.Callback):  # after NaNGuard's hook: the LR the update will use
+        def __init__(self) -> None:
+            self.lrs: dict[int, tuple[float, float]] = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            sched = trainer.lr_scheduler_configs[0].scheduler
+            self.lrs[trainer.global_step] = (float(optimizer.param_groups[0]["lr"]), float(sched.get_last_lr()[0]))
+
+    used = Used()
+    callbacks = [*default_callbacks(), used]
+    guard = next(c for c in callbacks if isinstance(c, NaNGuard))
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as root:
+        warnings.simplefilter("ignore")
+        scenarios.fit("mlp", root, callbacks, setting="ramp", seed=0, logger=False)
+    held = [e for e in guard.events if e["kind"] == "rollback" and "held at or below" in e["reason"]]
+    assert held, guard.events
+    ceiling = float(re.findall(r"held at or below ([0-9.e+-]+)", held[0]["reason"])[0])
+    above = [(lr, sched) for s, (lr, sched) in used.lrs.items() if s > held[0]["step"] and sched > 1.01 * ceiling]
+    assert len(above) > 20  # the schedule would raise it past the ceiling for the rest of the run
+    for lr, _ in above:
+        assert lr == pytest.approx(ceiling, rel=1e-3)  # the ceiling, not half of it
