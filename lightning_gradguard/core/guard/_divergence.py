@@ -7,8 +7,9 @@ robust baseline of the recent *healthy* values of one loss stream and flags:
 - **loss jump**: the loss stays above ``jump_factor`` x the scale of its recent healthy values for ``persist`` steps
   in a row (one bad batch is a spike, the clipper's business; a loss that stays far up is a diverged model);
 - **gradient norm**: the pre-clip norm stays above ``grad_factor`` x the median of the recent healthy norms for
-  ``persist`` steps in a row, erratic or growing as a jumped loss must be (below). Zero gradients (a masked batch, a
-  satisfied margin loss) are no reference.
+  ``persist`` steps in a row, erratic or growing as a jumped loss must be (below), unless the loss left the run's
+  start level by a jump at some step of the run (:meth:`DivergenceDetector.above_start`: a corrupt shard, a
+  blown-up model), when any far run counts. Zero gradients (a masked batch, a satisfied margin loss) are no reference.
 
 What "far above" means is written so that no healthy loss shape trips it:
 
