@@ -152,7 +152,8 @@ class NaNGuard(Callback):
         lr_recovery_steps: healthy steps after which one LR cut is undone (the LR climbs back toward the user's
             schedule; the period doubles each time a raised LR needs cutting again; None: never).
         rollback_refill_steps: healthy steps in a row that give one rollback back to the ``max_rollbacks`` budget
-            (None: the budget counts over the whole run).
+            (None: the budget counts over the whole run). The default, 100, is the window within which a second
+            fault counts as a repeat: a rollback followed by that many healthy steps was an isolated one.
         rerun: on a non-finite step, recompute it (the same batch and random numbers, through ``training_step``
             under the precision plugin's autocast) from the same state and, if the fault reproduces, from the newest
             trusted snapshot, and say what it was: *transient* (it did not reproduce: skipped, LR kept), *data* (the
@@ -257,7 +258,7 @@ class NaNGuard(Callback):
         history_size: int = 50,
         min_lr_scale: float = 1e-3,
         lr_recovery_steps: int | None = 1000,
-        rollback_refill_steps: int | None = 200,
+        rollback_refill_steps: int | None = 100,
         rerun: bool = True,
         bad_batch_window: int = 0,
         shard_snapshots: bool = True,

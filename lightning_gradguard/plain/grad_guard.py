@@ -255,7 +255,7 @@ class GradGuard:
         history_size: int = 50,
         min_lr_scale: float = 1e-3,
         lr_recovery_steps: int | None = 1000,
-        rollback_refill_steps: int | None = 200,
+        rollback_refill_steps: int | None = 100,
         rerun: bool = True,
         shard_snapshots: bool = True,
         snapshot_budget_mb: float | None = None,

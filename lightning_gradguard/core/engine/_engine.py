@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -165,6 +165,7 @@ class GuardEngine:
         #: every batch the guard skipped or blamed (not transient faults), skipped again when met again
         self.bad_batches = BadBatchRecord()
         self._known_bad: BadBatch | None = None  # this step's batch is on the record
+        self._held_evidence: str | None = None  # a held loss level the batch test found the model's (the event says)
         self._data_here = False  # the rerun found this rank's own batch at fault (the record's evidence)
         self._resumed = False
         self._fits = 0  # fits started (start()): a later fit from step 0 without a restore is a new run
@@ -364,11 +365,11 @@ class GuardEngine:
         else:
             host = self.host
             # (a climb's claim can be tested on the batches: what _refute_restart needs, known before it runs)
-            self.judge_.testable = (
+            self.judge_.testable = self.judge_.test_held = (
                 self.options.rerun and len(host.optimizers()) == 1 and not (self._many() and host.rerun_is_collective())
             )
             verdict = self.judge_.judge(step, stats, loss, host.scaler(), stream, lr)
-            self._test_thin_divergence(verdict, stream)
+            self._test_divergence_on_batch(verdict, stream)
         loss_v = verdict.loss
         if loss_v is not None and (self._loss_max is None or not loss_v <= self._loss_max):
             peak = self._loss_max
@@ -385,44 +386,68 @@ class GuardEngine:
             self._fault_lrs = [lr_of(opt) for opt in self.host.optimizers()]  # the LRs the fault's step ran at
         return verdict
 
-    def _test_thin_divergence(self, verdict: Verdict, stream: int) -> None:
-        """A loss divergence judged against a thin reference (the run's first steps, where the reference can be one
-        batch: a first single sample that happens to be fitted makes every ordinary loss after it a "jump") is tested
-        on the batch itself before anything is done: the step is rerun from the state a rollback would restore. When
-        the current state's loss is no jump above that state's loss on the same batch, a rollback would restore a
-        state no better on the evidence: the losses are the run's level, which becomes the reference, and the step
-        is healthy. A model blown up by its first updates (loss 11 -> 1e12) is far beyond the restored state's loss
-        on any batch and is acted on as before. One optimizer only (a rerun gives the loss of every optimizer's
-        objective together), and never without the step's batches.
+    def _test_divergence_on_batch(self, verdict: Verdict, stream: int) -> None:
+        """Two loss divergences are tested on the batch itself before anything is done, by rerunning the step from the
+        state a rollback would restore (the trusted snapshot):
+
+        - one judged against a **thin reference** (the run's first steps, where the reference can be one batch: a
+          first single sample that happens to be fitted makes every ordinary loss after it a "jump");
+        - a **far level that holds** (:attr:`DivergenceDetector.held_verdict`): a new task's or new data's level
+          (a curriculum step to a harder, larger task) holds steady, and so can a blown-up model's (a buggy optimizer
+          state reset: losses 500-1800 where the untrained model's were 2.3 and the run's 0.04).
+
+        When the current state's loss is no jump above that state's loss on the same batch, a rollback would restore
+        a state no better on the evidence: the losses are the run's level, which becomes the reference, and the step
+        is healthy. When it is a jump above it (a model blown up by its first updates, loss 11 -> 1e12; a model that
+        blew up to a steady level), the model is at fault and the divergence is acted on. A held level that cannot
+        be tested (several optimizers, no batch, no trusted snapshot, a failed rerun) becomes the reference, as it
+        did before the test; a thin verdict is acted on. One optimizer only (a rerun gives the loss of every
+        optimizer's objective together).
 
         With several ranks (DDP; not where a rerun is a collective) the verdict was judged on the ranks' largest
         loss: every rank reruns its own batch, and the largest current loss is compared with the largest loss of
         the restored state, one reduce (:meth:`_agree_reruns`); every rank takes the same branch."""
         health = verdict.health
-        if health is None or not health.loss_divergence or health.grad_divergence or not self.options.rerun:
+        if health is None or not health.loss_divergence:
             return
-        host = self.host
-        if not self._batches and host.rerun_takes_items() and not self._many():
-            return  # (a plain loop's rerun is its recompute callable: it needs no batch)
-        if health.cause is not GuardCause.LOSS_DIVERGENCE or verdict.loss is None:
-            return  # anything else wrong with the step (non-finite values, a spike, the gradient norm) is acted on
         detector = self.judge_.stream(stream).detector
-        if not detector.thin_verdict or (self._many() and host.rerun_is_collective()):
+        held = detector.held_verdict
+        if not (held or detector.thin_verdict):
             return
-        if len(host.optimizers()) > 1:
-            return  # a rerun gives the step's whole loss, every optimizer's; the verdict is one stream's
-        self._drop_stale()
-        snap = self.store.compute()  # the same on every rank
-        if snap is None or not self._agree_ready():
-            return
-        trusted = host.rerun(self._batches, self._rngs or [self._window_rng], self._trusted_weights(snap), health.step)
-        level = self._sign * trusted.loss if trusted is not None and trusted.loss is not None else None
-        ok = level is not None and math.isfinite(level)
-        shared = self._agree_reruns([float(verdict.loss), level if level is not None and ok else 0.0], ok)
-        if shared is None or detector.beyond(shared[0], shared[1]):
+        if health.grad_divergence or health.cause is not GuardCause.LOSS_DIVERGENCE or verdict.loss is None:
+            return  # anything else wrong with the step (non-finite values, a spike, the gradient norm) is acted on
+        shared = self._rerun_from_trusted(verdict)
+        if shared is None and not held:
+            return  # an untested thin verdict is acted on
+        if shared is not None and detector.beyond(shared[0], shared[1]):
+            if held:
+                snap = self.store.compute()
+                self._held_evidence = (
+                    f"the loss held a level far above the run's ({_g(detector.loss_reference)}: now {shared[0]:.4g}), "
+                    f"and from the trusted state of step {snap.step if snap is not None else '?'} this batch gives "
+                    f"{shared[1]:.4g}: the model blew up, not the data"
+                )
             return
         detector.adopt_level()
         verdict.health = None
+
+    def _rerun_from_trusted(self, verdict: Verdict) -> list[float] | None:
+        """This step's loss and the trusted snapshot's loss on the same batch (each the ranks' largest), or None where
+        no rerun can run (options, several optimizers, no batch, no snapshot, a rerun that failed)."""
+        host = self.host
+        if not self.options.rerun or len(host.optimizers()) > 1 or (self._many() and host.rerun_is_collective()):
+            return None
+        if not self._batches and host.rerun_takes_items() and not self._many():
+            return None  # (a plain loop's rerun is its recompute callable: it needs no batch)
+        self._drop_stale()
+        snap = self.store.compute()  # the same on every rank
+        if snap is None or not self._agree_ready():
+            return None
+        step = verdict.health.step if verdict.health is not None else -1
+        trusted = host.rerun(self._batches, self._rngs or [self._window_rng], self._trusted_weights(snap), step)
+        level = self._sign * trusted.loss if trusted is not None and trusted.loss is not None else None
+        ok = level is not None and math.isfinite(level)
+        return self._agree_reruns([float(verdict.loss or 0.0), level if level is not None and ok else 0.0], ok)
 
     def _many(self) -> bool:
         """Several ranks judge this run together."""
@@ -622,6 +647,13 @@ class GuardEngine:
                     f"on {where} the state of step {candidates[0].step} does better ({then / n:.4g}) than the model "
                     f"now ({now / n:.4g}) but buys back less than half of the climb from the best window "
                     f"({_g(best)}): the batches got harder, a rollback would not help"
+                ), []
+            if then < now:  # better on average, not clearly on every batch: said as it is (not "no better")
+                per = ", ".join(f"{b:.4g} vs {a:.4g}" for a, b in zip(shared[0::2], shared[1::2]))
+                return (
+                    f"on {where} the state of step {candidates[0].step} is not clearly better on every batch (below "
+                    f"{controller.stuck_margin:g}x the model's loss now: {per}): on noisy batches either state can "
+                    "win by that much, so this is no evidence that a rollback would help"
                 ), []
             return (
                 f"on {where} the state of step {candidates[0].step} does no better ({then / n:.4g}) than the model "
@@ -855,6 +887,8 @@ class GuardEngine:
             event.nonfinite_params, event.nonfinite_buffers = params[:20], buffers[:20]
         if o.save_bad_batch and self._batches:
             event.bad_batch_path = host.save_batches(self._batches, health.step)
+        if health.cause in _DIVERGENCE_CAUSES:
+            health.lr_rose = self._lr_rose_since(self.store.compute())
         found: list[tuple[Snapshot | None, str, str]] = []
 
         def can_roll_back() -> bool:  # asked only when the policy would roll back (checkpoint files are read then)
@@ -864,6 +898,9 @@ class GuardEngine:
         decision = self.policy.decide(health, can_roll_back, why_not=lambda: found[-1][1] if found else "")
         source, _, note = found[-1] if found else (None, "", "")
         event.cause, event.reason = decision.cause.value if decision.cause else "", decision.reason
+        held, self._held_evidence = self._held_evidence, None
+        if held and decision.cause is GuardCause.LOSS_DIVERGENCE:
+            event.reason = "; ".join(r for r in (event.reason, held) if r)
         known, self._known_bad = self._known_bad, None
         if decision.cause is GuardCause.KNOWN_BAD_BATCH and known is not None:
             first = f"first flagged at step {known.step}" if known.step >= 0 else "flagged on another rank"
@@ -952,6 +989,23 @@ class GuardEngine:
             self._cut_made()
         host.load_extra_state(extra)
         self._after_state_change()
+
+    def _lr_rose_since(self, snap: Snapshot | None) -> bool:
+        """Whether some optimizer's LR at the flagged step is above its LR in ``snap`` (each the largest over its
+        param groups, at the user's schedule: the LR scale in force divided out), or that is unknown (no snapshot,
+        a split one, another number of optimizers, an LR that cannot be read without a device sync)."""
+        if snap is None or snap.sharded is not None or len(snap.optimizers) != len(self._fault_lrs):
+            return True
+        scale_then = float(snap.meta.get("lr_scale", 1.0))
+        if not (scale_then > 0.0 and self.lr_scale > 0.0):
+            return True
+        for state, now in zip(snap.optimizers, self._fault_lrs):
+            then = lr_of(_Groups(state.get("param_groups", ())))
+            if now is None or then is None:
+                return True
+            if now / self.lr_scale > then / scale_then * (1.0 + 1e-6):
+                return True
+        return False
 
     def _hold_restored_lr(self, scale_then: float) -> str:
         """After a divergence's rollback: where the schedule had raised an optimizer's LR between the restored state
@@ -1502,6 +1556,13 @@ def maximizes(optimizer: Any) -> bool:
     """Whether ``optimizer`` (torch's, or a wrapper of one) ascends its loss: ``maximize=True`` in a param group."""
     raw = getattr(optimizer, "optimizer", optimizer)  # (a LightningOptimizer wraps the torch one)
     return any(bool(group.get("maximize", False)) for group in getattr(raw, "param_groups", ()))
+
+
+@dataclass
+class _Groups:
+    """Param groups read from a saved optimizer state, for :func:`lr_of`."""
+
+    param_groups: Any
 
 
 def lr_of(optimizer: Any) -> float | None:

@@ -49,7 +49,7 @@ class GuardOptions:
     history_size: int = 50
     min_lr_scale: float = 1e-3
     lr_recovery_steps: int | None = 1000
-    rollback_refill_steps: int | None = 200
+    rollback_refill_steps: int | None = 100
     rerun: bool = True
     bad_batch_window: int = 0
     owner: str = "NaNGuard"

@@ -159,12 +159,21 @@ class DivergenceDetector:
         self._grad_run = 0
         self._grad_jumped: list[float] = []  # the norms of the current far run
         self._last_unsettled: int | None = None  # judged steps since the last unsettled one (None: none seen)
+        self._calm = 0  # judged steps in a row with nothing far (since the start, or since a rollback's restart)
+        self._unsettled_before = False  # the run was unsettled (or young) when the current far run began
         self.loss_reference: float | None = None
         self.loss_scale: float | None = None
         self.grad_reference: float | None = None
         #: the last loss divergence was judged against a thin reference (fewer than ``min_samples`` healthy losses,
         #: maybe one batch): the guard tests it on the batch itself before acting (:meth:`beyond`, :meth:`adopt_level`)
         self.thin_verdict = False
+        #: report a far loss level that holds (:func:`holds_level`) as a verdict for the guard to test on the batch
+        #: instead of adopting it at once (set by the judge while a rerun can run): a blown-up model can hold a level
+        #: too (losses 500-1800 where the untrained model's were 2.3), and only the batch tells the two apart
+        self.test_held = False
+        #: the last loss divergence is such a held level: the guard adopts it (:meth:`adopt_level`) unless the state a
+        #: rollback would restore is far below it on the same batch (then the model blew up: it is acted on)
+        self.held_verdict = False
         #: at some step of the current run of far gradient norms the loss was a jump above the run's start level
         #: (:meth:`above_start`): the far norms are then no new level of a sound model
         self.loss_left = False
@@ -209,7 +218,7 @@ class DivergenceDetector:
         would restore no better on the same batch): they become the reference, as a steady new level does."""
         jumped = self._jumped
         self._loss_run, self._jumped, self._thin_seen = 0, [], []
-        self.thin_verdict = False
+        self.thin_verdict = self.held_verdict = False
         if jumped:
             self._losses.clear()
             for value in jumped:
@@ -221,6 +230,16 @@ class DivergenceDetector:
         self._jumped, self._grad_jumped, self.loss_left = [], [], False
         self._thin_seen = []
         self._last_unsettled = None
+        self._unsettled_before = False
+        self._calm = 0
+
+    @property
+    def unsettled_before(self) -> bool:
+        """Whether the run was :attr:`unsettled` just before the current run of far values began, or had judged fewer
+        than ``recent`` steps: a divergence out of ``recent`` or more calm steps (a sudden jump: a weight corrupted to
+        a huge finite value, an optimizer state reset) says nothing against the LR the run was healthy at; one out
+        of an unsettled stretch, or in the run's first steps, is the trajectory's."""
+        return self._unsettled_before
 
     @property
     def unsettled(self) -> bool:
@@ -241,13 +260,17 @@ class DivergenceDetector:
         finite loss leaves the loss judged (the non-finite checks own the norm).
         """
         loss, grad_norm = float(loss), float(grad_norm)
-        self.thin_verdict = False
+        self.thin_verdict = self.held_verdict = False
         if not _finite(loss):
             return False, False  # a fault step: not a judged step either
         if self._last_unsettled is not None:
             self._last_unsettled += 1
+        was_unsettled, counting = self._calm < self.recent, self._loss_run > 0 or self._grad_run > 0
         loss_bad = self._judge_loss(loss)
         grad_bad = self._judge_grad(grad_norm, loss) if _finite(grad_norm) else False
+        self._calm = 0 if self._last_unsettled == 0 else self._calm + 1  # (0: this step was far)
+        if not counting and (self._loss_run > 0 or self._grad_run > 0):  # a run of far values starts here
+            self._unsettled_before = was_unsettled
         return loss_bad, grad_bad
 
     def _learn(self, loss: float) -> None:
@@ -292,7 +315,11 @@ class DivergenceDetector:
         # erratic: the losses swing over erratic_span (with a thin reference, every loss since it, dips included)
         if holds_level(jumped_run, self._thin_seen if thin else jumped_run, self.erratic_span):
             # a level that holds steady or falls: a new task or data (a curriculum step), or a thin reference that
-            # was unrepresentative; the model is learning it, it did not blow up
+            # was unrepresentative; the model is learning it, it did not blow up. Or a model blown up to a steady
+            # level: where the guard can test it on the batch, it is reported for that test (test_held)
+            if self.test_held:
+                self.held_verdict, self.thin_verdict = True, thin
+                return True
             self._loss_run, self._jumped, self._thin_seen = 0, [], []
             window.clear()
             for value in jumped_run:
@@ -370,6 +397,8 @@ class DivergenceDetector:
             "loss_left": self.loss_left,
             "thin_seen": list(self._thin_seen),
             "last_unsettled": self._last_unsettled,
+            "calm": self._calm,
+            "unsettled_before": self._unsettled_before,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -392,3 +421,5 @@ class DivergenceDetector:
         self._thin_seen = [float(v) for v in state.get("thin_seen", [])]
         last = state.get("last_unsettled")
         self._last_unsettled = None if last is None else int(last)
+        self._calm = int(state.get("calm", 0))
+        self._unsettled_before = bool(state.get("unsettled_before", False))

@@ -114,7 +114,11 @@ class StepHealth:
         scale_collapse: the AMP loss scale fell below its floor.
         other_rank: another rank flagged the step (under DDP; this rank saw nothing).
         unsettled: the loss or gradient norm was far above its healthy range in the steps just before this one
-            (``DivergenceDetector.unsettled``): a fault then belongs to the trajectory, not to the batch.
+            (``DivergenceDetector.unsettled``): a fault then belongs to the trajectory, not to the batch. For a
+            divergence: before its far values began, or the run (or its restart after a rollback) is younger than
+            the detector's ``recent`` steps (``DivergenceDetector.unsettled_before``).
+        lr_rose: the LR the step ran at is above the trusted snapshot's (at the user's schedule), or that is
+            unknown: a divergence may then be the LR's. Set by the guard engine for divergences.
         update_skipped: the step's update was dropped before it happened (False when the fault is found after it).
         diagnosis: what a rerun of the step found (``core/recover/_rerun.py``): ``"transient"`` (it did not
             reproduce), ``"data"`` (the batch fails from a trusted state too), ``"state"`` (it fails only from the
@@ -138,6 +142,7 @@ class StepHealth:
     scale_collapse: bool = False
     other_rank: bool = False
     unsettled: bool = False
+    lr_rose: bool = True
     update_skipped: bool = True
     diagnosis: str | None = None
     nonfinite_somewhere: bool = False
@@ -420,13 +425,26 @@ class GuardPolicy:
                 else:
                     action, why = GuardAction.SKIP, f"no trusted snapshot yet to roll back to{detail}"
         data = cause in _DIVERGENCE and health.diagnosis == "data" and action is GuardAction.SKIP
-        if not data and (
+        # a divergence out of calm steps at an LR that did not rise (a weight corrupted to a huge finite value, an
+        # optimizer state reset): nothing says the LR was at fault; the state is restored at the schedule's LR, and
+        # a repeat (within repeat_window) is the trajectory's and cuts it
+        sudden = (
             cause in _DIVERGENCE
-            or (
-                action is GuardAction.HALT
-                and self.rollbacks
-                and not health.weights_damaged
-                and health.diagnosis != "unrestorable"
+            and action is GuardAction.ROLLBACK
+            and self.action == "auto"
+            and not (repeated or health.unsettled or health.lr_rose)
+        )
+        if (
+            not data
+            and not sudden
+            and (
+                cause in _DIVERGENCE
+                or (
+                    action is GuardAction.HALT
+                    and self.rollbacks
+                    and not health.weights_damaged
+                    and health.diagnosis != "unrestorable"
+                )
             )
         ):
             why = (why + "; " if why else "") + "the learning rate looks too high"
@@ -440,8 +458,13 @@ class GuardPolicy:
             # divergence again soon after a divergence rollback: the LR is far too high, and halving it once more
             # would spend the next rollback on the same lesson; each repeat doubles the exponent of the cut
             self.divergence_streak = self.divergence_streak + 1 if cause in _DIVERGENCE and repeated else 0
-            if cause in _DIVERGENCE:
-                power = min(2**self.divergence_streak, 64)
+            if sudden:
+                power, self.divergence_streak = 0, -1  # (a repeat is then the first cut: 2**0)
+                why = (why + "; " if why else "") + (
+                    "a sudden divergence after calm steps at an LR that did not rise: LR kept (a repeat cuts it)"
+                )
+            elif cause in _DIVERGENCE:
+                power = min(2 ** max(self.divergence_streak, 0), 64)
             elif self.action == "auto" and health.diagnosis in ("transient", "data"):
                 power = 0  # a rerun cleared the state: whatever made this a rollback, the LR was not at fault
             elif self.action == "auto" and health.state_fault and not (repeated or health.unsettled):

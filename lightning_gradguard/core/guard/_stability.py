@@ -442,6 +442,13 @@ class StabilityController:
         self._every = max(1, self.window // 5)
         self._pending, self._pending_count = None, 0
 
+    def forget_undone(self) -> None:
+        """A rollback or an LR cut: the LRs of the steps since the best window are no longer known to be survivable
+        (the steps were undone, or their climb is why the LR came down): only the LRs known at the best window count
+        as ones the run trained at (:attr:`WindowPair.safe_lr`). Otherwise an LR bug rolled back with its LR held
+        would come back as "an LR the run trained at" once the hold is lifted, and its second climb would only warn."""
+        self._lr_top = min(self._lr_top, self._safe_lr)
+
     def forget_run(self) -> None:
         """A restart from the untrained state: everything learned about the run goes (first loss and norm, peak,
         best window, safe LR, early level, steps); the counters of findings and the warnings' spacing stay, and the

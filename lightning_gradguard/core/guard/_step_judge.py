@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lightning_gradguard.core.guard._divergence import DivergenceDetector
 from lightning_gradguard.core.guard._loss_spike import LossSpikeDetector
-from lightning_gradguard.core.guard._policy import StepHealth
+from lightning_gradguard.core.guard._policy import GuardCause, StepHealth
 from lightning_gradguard.core.guard._stability import StabilityController, StabilityFinding
 from lightning_gradguard.core.measure._grad_stats import GradStats, vanished_mask
 from lightning_gradguard.core.measure._host_read import read_scalars
@@ -252,6 +252,9 @@ class StepJudge:
         self.overflows_in_a_row = 0
         #: whether the guard can test a climb's claim on the batches (it sets this; the controllers read it)
         self.testable = True
+        #: whether the guard tests a far loss level that holds on the batch before it becomes the reference (it sets
+        #: this where a rerun can run; the divergence detectors read it: :attr:`DivergenceDetector.test_held`)
+        self.test_held = False
         #: the loss streams by key (the optimizer's index; 0 for a single optimizer or one loss for all)
         self.streams: dict[int, LossStream] = {0: LossStream()}
         self.spike = LossSpikeDetector(spike_zscore, spike_window) if spike_zscore else None
@@ -444,6 +447,7 @@ class StepJudge:
             nonfinite_grad = False  # the GradScaler's business
         loss_divergence = grad_divergence = False
         if not overflow and self.divergence and has_loss:  # on shared values: the detectors stay in lockstep
+            streamed.detector.test_held = self.test_held
             loss_divergence, grad_divergence = streamed.detector.update(glob.loss, glob.norm)
         if not overflow:  # shared values: every rank's score is the same
             streamed.spikes.update(glob.loss if has_loss else None, glob.norm)
@@ -495,7 +499,12 @@ class StepJudge:
         verdict = Verdict(None, overflow, finding, loss_v if has_loss else None, norm, live)
         if health is not None and cause is not None:
             # without the detector nothing says the run was stable before the fault: assume it was not
-            health.unsettled = streamed.detector.unsettled if self.divergence else True
+            # (a divergence: before its far values began; its own far steps say nothing about what came before)
+            detector = streamed.detector
+            diverged = cause in (GuardCause.LOSS_DIVERGENCE, GuardCause.GRAD_DIVERGENCE)
+            health.unsettled = (
+                (detector.unsettled_before if diverged else detector.unsettled) if self.divergence else True
+            )
             verdict.health = health
         return verdict
 
@@ -505,6 +514,7 @@ class StepJudge:
             streamed.last = None
             streamed.detector.restart_runs()
             streamed.controller.reset()
+            streamed.controller.forget_undone()
 
     def restart_from_scratch(self) -> None:
         """A restart from the untrained state after the network died: the baselines describe the failed trajectory

@@ -317,3 +317,68 @@ def test_a_norm_back_from_a_collapse_is_no_divergence_but_a_real_one_still_is():
     again = DivergenceDetector()
     again.load_state_dict(det.state_dict())
     assert again.state_dict() == det.state_dict()
+
+
+def test_a_held_far_level_is_reported_for_the_batch_test_only_where_the_guard_can_run_it():
+    """A far loss level that holds steady (a blown-up model's, losses 500-1800 where the run sat at 0.04; or a new
+    task's) is adopted at once where nothing can test it, as before; with ``test_held`` (set by the judge where a
+    rerun can run) it is a verdict marked ``held_verdict``, and ``adopt_level`` then makes it the reference."""
+    healthy = [2.3] * 5 + [0.04 + 0.001 * (i % 7) for i in range(40)]
+    held = [1155.0, 1227.0, 503.0, 1847.0, 676.0, 1227.0, 930.0]
+    untested = DivergenceDetector()
+    for loss in healthy:
+        untested.update(loss, 0.5)
+    assert [untested.update(x, 40.0)[0] for x in held] == [False] * 7  # adopted on the third far step
+    assert untested.loss_reference is not None
+    assert untested.loss_reference > 100
+    det = DivergenceDetector()
+    det.test_held = True
+    for loss in healthy:
+        det.update(loss, 0.5)
+    verdicts = [det.update(x, 40.0)[0] for x in held[:3]]
+    assert verdicts == [False, False, True]
+    assert det.held_verdict
+    assert not det.thin_verdict
+    assert det.beyond(held[2], 0.05)  # the restored state's loss on that batch: the model blew up, not the data
+    det.adopt_level()  # (a new task's batch, as far for the restored state: the guard adopts it)
+    assert not det.held_verdict
+    assert [det.update(x, 40.0)[0] for x in held[3:]] == [False] * 4
+    # an erratic far run is a divergence either way, never a held level
+    erratic = DivergenceDetector()
+    erratic.test_held = True
+    for loss in healthy:
+        erratic.update(loss, 0.5)
+    assert [erratic.update(x, 40.0)[0] for x in (50.0, 5000.0, 600.0)] == [False, False, True]
+    assert not erratic.held_verdict
+
+
+def test_unsettled_before_is_the_state_of_the_run_before_its_far_values_began():
+    """``unsettled_before``: the run had fewer than ``recent`` calm judged steps when the current far run began
+    (the run's first steps, a restart after a rollback, or far values just before). A sudden jump out of a calm
+    stretch is not; the far steps themselves never make it so."""
+    det = DivergenceDetector()
+    for _ in range(30):
+        det.update(1.0, 1.0)
+    assert [det.update(x, 1.0)[0] for x in (500.0, 5000.0, 50000.0)] == [False, False, True]
+    assert det.unsettled
+    assert not det.unsettled_before
+    det.restart_runs()  # a rollback: the restored run is young again
+    for _ in range(3):
+        det.update(1.0, 1.0)
+    det.update(500.0, 1.0)
+    assert det.unsettled_before
+    wobbly = DivergenceDetector()
+    for i in range(30):
+        wobbly.update(1.0 if i % 5 else 4.0, 1.0)  # a loss 4x its scale every 5th step: never 10 calm in a row
+    wobbly.update(500.0, 1.0)
+    assert wobbly.unsettled_before
+    young = DivergenceDetector()
+    for _ in range(6):
+        young.update(1.0, 1.0)
+    young.update(500.0, 1.0)
+    assert young.unsettled_before  # the run's first steps: no calm stretch to speak of
+    state = det.state_dict()
+    again = DivergenceDetector()
+    again.load_state_dict(state)
+    assert again.unsettled_before == det.unsettled_before
+    assert again.state_dict() == state

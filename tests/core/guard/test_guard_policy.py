@@ -239,3 +239,35 @@ def test_a_fault_no_snapshot_holds_halts_at_once_without_blaming_the_lr():
     assert "no snapshot holds" in halt.reason
     assert "learning rate" not in halt.reason
     assert policy.decide(StepHealth(152, nonfinite_loss=True, diagnosis="data"), True).action is GuardAction.SKIP
+
+
+def test_a_sudden_divergence_out_of_calm_steps_keeps_the_lr_and_a_repeat_cuts_it():
+    """A divergence whose far values began after calm steps (``unsettled`` False: the judge reads the detector's
+    ``unsettled_before``) at an LR that did not rise since the trusted snapshot (``lr_rose`` False): a weight blown
+    to a huge finite value, an optimizer state reset. Nothing says the LR was at fault: the state is restored at the
+    schedule's LR. A repeat within ``repeat_window`` is the trajectory's: the first cut (2**0), then doubling."""
+    policy = GuardPolicy("auto")
+    sudden = policy.decide(StepHealth(step=500, loss_divergence=True, lr_rose=False), can_roll_back=True)
+    assert sudden.action is GuardAction.ROLLBACK
+    assert sudden.lr_power == 0
+    assert "LR kept" in sudden.reason
+    assert "too high" not in sudden.reason
+    again = policy.decide(StepHealth(step=540, loss_divergence=True, lr_rose=False), can_roll_back=True)
+    assert again.action is GuardAction.ROLLBACK
+    assert again.lr_power == 1
+    assert "too high" in again.reason
+    third = policy.decide(StepHealth(step=560, grad_divergence=True, lr_rose=False), can_roll_back=True)
+    assert third.lr_power == 2
+    for evidence in (dict(unsettled=True, lr_rose=False), dict(lr_rose=True), dict()):  # (lr_rose: True unknown)
+        fresh = GuardPolicy("auto")
+        decision = fresh.decide(StepHealth(step=500, loss_divergence=True, **evidence), can_roll_back=True)
+        assert decision.lr_power == 1, evidence
+        assert "too high" in decision.reason, evidence
+    assert (
+        GuardPolicy("rollback")
+        .decide(  # an explicit action keeps its own meaning
+            StepHealth(step=500, loss_divergence=True, lr_rose=False), can_roll_back=True
+        )
+        .lr_power
+        == 1
+    )
