@@ -263,3 +263,16 @@ def test_clip_chaos_prints_each_method_and_the_two_gaps(capsys):
         value = float(row.split()[1])
         assert 1.0 < value < 20.0  # bits per character of a 150-step character LSTM (untrained: ~6)
     assert out[-1].startswith("Lightning's clip against itself moved by 1e-6: ")
+
+
+def test_state_faults_case_record():
+    """benchmarks/state_faults.py: one fit's record (the faulted MLP under NaNGuard: one rollback, LR kept), and an
+    unknown case refused by name."""
+    state_faults = _load("state_faults")
+    record = state_faults.run("weight_bitflip", "nanguard", 0)
+    assert record["actions"] == ["rollback@303"], record
+    assert record["lr_scale"] == 1.0
+    assert record["error"] == ""
+    assert 0.9 < record["metric"] <= 1.0
+    with pytest.raises(SystemExit):
+        state_faults.main(["no_such_case"])
