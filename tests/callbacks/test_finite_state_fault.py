@@ -26,6 +26,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -153,3 +154,44 @@ def test_an_lr_bug_rolled_back_is_no_lr_the_run_trained_at_when_the_cut_is_undon
     assert raises, guard.events
     assert any(r > raises[0] for r in rollbacks), guard.events  # before: warnings only after the LR came back
     assert model.accuracy() >= healthy.accuracy() - 0.03, guard.events
+
+
+class StageInBuffer(pl.LightningModule):
+    """A regression whose curriculum stage lives in a registered buffer (checkpointable schedule state): from step
+    300 the targets are scaled x30 (the loss jumps ~900x and then falls as the model learns the new scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+        self.register_buffer("stage", torch.zeros(()))
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(600 * 32, 8, generator=g)
+        self.xy = (x, torch.sin(x[:, :4].sum(1, keepdim=True)) + 0.05 * torch.randn(len(x), 1, generator=g))
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.global_step == 300:  # raised once (as a curriculum raises its stage when the loss is low enough)
+            self.stage.fill_(1.0)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        scale = 30.0**self.stage
+        loss = F.mse_loss(self.net(batch[0]), batch[1] * scale)
+        self.losses[self.global_step] = float(loss)
+        return loss
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.xy), batch_size=32, shuffle=False)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), 3e-3)
+
+
+def test_a_new_stage_kept_in_a_buffer_is_tested_under_todays_objective(tmp_path) -> None:
+    """The batch test of a held level runs the trusted weights with today's buffers: a curriculum stage kept in a
+    buffer is today's objective (a helper's run: with the snapshot's buffers the earlier state scored itself under
+    its own, easier stage, and the new stage was rolled back three times and halted)."""
+    model, guard = StageInBuffer(), NaNGuard()
+    _fit(tmp_path, model, [guard], 600)
+    assert max(model.losses[s] for s in range(300, 305)) > 100 * max(model.losses[s] for s in range(290, 300))
+    assert not [e for e in guard.events if e["kind"] in ACTIONS], guard.events

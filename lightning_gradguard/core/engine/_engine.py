@@ -444,7 +444,14 @@ class GuardEngine:
         if snap is None or not self._agree_ready():
             return None
         step = verdict.health.step if verdict.health is not None else -1
-        trusted = host.rerun(self._batches, self._rngs or [self._window_rng], self._trusted_weights(snap), step)
+        # the trusted weights with today's buffers: a curriculum stage or loss weight kept in a buffer is today's
+        # objective, and the question is whether the earlier weights meet it as far (BatchNorm's running statistics
+        # do not enter a training-mode forward); as the climb's test asks (_rerun_pair)
+        weights = dict(self._trusted_weights(snap))
+        for name, buf in host.model().named_buffers():
+            if name in weights:
+                weights[name] = buf.detach().clone()
+        trusted = host.rerun(self._batches, self._rngs or [self._window_rng], weights, step)
         level = self._sign * trusted.loss if trusted is not None and trusted.loss is not None else None
         ok = level is not None and math.isfinite(level)
         return self._agree_reruns([float(verdict.loss or 0.0), level if level is not None and ok else 0.0], ok)
