@@ -30,6 +30,12 @@ import scenarios  # noqa: E402
 import zoo_shapes as zoo  # noqa: E402
 
 
+def _refuted(reason: str) -> bool:
+    """A warning that says the batches refuted the climb: the earlier state no better, or not clearly better on
+    every batch (better on average: either state can win by that much on noisy batches)."""
+    return "does no better" in reason or "is not clearly better on every batch" in reason
+
+
 def _zoo(config: str, steps: int = 600) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -42,7 +48,7 @@ def test_a_climb_from_harder_data_is_refuted_on_the_batches(config: str) -> None
     rec = _zoo(config)
     assert rec["error"] == ""
     assert rec["actions"] == []  # no rollback, no LR cut
-    refuted = [e for e in rec["warnings"] if "does no better" in e["reason"] and e["reason"].endswith("warning only")]
+    refuted = [e for e in rec["warnings"] if _refuted(e["reason"]) and e["reason"].endswith("warning only")]
     assert refuted, [e["reason"] for e in rec["warnings"]]
     assert rec["metric"] <= 1.02 * ref["metric"]
     assert rec["lrs"] == ref["lrs"]  # the schedule's LR, not a held one
@@ -86,6 +92,6 @@ def test_a_refuted_climb_is_not_retested_until_something_new_happens() -> None:
     assert rec["error"] == ""
     assert rec["actions"] == [], rec["actions"]
     reasons = [e["reason"] for e in rec["warnings"]]
-    assert sum("does no better" in r for r in reasons) == 1, reasons  # tested once
+    assert sum(_refuted(r) for r in reasons) == 1, reasons  # tested once
     assert any("the same climb was tested on the batches" in r for r in reasons), reasons
     assert rec["metric"] == ref["metric"]  # reruns leave no trace, and nothing acted

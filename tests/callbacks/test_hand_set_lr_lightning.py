@@ -9,6 +9,7 @@ step post-hook; the reference is the schedule times the guard's LR scale."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -83,9 +84,18 @@ def _fit(tmp_path, model, steps: int = 140):
 
 
 @pytest.mark.parametrize("scheduler", [False, True], ids=["by_hand", "lambda_lr"])
-def test_the_cut_stays_in_force_when_the_lr_is_written_by_hand(tmp_path, caplog, scheduler):
+def test_the_cut_stays_in_force_when_the_lr_is_written_by_hand(tmp_path, caplog, monkeypatch, scheduler):
+    # this process is rank 0 (a strategy set up with another rank earlier in this test process leaves its
+    # rank_zero_only.rank behind, and rank_zero_info then says nothing)
+    import lightning.fabric.utilities.rank_zero as fabric_rank_zero
+    import lightning_utilities.core.rank_zero as utils_rank_zero
+
+    monkeypatch.setattr(fabric_rank_zero.rank_zero_only, "rank", 0, raising=False)
+    monkeypatch.setattr(utils_rank_zero.rank_zero_only, "rank", 0, raising=False)
     model = HandLR(corrupt_at=(60, 64), scheduler=scheduler)  # the second fault, soon after: a rollback with a cut
-    with caplog.at_level(logging.INFO):
+    with contextlib.ExitStack() as stack:  # (another test in this process may have set Lightning's loggers to ERROR)
+        for name in (None, "lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities"):
+            stack.enter_context(caplog.at_level(logging.INFO, logger=name))
         guard = _fit(tmp_path, model)
     rollbacks = [e for e in guard.events if e["kind"] == "rollback"]
     assert len(rollbacks) == 2, guard.events
