@@ -1145,10 +1145,7 @@ class GuardEngine:
             self._cut_made()
         self.outcome = GuardDecision.ROLLED_BACK if snap is not None else GuardDecision.LOWERED_LR
         self._after_state_change()
-        if snap is not None and snap is self.start_state.snapshot:
-            # a new run from the untrained state (a dead network, or one that never learned after a blow-up):
-            # nothing learned of the failed one holds, its blow-up included (kept, it was cited again at every
-            # later judgement of the restarted run, which had none: five restarts down to the LR floor)
+        if dead and snap is not None:  # a new run from the untrained state: nothing learned of the dead one holds
             self.judge_.restart_from_scratch()
         kind = "rollback" if snap is not None else "lower_lr"
         reason = finding.reason + note + self._hold_lr(finding, optimizer)

@@ -1001,7 +1001,11 @@ class StabilityController:
         untrained state, lower LR): a run that has not learned anything since its LR wrecked it in the first steps
         is spending its steps at chance (an LSTM at a 10x too-high Adam LR, bouncing around the mean predictor for
         hundreds of steps). Without that blow-up a run that does not learn is no finding: fine-tuning starts at a
-        low loss that barely moves, and a GAN's losses do not fall."""
+        low loss that barely moves, and a GAN's losses do not fall. The blow-up must be the current attempt's (after
+        the last acting finding): an attempt restarted at a lower LR that has not learned yet, with no blow-up of
+        its own, is a slow start, not the same lesson (a slow starter was restarted every ~180 steps citing its first
+        attempt's blow-up, down to the LR floor). A restarted run killed again is ``killed_at_start``'s: its units
+        died the same way, and that rule may cite the first attempt's blow-up."""
         start = w.start_loss
         level = max(abs(w.old_loss), abs(w.new_loss))
         # the first loss is one batch, uncertain by about the batch-to-batch spread of the windows now (where the run
@@ -1013,6 +1017,7 @@ class StabilityController:
             and min(w.best, w.new_loss) >= self.stuck_margin * start - spread
             and w.peak_step <= self.blowup_steps
             and w.peak > self.blowup_sustained * max(level, start)
+            and (self._last_fire is None or w.peak_step > self._last_fire)
         ):
             return None
         return StabilityFinding(
