@@ -1,13 +1,13 @@
-"""A restart from the untrained state forgets the failed attempt, its blow-up included (issue 24).
+"""A restarted run is not restarted again for the failed attempt's blow-up when it only learns slowly (issue 24).
 
 A helper's slow starter: RMSprop lr 1e-2 on a sine regression; the first updates blow the loss up (353 at step 3),
 then the loss sits at the untrained level for ~300 steps before the run learns. The stability controller's
 ``never_learned`` rule ("a blow-up in the first updates, then no window clearly below the untrained model's") restarted
 it from the untrained state with the LR cut, and then again every ~180 steps, five times down to the LR floor, each
-event citing the *first* attempt's blow-up (the same numbers): the restarted runs had none, but the controller kept
-what it learned of the failed run (only a dead network's restart forgot it). The run ended untrained (validation MSE
-4.51 against 0.65 unguarded). Any restart from the untrained state now starts a new run for the rules: one restart,
-then the run learns."""
+event citing the *first* attempt's blow-up (the same numbers): the restarted runs had none. The run ended untrained
+(validation MSE 4.51 against 0.65 unguarded). ``never_learned`` now cites only the current attempt's blow-up (after
+the last acting finding): one restart, then the run learns. (A restarted run whose units are killed again is
+``killed_at_start``'s, which may still cite the first attempt's blow-up: the rescue grid's deep CNN.)"""
 
 from __future__ import annotations
 
