@@ -459,7 +459,7 @@ class GuardPolicy:
             # would spend the next rollback on the same lesson; each repeat doubles the exponent of the cut
             self.divergence_streak = self.divergence_streak + 1 if cause in _DIVERGENCE and repeated else 0
             if sudden:
-                power, self.divergence_streak = 0, -1  # (a repeat is then the first cut: 2**0)
+                power, self.divergence_streak = 0, 0  # (a repeat is then the streak's second: lr_factor**2)
                 why = (why + "; " if why else "") + (
                     "a sudden divergence after calm steps at an LR that did not rise: LR kept (a repeat cuts it)"
                 )

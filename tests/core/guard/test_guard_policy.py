@@ -245,7 +245,9 @@ def test_a_sudden_divergence_out_of_calm_steps_keeps_the_lr_and_a_repeat_cuts_it
     """A divergence whose far values began after calm steps (``unsettled`` False: the judge reads the detector's
     ``unsettled_before``) at an LR that did not rise since the trusted snapshot (``lr_rose`` False): a weight blown
     to a huge finite value, an optimizer state reset. Nothing says the LR was at fault: the state is restored at the
-    schedule's LR. A repeat within ``repeat_window`` is the trajectory's: the first cut (2**0), then doubling."""
+    schedule's LR. A repeat within ``repeat_window`` is the trajectory's after all: it cuts as the second divergence
+    of a streak does (``lr_factor**2``), then doubling (a corrupt shard's divergences, each the data's, halted a
+    run when the search for a safe LR started one step later)."""
     policy = GuardPolicy("auto")
     sudden = policy.decide(StepHealth(step=500, loss_divergence=True, lr_rose=False), can_roll_back=True)
     assert sudden.action is GuardAction.ROLLBACK
@@ -254,10 +256,10 @@ def test_a_sudden_divergence_out_of_calm_steps_keeps_the_lr_and_a_repeat_cuts_it
     assert "too high" not in sudden.reason
     again = policy.decide(StepHealth(step=540, loss_divergence=True, lr_rose=False), can_roll_back=True)
     assert again.action is GuardAction.ROLLBACK
-    assert again.lr_power == 1
+    assert again.lr_power == 2
     assert "too high" in again.reason
     third = policy.decide(StepHealth(step=560, grad_divergence=True, lr_rose=False), can_roll_back=True)
-    assert third.lr_power == 2
+    assert third.lr_power == 4
     for evidence in (dict(unsettled=True, lr_rose=False), dict(lr_rose=True), dict()):  # (lr_rose: True unknown)
         fresh = GuardPolicy("auto")
         decision = fresh.decide(StepHealth(step=500, loss_divergence=True, **evidence), can_roll_back=True)
