@@ -177,6 +177,10 @@ class DivergenceDetector:
         #: at some step of the current run of far gradient norms the loss was a jump above the run's start level
         #: (:meth:`above_start`): the far norms are then no new level of a sound model
         self.loss_left = False
+        #: at some step of the current run of far gradient norms the loss was above its recent healthy level (by the
+        #: unsettled factor): the model the far norms belong to got worse by its own objective
+        self.loss_rose = False
+        self._loss_high = False  # this step's loss was above its recent level by the unsettled factor
 
     def beyond(self, loss: float, reference: float) -> bool:
         """Whether ``loss`` is a jump above ``reference`` (another state's loss on the same batch): above it by
@@ -227,7 +231,7 @@ class DivergenceDetector:
     def restart_runs(self) -> None:
         """Forget the counting in progress but keep the baselines (after a rollback to a healthy state)."""
         self._loss_run = self._grad_run = 0
-        self._jumped, self._grad_jumped, self.loss_left = [], [], False
+        self._jumped, self._grad_jumped, self.loss_left, self.loss_rose = [], [], False, False
         self._thin_seen = []
         self._last_unsettled = None
         self._unsettled_before = False
@@ -260,7 +264,7 @@ class DivergenceDetector:
         finite loss leaves the loss judged (the non-finite checks own the norm).
         """
         loss, grad_norm = float(loss), float(grad_norm)
-        self.thin_verdict = self.held_verdict = False
+        self.thin_verdict = self.held_verdict = self._loss_high = False
         if not _finite(loss):
             return False, False  # a fault step: not a judged step either
         if self._last_unsettled is not None:
@@ -295,6 +299,7 @@ class DivergenceDetector:
             return False
         if loss > ref + (self.unsettled_factor - 1.0) * scale:
             self._last_unsettled = 0
+            self._loss_high = True
         jumped = loss > ref + (self.jump_factor - 1.0) * scale
         thin = len(window) < self.min_samples
         if thin:
@@ -355,22 +360,30 @@ class DivergenceDetector:
         if norm > self.grad_unsettled_factor * ref + 1e-30:
             self._last_unsettled = 0
         if not norm > self.grad_factor * ref + 1e-30:
-            self._grad_run, self._grad_jumped, self.loss_left = 0, [], False
+            self._grad_run, self._grad_jumped, self.loss_left, self.loss_rose = 0, [], False, False
             self._learn_norm(norm)
             return False
         self._grad_run += 1
         self._grad_jumped.append(norm)
         self.loss_left = self.loss_left or self.above_start(loss)
+        self.loss_rose = self.loss_rose or self._loss_high
         if self._grad_run < self.persist:
             return False
         jumped = self._grad_jumped
-        if not self.loss_left and holds_level(jumped, jumped, self.erratic_span):
+        # the far norms are a blown-up model's only where its loss says so: it rose above its recent level at some
+        # step of the far run (a step taken with such a gradient moves the weights far, and the next batches' loss
+        # shows it), or left the run's start by a jump. Far norms while the loss holds or falls are the gradient scale
+        # of a new phase: the first successes of a sparse-reward policy gradient (norms 0.01 -> 19, 39, 60 and
+        # climbing, the loss falling from -0.03 to -23), a new task. They become the reference as a steady level
+        # does; a model that does blow up shows it in its loss within a step or two, and is judged again then
+        confirmed = self.loss_left or self.loss_rose
+        if not confirmed or (not self.loss_left and holds_level(jumped, jumped, self.erratic_span)):
             # a far level that holds or falls while the loss stays within a jump of the untrained model's: the
             # gradient scale of a new task or new data (a class-incremental step, a loss weight raised), not a
             # blown-up model: it becomes the reference, as a loss level does. With the loss far above the start at
             # any step of the run (a corrupt shard, inputs x1e4, whose steady loss level the loss rule may have
             # adopted; a blown-up model), the norms stay a divergence: the guard's rerun tells the two apart
-            self._grad_run, self._grad_jumped, self.loss_left = 0, [], False
+            self._grad_run, self._grad_jumped, self.loss_left, self.loss_rose = 0, [], False, False
             self._norms.clear()
             for value in jumped:
                 self._learn_norm(value)
@@ -395,6 +408,7 @@ class DivergenceDetector:
             "jumped": list(self._jumped),
             "grad_jumped": list(self._grad_jumped),
             "loss_left": self.loss_left,
+            "loss_rose": self.loss_rose,
             "thin_seen": list(self._thin_seen),
             "last_unsettled": self._last_unsettled,
             "calm": self._calm,
@@ -418,6 +432,7 @@ class DivergenceDetector:
         self._jumped = [float(v) for v in state.get("jumped", [])]
         self._grad_jumped = [float(v) for v in state.get("grad_jumped", [])]
         self.loss_left = bool(state.get("loss_left", False))
+        self.loss_rose = bool(state.get("loss_rose", False))
         self._thin_seen = [float(v) for v in state.get("thin_seen", [])]
         last = state.get("last_unsettled")
         self._last_unsettled = None if last is None else int(last)

@@ -87,13 +87,44 @@ def test_a_slow_climb_is_not_divergence():
     assert run(DivergenceDetector(window=32), losses, [1.0] * len(losses)) == []
 
 
+def blown_losses(norms: list[float], far: float = 1e3) -> list[float]:
+    """The loss of a model that takes its gradients: 1.0 while the norms are healthy, 5.0 on the step after a far
+    norm (an update with such a gradient moved the weights far)."""
+    return [5.0 if i and norms[i - 1] > far else 1.0 for i in range(len(norms))]
+
+
 def test_gradient_norm_far_beyond_its_baseline_for_several_steps():
     climbing = [5e3 * 1.5**i for i in range(5)]  # a blow-up keeps climbing
     norms = [1.0] * 40 + [5e3] * 2 + [1.0] * 10 + climbing
-    flagged = run(DivergenceDetector(persist=3), [1.0] * len(norms), norms)
+    flagged = run(DivergenceDetector(persist=3), blown_losses(norms), norms)
     assert flagged == [54, 55, 56]  # the two-step burst passes; the sustained one is flagged from its 3rd step
     erratic = [1.0] * 40 + [5e3, 2e5, 8e3, 1e6]  # or swings over an order of magnitude
-    assert run(DivergenceDetector(persist=3), [1.0] * len(erratic), erratic) == [42, 43]
+    assert run(DivergenceDetector(persist=3), blown_losses(erratic), erratic) == [42, 43]
+
+
+@pytest.mark.parametrize("loss_after", ["flat", "falling", "negative"])
+def test_far_climbing_norms_whose_loss_does_not_rise_are_a_new_level(loss_after):
+    """The first successes of a sparse-reward policy gradient: norms ~0.01 (an entropy bonus alone), then 19, 39, 60
+    and climbing while the REINFORCE loss falls to -23. Nothing says the model blew up: its loss did not rise. The far
+    norms become the reference (before, a rollback and an LR cut at step 10); a blow-up from there, whose loss does
+    rise, is still flagged."""
+    rng = random.Random(3)
+    quiet = [0.01 * (1 + 0.2 * rng.random()) for _ in range(10)]
+    successes = [19.0, 39.0, 60.0, 80.0, 120.0, 100.0, 90.0, 110.0]
+    after = {
+        "flat": [1.0] * 8,
+        "falling": [1.0, 0.8, 0.6, 0.5, 0.4, 0.35, 0.3, 0.28],
+        "negative": [-5.0, -23.0, -13.0, -18.0, -20.0, -17.0, -21.0, -19.0],
+    }
+    losses = [1.0] * 10 + after[loss_after]
+    det = DivergenceDetector(persist=3)
+    assert run(det, losses, quiet + successes) == []
+    assert det.grad_reference is not None
+    assert det.grad_reference > 10.0
+    base = losses[-1]
+    blown = [1e5, 3e5, 1e6]  # from the new level, a blow-up whose loss rises is flagged from its 3rd step
+    blown_loss = [base, abs(base) * 50 + 10, abs(base) * 500 + 100]
+    assert [det.update(x, n)[1] for x, n in zip(blown_loss, blown)] == [False, False, True]
 
 
 def test_a_far_gradient_level_that_holds_or_falls_is_a_new_level():
@@ -108,7 +139,8 @@ def test_a_far_gradient_level_that_holds_or_falls_is_a_new_level():
     assert not any(det.update(0.01, n)[1] for n in converged + new_task)
     assert det.grad_reference is not None
     assert det.grad_reference > 1.0  # the new level is the reference
-    assert [det.update(0.01, n)[1] for n in (2e4, 6e4, 2e5)] == [False, False, True]  # a blow-up from it still is
+    # a blow-up from it still is (its loss rises)
+    assert [det.update(x, n)[1] for x, n in ((0.01, 2e4), (5.0, 6e4), (50.0, 2e5))] == [False, False, True]
     again = DivergenceDetector()  # a far run in progress survives a checkpoint
     det = DivergenceDetector()
     for n in [*converged, 7.0]:
@@ -309,9 +341,10 @@ def test_a_norm_back_from_a_collapse_is_no_divergence_but_a_real_one_still_is():
     assert not any(flags)
     assert det.grad_reference is not None
     assert det.grad_reference > 0.4  # the long-run level, not the collapsed one
-    # from a steady level, a real blow-up is still caught (3 steps in a row far above both levels)
+    # from a steady level, a real blow-up is still caught (3 steps in a row far above both levels, its loss rising)
     det = DivergenceDetector()
-    flags = [det.update(1.0, n)[1] for n in [*healthy, 2e3, 5e3, 9e3]]
+    losses = [1.0] * len(healthy) + [1.0, 5.0, 50.0]
+    flags = [det.update(x, n)[1] for x, n in zip(losses, [*healthy, 2e3, 5e3, 9e3])]
     assert flags[-3:] == [False, False, True]
     # the long-run level survives a checkpoint
     again = DivergenceDetector()
