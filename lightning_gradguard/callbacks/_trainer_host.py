@@ -131,6 +131,9 @@ class TrainerHost(GuardHost):
     def pin_clipping(self) -> bool:
         return any([cb.pin_clipping() for cb in self._clippers()])
 
+    def rebase_clipping(self, optimizer: int, norms: list[float]) -> bool:
+        return any([cb.rebase_clipping(optimizer, norms) for cb in self._clippers()])
+
     def _clippers(self) -> list[Any]:
         from lightning_gradguard.callbacks.adaptive_gradient_clipping import AdaptiveGradientClipping
 

@@ -251,6 +251,12 @@ class AdaptiveGradientClipping(Callback):
         :meth:`~lightning_gradguard.core.clip.Clipper.pin`); returns whether any was pinned now."""
         return any([slot.clipper.pin() for slot in self._slots.values()])
 
+    def rebase_clipping(self, optimizer: int, norms: list[float]) -> bool:
+        """Restart optimizer ``optimizer``'s learned statistics from ``norms``, the run's gradient norms at a new level
+        that the guard adopted (:meth:`~lightning_gradguard.core.clip.Clipper.rebase`); returns whether it did."""
+        slot = self._slots.get(optimizer)
+        return slot is not None and slot.clipper.rebase(norms)
+
     def restore_snapshot_state(self, state: dict[int, Any]) -> None:
         """A rollback: the statistics go back to what the snapshot held (an optimizer that had none then starts
         afresh, with its warm-up: a restart from the untrained state); the step that triggered the rollback is not

@@ -166,6 +166,11 @@ class ClipSlots:
         """Hold every clipper's threshold at its warm-up cap for good (:meth:`Clipper.pin`); whether any changed."""
         return any([s.clipper.pin() for s in self.slots if s.clipper is not None])
 
+    def rebase(self, idx: int, norms: list[float]) -> bool:
+        """Restart optimizer ``idx``'s learned statistics from ``norms`` (:meth:`Clipper.rebase`); whether it did."""
+        slot = self.slots[idx] if 0 <= idx < len(self.slots) else None
+        return slot is not None and slot.clipper is not None and slot.clipper.rebase(norms)
+
     def restore_snapshot_state(self, saved: list[dict[str, Any] | None]) -> None:
         """A rollback: each clipper's statistics go back to what the snapshot held (the statistics learned since
         then describe the discarded trajectory); the step that triggered it is not learned. Counters keep

@@ -217,6 +217,9 @@ class LoopHost(GuardHost):
     def pin_clipping(self) -> bool:
         return self.clips.pin() if self.clips is not None else False
 
+    def rebase_clipping(self, optimizer: int, norms: list[float]) -> bool:
+        return self.clips.rebase(optimizer, norms) if self.clips is not None else False
+
     def reducer(self) -> MaxReducer:
         return self._reducer
 

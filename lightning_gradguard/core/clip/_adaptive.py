@@ -20,6 +20,7 @@ halves agree, with the fallback (and its cap) in force meanwhile; a fall of its 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -37,7 +38,7 @@ from lightning_gradguard.core.clip._thresholds import (
     minimum,
     zscore_threshold,
 )
-from lightning_gradguard.core.clip._warmup import MAX_WARMUP_FACTOR, WarmupReference
+from lightning_gradguard.core.clip._warmup import MAD_TO_STD, MAX_WARMUP_FACTOR, WarmupReference, lower_median
 from lightning_gradguard.core.measure._grad_stats import GradStats
 
 
@@ -122,6 +123,24 @@ class _AdaptiveClipper(Clipper):
             self.started = self._probation = False
             self._restart()
         return True
+
+    def rebase(self, norms: Sequence[float]) -> bool:
+        """Restart the statistics from ``norms`` (finite, above ``TINY_NORM``), the run's gradient norms at a new level
+        that the guard's divergence detector adopted: far norms that hold while the loss does not rise (a
+        class-incremental step: norms ~1e-3 on a separable first task, ~7 on the whole task). Statistics of the old
+        level would clip the new one for hundreds of steps, their threshold growing 1 % a step (a run that then ended
+        2-3 % below the unclipped one). Not during the warm-up (its window slides by itself) or once pinned. The
+        step awaiting its commit is one of ``norms``: it is not learned again."""
+        values = [float(v) for v in norms if math.isfinite(float(v)) and float(v) > TINY_NORM]
+        if not values or self.pinned or not self.started or not self._rebase(values):
+            return False
+        self._pending = None
+        self.limit = torch.full_like(self.limit, math.inf) if isinstance(self.limit, Tensor) else math.inf
+        return True
+
+    def _rebase(self, values: list[float]) -> bool:
+        """Restart the method's statistics from ``values``; whether the method can."""
+        return False
 
     def _restart(self) -> None:
         """The probation found the window's level fallen (its halves an order of magnitude apart): drop the statistics
@@ -312,6 +331,18 @@ class ZScoreClipper(_AdaptiveClipper):
     def _begin(self) -> None:
         self.mean, self.var, self.count = self.warm.robust_start()  # the robust reference, not its raw values
         self.exceed = torch.zeros_like(self.exceed) if isinstance(self.exceed, Tensor) else 0.0
+
+    def _rebase(self, values: list[float]) -> bool:
+        center = lower_median(values)  # the robust start of the warm-up (median, MAD) on the new level's norms
+        var = (MAD_TO_STD * lower_median([abs(v - center) for v in values])) ** 2
+        if isinstance(self.mean, Tensor):
+            like = cast(Tensor, self.mean)
+            self.mean, self.var = torch.full_like(like, center), torch.full_like(like, var)
+            self.count = torch.full_like(like, float(len(values)))
+            self.exceed = torch.zeros_like(like)
+        else:
+            self.mean, self.var, self.count, self.exceed = center, var, len(values), 0.0
+        return True
 
     def _restart(self) -> None:
         if isinstance(self.mean, Tensor):

@@ -87,6 +87,12 @@ class Clipper:
         method with no learned threshold, or no cap to hold)."""
         return False
 
+    def rebase(self, norms: Sequence[float]) -> bool:
+        """Restart the learned statistics from ``norms``, the run's gradient norms at a new level (the guard's
+        divergence detector found far norms that hold while the loss did not rise: a new task, new data); returns
+        whether anything changed (False for a method with no learned threshold)."""
+        return False
+
     def check_parameters(self, named_params: Sequence[tuple[str, Tensor]], owner: str | None = None) -> None:
         """Raise ``ValueError`` naming a parameter this method cannot clip (called at setup; ``owner``: the class
         the user called, named at the start of the message)."""

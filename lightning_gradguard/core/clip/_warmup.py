@@ -55,7 +55,7 @@ MIN_HALF = 3
 MAX_WARMUP_FACTOR = 10
 
 
-def _lower_median(values: list[float]) -> float:
+def lower_median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[(len(ordered) - 1) // 2]
 
@@ -151,7 +151,7 @@ class WarmupReference:
         if self._buffer is not None:
             return torch.nanmedian(self._buffer)
         values = self._finite_host()
-        return _lower_median(values) if values else math.nan
+        return lower_median(values) if values else math.nan
 
     def count(self) -> int | Tensor:
         """How many finite values the window holds."""
@@ -180,7 +180,7 @@ class WarmupReference:
             return torch.nanmedian(window[:half]), torch.nanmedian(window[self.size - half :])
         older = [v for v in self._host[:half] if not math.isnan(v)]
         newer = [v for v in self._host[len(self._host) - half :] if not math.isnan(v)]
-        return (_lower_median(older) if older else math.nan), (_lower_median(newer) if newer else math.nan)
+        return (lower_median(older) if older else math.nan), (lower_median(newer) if newer else math.nan)
 
     def _verdicts(self) -> tuple[Any, Any]:
         """``(settled, fell)`` without a host read (bool tensors in tensor mode): see :meth:`settled` and
@@ -250,8 +250,8 @@ class WarmupReference:
         values = self._finite_host()
         if not values:
             return 0.0, 0.0, 0
-        center = _lower_median(values)
-        spread = _lower_median([abs(v - center) for v in values])
+        center = lower_median(values)
+        spread = lower_median([abs(v - center) for v in values])
         return center, (MAD_TO_STD * spread) ** 2, len(values)
 
     def _window(self) -> list[float]:

@@ -370,6 +370,14 @@ class GuardEngine:
             )
             verdict = self.judge_.judge(step, stats, loss, host.scaler(), stream, lr)
             self._test_divergence_on_batch(verdict, stream)
+            level = self.judge_.stream(stream).detector.new_grad_level
+            if level and optimizer is not None:
+                # the detector adopted far gradient norms as the run's new level (they held while the loss did not
+                # rise): the adaptive clipper's statistics of the old level restart from them, as its own warm-up
+                # would have started from them
+                index = next((i for i, opt in enumerate(host.optimizers()) if opt is optimizer), None)
+                if index is not None:
+                    host.rebase_clipping(index, level)
         loss_v = verdict.loss
         if loss_v is not None and (self._loss_max is None or not loss_v <= self._loss_max):
             peak = self._loss_max

@@ -69,6 +69,12 @@ class GuardHost:
         any was pinned now (False: no adaptive clipper with a cap, or already pinned)."""
         return False
 
+    def rebase_clipping(self, optimizer: int, norms: list[float]) -> bool:
+        """Restart the adaptive clipping statistics of optimizer ``optimizer`` (its index) from ``norms``, the run's
+        gradient norms at a new level (:meth:`~lightning_gradguard.core.clip.Clipper.rebase`); returns whether any
+        clipper changed."""
+        return False
+
     def reducer(self) -> RankReducer | None:
         """The element-wise cross-rank maximum (None: a single process)."""
         return None

@@ -181,6 +181,9 @@ class DivergenceDetector:
         #: unsettled factor): the model the far norms belong to got worse by its own objective
         self.loss_rose = False
         self._loss_high = False  # this step's loss was above its recent level by the unsettled factor
+        #: the far gradient norms this step adopted as the run's new level (None: none): the guard hands them to an
+        #: adaptive clipper, whose statistics of the old level would clip the new one for hundreds of steps
+        self.new_grad_level: list[float] | None = None
 
     def beyond(self, loss: float, reference: float) -> bool:
         """Whether ``loss`` is a jump above ``reference`` (another state's loss on the same batch): above it by
@@ -265,6 +268,7 @@ class DivergenceDetector:
         """
         loss, grad_norm = float(loss), float(grad_norm)
         self.thin_verdict = self.held_verdict = self._loss_high = False
+        self.new_grad_level = None
         if not _finite(loss):
             return False, False  # a fault step: not a judged step either
         if self._last_unsettled is not None:
@@ -387,6 +391,7 @@ class DivergenceDetector:
             self._norms.clear()
             for value in jumped:
                 self._learn_norm(value)
+            self.new_grad_level = list(jumped)
             return False
         return True  # erratic or climbing: divergence (the run keeps counting while it lasts)
 
