@@ -181,8 +181,9 @@ class DivergenceDetector:
         #: unsettled factor): the model the far norms belong to got worse by its own objective
         self.loss_rose = False
         self._loss_high = False  # this step's loss was above its recent level by the unsettled factor
-        #: the far gradient norms this step adopted as the run's new level (None: none): the guard hands them to an
-        #: adaptive clipper, whose statistics of the old level would clip the new one for hundreds of steps
+        #: the far gradient norms this step adopted as the run's new level because they held (None: none, or a climb
+        #: adopted because the loss did not confirm it): the guard hands them to an adaptive clipper, whose statistics
+        #: of the old level would clip the new one for hundreds of steps
         self.new_grad_level: list[float] | None = None
 
     def beyond(self, loss: float, reference: float) -> bool:
@@ -380,8 +381,8 @@ class DivergenceDetector:
         # of a new phase: the first successes of a sparse-reward policy gradient (norms 0.01 -> 19, 39, 60 and
         # climbing, the loss falling from -0.03 to -23), a new task. They become the reference as a steady level
         # does; a model that does blow up shows it in its loss within a step or two, and is judged again then
-        confirmed = self.loss_left or self.loss_rose
-        if not confirmed or (not self.loss_left and holds_level(jumped, jumped, self.erratic_span)):
+        held = not self.loss_left and holds_level(jumped, jumped, self.erratic_span)
+        if held or not (self.loss_left or self.loss_rose):
             # a far level that holds or falls while the loss stays within a jump of the untrained model's: the
             # gradient scale of a new task or new data (a class-incremental step, a loss weight raised), not a
             # blown-up model: it becomes the reference, as a loss level does. With the loss far above the start at
@@ -391,7 +392,9 @@ class DivergenceDetector:
             self._norms.clear()
             for value in jumped:
                 self._learn_norm(value)
-            self.new_grad_level = list(jumped)
+            # a level that holds is handed on (the clipper restarts from it); a climb is not: under a clipper a
+            # blow-up's norms may climb while the clipped steps keep the loss down, and released it would blow up
+            self.new_grad_level = list(jumped) if held else None
             return False
         return True  # erratic or climbing: divergence (the run keeps counting while it lasts)
 

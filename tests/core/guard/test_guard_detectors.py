@@ -118,9 +118,15 @@ def test_far_climbing_norms_whose_loss_does_not_rise_are_a_new_level(loss_after)
     }
     losses = [1.0] * 10 + after[loss_after]
     det = DivergenceDetector(persist=3)
-    assert run(det, losses, quiet + successes) == []
+    handed = []
+    for x, n in zip(losses, quiet + successes):
+        assert det.update(x, n) == (False, False)
+        handed.append(det.new_grad_level)
     assert det.grad_reference is not None
     assert det.grad_reference > 10.0
+    # a climb adopted for want of the loss's confirmation is not handed to the clipper (a blow-up under a clipper
+    # climbs while the clipped steps keep its loss down: released, it would blow up)
+    assert handed == [None] * len(handed)
     base = losses[-1]
     blown = [1e5, 3e5, 1e6]  # from the new level, a blow-up whose loss rises is flagged from its 3rd step
     blown_loss = [base, abs(base) * 50 + 10, abs(base) * 500 + 100]
@@ -136,9 +142,15 @@ def test_a_far_gradient_level_that_holds_or_falls_is_a_new_level():
     converged = [1e-3 * (1 + 0.3 * rng.random()) for _ in range(200)]
     new_task = [7.0 * (1 + 0.15 * rng.random()) * 0.995**i for i in range(200)]
     det = DivergenceDetector()
-    assert not any(det.update(0.01, n)[1] for n in converged + new_task)
+    handed = []
+    for n in converged + new_task:
+        assert not det.update(0.01, n)[1]
+        handed.append(det.new_grad_level)
     assert det.grad_reference is not None
     assert det.grad_reference > 1.0  # the new level is the reference
+    levels = [h for h in handed if h is not None]
+    assert len(levels) == 1  # handed to the clipper once, at the adoption: the new task's first three norms
+    assert levels[0] == new_task[:3]
     # a blow-up from it still is (its loss rises)
     assert [det.update(x, n)[1] for x, n in ((0.01, 2e4), (5.0, 6e4), (50.0, 2e5))] == [False, False, True]
     again = DivergenceDetector()  # a far run in progress survives a checkpoint
