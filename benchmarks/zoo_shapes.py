@@ -85,6 +85,9 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
 - ``sparse_reward_chain``: REINFORCE on a 10-state chain whose only reward (100) waits at the far end: until the
   first successes only the entropy bonus has a gradient (~0.01), then each batch with a success has norms of 20-160
   [sparse, legitimately huge gradients that become the rule as the policy learns].
+- ``loss_weight_step``: a digits MLP under Adam whose whole loss is weighted 1e-4 for 300 steps, then 1: the loss
+  and every gradient jump 1e4x at once while Adam's update barely changes [an objective that changed, not a model
+  that blew up: the state a rollback would restore is as far on an ordinary batch].
 
 Faults (not healthy without a tool; a different pass criterion): ``corrupt_label_20`` and ``corrupt_label_5``: every
 20th / 5th batch carries one corrupt regression label (1e30): the loss is inf, the gradient finite (~1e29) and
@@ -1313,6 +1316,33 @@ class ClassIncremental(ZooModule):
         return DataLoader(TensorDataset(*self.train_tensors), batch_size=32)
 
 
+class LossWeightStep(ZooModule):
+    """Digits MLP 64 -> 128 -> 10 (Adam 1e-3, batch 32) whose whole loss is weighted ``w0`` until step ``switch``,
+    then 1 (a loss weight raised at once: the loss and every gradient jump 1/w0 x; Adam's update barely changes).
+    Batches are drawn inside ``training_step`` (seeded by the batch index); metric: validation accuracy."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int, switch: int = 300, w0: float = 1e-4) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=1e-3)
+        self.switch, self.w0 = switch, w0
+        self.net = mlp([64, 128, 10])
+        self.x, self.y, self.val_x, self.val_y = digits(seed)
+        self.train_tensors = (torch.arange(steps * 32),)  # only the batch index matters
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(self.seed) * 100_003 + int(batch_idx))
+        idx = torch.randint(0, len(self.y), (32,), generator=g)
+        weight = self.w0 if self.global_step < self.switch else 1.0
+        return weight * F.cross_entropy(self.net(self.x[idx]), self.y[idx])
+
+    def metric(self) -> float:
+        return float((self.net(self.val_x).argmax(1) == self.val_y).float().mean())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.train_tensors), batch_size=32)
+
+
 class SparseRewardChain(ZooModule):
     """REINFORCE on a chain of ``length`` + 1 states: start at 0, step left or right, reward ``reward`` on reaching
     the end within ``length + 4`` moves, nothing otherwise. Policy: MLP on the one-hot state (32 hidden units), Adam
@@ -1743,6 +1773,14 @@ _SHAPES: list[Shape] = [
         "1 - P(reaching the end)",
         tolerance="travel",
         cost=4.0,
+    ),
+    Shape(
+        "loss_weight_step",
+        "digits MLP, Adam: the whole loss weighted 1e-4 for 300 steps, then 1 (loss and norms jump 1e4x)",
+        LossWeightStep,
+        700,
+        ACC,
+        higher_is_better=True,
     ),
     # faults: not healthy without a tool; judged against the run in which the corrupt batches are dropped
     Shape(

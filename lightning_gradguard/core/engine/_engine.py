@@ -370,14 +370,10 @@ class GuardEngine:
             )
             verdict = self.judge_.judge(step, stats, loss, host.scaler(), stream, lr)
             self._test_divergence_on_batch(verdict, stream)
-            level = self.judge_.stream(stream).detector.new_grad_level
-            if level and optimizer is not None:
-                # the detector adopted far gradient norms as the run's new level (they held while the loss did not
-                # rise): the adaptive clipper's statistics of the old level restart from them, as its own warm-up
-                # would have started from them
-                index = next((i for i, opt in enumerate(host.optimizers()) if opt is optimizer), None)
-                if index is not None:
-                    host.rebase_clipping(index, level)
+            self._test_objective_changed(verdict, stream, optimizer)
+            # the detector adopted far gradient norms as the run's new level (they held while the loss did not rise):
+            # the adaptive clipper's statistics of the old level restart from them, as its warm-up would have
+            self._rebase_clipping(optimizer, self.judge_.stream(stream).detector.new_grad_level)
         loss_v = verdict.loss
         if loss_v is not None and (self._loss_max is None or not loss_v <= self._loss_max):
             peak = self._loss_max
@@ -438,6 +434,84 @@ class GuardEngine:
             return
         detector.adopt_level()
         verdict.health = None
+
+    def _rebase_clipping(self, optimizer: Any, level: list[float] | None) -> None:
+        """Hand a gradient level the detector adopted to ``optimizer``'s adaptive clipper (its statistics restart)."""
+        if not level or optimizer is None:
+            return
+        index = next((i for i, opt in enumerate(self.host.optimizers()) if opt is optimizer), None)
+        if index is not None:
+            self.host.rebase_clipping(index, level)
+
+    def _test_objective_changed(self, verdict: Verdict, stream: int, optimizer: Any) -> None:
+        """A divergence that the batch test above left standing (the loss or the gradient norm far beyond the run's
+        level, climbing or erratic) is tested once more before it is acted on: the trusted snapshot's weights (with
+        today's buffers) rerun the last ordinary batch, at this step. The run's reference was built by states like
+        that one on batches like that one; if that state is now beyond the same thresholds on such a batch, the
+        objective changed (a loss weight raised at once, a loss term switched on), not the model: a rollback would
+        restore a state that is as far, and met the same jump again, three times, then a halt (a digits MLP whose loss
+        weight went 1e-4 -> 1 at step 300, every seed). The far values become the run's level (the clipper's
+        statistics restart from the norms), the step is taken, and a warning says so with the numbers. Where the
+        trusted state is within the thresholds on the ordinary batch, the divergence stands. One optimizer, an
+        ordinary batch the rerun can take, a trusted snapshot; with several ranks the values are the ranks' largest
+        (one reduce: every rank takes the same branch)."""
+        health = verdict.health
+        if health is None or not (health.loss_divergence or health.grad_divergence):
+            return
+        if health.cause not in _DIVERGENCE_CAUSES or health.other_rank or verdict.loss is None:
+            return  # anything else wrong with the step (non-finite values, a spike) is acted on
+        host = self.host
+        if self._ordinary is None or not host.rerun_takes_items():
+            return
+        if not self.options.rerun or len(host.optimizers()) > 1 or (self._many() and host.rerun_is_collective()):
+            return
+        self._drop_stale()
+        snap = self.store.compute()
+        if snap is None:
+            return
+        weights = dict(self._trusted_weights(snap))
+        for name, buf in host.model().named_buffers():
+            if name in weights:
+                weights[name] = buf.detach().clone()
+        buffers = BufferCopy()  # the reruns move BatchNorm statistics: put back what the step left
+        buffers.save(host.model())
+        try:
+            trusted = host.rerun(*self._ordinary, weights, health.step)
+            current = host.rerun(*self._ordinary, None, health.step)
+        finally:
+            buffers.restore()
+        ok = trusted is not None and current is not None and None not in (trusted.loss, current.loss)
+        values = [0.0] * 4
+        if ok and trusted is not None and current is not None:
+            values = [
+                self._sign * float(trusted.loss or 0.0), float(trusted.grad_norm or 0.0),
+                self._sign * float(current.loss or 0.0), float(current.grad_norm or 0.0),
+            ]  # fmt: skip
+        shared = self._agree_reruns(values, ok)
+        detector = self.judge_.stream(stream).detector
+        if shared is None:
+            return
+        t_loss, t_norm, c_loss, c_norm = shared
+        # the reference is stale: the trusted state, on an ordinary batch, is far from the level such states built
+        # (by the unsettled factors, far below a divergence's: the values the reference was learned from do not
+        # come near them); and the model did not blow up: on that batch it is no jump above the trusted state
+        if not detector.off_level(t_loss, t_norm) or detector.beyond_state(c_loss, c_norm, t_loss, t_norm):
+            return
+        ref_loss, ref_norm = detector.loss_reference, detector.grad_reference
+        detector.adopt_level()
+        self._rebase_clipping(optimizer, detector.adopt_grad_level())
+        verdict.health = None
+        self.warnings += 1
+        reason = (
+            f"the objective changed, not the model: the {'loss' if health.loss_divergence else 'gradient norm'} went "
+            f"far beyond the run's level (loss {_g(ref_loss)}, norm {_g(ref_norm)}; now loss {verdict.loss:.4g}, norm "
+            f"{verdict.norm:.4g}), and the trusted state of step {snap.step} gives loss {t_loss:.4g}, norm "
+            f"{t_norm:.4g} on the last ordinary batch now: a rollback would restore a state as far (a loss weight "
+            "raised, a loss term switched on). The far values are the run's new level: no action"
+        )
+        event = GuardEvent(health.step, "warn", GuardCause.INSTABILITY.value, self.lr_scale, reason=reason)
+        event.loss, event.grad_norm, event.rule = verdict.loss, verdict.norm, "objective_changed"
+        self.record_event(event)
 
     def _rerun_from_trusted(self, verdict: Verdict) -> list[float] | None:
         """This step's loss and the trusted snapshot's loss on the same batch (each the ranks' largest), or None where

@@ -221,6 +221,38 @@ class DivergenceDetector:
         grad = self.grad_reference
         return grad is not None and grad_norm is not None and grad_norm > self.grad_factor * grad + 1e-30
 
+    def off_level(self, loss: float, grad_norm: float) -> bool:
+        """Whether another measurement is off the run's level by the :attr:`unsettled` factors (the loss above its
+        reference by ``unsettled_factor - 1`` scales, or the norm above ``grad_unsettled_factor`` x its reference):
+        what makes a step unsettled, far short of a divergence. False while a reference is unknown.
+
+        Example:
+            >>> det = DivergenceDetector(persist=2, min_samples=2)
+            >>> [det.update(loss, 1.0) for loss in (1.0, 0.9, 1.1, 0.8)][-1]
+            (False, False)
+            >>> det.off_level(1.2, 2.0), det.off_level(5.0, 1.0), det.off_level(1.0, 50.0)
+            (False, True, True)
+        """
+        ref, scale = self.loss_reference, self.loss_scale
+        if ref is not None and scale is not None and scale > 0.0 and loss > ref + (self.unsettled_factor - 1.0) * scale:
+            return True
+        grad = self.grad_reference
+        return grad is not None and grad_norm > self.grad_unsettled_factor * grad + 1e-30
+
+    def beyond_state(self, loss: float, grad_norm: float, other_loss: float, other_norm: float) -> bool:
+        """Whether one state's loss and norm on a batch are a divergence beyond another state's on the same batch:
+        the loss a jump above it (:meth:`beyond`), or the norm above ``grad_unsettled_factor`` x it (the states'
+        norms on one batch: a blown-up model's are orders of magnitude up).
+
+        Example:
+            >>> det = DivergenceDetector()
+            >>> det.beyond_state(0.3, 0.9, 0.25, 0.8), det.beyond_state(500.0, 1.0, 0.3, 1.0)
+            (False, True)
+            >>> det.beyond_state(0.3, 80.0, 0.3, 0.8)
+            True
+        """
+        return self.beyond(loss, other_loss) or grad_norm > self.grad_unsettled_factor * other_norm + 1e-30
+
     def adopt_level(self) -> None:
         """The losses counted as a jump are the run's level, not a blown-up model's (the guard found the state it
         would restore no better on the same batch): they become the reference, as a steady new level does."""
@@ -231,6 +263,18 @@ class DivergenceDetector:
             self._losses.clear()
             for value in jumped:
                 self._learn(value)
+
+    def adopt_grad_level(self) -> list[float]:
+        """The norms counted as far are the run's level, not a blown-up model's (the guard found the state a rollback
+        would restore as far on an ordinary batch: the objective changed): they become the reference, as a far level
+        that holds does. Returns them (empty when none were being counted), for the clipper."""
+        jumped = self._grad_jumped
+        self._grad_run, self._grad_jumped, self.loss_left, self.loss_rose = 0, [], False, False
+        if jumped:
+            self._norms.clear()
+            for value in jumped:
+                self._learn_norm(value)
+        return list(jumped)
 
     def restart_runs(self) -> None:
         """Forget the counting in progress but keep the baselines (after a rollback to a healthy state)."""
