@@ -6,8 +6,9 @@ goes on learning. The far values climbed and swung, so the divergence rules roll
 halted it (``DivergenceError`` at step 311, every seed, under ``NaNGuard()`` and ``default_callbacks()``). Now a
 divergence is tested once more before it is acted on: the trusted state's weights rerun the last ordinary batch at
 this step. That state is as far from the run's level as the current one (the objective changed, for every state),
-and the current state is no jump above it on that batch: the far values become the run's level and a warning says
-so. A real blow-up still acts: the trusted state is at the run's level on an ordinary batch."""
+and the current state is not clearly worse than it on that batch: the far values become the run's level and a
+warning says so. A real blow-up still acts: the trusted state is at the run's level on an ordinary batch, or the
+blown-up model clearly worse than it there."""
 
 from __future__ import annotations
 

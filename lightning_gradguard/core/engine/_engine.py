@@ -446,15 +446,17 @@ class GuardEngine:
     def _test_objective_changed(self, verdict: Verdict, stream: int, optimizer: Any) -> None:
         """A divergence that the batch test above left standing (the loss or the gradient norm far beyond the run's
         level, climbing or erratic) is tested once more before it is acted on: the trusted snapshot's weights (with
-        today's buffers) rerun the last ordinary batch, at this step. The run's reference was built by states like
-        that one on batches like that one; if that state is now beyond the same thresholds on such a batch, the
-        objective changed (a loss weight raised at once, a loss term switched on), not the model: a rollback would
-        restore a state that is as far, and met the same jump again, three times, then a halt (a digits MLP whose loss
-        weight went 1e-4 -> 1 at step 300, every seed). The far values become the run's level (the clipper's
-        statistics restart from the norms), the step is taken, and a warning says so with the numbers. Where the
-        trusted state is within the thresholds on the ordinary batch, the divergence stands. One optimizer, an
-        ordinary batch the rerun can take, a trusted snapshot; with several ranks the values are the ranks' largest
-        (one reduce: every rank takes the same branch)."""
+        today's buffers) and the current model rerun the last ordinary batch, at this step. The run's reference was
+        built by states like that one on batches like that one; if that state is now off it on such a batch (by the
+        unsettled factors) and the current model is not clearly worse than it there (:meth:`DivergenceDetector.
+        beyond_state`), the objective changed (a loss weight raised at once, a loss term switched on), not the model:
+        a rollback would restore a state no better, and met the same jump again, three times, then a halt (a digits
+        MLP whose loss weight went 1e-4 -> 1 at step 300, every seed). The far values become the run's level (the
+        clipper's statistics restart from the norms), the step is taken, and a warning says so with the numbers.
+        Otherwise the divergence stands (a blow-up leaves the trusted state at the run's level on an ordinary batch;
+        one early in the run, whose trusted state is the untrained one, leaves the model clearly worse). One
+        optimizer, an ordinary batch the rerun can take, a trusted snapshot; with several ranks the values are the
+        ranks' largest (one reduce: every rank takes the same branch)."""
         health = verdict.health
         if health is None or not (health.loss_divergence or health.grad_divergence):
             return
@@ -494,7 +496,8 @@ class GuardEngine:
         t_loss, t_norm, c_loss, c_norm = shared
         # the reference is stale: the trusted state, on an ordinary batch, is far from the level such states built
         # (by the unsettled factors, far below a divergence's: the values the reference was learned from do not
-        # come near them); and the model did not blow up: on that batch it is no jump above the trusted state
+        # come near them); and a rollback buys nothing: on that batch the model is not clearly worse than the
+        # trusted state (by the same factors: a model blown up early, its trusted state the untrained one, is)
         if not detector.off_level(t_loss, t_norm) or detector.beyond_state(c_loss, c_norm, t_loss, t_norm):
             return
         ref_loss, ref_norm = detector.loss_reference, detector.grad_reference

@@ -240,18 +240,21 @@ class DivergenceDetector:
         return grad is not None and grad_norm > self.grad_unsettled_factor * grad + 1e-30
 
     def beyond_state(self, loss: float, grad_norm: float, other_loss: float, other_norm: float) -> bool:
-        """Whether one state's loss and norm on a batch are a divergence beyond another state's on the same batch:
-        the loss a jump above it (:meth:`beyond`), or the norm above ``grad_unsettled_factor`` x it (the states'
-        norms on one batch: a blown-up model's are orders of magnitude up).
+        """Whether one state's loss and norm on a batch are clearly worse than another state's on the same batch, by
+        the :attr:`unsettled` factors: the loss above it by ``unsettled_factor - 1`` times its scale
+        (``max(|other_loss|, floor x |start|)``), or the norm above ``grad_unsettled_factor`` x it. A rollback to the
+        other state then buys something back; where it is not, the other state is no better on the evidence.
 
         Example:
             >>> det = DivergenceDetector()
-            >>> det.beyond_state(0.3, 0.9, 0.25, 0.8), det.beyond_state(500.0, 1.0, 0.3, 1.0)
+            >>> det.beyond_state(0.3, 0.9, 0.25, 0.8), det.beyond_state(30.0, 1.0, 2.3, 1.0)
             (False, True)
             >>> det.beyond_state(0.3, 80.0, 0.3, 0.8)
             True
         """
-        return self.beyond(loss, other_loss) or grad_norm > self.grad_unsettled_factor * other_norm + 1e-30
+        scale = max(abs(other_loss), self.floor * abs(self.start))
+        worse = loss > other_loss + (self.unsettled_factor - 1.0) * scale
+        return worse or grad_norm > self.grad_unsettled_factor * other_norm + 1e-30
 
     def adopt_level(self) -> None:
         """The losses counted as a jump are the run's level, not a blown-up model's (the guard found the state it
