@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -462,34 +463,14 @@ class GuardEngine:
             return
         if health.cause not in _DIVERGENCE_CAUSES or health.other_rank or verdict.loss is None:
             return  # anything else wrong with the step (non-finite values, a spike) is acted on
-        host = self.host
-        if self._ordinary is None or not host.rerun_takes_items():
-            return
-        if not self.options.rerun or len(host.optimizers()) > 1 or (self._many() and host.rerun_is_collective()):
+        if not self.options.rerun:
             return
         self._drop_stale()
-        snap = self.store.compute()
-        if snap is None:
+        snap = self._ordinary_ready()
+        if snap is None or self._ordinary is None:
             return
-        weights = dict(self._trusted_weights(snap))
-        for name, buf in host.model().named_buffers():
-            if name in weights:
-                weights[name] = buf.detach().clone()
-        buffers = BufferCopy()  # the reruns move BatchNorm statistics: put back what the step left
-        buffers.save(host.model())
-        try:
-            trusted = host.rerun(*self._ordinary, weights, health.step)
-            current = host.rerun(*self._ordinary, None, health.step)
-        finally:
-            buffers.restore()
-        ok = trusted is not None and current is not None and None not in (trusted.loss, current.loss)
-        values = [0.0] * 4
-        if ok and trusted is not None and current is not None:
-            values = [
-                self._sign * float(trusted.loss or 0.0), float(trusted.grad_norm or 0.0),
-                self._sign * float(current.loss or 0.0), float(current.grad_norm or 0.0),
-            ]  # fmt: skip
-        shared = self._agree_reruns(values, ok)
+        weights = self._with_todays_buffers(self._trusted_weights(snap))
+        shared = self._reruns([(*self._ordinary, weights), (*self._ordinary, None)], health.step)
         detector = self.judge_.stream(stream).detector
         if shared is None:
             return
@@ -532,10 +513,7 @@ class GuardEngine:
         # the trusted weights with today's buffers: a curriculum stage or loss weight kept in a buffer is today's
         # objective, and the question is whether the earlier weights meet it as far (BatchNorm's running statistics
         # do not enter a training-mode forward); as the climb's test asks (_rerun_pair)
-        weights = dict(self._trusted_weights(snap))
-        for name, buf in host.model().named_buffers():
-            if name in weights:
-                weights[name] = buf.detach().clone()
+        weights = self._with_todays_buffers(self._trusted_weights(snap))
         trusted = host.rerun(self._batches, self._rngs or [self._window_rng], weights, step)
         level = self._sign * trusted.loss if trusted is not None and trusted.loss is not None else None
         ok = level is not None and math.isfinite(level)
@@ -774,10 +752,7 @@ class GuardEngine:
         state that scored itself under its own, older objective would always look better); BatchNorm's running
         statistics do not enter a training-mode forward."""
         host = self.host
-        other = dict(snap.whole_model())
-        for name, buf in host.model().named_buffers():
-            if name in other:
-                other[name] = buf.detach().clone()
+        other = self._with_todays_buffers(snap.whole_model())
         measured: list[float] = []
         ok = True
         buffers = BufferCopy()  # the reruns move BatchNorm statistics: put back what the step left
@@ -1399,6 +1374,52 @@ class GuardEngine:
         else:
             event.diagnosis_evidence = "found on another rank"
 
+    def _ordinary_ready(self) -> Snapshot | None:
+        """The trusted snapshot, where a rerun of it and of the last ordinary batch can run on every rank: one
+        optimizer, batches the rerun can take, not a collective rerun, a snapshot, and the step's batches and an
+        ordinary batch on every rank (agreed by reduces, so every rank takes the same branch); else None."""
+        host = self.host
+        if len(host.optimizers()) > 1 or not host.rerun_takes_items():
+            return None
+        if self._many() and host.rerun_is_collective():
+            return None
+        snap = self.store.compute()  # the same on every rank
+        if snap is None or not self._agree_ready():
+            return None
+        missing = self._ordinary is None
+        if self._many():
+            (missing,) = any_rank(host.reducer(), missing, device=host.device())
+        return None if missing else snap
+
+    def _reruns(self, runs: list[tuple[Any, Any, Any]], step: int) -> list[float] | None:
+        """Rerun each of ``runs`` (items, random numbers, weights: None for the current ones) at ``step``: its loss
+        (turned as the judge turns it) and gradient norm, in order, each the ranks' largest; None where a rerun gave
+        no loss on some rank. BatchNorm statistics moved by the reruns are put back."""
+        host = self.host
+        results = []
+        buffers = BufferCopy()
+        buffers.save(host.model())
+        try:
+            for items, rngs, weights in runs:
+                results.append(host.rerun(items, rngs, weights, step))
+        finally:
+            buffers.restore()
+        ok = all(r is not None and r.loss is not None for r in results)
+        values: list[float] = []
+        for r in results:
+            values += [self._sign * float(r.loss or 0.0), float(r.grad_norm or 0.0)] if ok and r else [0.0, 0.0]
+        return self._agree_reruns(values, ok)
+
+    def _with_todays_buffers(self, weights: Mapping[str, Any]) -> dict[str, Any]:
+        """``weights`` (a snapshot's model state) with the model's buffers as they are now: earlier weights rerun on
+        today's objective (a loss weight, label smoothing or curriculum stage kept in a buffer belongs to it;
+        BatchNorm's running statistics do not enter a training-mode forward)."""
+        out = dict(weights)
+        for name, buf in self.host.model().named_buffers():
+            if name in out:
+                out[name] = buf.detach().clone()
+        return out
+
     def _finite_diagnosis(self, health: StepHealth, event: GuardEvent) -> None:
         """A finite divergence (the loss or the gradient norm far beyond the run's level for several steps) is read
         as a model blown up by its LR, and rolled back. It can be the data instead: a stretch of corrupt batches
@@ -1409,36 +1430,13 @@ class GuardEngine:
         ``data``, skipped with the LR kept (the policy), and the next such batch is judged again. Otherwise nothing is
         said and the divergence is handled as before. One optimizer, batches the rerun can take; with several ranks
         every rank reruns its own and the values are the ranks' largest (:meth:`_agree_reruns`)."""
-        host = self.host
-        if len(host.optimizers()) > 1 or not host.rerun_takes_items():
-            return
-        if self._many() and host.rerun_is_collective():
-            return
-        snap = self.store.compute()  # the same on every rank
-        if snap is None or not self._agree_ready():
-            return
-        missing = self._ordinary is None
-        if self._many():
-            (missing,) = any_rank(host.reducer(), missing, device=host.device())
-        if missing or self._ordinary is None:
+        snap = self._ordinary_ready()
+        if snap is None or self._ordinary is None:
             return
         detector = self.judge_.stream(self._pending_stream).detector
         rngs = self._rngs or [self._window_rng]
-        buffers = BufferCopy()  # the reruns move BatchNorm statistics: put back what the step left
-        buffers.save(host.model())
-        try:
-            trusted = host.rerun(self._batches, rngs, self._trusted_weights(snap), health.step)
-            ordinary = host.rerun(*self._ordinary, None, health.step)
-        finally:
-            buffers.restore()
-        ok = trusted is not None and ordinary is not None and None not in (trusted.loss, ordinary.loss)
-        values = [0.0] * 4
-        if ok and trusted is not None and ordinary is not None:
-            values = [
-                self._sign * float(trusted.loss or 0.0), float(trusted.grad_norm or 0.0),
-                self._sign * float(ordinary.loss or 0.0), float(ordinary.grad_norm or 0.0),
-            ]  # fmt: skip
-        shared = self._agree_reruns(values, ok)
+        runs = [(self._batches, rngs, self._trusted_weights(snap)), (*self._ordinary, None)]
+        shared = self._reruns(runs, health.step)
         if shared is None:
             return
         t_loss, t_norm, o_loss, o_norm = shared
