@@ -88,6 +88,9 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
 - ``loss_weight_step``: a digits MLP under Adam whose whole loss is weighted 1e-4 for 300 steps, then 1: the loss
   and every gradient jump 1e4x at once while Adam's update barely changes [an objective that changed, not a model
   that blew up: the state a rollback would restore is as far on an ordinary batch].
+- ``rare_positives``: a binary classifier with 0.2 % positives and ``pos_weight=neg/pos``: once it predicts the
+  majority class, the ~6 % of batches that hold a positive have gradients 100-10,000x the rest, again and again [far
+  outliers that recur: the run's signal, not faults].
 
 Faults (not healthy without a tool; a different pass criterion): ``corrupt_label_20`` and ``corrupt_label_5``: every
 20th / 5th batch carries one corrupt regression label (1e30): the loss is inf, the gradient finite (~1e29) and
@@ -1343,6 +1346,42 @@ class LossWeightStep(ZooModule):
         return DataLoader(TensorDataset(*self.train_tensors), batch_size=32)
 
 
+class RarePositives(ZooModule):
+    """Imbalanced binary classification: 20 noisy features, positives the top ``rate`` of a random linear score (0.2 %
+    of 40,000 training rows), MLP 20 -> 64 -> 1, ``BCEWithLogitsLoss(pos_weight=neg/pos)`` (the usual recipe), Adam
+    1e-3, batch 32 drawn inside ``training_step`` (seeded by the batch index): ~6 % of batches hold a positive, and
+    once the model predicts the majority class their gradients are 100-10,000x the rest. Metric: validation ROC AUC
+    (20,000 rows, ~40 positives)."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int, rate: float = 0.002) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=1e-3)
+        g = _gen(seed, 11)
+        x = torch.randn(60_000, 20, generator=g)
+        score = x @ torch.randn(20, generator=g)
+        y = (score > torch.quantile(score, 1.0 - rate)).float()
+        x = x + 0.5 * torch.randn(x.shape, generator=g)
+        self.x, self.y, self.val_x, self.val_y = x[:40_000], y[:40_000], x[40_000:], y[40_000:]
+        self.pos_weight = torch.tensor(float((1 - y).sum() / y.sum()))
+        self.net = mlp([20, 64, 1])
+        self.train_tensors = (torch.arange(steps * 32),)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(self.seed) * 100_003 + int(batch_idx))
+        idx = torch.randint(0, len(self.y), (32,), generator=g)
+        logits = self.net(self.x[idx]).squeeze(1)
+        return F.binary_cross_entropy_with_logits(logits, self.y[idx], pos_weight=self.pos_weight)
+
+    def metric(self) -> float:
+        p = self.net(self.val_x).squeeze(1)
+        pos, neg = p[self.val_y > 0], p[self.val_y == 0]
+        return float((pos[:, None] > neg[None, :]).float().mean())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.train_tensors), batch_size=32)
+
+
 class SparseRewardChain(ZooModule):
     """REINFORCE on a chain of ``length`` + 1 states: start at 0, step left or right, reward ``reward`` on reaching
     the end within ``length + 4`` moves, nothing otherwise. Policy: MLP on the one-hot state (32 hidden units), Adam
@@ -1781,6 +1820,15 @@ _SHAPES: list[Shape] = [
         700,
         ACC,
         higher_is_better=True,
+    ),
+    Shape(
+        "rare_positives",
+        "binary classifier, 0.2 % positives, pos_weight=neg/pos, Adam (batches with a positive: norms 100-10,000x)",
+        RarePositives,
+        1500,
+        "validation ROC AUC",
+        higher_is_better=True,
+        cost=3.0,
     ),
     # faults: not healthy without a tool; judged against the run in which the corrupt batches are dropped
     Shape(

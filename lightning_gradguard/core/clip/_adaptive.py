@@ -29,6 +29,7 @@ from torch import Tensor
 from lightning_gradguard.core.clip._base import Clipper, ClipRecord, Number
 from lightning_gradguard.core.clip._ops import clip_by_global_norm_, clip_coefficient, foreach_mul_
 from lightning_gradguard.core.clip._options import check_clip_option as _opt
+from lightning_gradguard.core.clip._recurrence import RecurringOutliers
 from lightning_gradguard.core.clip._running_stats import DecayedHistogramQuantile, WindowQuantile
 from lightning_gradguard.core.clip._thresholds import (
     TINY_NORM,
@@ -248,8 +249,13 @@ class ZScoreClipper(_AdaptiveClipper):
       RL target's norms that grow as training goes) and a norm above the threshold but within ``fallback_factor`` x
       of it is no outlier: it is still clipped, but learned as measured (not as the threshold) and the growth limit
       is lifted, so the statistics follow the drift instead of lagging it for ever. A norm an order of magnitude
-      beyond enters as the threshold however often it comes. (Releasing such steps unclipped was tried: a healthy
-      deep plain CNN whose norms grow as it learns then died at chance.)
+      beyond enters as the threshold however often it comes, unless it recurs (next item). (Releasing such steps
+      unclipped was tried: a healthy deep plain CNN whose norms grow as it learns then died at chance.)
+    - Far exceeders that recur (:class:`~lightning_gradguard.core.clip._recurrence.RecurringOutliers`): a norm above
+      ``fallback_factor`` x the threshold that is the third or later of a chain, each within the statistics' horizon
+      ``1 / (1 - ema_decay)`` of the previous with a calm step between, is a component of the stream (the rare class
+      of an imbalanced classifier), not an outlier: clipped at its step, learned as measured (at most
+      ``fallback_factor`` x the threshold), growth limit lifted. Once established, any exceeder keeps the chain.
 
     On CPU gradients the rule runs on Python floats (no tensor dispatch: the whole decision costs a few microseconds);
     on other devices on scalar tensors without host synchronisation. The arithmetic is the same functions of
@@ -288,6 +294,9 @@ class ZScoreClipper(_AdaptiveClipper):
         self._stat: Number = math.inf  # the statistical threshold of the step awaiting its commit
         self._drifting: Number = False  # the recent share of steps above it exceeds Chebyshev's bound
         self._free: Number = False  # that step was above the threshold and is learned as measured (a drift)
+        #: far exceeders that recur within the statistics' horizon are a component of the stream, not outliers
+        self.recurrence = RecurringOutliers(horizon=1.0 / (1.0 - self.ema_decay))
+        self._far: Number = False  # the step awaiting its commit was a member of a recurring component's chain
 
     # ---------------------------------------------------------------- host/tensor representation
 
@@ -301,6 +310,7 @@ class ZScoreClipper(_AdaptiveClipper):
         self.mean, self.var, self.count, self.limit = t(self.mean), t(self.var), t(self.count), t(self.limit)
         self.exceed = t(self.exceed)
         self.warm.to_tensor(device)
+        self.recurrence.to_tensor(device)
 
     # ---------------------------------------------------------------- the rule
 
@@ -331,6 +341,7 @@ class ZScoreClipper(_AdaptiveClipper):
     def _begin(self) -> None:
         self.mean, self.var, self.count = self.warm.robust_start()  # the robust reference, not its raw values
         self.exceed = torch.zeros_like(self.exceed) if isinstance(self.exceed, Tensor) else 0.0
+        self.recurrence.reset()
 
     def _rebase(self, values: list[float]) -> bool:
         center = lower_median(values)  # the robust start of the warm-up (median, MAD) on the new level's norms
@@ -342,6 +353,7 @@ class ZScoreClipper(_AdaptiveClipper):
             self.exceed = torch.zeros_like(like)
         else:
             self.mean, self.var, self.count, self.exceed = center, var, len(values), 0.0
+        self.recurrence.reset()
         return True
 
     def _restart(self) -> None:
@@ -350,6 +362,7 @@ class ZScoreClipper(_AdaptiveClipper):
             self.mean, self.var, self.count = zeros
         else:
             self.mean, self.var, self.count = 0.0, 0.0, 0
+        self.recurrence.reset()
 
     def _learn(self, norm: Number, capped: Number, useful: Any) -> None:
         if self.warming_up:
@@ -366,7 +379,10 @@ class ZScoreClipper(_AdaptiveClipper):
             over = torch.as_tensor(norm > self._stat).to(torch.float64)
             self.exceed = torch.where(finite, self.exceed + step * (over - self.exceed), self.exceed)
             self.limit = torch.where(torch.as_tensor(self._free, device=count.device), math.inf, self.limit)
-        elif math.isfinite(capped):
+            self.recurrence.update(self._far, torch.isfinite(torch.as_tensor(norm)) & (norm <= self._stat))
+            return
+        self.recurrence.update(self._far, math.isfinite(norm) and norm <= self._stat)
+        if math.isfinite(capped):
             self.count = int(self.count) + 1
             weight = max(1.0 / self.count, 1.0 - self.ema_decay)
             self.mean, self.var = ema_step(float(self.mean), float(self.var), capped, weight)
@@ -391,13 +407,21 @@ class ZScoreClipper(_AdaptiveClipper):
             released = False
             coef: Number = 1.0
             clipped: Tensor | bool = False
+            over = not warm and math.isfinite(value) and value > thr
+            member = self.recurrence.member(over, over and value > self.fallback_factor * float(thr))
+            self._far = member
             if math.isfinite(value) and value > thr:
-                released = bool(self._drifting) and not warm and value <= self.fallback_factor * float(thr)
+                # a drift's moderate exceeders, and the members of a recurring component, are learned as measured (at
+                # most fallback_factor x the threshold); both are still clipped at their own step
+                released = not warm and (
+                    (bool(self._drifting) and value <= self.fallback_factor * float(thr))
+                    or bool(self.recurrence.recurring(member))
+                )
                 coef = min(1.0, float(target) / (value + 1e-6))
                 foreach_mul_(stats.local_grads, coef)
                 clipped = True
             self._free = released
-            self._pending = (value, math.inf if released else thr)
+            self._pending = (value, self.fallback_factor * float(thr) if released else thr)
             host = stats.total_norm_host  # the float32 total as a Python float: no tensor op on the CPU
             grad_norm = stats.total_norm if host is None else host
             return ClipRecord(grad_norm, thr, clipped, coef, warm, stat_mean=mean, stat_var=var)
@@ -409,20 +433,28 @@ class ZScoreClipper(_AdaptiveClipper):
         thr = torch.as_tensor(thr_t, dtype=torch.float64, device=norm.device)
         over = torch.isfinite(norm) & (norm > thr)
         drifting = torch.as_tensor(self._drifting, device=norm.device)
-        released_t = torch.zeros_like(over) if warm else over & drifting & (norm <= self.fallback_factor * thr)
+        if warm:
+            member_t = released_t = torch.zeros_like(over)
+        else:
+            member_t = self.recurrence.member(over, over & (norm > self.fallback_factor * thr))
+            released_t = over & (
+                (drifting & (norm <= self.fallback_factor * thr)) | self.recurrence.recurring(member_t)
+            )
+        self._far = member_t
         self._free = released_t
         coef_t = clip_coefficient(norm, torch.where(over, torch.as_tensor(target), math.inf))
         grads = stats.local_grads
         if grads:
             wide = grads[0].dtype in (torch.float64, torch.complex128)
             foreach_mul_(grads, coef_t.to(torch.float64 if wide else torch.float32))
-        self._pending = (norm, torch.where(released_t, math.inf, thr))
+        self._pending = (norm, torch.where(released_t, self.fallback_factor * thr, thr))
         return ClipRecord(stats.total_norm, thr_t, coef_t < 1.0, coef_t, warm, stat_mean=mean, stat_var=var)
 
     def _from_tensors(self) -> None:
         self.mean, self.var = float(self.mean), float(self.var)
         self.exceed = float(self.exceed)
         self.count, self.limit = int(self.count), float(self.limit)
+        self.recurrence.to_host()
         values = self.warm.state_dict()
         self.warm.reset()
         self.warm.load_state_dict(values)
@@ -436,6 +468,7 @@ class ZScoreClipper(_AdaptiveClipper):
             "var": float(self.var),
             "count": int(self.count),
             "exceed": float(self.exceed),
+            "recurrence": self.recurrence.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> list[str]:
@@ -448,6 +481,8 @@ class ZScoreClipper(_AdaptiveClipper):
         self.mean, self.var = float(state.get("mean", 0.0)), max(0.0, float(state.get("var", 0.0)))
         self.count = int(state.get("count", 0))
         self.exceed = float(state.get("exceed", 0.0))
+        self.recurrence.to_host()
+        self.recurrence.load_state_dict(state.get("recurrence", {}))  # older states: no chain
         if self.started and self.count > 0 and not self.mean > TINY_NORM:  # zeros learned by an older version
             self.started, self.mean, self.var, self.count, self.limit = False, 0.0, 0.0, 0, math.inf
             self._probation = False
