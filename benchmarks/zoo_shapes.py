@@ -1351,27 +1351,52 @@ class RarePositives(ZooModule):
     of 40,000 training rows), MLP 20 -> 64 -> 1, ``BCEWithLogitsLoss(pos_weight=neg/pos)`` (the usual recipe), Adam
     1e-3, batch 32 drawn inside ``training_step`` (seeded by the batch index): ~6 % of batches hold a positive, and
     once the model predicts the majority class their gradients are 100-10,000x the rest. Metric: validation ROC AUC
-    (20,000 rows, ~40 positives)."""
+    (20,000 rows, ~40 positives). ``benchmarks/rare_classes.py`` runs variants (no pos_weight, focal loss, SGD)."""
 
     higher_is_better = True
 
-    def __init__(self, seed: int, steps: int, rate: float = 0.002) -> None:
-        super().__init__(seed, steps, batch_size=32, lr=1e-3)
+    def __init__(
+        self,
+        seed: int,
+        steps: int,
+        rate: float = 0.002,
+        pos_weight: float | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        batch: int = 32,
+        loss: str = "bce",
+    ) -> None:
+        """``pos_weight`` None: neg/pos of the training set; ``optimizer`` "adam" or "sgd" (momentum 0.9);
+        ``loss`` "bce" or "focal" (alpha 0.99, gamma 2, summed and divided by the batch's positives)."""
+        super().__init__(seed, steps, batch_size=batch, lr=lr)
         g = _gen(seed, 11)
         x = torch.randn(60_000, 20, generator=g)
         score = x @ torch.randn(20, generator=g)
         y = (score > torch.quantile(score, 1.0 - rate)).float()
         x = x + 0.5 * torch.randn(x.shape, generator=g)
         self.x, self.y, self.val_x, self.val_y = x[:40_000], y[:40_000], x[40_000:], y[40_000:]
-        self.pos_weight = torch.tensor(float((1 - y).sum() / y.sum()))
+        balanced = float((1 - y).sum() / y.sum())  # neg/pos of all rows
+        self.pos_weight = torch.tensor(balanced if pos_weight is None else float(pos_weight))
+        self.optimizer_name, self.loss_name = optimizer, loss
         self.net = mlp([20, 64, 1])
-        self.train_tensors = (torch.arange(steps * 32),)
+        self.train_tensors = (torch.arange(steps * batch),)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(self.seed) * 100_003 + int(batch_idx))
-        idx = torch.randint(0, len(self.y), (32,), generator=g)
-        logits = self.net(self.x[idx]).squeeze(1)
-        return F.binary_cross_entropy_with_logits(logits, self.y[idx], pos_weight=self.pos_weight)
+        idx = torch.randint(0, len(self.y), (self.batch_size,), generator=g)
+        logits, y = self.net(self.x[idx]).squeeze(1), self.y[idx]
+        if self.loss_name == "focal":  # Lin et al. 2017
+            p = torch.sigmoid(logits)
+            ce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+            pt = torch.where(y > 0, p, 1 - p)
+            alpha = torch.where(y > 0, 0.99, 0.01)
+            return (alpha * (1 - pt) ** 2 * ce).sum() / y.sum().clamp_min(1.0)
+        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=self.pos_weight)
 
     def metric(self) -> float:
         p = self.net(self.val_x).squeeze(1)
@@ -1379,7 +1404,7 @@ class RarePositives(ZooModule):
         return float((pos[:, None] > neg[None, :]).float().mean())
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(*self.train_tensors), batch_size=32)
+        return DataLoader(TensorDataset(*self.train_tensors), batch_size=self.batch_size)
 
 
 class SparseRewardChain(ZooModule):

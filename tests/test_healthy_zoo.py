@@ -155,7 +155,7 @@ def test_rare_positives_keep_their_gradients(config: str) -> None:
     """A binary classifier with 0.2 % positives and ``pos_weight=neg/pos``: the ~6 % of batches holding a positive have
     gradients 100-10,000x the rest once the model predicts the majority class. The z-score clipper cut each to its
     threshold and learned it as the threshold, so its statistics followed only the shrinking majority: validation AUC
-    0.50 on this seed (0.97 without callbacks), with no event. Far exceeders that recur within the statistics' horizon
+    0.80 on this seed (0.99 without callbacks), with no event. Exceeders that recur within the statistics' horizon
     are now a component of the stream: still clipped at their step, learned as measured (at most 10x the
     threshold)."""
     check("rare_positives", config)

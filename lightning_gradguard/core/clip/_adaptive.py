@@ -249,13 +249,14 @@ class ZScoreClipper(_AdaptiveClipper):
       RL target's norms that grow as training goes) and a norm above the threshold but within ``fallback_factor`` x
       of it is no outlier: it is still clipped, but learned as measured (not as the threshold) and the growth limit
       is lifted, so the statistics follow the drift instead of lagging it for ever. A norm an order of magnitude
-      beyond enters as the threshold however often it comes, unless it recurs (next item). (Releasing such steps
-      unclipped was tried: a healthy deep plain CNN whose norms grow as it learns then died at chance.)
-    - Far exceeders that recur (:class:`~lightning_gradguard.core.clip._recurrence.RecurringOutliers`): a norm above
-      ``fallback_factor`` x the threshold that is the third or later of a chain, each within the statistics' horizon
-      ``1 / (1 - ema_decay)`` of the previous with a calm step between, is a component of the stream (the rare class
-      of an imbalanced classifier), not an outlier: clipped at its step, learned as measured (at most
-      ``fallback_factor`` x the threshold), growth limit lifted. Once established, any exceeder keeps the chain.
+      beyond enters as the threshold however often it comes. (Releasing such steps unclipped was tried: a healthy
+      deep plain CNN whose norms grow as it learns then died at chance.)
+    - Exceeders that recur (:class:`~lightning_gradguard.core.clip._recurrence.RecurringOutliers`): a norm above the
+      threshold that is the third or later of a chain, each within the statistics' horizon ``1 / (1 - ema_decay)``
+      of the previous with a calm step between, is a component of the stream (the rare class of an imbalanced
+      classifier), not an outlier: clipped at its step, learned as measured (at most ``fallback_factor`` x the
+      threshold), growth limit lifted. Isolated spikes (further apart than the horizon) and blow-ups (consecutive)
+      never build a chain.
 
     On CPU gradients the rule runs on Python floats (no tensor dispatch: the whole decision costs a few microseconds);
     on other devices on scalar tensors without host synchronisation. The arithmetic is the same functions of
@@ -294,9 +295,9 @@ class ZScoreClipper(_AdaptiveClipper):
         self._stat: Number = math.inf  # the statistical threshold of the step awaiting its commit
         self._drifting: Number = False  # the recent share of steps above it exceeds Chebyshev's bound
         self._free: Number = False  # that step was above the threshold and is learned as measured (a drift)
-        #: far exceeders that recur within the statistics' horizon are a component of the stream, not outliers
+        #: exceeders that recur within the statistics' horizon are a component of the stream, not outliers
         self.recurrence = RecurringOutliers(horizon=1.0 / (1.0 - self.ema_decay))
-        self._far: Number = False  # the step awaiting its commit was a member of a recurring component's chain
+        self._over: Number = False  # the step awaiting its commit was above the threshold (after the warm-up)
 
     # ---------------------------------------------------------------- host/tensor representation
 
@@ -379,9 +380,9 @@ class ZScoreClipper(_AdaptiveClipper):
             over = torch.as_tensor(norm > self._stat).to(torch.float64)
             self.exceed = torch.where(finite, self.exceed + step * (over - self.exceed), self.exceed)
             self.limit = torch.where(torch.as_tensor(self._free, device=count.device), math.inf, self.limit)
-            self.recurrence.update(self._far, torch.isfinite(torch.as_tensor(norm)) & (norm <= self._stat))
+            self.recurrence.update(self._over, norm <= self._stat, useful)
             return
-        self.recurrence.update(self._far, math.isfinite(norm) and norm <= self._stat)
+        self.recurrence.update(self._over, norm <= self._stat, useful)
         if math.isfinite(capped):
             self.count = int(self.count) + 1
             weight = max(1.0 / self.count, 1.0 - self.ema_decay)
@@ -408,14 +409,13 @@ class ZScoreClipper(_AdaptiveClipper):
             coef: Number = 1.0
             clipped: Tensor | bool = False
             over = not warm and math.isfinite(value) and value > thr
-            member = self.recurrence.member(over, over and value > self.fallback_factor * float(thr))
-            self._far = member
+            self._over = over
             if math.isfinite(value) and value > thr:
-                # a drift's moderate exceeders, and the members of a recurring component, are learned as measured (at
-                # most fallback_factor x the threshold); both are still clipped at their own step
+                # a drift's moderate exceeders, and exceeders that recur (a component of the stream), are learned as
+                # measured (at most fallback_factor x the threshold); both are still clipped at their own step
                 released = not warm and (
                     (bool(self._drifting) and value <= self.fallback_factor * float(thr))
-                    or bool(self.recurrence.recurring(member))
+                    or bool(self.recurrence.recurring(over))
                 )
                 coef = min(1.0, float(target) / (value + 1e-6))
                 foreach_mul_(stats.local_grads, coef)
@@ -434,13 +434,10 @@ class ZScoreClipper(_AdaptiveClipper):
         over = torch.isfinite(norm) & (norm > thr)
         drifting = torch.as_tensor(self._drifting, device=norm.device)
         if warm:
-            member_t = released_t = torch.zeros_like(over)
+            self._over = released_t = torch.zeros_like(over)
         else:
-            member_t = self.recurrence.member(over, over & (norm > self.fallback_factor * thr))
-            released_t = over & (
-                (drifting & (norm <= self.fallback_factor * thr)) | self.recurrence.recurring(member_t)
-            )
-        self._far = member_t
+            self._over = over
+            released_t = over & ((drifting & (norm <= self.fallback_factor * thr)) | self.recurrence.recurring(over))
         self._free = released_t
         coef_t = clip_coefficient(norm, torch.where(over, torch.as_tensor(target), math.inf))
         grads = stats.local_grads
