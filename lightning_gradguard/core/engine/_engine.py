@@ -47,6 +47,7 @@ from lightning_gradguard.core.guard._skip_rate import SkipRate
 from lightning_gradguard.core.guard._stability import StabilityFinding
 from lightning_gradguard.core.guard._step_judge import StepJudge, StepRider, Verdict, any_rank, nan_as_inf
 from lightning_gradguard.core.measure._grad_stats import GradStats
+from lightning_gradguard.core.measure._numerics import eps_hazards
 from lightning_gradguard.core.recover._bad_batches import BadBatch, BadBatchRecord, fingerprint, short_digest
 from lightning_gradguard.core.recover._fault_trace import nonfinite_in
 from lightning_gradguard.core.recover._lr_scaling import LRCeiling
@@ -170,6 +171,9 @@ class GuardEngine:
         self._data_here = False  # the rerun found this rank's own batch at fault (the record's evidence)
         self._resumed = False
         self._fits = 0  # fits started (start()): a later fit from step 0 without a restore is a new run
+        #: optimizer settings the parameters' precision cannot compute with (found at start(); named in the events
+        #: about non-finite values)
+        self.numerics_note = ""
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -293,8 +297,18 @@ class GuardEngine:
         if not self._resumed:
             self.judge_.forget_last_step()
         self._resumed = False
+        self._check_numerics()
         if self.options.action != "halt":
             self.take_snapshot(step, trusted=True)
+
+    def _check_numerics(self) -> None:
+        """Warn once per fit about optimizer settings that the parameters' dtype cannot compute with (Adam's eps in
+        float16 weights: :func:`~lightning_gradguard.core.measure._numerics.eps_hazards`); the events about non-finite
+        values name it."""
+        hazards = eps_hazards(self.host.optimizers())
+        self.numerics_note = "; ".join(h.describe() for h in hazards)
+        if self.numerics_note:
+            self.host.warn(f"{self.options.owner}: {self.numerics_note}", False)
 
     def stop(self) -> None:
         """End of the fit: free the snapshots and the batch references, drop the host."""
@@ -992,6 +1006,10 @@ class GuardEngine:
                                              "after the clipping statistics took over from it") if x)  # fmt: skip
             event.snapshot_step, event.snapshot_path = source.step, source.meta.get("path")
             event.reason = "; ".join(r for r in (event.reason, note) if r)
+        if self.numerics_note and (
+            event.nonfinite_params or (decision.cause is not None and decision.cause.value in _NONFINITE_CAUSES)
+        ):
+            event.reason = "; ".join(r for r in (event.reason, f"possible cause: {self.numerics_note}") if r)
         if decision.action is GuardAction.HALT and decision.restore:
             self._restore_for_halt(event, found[-1] if found else self._rollback_source())
         event.lr_scale = self.lr_scale
