@@ -91,6 +91,14 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
 - ``rare_positives``: a binary classifier with 0.2 % positives and ``pos_weight=neg/pos``: once it predicts the
   majority class, the ~6 % of batches that hold a positive have gradients 100-10,000x the rest, again and again [far
   outliers that recur: the run's signal, not faults].
+- ``cyclic_lr``: SGD under a triangular ``CyclicLR`` whose LR grows 60x in 50 steps, every 100 steps [an LR that
+  keeps growing while the loss rises near each peak: by design, not a boiling frog].
+- ``cyclic_kl_vae``: the VAE under a cyclical KL schedule (beta 0 -> 1 every 150 steps) [a loss that climbs by
+  design again and again].
+- ``permuted_tasks``: continual learning, the labels permuted anew every 150 steps [repeated jumps of the loss and
+  the gradient at an LR that did not change].
+- ``memorize_tiny``: memorising 8 samples with Adam down to a loss of ~1e-15 [relative jumps of 1e5x and more at a
+  loss that stays tiny].
 
 Faults (not healthy without a tool; a different pass criterion): ``corrupt_label_20`` and ``corrupt_label_5``: every
 20th / 5th batch carries one corrupt regression label (1e30): the loss is inf, the gradient finite (~1e29) and
@@ -1458,6 +1466,89 @@ class SparseRewardChain(ZooModule):
         return DataLoader(TensorDataset(*self.train_tensors), batch_size=32)
 
 
+class CyclicLR(ZooModule):
+    """Digits MLP 64 -> 128 -> 128 -> 10, SGD momentum 0.9 under ``CyclicLR`` (triangular: 0.005 -> 0.3 -> 0.005
+    every 100 steps; Smith 2017, "Cyclical Learning Rates for Training Neural Networks"): the LR grows 60x in 50
+    steps, again and again, and the loss rises near each peak. Metric: validation accuracy."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int, base: float = 0.005, top: float = 0.3, up: int = 50) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=base)
+        self.top, self.up = top, up
+        self.net = mlp([64, 128, 128, 10])
+        xt, yt, self.val_x, self.val_y = digits(seed)
+        self.train_tensors = (xt, yt)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def metric(self) -> float:
+        return float((self.net(self.val_x).argmax(1) == self.val_y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=self.lr, max_lr=self.top, step_size_up=self.up)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class CyclicKLVAE(VAE):
+    """:class:`VAE` with a cyclical KL schedule (Fu et al. 2019, "Cyclical Annealing Schedule"): every 150 steps
+    beta ramps 0 -> 1 over 75 steps, then holds 1, so the loss climbs by design four times in a run and falls back
+    as each cycle starts. Metric: validation negative ELBO at beta 1."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        beta = min(1.0, (self.global_step % 150) / 75)
+        return self.neg_elbo(batch[0], beta, sample=True)
+
+
+class PermutedTasks(ZooModule):
+    """Continual learning: a digits MLP whose label map is a new permutation of the ten classes every 150 steps.
+    At each switch the model is confidently wrong (the loss jumps ~10x from its best, the gradient with it) and
+    relearns at the same LR. Metric: validation accuracy on the last task's labels."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int, every: int = 150) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=1e-3)
+        self.every = every
+        self.net = mlp([64, 128, 128, 10])
+        xt, yt, self.val_x, self.val_y = digits(seed)
+        self.train_tensors = (xt, yt)
+        g = _gen(seed, 77)
+        self.perms = [torch.randperm(10, generator=g) for _ in range(steps // every + 1)]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), self.perms[self.global_step // self.every][y])
+
+    def metric(self) -> float:
+        last = self.perms[(self.steps - 1) // self.every]
+        return float((self.net(self.val_x).argmax(1) == last[self.val_y]).float().mean())
+
+
+class Memorize(ZooModule):
+    """Memorising 8 random regression targets (MLP 16 -> 128 -> 1, full batch, Adam 1e-2), as a user does to check a
+    model can overfit (Lightning's ``overfit_batches``): the loss falls to ~1e-15, then Adam's steps at that floor
+    throw it back up by 1e5x-1e10x now and then (it stays tiny: ~1e-3 at most). Metric: the training MSE (tolerance:
+    2 % of the distance travelled from the untrained loss)."""
+
+    def __init__(self, seed: int, steps: int) -> None:
+        super().__init__(seed, steps, batch_size=8, lr=1e-2)
+        g = _gen(seed, 41)
+        self.x, self.y = torch.randn(8, 16, generator=g), torch.randn(8, 1, generator=g)
+        self.train_tensors = (self.x, self.y)
+        self.net = mlp([16, 128, 1])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def metric(self) -> float:
+        return float(F.mse_loss(self.net(self.x), self.y))
+
+
 @dataclass(frozen=True)
 class Shape:
     """One zoo entry: how to build it, how long it trains, how to read its metric."""
@@ -1854,6 +1945,37 @@ _SHAPES: list[Shape] = [
         "validation ROC AUC",
         higher_is_better=True,
         cost=3.0,
+    ),
+    Shape(
+        "cyclic_lr",
+        "digits MLP, SGD momentum, CyclicLR 0.005 -> 0.3 -> 0.005 every 100 steps (the LR grows 60x, again and again)",
+        CyclicLR,
+        600,
+        ACC,
+        higher_is_better=True,
+    ),
+    Shape(
+        "cyclic_kl_vae",
+        "the VAE with a cyclical KL weight: 0 -> 1 over 75 steps, hold, every 150 steps (the loss climbs 4 times)",
+        CyclicKLVAE,
+        600,
+        "validation -ELBO at beta 1",
+    ),
+    Shape(
+        "permuted_tasks",
+        "continual learning: the digits' labels permuted anew every 150 steps (loss jumps ~10x at each switch)",
+        PermutedTasks,
+        600,
+        ACC + " (last task)",
+        higher_is_better=True,
+    ),
+    Shape(
+        "memorize_tiny",
+        "memorising 8 samples, full batch, Adam 1e-2: loss to ~1e-15, then jumps of 1e5x-1e10x at that floor",
+        Memorize,
+        1500,
+        "training MSE",
+        tolerance="travel",
     ),
     # faults: not healthy without a tool; judged against the run in which the corrupt batches are dropped
     Shape(
