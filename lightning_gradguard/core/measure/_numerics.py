@@ -7,8 +7,9 @@ value is 2**-24, about 6e-8), and the running second moment ``v`` underflows to 
 inf or NaN, written into the weights at the first steps (``tests/core/measure/test_numerics.py`` checks this against
 torch's Adam). An ``eps`` that float16 can hold but whose reciprocal exceeds float16's maximum (65504) can fail the
 same way, when ``m / eps`` overflows. Mixed precision keeps float32 weights and has neither problem; so does
-bfloat16, whose range is float32's. Optimizers that Adam-like divide by ``eps`` (RMSprop, Adagrad, AdamW, ...) are
-read the same way: any param group with a numeric ``eps``.
+bfloat16, whose range is float32's, and so do torch's fused kernels (``fused=True``), which compute in float32.
+Other optimizers that divide by ``eps`` (RMSprop, Adagrad, AdamW, ...) are read the same way: any param group with a
+numeric ``eps``.
 
 :func:`eps_hazards` finds these param groups from the optimizers' ``param_groups`` alone (no step, no state): the
 guard warns when the fit starts and names the finding in every event about non-finite values, so a run that halts
@@ -73,7 +74,8 @@ def _half_dtypes(params: Iterable[torch.Tensor]) -> list[torch.dtype]:
 def eps_hazards(optimizers: Sequence[torch.optim.Optimizer]) -> list[EpsHazard]:
     """The param groups of ``optimizers`` with a numeric ``eps`` that their 16-bit parameters round to 0 or whose
     reciprocal overflows them (see the module docstring). Groups without ``eps`` (SGD), with a non-numeric one
-    (Adafactor's pair) or with 32/64-bit parameters give nothing. Never raises: an optimizer it cannot read is
+    (Adafactor's pair), with ``fused=True`` (the fused kernels compute in float32) or with 32/64-bit parameters give
+    nothing. Never raises: an optimizer it cannot read is
     skipped."""
     found: list[EpsHazard] = []
     for i, opt in enumerate(optimizers):
@@ -84,6 +86,8 @@ def eps_hazards(optimizers: Sequence[torch.optim.Optimizer]) -> list[EpsHazard]:
         for j, group in enumerate(groups):
             eps = group.get("eps") if isinstance(group, dict) else None
             if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+                continue
+            if group.get("fused"):  # a fused kernel computes in float32 ("opmath"): the division is not float16's
                 continue
             for dt in _half_dtypes(group.get("params", ())):
                 info = torch.finfo(dt)

@@ -12,11 +12,11 @@ def _param(dtype: torch.dtype, n: int = 64) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.linspace(-1, 1, n).to(dtype))
 
 
-def _adam_steps(dtype: torch.dtype, eps: float, steps: int = 5) -> torch.Tensor:
+def _adam_steps(dtype: torch.dtype, eps: float, steps: int = 5, fused: bool = False) -> torch.Tensor:
     """Torch's Adam on one parameter of ``dtype`` with small and large gradient entries (an independent reference:
     does the update stay finite?)."""
     p = _param(dtype)
-    opt = torch.optim.Adam([p], lr=1e-3, eps=eps)
+    opt = torch.optim.Adam([p], lr=1e-3, eps=eps, fused=fused)
     grad = torch.cat([torch.full((32,), 1e-4), torch.full((32,), 0.5)]).to(dtype)
     for _ in range(steps):
         p.grad = grad.clone()
@@ -87,3 +87,8 @@ class _Broken:
 def test_unreadable_or_non_numeric_settings_give_nothing_and_never_raise():
     assert eps_hazards([_Odd([_param(torch.float16)]), _Broken()]) == []  # type: ignore[list-item]
     assert eps_hazards([]) == []
+
+
+def test_fused_adam_computes_in_float32_and_is_left_alone():
+    assert bool(torch.isfinite(_adam_steps(torch.float16, 1e-8, fused=True)).all())  # the reference: no harm
+    assert not eps_hazards([torch.optim.Adam([_param(torch.float16)], fused=True)])
