@@ -99,6 +99,8 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
   the gradient at an LR that did not change].
 - ``memorize_tiny``: memorising 8 samples with Adam down to a loss of ~1e-15 [relative jumps of 1e5x and more at a
   loss that stays tiny].
+- ``alternating_tasks``: multi-task learning, one task per batch in turn, losses 100x apart [a first loss that is
+  one task's, window medians that mix two scales: "never learned" read from the first batch].
 
 Faults (not healthy without a tool; a different pass criterion): ``corrupt_label_20`` and ``corrupt_label_5``: every
 20th / 5th batch carries one corrupt regression label (1e30): the loss is inf, the gradient finite (~1e29) and
@@ -1549,6 +1551,50 @@ class Memorize(ZooModule):
         return float(F.mse_loss(self.net(self.x), self.y))
 
 
+class AlternatingTasks(ZooModule):
+    """Multi-task learning with the tasks' batches alternating (as ``CombinedLoader`` and MT-DNN-style training do):
+    a shared trunk (64 -> 128 -> 128) with a digits classification head (cross-entropy ~2.3 untrained) and a
+    regression head on a second dataset whose targets have std ~30 (MSE in the hundreds untrained), Adam 1e-3, one
+    task per batch in turn. The loss stream interleaves two scales 100x apart: the first batch (classification) is
+    no reference for the untrained loss, and the window medians mix both tasks. Metric: the mean of the validation
+    accuracy and the regression's validation R^2."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int, every: int = 2, scale: float = 30.0) -> None:
+        super().__init__(seed, steps, batch_size=32, lr=1e-3)
+        self.every = every
+        xt, yt, self.val_x, self.val_y = digits(seed)
+        g = _gen(seed, 53)
+        w = torch.randn(64, 1, generator=torch.Generator().manual_seed(3))
+        rx, rvx = torch.randn(2048, 64, generator=g), torch.randn(512, 64, generator=g)
+        self.rvx, self.rvy = rvx, scale * torch.tanh(rvx @ w / 8)
+        self.cls_data, self.reg_data = (xt, yt), (rx, scale * torch.tanh(rx @ w / 8))
+        self.body = mlp([64, 128, 128])
+        self.cls, self.reg = nn.Linear(128, 10), nn.Linear(128, 1)
+
+    def train_dataloader(self) -> Any:
+        from lightning.pytorch.utilities import CombinedLoader
+
+        def loader(data: tuple[torch.Tensor, ...], salt: int) -> DataLoader:
+            g = _gen(self.seed, salt)
+            return DataLoader(TensorDataset(*data), batch_size=32, shuffle=True, generator=g, drop_last=True)
+
+        return CombinedLoader({"cls": loader(self.cls_data, 2), "reg": loader(self.reg_data, 3)}, "max_size_cycle")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx % self.every == self.every - 1:
+            x, y = batch["reg"]
+            return F.mse_loss(self.reg(torch.relu(self.body(x))), y)
+        x, y = batch["cls"]
+        return F.cross_entropy(self.cls(torch.relu(self.body(x))), y)
+
+    def metric(self) -> float:
+        acc = float((self.cls(torch.relu(self.body(self.val_x))).argmax(1) == self.val_y).float().mean())
+        r2 = 1.0 - float(F.mse_loss(self.reg(torch.relu(self.body(self.rvx))), self.rvy)) / float(self.rvy.var())
+        return 0.5 * (acc + r2)
+
+
 @dataclass(frozen=True)
 class Shape:
     """One zoo entry: how to build it, how long it trains, how to read its metric."""
@@ -1976,6 +2022,14 @@ _SHAPES: list[Shape] = [
         1500,
         "training MSE",
         tolerance="travel",
+    ),
+    Shape(
+        "alternating_tasks",
+        "multi-task: classification and a regression of targets std 30 on alternate batches (losses 100x apart)",
+        AlternatingTasks,
+        800,
+        "mean of validation accuracy and regression R^2",
+        higher_is_better=True,
     ),
     # faults: not healthy without a tool; judged against the run in which the corrupt batches are dropped
     Shape(

@@ -593,6 +593,11 @@ class GuardEngine:
                 lower = replace(
                     lower, act=False, reason=f"{lower.reason}; could not be tested on the batches: warning only"
                 )
+            elif refuted is None and lower.act and lower.rule in _UNTRAINED_RULES and not self._untrained_kept(step):
+                # "no better than untrained" then rests on the first losses alone (a batch or a few): with the
+                # untrained state gone it cannot be tested on today's batches, and a restart is no longer possible
+                self.judge_.stream(self._lower_stream).controller.withdraw()
+                lower = replace(lower, act=False, reason=f"{lower.reason}; {self._untested_untrained()}: warning only")
             if refuted is not None and lower is not None:  # the finding's claim does not hold on the batch itself
                 controller = self.judge_.stream(self._lower_stream).controller
                 controller.correct_start(refuted[1])  # the untrained loss, measured on these batches too
@@ -634,6 +639,18 @@ class GuardEngine:
         event = GuardEvent(step, "warn", GuardCause.INSTABILITY.value, self.lr_scale, reason=reason)
         event.rule = "skip_rate"
         self.record_event(event)
+
+    def _untrained_kept(self, step: int) -> bool:
+        """Whether the untrained state (the run's start, or its last restart) is still kept at ``step``."""
+        self.start_state.expire(step)
+        return self.start_state.snapshot is not None
+
+    def _untested_untrained(self) -> str:
+        keep = self.start_state.keep_steps
+        return (
+            f"the untrained state is no longer kept (the guard keeps it {keep} steps after the start or a restart; "
+            "a resumed run has none), so the claim could not be tested against it on the batches"
+        )
 
     def _refute_restart(self, step: int, finding: StabilityFinding) -> tuple[str, list[float]] | None:
         """Test a stability finding's claim on the batches themselves before it acts or warns: rerun this step's
