@@ -4,7 +4,8 @@ Adam divides by ``sqrt(v) + eps`` in the parameters' dtype; eps=1e-8 is 0 in flo
 moments underflow, so the first updates write inf/NaN into the weights. Without gradguard such a fit ends with NaN
 weights and no word; before, the defaults rolled back three times (cutting the LR, which was not at fault) and halted
 with "nonfinite params" and nothing else. Now the guard warns when the fit starts and every event about the
-non-finite weights, the halt's ``DivergenceError`` and its report name the cause and the fix.
+non-finite weights, the halt's ``DivergenceError`` and its report name the cause and the fix; its rollbacks keep the
+LR (the division by eps comes before the LR scales the update).
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def test_the_defaults_warn_at_start_and_the_halt_names_the_cause(tmp_path):
     faults = [e for e in guard.events if e["cause"] == "nonfinite_params"]
     assert faults
     assert all("eps=1e-08" in e["reason"] for e in faults)
+    # a lower LR cannot undo a division by eps: every rollback restores the state at the run's LR
+    assert [e["kind"] for e in faults][-1] == "halt"
+    assert all(float(e["lr_scale"]) == 1.0 for e in faults)
+    assert all("LR kept" in e["reason"] for e in faults if e["kind"] == "rollback")
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
     assert _params_finite(module)  # halted in the last trusted state
     with open(guard.report_path) as f:
         report = json.load(f)

@@ -80,6 +80,7 @@ from lightning_gradguard.core.recover._untouched import nonfinite_attributes
 from lightning_gradguard.errors import DivergenceError
 
 _NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "nonfinite_buffers", "other_rank"}
+_NONFINITE = _NONFINITE_CAUSES - {"other_rank"}  # non-finite values on this rank
 _DIVERGENCE_CAUSES = (GuardCause.LOSS_DIVERGENCE, GuardCause.GRAD_DIVERGENCE)
 #: stability rules whose claim is "no better than the untrained model" (tested on the batch before a restart)
 _UNTRAINED_RULES = ("worse_than_untrained", "killed_at_start", "never_learned")
@@ -1011,8 +1012,13 @@ class GuardEngine:
             # a divergence soon after the clipping statistics took over from the warm-up cap is theirs (they learned
             # the norms of an unsettled start, then let them through): keep the cap, not the LR cut
             pin = decision.cause in _DIVERGENCE_CAUSES and not self.clip_pinned and host.clipping_in_probation()
+            # an optimizer whose eps the weights' dtype cannot divide by writes inf/NaN at any LR (the division
+            # comes before the LR scales the update): a lower LR cannot help, so the state is restored at this LR
+            numerics = bool(self.numerics_note) and decision.cause is not None and decision.cause.value in _NONFINITE
             scale_then = self.lr_scale
-            self._restore(source, 0 if pin else decision.lr_power)
+            self._restore(source, 0 if pin or numerics else decision.lr_power)
+            if numerics and decision.lr_power:
+                note = "; ".join(x for x in (note, "LR kept: a lower LR cannot undo a division by eps") if x)
             if decision.cause in _DIVERGENCE_CAUSES and self.lr_scale < scale_then:  # (the hold ends with the cut)
                 note = "; ".join(x for x in (note, self._hold_restored_lr(scale_then)) if x)
             if pin and host.pin_clipping():
