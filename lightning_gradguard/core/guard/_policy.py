@@ -471,7 +471,9 @@ class GuardPolicy:
                 # an isolated fault after a healthy stretch (a weight corrupted in place, a transient hardware
                 # fault): nothing says the LR was at fault, so the state is restored at the schedule's LR
                 power = 0
-                why = (why + "; " if why else "") + "an isolated fault after healthy steps: LR kept"
+                first = health.step < self.repeat_window  # (no stretch of healthy steps before it yet)
+                what = "a first fault at the start of the run" if first else "an isolated fault after healthy steps"
+                why = (why + "; " if why else "") + f"{what}: LR kept"
         return Decision(action, cause, why, power, restore=action is GuardAction.HALT and restore)
 
     @property
