@@ -189,6 +189,8 @@ class WindowPair:
         climb_z, best_z: how far the newer window's losses sit above the older window's / the best window's, as a
             rank-test z-score (:func:`_rank_z`; NaN: unknown, e.g. a state saved before the best window's losses were
             kept).
+        norm_z: how far the newer window's gradient norms sit above the older window's (:func:`_rank_z`; NaN:
+            unknown).
     """
 
     old_loss: float
@@ -219,6 +221,7 @@ class WindowPair:
     since_action: int = -1
     climb_z: float = math.nan
     best_z: float = math.nan
+    norm_z: float = math.nan
 
     @property
     def not_improving(self) -> bool:
@@ -650,6 +653,7 @@ class StabilityController:
             since_action=self._steps - (self._last_fire or 0),
             climb_z=_rank_z(losses[:w], losses[w:]),
             best_z=_rank_z(self._best_losses, losses[w:]) if self._best_losses else math.nan,
+            norm_z=_rank_z(norms[:w], norms[w:]),
         )
 
     def assess(self, pair: WindowPair) -> StabilityFinding | None:
@@ -766,13 +770,18 @@ class StabilityController:
         return f"; {why}: warning only"
 
     def norm_rising(self, w: WindowPair) -> StabilityFinding | None:
-        """The median gradient norm grew ``norm_growth`` x between the windows while the loss, above ``floor`` x the
-        first loss, did not improve (a warning: a new task or a growing loss weight does the same)."""
+        """The median gradient norm grew ``norm_growth`` x between the windows, and the newer window's norms sit
+        above the older window's as a whole (the rank test of the climbing rules, :meth:`_shifted`), while the loss,
+        above ``floor`` x the first loss, did not improve (a warning: a new task or a growing loss weight does the
+        same). Without the rank test, two tasks whose batches alternate with norms ~50x apart warned every few
+        windows: a window of 25 steps holds 13 batches of one task and 12 of the other, so its median norm flips
+        between the tasks' levels from one window to the next."""
         if not (
             w.old_norm > 0  # a window of zero gradients (a masked start) is no reference
             and w.new_norm > self.norm_growth * w.old_norm
             and w.not_improving
             and w.new_loss > self.floor * w.start_loss
+            and self._shifted(w.norm_z, self.window)
         ):
             return None
         return StabilityFinding(

@@ -929,3 +929,28 @@ def test_a_classifier_converged_at_its_floor_is_not_dead_by_a_blow_up_at_its_sta
     dead = [f for f in found if f.rule == "dead_network"]
     assert dead, [f.reason for f in found]
     assert "a blow-up at step" in dead[0].reason
+
+
+def _norm_findings(norms: list[float], losses: list[float]) -> list[str]:
+    ctl = StabilityController()
+    rules = []
+    for loss, norm in zip(losses, norms, strict=True):
+        finding = ctl.update(loss, norm, clipped=False, lr=1e-3)
+        if finding is not None:
+            rules.append(finding.rule)
+    return rules
+
+
+def test_norm_rising_needs_the_whole_window_to_rise_not_a_median_that_flips():
+    # two tasks in turn (the zoo's alternating_tasks): norms ~0.5 and ~27, losses ~0.3 and ~5. A window of 25 holds 13
+    # of one task and 12 of the other, so the windows' medians flip between the levels; the norms did not rise.
+    steps = 400
+    norms = [0.5 + 0.01 * (i % 7) if i % 2 == 0 else 27.0 + 0.1 * (i % 5) for i in range(steps)]
+    losses = [0.3 + 0.01 * (i % 3) if i % 2 == 0 else 5.0 + 0.1 * (i % 4) for i in range(steps)]
+    medians_flip = [sorted(norms[a : a + 25])[12] for a in range(0, steps, 25)]
+    assert min(medians_flip) < 1.0 < 20.0 < max(medians_flip)  # what the median alone saw
+    assert "norm_rising" not in _norm_findings(norms, losses)
+    # a real rise (every norm of the newer windows above the older ones', the loss not improving) still warns
+    risen = [0.5 + 0.01 * (i % 7) if i < 200 else 27.0 + 0.1 * (i % 5) for i in range(steps)]
+    flat = [2.0 + 0.01 * (i % 3) for i in range(steps)]
+    assert "norm_rising" in _norm_findings(risen, flat)
