@@ -101,6 +101,8 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
   loss that stays tiny].
 - ``alternating_tasks``: multi-task learning, one task per batch in turn, losses 100x apart [a first loss that is
   one task's, window medians that mix two scales: "never learned" read from the first batch].
+- ``large_batch_warmup``: the BatchNorm CNN trained the large-batch way (batch 256, the LR warmed up 100x to 1.0,
+  then cosine) [an LR that grows 100x while the run is far from trained].
 
 Faults (not healthy without a tool; a different pass criterion): ``corrupt_label_20`` and ``corrupt_label_5``: every
 20th / 5th batch carries one corrupt regression label (1e30): the loss is inf, the gradient finite (~1e29) and
@@ -1595,6 +1597,28 @@ class AlternatingTasks(ZooModule):
         return 0.5 * (acc + r2)
 
 
+class LargeBatchWarmup(BNCNN):
+    """:class:`BNCNN` trained the large-batch way (Goyal et al. 2017, "Accurate, Large Minibatch SGD"): batch 256,
+    SGD momentum 0.9 with weight decay 5e-4, the LR warmed up linearly to 1.0 over 100 steps, then a cosine decay.
+    The LR grows 100x while the run is still far from trained. Metric: validation accuracy in eval mode."""
+
+    def __init__(self, seed: int, steps: int, peak: float = 1.0, warm: int = 100) -> None:
+        super().__init__(seed, steps)
+        self.batch_size, self.lr, self.warm = 256, peak, warm
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+        warm, total = self.warm, self.steps
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 @dataclass(frozen=True)
 class Shape:
     """One zoo entry: how to build it, how long it trains, how to read its metric."""
@@ -2029,6 +2053,14 @@ _SHAPES: list[Shape] = [
         AlternatingTasks,
         800,
         "mean of validation accuracy and regression R^2",
+        higher_is_better=True,
+    ),
+    Shape(
+        "large_batch_warmup",
+        "BatchNorm CNN, batch 256, SGD momentum, LR warmed up 100x to 1.0 over 100 steps, then cosine",
+        LargeBatchWarmup,
+        400,
+        ACC,
         higher_is_better=True,
     ),
     # faults: not healthy without a tool; judged against the run in which the corrupt batches are dropped
