@@ -83,3 +83,13 @@ def leave_process_group(rank: int, world_size: int, out_dir: str | Path, timeout
     while time.monotonic() < deadline and not all(Path(out_dir, f".left{r}").exists() for r in range(1, world_size)):
         time.sleep(0.05)
     os._exit(0)
+
+
+def end_distributed(out_dir: str | Path) -> None:
+    """The last call of a Lightning-launched 2-process script: if a process group is still up (Lightning keeps its
+    group after a fit), leave it through :func:`leave_process_group`; a bare ``destroy_process_group()`` at exit
+    aborted rank 0 of a finished run in CI ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        leave_process_group(dist.get_rank(), dist.get_world_size(), out_dir)

@@ -20,6 +20,7 @@ from lightning.pytorch import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_gradguard import NaNGuard  # noqa: E402
+from tests.ddp_runner import end_distributed  # noqa: E402
 from tests.models import TinyRegression, make_trainer  # noqa: E402
 
 
@@ -105,5 +106,4 @@ def main(out_dir: str) -> None:
 if __name__ == "__main__":
     main(sys.argv[1])
     record_fit(sys.argv[1])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed(sys.argv[1])  # the last thing: gloo's teardown race (tests/ddp_runner.py)

@@ -23,6 +23,7 @@ from lightning_gradguard import NaNGuard  # noqa: E402
 from lightning_gradguard.callbacks._trainer_host import TrainerHost  # noqa: E402
 from tests.compat.common import differences  # noqa: E402
 from tests.compat.fsdp_models import IN_DIM, ShardedRegression, sharded_trainer  # noqa: E402
+from tests.ddp_runner import end_distributed  # noqa: E402
 
 
 class RankFaults(ShardedRegression):
@@ -119,5 +120,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed(sys.argv[1])  # the last thing: gloo's teardown race (tests/ddp_runner.py)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.compat.collectives import around, count_collectives  # noqa: E402
 from tests.compat.common import build_all, split  # noqa: E402
+from tests.ddp_runner import end_distributed  # noqa: E402
 from tests.models import TinyRegression, make_trainer  # noqa: E402
 
 
@@ -91,5 +92,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed(sys.argv[1])  # the last thing: gloo's teardown race (tests/ddp_runner.py)

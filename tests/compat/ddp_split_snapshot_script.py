@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_gradguard import NaNGuard  # noqa: E402
 from lightning_gradguard.core.recover._snapshot import tensors_in  # noqa: E402
 from tests.compat.common import StateRecorder, full_state  # noqa: E402
+from tests.ddp_runner import end_distributed  # noqa: E402
 from tests.models import TinyRegression, make_trainer  # noqa: E402
 
 FAULT_STEP = 7
@@ -92,5 +93,4 @@ def fit(out_dir: str, name: str, shard: bool) -> None:
 if __name__ == "__main__":
     fit(sys.argv[1], "split", True)
     fit(sys.argv[1], "whole", False)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed(sys.argv[1])  # the last thing: gloo's teardown race (tests/ddp_runner.py)

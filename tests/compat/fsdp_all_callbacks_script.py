@@ -34,6 +34,7 @@ from lightning_gradguard.core.measure._sharded import unit_norms  # noqa: E402
 from tests.compat.common import build_all, split  # noqa: E402
 from tests.compat.fsdp_models import ShardedRegression, sharded_trainer  # noqa: E402
 from tests.compat.fsdp_resume_script import main as resume_main  # noqa: E402
+from tests.ddp_runner import end_distributed  # noqa: E402
 
 
 def _floats(t: torch.Tensor) -> list[float]:
@@ -211,5 +212,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for fit_name in sys.argv[2].split(",") if len(sys.argv) > 2 else ("norm", "faults", "tp", *METHODS, "resume"):
         fit(sys.argv[1], fit_name)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed(sys.argv[1])  # the last thing: gloo's teardown race (tests/ddp_runner.py)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_gradguard import NaNGuard  # noqa: E402
 from lightning_gradguard.core.recover._snapshot import clone_state  # noqa: E402
 from tests.compat.fsdp_models import ShardedRegression, sharded_trainer  # noqa: E402
+from tests.ddp_runner import end_distributed  # noqa: E402
 
 FAULTS = {5: (1, "weight"), 11: (1, "weight")}
 #: the checkpoint the second fault rolls back to (the step-10 one is truncated before it)
@@ -200,5 +201,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed(sys.argv[1])  # the last thing: gloo's teardown race (tests/ddp_runner.py)

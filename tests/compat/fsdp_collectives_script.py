@@ -40,6 +40,7 @@ from lightning_gradguard import (  # noqa: E402
 from lightning_gradguard.callbacks._step_context import grad_stats_for, optimizer_index  # noqa: E402
 from tests.compat.collectives import around, count_collectives  # noqa: E402
 from tests.compat.fsdp_models import ShardedRegression, rank_batches, sharded_trainer  # noqa: E402
+from tests.ddp_runner import end_distributed  # noqa: E402
 
 COUNTS = count_collectives()
 GATHER_MAX_VALUES = grad_stats_module.GATHER_MAX_VALUES
@@ -209,5 +210,4 @@ if __name__ == "__main__":
     names = ["default", "logging", *pairs]
     for fit_name in sys.argv[2].split(",") if len(sys.argv) > 2 else names:
         fit(sys.argv[1], fit_name)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed(sys.argv[1])  # the last thing: gloo's teardown race (tests/ddp_runner.py)

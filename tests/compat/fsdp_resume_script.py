@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.compat.common import build_all  # noqa: E402
 from tests.compat.fsdp_models import ShardedRegression, sharded_trainer  # noqa: E402
+from tests.ddp_runner import end_distributed  # noqa: E402
 
 
 def plain(obj):
@@ -89,5 +90,4 @@ def main(out_dir: str, prefix: str = "rank") -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed(sys.argv[1])  # the last thing: gloo's teardown race (tests/ddp_runner.py)
