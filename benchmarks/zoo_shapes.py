@@ -103,6 +103,14 @@ What each shape stresses (the rule of today's guard it looks dangerous to, in br
   one task's, window medians that mix two scales: "never learned" read from the first batch].
 - ``large_batch_warmup``: the BatchNorm CNN trained the large-batch way (batch 256, the LR warmed up 100x to 1.0,
   then cosine) [an LR that grows 100x while the run is far from trained].
+- ``grokking``: modular addition with AdamW and weight decay 1 (Power et al. 2022): the training loss is ~0 for a
+  long stretch while the validation accuracy is at chance, then it generalises [a tiny flat loss and decaying
+  gradients that are no dead network].
+- ``diffusion_2d``: a denoising diffusion model on 2-D data [a loss whose noise (a random noise level per sample)
+  is as large as its whole fall].
+- ``mixture_density``: a mixture density network [an NLL that crosses 0 and ends negative, sharp components].
+- ``sam_manual``: sharpness-aware minimisation by manual optimization [two backward passes per step, weights moved
+  in place inside ``training_step``].
 
 Faults (not healthy without a tool; a different pass criterion): ``corrupt_label_20`` and ``corrupt_label_5``: every
 20th / 5th batch carries one corrupt regression label (1e30): the loss is inf, the gradient finite (~1e29) and
@@ -1619,6 +1627,155 @@ class LargeBatchWarmup(BNCNN):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class ModularAddition(ZooModule):
+    """Grokking (Power et al. 2022, arXiv 2201.02177): ``(a + b) mod 23`` from 60 % of the 529 pairs, full batch,
+    embeddings (32-d) and a 64 -> 128 -> 23 ReLU MLP, AdamW lr 1e-2 with weight decay 1. The training loss is near 0
+    by step ~250, while the validation accuracy is still near chance; it climbs to 0.76-0.97 by step 2000
+    (seeds 0-2) as weight decay moves the network from memorising to the general rule. A long stretch with a tiny, flat
+    training loss and decaying gradients that is not a dead network. Metric: validation accuracy on the held-out
+    pairs."""
+
+    higher_is_better = True
+
+    def __init__(self, seed: int, steps: int, p: int = 23, train_share: float = 0.6) -> None:
+        super().__init__(seed, steps, lr=1e-2)
+        a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+        x, y = torch.stack([a.flatten(), b.flatten()], 1), (a + b).flatten() % p
+        order = torch.randperm(p * p, generator=_gen(seed, 61))
+        n = int(train_share * p * p)
+        self.train_tensors = (x[order[:n]], y[order[:n]])
+        self.val_x, self.val_y = x[order[n:]], y[order[n:]]
+        self.batch_size = n  # full batch
+        self.emb = nn.Embedding(p, 32)
+        self.net = mlp([64, 128, p])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.emb(x).flatten(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def metric(self) -> float:
+        return float((self(self.val_x).argmax(1) == self.val_y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1.0)
+
+
+def eight_gaussians(n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` points from 8 Gaussians (std 0.1) evenly spaced on a circle of radius 2."""
+    k = torch.randint(0, 8, (n,), generator=g).float() * (math.pi / 4)
+    return 2.0 * torch.stack([torch.cos(k), torch.sin(k)], 1) + 0.1 * torch.randn(n, 2, generator=g)
+
+
+class Diffusion2D(ZooModule):
+    """A denoising diffusion model (Ho et al. 2020, arXiv 2006.11239) on 8 Gaussians in 2-D: 100 noise levels
+    (linear betas 1e-4 .. 0.02), a 2+16 -> 128 -> 128 -> 2 SiLU MLP that predicts the noise from the noised point
+    and a sinusoidal embedding of the level, Adam 1e-3, batch 256. Each sample draws its own level, so the loss is
+    noisy and falls slowly (medians of tenths of the run ~0.87 -> ~0.55 over 1500 steps). Metric: MMD^2 between
+    1000 ancestral samples (fixed noise) and held-out data."""
+
+    def __init__(self, seed: int, steps: int, levels: int = 100) -> None:
+        super().__init__(seed, steps, batch_size=256, lr=1e-3)
+        g = _gen(seed, 62)
+        self.train_tensors = (eight_gaussians(8192, g),)
+        self.val = eight_gaussians(1000, g)
+        self.levels = levels
+        betas = torch.linspace(1e-4, 0.02, levels)
+        self.register_buffer("betas", betas)
+        self.register_buffer("alpha_bar", torch.cumprod(1 - betas, 0))
+        self.net = nn.Sequential(nn.Linear(18, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 2))
+        self.noise = _gen(seed, 63)  # the levels and noises of training (the same draws in every configuration)
+
+    def noise_of(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        angle = t.float()[:, None] * torch.exp(-math.log(1000.0) * torch.arange(8) / 8)[None]
+        return self.net(torch.cat([x, angle.sin(), angle.cos()], 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x0,) = batch
+        t = torch.randint(0, self.levels, (x0.shape[0],), generator=self.noise)
+        e = torch.randn(x0.shape, generator=self.noise)
+        ab = self.alpha_bar[t][:, None]
+        return F.mse_loss(self.noise_of(ab.sqrt() * x0 + (1 - ab).sqrt() * e, t), e)
+
+    def metric(self) -> float:
+        g = torch.Generator().manual_seed(1234)
+        x = torch.randn(1000, 2, generator=g)
+        for t in reversed(range(self.levels)):
+            b, ab = self.betas[t], self.alpha_bar[t]
+            x = (x - b / (1 - ab).sqrt() * self.noise_of(x, torch.full((1000,), t))) / (1 - b).sqrt()
+            if t:
+                x = x + b.sqrt() * torch.randn(1000, 2, generator=g)
+        return float(mmd2(x, self.val))
+
+
+class MixtureDensity(ZooModule):
+    """A mixture density network (Bishop 1994, "Mixture Density Networks", NCRG/94/004): 5 Gaussians for y given x
+    where x = y + 0.3 sin(2 pi y) + noise (the inverse is multi-valued), a 1 -> 64 -> 64 tanh MLP, Adam 1e-3, batch
+    64. Loss: the mixture's negative log-likelihood, which starts near 1, crosses 0 in the first ~100 steps and ends
+    near -1 (densities above 1). Metric: validation NLL."""
+
+    def __init__(self, seed: int, steps: int, components: int = 5) -> None:
+        super().__init__(seed, steps, batch_size=64, lr=1e-3)
+        g = _gen(seed, 64)
+
+        def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            y = torch.rand(n, 1, generator=g)
+            return y + 0.3 * torch.sin(2 * math.pi * y) + 0.05 * torch.randn(n, 1, generator=g), y
+
+        self.train_tensors = data(4096)
+        self.val_x, self.val_y = data(1000)
+        self.k = components
+        self.net = nn.Sequential(
+            nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3 * components)
+        )
+
+    def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logit, mu, log_s = self.net(x).split(self.k, 1)
+        logp = -0.5 * ((y - mu) / log_s.exp()) ** 2 - log_s - 0.5 * math.log(2 * math.pi)
+        return -torch.logsumexp(F.log_softmax(logit, 1) + logp, 1).mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.nll(*batch)
+
+    def metric(self) -> float:
+        return float(self.nll(self.val_x, self.val_y))
+
+
+class SharpnessAware(DigitsClassifier):
+    """Sharpness-aware minimisation (Foret et al. 2021, arXiv 2010.01412) by manual optimization on the digits MLP:
+    a first backward pass, the weights moved rho = 0.05 along the normalised gradient, a second backward pass at the
+    moved weights, the move undone, then SGD momentum 0.9 (lr 0.05) steps with the second gradient. Two backward
+    passes per step and weights changed in place inside ``training_step``. Metric: validation accuracy."""
+
+    def __init__(self, seed: int, steps: int, rho: float = 0.05) -> None:
+        super().__init__(seed, steps, lr=0.05)
+        self.rho = rho
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        params = [p for p in self.parameters() if p.grad is not None]
+        with torch.no_grad():
+            scale = self.rho / (torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) + 1e-12)
+            moves = [p.grad * scale for p in params]
+            torch._foreach_add_(params, moves)
+        opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        with torch.no_grad():
+            torch._foreach_sub_(params, moves)
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
 @dataclass(frozen=True)
 class Shape:
     """One zoo entry: how to build it, how long it trains, how to read its metric."""
@@ -2060,6 +2217,42 @@ _SHAPES: list[Shape] = [
         "BatchNorm CNN, batch 256, SGD momentum, LR warmed up 100x to 1.0 over 100 steps, then cosine",
         LargeBatchWarmup,
         400,
+        ACC,
+        higher_is_better=True,
+    ),
+    Shape(
+        "grokking",
+        "grokking: (a + b) mod 23, full batch, AdamW weight decay 1 (train loss ~0 by step 250, val acc near chance)",
+        ModularAddition,
+        2000,
+        ACC + " (held-out pairs)",
+        higher_is_better=True,
+        tolerance="travel",
+        cost=5.0,
+    ),
+    Shape(
+        "diffusion_2d",
+        "denoising diffusion (100 noise levels) on 8 Gaussians in 2-D: a noisy loss that falls slowly",
+        Diffusion2D,
+        1500,
+        "MMD^2 of 1000 samples to held-out data",
+        tolerance="travel",
+        cost=3.0,
+    ),
+    Shape(
+        "mixture_density",
+        "mixture density network (5 Gaussians) on a multi-valued inverse: the NLL crosses 0, ends near -1",
+        MixtureDensity,
+        1500,
+        "validation NLL",
+        tolerance="travel",
+        cost=3.0,
+    ),
+    Shape(
+        "sam_manual",
+        "sharpness-aware minimisation by manual optimization: two backward passes, weights moved in place",
+        SharpnessAware,
+        600,
         ACC,
         higher_is_better=True,
     ),
