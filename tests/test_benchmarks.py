@@ -265,6 +265,21 @@ def test_clip_chaos_prints_each_method_and_the_two_gaps(capsys):
     assert out[-1].startswith("Lightning's clip against itself moved by 1e-6: ")
 
 
+def test_dann_chaos_prints_every_seed_and_the_summary(capsys):
+    """Two short seeds of the DANN study: four methods, an accuracy in [0, 1] for each, and the summary rows; a fit
+    that stops at step 16, before the nudge, is the run without callbacks."""
+    dann_chaos = _load("dann_chaos")
+    assert dann_chaos.main(["--seeds", "2", "--workers", "1", "--steps", "60"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("DANN target-domain validation accuracy, 60 steps, seeds 0-1")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out if line.startswith("| ")}
+    assert [c.strip() for c in rows["seed"]] == list(dann_chaos.METHODS)
+    for seed in ("0", "1"):
+        assert all(0.0 <= float(v) <= 1.0 for v in rows[seed])
+    assert {"mean", "median", "better / worse than none"} <= rows.keys()
+    assert dann_chaos.run("grad x1.01 at step 16", 0, steps=16) == dann_chaos.run("none", 0, steps=16)
+
+
 def test_state_faults_case_record():
     """benchmarks/state_faults.py: one fit's record (the faulted MLP under NaNGuard: one rollback, LR kept), and an
     unknown case refused by name."""

@@ -172,12 +172,12 @@ def test_alternating_tasks_first_batch_is_no_untrained_reference(config: str) ->
     check("alternating_tasks", config)
 
 
-
 @pytest.mark.parametrize("config", GUARDED)
 def test_sharpness_aware_minimisation_two_backward_passes(config: str) -> None:
     """SAM by manual optimization: two backward passes per step, the weights moved along the first gradient and
     back inside ``training_step`` before the optimizer steps. Nothing in it is a fault."""
     check("sam_manual", config)
+
 
 def test_first_steps_clip_diagnostic_clips_exactly_the_first_steps() -> None:
     """The ``first10_clip`` diagnostic (how much a shape's metric depends on its first steps) clips the norms of the
