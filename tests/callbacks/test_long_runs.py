@@ -72,6 +72,49 @@ def test_a_state_fault_every_250_steps_is_recovered_every_time_at_the_schedules_
     assert model.losses[-1] < 0.5 * model.losses[0]  # it trained
 
 
+class CorruptBatch(pl.Callback):
+    """Writes NaN into the inputs of the chosen steps' batches (a corrupt record: a fault of the data)."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            batch[0].fill_(math.nan)
+
+
+@pytest.mark.parametrize("data_fault", ["nan_batch", "transient"])
+def test_bad_batches_between_state_faults_neither_cut_the_lr_nor_spend_the_budget(tmp_path, data_fault):
+    """The 3000-step run with a state fault every 250 steps, and a fault of the data every 40 steps besides (the
+    batch's inputs NaN, or a NaN loss that a rerun of the step does not reproduce). Each data fault is skipped; it
+    says nothing about the trajectory. Before, each made the next state fault (30 steps later) a "repeat": every
+    rollback halved the LR (0.5, 0.25, 0.125) and the fourth, at step 1000, halted the run."""
+    faults = set(range(FAULT_EVERY, STEPS, FAULT_EVERY))
+    bad = {s for s in range(20, STEPS, 40)} - faults
+    corrupt = CorruptWeight(faults)
+    guard = NaNGuard()
+    extra: list[pl.Callback] = [CorruptBatch(bad)] if data_fault == "nan_batch" else []
+    model = TinyRegression(lr=0.01, scheduler=cosine, nan_at_steps=bad if data_fault == "transient" else ())
+    trainer = make_trainer(tmp_path, [guard, corrupt, *extra], max_steps=STEPS, logger=False, log_every_n_steps=50)
+    trainer.fit(model)  # no DivergenceError: no halt
+    assert trainer.global_step == STEPS
+    rollbacks = [e for e in guard.events if e["kind"] == "rollback"]
+    skips = [e for e in guard.events if e["kind"] == "skip"]
+    assert [e["step"] for e in rollbacks] == sorted(faults), guard.events
+    assert all(e["lr_scale"] == 1.0 and "LR kept" in e["reason"] for e in rollbacks), rollbacks
+    assert len(skips) >= len(bad)
+    assert all(e["cause"] == "nonfinite_loss" for e in skips)
+    assert [e for e in guard.events if e["kind"] not in ("rollback", "skip")] == []
+    assert guard.lr_scale == 1.0
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    expected = cosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01))
+    for _ in range(sched.last_epoch):
+        expected.optimizer.step()
+        expected.step()
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected.get_last_lr()[0], rel=1e-12)
+    assert model.losses[-1] < 0.5 * model.losses[0]
+
+
 def test_the_budget_counts_rollbacks_close_together_and_refills_after_healthy_steps():
     from lightning_gradguard.core.guard import GuardPolicy, StepHealth
 

@@ -10,13 +10,15 @@ The four policies (``action=``):
 
 - ``"auto"`` (the default): a fault that can be traced to the batch is skipped, with the model's buffers restored
   and no LR cut. Traced to the batch means: the weights are finite and either the input batch held NaN/inf (bad data
-  never costs progress or LR, however often it comes) or the loss and gradient norm were in their healthy range in
-  the steps before the fault (:attr:`StepHealth.unsettled` is False). Everything else rolls back and lowers the LR:
-  a fault repeating within ``repeat_window`` steps after an unsettled stretch, more than ``max_consecutive_skips``
-  faults in a row (no healthy step between them), non-finite weights or buffers, finite divergence (the loss or
-  gradient norm leaving its healthy range), a collapsing AMP loss scale. After ``max_rollbacks`` rollbacks, halt. A
-  divergence that repeats soon after a divergence rollback cuts harder: the exponent of the LR factor doubles each
-  time (``lr_factor``, then ``lr_factor**2``, ``lr_factor**4``), a geometric search for a stable LR.
+  never costs progress or LR, however often it comes, and never makes a later fault a repeat) or the loss and
+  gradient norm were in their healthy range in the steps before the fault (:attr:`StepHealth.unsettled` is False).
+  Everything else rolls back and lowers the LR: a fault repeating within ``repeat_window`` steps after an unsettled
+  stretch, more than ``max_consecutive_skips`` faults in a row (no healthy step between them), non-finite weights or
+  buffers, finite divergence (the loss or gradient norm leaving its healthy range), a collapsing AMP loss scale.
+  After ``max_rollbacks`` rollbacks, halt. A divergence that repeats soon after a divergence rollback cuts harder:
+  the exponent of the LR factor doubles each time (``lr_factor``, then ``lr_factor**2``, ``lr_factor**4``), a
+  geometric search for a stable LR. Faults of the data and transient faults (a rerun did not reproduce them) never
+  make a later fault a repeat.
 - ``"skip"``: skip; non-finite weights or buffers (which no skip can undo), divergence, or more than
   ``max_consecutive_skips`` flagged steps in a row escalate at once to ``escalate_to``.
 - ``"rollback"``: roll back (halt after ``max_rollbacks``).
@@ -401,8 +403,14 @@ class GuardPolicy:
         if cause is GuardCause.KNOWN_BAD_BATCH:  # the record's decision, taken before: no fault of this run's now
             return Decision(GuardAction.SKIP, cause, "on the bad-batch record: skipped again, LR kept", 0)
         repeated = self.last_fault_step is not None and health.step - self.last_fault_step <= self.repeat_window
-        self.last_fault_step = health.step
-        self.healthy_run = 0
+        # a fault of the data (the input batch held NaN/inf, or a rerun found the batch failing from a trusted state
+        # too) or a transient one (a rerun of the step did not reproduce it) says nothing about the trajectory: it
+        # neither makes a later fault a repeat nor ends the stretch of healthy steps that refills the rollback budget
+        # (a corrupt record every 40 steps would otherwise turn every unrelated state fault into a "repeat" that
+        # cuts the LR, and never let the budget refill)
+        if not (health.nonfinite_batch or health.diagnosis in ("data", "transient")):
+            self.last_fault_step = health.step
+            self.healthy_run = 0
         damaged = cause in _STATE_DAMAGE or health.state_fault
         action, why = self._choose(cause, damaged, repeated, health)
         restore = damaged
@@ -467,6 +475,11 @@ class GuardPolicy:
                 power = min(2 ** max(self.divergence_streak, 0), 64)
             elif self.action == "auto" and health.diagnosis in ("transient", "data"):
                 power = 0  # a rerun cleared the state: whatever made this a rollback, the LR was not at fault
+            elif self.action == "auto" and health.nonfinite_batch:
+                # the state is damaged, but by the batch's NaN/inf (a training_step that moves the weights along
+                # its own gradient, as sharpness-aware minimisation does): the LR was not at fault
+                power = 0
+                why = (why + "; " if why else "") + "the damage came with a non-finite input batch: LR kept"
             elif self.action == "auto" and health.state_fault and not (repeated or health.unsettled):
                 # an isolated fault after a healthy stretch (a weight corrupted in place, a transient hardware
                 # fault): nothing says the LR was at fault, so the state is restored at the schedule's LR

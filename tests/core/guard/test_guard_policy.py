@@ -273,3 +273,40 @@ def test_a_sudden_divergence_out_of_calm_steps_keeps_the_lr_and_a_repeat_cuts_it
         .lr_power
         == 1
     )
+
+
+@pytest.mark.parametrize(
+    "data_fault",
+    [
+        StepHealth(220, nonfinite_loss=True, nonfinite_batch=True),  # the input batch held NaN
+        StepHealth(220, nonfinite_loss=True, diagnosis="transient"),  # a rerun of the step did not reproduce it
+        StepHealth(220, nonfinite_grad=True, diagnosis="data"),  # the batch fails from a trusted state too
+    ],
+)
+def test_a_fault_of_the_data_makes_no_later_fault_a_repeat_and_keeps_the_healthy_stretch(data_fault):
+    policy = GuardPolicy("auto", repeat_window=100, refill_steps=80)
+    assert policy.decide(StepHealth(100, nonfinite_params=True), True).lr_power == 0  # isolated: LR kept
+    for _ in range(60):
+        policy.healthy()
+    assert policy.decide(data_fault, True).action is A.SKIP
+    for _ in range(29):
+        policy.healthy()
+    # 30 steps after the data fault, 150 after the last state fault: isolated, LR kept
+    state = policy.decide(StepHealth(250, nonfinite_params=True), True)
+    assert (state.action, state.lr_power) == (A.ROLLBACK, 0)
+    assert "an isolated fault after healthy steps: LR kept" in state.reason
+    # the 89 healthy steps around the skip count as one stretch (refill_steps=80): the first rollback was given back
+    assert (policy.refunded, policy.rollbacks) == (1, 1)
+    # a trajectory fault still makes the next one a repeat
+    policy.decide(StepHealth(260, nonfinite_loss=True, unsettled=True), True)
+    assert policy.decide(StepHealth(270, nonfinite_params=True), True).lr_power == 1
+
+
+def test_weights_damaged_by_a_non_finite_batch_are_restored_at_the_schedules_lr():
+    """A training_step that moves the weights along its own gradient (sharpness-aware minimisation) writes the NaN of
+    a bad batch into the weights before the guard judges: a rollback, but the LR was not at fault."""
+    policy = GuardPolicy("auto", repeat_window=100)
+    policy.decide(StepHealth(150, nonfinite_params=True), True)
+    decision = policy.decide(StepHealth(200, nonfinite_params=True, nonfinite_batch=True), True)
+    assert (decision.action, decision.lr_power) == (A.ROLLBACK, 0)
+    assert "the damage came with a non-finite input batch: LR kept" in decision.reason
