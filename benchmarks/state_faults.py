@@ -1,14 +1,16 @@
 """Faults of the state and of the schedule on healthy runs, each injected after a long healthy stretch.
 
-Five cases a helper found on small models (issue 24), each run on seeds 0-2 with no callbacks (the faulted run), with
-``default_callbacks()`` and with ``NaNGuard()``, and the same seed's healthy run (no fault, no callbacks) as the
-reference:
+Six cases (all but ``nan_and_bad_data`` found by a helper on small models, issue 24), each run on seeds 0-2 with
+no callbacks (the faulted run), with ``default_callbacks()`` and with ``NaNGuard()``, and the same seed's healthy
+run (no fault, no callbacks) as the reference:
 
 - ``weight_bitflip``: a digits MLP (64-128-128-10, Adam 3e-3, batch 32), eight rows of its second Linear scaled
   x1000 in place at step 300 of 600 (an exponent bit flipped by a transient fault: huge, finite weights);
 - ``adam_state_reset``: the same MLP with Adam's ``exp_avg_sq`` zeroed at steps 300-304 of 800 (a buggy state reset:
   the model blows up twice);
 - ``nan_every_150``: the same MLP under SGD 0.05, a NaN written into one weight every 150 steps of 2400;
+- ``nan_and_bad_data``: ``nan_every_150`` with, besides, NaN inputs in the batch of every 40th step (from step 20):
+  each state fault comes 10-30 steps after a bad batch;
 - ``lr_bug_x10``: SGD with momentum 0.05 whose LambdaLR multiplies the LR by 10 from step 300 to the end of 2500;
 - ``slow_starter``: a healthy run, not a fault: RMSprop 1e-2 on a sine regression; its first updates blow the loss
   up (~350 at step 3) and it sits at the untrained level for ~300 steps before it learns.
@@ -16,7 +18,7 @@ reference:
 Metric: validation accuracy (the MLPs; higher is better) or validation MSE (``slow_starter``; lower is better). The
 table gives the metric per seed, the guard's actions per seed and the final ``lr_scale``.
 
-Run: ``python benchmarks/state_faults.py [case ...]`` (default: all five; ~3 min on 2 cores).
+Run: ``python benchmarks/state_faults.py [case ...]`` (default: all six; ~4 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from zoo_shapes import digits  # noqa: E402
 
-CASES = ("weight_bitflip", "adam_state_reset", "nan_every_150", "lr_bug_x10", "slow_starter")
+CASES = ("weight_bitflip", "adam_state_reset", "nan_every_150", "nan_and_bad_data", "lr_bug_x10", "slow_starter")
 CONFIGS = ("healthy", "none", "defaults", "nanguard")
 ACTIONS = ("skip", "rollback", "halt", "lower_lr", "restart")
 STEPS = {
     "weight_bitflip": 600,
     "adam_state_reset": 800,
     "nan_every_150": 2400,
+    "nan_and_bad_data": 2400,
     "lr_bug_x10": 2500,
     "slow_starter": 1500,
 }
@@ -63,11 +66,16 @@ class DigitsMLP(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001
         step = self.global_step
-        if self.faulted and self.case == "nan_every_150" and step > 0 and step % 150 == 0 and step not in self.done:
+        nan_weights = self.case in ("nan_every_150", "nan_and_bad_data")
+        if self.faulted and nan_weights and step > 0 and step % 150 == 0 and step not in self.done:
             self.done.add(step)
             with torch.no_grad():
                 self.net[2].weight[0, 0] = float("nan")
         return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.faulted and self.case == "nan_and_bad_data" and self.global_step % 40 == 20:
+            batch[0].fill_(float("nan"))  # a corrupt record: the batch itself, so a rerun sees it too
 
     def on_before_optimizer_step(self, optimizer) -> None:  # noqa: ANN001
         step = self.global_step
@@ -85,7 +93,7 @@ class DigitsMLP(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.case in ("weight_bitflip", "adam_state_reset"):
             return torch.optim.Adam(self.parameters(), 3e-3)
-        if self.case == "nan_every_150":
+        if self.case in ("nan_every_150", "nan_and_bad_data"):
             return torch.optim.SGD(self.parameters(), 0.05)
         opt = torch.optim.SGD(self.parameters(), 0.05, momentum=0.9)
         bug = self.faulted
@@ -160,6 +168,14 @@ def run(case: str, config: str, seed: int) -> dict[str, Any]:
     }
 
 
+def _actions(actions: list[str]) -> str:
+    """The actions of one run (``kind@step``), or their count by kind when there are more than 20."""
+    if len(actions) <= 20:
+        return ", ".join(actions) or "-"
+    kinds = [a.split("@")[0] for a in actions]
+    return ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
+
+
 def _quiet() -> None:
     """A worker process: one torch thread, no warnings or log lines from the fits."""
     torch.set_num_threads(1)
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = [by[(case, config, s)] for s in (0, 1, 2)]
             metrics = [r["metric"] for r in rows]
             ratio = sum(metrics) / sum(healthy)
-            acts = " / ".join(", ".join(r["actions"]) or "-" for r in rows)
+            acts = " / ".join(_actions(r["actions"]) for r in rows)
             scales = " / ".join("-" if r["lr_scale"] is None else f"{r['lr_scale']:.3g}" for r in rows)
             halts = " / ".join(r["error"] or "-" for r in rows)
             cells = " / ".join(f"{m:.3f}" for m in metrics)
