@@ -40,6 +40,16 @@ def cosine(opt):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS, eta_min=1e-4)
 
 
+def assert_lr_is_the_schedules(trainer: pl.Trainer) -> None:
+    """The LR actually in force is the uninterrupted schedule's at the scheduler's last step."""
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    expected = cosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01))
+    for _ in range(sched.last_epoch):
+        expected.optimizer.step()
+        expected.step()
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected.get_last_lr()[0], rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("which", "every"), [("default_callbacks", FAULT_EVERY), ("NaNGuard", FAULT_EVERY), ("NaNGuard", 150)]
 )
@@ -61,13 +71,7 @@ def test_a_state_fault_every_250_steps_is_recovered_every_time_at_the_schedules_
         assert event["lr_scale"] == 1.0
         assert "LR kept" in event["reason"]
     assert guard.lr_scale == 1.0
-    # the LR actually in force is the uninterrupted schedule's at the last step
-    sched = trainer.lr_scheduler_configs[0].scheduler
-    expected = cosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01))
-    for _ in range(sched.last_epoch):
-        expected.optimizer.step()
-        expected.step()
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected.get_last_lr()[0], rel=1e-12)
+    assert_lr_is_the_schedules(trainer)
     assert all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters())
     assert model.losses[-1] < 0.5 * model.losses[0]  # it trained
 
@@ -106,12 +110,7 @@ def test_bad_batches_between_state_faults_neither_cut_the_lr_nor_spend_the_budge
     assert all(e["cause"] == "nonfinite_loss" for e in skips)
     assert [e for e in guard.events if e["kind"] not in ("rollback", "skip")] == []
     assert guard.lr_scale == 1.0
-    sched = trainer.lr_scheduler_configs[0].scheduler
-    expected = cosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01))
-    for _ in range(sched.last_epoch):
-        expected.optimizer.step()
-        expected.step()
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected.get_last_lr()[0], rel=1e-12)
+    assert_lr_is_the_schedules(trainer)
     assert model.losses[-1] < 0.5 * model.losses[0]
 
 
