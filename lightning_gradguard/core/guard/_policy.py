@@ -18,7 +18,7 @@ The four policies (``action=``):
   After ``max_rollbacks`` rollbacks, halt. A divergence that repeats soon after a divergence rollback cuts harder:
   the exponent of the LR factor doubles each time (``lr_factor``, then ``lr_factor**2``, ``lr_factor**4``), a
   geometric search for a stable LR. Faults of the data and transient faults (a rerun did not reproduce them) never
-  make a later fault a repeat.
+  make a later state fault a repeat.
 - ``"skip"``: skip; non-finite weights or buffers (which no skip can undo), divergence, or more than
   ``max_consecutive_skips`` flagged steps in a row escalate at once to ``escalate_to``.
 - ``"rollback"``: roll back (halt after ``max_rollbacks``).
@@ -366,6 +366,8 @@ class GuardPolicy:
         self.refunded = 0
         self.healthy_run = 0
         self.last_fault_step: int | None = None
+        #: the step of the last fault that was not the data's and not transient (what makes a state fault a repeat)
+        self.last_trajectory_fault: int | None = None
         self.divergence_streak = 0
 
     def healthy(self) -> None:
@@ -405,11 +407,17 @@ class GuardPolicy:
         repeated = self.last_fault_step is not None and health.step - self.last_fault_step <= self.repeat_window
         # a fault of the data (the input batch held NaN/inf, or a rerun found the batch failing from a trusted state
         # too) or a transient one (a rerun of the step did not reproduce it) says nothing about the trajectory: it
-        # neither makes a later fault a repeat nor ends the stretch of healthy steps that refills the rollback budget
-        # (a corrupt record every 40 steps would otherwise turn every unrelated state fault into a "repeat" that
-        # cuts the LR, and never let the budget refill)
+        # does not make a later *state* fault a repeat (a weight corrupted in place is restored at the schedule's
+        # LR), nor end the stretch of healthy steps that refills the rollback budget (a corrupt record every 40
+        # steps would otherwise turn every unrelated state fault into a "repeat" that cuts the LR, and never let the
+        # budget refill). It still counts for the skip and divergence decisions: a divergence among corrupt batches
+        # (one the data diagnosis missed) comes out of no calm stretch.
+        trajectory_repeat = (
+            self.last_trajectory_fault is not None and health.step - self.last_trajectory_fault <= self.repeat_window
+        )
+        self.last_fault_step = health.step
         if not (health.nonfinite_batch or health.diagnosis in ("data", "transient")):
-            self.last_fault_step = health.step
+            self.last_trajectory_fault = health.step
             self.healthy_run = 0
         damaged = cause in _STATE_DAMAGE or health.state_fault
         action, why = self._choose(cause, damaged, repeated, health)
@@ -480,7 +488,7 @@ class GuardPolicy:
                 # its own gradient, as sharpness-aware minimisation does): the LR was not at fault
                 power = 0
                 why = (why + "; " if why else "") + "the damage came with a non-finite input batch: LR kept"
-            elif self.action == "auto" and health.state_fault and not (repeated or health.unsettled):
+            elif self.action == "auto" and health.state_fault and not (trajectory_repeat or health.unsettled):
                 # an isolated fault after a healthy stretch (a weight corrupted in place, a transient hardware
                 # fault): nothing says the LR was at fault, so the state is restored at the schedule's LR
                 power = 0
@@ -545,6 +553,7 @@ class GuardPolicy:
             "consecutive_skips": self.consecutive_skips,
             "rollbacks": self.rollbacks,
             "last_fault_step": self.last_fault_step,
+            "last_trajectory_fault": self.last_trajectory_fault,
             "divergence_streak": self.divergence_streak,
             "healthy_run": self.healthy_run,
             "refunded": self.refunded,
@@ -555,6 +564,9 @@ class GuardPolicy:
         self.rollbacks = int(state.get("rollbacks", 0))
         last = state.get("last_fault_step")
         self.last_fault_step = None if last is None else int(last)
+        # an older state has no separate record: every fault it counted is taken as the trajectory's
+        trajectory = state.get("last_trajectory_fault", last)
+        self.last_trajectory_fault = None if trajectory is None else int(trajectory)
         self.divergence_streak = int(state.get("divergence_streak", 0))
         self.healthy_run = int(state.get("healthy_run", 0))
         self.refunded = int(state.get("refunded", 0))
