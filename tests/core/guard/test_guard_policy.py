@@ -310,3 +310,18 @@ def test_weights_damaged_by_a_non_finite_batch_are_restored_at_the_schedules_lr(
     decision = policy.decide(StepHealth(200, nonfinite_params=True, nonfinite_batch=True), True)
     assert (decision.action, decision.lr_power) == (A.ROLLBACK, 0)
     assert "the damage came with a non-finite input batch: LR kept" in decision.reason
+
+
+def test_the_last_trajectory_fault_survives_a_state_round_trip_and_old_states_load():
+    policy = GuardPolicy("auto", repeat_window=100)
+    policy.decide(StepHealth(100, nonfinite_params=True), True)
+    policy.decide(StepHealth(220, nonfinite_loss=True, nonfinite_batch=True), True)
+    resumed = GuardPolicy("auto", repeat_window=100)
+    resumed.load_state_dict(policy.state_dict())
+    assert (resumed.last_fault_step, resumed.last_trajectory_fault) == (220, 100)
+    assert resumed.decide(StepHealth(250, nonfinite_params=True), True).lr_power == 0  # isolated: 150 steps after
+    old = {k: v for k, v in policy.state_dict().items() if k != "last_trajectory_fault"}  # a checkpoint of before
+    older = GuardPolicy("auto", repeat_window=100)
+    older.load_state_dict(old)
+    assert older.last_trajectory_fault == 220  # every fault it counted is taken as the trajectory's
+    assert older.decide(StepHealth(250, nonfinite_params=True), True).lr_power == 1
