@@ -283,7 +283,7 @@ def test_a_sudden_divergence_out_of_calm_steps_keeps_the_lr_and_a_repeat_cuts_it
         StepHealth(220, nonfinite_grad=True, diagnosis="data"),  # the batch fails from a trusted state too
     ],
 )
-def test_a_fault_of_the_data_makes_no_later_fault_a_repeat_and_keeps_the_healthy_stretch(data_fault):
+def test_a_fault_of_the_data_makes_no_later_state_fault_a_repeat_and_keeps_the_healthy_stretch(data_fault):
     policy = GuardPolicy("auto", repeat_window=100, refill_steps=80)
     assert policy.decide(StepHealth(100, nonfinite_params=True), True).lr_power == 0  # isolated: LR kept
     for _ in range(60):
@@ -325,3 +325,18 @@ def test_the_last_trajectory_fault_survives_a_state_round_trip_and_old_states_lo
     older.load_state_dict(old)
     assert older.last_trajectory_fault == 220  # every fault it counted is taken as the trajectory's
     assert older.decide(StepHealth(250, nonfinite_params=True), True).lr_power == 1
+
+
+def test_a_divergence_among_corrupt_batches_is_not_sudden():
+    """A stretch of corrupt batches (inputs x1e4, finite) diagnosed *data* and skipped, then one the diagnosis
+    missed: no calm stretch came before it, so its rollback cuts the LR (data_burst.py: read as "sudden", the LR
+    kept, the next ones spent the budget and NaNGuard halted one run inside the shard)."""
+    policy = GuardPolicy("auto", repeat_window=100)
+    for step in (302, 303, 304, 305):
+        assert policy.decide(StepHealth(step, loss_divergence=True, diagnosis="data"), True).action is A.SKIP
+    missed = policy.decide(StepHealth(306, loss_divergence=True, lr_rose=False), True)
+    assert missed.action is A.ROLLBACK
+    assert missed.lr_power >= 1  # cut (the divergence streak may cut it harder)
+    assert "the learning rate looks too high" in missed.reason
+    calm = GuardPolicy("auto", repeat_window=100)  # the same divergence out of calm steps: sudden, LR kept
+    assert calm.decide(StepHealth(306, loss_divergence=True, lr_rose=False), True).lr_power == 0
