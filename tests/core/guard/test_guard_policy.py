@@ -109,12 +109,18 @@ def test_halt_policy_and_cause_priority():
     assert StepHealth(0).cause is None
 
 
+def _resumed(policy: GuardPolicy, drop: str = "") -> GuardPolicy:
+    """A new policy of the same settings loaded from ``policy``'s state dict (without the key ``drop``)."""
+    other = GuardPolicy("auto", repeat_window=policy.repeat_window)
+    other.load_state_dict({k: v for k, v in policy.state_dict().items() if k != drop})
+    return other
+
+
 def test_state_round_trip_keeps_counting():
     policy = GuardPolicy("auto", repeat_window=10)
     policy.decide(StepHealth(5, nonfinite_loss=True), True)
     policy.decide(StepHealth(8, nonfinite_loss=True, unsettled=True), True)
-    other = GuardPolicy("auto", repeat_window=10)
-    other.load_state_dict(policy.state_dict())
+    other = _resumed(policy)
     assert (other.rollbacks, other.last_fault_step) == (1, 8)
     repeat = StepHealth(12, nonfinite_loss=True, unsettled=True)
     assert other.decide(repeat, True).action is A.ROLLBACK  # repeats the one at 8
@@ -314,15 +320,12 @@ def test_weights_damaged_by_a_non_finite_batch_are_restored_at_the_schedules_lr(
 
 def test_the_last_trajectory_fault_survives_a_state_round_trip_and_old_states_load():
     policy = GuardPolicy("auto", repeat_window=100)
-    policy.decide(StepHealth(100, nonfinite_params=True), True)
-    policy.decide(StepHealth(220, nonfinite_loss=True, nonfinite_batch=True), True)
-    resumed = GuardPolicy("auto", repeat_window=100)
-    resumed.load_state_dict(policy.state_dict())
+    for fault in (StepHealth(100, nonfinite_params=True), StepHealth(220, nonfinite_loss=True, nonfinite_batch=True)):
+        policy.decide(fault, True)  # a state fault, then a fault of the data
+    resumed = _resumed(policy)
     assert (resumed.last_fault_step, resumed.last_trajectory_fault) == (220, 100)
     assert resumed.decide(StepHealth(250, nonfinite_params=True), True).lr_power == 0  # isolated: 150 steps after
-    old = {k: v for k, v in policy.state_dict().items() if k != "last_trajectory_fault"}  # a checkpoint of before
-    older = GuardPolicy("auto", repeat_window=100)
-    older.load_state_dict(old)
+    older = _resumed(policy, drop="last_trajectory_fault")  # a checkpoint of before
     assert older.last_trajectory_fault == 220  # every fault it counted is taken as the trajectory's
     assert older.decide(StepHealth(250, nonfinite_params=True), True).lr_power == 1
 
