@@ -280,6 +280,22 @@ def test_dann_chaos_prints_every_seed_and_the_summary(capsys):
     assert dann_chaos.run("grad x1.01 at step 16", 0, steps=16) == dann_chaos.run("none", 0, steps=16)
 
 
+def test_catapult_prints_every_method_and_the_summary(capsys):
+    """One short seed of the catapult study: five methods, a finite MSE for each, the summary rows, no guard action;
+    without the clipper (and with no action) the guarded fit is the run without callbacks, bit for bit."""
+    catapult = _load("catapult")
+    assert catapult.main(["--seeds", "1", "--workers", "1", "--steps", "60"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("catapult: validation MSE, 60 steps, LR 3 / lambda_max, warm-up 0 steps, seeds 0-0")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out if line.startswith("| ")}
+    assert [c.strip() for c in rows["seed"]] == list(catapult.METHODS)
+    values = dict(zip(catapult.METHODS, (float(v) for v in rows["0"])))
+    assert all(0.0 < v < 100.0 for v in values.values()), values
+    assert values["default_callbacks(clipping=None)"] == values["none"]
+    assert {"mean", "median", "mean ratio to none", "lower / higher than none"} <= rows.keys()
+    assert out[-1] == "guard actions: none"
+
+
 def test_state_faults_case_record():
     """benchmarks/state_faults.py: one fit's record (the faulted MLP under NaNGuard: one rollback, LR kept), and an
     unknown case refused by name."""

@@ -92,3 +92,44 @@ def test_a_run_whose_steps_are_mostly_skipped_is_told_it_is_not_training(tmp_pat
     )
     assert sum(e["kind"] == "skip" for e in third.events) == 80
     assert not [e for e in third.events if e.get("rule") == "skip_rate"]
+
+
+def test_a_warning_that_recurs_for_ever_is_thinned_per_rule_and_kept_as_events(caplog) -> None:
+    """A loss weighted up 1 % per step climbs for ever at a constant LR: correct warnings (``loss_climbing``,
+    ``loss_above_best``), every few windows, none of them news after the first few (the zoo's DQN drew 120 of them
+    in 20,000 steps). Every one is an event; the terminal shows each rule's first few, then its 8th, 16th, ...; the
+    closing line counts the rest. No action: a constant LR never explains a climb."""
+    torch.manual_seed(0)
+    model = TinyRegression()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    guard = GradGuard(model, opt)
+    with caplog.at_level("WARNING", logger="lightning_gradguard"):
+        step = 0
+        while step < 1500:
+            for x, y in loader():
+                if step == 1500:
+                    break
+                loss = nn.functional.mse_loss(model(x), y) * 1.01**step
+                loss.backward()
+                if guard.before_step(loss):
+                    opt.step()
+                guard.after_step()
+                opt.zero_grad()
+                step += 1
+        guard.close()
+    assert guard.events
+    assert {e["kind"] for e in guard.events} == {"warn"}
+    lines = [r.getMessage() for r in caplog.records]
+    hidden = 0
+    for rule in ("loss_climbing", "loss_above_best"):
+        steps = [int(e["step"]) for e in guard.events if e.get("rule") == rule]
+        assert len(steps) > BURST + 2, steps  # enough to be thinned
+        shown = [int(line.split()[4].rstrip(":")) for line in lines if line.startswith("GradGuard warn at step ")]
+        assert [s for s in shown if s in steps] == _expected_lines(steps)
+        hidden += len(steps) - len(_expected_lines(steps))
+    (closing,) = [line for line in lines if line.startswith("GradGuard: ")]
+    counted = sum(int(line.split("; ")[-2].split()[0]) for line in lines if "of this kind; " in line)
+    assert counted + int(closing.split()[1]) == hidden
+    assert closing.startswith("GradGuard: ")
+    assert " more warnings were not announced (" in closing
+    assert closing.endswith(f"{len(guard.events)} in all")

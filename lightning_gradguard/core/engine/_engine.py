@@ -158,7 +158,9 @@ class GuardEngine:
         self._raised = False  # the last LR change was a recovery (a cut now doubles the recovery period)
         self.events: list[dict[str, Any]] = []
         self.skip_rate = SkipRate()  # a run whose steps are mostly skipped is not training: said once per window
-        self.quota = AnnounceQuota()  # which event lines reach the terminal (a skip that repeats for ever is thinned)
+        self.quota = (
+            AnnounceQuota()
+        )  # which event lines reach the terminal (a skip or warning repeating for ever is thinned)
         self.outcome = GuardDecision.HEALTHY
         self.cause: GuardCause | None = None
         self.halt_error: DivergenceError | None = None
@@ -1561,7 +1563,7 @@ class GuardEngine:
         self.events.append(event.to_dict())
         line = event.line(self.options.owner)
         host = self.host
-        shown = self.quota.line(event.step, event.kind, event.cause, line)
+        shown = self.quota.line(event.step, event.kind, event.cause, line, rule=event.rule)
         if shown is not None:
             host.announce(shown)
         host.emit_text(_TEXT_TAG, line, event.step)
