@@ -96,8 +96,8 @@ def test_a_run_whose_steps_are_mostly_skipped_is_told_it_is_not_training(tmp_pat
 
 def test_a_warning_that_recurs_for_ever_is_thinned_per_rule_and_kept_as_events(caplog) -> None:
     """A loss weighted up 1 % per step climbs for ever at a constant LR: correct warnings (``loss_climbing``,
-    ``loss_above_best``), every few windows, none of them news after the first few (the zoo's DQN drew 120 of them
-    in 20,000 steps). Every one is an event; the terminal shows each rule's first few, then its 8th, 16th, ...; the
+    ``loss_above_best``), every few windows, none of them news after the first few (the zoo's DQN drew 132 of them
+    in 24,000 steps). Every one is an event; the terminal shows each rule's first few, then its 8th, 16th, ...; the
     closing line counts the rest. No action: a constant LR never explains a climb."""
     torch.manual_seed(0)
     model = TinyRegression()

@@ -2,9 +2,9 @@
 
 A data source that yields a bad batch every few steps (a corrupt shard, a loss that overflows on one class of inputs)
 can make the guard skip hundreds of steps of one run, each correctly. A long run whose loss is non-stationary by
-nature gets the same warning again and again: over 20,000 steps the zoo's DQN (a TD loss that climbs after every
-target sync) drew 120 "the loss climbed" warnings, its REINFORCE (a surrogate loss that rises towards 0 as the policy
-converges) 83, each correct and none news after the first few. Every event stays in ``events``, in TensorBoard
+nature gets the same warning again and again: the zoo's DQN (a TD loss that climbs after target syncs) drew 132
+"the loss climbed" warnings in 24,000 steps, its REINFORCE (a surrogate loss that rises towards 0 as the policy
+converges) 83 in 20,000, each correct and none news after the first few. Every event stays in ``events``, in TensorBoard
 (``gradguard/nan_guard_events``) and in the scalars; a terminal that prints hundreds of identical lines, though, hides
 the one line that matters (a rollback, a halt). So :class:`AnnounceQuota` lets through
 
