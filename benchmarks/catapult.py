@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 METHODS = (
     "none",
@@ -78,13 +78,7 @@ def run(method: str, seed: int, steps: int = STEPS, c: float = 3.0, warmup: int 
         trainer_kwargs = {"gradient_clip_val": 1.0}
     pl.seed_everything(seed, verbose=False)
     module = zoo_shapes.Catapult(seed, steps, c=c, warmup=warmup)
-    with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(
-            default_root_dir=root, max_steps=steps, logger=False, callbacks=callbacks, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
-            **trainer_kwargs,
-        )  # fmt: skip
-        trainer.fit(module)
+    zoo_shapes.fit_quietly(module, steps, callbacks, **trainer_kwargs)
     guard = next((cb for cb in callbacks if isinstance(cb, NaNGuard)), None)
     actions = zoo_shapes.classify_events(guard.events if guard is not None else [])["actions"]
     return module.evaluate(), [f"{e.get('kind')}@{e.get('step')} {e.get('cause', '')}" for e in actions]
@@ -109,28 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         f"catapult: validation MSE, {args.steps} steps, LR {args.c:g} / lambda_max, warm-up {args.warmup} steps, "
         f"seeds 0-{args.seeds - 1} (lower is better)"
     )
-    print("| seed | " + " | ".join(METHODS) + " |")
-    print("|---|" + "---|" * len(METHODS))
-    for i, s in enumerate(seeds):
-        print(f"| {s} | " + " | ".join(f"{values[m][i]:.4f}" for m in METHODS) + " |")
-    ref = values["none"]
-    print("| mean | " + " | ".join(f"{statistics.mean(values[m]):.4f}" for m in METHODS) + " |")
-    print("| median | " + " | ".join(f"{statistics.median(values[m]):.4f}" for m in METHODS) + " |")
-    print(
-        "| mean ratio to none | "
-        + " | ".join(f"{statistics.mean(v / r for v, r in zip(values[m], ref)):.3f}" for m in METHODS)
-        + " |"
-    )
-    print(
-        "| lower / higher than none | "
-        + " | ".join(
-            "-"
-            if m == "none"
-            else f"{sum(v < r for v, r in zip(values[m], ref))} / {sum(v > r for v, r in zip(values[m], ref))}"
-            for m in METHODS
-        )
-        + " |"
-    )
+    table = common.seed_table(METHODS, seeds, values, 4, "lower / higher than none", higher_first=False, ratio=True)
+    print("\n".join(table))
     acted = [(m, s, a) for m in METHODS for s, (_, a) in zip(seeds, results[m]) if a]
     print("guard actions: " + ("; ".join(f"{m} seed {s}: {', '.join(a)}" for m, s, a in acted) if acted else "none"))
     return 0

@@ -225,6 +225,38 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def seed_table(
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    values: Mapping[str, Sequence[float]],
+    digits: int,
+    compare: str,
+    higher_first: bool,
+    ratio: bool = False,
+) -> list[str]:
+    """The lines of a per-seed markdown table of one metric under several methods (the first method is the reference):
+    a row per seed, the mean and the median, with ``ratio`` the mean of the per-seed ratios to the reference, and a
+    row ``compare`` counting the seeds above / below the reference (``higher_first``) or below / above it."""
+    ref = values[methods[0]]
+    lines = ["| seed | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines += [
+        f"| {s} | " + " | ".join(f"{values[m][i]:.{digits}f}" for m in methods) + " |" for i, s in enumerate(seeds)
+    ]
+    lines.append("| mean | " + " | ".join(f"{statistics.mean(values[m]):.{digits}f}" for m in methods) + " |")
+    lines.append("| median | " + " | ".join(f"{statistics.median(values[m]):.{digits}f}" for m in methods) + " |")
+    if ratio:
+        means = (statistics.mean(v / r for v, r in zip(values[m], ref)) for m in methods)
+        lines.append("| mean ratio to none | " + " | ".join(f"{x:.3f}" for x in means) + " |")
+
+    def counts(m: str) -> str:
+        above = sum(v > r for v, r in zip(values[m], ref))
+        below = sum(v < r for v, r in zip(values[m], ref))
+        return f"{above} / {below}" if higher_first else f"{below} / {above}"
+
+    lines.append(f"| {compare} | " + " | ".join("-" if m == methods[0] else counts(m) for m in methods) + " |")
+    return lines
+
+
 def fmt_time(seconds: float) -> str:
     if seconds != seconds:  # NaN
         return "n/a"

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 METHODS = ("none", "default_callbacks()", "grad x0.99 at step 16", "grad x1.01 at step 16")
 STEPS = 1000
@@ -59,12 +59,7 @@ def run(method: str, seed: int, steps: int = STEPS) -> float:
         callbacks = [ScaleOnce(16, float(method.split()[1][1:]))]
     pl.seed_everything(seed, verbose=False)
     module = zoo_shapes.DomainAdversarial(seed, steps)
-    with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(
-            default_root_dir=root, max_steps=steps, logger=False, callbacks=callbacks, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
-        )  # fmt: skip
-        trainer.fit(module)
+    zoo_shapes.fit_quietly(module, steps, callbacks)
     return module.evaluate()
 
 
@@ -81,23 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         futures = {(m, s): pool.submit(run, m, s, args.steps) for m in METHODS for s in seeds}
         values = {m: [futures[(m, s)].result() for s in seeds] for m in METHODS}
     print(f"DANN target-domain validation accuracy, {args.steps} steps, seeds 0-{args.seeds - 1} (higher is better)")
-    print("| seed | " + " | ".join(METHODS) + " |")
-    print("|---|" + "---|" * len(METHODS))
-    for i, s in enumerate(seeds):
-        print(f"| {s} | " + " | ".join(f"{values[m][i]:.3f}" for m in METHODS) + " |")
-    ref = values["none"]
-    print("| mean | " + " | ".join(f"{statistics.mean(values[m]):.3f}" for m in METHODS) + " |")
-    print("| median | " + " | ".join(f"{statistics.median(values[m]):.3f}" for m in METHODS) + " |")
-    print(
-        "| better / worse than none | "
-        + " | ".join(
-            "-"
-            if m == "none"
-            else f"{sum(v > r for v, r in zip(values[m], ref))} / {sum(v < r for v, r in zip(values[m], ref))}"
-            for m in METHODS
-        )
-        + " |"
-    )
+    print("\n".join(common.seed_table(METHODS, seeds, values, 3, "better / worse than none", higher_first=True)))
     return 0
 
 

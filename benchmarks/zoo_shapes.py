@@ -2497,6 +2497,18 @@ def quiet() -> None:
         logging.getLogger(n).setLevel(logging.ERROR)
 
 
+def fit_quietly(module: pl.LightningModule, steps: int, callbacks: list[pl.Callback], **trainer_kwargs: Any) -> None:
+    """``module`` trained for ``steps`` optimizer steps on the CPU, deterministic, no logger, checkpoint, progress bar,
+    summary or sanity check, in a scratch root (the benchmarks that compare methods seed by seed)."""
+    with tempfile.TemporaryDirectory(prefix="gradguard_fit_") as root:
+        trainer = pl.Trainer(
+            default_root_dir=root, accelerator="cpu", max_steps=steps, logger=False, callbacks=callbacks,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            deterministic=True, **trainer_kwargs,
+        )  # fmt: skip
+        trainer.fit(module)
+
+
 def run(shape: str | Shape, config: str, seed: int, steps: int | None = None) -> dict[str, Any]:
     """One fit of ``shape`` under ``config``; returns a JSON-able record.
 

@@ -4,6 +4,8 @@ Trainer and in a plain loop alike (one engine)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -49,20 +51,20 @@ def test_trainer_thins_a_recurring_skip_on_the_terminal_and_keeps_every_event(tm
     assert sorted(t.step for t in texts) == NAN_STEPS  # TensorBoard keeps every event's line
 
 
-def test_plain_loop_thins_the_same_way(caplog) -> None:
+def _plain_fit(caplog, steps: int, loss_at: Callable[[int, torch.Tensor], torch.Tensor]) -> GradGuard:
+    """A plain loop with GradGuard over ``steps`` steps of TinyRegression, the loss of step ``s`` as
+    ``loss_at(s, mse)``; the guard's records captured by ``caplog``."""
     torch.manual_seed(0)
     model = TinyRegression()
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     guard = GradGuard(model, opt)
     with caplog.at_level("WARNING", logger="lightning_gradguard"):
         step = 0
-        while step < 90:
+        while step < steps:
             for x, y in loader():
-                if step == 90:
+                if step == steps:
                     break
-                loss = nn.functional.mse_loss(model(x), y)
-                if step in NAN_STEPS:
-                    loss = loss * float("nan")
+                loss = loss_at(step, nn.functional.mse_loss(model(x), y))
                 loss.backward()
                 if guard.before_step(loss):
                     opt.step()
@@ -70,6 +72,11 @@ def test_plain_loop_thins_the_same_way(caplog) -> None:
                 opt.zero_grad()
                 step += 1
         guard.close()
+    return guard
+
+
+def test_plain_loop_thins_the_same_way(caplog) -> None:
+    guard = _plain_fit(caplog, 90, lambda step, loss: loss * float("nan") if step in NAN_STEPS else loss)
     _check([r.getMessage() for r in caplog.records], guard.events, "GradGuard")
 
 
@@ -99,24 +106,7 @@ def test_a_warning_that_recurs_for_ever_is_thinned_per_rule_and_kept_as_events(c
     ``loss_above_best``), every few windows, none of them news after the first few (the zoo's DQN drew 132 of them
     in 24,000 steps). Every one is an event; the terminal shows each rule's first few, then its 8th, 16th, ...; the
     closing line counts the rest. No action: a constant LR never explains a climb."""
-    torch.manual_seed(0)
-    model = TinyRegression()
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    guard = GradGuard(model, opt)
-    with caplog.at_level("WARNING", logger="lightning_gradguard"):
-        step = 0
-        while step < 1500:
-            for x, y in loader():
-                if step == 1500:
-                    break
-                loss = nn.functional.mse_loss(model(x), y) * 1.01**step
-                loss.backward()
-                if guard.before_step(loss):
-                    opt.step()
-                guard.after_step()
-                opt.zero_grad()
-                step += 1
-        guard.close()
+    guard = _plain_fit(caplog, 1500, lambda step, loss: loss * 1.01**step)
     assert guard.events
     assert {e["kind"] for e in guard.events} == {"warn"}
     lines = [r.getMessage() for r in caplog.records]
